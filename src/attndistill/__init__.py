@@ -1,0 +1,29 @@
+"""attndistill: Attention Distillation (CVPR 2025) for Stable Diffusion.
+
+Transfer the style, appearance or texture of reference images onto new ones::
+
+    import attndistill as ad
+    model = ad.load_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    image = ad.style_transfer("content.jpg", "style.jpg", model=model)
+    ad.save_png(image, "out.png")
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("attndistill")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+from .engine import Distiller, parse_layers  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .images import load_image, read_parameters, save_png  # noqa: E402
+from .models import DiffusionModel, load_model  # noqa: E402
+from .presets import PRESETS, Preset, get_preset  # noqa: E402
+from .tasks import appearance_transfer, style_transfer, texture_synthesis  # noqa: E402
+
+__all__ = [
+    "PRESETS", "DiffusionModel", "Distiller", "Preset", "UserError", "__version__", "appearance_transfer",
+    "get_preset", "load_image", "load_model", "parse_layers", "read_parameters", "save_png", "style_transfer",
+    "texture_synthesis",
+]

@@ -1,0 +1,137 @@
+"""What every command shares: option types, model loading, error handling, writing results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UserError
+
+# -- shared options (Annotated aliases so each command declares them in one line) --------------------
+
+Model = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Hub id, diffusers folder or .safetensors file [default: SD 1.5]", show_default=False)]
+Vae = Annotated[Path | None, typer.Option(help="AutoencoderKL folder to use instead of the model's VAE")]
+ConfigDir = Annotated[Path | None, typer.Option(
+    "--config", help="Local diffusers folder describing a single-file checkpoint (offline use)")]
+AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.bin) weights you trust")]
+Steps = Annotated[int | None, typer.Option(help="Timesteps visited [default: task preset]", show_default=False)]
+Iters = Annotated[int | None, typer.Option(help="Adam iterations per timestep [default: preset]",
+                                           show_default=False)]
+Lr = Annotated[float | None, typer.Option(help="Adam learning rate [default: preset]", show_default=False)]
+ContentWeight = Annotated[float | None, typer.Option(help="Content loss weight lambda [default: preset]",
+                                                     show_default=False)]
+AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in the ideal attention [default: 1]",
+                                                      show_default=False)]
+Layers = Annotated[str | None, typer.Option(
+    help="Self-attention layers, e.g. 10-15 or 10,11,12 [default: the model's last six]", show_default=False)]
+Size = Annotated[str | None, typer.Option(
+    help="Long side in pixels, or WIDTHxHEIGHT (rounded to multiples of 64) [default: model's native size]",
+    show_default=False)]
+Seed = Annotated[int, typer.Option(help="Random seed")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto")]
+Dtype = Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output PNG path")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
+
+
+def quiet_libraries() -> None:
+    """Silence the loading bars and import chatter of diffusers/transformers; keep warnings that matter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+
+
+def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dtype: str = "auto",
+         config: Path | None = None, allow_pickle: bool = False):
+    """Load the model for a command (prints nothing unless it fails)."""
+    from ..models import DEFAULT_MODEL, load_model
+
+    return load_model(model or DEFAULT_MODEL, vae=vae, device=device, dtype=dtype, config=config,
+                      allow_pickle=allow_pickle)
+
+
+def parse_size_option(size: str | None, multiple: int = 64):
+    """``--size`` text -> int (long side), (w, h) or None."""
+    from ..images import parse_size
+
+    return None if size is None else parse_size(size, multiple=multiple)
+
+
+def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
+    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically."""
+    from ..images import save_png
+
+    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
+                                               for i in range(len(images))]
+    for img, path in zip(images, paths, strict=True):
+        save_png(img, path, overwrite=overwrite)
+        typer.echo(f"wrote {path}")
+    return paths
+
+
+def check_outputs(output: Path, count: int, *, overwrite: bool) -> None:
+    """Refuse before any work if an output exists (or cannot be written)."""
+    from ..images import check_output
+
+    if count == 1:
+        check_output(output, overwrite=overwrite)
+    else:
+        for i in range(count):
+            check_output(output.with_name(f"{output.stem}-{i}{output.suffix}"), overwrite=overwrite)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("ATTNDISTILL_DEBUG", "") not in ("", "0")
+
+
+def run_command(fn: Callable[[], None]) -> None:
+    """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback."""
+    quiet_libraries()
+    try:
+        fn()
+    except UserError as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: no output was written", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _is_cuda_oom(exc):
+            typer.echo("error: CUDA out of memory; try a smaller --size, fewer images (--num), --dtype bf16, "
+                       "or --device cpu", err=True)
+            raise typer.Exit(4) from None
+        if debug_enabled():
+            raise
+        typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        raise typer.Exit(1) from None
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def echo_err(text: str) -> None:
+    print(text, file=sys.stderr)

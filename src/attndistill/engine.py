@@ -1,0 +1,205 @@
+"""The AD engine: UNet features of latents at a timestep, and the loss of a target latent.
+
+One :class:`Distiller` serves every task. Per timestep it takes the reference
+(and optional content) latents, computes their features once under no-grad,
+and then scores any number of target latents against them::
+
+    with Distiller(model, layers=(10, 11, 12, 13, 14, 15), content_weight=0.25) as ad:
+        ad.begin_timestep(t, z_ref, z_content)
+        loss = ad.loss(z)          # z requires grad
+        loss.backward()
+
+On a GPU the reference, content and target latents go through the UNet in one
+batched call (``fused``); on a CPU, where a batch costs its full size, they go
+separately so the reference rows are not carried through the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .features import LayerFeatures, StopForward, capture, default_layers, discover_self_attention_layers
+from .losses import ad_loss, concat_references, content_loss, label_mask
+from .models import Conditioning, DiffusionModel
+
+
+@dataclass
+class Reference:
+    """Reference keys/values per layer, all references concatenated: each (1, h, R*N, d)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tuple[int, ...]:
+    """``"10-15"``, ``"10,11,12"``, a sequence, or None (the last six) -> validated layer positions."""
+    count = len(discover_self_attention_layers(model.unet))
+    if spec is None or spec == "":
+        return default_layers(model.unet)
+    if isinstance(spec, str):
+        layers: list[int] = []
+        try:
+            for part in spec.split(","):
+                part = part.strip()
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                    layers.extend(range(int(lo), int(hi) + 1))
+                else:
+                    layers.append(int(part))
+        except ValueError:
+            raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12") from None
+    else:
+        layers = [int(i) for i in spec]
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad or not layers:
+        raise UserError(f"layers {bad or '(none)'} do not exist in this model; it has self-attention layers "
+                        f"0-{count - 1} (default: the last six, {count - 6}-{count - 1})")
+    return tuple(sorted(set(layers)))
+
+
+def _resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Integer label map (..., H, W) -> (..., h*w) with nearest-neighbour resizing."""
+    lead = labels.shape[:-2]
+    x = labels.reshape(-1, 1, *labels.shape[-2:]).float()
+    x = F.interpolate(x, size=hw, mode="nearest")
+    return x.round().long().reshape(*lead, hw[0] * hw[1])
+
+
+class Distiller:
+    """Features and losses of Attention Distillation on one model (ALGORITHM.md §1-2).
+
+    layers: self-attention positions (default the last six); attention_scale: ``a``;
+    content_weight: ``lambda``; ref_labels / target_labels: integer label maps (R, H, W) and
+    (1 or B, H, W) for masked AD; fused: one batched UNet call per step (default: on CUDA only).
+    """
+
+    def __init__(self, model: DiffusionModel, *, layers: Sequence[int] | None = None, attention_scale: float = 1.0,
+                 content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
+                 target_labels: torch.Tensor | None = None, fused: bool | None = None,
+                 condition_size: tuple[int, int] | None = None) -> None:
+        self.model = model
+        self.layers = tuple(layers) if layers is not None else default_layers(model.unet)
+        self.attention_scale = attention_scale
+        self.content_weight = content_weight
+        self.ref_labels = ref_labels
+        self.target_labels = target_labels
+        self.fused = model.device.type == "cuda" if fused is None else fused
+        self.null: Conditioning = model.null_condition(condition_size)
+        self.store = None
+        self._ctx = None
+        self._masks: dict[int, torch.Tensor] = {}
+        self._pending: tuple | None = None
+        self.reference: Reference | None = None
+        self.content_queries: list[torch.Tensor] | None = None
+        self.last_parts: dict[str, torch.Tensor] = {}
+
+    # -- capture lifetime ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Distiller:
+        self._ctx = capture(self.model.unet, self.layers, early_exit=True)
+        self.store = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+        self.store = None
+
+    # -- features --------------------------------------------------------------------------------------
+
+    def features(self, latents: torch.Tensor, t: torch.Tensor | int) -> list[LayerFeatures]:
+        """Features of ``latents`` (B, 4, h, w) at timestep ``t`` with the null conditioning.
+
+        Gradients flow when the caller is in grad mode and ``latents`` requires grad.
+        """
+        if self.store is None:
+            raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
+        self.store.clear()
+        try:
+            self.model.predict(latents, t, self.null)
+        except StopForward:
+            pass
+        return self.store.take()
+
+    def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
+                       content_latents: torch.Tensor | None = None) -> None:
+        """Set the timestep and the (already noised, if sampling) reference/content latents to score against."""
+        use_content = content_latents is not None and self.content_weight > 0
+        self._pending = (t, ref_latents, content_latents if use_content else None)
+        self.reference = None
+        self.content_queries = None
+
+    def _set_reference(self, ref_feats: list[LayerFeatures], content_feats: list[LayerFeatures] | None) -> None:
+        self.reference = Reference([concat_references(f.k.detach()) for f in ref_feats],
+                                   [concat_references(f.v.detach()) for f in ref_feats])
+        self.content_queries = [f.q.detach() for f in content_feats] if content_feats is not None else None
+
+    def loss(self, z: torch.Tensor) -> torch.Tensor:
+        """Total loss ``L_AD + lambda * L_content`` of target latents ``z`` (B, 4, h, w) at the current timestep."""
+        if self._pending is None:
+            raise RuntimeError("call begin_timestep() before loss()")
+        t, z_ref, z_c = self._pending
+        if self.reference is None and self.fused:
+            parts = [z_ref.detach()] + ([z_c.detach()] if z_c is not None else []) + [z]
+            feats = self.features(torch.cat([p.to(z.dtype) for p in parts]), t)
+            r, c = z_ref.shape[0], (z_c.shape[0] if z_c is not None else 0)
+            self._set_reference([_rows(f, 0, r) for f in feats],
+                                [_rows(f, r, r + c) for f in feats] if z_c is not None else None)
+            target = [_rows(f, r + c, None) for f in feats]
+        else:
+            if self.reference is None:
+                with torch.no_grad():
+                    ref_feats = self.features(z_ref, t)
+                    content_feats = self.features(z_c, t) if z_c is not None else None
+                self._set_reference(ref_feats, content_feats)
+            target = self.features(z, t)
+        return self._loss(target, z.shape[-2:], z_ref.shape[-2:])
+
+    def _loss(self, target: list[LayerFeatures], target_hw, ref_hw) -> torch.Tensor:
+        masks = self._layer_masks(target, target_hw, ref_hw) if self.target_labels is not None else None
+        ad = ad_loss([f.o for f in target], [f.q for f in target], self.reference.keys, self.reference.values,
+                     scale=self.attention_scale, masks=masks)
+        total = ad
+        parts = {"ad": ad}
+        if self.content_queries is not None:
+            c = content_loss([f.q for f in target], self.content_queries)
+            parts["content"] = c
+            total = ad + self.content_weight * c
+        self.last_parts = parts
+        return total
+
+    def _layer_masks(self, target: list[LayerFeatures], target_hw, ref_hw) -> list[torch.Tensor]:
+        """Label masks per layer, at each layer's own token grid (non-square grids included); cached."""
+        masks = []
+        for f in target:
+            n_t = f.q.shape[2]
+            key = (n_t, tuple(target_hw), tuple(ref_hw))
+            if key not in self._masks:
+                t_grid, r_grid = _layer_grids(n_t, tuple(target_hw), tuple(ref_hw))
+                t_lab = _resize_labels(self.target_labels.to(f.q.device), t_grid)  # (1 or B, N)
+                r_lab = _resize_labels(self.ref_labels.to(f.q.device), r_grid).reshape(-1)  # (R*N_r,)
+                try:
+                    self._masks[key] = label_mask(t_lab, r_lab)
+                except ValueError as exc:
+                    raise UserError(f"label maps: {exc}; make the regions of those labels larger") from None
+            masks.append(self._masks[key])
+        return masks
+
+
+def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):
+    """Token grids (h, w) of target and reference at the UNet depth where the target has ``n_t`` tokens."""
+    (h, w), (rh, rw) = target_hw, ref_hw
+    while h * w > n_t:
+        h, w = (h + 1) // 2, (w + 1) // 2  # each down block halves, rounding up
+        rh, rw = (rh + 1) // 2, (rw + 1) // 2
+    if h * w != n_t:
+        raise RuntimeError(f"cannot place {n_t} tokens on a latent of {target_hw}")
+    return (h, w), (rh, rw)
+
+
+def _rows(f: LayerFeatures, start: int, stop: int | None) -> LayerFeatures:
+    return LayerFeatures(f.q[start:stop], f.k[start:stop], f.v[start:stop], f.o[start:stop])

@@ -1,0 +1,206 @@
+"""Images in and out: load and validate, resize, tensors, atomic PNG writes.
+
+Every image a user hands us passes :func:`load_image`, which turns whatever is
+on disk (palette, CMYK, 16-bit, alpha, EXIF-rotated) into plain RGB or raises
+a one-line :class:`UserError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .errors import UserError
+
+#: Largest image we accept, in pixels: Pillow's own decompression-bomb limit (about 89 megapixels).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+#: Smallest side we accept: one latent position is 8 pixels, a UNet needs a few.
+MIN_SIDE = 16
+#: PNG text key under which results carry their parameters.
+METADATA_KEY = "attndistill"
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
+    """Open ``source`` as an RGB image, or raise a :class:`UserError` naming it.
+
+    Alpha is composited on white, EXIF orientation applied, 16-bit and float
+    images scaled to 8 bits. ``what`` names the role in messages ("style image").
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, what)
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{what} '{path}' does not exist; check the path")
+    if path.is_dir():
+        raise UserError(f"{what} '{path}' is a directory; pass an image file inside it")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_size(img.size, f"{what} '{path}'")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img, f"{what} '{path}'")
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(
+            f"{what} '{path}' declares too many pixels (decompression-bomb guard, limit {MAX_PIXELS:,}); "
+            "downscale it first"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "is truncated or corrupt" if path.stat().st_size else "is empty"
+        if "cannot identify image file" in str(exc):
+            reason = "is not an image Pillow can read"
+        raise UserError(f"{what} '{path}' {reason}; re-export it as PNG or JPEG") from None
+
+
+def _check_size(size: tuple[int, int], label: str) -> None:
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise UserError(f"{label} is {w}x{h} pixels, over the limit of {MAX_PIXELS:,}; downscale it first")
+    if min(w, h) < MIN_SIDE:
+        raise UserError(f"{label} is only {w}x{h} pixels; use an image of at least {MIN_SIDE}x{MIN_SIDE}")
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    """Plain 8-bit RGB whatever the mode; alpha goes on white."""
+    _check_size(img.size, label)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        if img.mode.startswith("I;16"):
+            lo, hi = 0.0, 65535.0
+        elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        arr = np.nan_to_num((arr - lo) / max(hi - lo, 1e-12), nan=0.0).clip(0, 1)
+        img = Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def round_to_multiple(value: float, multiple: int) -> int:
+    """Nearest positive multiple of ``multiple``."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple[int, int]:
+    """(width, height) with the long side ``long_side``, aspect kept, sides rounded to ``multiple``."""
+    w, h = size
+    scale = long_side / max(w, h)
+    return round_to_multiple(w * scale, multiple), round_to_multiple(h * scale, multiple)
+
+
+def parse_size(text: str, *, multiple: int = 64) -> tuple[int, int] | int:
+    """Parse ``"512"`` (long side) or ``"768x512"`` (width x height, rounded to ``multiple``)."""
+    try:
+        if "x" in text.lower():
+            w, h = (int(part) for part in text.lower().split("x"))
+            if w <= 0 or h <= 0:
+                raise ValueError
+            return round_to_multiple(w, multiple), round_to_multiple(h, multiple)
+        value = int(text)
+        if value <= 0:
+            raise ValueError
+        return round_to_multiple(value, multiple)
+    except ValueError:
+        raise UserError(f"size '{text}' is not understood; use a number (long side) or WIDTHxHEIGHT") from None
+
+
+def to_tensor(images: Image.Image | Iterable[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL image(s) -> float tensor in [0, 1] of shape (B, 3, H, W), resized to ``size`` (w, h)."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrays = []
+    for img in images:
+        if size is not None and img.size != tuple(size):
+            img = img.resize(tuple(size), Image.Resampling.LANCZOS)
+        arrays.append(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Tensor (B, 3, H, W) in [0, 1] -> list of PIL images."""
+    arr = images.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate an output path before any work starts; returns it as a Path."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"output '{path}' must end in .png (results carry their parameters in PNG text)")
+    if path.is_dir():
+        raise UserError(f"output '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
+    if path.exists() and not overwrite:
+        raise UserError(f"output '{path}' already exists; pass --overwrite or choose another name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder '{folder}' does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"output folder '{folder}' is not writable; choose another -o path")
+    return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = False,
+             parameters: dict | None = None) -> Path:
+    """Write ``image`` atomically as PNG with its parameters in a text chunk.
+
+    The file appears complete or not at all: it is written to a temporary
+    name in the same folder and renamed into place.
+    """
+    path = check_output(path, overwrite=overwrite)
+    info = PngImagePlugin.PngInfo()
+    params = parameters if parameters is not None else image.info.get("parameters")
+    if params is not None:
+        info.add_text(METADATA_KEY, params if isinstance(params, str) else json.dumps(params, sort_keys=True))
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
+    """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the target appeared meanwhile: never overwrite silently
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise UserError(f"output '{path}' already exists; pass --overwrite or choose another name") from None
+            except OSError:
+                os.replace(tmp, path)
+            else:
+                os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    """The parameters a result PNG carries (empty dict if none)."""
+    with Image.open(path) as img:
+        text = img.text.get(METADATA_KEY) if hasattr(img, "text") else None
+    return json.loads(text) if text else {}

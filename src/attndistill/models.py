@@ -1,0 +1,366 @@
+"""Load Stable Diffusion components and wrap them in one small adapter.
+
+:class:`DiffusionModel` is the only place that knows SD 1.5 from SDXL: it
+encodes and decodes latents, builds text conditioning (the null conditioning
+for feature calls included) and calls the UNet. Everything downstream works
+on any diffusers UNet through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_MODEL = SD15_ID
+
+Kind = Literal["sd15", "sdxl"]
+
+
+@dataclass
+class Conditioning:
+    """What the UNet needs besides latent and timestep, for a batch of B."""
+
+    encoder_hidden_states: torch.Tensor  # (B, 77, D)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (B, 1280), time_ids (B, 6)
+
+    @property
+    def batch(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def expand(self, batch: int) -> Conditioning:
+        """The same conditioning for ``batch`` samples (a batch of 1 is broadcast, no copy)."""
+        if self.batch == batch:
+            return self
+        if self.batch != 1:
+            raise ValueError(f"cannot expand a conditioning of batch {self.batch} to {batch}")
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: v.expand(batch, *v.shape[1:]) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(self.encoder_hidden_states.expand(batch, -1, -1), added)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Concatenate along the batch axis."""
+        hidden = torch.cat([p.encoder_hidden_states for p in parts])
+        added = None
+        if parts[0].added_cond_kwargs is not None:
+            added = {k: torch.cat([p.added_cond_kwargs[k] for p in parts]) for k in parts[0].added_cond_kwargs}
+        return Conditioning(hidden, added)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" -> bf16 on GPUs, fp32 on CPU (ALGORITHM.md §6)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"dtype '{dtype}' is not supported; use fp32, bf16 or fp16")
+    return table[dtype]
+
+
+@dataclass
+class DiffusionModel:
+    """A loaded SD 1.5 or SDXL model: components plus the few calls AD needs."""
+
+    pipe: object  # the diffusers pipeline holding the components
+    kind: Kind
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    _null: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler_config(self):
+        return self.pipe.scheduler.config
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """Side in pixels the model was trained at (512 SD 1.5, 1024 SDXL)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixel sides must be multiples of this: the UNet halves the latent once per down block."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    # -- VAE -------------------------------------------------------------------------------------
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32."""
+        x = images.to(self.device, self._vae_dtype()) * 2 - 1
+        with torch.no_grad():
+            mean = self.vae.encode(x).latent_dist.mean
+        return mean.float() * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
+        z = latents.to(self.device, self._vae_dtype()) / self.vae.config.scaling_factor
+        with torch.no_grad():
+            x = self.vae.decode(z).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- text conditioning ------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None = None,
+                      size: tuple[int, int] | None = None) -> tuple[Conditioning, Conditioning | None]:
+        """Prompt (and, with ``negative``, CFG negative) conditioning through the pipeline's own encoder.
+
+        ``size`` (height, width) in pixels feeds SDXL's ``add_time_ids``.
+        """
+        warn_truncated(self.pipe.tokenizer, prompts + (negative or []))
+        cfg = negative is not None
+        with torch.no_grad():
+            if self.kind == "sdxl":
+                pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                    prompt=prompts, device=self.device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=cfg, negative_prompt=negative)
+                h, w = size or (self.native_size, self.native_size)
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=pos.dtype)
+                cond = Conditioning(pos, {"text_embeds": pooled,
+                                          "time_ids": time_ids.expand(pos.shape[0], -1)})
+                uncond = None
+                if cfg:
+                    uncond = Conditioning(neg, {"text_embeds": neg_pooled,
+                                                "time_ids": time_ids.expand(neg.shape[0], -1)})
+                return cond, uncond
+            pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negative)
+            return Conditioning(pos), (Conditioning(neg) if cfg else None)
+
+    def null_condition(self, size: tuple[int, int] | None = None) -> Conditioning:
+        """Empty-prompt conditioning (batch 1) for feature calls; cached per size.
+
+        For SDXL this is the empty prompt through both encoders, not zeros (ALGORITHM.md, REAL-MODELS.md).
+        """
+        key = tuple(size) if size else None
+        if key not in self._null:
+            self._null[key] = self.encode_prompt([""], None, size=size)[0]
+        return self._null[key]
+
+    # -- UNet ---------------------------------------------------------------------------------------
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+                **unet_kwargs) -> torch.Tensor:
+        """``eps_theta(z, t, cond)`` in the model's dtype; ``cond`` is broadcast to the batch."""
+        cond = cond.expand(latents.shape[0])
+        added = None
+        if cond.added_cond_kwargs is not None:
+            added = {k: v.to(self.dtype) for k, v in cond.added_cond_kwargs.items()}
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.encoder_hidden_states.to(self.dtype),
+                         added_cond_kwargs=added, return_dict=False, **unet_kwargs)[0]
+
+
+def warn_truncated(tokenizer, prompts: list[str]) -> None:
+    """Warn when CLIP will cut a prompt at its 77-token limit."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        n = len(tokenizer(prompt, truncation=False).input_ids)
+        if n > limit:
+            log.warning("prompt has %d tokens; CLIP keeps the first %d, the rest is ignored: %.60s...",
+                        n, limit, prompt)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _not_available(model: str) -> UserError:
+    return UserError(
+        f"model '{model}' is not in the local Hugging Face cache and the Hub cannot be reached"
+        f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; download it once online, or pass "
+        "--model /path/to/a/local/diffusers/folder")
+
+
+def _read_model_index(model: str) -> dict:
+    """model_index.json of a local folder or a Hub repo (cache first)."""
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"model folder '{model}' has no model_index.json; it is not a diffusers model "
+                            "folder (for a single .safetensors checkpoint pass the file itself)")
+        return json.loads(index.read_text())
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model '{model}' does not exist; pass a diffusers folder, a .safetensors file "
+                        "or a Hub id such as " + SD15_ID)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return json.loads(Path(hf_hub_download(model, "model_index.json", local_files_only=_offline())).read_text())
+    except LocalEntryNotFoundError:
+        raise _not_available(model) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model '{model}' does not exist on the Hugging Face Hub; check the id") from None
+    except (HfHubHTTPError, OSError) as exc:
+        if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
+            raise _not_available(model) from None
+        raise UserError(f"model '{model}' could not be fetched: {str(exc).splitlines()[0]}") from None
+
+
+def _kind_from_index(index: dict, model: str) -> Kind:
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        if "Refiner" in name or "text_encoder" not in index or index.get("text_encoder") in (None, [None, None]):
+            raise UserError(f"model '{model}' is an SDXL refiner ({name}); use an SDXL base model such as {SDXL_ID}")
+        return "sdxl"
+    if name.startswith("StableDiffusion") and "unet" in index and "vae" in index:
+        if any(k in name for k in ("Upscale", "Depth2Img", "InstructPix2Pix", "Inpaint", "unCLIP", "3")):
+            raise UserError(f"model '{model}' is a {name}; attndistill runs plain SD 1.x/2.x and SDXL "
+                            "text-to-image models")
+        return "sd15"
+    raise UserError(f"model '{model}' is a {name or 'unknown pipeline'}; attndistill runs Stable Diffusion "
+                    f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
+
+
+def _kind_from_checkpoint(path: Path) -> Kind:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        raise UserError(f"checkpoint '{path}' is not a readable .safetensors file; re-download it") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    return "sd15"
+
+
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               config: str | os.PathLike | None = None, allow_pickle: bool = False,
+               variant: str | None = None) -> DiffusionModel:
+    """Load an SD 1.5 / SDXL model from a Hub id, a diffusers folder or a single ``.safetensors`` file.
+
+    ``vae`` swaps in another ``AutoencoderKL`` folder; ``config`` is a local diffusers folder whose
+    configs describe a single-file checkpoint (offline use). Weights are safetensors only unless
+    ``allow_pickle``. On a GPU the ``fp16`` weight variant is preferred when the repo has one.
+    Example: ``m = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda")``.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = str(model)
+    path = Path(source)
+    common = dict(dtype=dtype)
+    if path.is_file() or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise UserError(f"checkpoint '{path}' does not exist; check the path")
+        if path.suffix != ".safetensors" and not allow_pickle:
+            raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
+                            ".safetensors or pass --allow-pickle if you trust it")
+        kind = _kind_from_checkpoint(path) if path.suffix == ".safetensors" else "sd15"
+        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        if config is not None:
+            extra["config"] = str(config)
+            extra["local_files_only"] = True
+        try:
+            pipe = cls.from_single_file(str(path), **common, **extra)
+        except Exception as exc:  # diffusers raises many kinds here
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
+            raise UserError(f"checkpoint '{path}' could not be loaded: {msg}{hint}") from None
+    else:
+        index = _read_model_index(source)
+        kind = _kind_from_index(index, source)
+        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False,
+                                          "feature_extractor": None}
+        if variant is None and device.type == "cuda" and dtype != torch.float32:
+            variant = "fp16"
+        pipe = _from_pretrained(cls, source, variant, use_safetensors=not allow_pickle, **common, **extra)
+    if vae is not None:
+        vae_path = Path(vae)
+        if not (vae_path / "config.json").is_file():
+            raise UserError(f"VAE '{vae}' is not a diffusers AutoencoderKL folder (no config.json); "
+                            "pass a folder saved by 'attndistill finetune-vae' or a model's 'vae' subfolder")
+        pipe.vae = AutoencoderKL.from_pretrained(str(vae_path), dtype=dtype)
+    pipe.to(device)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype)
+
+
+def _from_pretrained(cls, source: str, variant: str | None, **kwargs):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    local_only = _offline() or Path(source).is_dir()
+    for attempt in ((variant, None) if variant else (None,)):
+        try:
+            return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
+        except LocalEntryNotFoundError:
+            raise _not_available(source) from None
+        except (OSError, ValueError) as exc:
+            text = str(exc)
+            if attempt is not None and ("variant" in text or "fp16" in text):
+                continue  # no fp16 variant: fall back to the default weights
+            if "safetensors" in text and kwargs.get("use_safetensors"):
+                raise UserError(f"model '{source}' has no .safetensors weights; convert it, or pass "
+                                "--allow-pickle if you trust its pickle files") from None
+            if "connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower():
+                raise _not_available(source) from None
+            raise UserError(f"model '{source}' could not be loaded: {text.splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+@lru_cache(maxsize=1)
+def cached_model(model: str, vae: str | None, device: str | None, dtype: str | None) -> DiffusionModel:
+    """Keep the last loaded model so repeated API calls with the same id reuse it."""
+    return load_model(model, vae=vae, device=device, dtype=dtype)
+
+
+def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, device=None, dtype=None) -> DiffusionModel:
+    """Accept a loaded model or anything :func:`load_model` takes."""
+    if isinstance(model, DiffusionModel):
+        return model
+    return cached_model(str(model or DEFAULT_MODEL), None if vae is None else str(vae),
+                        None if device is None else str(device), None if dtype is None else str(dtype))

@@ -1,0 +1,56 @@
+"""Task defaults: the one source of truth for ALGORITHM.md §6.
+
+The API, the CLI and the web UI all read :data:`PRESETS`; nothing else
+hard-codes a step count, a learning rate or a loss weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Mode = Literal["optimize", "sample", "multidiffusion"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Default settings of one task (ALGORITHM.md §6)."""
+
+    task: str
+    mode: Mode
+    steps: int  # DDIM steps (optimisation: timesteps visited)
+    iters: int  # Adam iterations per timestep
+    lr: float  # Adam learning rate on the latent
+    content_weight: float  # lambda of the content loss
+    guidance: float = 1.0  # classifier-free guidance scale (sampling only)
+    adain: bool = False  # AdaIN of the latent to the noised reference (sampling only)
+    attention_scale: float = 1.0  # `a` in the ideal attention
+    init: Literal["content", "random", "labels"] = "random"
+    stride: int = 8  # MultiDiffusion view stride in latents
+
+    def override(self, **changes: object) -> Preset:
+        """A copy with the non-None values of ``changes`` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, Preset] = {
+    p.task: p
+    for p in (
+        Preset("style", "optimize", steps=200, iters=1, lr=0.05, content_weight=0.25, init="content"),
+        Preset("appearance", "optimize", steps=200, iters=1, lr=0.05, content_weight=0.2, init="content"),
+        Preset("texture", "optimize", steps=300, iters=1, lr=0.05, content_weight=0.0),
+        Preset("texture-masked", "optimize", steps=200, iters=1, lr=0.05, content_weight=0.15, init="labels"),
+        Preset("texture-sample", "sample", steps=50, iters=3, lr=0.05, content_weight=0.0, guidance=1.0),
+        Preset("t2i", "sample", steps=50, iters=3, lr=0.015, content_weight=0.0, guidance=7.5, adain=True),
+        Preset("t2i-sdxl", "sample", steps=50, iters=2, lr=0.015, content_weight=0.0, guidance=7.0, adain=True),
+        Preset("expand", "multidiffusion", steps=50, iters=2, lr=0.05, content_weight=0.0, guidance=1.0),
+    )
+}
+
+
+def get_preset(task: str) -> Preset:
+    """The preset of ``task``; a :class:`KeyError` names the known tasks."""
+    try:
+        return PRESETS[task]
+    except KeyError:
+        raise KeyError(f"unknown task {task!r}; known: {', '.join(PRESETS)}") from None

@@ -1,0 +1,182 @@
+"""Public task functions: thin wrappers that prepare latents and call the engine.
+
+Every task has the same shape: inputs first, then keyword-only options whose
+``None`` means "the preset's value" (:mod:`attndistill.presets`). Results are
+PIL images whose ``info["parameters"]`` holds everything needed to reproduce
+them; :func:`attndistill.images.save_png` embeds it in the PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .engine import Distiller, parse_layers
+from .errors import UserError
+from .images import ImageInput, fit_size, load_image, to_pil, to_tensor
+from .models import DiffusionModel, as_model
+from .optimize import Callback, optimize_latents
+from .presets import Preset, get_preset
+
+Size = int | tuple[int, int] | None
+
+
+def _describe(source: ImageInput) -> str:
+    return str(source) if isinstance(source, str | os.PathLike) else "<image>"
+
+
+def _as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def check_settings(preset: Preset) -> None:
+    """Out-of-range numbers get a one-line error before any work starts."""
+    if preset.steps < 1:
+        raise UserError(f"steps must be at least 1 (got {preset.steps})")
+    if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
+        raise UserError(f"iters must be at least {1 if preset.mode == 'optimize' else 0} (got {preset.iters})")
+    if not preset.lr > 0:
+        raise UserError(f"lr must be positive (got {preset.lr})")
+    if preset.content_weight < 0:
+        raise UserError(f"content weight must be >= 0 (got {preset.content_weight})")
+    if not preset.attention_scale > 0:
+        raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
+
+
+def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None) -> tuple[int, int]:
+    """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet."""
+    multiple = model.latent_multiple
+    if size is None:
+        size = model.native_size
+    if isinstance(size, int):
+        if like is None:
+            w = h = max(multiple, round(size / multiple) * multiple)
+        else:
+            w, h = fit_size(like.size, size, multiple)
+    else:
+        w, h = (max(multiple, round(s / multiple) * multiple) for s in size)
+    if w * h > 4096 * 4096:
+        raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
+    return w, h
+
+
+def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str) -> torch.Tensor:
+    """Reference images resized to the model's native square size -> latents (R, 4, h, w)."""
+    side = model.native_size
+    images = [load_image(r, what=what) for r in references]
+    return model.encode(to_tensor(images, (side, side)))
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian latents from a CPU generator, so a seed gives the same start on every device."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.Image]:
+    """Decode latents and attach the run's parameters to each image."""
+    images = to_pil(model.decode(z))
+    for i, img in enumerate(images):
+        p = dict(params, index=i) if len(images) > 1 else params
+        img.info["parameters"] = json.dumps(p, sort_keys=True)
+    return images
+
+
+def _params(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, **inputs) -> dict:
+    settings = {k: v for k, v in asdict(preset).items() if k not in ("task",)}
+    return {"task": task, "version": __version__, "model": model.source, "layers": list(layers),
+            "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."), **settings,
+            **inputs}
+
+
+def _optimise_task(task: str, *, target: Image.Image | None, references: list[ImageInput], ref_what: str,
+                   model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
+                   fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype
+                   ) -> list[Image.Image]:
+    check_settings(preset)
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    layer_ids = parse_layers(layers, model)
+    w, h = target_size(model, size, like=target)
+    z_ref = encode_references(model, references, ref_what)
+    z_content = None
+    if target is not None:
+        z_content = model.encode(to_tensor(target, (w, h)))
+        init = z_content.expand(num, -1, -1, -1)
+    else:
+        init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
+    torch.manual_seed(seed)
+    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
+                          content_weight=preset.content_weight, fused=fused)
+    z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
+                         iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
+    return finish(model, z, _params(task, model, preset, layer_ids, (w, h), seed, **inputs))
+
+
+def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
+                   model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
+                   lr: float | None = None, content_weight: float | None = None,
+                   attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
+                   size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
+                   dtype: str | None = None, fused: bool | None = None, progress: bool = True,
+                   callback: Callback | None = None) -> Image.Image:
+    """Repaint ``content`` in the style of ``style`` (one image or several) by optimisation.
+
+    Defaults come from the ``style`` preset (200 steps, lr 0.05, content weight 0.25, the last six
+    self-attention layers); ``size`` is the long side of the result (default the model's native size),
+    aspect kept. Example::
+
+        out = style_transfer("horse.jpg", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+        out.save("horse-watercolor.png")
+    """
+    preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                                          attention_scale=attention_scale)
+    styles = _as_list(style)
+    return _optimise_task(
+        "style", target=load_image(content, what="content image"), references=styles, ref_what="style image",
+        model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
+        inputs={"content": _describe(content), "style": [_describe(s) for s in styles]},
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)[0]
+
+
+def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence[ImageInput], *,
+                        model: DiffusionModel | str | None = None, steps: int | None = None,
+                        iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
+                        attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
+                        size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
+                        dtype: str | None = None, fused: bool | None = None, progress: bool = True,
+                        callback: Callback | None = None) -> Image.Image:
+    """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2."""
+    preset = get_preset("appearance").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                                               attention_scale=attention_scale)
+    refs = _as_list(appearance)
+    return _optimise_task(
+        "appearance", target=load_image(structure, what="structure image"), references=refs,
+        ref_what="appearance image", model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
+        inputs={"structure": _describe(structure), "appearance": [_describe(r) for r in refs]},
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)[0]
+
+
+def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
+                      model: DiffusionModel | str | None = None, steps: int | None = None,
+                      iters: int | None = None, lr: float | None = None, attention_scale: float | None = None,
+                      layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                      vae: str | None = None, device: str | None = None, dtype: str | None = None,
+                      fused: bool | None = None, progress: bool = True,
+                      callback: Callback | None = None) -> list[Image.Image]:
+    """Synthesise ``num`` new textures like ``reference`` from random latents, optimised in one batch.
+
+    ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
+    """
+    if num < 1:
+        raise UserError(f"num must be at least 1 (got {num})")
+    preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale)
+    refs = _as_list(reference)
+    return _optimise_task(
+        "texture", target=None, references=refs, ref_what="texture image", model=model, size=size, num=num,
+        seed=seed, layers=layers, preset=preset, inputs={"reference": [_describe(r) for r in refs], "num": num},
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models saved to disk and loaded through the user's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def configs_dir() -> Path:
+    return CONFIGS
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory) -> Path:
+    from attndistill.testing import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from attndistill.testing import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tiny_sd15_dir):
+    from attndistill import load_model
+
+    return load_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir):
+    from attndistill import load_model
+
+    return load_model(str(tiny_sdxl_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,66 @@
+"""Feature capture and layer discovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attndistill.features import capture, default_layers, discover_self_attention_layers
+from attndistill.testing import full_size_unet
+
+
+def _unet_out(model, z, t):
+    return model.predict(z, t, model.null_condition())
+
+
+def test_capture_output_equals_default_processor(tiny_sd15):
+    model = tiny_sd15
+    z = torch.randn(2, 4, 16, 24)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        plain = _unet_out(model, z, t)
+        layers = range(len(discover_self_attention_layers(model.unet)))
+        with capture(model.unet, layers) as store:
+            captured = _unet_out(model, z, t)
+            feats = store.take()
+    assert torch.equal(plain, captured)  # exactly, fp32
+    assert len(feats) == len(layers)
+    for f in feats:
+        b, h, n, d = f.q.shape
+        assert b == 2 and f.k.shape == f.v.shape == f.o.shape == (b, h, n, d)
+        ref = torch.softmax(f.q @ f.k.transpose(-1, -2) / d**0.5, dim=-1) @ f.v
+        torch.testing.assert_close(f.o, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_restores_processors_even_on_error(tiny_sd15):
+    unet = tiny_sd15.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    with pytest.raises(RuntimeError, match="boom"), capture(unet, [0, 1]):
+        raise RuntimeError("boom")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+
+
+def test_capture_rejects_unknown_layers(tiny_sd15):
+    with pytest.raises(ValueError, match="do not exist"), capture(tiny_sd15.unet, [99]):
+        pass
+
+
+def test_tiny_models_layer_counts(tiny_sd15, tiny_sdxl):
+    assert len(discover_self_attention_layers(tiny_sd15.unet)) == 7
+    assert default_layers(tiny_sd15.unet) == (1, 2, 3, 4, 5, 6)
+    names = discover_self_attention_layers(tiny_sd15.unet)
+    assert all(n.endswith("attn1.processor") for n in names)
+
+
+@pytest.mark.parametrize("config, count, last_six", [
+    ("sd15-unet.json", 16, tuple(range(10, 16))),
+    ("sdxl-unet.json", 70, tuple(range(64, 70))),
+])
+def test_full_size_layer_discovery_on_meta(configs_dir, config, count, last_six):
+    unet = full_size_unet(configs_dir / config, device="meta")
+    names = discover_self_attention_layers(unet)
+    assert len(names) == count
+    assert default_layers(unet) == last_six
+    assert next(unet.parameters()).is_meta  # nothing allocated
+    # call order: down blocks, then mid, then up
+    assert names[0].startswith("down_blocks") and names[-1].startswith("up_blocks")

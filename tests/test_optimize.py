@@ -1,0 +1,89 @@
+"""Optimisation mode (Algorithm 1) on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import attndistill as ad
+from attndistill import optimize as opt_mod
+from attndistill.engine import Distiller
+from attndistill.optimize import optimize_latents
+
+
+def test_inner_iterations_reduce_the_loss(tiny_sd15):
+    z_ref = torch.randn(1, 4, 8, 8)
+    init = torch.randn(1, 4, 8, 8)
+    seen = []
+    optimize_latents(Distiller(tiny_sd15), init, z_ref, steps=1, iters=40, lr=0.05, progress=False,
+                     callback=lambda info: seen.extend(info.losses))
+    assert len(seen) == 40
+    assert seen[-1] < 0.7 * seen[0]
+
+
+def test_optimisation_lowers_total_loss_over_the_schedule(tiny_sd15):
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    distiller = Distiller(tiny_sd15, content_weight=0.25)
+    out = optimize_latents(distiller, z_c, z_ref, content_latents=z_c, steps=30, iters=1, lr=0.05, progress=False)
+
+    def total(z, t):
+        with torch.no_grad(), Distiller(tiny_sd15, content_weight=0.25) as d:
+            d.begin_timestep(torch.tensor(t), z_ref, z_c)
+            return d.loss(z).item()
+
+    for t in (1, 300, 600):
+        assert total(out, t) < total(z_c, t)
+
+
+def test_adam_state_persists_across_timesteps(tiny_sd15, monkeypatch):
+    created = []
+
+    class SpyAdam(torch.optim.Adam):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            created.append(self)
+
+    monkeypatch.setattr(opt_mod.torch.optim, "Adam", SpyAdam)
+    optimize_latents(Distiller(tiny_sd15), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), steps=4, iters=2,
+                     lr=0.05, progress=False)
+    assert len(created) == 1
+    (state,) = created[0].state.values()
+    assert int(state["step"]) == 8
+
+
+def test_texture_seed_reproducible_and_seeds_differ(tiny_sd15, data_dir):
+    ref = data_dir / "wood-rings.jpg"
+    kw = dict(model=tiny_sd15, steps=3, size=64, progress=False)
+    a = np.asarray(ad.texture_synthesis(ref, seed=1, **kw)[0])
+    b = np.asarray(ad.texture_synthesis(ref, seed=1, **kw)[0])
+    c = np.asarray(ad.texture_synthesis(ref, seed=2, **kw)[0])
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_texture_num_variations_in_one_batch(tiny_sd15, data_dir):
+    imgs = ad.texture_synthesis(data_dir / "wood-rings.jpg", num=3, model=tiny_sd15, steps=2, size=(128, 64),
+                                progress=False)
+    assert [i.size for i in imgs] == [(128, 64)] * 3
+    arrays = [np.asarray(i) for i in imgs]
+    assert not np.array_equal(arrays[0], arrays[1])
+
+
+def test_style_transfer_keeps_aspect_and_records_parameters(tiny_sd15, data_dir):
+    # horse.jpg is 768x754: long side 128 -> 128x128 after rounding to 32 (the tiny UNet's multiple)
+    out = ad.style_transfer(data_dir / "golden-gate.jpg", data_dir / "watercolor-cat.jpg", model=tiny_sd15,
+                            steps=2, size=(128, 64), progress=False)
+    assert out.size == (128, 64)
+    import json
+
+    params = json.loads(out.info["parameters"])
+    assert params["task"] == "style" and params["steps"] == 2 and params["content_weight"] == 0.25
+    assert params["layers"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_appearance_transfer_uses_its_preset(tiny_sd15, data_dir):
+    import json
+
+    out = ad.appearance_transfer(data_dir / "horse.jpg", data_dir / "wood-rings.jpg", model=tiny_sd15, steps=1,
+                                 size=64, progress=False)
+    assert json.loads(out.info["parameters"])["content_weight"] == ad.PRESETS["appearance"].content_weight
