@@ -16,6 +16,7 @@ separately so the reference rows are not carried through the backward pass.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,7 +53,8 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
                 else:
                     layers.append(int(part))
         except ValueError:
-            raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12") from None
+            raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12"
+                            ) from None
     else:
         layers = [int(i) for i in spec]
     bad = [i for i in layers if not 0 <= i < count]
@@ -119,10 +121,8 @@ class Distiller:
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
         self.store.clear()
-        try:
+        with contextlib.suppress(StopForward):  # the rest of the UNet is not needed
             self.model.predict(latents, t, self.null)
-        except StopForward:
-            pass
         return self.store.take()
 
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,

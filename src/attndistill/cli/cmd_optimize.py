@@ -8,9 +8,30 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import (AllowPickle, AttentionScale, ConfigDir, ContentWeight, Device, Dtype, Iters, Layers, Lr,
-                     Model, Output, Overwrite, Quiet, Seed, Size, Steps, Vae, check_outputs, load,
-                     parse_size_option, run_command, write_images)
+from .common import (
+    AllowPickle,
+    AttentionScale,
+    ConfigDir,
+    ContentWeight,
+    Device,
+    Dtype,
+    Iters,
+    Layers,
+    Lr,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Seed,
+    Size,
+    Steps,
+    Vae,
+    check_outputs,
+    load,
+    parse_size_option,
+    run_command,
+    write_images,
+)
 
 STYLE_EXAMPLE = "Example: attndistill style horse.jpg watercolor.jpg -o horse-watercolor.png --steps 200"
 APPEARANCE_EXAMPLE = "Example: attndistill appearance car.jpg gold-statue.jpg -o golden-car.png"
