@@ -1,0 +1,89 @@
+"""AD guidance inside a sampler (paper Algorithm 2, ALGORITHM.md §4): the per-step pieces.
+
+Every sampling task (text-to-image, ControlNet, texture sampling, SDEdit
+layouts, MultiDiffusion expansion) runs an ordinary DDIM loop and, after each
+scheduler step, calls :func:`guide_latents` on the new latent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import Distiller
+from .models import Conditioning, DiffusionModel
+
+
+def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per channel: normalise ``x`` (B, C, H, W) by its own spatial mean/std, rescale to ``ref``'s.
+
+    ``ref`` (R, C, h, w) statistics are taken over batch and space with the unbiased std (``torch.std``).
+    """
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True) + eps
+    ref_mean = ref.mean(dim=(0, 2, 3), keepdim=True)
+    ref_std = ref.std(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) / std * ref_std + ref_mean
+
+
+def previous_timestep(t: int, scheduler) -> int:
+    """``t' = max(t - T/steps, 0)``: the timestep the scheduler step has just produced a latent for."""
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    return max(int(t) - step, 0)
+
+
+def noised(scheduler, latents: torch.Tensor, t: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``add_noise(latents, n, t)`` with fresh Gaussian noise ``n`` drawn on the CPU (device-independent seeds)."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    return scheduler.add_noise(latents, noise, torch.tensor([t], device=latents.device))
+
+
+def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+              uncond: Conditioning | None, guidance: float, **unet_kwargs) -> torch.Tensor:
+    """Noise prediction with classifier-free guidance (one batched UNet call when ``uncond`` is given).
+
+    ``cond``/``uncond`` have batch 1 or the latents' batch. Extra ``unet_kwargs`` (e.g. ControlNet
+    residuals, already batched as [uncond, cond]) go to the denoising call only.
+    """
+    b = latents.shape[0]
+    with torch.no_grad():
+        if uncond is None or guidance == 1.0:
+            return model.predict(latents, t, cond.expand(b), **unet_kwargs).float()
+        both = Conditioning.cat([uncond.expand(b), cond.expand(b)])
+        eps_uncond, eps_cond = model.predict(torch.cat([latents, latents]), t, both, **unet_kwargs).float().chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,
+                  scheduler, iters: int, lr: float, adain_on: bool = False,
+                  content_latents: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:
+    """One AD update of ``latents`` (B, 4, h, w) at ``t_prime``; returns (new latents, loss per iteration).
+
+    1. optional AdaIN to the noised reference; 2. reference (and content) features of the noised
+    latents at ``t_prime`` under no-grad; 3. a fresh Adam over the latents, ``iters`` steps.
+    The distiller must be entered (``with distiller:``). ``iters=0`` leaves the latents untouched
+    (apart from AdaIN).
+    """
+    device = distiller.model.device
+    ref_t = noised(scheduler, ref_latents.to(device), t_prime, generator)
+    z = latents.detach().float()
+    if adain_on:
+        z = adain(z, ref_t)
+    if iters == 0:
+        return z, []
+    content_t = None
+    if content_latents is not None:
+        content_t = noised(scheduler, content_latents.to(device), t_prime, generator)
+    t = torch.tensor(t_prime, device=device)
+    distiller.begin_timestep(t, ref_t, content_t)
+    z = z.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=lr)  # a new optimiser every step: state reset (Algorithm 2)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(iters):
+            optimizer.zero_grad(set_to_none=True)
+            loss = distiller.loss(z)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    return z.detach(), losses
