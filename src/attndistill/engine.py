@@ -17,6 +17,8 @@ separately so the reference rows are not carried through the backward pass.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +29,12 @@ from .errors import UserError
 from .features import LayerFeatures, StopForward, capture, default_layers, discover_self_attention_layers
 from .losses import ad_loss, concat_references, content_loss, label_mask
 from .models import Conditioning, DiffusionModel
+from .stepper import EagerStepper, GraphedStepper
+
+log = logging.getLogger(__name__)
+
+#: Captured graphs kept per model (each holds its activations' memory).
+MAX_CACHED_GRAPHS = 4
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Distiller:
     def __init__(self, model: DiffusionModel, *, layers: Sequence[int] | None = None, attention_scale: float = 1.0,
                  content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
                  target_labels: torch.Tensor | None = None, fused: bool | None = None,
+                 cuda_graphs: bool | None = None, early_exit: bool | None = None,
                  condition_size: tuple[int, int] | None = None) -> None:
         self.model = model
         self.layers = tuple(layers) if layers is not None else default_layers(model.unet)
@@ -90,7 +99,15 @@ class Distiller:
         self.content_weight = content_weight
         self.ref_labels = ref_labels
         self.target_labels = target_labels
-        self.fused = model.device.type == "cuda" if fused is None else fused
+        on_cuda = model.device.type == "cuda"
+        perf = model.perf
+        cuda_graphs = perf.cuda_graphs if cuda_graphs is None else cuda_graphs
+        fused = perf.fused if fused is None else fused
+        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.fused = (on_cuda if fused is None else fused) or self.cuda_graphs  # a graph holds one batched call
+        self.early_exit = perf.early_exit if early_exit is None else early_exit
+        self._steppers: dict[tuple, EagerStepper] = {}
+        self.condition_size = condition_size
         self.null: Conditioning = model.null_condition(condition_size)
         self.store = None
         self._ctx = None
@@ -103,13 +120,63 @@ class Distiller:
     # -- capture lifetime ---------------------------------------------------------------------------
 
     def __enter__(self) -> Distiller:
-        self._ctx = capture(self.model.unet, self.layers, early_exit=True)
+        self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
         self.store = self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
         self.store = None
+        self._steppers.clear()  # graphs hold the capture processors' buffers
+
+    def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
+                   content_latents: torch.Tensor | None, *, iters: int, lr: float,
+                   fresh: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``iters`` Adam steps of the loss on ``z`` at ``t``; returns (latents, losses before each step).
+
+        ``fresh=False`` keeps one optimiser across calls (Algorithm 1), ``fresh=True`` resets its state
+        first (Algorithm 2). Losses stay on the device; reading them is the caller's sync point.
+        """
+        use_content = content_latents is not None and self.content_weight > 0
+        content_latents = content_latents if use_content else None
+        key = (tuple(z.shape), tuple(ref_latents.shape),
+               None if content_latents is None else tuple(content_latents.shape), lr)
+        stepper = self._steppers.get(key)
+        if stepper is None:
+            stepper = self._new_stepper(key, lr)
+            self._steppers[key] = stepper
+            stepper.reset_state()  # a graph from an earlier run still holds that run's moments
+        elif fresh:
+            stepper.reset_state()
+        return stepper.run(z, t, ref_latents, content_latents, iters)
+
+    def _new_stepper(self, key, lr: float) -> EagerStepper:
+        z_shape, ref_shape, content_shape, _ = key
+        if self.cuda_graphs:
+            # graphs replay without Python, so one captured for the same settings serves later runs too
+            graph_key = key + (self.layers, self.attention_scale, self.content_weight, self.early_exit,
+                               self.condition_size)
+            cacheable = self.target_labels is None
+            if cacheable and graph_key in self.model.graphs:
+                return self.model.graphs[graph_key]
+            try:
+                start = time.perf_counter()
+                stepper = GraphedStepper(self, z_shape, lr, ref_shape, content_shape)
+                torch.cuda.synchronize(self.model.device)
+                stats = self.model.stats
+                stats["graph_capture_s"] = stats.get("graph_capture_s", 0.0) + time.perf_counter() - start
+                stats["graphs_captured"] = stats.get("graphs_captured", 0) + 1
+            except Exception as exc:  # capture can fail on exotic setups: fall back, loudly
+                log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
+                            type(exc).__name__, exc)
+                self.cuda_graphs = False
+            else:
+                if cacheable:
+                    while len(self.model.graphs) >= MAX_CACHED_GRAPHS:
+                        self.model.graphs.pop(next(iter(self.model.graphs)))
+                    self.model.graphs[graph_key] = stepper
+                return stepper
+        return EagerStepper(self, z_shape, lr)
 
     # -- features --------------------------------------------------------------------------------------
 

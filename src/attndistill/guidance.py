@@ -75,15 +75,6 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
     if content_latents is not None:
         content_t = noised(scheduler, content_latents.to(device), t_prime, generator)
     t = torch.tensor(t_prime, device=device)
-    distiller.begin_timestep(t, ref_t, content_t)
-    z = z.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr)  # a new optimiser every step: state reset (Algorithm 2)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(iters):
-            optimizer.zero_grad(set_to_none=True)
-            loss = distiller.loss(z)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss))
-    return z.detach(), losses
+    # a fresh optimiser every step (Algorithm 2): the stepper's Adam state is reset
+    z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True)
+    return z.clone(), [float(v) for v in losses]

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from .errors import UserError
+from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,20 @@ class DiffusionModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    perf: PerfOptions = field(default_factory=PerfOptions)
     _null: dict = field(default_factory=dict, repr=False)
+    graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
+    stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
+
+    def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
+        """Apply speed/memory switches (see :class:`PerfOptions`); returns the model."""
+        from dataclasses import replace
+
+        from .perf import apply_perf
+
+        apply_perf(self, replace(perf or self.perf, **changes))
+        self.graphs.clear()
+        return self
 
     @property
     def unet(self):

@@ -60,33 +60,26 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     """
     model = distiller.model
     timesteps = ddim_timesteps(model, steps)
-    z = init.detach().to(model.device, torch.float32).clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([z], lr=lr)  # one optimiser: its state persists across timesteps
+    z = init.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
     if content_latents is not None:
         content_latents = content_latents.to(model.device)
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
-        with distiller, torch.enable_grad():
+        with distiller:
             for i, t in enumerate(timesteps):
                 t_int = int(t)
-                # 1. reference (and content) features at (z_r, t), no noise: computed once per timestep
-                distiller.begin_timestep(t.to(model.device), ref_latents, content_latents)
-                losses = []
-                for _ in range(iters):
-                    # 2. Adam step on the target's loss at (z, t), no noise
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = distiller.loss(z)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.detach())
-                values = [float(v) for v in losses]
+                # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).
+                # One optimiser for the whole run: its state persists across timesteps.
+                z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
+                                                 iters=iters, lr=lr, fresh=False)
+                values = torch.stack(losses).float().cpu().tolist()
                 check_finite(torch.tensor(values), "loss", i, t_int)
-                check_finite(z.detach(), "latent", i, t_int)
+                check_finite(z, "latent", i, t_int)
                 bar.set_postfix(loss=f"{values[-1]:.4f}", t=t_int)
                 bar.update()
                 if callback is not None:
-                    callback(StepInfo(i, len(timesteps), t_int, values[-1], z.detach(), values))
+                    callback(StepInfo(i, len(timesteps), t_int, values[-1], z, values))
     finally:
         bar.close()
     return z.detach()

@@ -1,0 +1,193 @@
+"""Speed and memory of attndistill's tasks, measured through the public API.
+
+Builds full-size SD 1.5 / SDXL architectures with random weights from
+``configs/`` (speed does not depend on weight values) or the tiny test models
+(``--tiny``, for CPU), runs the issue's cases and prints one JSON line per run.
+``--compare`` also runs the plain path (every optimisation off) in the same
+process. Example (GPU)::
+
+    python benchmarks/bench.py --cases a,b,c --compare
+    python benchmarks/bench.py --tiny --device cpu --cases a,c --steps 4 --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import attndistill as ad  # noqa: E402
+from attndistill.perf import PerfOptions  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+CONTENT, STYLE, TEXTURE = DATA / "horse.jpg", DATA / "watercolor-cat.jpg", DATA / "wood-rings.jpg"
+PROMPT = "a deer in a misty forest"
+
+# case -> (model kind, default steps, description)
+CASES = {
+    "a": ("sd15", 200, "style transfer, optimisation, 512², 200 x 1 iter, lambda 0.25"),
+    "b": ("sd15", 50, "style-specific T2I, 512², 50 DDIM steps, guidance 7.5, 3 AD iters, AdaIN"),
+    "c": ("sd15", 300, "texture synthesis, optimisation, 512², 300 x 1 iter"),
+    "d": ("sdxl", 50, "SDXL style-specific T2I, 1024², 50 steps, guidance 7, 2 AD iters, AdaIN"),
+    "e": ("sd15", 50, "texture expansion 1536x512, 50 steps, 2 iters, stride 8, view batch 8"),
+    "f": ("sd15", 1, "texture expansion 4096x4096, peak memory over 1 step"),
+    "g": ("sd15", 50, "8 style transfers sharing one style: batched vs one by one"),
+}
+
+
+def run_case(case: str, model, steps: int, size_scale: float) -> list:
+    """Run one case through the public API; returns the images (for equality checks)."""
+    side = int(model.native_size * size_scale)
+    if case == "a":
+        return [ad.style_transfer(CONTENT, STYLE, model=model, steps=steps, size=side, progress=False)]
+    if case == "c":
+        return ad.texture_synthesis(TEXTURE, model=model, steps=steps, size=side, progress=False)
+    if case in ("b", "d"):
+        from attndistill.generate import text_to_image
+
+        preset = "t2i-sdxl" if model.kind == "sdxl" else "t2i"
+        iters = 2 if model.kind == "sdxl" else 3
+        return text_to_image(PROMPT, STYLE, model=model, steps=steps, iters=iters,
+                             guidance=ad.PRESETS[preset].guidance, adain=True, size=side, progress=False)
+    if case in ("e", "f"):
+        from attndistill.textures import expand_texture
+
+        w, h = (3 * side, side) if case == "e" else (8 * side, 8 * side)
+        return [expand_texture(TEXTURE, model=model, size=(w, h), steps=steps, iters=2, stride=8, view_batch=8,
+                               progress=False)]
+    if case == "g":
+        from attndistill.tasks import style_transfer_batch
+
+        return style_transfer_batch([CONTENT] * 8, STYLE, model=model, steps=steps, size=side, progress=False)
+    raise ValueError(case)
+
+
+def one_by_one(model, steps: int, size_scale: float) -> list:
+    side = int(model.native_size * size_scale)
+    return [ad.style_transfer(CONTENT, STYLE, model=model, steps=steps, size=side, seed=i, progress=False)
+            for i in range(8)]
+
+
+def measure(fn, device: torch.device) -> tuple[float, float, list]:
+    """(seconds, peak GB, result) of ``fn()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    return seconds, peak, result
+
+
+def max_diff(a: list, b: list) -> float:
+    return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / 255 for x, y in zip(a, b))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="a,b,c,d,e,g")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="bf16 on GPU, fp32 on CPU by default")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke runs)")
+    p.add_argument("--steps", type=int, default=None, help="override every case's step count")
+    p.add_argument("--plain-steps", type=int, default=None, help="steps for the plain path (ms/step is reported)")
+    p.add_argument("--size-scale", type=float, default=1.0, help="fraction of the native size (e.g. 0.5)")
+    p.add_argument("--compare", action="store_true", help="also run the plain path and check equality")
+    p.add_argument("--variant", action="append", default=[],
+                   help="extra fast-path variants, e.g. gradient_checkpointing=1,cpu_offload=1")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    models: dict[str, object] = {}
+
+    def get_model(kind: str):
+        if kind not in models:
+            for other in list(models):  # one full-size model at a time
+                del models[other]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if args.tiny:
+                import tempfile
+
+                from attndistill.testing import build_tiny_sd15, build_tiny_sdxl
+
+                folder = Path(tempfile.mkdtemp())
+                (build_tiny_sdxl if kind == "sdxl" else build_tiny_sd15)(folder)
+                models[kind] = ad.load_model(str(folder), device=device, dtype=dtype)
+            else:
+                from attndistill.testing import full_size_model
+
+                models[kind] = full_size_model(kind, ROOT / "configs", device=str(device), dtype=dtype)
+        return models[kind]
+
+    def emit(**row) -> None:
+        row.update(card=card, dtype=str(dtype).removeprefix("torch."))
+        print(json.dumps(row), flush=True)
+
+    for case in args.cases.split(","):
+        kind, default_steps, description = CASES[case]
+        steps = args.steps or default_steps
+        try:
+            model = get_model(kind)
+            fast = PerfOptions()
+            model.set_perf(fast)
+            # warm-up: captures CUDA graphs (cached on the model for the real run); reported separately
+            warm_steps = min(steps, 2)
+            model.stats.clear()
+            warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
+            capture_s = model.stats.get("graph_capture_s", 0.0)
+            seconds, peak, fast_images = measure(partial(run_case, case, model, steps, args.size_scale), device)
+            emit(case=case, description=description, path="fast", steps=steps, seconds=round(seconds, 3),
+                 ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2),
+                 graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
+                 graphs=model.stats.get("graphs_captured", 0))
+            for variant in args.variant:
+                changes = {k: bool(int(v)) for k, v in (kv.split("=") for kv in variant.split(","))}
+                model.set_perf(PerfOptions(**changes))
+                measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
+                seconds, peak, _ = measure(partial(run_case, case, model, steps, args.size_scale), device)
+                emit(case=case, path="fast+" + variant, steps=steps, seconds=round(seconds, 3),
+                     ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2))
+                model.set_perf(fast)
+            if case == "g":
+                seconds1, peak1, _ = measure(partial(one_by_one, model, steps, args.size_scale), device)
+                emit(case=case, path="one-by-one (fast path)", steps=steps, seconds=round(seconds1, 3),
+                     images_per_min_batched=round(8 * 60 / seconds, 1),
+                     images_per_min_one_by_one=round(8 * 60 / seconds1, 1),
+                     speedup=round(seconds1 / seconds, 2), peak_gb=round(peak1, 2))
+            if args.compare and case != "g":
+                plain_steps = min(args.plain_steps or steps, steps)
+                model.set_perf(PerfOptions.plain())
+                seconds, peak, plain_images = measure(
+                    partial(run_case, case, model, plain_steps, args.size_scale), device)
+                emit(case=case, path="plain", steps=plain_steps, seconds=round(seconds, 3),
+                     ms_per_step=round(1000 * seconds / plain_steps, 1), peak_gb=round(peak, 2),
+                     est_full_seconds=round(seconds / plain_steps * steps, 2))
+                if plain_steps == steps:
+                    emit(case=case, path="fast-vs-plain", max_abs_pixel_diff=round(max_diff(fast_images,
+                                                                                             plain_images), 5))
+                model.set_perf(fast)
+        except Exception as exc:  # keep measuring the other cases
+            emit(case=case, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Performance switches: how a loaded model runs on its device, the same for every task.
+
+They live on the model (``model.perf``) so that every task, the CLI, the batch
+runner and the web UI honour them without threading options through each call.
+Each switch keeps results the same up to floating-point reordering; the fast
+path is the default where it is safe (CUDA), the plain path elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    """Speed and memory switches (None = automatic: on for CUDA, off for CPU)."""
+
+    fused: bool | None = None  # reference, content and target latents in one UNet call
+    cuda_graphs: bool | None = None  # replay each AD iteration as a captured CUDA graph
+    early_exit: bool = True  # stop the UNet after the last captured self-attention layer
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
+    attention_slicing: bool = False  # attention in slices: less memory, slower
+    vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
+    cpu_offload: bool = False  # keep idle components in CPU memory (needs accelerate)
+
+    @classmethod
+    def plain(cls) -> PerfOptions:
+        """Every optimisation off: the reference path for equality tests and benchmarks."""
+        return cls(fused=False, cuda_graphs=False, early_exit=False)
+
+
+def apply_perf(model, perf: PerfOptions) -> None:
+    """Switch the model's components to ``perf`` (idempotent; switches can be turned off again)."""
+    unet, vae = model.unet, model.vae
+    if perf.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    elif getattr(unet, "is_gradient_checkpointing", False):
+        unet.disable_gradient_checkpointing()
+    if perf.attention_slicing:
+        unet.set_attention_slice("auto")
+    if perf.vae_tiling:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    if perf.cpu_offload and model.device.type == "cuda":
+        model.pipe.enable_model_cpu_offload(device=model.device)
+    model.perf = perf
