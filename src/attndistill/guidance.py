@@ -7,10 +7,15 @@ scheduler step, calls :func:`guide_latents` on the new latent.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 import torch
 
 from .engine import Distiller
 from .models import Conditioning, DiffusionModel
+
+log = logging.getLogger(__name__)
 
 
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -47,10 +52,60 @@ def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | in
     b = latents.shape[0]
     with torch.no_grad():
         if uncond is None or guidance == 1.0:
-            return model.predict(latents, t, cond.expand(b), **unet_kwargs).float()
+            return _predict(model, latents, t, cond.expand(b), unet_kwargs).float()
         both = Conditioning.cat([uncond.expand(b), cond.expand(b)])
-        eps_uncond, eps_cond = model.predict(torch.cat([latents, latents]), t, both, **unet_kwargs).float().chunk(2)
+        eps_uncond, eps_cond = _predict(model, torch.cat([latents, latents]), t, both, unet_kwargs).float().chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+
+def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet_kwargs: dict) -> torch.Tensor:
+    """A no-grad UNet call, replayed from a CUDA graph when the model's perf options allow it."""
+    graphs = model.perf.cuda_graphs
+    if unet_kwargs or model.device.type != "cuda" or graphs is False:
+        return model.predict(x, t, cond, **unet_kwargs)
+    key = ("predict", tuple(x.shape), tuple(cond.encoder_hidden_states.shape),
+           None if cond.added_cond_kwargs is None else tuple(sorted((k, tuple(v.shape))
+                                                                    for k, v in cond.added_cond_kwargs.items())))
+    graph = model.graphs.get(key)
+    if graph is None:
+        try:
+            graph = model.graphs[key] = GraphedPredict(model, x, t, cond)
+        except Exception as exc:  # fall back to eager calls, loudly, and stop trying
+            log.warning("CUDA graph capture of the denoising call failed (%s); running it eagerly", exc)
+            model.perf = replace(model.perf, cuda_graphs=False)
+            return model.predict(x, t, cond)
+    return graph(x, t, cond)
+
+
+class GraphedPredict:
+    """``model.predict`` captured as a CUDA graph over static inputs (the denoising call of a sampler)."""
+
+    def __init__(self, model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, warmup: int = 2) -> None:
+        self.model = model
+        self.x = x.detach().clone()
+        self.t = torch.as_tensor(t, device=x.device).reshape(()).clone()
+        self.cond = Conditioning(cond.encoder_hidden_states.detach().clone(),
+                                 None if cond.added_cond_kwargs is None else
+                                 {k: v.detach().clone() for k, v in cond.added_cond_kwargs.items()})
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                model.predict(self.x, self.t, self.cond)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.predict(self.x, self.t, self.cond)
+
+    def __call__(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.copy_(torch.as_tensor(t, device=self.t.device).reshape(()))
+        self.cond.encoder_hidden_states.copy_(cond.encoder_hidden_states)
+        if cond.added_cond_kwargs is not None:
+            for k, v in cond.added_cond_kwargs.items():
+                self.cond.added_cond_kwargs[k].copy_(v)
+        self.graph.replay()
+        return self.out.clone()
 
 
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,
