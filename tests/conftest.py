@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# One thread: on a small shared machine two threads fight over cores and tiny convolutions get 10x slower.
+torch.set_num_threads(1)
+
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parent.parent / "configs"
 

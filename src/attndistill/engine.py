@@ -104,7 +104,10 @@ class Distiller:
         cuda_graphs = perf.cuda_graphs if cuda_graphs is None else cuda_graphs
         fused = perf.fused if fused is None else fused
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
-        self.fused = (on_cuda if fused is None else fused) or self.cuda_graphs  # a graph holds one batched call
+        # Without graphs a GPU is launch-bound: one batched call wins. With graphs the launches are gone
+        # and arithmetic counts: split calls skip the backward pass through the reference rows.
+        self.fused = (on_cuda and not self.cuda_graphs) if fused is None else fused
+        self.batch_references = on_cuda  # reference + content in one no-grad call (CPU: batch costs its size)
         self.early_exit = perf.early_exit if early_exit is None else early_exit
         self._steppers: dict[tuple, EagerStepper] = {}
         self.condition_size = condition_size
@@ -211,17 +214,29 @@ class Distiller:
             raise RuntimeError("call begin_timestep() before loss()")
         t, z_ref, z_c = self._pending
         if self.reference is None and self.fused:
-            parts = [z_ref.detach()] + ([z_c.detach()] if z_c is not None else []) + [z]
+            # one batched call; a reference of another size than the target gets its own (no-grad) call
+            same_size = z_ref.shape[-2:] == z.shape[-2:]
+            ref_feats = None
+            if not same_size:
+                with torch.no_grad():
+                    ref_feats = self.features(z_ref, t)
+            parts = ([z_ref.detach()] if same_size else []) + ([z_c.detach()] if z_c is not None else []) + [z]
             feats = self.features(torch.cat([p.to(z.dtype) for p in parts]), t)
-            r, c = z_ref.shape[0], (z_c.shape[0] if z_c is not None else 0)
-            self._set_reference([_rows(f, 0, r) for f in feats],
+            r, c = (z_ref.shape[0] if same_size else 0), (z_c.shape[0] if z_c is not None else 0)
+            self._set_reference(ref_feats or [_rows(f, 0, r) for f in feats],
                                 [_rows(f, r, r + c) for f in feats] if z_c is not None else None)
             target = [_rows(f, r + c, None) for f in feats]
         else:
             if self.reference is None:
                 with torch.no_grad():
-                    ref_feats = self.features(z_ref, t)
-                    content_feats = self.features(z_c, t) if z_c is not None else None
+                    if z_c is not None and self.batch_references and z_c.shape[-2:] == z_ref.shape[-2:]:
+                        # reference and content share one no-grad call
+                        feats = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t)
+                        r = z_ref.shape[0]
+                        ref_feats, content_feats = [_rows(f, 0, r) for f in feats], [_rows(f, r, None) for f in feats]
+                    else:
+                        ref_feats = self.features(z_ref, t)
+                        content_feats = self.features(z_c, t) if z_c is not None else None
                 self._set_reference(ref_feats, content_feats)
             target = self.features(z, t)
         return self._loss(target, z.shape[-2:], z_ref.shape[-2:])

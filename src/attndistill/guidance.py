@@ -111,8 +111,10 @@ class GraphedPredict:
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,
                   scheduler, iters: int, lr: float, adain_on: bool = False,
                   content_latents: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One AD update of ``latents`` (B, 4, h, w) at ``t_prime``; returns (new latents, loss per iteration).
+
+    Losses are 0-dim device tensors (read them sparingly: each read is a GPU sync).
 
     1. optional AdaIN to the noised reference; 2. reference (and content) features of the noised
     latents at ``t_prime`` under no-grad; 3. a fresh Adam over the latents, ``iters`` steps.
@@ -132,4 +134,4 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
     t = torch.tensor(t_prime, device=device)
     # a fresh optimiser every step (Algorithm 2): the stepper's Adam state is reset
     z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True)
-    return z.clone(), [float(v) for v in losses]
+    return z.clone(), losses

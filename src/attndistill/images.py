@@ -29,6 +29,10 @@ METADATA_KEY = "attndistill"
 
 ImageInput = str | os.PathLike | Image.Image
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
     """Open ``source`` as an RGB image, or raise a :class:`UserError` naming it.
@@ -59,9 +63,11 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
             "downscale it first"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        reason = "is truncated or corrupt" if path.stat().st_size else "is empty"
+        reason = "is truncated or corrupt"
         if "cannot identify image file" in str(exc):
             reason = "is not an image Pillow can read"
+        if not path.stat().st_size:
+            reason = "is empty"
         raise UserError(f"{what} '{path}' {reason}; re-export it as PNG or JPEG") from None
 
 
@@ -152,9 +158,20 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"output folder '{folder}' does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    if not is_writable(folder):
         raise UserError(f"output folder '{folder}' is not writable; choose another -o path")
     return path
+
+
+def is_writable(folder: Path) -> bool:
+    """Try to create a file: os.access says yes to root on read-only or immutable folders."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".attndistill-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = False,
@@ -174,8 +191,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
 
 def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"output '{path}' cannot be written ({exc.strerror}); choose another path") from None
+    try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results should be as readable as any new file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -192,9 +213,12 @@ def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
                 os.replace(tmp, path)
             else:
                 os.unlink(tmp)
-    except BaseException:
+    except BaseException as exc:  # Ctrl-C and SIGTERM included: never leave the temp file behind
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.strerror:  # e.g. disk full
+            raise UserError(f"output '{path}' could not be written ({exc.strerror}); free space or choose "
+                            "another path") from None
         raise
     return path
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,31 @@ class DiffusionModel:
         z = latents.to(self.device, self._vae_dtype()) / self.vae.config.scaling_factor
         with torch.no_grad():
             x = self.vae.decode(z).sample
+        if not torch.isfinite(x).all():  # clamp would turn NaN into a black image
+            raise NonFiniteError("the decoded image is NaN/Inf (the latent ran out of range); lower --lr, "
+                                 "use --dtype fp32 (or an fp16-safe VAE), or check the input images")
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     # -- text conditioning ------------------------------------------------------------------------
+
+    def text_encoders(self) -> list:
+        return [m for m in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if m is not None]
+
+    @contextmanager
+    def _encoders_on_device(self):
+        """With ``offload_text_encoders``, bring the encoders to the GPU for one prompt and send them back."""
+        if not self.perf.offload_text_encoders or self.device.type == "cpu":
+            yield
+            return
+        for m in self.text_encoders():
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in self.text_encoders():
+                m.to("cpu")
+            torch.cuda.empty_cache()
 
     def encode_prompt(self, prompts: list[str], negative: list[str] | None = None,
                       size: tuple[int, int] | None = None) -> tuple[Conditioning, Conditioning | None]:
@@ -164,7 +187,7 @@ class DiffusionModel:
         """
         warn_truncated(self.pipe.tokenizer, prompts + (negative or []))
         cfg = negative is not None
-        with torch.no_grad():
+        with torch.no_grad(), self._encoders_on_device():
             if self.kind == "sdxl":
                 pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
                     prompt=prompts, device=self.device, num_images_per_prompt=1,
@@ -284,7 +307,7 @@ def _kind_from_checkpoint(path: Path) -> Kind:
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                config: str | os.PathLike | None = None, allow_pickle: bool = False,
-               variant: str | None = None) -> DiffusionModel:
+               variant: str | None = None, perf: PerfOptions | None = None) -> DiffusionModel:
     """Load an SD 1.5 / SDXL model from a Hub id, a diffusers folder or a single ``.safetensors`` file.
 
     ``vae`` swaps in another ``AutoencoderKL`` folder; ``config`` is a local diffusers folder whose
@@ -342,7 +365,10 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         if module is not None:
             module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    return DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype)
+    model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype)
+    if perf is not None:
+        model.set_perf(perf)
+    return model
 
 
 def _from_pretrained(cls, source: str, variant: str | None, **kwargs):

@@ -8,6 +8,7 @@ attention against the reference's at that timestep (no noise added) and take
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Distiller
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UserError
 
 
 @dataclass
@@ -33,11 +34,27 @@ class StepInfo:
 Callback = Callable[[StepInfo], None]
 
 
+def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
+                    every: int = 10) -> None:
+    """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it."""
+    bar.update()
+    if callback is None and (info.step + 1) % every and info.step + 1 != info.total:
+        return
+    values = [float(v) for v in losses]
+    info.loss, info.losses = (values[-1] if values else math.nan), values
+    bar.set_postfix(loss=f"{info.loss:.4f}", t=info.timestep)
+    if callback is not None:
+        callback(info)
+
+
 def ddim_timesteps(model, steps: int) -> torch.Tensor:
     """Timesteps of a DDIM scheduler configured like the model's, descending."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    limit = scheduler.config.num_train_timesteps
+    if steps > limit:
+        raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
     scheduler.set_timesteps(steps)
     return scheduler.timesteps
 
@@ -47,6 +64,39 @@ def check_finite(value: torch.Tensor, what: str, step: int, timestep: int) -> No
     if not torch.isfinite(value).all():
         raise NonFiniteError(f"the {what} became NaN/Inf at step {step} (timestep {timestep}); lower --lr, "
                              "use --dtype fp32, or check the input images")
+
+
+class FiniteGuard:
+    """NaN/Inf watch that does not stall the GPU: flags are kept on the device, read every few steps.
+
+    ``update`` records the first step at which a watched tensor was not finite (device ops only);
+    ``check`` reads that flag (a sync) every ``every`` steps and at the end, and raises with the
+    exact step and timestep where it happened.
+    """
+
+    def __init__(self, device: torch.device, every: int = 10) -> None:
+        self.every = every
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.what = torch.full((), 0, device=device, dtype=torch.long)
+        self.timesteps: list[int] = []
+
+    def update(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        self.timesteps.append(timestep)
+        loss_ok = torch.isfinite(torch.stack(losses)).all() if losses else torch.ones((), dtype=torch.bool,
+                                                                                          device=latents.device)
+        ok = loss_ok & torch.isfinite(latents).all()
+        new_bad = (self.first_bad < 0) & ~ok
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.what = torch.where(new_bad, torch.where(loss_ok, 2, 1), self.what)
+
+    def check(self, step: int, *, final: bool = False) -> None:
+        if not final and (step + 1) % self.every:
+            return
+        bad = int(self.first_bad)
+        if bad >= 0:
+            what = "loss" if int(self.what) == 1 else "latent"
+            raise NonFiniteError(f"the {what} became NaN/Inf at step {bad} (timestep {self.timesteps[bad]}); "
+                                 "lower --lr, use --dtype fp32, or check the input images")
 
 
 def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torch.Tensor, *,
@@ -65,21 +115,23 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     if content_latents is not None:
         content_latents = content_latents.to(model.device)
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
+    guard = FiniteGuard(model.device)
     try:
         with distiller:
             for i, t in enumerate(timesteps):
                 t_int = int(t)
                 # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).
                 # One optimiser for the whole run: its state persists across timesteps.
-                z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
-                                                 iters=iters, lr=lr, fresh=False)
-                values = torch.stack(losses).float().cpu().tolist()
-                check_finite(torch.tensor(values), "loss", i, t_int)
-                check_finite(z, "latent", i, t_int)
-                bar.set_postfix(loss=f"{values[-1]:.4f}", t=t_int)
-                bar.update()
-                if callback is not None:
-                    callback(StepInfo(i, len(timesteps), t_int, values[-1], z, values))
+                try:
+                    z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
+                                                     iters=iters, lr=lr, fresh=False)
+                except RuntimeError as exc:  # Adam's step size beyond float range: the same failure as Inf
+                    if "overflow" not in str(exc):
+                        raise
+                    check_finite(torch.tensor(float("inf")), "latent", i, t_int)
+                guard.update(i, t_int, z, losses)
+                guard.check(i, final=i == len(timesteps) - 1)
+                report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)
     finally:
         bar.close()
     return z.detach()

@@ -8,7 +8,7 @@ path is the default where it is safe (CUDA), the plain path elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class PerfOptions:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
-    cpu_offload: bool = False  # keep idle components in CPU memory (needs accelerate)
+    cpu_offload: bool = False  # keep idle components in CPU memory (diffusers' model offload)
+    offload_text_encoders: bool = False  # text encoders wait in CPU memory, visit the GPU to encode a prompt
 
     @classmethod
     def plain(cls) -> PerfOptions:
@@ -43,5 +44,9 @@ def apply_perf(model, perf: PerfOptions) -> None:
     else:
         vae.disable_tiling()
     if perf.cpu_offload and model.device.type == "cuda":
+        # components move between devices: captured graphs would point at stale memory
+        perf = replace(perf, cuda_graphs=False)
         model.pipe.enable_model_cpu_offload(device=model.device)
+    for encoder in model.text_encoders():
+        encoder.to("cpu" if perf.offload_text_encoders else model.device)
     model.perf = perf

@@ -35,7 +35,9 @@ class EagerStepper:
             for _ in range(iters):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.distiller.loss(self.z)
-                loss.backward()
+                # the loss is a mean over the batch; scaling by B gives each target the gradient it
+                # would get alone, so batching targets does not change their results (Adam's eps aside)
+                (loss * self.z.shape[0]).backward()
                 self.optimizer.step()
                 losses.append(loss.detach())
         return self.z.detach(), losses
@@ -70,7 +72,7 @@ class GraphedStepper(EagerStepper):
     def _iteration(self) -> torch.Tensor:
         self.distiller.begin_timestep(self.t, self.ref, self.content)
         loss = self.distiller.loss(self.z)
-        loss.backward()
+        (loss * self.z.shape[0]).backward()  # per-target gradients, as in EagerStepper.run
         self.optimizer.step()
         return loss.detach()
 

@@ -23,6 +23,8 @@ from .images import ImageInput, fit_size, load_image, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .presets import Preset, get_preset
+from .tiling import check_axes, seamless
+from .vae_tuning import tuned_vae
 
 Size = int | tuple[int, int] | None
 
@@ -94,27 +96,33 @@ def _params(task: str, model: DiffusionModel, preset: Preset, layers, size, seed
             **inputs}
 
 
-def _optimise_task(task: str, *, target: Image.Image | None, references: list[ImageInput], ref_what: str,
+def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None, references: list[ImageInput],
+                   ref_what: str,
                    model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
-                   fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype
-                   ) -> list[Image.Image]:
+                   fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
+                   tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
     check_settings(preset)
+    tile = check_axes(tile)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
-    w, h = target_size(model, size, like=target)
+    targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
+    w, h = target_size(model, size, like=targets[0] if targets else target)
     z_ref = encode_references(model, references, ref_what)
     z_content = None
     if target is not None:
-        z_content = model.encode(to_tensor(target, (w, h)))
-        init = z_content.expand(num, -1, -1, -1)
+        z_content = model.encode(to_tensor(targets or target, (w, h)))
+        init = z_content if targets else z_content.expand(num, -1, -1, -1)
     else:
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
     torch.manual_seed(seed)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, fused=fused)
-    z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
-                         iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
-    return finish(model, z, _params(task, model, preset, layer_ids, (w, h), seed, **inputs))
+    # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the first reference
+    with tuned_vae(model, references[0] if tune_vae else None, progress=progress), seamless(model, tile):
+        z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
+                             iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
+        params = _params(task, model, preset, layer_ids, (w, h), seed, tile=tile, tune_vae=tune_vae, **inputs)
+        return finish(model, z, params)
 
 
 def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
@@ -123,7 +131,7 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
                    attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                    size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                   callback: Callback | None = None) -> Image.Image:
+                   callback: Callback | None = None, tile: str | None = None, tune_vae: bool = False) -> Image.Image:
     """Repaint ``content`` in the style of ``style`` (one image or several) by optimisation.
 
     Defaults come from the ``style`` preset (200 steps, lr 0.05, content weight 0.25, the last six
@@ -140,7 +148,8 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
         "style", target=load_image(content, what="content image"), references=styles, ref_what="style image",
         model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
         inputs={"content": _describe(content), "style": [_describe(s) for s in styles]},
-        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)[0]
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
+        tune_vae=tune_vae)[0]
 
 
 def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence[ImageInput], *,
@@ -149,7 +158,8 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
                         attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                         size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                         dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                        callback: Callback | None = None) -> Image.Image:
+                        callback: Callback | None = None, tile: str | None = None,
+                        tune_vae: bool = False) -> Image.Image:
     """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2."""
     preset = get_preset("appearance").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                attention_scale=attention_scale)
@@ -158,7 +168,8 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
         "appearance", target=load_image(structure, what="structure image"), references=refs,
         ref_what="appearance image", model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
         inputs={"structure": _describe(structure), "appearance": [_describe(r) for r in refs]},
-        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)[0]
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
+        tune_vae=tune_vae)[0]
 
 
 def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
@@ -166,8 +177,8 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
                       iters: int | None = None, lr: float | None = None, attention_scale: float | None = None,
                       layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                       vae: str | None = None, device: str | None = None, dtype: str | None = None,
-                      fused: bool | None = None, progress: bool = True,
-                      callback: Callback | None = None) -> list[Image.Image]:
+                      fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
+                      tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
     """Synthesise ``num`` new textures like ``reference`` from random latents, optimised in one batch.
 
     ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
@@ -179,4 +190,35 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
     return _optimise_task(
         "texture", target=None, references=refs, ref_what="texture image", model=model, size=size, num=num,
         seed=seed, layers=layers, preset=preset, inputs={"reference": [_describe(r) for r in refs], "num": num},
-        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype)
+        fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
+        tune_vae=tune_vae)
+
+
+def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Sequence[ImageInput], *,
+                         model: DiffusionModel | str | None = None, steps: int | None = None,
+                         iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
+                         attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
+                         size: Size = None, seed: int = 0, progress: bool = True,
+                         callback: Callback | None = None) -> list[Image.Image]:
+    """Style transfer of several contents with one style, optimised together in one batch.
+
+    Each target gets the gradient it would get alone, so results match one-by-one runs; the
+    reference features are computed once per step for all of them. All contents are resized to
+    the size of the first (or ``size``). Returns one image per content.
+    """
+    if not contents:
+        raise UserError("style_transfer_batch needs at least one content image")
+    preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                                          attention_scale=attention_scale)
+    styles = _as_list(style)
+    images = [load_image(c, what="content image") for c in contents]
+    results = _optimise_task(
+        "style", target=images, references=styles, ref_what="style image", model=model, size=size,
+        num=len(images), seed=seed, layers=layers, preset=preset,
+        inputs={"style": [_describe(s) for s in styles]}, fused=None, progress=progress, callback=callback,
+        vae=None, device=None, dtype=None)
+    for img, content in zip(results, contents):
+        params = json.loads(img.info["parameters"])
+        params["content"] = _describe(content)
+        img.info["parameters"] = json.dumps(params, sort_keys=True)
+    return results

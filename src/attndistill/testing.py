@@ -103,3 +103,78 @@ def full_size_unet(config_path: str | Path, device: str | torch.device = "meta",
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device(device):
         return UNet2DConditionModel(**config).to(dtype)
+
+
+def build_tiny_controlnet(folder: str | Path, sdxl: bool = False, seed: int = 0) -> Path:
+    """Save a tiny ControlNet matching :func:`build_tiny_sd15` (or :func:`build_tiny_sdxl`) to ``folder``.
+
+    Its zero-initialised output convolutions get random weights, so its residuals are not zero and
+    tests can see them.
+    """
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    config = {k: v for k, v in TINY_UNET.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    if sdxl:  # the same extras as build_tiny_sdxl's UNet
+        config.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 2, 1),
+                      use_linear_projection=True)
+    net = ControlNetModel(**config, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+            torch.nn.init.normal_(conv.bias, std=0.05)
+    net.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def full_size_model(kind: str, configs: str | Path, *, device: str = "cuda", dtype=torch.bfloat16):
+    """A full-size SD 1.5 or SDXL :class:`DiffusionModel` with random weights, built in memory.
+
+    For speed and memory measurements only (speed does not depend on weight values). ``configs``
+    is the folder of real architecture configs; the tokenizer is the tiny local one.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import DiffusionModel
+
+    configs = Path(configs)
+    prefix = "sdxl" if kind == "sdxl" else "sd15"
+
+    def cfg(name: str) -> dict:
+        data = json.loads((configs / f"{name}.json").read_text())
+        return {k: v for k, v in data.items() if not k.startswith("_") and k != "architectures"}
+
+    torch.manual_seed(0)
+    tmp = Path(torch.hub.get_dir()) / "attndistill-tokenizer"
+    tokenizer = write_tiny_tokenizer(tmp)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg(f"{prefix}-unet")).to(dtype)
+        vae = AutoencoderKL(**cfg(f"{prefix}-vae")).to(dtype)
+        te_cfg = {k: v for k, v in cfg("sd15-text-encoder").items() if k != "model_type"}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
+        if kind == "sdxl":
+            te2_cfg = {k: v for k, v in cfg("sdxl-text-encoder-2").items() if k != "model_type"}
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(**te2_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
+    scheduler = DDIMScheduler(**cfg(f"{prefix}-scheduler"))
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    for module in (unet, vae, text_encoder) + ((text_encoder_2,) if kind == "sdxl" else ()):
+        module.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusionModel(pipe=pipe, kind="sdxl" if kind == "sdxl" else "sd15", source=f"random-{prefix}",
+                          device=torch.device(device), dtype=dtype)

@@ -10,11 +10,29 @@ import os
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 
+#: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
+GLOBAL_FLAGS = ("--debug", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
+                "--gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
+                "--offload-text-encoders")
+
+
+class _Group(TyperGroup):
+    """Accept the global flags anywhere before ``--``, not only before the subcommand."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        cut = args.index("--") if "--" in args else len(args)
+        moved = [a for a in args[1:cut] if a in GLOBAL_FLAGS]
+        if moved:
+            args = moved + [a for i, a in enumerate(args[:cut]) if i == 0 or a not in GLOBAL_FLAGS] + args[cut:]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
-    name="attndistill", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="attndistill", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Attention Distillation: transfer style, appearance and texture with Stable Diffusion.",
     context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -30,9 +48,32 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        "--cuda-graphs/--no-cuda-graphs", help="Replay each AD iteration as a CUDA graph [default: on for GPUs]",
+        show_default=False)] = None,
+    fused: Annotated[bool | None, typer.Option(
+        "--fused/--no-fused", help="Reference, content and target in one UNet call [default: automatic]",
+        show_default=False)] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Less memory for the backward pass, slower")] = False,
+    attention_slicing: Annotated[bool, typer.Option("--attention-slicing", help="Attention in slices: less memory")
+                                 ] = False,
+    vae_tiling: Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode in tiles: less memory")] = False,
+    cpu_offload: Annotated[bool, typer.Option(
+        "--cpu-offload", help="Idle components wait in CPU memory (diffusers' model offload; no CUDA graphs)")
+                           ] = False,
+    offload_text_encoders: Annotated[bool, typer.Option(
+        "--offload-text-encoders", help="Text encoders wait in CPU memory (saves ~1.6 GB with SDXL)")] = False,
 ) -> None:
+    """Flags on this line work with every command, before or after its name."""
+    from ..perf import PerfOptions
+    from . import common
+
     if debug:
         os.environ["ATTNDISTILL_DEBUG"] = "1"
+    common.PERF = PerfOptions(fused=fused, cuda_graphs=cuda_graphs, gradient_checkpointing=gradient_checkpointing,
+                              attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
+                              offload_text_encoders=offload_text_encoders)
 
 
 def _register() -> None:

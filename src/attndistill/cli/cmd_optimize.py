@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from . import app
+from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
 from .common import (
     AllowPickle,
     AttentionScale,
@@ -48,6 +49,7 @@ def style(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
+    tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
     """Repaint CONTENT in the style of STYLE (optimisation, 200 steps, content weight 0.25)."""
@@ -58,7 +60,8 @@ def style(
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
-                             size=parse_size_option(size), seed=seed, progress=not quiet)
+                             size=parse_size_option(size), seed=seed, tile=tile, tune_vae=tune_vae,
+                             progress=not quiet)
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
@@ -72,6 +75,7 @@ def appearance(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
+    tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
     """Give STRUCTURE the appearance of APPEARANCE (optimisation, content weight 0.2)."""
@@ -82,7 +86,8 @@ def appearance(
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
-                                  layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet)
+                                  layers=layers, size=parse_size_option(size), seed=seed, tile=tile,
+                                  tune_vae=tune_vae, progress=not quiet)
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
@@ -93,20 +98,47 @@ def texture(
     references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s)")],
     output: Output = Path("out.png"),
     num: Annotated[int, typer.Option(help="Number of variations, optimised in one batch")] = 1,
+    mode: Annotated[str | None, typer.Option(
+        help="optimize (300 steps) or sample (AD-guided sampling, 50 steps) \\[default: optimize; sample with "
+        "--layout]", show_default=False)] = None,
+    layout: Annotated[Path | None, typer.Option(help="Colour layout image to start from (SDEdit; sampling)")] = None,
+    strength: Annotated[float | None, typer.Option(
+        help="With --layout: noise level to start from, in (0, 1]; 1 ignores the layout \\[default: 0.8]",
+        show_default=False)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, size: Size = None, seed: Seed = 0,
+    tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
-    """Synthesise new textures like REFERENCE from noise (optimisation, 300 steps)."""
-    from ..tasks import texture_synthesis
+    """Synthesise new textures like REFERENCE from noise (optimisation, 300 steps; or --mode sample / --layout)."""
 
     def body() -> None:
         check_outputs(output, num, overwrite=overwrite)
+        sampler = _texture_sampler(mode, layout, strength)
+        task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        imgs = texture_synthesis(references, num=num, model=m, steps=steps, iters=iters, lr=lr,
-                                 attention_scale=attention_scale, layers=layers, size=parse_size_option(size),
-                                 seed=seed, progress=not quiet)
+        imgs = task(
+            references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
+            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet)
         write_images(imgs, output, overwrite=overwrite)
 
     run_command(body)
+
+
+def _texture_sampler(mode: str | None, layout: Path | None, strength: float | None):
+    """``texture --mode sample`` / ``--layout``: the sampling task to call instead of optimisation (or None)."""
+    from functools import partial
+
+    from ..errors import UserError
+    from ..generate import layout_texture, texture_sampling
+
+    if mode not in (None, "optimize", "sample"):
+        raise UserError(f"--mode '{mode}' is not known; use optimize or sample")
+    if layout is None:
+        if strength is not None:
+            raise UserError("--strength needs a --layout image")
+        return texture_sampling if mode == "sample" else None
+    if mode == "optimize":
+        raise UserError("--layout runs AD-guided sampling (SDEdit); drop --mode optimize or use --mode sample")
+    return partial(layout_texture, layout=layout, **({} if strength is None else {"strength": strength}))

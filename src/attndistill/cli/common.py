@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import UserError
+
+#: Speed/memory switches given on the command line (set by the root command; None in library use).
+PERF = None
 
 # -- shared options (Annotated aliases so each command declares them in one line) --------------------
 
@@ -65,7 +71,7 @@ def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dt
     from ..models import DEFAULT_MODEL, load_model
 
     return load_model(model or DEFAULT_MODEL, vae=vae, device=device, dtype=dtype, config=config,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, perf=PERF)
 
 
 def parse_size_option(size: str | None, multiple: int = 64):
@@ -102,19 +108,41 @@ def debug_enabled() -> bool:
     return os.environ.get("ATTNDISTILL_DEBUG", "") not in ("", "0")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so ``finally`` blocks remove temp files and locks like on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the block (main thread only; signals live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(fn: Callable[[], None]) -> None:
     """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback."""
     quiet_libraries()
     try:
-        fn()
+        with sigterm_as_interrupt():
+            fn()
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: no output was written", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        typer.echo("interrupted: no partial output was left", err=True)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except Exception as exc:
         if _is_cuda_oom(exc):
             typer.echo("error: CUDA out of memory; try a smaller --size, fewer images (--num), --dtype bf16, "

@@ -1,0 +1,79 @@
+"""``attndistill batch``: run a JSONL file of jobs, resumable and sharded (torchrun, Slurm arrays, --shard)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import app, common
+from .common import AllowPickle, ConfigDir, Device, Dtype, Model, Quiet, Vae, debug_enabled, run_command
+
+BATCH_EXAMPLE = ("Example: attndistill batch jobs.jsonl --out results/  (a line of jobs.jsonl: "
+                 '{"task": "style", "content": "horse.jpg", "style": "cat.jpg", "steps": 100}); '
+                 "torchrun --nproc_per_node 8 --no-python attndistill batch jobs.jsonl --out results/")
+
+
+@app.command("batch", epilog=BATCH_EXAMPLE)
+def batch(
+    jobs: Annotated[Path | None, typer.Argument(
+        help="Jobs file: one JSON object per line (task + the command's options; paths relative to it)",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder: images, results.jsonl, locks", show_default=False)] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Run again the jobs recorded as failed")] = False,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: run part I (0-based) of N [default: from SLURM_ARRAY_TASK_ID/COUNT; torchrun ranks split "
+             "further]", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(help="Validate every job (inputs, options, outputs) and stop")] = False,
+    merge: Annotated[Path | None, typer.Option(
+        help="Merge the per-shard results of this folder into its results.jsonl and stop", show_default=False,
+        metavar="DIR")] = None,
+    model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
+    device: Device = "auto", dtype: Dtype = "auto", quiet: Quiet = False,
+) -> None:
+    """Run every job of JOBS into --out: skips finished jobs, records each job in results.jsonl.
+
+    Model options are defaults for jobs that do not set their own. Exit code 1 when a job failed.
+    """
+    from ..batch import ModelSpec, merge_results, run_batch
+    from ..batch import dry_run as check_all
+    from ..errors import UserError
+
+    code = 0
+
+    def log(text: str) -> None:
+        if not quiet:
+            typer.echo(text, err=True)
+
+    def body() -> None:
+        nonlocal code
+        if merge is not None:
+            merged = merge_results(merge)
+            typer.echo(f"merged: {merged}")
+            code = 1 if merged.failed or merged.missing else 0
+            return
+        if jobs is None or out is None:
+            raise UserError("batch needs a jobs file and --out DIR (or --merge DIR); see attndistill batch --help")
+        defaults = ModelSpec(source=_absolute(model), vae=_absolute(vae), config=_absolute(config),
+                             allow_pickle=allow_pickle, device=device, dtype=dtype)
+        if dry_run:
+            bad = check_all(jobs, out, defaults=defaults, shard=shard, log=typer.echo)
+            code = 2 if bad else 0
+            return
+        summary = run_batch(jobs, out, shard=shard, retry_failed=retry_failed, defaults=defaults, perf=common.PERF,
+                            debug=debug_enabled(), log=log)
+        typer.echo(str(summary))
+        code = summary.exit_code
+
+    run_command(body)
+    if code:
+        raise typer.Exit(code)
+
+
+def _absolute(value: str | Path | None) -> str | None:
+    """Local paths given on the command line are relative to the current folder, not the jobs file."""
+    if value is None:
+        return None
+    return str(Path(value).resolve()) if Path(value).exists() else str(value)

@@ -1,0 +1,91 @@
+"""Sampling tasks: ``t2i`` (style-specific text-to-image, optionally under a ControlNet; paper Algorithm 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..presets import PRESETS
+from . import app
+from .common import (
+    AllowPickle,
+    AttentionScale,
+    ConfigDir,
+    ContentWeight,
+    Device,
+    Dtype,
+    Iters,
+    Layers,
+    Lr,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Seed,
+    Size,
+    Steps,
+    Vae,
+    check_outputs,
+    load,
+    parse_size_option,
+    run_command,
+    write_images,
+)
+
+T2I_EXAMPLE = ("Example: attndistill t2i --style watercolor.png --prompt 'a deer in a forest' -o deer.png "
+               "--num-images 4 --grid")
+
+Guidance = Annotated[float | None, typer.Option(
+    help="Classifier-free guidance scale; 1 turns it off "
+    f"\\[default: {PRESETS['t2i'].guidance:g} SD 1.5, {PRESETS['t2i-sdxl'].guidance:g} SDXL]", show_default=False)]
+Adain = Annotated[bool | None, typer.Option(
+    "--adain/--no-adain", help="AdaIN of the latent to the noised style latent \\[default: on]", show_default=False)]
+StartT = Annotated[int | None, typer.Option(
+    help="Apply AD only at steps whose timestep is below this (0-1000) \\[default: every step]", show_default=False)]
+
+
+T2I_HELP = (f"Generate PROMPT in the style of STYLE (AD-guided sampling: {PRESETS['t2i'].steps} steps, "
+            f"lr {PRESETS['t2i'].lr:g}, AdaIN).")
+
+
+@app.command("t2i", epilog=T2I_EXAMPLE, help=T2I_HELP)
+def t2i(
+    style: Annotated[list[Path], typer.Option("--style", "-s", help="Style image; repeat for several")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
+    output: Output = Path("out.png"),
+    negative_prompt: Annotated[str | None, typer.Option(help="What to avoid (CFG negative prompt)")] = None,
+    num_images: Annotated[int, typer.Option(help="Images to generate; written as OUT-0.png, OUT-1.png...")] = 1,
+    grid: Annotated[bool, typer.Option("--grid", help="Write the images as one grid to OUT.png")] = False,
+    controlnet: Annotated[str | None, typer.Option(
+        help="ControlNet Hub id or folder, e.g. lllyasviel/control_v11p_sd15_canny")] = None,
+    control_image: Annotated[Path | None, typer.Option(
+        help="Condition image for the ControlNet: a photo with --control canny, or a ready depth/edge/pose map"
+    )] = None,
+    control: Annotated[str, typer.Option(help="Preprocess the control image: canny or none")] = "none",
+    control_scale: Annotated[float, typer.Option(help="Strength of the ControlNet residuals")] = 1.0,
+    guidance: Guidance = None, adain: Adain = None, start_t: StartT = None,
+    content: Annotated[Path | None, typer.Option(help="Content image for the content loss (needs --content-weight)"
+                                                 )] = None,
+    content_weight: ContentWeight = None,
+    model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
+    steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
+    layers: Layers = None, size: Size = None, seed: Seed = 0,
+    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+) -> None:
+    """Style-specific text-to-image; see :data:`T2I_HELP`."""
+    from ..generate import image_grid, text_to_image
+
+    def body() -> None:
+        check_outputs(output, 1 if grid else num_images, overwrite=overwrite)
+        m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        images = text_to_image(
+            prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,
+            iters=iters, lr=lr, guidance=guidance, adain=adain, start_t=start_t, content=content,
+            content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
+            control_scale=control_scale, attention_scale=attention_scale, layers=layers,
+            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, progress=not quiet)
+        write_images([image_grid(images)] if grid else images, output, overwrite=overwrite)
+
+    run_command(body)

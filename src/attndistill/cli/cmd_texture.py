@@ -1,0 +1,138 @@
+"""Texture commands: ``expand`` (MultiDiffusion to any size) and ``finetune-vae`` (VAE*).
+
+Also the options the texture suite adds to the optimisation commands
+(``--tile``, ``--tune-vae``, ``--ref-labels``/``--target-labels``), declared
+here once and used by :mod:`.cmd_optimize`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import (
+    AllowPickle,
+    AttentionScale,
+    ConfigDir,
+    Device,
+    Dtype,
+    Iters,
+    Layers,
+    Lr,
+    Model,
+    Output,
+    Overwrite,
+    Quiet,
+    Seed,
+    Steps,
+    Vae,
+    check_outputs,
+    load,
+    parse_size_option,
+    run_command,
+    write_images,
+)
+
+EXPAND_EXAMPLE = "Example: attndistill expand wood.jpg -o wood-wide.png --size 1536x512 --tile x"
+FINETUNE_EXAMPLE = ("Example: attndistill finetune-vae wood.jpg -o wood-vae && "
+                    "attndistill texture wood.jpg --vae wood-vae -o wood.png")
+
+Tile = Annotated[str | None, typer.Option(
+    help="Seamless tiling: circular padding along x, y or xy, so the result tiles without a seam",
+    show_default=False)]
+TuneVae = Annotated[bool, typer.Option(
+    help="Fine-tune a copy of the VAE decoder on the (first) reference for this run (VAE*, 75 steps)")]
+RefLabels = Annotated[list[Path] | None, typer.Option(
+    "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",
+    show_default=False)]
+TargetLabels = Annotated[Path | None, typer.Option(
+    "--target-labels", help="Colour label map of the result: each region is made of the reference's region of "
+    "the same colour (masked synthesis, 200 steps)", show_default=False)]
+
+
+def texture_task(sampler, ref_labels: list[Path] | None, target_labels: Path | None, *, tile: str | None,
+                 tune_vae: bool):
+    """The function ``attndistill texture`` calls: masked, sampled or plain synthesis, with tiling/VAE* options."""
+    from ..errors import UserError
+    from ..tasks import texture_synthesis
+    from ..textures import masked_texture_synthesis, with_texture_options
+
+    if ref_labels or target_labels:
+        if not (ref_labels and target_labels):
+            raise UserError("masked synthesis needs both --ref-labels and --target-labels")
+        if sampler is not None:
+            raise UserError("--ref-labels/--target-labels run masked optimisation; drop --mode sample and --layout")
+        return partial(masked_texture_synthesis, ref_labels=list(ref_labels), target_labels=target_labels,
+                       tile=tile, tune_vae=tune_vae)
+    if sampler is None:
+        return partial(texture_synthesis, tile=tile, tune_vae=tune_vae)
+    if tile or tune_vae:
+        return partial(with_texture_options, sampler, tile=tile, tune_vae=tune_vae)
+    return sampler
+
+
+@app.command("expand", epilog=EXPAND_EXAMPLE)
+def expand(
+    references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s); several are attended to together")],
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels (or one number: a square), at least one view",
+                                      show_default=False)],
+    output: Output = Path("out.png"),
+    stride: Annotated[int | None, typer.Option(help="View stride in latents [default: 8]", show_default=False)
+                      ] = None,
+    view_batch: Annotated[int | None, typer.Option(help="Views per UNet batch [default: 8]", show_default=False)
+                          ] = None,
+    view: Annotated[int | None, typer.Option(help="View side in latents [default: 64, 512 px on SD 1.5]",
+                                             show_default=False)] = None,
+    decode_tile: Annotated[int | None, typer.Option(help="Decoder tile side in latents [default: 64]",
+                                                    show_default=False)] = None,
+    tile: Tile = None, tune_vae: TuneVae = False,
+    model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
+    steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
+    layers: Layers = None, seed: Seed = 0,
+    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+) -> None:
+    """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (50 steps, stride 8)."""
+    from ..textures import expand_texture
+
+    def body() -> None:
+        check_outputs(output, 1, overwrite=overwrite)
+        canvas = parse_size_option(size, multiple=8)
+        optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
+                    if v is not None}
+        m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
+                             attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
+                             tune_vae=tune_vae, seed=seed, progress=not quiet, **optional)
+        write_images([img], output, overwrite=overwrite)
+
+    run_command(body)
+
+
+@app.command("finetune-vae", epilog=FINETUNE_EXAMPLE)
+def finetune_vae(
+    reference: Annotated[Path, typer.Argument(help="Image to fit the decoder to")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to save the AutoencoderKL in",
+                                         show_default=False)],
+    steps: Annotated[int | None, typer.Option(help="Adam steps [default: 75]", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate [default: 1e-4]", show_default=False)] = None,
+    model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
+    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+) -> None:
+    """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
+    from .. import vae_tuning
+    from ..images import load_image
+
+    def body() -> None:
+        vae_tuning.check_vae_folder(output, overwrite=overwrite)
+        load_image(reference, what="reference image")  # a bad file fails before the model loads
+        m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        tuned = vae_tuning.finetune_vae(reference, model=m, steps=vae_tuning.STEPS if steps is None else steps,
+                                        lr=vae_tuning.LR if lr is None else lr, progress=not quiet)
+        vae_tuning.save_vae(tuned, output, overwrite=overwrite)
+        typer.echo(f"wrote {output}")
+
+    run_command(body)

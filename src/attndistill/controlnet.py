@@ -1,0 +1,158 @@
+"""ControlNet for AD-guided sampling: loading, the Canny preprocessor, residuals for the denoising call.
+
+A ControlNet steers the *denoising* UNet call only (same latents, timestep and
+CFG-batched conditioning as that call, like diffusers' ControlNet pipelines);
+AD's feature calls never see its residuals (ALGORITHM.md §1: features with the
+null conditioning only).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .models import Conditioning, DiffusionModel, _offline
+
+#: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
+CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+def canny(image: Image.Image, *, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+    """Edge map of ``image`` with OpenCV's Canny detector: white edges on black, RGB."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)  # (H, W) uint8, 0 or 255
+    return Image.fromarray(np.stack([edges] * 3, axis=-1), "RGB")
+
+
+def control_tensor(image: Image.Image, size: tuple[int, int], model: DiffusionModel) -> torch.Tensor:
+    """Condition image -> (1, 3, H, W) in [0, 1] at ``size`` (w, h), prepared as diffusers' pipelines do."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+    w, h = size
+    return processor.preprocess(image, height=h, width=w).to(model.device, torch.float32)
+
+
+@dataclass
+class Control:
+    """A ControlNet with its condition image and scale, ready for the denoising call."""
+
+    net: torch.nn.Module  # diffusers ControlNetModel
+    image: torch.Tensor  # (1 or B, 3, H, W) in [0, 1]
+    scale: float = 1.0
+
+    def residuals(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -> dict:
+        """UNet kwargs with the ControlNet residuals for one call on ``latents`` (B, 4, h, w).
+
+        ``latents`` and ``cond`` are exactly what the UNet call gets (CFG-batched as [uncond, cond]).
+        """
+        dtype = self.net.dtype
+        b = latents.shape[0]
+        cond = cond.expand(b)
+        image = self.image.to(latents.device, dtype)
+        if image.shape[0] != b:
+            image = image.repeat(b // image.shape[0], 1, 1, 1)  # (B, 3, H, W); a batch of 1 or B/2 (CFG)
+        added = None
+        if cond.added_cond_kwargs is not None:
+            added = {k: v.to(dtype) for k, v in cond.added_cond_kwargs.items()}
+        with torch.no_grad():
+            down, mid = self.net(latents.to(dtype), t, encoder_hidden_states=cond.encoder_hidden_states.to(dtype),
+                                 controlnet_cond=image, conditioning_scale=self.scale, added_cond_kwargs=added,
+                                 return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False,
+                    variant: str | None = None):
+    """A ``ControlNetModel`` from a Hub id or a diffusers folder, on the model's device and dtype.
+
+    Same conventions as :func:`attndistill.models.load_model`: safetensors only unless ``allow_pickle``,
+    the ``fp16`` variant preferred on GPUs, offline when ``HF_HUB_OFFLINE`` is set. Example:
+    ``load_controlnet("lllyasviel/control_v11p_sd15_canny", model=m)``.
+    """
+    from diffusers import ControlNetModel
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    source = str(source)
+    path = Path(source)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); pass "
+                            "a folder saved with save_pretrained or a Hub id such as "
+                            "lllyasviel/control_v11p_sd15_canny")
+    elif source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
+                        "such as lllyasviel/control_v11p_sd15_canny")
+    local_only = _offline() or path.is_dir()
+    if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
+        variant = "fp16"
+    if variant and path.is_dir() and not any(path.glob(f"*.{variant}.*")):
+        variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
+    net = None
+    for attempt in ((variant, None) if variant else (None,)):
+        try:
+            net = ControlNetModel.from_pretrained(source, variant=attempt, local_files_only=local_only,
+                                                  use_safetensors=not allow_pickle, dtype=model.dtype)
+            break
+        except LocalEntryNotFoundError:
+            raise _not_available(source) from None
+        except (OSError, ValueError) as exc:
+            text = str(exc)
+            if attempt is not None and ("variant" in text or "fp16" in text):
+                continue  # no fp16 variant: fall back to the default weights
+            if "safetensors" in text and not allow_pickle:
+                raise UserError(f"ControlNet '{source}' has no .safetensors weights; convert it, or pass "
+                                "--allow-pickle if you trust its pickle files") from None
+            if not path.is_dir() and ("config.json" in text or "connect" in text.lower()):
+                raise _not_available(source) from None
+            raise UserError(f"ControlNet '{source}' could not be loaded: {text.splitlines()[0]}") from None
+    check_compatible(net, model, source)
+    return net.to(model.device).requires_grad_(False).eval()
+
+
+def _not_available(source: str) -> UserError:
+    return UserError(f"ControlNet '{source}' is not in the local Hugging Face cache and the Hub cannot be reached "
+                     "(or has no such repo); check the id, download it once online, or pass --controlnet "
+                     "/path/to/a/local/folder")
+
+
+def check_compatible(net, model: DiffusionModel, source: str = "ControlNet") -> None:
+    """A ControlNet must match the UNet it steers (SD 1.5 ControlNets for SD 1.5, SDXL ones for SDXL)."""
+    n, u = net.config, model.unet.config
+    if (n.cross_attention_dim != u.cross_attention_dim or n.addition_embed_type != u.addition_embed_type
+            or tuple(n.block_out_channels) != tuple(u.block_out_channels)):
+        kind = "SDXL" if n.addition_embed_type == "text_time" else "SD 1.x/2.x"
+        want = "an SDXL" if model.kind == "sdxl" else "an SD 1.5"
+        raise UserError(f"ControlNet '{source}' (for {kind}) does not fit the {model.kind} model "
+                        f"'{model.source}'; use {want} ControlNet")
+
+
+def prepare_control(controlnet, image, *, model: DiffusionModel, size: tuple[int, int], preprocess: str = "none",
+                    scale: float = 1.0, allow_pickle: bool = False) -> tuple[Control, Image.Image]:
+    """Load/check the ControlNet and turn the user's image into its condition at ``size`` (w, h).
+
+    ``preprocess``: "none" (the image already is a depth/edge/pose map) or "canny". Returns the
+    :class:`Control` and the condition image actually used.
+    """
+    from .images import load_image
+
+    if preprocess not in ("none", "canny"):
+        raise UserError(f"control '{preprocess}' is not known; use 'canny' or 'none' (a ready-made map)")
+    if not scale >= 0:
+        raise UserError(f"control scale must be >= 0 (got {scale})")
+    if isinstance(controlnet, str | os.PathLike):
+        net = load_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
+    else:
+        check_compatible(controlnet, model)
+        net = controlnet
+    condition = load_image(image, what="control image")
+    if preprocess == "canny":  # edges of the image at the output size: thin lines, not resampled ones
+        condition = canny(condition.resize(size, Image.Resampling.LANCZOS))
+    return Control(net, control_tensor(condition, size, model), scale), condition

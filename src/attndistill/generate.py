@@ -1,0 +1,212 @@
+"""Public sampling tasks: style-specific text-to-image, texture sampling, SDEdit layouts.
+
+Thin wrappers over :func:`attndistill.sampling.sample`, shaped like
+:mod:`attndistill.tasks`: inputs first, keyword-only options whose ``None``
+means "the preset's value" ("t2i" for SD 1.5, "t2i-sdxl" for SDXL,
+"texture-sample" for textures), results as PIL images carrying their
+parameters in ``info["parameters"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .controlnet import Control, prepare_control
+from .engine import Distiller, parse_layers
+from .errors import UserError
+from .images import ImageInput, load_image, to_tensor
+from .models import DiffusionModel, as_model
+from .optimize import Callback
+from .presets import Preset, get_preset
+from .sampling import make_scheduler, prompt_conditioning, sample, sdedit_start
+from .tasks import Size, _as_list, _describe, _params, check_settings, encode_references, finish, target_size
+
+
+@dataclass
+class _Job:
+    """Everything one sampling run needs besides the model and the preset."""
+
+    task: str
+    references: list[ImageInput]
+    ref_what: str
+    prompt: str = ""
+    negative_prompt: str | None = None
+    num: int = 1
+    like: Image.Image | None = None  # the image whose aspect sets the output size (control, content, layout)
+    content: Image.Image | None = None
+    layout: Image.Image | None = None
+    strength: float = 1.0
+    start_t: int | None = None
+    control: tuple | None = None  # (controlnet, image, preprocess, scale)
+
+
+def _check_sampling(preset: Preset, num: int, start_t: int | None, model: DiffusionModel) -> None:
+    check_settings(preset)
+    if num < 1:
+        raise UserError(f"number of images must be at least 1 (got {num})")
+    if preset.guidance < 1:
+        raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
+    total = model.scheduler_config.num_train_timesteps
+    if start_t is not None and not 0 < start_t <= total:
+        raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
+
+
+def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
+         fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
+    _check_sampling(preset, job.num, job.start_t, model)
+    layer_ids = parse_layers(layers, model)
+    w, h = target_size(model, size, like=job.like)
+    control: Control | None = None
+    if job.control is not None:
+        net, image, preprocess, scale = job.control
+        control, _ = prepare_control(net, image, model=model, size=(w, h), preprocess=preprocess, scale=scale,
+                                     allow_pickle=allow_pickle)
+    z_ref = encode_references(model, job.references, job.ref_what)
+    cond, uncond = prompt_conditioning(model, job.prompt, job.negative_prompt, guidance=preset.guidance,
+                                       size=(h, w))
+    scheduler = make_scheduler(model, preset.steps)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (job.num, model.unet.config.in_channels, h // model.vae_scale_factor, w // model.vae_scale_factor)
+    noise = torch.randn(shape, generator=generator)  # CPU generator: a seed gives the same start on every device
+    z_content, start_step = None, 0
+    if job.layout is not None:
+        z_content = model.encode(to_tensor(job.layout, (w, h)))
+        latents, start_step = sdedit_start(model, z_content.expand(job.num, -1, -1, -1), noise, steps=preset.steps,
+                                           strength=job.strength)
+    else:
+        latents = noise * scheduler.init_noise_sigma
+        if job.content is not None:
+            z_content = model.encode(to_tensor(job.content, (w, h)))
+    torch.manual_seed(seed)
+    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
+                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
+    z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance, steps=preset.steps,
+               iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
+               content_latents=z_content, control=control, start_step=start_step, generator=generator,
+               callback=callback, progress=progress, desc=job.task)
+    return finish(model, z, _params(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t,
+                                    **inputs))
+
+
+def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, negative_prompt: str | None = None,
+                  num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
+                  iters: int | None = None, lr: float | None = None, guidance: float | None = None,
+                  adain: bool | None = None, start_t: int | None = None, content: ImageInput | None = None,
+                  content_weight: float | None = None, controlnet=None, control_image: ImageInput | None = None,
+                  control: str = "none", control_scale: float = 1.0, attention_scale: float | None = None,
+                  layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                  vae: str | None = None, device: str | None = None, dtype: str | None = None,
+                  allow_pickle: bool = False, fused: bool | None = None, progress: bool = True,
+                  callback: Callback | None = None) -> list[Image.Image]:
+    """Generate ``num_images`` images of ``prompt`` in the style of ``style`` (one image or several).
+
+    AD-guided DDIM sampling (Algorithm 2). Defaults come from the "t2i" preset for SD 1.5 (50 steps,
+    3 iterations, lr 0.015, guidance 7.5, AdaIN) or "t2i-sdxl" for SDXL (2 iterations, guidance 7).
+    ``controlnet`` (Hub id, folder or a loaded ``ControlNetModel``) with ``control_image`` conditions the
+    layout; ``control="canny"`` turns a photo into its edge map first. ``content`` with a positive
+    ``content_weight`` adds the content loss. ``iters=0`` is a plain DDIM generation. Example::
+
+        images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    """
+    if not isinstance(prompt, str):
+        raise UserError("prompt must be one string")
+    if (controlnet is None) != (control_image is None):
+        raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
+                        else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
+    if control not in ("none", "canny"):
+        raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
+        steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
+        attention_scale=attention_scale)
+    content_img = load_image(content, what="content image") if content is not None else None
+    if content_img is not None and preset.content_weight <= 0:
+        raise UserError("a content image needs a positive --content-weight (the text-to-image preset has 0), "
+                        f"e.g. --content-weight {get_preset('style').content_weight}")
+    control_img = load_image(control_image, what="control image") if control_image is not None else None
+    styles = _as_list(style)
+    job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
+               like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
+               control=(controlnet, control_img, control, control_scale) if controlnet is not None else None)
+    inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [_describe(s) for s in styles],
+              "num_images": num_images}
+    if content is not None:
+        inputs["content"] = _describe(content)
+    if controlnet is not None:
+        name = controlnet if isinstance(controlnet, str | os.PathLike) else getattr(
+            controlnet.config, "_name_or_path", type(controlnet).__name__)
+        inputs.update(controlnet=str(name), control_image=_describe(control_image), control=control,
+                      control_scale=control_scale)
+    return _run(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
+                allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
+
+
+def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
+                     model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
+                     lr: float | None = None, guidance: float | None = None, adain: bool | None = None,
+                     start_t: int | None = None, attention_scale: float | None = None,
+                     layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                     vae: str | None = None, device: str | None = None, dtype: str | None = None,
+                     fused: bool | None = None, progress: bool = True,
+                     callback: Callback | None = None) -> list[Image.Image]:
+    """Synthesise ``num`` textures like ``reference`` by AD-guided sampling from noise (empty prompt).
+
+    Defaults from the "texture-sample" preset: 50 steps, 3 iterations, lr 0.05, guidance 1.
+    """
+    preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
+                                                   adain=adain, attention_scale=attention_scale)
+    refs = _as_list(reference)
+    job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t)
+    return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
+                size=size, seed=seed, inputs={"reference": [_describe(r) for r in refs], "num": num},
+                allow_pickle=False, fused=fused, progress=progress, callback=callback)
+
+
+def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *, strength: float = 0.8,
+                   num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
+                   iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
+                   guidance: float | None = None, adain: bool | None = None, start_t: int | None = None,
+                   attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
+                   size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
+                   dtype: str | None = None, fused: bool | None = None, progress: bool = True,
+                   callback: Callback | None = None) -> list[Image.Image]:
+    """Texture of ``reference`` laid out like the colour ``layout`` image (SDEdit, ALGORITHM.md §4).
+
+    The layout is encoded, noised to the step that ``strength`` in (0, 1] starts from (1: pure noise),
+    sampled from there with AD, and is the content image of the content loss (``content_weight``,
+    default the "texture-sample" preset's). The output keeps the layout's aspect.
+    """
+    preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
+                                                   adain=adain, content_weight=content_weight,
+                                                   attention_scale=attention_scale)
+    refs = _as_list(reference)
+    layout_img = load_image(layout, what="layout image")
+    job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
+               strength=strength, start_t=start_t)
+    inputs = {"reference": [_describe(r) for r in refs], "layout": _describe(layout), "strength": strength,
+              "num": num}
+    return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
+                size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
+                callback=callback)
+
+
+def image_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """Images of one size side by side in a near-square grid; carries the first image's parameters."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    if "parameters" in images[0].info:
+        params = json.loads(images[0].info["parameters"])
+        params.pop("index", None)
+        grid.info["parameters"] = json.dumps(dict(params, grid=len(images)), sort_keys=True)
+    return grid

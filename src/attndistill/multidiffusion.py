@@ -1,0 +1,190 @@
+"""Texture expansion with MultiDiffusion, and tiled VAE decoding (ALGORITHM.md §4).
+
+The latent canvas is larger than the UNet's comfortable size, so every DDIM
+step runs on overlapping square *views* (64x64 latents, stride 8, the last
+window of each row/column clamped to the edge), in batches; each view is
+denoised, AD-guided against the reference (:mod:`attndistill.guidance`), and
+the canvas becomes the per-pixel average of the views covering it.
+
+With seamless tiling on an axis the views wrap around the canvas edge instead
+of being clamped (a view that crosses the right edge continues on the left),
+so the result is periodic; along an axis where the canvas is exactly one view
+wide the UNet's convolutions are made circular instead (:mod:`attndistill.tiling`).
+
+Large canvases are decoded tile by tile with feathered overlaps, so a
+4096x4096 result never needs the decoder memory of the whole image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import Distiller
+from .guidance import cfg_noise, guide_latents, previous_timestep
+from .models import Conditioning, DiffusionModel
+from .optimize import Callback, FiniteGuard, StepInfo
+from .tiling import seamless
+
+#: View side in latents (ALGORITHM.md §4: 64x64-latent windows, 512 px on SD 1.5).
+VIEW = 64
+#: Views denoised and optimised together (one batched UNet call).
+VIEW_BATCH = 8
+#: Decoder tile side and overlap in latents: 512 px tiles, 128 px of feathered overlap.
+DECODE_TILE = 64
+DECODE_OVERLAP = 16
+
+Wrap = tuple[bool, bool]  # periodic along (y, x)
+
+
+def window_starts(length: int, view: int, stride: int, *, wrap: bool = False) -> list[int]:
+    """Start offsets of windows of ``view`` along an axis of ``length`` latents.
+
+    Clamped (default): 0, stride, 2*stride, ... and a last window ending exactly at the edge.
+    Wrapped (periodic axis wider than one view): every ``stride`` around the circle.
+    """
+    if view > length:
+        raise ValueError(f"a view of {view} latents does not fit an axis of {length}")
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1 (got {stride})")
+    if wrap and length > view:
+        return list(range(0, length, stride))
+    starts = list(range(0, length - view + 1, stride))
+    if starts[-1] != length - view:
+        starts.append(length - view)  # the last window is clamped to the edge
+    return starts
+
+
+def window_index(start: int, size: int, length: int, device=None) -> torch.Tensor:
+    """Indices ``start .. start+size-1`` modulo ``length`` (wrapped windows cross the edge)."""
+    return (torch.arange(start, start + size, device=device) % length)
+
+
+def views(hw: tuple[int, int], view: int, stride: int, *, wrap: Wrap = (False, False)) -> list[tuple[int, int]]:
+    """(top, left) of every view on a canvas of ``hw`` latents, row by row."""
+    ys = window_starts(hw[0], view, stride, wrap=wrap[0])
+    xs = window_starts(hw[1], view, stride, wrap=wrap[1])
+    return [(y, x) for y in ys for x in xs]
+
+
+def coverage(hw: tuple[int, int], view: int, stride: int, *, wrap: Wrap = (False, False)) -> torch.Tensor:
+    """How many views cover each latent position: (h, w) integer counts."""
+    count = torch.zeros(hw, dtype=torch.long)
+    for y, x in views(hw, view, stride, wrap=wrap):
+        rows, cols = window_index(y, view, hw[0]), window_index(x, view, hw[1])
+        count[rows[:, None], cols[None, :]] += 1
+    return count
+
+
+def _crop(z: torch.Tensor, y: int, x: int, size: int) -> torch.Tensor:
+    rows = window_index(y, size, z.shape[-2], z.device)
+    cols = window_index(x, size, z.shape[-1], z.device)
+    return z[..., rows[:, None], cols[None, :]]  # (B, C, size, size)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.Tensor, *, scheduler,
+                   cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0, iters: int,
+                   lr: float, adain_on: bool = False, view: int = VIEW, stride: int = 8,
+                   view_batch: int = VIEW_BATCH, wrap: Wrap = (False, False),
+                   generator: torch.Generator | None = None, callback: Callback | None = None,
+                   progress: bool = True) -> torch.Tensor:
+    """AD-guided MultiDiffusion over a latent canvas; returns the final canvas (B, 4, H, W), fp32.
+
+    init: start canvas (noise) (B, 4, H, W); ref_latents: clean reference latents (R, 4, hr, wr);
+    scheduler: a DDIM scheduler with its timesteps set; cond/uncond: conditioning of the denoising
+    call (batch 1); wrap: periodic (y, x) axes (views wrap around the edge). The distiller is entered
+    here. A canvas of exactly one view gives the plain AD-guided sampler's result.
+    """
+    model = distiller.model
+    z = init.detach().to(model.device, torch.float32)
+    b, _, h, w = z.shape
+    starts = views((h, w), view, stride, wrap=wrap)
+    batches = list(_batches(starts, max(1, view_batch)))
+    timesteps = scheduler.timesteps
+    bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
+    guard = FiniteGuard(model.device)
+    try:
+        with distiller:
+            for i, t in enumerate(timesteps):
+                t_int = int(t)
+                t_prime = previous_timestep(t_int, scheduler)
+                value = torch.zeros_like(z)
+                count = torch.zeros(1, 1, h, w, device=z.device)
+                losses: list[torch.Tensor] = []
+                for batch in batches:
+                    # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
+                    zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
+                    # 2. one denoising step (capture paused: this call records no features)
+                    with distiller.store.paused():
+                        eps = cfg_noise(model, zv, t.to(model.device), cond, uncond, guidance)
+                    zv = scheduler.step(eps, t, zv).prev_sample
+                    # 3. AD guidance of every view at t' (fresh Adam, fresh reference noise)
+                    zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_latents, scheduler=scheduler,
+                                                     iters=iters, lr=lr, adain_on=adain_on, generator=generator)
+                    losses.extend(batch_losses)
+                    # 4. accumulate for the per-pixel average
+                    for (top, left), piece in zip(batch, zv.split(b)):
+                        rows = window_index(top, view, h, z.device)[:, None]
+                        cols = window_index(left, view, w, z.device)[None, :]
+                        value[..., rows, cols] += piece
+                        count[..., rows, cols] += 1
+                    bar.update()
+                z = value / count
+                guard.update(i, t_int, z, losses)
+                guard.check(i, final=i == len(timesteps) - 1)
+                if callback is not None or (i + 1) % 10 == 0 or i + 1 == len(timesteps):
+                    values = [float(v) for v in losses]
+                    loss = values[-1] if values else float("nan")
+                    bar.set_postfix(loss=f"{loss:.4f}", t=t_int)
+                    if callback is not None:
+                        callback(StepInfo(i, len(timesteps), t_int, loss, z, values))
+    finally:
+        bar.close()
+    return z
+
+
+def _ramp(length: int, overlap: int) -> torch.Tensor:
+    """Blending weights along one tile side: linear over ``overlap`` pixels at both ends, positive everywhere."""
+    x = torch.arange(length, dtype=torch.float32)
+    ramp = torch.minimum((x + 0.5) / max(overlap, 1), (length - x - 0.5) / max(overlap, 1))
+    return ramp.clamp(max=1.0)
+
+
+def decode_tiled(model: DiffusionModel, latents: torch.Tensor, *, tile: int = DECODE_TILE,
+                 overlap: int = DECODE_OVERLAP, wrap: Wrap = (False, False)) -> torch.Tensor:
+    """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1] on the CPU, one tile per decoder call.
+
+    Canvases no larger than ``tile`` latents are decoded whole (circular convolutions on the ``wrap``
+    axes); larger ones in ``tile``-square windows overlapping by ``overlap`` latents, blended with
+    linear ramps. On ``wrap`` axes the windows continue across the edge, so the image stays periodic.
+    """
+    b, _, h, w = latents.shape
+    axes = ("y" if wrap[0] else "") + ("x" if wrap[1] else "")
+    if h <= tile and w <= tile:
+        with seamless(model.vae, axes or None):
+            return model.decode(latents).cpu()
+    f = model.vae_scale_factor
+    th, tw = min(tile, h), min(tile, w)
+    stride = max(1, tile - overlap)
+    ys = window_starts(h, th, stride, wrap=wrap[0] and h > th)
+    xs = window_starts(w, tw, stride, wrap=wrap[1] and w > tw)
+    out = torch.zeros(b, 3, h * f, w * f)
+    weight = torch.zeros(1, 1, h * f, w * f)
+    ramp = _ramp(th * f, overlap * f)[:, None] * _ramp(tw * f, overlap * f)[None, :]  # (th*f, tw*f)
+    # an axis that fits in one tile is decoded whole: circular convolutions keep it periodic
+    whole = ("y" if wrap[0] and h <= th else "") + ("x" if wrap[1] and w <= tw else "")
+    with seamless(model.vae, whole or None):
+        for y, x in ((y, x) for y in ys for x in xs):
+            rows, cols = window_index(y, th, h, latents.device), window_index(x, tw, w, latents.device)
+            piece = model.decode(latents[..., rows[:, None], cols[None, :]]).cpu()  # (B, 3, th*f, tw*f)
+            prow, pcol = window_index(y * f, th * f, h * f)[:, None], window_index(x * f, tw * f, w * f)[None, :]
+            out[..., prow, pcol] += piece * ramp
+            weight[..., prow, pcol] += ramp
+    return out / weight

@@ -1,0 +1,127 @@
+"""AD-guided sampling (paper Algorithm 2, ALGORITHM.md §4): one DDIM loop for every sampling task.
+
+Text-to-image (SD 1.5 and SDXL), ControlNet-conditioned generation, texture
+sampling and SDEdit layouts all run :func:`sample`: the ordinary DDIM loop of
+diffusers' pipelines (user prompt, classifier-free guidance, optional
+ControlNet residuals) and, after each scheduler step, an AD update of the new
+latent at ``t'`` (:func:`attndistill.guidance.guide_latents`). With
+``iters=0`` no AD runs at all (AdaIN included): the loop is a plain DDIM
+generation, equal to diffusers' own pipeline output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .controlnet import Control
+from .engine import Distiller
+from .errors import UserError
+from .guidance import cfg_noise, guide_latents, previous_timestep
+from .models import Conditioning, DiffusionModel
+from .optimize import Callback, FiniteGuard, StepInfo, report_progress
+
+
+def make_scheduler(model: DiffusionModel, steps: int):
+    """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(steps, device=model.device)
+    return scheduler
+
+
+def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str | None = None, *,
+                        guidance: float, size: tuple[int, int]) -> tuple[Conditioning, Conditioning | None]:
+    """(cond, uncond) of the denoising call, batch 1; ``uncond`` is None when guidance <= 1 (no CFG).
+
+    As in diffusers: the negative is the empty prompt, or zeros when the pipeline's config says
+    ``force_zeros_for_empty_prompt`` (SDXL) and no negative prompt is given. ``size`` is (h, w) pixels.
+    """
+    if guidance <= 1.0:
+        return model.encode_prompt([prompt], None, size=size)[0], None
+    if negative_prompt is None and getattr(model.pipe.config, "force_zeros_for_empty_prompt", False):
+        cond = model.encode_prompt([prompt], None, size=size)[0]
+        added = cond.added_cond_kwargs
+        if added is not None:
+            added = {**added, "text_embeds": torch.zeros_like(added["text_embeds"])}
+        return cond, Conditioning(torch.zeros_like(cond.encoder_hidden_states), added)
+    return model.encode_prompt([prompt], [negative_prompt or ""], size=size)
+
+
+def sdedit_start(model: DiffusionModel, init: torch.Tensor, noise: torch.Tensor, *, steps: int,
+                 strength: float) -> tuple[torch.Tensor, int]:
+    """SDEdit: ``init`` latents (B, 4, h, w) noised to the step that ``strength`` in (0, 1] starts from.
+
+    Returns (start latents, index of the first step to run), as diffusers' img2img pipelines count it.
+    """
+    if not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1] (got {strength}); 1 starts from pure noise")
+    first = steps - min(int(steps * strength), steps)
+    if first >= steps:
+        raise UserError(f"strength {strength} leaves no step to run with {steps} steps; raise --strength or --steps")
+    scheduler = make_scheduler(model, steps)
+    t = scheduler.timesteps[first : first + 1]
+    return scheduler.add_noise(init.to(model.device), noise.to(model.device, init.dtype), t), first
+
+
+def _denoise(model: DiffusionModel, scheduler, z: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+             uncond: Conditioning | None, guidance: float, control: Control | None) -> torch.Tensor:
+    """The noise prediction of one DDIM step: CFG, and ControlNet residuals on the same batched input."""
+    x = scheduler.scale_model_input(z, t)
+    kwargs = {}
+    if control is not None:
+        b = x.shape[0]
+        if uncond is not None:  # CFG: one call on [uncond, cond], residuals for both halves
+            kwargs = control.residuals(torch.cat([x, x]), t, Conditioning.cat([uncond.expand(b), cond.expand(b)]))
+        else:
+            kwargs = control.residuals(x, t, cond.expand(b))
+    return cfg_noise(model, x, t, cond, uncond, guidance, **kwargs)
+
+
+def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tensor, *, cond: Conditioning,
+           uncond: Conditioning | None = None, guidance: float = 1.0, steps: int, iters: int, lr: float,
+           adain: bool = False, start_t: int | None = None, content_latents: torch.Tensor | None = None,
+           control: Control | None = None, start_step: int = 0, generator: torch.Generator | None = None,
+           callback: Callback | None = None, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """Run Algorithm 2 and return the final latents (B, 4, h, w), fp32.
+
+    latents: start latents (noise scaled by the scheduler's ``init_noise_sigma``, or SDEdit latents
+    noised to ``start_step``); ref_latents: (R, 4, hr, wr) clean reference latents; cond/uncond: the
+    denoising call's conditioning (batch 1 or B; ``uncond`` None or ``guidance`` <= 1: no CFG);
+    content_latents: (1 or B, 4, h, w) for the content loss (weighted by the distiller's lambda);
+    start_t: AD only at steps whose timestep is below it (default every step); generator: the CPU
+    generator of the reference noise. The distiller's feature calls use its null conditioning and
+    never the ControlNet; the denoising call runs with its capture paused.
+    """
+    model = distiller.model
+    scheduler = make_scheduler(model, steps)
+    timesteps = scheduler.timesteps[start_step:]
+    if guidance <= 1.0:
+        uncond = None
+    z = latents.detach().to(model.device, torch.float32)
+    ref_latents = ref_latents.to(model.device)
+    bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
+    guard = FiniteGuard(model.device)
+    try:
+        with distiller:
+            for i, t in enumerate(timesteps):
+                t_int = int(t)
+                # 1. one DDIM step with the user's prompt, CFG and ControlNet; AD records nothing here
+                with distiller.store.paused():
+                    eps = _denoise(model, scheduler, z, t, cond, uncond, guidance, control)
+                z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
+                # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
+                losses: list[torch.Tensor] = []
+                if iters > 0 and (start_t is None or t_int < start_t):
+                    z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
+                                              scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
+                                              content_latents=content_latents, generator=generator)
+                guard.update(i, t_int, z, losses)
+                guard.check(i, final=i == len(timesteps) - 1)
+                report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)
+    finally:
+        bar.close()
+    return z

@@ -1,0 +1,286 @@
+"""Texture tasks beyond plain synthesis: expansion to any size, masked synthesis, VAE* tuning.
+
+Same conventions as :mod:`attndistill.tasks`: inputs first, keyword-only
+options whose ``None`` means "the preset's value", PIL results carrying their
+parameters in ``info["parameters"]``::
+
+    big = expand_texture("wood.jpg", size=(1536, 512), model=model)
+    out = masked_texture_synthesis("tiles.jpg", "tiles-labels.png", "layout-labels.png", model=model)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import vae_tuning
+from .engine import Distiller, parse_layers
+from .errors import UserError
+from .images import ImageInput, load_image, round_to_multiple, to_pil, to_tensor
+from .models import DiffusionModel, as_model
+from .multidiffusion import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, decode_tiled, multidiffusion
+from .optimize import Callback, optimize_latents
+from .presets import get_preset
+from .tasks import Size, _as_list, _describe, _params, check_settings, finish, seeded_noise, target_size
+from .tiling import check_axes, seamless
+from .vae_tuning import LR, STEPS, tuned_vae, using_vae
+
+#: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
+MAX_LABELS = 32
+
+
+def _batching(fused: bool | None, z_ref: torch.Tensor, target_hw) -> dict:
+    """Distiller options: the engine batches reference and target latents in one UNet call (and one CUDA
+    graph) only when they have the same size; otherwise they go separately."""
+    if tuple(z_ref.shape[-2:]) == tuple(target_hw):
+        return {"fused": fused}
+    return {"fused": False, "cuda_graphs": False}
+
+
+# -- texture expansion (MultiDiffusion) -------------------------------------------------------------
+
+def _canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
+    """(width, height) in pixels, rounded to whole latents, at least one view on each side."""
+    f = model.vae_scale_factor
+    w, h = (size, size) if isinstance(size, int) else size
+    w, h = round_to_multiple(w, f), round_to_multiple(h, f)
+    unit = model.latent_multiple // f
+    if view < unit or view % unit:
+        raise UserError(f"view {view} must be a multiple of {unit} latents for this UNet")
+    if min(w, h) < view * f:
+        raise UserError(f"size {w}x{h} is smaller than one view ({view * f} px); use a larger --size, or "
+                        "'attndistill texture' for small textures")
+    return w, h
+
+
+def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | tuple[int, int],
+                   model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
+                   lr: float | None = None, attention_scale: float | None = None,
+                   layers: str | Sequence[int] | None = None, stride: int | None = None, view: int = VIEW,
+                   view_batch: int = VIEW_BATCH, tile: str | None = None, decode_tile: int = DECODE_TILE,
+                   tune_vae: bool = False, seed: int = 0, vae: str | None = None, device: str | None = None,
+                   dtype: str | None = None, fused: bool | None = None, progress: bool = True,
+                   callback: Callback | None = None) -> Image.Image:
+    """Grow a texture like ``reference`` to ``size`` (width, height) px with AD-guided MultiDiffusion.
+
+    Defaults from the ``expand`` preset (50 DDIM steps, 2 iterations, lr 0.05, stride 8 latents);
+    views of ``view`` latents (64: 512 px on SD 1.5), ``view_batch`` at a time; ``tile`` "x", "y" or
+    "xy" makes the result periodic; ``decode_tile`` latents per decoder call. Example::
+
+        big = expand_texture("wood.jpg", size=(4096, 4096), model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    """
+    from diffusers import DDIMScheduler
+
+    preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
+                                           stride=stride)
+    check_settings(preset)
+    axes = check_axes(tile) or ""
+    if preset.stride < 1:
+        raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
+    if view_batch < 1:
+        raise UserError(f"view batch must be at least 1 (got {view_batch})")
+    if decode_tile < 8:
+        raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
+    refs = _as_list(reference)
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    layer_ids = parse_layers(layers, model)
+    w, h = _canvas_size(model, size, view)
+    f = model.vae_scale_factor
+    hw = (h // f, w // f)
+    # periodic axes: wrapped views where the canvas is wider than a view, circular convs where it is one view
+    wrap = ("y" in axes and hw[0] > view, "x" in axes and hw[1] > view)
+    unet_axes = ("y" if "y" in axes and hw[0] == view else "") + ("x" if "x" in axes and hw[1] == view else "")
+
+    side = model.native_size
+    ref_images = [load_image(r, what="texture image") for r in refs]
+    z_ref = model.encode(to_tensor(ref_images, (side, side)))
+    scheduler = DDIMScheduler.from_config(model.scheduler_config)
+    scheduler.set_timesteps(preset.steps)
+    view_px = view * f
+    cond = model.null_condition((view_px, view_px))
+    init = seeded_noise((1, 4, *hw), seed) * scheduler.init_noise_sigma
+    generator = torch.Generator("cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
+                          condition_size=(view_px, view_px), **_batching(fused, z_ref, (view, view)))
+    with seamless(model, unet_axes or None, parts=("unet",)):
+        z = multidiffusion(distiller, init, z_ref, scheduler=scheduler, cond=cond, guidance=preset.guidance,
+                           iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
+                           stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
+                           callback=callback, progress=progress)
+    tuned = vae_tuning.finetune_vae(ref_images[0], model=model, progress=progress) if tune_vae else None
+    with using_vae(model, tuned):
+        pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
+                              wrap=("y" in axes, "x" in axes))
+    image = to_pil(pixels)[0]
+    params = _params("expand", model, preset, layer_ids, (w, h), seed, reference=[_describe(r) for r in refs],
+                     view=view, view_batch=view_batch, tile=axes or None, tune_vae=tune_vae)
+    image.info["parameters"] = json.dumps(params, sort_keys=True)
+    return image
+
+
+# -- VAE* -------------------------------------------------------------------------------------------
+
+def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = None, steps: int = STEPS,
+                 lr: float = LR, vae: str | None = None, device: str | None = None, dtype: str | None = None,
+                 progress: bool = False):
+    """A copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on ``reference`` (ALGORITHM.md §5).
+
+    Only the decoder changes; the model is untouched. Save it with :func:`attndistill.vae_tuning.save_vae`
+    (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task.
+    """
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, progress=progress)
+
+
+# -- options for any texture task --------------------------------------------------------------------
+
+def with_texture_options(task: Callable[..., list[Image.Image]], reference: ImageInput | Sequence[ImageInput], *,
+                         model: DiffusionModel, tile: str | None = None, tune_vae: bool = False,
+                         progress: bool = True, **kwargs) -> list[Image.Image]:
+    """Run ``task(reference, model=model, **kwargs)`` seamless along ``tile`` and/or decoding with VAE*.
+
+    For tasks without these options of their own (e.g. :func:`attndistill.generate.texture_sampling`):
+    the UNet and the VAE decoder get circular convolutions for the run (the encoder keeps its own, the
+    references are not periodic); ``tune_vae`` fits a decoder copy to the first reference. The options
+    are added to each result's parameters.
+    """
+    tile = check_axes(tile)
+    first = _as_list(reference)[0]
+    with (tuned_vae(model, first if tune_vae else None, progress=progress),
+          seamless(model, tile, parts=("unet", "decoder"))):
+        images = task(reference, model=model, progress=progress, **kwargs)
+    for img in images:
+        params = json.loads(img.info.get("parameters", "{}"))
+        img.info["parameters"] = json.dumps({**params, "tile": tile, "tune_vae": tune_vae}, sort_keys=True)
+    return images
+
+
+# -- masked (controllable) texture synthesis --------------------------------------------------------
+
+def label_maps(images: Sequence[Image.Image], names: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """Colour label maps -> integer maps (H, W) over one shared palette; returns (maps, colours as #rrggbb).
+
+    Each distinct colour is one label; the same colour means the same label in every map.
+    """
+    codes = []
+    for img, name in zip(images, names, strict=True):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one int per colour
+        if len(np.unique(code)) > MAX_LABELS:
+            raise UserError(f"label map '{name}' has {len(np.unique(code))} colours; a label map needs a few "
+                            "flat colours (draw it with no anti-aliasing and save it as PNG, not JPEG)")
+        codes.append(code)
+    palette = np.unique(np.concatenate([c.ravel() for c in codes]))
+    maps = [np.searchsorted(palette, c) for c in codes]
+    return maps, [f"#{int(c):06x}" for c in palette]
+
+
+def _resize_ids(ids: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Integer map (H, W) -> (h, w) for ``size`` (w, h), nearest neighbour (labels never blend)."""
+    t = torch.from_numpy(ids.astype(np.float32))[None, None]
+    return F.interpolate(t, size=(size[1], size[0]), mode="nearest")[0, 0].long()
+
+
+def sample_label_init(ref_pixels: torch.Tensor, ref_ids: torch.Tensor, target_ids: torch.Tensor, *, num: int = 1,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial images (num, 3, h, w): each target pixel copies a random reference pixel of the same label.
+
+    ref_pixels: (R, 3, H, W); ref_ids: (R, H, W); target_ids: (h, w). Raises ValueError naming a
+    target label that no reference pixel carries.
+    """
+    pix = ref_pixels.permute(1, 0, 2, 3).reshape(3, -1)  # (3, R*H*W)
+    src_ids = ref_ids.reshape(-1)
+    dst_ids = target_ids.reshape(-1)
+    out = torch.empty(num, 3, dst_ids.numel(), dtype=ref_pixels.dtype)
+    for label in dst_ids.unique().tolist():
+        src = (src_ids == label).nonzero().squeeze(1)
+        if src.numel() == 0:
+            raise ValueError(f"label {label} has no pixel in the reference")
+        dst = (dst_ids == label).nonzero().squeeze(1)
+        for n in range(num):
+            pick = src[torch.randint(src.numel(), (dst.numel(),), generator=generator)]
+            out[n][:, dst] = pix[:, pick]
+    return out.reshape(num, 3, *target_ids.shape)
+
+
+def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
+    ar_img, ar_lab = image.width / image.height, labels.width / labels.height
+    if abs(ar_img - ar_lab) > 0.02 * ar_img:
+        raise UserError(f"{what} is {labels.width}x{labels.height} but its texture image is "
+                        f"{image.width}x{image.height}; draw the label map over the texture, at its size")
+
+
+def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
+                             ref_labels: ImageInput | Sequence[ImageInput], target_labels: ImageInput, *,
+                             num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
+                             iters: int | None = None, lr: float | None = None,
+                             content_weight: float | None = None, attention_scale: float | None = None,
+                             layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                             tile: str | None = None, tune_vae: bool = False, vae: str | None = None,
+                             device: str | None = None, dtype: str | None = None, fused: bool | None = None,
+                             progress: bool = True, callback: Callback | None = None) -> list[Image.Image]:
+    """Texture whose regions follow ``target_labels``, each region made of the same-coloured region of the reference.
+
+    Label maps are colour images (one label per distinct colour), one per reference image. Masked AD
+    (target tokens attend only to reference tokens of their label) from an initialisation of reference
+    pixels sampled per label, with a content loss on that initialisation; preset ``texture-masked``
+    (200 steps, lambda 0.15). ``size`` defaults to the long side of the target map at the model's
+    native size, aspect kept. Returns ``num`` images.
+    """
+    if num < 1:
+        raise UserError(f"num must be at least 1 (got {num})")
+    preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                                                   attention_scale=attention_scale)
+    check_settings(preset)
+    tile = check_axes(tile)
+    refs, ref_label_inputs = _as_list(reference), _as_list(ref_labels)
+    if len(refs) != len(ref_label_inputs):
+        raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); "
+                        "give one --ref-labels per texture image")
+    ref_images = [load_image(r, what="texture image") for r in refs]
+    ref_label_images = [load_image(r, what="reference label map") for r in ref_label_inputs]
+    target_image = load_image(target_labels, what="target label map")
+    names = [_describe(r) for r in ref_label_inputs] + [_describe(target_labels)]
+    for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
+        _check_aspect(img, lab, f"reference label map '{name}'")
+    maps, colours = label_maps(ref_label_images + [target_image], names)
+    missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
+        [m.ravel() for m in maps[:-1]])).tolist()))
+    if missing:
+        raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
+                        f"that no reference label map has; every target colour needs a region in the reference")
+
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    layer_ids = parse_layers(layers, model)
+    w, h = target_size(model, size, like=target_image)
+    side = model.native_size
+    ref_pixels = to_tensor(ref_images, (side, side))  # (R, 3, side, side), as encode_references does
+    ref_ids = torch.stack([_resize_ids(m, (side, side)) for m in maps[:-1]])  # (R, side, side)
+    target_ids = _resize_ids(maps[-1], (w, h))  # (h, w)
+    try:
+        init_pixels = sample_label_init(ref_pixels, ref_ids, target_ids, num=num,
+                                        generator=torch.Generator("cpu").manual_seed(seed))
+    except ValueError:  # a label too thin to survive resizing the reference map
+        raise UserError(f"a target colour's region in '{names[0]}' vanishes at {side}x{side}; make the "
+                        "reference regions larger") from None
+    z_ref = model.encode(ref_pixels)
+    z_init = model.encode(init_pixels)  # the initialisation is also the content image
+    torch.manual_seed(seed)
+    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
+                          content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
+                          **_batching(fused, z_ref, z_init.shape[-2:]))
+    with tuned_vae(model, ref_images[0] if tune_vae else None, progress=progress), seamless(model, tile):
+        z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
+                             iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
+                             desc="texture-masked")
+        params = _params("texture-masked", model, preset, layer_ids, (w, h), seed,
+                         reference=[_describe(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
+                         num=num, tile=tile, tune_vae=tune_vae)
+        return finish(model, z, params)
+

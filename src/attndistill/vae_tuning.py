@@ -1,0 +1,156 @@
+"""VAE*: fine-tune only the decoder on the reference image (ALGORITHM.md §5).
+
+The stock decoder blurs fine texture; fitting it to the reference for a few
+dozen Adam steps recovers the detail. The encoder, and hence every latent the
+run optimises, is untouched: only ``vae.decoder`` receives gradients. The
+tuned VAE is a plain diffusers ``AutoencoderKL``, savable as a folder that
+``--vae DIR`` (and ``AutoencoderKL.from_pretrained``) loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .images import ImageInput, load_image, to_tensor
+from .models import DiffusionModel
+
+#: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.
+STEPS = 75
+LR = 1e-4
+
+
+def reconstruction_l1(vae, x: torch.Tensor) -> float:
+    """``mean|D(mean(E(x))) - x|`` for images ``x`` (B, 3, H, W) in [-1, 1]."""
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        x = x.to(next(vae.parameters()).device, dtype)
+        return float((vae.decode(vae.encode(x).latent_dist.mean).sample.float() - x.float()).abs().mean())
+
+
+def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float = LR,
+                 callback: Callable[[int, float], None] | None = None):
+    """A copy of ``vae`` (fp32) whose decoder is fitted to ``images01`` (B, 3, H, W) in [0, 1].
+
+    ``z = mean(E(x))`` is computed once and held fixed; Adam minimises ``mean|D(z) - x|`` over the
+    decoder's parameters only. ``callback(step, loss)`` sees the loss before each step.
+    """
+    if steps < 1:
+        raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
+    if not lr > 0:
+        raise UserError(f"VAE tuning lr must be positive (got {lr})")
+    tuned = copy.deepcopy(vae).to(torch.float32).eval().requires_grad_(False)
+    device = next(tuned.parameters()).device
+    x = images01.to(device, torch.float32) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    with torch.no_grad():
+        z = tuned.encode(x).latent_dist.mean  # fixed: the encoder is not trained
+    tuned.decoder.requires_grad_(True)
+    if device.type == "cuda":
+        tuned.enable_gradient_checkpointing()  # a 1024^2 decoder backward is large
+    optimizer = torch.optim.Adam(tuned.decoder.parameters(), lr=lr)
+    with torch.enable_grad():
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = (tuned.decode(z).sample - x).abs().mean()
+            loss.backward()
+            optimizer.step()
+            if callback is not None:
+                callback(step, float(loss.detach()))
+    if device.type == "cuda":
+        tuned.disable_gradient_checkpointing()
+    return tuned.requires_grad_(False).eval()
+
+
+def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = STEPS, lr: float = LR,
+                 progress: bool = False):
+    """Fine-tune a copy of ``model``'s decoder on ``reference`` (at the model's native size); returns it.
+
+    The model itself is not changed. Example::
+
+        vae = finetune_vae("wood.jpg", model=model)
+        save_vae(vae, "wood-vae")          # later: --vae wood-vae
+    """
+    side = model.native_size
+    images = to_tensor(load_image(reference, what="reference image"), (side, side))  # (1, 3, side, side)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="tuning VAE decoder", dynamic_ncols=True)
+
+    def report(_step: int, loss: float) -> None:
+        if bar is not None:
+            bar.set_postfix(l1=f"{loss:.4f}")
+            bar.update()
+
+    try:
+        return tune_decoder(model.vae, images, steps=steps, lr=lr, callback=report)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextmanager
+def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
+    """Decode (and encode) with ``vae`` for the ``with`` block; the model's own VAE comes back after.
+
+    ``None`` is a no-op.
+    """
+    if vae is None:
+        yield model
+        return
+    original = model.pipe.vae
+    model.pipe.vae = vae
+    try:
+        yield model
+    finally:
+        model.pipe.vae = original
+
+
+@contextmanager
+def tuned_vae(model: DiffusionModel, reference: ImageInput | None, *, progress: bool = False
+              ) -> Iterator[DiffusionModel]:
+    """For one run: fine-tune a copy of the decoder on ``reference`` and decode with it (None: no-op)."""
+    vae = None if reference is None else finetune_vae(reference, model=model, progress=progress)
+    with using_vae(model, vae):
+        yield model
+
+
+def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate a VAE output folder before any work starts."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"output folder '{folder}' already exists and is not empty; pass --overwrite or choose "
+                        "another name")
+    parent = folder.parent if str(folder.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder '{parent}' is not writable; choose another -o path")
+    return folder
+
+
+def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save ``vae`` as a diffusers ``AutoencoderKL`` folder (safetensors); the folder appears complete or not at all."""
+    folder = check_vae_folder(folder, overwrite=overwrite)
+    parent = folder.parent if str(folder.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
+    try:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

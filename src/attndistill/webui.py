@@ -1,0 +1,816 @@
+"""Web UI (Gradio): every task of the library in the browser, one job at a time.
+
+The page only parses input and calls the public API (``tasks``, ``generate``,
+``textures``); those are imported inside the handlers, so a module that fails
+to import breaks one tab, not the app. A run executes in a worker thread whose
+progress callback feeds the page (loss, a cheap preview every few steps) and
+raises to cancel between steps. Results are PNGs carrying their parameters
+and a ``attndistill ...`` command that reproduces them from the terminal.
+
+Start it with ``attndistill ui`` or ``WebUI(model=...).launch()``.
+"""
+
+import gc
+import importlib
+import inspect
+import itertools
+import logging
+import queue
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import UserError
+from .images import load_image, parse_size, save_png, to_pil
+from .models import DEFAULT_MODEL, DiffusionModel, load_model
+from .optimize import StepInfo
+from .presets import PRESETS, Preset
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).parent / "examples"
+#: Concurrency group of every event that touches the model: one job at a time on the device.
+DEVICE_QUEUE = "device"
+TILE_CHOICES = ["none", "x", "y", "xy"]
+TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
+                 "masked": "texture-masked"}  # UI mode -> preset
+
+Callback = Callable[[StepInfo], None]
+
+
+# -- model and jobs (no Gradio here: unit-testable) --------------------------------------------------
+
+class ModelSlot:
+    """The one loaded model: kept between runs, released before another one is loaded."""
+
+    def __init__(self, *, device: str | None = None, dtype: str | None = None) -> None:
+        self.device, self.dtype = device, dtype
+        self.key: tuple[str, str | None] | None = None
+        self.model: DiffusionModel | None = None
+        self._lock = threading.Lock()
+
+    def get(self, model: str | None, vae: str | None = None) -> DiffusionModel:
+        """The model for (``model``, ``vae``), loading it (and freeing the previous one) when it changed."""
+        key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None)
+        with self._lock:
+            if self.key != key or self.model is None:
+                self._release()  # free the old weights first: two SDXL models may not fit on one GPU
+                self.model = load_model(key[0], vae=key[1], device=self.device, dtype=self.dtype)
+                self.key = key
+            return self.model
+
+    def _release(self) -> None:
+        self.model, self.key = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        m = self.model
+        if m is None:
+            return "no model loaded yet: the first run loads it"
+        vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
+        return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
+
+
+class Cancelled(Exception):
+    """Raised from the progress callback to stop a run between two steps."""
+
+
+@dataclass
+class Update:
+    """One progress report of a running job."""
+
+    step: int  # 1-based
+    total: int
+    loss: float
+    preview: Image.Image | None = None
+
+
+class Job:
+    """One API call in a worker thread.
+
+    ``fn(callback)`` runs the task; the callback queues an :class:`Update` per step, renders
+    ``preview(latents)`` every ``every`` steps, and raises :class:`Cancelled` once :meth:`cancel`
+    was called, which unwinds the task through its own ``finally`` blocks.
+    """
+
+    def __init__(self, fn: Callable[[Callback], object], *,
+                 preview: Callable[[torch.Tensor], Image.Image] | None = None, every: int = 0) -> None:
+        self.fn, self.preview, self.every = fn, preview, every
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.last: Update | None = None
+        self._updates: queue.Queue[Update | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="attndistill-job", daemon=True)
+        self.started = time.monotonic()
+
+    def start(self) -> "Job":
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, Cancelled)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def _callback(self, info: StepInfo) -> None:
+        if self._stop.is_set():
+            raise Cancelled(f"cancelled after step {info.step} of {info.total}")
+        step = info.step + 1
+        image = None
+        if self.preview is not None and self.every > 0 and step % self.every == 0 and step < info.total:
+            try:
+                image = self.preview(info.latents)
+            except Exception as exc:  # a preview is a nicety: never let it end the run
+                log.warning("live preview disabled: %s", exc)
+                self.preview = None
+        self._updates.put(Update(step, info.total, info.loss, image))
+
+    def _work(self) -> None:
+        try:
+            self.result = self.fn(self._callback)
+        except BaseException as exc:  # handed to the page by the caller of updates()
+            self.error = exc
+        finally:
+            self._updates.put(None)
+
+    def updates(self) -> Iterator[Update]:
+        """Progress reports until the run ends (then ``result`` or ``error`` is set)."""
+        while (item := self._updates.get()) is not None:
+            self.last = item
+            yield item
+        self._thread.join()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def preview_image(model: DiffusionModel, latents: torch.Tensor, *, side: int = 32) -> Image.Image:
+    """The batch's first latent decoded at most ``side`` latents across: a cheap look at a running job."""
+    z = latents[:1].detach().float()  # (1, 4, h, w)
+    h, w = z.shape[-2:]
+    if max(h, w) > side:
+        scale = side / max(h, w)
+        z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+    return to_pil(model.decode(z))[0]
+
+
+def cli_command(words: list[str], options: dict[str, object]) -> str:
+    """``attndistill WORDS --option value ...`` quoted for a POSIX shell.
+
+    ``None`` options are left out, ``True`` becomes a bare flag, ``False`` ``--no-flag``, a list repeats
+    the option. Floats keep every digit (``repr``), so the command reproduces the run exactly.
+    """
+    parts = ["attndistill", *words]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value == "":
+            continue
+        if value is True:
+            parts.append(flag)
+        elif value is False:
+            parts.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                parts += [flag, str(v)]
+        else:
+            parts += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return shlex.join(parts)
+
+
+def error_message(exc: BaseException) -> str:
+    """One readable line for the page; tracebacks go to the server log only."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return "the GPU ran out of memory; try a smaller size, fewer images, or the bf16 dtype"
+    if isinstance(exc, ImportError):
+        return f"this task is not available in this installation ({text})"
+    log.error("unexpected error in a web UI job", exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {text} (the server log has the details)"
+
+
+def api_default(module: str, func: str, name: str) -> object:
+    """Default of a keyword of a public API function (None when it or its module is missing)."""
+    try:
+        fn = getattr(importlib.import_module(f"attndistill.{module}"), func)
+    except (ImportError, AttributeError):
+        return None
+    param = inspect.signature(fn).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _name(path: str | None) -> str | None:
+    return None if not path else Path(path).name
+
+
+def _paths(files) -> list[str]:
+    """Paths of a ``gr.File(file_count="multiple")`` value."""
+    return [str(getattr(f, "name", f)) for f in (files or [])]
+
+
+def _required(path: str | None, what: str) -> str:
+    if not path:
+        raise UserError(f"{what} is missing; upload one (or click an example)")
+    return path
+
+
+def _size(text: str | None, model: DiffusionModel):
+    """Size box -> None (the model's native size), a long side, or (w, h)."""
+    text = (text or "").strip()
+    return parse_size(text, multiple=model.latent_multiple) if text else None
+
+
+def _tile(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else value
+
+
+def _steps(value, what: str = "steps") -> int | None:
+    if value is None:
+        return None
+    if int(value) != value:
+        raise UserError(f"{what} must be a whole number (got {value})")
+    return int(value)
+
+
+# -- components --------------------------------------------------------------------------------------
+
+def image_input(label: str, elem_id: str) -> gr.Image:
+    """An upload box for one image, handed to the API as a file path."""
+    return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                    elem_id=elem_id, height=280)
+
+
+def upload_check(what: str) -> Callable[[dict | None], object]:
+    """Handler that runs :func:`attndistill.images.load_image` on a fresh upload (raw, not preprocessed).
+
+    A text file renamed .png, a truncated JPEG or a decompression bomb is refused with the library's
+    one-line message (naming the uploaded file) and the box is cleared; Gradio's own preprocessing
+    would only say "Error".
+    """
+
+    def check(payload: dict | None):
+        path = (payload or {}).get("path")
+        if not path:
+            return gr.skip()
+        name = payload.get("orig_name") or Path(path).name
+        try:
+            load_image(path, what=what)
+        except UserError as exc:
+            gr.Warning(str(exc).replace(str(path), name), title="Upload refused")
+            return None
+        return gr.skip()
+
+    return check
+
+
+@dataclass
+class Panel:
+    """The output side of a tab: buttons, progress, preview, results and the CLI command."""
+
+    run: gr.Button
+    cancel: gr.Button
+    status: gr.Markdown
+    preview: gr.Image
+    gallery: gr.Gallery
+    files: gr.File
+    cli: gr.Textbox
+
+    @property
+    def outputs(self) -> list:
+        return [self.status, self.preview, self.gallery, self.files, self.cli]
+
+
+def _blank_number(label: str, tab: str, key: str, placeholder: str) -> gr.Textbox:
+    """A number that may stay blank (the preset decides); ``gr.Number`` sends 0 for an empty box."""
+    return gr.Textbox("", label=label, placeholder=placeholder, elem_id=f"{tab}-{key}")
+
+
+def _number(text: str | None, what: str, kind: type = float) -> float | int | None:
+    """Text of a :func:`_blank_number` box -> None (blank) or a number of ``kind``."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{what} '{text}' is not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def _int(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
+    return gr.Number(value, label=label, precision=0, elem_id=f"{tab}-{key}", **kwargs)
+
+
+def _float(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
+    return gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
+
+
+class WebUI:
+    """The Gradio app: one :class:`ModelSlot`, one job at a time, results saved under ``outputs``."""
+
+    def __init__(self, *, model: str | None = None, vae: str | None = None, device: str | None = None,
+                 dtype: str | None = None, outputs: str | Path | None = None) -> None:
+        self.slot = ModelSlot(device=device, dtype=dtype)
+        self.model, self.vae = model or DEFAULT_MODEL, vae
+        self.outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="attndistill-ui-"))
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self._jobs: dict[str, Job] = {}  # session -> its running job, for the cancel button
+        self._counter = itertools.count()
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _model(self, model: str | None, vae: str | None) -> DiffusionModel:
+        try:
+            return self.slot.get(model, vae)
+        except Exception as exc:
+            raise gr.Error(error_message(exc)) from None
+
+    def _save(self, image: Image.Image, task: str) -> Path:
+        path = self.outputs / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):03d}.png"
+        return save_png(image, path)
+
+    def _common_cli(self, model: DiffusionModel, seed: int) -> dict:
+        options = {"model": model.source if model.source != DEFAULT_MODEL else None,
+                   "vae": self.slot.key[1] if self.slot.key else None, "seed": seed}
+        for key, value in (("device", self.slot.device), ("dtype", self.slot.dtype)):
+            options[key] = None if value in (None, "auto") else value
+        return options
+
+    def execute(self, request: gr.Request | None, progress, *, task: str, settings: dict,
+                call: Callable[[DiffusionModel, Callback], object],
+                command: Callable[[DiffusionModel, str], str]) -> Iterator[tuple]:
+        """The generator behind every Run button.
+
+        Loads the model, runs ``call(model, callback)`` as a :class:`Job`, streams progress and previews,
+        then saves the images as PNGs and yields them with ``command(model, output_name)``.
+        """
+        model = self._model(settings["model"], settings["vae"])
+        every = int(settings.get("preview_every") or 0)
+        side = int(settings.get("preview_size") or 32)
+        job = Job(partial(call, model), preview=partial(preview_image, model, side=side), every=every)
+        session = request.session_hash if request is not None else "local"
+        self._jobs[session] = job
+        progress(0, desc="starting")
+        skip = gr.skip()
+        try:
+            job.start()
+            for u in job.updates():
+                progress((u.step, u.total), desc=f"loss {u.loss:.4f}")
+                yield (f"step {u.step}/{u.total} · loss {u.loss:.4f}",
+                       u.preview if u.preview is not None else skip, skip, skip, skip)
+        finally:
+            job.cancel()  # the page went away mid-run: stop the worker at its next step
+            job.wait()
+            if self._jobs.get(session) is job:
+                del self._jobs[session]
+        if job.cancelled:
+            where = f" after step {job.last.step} of {job.last.total}" if job.last else ""
+            yield f"cancelled{where}; nothing was saved", skip, skip, skip, skip
+            return
+        if job.error is not None:
+            message = error_message(job.error)
+            yield f"failed: {message}", skip, skip, skip, skip
+            raise gr.Error(message)
+        images = job.result if isinstance(job.result, list) else [job.result]
+        paths = [self._save(img, task) for img in images]
+        loss = f" · final loss {job.last.loss:.4f}" if job.last else ""
+        status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)}"
+        output = paths[0].name if len(paths) == 1 else f"{task}.png"
+        yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],
+               command(model, output))
+
+    def cancel(self, request: gr.Request) -> None:
+        job = self._jobs.get(request.session_hash if request is not None else "local")
+        if job is None:
+            gr.Info("nothing is running")
+        else:
+            job.cancel()
+            gr.Info("cancelling: the run stops after the current step")
+
+    def load(self, model: str, vae: str):
+        self._model(model, vae)
+        return self.slot.describe()
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        """The Blocks app (not launched)."""
+        with gr.Blocks(title="attndistill", analytics_enabled=False) as demo:
+            gr.Markdown("## Attention Distillation\nTransfer style, appearance and texture with Stable "
+                        "Diffusion. One job runs at a time; others wait in the queue.")
+            with gr.Accordion("Model", open=False):
+                with gr.Row():
+                    self.model_box = gr.Textbox(self.model, label="Model", elem_id="model-box",
+                                                info="Hub id, diffusers folder or .safetensors file", scale=3)
+                    self.vae_box = gr.Textbox(self.vae or "", label="VAE folder (optional)", elem_id="vae-box",
+                                              info="e.g. a decoder fine-tuned in the VAE tab", scale=2)
+                    load_btn = gr.Button("Load", scale=0)
+                model_status = gr.Markdown(elem_id="model-status")
+            load_btn.click(self.load, [self.model_box, self.vae_box], model_status,
+                           concurrency_limit=1, concurrency_id=DEVICE_QUEUE)
+            demo.load(self.slot.describe, None, model_status, queue=False)
+            with gr.Tabs():
+                with gr.Tab("Style transfer", id="style"):
+                    self._transfer_tab("style", "Content image", "Style image",
+                                       [["horse.jpg", "watercolor-cat.jpg"], ["golden-gate.jpg", "starry-night.jpg"]])
+                with gr.Tab("Appearance transfer", id="appearance"):
+                    self._transfer_tab("appearance", "Structure image", "Appearance image",
+                                       [["golden-gate.jpg", "watercolor-cat.jpg"], ["horse.jpg", "wood-rings.jpg"]])
+                with gr.Tab("Text to image", id="t2i"):
+                    self._t2i_tab()
+                with gr.Tab("Texture", id="texture"):
+                    self._texture_tab()
+                with gr.Tab("Expansion", id="expand"):
+                    self._expand_tab()
+                with gr.Tab("VAE fine-tuning", id="vae"):
+                    self._vae_tab()
+        return demo
+
+    def _panel(self, tab: str) -> Panel:
+        with gr.Row():
+            run = gr.Button("Run", variant="primary", elem_id=f"{tab}-run")
+            cancel = gr.Button("Cancel", variant="stop", elem_id=f"{tab}-cancel")
+        status = gr.Markdown(elem_id=f"{tab}-status", min_height=48)  # room for the progress bar
+        with gr.Row():
+            preview = gr.Image(label="Live preview", interactive=False, elem_id=f"{tab}-preview", height=256)
+            gallery = gr.Gallery(label="Results", format="png", elem_id=f"{tab}-gallery", columns=2, height=256,
+                                 buttons=["download", "fullscreen"], interactive=False)
+        files = gr.File(label="PNG files (with their parameters)", file_count="multiple", interactive=False,
+                        elem_id=f"{tab}-files")
+        cli = gr.Textbox(label="Same run from the terminal", buttons=["copy"], interactive=False,
+                         elem_id=f"{tab}-cli")
+        cancel.click(self.cancel, None, None, concurrency_limit=None, show_progress="hidden",
+                     api_visibility="private")
+        return Panel(run, cancel, status, preview, gallery, files, cli)
+
+    def _preview_options(self, tab: str) -> dict:
+        with gr.Row():
+            return {"preview_every": _int("Live preview every N steps (0: off)", 5, tab, "preview-every", minimum=0),
+                    "preview_size": _int("Preview size (latents, decoded by the VAE)", 32, tab, "preview-size",
+                                         minimum=4)}
+
+    def _wire(self, tab: str, panel: Panel, fields: dict, call, command) -> None:
+        """Run button -> :meth:`execute` with the tab's fields as a dict of values by name."""
+        components = dict(fields, model=self.model_box, vae=self.vae_box)
+        names = {c: n for n, c in components.items()}
+
+        def run(values: dict, request: gr.Request, progress=gr.Progress()):
+            settings = {names[c]: v for c, v in values.items()}
+            yield from self.execute(request, progress, task=tab, settings=settings,
+                                    call=partial(call, settings), command=partial(command, settings))
+
+        panel.run.click(run, set(components.values()), panel.outputs, concurrency_limit=1,
+                        concurrency_id=DEVICE_QUEUE, show_progress_on=[panel.status], api_name=tab)
+
+    @staticmethod
+    def _validate_on_upload(*images: gr.Image) -> None:
+        for image in images:
+            # queued (messages reach the page only through the queue), never behind a running job
+            image.upload(upload_check(str(image.label).lower()), image, image, preprocess=False,
+                         concurrency_limit=None, show_progress="hidden", api_visibility="private")
+
+    @staticmethod
+    def _examples(rows: list[list], inputs: list) -> None:
+        resolved = [[str(EXAMPLES / v) if isinstance(v, str) and v.endswith((".jpg", ".png")) else v
+                     for v in row] for row in rows]
+        gr.Examples(resolved, inputs, cache_examples=False)
+
+    def _optimise_options(self, tab: str, preset: Preset, *, content_weight: bool) -> dict:
+        with gr.Row():
+            fields = {"iters": _int("Adam iterations per step", preset.iters, tab, "iters", minimum=1),
+                      "lr": _float("Learning rate", preset.lr, tab, "lr"),
+                      "attention_scale": _float("Attention scale", preset.attention_scale, tab, "attention-scale")}
+            if content_weight:
+                fields["content_weight"] = _float("Content weight", preset.content_weight, tab, "content-weight")
+        with gr.Row():
+            fields.update(
+                layers=gr.Textbox("", label="Layers", placeholder="default: the model's last six, e.g. 10-15",
+                                  elem_id=f"{tab}-layers"),
+                tile=gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile"),
+                tune_vae=gr.Checkbox(False, label="Fine-tune the VAE decoder on the reference for this run",
+                                     elem_id=f"{tab}-tune-vae"))
+        return fields
+
+    def _transfer_tab(self, tab: str, first: str, second: str, examples: list[list]) -> None:
+        preset = PRESETS[tab]
+        with gr.Row():
+            target = image_input(first, f"{tab}-target")
+            reference = image_input(second, f"{tab}-reference")
+        with gr.Row():
+            steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
+            size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
+                              elem_id=f"{tab}-size")
+            seed = _int("Seed", 0, tab, "seed")
+        with gr.Accordion("Advanced", open=False):
+            more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
+                           file_types=["image"], elem_id=f"{tab}-more")
+            options = self._optimise_options(tab, preset, content_weight=True)
+            options.update(self._preview_options(tab))
+        panel = self._panel(tab)
+        self._examples(examples, [target, reference])
+        self._validate_on_upload(target, reference)
+        fields = dict(target=target, reference=reference, more=more, steps=steps, size=size, seed=seed, **options)
+
+        def call(s: dict, model: DiffusionModel, callback: Callback):
+            from . import tasks
+
+            fn = tasks.style_transfer if tab == "style" else tasks.appearance_transfer
+            target = _required(s["target"], first.lower())
+            refs = [_required(s["reference"], second.lower()), *_paths(s["more"])]
+            return fn(target, refs, model=model, steps=_steps(s["steps"]),
+                      iters=_steps(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
+                      attention_scale=s["attention_scale"], layers=s["layers"] or None, size=_size(s["size"], model),
+                      seed=int(s["seed"] or 0), tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]),
+                      progress=False, callback=callback)
+
+        def command(s: dict, model: DiffusionModel, output: str) -> str:
+            words = [tab, _name(s["target"]), _name(s["reference"]), *map(_name, _paths(s["more"]))]
+            return cli_command(words, dict(
+                output=output, **self._common_cli(model, int(s["seed"] or 0)), steps=s["steps"], iters=s["iters"],
+                lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
+                layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=_tile(s["tile"]),
+                tune_vae=True if s["tune_vae"] else None))
+
+        self._wire(tab, panel, fields, call, command)
+
+    def _t2i_tab(self) -> None:
+        tab, sd15, sdxl = "t2i", PRESETS["t2i"], PRESETS["t2i-sdxl"]
+
+        def blank(field: str) -> str:
+            return f"blank: preset ({getattr(sd15, field)} SD 1.5, {getattr(sdxl, field)} SDXL)"
+
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
+            style = image_input("Style image", f"{tab}-style")
+        with gr.Row():
+            num = _int("Images", 1, tab, "num", minimum=1)
+            steps = _blank_number("Steps", tab, "steps", blank("steps"))
+            guidance = _blank_number("Guidance", tab, "guidance", blank("guidance"))
+            size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
+                              elem_id=f"{tab}-size")
+            seed = _int("Seed", 0, tab, "seed")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                iters = _blank_number("Adam iterations per step", tab, "iters", blank("iters"))
+                lr = _blank_number("Learning rate", tab, "lr", blank("lr"))
+                adain = gr.Radio(["preset", "on", "off"], value="preset", label="AdaIN", elem_id=f"{tab}-adain")
+                layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
+                                    elem_id=f"{tab}-layers")
+            with gr.Row():
+                controlnet = gr.Textbox("", label="ControlNet (Hub id or folder)", elem_id=f"{tab}-controlnet",
+                                        placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
+                control_image = image_input("Control image", f"{tab}-control-image")
+                with gr.Column():
+                    control = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
+                                       elem_id=f"{tab}-control")
+                    control_scale = _float("Control scale", api_default("generate", "text_to_image", "control_scale"),
+                                           tab, "control-scale")
+            preview = self._preview_options(tab)
+        panel = self._panel(tab)
+        self._examples([["a deer in a forest", "watercolor-cat.jpg"], ["a lighthouse by the sea", "starry-night.jpg"]],
+                       [prompt, style])
+        self._validate_on_upload(style, control_image)
+        fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
+                      size=size, seed=seed, iters=iters, lr=lr, adain=adain, layers=layers, controlnet=controlnet,
+                      control_image=control_image, control=control, control_scale=control_scale, **preview)
+
+        def options(s: dict) -> dict:
+            adain_on = {"preset": None, "on": True, "off": False}[s["adain"]]
+            return dict(steps=_number(s["steps"], "steps", int), iters=_number(s["iters"], "iterations", int),
+                        lr=_number(s["lr"], "learning rate"), guidance=_number(s["guidance"], "guidance"),
+                        adain=adain_on, layers=s["layers"] or None,
+                        controlnet=s["controlnet"].strip() or None, control=s["control"])
+
+        def call(s: dict, model: DiffusionModel, callback: Callback):
+            from .generate import text_to_image
+
+            if not (s["prompt"] or "").strip():
+                raise UserError("prompt is empty; describe the image to generate")
+            extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
+            return text_to_image(s["prompt"], _required(s["style"], "style image"),
+                                 negative_prompt=s["negative"] or None, num_images=_steps(s["num"], "images") or 1,
+                                 model=model, control_image=s["control_image"], size=_size(s["size"], model),
+                                 seed=int(s["seed"] or 0), progress=False, callback=callback, **options(s), **extra)
+
+        def command(s: dict, model: DiffusionModel, output: str) -> str:
+            o = options(s)
+            return cli_command([tab], dict(
+                style=_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
+                num_images=s["num"] if s["num"] != 1 else None, **self._common_cli(model, int(s["seed"] or 0)),
+                steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
+                layers=o["layers"], size=(s["size"] or "").strip() or None, controlnet=o["controlnet"],
+                control_image=_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
+                control_scale=s["control_scale"] if o["controlnet"] else None))
+
+        self._wire(tab, panel, fields, call, command)
+
+    def _texture_tab(self) -> None:
+        tab = "texture"
+        first = PRESETS[TEXTURE_MODES["optimise"]]
+        with gr.Row():
+            reference = image_input("Texture image", f"{tab}-reference")
+            with gr.Column():
+                mode = gr.Radio(list(TEXTURE_MODES), value="optimise", label="Mode", elem_id=f"{tab}-mode",
+                                info="optimise: Algorithm 1 · sample: AD-guided sampling · layout: SDEdit from a "
+                                     "colour layout · masked: label maps")
+                with gr.Row():
+                    num = _int("Images", 1, tab, "num", minimum=1)
+                    steps = _int("Steps", first.steps, tab, "steps", minimum=1)
+                    seed = _int("Seed", 0, tab, "seed")
+                size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
+                                  elem_id=f"{tab}-size")
+        with gr.Row(visible=False) as layout_row:
+            layout = image_input("Layout image", f"{tab}-layout")
+            strength = _float("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
+                              minimum=0, maximum=1)
+        with gr.Row(visible=False) as labels_row:
+            ref_labels = image_input("Reference label map", f"{tab}-ref-labels")
+            target_labels = image_input("Target label map", f"{tab}-target-labels")
+        with gr.Accordion("Advanced", open=False):
+            more = gr.File(label="More texture images", file_count="multiple", file_types=["image"],
+                           elem_id=f"{tab}-more")
+            options = self._optimise_options(tab, first, content_weight=False)
+            options.update(self._preview_options(tab))
+        panel = self._panel(tab)
+
+        def on_mode(m: str):
+            p = PRESETS[TEXTURE_MODES[m]]
+            return (gr.update(visible=m == "layout"), gr.update(visible=m == "masked"), p.steps, p.iters, p.lr)
+
+        mode.change(on_mode, mode, [layout_row, labels_row, steps, options["iters"], options["lr"]], queue=False)
+        self._examples([["wood-rings.jpg", "optimise", None, None, None],
+                        ["woven-rattan.jpg", "sample", None, None, None],
+                        ["wood-and-rattan.jpg", "layout", "disc-labels.png", None, None],
+                        ["wood-and-rattan.jpg", "masked", None, "wood-and-rattan-labels.png", "disc-labels.png"]],
+                       [reference, mode, layout, ref_labels, target_labels])
+        self._validate_on_upload(reference, layout, ref_labels, target_labels)
+        fields = dict(reference=reference, mode=mode, num=num, steps=steps, seed=seed, size=size, layout=layout,
+                      strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
+
+        def call(s: dict, model: DiffusionModel, callback: Callback):
+            refs = [_required(s["reference"], "texture image"), *_paths(s["more"])]
+            common = dict(num=_steps(s["num"], "images") or 1, model=model, steps=_steps(s["steps"]),
+                          iters=_steps(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
+                          layers=s["layers"] or None, size=_size(s["size"], model), seed=int(s["seed"] or 0),
+                          progress=False, callback=callback)
+            looks = dict(tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]))
+            if s["mode"] == "optimise":
+                from .tasks import texture_synthesis
+
+                return texture_synthesis(refs, **common, **looks)
+            if s["mode"] == "sample":
+                from .generate import texture_sampling
+
+                return texture_sampling(refs, **common)
+            if s["mode"] == "layout":
+                from .generate import layout_texture
+
+                extra = {"strength": s["strength"]} if s["strength"] is not None else {}
+                return layout_texture(refs, _required(s["layout"], "layout image"), **common, **extra)
+            from .textures import masked_texture_synthesis
+
+            return masked_texture_synthesis(refs, _required(s["ref_labels"], "reference label map"),
+                                            _required(s["target_labels"], "target label map"), **common, **looks)
+
+        def command(s: dict, model: DiffusionModel, output: str) -> str:
+            m = s["mode"]
+            words = [tab, _name(s["reference"]), *map(_name, _paths(s["more"]))]
+            return cli_command(words, dict(
+                output=output, mode="sample" if m == "sample" else None,
+                layout=_name(s["layout"]) if m == "layout" else None,
+                strength=s["strength"] if m == "layout" else None,
+                ref_labels=_name(s["ref_labels"]) if m == "masked" else None,
+                target_labels=_name(s["target_labels"]) if m == "masked" else None,
+                num=s["num"] if s["num"] != 1 else None, **self._common_cli(model, int(s["seed"] or 0)),
+                steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
+                layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
+                tile=_tile(s["tile"]) if m in ("optimise", "masked") else None,
+                tune_vae=True if s["tune_vae"] and m in ("optimise", "masked") else None))
+
+        self._wire(tab, panel, fields, call, command)
+
+    def _expand_tab(self) -> None:
+        tab, preset = "expand", PRESETS["expand"]
+        with gr.Row():
+            reference = image_input("Texture image", f"{tab}-reference")
+            with gr.Column():
+                size = gr.Textbox("", label="Size (WIDTHxHEIGHT)", placeholder="e.g. 1536x512",
+                                  elem_id=f"{tab}-size")
+                with gr.Row():
+                    steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
+                    seed = _int("Seed", 0, tab, "seed")
+                tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                iters = _int("Adam iterations per step", preset.iters, tab, "iters", minimum=0)
+                lr = _float("Learning rate", preset.lr, tab, "lr")
+                stride = _int("View stride (latents)", preset.stride, tab, "stride", minimum=1)
+                view_batch = _int("Views per batch", api_default("textures", "expand_texture", "view_batch"),
+                                  tab, "view-batch", minimum=1)
+            preview = self._preview_options(tab)
+        panel = self._panel(tab)
+        self._examples([["woven-rattan.jpg"], ["wood-rings.jpg"]], [reference])
+        self._validate_on_upload(reference)
+        fields = dict(reference=reference, size=size, steps=steps, seed=seed, tile=tile, iters=iters, lr=lr,
+                      stride=stride, view_batch=view_batch, **preview)
+
+        def call(s: dict, model: DiffusionModel, callback: Callback):
+            from .textures import expand_texture
+
+            size = _size(s["size"], model)
+            if size is None:
+                raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
+            extra = {"view_batch": _steps(s["view_batch"], "views per batch")} if s["view_batch"] else {}
+            return expand_texture(_required(s["reference"], "texture image"),
+                                  size=size if isinstance(size, tuple) else (size, size), model=model,
+                                  steps=_steps(s["steps"]), iters=_steps(s["iters"], "iterations"), lr=s["lr"],
+                                  stride=_steps(s["stride"], "stride"), tile=_tile(s["tile"]),
+                                  seed=int(s["seed"] or 0), progress=False, callback=callback, **extra)
+
+        def command(s: dict, model: DiffusionModel, output: str) -> str:
+            return cli_command([tab, _name(s["reference"])], dict(
+                output=output, size=(s["size"] or "").strip(), **self._common_cli(model, int(s["seed"] or 0)),
+                steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
+                tile=_tile(s["tile"])))
+
+        self._wire(tab, panel, fields, call, command)
+
+    def _vae_tab(self) -> None:
+        tab = "vae"
+        gr.Markdown("Fine-tune only the VAE decoder on a reference (ALGORITHM.md §5). The tuned decoder is saved "
+                    "as a diffusers folder and, if you keep the box ticked, used by the next runs.")
+        with gr.Row():
+            reference = image_input("Reference image", f"{tab}-reference")
+            with gr.Column():
+                steps = _int("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
+                lr = _float("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
+                use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
+                run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
+        status = gr.Markdown(elem_id=f"{tab}-status")
+        folder = gr.Textbox(label="Saved VAE folder", interactive=False, elem_id=f"{tab}-folder")
+        archive = gr.File(label="Download (zip)", interactive=False, elem_id=f"{tab}-zip")
+        cli = gr.Textbox(label="Same run from the terminal", buttons=["copy"], interactive=False,
+                         elem_id=f"{tab}-cli")
+        self._examples([["wood-rings.jpg"], ["watercolor-cat.jpg"]], [reference])
+        self._validate_on_upload(reference)
+
+        def tune(ref, n, rate, use_it, model_id, vae_id, progress=gr.Progress()):
+            progress(0, desc="fine-tuning the decoder")
+            model = self._model(model_id, vae_id)
+            try:
+                from .textures import finetune_vae
+                from .vae_tuning import save_vae
+
+                extra = {k: v for k, v in (("steps", _steps(n)), ("lr", rate)) if v is not None}
+                start = time.monotonic()
+                vae = finetune_vae(_required(ref, "reference image"), model=model, **extra)
+                out = save_vae(vae, self.outputs / f"vae-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):03d}")
+                del vae
+            except Exception as exc:
+                raise gr.Error(error_message(exc)) from None
+            zipped = shutil.make_archive(str(out), "zip", root_dir=out)
+            text = f"done in {time.monotonic() - start:.1f} s · saved `{out}`"
+            text += "; the VAE box (Model) now points to it" if use_it else ""
+            options = {k: v for k, v in self._common_cli(model, 0).items() if k != "seed"}
+            command = cli_command(["finetune-vae", _name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
+            return text, str(out), zipped, command, (str(out) if use_it else gr.skip())
+
+        run.click(tune, [reference, steps, lr, use, self.model_box, self.vae_box],
+                  [status, folder, archive, cli, self.vae_box], concurrency_limit=1, concurrency_id=DEVICE_QUEUE,
+                  show_progress_on=[status], api_name=tab)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def launch(self, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+               max_upload_mb: float = 20, block: bool = True, quiet: bool = False) -> gr.Blocks:
+        """Build, queue (one job at a time) and serve the app; ``block=False`` returns once it is up."""
+        demo = self.build()
+        demo.queue(default_concurrency_limit=1)
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+                    max_file_size=int(max_upload_mb * 1024 * 1024), allowed_paths=[str(self.outputs), str(EXAMPLES)],
+                    ssr_mode=False, mcp_server=False, pwa=False, show_error=False)
+        return demo

@@ -1,0 +1,356 @@
+"""Every bad input gets one line naming it and the fix, a non-zero exit, no traceback and no output file;
+valid but unusual images (16-bit, CMYK, alpha, palette, grayscale, float, EXIF-rotated) are accepted
+and converted correctly. The corpus is generated here."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from attndistill.cli import app
+from attndistill.images import load_image
+
+CLI = str(Path(sys.executable).parent / "attndistill")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: one thread is fastest
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.setenv("ATTNDISTILL_DEBUG", "0")  # --debug sets it for the process; keep tests independent
+
+
+# -- the corpus --------------------------------------------------------------------------------------------
+
+def _photo(data_dir: Path, size=(64, 48)) -> Image.Image:
+    return Image.open(data_dir / "horse.jpg").convert("RGB").resize(size)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring width x height RGB pixels, with almost no data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _png_chunk(b"IEND", b""))
+
+
+def _truncated_jpeg(path: Path, data_dir: Path) -> None:
+    buf = io.BytesIO()
+    _photo(data_dir).save(buf, "JPEG", quality=95)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+BAD_IMAGES: list[tuple[str, Callable[[Path, Path], None], str]] = [
+    ("truncated.jpg", _truncated_jpeg, "is truncated or corrupt"),
+    ("one-pixel.png", lambda p, d: Image.new("RGB", (1, 1)).save(p), "is only 1x1 pixels"),
+    ("bomb-100k.png", lambda p, d: p.write_bytes(_png_header_only(100_000, 100_000)), "too many pixels"),
+    ("bomb-96mp.png", lambda p, d: p.write_bytes(_png_header_only(12_000, 8_000)), "too many pixels"),
+    ("text.png", lambda p, d: p.write_text("not an image\n"), "is not an image Pillow can read"),
+    ("empty.png", lambda p, d: p.write_bytes(b""), "is empty"),
+    ("folder.png", lambda p, d: p.mkdir(), "is a directory"),
+    ("missing.png", lambda p, d: None, "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, data_dir) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, make, _ in BAD_IMAGES:
+        make(folder / name, data_dir)
+    _photo(data_dir).save(folder / "good.png")
+    return folder
+
+
+def invoke(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_rejected(result, code: int, *fragments: str, out_dir: Path | None = None, before: set | None = None):
+    """One ``error:`` line with every fragment, the exit code, no traceback, nothing written."""
+    assert isinstance(result.exception, SystemExit), f"escaped exception: {result.exception!r}"
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in result.output
+    if out_dir is not None:
+        assert {p.name for p in out_dir.iterdir()} == (before or set()), "an output or temp file was left"
+
+
+@pytest.mark.parametrize("name,expected", [(n, e) for n, _, e in BAD_IMAGES], ids=[n for n, _, _ in BAD_IMAGES])
+@pytest.mark.parametrize("role", ["content", "style"])
+def test_bad_image_is_rejected(corpus, tmp_path, tiny_sd15_dir, name, expected, role):
+    bad, good = corpus / name, corpus / "good.png"
+    content, style = (bad, good) if role == "content" else (good, bad)
+    result = invoke("style", content, style, "-o", tmp_path / "out.png", "-m", tiny_sd15_dir, "--steps", "1",
+                    "--size", "64", "-q")
+    assert_rejected(result, 2, f"{role} image '{bad}'", expected, out_dir=tmp_path)
+
+
+# -- out-of-range numbers and options --------------------------------------------------------------------
+
+OPTION_CASES = [
+    (["--steps", "0"], "steps must be at least 1 (got 0)"),
+    (["--steps", "5000"], "steps must be at most 1000"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--lr", "-0.5"], "lr must be positive"),
+    (["--content-weight", "-1"], "content weight must be >= 0"),
+    (["--attention-scale", "0"], "attention scale must be positive"),
+    (["--size", "0"], "size '0' is not understood"),
+    (["--size", "big"], "size 'big' is not understood"),
+    (["--size", "100000"], "too large for one canvas"),
+    (["--layers", "99"], "layers [99] do not exist in this model; it has self-attention layers 0-"),
+    (["--layers", "3-x"], "layers '3-x' is not understood"),
+    (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
+]
+
+
+@pytest.mark.parametrize("options,expected", OPTION_CASES, ids=[" ".join(o) for o, _ in OPTION_CASES])
+def test_out_of_range_option_is_rejected(corpus, tmp_path, tiny_sd15_dir, options, expected):
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "out.png",
+                    "-m", tiny_sd15_dir, "--steps", "1", "--size", "64", "-q", *options)
+    assert_rejected(result, 2, expected, out_dir=tmp_path)
+
+
+def test_texture_count_and_missing_gpu(corpus, tmp_path, tiny_sd15_dir):
+    result = invoke("texture", corpus / "good.png", "-o", tmp_path / "t.png", "-m", tiny_sd15_dir, "--num", "0")
+    assert_rejected(result, 2, "num must be at least 1", out_dir=tmp_path)
+    if not torch.cuda.is_available():
+        result = invoke("texture", corpus / "good.png", "-o", tmp_path / "t.png", "-m", tiny_sd15_dir,
+                        "--device", "cuda")
+        assert_rejected(result, 2, "no CUDA GPU is available; use --device cpu", out_dir=tmp_path)
+
+
+# -- outputs -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder this process cannot write to, also as root (chmod does not stop root; chattr +i does)."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+
+    def writable() -> bool:
+        try:
+            (folder / "probe").touch()
+        except OSError:
+            return False
+        (folder / "probe").unlink()
+        return True
+
+    folder.chmod(0o555)
+    immutable = False
+    if writable():
+        immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if writable():
+        pytest.skip("cannot make a folder unwritable here (root without chattr)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_unwritable_output_folder(corpus, unwritable_dir, tiny_sd15_dir):
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", unwritable_dir / "out.png",
+                    "-m", tiny_sd15_dir, "--size", "64", "-q")
+    assert_rejected(result, 2, f"output folder '{unwritable_dir}' is not writable", out_dir=unwritable_dir)
+
+
+def test_output_problems(corpus, tmp_path, tiny_sd15_dir):
+    good = corpus / "good.png"
+    common = ["-m", tiny_sd15_dir, "--steps", "1", "--size", "64", "-q"]
+    existing = tmp_path / "exists.png"
+    existing.write_bytes(b"keep me")
+    (tmp_path / "adir.png").mkdir()
+    before = {p.name for p in tmp_path.iterdir()}
+    cases = [(tmp_path / "exists.png", "already exists; pass --overwrite"),
+             (tmp_path / "nowhere" / "out.png", "does not exist; create it first"),
+             (tmp_path / "out.jpg", "must end in .png"),
+             (tmp_path / "adir.png", "is a directory")]
+    for output, expected in cases:
+        result = invoke("style", good, good, "-o", output, *common)
+        assert_rejected(result, 2, expected, out_dir=tmp_path, before=before)
+    assert existing.read_bytes() == b"keep me"
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
+    not_a_model = tmp_path / "some-folder"
+    not_a_model.mkdir()
+    (not_a_model / "readme.txt").write_text("hello")
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04pickle")
+    broken = tmp_path / "model.safetensors"
+    broken.write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = [
+        (["-m", not_a_model], f"model folder '{not_a_model}' has no model_index.json"),
+        (["-m", other], "is a KandinskyPipeline; attndistill runs Stable Diffusion"),
+        (["-m", pickle], "is a pickle file that can run code when loaded; convert it to .safetensors or pass "
+                         "--allow-pickle"),
+        (["-m", broken], f"checkpoint '{broken}' is not a readable .safetensors file"),
+        (["-m", "nobody-xyz/not-cached-model"], "is not in the local Hugging Face cache"),
+        (["-m", tiny_sd15_dir, "--vae", tmp_path], "is not a diffusers AutoencoderKL folder"),
+    ]
+    for options, expected in cases:
+        result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", out / "out.png", "--size", "64",
+                        "-q", *options)
+        assert_rejected(result, 2, expected, out_dir=out)
+
+
+def test_real_process_offline_hub_id(corpus, tmp_path):
+    """In a real process (fresh cache, offline): exit code 2 and one error line, no traceback."""
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([CLI, "style", str(corpus / "good.png"), str(corpus / "good.png"), "-o",
+                          str(tmp_path / "o.png"), "-m", "nobody-xyz/not-cached-model"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("error: model 'nobody-xyz/not-cached-model' is not in")
+    assert "HF_HUB_OFFLINE is set" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_debug_flag_after_the_command_shows_the_traceback(corpus, tmp_path, tiny_sd15_dir):
+    result = invoke("style", corpus / "missing.png", corpus / "good.png", "-o", tmp_path / "o.png",
+                    "-m", tiny_sd15_dir, "--debug")
+    assert result.exit_code == 2 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: content image")
+
+
+def test_ctrl_c_leaves_no_partial_output(corpus, tmp_path, tiny_sd15_dir):
+    """Ctrl-C once the run is optimising: exit 130, nothing left behind (SIGTERM: see test_batch.py)."""
+    proc = subprocess.Popen([CLI, "style", str(corpus / "good.png"), str(corpus / "good.png"), "-o",
+                             str(tmp_path / "out.png"), "-m", str(tiny_sd15_dir), "--size", "64", "--steps", "1000",
+                             "--iters", "1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    seen: list[bytes] = []
+    fd = proc.stderr.fileno()
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: os.read(fd, 4096), b"")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while b"style:" not in b"".join(seen) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the progress bar has started: the run is in the optimisation loop
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = b"".join(seen).decode()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: no partial output was left" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- valid but unusual images: accepted and converted correctly ------------------------------------------
+
+def _rgb(path: Path) -> np.ndarray:
+    return np.asarray(load_image(path), dtype=np.int32)
+
+
+def test_16bit_grayscale_png(tmp_path):
+    values = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    expected = np.round(values / 65535 * 255).astype(np.int32)
+    got = _rgb(tmp_path / "a.png")
+    assert got.shape == (64, 64, 3) and np.abs(got - expected[..., None]).max() <= 1
+
+
+def test_float_tiff(tmp_path):
+    values = np.linspace(0, 1, 64 * 32, dtype=np.float32).reshape(32, 64)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    got = _rgb(tmp_path / "f.tif")
+    assert got.shape == (32, 64, 3) and np.abs(got - np.round(values * 255)[..., None]).max() <= 1
+
+
+def test_cmyk_jpeg(tmp_path, data_dir):
+    photo = _photo(data_dir)
+    photo.convert("CMYK").save(tmp_path / "c.jpg", quality=95)
+    got = _rgb(tmp_path / "c.jpg")
+    assert got.shape == (48, 64, 3) and np.abs(got - np.asarray(photo, dtype=np.int32)).mean() < 6
+
+
+def test_alpha_is_composited_on_white(tmp_path, data_dir):
+    rgb = np.asarray(_photo(data_dir), dtype=np.float64)
+    alpha = np.tile(np.linspace(0, 255, 64), (48, 1)).round()
+    Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8), "RGBA").save(tmp_path / "a.png")
+    expected = rgb * alpha[..., None] / 255 + 255 * (1 - alpha[..., None] / 255)
+    assert np.abs(_rgb(tmp_path / "a.png") - expected).max() <= 1
+    gray = np.full((48, 64), 100.0)
+    Image.fromarray(np.dstack([gray, alpha]).astype(np.uint8), "LA").save(tmp_path / "la.png")
+    expected = gray * alpha / 255 + 255 * (1 - alpha / 255)
+    assert np.abs(_rgb(tmp_path / "la.png") - expected[..., None]).max() <= 1
+
+
+def test_palette_gif_with_transparency(tmp_path):
+    palette = np.array([[200, 10, 10], [10, 200, 10], [10, 10, 200], [0, 0, 0]], dtype=np.uint8)
+    index = (np.arange(32 * 32).reshape(32, 32) // 7 % 4).astype(np.uint8)
+    img = Image.fromarray(index, "P")
+    img.putpalette(palette.flatten().tolist())
+    img.save(tmp_path / "p.gif", transparency=3)
+    expected = palette[index].astype(np.int32)
+    expected[index == 3] = 255  # the transparent entry lands on white
+    assert np.array_equal(_rgb(tmp_path / "p.gif"), expected)
+
+
+def test_grayscale_jpeg(tmp_path, data_dir):
+    gray = _photo(data_dir).convert("L")
+    gray.save(tmp_path / "g.png")
+    got = _rgb(tmp_path / "g.png")
+    assert np.array_equal(got, np.repeat(np.asarray(gray, dtype=np.int32)[..., None], 3, axis=2))
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32] = (255, 0, 0)  # left half red, right half blue as stored
+    img[:, 32:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the stored left edge becomes the top
+    Image.fromarray(img).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    got = _rgb(tmp_path / "r.jpg")
+    assert got.shape == (64, 32, 3)
+    assert got[:28, :, 0].mean() > 200 and got[:28, :, 2].mean() < 50  # top red
+    assert got[36:, :, 2].mean() > 200 and got[36:, :, 0].mean() < 50  # bottom blue
+
+
+def test_unusual_modes_run_end_to_end(tmp_path, data_dir, tiny_sd15_dir):
+    """The CLI takes them as content and (several) style images and writes a normal RGB result."""
+    photo = _photo(data_dir)
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(tmp_path / "c16.png")
+    photo.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    photo.convert("RGBA").save(tmp_path / "rgba.png")
+    photo.convert("P").save(tmp_path / "pal.gif")
+    result = invoke("style", tmp_path / "c16.png", tmp_path / "cmyk.jpg", tmp_path / "rgba.png",
+                    tmp_path / "pal.gif", "-o", tmp_path / "out.png", "-m", tiny_sd15_dir, "--steps", "1",
+                    "--size", "64", "-q")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.mode == "RGB" and out.size == (64, 64)

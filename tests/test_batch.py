@@ -1,0 +1,351 @@
+"""Batch runner: kill-and-resume, sharding (torchrun, --shard, Slurm env), locks, results, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attndistill.batch import (
+    JobLock,
+    ModelSpec,
+    append_record,
+    read_jobs,
+    read_records,
+    resolve_shard,
+    select,
+)
+from attndistill.cli import app
+from attndistill.errors import UserError
+from attndistill.images import read_parameters
+
+CLI = str(Path(sys.executable).parent / "attndistill")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: one thread is fastest
+PAIRS = [("style", "horse.jpg", "watercolor-cat.jpg"), ("style", "golden-gate.jpg", "watercolor-cat.jpg"),
+         ("style", "horse.jpg", "wood-rings.jpg"), ("appearance", "horse.jpg", "wood-rings.jpg"),
+         ("appearance", "golden-gate.jpg", "watercolor-cat.jpg"), ("texture", "wood-rings.jpg", None),
+         ("texture", "watercolor-cat.jpg", None), ("style", "golden-gate.jpg", "wood-rings.jpg")]
+
+
+def job_line(task: str, a: str, b: str | None, **options) -> dict:
+    inputs = {"style": ("content", "style"), "appearance": ("structure", "appearance"), "texture": ("reference",)}
+    job = {"task": task, **dict(zip(inputs[task], [a, b])), "size": 64, "steps": 1}
+    return {**job, **options}
+
+
+def write_jobs(folder: Path, data_dir: Path, jobs: list[dict]) -> Path:
+    """A jobs file beside copies of the test images (paths in it are relative to it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("horse.jpg", "golden-gate.jpg", "watercolor-cat.jpg", "wood-rings.jpg"):
+        shutil.copy(data_dir / name, folder / name)
+    path = folder / "jobs.jsonl"
+    path.write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def eight_jobs(tmp_path, data_dir) -> Path:
+    return write_jobs(tmp_path / "in", data_dir, [job_line(*p, seed=i) for i, p in enumerate(PAIRS)])
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def done_records(out: Path) -> Counter:
+    return Counter(r["job"] for r in read_records(out) if r["status"] == "done")
+
+
+def complete_outputs(out: Path) -> dict[str, int]:
+    """job id -> number of complete images carrying it; any unreadable PNG fails the test."""
+    found: Counter = Counter()
+    for png in out.rglob("*.png"):
+        with Image.open(png) as img:
+            img.load()  # a truncated file raises here
+        found[read_parameters(png)["job"]] += 1
+    return dict(found)
+
+
+def test_kill_and_resume_loses_and_repeats_nothing(eight_jobs, tmp_path, tiny_sd15_dir):
+    out = tmp_path / "out"
+    cmd = [CLI, "batch", str(eight_jobs), "--out", str(out), "-m", str(tiny_sd15_dir), "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not done_records(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+
+    # no partial image: every .png is complete and belongs to a job; temp files are hidden .partial names
+    first = complete_outputs(out)
+    assert 1 <= len(first) < len(PAIRS), "the kill must land in the middle of the batch"
+    assert all(n == 1 for n in first.values())
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+
+    result = invoke("batch", eight_jobs, "--out", out, "-m", tiny_sd15_dir, "-q")
+    assert result.exit_code == 0, result.output
+    final = complete_outputs(out)
+    lost = len(PAIRS) - len(final)
+    repeated = sum(n - 1 for n in done_records(out).values())
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished jobs were not redone
+    assert lost == 0 and repeated == 0
+    assert set(done_records(out)) == set(final)
+    assert not list(out.rglob("*.partial")) and not list((out / ".locks").glob("*"))
+    print(f"kill-and-resume: {len(first)} finished before SIGKILL; jobs lost: {lost}, jobs repeated: {repeated}")
+
+    again = invoke("batch", eight_jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert again.exit_code == 0 and f"{len(PAIRS)} already done" in again.output
+    assert sum(done_records(out).values()) == len(PAIRS)
+
+
+def test_sigterm_releases_the_lock_and_leaves_no_partial_output(tmp_path, data_dir, tiny_sd15_dir):
+    """SIGTERM (sent to this process once the long job holds its lock) stops the batch cleanly with 143."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("texture", "wood-rings.jpg", None, output="quick.png"),
+        job_line("texture", "wood-rings.jpg", None, steps=1000, iters=1000, output="long.png")])
+    out = tmp_path / "out"
+
+    def terminate_when_running() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if done_records(out) and list((out / ".locks").glob("*.lock")):
+                os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler turns it into an exception
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=terminate_when_running, daemon=True)
+    watcher.start()
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    watcher.join(timeout=10)
+    assert result.exit_code == 143, result.output
+    assert "interrupted; no partial output left" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["batch.json", "quick.png", "results.jsonl"]
+    assert not list((out / ".locks").iterdir()) and not list(out.glob(".*.partial"))
+
+
+def test_finished_but_unrecorded_jobs_are_recovered_not_rerun(tmp_path, data_dir, tiny_sd15_dir):
+    """A kill between writing the images and recording the job: the images carry the job id."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=2),
+                                                  job_line("style", "horse.jpg", "wood-rings.jpg")])
+    out = tmp_path / "out"
+    assert invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir).exit_code == 0
+    (out / "results.jsonl").unlink()  # killed before the records were written
+    texture = sorted(out.glob("texture-*.png"))
+    texture[1].unlink()  # and, for the two-image job, before its second image
+    kept = {p: p.stat().st_mtime_ns for p in out.glob("style-*.png")}
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 0 and "1 done, 1 already done" in result.output
+    records = {r["task"]: r for r in read_records(out)}
+    assert records["style"].get("recovered") is True and records["texture"]["status"] == "done"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert len(complete_outputs(out)) == 2 and sum(complete_outputs(out).values()) == 3
+
+
+def test_torchrun_two_processes_run_each_job_once(eight_jobs, tmp_path, tiny_sd15_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+           CLI, "batch", str(eight_jobs), "--out", str(out), "-m", str(tiny_sd15_dir), "-q"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    records = read_records(out)
+    by_shard = {s: {r["job"] for r in records if r["shard"] == s} for s in ("0/2", "1/2")}
+    assert by_shard["0/2"] and by_shard["1/2"] and not by_shard["0/2"] & by_shard["1/2"]
+    assert len({r["pid"] for r in records}) == 2
+    assert sorted(done_records(out).values()) == [1] * len(PAIRS)
+    assert len(complete_outputs(out)) == len(PAIRS)
+    # rank 0 merged the shard files after a barrier; --merge again gives the same complete file
+    merged = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(merged) == len(PAIRS) and {r["status"] for r in merged} == {"done"}
+    result = invoke("batch", "--merge", out)
+    assert result.exit_code == 0 and f"{len(PAIRS)} done, 0 failed, 0 without a result" in result.output
+
+
+def test_shards_of_three_cover_every_job_once(eight_jobs, tmp_path, tiny_sd15_dir):
+    out = tmp_path / "out"
+    for i in range(3):
+        result = invoke("batch", eight_jobs, "--out", out, "-m", tiny_sd15_dir, "--shard", f"{i}/3", "-q")
+        assert result.exit_code == 0, result.output
+        assert (out / f"results.shard-{i}-of-3.jsonl").is_file()
+    assert not (out / "results.jsonl").exists()  # no barrier between separate commands: merge is explicit
+    assert sorted(done_records(out).values()) == [1] * len(PAIRS)
+    assert len(complete_outputs(out)) == len(PAIRS)
+
+    result = invoke("batch", "--merge", out)
+    assert result.exit_code == 0, result.output
+    merged = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    jobs = read_jobs(eight_jobs, out_dir=out, defaults=ModelSpec(source=str(tiny_sd15_dir)))
+    assert sorted(r["job"] for r in merged) == sorted(j.id for j in jobs)
+    assert [r["line"] for r in merged] == sorted(r["line"] for r in merged)
+    assert invoke("batch", "--merge", out).output == result.output  # idempotent
+
+
+def test_shard_selection_is_a_partition(eight_jobs, tmp_path):
+    jobs = read_jobs(eight_jobs, out_dir=tmp_path)
+    for n in (1, 2, 3, 5, 8, 11):
+        parts = [select(jobs, resolve_shard(f"{i}/{n}", env={})) for i in range(n)]
+        ids = [j.id for part in parts for j in part]
+        assert sorted(ids) == sorted(j.id for j in jobs)  # every job exactly once
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    shuffled = list(reversed(jobs))  # the split does not depend on the order jobs are read in
+    assert [j.id for j in select(shuffled, resolve_shard("1/3", env={}))] == \
+        [j.id for j in select(jobs, resolve_shard("1/3", env={}))]
+    # jobs sharing model, size and reference are contiguous, so a shard loads and encodes less
+    refs = [j.args.get(j.spec.reference) for j in select(jobs, resolve_shard("0/1", env={}))]
+    assert all(refs.index(r) == i or refs[i - 1] == r for i, r in enumerate(refs))
+
+
+def test_shard_from_launcher_environment():
+    assert resolve_shard(None, env={}) == resolve_shard("0/1", env={})
+    torchrun = resolve_shard(None, env={"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (torchrun.index, torchrun.count, torchrun.local_rank) == (3, 4, 1)
+    slurm = resolve_shard(None, env={"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5",
+                                     "SLURM_ARRAY_TASK_COUNT": "4"})
+    assert (slurm.index, slurm.count) == (2, 4)
+    both = resolve_shard(None, env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "1",
+                                    "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (both.index, both.count) == (3, 6)  # array task 1 of 3, rank 1 of 2
+    assert resolve_shard("2/5", env={"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"}).index == 2
+    for bad in ("3/3", "a/b", "1", "-1/2"):
+        with pytest.raises(UserError, match="shard"):
+            resolve_shard(bad, env={})
+
+
+def test_nan_guard_fails_the_job_not_the_batch(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", "horse.jpg", "wood-rings.jpg", lr=1e30, steps=2, output="nan.png"),
+        job_line("texture", "wood-rings.jpg", None, output="ok.png")])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 1
+    records = {r["job"].split("-")[0]: r for r in read_records(out)}
+    assert records["style"]["status"] == "failed" and "NaN/Inf" in records["style"]["error"]
+    assert records["texture"]["status"] == "done"
+    assert not (out / "nan.png").exists() and (out / "ok.png").is_file()
+
+
+def test_nan_guard_on_the_decoded_image(tiny_sd15, data_dir, tmp_path):
+    """One absurd step leaves a finite but huge latent: decoding it must not give a black image."""
+    from attndistill import style_transfer
+    from attndistill.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        style_transfer(data_dir / "horse.jpg", data_dir / "wood-rings.jpg", model=tiny_sd15, steps=1, lr=1e30,
+                       size=64, progress=False)
+
+
+def test_failed_jobs_rerun_only_with_retry_failed(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "later.jpg")])
+    out = tmp_path / "out"
+    first = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert first.exit_code == 1 and "later.jpg' does not exist" in first.output
+    shutil.copy(data_dir / "wood-rings.jpg", tmp_path / "in" / "later.jpg")
+    second = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert second.exit_code == 1 and "rerun with --retry-failed" in second.output
+    assert not list(out.glob("*.png"))
+    third = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--retry-failed")
+    assert third.exit_code == 0, third.output
+    assert [r["status"] for r in read_records(out)] == ["failed", "done"]
+
+
+def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", "horse.jpg", "watercolor-cat.jpg"),
+        job_line("style", "horse.jpg", "missing.jpg"),
+        {"task": "paint"},
+        job_line("style", "horse.jpg", "wood-rings.jpg", steps=0),
+        job_line("texture", "wood-rings.jpg", None, layers="0-99"),
+        job_line("texture", "wood-rings.jpg", None, colour="red"),
+        job_line("style", "horse.jpg", "watercolor-cat.jpg"),  # the same job as line 1
+    ])
+    with jobs.open("a") as f:
+        f.write("{not json\n")
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2
+    text = result.output
+    for expected in ("line 2: style image", "missing.jpg' does not exist", "line 3: task 'paint' is not known",
+                     "line 4: steps must be at least 1", "line 5: layers", "do not exist in this model",
+                     "line 6: texture has no option 'colour'", "line 7: the same job as line 1",
+                     "line 8: not valid JSON", "1 ready", "7 invalid"):
+        assert expected in text, expected
+    assert "Traceback" not in text
+    assert not out.exists()  # nothing written, no model loaded
+
+
+def test_bad_batch_command_lines(tmp_path, eight_jobs):
+    cases = [(["batch", tmp_path / "nope.jsonl", "--out", tmp_path / "o"], "jobs file"),
+             (["batch", eight_jobs], "--out DIR"),
+             (["batch", eight_jobs, "--out", tmp_path / "o", "--shard", "3/2"], "shard '3/2'"),
+             (["batch", "--merge", tmp_path / "empty"], "does not exist")]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, args
+
+
+def test_lock_excludes_live_owner_and_breaks_stale_one(tmp_path):
+    first, second = JobLock(tmp_path, "job"), JobLock(tmp_path, "job")
+    assert first.acquire() and not second.acquire()  # held by this (live) process
+    first.release()
+    assert second.acquire()
+    second.release()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = JobLock(tmp_path, "job2")
+    lock.path.parent.mkdir(exist_ok=True)
+    lock.path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "start": None}))
+    assert lock.acquire() and lock.owner()["pid"] == os.getpid()  # the dead owner's lock was taken over
+    lock.release()
+
+    recycled = JobLock(tmp_path, "job3")  # our own PID but another start time: a recycled PID
+    recycled.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "1"}))
+    assert recycled.acquire()
+    recycled.release()
+
+    remote = JobLock(tmp_path, "job4")  # another machine's lock cannot be checked: respected
+    remote.path.write_text(json.dumps({"pid": 1, "host": "other-node", "start": None}))
+    assert not remote.acquire() and remote.path.exists()
+
+
+def test_results_survive_a_torn_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    append_record(path, {"job": "a", "status": "done", "time": 1})
+    with path.open("ab") as f:
+        f.write(b'{"job": "b", "sta')  # a crash in the middle of a write
+    append_record(path, {"job": "c", "status": "done", "time": 2})
+    assert [r["job"] for r in read_records(tmp_path)] == ["a", "c"]
+
+
+def test_model_options_change_the_job_id(eight_jobs, tmp_path):
+    """Results of one model are never taken for another's: the model is part of a job's identity."""
+    a = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a"))
+    b = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-b"))
+    c = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a", device="cuda:1"))
+    assert {j.id for j in a}.isdisjoint({j.id for j in b})
+    assert [j.id for j in a] == [j.id for j in c]

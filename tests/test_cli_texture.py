@@ -1,0 +1,107 @@
+"""CLI end to end: expand, tiled and masked textures, finetune-vae, several references (tiny SD 1.5, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from diffusers import AutoencoderKL
+from PIL import Image
+from typer.testing import CliRunner
+
+from attndistill.cli import app
+from attndistill.images import read_parameters
+
+
+@pytest.fixture
+def run(tiny_sd15_dir):
+    runner = CliRunner()
+
+    def invoke(*args: str, model: bool = True):
+        extra = ["-m", str(tiny_sd15_dir), "--device", "cpu", "--dtype", "fp32", "-q"] if model else []
+        return runner.invoke(app, [*map(str, args), *extra])
+
+    return invoke
+
+
+def _ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_expand_any_size_with_several_references(run, data_dir, tmp_path):
+    out = tmp_path / "wide.png"
+    _ok(run("expand", data_dir / "wood-rings.jpg", data_dir / "watercolor-cat.jpg", "-o", out, "--size", "160x64",
+            "--view", 8, "--stride", 2, "--view-batch", 4, "--steps", 2))
+    assert Image.open(out).size == (160, 64)
+    params = read_parameters(out)
+    assert params["task"] == "expand" and len(params["reference"]) == 2 and params["view_batch"] == 4
+
+
+def test_expand_tiled(run, data_dir, tmp_path):
+    out = tmp_path / "tiled.png"
+    _ok(run("expand", data_dir / "wood-rings.jpg", "-o", out, "--size", "128x64", "--view", 8, "--stride", 4,
+            "--steps", 2, "--tile", "xy", "--decode-tile", 8))
+    assert Image.open(out).size == (128, 64) and read_parameters(out)["tile"] == "xy"
+
+
+def test_texture_tiled_and_several_references(run, data_dir, tmp_path):
+    out = tmp_path / "tex.png"
+    _ok(run("texture", data_dir / "wood-rings.jpg", data_dir / "horse.jpg", "-o", out, "--size", "64",
+            "--steps", 2, "--tile", "x"))
+    params = read_parameters(out)
+    assert params["tile"] == "x" and len(params["reference"]) == 2
+
+
+def test_texture_sampling_tiled(run, data_dir, tmp_path):
+    out = tmp_path / "sampled.png"
+    _ok(run("texture", data_dir / "wood-rings.jpg", "--mode", "sample", "-o", out, "--size", "64", "--steps", 2,
+            "--tile", "xy"))
+    params = read_parameters(out)
+    assert params["task"] == "texture-sample" and params["tile"] == "xy" and params["tune_vae"] is False
+
+
+def test_style_with_two_style_images(run, data_dir, tmp_path):
+    out = tmp_path / "style.png"
+    _ok(run("style", data_dir / "golden-gate.jpg", data_dir / "watercolor-cat.jpg", data_dir / "wood-rings.jpg",
+            "-o", out, "--size", "64", "--steps", 1, "--tile", "y"))
+    params = read_parameters(out)
+    assert len(params["style"]) == 2 and params["tile"] == "y"
+
+
+def test_masked_texture(run, data_dir, tmp_path):
+    ref = Image.open(data_dir / "wood-rings.jpg")
+    labels = np.zeros((ref.height, ref.width, 3), np.uint8)
+    labels[:, ref.width // 2:] = (0, 0, 255)
+    Image.fromarray(labels).save(tmp_path / "ref-labels.png")
+    target = np.zeros((64, 128, 3), np.uint8)
+    target[32:] = (0, 0, 255)
+    Image.fromarray(target).save(tmp_path / "target-labels.png")
+    out = tmp_path / "masked.png"
+    _ok(run("texture", data_dir / "wood-rings.jpg", "--ref-labels", tmp_path / "ref-labels.png",
+            "--target-labels", tmp_path / "target-labels.png", "-o", out, "--size", "128x64", "--steps", 2))
+    assert Image.open(out).size == (128, 64) and read_parameters(out)["task"] == "texture-masked"
+    target[:8] = (0, 255, 0)  # a colour the reference does not have
+    Image.fromarray(target).save(tmp_path / "bad-labels.png")
+    bad = run("texture", data_dir / "wood-rings.jpg", "--ref-labels", tmp_path / "ref-labels.png",
+              "--target-labels", tmp_path / "bad-labels.png", "-o", tmp_path / "bad.png", "--steps", 1)
+    assert bad.exit_code == 2 and "#00ff00" in bad.output and "Traceback" not in bad.output
+    half = run("texture", data_dir / "wood-rings.jpg", "--target-labels", tmp_path / "target-labels.png",
+               "-o", tmp_path / "half.png")
+    assert half.exit_code == 2 and "--ref-labels" in half.output
+
+
+def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
+    folder = tmp_path / "wood-vae"
+    result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))
+    assert "wrote" in result.output
+    AutoencoderKL.from_pretrained(folder)
+    again = run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    out = tmp_path / "with-vae.png"
+    _ok(run("texture", data_dir / "wood-rings.jpg", "--vae", folder, "-o", out, "--size", "64", "--steps", 1))
+    assert out.exists()
+
+
+def test_bad_tile_is_a_one_line_error(run, data_dir, tmp_path):
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "x.png", "--tile", "z")
+    assert result.exit_code == 2 and "tile 'z'" in result.output and "Traceback" not in result.output

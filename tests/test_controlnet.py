@@ -1,0 +1,137 @@
+"""ControlNet in AD-guided sampling: loading, Canny, equality with diffusers' ControlNet pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from PIL import Image
+
+import attndistill as ad
+from attndistill.controlnet import canny, load_controlnet
+from attndistill.images import load_image
+
+PROMPT = "a house by the sea"
+
+
+@pytest.fixture(scope="module")
+def tiny_cn15_dir(tmp_path_factory):
+    from attndistill.testing import build_tiny_controlnet
+
+    return build_tiny_controlnet(tmp_path_factory.mktemp("tiny-cn15"), sdxl=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_cnxl_dir(tmp_path_factory):
+    from attndistill.testing import build_tiny_controlnet
+
+    return build_tiny_controlnet(tmp_path_factory.mktemp("tiny-cnxl"), sdxl=True)
+
+
+@pytest.fixture(scope="module")
+def edge_map(data_dir) -> Image.Image:
+    """A ready-made condition map at the output size (64 x 64), so no resizing happens on either side."""
+    return canny(load_image(data_dir / "horse.jpg").resize((64, 64)))
+
+
+def _final_latents(**kwargs) -> torch.Tensor:
+    seen = []
+    ad.text_to_image(PROMPT, kwargs.pop("style"), progress=False, callback=seen.append, **kwargs)
+    return seen[-1].latents
+
+
+def _noise(model, seed: int) -> torch.Tensor:
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _pipeline(cls, model, net):
+    pipe = cls(**{**model.pipe.components, "controlnet": net,
+                  "scheduler": DDIMScheduler.from_config(model.scheduler_config)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_canny_marks_the_edges_of_a_square():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = 255
+    edges = np.asarray(canny(Image.fromarray(img)))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    on = edges[..., 0] > 0
+    assert on[15:17, 20:44].any(axis=0).all() and on[47:49, 20:44].any(axis=0).all()  # top and bottom sides
+    assert not on[24:40, 24:40].any() and not on[:8].any()  # flat regions stay black
+
+
+def test_loaded_controlnet_has_non_zero_residuals(tiny_sd15, tiny_cn15_dir):
+    net = load_controlnet(tiny_cn15_dir, model=tiny_sd15)
+    assert type(net).__name__ == "ControlNetModel" and not any(p.requires_grad for p in net.parameters())
+    cond = tiny_sd15.encode_prompt([PROMPT])[0]
+    down, mid = net(torch.randn(1, 4, 8, 8), 500, encoder_hidden_states=cond.encoder_hidden_states,
+                    controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False)
+    assert all(d.abs().max() > 0 for d in down) and mid.abs().max() > 0
+
+
+def test_iters0_equals_controlnet_pipeline(tiny_sd15, tiny_cn15_dir, edge_map, data_dir):
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
+                          controlnet=tiny_cn15_dir, control_image=edge_map, control_scale=0.7)
+    pipe = _pipeline(StableDiffusionControlNetPipeline, tiny_sd15, load_controlnet(tiny_cn15_dir, model=tiny_sd15))
+    ref = pipe(PROMPT, image=edge_map, height=64, width=64, num_inference_steps=3, controlnet_conditioning_scale=0.7,
+               guidance_scale=ad.PRESETS["t2i"].guidance, latents=_noise(tiny_sd15, 4), output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # and the ControlNet mattered
+    plain = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4)
+    assert (plain - ours).abs().max() > 1e-3
+
+
+def test_iters0_equals_sdxl_controlnet_pipeline(tiny_sdxl, tiny_cnxl_dir, edge_map, data_dir):
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=3, iters=0, size=64, seed=6,
+                          controlnet=tiny_cnxl_dir, control_image=edge_map)
+    pipe = _pipeline(StableDiffusionXLControlNetPipeline, tiny_sdxl, load_controlnet(tiny_cnxl_dir, model=tiny_sdxl))
+    ref = pipe(PROMPT, image=edge_map, height=64, width=64, num_inference_steps=3,
+               guidance_scale=ad.PRESETS["t2i-sdxl"].guidance, latents=_noise(tiny_sdxl, 6),
+               output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_residuals_reach_only_the_denoising_call(tiny_sd15, tiny_cn15_dir, data_dir):
+    null = tiny_sd15.pipe.encode_prompt([""], "cpu", 1, False)[0]
+    pos, neg = tiny_sd15.pipe.encode_prompt([PROMPT], "cpu", 1, True)
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((kwargs["encoder_hidden_states"].detach().clone(),
+                      kwargs.get("down_block_additional_residuals") is not None,
+                      kwargs.get("mid_block_additional_residual") is not None))
+
+    handle = tiny_sd15.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=2, iters=2, size=64,
+                         controlnet=tiny_cn15_dir, control_image=data_dir / "horse.jpg", control="canny",
+                         progress=False)
+    finally:
+        handle.remove()
+    denoising = [c for c in calls if c[1]]
+    feature = [c for c in calls if not c[1]]
+    assert len(denoising) == 2 and len(feature) == 2 * (1 + 2)
+    for hidden, _, mid in denoising:
+        assert mid
+        torch.testing.assert_close(hidden, torch.cat([neg, pos]))  # the user's prompt, CFG-batched
+    for hidden, _, mid in feature:
+        assert not mid
+        torch.testing.assert_close(hidden, null)  # the empty prompt, no ControlNet
+
+
+def test_controlnet_size_follows_the_control_image(tiny_sd15, tiny_cn15_dir, data_dir):
+    control = Image.new("RGB", (200, 100), "white")
+    (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1, iters=0, size=128,
+                              controlnet=tiny_cn15_dir, control_image=control, progress=False)
+    assert img.size == (128, 64)
+
+
+def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
+    with pytest.raises(ad.UserError, match="does not fit the sdxl model"):
+        load_controlnet(tiny_cn15_dir, model=tiny_sdxl)
+    with pytest.raises(ad.UserError, match="no config.json"):
+        load_controlnet(tmp_path, model=tiny_sdxl)
+    with pytest.raises(ad.UserError, match="does not exist"):
+        load_controlnet(tmp_path / "missing", model=tiny_sdxl)

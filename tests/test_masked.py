@@ -1,0 +1,140 @@
+"""Masked (controllable) texture synthesis: labels from colour maps, no attention across labels, label-wise init."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import attndistill as ad
+from attndistill import engine, textures
+from attndistill.engine import Distiller
+from attndistill.losses import ideal_attention
+from attndistill.textures import label_maps, masked_texture_synthesis, sample_label_init
+
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+
+
+def _map(size, regions):
+    """A flat-colour label map (w, h) with ``regions``: [(box (x0, y0, x1, y1) in 0..1, colour)]."""
+    w, h = size
+    arr = np.zeros((h, w, 3), np.uint8)
+    for (x0, y0, x1, y1), colour in regions:
+        arr[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = colour
+    return Image.fromarray(arr)
+
+
+@pytest.fixture
+def maps(tmp_path, data_dir):
+    ref = Image.open(data_dir / "wood-rings.jpg")
+    ref_labels = _map(ref.size, [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), BLUE)])  # left | right
+    target = _map((128, 64), [((0, 0, 1, 0.5), BLUE), ((0, 0.5, 1, 1), RED)])  # top / bottom, non-square
+    ref_labels.save(tmp_path / "ref-labels.png")
+    target.save(tmp_path / "target-labels.png")
+    return data_dir / "wood-rings.jpg", tmp_path / "ref-labels.png", tmp_path / "target-labels.png"
+
+
+def test_colours_become_shared_labels():
+    a = _map((8, 4), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), BLUE)])
+    b = _map((4, 4), [((0, 0, 1, 1), BLUE)])
+    (ma, mb), colours = label_maps([a, b], ["a", "b"])
+    assert colours == ["#0000ff", "#ff0000"]
+    assert ma[0, 0] == 1 and ma[0, -1] == 0 and (mb == 0).all()
+
+
+def test_a_photo_is_not_a_label_map(data_dir):
+    with pytest.raises(ad.UserError, match="colours; a label map needs a few flat colours"):
+        label_maps([Image.open(data_dir / "horse.jpg")], ["horse.jpg"])
+
+
+def test_init_draws_pixels_only_from_the_matching_region():
+    g = torch.Generator().manual_seed(0)
+    ref_ids = torch.zeros(1, 16, 16, dtype=torch.long)
+    ref_ids[:, :, 8:] = 1
+    ref_pixels = torch.rand(1, 3, 16, 16, generator=g)  # every pixel distinct
+    target_ids = torch.zeros(6, 10, dtype=torch.long)
+    target_ids[3:] = 1
+    out = sample_label_init(ref_pixels, ref_ids, target_ids, num=2, generator=g)  # (2, 3, 6, 10)
+    assert out.shape == (2, 3, 6, 10)
+    for label in (0, 1):
+        allowed = {tuple(p) for p in ref_pixels[0].permute(1, 2, 0)[ref_ids[0] == label].tolist()}
+        got = [tuple(p) for p in out.permute(0, 2, 3, 1)[:, target_ids == label].reshape(-1, 3).tolist()]
+        assert set(got) <= allowed
+        assert len(set(got)) > 10  # random draws, not one repeated pixel
+    assert not torch.equal(out[0], out[1])
+
+
+def test_masked_attention_never_crosses_labels_on_a_non_square_canvas(tiny_sd15, monkeypatch):
+    side, (h, w) = 16, (8, 16)  # reference latent 16x16, target latent 8x16
+    ref_ids = torch.zeros(1, side * 8, side * 8, dtype=torch.long)
+    ref_ids[..., side * 4:] = 1  # reference: left 0 | right 1
+    target_ids = torch.zeros(1, h * 8, w * 8, dtype=torch.long)
+    target_ids[:, h * 4:] = 1  # target: top 0 / bottom 1
+    seen = {}
+    real_ad_loss = engine.ad_loss
+
+    def spy(outputs, queries, keys, values, *, scale, masks):
+        seen.update(queries=queries, keys=keys, masks=masks)
+        return real_ad_loss(outputs, queries, keys, values, scale=scale, masks=masks)
+
+    monkeypatch.setattr(engine, "ad_loss", spy)
+    with torch.no_grad(), Distiller(tiny_sd15, ref_labels=ref_ids, target_labels=target_ids) as d:
+        d.begin_timestep(torch.tensor(400), torch.randn(1, 4, side, side))
+        d.loss(torch.randn(1, 4, h, w))
+    grids = set()
+    for q, k, mask in zip(seen["queries"], seen["keys"], seen["masks"], strict=True):
+        n_t, n_r = q.shape[2], k.shape[2]
+        lh = int((n_t // 2) ** 0.5)
+        t_grid, r_side = (lh, 2 * lh), int(n_r ** 0.5)
+        grids.add(t_grid)
+        # labels at this layer's grids, computed here independently of the engine
+        t_lab = F.interpolate(target_ids[None].float(), size=t_grid, mode="nearest").long().reshape(-1)
+        r_lab = F.interpolate(ref_ids[None].float(), size=(r_side, r_side), mode="nearest").long().reshape(-1)
+        onehot = F.one_hot(r_lab, 2).float()[None, None].expand(1, q.shape[1], -1, -1)  # (1, heads, N_r, 2)
+        # the ideal output with one-hot values is the attention mass on each label
+        mass = ideal_attention(q, k, onehot, mask=mask)  # (1, heads, N_t, 2)
+        expected = F.one_hot(t_lab, 2).float()[None, None].expand_as(mass)
+        torch.testing.assert_close(mass, expected, rtol=0, atol=1e-5)
+        unmasked = ideal_attention(q, k, onehot)
+        assert (unmasked - expected).abs().max() > 0.1  # without the mask attention does cross labels
+    assert len(grids) >= 2  # several layer resolutions, all non-square
+
+
+def test_masked_synthesis_on_a_non_square_canvas(tiny_sd15, maps, monkeypatch):
+    ref, ref_labels, target_labels = maps
+    seen = {}
+    real = textures.optimize_latents
+
+    def spy(distiller, init, ref_latents, **kw):
+        seen.update(init=init, content=kw["content_latents"], weight=distiller.content_weight)
+        return real(distiller, init, ref_latents, **kw)
+
+    monkeypatch.setattr(textures, "optimize_latents", spy)
+    out = masked_texture_synthesis(ref, ref_labels, target_labels, model=tiny_sd15, steps=2, size=(128, 64),
+                                   progress=False)
+    assert [o.size for o in out] == [(128, 64)]
+    assert seen["content"] is seen["init"] and seen["weight"] == 0.15  # content loss on the initialisation
+    params = json.loads(out[0].info["parameters"])
+    assert params["task"] == "texture-masked" and params["content_weight"] == 0.15
+
+
+def test_target_label_missing_from_reference_is_a_clear_error(tiny_sd15, maps, tmp_path):
+    ref, ref_labels, _ = maps
+    _map((64, 64), [((0, 0, 1, 0.5), RED), ((0, 0.5, 1, 1), GREEN)]).save(tmp_path / "green.png")
+    with pytest.raises(ad.UserError, match="#00ff00"):
+        masked_texture_synthesis(ref, ref_labels, tmp_path / "green.png", model=tiny_sd15, steps=1, progress=False)
+
+
+def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):
+    ref, _, target_labels = maps
+    _map((64, 200), [((0, 0, 1, 1), RED)]).save(tmp_path / "tall.png")
+    with pytest.raises(ad.UserError, match="draw the label map over the texture"):
+        masked_texture_synthesis(ref, tmp_path / "tall.png", target_labels, model=tiny_sd15, steps=1,
+                                 progress=False)
+    with pytest.raises(ad.UserError, match="one --ref-labels per texture image"):
+        masked_texture_synthesis([ref, ref], [tmp_path / "tall.png"], target_labels, model=tiny_sd15, steps=1,
+                                 progress=False)

@@ -1,0 +1,109 @@
+"""Seamless tiling: circular convolutions make UNet and decoder commute with circular shifts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import attndistill as ad
+from attndistill.engine import Distiller
+from attndistill.optimize import optimize_latents
+from attndistill.tiling import seamless
+
+T = torch.tensor(500)
+
+
+def _unet(model, z):
+    with torch.no_grad():
+        return model.predict(z, T, model.null_condition())
+
+
+def _decode(model, z):
+    with torch.no_grad():
+        return model.vae.decode(z).sample
+
+
+def _shift_error(f, z, shift_latent, shift_out):
+    """max |f(roll(z)) - roll(f(z))| relative to the output's scale."""
+    out = f(z)
+    shifted = f(torch.roll(z, shift_latent, dims=(2, 3)))
+    return float((shifted - torch.roll(out, shift_out, dims=(2, 3))).abs().max() / out.abs().mean())
+
+
+def test_xy_unet_and_decoder_commute_with_circular_shift(tiny_sd15):
+    z = torch.randn(1, 4, 16, 24)  # non-square latent
+    # the tiny UNet halves twice: shifts by whole positions of its coarsest grid (4 latents)
+    with seamless(tiny_sd15, "xy"):
+        assert _shift_error(lambda x: _unet(tiny_sd15, x), z, (4, 8), (4, 8)) < 1e-4
+        assert _shift_error(lambda x: _decode(tiny_sd15, x), z, (3, 5), (24, 40)) < 1e-4
+    # control: with zero padding the same shift does not commute (the check can fail)
+    assert _shift_error(lambda x: _unet(tiny_sd15, x), z, (4, 8), (4, 8)) > 1e-2
+    assert _shift_error(lambda x: _decode(tiny_sd15, x), z, (3, 5), (24, 40)) > 1e-2
+
+
+@pytest.mark.parametrize(("axes", "periodic", "other"), [("x", (0, 8), (4, 0)), ("y", (4, 0), (0, 8))])
+def test_single_axis_is_periodic_only_along_that_axis(tiny_sd15, axes, periodic, other):
+    z = torch.randn(1, 4, 16, 24)
+    with seamless(tiny_sd15, axes):
+        assert _shift_error(lambda x: _unet(tiny_sd15, x), z, periodic, periodic) < 1e-4
+        assert _shift_error(lambda x: _unet(tiny_sd15, x), z, other, other) > 1e-2
+
+
+def _conv_state(model):
+    return [(m.padding, len(m._forward_pre_hooks), m.padding_mode)
+            for module in (model.unet, model.vae) for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_models_behave_as_before_after_the_context(tiny_sd15):
+    z = torch.randn(1, 4, 16, 16)
+    before_unet, before_vae = _unet(tiny_sd15, z), _decode(tiny_sd15, z)
+    state = _conv_state(tiny_sd15)
+    with seamless(tiny_sd15, "xy"):
+        inside = _unet(tiny_sd15, z)
+        assert any(n for _, n, _ in _conv_state(tiny_sd15))  # hooks are installed inside
+    assert not torch.allclose(inside, before_unet)
+    with pytest.raises(RuntimeError), seamless(tiny_sd15, "x"):
+        raise RuntimeError("boom")  # an error inside still restores everything
+    assert _conv_state(tiny_sd15) == state
+    tiny_sd15.graphs["stale"] = object()  # a CUDA graph replays the padding it was captured with: dropped
+    with seamless(tiny_sd15, "xy"):
+        assert not tiny_sd15.graphs
+    assert torch.equal(_unet(tiny_sd15, z), before_unet)
+    assert torch.equal(_decode(tiny_sd15, z), before_vae)
+
+
+def test_bad_axes_is_a_user_error(tiny_sd15):
+    with pytest.raises(ad.UserError, match="tile 'z'"), seamless(tiny_sd15, "z"):
+        pass
+
+
+def test_optimisation_under_xy_tiling_is_shift_equivariant(tiny_sd15):
+    """The whole AD optimisation on a torus: rolling the start rolls the result (no seam anywhere)."""
+    init, z_ref = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 8)
+
+    def run(start):
+        with seamless(tiny_sd15, "xy"):
+            return optimize_latents(Distiller(tiny_sd15), start, z_ref, steps=3, iters=2, lr=0.05, progress=False)
+
+    a = run(init)
+    b = run(torch.roll(init, (4, 8), dims=(2, 3)))
+    assert not torch.allclose(a, init)
+    assert torch.allclose(b, torch.roll(a, (4, 8), dims=(2, 3)), atol=1e-3)
+
+
+def test_texture_task_runs_seamless_and_records_it(tiny_sd15, data_dir):
+    hooked = []
+
+    def spy(info):
+        hooked.append(len(tiny_sd15.unet.conv_in._forward_pre_hooks))
+
+    before = _conv_state(tiny_sd15)
+    img = ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=2, size=(96, 64), tile="xy",
+                               progress=False, callback=spy)[0]
+    assert hooked == [1, 1]
+    assert _conv_state(tiny_sd15) == before
+    assert img.size == (96, 64)
+    assert json.loads(img.info["parameters"])["tile"] == "xy"

@@ -1,0 +1,114 @@
+"""VAE*: decoder-only fine-tuning on the reference, saved as a diffusers AutoencoderKL folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+import attndistill as ad
+from attndistill import vae_tuning
+from attndistill.images import load_image, to_tensor
+from attndistill.textures import finetune_vae
+from attndistill.vae_tuning import reconstruction_l1, save_vae, tune_decoder
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_sd15, data_dir):
+    """The tiny model's VAE tuned on the wood texture (64 px, 20 steps, the default lr)."""
+    before = _state(tiny_sd15.vae)
+    images = to_tensor(load_image(data_dir / "wood-rings.jpg"), (64, 64))
+    losses = []
+    vae = tune_decoder(tiny_sd15.vae, images, steps=20, callback=lambda step, loss: losses.append(loss))
+    return vae, before, images, losses
+
+
+def test_tuning_lowers_the_reconstruction_l1(tiny_sd15, tuned):
+    vae, _, images, losses = tuned
+    x = images * 2 - 1
+    assert len(losses) == 20
+    assert reconstruction_l1(vae, x) < 0.9 * reconstruction_l1(tiny_sd15.vae, x)
+
+
+def test_only_the_decoder_changes(tiny_sd15, tuned):
+    vae, before, _, _ = tuned
+    after = vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)
+    for name in ("encoder.", "quant_conv.", "post_quant_conv."):
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(name))
+    # the model's own VAE is untouched, and nothing trains by accident
+    assert all(torch.equal(before[k], v) for k, v in tiny_sd15.vae.state_dict().items())
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_saved_folder_loads_with_from_pretrained_and_with_vae_option(tiny_sd15, tiny_sd15_dir, tuned, tmp_path):
+    vae = tuned[0]
+    folder = save_vae(vae, tmp_path / "wood-vae")
+    loaded = AutoencoderKL.from_pretrained(folder)
+    for k, v in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    model = ad.load_model(str(tiny_sd15_dir), vae=folder, device="cpu", dtype="fp32")
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = (vae.decode(z / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(model.decode(z), expected)
+    with pytest.raises(ad.UserError, match="already exists"):
+        save_vae(vae, folder)
+    save_vae(vae, folder, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_finetune_vae_api_defaults_follow_the_spec(tiny_sd15, data_dir, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: seen.update(kw, shape=images.shape))
+    finetune_vae(data_dir / "wood-rings.jpg", model=tiny_sd15)
+    assert seen["steps"] == 75 and seen["lr"] == 1e-4
+    assert seen["shape"] == (1, 3, tiny_sd15.native_size, tiny_sd15.native_size)
+
+
+def test_tune_vae_option_decodes_with_a_tuned_copy_for_that_run_only(tiny_sd15, data_dir, monkeypatch):
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-3))
+    original = tiny_sd15.vae
+    kw = dict(model=tiny_sd15, steps=2, size=64, seed=3, progress=False)
+    plain = ad.texture_synthesis(data_dir / "wood-rings.jpg", **kw)[0]
+    tuned = ad.texture_synthesis(data_dir / "wood-rings.jpg", tune_vae=True, **kw)[0]
+    assert tiny_sd15.vae is original
+    assert not np.array_equal(np.asarray(plain), np.asarray(tuned))
+    assert json.loads(tuned.info["parameters"])["tune_vae"] is True
+
+
+def test_sampling_tasks_get_tiling_and_tuned_vae_through_the_wrapper(tiny_sd15, data_dir, monkeypatch):
+    from attndistill.generate import texture_sampling
+    from attndistill.textures import with_texture_options
+
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-3))
+    hooks, vaes = [], []
+
+    def spy(info):
+        vae = tiny_sd15.vae
+        hooks.append((len(tiny_sd15.unet.conv_in._forward_pre_hooks), len(vae.decoder.conv_in._forward_pre_hooks),
+                      len(vae.encoder.conv_in._forward_pre_hooks)))  # the encoder keeps zero padding
+        vaes.append(vae)
+
+    original = tiny_sd15.vae
+    out = with_texture_options(texture_sampling, data_dir / "wood-rings.jpg", model=tiny_sd15, tile="xy",
+                               tune_vae=True, steps=2, size=64, progress=False, callback=spy)
+    assert hooks == [(1, 1, 0)] * 2 and all(v is not original for v in vaes)
+    assert tiny_sd15.vae is original and not tiny_sd15.unet.conv_in._forward_pre_hooks
+    params = json.loads(out[0].info["parameters"])
+    assert params["tile"] == "xy" and params["tune_vae"] is True
+
+
+def test_bad_settings_are_user_errors(tiny_sd15):
+    with pytest.raises(ad.UserError, match="steps"):
+        tune_decoder(tiny_sd15.vae, torch.rand(1, 3, 64, 64), steps=0)
