@@ -10,4 +10,5 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-get update -qq && apt-get install -y -qq chromium
 fi
 ruff check src tests benchmarks
-python -m pytest "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only fight over 2 cores
+python -m pytest -q "$@"
