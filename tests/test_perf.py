@@ -97,3 +97,14 @@ def test_perf_switches_apply_and_revert(model):
     assert model.unet.is_gradient_checkpointing and model.vae.use_tiling
     model.set_perf(PerfOptions())
     assert not model.unet.is_gradient_checkpointing and not model.vae.use_tiling
+
+
+def test_style_transfer_batch_returns_one_image_per_content(model, data_dir):
+    import json
+
+    contents = [data_dir / "horse.jpg", data_dir / "golden-gate.jpg"]
+    images = ad.style_transfer_batch(contents, data_dir / "watercolor-cat.jpg", model=model, steps=2, size=64,
+                                     progress=False)
+    assert [img.size for img in images] == [(64, 64)] * 2
+    assert [json.loads(img.info["parameters"])["content"] for img in images] == [str(c) for c in contents]
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))

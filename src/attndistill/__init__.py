@@ -21,13 +21,13 @@ from .generate import layout_texture, text_to_image, texture_sampling  # noqa: E
 from .images import load_image, read_parameters, save_png  # noqa: E402
 from .models import DiffusionModel, load_model  # noqa: E402
 from .presets import PRESETS, Preset, get_preset  # noqa: E402
-from .tasks import appearance_transfer, style_transfer, texture_synthesis  # noqa: E402
+from .tasks import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
 from .textures import expand_texture, finetune_vae, masked_texture_synthesis, with_texture_options  # noqa: E402
 
 __all__ = [
     "PRESETS", "DiffusionModel", "Distiller", "Preset", "UserError", "__version__", "appearance_transfer",
     "get_preset", "load_image", "load_model", "parse_layers", "read_parameters", "save_png", "style_transfer",
-    "texture_synthesis",
+    "style_transfer_batch", "texture_synthesis",
     "layout_texture", "text_to_image", "texture_sampling",
     "expand_texture", "finetune_vae", "masked_texture_synthesis", "with_texture_options",
 ]
