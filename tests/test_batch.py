@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -349,3 +350,27 @@ def test_model_options_change_the_job_id(eight_jobs, tmp_path):
     c = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a", device="cuda:1"))
     assert {j.id for j in a}.isdisjoint({j.id for j in b})
     assert [j.id for j in a] == [j.id for j in c]
+
+
+def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_path, data_dir, tiny_sd15_dir):
+    """--group: jobs sharing style and settings are optimised together; each image matches its solo run."""
+    jobs = [job_line("style", c, "watercolor-cat.jpg", steps=3, seed=0)
+            for c in ("horse.jpg", "golden-gate.jpg", "wood-rings.jpg")]
+    jobs.append(job_line("appearance", "horse.jpg", "wood-rings.jpg"))  # not batchable: runs alone
+    jobs_file = write_jobs(tmp_path / "in", data_dir, jobs)
+    images = {}
+    for group in (1, 3):
+        out = tmp_path / f"out-{group}"
+        result = invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir, "--device", "cpu",
+                        "--group", group, "--quiet")
+        assert result.exit_code == 0, result.output
+        records = [r for r in read_records(out) if r["status"] == "done"]
+        assert len(records) == 4
+        assert sum(1 for r in records if r.get("batched") == 3) == (3 if group == 3 else 0)
+        for png in sorted(out.rglob("*.png")):
+            job = read_parameters(png)["job"]
+            with Image.open(png) as img:
+                images.setdefault(job, []).append(np.asarray(img, np.float32) / 255)
+    assert len(images) == 4
+    for solo, batched in images.values():
+        assert np.abs(solo - batched).max() <= 2 / 255

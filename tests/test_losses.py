@@ -106,3 +106,24 @@ def test_fused_and_separate_calls_give_the_same_loss(tiny_sd15):
             ad.begin_timestep(t, z_ref, z_c)
             losses.append(ad.loss(z).item())
     assert abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_content_loss_weights_scale_each_target():
+    q, qc = torch.randn(3, 2, 8, 4), torch.randn(3, 2, 8, 4)
+    per_target = [(q[i] - qc[i]).abs().mean() for i in range(3)]
+    got = content_loss([q], [qc], weights=torch.tensor([1.0, 0.0, 2.0]))
+    assert abs(got.item() - (per_target[0] + 2 * per_target[2]).item() / 3) < 1e-6
+
+
+def test_target_on_its_content_gets_an_exactly_zero_content_term(tiny_sd15):
+    """At init == content the content L1 sits on its kink: no gradient from it, whatever the batch layout."""
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for fused in (False, True):
+        with Distiller(tiny_sd15, content_weight=0.25, fused=fused) as ad:
+            ad.begin_timestep(torch.tensor(700), z_ref, z_c)
+            z = z_c.clone().requires_grad_(True)
+            ad.loss(z)
+            assert ad.last_parts["content"].item() == 0.0
+            z_moved = z_c + 0.1
+            ad.loss(z_moved)
+            assert ad.last_parts["content"].item() > 0

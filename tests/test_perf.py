@@ -4,9 +4,9 @@ CUDA graphs need a GPU: their equality is checked by ``benchmarks/bench.py --com
 A note on tolerances: all switches give the same loss and gradient to float rounding (1e-7),
 but Adam normalises gradients per element and the L1 losses have kinks, so over many steps
 rounding differences grow; the latent comparisons therefore use schedules of a few dozen steps.
-When the start latent *is* the content latent, the content L1 sits exactly on its kink at the
-first step, where float noise from a different batch layout picks the subgradient's sign; the
-fused checks therefore start from another latent (that kink is a property of L1, not of fusing).
+Content-initialised runs start on the content L1's kink; the engine gives targets that equal their
+content latent an exactly-zero content term there, so the batch layout cannot pick its sign at the
+first step. Later steps can still cross a kink by chance, which is why these checks use fixed seeds.
 """
 
 from __future__ import annotations

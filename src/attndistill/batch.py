@@ -496,9 +496,10 @@ class Runner:
     """Runs jobs one after another in this process, loading each model once and reusing it."""
 
     def __init__(self, out_dir: Path, *, shard: Shard, retry_failed: bool = False, progress: bool = False,
-                 debug: bool = False, log: Log = _stderr, perf=None) -> None:
+                 debug: bool = False, log: Log = _stderr, perf=None, group_size: int = 1) -> None:
         self.out_dir = out_dir
         self.perf = perf
+        self.group_size = group_size
         self.shard = shard
         self.retry_failed = retry_failed
         self.progress = progress
@@ -533,18 +534,73 @@ class Runner:
                 self.log(f"invalid {job.id}: {exc}")
                 continue
             todo.append(job)
-        for k, job in enumerate(todo, 1):
-            status = self._run_locked(job, f"[{k}/{len(todo)}]")
-            if status == "done":
-                summary.done += 1
-            elif status == "failed":
-                summary.failed += 1
-            elif status == "busy":
-                summary.busy += 1
-            else:
-                summary.skipped += 1
+        todo.sort(key=lambda j: j.group)  # same model, size and reference one after another
+        k = 0
+        for chunk in _batches(todo, self.group_size):
+            tag = f"[{k + 1}{f'-{k + len(chunk)}' if len(chunk) > 1 else ''}/{len(todo)}]"
+            k += len(chunk)
+            statuses = self._run_chunk_locked(chunk, tag) if len(chunk) > 1 else [self._run_locked(chunk[0], tag)]
+            for status in statuses:
+                if status == "done":
+                    summary.done += 1
+                elif status == "failed":
+                    summary.failed += 1
+                elif status == "busy":
+                    summary.busy += 1
+                else:
+                    summary.skipped += 1
         self._model = None
         return summary
+
+    def _run_chunk_locked(self, chunk: list[Job], tag: str) -> list[str]:
+        """Style jobs sharing a style image, model and settings: one batched optimisation for all of them.
+
+        Each target gets the gradient it would get alone (see ``style_transfer_batch``), so results match
+        one-by-one runs; if the batch fails, its jobs run one by one so one bad job cannot sink the others.
+        """
+        from .images import save_png
+        from .tasks import style_transfer_batch
+
+        locks, runnable, statuses = [], [], {}
+        for job in chunk:
+            lock = JobLock(self.out_dir, job.id)
+            if not lock.acquire():
+                statuses[job.id] = "busy"
+            elif is_done(job):
+                lock.release()
+                statuses[job.id] = "skipped"
+            else:
+                _remove_leftovers(job)
+                locks.append(lock)
+                runnable.append(job)
+        try:
+            start = time.perf_counter()
+            try:
+                model = self._load(runnable[0].model)
+                args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style")}
+                images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
+                                              model=model, progress=self.progress, **args)
+                for job, image in zip(runnable, images, strict=True):
+                    job.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+                    save_png(image, job.outputs[0], overwrite=job.overwrite, parameters=_parameters(image, job))
+            except Exception as exc:
+                self.log(f"{tag} batched run failed ({_describe(exc)}); running its jobs one by one")
+                _free_memory()
+                for job in runnable:
+                    statuses[job.id] = self._run(job, tag)
+            else:
+                seconds = (time.perf_counter() - start) / len(runnable)
+                for job in runnable:
+                    self._record(job, "done", seconds=seconds, outputs=job.outputs, batched=len(runnable))
+                    statuses[job.id] = "done"
+                self.log(f"{tag} {len(runnable)} style jobs done in one batch, {seconds:.1f} s each")
+        except (KeyboardInterrupt, SystemExit):
+            self.log(f"{tag}: interrupted; no partial output left, these jobs run again next time")
+            raise
+        finally:
+            for lock in locks:
+                lock.release()
+        return [statuses[job.id] for job in chunk]
 
     def _run_locked(self, job: Job, tag: str) -> str:
         lock = JobLock(self.out_dir, job.id)
@@ -630,6 +686,32 @@ class Runner:
         append_record(self.results, record)
 
 
+#: Options a batched style run shares; jobs that differ only in content (and output) can join one batch.
+_BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "attention_scale", "layers", "size",
+              "seed"}
+
+
+def _batch_key(job: Job) -> str | None:
+    """Jobs with equal keys can be optimised together; None: this job runs alone."""
+    if job.task != "style" or job.error or len(job.outputs) != 1 or set(job.args) - _BATCHABLE:
+        return None
+    shared = {k: v for k, v in job.args.items() if k not in ("content", "seed")}
+    return json.dumps([asdict(job.model), shared], sort_keys=True, default=str)
+
+
+def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Consecutive jobs with the same batch key, in chunks of at most ``size``; other jobs alone."""
+    chunks: list[list[Job]] = []
+    for job in jobs:
+        key = _batch_key(job) if size > 1 else None
+        last = chunks[-1] if chunks else None
+        if key is not None and last and len(last) < size and _batch_key(last[0]) == key:
+            last.append(job)
+        else:
+            chunks.append([job])
+    return chunks
+
+
 def _parameters(image, job: Job) -> dict:
     text = image.info.get("parameters")
     try:
@@ -668,7 +750,7 @@ def _free_memory() -> None:
 def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | None = None,
               retry_failed: bool = False, defaults: ModelSpec | None = None, progress: bool = False,
               debug: bool = False, log: Log = _stderr, env: Mapping[str, str] | None = None,
-              perf=None) -> Summary:
+              perf=None, group_size: int | None = None) -> Summary:
     """Run this process's share of a jobs file; see the module docstring. Example::
 
         summary = run_batch("jobs.jsonl", "results/", shard="0/4")
@@ -688,7 +770,12 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     atomic_write(out_dir / "batch.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
     mine = select(jobs, part)
     log(f"shard {part}: {len(mine)} of {len(jobs)} jobs -> {out_dir / part.results_name}")
+    if group_size is None:  # a batch is nearly free on a GPU; on a CPU it costs its full size
+        import torch
+
+        group_size = 8 if torch.cuda.is_available() else 1
     summary = Runner(out_dir, shard=part, retry_failed=retry_failed, progress=progress, debug=debug, perf=perf,
+                     group_size=group_size,
                      log=log).run(mine)
     log(f"shard {part}: {summary}")
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .models import Conditioning, DiffusionModel, _offline
+from .models import Conditioning, DiffusionModel, from_pretrained
 
 #: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -78,7 +78,6 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     ``load_controlnet("lllyasviel/control_v11p_sd15_canny", model=m)``.
     """
     from diffusers import ControlNetModel
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     source = str(source)
     path = Path(source)
@@ -90,37 +89,12 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     elif source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
                         "such as lllyasviel/control_v11p_sd15_canny")
-    local_only = _offline() or path.is_dir()
     if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
         variant = "fp16"
-    if variant and path.is_dir() and not any(path.glob(f"*.{variant}.*")):
-        variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
-    net = None
-    for attempt in ((variant, None) if variant else (None,)):
-        try:
-            net = ControlNetModel.from_pretrained(source, variant=attempt, local_files_only=local_only,
-                                                  use_safetensors=not allow_pickle, dtype=model.dtype)
-            break
-        except LocalEntryNotFoundError:
-            raise _not_available(source) from None
-        except (OSError, ValueError) as exc:
-            text = str(exc)
-            if attempt is not None and ("variant" in text or "fp16" in text):
-                continue  # no fp16 variant: fall back to the default weights
-            if "safetensors" in text and not allow_pickle:
-                raise UserError(f"ControlNet '{source}' has no .safetensors weights; convert it, or pass "
-                                "--allow-pickle if you trust its pickle files") from None
-            if not path.is_dir() and ("config.json" in text or "connect" in text.lower()):
-                raise _not_available(source) from None
-            raise UserError(f"ControlNet '{source}' could not be loaded: {text.splitlines()[0]}") from None
+    net = from_pretrained(ControlNetModel, source, variant, what="ControlNet", option="--controlnet",
+                          use_safetensors=not allow_pickle, dtype=model.dtype)
     check_compatible(net, model, source)
     return net.to(model.device).requires_grad_(False).eval()
-
-
-def _not_available(source: str) -> UserError:
-    return UserError(f"ControlNet '{source}' is not in the local Hugging Face cache and the Hub cannot be reached "
-                     "(or has no such repo); check the id, download it once online, or pass --controlnet "
-                     "/path/to/a/local/folder")
 
 
 def check_compatible(net, model: DiffusionModel, source: str = "ControlNet") -> None:

@@ -239,20 +239,33 @@ class Distiller:
                         content_feats = self.features(z_c, t) if z_c is not None else None
                 self._set_reference(ref_feats, content_feats)
             target = self.features(z, t)
-        return self._loss(target, z.shape[-2:], z_ref.shape[-2:])
+        return self._loss(target, z, z_ref.shape[-2:])
 
-    def _loss(self, target: list[LayerFeatures], target_hw, ref_hw) -> torch.Tensor:
-        masks = self._layer_masks(target, target_hw, ref_hw) if self.target_labels is not None else None
+    def _loss(self, target: list[LayerFeatures], z: torch.Tensor, ref_hw) -> torch.Tensor:
+        masks = self._layer_masks(target, z.shape[-2:], ref_hw) if self.target_labels is not None else None
         ad = ad_loss([f.o for f in target], [f.q for f in target], self.reference.keys, self.reference.values,
                      scale=self.attention_scale, masks=masks)
         total = ad
         parts = {"ad": ad}
         if self.content_queries is not None:
-            c = content_loss([f.q for f in target], self.content_queries)
+            c = content_loss([f.q for f in target], self.content_queries, weights=self._off_content(z))
             parts["content"] = c
             total = ad + self.content_weight * c
         self.last_parts = parts
         return total
+
+    def _off_content(self, z: torch.Tensor) -> torch.Tensor | None:
+        """(B,) 0 for targets that *are* their content latent, else 1; None when no target is.
+
+        There the content term and its gradient are exactly zero (L1's kink, subgradient 0), but two
+        UNet calls in different batch layouts round differently and would pick a random subgradient
+        sign that Adam's first step turns into a visible difference. Checked on the device, no sync.
+        """
+        z_c = self._pending[2]
+        if z_c is None or z_c.shape[-2:] != z.shape[-2:]:
+            return None
+        same = (z.detach() == z_c.to(z.dtype)).flatten(1).all(dim=1)  # (B,) or (1,) broadcast
+        return (~same).to(torch.float32).expand(z.shape[0])
 
     def _layer_masks(self, target: list[LayerFeatures], target_hw, ref_hw) -> list[torch.Tensor]:
         """Label masks per layer, at each layer's own token grid (non-square grids included); cached."""

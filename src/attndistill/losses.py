@@ -52,11 +52,19 @@ def ad_loss(outputs: Sequence[torch.Tensor], queries: Sequence[torch.Tensor], re
     return total
 
 
-def content_loss(queries: Sequence[torch.Tensor], content_queries: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``L_content = sum_l mean|Q_l - stopgrad(Q_c,l)|``; content queries (1 or B, h, N, d) broadcast."""
+def content_loss(queries: Sequence[torch.Tensor], content_queries: Sequence[torch.Tensor], *,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_content = sum_l mean|Q_l - stopgrad(Q_c,l)|``; content queries (1 or B, h, N, d) broadcast.
+
+    ``weights`` (B,) scales each target's term (the mean over the batch of per-target means equals
+    the plain mean, as every target has the same number of elements).
+    """
     total = queries[0].new_zeros((), dtype=torch.float32)
     for q, qc in zip(queries, content_queries, strict=True):
-        total = total + F.l1_loss(q.float(), qc.detach().float().expand_as(q))
+        per_target = (q.float() - qc.detach().float().expand_as(q)).abs().mean(dim=(1, 2, 3))  # (B,)
+        if weights is not None:
+            per_target = per_target * weights
+        total = total + per_target.mean()
     return total
 
 

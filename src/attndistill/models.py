@@ -243,11 +243,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _not_available(model: str) -> UserError:
+def _not_available(source: str, what: str = "model", option: str = "--model") -> UserError:
     return UserError(
-        f"model '{model}' is not in the local Hugging Face cache and the Hub cannot be reached"
-        f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; download it once online, or pass "
-        "--model /path/to/a/local/diffusers/folder")
+        f"{what} '{source}' is not in the local Hugging Face cache and the Hub cannot be reached"
+        f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; check the id and download it once online, "
+        f"or pass {option} /path/to/a/local/diffusers/folder")
 
 
 def _read_model_index(model: str) -> dict:
@@ -350,7 +350,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                                           "feature_extractor": None}
         if variant is None and device.type == "cuda" and dtype != torch.float32:
             variant = "fp16"
-        pipe = _from_pretrained(cls, source, variant, use_safetensors=not allow_pickle, **common, **extra)
+        pipe = from_pretrained(cls, source, variant, use_safetensors=not allow_pickle, **common, **extra)
     if vae is not None:
         vae_path = Path(vae)
         if not (vae_path / "config.json").is_file():
@@ -371,24 +371,32 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     return model
 
 
-def _from_pretrained(cls, source: str, variant: str | None, **kwargs):
+def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model", option: str = "--model",
+                    **kwargs):
+    """``cls.from_pretrained`` with our conventions: offline when asked, the ``variant`` weights when the
+    repo has them (else the default files), and one-line errors for what the user can fix."""
     from huggingface_hub.errors import LocalEntryNotFoundError
-    local_only = _offline() or Path(source).is_dir()
+
+    path = Path(source)
+    local_only = _offline() or path.is_dir()
+    if variant and path.is_dir() and not any(path.rglob(f"*.{variant}.*")):
+        variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):
         try:
             return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
         except LocalEntryNotFoundError:
-            raise _not_available(source) from None
+            raise _not_available(source, what, option) from None
         except (OSError, ValueError) as exc:
             text = str(exc)
             if attempt is not None and ("variant" in text or "fp16" in text):
                 continue  # no fp16 variant: fall back to the default weights
             if "safetensors" in text and kwargs.get("use_safetensors"):
-                raise UserError(f"model '{source}' has no .safetensors weights; convert it, or pass "
+                raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None
-            if "connect" in text.lower() or "offline" in text.lower() or "cache" in text.lower():
-                raise _not_available(source) from None
-            raise UserError(f"model '{source}' could not be loaded: {text.splitlines()[0]}") from None
+            lowered = text.lower()
+            if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
+                raise _not_available(source, what, option) from None
+            raise UserError(f"{what} '{source}' could not be loaded: {text.splitlines()[0]}") from None
     raise AssertionError("unreachable")
 
 
