@@ -39,7 +39,8 @@ AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in
 Layers = Annotated[str | None, typer.Option(
     help="Self-attention layers, e.g. 10-15 or 10,11,12 [default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(
-    help="Long side in pixels, or WIDTHxHEIGHT (rounded to multiples of 64) [default: model's native size]",
+    help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5/SDXL) "
+         "[default: model's native size]",
     show_default=False)]
 Seed = Annotated[int, typer.Option(help="Random seed")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto")]
@@ -74,8 +75,8 @@ def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dt
                       allow_pickle=allow_pickle, perf=PERF)
 
 
-def parse_size_option(size: str | None, multiple: int = 64):
-    """``--size`` text -> int (long side), (w, h) or None."""
+def parse_size_option(size: str | None, multiple: int = 1):
+    """``--size`` text -> int (long side), (w, h) or None; the task rounds it to the model's multiple."""
     from ..images import parse_size
 
     return None if size is None else parse_size(size, multiple=multiple)

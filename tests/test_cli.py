@@ -1,0 +1,82 @@
+"""The core commands end to end on the saved tiny model, as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attndistill import __version__
+from attndistill.cli import app
+from attndistill.images import read_parameters
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_style_writes_a_png_with_its_parameters(tmp_path, data_dir, tiny_sd15_dir):
+    out = tmp_path / "out.png"
+    result = run("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "-o", out,
+                 "--model", tiny_sd15_dir, "--steps", 10, "--size", 128, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "loss=" in result.output  # the progress bar shows the loss
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (128, 128)
+    params = read_parameters(out)
+    assert params["task"] == "style" and params["steps"] == 10 and params["version"] == __version__
+    assert params["model"] == str(tiny_sd15_dir) and params["content_weight"] == 0.25
+    assert params["content"].endswith("horse.jpg") and params["style"][0].endswith("watercolor-cat.jpg")
+
+
+def test_appearance_and_layers_option(tmp_path, data_dir, tiny_sd15_dir):
+    out = tmp_path / "app.png"
+    result = run("appearance", data_dir / "golden-gate.jpg", data_dir / "wood-rings.jpg", "-o", out, "--model",
+                 tiny_sd15_dir, "--steps", 2, "--size", 64, "--layers", "2-4", "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    params = read_parameters(out)
+    assert params["layers"] == [2, 3, 4] and params["content_weight"] == 0.2
+
+
+def test_texture_variations_are_numbered(tmp_path, data_dir, tiny_sd15_dir):
+    out = tmp_path / "tex.png"
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--num", 2, "--size", "96x64", "--model",
+                 tiny_sd15_dir, "--steps", 2, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    for i in range(2):
+        with Image.open(tmp_path / f"tex-{i}.png") as img:
+            assert img.size == (96, 64)
+        assert read_parameters(tmp_path / f"tex-{i}.png")["index"] == i
+    assert not out.exists()
+
+
+def test_existing_output_is_never_overwritten_silently(tmp_path, data_dir, tiny_sd15_dir):
+    out = tmp_path / "out.png"
+    shutil.copy(data_dir / "horse.jpg", out)  # any bytes: they must survive
+    before = out.read_bytes()
+    args = ("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "-o", out, "--model", tiny_sd15_dir,
+            "--steps", 1, "--size", 64, "--device", "cpu", "--quiet")
+    result = run(*args)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert out.read_bytes() == before
+    assert run(*args, "--overwrite").exit_code == 0
+    assert read_parameters(out)["task"] == "style"
+
+
+def test_version_and_help_examples():
+    result = run("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+    for command in ("style", "appearance", "texture", "t2i", "expand", "finetune-vae", "batch"):
+        text = run(command, "--help").output
+        assert "Example" in text, command
+
+
+@pytest.mark.parametrize("flag", ["--no-cuda-graphs", "--vae-tiling", "--gradient-checkpointing"])
+def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
+    out = tmp_path / "out.png"
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 1,
+                 "--size", 64, "--device", "cpu", "--quiet", flag)
+    assert result.exit_code == 0, result.output
+    assert out.exists()

@@ -1,0 +1,52 @@
+"""Model loading through the user's path: detection, VAE swap, conditioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attndistill import load_model
+from attndistill.errors import UserError
+from attndistill.perf import PerfOptions
+
+
+def test_kinds_are_detected_from_the_folder(tiny_sd15, tiny_sdxl):
+    assert tiny_sd15.kind == "sd15" and tiny_sdxl.kind == "sdxl"
+    assert tiny_sd15.vae_scale_factor == 8 and tiny_sd15.latent_multiple == 32
+
+
+def test_vae_swap_loads_the_other_vae(tiny_sd15_dir, tiny_sdxl_dir):
+    swapped = load_model(str(tiny_sd15_dir), vae=tiny_sdxl_dir / "vae", device="cpu")
+    other = load_model(str(tiny_sdxl_dir), device="cpu")
+    for a, b in zip(swapped.vae.parameters(), other.vae.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="not a diffusers AutoencoderKL folder"):
+        load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / "unet_missing", device="cpu")
+
+
+def test_null_condition_is_the_empty_prompt(tiny_sd15, tiny_sdxl):
+    for model in (tiny_sd15, tiny_sdxl):
+        null = model.null_condition((256, 256))
+        empty, _ = model.encode_prompt([""], None, size=(256, 256))
+        assert torch.equal(null.encoder_hidden_states, empty.encoder_hidden_states)
+    added = tiny_sdxl.null_condition((256, 192)).added_cond_kwargs
+    assert added["time_ids"].tolist() == [[256, 192, 0, 0, 256, 192]]
+    assert added["text_embeds"].abs().sum() > 0  # the empty prompt's pooled embedding, not zeros
+
+
+def test_round_trip_encode_decode_shapes(tiny_sd15):
+    x = torch.rand(2, 3, 64, 96)
+    z = tiny_sd15.encode(x)
+    assert z.shape == (2, 4, 8, 12)
+    y = tiny_sd15.decode(z)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+
+
+def test_text_encoder_offload_keeps_the_conditioning(tiny_sdxl):
+    before = tiny_sdxl.encode_prompt(["a b c"], None)[0].encoder_hidden_states
+    tiny_sdxl.set_perf(PerfOptions(offload_text_encoders=True))
+    try:
+        after = tiny_sdxl.encode_prompt(["a b c"], None)[0].encoder_hidden_states
+    finally:
+        tiny_sdxl.set_perf(PerfOptions())
+    assert torch.equal(before, after)
