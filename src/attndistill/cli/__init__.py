@@ -49,10 +49,10 @@ def _root(
                                           help="Print the version and exit")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors")] = False,
     cuda_graphs: Annotated[bool | None, typer.Option(
-        "--cuda-graphs/--no-cuda-graphs", help="Replay each AD iteration as a CUDA graph [default: on for GPUs]",
+        "--cuda-graphs/--no-cuda-graphs", help="Replay each AD iteration as a CUDA graph \\[default: on for GPUs]",
         show_default=False)] = None,
     fused: Annotated[bool | None, typer.Option(
-        "--fused/--no-fused", help="Reference, content and target in one UNet call [default: automatic]",
+        "--fused/--no-fused", help="Reference, content and target in one UNet call \\[default: automatic]",
         show_default=False)] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", help="Less memory for the backward pass, slower")] = False,

@@ -24,7 +24,7 @@ def batch(
         "--out", "-o", help="Output folder: images, results.jsonl, locks", show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option(help="Run again the jobs recorded as failed")] = False,
     shard: Annotated[str | None, typer.Option(
-        help="I/N: run part I (0-based) of N [default: from SLURM_ARRAY_TASK_ID/COUNT; torchrun ranks split "
+        help="I/N: run part I (0-based) of N \\[default: from SLURM_ARRAY_TASK_ID/COUNT; torchrun ranks split "
              "further]", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="Validate every job (inputs, options, outputs) and stop")] = False,
     merge: Annotated[Path | None, typer.Option(
@@ -32,7 +32,7 @@ def batch(
         metavar="DIR")] = None,
     group: Annotated[int | None, typer.Option(
         help="Style jobs sharing a style image and settings run up to this many at a time in one batch "
-             "(same results, more images per minute) [default: 8 on GPUs, 1 on CPUs]", show_default=False,
+             "(same results, more images per minute) \\[default: 8 on GPUs, 1 on CPUs]", show_default=False,
         min=1)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", quiet: Quiet = False,

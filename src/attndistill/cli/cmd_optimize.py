@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UserError
 from . import app
 from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
 from .common import (
@@ -106,8 +107,8 @@ def texture(
         help="With --layout: noise level to start from, in (0, 1]; 1 ignores the layout \\[default: 0.8]",
         show_default=False)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
-    steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
-    layers: Layers = None, size: Size = None, seed: Seed = 0,
+    steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
+    attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
@@ -115,12 +116,15 @@ def texture(
 
     def body() -> None:
         check_outputs(output, num, overwrite=overwrite)
+        if content_weight is not None and layout is None and not ref_labels:
+            raise UserError("--content-weight needs a content: use it with --layout or with label maps")
+        extra = {} if content_weight is None else {"content_weight": content_weight}
         sampler = _texture_sampler(mode, layout, strength)
         task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet)
+            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet, **extra)
         write_images(imgs, output, overwrite=overwrite)
 
     run_command(body)

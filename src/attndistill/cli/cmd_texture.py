@@ -81,13 +81,13 @@ def expand(
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels (or one number: a square), at least one view",
                                       show_default=False)],
     output: Output = Path("out.png"),
-    stride: Annotated[int | None, typer.Option(help="View stride in latents [default: 8]", show_default=False)
+    stride: Annotated[int | None, typer.Option(help="View stride in latents \\[default: 8]", show_default=False)
                       ] = None,
-    view_batch: Annotated[int | None, typer.Option(help="Views per UNet batch [default: 8]", show_default=False)
+    view_batch: Annotated[int | None, typer.Option(help="Views per UNet batch \\[default: 8]", show_default=False)
                           ] = None,
-    view: Annotated[int | None, typer.Option(help="View side in latents [default: 64, 512 px on SD 1.5]",
+    view: Annotated[int | None, typer.Option(help="View side in latents \\[default: 64, 512 px on SD 1.5]",
                                              show_default=False)] = None,
-    decode_tile: Annotated[int | None, typer.Option(help="Decoder tile side in latents [default: 64]",
+    decode_tile: Annotated[int | None, typer.Option(help="Decoder tile side in latents \\[default: 64]",
                                                     show_default=False)] = None,
     tile: Tile = None, tune_vae: TuneVae = False,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
@@ -117,8 +117,8 @@ def finetune_vae(
     reference: Annotated[Path, typer.Argument(help="Image to fit the decoder to")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to save the AutoencoderKL in",
                                          show_default=False)],
-    steps: Annotated[int | None, typer.Option(help="Adam steps [default: 75]", show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate [default: 1e-4]", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Adam steps \\[default: 75]", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate \\[default: 1e-4]", show_default=False)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:

@@ -23,24 +23,24 @@ PERF = None
 # -- shared options (Annotated aliases so each command declares them in one line) --------------------
 
 Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Hub id, diffusers folder or .safetensors file [default: SD 1.5]", show_default=False)]
+    "--model", "-m", help="Hub id, diffusers folder or .safetensors file \\[default: SD 1.5]", show_default=False)]
 Vae = Annotated[Path | None, typer.Option(help="AutoencoderKL folder to use instead of the model's VAE")]
 ConfigDir = Annotated[Path | None, typer.Option(
     "--config", help="Local diffusers folder describing a single-file checkpoint (offline use)")]
 AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.bin) weights you trust")]
-Steps = Annotated[int | None, typer.Option(help="Timesteps visited [default: task preset]", show_default=False)]
-Iters = Annotated[int | None, typer.Option(help="Adam iterations per timestep [default: preset]",
+Steps = Annotated[int | None, typer.Option(help="Timesteps visited \\[default: task preset]", show_default=False)]
+Iters = Annotated[int | None, typer.Option(help="Adam iterations per timestep \\[default: preset]",
                                            show_default=False)]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate [default: preset]", show_default=False)]
-ContentWeight = Annotated[float | None, typer.Option(help="Content loss weight lambda [default: preset]",
+Lr = Annotated[float | None, typer.Option(help="Adam learning rate \\[default: preset]", show_default=False)]
+ContentWeight = Annotated[float | None, typer.Option(help="Content loss weight lambda \\[default: preset]",
                                                      show_default=False)]
-AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in the ideal attention [default: 1]",
+AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in the ideal attention \\[default: 1]",
                                                       show_default=False)]
 Layers = Annotated[str | None, typer.Option(
-    help="Self-attention layers, e.g. 10-15 or 10,11,12 [default: the model's last six]", show_default=False)]
+    help="Self-attention layers, e.g. 10-15 or 10,11,12 \\[default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(
     help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5/SDXL) "
-         "[default: model's native size]",
+         "\\[default: model's native size]",
     show_default=False)]
 Seed = Annotated[int, typer.Option(help="Random seed")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto")]
