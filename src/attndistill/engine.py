@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .features import LayerFeatures, StopForward, capture, default_layers, discover_self_attention_layers
 from .losses import ad_loss, concat_references, content_loss, label_mask
 from .models import Conditioning, DiffusionModel
@@ -151,7 +151,13 @@ class Distiller:
             stepper.reset_state()  # a graph from an earlier run still holds that run's moments
         elif fresh:
             stepper.reset_state()
-        return stepper.run(z, t, ref_latents, content_latents, iters)
+        try:
+            return stepper.run(z, t, ref_latents, content_latents, iters)
+        except RuntimeError as exc:  # Adam's step beyond float range: the same failure as a NaN
+            if "overflow" not in str(exc):
+                raise
+            raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
+                                 ) from None
 
     def _new_stepper(self, key, lr: float) -> EagerStepper:
         z_shape, ref_shape, content_shape, _ = key

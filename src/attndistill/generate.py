@@ -25,7 +25,7 @@ from .images import ImageInput, load_image, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback
 from .presets import Preset, get_preset
-from .sampling import make_scheduler, prompt_conditioning, sample, sdedit_start
+from .sampling import prompt_conditioning, sample, sdedit_start
 from .tasks import Size, _as_list, _describe, _params, check_settings, encode_references, finish, target_size
 
 
@@ -71,7 +71,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     z_ref = encode_references(model, job.references, job.ref_what)
     cond, uncond = prompt_conditioning(model, job.prompt, job.negative_prompt, guidance=preset.guidance,
                                        size=(h, w))
-    scheduler = make_scheduler(model, preset.steps)
+    scheduler = model.ddim_scheduler(preset.steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (job.num, model.unet.config.in_channels, h // model.vae_scale_factor, w // model.vae_scale_factor)
     noise = torch.randn(shape, generator=generator)  # CPU generator: a seed gives the same start on every device

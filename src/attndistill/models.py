@@ -136,6 +136,19 @@ class DiffusionModel:
         """Pixel sides must be multiples of this: the UNet halves the latent once per down block."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
+    def ddim_scheduler(self, steps: int):
+        """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        limit = scheduler.config.num_train_timesteps
+        if steps < 1:
+            raise UserError(f"steps must be at least 1 (got {steps})")
+        if steps > limit:
+            raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
     # -- VAE -------------------------------------------------------------------------------------
 
     def _vae_dtype(self) -> torch.dtype:

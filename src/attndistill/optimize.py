@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Distiller
-from .errors import NonFiniteError, UserError
+from .errors import NonFiniteError
 
 
 @dataclass
@@ -45,18 +45,6 @@ def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list
     bar.set_postfix(loss=f"{info.loss:.4f}", t=info.timestep)
     if callback is not None:
         callback(info)
-
-
-def ddim_timesteps(model, steps: int) -> torch.Tensor:
-    """Timesteps of a DDIM scheduler configured like the model's, descending."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    limit = scheduler.config.num_train_timesteps
-    if steps > limit:
-        raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
-    scheduler.set_timesteps(steps)
-    return scheduler.timesteps
 
 
 def check_finite(value: torch.Tensor, what: str, step: int, timestep: int) -> None:
@@ -109,7 +97,7 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     latents; content_latents: (1 or B, 4, h, w) for the content loss.
     """
     model = distiller.model
-    timesteps = ddim_timesteps(model, steps)
+    timesteps = model.ddim_scheduler(steps).timesteps
     z = init.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
     if content_latents is not None:
@@ -122,13 +110,8 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
                 t_int = int(t)
                 # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).
                 # One optimiser for the whole run: its state persists across timesteps.
-                try:
-                    z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
-                                                     iters=iters, lr=lr, fresh=False)
-                except RuntimeError as exc:  # Adam's step size beyond float range: the same failure as Inf
-                    if "overflow" not in str(exc):
-                        raise
-                    check_finite(torch.tensor(float("inf")), "latent", i, t_int)
+                z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
+                                                 iters=iters, lr=lr, fresh=False)
                 guard.update(i, t_int, z, losses)
                 guard.check(i, final=i == len(timesteps) - 1)
                 report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)

@@ -24,15 +24,6 @@ from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 
 
-def make_scheduler(model: DiffusionModel, steps: int):
-    """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(steps, device=model.device)
-    return scheduler
-
-
 def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str | None = None, *,
                         guidance: float, size: tuple[int, int]) -> tuple[Conditioning, Conditioning | None]:
     """(cond, uncond) of the denoising call, batch 1; ``uncond`` is None when guidance <= 1 (no CFG).
@@ -62,7 +53,7 @@ def sdedit_start(model: DiffusionModel, init: torch.Tensor, noise: torch.Tensor,
     first = steps - min(int(steps * strength), steps)
     if first >= steps:
         raise UserError(f"strength {strength} leaves no step to run with {steps} steps; raise --strength or --steps")
-    scheduler = make_scheduler(model, steps)
+    scheduler = model.ddim_scheduler(steps)
     t = scheduler.timesteps[first : first + 1]
     return scheduler.add_noise(init.to(model.device), noise.to(model.device, init.dtype), t), first
 
@@ -97,7 +88,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     never the ControlNet; the denoising call runs with its capture paused.
     """
     model = distiller.model
-    scheduler = make_scheduler(model, steps)
+    scheduler = model.ddim_scheduler(steps)
     timesteps = scheduler.timesteps[start_step:]
     if guidance <= 1.0:
         uncond = None

@@ -26,7 +26,17 @@ from .models import DiffusionModel, as_model
 from .multidiffusion import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
 from .presets import get_preset
-from .tasks import Size, _as_list, _describe, _params, check_settings, finish, seeded_noise, target_size
+from .tasks import (
+    Size,
+    _as_list,
+    _describe,
+    _params,
+    check_settings,
+    encode_references,
+    finish,
+    seeded_noise,
+    target_size,
+)
 from .tiling import check_axes, seamless
 from .vae_tuning import LR, STEPS, tuned_vae, using_vae
 
@@ -74,7 +84,6 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
         big = expand_texture("wood.jpg", size=(4096, 4096), model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """
-    from diffusers import DDIMScheduler
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride)
@@ -96,11 +105,8 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     wrap = ("y" in axes and hw[0] > view, "x" in axes and hw[1] > view)
     unet_axes = ("y" if "y" in axes and hw[0] == view else "") + ("x" if "x" in axes and hw[1] == view else "")
 
-    side = model.native_size
-    ref_images = [load_image(r, what="texture image") for r in refs]
-    z_ref = model.encode(to_tensor(ref_images, (side, side)))
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    scheduler.set_timesteps(preset.steps)
+    z_ref = encode_references(model, refs, "texture image")
+    scheduler = model.ddim_scheduler(preset.steps)
     view_px = view * f
     cond = model.null_condition((view_px, view_px))
     init = seeded_noise((1, 4, *hw), seed) * scheduler.init_noise_sigma
@@ -113,7 +119,8 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
-    tuned = vae_tuning.finetune_vae(ref_images[0], model=model, progress=progress) if tune_vae else None
+    tuned = vae_tuning.finetune_vae(load_image(refs[0], what="texture image"), model=model,
+                                    progress=progress) if tune_vae else None
     with using_vae(model, tuned):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
