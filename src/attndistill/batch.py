@@ -44,7 +44,7 @@ from .batchstate import (
     select,
     wait_for_all_ranks,
 )
-from .errors import UserError
+from .errors import OOM_ADVICE, UserError, is_out_of_memory
 
 __all__ = ["TASKS", "Job", "JobLock", "ModelSpec", "Runner", "Summary", "TaskSpec", "append_record", "dry_run",
            "merge_results", "read_jobs", "read_records", "resolve_shard", "run_batch", "select"]
@@ -723,9 +723,8 @@ def _parameters(image, job: Job) -> dict:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if "out of memory" in text.lower():
-        return ("out of memory; use a smaller size, fewer images per job, --dtype bf16, attention slicing or "
-                "CPU offload")
+    if is_out_of_memory(exc):
+        return OOM_ADVICE
     return f"unexpected {type(exc).__name__}: {text}"
 
 

@@ -175,7 +175,7 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 class JobLock:
-    """``DIR/.locks/ID.lock``, created with O_EXCL: while it exists no other process runs the job.
+    """``DIR/.locks/ID.lock``, created atomically: while it exists no other process runs the job.
 
     A lock whose owner died (same host, PID gone or recycled) is stale and taken over; a lock from
     another host is respected (delete it by hand if that machine is gone).
@@ -193,23 +193,41 @@ class JobLock:
             return {}
 
     def acquire(self) -> bool:
+        """Take the lock; False when a live process holds it.
+
+        The lock appears complete or not at all: its owner record is written to a private file that is
+        then hard-linked to the lock's name (``link`` fails if the name exists), so a process killed at
+        any moment never leaves an empty lock that others would have to wait out.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if attempt or not self._break_stale():
-                    return False
-                continue
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
-                  "time": time.time()}
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            return True
-        return False
+        self._remove_dead_drafts()
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid()),
+              "time": time.time()}
+        draft = self.path.with_name(f".{self.path.name}.{os.getpid()}.draft")
+        with open(draft, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            for attempt in range(2):
+                try:
+                    os.link(draft, self.path)
+                except FileExistsError:
+                    if attempt or not self._break_stale():
+                        return False
+                    continue
+                self.held = True
+                return True
+            return False
+        finally:
+            draft.unlink(missing_ok=True)
+
+    def _remove_dead_drafts(self) -> None:
+        """Owner records left by processes killed between writing and linking them."""
+        for draft in self.path.parent.glob(f".{self.path.name}.*.draft"):
+            pid = draft.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid), None):
+                draft.unlink(missing_ok=True)
 
     def _stale(self, info: dict) -> bool:
         if not info:  # unreadable: its writer is still writing it, or died right after creating it

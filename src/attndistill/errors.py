@@ -18,3 +18,15 @@ class NonFiniteError(UserError):
     """The loss or the latent became NaN/Inf during optimisation."""
 
     exit_code = 3
+
+
+#: What helps when the GPU runs out of memory (the same advice in the CLI, the batch runner and the web UI).
+OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at once, --gradient-checkpointing, "
+              "--attention-slicing, --offload-text-encoders or --cpu-offload, or --device cpu")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA (or other device) out-of-memory error, whatever its exact type."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UserError
+from .errors import OOM_ADVICE, UserError, is_out_of_memory
 from .images import load_image, parse_size, save_png, to_pil
 from .models import DEFAULT_MODEL, DiffusionModel, load_model
 from .optimize import StepInfo
@@ -204,8 +204,8 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, UserError):
         return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return "the GPU ran out of memory; try a smaller size, fewer images, or the bf16 dtype"
+    if is_out_of_memory(exc):
+        return OOM_ADVICE.replace("--", "")  # the page's fields, not CLI flags
     if isinstance(exc, ImportError):
         return f"this task is not available in this installation ({text})"
     log.error("unexpected error in a web UI job", exc_info=exc)

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UserError
+from ..errors import OOM_ADVICE, UserError, is_out_of_memory
 
 #: Speed/memory switches given on the command line (set by the root command; None in library use).
 PERF = None
@@ -145,21 +145,14 @@ def run_command(fn: Callable[[], None]) -> None:
         typer.echo("interrupted: no partial output was left", err=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except Exception as exc:
-        if _is_cuda_oom(exc):
-            typer.echo("error: CUDA out of memory; try a smaller --size, fewer images (--num), --dtype bf16, "
-                       "or --device cpu", err=True)
+        if is_out_of_memory(exc):
+            typer.echo(f"error: {OOM_ADVICE}", err=True)
             raise typer.Exit(4) from None
         if debug_enabled():
             raise
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         raise typer.Exit(1) from None
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
 def echo_err(text: str) -> None:
