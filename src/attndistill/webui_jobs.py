@@ -1,0 +1,189 @@
+"""What runs behind the web UI, without Gradio: the model slot, background jobs with progress,
+live previews and cancel, the "same run from the terminal" command and readable error lines.
+
+Kept apart from :mod:`attndistill.webui` so it can be tested without a browser.
+"""
+
+import gc
+import logging
+import queue
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .images import to_pil
+from .models import DEFAULT_MODEL, DiffusionModel, load_model
+from .optimize import StepInfo
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[StepInfo], None]
+
+
+
+class ModelSlot:
+    """The one loaded model: kept between runs, released before another one is loaded."""
+
+    def __init__(self, *, device: str | None = None, dtype: str | None = None) -> None:
+        self.device, self.dtype = device, dtype
+        self.key: tuple[str, str | None] | None = None
+        self.model: DiffusionModel | None = None
+        self._lock = threading.Lock()
+
+    def get(self, model: str | None, vae: str | None = None) -> DiffusionModel:
+        """The model for (``model``, ``vae``), loading it (and freeing the previous one) when it changed."""
+        key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None)
+        with self._lock:
+            if self.key != key or self.model is None:
+                self._release()  # free the old weights first: two SDXL models may not fit on one GPU
+                self.model = load_model(key[0], vae=key[1], device=self.device, dtype=self.dtype)
+                self.key = key
+            return self.model
+
+    def _release(self) -> None:
+        self.model, self.key = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        m = self.model
+        if m is None:
+            return "no model loaded yet: the first run loads it"
+        vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
+        return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
+
+
+class Cancelled(Exception):
+    """Raised from the progress callback to stop a run between two steps."""
+
+
+@dataclass
+class Update:
+    """One progress report of a running job."""
+
+    step: int  # 1-based
+    total: int
+    loss: float
+    preview: Image.Image | None = None
+
+
+class Job:
+    """One API call in a worker thread.
+
+    ``fn(callback)`` runs the task; the callback queues an :class:`Update` per step, renders
+    ``preview(latents)`` every ``every`` steps, and raises :class:`Cancelled` once :meth:`cancel`
+    was called, which unwinds the task through its own ``finally`` blocks.
+    """
+
+    def __init__(self, fn: Callable[[Callback], object], *,
+                 preview: Callable[[torch.Tensor], Image.Image] | None = None, every: int = 0) -> None:
+        self.fn, self.preview, self.every = fn, preview, every
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.last: Update | None = None
+        self._updates: queue.Queue[Update | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="attndistill-job", daemon=True)
+        self.started = time.monotonic()
+
+    def start(self) -> "Job":
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, Cancelled)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def _callback(self, info: StepInfo) -> None:
+        if self._stop.is_set():
+            raise Cancelled(f"cancelled after step {info.step} of {info.total}")
+        step = info.step + 1
+        image = None
+        if self.preview is not None and self.every > 0 and step % self.every == 0 and step < info.total:
+            try:
+                image = self.preview(info.latents)
+            except Exception as exc:  # a preview is a nicety: never let it end the run
+                log.warning("live preview disabled: %s", exc)
+                self.preview = None
+        self._updates.put(Update(step, info.total, info.loss, image))
+
+    def _work(self) -> None:
+        try:
+            self.result = self.fn(self._callback)
+        except BaseException as exc:  # handed to the page by the caller of updates()
+            self.error = exc
+        finally:
+            self._updates.put(None)
+
+    def updates(self) -> Iterator[Update]:
+        """Progress reports until the run ends (then ``result`` or ``error`` is set)."""
+        while (item := self._updates.get()) is not None:
+            self.last = item
+            yield item
+        self._thread.join()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def preview_image(model: DiffusionModel, latents: torch.Tensor, *, side: int = 32) -> Image.Image:
+    """The batch's first latent decoded at most ``side`` latents across: a cheap look at a running job."""
+    z = latents[:1].detach().float()  # (1, 4, h, w)
+    h, w = z.shape[-2:]
+    if max(h, w) > side:
+        scale = side / max(h, w)
+        z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+    return to_pil(model.decode(z))[0]
+
+
+def cli_command(words: list[str], options: dict[str, object]) -> str:
+    """``attndistill WORDS --option value ...`` quoted for a POSIX shell.
+
+    ``None`` options are left out, ``True`` becomes a bare flag, ``False`` ``--no-flag``, a list repeats
+    the option. Floats keep every digit (``repr``), so the command reproduces the run exactly.
+    """
+    parts = ["attndistill", *words]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value == "":
+            continue
+        if value is True:
+            parts.append(flag)
+        elif value is False:
+            parts.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                parts += [flag, str(v)]
+        else:
+            parts += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return shlex.join(parts)
+
+
+def error_message(exc: BaseException) -> str:
+    """One readable line for the page; tracebacks go to the server log only."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if is_out_of_memory(exc):
+        return OOM_ADVICE.replace("--", "")  # the page's fields, not CLI flags
+    if isinstance(exc, ImportError):
+        return f"this task is not available in this installation ({text})"
+    log.error("unexpected error in a web UI job", exc_info=exc)
+    return f"unexpected {type(exc).__name__}: {text} (the server log has the details)"
