@@ -85,7 +85,8 @@ class Distiller:
 
     layers: self-attention positions (default the last six); attention_scale: ``a``;
     content_weight: ``lambda``; ref_labels / target_labels: integer label maps (R, H, W) and
-    (1 or B, H, W) for masked AD; fused: one batched UNet call per step (default: on CUDA only).
+    (1 or B, H, W) for masked AD; fused: reference, content and target in one UNet call (default: on
+    CUDA without graphs).
     """
 
     def __init__(self, model: DiffusionModel, *, layers: Sequence[int] | None = None, attention_scale: float = 1.0,
@@ -114,7 +115,7 @@ class Distiller:
         self.null: Conditioning = model.null_condition(condition_size)
         self.store = None
         self._ctx = None
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}  # per (tokens, target hw, reference hw)
         self._pending: tuple | None = None
         self.reference: Reference | None = None
         self.content_queries: list[torch.Tensor] | None = None
@@ -130,7 +131,7 @@ class Distiller:
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
         self.store = None
-        self._steppers.clear()  # graphs hold the capture processors' buffers
+        self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,
