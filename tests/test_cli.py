@@ -80,3 +80,17 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
                  "--size", 64, "--device", "cpu", "--quiet", flag)
     assert result.exit_code == 0, result.output
     assert out.exists()
+
+
+@pytest.mark.parametrize("command", [["style", "{bad}", "{good}"], ["appearance", "{good}", "{bad}"],
+                                     ["texture", "{bad}"], ["t2i", "--style", "{bad}", "--prompt", "a b"],
+                                     ["expand", "{bad}", "--size", "1024x512"]])
+def test_bad_images_fail_before_the_model_loads(tmp_path, data_dir, command, monkeypatch):
+    """The model named here is not cached and offline: only an image check can answer first."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    args = [a.format(bad=bad, good=data_dir / "horse.jpg") for a in command]
+    result = run(*args, "-o", tmp_path / "out.png", "--model", "nobody/not-cached-model")
+    assert result.exit_code == 2
+    assert "broken.png" in result.output and "not-cached-model" not in result.output

@@ -28,6 +28,7 @@ from .common import (
     Size,
     Steps,
     Vae,
+    check_images,
     check_outputs,
     load,
     parse_size_option,
@@ -58,6 +59,7 @@ def style(
 
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite)
+        check_images(content_image=content, style_image=style_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
@@ -84,6 +86,7 @@ def appearance(
 
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite)
+        check_images(structure_image=structure, appearance_image=appearance_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
@@ -121,6 +124,8 @@ def texture(
         extra = {} if content_weight is None else {"content_weight": content_weight}
         sampler = _texture_sampler(mode, layout, strength)
         task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
+        check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
+                     target_labels=target_labels)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,

@@ -27,6 +27,7 @@ from .common import (
     Size,
     Steps,
     Vae,
+    check_images,
     check_outputs,
     load,
     parse_size_option,
@@ -79,6 +80,7 @@ def t2i(
 
     def body() -> None:
         check_outputs(output, 1 if grid else num_images, overwrite=overwrite)
+        check_images(style_image=style, content_image=content, control_image=control_image)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(
             prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,

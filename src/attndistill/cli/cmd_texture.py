@@ -30,6 +30,7 @@ from .common import (
     Seed,
     Steps,
     Vae,
+    check_images,
     check_outputs,
     load,
     parse_size_option,
@@ -103,6 +104,7 @@ def expand(
         canvas = parse_size_option(size, multiple=8)
         optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
                     if v is not None}
+        check_images(texture_image=references)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
                              attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
@@ -124,11 +126,10 @@ def finetune_vae(
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from .. import vae_tuning
-    from ..images import load_image
 
     def body() -> None:
         vae_tuning.check_vae_folder(output, overwrite=overwrite)
-        load_image(reference, what="reference image")  # a bad file fails before the model loads
+        check_images(reference_image=reference)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         tuned = vae_tuning.finetune_vae(reference, model=m, steps=vae_tuning.STEPS if steps is None else steps,
                                         lr=vae_tuning.LR if lr is None else lr, progress=not quiet)

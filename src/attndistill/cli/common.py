@@ -75,6 +75,19 @@ def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dt
                       allow_pickle=allow_pickle, perf=PERF)
 
 
+def check_images(**roles) -> None:
+    """Read every input image before the model loads: a bad file fails in a second, not after a download.
+
+    ``check_images(content_image=path, style_image=[a, b])``; None values are skipped.
+    """
+    from ..images import load_image
+
+    for role, value in roles.items():
+        for path in value if isinstance(value, list | tuple) else [value]:
+            if path is not None:
+                load_image(path, what=role.replace("_", " "))
+
+
 def parse_size_option(size: str | None, multiple: int = 1):
     """``--size`` text -> int (long side), (w, h) or None; the task rounds it to the model's multiple."""
     from ..images import parse_size
