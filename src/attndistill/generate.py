@@ -26,7 +26,7 @@ from .models import DiffusionModel, as_model
 from .optimize import Callback
 from .presets import Preset, get_preset
 from .sampling import prompt_conditioning, sample, sdedit_start
-from .tasks import Size, _as_list, _describe, _params, check_settings, encode_references, finish, target_size
+from .tasks import Size, as_list, check_settings, describe_input, encode_references, finish, run_parameters, target_size
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
                iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
                content_latents=z_content, control=control, start_step=start_step, generator=generator,
                callback=callback, progress=progress, desc=job.task)
-    return finish(model, z, _params(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t,
+    return finish(model, z, run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t,
                                     **inputs))
 
 
@@ -131,18 +131,18 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
         raise UserError("a content image needs a positive --content-weight (the text-to-image preset has 0), "
                         f"e.g. --content-weight {get_preset('style').content_weight}")
     control_img = load_image(control_image, what="control image") if control_image is not None else None
-    styles = _as_list(style)
+    styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
                control=(controlnet, control_img, control, control_scale) if controlnet is not None else None)
-    inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [_describe(s) for s in styles],
+    inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [describe_input(s) for s in styles],
               "num_images": num_images}
     if content is not None:
-        inputs["content"] = _describe(content)
+        inputs["content"] = describe_input(content)
     if controlnet is not None:
         name = controlnet if isinstance(controlnet, str | os.PathLike) else getattr(
             controlnet.config, "_name_or_path", type(controlnet).__name__)
-        inputs.update(controlnet=str(name), control_image=_describe(control_image), control=control,
+        inputs.update(controlnet=str(name), control_image=describe_input(control_image), control=control,
                       control_scale=control_scale)
     return _run(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
                 allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
@@ -162,10 +162,10 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, attention_scale=attention_scale)
-    refs = _as_list(reference)
+    refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t)
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
-                size=size, seed=seed, inputs={"reference": [_describe(r) for r in refs], "num": num},
+                size=size, seed=seed, inputs={"reference": [describe_input(r) for r in refs], "num": num},
                 allow_pickle=False, fused=fused, progress=progress, callback=callback)
 
 
@@ -186,11 +186,11 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
                                                    attention_scale=attention_scale)
-    refs = _as_list(reference)
+    refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
                strength=strength, start_t=start_t)
-    inputs = {"reference": [_describe(r) for r in refs], "layout": _describe(layout), "strength": strength,
+    inputs = {"reference": [describe_input(r) for r in refs], "layout": describe_input(layout), "strength": strength,
               "num": num}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,

@@ -29,11 +29,11 @@ from .vae_tuning import tuned_vae
 Size = int | tuple[int, int] | None
 
 
-def _describe(source: ImageInput) -> str:
+def describe_input(source: ImageInput) -> str:
     return str(source) if isinstance(source, str | os.PathLike) else "<image>"
 
 
-def _as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
@@ -89,7 +89,7 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
     return images
 
 
-def _params(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, **inputs) -> dict:
+def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, **inputs) -> dict:
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task",)}
     return {"task": task, "version": __version__, "model": model.source, "layers": list(layers),
             "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."), **settings,
@@ -121,7 +121,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     with tuned_vae(model, references[0] if tune_vae else None, progress=progress), seamless(model, tile):
         z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
-        params = _params(task, model, preset, layer_ids, (w, h), seed, tile=tile, tune_vae=tune_vae, **inputs)
+        params = run_parameters(task, model, preset, layer_ids, (w, h), seed, tile=tile, tune_vae=tune_vae, **inputs)
         return finish(model, z, params)
 
 
@@ -143,11 +143,11 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
     """
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                           attention_scale=attention_scale)
-    styles = _as_list(style)
+    styles = as_list(style)
     return _optimise_task(
         "style", target=load_image(content, what="content image"), references=styles, ref_what="style image",
         model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
-        inputs={"content": _describe(content), "style": [_describe(s) for s in styles]},
+        inputs={"content": describe_input(content), "style": [describe_input(s) for s in styles]},
         fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
         tune_vae=tune_vae)[0]
 
@@ -163,11 +163,11 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
     """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2."""
     preset = get_preset("appearance").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                attention_scale=attention_scale)
-    refs = _as_list(appearance)
+    refs = as_list(appearance)
     return _optimise_task(
         "appearance", target=load_image(structure, what="structure image"), references=refs,
         ref_what="appearance image", model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
-        inputs={"structure": _describe(structure), "appearance": [_describe(r) for r in refs]},
+        inputs={"structure": describe_input(structure), "appearance": [describe_input(r) for r in refs]},
         fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
         tune_vae=tune_vae)[0]
 
@@ -186,10 +186,10 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
     if num < 1:
         raise UserError(f"num must be at least 1 (got {num})")
     preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale)
-    refs = _as_list(reference)
+    refs = as_list(reference)
     return _optimise_task(
         "texture", target=None, references=refs, ref_what="texture image", model=model, size=size, num=num,
-        seed=seed, layers=layers, preset=preset, inputs={"reference": [_describe(r) for r in refs], "num": num},
+        seed=seed, layers=layers, preset=preset, inputs={"reference": [describe_input(r) for r in refs], "num": num},
         fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
         tune_vae=tune_vae)
 
@@ -210,15 +210,15 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
         raise UserError("style_transfer_batch needs at least one content image")
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                           attention_scale=attention_scale)
-    styles = _as_list(style)
+    styles = as_list(style)
     images = [load_image(c, what="content image") for c in contents]
     results = _optimise_task(
         "style", target=images, references=styles, ref_what="style image", model=model, size=size,
         num=len(images), seed=seed, layers=layers, preset=preset,
-        inputs={"style": [_describe(s) for s in styles]}, fused=None, progress=progress, callback=callback,
+        inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
         vae=None, device=None, dtype=None)
     for img, content in zip(results, contents):
         params = json.loads(img.info["parameters"])
-        params["content"] = _describe(content)
+        params["content"] = describe_input(content)
         img.info["parameters"] = json.dumps(params, sort_keys=True)
     return results

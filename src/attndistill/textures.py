@@ -28,12 +28,12 @@ from .optimize import Callback, optimize_latents
 from .presets import get_preset
 from .tasks import (
     Size,
-    _as_list,
-    _describe,
-    _params,
+    as_list,
     check_settings,
+    describe_input,
     encode_references,
     finish,
+    run_parameters,
     seeded_noise,
     target_size,
 )
@@ -95,7 +95,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
         raise UserError(f"view batch must be at least 1 (got {view_batch})")
     if decode_tile < 8:
         raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
-    refs = _as_list(reference)
+    refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
     w, h = _canvas_size(model, size, view)
@@ -125,8 +125,9 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
     image = to_pil(pixels)[0]
-    params = _params("expand", model, preset, layer_ids, (w, h), seed, reference=[_describe(r) for r in refs],
-                     view=view, view_batch=view_batch, tile=axes or None, tune_vae=tune_vae)
+    params = run_parameters("expand", model, preset, layer_ids, (w, h), seed,
+                            reference=[describe_input(r) for r in refs], view=view, view_batch=view_batch,
+                            tile=axes or None, tune_vae=tune_vae)
     image.info["parameters"] = json.dumps(params, sort_keys=True)
     return image
 
@@ -158,7 +159,7 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
     are added to each result's parameters.
     """
     tile = check_axes(tile)
-    first = _as_list(reference)[0]
+    first = as_list(reference)[0]
     with (tuned_vae(model, first if tune_vae else None, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
         images = task(reference, model=model, progress=progress, **kwargs)
@@ -246,14 +247,14 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                                                    attention_scale=attention_scale)
     check_settings(preset)
     tile = check_axes(tile)
-    refs, ref_label_inputs = _as_list(reference), _as_list(ref_labels)
+    refs, ref_label_inputs = as_list(reference), as_list(ref_labels)
     if len(refs) != len(ref_label_inputs):
         raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); "
                         "give one --ref-labels per texture image")
     ref_images = [load_image(r, what="texture image") for r in refs]
     ref_label_images = [load_image(r, what="reference label map") for r in ref_label_inputs]
     target_image = load_image(target_labels, what="target label map")
-    names = [_describe(r) for r in ref_label_inputs] + [_describe(target_labels)]
+    names = [describe_input(r) for r in ref_label_inputs] + [describe_input(target_labels)]
     for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
         _check_aspect(img, lab, f"reference label map '{name}'")
     maps, colours = label_maps(ref_label_images + [target_image], names)
@@ -286,8 +287,8 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
         z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
                              desc="texture-masked")
-        params = _params("texture-masked", model, preset, layer_ids, (w, h), seed,
-                         reference=[_describe(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
+        params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed,
+                         reference=[describe_input(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
                          num=num, tile=tile, tune_vae=tune_vae)
         return finish(model, z, params)
 
