@@ -94,3 +94,17 @@ def test_bad_images_fail_before_the_model_loads(tmp_path, data_dir, command, mon
     result = run(*args, "-o", tmp_path / "out.png", "--model", "nobody/not-cached-model")
     assert result.exit_code == 2
     assert "broken.png" in result.output and "not-cached-model" not in result.output
+
+
+def test_info_prints_the_parameters_of_a_result(tmp_path, data_dir, tiny_sd15_dir):
+    import json
+
+    out = tmp_path / "tex.png"
+    assert run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 1,
+               "--size", 64, "--device", "cpu", "--quiet", "--seed", 7).exit_code == 0
+    result = run("info", out)
+    assert result.exit_code == 0
+    params = json.loads(result.output)
+    assert params["task"] == "texture" and params["seed"] == 7 and params["steps"] == 1
+    plain = run("info", data_dir / "horse.jpg")
+    assert plain.exit_code == 2 and "carries no attndistill parameters" in plain.output

@@ -1,0 +1,30 @@
+"""``attndistill info``: the parameters a result carries, to reproduce or compare runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import app
+from .common import run_command
+
+INFO_EXAMPLE = "Example: attndistill info horse-watercolor.png"
+
+
+@app.command("info", epilog=INFO_EXAMPLE)
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill")]) -> None:
+    """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON."""
+    from ..errors import UserError
+    from ..images import load_image, read_parameters
+
+    def body() -> None:
+        load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
+        params = read_parameters(image)
+        if not params:
+            raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
+        typer.echo(json.dumps(params, indent=2, sort_keys=True))
+
+    run_command(body)
