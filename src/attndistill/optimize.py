@@ -47,13 +47,6 @@ def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list
         callback(info)
 
 
-def check_finite(value: torch.Tensor, what: str, step: int, timestep: int) -> None:
-    """Stop with a clear message instead of producing a black image."""
-    if not torch.isfinite(value).all():
-        raise NonFiniteError(f"the {what} became NaN/Inf at step {step} (timestep {timestep}); lower --lr, "
-                             "use --dtype fp32, or check the input images")
-
-
 class FiniteGuard:
     """NaN/Inf watch that does not stall the GPU: flags are kept on the device, read every few steps.
 

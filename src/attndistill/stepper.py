@@ -1,10 +1,10 @@
 """Adam iterations on a latent: the inner loop of both algorithms, eager or as one CUDA graph.
 
 Eager: a persistent Adam over a leaf tensor. Graphed (CUDA only): the whole
-iteration (UNet forward with reference, content and target in one batch, the
-loss, the backward pass and a capturable Adam step) is captured once into a
-CUDA graph and replayed; the UNet call at batch 1-3 is bound by kernel-launch
-overhead, which a replay removes. Both give the same arithmetic.
+iteration (the UNet calls for reference, content and target, the loss, the
+backward pass and a capturable Adam step) is captured once into a CUDA graph
+and replayed; a UNet call at batch 1-3 is bound by kernel-launch overhead,
+which a replay removes. Both run the same arithmetic.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ class EagerStepper:
         with torch.enable_grad():
             for _ in range(iters):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.distiller.loss(self.z)
-                # the loss is a mean over the batch; scaling by B gives each target the gradient it
-                # would get alone, so batching targets does not change their results (Adam's eps aside)
-                (loss * self.z.shape[0]).backward()
-                self.optimizer.step()
-                losses.append(loss.detach())
+                losses.append(self._adam_step())
         return self.z.detach(), losses
+
+    def _adam_step(self) -> torch.Tensor:
+        """Loss, backward, Adam step; returns the loss (detached, on the device)."""
+        loss = self.distiller.loss(self.z)
+        # the loss is a mean over the batch; scaling by B gives each target the gradient it
+        # would get alone, so batching targets does not change their results (Adam's eps aside)
+        (loss * self.z.shape[0]).backward()
+        self.optimizer.step()
+        return loss.detach()
 
 
 class GraphedStepper(EagerStepper):
@@ -71,10 +75,7 @@ class GraphedStepper(EagerStepper):
 
     def _iteration(self) -> torch.Tensor:
         self.distiller.begin_timestep(self.t, self.ref, self.content)
-        loss = self.distiller.loss(self.z)
-        (loss * self.z.shape[0]).backward()  # per-target gradients, as in EagerStepper.run
-        self.optimizer.step()
-        return loss.detach()
+        return self._adam_step()
 
     def reset_state(self) -> None:
         for state in self.optimizer.state.values():
