@@ -96,6 +96,11 @@ def max_diff(a: list, b: list) -> float:
     return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / 255 for x, y in zip(a, b))
 
 
+def _switches(text: str) -> dict[str, bool]:
+    """``"compile=1,gradient_checkpointing=0"`` -> PerfOptions keyword arguments."""
+    return {k: bool(int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="a,b,c,d,e,g")
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compare", action="store_true", help="also run the plain path and check equality")
     p.add_argument("--variant", action="append", default=[],
                    help="extra fast-path variants, e.g. gradient_checkpointing=1,cpu_offload=1")
+    p.add_argument("--fast", default="", help="switches of the fast path itself, e.g. compile=1")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
@@ -145,25 +151,28 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or default_steps
         try:
             model = get_model(kind)
-            fast = PerfOptions()
+            fast = PerfOptions(**_switches(args.fast))
             model.set_perf(fast)
             # warm-up: captures CUDA graphs (cached on the model for the real run); reported separately
             warm_steps = min(steps, 2)
             model.stats.clear()
-            warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
+            warm_s = 0.0
+            if case != "f":  # f measures peak memory only: one 4096² step takes minutes
+                warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
             capture_s = model.stats.get("graph_capture_s", 0.0)
             seconds, peak, fast_images = measure(partial(run_case, case, model, steps, args.size_scale), device)
             emit(case=case, description=description, path="fast", steps=steps, seconds=round(seconds, 3),
                  ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2),
                  graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
-                 graphs=model.stats.get("graphs_captured", 0))
+                 graphs=model.stats.get("graphs_captured", 0), switches=args.fast)
             for variant in args.variant:
-                changes = {k: bool(int(v)) for k, v in (kv.split("=") for kv in variant.split(","))}
-                model.set_perf(PerfOptions(**changes))
-                measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
+                model.set_perf(PerfOptions(**(_switches(args.fast) | _switches(variant))))
+                model.stats.clear()
+                warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
                 seconds, peak, _ = measure(partial(run_case, case, model, steps, args.size_scale), device)
                 emit(case=case, path="fast+" + variant, steps=steps, seconds=round(seconds, 3),
-                     ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2))
+                     ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2), warmup_s=round(warm_s, 2),
+                     graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2))
                 model.set_perf(fast)
             if case == "g":
                 seconds1, peak1, _ = measure(partial(one_by_one, model, steps, args.size_scale), device)

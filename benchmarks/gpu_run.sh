@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 1: fast and plain paths, equality, SDXL with checkpointing
+#   bash benchmarks/gpu_run.sh          # run 3: reference once per timestep, torch.compile, 4096² memory
+#   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
+# Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:src || exit 1
@@ -11,14 +13,20 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 run() { timeout "$1" python3 benchmarks/bench.py "${@:2}" 2>>"$OUT/stderr.txt" | tee -a "$OUT/bench.jsonl"; }
-if [ "${1:-}" = fast ]; then
-  run 100 --cases a,c,g,b
-  run 50 --cases e
-  run 80 --cases d --variant offload_text_encoders=1
-else
-  run 200 --cases a,b,c,g --compare --plain-steps 20
-  run 60 --cases a,b --steps 20 --compare
-  run 150 --cases e --compare --plain-steps 5
-  run 200 --cases d --compare --plain-steps 5 --variant gradient_checkpointing=1
-fi
-grep -i "graph capture failed\|Traceback" "$OUT/stderr.txt" | head -5
+case "${1:-}" in
+  compare)
+    run 200 --cases a,b,c,g --compare --plain-steps 20
+    run 60 --cases a,b --steps 20 --compare
+    run 150 --cases e --compare --plain-steps 5
+    run 200 --cases d --compare --plain-steps 5 --variant gradient_checkpointing=1 ;;
+  fast)
+    run 100 --cases a,c,g,b
+    run 50 --cases e
+    run 80 --cases d --variant offload_text_encoders=1 ;;
+  *)
+    run 90 --cases b,e,g
+    run 240 --cases a,b,c,e --fast compile=1
+    run 40 --cases a --steps 20 --compare --fast compile=1
+    run 150 --cases f --steps 1 ;;
+esac
+grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5

@@ -11,6 +11,8 @@ first step. Later steps can still cross a kink by chance, which is why these che
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,74 @@ def test_style_transfer_batch_returns_one_image_per_content(model, data_dir):
     assert [img.size for img in images] == [(64, 64)] * 2
     assert [json.loads(img.info["parameters"])["content"] for img in images] == [str(c) for c in contents]
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+class _CountFeatureCalls:
+    """Counts the Distiller's UNet feature calls and their batch sizes."""
+
+    def __init__(self, monkeypatch):
+        self.batches: list[int] = []
+        original = Distiller.features
+
+        def features(distiller, latents, t):
+            self.batches.append(latents.shape[0])
+            return original(distiller, latents, t)
+
+        monkeypatch.setattr(Distiller, "features", features)
+
+
+def test_static_buffer_path_equals_eager_optimisation(model):
+    """The CUDA-graph code path (static buffers, reference program + iteration program), run uncaptured."""
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    model.set_perf(PerfOptions())
+    runs = [optimize_latents(Distiller(model, content_weight=0.25, static=static), z_c, z_ref, content_latents=z_c,
+                             steps=10, iters=2, lr=0.05, progress=False) for static in (False, True)]
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-6, rtol=0)
+
+
+def test_static_sampling_computes_the_reference_once_per_timestep(model, monkeypatch):
+    from attndistill.sampling import sample
+
+    z_ref, init = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    cond = model.null_condition()
+    results, calls = [], []
+    for static in (False, True):
+        counter = _CountFeatureCalls(monkeypatch)
+        results.append(sample(Distiller(model, static=static), init, z_ref, cond=cond, steps=3, iters=3, lr=0.05,
+                              generator=torch.Generator().manual_seed(7), progress=False))
+        calls.append(len(counter.batches))
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+    assert calls == [3 * (1 + 3)] * 2  # per timestep: one reference call, then one target call per iteration
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static):
+    """MultiDiffusion: one reference feature call per timestep, however many view batches."""
+    from attndistill.multidiffusion import multidiffusion
+
+    scheduler = model.ddim_scheduler(2)
+    init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
+    counter = _CountFeatureCalls(monkeypatch)
+    out = multidiffusion(Distiller(model, static=static), init, torch.randn(1, 4, 8, 8), scheduler=scheduler,
+                         cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+                         generator=torch.Generator().manual_seed(7), progress=False)
+    assert out.isfinite().all()
+    # 3 views in batches of 2 and 1: per timestep 1 reference call + 2 iterations x 2 batches
+    assert counter.batches == [1, 2, 2, 1, 1] * 2
+
+
+def test_compile_switch_keeps_the_image_and_reverts(model, data_dir):
+    """``compile``: torch.compile (inductor) of the ResNet/feed-forward blocks; same image as the plain path."""
+    from attndistill.perf import COMPILED_BLOCKS
+
+    images = {}
+    for name, perf in (("plain", PerfOptions.plain()), ("compiled", replace(PerfOptions.plain(), compile=True))):
+        model.set_perf(perf)
+        img = ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=model, steps=3,
+                                size=64, progress=False)
+        images[name] = np.asarray(img, np.float32) / 255
+    blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert np.abs(images["compiled"] - images["plain"]).max() <= 1e-4
+    model.set_perf(PerfOptions())
+    assert all(m._compiled_call_impl is None for m in blocks)

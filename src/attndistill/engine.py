@@ -29,11 +29,11 @@ from .errors import NonFiniteError, UserError
 from .features import LayerFeatures, StopForward, capture, default_layers, discover_self_attention_layers
 from .losses import ad_loss, concat_references, content_loss, label_mask
 from .models import Conditioning, DiffusionModel
-from .stepper import EagerStepper, GraphedStepper
+from .stepper import EagerStepper, StaticReference, StaticStepper
 
 log = logging.getLogger(__name__)
 
-#: Captured graphs kept per model (each holds its activations' memory).
+#: Captured iteration graphs kept per model (each holds its activations' memory).
 MAX_CACHED_GRAPHS = 4
 
 
@@ -86,14 +86,14 @@ class Distiller:
     layers: self-attention positions (default the last six); attention_scale: ``a``;
     content_weight: ``lambda``; ref_labels / target_labels: integer label maps (R, H, W) and
     (1 or B, H, W) for masked AD; fused: reference, content and target in one UNet call (default: on
-    CUDA without graphs).
+    CUDA without graphs). ``static=True`` runs the CUDA-graph code path without capturing (tests on CPU).
     """
 
     def __init__(self, model: DiffusionModel, *, layers: Sequence[int] | None = None, attention_scale: float = 1.0,
                  content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
                  target_labels: torch.Tensor | None = None, fused: bool | None = None,
                  cuda_graphs: bool | None = None, early_exit: bool | None = None,
-                 condition_size: tuple[int, int] | None = None) -> None:
+                 condition_size: tuple[int, int] | None = None, static: bool | None = None) -> None:
         self.model = model
         self.layers = tuple(layers) if layers is not None else default_layers(model.unet)
         self.attention_scale = attention_scale
@@ -110,6 +110,7 @@ class Distiller:
         self.fused = (on_cuda and not self.cuda_graphs) if fused is None else fused
         self.batch_references = on_cuda  # reference + content in one no-grad call (CPU: batch costs its size)
         self.early_exit = perf.early_exit if early_exit is None else early_exit
+        self.static = self.cuda_graphs if static is None else static
         self._steppers: dict[tuple, EagerStepper] = {}
         self.condition_size = condition_size
         self.null: Conditioning = model.null_condition(condition_size)
@@ -117,6 +118,8 @@ class Distiller:
         self._ctx = None
         self._masks: dict[tuple, torch.Tensor] = {}  # per (tokens, target hw, reference hw)
         self._pending: tuple | None = None
+        self._reference_key = None
+        self._references: dict[tuple, StaticReference] = {}  # uncaptured static programs of this run
         self.reference: Reference | None = None
         self.content_queries: list[torch.Tensor] | None = None
         self.last_parts: dict[str, torch.Tensor] = {}
@@ -132,14 +135,16 @@ class Distiller:
         self._ctx.__exit__(*exc)
         self.store = None
         self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
+        self._references.clear()
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,
-                   fresh: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   fresh: bool, reference_key=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``iters`` Adam steps of the loss on ``z`` at ``t``; returns (latents, losses before each step).
 
         ``fresh=False`` keeps one optimiser across calls (Algorithm 1), ``fresh=True`` resets its state
         first (Algorithm 2). Losses stay on the device; reading them is the caller's sync point.
+        ``reference_key``: see :meth:`begin_timestep`.
         """
         use_content = content_latents is not None and self.content_weight > 0
         content_latents = content_latents if use_content else None
@@ -153,7 +158,7 @@ class Distiller:
         elif fresh:
             stepper.reset_state()
         try:
-            return stepper.run(z, t, ref_latents, content_latents, iters)
+            return stepper.run(z, t, ref_latents, content_latents, iters, reference_key)
         except RuntimeError as exc:  # Adam's step beyond float range: the same failure as a NaN
             if "overflow" not in str(exc):
                 raise
@@ -162,31 +167,41 @@ class Distiller:
 
     def _new_stepper(self, key, lr: float) -> EagerStepper:
         z_shape, ref_shape, content_shape, _ = key
-        if self.cuda_graphs:
-            # graphs replay without Python, so one captured for the same settings serves later runs too
-            graph_key = key + (self.layers, self.attention_scale, self.content_weight, self.early_exit,
-                               self.condition_size)
-            cacheable = self.target_labels is None
-            if cacheable and graph_key in self.model.graphs:
-                return self.model.graphs[graph_key]
-            try:
-                start = time.perf_counter()
-                stepper = GraphedStepper(self, z_shape, lr, ref_shape, content_shape)
-                torch.cuda.synchronize(self.model.device)
-                stats = self.model.stats
-                stats["graph_capture_s"] = stats.get("graph_capture_s", 0.0) + time.perf_counter() - start
-                stats["graphs_captured"] = stats.get("graphs_captured", 0) + 1
-            except Exception as exc:  # capture can fail on exotic setups: fall back, loudly
-                log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
-                            type(exc).__name__, exc)
-                self.cuda_graphs = False
-            else:
-                if cacheable:
-                    while len(self.model.graphs) >= MAX_CACHED_GRAPHS:
-                        self.model.graphs.pop(next(iter(self.model.graphs)))
-                    self.model.graphs[graph_key] = stepper
-                return stepper
-        return EagerStepper(self, z_shape, lr)
+        if not self.static:
+            return EagerStepper(self, z_shape, lr)
+        if not self.cuda_graphs:
+            reference = self._references.get(key[1:3])
+            if reference is None:
+                reference = self._references[key[1:3]] = StaticReference(self, ref_shape, content_shape,
+                                                                         capture=False)
+            return StaticStepper(self, z_shape, lr, reference, capture=False)
+        # graphs replay without Python, so one captured for the same settings serves later runs too
+        settings = (self.layers, self.attention_scale, self.early_exit, self.condition_size)
+        graph_key = ("stepper",) + key + settings + (self.content_weight,)
+        cacheable = self.target_labels is None
+        graphs = self.model.graphs
+        if cacheable and graph_key in graphs:
+            return graphs[graph_key]
+        try:
+            start = time.perf_counter()
+            reference_key = ("reference", ref_shape, content_shape) + settings
+            reference = graphs.get(reference_key)
+            if reference is None:
+                reference = graphs[reference_key] = StaticReference(self, ref_shape, content_shape, capture=True)
+            stepper = StaticStepper(self, z_shape, lr, reference, capture=True)
+            torch.cuda.synchronize(self.model.device)
+            stats = self.model.stats
+            stats["graph_capture_s"] = stats.get("graph_capture_s", 0.0) + time.perf_counter() - start
+            stats["graphs_captured"] = stats.get("graphs_captured", 0) + 1
+        except Exception as exc:  # capture can fail on exotic setups: fall back, loudly
+            log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
+                        type(exc).__name__, exc)
+            self.cuda_graphs = self.static = False
+            return EagerStepper(self, z_shape, lr)
+        if cacheable:
+            graphs[graph_key] = stepper
+            _evict_steppers(graphs, keep=MAX_CACHED_GRAPHS)
+        return stepper
 
     # -- features --------------------------------------------------------------------------------------
 
@@ -203,12 +218,37 @@ class Distiller:
         return self.store.take()
 
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
-                       content_latents: torch.Tensor | None = None) -> None:
-        """Set the timestep and the (already noised, if sampling) reference/content latents to score against."""
+                       content_latents: torch.Tensor | None = None, *, key=None) -> None:
+        """Set the timestep and the (already noised, if sampling) reference/content latents to score against.
+
+        ``key``: a caller's token for these inputs (e.g. one ``object()`` per timestep). Called again
+        with the same key, the features computed for it are kept (MultiDiffusion's view batches
+        share their timestep's reference).
+        """
         use_content = content_latents is not None and self.content_weight > 0
         self._pending = (t, ref_latents, content_latents if use_content else None)
-        self.reference = None
-        self.content_queries = None
+        if key is None or key != self._reference_key:
+            self.reference = None
+            self.content_queries = None
+        self._reference_key = key
+
+    def set_reference_state(self, pending: tuple, reference: Reference, content_queries) -> None:
+        """Adopt inputs and features computed elsewhere (a static reference program)."""
+        self._pending, self.reference, self.content_queries = pending, reference, content_queries
+
+    def compute_reference(self) -> None:
+        """Reference (and content) features of the current timestep, under no-grad, in their own call(s)."""
+        t, z_ref, z_c = self._pending
+        with torch.no_grad():
+            if z_c is not None and self.batch_references and z_c.shape[-2:] == z_ref.shape[-2:]:
+                # reference and content share one no-grad call
+                feats = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t)
+                r = z_ref.shape[0]
+                ref_feats, content_feats = [_rows(f, 0, r) for f in feats], [_rows(f, r, None) for f in feats]
+            else:
+                ref_feats = self.features(z_ref, t)
+                content_feats = self.features(z_c, t) if z_c is not None else None
+        self._set_reference(ref_feats, content_feats)
 
     def _set_reference(self, ref_feats: list[LayerFeatures], content_feats: list[LayerFeatures] | None) -> None:
         self.reference = Reference([concat_references(f.k.detach()) for f in ref_feats],
@@ -235,16 +275,7 @@ class Distiller:
             target = [_rows(f, r + c, None) for f in feats]
         else:
             if self.reference is None:
-                with torch.no_grad():
-                    if z_c is not None and self.batch_references and z_c.shape[-2:] == z_ref.shape[-2:]:
-                        # reference and content share one no-grad call
-                        feats = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t)
-                        r = z_ref.shape[0]
-                        ref_feats, content_feats = [_rows(f, 0, r) for f in feats], [_rows(f, r, None) for f in feats]
-                    else:
-                        ref_feats = self.features(z_ref, t)
-                        content_feats = self.features(z_c, t) if z_c is not None else None
-                self._set_reference(ref_feats, content_feats)
+                self.compute_reference()
             target = self.features(z, t)
         return self._loss(target, z, z_ref.shape[-2:])
 
@@ -305,3 +336,13 @@ def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):
 
 def _rows(f: LayerFeatures, start: int, stop: int | None) -> LayerFeatures:
     return LayerFeatures(f.q[start:stop], f.k[start:stop], f.v[start:stop], f.o[start:stop])
+
+
+def _evict_steppers(graphs: dict, keep: int) -> None:
+    """Drop the oldest cached iteration graphs beyond ``keep``, and reference graphs none of the rest uses."""
+    steppers = [k for k in graphs if k[0] == "stepper"]
+    for k in steppers[:max(0, len(steppers) - keep)]:
+        del graphs[k]
+    used = {id(graphs[k].reference) for k in graphs if k[0] == "stepper"}
+    for k in [k for k in graphs if k[0] == "reference" and id(graphs[k]) not in used]:
+        del graphs[k]

@@ -14,6 +14,7 @@ import torch
 
 from .engine import Distiller
 from .models import Conditioning, DiffusionModel
+from .stepper import StaticCall
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +81,13 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
 class GraphedPredict:
     """``model.predict`` captured as a CUDA graph over static inputs (the denoising call of a sampler)."""
 
-    def __init__(self, model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, warmup: int = 2) -> None:
-        self.model = model
+    def __init__(self, model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning) -> None:
         self.x = x.detach().clone()
         self.t = torch.as_tensor(t, device=x.device).reshape(()).clone()
         self.cond = Conditioning(cond.encoder_hidden_states.detach().clone(),
                                  None if cond.added_cond_kwargs is None else
                                  {k: v.detach().clone() for k, v in cond.added_cond_kwargs.items()})
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                model.predict(self.x, self.t, self.cond)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = model.predict(self.x, self.t, self.cond)
+        self.call = StaticCall(lambda: model.predict(self.x, self.t, self.cond), capture=True, grad=False)
 
     def __call__(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         self.x.copy_(x)
@@ -104,14 +96,13 @@ class GraphedPredict:
         if cond.added_cond_kwargs is not None:
             for k, v in cond.added_cond_kwargs.items():
                 self.cond.added_cond_kwargs[k].copy_(v)
-        self.graph.replay()
-        return self.out.clone()
+        return self.call().clone()
 
 
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,
                   scheduler, iters: int, lr: float, adain_on: bool = False,
-                  content_latents: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  content_latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  ref_is_noised: bool = False, reference_key=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One AD update of ``latents`` (B, 4, h, w) at ``t_prime``; returns (new latents, loss per iteration).
 
     Losses are 0-dim device tensors (read them sparingly: each read is a GPU sync).
@@ -119,10 +110,12 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
     1. optional AdaIN to the noised reference; 2. reference (and content) features of the noised
     latents at ``t_prime`` under no-grad; 3. a fresh Adam over the latents, ``iters`` steps.
     The distiller must be entered (``with distiller:``). ``iters=0`` leaves the latents untouched
-    (apart from AdaIN).
+    (apart from AdaIN). ``ref_is_noised``: ``ref_latents`` already carry this step's noise (callers
+    that share one noised reference across calls, with a ``reference_key`` for the distiller).
     """
     device = distiller.model.device
-    ref_t = noised(scheduler, ref_latents.to(device), t_prime, generator)
+    ref_t = ref_latents.to(device) if ref_is_noised else noised(scheduler, ref_latents.to(device), t_prime,
+                                                                 generator)
     z = latents.detach().float()
     if adain_on:
         z = adain(z, ref_t)
@@ -133,5 +126,6 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
         content_t = noised(scheduler, content_latents.to(device), t_prime, generator)
     t = torch.tensor(t_prime, device=device)
     # a fresh optimiser every step (Algorithm 2): the stepper's Adam state is reset
-    z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True)
+    z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True,
+                                     reference_key=reference_key)
     return z.clone(), losses

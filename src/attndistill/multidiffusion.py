@@ -4,7 +4,9 @@ The latent canvas is larger than the UNet's comfortable size, so every DDIM
 step runs on overlapping square *views* (64x64 latents, stride 8, the last
 window of each row/column clamped to the edge), in batches; each view is
 denoised, AD-guided against the reference (:mod:`attndistill.guidance`), and
-the canvas becomes the per-pixel average of the views covering it.
+the canvas becomes the per-pixel average of the views covering it. All views
+of a timestep see the same noised reference (fresh noise every timestep, as in
+Algorithm 2), so its features are computed once per timestep, not per batch.
 
 With seamless tiling on an axis the views wrap around the canvas edge instead
 of being clamped (a view that crosses the right edge continues on the left),
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Distiller
-from .guidance import cfg_noise, guide_latents, previous_timestep
+from .guidance import cfg_noise, guide_latents, noised, previous_timestep
 from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo
 from .tiling import seamless
@@ -118,6 +120,9 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 value = torch.zeros_like(z)
                 count = torch.zeros(1, 1, h, w, device=z.device)
                 losses: list[torch.Tensor] = []
+                # one noised reference per timestep, shared by all view batches: its features are computed once
+                ref_t = noised(scheduler, ref_latents.to(model.device), t_prime, generator)
+                reference_key = object()
                 for batch in batches:
                     # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
                     zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
@@ -125,9 +130,10 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                     with distiller.store.paused():
                         eps = cfg_noise(model, zv, t.to(model.device), cond, uncond, guidance)
                     zv = scheduler.step(eps, t, zv).prev_sample
-                    # 3. AD guidance of every view at t' (fresh Adam, fresh reference noise)
-                    zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_latents, scheduler=scheduler,
-                                                     iters=iters, lr=lr, adain_on=adain_on, generator=generator)
+                    # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
+                    zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,
+                                                     iters=iters, lr=lr, adain_on=adain_on, generator=generator,
+                                                     ref_is_noised=True, reference_key=reference_key)
                     losses.extend(batch_losses)
                     # 4. accumulate for the per-pixel average
                     for (top, left), piece in zip(batch, zv.split(b)):

@@ -10,6 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
+#: UNet blocks that ``compile`` compiles (regional compilation): the repeated blocks outside attention,
+#: whose GroupNorm/SiLU/GEGLU chains fuse well. Attention keeps its processors, which record features.
+COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
+#: Distinct block shapes a model has (SD 1.5 ~10 ResNet variants, SDXL more) need their own compilations.
+RECOMPILE_LIMIT = 64
+
 
 @dataclass(frozen=True)
 class PerfOptions:
@@ -18,6 +26,7 @@ class PerfOptions:
     fused: bool | None = None  # reference, content and target latents in one UNet call
     cuda_graphs: bool | None = None  # replay each AD iteration as a captured CUDA graph
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
+    compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
@@ -37,6 +46,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
         unet.enable_gradient_checkpointing()
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
+    compile_blocks(unet, perf.compile)
     if perf.attention_slicing:
         unet.set_attention_slice("auto")
     if perf.vae_tiling:
@@ -50,3 +60,21 @@ def apply_perf(model, perf: PerfOptions) -> None:
     for encoder in model.text_encoders():
         encoder.to("cpu" if perf.offload_text_encoders else model.device)
     model.perf = perf
+
+
+def compile_blocks(unet, on: bool) -> None:
+    """Compile (or restore) the :data:`COMPILED_BLOCKS` of ``unet`` with dynamic shapes.
+
+    Dynamic shapes: one compilation serves every batch size and latent size of a block, so the
+    compile cost is paid once per process and block shape, not per task or job.
+    """
+    if on:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for module in unet.modules():
+        if type(module).__name__ not in COMPILED_BLOCKS:
+            continue
+        compiled = getattr(module, "_compiled_call_impl", None) is not None
+        if on and not compiled:
+            module.compile(dynamic=True)
+        elif not on and compiled:
+            module._compiled_call_impl = None  # nn.Module.compile's wrapper; None is the uncompiled state

@@ -1,15 +1,51 @@
-"""Adam iterations on a latent: the inner loop of both algorithms, eager or as one CUDA graph.
+"""Adam iterations on a latent: the inner loop of both algorithms, eager or over static buffers.
 
-Eager: a persistent Adam over a leaf tensor. Graphed (CUDA only): the whole
-iteration (the UNet calls for reference, content and target, the loss, the
-backward pass and a capturable Adam step) is captured once into a CUDA graph
-and replayed; a UNet call at batch 1-3 is bound by kernel-launch overhead,
-which a replay removes. Both run the same arithmetic.
+Eager: a persistent Adam over a leaf tensor; the distiller computes the
+reference features with the first loss of a timestep and keeps them for the
+other iterations.
+
+Static (CUDA graphs): two programs over fixed buffers. The *reference* program
+(reference and content features of a timestep) runs once per timestep and is
+shared by every stepper with the same reference shape, so the view batches of
+MultiDiffusion pay for it once. The *iteration* program (target features,
+loss, backward, capturable Adam step) runs ``iters`` times. On CUDA each is
+captured once and replayed: a UNet call at batch 1-3 is bound by kernel-launch
+overhead, which a replay removes. Without capture the same programs are called
+directly, which is how the CPU tests check them against the eager path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
+
+
+class StaticCall:
+    """``fn()`` over static buffers: captured as a CUDA graph and replayed, or (``capture=False``) called."""
+
+    def __init__(self, fn: Callable, *, capture: bool, grad: bool, warmup: int = 2) -> None:
+        self.fn, self.grad, self.graph = fn, grad, None
+        self.out = None
+        if not capture:
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.set_grad_enabled(grad):
+            for _ in range(warmup):  # allocator, lazy state (masks, Adam moments) and compilation settle here
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.set_grad_enabled(grad):
+            self.out = fn()
+
+    def __call__(self):
+        if self.graph is None:
+            with torch.set_grad_enabled(self.grad):
+                self.out = self.fn()
+        else:
+            self.graph.replay()
+        return self.out
 
 
 class EagerStepper:
@@ -24,21 +60,24 @@ class EagerStepper:
         """Forget Adam's moments: the same as a new optimiser (Algorithm 2 resets it every step)."""
         self.optimizer.state.clear()
 
-    def run(self, z: torch.Tensor, t, ref: torch.Tensor, content: torch.Tensor | None,
-            iters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(self, z: torch.Tensor, t, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
+            reference_key: Hashable | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`."""
+        self._load(z)
+        self.distiller.begin_timestep(t, ref, content, key=reference_key)
+        with torch.enable_grad():
+            losses = [self._iteration() for _ in range(iters)]
+        return self.z.detach(), losses
+
+    def _load(self, z: torch.Tensor) -> None:
         with torch.no_grad():
             if z.data_ptr() != self.z.data_ptr():
                 self.z.copy_(z)
-        self.distiller.begin_timestep(t, ref, content)
-        losses = []
-        with torch.enable_grad():
-            for _ in range(iters):
-                self.optimizer.zero_grad(set_to_none=True)
-                losses.append(self._adam_step())
-        return self.z.detach(), losses
 
-    def _adam_step(self) -> torch.Tensor:
+    def _iteration(self) -> torch.Tensor:
         """Loss, backward, Adam step; returns the loss (detached, on the device)."""
+        # a fresh gradient each time: inside a captured graph the backward writes it, never accumulates
+        self.optimizer.zero_grad(set_to_none=True)
         loss = self.distiller.loss(self.z)
         # the loss is a mean over the batch; scaling by B gives each target the gradient it
         # would get alone, so batching targets does not change their results (Adam's eps aside)
@@ -47,35 +86,65 @@ class EagerStepper:
         return loss.detach()
 
 
-class GraphedStepper(EagerStepper):
-    """One AD iteration captured as a CUDA graph over static buffers (shapes fixed at construction)."""
+class StaticReference:
+    """Reference (and content) features of one timestep, computed from static input buffers.
 
-    def __init__(self, distiller, shape: tuple[int, ...], lr: float, ref_shape: tuple[int, ...],
-                 content_shape: tuple[int, ...] | None, warmup: int = 3) -> None:
+    ``update`` recomputes them unless the caller's key says the inputs are those of the last run.
+    """
+
+    def __init__(self, distiller, ref_shape: tuple[int, ...], content_shape: tuple[int, ...] | None, *,
+                 capture: bool) -> None:
         device = distiller.model.device
-        self.distiller = distiller
-        self.z = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.z], lr=lr, capturable=True)
         self.t = torch.full((), 500, device=device, dtype=torch.long)
         self.ref = torch.randn(ref_shape, device=device)
         self.content = torch.randn(content_shape, device=device) if content_shape else None
+        self.key: Hashable | None = None
+        self.owner = distiller
+        self.call = StaticCall(self._compute, capture=capture, grad=False, warmup=1)
+        if capture:
+            self.call()  # a captured graph's outputs hold values only after a replay
+
+    def _compute(self):
+        d = self.owner
+        d.begin_timestep(self.t, self.ref, self.content)
+        d.compute_reference()
+        return d.reference, d.content_queries
+
+    def update(self, distiller, t, ref: torch.Tensor, content: torch.Tensor | None,
+               key: Hashable | None = None) -> None:
+        """Features of (t, ref, content) for ``distiller``; skipped when ``key`` matches the last run's."""
+        if key is None or key != self.key:
+            with torch.no_grad():
+                self.t.copy_(torch.as_tensor(t, device=self.t.device).reshape(()))
+                self.ref.copy_(ref)
+                if self.content is not None:
+                    self.content.copy_(content)
+            self.owner = distiller
+            self.call()
+            self.key = key
+        self.activate(distiller)
+
+    def activate(self, distiller) -> None:
+        """Point ``distiller`` at these features: what a target iteration reads (nothing before a first run)."""
+        if self.call.out is not None:
+            distiller.set_reference_state((self.t, self.ref, self.content), *self.call.out)
+
+
+class StaticStepper(EagerStepper):
+    """AD iterations over static buffers (shapes fixed at construction): a CUDA graph when ``capture``."""
+
+    def __init__(self, distiller, shape: tuple[int, ...], lr: float, reference: StaticReference, *,
+                 capture: bool, warmup: int = 3) -> None:
+        device = distiller.model.device
+        self.distiller = distiller
+        self.reference = reference
+        self.z = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.z], lr=lr, capturable=capture)
         with torch.no_grad():
             self.z.copy_(torch.randn(shape, device=device))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.enable_grad():
-            for _ in range(warmup):  # allocator and lazy state (masks, Adam moments) settle here
-                self._iteration()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph), torch.enable_grad():
-            self.loss = self._iteration()
+        reference.activate(distiller)
+        self.iteration = StaticCall(self._iteration, capture=capture, grad=True, warmup=warmup)
         self.reset_state()
-
-    def _iteration(self) -> torch.Tensor:
-        self.distiller.begin_timestep(self.t, self.ref, self.content)
-        return self._adam_step()
 
     def reset_state(self) -> None:
         for state in self.optimizer.state.values():
@@ -83,16 +152,8 @@ class GraphedStepper(EagerStepper):
                 if torch.is_tensor(value):
                     value.zero_()
 
-    def run(self, z, t, ref, content, iters):
-        with torch.no_grad():
-            if z.data_ptr() != self.z.data_ptr():
-                self.z.copy_(z)
-            self.t.copy_(torch.as_tensor(t, device=self.t.device).reshape(()))
-            self.ref.copy_(ref)
-            if self.content is not None:
-                self.content.copy_(content)
-        losses = []
-        for _ in range(iters):
-            self.graph.replay()
-            losses.append(self.loss.clone())
+    def run(self, z, t, ref, content, iters, reference_key=None):
+        self._load(z)
+        self.reference.update(self.distiller, t, ref, content, reference_key)
+        losses = [self.iteration().clone() for _ in range(iters)]  # a replay overwrites its output
         return self.z.detach(), losses

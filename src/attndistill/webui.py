@@ -172,8 +172,8 @@ class WebUI:
     """The Gradio app: one :class:`ModelSlot`, one job at a time, results saved under ``outputs``."""
 
     def __init__(self, *, model: str | None = None, vae: str | None = None, device: str | None = None,
-                 dtype: str | None = None, outputs: str | Path | None = None) -> None:
-        self.slot = ModelSlot(device=device, dtype=dtype)
+                 dtype: str | None = None, outputs: str | Path | None = None, perf=None) -> None:
+        self.slot = ModelSlot(device=device, dtype=dtype, perf=perf)
         self.model, self.vae = model or DEFAULT_MODEL, vae
         self.outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="attndistill-ui-"))
         self.outputs.mkdir(parents=True, exist_ok=True)

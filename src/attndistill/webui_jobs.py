@@ -31,8 +31,8 @@ Callback = Callable[[StepInfo], None]
 class ModelSlot:
     """The one loaded model: kept between runs, released before another one is loaded."""
 
-    def __init__(self, *, device: str | None = None, dtype: str | None = None) -> None:
-        self.device, self.dtype = device, dtype
+    def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None) -> None:
+        self.device, self.dtype, self.perf = device, dtype, perf  # perf: PerfOptions (the CLI's speed flags)
         self.key: tuple[str, str | None] | None = None
         self.model: DiffusionModel | None = None
         self._lock = threading.Lock()
@@ -43,7 +43,7 @@ class ModelSlot:
         with self._lock:
             if self.key != key or self.model is None:
                 self._release()  # free the old weights first: two SDXL models may not fit on one GPU
-                self.model = load_model(key[0], vae=key[1], device=self.device, dtype=self.dtype)
+                self.model = load_model(key[0], vae=key[1], device=self.device, dtype=self.dtype, perf=self.perf)
                 self.key = key
             return self.model
 

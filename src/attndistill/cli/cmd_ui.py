@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from . import app
+from . import app, common
 from .common import Device, Dtype, Model, Vae, run_command
 
 UI_EXAMPLE = "Example: attndistill ui --model stable-diffusion-v1-5/stable-diffusion-v1-5 --port 7860"
@@ -41,7 +41,7 @@ def ui(
         except ImportError as exc:
             raise UserError(f"the web UI needs Gradio ({exc}); pip install 'attndistill[ui]'") from None
         webui = WebUI(model=model, vae=None if vae is None else str(vae), device=device, dtype=dtype,
-                      outputs=outputs)
+                      outputs=outputs, perf=common.PERF)
         if model is not None:
             typer.echo(f"loading {model} ...", err=True)
             webui.slot.get(model, None if vae is None else str(vae))
