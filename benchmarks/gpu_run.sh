@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3: reference once per timestep, torch.compile, 4096² memory
+#   bash benchmarks/gpu_run.sh          # run 3: reference once per timestep, channels-last, compile, 4096² memory
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
 # Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl.
@@ -24,9 +24,8 @@ case "${1:-}" in
     run 50 --cases e
     run 80 --cases d --variant offload_text_encoders=1 ;;
   *)
-    run 90 --cases b,e,g
+    run 120 --cases b,e --variant channels_last=1
     run 240 --cases a,b,c,e --fast compile=1
-    run 40 --cases a --steps 20 --compare --fast compile=1
     run 150 --cases f --steps 1 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5

@@ -27,6 +27,7 @@ class PerfOptions:
     cuda_graphs: bool | None = None  # replay each AD iteration as a captured CUDA graph
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
+    channels_last: bool = False  # UNet weights in NHWC layout (the layout tensor-core convolutions prefer)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
@@ -47,6 +48,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
+    unet.to(memory_format=torch.channels_last if perf.channels_last else torch.contiguous_format)
     if perf.attention_slicing:
         unet.set_attention_slice("auto")
     if perf.vae_tiling:

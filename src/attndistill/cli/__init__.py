@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
+GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
                 "--gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
                 "--offload-text-encoders")
 
@@ -51,6 +51,8 @@ def _root(
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's ResNet and feed-forward blocks: faster steps after a "
                           "one-time compilation per process")] = False,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs", help="Replay each AD iteration as a CUDA graph \\[default: on for GPUs]",
         show_default=False)] = None,
@@ -74,7 +76,7 @@ def _root(
 
     if debug:
         os.environ["ATTNDISTILL_DEBUG"] = "1"
-    common.PERF = PerfOptions(compile=compile, fused=fused, cuda_graphs=cuda_graphs,
+    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
                               vae_tiling=vae_tiling, cpu_offload=cpu_offload,
                               offload_text_encoders=offload_text_encoders)
