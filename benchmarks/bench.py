@@ -63,8 +63,9 @@ def run_case(case: str, model, steps: int, size_scale: float) -> list:
         from attndistill.textures import expand_texture
 
         w, h = (3 * side, side) if case == "e" else (8 * side, 8 * side)
+        # views of the model's native size (64 latents on SD 1.5), so tiny models and --size-scale work too
         return [expand_texture(TEXTURE, model=model, size=(w, h), steps=steps, iters=2, stride=8, view_batch=8,
-                               progress=False)]
+                               view=side // model.vae_scale_factor, progress=False)]
     if case == "g":
         from attndistill.tasks import style_transfer_batch
 
