@@ -1,0 +1,419 @@
+"""Jobs files of the batch runner: parse each line into a :class:`Job`, check it before any work.
+
+One line is one job, a task name plus the options of the matching CLI command::
+
+    {"task": "style", "content": "photos/horse.jpg", "style": "art/cat.jpg", "steps": 100, "size": 512}
+
+Input paths are relative to the jobs file, ``output`` to the output folder (default ``ID.png``).
+:class:`Validator` reads every image and model config a job names, so a dry run reports every bad
+line at once and a real run fails no job on input it could have rejected up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a job's task name maps onto a public API function (imported only when used)."""
+
+    module: str
+    function: str
+    inputs: tuple[str, ...]  # required arguments, passed positionally in this order
+    paths: tuple[str, ...]  # arguments holding image paths (relative to the jobs file)
+    preset: str  # the PRESETS entry whose ranges the options are checked against
+    reference: str  # the reference argument: jobs sharing it (and model, size) run consecutively
+    count: str | None = None  # option giving the number of images the job writes
+
+    def resolve(self) -> Callable[..., Any]:
+        try:
+            return getattr(importlib.import_module(self.module), self.function)
+        except (ImportError, AttributeError):
+            raise UserError(f"{self.module}.{self.function} is not available in this installation; "
+                            "update attndistill or drop these jobs") from None
+
+
+TASKS: dict[str, TaskSpec] = {
+    "style": TaskSpec("attndistill.tasks", "style_transfer", ("content", "style"), ("content", "style"),
+                      "style", "style"),
+    "appearance": TaskSpec("attndistill.tasks", "appearance_transfer", ("structure", "appearance"),
+                           ("structure", "appearance"), "appearance", "appearance"),
+    "texture": TaskSpec("attndistill.tasks", "texture_synthesis", ("reference",), ("reference",), "texture",
+                        "reference", "num"),
+    "texture-masked": TaskSpec("attndistill.textures", "masked_texture_synthesis",
+                               ("reference", "ref_labels", "target_labels"),
+                               ("reference", "ref_labels", "target_labels"), "texture-masked", "reference", "num"),
+    "texture-sample": TaskSpec("attndistill.generate", "texture_sampling", ("reference",), ("reference",),
+                               "texture-sample", "reference", "num"),
+    "texture-layout": TaskSpec("attndistill.generate", "layout_texture", ("reference", "layout"),
+                               ("reference", "layout"), "texture-sample", "reference", "num"),
+    "t2i": TaskSpec("attndistill.generate", "text_to_image", ("prompt", "style"),
+                    ("style", "content", "control_image"), "t2i", "style", "num_images"),
+    "expand": TaskSpec("attndistill.textures", "expand_texture", ("reference",), ("reference",), "expand",
+                       "reference"),
+}
+#: CLI argument names that differ from the API's.
+ALIASES = {"style_images": "style", "appearance_images": "appearance", "references": "reference"}
+#: Options the runner handles itself; everything else goes to the API function.
+RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype")
+_INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch"}
+_FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
+_BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae"}
+_STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt", "negative_prompt", "control",
+            "controlnet", "tile", "mode"}
+_PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride")
+_NOT_OPTIONS = {"model", "device", "dtype", "vae", "progress", "callback"}
+
+
+def _texture_task(raw: dict) -> str:
+    """``texture`` with the CLI's ``mode``/``layout``/``ref_labels`` picks the matching task, as the CLI does."""
+    mode = raw.pop("mode", None)
+    if "ref_labels" in raw or "target_labels" in raw:
+        return "texture-masked"
+    if "layout" in raw:
+        return "texture-layout"
+    if mode in (None, "optimize"):
+        return "texture"
+    if mode == "sample":
+        return "texture-sample"
+    raise UserError(f"mode '{mode}' is not known; use optimize or sample")
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that decides which model a job needs; jobs with equal specs share one load."""
+
+    source: str | None = None
+    vae: str | None = None
+    config: str | None = None
+    allow_pickle: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class Job:
+    """One line of the jobs file, parsed; ``error`` is set when the line is unusable."""
+
+    line: int  # 1-based
+    id: str
+    task: str = ""
+    args: dict[str, Any] = field(default_factory=dict)  # API arguments, paths made absolute
+    model: ModelSpec = field(default_factory=ModelSpec)
+    outputs: tuple[Path, ...] = ()
+    overwrite: bool = False
+    error: str | None = None
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
+
+    @property
+    def group(self) -> str:
+        """Sort key: same model, size and reference first, then file order."""
+        if self.error:
+            return json.dumps(["~", self.line])
+        ref = self.args.get(self.spec.reference)
+        return json.dumps([asdict(self.model), str(self.args.get("size")), ref, self.line], default=str)
+
+
+def _fail(line: int, message: str) -> UserError:
+    return UserError(f"line {line}: {message}")
+
+
+def _check_types(raw: Mapping[str, Any], line: int) -> None:
+    for key, value in raw.items():
+        if key in _INTS and (not isinstance(value, int) or isinstance(value, bool)):
+            raise _fail(line, f"'{key}' must be a whole number (got {value!r})")
+        if key in _FLOATS and (not isinstance(value, int | float) or isinstance(value, bool)):
+            raise _fail(line, f"'{key}' must be a number (got {value!r})")
+        if key in _BOOLS and not isinstance(value, bool):
+            raise _fail(line, f"'{key}' must be true or false (got {value!r})")
+        if key in _STRINGS and not isinstance(value, str):
+            raise _fail(line, f"'{key}' must be a string (got {value!r})")
+
+
+def _resolve_local(value: str | None, base: Path) -> str | None:
+    """A model/VAE/config path relative to the jobs file when it exists there; hub ids stay as they are."""
+    if value is None:
+        return None
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _parse_size(value: Any, line: int):
+    from .images import parse_size
+
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        value = f"{value[0]}x{value[1]}"
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise _fail(line, f"'size' must be a number, \"WIDTHxHEIGHT\" or [width, height] (got {value!r})")
+    try:
+        return parse_size(str(value))
+    except UserError as exc:
+        raise _fail(line, str(exc)) from None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:32] or "job"
+
+
+def numbered_outputs(output: Path, count: int) -> tuple[Path, ...]:
+    """Output names the CLI uses: ``OUT.png`` for one image, ``OUT-0.png``, ``OUT-1.png``... for several."""
+    if count == 1:
+        return (output,)
+    return tuple(output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count))
+
+
+def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: ModelSpec) -> Job:
+    """One decoded JSON line -> :class:`Job`; a :class:`UserError` naming the line and the fix otherwise."""
+    if not isinstance(raw, dict):
+        raise _fail(line, "each line must be a JSON object such as {\"task\": \"style\", ...}")
+    raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    identity = {k: v for k, v in raw.items() if k != "id"}  # what the job id is a hash of
+    task = raw.pop("task", None)
+    if not isinstance(task, str):
+        raise _fail(line, f"'task' is missing; use one of {', '.join(TASKS)}")
+    if task == "texture":
+        task = _texture_task(raw)
+    if task not in TASKS:
+        raise _fail(line, f"task '{task}' is not known; use one of {', '.join(TASKS)}")
+    _check_types(raw, line)
+    spec = TASKS[task]
+    fn = spec.resolve()
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [n for n in params if n not in _NOT_OPTIONS]
+        unknown = sorted(k for k in raw if k not in known and k not in RUNNER_KEYS)
+        if unknown:
+            raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    missing = [name for name in spec.inputs if raw.get(name) in (None, "", [])]
+    if missing:
+        raise _fail(line, f"{task} needs {', '.join(map(repr, missing))}")
+
+    model = ModelSpec(
+        source=_resolve_local(raw.pop("model", None), base) or defaults.source,
+        vae=_resolve_local(raw.pop("vae", None), base) or defaults.vae,
+        config=_resolve_local(raw.pop("config", None), base) or defaults.config,
+        allow_pickle=raw.pop("allow_pickle", defaults.allow_pickle),
+        device=raw.pop("device", defaults.device), dtype=raw.pop("dtype", defaults.dtype))
+    overwrite = raw.pop("overwrite", False)
+    output = raw.pop("output", None)
+    job_id = raw.pop("id", None)
+    args = raw
+    for name in spec.paths:
+        value = args.get(name)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise _fail(line, f"'{name}' must be a path or a list of paths relative to the jobs file")
+        resolved = [str(base / v) for v in items]
+        args[name] = resolved if isinstance(value, list) else resolved[0]
+    if "size" in args:
+        args["size"] = _parse_size(args["size"], line)
+
+    if job_id is None:
+        identity.update(model=model.source, vae=model.vae, config=model.config)  # another model: another job
+        digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        first = args[spec.inputs[0]]
+        stem = Path(first[0] if isinstance(first, list) else first).stem if spec.paths[0] == spec.inputs[0] \
+            else str(first)
+        job_id = f"{task}-{_slug(stem)}-{digest}"
+    elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", job_id):
+        raise _fail(line, f"id '{job_id}' may only use letters, digits, '.', '_' and '-'")
+    out = out_dir / (output if output is not None else f"{job_id}.png")
+    if out.suffix.lower() != ".png":
+        raise _fail(line, f"output '{output}' must end in .png")
+    count = args.get(spec.count, 1) if spec.count else 1
+    if count < 1:
+        raise _fail(line, f"'{spec.count}' must be at least 1 (got {count})")
+    return Job(line=line, id=job_id, task=task, args=args, model=model, outputs=numbered_outputs(out, count),
+               overwrite=overwrite)
+
+
+def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
+              defaults: ModelSpec | None = None) -> list[Job]:
+    """Parse every line of a jobs file. Unusable lines become jobs with ``error`` set, so one bad line
+    never stops the others; blank lines and lines starting with ``#`` are skipped."""
+    path, out_dir = Path(path), Path(out_dir)
+    if path.is_dir() or not path.is_file():
+        raise UserError(f"jobs file '{path}' does not exist; pass a .jsonl file with one job per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"jobs file '{path}' cannot be read ({exc}); save it as UTF-8 text") from None
+    base = path.resolve().parent
+    jobs: list[Job] = []
+    ids: dict[str, int] = {}
+    outputs: dict[Path, int] = {}
+    for number, text_line in enumerate(text.splitlines(), 1):
+        if not text_line.strip() or text_line.lstrip().startswith("#"):
+            continue
+        try:
+            job = parse_job(json.loads(text_line), line=number, base=base, out_dir=out_dir,
+                            defaults=defaults or ModelSpec())
+        except json.JSONDecodeError as exc:
+            job = Job(line=number, id=f"line-{number}", error=f"line {number}: not valid JSON ({exc.msg})")
+        except UserError as exc:
+            job = Job(line=number, id=f"line-{number}", error=str(exc))
+        if not job.error:
+            if job.id in ids:
+                job.error = f"line {number}: the same job as line {ids[job.id]}; remove one or give each an id"
+            clash = [outputs[p] for p in job.outputs if p in outputs]
+            if clash and not job.error:
+                job.error = f"line {number}: writes the same output as line {clash[0]}; set another 'output'"
+        if not job.error:
+            ids[job.id] = number
+            outputs.update((p, number) for p in job.outputs)
+        else:
+            job.id = f"line-{number}" if job.id in ids else job.id
+        jobs.append(job)
+    if not jobs:
+        raise UserError(f"jobs file '{path}' has no jobs; write one JSON object per line")
+    return jobs
+
+
+# -- validation (no model weights) ------------------------------------------------------------------
+
+class Validator:
+    """Deep checks of a job before any model work: images readable, numbers in range, outputs writable.
+
+    Images and models are checked once each however many jobs use them.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._images: dict[str, str | None] = {}
+        self._models: dict[ModelSpec, str | None] = {}
+        self._layers: dict[ModelSpec, Any] = {}
+
+    def check(self, job: Job) -> None:
+        """Raise a :class:`UserError` that names the line when ``job`` cannot run."""
+        if job.error:
+            raise UserError(job.error)
+        try:
+            self._check(job)
+        except UserError as exc:
+            raise _fail(job.line, str(exc)) from None
+
+    def _check(self, job: Job) -> None:
+        from .presets import get_preset
+        from .tasks import check_settings
+
+        spec = job.spec
+        for name in spec.paths:
+            value = job.args.get(name)
+            for item in value if isinstance(value, list) else [] if value is None else [value]:
+                self._image(item, name)
+        check_settings(get_preset(spec.preset).override(
+            **{k: job.args[k] for k in _PRESET_FIELDS if k in job.args}))
+        self._model(job.model)
+        if job.args.get("layers") is not None:
+            self._check_layers(job.args["layers"], job.model)
+        for path in job.outputs:
+            if path.exists() and not job.overwrite and not carries_job(path, job.id):
+                raise UserError(f"output '{path}' already exists; delete it, set \"overwrite\": true or another "
+                                "'output'")
+            if path.is_dir():
+                raise UserError(f"output '{path}' is a directory; set another 'output'")
+
+    def _image(self, path: str, name: str) -> None:
+        from .images import load_image
+
+        if path not in self._images:
+            what = name.replace("_", " ") + ("" if name.endswith("image") else " image")
+            try:
+                load_image(path, what=what)
+                self._images[path] = None
+            except UserError as exc:
+                self._images[path] = str(exc)
+        if self._images[path]:
+            raise UserError(self._images[path])
+
+    def _model(self, model: ModelSpec) -> None:
+        if model not in self._models:
+            try:
+                check_model(model)
+                self._models[model] = None
+            except UserError as exc:
+                self._models[model] = str(exc)
+        if self._models[model]:
+            raise UserError(self._models[model])
+
+    def _check_layers(self, layers: Any, model: ModelSpec) -> None:
+        from .engine import parse_layers
+
+        if model not in self._layers:
+            self._layers[model] = _meta_model(model)
+        shell = self._layers[model]
+        if shell is not None:
+            parse_layers(layers, shell)  # range checked against the model's own layer count
+        elif isinstance(layers, str) and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", layers):
+            raise UserError(f"layers '{layers}' is not understood; use a range like 10-15 or a list like 10,11,12")
+
+
+def check_model(model: ModelSpec) -> None:
+    """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
+    from .models import DEFAULT_MODEL, _kind_from_index, _read_model_index, resolve_device, resolve_dtype
+
+    resolve_dtype(model.dtype, resolve_device(model.device))
+    source = model.source or DEFAULT_MODEL
+    path = Path(source)
+    if path.is_file() or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise UserError(f"checkpoint '{path}' does not exist; check the path")
+        if path.suffix != ".safetensors" and not model.allow_pickle:
+            raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
+                            ".safetensors or set \"allow_pickle\": true if you trust it")
+    else:
+        _kind_from_index(_read_model_index(source), source)
+    if model.vae is not None and not (Path(model.vae) / "config.json").is_file():
+        raise UserError(f"VAE '{model.vae}' is not a diffusers AutoencoderKL folder (no config.json)")
+
+
+def _meta_model(model: ModelSpec):
+    """An object with a weightless ``unet`` (meta device) of ``model``, for layer checks; None if unknown."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .models import DEFAULT_MODEL, _offline
+
+    source = model.source or DEFAULT_MODEL
+    if Path(source).is_file():
+        return None
+    try:
+        config = UNet2DConditionModel.load_config(source, subfolder="unet",
+                                                  local_files_only=_offline() or Path(source).is_dir())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(config)
+    except Exception:  # no config to be had offline: the range is checked when the model loads
+        return None
+    return SimpleNamespace(unet=unet)
+
+
+def carries_job(path: Path, job_id: str) -> bool:
+    """Is ``path`` a complete result of ``job_id``? (Images carry their job id in their parameters.)"""
+    from .images import read_parameters
+
+    try:
+        return path.is_file() and read_parameters(path).get("job") == job_id
+    except Exception:
+        return False
