@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .engine import Distiller
 from .guidance import cfg_noise, guide_latents, noised, previous_timestep
 from .models import Conditioning, DiffusionModel
-from .optimize import Callback, FiniteGuard, StepInfo
+from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 from .tiling import seamless
 
 #: View side in latents (ALGORITHM.md §4: 64x64-latent windows, 512 px on SD 1.5).
@@ -145,12 +145,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 z = value / count
                 guard.update(i, t_int, z, losses)
                 guard.check(i, final=i == len(timesteps) - 1)
-                if callback is not None or (i + 1) % 10 == 0 or i + 1 == len(timesteps):
-                    values = [float(v) for v in losses]
-                    loss = values[-1] if values else float("nan")
-                    bar.set_postfix(loss=f"{loss:.4f}", t=t_int)
-                    if callback is not None:
-                        callback(StepInfo(i, len(timesteps), t_int, loss, z, values))
+                report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, float("nan"), z), losses,
+                                advance=0)
     finally:
         bar.close()
     return z

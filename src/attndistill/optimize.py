@@ -35,9 +35,12 @@ Callback = Callable[[StepInfo], None]
 
 
 def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
-                    every: int = 10) -> None:
-    """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it."""
-    bar.update()
+                    every: int = 10, advance: int = 1) -> None:
+    """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it.
+
+    ``advance=0`` for loops that move the bar themselves (MultiDiffusion: once per view batch).
+    """
+    bar.update(advance)
     if callback is None and (info.step + 1) % every and info.step + 1 != info.total:
         return
     values = [float(v) for v in losses]

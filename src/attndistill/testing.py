@@ -24,6 +24,13 @@ TINY_VAE = dict(
     norm_num_groups=8, sample_size=64,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
 )
+#: SDXL's two text encoders differ in width (768 and 1280 in the real model); so do the tiny ones, or
+#: single-file loading could not tell their weights apart. Cross-attention sees both, concatenated.
+TINY_SDXL_TEXT_WIDTHS = (32, 48)
+TINY_SDXL_UNET_EXTRAS = dict(
+    cross_attention_dim=sum(TINY_SDXL_TEXT_WIDTHS), addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 2, 1),
+    use_linear_projection=True)
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon")
 
@@ -80,12 +87,9 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = write_tiny_tokenizer(folder / "_tokenizer_src")
     tokenizer_2 = write_tiny_tokenizer(folder / "_tokenizer_2_src")
-    text_encoder = _text_encoder(tokenizer, 32, with_projection=False)
-    text_encoder_2 = _text_encoder(tokenizer_2, 32, with_projection=True, projection_dim=32)
-    unet = UNet2DConditionModel(**{
-        **TINY_UNET, "cross_attention_dim": 64, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-        "projection_class_embeddings_input_dim": 6 * 8 + 32, "transformer_layers_per_block": (1, 2, 1),
-        "use_linear_projection": True})
+    text_encoder = _text_encoder(tokenizer, TINY_SDXL_TEXT_WIDTHS[0], with_projection=False)
+    text_encoder_2 = _text_encoder(tokenizer_2, TINY_SDXL_TEXT_WIDTHS[1], with_projection=True, projection_dim=32)
+    unet = UNet2DConditionModel(**{**TINY_UNET, **TINY_SDXL_UNET_EXTRAS})
     vae = AutoencoderKL(**{**TINY_VAE, "force_upcast": True})
     scheduler = DDIMScheduler(**{**SD15_SCHEDULER, "timestep_spacing": "leading"})
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -117,9 +121,7 @@ def build_tiny_controlnet(folder: str | Path, sdxl: bool = False, seed: int = 0)
     torch.manual_seed(seed)
     config = {k: v for k, v in TINY_UNET.items() if k not in ("sample_size", "out_channels", "up_block_types")}
     if sdxl:  # the same extras as build_tiny_sdxl's UNet
-        config.update(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=6 * 8 + 32, transformer_layers_per_block=(1, 2, 1),
-                      use_linear_projection=True)
+        config.update(TINY_SDXL_UNET_EXTRAS)
     net = ControlNetModel(**config, conditioning_embedding_out_channels=(8, 8, 16, 16))
     with torch.no_grad():
         for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:

@@ -1,0 +1,68 @@
+"""Single-file checkpoints (original Stable Diffusion key names), loaded offline with ``--config``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ldm_checkpoint import open_clip_to_ldm, unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
+from typer.testing import CliRunner
+
+import attndistill as ad
+from attndistill.cli import app
+from attndistill.images import read_parameters
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_sd15_dir, tmp_path_factory):
+    return write_ldm_checkpoint(tiny_sd15_dir, tmp_path_factory.mktemp("single") / "tiny-sd15.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_the_test_converter_is_the_inverse_of_diffusers(kind, request):
+    """The helper's own check: diffusers' LDM->diffusers conversion gives back every tensor."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    model = request.getfixturevalue(f"tiny_{kind}")
+    for module, to_ldm, convert in ((model.unet, unet_to_ldm, convert_ldm_unet_checkpoint),
+                                    (model.vae, vae_to_ldm, convert_ldm_vae_checkpoint)):
+        state = module.state_dict()
+        back = convert(to_ldm(state, dict(module.config)), dict(module.config))
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k].reshape(state[k].shape), state[k]) for k in state)
+    if kind == "sdxl":
+        encoder = model.pipe.text_encoder_2
+        state = encoder.state_dict()
+        ldm = {"conditioner.embedders.1.model." + k: v for k, v in open_clip_to_ldm(state).items()}
+        back = convert_open_clip_checkpoint(encoder, ldm, prefix="conditioner.embedders.1.model.")
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_single_file_loads_offline_with_the_same_weights(kind, request, tmp_path, monkeypatch):
+    folder, reference = request.getfixturevalue(f"tiny_{kind}_dir"), request.getfixturevalue(f"tiny_{kind}")
+    checkpoint = write_ldm_checkpoint(folder, tmp_path / f"tiny-{kind}.safetensors")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ad.load_model(checkpoint, config=folder, device="cpu", dtype="fp32")
+    assert model.kind == kind
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if kind == "sdxl" else ())
+    for name in names:
+        ours, theirs = getattr(model.pipe, name).state_dict(), getattr(reference.pipe, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+def test_cli_style_transfer_from_a_single_file(checkpoint, tiny_sd15_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(app, ["style", str(data_dir / "horse.jpg"), str(data_dir / "watercolor-cat.jpg"),
+                                      "-o", str(out), "--model", str(checkpoint), "--config", str(tiny_sd15_dir),
+                                      "--steps", "2", "--size", "64", "--quiet"])
+    assert result.exit_code == 0, result.output
+    params = read_parameters(out)
+    assert params["model"] == str(checkpoint)
+    assert params["steps"] == 2
