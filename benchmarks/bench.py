@@ -97,6 +97,21 @@ def max_diff(a: list, b: list) -> float:
     return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / 255 for x, y in zip(a, b))
 
 
+def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
+    """The ``top`` operators by self time (device time on a GPU) while ``fn()`` runs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return [{"op": e.key[:60], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
+
+
 def _switches(text: str) -> dict[str, bool]:
     """``"compile=1,gradient_checkpointing=0"`` -> PerfOptions keyword arguments."""
     return {k: bool(int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", action="append", default=[],
                    help="extra fast-path variants, e.g. gradient_checkpointing=1,cpu_offload=1")
     p.add_argument("--fast", default="", help="switches of the fast path itself, e.g. compile=1")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS steps of the fast path and print where the time goes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
@@ -166,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                  ms_per_step=round(1000 * seconds / steps, 1), peak_gb=round(peak, 2),
                  graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
                  graphs=model.stats.get("graphs_captured", 0), switches=args.fast)
+            if args.profile:
+                top = profile(partial(run_case, case, model, args.profile, args.size_scale), device)
+                emit(case=case, path="profile", steps=args.profile, top=top)
             for variant in args.variant:
                 model.set_perf(PerfOptions(**(_switches(args.fast) | _switches(variant))))
                 model.stats.clear()

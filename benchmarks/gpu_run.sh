@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3: reference once per timestep, channels-last, compile, 4096² memory
+#   bash benchmarks/gpu_run.sh          # run 3 (~520 s): reference once per timestep, channels-last, compile, a kernel profile, 4096² memory
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
-# Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl.
+# Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl as they come.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:src || exit 1
@@ -25,7 +25,8 @@ case "${1:-}" in
     run 80 --cases d --variant offload_text_encoders=1 ;;
   *)
     run 120 --cases b,e --variant channels_last=1
-    run 240 --cases a,b,c,e --fast compile=1
-    run 150 --cases f --steps 1 ;;
+    run 220 --cases a,b,c,e --fast compile=1
+    run 50 --cases a --steps 10 --profile 10 --fast cuda_graphs=0
+    run 130 --cases f --steps 1 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
