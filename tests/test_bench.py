@@ -12,10 +12,13 @@ def test_bench_prints_one_json_line_per_run(capsys):
     spec = importlib.util.spec_from_file_location("bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--tiny", "--device", "cpu", "--cases", "a,c", "--steps", "1", "--compare", "--size-scale", "0.25"])
+    bench.main(["--tiny", "--device", "cpu", "--cases", "a,c", "--steps", "1", "--compare", "--size-scale", "0.25",
+                "--profile", "1"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(r["case"], r["path"]) for r in rows] == [("a", "fast"), ("a", "plain"), ("a", "fast-vs-plain"),
-                                                      ("c", "fast"), ("c", "plain"), ("c", "fast-vs-plain")]
+    assert [(r["case"], r["path"]) for r in rows] == [
+        ("a", "fast"), ("a", "profile"), ("a", "plain"), ("a", "fast-vs-plain"),
+        ("c", "fast"), ("c", "profile"), ("c", "plain"), ("c", "fast-vs-plain")]
+    assert all(r["top"] and r["top"][0]["ms"] > 0 for r in rows if r["path"] == "profile")
     assert all("error" not in r for r in rows)
     assert all(r["seconds"] > 0 and r["card"] == "cpu" for r in rows if r["path"] in ("fast", "plain"))
     assert all(r["max_abs_pixel_diff"] <= 1 / 255 for r in rows if r["path"] == "fast-vs-plain")
