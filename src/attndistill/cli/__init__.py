@@ -76,6 +76,9 @@ def _root(
 
     if debug:
         os.environ["ATTNDISTILL_DEBUG"] = "1"
+    if compile:
+        typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
+                   "later steps and jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, channels_last=channels_last, fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
                               vae_tiling=vae_tiling, cpu_offload=cpu_offload,
