@@ -28,15 +28,8 @@ from .engine import Distiller
 from .guidance import cfg_noise, guide_latents, noised, previous_timestep
 from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
+from .presets import DECODE_OVERLAP, DECODE_TILE, PRESETS, VIEW, VIEW_BATCH
 from .tiling import seamless
-
-#: View side in latents (ALGORITHM.md §4: 64x64-latent windows, 512 px on SD 1.5).
-VIEW = 64
-#: Views denoised and optimised together (one batched UNet call).
-VIEW_BATCH = 8
-#: Decoder tile side and overlap in latents: 512 px tiles, 128 px of feathered overlap.
-DECODE_TILE = 64
-DECODE_OVERLAP = 16
 
 Wrap = tuple[bool, bool]  # periodic along (y, x)
 
@@ -93,7 +86,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.Tensor, *, scheduler,
                    cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0, iters: int,
-                   lr: float, adain_on: bool = False, view: int = VIEW, stride: int = 8,
+                   lr: float, adain_on: bool = False, view: int = VIEW, stride: int = PRESETS["expand"].stride,
                    view_batch: int = VIEW_BATCH, wrap: Wrap = (False, False),
                    generator: torch.Generator | None = None, callback: Callback | None = None,
                    progress: bool = True) -> torch.Tensor:

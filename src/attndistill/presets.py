@@ -48,6 +48,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: MultiDiffusion (ALGORITHM.md §4): view side in latents (64: 512 px on SD 1.5), views per batched
+#: UNet call, and the decoder tile side and feathered overlap in latents for large canvases.
+VIEW = 64
+VIEW_BATCH = 8
+DECODE_TILE = 64
+DECODE_OVERLAP = 16
+
+#: VAE* decoder fine-tuning (ALGORITHM.md §5): Adam steps and learning rate.
+VAE_TUNING_STEPS = 75
+VAE_TUNING_LR = 1e-4
+
+
 def get_preset(task: str) -> Preset:
     """The preset of ``task``; a :class:`KeyError` names the known tasks."""
     try:

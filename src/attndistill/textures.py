@@ -23,9 +23,9 @@ from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, load_image, round_to_multiple, to_pil, to_tensor
 from .models import DiffusionModel, as_model
-from .multidiffusion import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, decode_tiled, multidiffusion
+from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
-from .presets import get_preset
+from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset
 from .tasks import (
     Size,
     as_list,

@@ -22,10 +22,10 @@ import torch
 from .errors import UserError
 from .images import ImageInput, load_image, to_tensor
 from .models import DiffusionModel
+from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
 #: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.
-STEPS = 75
-LR = 1e-4
+STEPS, LR = VAE_TUNING_STEPS, VAE_TUNING_LR
 
 
 def reconstruction_l1(vae, x: torch.Tensor) -> float:

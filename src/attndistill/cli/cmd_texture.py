@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from ..presets import DECODE_TILE, PRESETS, VAE_TUNING_LR, VAE_TUNING_STEPS, VIEW, VIEW_BATCH
 from . import app
 from .common import (
     AllowPickle,
@@ -46,7 +47,8 @@ Tile = Annotated[str | None, typer.Option(
     help="Seamless tiling: circular padding along x, y or xy, so the result tiles without a seam",
     show_default=False)]
 TuneVae = Annotated[bool, typer.Option(
-    help="Fine-tune a copy of the VAE decoder on the (first) reference for this run (VAE*, 75 steps)")]
+    help=f"Fine-tune a copy of the VAE decoder on the (first) reference for this run (VAE*, {VAE_TUNING_STEPS} "
+         "steps)")]
 RefLabels = Annotated[list[Path] | None, typer.Option(
     "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",
     show_default=False)]
@@ -82,13 +84,13 @@ def expand(
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels (or one number: a square), at least one view",
                                       show_default=False)],
     output: Output = Path("out.png"),
-    stride: Annotated[int | None, typer.Option(help="View stride in latents \\[default: 8]", show_default=False)
-                      ] = None,
-    view_batch: Annotated[int | None, typer.Option(help="Views per UNet batch \\[default: 8]", show_default=False)
-                          ] = None,
-    view: Annotated[int | None, typer.Option(help="View side in latents \\[default: 64, 512 px on SD 1.5]",
-                                             show_default=False)] = None,
-    decode_tile: Annotated[int | None, typer.Option(help="Decoder tile side in latents \\[default: 64]",
+    stride: Annotated[int | None, typer.Option(
+        help=f"View stride in latents \\[default: {PRESETS['expand'].stride}]", show_default=False)] = None,
+    view_batch: Annotated[int | None, typer.Option(help=f"Views per UNet batch \\[default: {VIEW_BATCH}]",
+                                                   show_default=False)] = None,
+    view: Annotated[int | None, typer.Option(
+        help=f"View side in latents \\[default: {VIEW}, {VIEW * 8} px on SD 1.5]", show_default=False)] = None,
+    decode_tile: Annotated[int | None, typer.Option(help=f"Decoder tile side in latents \\[default: {DECODE_TILE}]",
                                                     show_default=False)] = None,
     tile: Tile = None, tune_vae: TuneVae = False,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
@@ -96,7 +98,7 @@ def expand(
     layers: Layers = None, seed: Seed = 0,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
-    """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (50 steps, stride 8)."""
+    """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
     from ..textures import expand_texture
 
     def body() -> None:
@@ -119,8 +121,10 @@ def finetune_vae(
     reference: Annotated[Path, typer.Argument(help="Image to fit the decoder to")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to save the AutoencoderKL in",
                                          show_default=False)],
-    steps: Annotated[int | None, typer.Option(help="Adam steps \\[default: 75]", show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate \\[default: 1e-4]", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Adam steps \\[default: {VAE_TUNING_STEPS}]",
+                                              show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Adam learning rate \\[default: {VAE_TUNING_LR:g}]",
+                                             show_default=False)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
