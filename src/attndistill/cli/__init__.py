@@ -54,8 +54,9 @@ def _root(
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
     cuda_graphs: Annotated[bool | None, typer.Option(
-        "--cuda-graphs/--no-cuda-graphs", help="Replay each AD iteration as a CUDA graph \\[default: on for GPUs]",
-        show_default=False)] = None,
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
+             "\\[default: on for GPUs]", show_default=False)] = None,
     fused: Annotated[bool | None, typer.Option(
         "--fused/--no-fused", help="Reference, content and target in one UNet call \\[default: automatic]",
         show_default=False)] = None,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from ..presets import PRESETS
 from . import app
 from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
 from .common import (
@@ -39,11 +40,17 @@ from .common import (
 STYLE_EXAMPLE = "Example: attndistill style horse.jpg watercolor.jpg -o horse-watercolor.png --steps 200"
 APPEARANCE_EXAMPLE = "Example: attndistill appearance car.jpg gold-statue.jpg -o golden-car.png"
 TEXTURE_EXAMPLE = "Example: attndistill texture wood.jpg -o wood.png --num 4 --size 768x512"
+STYLE_HELP = (f"Repaint CONTENT in the style of STYLE (optimisation, {PRESETS['style'].steps} steps, "
+              f"content weight {PRESETS['style'].content_weight:g}).")
+APPEARANCE_HELP = (f"Give STRUCTURE the appearance of APPEARANCE (optimisation, {PRESETS['appearance'].steps} steps, "
+                   f"content weight {PRESETS['appearance'].content_weight:g}).")
+TEXTURE_HELP = (f"Synthesise new textures like REFERENCE from noise (optimisation, {PRESETS['texture'].steps} "
+                "steps; or --mode sample / --layout).")
 
 Style = Annotated[list[Path], typer.Argument(help="Style image(s); several are attended to together")]
 
 
-@app.command("style", epilog=STYLE_EXAMPLE)
+@app.command("style", epilog=STYLE_EXAMPLE, help=STYLE_HELP)
 def style(
     content: Annotated[Path, typer.Argument(help="Content image (its layout is kept)")],
     style_images: Style,
@@ -54,7 +61,7 @@ def style(
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
-    """Repaint CONTENT in the style of STYLE (optimisation, 200 steps, content weight 0.25)."""
+    """The style command; its help is STYLE_HELP, built from the preset."""
     from ..tasks import style_transfer
 
     def body() -> None:
@@ -70,7 +77,7 @@ def style(
     run_command(body)
 
 
-@app.command("appearance", epilog=APPEARANCE_EXAMPLE)
+@app.command("appearance", epilog=APPEARANCE_EXAMPLE, help=APPEARANCE_HELP)
 def appearance(
     structure: Annotated[Path, typer.Argument(help="Structure image (its shapes are kept)")],
     appearance_images: Annotated[list[Path], typer.Argument(help="Appearance image(s)")],
@@ -81,7 +88,7 @@ def appearance(
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
-    """Give STRUCTURE the appearance of APPEARANCE (optimisation, content weight 0.2)."""
+    """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
     from ..tasks import appearance_transfer
 
     def body() -> None:
@@ -97,7 +104,7 @@ def appearance(
     run_command(body)
 
 
-@app.command("texture", epilog=TEXTURE_EXAMPLE)
+@app.command("texture", epilog=TEXTURE_EXAMPLE, help=TEXTURE_HELP)
 def texture(
     references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s)")],
     output: Output = Path("out.png"),
@@ -115,7 +122,7 @@ def texture(
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
-    """Synthesise new textures like REFERENCE from noise (optimisation, 300 steps; or --mode sample / --layout)."""
+    """The texture command; its help is TEXTURE_HELP, built from the preset."""
 
     def body() -> None:
         check_outputs(output, num, overwrite=overwrite)
@@ -139,7 +146,6 @@ def _texture_sampler(mode: str | None, layout: Path | None, strength: float | No
     """``texture --mode sample`` / ``--layout``: the sampling task to call instead of optimisation (or None)."""
     from functools import partial
 
-    from ..errors import UserError
     from ..generate import layout_texture, texture_sampling
 
     if mode not in (None, "optimize", "sample"):
