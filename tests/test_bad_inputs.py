@@ -354,3 +354,30 @@ def test_unusual_modes_run_end_to_end(tmp_path, data_dir, tiny_sd15_dir):
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "out.png") as out:
         assert out.mode == "RGB" and out.size == (64, 64)
+
+
+def _out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_names_the_options_that_help(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
+    """A GPU out-of-memory error in the middle of a run: one line with the memory switches, exit 4, no output."""
+    from attndistill.models import DiffusionModel
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.setattr(DiffusionModel, "predict", _out_of_memory)
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", out_dir / "o.png", "-m", tiny_sd15_dir,
+                    "--steps", "2", "--size", "64", "-q")
+    assert_rejected(result, 4, "ran out of memory", "--gradient-checkpointing", "--offload-text-encoders",
+                    "--view-batch", out_dir=out_dir)
+
+
+def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
+    from attndistill.batch import _describe
+    from attndistill.webui_jobs import error_message
+
+    exc = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "--gradient-checkpointing" in _describe(exc)
+    ui = error_message(exc)
+    assert "ran out of memory" in ui and "gradient-checkpointing" in ui and "--" not in ui
