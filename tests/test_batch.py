@@ -374,3 +374,37 @@ def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_p
     assert len(images) == 4
     for solo, batched in images.values():
         assert np.abs(solo - batched).max() <= 2 / 255
+
+
+@pytest.mark.parametrize("command", [
+    ["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg", "--steps", "3", "--content-weight", "0.4",
+     "--seed", "5"],
+    ["t2i", "--prompt", "a red barn", "--style", "{data}/watercolor-cat.jpg", "--steps", "2", "--iters", "1",
+     "--num-images", "2", "--seed", "3"],
+])
+def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """Any result can be reproduced: ``info --job`` + ``batch`` rerun it exactly (CPU, fp32)."""
+    monkeypatch.chdir(data_dir.parent)  # inputs recorded relative to here; the job makes them absolute
+    args = [a.replace("{data}", "data") for a in command]
+    first = invoke(*args, "-o", tmp_path / "first.png", "-m", tiny_sd15_dir, "--size", "64", "-q")
+    assert first.exit_code == 0, first.output
+    originals = sorted(tmp_path.glob("first*.png"))
+    job = invoke("info", originals[0], "--job")
+    assert job.exit_code == 0, job.output
+    line = json.loads(job.stdout)
+    assert line["task"] == args[0] and line["model"] == str(tiny_sd15_dir) and line["seed"] == int(args[-1])
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
+    assert invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q").exit_code == 0
+    reruns = sorted((tmp_path / "out").glob("rerun*.png"))
+    assert len(reruns) == len(originals) >= 1
+    for a, b in zip(originals, reruns, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a, b)
+
+
+def test_info_job_refuses_what_cannot_be_rerun():
+    from attndistill.batchjobs import job_from_parameters
+
+    with pytest.raises(UserError, match="passed in memory"):
+        job_from_parameters({"task": "style", "content": "<image>", "style": ["a.png"], "model": "m"})
+    with pytest.raises(UserError, match="cannot rerun"):
+        job_from_parameters({"task": "finetune-vae"})

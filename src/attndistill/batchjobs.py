@@ -136,6 +136,44 @@ def _fail(line: int, message: str) -> UserError:
     return UserError(f"line {line}: {message}")
 
 
+#: torch dtype names (as results record them) -> the ``dtype`` option's names.
+DTYPE_OPTIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image") -> dict[str, Any]:
+    """The jobs-file line that reruns the run whose parameters a result carries (``attndistill info --job``).
+
+    Every recorded setting the task's API function accepts is kept, so the rerun does not depend on
+    today's defaults; relative input paths are made absolute against the current folder.
+    """
+    task = params.get("task")
+    if task not in TASKS:
+        raise UserError(f"{source} was made by task {task!r}, which the batch runner cannot rerun; "
+                        f"it reruns {', '.join(TASKS)}")
+    spec = TASKS[task]
+    accepted = inspect.signature(spec.resolve()).parameters
+    job: dict[str, Any] = {"task": task}
+    for key, value in params.items():
+        if value is None or key == "task":
+            continue
+        if key == "model":
+            job["model"] = value
+        elif key == "dtype":
+            job["dtype"] = DTYPE_OPTIONS.get(value, value)
+        elif key in accepted and key not in _NOT_OPTIONS:
+            job[key] = value
+    for name in spec.paths:
+        if name not in job:
+            continue
+        items = job[name] if isinstance(job[name], list) else [job[name]]
+        if "<image>" in items:
+            raise UserError(f"{source} was made from an image passed in memory ('{name}'), not a file; "
+                            "it cannot be rerun from its parameters")
+        absolute = [str(Path(v).resolve()) if Path(v).exists() else v for v in items]
+        job[name] = absolute if isinstance(job[name], list) else absolute[0]
+    return job
+
+
 def _check_types(raw: Mapping[str, Any], line: int) -> None:
     for key, value in raw.items():
         if key in _INTS and (not isinstance(value, int) or isinstance(value, bool)):

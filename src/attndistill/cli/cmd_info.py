@@ -11,12 +11,18 @@ import typer
 from . import app
 from .common import run_command
 
-INFO_EXAMPLE = "Example: attndistill info horse-watercolor.png"
+INFO_EXAMPLE = ("Example: attndistill info horse-watercolor.png\n\n"
+                "Rerun it: attndistill info horse-watercolor.png --job > jobs.jsonl && attndistill batch jobs.jsonl "
+                "--out rerun/")
 
 
 @app.command("info", epilog=INFO_EXAMPLE)
-def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill")]) -> None:
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill")],
+         job: Annotated[bool, typer.Option(
+             "--job", help="Print the run as one line for 'attndistill batch' instead (to rerun or vary it)")] = False,
+         ) -> None:
     """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON."""
+    from ..batchjobs import job_from_parameters
     from ..errors import UserError
     from ..images import load_image, read_parameters
 
@@ -25,6 +31,9 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
         params = read_parameters(image)
         if not params:
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
-        typer.echo(json.dumps(params, indent=2, sort_keys=True))
+        if job:
+            typer.echo(json.dumps(job_from_parameters(params, source=f"image '{image}'")))
+        else:
+            typer.echo(json.dumps(params, indent=2, sort_keys=True))
 
     run_command(body)
