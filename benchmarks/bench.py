@@ -112,9 +112,11 @@ def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
     return [{"op": e.key[:60], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
 
 
-def _switches(text: str) -> dict[str, bool]:
-    """``"compile=1,gradient_checkpointing=0"`` -> PerfOptions keyword arguments."""
-    return {k: bool(int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+def _switches(text: str) -> dict[str, bool | int]:
+    """``"compile=1,lookahead_batch=16"`` -> PerfOptions keyword arguments (booleans as 0/1)."""
+    plain = PerfOptions()
+    return {k: int(v) if isinstance(getattr(plain, k), int) and not isinstance(getattr(plain, k), bool)
+            else bool(int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
 
 
 def main(argv: list[str] | None = None) -> None:

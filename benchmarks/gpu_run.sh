@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3 (~520 s): reference once per timestep, channels-last, compile, a kernel profile, 4096² memory
+#   bash benchmarks/gpu_run.sh          # run 3 (<= 490 s): reference once per timestep, channels-last,
+#                                       # look-ahead, compile, a kernel profile
+#   bash benchmarks/gpu_run.sh memory   # the 4096² expansion's peak memory (one step, <= 130 s)
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
 # Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl as they come.
@@ -19,14 +21,16 @@ case "${1:-}" in
     run 60 --cases a,b --steps 20 --compare
     run 150 --cases e --compare --plain-steps 5
     run 200 --cases d --compare --plain-steps 5 --variant gradient_checkpointing=1 ;;
+  memory)
+    run 130 --cases f --steps 1 ;;
   fast)
     run 100 --cases a,c,g,b
     run 50 --cases e
     run 80 --cases d --variant offload_text_encoders=1 ;;
   *)
     run 120 --cases b,e --variant channels_last=1
+    run 100 --cases a,c,g --variant lookahead_batch=16
     run 220 --cases a,b,c,e --fast compile=1
-    run 50 --cases a --steps 10 --profile 10 --fast cuda_graphs=0
-    run 130 --cases f --steps 1 ;;
+    run 50 --cases a --steps 10 --profile 10 --fast cuda_graphs=0 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5

@@ -73,13 +73,18 @@ def test_version_and_help_examples():
         assert "Example" in text, command
 
 
-@pytest.mark.parametrize("flag", ["--no-cuda-graphs", "--vae-tiling", "--gradient-checkpointing"])
+@pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
+                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
+    from attndistill.cli import common
+
     out = tmp_path / "out.png"
-    result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 1,
-                 "--size", 64, "--device", "cpu", "--quiet", flag)
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 2,
+                 "--size", 64, "--device", "cpu", "--quiet", *flag)
     assert result.exit_code == 0, result.output
     assert out.exists()
+    if flag[0].startswith("--lookahead-batch"):
+        assert common.PERF.lookahead_batch == 4
 
 
 @pytest.mark.parametrize("command", [["style", "{bad}", "{good}"], ["appearance", "{good}", "{bad}"],

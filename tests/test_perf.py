@@ -152,8 +152,9 @@ def test_static_sampling_computes_the_reference_once_per_timestep(model, monkeyp
     z_ref, init = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     cond = model.null_condition()
     results, calls = [], []
+    counter = _CountFeatureCalls(monkeypatch)
     for static in (False, True):
-        counter = _CountFeatureCalls(monkeypatch)
+        counter.batches = []
         results.append(sample(Distiller(model, static=static), init, z_ref, cond=cond, steps=3, iters=3, lr=0.05,
                               generator=torch.Generator().manual_seed(7), progress=False))
         calls.append(len(counter.batches))
@@ -198,3 +199,32 @@ def test_compile_switch_keeps_the_optimised_latent_and_image(model):
     torch.testing.assert_close(model.decode(compiled), model.decode(plain), atol=1e-4, rtol=0)
     model.set_perf(PerfOptions())
     assert all(m._compiled_call_impl is None for m in blocks)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_lookahead_computes_several_timesteps_per_call_with_the_same_result(model, monkeypatch, static):
+    """``lookahead_batch``: reference and content features of upcoming timesteps in one call, same latent."""
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    results, calls = [], []
+    counter = _CountFeatureCalls(monkeypatch)
+    for batch in (1, 6):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        counter.batches = []
+        results.append(optimize_latents(Distiller(model, content_weight=0.25, static=static), z_c, z_ref,
+                                        content_latents=z_c, steps=5, iters=2, lr=0.05, progress=False))
+        calls.append(counter.batches)
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+    assert calls[0] == [2, 1, 1, 1] * 5  # per step on a CPU: references, content, then 2 target iterations
+    # 6 rows = 2 timesteps of (2 references + 1 content) per call: 3 look-ahead calls for 5 steps
+    assert [b for b in calls[1] if b != 1] == [6, 6, 3]
+    assert calls[1].count(1) == 5 * 2  # only the targets' own calls remain, one per iteration
+
+
+def test_lookahead_with_a_reference_of_another_size(model):
+    z_ref, z_c = torch.randn(1, 4, 12, 8), torch.randn(1, 4, 8, 8)
+    results = []
+    for batch in (1, 4):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        results.append(optimize_latents(Distiller(model, content_weight=0.25), z_c, z_ref, content_latents=z_c,
+                                        steps=4, iters=1, lr=0.05, progress=False))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)

@@ -139,12 +139,15 @@ class Distiller:
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,
-                   fresh: bool, reference_key=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   fresh: bool, reference_key=None,
+                   features: tuple[Reference, list[torch.Tensor] | None] | None = None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``iters`` Adam steps of the loss on ``z`` at ``t``; returns (latents, losses before each step).
 
         ``fresh=False`` keeps one optimiser across calls (Algorithm 1), ``fresh=True`` resets its state
         first (Algorithm 2). Losses stay on the device; reading them is the caller's sync point.
-        ``reference_key``: see :meth:`begin_timestep`.
+        ``reference_key``: see :meth:`begin_timestep`. ``features``: this timestep's reference and
+        content features computed ahead (:mod:`attndistill.lookahead`) instead of here.
         """
         use_content = content_latents is not None and self.content_weight > 0
         content_latents = content_latents if use_content else None
@@ -158,7 +161,7 @@ class Distiller:
         elif fresh:
             stepper.reset_state()
         try:
-            return stepper.run(z, t, ref_latents, content_latents, iters, reference_key)
+            return stepper.run(z, t, ref_latents, content_latents, iters, reference_key, features)
         except RuntimeError as exc:  # Adam's step beyond float range: the same failure as a NaN
             if "overflow" not in str(exc):
                 raise
@@ -244,7 +247,8 @@ class Distiller:
                 # reference and content share one no-grad call
                 feats = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t)
                 r = z_ref.shape[0]
-                ref_feats, content_feats = [_rows(f, 0, r) for f in feats], [_rows(f, r, None) for f in feats]
+                ref_feats = [select_rows(f, 0, r) for f in feats]
+                content_feats = [select_rows(f, r, None) for f in feats]
             else:
                 ref_feats = self.features(z_ref, t)
                 content_feats = self.features(z_c, t) if z_c is not None else None
@@ -270,9 +274,9 @@ class Distiller:
             parts = ([z_ref.detach()] if same_size else []) + ([z_c.detach()] if z_c is not None else []) + [z]
             feats = self.features(torch.cat([p.to(z.dtype) for p in parts]), t)
             r, c = (z_ref.shape[0] if same_size else 0), (z_c.shape[0] if z_c is not None else 0)
-            self._set_reference(ref_feats or [_rows(f, 0, r) for f in feats],
-                                [_rows(f, r, r + c) for f in feats] if z_c is not None else None)
-            target = [_rows(f, r + c, None) for f in feats]
+            self._set_reference(ref_feats or [select_rows(f, 0, r) for f in feats],
+                                [select_rows(f, r, r + c) for f in feats] if z_c is not None else None)
+            target = [select_rows(f, r + c, None) for f in feats]
         else:
             if self.reference is None:
                 self.compute_reference()
@@ -334,7 +338,8 @@ def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):
     return (h, w), (rh, rw)
 
 
-def _rows(f: LayerFeatures, start: int, stop: int | None) -> LayerFeatures:
+def select_rows(f: LayerFeatures, start: int, stop: int | None) -> LayerFeatures:
+    """Rows ``start:stop`` of every feature tensor (batch axis)."""
     return LayerFeatures(f.q[start:stop], f.k[start:stop], f.v[start:stop], f.o[start:stop])
 
 

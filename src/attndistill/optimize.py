@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .engine import Distiller
 from .errors import NonFiniteError
+from .lookahead import ReferenceLookahead
 
 
 @dataclass
@@ -100,6 +101,11 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
         content_latents = content_latents.to(model.device)
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
+    ahead = None
+    if model.perf.lookahead_batch > 1:  # reference/content features of several timesteps per UNet call
+        used_content = content_latents if distiller.content_weight > 0 else None
+        ahead = ReferenceLookahead(distiller, timesteps.to(model.device), ref_latents, used_content,
+                                   model.perf.lookahead_batch)
     try:
         with distiller:
             for i, t in enumerate(timesteps):
@@ -107,7 +113,8 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
                 # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).
                 # One optimiser for the whole run: its state persists across timesteps.
                 z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
-                                                 iters=iters, lr=lr, fresh=False)
+                                                 iters=iters, lr=lr, fresh=False,
+                                                 features=ahead.at(i) if ahead else None)
                 guard.update(i, t_int, z, losses)
                 guard.check(i, final=i == len(timesteps) - 1)
                 report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)

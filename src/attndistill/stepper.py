@@ -61,10 +61,14 @@ class EagerStepper:
         self.optimizer.state.clear()
 
     def run(self, z: torch.Tensor, t, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
-            reference_key: Hashable | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`."""
+            reference_key: Hashable | None = None, features: tuple | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`;
+        ``features``: (reference, content queries) computed ahead, used instead of computing them here."""
         self._load(z)
         self.distiller.begin_timestep(t, ref, content, key=reference_key)
+        if features is not None:
+            self.distiller.set_reference_state(self.distiller._pending, *features)
         with torch.enable_grad():
             losses = [self._iteration() for _ in range(iters)]
         return self.z.detach(), losses
@@ -124,6 +128,22 @@ class StaticReference:
             self.key = key
         self.activate(distiller)
 
+    def load(self, distiller, t, content: torch.Tensor | None, features: tuple) -> None:
+        """Adopt features computed elsewhere (look-ahead) for timestep ``t``: copied into the static outputs."""
+        with torch.no_grad():
+            self.t.copy_(torch.as_tensor(t, device=self.t.device).reshape(()))
+            if self.content is not None:
+                self.content.copy_(content)
+            if self.call.graph is None:
+                self.call.out = features
+            else:  # the iteration graph reads these addresses
+                (ref, queries), (new_ref, new_queries) = self.call.out, features
+                for dst, src in zip(ref.keys + ref.values + (queries or []),
+                                    new_ref.keys + new_ref.values + (new_queries or []), strict=True):
+                    dst.copy_(src)
+        self.key = None  # what the program computed last is no longer in its outputs
+        self.activate(distiller)
+
     def activate(self, distiller) -> None:
         """Point ``distiller`` at these features: what a target iteration reads (nothing before a first run)."""
         if self.call.out is not None:
@@ -152,8 +172,11 @@ class StaticStepper(EagerStepper):
                 if torch.is_tensor(value):
                     value.zero_()
 
-    def run(self, z, t, ref, content, iters, reference_key=None):
+    def run(self, z, t, ref, content, iters, reference_key=None, features=None):
         self._load(z)
-        self.reference.update(self.distiller, t, ref, content, reference_key)
+        if features is not None:
+            self.reference.load(self.distiller, t, content, features)
+        else:
+            self.reference.update(self.distiller, t, ref, content, reference_key)
         losses = [self.iteration().clone() for _ in range(iters)]  # a replay overwrites its output
         return self.z.detach(), losses

@@ -20,15 +20,29 @@ GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cuda-graphs", "--n
                 "--offload-text-encoders")
 
 
+#: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
+GLOBAL_OPTIONS = ("--lookahead-batch",)
+
+
 class _Group(TyperGroup):
-    """Accept the global flags anywhere before ``--``, not only before the subcommand."""
+    """Accept the global flags and options anywhere before ``--``, not only before the subcommand."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         cut = args.index("--") if "--" in args else len(args)
-        moved = [a for a in args[1:cut] if a in GLOBAL_FLAGS]
-        if moved:
-            args = moved + [a for i, a in enumerate(args[:cut]) if i == 0 or a not in GLOBAL_FLAGS] + args[cut:]
-        return super().parse_args(ctx, args)
+        moved, kept, i = [], [], 0
+        while i < cut:
+            a = args[i]
+            if i > 0 and a in GLOBAL_FLAGS:
+                moved.append(a)
+            elif i > 0 and a in GLOBAL_OPTIONS and i + 1 < cut:
+                moved += [a, args[i + 1]]
+                i += 1
+            elif i > 0 and a.split("=", 1)[0] in GLOBAL_OPTIONS:
+                moved.append(a)
+            else:
+                kept.append(a)
+            i += 1
+        return super().parse_args(ctx, moved + kept + args[cut:])
 
 
 app = typer.Typer(
@@ -53,6 +67,10 @@ def _root(
                           "one-time compilation per process")] = False,
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
+    lookahead_batch: Annotated[int, typer.Option(
+        "--lookahead-batch", min=1,
+        help="Optimisation: compute the reference/content features of upcoming timesteps in UNet calls of up to "
+             "N rows (GPU; 1: every step on its own)")] = 1,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
@@ -80,7 +98,8 @@ def _root(
     if compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, fused=fused, cuda_graphs=cuda_graphs,
+    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, lookahead_batch=lookahead_batch,
+                              fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
                               vae_tiling=vae_tiling, cpu_offload=cpu_offload,
                               offload_text_encoders=offload_text_encoders)
