@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3 (<= 490 s): reference once per timestep, channels-last,
+#   bash benchmarks/gpu_run.sh          # run 3 (<= 510 s): reference once per timestep, channels-last,
 #                                       # look-ahead, compile, a kernel profile
 #   bash benchmarks/gpu_run.sh memory   # the 4096² expansion's peak memory (one step, <= 130 s)
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
@@ -29,7 +29,7 @@ case "${1:-}" in
     run 80 --cases d --variant offload_text_encoders=1 ;;
   *)
     run 120 --cases b,e --variant channels_last=1
-    run 100 --cases a,c,g --variant lookahead_batch=16
+    run 120 --cases a,c,b --variant lookahead_batch=16
     run 220 --cases a,b,c,e --fast compile=1
     run 50 --cases a --steps 10 --profile 10 --fast cuda_graphs=0 ;;
 esac

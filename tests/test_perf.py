@@ -228,3 +228,38 @@ def test_lookahead_with_a_reference_of_another_size(model):
         results.append(optimize_latents(Distiller(model, content_weight=0.25), z_c, z_ref, content_latents=z_c,
                                         steps=4, iters=1, lr=0.05, progress=False))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_lookahead_in_sampling_draws_the_same_noise_and_gives_the_same_result(model, monkeypatch, static):
+    """Algorithm 2: noised references (and content) of upcoming steps drawn in order, features in one call."""
+    from attndistill.sampling import sample
+
+    z_ref, z_c, init = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    cond = model.null_condition()
+    results, calls = [], []
+    counter = _CountFeatureCalls(monkeypatch)
+    for batch in (1, 4):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        counter.batches = []
+        results.append(sample(Distiller(model, content_weight=0.2, static=static), init, z_ref, cond=cond, steps=4,
+                              iters=2, lr=0.05, adain=True, content_latents=z_c,
+                              generator=torch.Generator().manual_seed(7), progress=False))
+        calls.append(counter.batches)
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+    assert calls[0] == [1, 1, 1, 1] * 4  # per step on a CPU: reference, content, 2 target iterations
+    assert calls[1] == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]  # 2 steps of (reference + content) per call
+
+
+def test_lookahead_in_multidiffusion_gives_the_same_canvas(model):
+    from attndistill.multidiffusion import multidiffusion
+
+    init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
+    z_ref = torch.randn(1, 4, 8, 8)
+    results = []
+    for batch in (1, 2):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        results.append(multidiffusion(Distiller(model), init, z_ref, scheduler=model.ddim_scheduler(3),
+                                      cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+                                      adain_on=True, generator=torch.Generator().manual_seed(7), progress=False))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)

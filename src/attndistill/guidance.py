@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from .engine import Distiller
+from .lookahead import Ahead, ReferenceLookahead
 from .models import Conditioning, DiffusionModel
 from .stepper import StaticCall
 
@@ -99,10 +100,35 @@ class GraphedPredict:
         return self.call().clone()
 
 
+def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tensor, *, scheduler,
+                        content_latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                        start_t: int | None = None) -> ReferenceLookahead | None:
+    """Algorithm 2's noised reference/content latents and their features, several steps per UNet call.
+
+    None unless ``model.perf.lookahead_batch`` > 1. The noise is drawn in the order the step-by-step
+    path draws it (reference, then content, step after step), so the results match it.
+    """
+    device = distiller.model.device
+    if distiller.model.perf.lookahead_batch <= 1:
+        return None
+    ref_latents = ref_latents.to(device)
+    content_latents = None if content_latents is None else content_latents.to(device)
+
+    def inputs(i: int):
+        t_prime = previous_timestep(int(timesteps[i]), scheduler)
+        ref_t = noised(scheduler, ref_latents, t_prime, generator)
+        content_t = None if content_latents is None else noised(scheduler, content_latents, t_prime, generator)
+        return t_prime, ref_t, content_t if distiller.content_weight > 0 else None
+
+    schedule = [i for i, t in enumerate(timesteps) if start_t is None or int(t) < start_t]
+    return ReferenceLookahead(distiller, schedule, inputs, distiller.model.perf.lookahead_batch)
+
+
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,
                   scheduler, iters: int, lr: float, adain_on: bool = False,
                   content_latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  ref_is_noised: bool = False, reference_key=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                  ref_is_noised: bool = False, reference_key=None,
+                  ahead: Ahead | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One AD update of ``latents`` (B, 4, h, w) at ``t_prime``; returns (new latents, loss per iteration).
 
     Losses are 0-dim device tensors (read them sparingly: each read is a GPU sync).
@@ -112,20 +138,28 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
     The distiller must be entered (``with distiller:``). ``iters=0`` leaves the latents untouched
     (apart from AdaIN). ``ref_is_noised``: ``ref_latents`` already carry this step's noise (callers
     that share one noised reference across calls, with a ``reference_key`` for the distiller).
+    ``ahead``: this step's noised latents and their features, computed ahead (:mod:`attndistill.lookahead`);
+    no noise is drawn then.
     """
     device = distiller.model.device
-    ref_t = ref_latents.to(device) if ref_is_noised else noised(scheduler, ref_latents.to(device), t_prime,
-                                                                 generator)
+    if ahead is not None:
+        ref_t = ahead.ref
+    elif ref_is_noised:
+        ref_t = ref_latents.to(device)
+    else:
+        ref_t = noised(scheduler, ref_latents.to(device), t_prime, generator)
     z = latents.detach().float()
     if adain_on:
         z = adain(z, ref_t)
     if iters == 0:
         return z, []
     content_t = None
-    if content_latents is not None:
+    if ahead is not None:
+        content_t = ahead.content
+    elif content_latents is not None:
         content_t = noised(scheduler, content_latents.to(device), t_prime, generator)
     t = torch.tensor(t_prime, device=device)
     # a fresh optimiser every step (Algorithm 2): the stepper's Adam state is reset
     z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True,
-                                     reference_key=reference_key)
+                                     reference_key=reference_key, features=ahead.features if ahead else None)
     return z.clone(), losses

@@ -1,14 +1,20 @@
-"""Reference and content features of upcoming timesteps, several timesteps per UNet call (Algorithm 1).
+"""Reference and content features of upcoming steps, several steps per UNet call.
 
-In optimisation mode the reference and content latents never change, only the
-timestep does, and their features do not depend on the target. One batched
-UNet call with per-sample timesteps therefore computes them for the next few
-timesteps at once. On a GPU a batch of 8-16 costs little more than a batch of
-one, so the per-step reference call all but disappears. On a CPU a batch costs
-its size, so there it is off (``PerfOptions.lookahead_batch = 1``).
+The reference (and content) latents a step scores against never depend on the
+target: in optimisation mode they are the clean latents at the step's
+timestep, in sampling they are the same latents noised for that step. One
+batched UNet call with per-sample timesteps therefore computes their features
+for the next few steps at once. On a GPU a batch of 8-16 costs little more
+than a batch of one, so the per-step reference call all but disappears. On a
+CPU a batch costs its size, so there it is off (``PerfOptions.lookahead_batch``
+= 1). The inputs of each step are made in step order, so noise drawn from a
+generator comes out exactly as it would step by step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,57 +22,76 @@ from .engine import Distiller, Reference, select_rows
 from .features import LayerFeatures
 from .losses import concat_references
 
-#: Features of one timestep: the reference (concatenated keys/values) and the content queries (or None).
-StepFeatures = tuple[Reference, list[torch.Tensor] | None]
+#: One step's inputs: (timestep, reference latents, content latents or None).
+StepInputs = tuple[int, torch.Tensor, torch.Tensor | None]
+
+
+@dataclass
+class Ahead:
+    """What a step scores against, computed ahead: its inputs and their features."""
+
+    t: int
+    ref: torch.Tensor  # (R, 4, h, w), noised in sampling
+    content: torch.Tensor | None  # (C, 4, h, w) or None
+    features: tuple[Reference, list[torch.Tensor] | None]  # reference keys/values, content queries
 
 
 class ReferenceLookahead:
-    """Features of ``(ref_latents, t_i)`` and ``(content_latents, t_i)`` for step ``i``, computed in chunks.
+    """``at(i)``: the :class:`Ahead` of step ``i``, computed with the next scheduled steps in one call.
 
-    ``batch`` bounds the rows of one UNet call: a chunk covers ``batch // (R + C)`` timesteps for R
-    reference and C content latents (at least one).
+    schedule: the step indices that need features, in order; inputs(i): that step's inputs (called
+    once per step, in schedule order); batch: the most rows one UNet call may have (each step needs
+    R reference + C content rows; a chunk has at least one step).
     """
 
-    def __init__(self, distiller: Distiller, timesteps: torch.Tensor, ref_latents: torch.Tensor,
-                 content_latents: torch.Tensor | None, batch: int) -> None:
-        self.distiller = distiller
-        self.timesteps = timesteps
-        self.ref, self.content = ref_latents, content_latents
-        rows = ref_latents.shape[0] + (content_latents.shape[0] if content_latents is not None else 0)
-        self.chunk = max(1, batch // rows)
-        self.start = 0
-        self.ahead: list[StepFeatures] = []
+    def __init__(self, distiller: Distiller, schedule: Sequence[int], inputs: Callable[[int], StepInputs],
+                 batch: int) -> None:
+        self.distiller, self.schedule, self.inputs, self.batch = distiller, list(schedule), inputs, batch
+        self.position = {step: k for k, step in enumerate(self.schedule)}
+        self.ahead: dict[int, Ahead] = {}
 
-    def at(self, step: int) -> StepFeatures:
-        """The features of step ``step`` (computing the chunk that starts there when needed)."""
-        if not self.start <= step < self.start + len(self.ahead):
-            self.start, self.ahead = step, self._compute(self.timesteps[step:step + self.chunk])
-        return self.ahead[step - self.start]
+    def at(self, step: int) -> Ahead:
+        if step not in self.ahead:
+            self.ahead = self._compute(self.position[step])
+        return self.ahead[step]
 
-    def _compute(self, ts: torch.Tensor) -> list[StepFeatures]:
-        n, r = len(ts), self.ref.shape[0]
-        content = self.content
+    def _compute(self, start: int) -> dict[int, Ahead]:
+        steps, inputs = [], []
+        for step in self.schedule[start:]:
+            t, ref, content = self.inputs(step)
+            steps.append(step)
+            inputs.append((t, ref, content))
+            rows = ref.shape[0] + (content.shape[0] if content is not None else 0)
+            if (len(steps) + 1) * rows > self.batch:
+                break
         with torch.no_grad():
-            if content is not None and content.shape[-2:] == self.ref.shape[-2:]:
-                # step-major rows: [ref_0, content_0, ref_1, content_1, ...], one call
-                both = torch.cat([self.ref, content.to(self.ref.dtype)])
-                feats = self._features(both, ts)
-                per = both.shape[0]
-                ref_rows = [[select_rows(f, j * per, j * per + r) for f in feats] for j in range(n)]
-                content_rows = [[select_rows(f, j * per + r, (j + 1) * per) for f in feats] for j in range(n)]
-            else:
-                feats = self._features(self.ref, ts)
-                ref_rows = [[select_rows(f, j * r, (j + 1) * r) for f in feats] for j in range(n)]
-                content_rows = [None] * n
-                if content is not None:
-                    c = content.shape[0]
-                    cfeats = self._features(content, ts)
-                    content_rows = [[select_rows(f, j * c, (j + 1) * c) for f in cfeats] for j in range(n)]
-        return [(Reference([concat_references(f.k) for f in ref], [concat_references(f.v) for f in ref]),
-                 None if cq is None else [f.q for f in cq]) for ref, cq in zip(ref_rows, content_rows, strict=True)]
+            features = self._features(inputs)
+        return {step: Ahead(t, ref, content, feats)
+                for step, (t, ref, content), feats in zip(steps, inputs, features, strict=True)}
 
-    def _features(self, latents: torch.Tensor, ts: torch.Tensor) -> list[LayerFeatures]:
-        """Features of ``latents`` repeated for every timestep of ``ts`` (per-sample timesteps)."""
-        rows = latents.shape[0]
-        return self.distiller.features(latents.repeat(len(ts), 1, 1, 1), ts.repeat_interleave(rows))
+    def _features(self, inputs: list[StepInputs]) -> list[tuple[Reference, list[torch.Tensor] | None]]:
+        r = inputs[0][1].shape[0]
+        content = inputs[0][2]
+        if content is not None and content.shape[-2:] == inputs[0][1].shape[-2:]:
+            # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
+            per = r + content.shape[0]
+            feats = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], [t for t, _, _ in inputs])
+            refs = [[select_rows(f, j * per, j * per + r) for f in feats] for j in range(len(inputs))]
+            queries = [[select_rows(f, j * per + r, (j + 1) * per).q for f in feats] for j in range(len(inputs))]
+        else:
+            feats = self._call([ref for _, ref, _ in inputs], [t for t, _, _ in inputs])
+            refs = [[select_rows(f, j * r, (j + 1) * r) for f in feats] for j in range(len(inputs))]
+            queries = [None] * len(inputs)
+            if content is not None:
+                c = content.shape[0]
+                cfeats = self._call([c_ for _, _, c_ in inputs], [t for t, _, _ in inputs])
+                queries = [[select_rows(f, j * c, (j + 1) * c).q for f in cfeats] for j in range(len(inputs))]
+        return [(Reference([concat_references(f.k) for f in ref], [concat_references(f.v) for f in ref]), q)
+                for ref, q in zip(refs, queries, strict=True)]
 
+    def _call(self, latents: list[torch.Tensor], ts: list[int]) -> list[LayerFeatures]:
+        """Features of the concatenated ``latents``, each block at its own timestep."""
+        device = latents[0].device
+        t = torch.cat([torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+                       for x, t in zip(latents, ts, strict=True)])
+        return self.distiller.features(torch.cat(latents), t)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import Distiller
-from .guidance import cfg_noise, guide_latents, noised, previous_timestep
+from .guidance import cfg_noise, guide_latents, noised, previous_timestep, reference_lookahead
 from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 from .presets import DECODE_OVERLAP, DECODE_TILE, PRESETS, VIEW, VIEW_BATCH
@@ -105,6 +105,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     timesteps = scheduler.timesteps
     bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
+    lookahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler,
+                                    generator=generator) if iters > 0 else None
     try:
         with distiller:
             for i, t in enumerate(timesteps):
@@ -114,7 +116,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 count = torch.zeros(1, 1, h, w, device=z.device)
                 losses: list[torch.Tensor] = []
                 # one noised reference per timestep, shared by all view batches: its features are computed once
-                ref_t = noised(scheduler, ref_latents.to(model.device), t_prime, generator)
+                ahead = lookahead.at(i) if lookahead else None
+                ref_t = ahead.ref if ahead else noised(scheduler, ref_latents.to(model.device), t_prime, generator)
                 reference_key = object()
                 for batch in batches:
                     # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
@@ -126,7 +129,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                     # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
                     zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,
                                                      iters=iters, lr=lr, adain_on=adain_on, generator=generator,
-                                                     ref_is_noised=True, reference_key=reference_key)
+                                                     ref_is_noised=True, reference_key=reference_key,
+                                                     ahead=ahead)
                     losses.extend(batch_losses)
                     # 4. accumulate for the per-pixel average
                     for (top, left), piece in zip(batch, zv.split(b)):

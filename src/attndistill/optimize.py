@@ -104,8 +104,8 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     ahead = None
     if model.perf.lookahead_batch > 1:  # reference/content features of several timesteps per UNet call
         used_content = content_latents if distiller.content_weight > 0 else None
-        ahead = ReferenceLookahead(distiller, timesteps.to(model.device), ref_latents, used_content,
-                                   model.perf.lookahead_batch)
+        ahead = ReferenceLookahead(distiller, range(len(timesteps)),
+                                   lambda i: (int(timesteps[i]), ref_latents, used_content), model.perf.lookahead_batch)
     try:
         with distiller:
             for i, t in enumerate(timesteps):
@@ -114,7 +114,7 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
                 # One optimiser for the whole run: its state persists across timesteps.
                 z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
                                                  iters=iters, lr=lr, fresh=False,
-                                                 features=ahead.at(i) if ahead else None)
+                                                 features=ahead.at(i).features if ahead else None)
                 guard.update(i, t_int, z, losses)
                 guard.check(i, final=i == len(timesteps) - 1)
                 report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)

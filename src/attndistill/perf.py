@@ -28,7 +28,7 @@ class PerfOptions:
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
     channels_last: bool = False  # UNet weights in NHWC layout (the layout tensor-core convolutions prefer)
-    lookahead_batch: int = 1  # optimisation: rows of one UNet call computing the features of upcoming steps
+    lookahead_batch: int = 1  # rows of one UNet call computing the reference features of upcoming steps
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory

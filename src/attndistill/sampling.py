@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .controlnet import Control
 from .engine import Distiller
 from .errors import UserError
-from .guidance import cfg_noise, guide_latents, previous_timestep
+from .guidance import cfg_noise, guide_latents, previous_timestep, reference_lookahead
 from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 
@@ -96,6 +96,8 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     ref_latents = ref_latents.to(model.device)
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
+    ahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler, generator=generator,
+                                content_latents=content_latents, start_t=start_t) if iters > 0 else None
     try:
         with distiller:
             for i, t in enumerate(timesteps):
@@ -109,7 +111,8 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
                 if iters > 0 and (start_t is None or t_int < start_t):
                     z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
                                               scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
-                                              content_latents=content_latents, generator=generator)
+                                              content_latents=content_latents, generator=generator,
+                                              ahead=ahead.at(i) if ahead else None)
                 guard.update(i, t_int, z, losses)
                 guard.check(i, final=i == len(timesteps) - 1)
                 report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)

@@ -69,8 +69,8 @@ def _root(
         "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
     lookahead_batch: Annotated[int, typer.Option(
         "--lookahead-batch", min=1,
-        help="Optimisation: compute the reference/content features of upcoming timesteps in UNet calls of up to "
-             "N rows (GPU; 1: every step on its own)")] = 1,
+        help="Compute the reference/content features of upcoming steps in UNet calls of up to N rows "
+             "(GPU; 1: every step on its own)")] = 1,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
