@@ -263,3 +263,21 @@ def test_lookahead_in_multidiffusion_gives_the_same_canvas(model):
                                       cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
                                       adain_on=True, generator=torch.Generator().manual_seed(7), progress=False))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+
+
+def test_graph_cache_keeps_a_bounded_number_of_each_kind():
+    """A long-lived process meets many shapes: old graphs go, and so do references no stepper uses."""
+    from types import SimpleNamespace
+
+    from attndistill.engine import MAX_CACHED_GRAPHS, evict_graphs
+
+    shared = object()
+    graphs = {("reference", 0): shared, ("reference", 1): object()}
+    for i in range(MAX_CACHED_GRAPHS + 2):
+        graphs[("stepper", i)] = SimpleNamespace(reference=shared)
+        graphs[("predict", i)] = object()
+    evict_graphs(graphs, "stepper")
+    evict_graphs(graphs, "predict")
+    assert [k[1] for k in graphs if k[0] == "stepper"] == list(range(2, MAX_CACHED_GRAPHS + 2))
+    assert [k[1] for k in graphs if k[0] == "predict"] == list(range(2, MAX_CACHED_GRAPHS + 2))
+    assert [k for k in graphs if k[0] == "reference"] == [("reference", 0)]

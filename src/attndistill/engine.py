@@ -33,7 +33,7 @@ from .stepper import EagerStepper, StaticReference, StaticStepper
 
 log = logging.getLogger(__name__)
 
-#: Captured iteration graphs kept per model (each holds its activations' memory).
+#: Captured graphs of each kind (iterations, denoising calls) kept per model.
 MAX_CACHED_GRAPHS = 4
 
 
@@ -203,7 +203,7 @@ class Distiller:
             return EagerStepper(self, z_shape, lr)
         if cacheable:
             graphs[graph_key] = stepper
-            _evict_steppers(graphs, keep=MAX_CACHED_GRAPHS)
+            evict_graphs(graphs, "stepper")
         return stepper
 
     # -- features --------------------------------------------------------------------------------------
@@ -343,10 +343,12 @@ def select_rows(f: LayerFeatures, start: int, stop: int | None) -> LayerFeatures
     return LayerFeatures(f.q[start:stop], f.k[start:stop], f.v[start:stop], f.o[start:stop])
 
 
-def _evict_steppers(graphs: dict, keep: int) -> None:
-    """Drop the oldest cached iteration graphs beyond ``keep``, and reference graphs none of the rest uses."""
-    steppers = [k for k in graphs if k[0] == "stepper"]
-    for k in steppers[:max(0, len(steppers) - keep)]:
+def evict_graphs(graphs: dict, kind: str, keep: int = MAX_CACHED_GRAPHS) -> None:
+    """Drop the oldest cached graphs of ``kind`` ("stepper", "predict") beyond ``keep``, and reference
+    graphs no cached stepper uses: each holds its activations' memory, and a long-lived process (web UI,
+    batch runner) meets many shapes."""
+    same = [k for k in graphs if k[0] == kind]
+    for k in same[:max(0, len(same) - keep)]:
         del graphs[k]
     used = {id(graphs[k].reference) for k in graphs if k[0] == "stepper"}
     for k in [k for k in graphs if k[0] == "reference" and id(graphs[k]) not in used]:

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from .engine import Distiller
+from .engine import Distiller, evict_graphs
 from .lookahead import Ahead, ReferenceLookahead
 from .models import Conditioning, DiffusionModel
 from .stepper import StaticCall
@@ -72,6 +72,7 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
     if graph is None:
         try:
             graph = model.graphs[key] = GraphedPredict(model, x, t, cond)
+            evict_graphs(model.graphs, "predict")
         except Exception as exc:  # fall back to eager calls, loudly, and stop trying
             log.warning("CUDA graph capture of the denoising call failed (%s); running it eagerly", exc)
             model.perf = replace(model.perf, cuda_graphs=False)
