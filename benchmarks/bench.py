@@ -112,6 +112,16 @@ def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
     return [{"op": e.key[:60], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
 
 
+def code_digest() -> str:
+    """Short hash of the package source: ties a measurement to the code it measured (no .git needed)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for path in sorted((ROOT / "src" / "attndistill").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def _switches(text: str) -> dict[str, bool | int]:
     """``"compile=1,lookahead_batch=16"`` -> PerfOptions keyword arguments (booleans as 0/1)."""
     plain = PerfOptions()
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    code = code_digest()
     models: dict[str, object] = {}
 
     def get_model(kind: str):
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         return models[kind]
 
     def emit(**row) -> None:
-        row.update(card=card, dtype=str(dtype).removeprefix("torch."))
+        row.update(card=card, dtype=str(dtype).removeprefix("torch."), code=code)
         print(json.dumps(row), flush=True)
 
     for case in args.cases.split(","):
