@@ -113,3 +113,21 @@ def test_info_prints_the_parameters_of_a_result(tmp_path, data_dir, tiny_sd15_di
     assert params["task"] == "texture" and params["seed"] == 7 and params["steps"] == 1
     plain = run("info", data_dir / "horse.jpg")
     assert plain.exit_code == 2 and "carries no attndistill parameters" in plain.output
+
+
+@pytest.mark.parametrize("command", [
+    ["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg", "--size", "64"],
+    ["texture", "{data}/wood-rings.jpg", "--mode", "sample", "--size", "64"],
+    ["t2i", "--style", "{data}/watercolor-cat.jpg", "--prompt", "a barn", "--size", "64", "--iters", "1"],
+])
+def test_preview_writes_a_small_look_at_the_running_job(tmp_path, data_dir, tiny_sd15_dir, command):
+    from PIL import Image
+
+    preview = tmp_path / "peek.png"
+    args = [a.replace("{data}", str(data_dir)) for a in command]
+    result = run(*args, "-o", tmp_path / "out.png", "--model", tiny_sd15_dir, "--steps", 3, "--quiet",
+                 "--preview", preview, "--preview-every", 2)
+    assert result.exit_code == 0, result.output
+    with Image.open(preview) as img:
+        assert img.format == "PNG" and img.size == (64, 64)
+    assert not list(tmp_path.glob(".*partial"))

@@ -24,6 +24,8 @@ from .common import (
     Model,
     Output,
     Overwrite,
+    Preview,
+    PreviewEvery,
     Quiet,
     Seed,
     Size,
@@ -33,6 +35,7 @@ from .common import (
     check_outputs,
     load,
     parse_size_option,
+    preview_callback,
     run_command,
     write_images,
 )
@@ -60,6 +63,7 @@ def style(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
     from ..tasks import style_transfer
@@ -71,7 +75,7 @@ def style(
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
                              size=parse_size_option(size), seed=seed, tile=tile, tune_vae=tune_vae,
-                             progress=not quiet)
+                             progress=not quiet, callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
@@ -87,6 +91,7 @@ def appearance(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
     from ..tasks import appearance_transfer
@@ -98,7 +103,8 @@ def appearance(
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
                                   layers=layers, size=parse_size_option(size), seed=seed, tile=tile,
-                                  tune_vae=tune_vae, progress=not quiet)
+                                  tune_vae=tune_vae, progress=not quiet,
+                                  callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
@@ -121,6 +127,7 @@ def texture(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
 
@@ -136,7 +143,8 @@ def texture(
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet, **extra)
+            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet,
+            callback=preview_callback(preview, preview_every, m), **extra)
         write_images(imgs, output, overwrite=overwrite)
 
     run_command(body)

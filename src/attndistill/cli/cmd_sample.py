@@ -22,6 +22,8 @@ from .common import (
     Model,
     Output,
     Overwrite,
+    Preview,
+    PreviewEvery,
     Quiet,
     Seed,
     Size,
@@ -31,6 +33,7 @@ from .common import (
     check_outputs,
     load,
     parse_size_option,
+    preview_callback,
     run_command,
     write_images,
 )
@@ -74,6 +77,7 @@ def t2i(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, size: Size = None, seed: Seed = 0,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """Style-specific text-to-image; see :data:`T2I_HELP`."""
     from ..generate import image_grid, text_to_image
@@ -87,7 +91,8 @@ def t2i(
             iters=iters, lr=lr, guidance=guidance, adain=adain, start_t=start_t, content=content,
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
-            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, progress=not quiet)
+            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, progress=not quiet,
+            callback=preview_callback(preview, preview_every, m))
         write_images([image_grid(images)] if grid else images, output, overwrite=overwrite)
 
     run_command(body)

@@ -27,6 +27,8 @@ from .common import (
     Model,
     Output,
     Overwrite,
+    Preview,
+    PreviewEvery,
     Quiet,
     Seed,
     Steps,
@@ -35,6 +37,7 @@ from .common import (
     check_outputs,
     load,
     parse_size_option,
+    preview_callback,
     run_command,
     write_images,
 )
@@ -97,6 +100,7 @@ def expand(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, seed: Seed = 0,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
     from ..textures import expand_texture
@@ -110,7 +114,8 @@ def expand(
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
                              attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
-                             tune_vae=tune_vae, seed=seed, progress=not quiet, **optional)
+                             tune_vae=tune_vae, seed=seed, progress=not quiet,
+                             callback=preview_callback(preview, preview_every, m), **optional)
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)

@@ -48,6 +48,10 @@ Dtype = Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (bf16 on GPU,
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output PNG path")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
+Preview = Annotated[Path | None, typer.Option(
+    help="Write a small look at the running job to this PNG every --preview-every steps (for long runs)",
+    show_default=False)]
+PreviewEvery = Annotated[int, typer.Option(min=1, help="Steps between two --preview images")]
 
 
 def quiet_libraries() -> None:
@@ -105,6 +109,25 @@ def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
         save_png(img, path, overwrite=overwrite)
         typer.echo(f"wrote {path}")
     return paths
+
+
+def preview_callback(path: Path | None, every: int, model):
+    """A progress callback writing a low-resolution decode of the current latents to ``path`` (or None).
+
+    The file is replaced atomically, so an image viewer never shows half of it.
+    """
+    if path is None:
+        return None
+    from ..images import check_output, save_png
+    from ..webui_jobs import preview_image
+
+    check_output(path, overwrite=True)
+
+    def callback(info) -> None:
+        if (info.step + 1) % every == 0 or info.step + 1 == info.total:
+            save_png(preview_image(model, info.latents, side=64), path, overwrite=True)
+
+    return callback
 
 
 def check_outputs(output: Path, count: int, *, overwrite: bool) -> None:
