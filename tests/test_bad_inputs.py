@@ -381,3 +381,14 @@ def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
     assert "--gradient-checkpointing" in _describe(exc)
     ui = error_message(exc)
     assert "ran out of memory" in ui and "gradient-checkpointing" in ui and "--" not in ui
+
+
+@pytest.mark.parametrize("preview,expected", [("{tmp}/missing/peek.png", "does not exist; create it first"),
+                                              ("{tmp}/peek.jpg", "must end in .png"),
+                                              ("{tmp}/o.png", "is the output file")])
+def test_bad_preview_path_fails_before_the_model_loads(corpus, tmp_path, preview, expected, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png",
+                    "-m", "nobody/not-cached-model", "--preview", preview.format(tmp=tmp_path))
+    assert_rejected(result, 2, expected)
+    assert "not-cached-model" not in result.output

@@ -69,7 +69,7 @@ def style(
     from ..tasks import style_transfer
 
     def body() -> None:
-        check_outputs(output, 1, overwrite=overwrite)
+        check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_images(content_image=content, style_image=style_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
@@ -97,7 +97,7 @@ def appearance(
     from ..tasks import appearance_transfer
 
     def body() -> None:
-        check_outputs(output, 1, overwrite=overwrite)
+        check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_images(structure_image=structure, appearance_image=appearance_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
@@ -132,7 +132,7 @@ def texture(
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
 
     def body() -> None:
-        check_outputs(output, num, overwrite=overwrite)
+        check_outputs(output, num, overwrite=overwrite, preview=preview)
         if content_weight is not None and layout is None and not ref_labels:
             raise UserError("--content-weight needs a content: use it with --layout or with label maps")
         extra = {} if content_weight is None else {"content_weight": content_weight}

@@ -83,7 +83,7 @@ def t2i(
     from ..generate import image_grid, text_to_image
 
     def body() -> None:
-        check_outputs(output, 1 if grid else num_images, overwrite=overwrite)
+        check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)
         check_images(style_image=style, content_image=content, control_image=control_image)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(

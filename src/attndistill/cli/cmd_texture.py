@@ -106,7 +106,7 @@ def expand(
     from ..textures import expand_texture
 
     def body() -> None:
-        check_outputs(output, 1, overwrite=overwrite)
+        check_outputs(output, 1, overwrite=overwrite, preview=preview)
         canvas = parse_size_option(size, multiple=8)
         optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
                     if v is not None}

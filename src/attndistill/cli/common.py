@@ -118,10 +118,8 @@ def preview_callback(path: Path | None, every: int, model):
     """
     if path is None:
         return None
-    from ..images import check_output, save_png
+    from ..images import save_png
     from ..webui_jobs import preview_image
-
-    check_output(path, overwrite=True)
 
     def callback(info) -> None:
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
@@ -130,9 +128,15 @@ def preview_callback(path: Path | None, every: int, model):
     return callback
 
 
-def check_outputs(output: Path, count: int, *, overwrite: bool) -> None:
-    """Refuse before any work if an output exists (or cannot be written)."""
+def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None) -> None:
+    """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file."""
+    from ..errors import UserError
     from ..images import check_output
+
+    if preview is not None:
+        if preview.resolve() == output.resolve():
+            raise UserError(f"--preview '{preview}' is the output file; give the preview another name")
+        check_output(preview, overwrite=True)
 
     if count == 1:
         check_output(output, overwrite=overwrite)
