@@ -69,15 +69,24 @@ def compile_blocks(unet, on: bool) -> None:
     """Compile (or restore) the :data:`COMPILED_BLOCKS` of ``unet`` with dynamic shapes.
 
     Dynamic shapes: one compilation serves every batch size and latent size of a block, so the
-    compile cost is paid once per process and block shape, not per task or job.
+    compile cost is paid once per process and block shape, not per task or job. The higher
+    recompile limit those shapes need holds inside these blocks' calls only, not process-wide.
     """
-    if on:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for module in unet.modules():
         if type(module).__name__ not in COMPILED_BLOCKS:
             continue
         compiled = getattr(module, "_compiled_call_impl", None) is not None
         if on and not compiled:
-            module.compile(dynamic=True)
+            # what nn.Module.compile does, with the limit scoped to the call
+            module._compiled_call_impl = _with_recompile_limit(torch.compile(module._call_impl, dynamic=True))
         elif not on and compiled:
-            module._compiled_call_impl = None  # nn.Module.compile's wrapper; None is the uncompiled state
+            module._compiled_call_impl = None  # None is nn.Module's uncompiled state
+
+
+def _with_recompile_limit(fn):
+    def call(*args, **kwargs):
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return fn(*args, **kwargs)
+
+    return call
