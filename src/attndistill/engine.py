@@ -221,16 +221,20 @@ class Distiller:
         return self.store.take()
 
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
-                       content_latents: torch.Tensor | None = None, *, key=None) -> None:
+                       content_latents: torch.Tensor | None = None, *, key=None,
+                       features: tuple[Reference, list[torch.Tensor] | None] | None = None) -> None:
         """Set the timestep and the (already noised, if sampling) reference/content latents to score against.
 
         ``key``: a caller's token for these inputs (e.g. one ``object()`` per timestep). Called again
         with the same key, the features computed for it are kept (MultiDiffusion's view batches
-        share their timestep's reference).
+        share their timestep's reference). ``features``: their (reference, content queries),
+        computed ahead elsewhere (:mod:`attndistill.lookahead`).
         """
         use_content = content_latents is not None and self.content_weight > 0
         self._pending = (t, ref_latents, content_latents if use_content else None)
-        if key is None or key != self._reference_key:
+        if features is not None:
+            self.reference, self.content_queries = features
+        elif key is None or key != self._reference_key:
             self.reference = None
             self.content_queries = None
         self._reference_key = key

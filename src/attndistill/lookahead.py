@@ -72,19 +72,20 @@ class ReferenceLookahead:
     def _features(self, inputs: list[StepInputs]) -> list[tuple[Reference, list[torch.Tensor] | None]]:
         r = inputs[0][1].shape[0]
         content = inputs[0][2]
+        ts = [t for t, _, _ in inputs]
         if content is not None and content.shape[-2:] == inputs[0][1].shape[-2:]:
             # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
             per = r + content.shape[0]
-            feats = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], [t for t, _, _ in inputs])
+            feats = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], ts)
             refs = [[select_rows(f, j * per, j * per + r) for f in feats] for j in range(len(inputs))]
             queries = [[select_rows(f, j * per + r, (j + 1) * per).q for f in feats] for j in range(len(inputs))]
         else:
-            feats = self._call([ref for _, ref, _ in inputs], [t for t, _, _ in inputs])
+            feats = self._call([ref for _, ref, _ in inputs], ts)
             refs = [[select_rows(f, j * r, (j + 1) * r) for f in feats] for j in range(len(inputs))]
             queries = [None] * len(inputs)
             if content is not None:
                 c = content.shape[0]
-                cfeats = self._call([c_ for _, _, c_ in inputs], [t for t, _, _ in inputs])
+                cfeats = self._call([c_ for _, _, c_ in inputs], ts)
                 queries = [[select_rows(f, j * c, (j + 1) * c).q for f in cfeats] for j in range(len(inputs))]
         return [(Reference([concat_references(f.k) for f in ref], [concat_references(f.v) for f in ref]), q)
                 for ref, q in zip(refs, queries, strict=True)]

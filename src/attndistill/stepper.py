@@ -66,9 +66,7 @@ class EagerStepper:
         """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`;
         ``features``: (reference, content queries) computed ahead, used instead of computing them here."""
         self._load(z)
-        self.distiller.begin_timestep(t, ref, content, key=reference_key)
-        if features is not None:
-            self.distiller.set_reference_state(self.distiller._pending, *features)
+        self.distiller.begin_timestep(t, ref, content, key=reference_key, features=features)
         with torch.enable_grad():
             losses = [self._iteration() for _ in range(iters)]
         return self.z.detach(), losses
