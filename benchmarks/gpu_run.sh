@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3 (<= 510 s): reference once per timestep, channels-last,
-#                                       # look-ahead, compile, a kernel profile
+#   bash benchmarks/gpu_run.sh          # run 3 (<= 550 s): the default with the plain path beside it,
+#                                       # channels-last, look-ahead, the 4096² peak, compile
 #   bash benchmarks/gpu_run.sh memory   # the 4096² expansion's peak memory (one step, <= 130 s)
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
@@ -28,9 +28,11 @@ case "${1:-}" in
     run 50 --cases e
     run 80 --cases d --variant offload_text_encoders=1 ;;
   *)
-    run 120 --cases b,e --variant channels_last=1
-    run 120 --cases a,c,b --variant lookahead_batch=16
-    run 220 --cases a,b,c,e --fast compile=1
-    run 50 --cases a --steps 10 --profile 10 --fast cuda_graphs=0 ;;
+    v="--variant lookahead_batch=16 --variant channels_last=1 --variant lookahead_batch=16,channels_last=1"
+    run 150 --cases a,c,b,g --compare --plain-steps 10 --variant-steps 20 $v
+    run 90 --cases e --compare --plain-steps 4 --variant-steps 10 $v
+    run 75 --cases d --fast offload_text_encoders=1 --compare --plain-steps 3
+    run 110 --cases f --steps 1
+    run 120 --cases a,c,b,e --fast compile=1 --variant-steps 20 --variant lookahead_batch=16 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
