@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 3 (<= 550 s): the default with the plain path beside it,
-#                                       # channels-last, look-ahead, the 4096² peak, compile
+#   bash benchmarks/gpu_run.sh          # run 4 (<= 470 s): channels-last and look-ahead against the default
+#                                       # over as many steps, SDXL with channels-last, kernel profiles of case a
+#   bash benchmarks/gpu_run.sh run3     # run 3: the default with the plain path beside it, the switches, the
+#                                       # 4096² peak, compile (the last line needs 200 s, not 120)
 #   bash benchmarks/gpu_run.sh memory   # the 4096² expansion's peak memory (one step, <= 130 s)
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
@@ -27,12 +29,19 @@ case "${1:-}" in
     run 100 --cases a,c,g,b
     run 50 --cases e
     run 80 --cases d --variant offload_text_encoders=1 ;;
-  *)
+  run3)
     v="--variant lookahead_batch=16 --variant channels_last=1 --variant lookahead_batch=16,channels_last=1"
     run 150 --cases a,c,b,g --compare --plain-steps 10 --variant-steps 20 $v
     run 90 --cases e --compare --plain-steps 4 --variant-steps 10 $v
     run 75 --cases d --fast offload_text_encoders=1 --compare --plain-steps 3
     run 110 --cases f --steps 1
     run 120 --cases a,c,b,e --fast compile=1 --variant-steps 20 --variant lookahead_batch=16 ;;
+  *)
+    v="--variant channels_last=1 --variant lookahead_batch=16 --variant lookahead_batch=16,channels_last=1"
+    run 170 --cases a,c,b,g --variant-steps 30 $v
+    run 90 --cases e --variant-steps 10 --variant channels_last=1 --variant lookahead_batch=16
+    run 90 --cases d --fast offload_text_encoders=1 --variant-steps 15 --variant channels_last=1
+    run 60 --cases a --steps 10 --profile 10 --fast cuda_graphs=0
+    run 50 --cases a --steps 20 --profile 10 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
