@@ -74,7 +74,7 @@ def test_version_and_help_examples():
 
 
 @pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
-                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"]])
+                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -85,6 +85,8 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
     assert out.exists()
     if flag[0].startswith("--lookahead-batch"):
         assert common.PERF.lookahead_batch == 4
+    if flag[0] == "--no-offload-text-encoders":
+        assert common.PERF.offload_text_encoders is False
 
 
 @pytest.mark.parametrize("command", [["style", "{bad}", "{good}"], ["appearance", "{good}", "{bad}"],

@@ -124,6 +124,7 @@ def test_target_on_its_content_gets_an_exactly_zero_content_term(tiny_sd15):
             z = z_c.clone().requires_grad_(True)
             ad.loss(z)
             assert ad.last_parts["content"].item() == 0.0
+            assert not any(v.requires_grad for v in ad.last_parts.values())  # holds no autograd graph
             z_moved = z_c + 0.1
             ad.loss(z_moved)
             assert ad.last_parts["content"].item() > 0

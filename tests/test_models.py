@@ -50,3 +50,22 @@ def test_text_encoder_offload_keeps_the_conditioning(tiny_sdxl):
     finally:
         tiny_sdxl.set_perf(PerfOptions())
     assert torch.equal(before, after)
+
+
+def test_text_encoders_offload_by_default_on_small_cards_only(tiny_sd15, monkeypatch):
+    """``offload_text_encoders=None``: on for CUDA cards under 16 GiB (a 12 GB card holds SDXL), off elsewhere."""
+    from types import SimpleNamespace
+
+    from attndistill import perf
+
+    def card(gib):
+        return lambda device: SimpleNamespace(total_memory=gib * 2**30)
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", card(12))
+    assert perf.small_card(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", card(80))
+    assert not perf.small_card(cuda)
+    assert not perf.small_card(torch.device("cpu"))
+    tiny_sd15.set_perf(PerfOptions())
+    assert tiny_sd15.perf.offload_text_encoders is False  # resolved on the CPU

@@ -297,7 +297,9 @@ class Distiller:
             c = content_loss([f.q for f in target], self.content_queries, weights=self._off_content(z))
             parts["content"] = c
             total = ad + self.content_weight * c
-        self.last_parts = parts
+        # detached: a part holding its autograd graph would keep the graph (and the latent's gradient
+        # accumulator from the warm-up stream) alive into a CUDA graph capture
+        self.last_parts = {k: v.detach() for k, v in parts.items()}
         return total
 
     def _off_content(self, z: torch.Tensor) -> torch.Tensor | None:

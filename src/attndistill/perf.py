@@ -17,6 +17,9 @@ import torch
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 #: Distinct block shapes a model has (SD 1.5 ~10 ResNet variants, SDXL more) need their own compilations.
 RECOMPILE_LIMIT = 64
+#: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
+#: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
+SMALL_CARD_GIB = 16
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class PerfOptions:
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
     cpu_offload: bool = False  # keep idle components in CPU memory (diffusers' model offload)
-    offload_text_encoders: bool = False  # text encoders wait in CPU memory, visit the GPU to encode a prompt
+    # text encoders wait in CPU memory and visit the GPU to encode a prompt (None: on cards under 16 GiB)
+    offload_text_encoders: bool | None = None
 
     @classmethod
     def plain(cls) -> PerfOptions:
@@ -60,9 +64,18 @@ def apply_perf(model, perf: PerfOptions) -> None:
         # components move between devices: captured graphs would point at stale memory
         perf = replace(perf, cuda_graphs=False)
         model.pipe.enable_model_cpu_offload(device=model.device)
+    if perf.offload_text_encoders is None:
+        perf = replace(perf, offload_text_encoders=small_card(model.device))
     for encoder in model.text_encoders():
         encoder.to("cpu" if perf.offload_text_encoders else model.device)
     model.perf = perf
+
+
+def small_card(device: torch.device) -> bool:
+    """A CUDA card with under :data:`SMALL_CARD_GIB` of memory (consumer cards of 8-12 GB)."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_GIB * 2**30
 
 
 def compile_blocks(unet, on: bool) -> None:

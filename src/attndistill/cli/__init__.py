@@ -17,7 +17,7 @@ from .. import __version__
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
                 "--gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
-                "--offload-text-encoders")
+                "--offload-text-encoders", "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -86,8 +86,10 @@ def _root(
     cpu_offload: Annotated[bool, typer.Option(
         "--cpu-offload", help="Idle components wait in CPU memory (diffusers' model offload; no CUDA graphs)")
                            ] = False,
-    offload_text_encoders: Annotated[bool, typer.Option(
-        "--offload-text-encoders", help="Text encoders wait in CPU memory (saves ~1.6 GB with SDXL)")] = False,
+    offload_text_encoders: Annotated[bool | None, typer.Option(
+        "--offload-text-encoders/--no-offload-text-encoders",
+        help="Text encoders wait in CPU memory (saves ~1.6 GB with SDXL) \\[default: on for cards under 16 GiB]",
+        show_default=False)] = None,
 ) -> None:
     """Flags on this line work with every command, before or after its name."""
     from ..perf import PerfOptions
