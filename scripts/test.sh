@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: install (CPU torch first, so no CUDA build is pulled) and run the suite.
+# The README's test command: install torch first, then the package, and run the suite.
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build where pip's index holds the CUDA one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.13.0"
+python -m pip install -q "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 python -m pip install -q -e ".[test,ui]"
 # the web UI test drives Debian's Chromium (never a browser downloaded by playwright)
 if [ ! -x /usr/bin/chromium ]; then

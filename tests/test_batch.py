@@ -381,18 +381,28 @@ def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_p
      "--seed", "5"],
     ["t2i", "--prompt", "a red barn", "--style", "{data}/watercolor-cat.jpg", "--steps", "2", "--iters", "1",
      "--num-images", "2", "--seed", "3"],
+    ["t2i", "--prompt", "a red barn", "--style", "{data}/watercolor-cat.jpg", "--steps", "2", "--iters", "1",
+     "--num-images", "2", "--grid", "--seed", "3"],
+    ["texture", "{data}/wood-rings.jpg", "--num", "2", "--size", "96x64", "--steps", "2", "--vae", "{model}/vae",
+     "--seed", "4"],
 ])
 def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
-    """Any result can be reproduced: ``info --job`` + ``batch`` rerun it exactly (CPU, fp32)."""
+    """Any result can be reproduced: ``info --job`` + ``batch`` rerun it exactly (CPU, fp32), sizes that are
+    no multiple of 64, a swapped-in VAE and a grid included."""
     monkeypatch.chdir(data_dir.parent)  # inputs recorded relative to here; the job makes them absolute
-    args = [a.replace("{data}", "data") for a in command]
-    first = invoke(*args, "-o", tmp_path / "first.png", "-m", tiny_sd15_dir, "--size", "64", "-q")
+    args = [a.replace("{data}", "data").replace("{model}", str(tiny_sd15_dir)) for a in command]
+    size = [] if "--size" in args else ["--size", "64"]
+    first = invoke(*args, "-o", tmp_path / "first.png", "-m", tiny_sd15_dir, *size, "-q")
     assert first.exit_code == 0, first.output
     originals = sorted(tmp_path.glob("first*.png"))
     job = invoke("info", originals[0], "--job")
     assert job.exit_code == 0, job.output
     line = json.loads(job.stdout)
     assert line["task"] == args[0] and line["model"] == str(tiny_sd15_dir) and line["seed"] == int(args[-1])
+    if "--vae" in args:
+        assert line["vae"] == str(tiny_sd15_dir / "vae")
+    if "--grid" in args:
+        assert line["grid"] is True and len(originals) == 1
     (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
     assert invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q").exit_code == 0
     reruns = sorted((tmp_path / "out").glob("rerun*.png"))
@@ -408,3 +418,30 @@ def test_info_job_refuses_what_cannot_be_rerun():
         job_from_parameters({"task": "style", "content": "<image>", "style": ["a.png"], "model": "m"})
     with pytest.raises(UserError, match="cannot rerun"):
         job_from_parameters({"task": "finetune-vae"})
+
+
+def test_dry_run_checks_controlnets_and_strength(tmp_path, data_dir, tiny_sd15_dir):
+    """ControlNet paths are relative to the jobs file and checked (exists, fits the model) before any work,
+    as is a strength that leaves no step to run."""
+    from attndistill.testing import build_tiny_controlnet
+
+    build_tiny_controlnet(tmp_path / "cn15", sdxl=False)
+    build_tiny_controlnet(tmp_path / "cnxl", sdxl=True)
+
+    def t2i(controlnet):
+        return {"task": "t2i", "prompt": "a b", "style": "watercolor-cat.jpg", "controlnet": controlnet,
+                "control_image": "horse.jpg", "size": 64, "steps": 1}
+
+    jobs = write_jobs(tmp_path / "in" / "sub", data_dir, [
+        t2i("../../cn15"),
+        t2i("../../no-such-cn"),
+        t2i("../../cnxl"),
+        {"task": "texture", "reference": "wood-rings.jpg", "layout": "horse.jpg", "strength": 0.01, "steps": 5},
+    ])
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2
+    for expected in ("line 2: ControlNet", "no-such-cn' does not exist", "line 3: ControlNet",
+                     "does not fit the sd15 model", "line 4: strength 0.01 leaves no step", "1 ready", "3 invalid"):
+        assert expected in result.output, expected
+    job = read_jobs(jobs, out_dir=tmp_path / "out")[0]
+    assert job.args["controlnet"] == str((tmp_path / "cn15").resolve())

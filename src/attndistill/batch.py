@@ -230,6 +230,10 @@ class Runner:
             inputs = [args.pop(name) for name in spec.inputs]
             result = spec.resolve()(*inputs, model=model, progress=self.progress, **args)
             images = list(result) if isinstance(result, list | tuple) else [result]
+            if job.grid:
+                from .generate import image_grid
+
+                images = [image_grid(images)]
             paths = job.outputs if len(images) == len(job.outputs) else numbered_outputs(job.outputs[0], len(images))
             for image, path in zip(images, paths, strict=True):
                 path.parent.mkdir(parents=True, exist_ok=True)

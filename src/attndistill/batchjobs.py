@@ -68,10 +68,11 @@ TASKS: dict[str, TaskSpec] = {
 #: CLI argument names that differ from the API's.
 ALIASES = {"style_images": "style", "appearance_images": "appearance", "references": "reference"}
 #: Options the runner handles itself; everything else goes to the API function.
-RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype")
+RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype",
+               "grid")
 _INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch"}
 _FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
-_BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae"}
+_BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae", "grid"}
 _STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt", "negative_prompt", "control",
             "controlnet", "tile", "mode"}
 _PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride")
@@ -117,6 +118,7 @@ class Job:
     model: ModelSpec = field(default_factory=ModelSpec)
     outputs: tuple[Path, ...] = ()
     overwrite: bool = False
+    grid: bool = False  # the images as one grid image, as the CLI's --grid writes them
     error: str | None = None
 
     @property
@@ -156,8 +158,10 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
     for key, value in params.items():
         if value is None or key == "task":
             continue
-        if key == "model":
-            job["model"] = value
+        if key in ("model", "vae", "config", "controlnet"):  # local folders and files made absolute
+            job[key] = str(Path(value).resolve()) if Path(value).exists() else value
+        elif key == "grid":
+            job["grid"] = True
         elif key == "dtype":
             job["dtype"] = DTYPE_OPTIONS.get(value, value)
         elif key in accepted and key not in _NOT_OPTIONS:
@@ -202,7 +206,7 @@ def _parse_size(value: Any, line: int):
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise _fail(line, f"'size' must be a number, \"WIDTHxHEIGHT\" or [width, height] (got {value!r})")
     try:
-        return parse_size(str(value))
+        return parse_size(str(value), multiple=1)  # the task rounds it for the model, as from the CLI
     except UserError as exc:
         raise _fail(line, str(exc)) from None
 
@@ -251,6 +255,7 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         allow_pickle=raw.pop("allow_pickle", defaults.allow_pickle),
         device=raw.pop("device", defaults.device), dtype=raw.pop("dtype", defaults.dtype))
     overwrite = raw.pop("overwrite", False)
+    grid = raw.pop("grid", False)
     output = raw.pop("output", None)
     job_id = raw.pop("id", None)
     args = raw
@@ -265,6 +270,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         args[name] = resolved if isinstance(value, list) else resolved[0]
     if "size" in args:
         args["size"] = _parse_size(args["size"], line)
+    if "controlnet" in args:
+        args["controlnet"] = _resolve_local(args["controlnet"], base)
 
     if job_id is None:
         identity.update(model=model.source, vae=model.vae, config=model.config)  # another model: another job
@@ -281,8 +288,10 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     count = args.get(spec.count, 1) if spec.count else 1
     if count < 1:
         raise _fail(line, f"'{spec.count}' must be at least 1 (got {count})")
-    return Job(line=line, id=job_id, task=task, args=args, model=model, outputs=numbered_outputs(out, count),
-               overwrite=overwrite)
+    if grid and not spec.count:
+        raise _fail(line, f"'grid' needs a task that writes several images; {task} writes one")
+    return Job(line=line, id=job_id, task=task, args=args, model=model,
+               outputs=numbered_outputs(out, 1 if grid else count), overwrite=overwrite, grid=grid)
 
 
 def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
@@ -359,9 +368,15 @@ class Validator:
             value = job.args.get(name)
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 self._image(item, name)
-        check_settings(get_preset(spec.preset).override(
-            **{k: job.args[k] for k in _PRESET_FIELDS if k in job.args}))
+        preset = get_preset(spec.preset).override(**{k: job.args[k] for k in _PRESET_FIELDS if k in job.args})
+        check_settings(preset)
+        if job.args.get("strength") is not None:
+            from .sampling import first_step
+
+            first_step(preset.steps, job.args["strength"])
         self._model(job.model)
+        if job.args.get("controlnet"):
+            self._controlnet(job.args["controlnet"], job.model)
         if job.args.get("layers") is not None:
             self._check_layers(job.args["layers"], job.model)
         for path in job.outputs:
@@ -394,6 +409,17 @@ class Validator:
         if self._models[model]:
             raise UserError(self._models[model])
 
+    def _controlnet(self, source: str, model: ModelSpec) -> None:
+        from .controlnet import check_configs_fit, check_controlnet_source
+
+        check_controlnet_source(source)
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        net = _config(ControlNetModel, source)
+        unet = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
+        if net is not None and unet is not None:  # configs to be had (local or cached): do they fit?
+            check_configs_fit(net, unet, source, model.source or _default_model())
+
     def _check_layers(self, layers: Any, model: ModelSpec) -> None:
         from .engine import parse_layers
 
@@ -425,6 +451,24 @@ def check_model(model: ModelSpec) -> None:
         raise UserError(f"VAE '{model.vae}' is not a diffusers AutoencoderKL folder (no config.json)")
 
 
+def _default_model() -> str:
+    from .models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
+    """``cls``'s config from a local folder or a cached Hub id, without weights; None when there is none."""
+    from .models import _offline
+
+    if Path(source).is_file():
+        return None  # a single-file checkpoint: its config comes with the load
+    try:
+        return cls.load_config(source, subfolder=subfolder, local_files_only=_offline() or Path(source).is_dir())
+    except Exception:
+        return None
+
+
 def _meta_model(model: ModelSpec):
     """An object with a weightless ``unet`` (meta device) of ``model``, for layer checks; None if unknown."""
     from types import SimpleNamespace
@@ -432,19 +476,14 @@ def _meta_model(model: ModelSpec):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .models import DEFAULT_MODEL, _offline
-
-    source = model.source or DEFAULT_MODEL
-    if Path(source).is_file():
+    config = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
+    if config is None:  # no config to be had offline: the range is checked when the model loads
         return None
     try:
-        config = UNet2DConditionModel.load_config(source, subfolder="unet",
-                                                  local_files_only=_offline() or Path(source).is_dir())
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
-    except Exception:  # no config to be had offline: the range is checked when the model loads
+            return SimpleNamespace(unet=UNet2DConditionModel.from_config(config))
+    except Exception:  # a config this diffusers cannot build: the load will say why
         return None
-    return SimpleNamespace(unet=unet)
 
 
 def carries_job(path: Path, job_id: str) -> bool:

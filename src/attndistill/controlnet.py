@@ -80,6 +80,17 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     from diffusers import ControlNetModel
 
     source = str(source)
+    check_controlnet_source(source)
+    if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
+        variant = "fp16"
+    net = from_pretrained(ControlNetModel, source, variant, what="ControlNet", option="--controlnet",
+                          use_safetensors=not allow_pickle, dtype=model.dtype)
+    check_compatible(net, model, source)
+    return net.to(model.device).requires_grad_(False).eval()
+
+
+def check_controlnet_source(source: str) -> None:
+    """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
     if path.exists():
         if not (path / "config.json").is_file():
@@ -89,23 +100,28 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     elif source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
                         "such as lllyasviel/control_v11p_sd15_canny")
-    if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
-        variant = "fp16"
-    net = from_pretrained(ControlNetModel, source, variant, what="ControlNet", option="--controlnet",
-                          use_safetensors=not allow_pickle, dtype=model.dtype)
-    check_compatible(net, model, source)
-    return net.to(model.device).requires_grad_(False).eval()
 
 
 def check_compatible(net, model: DiffusionModel, source: str = "ControlNet") -> None:
     """A ControlNet must match the UNet it steers (SD 1.5 ControlNets for SD 1.5, SDXL ones for SDXL)."""
-    n, u = net.config, model.unet.config
-    if (n.cross_attention_dim != u.cross_attention_dim or n.addition_embed_type != u.addition_embed_type
-            or tuple(n.block_out_channels) != tuple(u.block_out_channels)):
-        kind = "SDXL" if n.addition_embed_type == "text_time" else "SD 1.x/2.x"
-        want = "an SDXL" if model.kind == "sdxl" else "an SD 1.5"
-        raise UserError(f"ControlNet '{source}' (for {kind}) does not fit the {model.kind} model "
-                        f"'{model.source}'; use {want} ControlNet")
+    check_configs_fit(net.config, model.unet.config, source, model.source)
+
+
+def check_configs_fit(net_config, unet_config, source: str, model_source: str) -> None:
+    """:func:`check_compatible` on configs alone (mappings or config objects), so a dry run can ask too."""
+    def get(config, key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    def shape(config):
+        return (get(config, "cross_attention_dim"), get(config, "addition_embed_type"),
+                tuple(get(config, "block_out_channels") or ()))
+
+    if shape(net_config) != shape(unet_config):
+        sdxl_net = get(net_config, "addition_embed_type") == "text_time"
+        sdxl_model = get(unet_config, "addition_embed_type") == "text_time"
+        raise UserError(f"ControlNet '{source}' (for {'SDXL' if sdxl_net else 'SD 1.x/2.x'}) does not fit the "
+                        f"{'sdxl' if sdxl_model else 'sd15'} model '{model_source}'; use "
+                        f"{'an SDXL' if sdxl_model else 'an SD 1.5'} ControlNet")
 
 
 def prepare_control(controlnet, image, *, model: DiffusionModel, size: tuple[int, int], preprocess: str = "none",

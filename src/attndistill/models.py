@@ -96,6 +96,8 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     perf: PerfOptions = field(default_factory=PerfOptions)
+    vae_source: str | None = None  # another VAE folder swapped in (results record it, reruns need it)
+    config_source: str | None = None  # the configs a single-file checkpoint was loaded with
     _null: dict = field(default_factory=dict, repr=False)
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
@@ -378,7 +380,9 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         if module is not None:
             module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype)
+    model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype,
+                           vae_source=None if vae is None else str(vae),
+                           config_source=None if config is None else str(config))
     if perf is not None:
         model.set_perf(perf)
     return model

@@ -42,17 +42,23 @@ def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str
     return model.encode_prompt([prompt], [negative_prompt or ""], size=size)
 
 
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first of ``steps`` DDIM steps that SDEdit at ``strength`` runs; an error if none is left."""
+    if not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1] (got {strength}); 1 starts from pure noise")
+    first = steps - min(int(steps * strength), steps)
+    if first >= steps:
+        raise UserError(f"strength {strength} leaves no step to run with {steps} steps; raise --strength or --steps")
+    return first
+
+
 def sdedit_start(model: DiffusionModel, init: torch.Tensor, noise: torch.Tensor, *, steps: int,
                  strength: float) -> tuple[torch.Tensor, int]:
     """SDEdit: ``init`` latents (B, 4, h, w) noised to the step that ``strength`` in (0, 1] starts from.
 
     Returns (start latents, index of the first step to run), as diffusers' img2img pipelines count it.
     """
-    if not 0 < strength <= 1:
-        raise UserError(f"strength must be in (0, 1] (got {strength}); 1 starts from pure noise")
-    first = steps - min(int(steps * strength), steps)
-    if first >= steps:
-        raise UserError(f"strength {strength} leaves no step to run with {steps} steps; raise --strength or --steps")
+    first = first_step(steps, strength)
     scheduler = model.ddim_scheduler(steps)
     t = scheduler.timesteps[first : first + 1]
     return scheduler.add_noise(init.to(model.device), noise.to(model.device, init.dtype), t), first

@@ -91,7 +91,8 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
 
 def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, **inputs) -> dict:
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task",)}
-    return {"task": task, "version": __version__, "model": model.source, "layers": list(layers),
+    swapped = {k: v for k, v in (("vae", model.vae_source), ("config", model.config_source)) if v is not None}
+    return {"task": task, "version": __version__, "model": model.source, **swapped, "layers": list(layers),
             "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."), **settings,
             **inputs}
 

@@ -39,7 +39,7 @@ AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in
 Layers = Annotated[str | None, typer.Option(
     help="Self-attention layers, e.g. 10-15 or 10,11,12 \\[default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(
-    help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5/SDXL) "
+    help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5, 32 for SDXL) "
          "\\[default: model's native size]",
     show_default=False)]
 Seed = Annotated[int, typer.Option(help="Random seed")]
