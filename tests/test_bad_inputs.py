@@ -385,10 +385,77 @@ def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
 
 @pytest.mark.parametrize("preview,expected", [("{tmp}/missing/peek.png", "does not exist; create it first"),
                                               ("{tmp}/peek.jpg", "must end in .png"),
-                                              ("{tmp}/o.png", "is the output file")])
+                                              ("{tmp}/o.png", "is an output file")])
 def test_bad_preview_path_fails_before_the_model_loads(corpus, tmp_path, preview, expected, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png",
                     "-m", "nobody/not-cached-model", "--preview", preview.format(tmp=tmp_path))
     assert_rejected(result, 2, expected)
     assert "not-cached-model" not in result.output
+
+
+def test_preview_never_replaces_an_input_an_output_or_any_other_file(corpus, tmp_path, monkeypatch):
+    """Only a preview of an earlier run may be replaced, and that is known before any model work."""
+    from PIL import Image
+
+    from attndistill.cli.common import PREVIEW_MARK
+    from attndistill.images import save_png
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ("-m", "nobody/not-cached-model")
+    result = invoke("texture", corpus / "good.png", "--num", "2", "-o", tmp_path / "n.png", *model,
+                    "--preview", tmp_path / "n-1.png")
+    assert_rejected(result, 2, "is an output file")
+    before = (corpus / "good.png").read_bytes()
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", *model,
+                    "--preview", corpus / "good.png", "--overwrite")
+    assert_rejected(result, 2, "is not a preview")
+    assert (corpus / "good.png").read_bytes() == before
+    save_png(Image.new("RGB", (16, 16)), tmp_path / "peek.png", parameters=PREVIEW_MARK)
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", *model,
+                    "--preview", tmp_path / "peek.png")
+    assert "not a preview" not in result.output and "not-cached-model" in result.output  # got to the model
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--lr", "inf", "inf is not a finite number"), ("--content-weight", "nan", "nan is not a finite number"),
+    ("--attention-scale", "inf", "--attention-scale"), ("--seed", "99999999999999999999", "--seed"),
+    ("--device", "bogus", "device 'bogus' is not supported")])
+def test_out_of_range_numbers_and_devices_fail_before_the_model_loads(corpus, tmp_path, monkeypatch, option, value,
+                                                                     expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png",
+                    "-m", "nobody/not-cached-model", option, value)
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert "not-cached-model" not in result.output and "Traceback" not in result.output
+
+
+def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch):
+    from attndistill.errors import UserError
+    from attndistill.vae_tuning import check_vae_folder
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("precious")
+    with pytest.raises(UserError, match="not a saved VAE"):
+        check_vae_folder(notes, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "precious"
+    monkeypatch.chdir(notes)
+    with pytest.raises(UserError, match="current folder"):
+        check_vae_folder(".", overwrite=True)
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert check_vae_folder(vae, overwrite=True) == vae
+    with pytest.raises(UserError, match="not writable"):
+        check_vae_folder("/proc/vae")
+
+
+@pytest.mark.parametrize("args,expected", [(["--size", "1088x512", "--stride", "65"], "leaves gaps"),
+                                           (["--size", "512x128", "--view", "16", "--stride", "17"], "leaves gaps"),
+                                           (["--size", "100000x100000"], "over 16384 px")])
+def test_expansions_that_cannot_work_fail_before_the_model_loads(corpus, tmp_path, monkeypatch, args, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("expand", corpus / "good.png", "-o", tmp_path / "o.png", "-m", "nobody/not-cached-model", *args)
+    assert_rejected(result, 2, expected)

@@ -445,3 +445,86 @@ def test_dry_run_checks_controlnets_and_strength(tmp_path, data_dir, tiny_sd15_d
         assert expected in result.output, expected
     job = read_jobs(jobs, out_dir=tmp_path / "out")[0]
     assert job.args["controlnet"] == str((tmp_path / "cn15").resolve())
+
+
+def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tiny_sd15_dir):
+    """Everything a run would refuse before its first step is known to --dry-run, one 'line N:' per bad line;
+    an unusual value (a number for layers, a bogus device) is that line's error, never the run's."""
+    texture = {"task": "texture", "reference": "wood-rings.jpg", "size": 64, "steps": 1}
+    sample = {**texture, "mode": "sample"}
+    t2i = {"task": "t2i", "prompt": "a b", "style": "watercolor-cat.jpg", "size": 64, "steps": 1}
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        {**texture, "device": "bogus"},
+        {**texture, "layers": 5},
+        {**texture, "tile": "q"},
+        {**texture, "size": 100000},
+        {**texture, "seed": 99999999999999999999},
+        {**texture, "mode": "bogus"},
+        {**texture, "output": "../escape.png"},
+        {**texture, "output": str(tmp_path / "abs.png")},
+        {**sample, "start_t": 5000},
+        {**t2i, "control": "bogus"},
+        {"task": "expand", "reference": "wood-rings.jpg", "size": 256, "steps": 1},
+        {"task": "expand", "reference": "wood-rings.jpg", "steps": 1},
+        {"task": "texture", "reference": "wood-rings.jpg", "layout": "horse.jpg", "strength": 5},
+        {**texture, "layers": [4, 5], "tile": "xy", "size": 4096, "seed": 7},  # fine
+        {"task": "expand", "reference": "wood-rings.jpg", "size": [1024, 512], "steps": 1},  # fine
+    ])
+    with jobs.open("a") as f:  # Python's json reads NaN and Infinity, which no run can use
+        f.write('{"task": "t2i", "prompt": "a b", "style": "watercolor-cat.jpg", "guidance": NaN}\n')
+        f.write('{"task": "texture", "reference": "wood-rings.jpg", "lr": Infinity}\n')
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2, result.output
+    text = result.output
+    for expected in ("line 1: device 'bogus'", "use cpu, cuda, cuda:N or auto",
+                     "line 2: 'layers' must be a range like \"10-15\" or a list", "line 3: tile 'q' is not understood",
+                     "line 4: size 100000x100000 is too large for one canvas", "line 5: seed 99999999999999999999 is "
+                     "out of range", "line 6: mode 'bogus' is not known", "line 7: output '../escape.png' is "
+                     "outside the output folder", "line 8: output '", "line 9: start-t must be in 1..1000",
+                     "line 10: control 'bogus' is not known", "line 11: size 256x256 is smaller than one view",
+                     "line 12: expand needs 'size'", "line 13: strength must be in (0, 1]",
+                     "line 16: 'guidance' must be a finite number", "line 17: 'lr' must be a finite number",
+                     "2 ready", "15 invalid"):
+        assert expected in text, expected
+    assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
+    assert "unexpected" not in text and "Traceback" not in text
+    assert not out.exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
+    from attndistill import batchjobs
+
+    def broken(seed):
+        if seed == 13:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(batchjobs, "_check_seed", broken)
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, seed=13),
+                                                  job_line("texture", "wood-rings.jpg", None, output="ok.png")])
+    out = tmp_path / "out"
+    dry = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert dry.exit_code == 2 and "line 1: this job cannot be checked (unexpected RuntimeError: boom)" in dry.output
+    assert "1 ready" in dry.output and "1 invalid" in dry.output
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 1 and "1 done" in result.output and "1 failed" in result.output, result.output
+    assert (out / "ok.png").is_file()
+
+
+def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
+    """Notepad's UTF-8 BOM is accepted; a folder for the jobs file or a file for --merge says what to pass."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None)])
+    jobs.write_bytes(b"\xef\xbb\xbf" + jobs.read_bytes())
+    [job] = read_jobs(jobs, out_dir=tmp_path / "out")
+    assert job.error is None and job.task == "texture"
+
+    folder = invoke("batch", tmp_path / "in", "--out", tmp_path / "out")
+    assert folder.exit_code == 2 and "is a directory; pass the .jsonl jobs file itself" in folder.output
+    assert str(jobs) in folder.output and "does not exist" not in folder.output
+    (tmp_path / "res").mkdir()
+    results = tmp_path / "res" / "results.jsonl"
+    append_record(results, {"job": "a", "status": "done", "time": 1})
+    merge = invoke("batch", "--merge", results)
+    assert merge.exit_code == 2 and "is a file, not a folder" in merge.output
+    assert f"pass its folder '{tmp_path / 'res'}'" in merge.output and "Traceback" not in merge.output

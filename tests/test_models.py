@@ -69,3 +69,17 @@ def test_text_encoders_offload_by_default_on_small_cards_only(tiny_sd15, monkeyp
     assert not perf.small_card(torch.device("cpu"))
     tiny_sd15.set_perf(PerfOptions())
     assert tiny_sd15.perf.offload_text_encoders is False  # resolved on the CPU
+
+
+def test_pickle_weights_need_allow_pickle_also_for_a_vae_and_safetensors_load_with_it(tiny_sd15_dir, tmp_path):
+    """``--allow-pickle`` lets pickle weights in where there are no safetensors; it never keeps safetensors out."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL.from_pretrained(tiny_sd15_dir / "vae").save_pretrained(tmp_path / "vae-bin", safe_serialization=False)
+    with pytest.raises(UserError, match="no .safetensors weights"):
+        load_model(str(tiny_sd15_dir), vae=tmp_path / "vae-bin", device="cpu", dtype="fp32")
+    model = load_model(str(tiny_sd15_dir), vae=tmp_path / "vae-bin", device="cpu", dtype="fp32", allow_pickle=True)
+    assert model.vae_source == str(tmp_path / "vae-bin")
+    for component in ("unet", "text_encoder"):  # a folder of another component is no VAE
+        with pytest.raises(UserError, match="not an AutoencoderKL"):
+            load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / component, device="cpu", dtype="fp32")

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -70,13 +71,23 @@ ALIASES = {"style_images": "style", "appearance_images": "appearance", "referenc
 #: Options the runner handles itself; everything else goes to the API function.
 RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype",
                "grid")
-_INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch"}
+_INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch", "view", "decode_tile"}
 _FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
 _BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae", "grid"}
 _STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt", "negative_prompt", "control",
             "controlnet", "tile", "mode"}
 _PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride")
 _NOT_OPTIONS = {"model", "device", "dtype", "vae", "progress", "callback"}
+#: Per task, the input whose aspect sets the output size when ``size`` is one number (first one given).
+_LIKE = {"style": ("content",), "appearance": ("structure",), "texture-masked": ("target_labels",),
+         "texture-layout": ("layout",), "t2i": ("control_image", "content")}
+#: text_to_image's options that go together, with their defaults (checked by generate.check_t2i_options).
+_T2I_OPTIONS = {"controlnet": None, "control_image": None, "control": "none", "control_scale": 1.0, "content": None,
+                "content_weight": None}
+#: Tasks that sample with the DDIM scheduler (guidance, start_t) rather than optimise.
+_SAMPLING = ("texture-sample", "texture-layout", "t2i")
+#: Model geometry when its configs cannot be read without weights (documented defaults per kind).
+_DEFAULT_GEOMETRY = {"sd15": (8, 64, 512), "sdxl": (8, 32, 1024)}  # VAE factor, size multiple, native size
 
 
 def _texture_task(raw: dict) -> str:
@@ -184,10 +195,16 @@ def _check_types(raw: Mapping[str, Any], line: int) -> None:
             raise _fail(line, f"'{key}' must be a whole number (got {value!r})")
         if key in _FLOATS and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise _fail(line, f"'{key}' must be a number (got {value!r})")
+        if key in _FLOATS and not math.isfinite(value):
+            raise _fail(line, f"'{key}' must be a finite number (got {value!r})")
         if key in _BOOLS and not isinstance(value, bool):
             raise _fail(line, f"'{key}' must be true or false (got {value!r})")
         if key in _STRINGS and not isinstance(value, str):
             raise _fail(line, f"'{key}' must be a string (got {value!r})")
+        if key == "layers" and value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise _fail(line, f"'layers' must be a range like \"10-15\" or a list of layer numbers like [10, 11, 12] "
+                              f"(got {value!r})")
 
 
 def _resolve_local(value: str | None, base: Path) -> str | None:
@@ -232,7 +249,10 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     if not isinstance(task, str):
         raise _fail(line, f"'task' is missing; use one of {', '.join(TASKS)}")
     if task == "texture":
-        task = _texture_task(raw)
+        try:
+            task = _texture_task(raw)
+        except UserError as exc:
+            raise _fail(line, str(exc)) from None
     if task not in TASKS:
         raise _fail(line, f"task '{task}' is not known; use one of {', '.join(TASKS)}")
     _check_types(raw, line)
@@ -245,6 +265,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         if unknown:
             raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     missing = [name for name in spec.inputs if raw.get(name) in (None, "", [])]
+    missing += [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                and p.default is inspect.Parameter.empty and name not in _NOT_OPTIONS and raw.get(name) is None]
     if missing:
         raise _fail(line, f"{task} needs {', '.join(map(repr, missing))}")
 
@@ -282,6 +304,9 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         job_id = f"{task}-{_slug(stem)}-{digest}"
     elif not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", job_id):
         raise _fail(line, f"id '{job_id}' may only use letters, digits, '.', '_' and '-'")
+    if output is not None and (Path(output).is_absolute() or ".." in Path(output).parts or output.startswith("~")):
+        raise _fail(line, f"output '{output}' is outside the output folder; give a path relative to --out without "
+                          f"'..', e.g. \"output\": \"{Path(output).name or 'image.png'}\"")
     out = out_dir / (output if output is not None else f"{job_id}.png")
     if out.suffix.lower() != ".png":
         raise _fail(line, f"output '{output}' must end in .png")
@@ -299,10 +324,15 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
     """Parse every line of a jobs file. Unusable lines become jobs with ``error`` set, so one bad line
     never stops the others; blank lines and lines starting with ``#`` are skipped."""
     path, out_dir = Path(path), Path(out_dir)
-    if path.is_dir() or not path.is_file():
+    if path.is_dir():
+        found = sorted(path.glob("*.jsonl"))
+        hint = f", e.g. '{found[0]}'" if len(found) == 1 else ""
+        raise UserError(f"jobs file '{path}' is a directory; pass the .jsonl jobs file itself (one job per line)"
+                        f"{hint}")
+    if not path.is_file():
         raise UserError(f"jobs file '{path}' does not exist; pass a .jsonl file with one job per line")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not part of line 1
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"jobs file '{path}' cannot be read ({exc}); save it as UTF-8 text") from None
     base = path.resolve().parent
@@ -319,6 +349,8 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
             job = Job(line=number, id=f"line-{number}", error=f"line {number}: not valid JSON ({exc.msg})")
         except UserError as exc:
             job = Job(line=number, id=f"line-{number}", error=str(exc))
+        except Exception as exc:  # a check that did not foresee this input: this line's error, not the run's
+            job = Job(line=number, id=f"line-{number}", error=str(_fail(number, _unexpected(exc))))
         if not job.error:
             if job.id in ids:
                 job.error = f"line {number}: the same job as line {ids[job.id]}; remove one or give each an id"
@@ -347,8 +379,10 @@ class Validator:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self._images: dict[str, str | None] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
         self._models: dict[ModelSpec, str | None] = {}
         self._layers: dict[ModelSpec, Any] = {}
+        self._geometry: dict[ModelSpec, Any] = {}
 
     def check(self, job: Job) -> None:
         """Raise a :class:`UserError` that names the line when ``job`` cannot run."""
@@ -358,6 +392,8 @@ class Validator:
             self._check(job)
         except UserError as exc:
             raise _fail(job.line, str(exc)) from None
+        except Exception as exc:  # a check that did not foresee this input: this job's error, never the run's
+            raise _fail(job.line, _unexpected(exc)) from None
 
     def _check(self, job: Job) -> None:
         from .presets import get_preset
@@ -374,7 +410,18 @@ class Validator:
             from .sampling import first_step
 
             first_step(preset.steps, job.args["strength"])
+        if job.args.get("seed") is not None:
+            _check_seed(job.args["seed"])
+        if "tile" in job.args:
+            from .tiling import check_axes
+
+            check_axes(job.args["tile"])
+        if job.task == "t2i":
+            from .generate import check_t2i_options
+
+            check_t2i_options(**{k: job.args.get(k, default) for k, default in _T2I_OPTIONS.items()})
         self._model(job.model)
+        self._check_geometry(job, preset)
         if job.args.get("controlnet"):
             self._controlnet(job.args["controlnet"], job.model)
         if job.args.get("layers") is not None:
@@ -386,13 +433,41 @@ class Validator:
             if path.is_dir():
                 raise UserError(f"output '{path}' is a directory; set another 'output'")
 
+    def _check_geometry(self, job: Job, preset) -> None:
+        """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
+        expand's views, the sampling tasks' guidance and start_t."""
+        args = job.args
+        if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING:
+            return
+        if job.model not in self._geometry:
+            self._geometry[job.model] = _geometry(job.model)
+        shell = self._geometry[job.model]
+        if job.task == "expand":
+            from .presets import VIEW
+            from .textures import _canvas_size, check_expansion
+
+            check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
+                                                     if k in args})
+            _canvas_size(shell, args["size"], args.get("view", VIEW))
+        elif args.get("size") is not None:
+            from .tasks import target_size
+
+            like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
+            like = like[0] if isinstance(like, list) else like
+            size = self._sizes.get(like) if like is not None else None
+            target_size(shell, args["size"], like=_Sized(size) if size else None)
+        if job.task in _SAMPLING:
+            from .generate import _check_sampling
+
+            _check_sampling(preset, args.get(job.spec.count, 1), args.get("start_t"), shell)
+
     def _image(self, path: str, name: str) -> None:
         from .images import load_image
 
         if path not in self._images:
             what = name.replace("_", " ") + ("" if name.endswith("image") else " image")
             try:
-                load_image(path, what=what)
+                self._sizes[path] = load_image(path, what=what).size
                 self._images[path] = None
             except UserError as exc:
                 self._images[path] = str(exc)
@@ -432,23 +507,87 @@ class Validator:
             raise UserError(f"layers '{layers}' is not understood; use a range like 10-15 or a list like 10,11,12")
 
 
+def _unexpected(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"this job cannot be checked (unexpected {type(exc).__name__}{': ' + text if text else ''}); "
+            "check the values of this line's options")
+
+
+def _check_seed(seed: int) -> None:
+    """The range the CPU generator accepts (every task seeds one)."""
+    import torch
+
+    try:
+        torch.Generator("cpu").manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError):
+        raise UserError(f"seed {seed} is out of range; use a whole number from 0 to {2**64 - 1}") from None
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """Stands in for an image whose size is all a check needs."""
+
+    size: tuple[int, int]
+
+
+def _geometry(model: ModelSpec):
+    """Sizes and scheduler of ``model`` as the loaded model would report them, from its configs (no weights);
+    the documented defaults of its kind when there are no configs to be had."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    source = model.source or _default_model()
+    folder = model.config if model.config and Path(source).is_file() else source
+    unet = _config(UNet2DConditionModel, folder, subfolder="unet")
+    vae = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, folder, subfolder="vae")
+    scheduler = _config(DDIMScheduler, folder, subfolder="scheduler")
+    factor, multiple, native = _DEFAULT_GEOMETRY[_kind(model)]
+    if vae and vae.get("block_out_channels"):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if unet and unet.get("down_block_types") and unet.get("sample_size"):
+        multiple = factor * 2 ** (len(unet["down_block_types"]) - 1)
+        sample = unet["sample_size"]
+        native = int(sample[0] if isinstance(sample, list | tuple) else sample) * factor
+    timesteps = int((scheduler or {}).get("num_train_timesteps") or 1000)
+    return SimpleNamespace(vae_scale_factor=factor, latent_multiple=multiple, native_size=native,
+                           scheduler_config=SimpleNamespace(num_train_timesteps=timesteps))
+
+
+def _kind(model: ModelSpec) -> str:
+    """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
+    from .models import _kind_from_checkpoint, _kind_from_index, _read_model_index
+
+    source = model.source or _default_model()
+    try:
+        if Path(source).is_file():
+            return _kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
+        return _kind_from_index(_read_model_index(source), source)
+    except Exception:
+        return "sd15"
+
+
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from .models import DEFAULT_MODEL, _kind_from_index, _read_model_index, resolve_device, resolve_dtype
+    from .models import (
+        DEFAULT_MODEL,
+        _kind_from_index,
+        _read_model_index,
+        check_checkpoint,
+        check_vae_source,
+        is_checkpoint_path,
+        resolve_device,
+        resolve_dtype,
+    )
 
-    resolve_dtype(model.dtype, resolve_device(model.device))
+    resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL
-    path = Path(source)
-    if path.is_file() or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
-        if not path.is_file():
-            raise UserError(f"checkpoint '{path}' does not exist; check the path")
-        if path.suffix != ".safetensors" and not model.allow_pickle:
-            raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
-                            ".safetensors or set \"allow_pickle\": true if you trust it")
+    if is_checkpoint_path(Path(source)):
+        check_checkpoint(Path(source), model.allow_pickle, option='"allow_pickle": true')
     else:
         _kind_from_index(_read_model_index(source), source)
-    if model.vae is not None and not (Path(model.vae) / "config.json").is_file():
-        raise UserError(f"VAE '{model.vae}' is not a diffusers AutoencoderKL folder (no config.json)")
+    if model.vae is not None:
+        check_vae_source(model.vae)
 
 
 def _default_model() -> str:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .models import Conditioning, DiffusionModel, from_pretrained
+from .models import Conditioning, DiffusionModel, from_pretrained, safetensors_only
 
 #: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -84,7 +84,7 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
         variant = "fp16"
     net = from_pretrained(ControlNetModel, source, variant, what="ControlNet", option="--controlnet",
-                          use_safetensors=not allow_pickle, dtype=model.dtype)
+                          use_safetensors=safetensors_only(allow_pickle), dtype=model.dtype)
     check_compatible(net, model, source)
     return net.to(model.device).requires_grad_(False).eval()
 

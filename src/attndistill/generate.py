@@ -51,8 +51,6 @@ def _check_sampling(preset: Preset, num: int, start_t: int | None, model: Diffus
     check_settings(preset)
     if num < 1:
         raise UserError(f"number of images must be at least 1 (got {num})")
-    if preset.guidance < 1:
-        raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < start_t <= total:
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
@@ -95,6 +93,24 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
                                     **inputs))
 
 
+def check_t2i_options(*, controlnet, control_image, control: str, control_scale: float, content,
+                      content_weight: float | None) -> None:
+    """:func:`text_to_image`'s options that go together, checked before any model work (also by batch runs)."""
+    if (controlnet is None) != (control_image is None):
+        raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
+                        else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
+    if control not in ("none", "canny"):
+        raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
+    if not control_scale >= 0:
+        raise UserError(f"control scale must be >= 0 (got {control_scale})")
+    if content is None and content_weight:
+        raise UserError("--content-weight needs a --content image to compare with; add one or drop the weight")
+    weight = content_weight if content_weight is not None else get_preset("t2i").content_weight  # 0 for SDXL too
+    if content is not None and not weight > 0:
+        raise UserError("a content image needs a positive --content-weight (the text-to-image preset has 0), "
+                        f"e.g. --content-weight {get_preset('style').content_weight}")
+
+
 def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, negative_prompt: str | None = None,
                   num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
                   iters: int | None = None, lr: float | None = None, guidance: float | None = None,
@@ -117,19 +133,13 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     """
     if not isinstance(prompt, str):
         raise UserError("prompt must be one string")
-    if (controlnet is None) != (control_image is None):
-        raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
-                        else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
-    if control not in ("none", "canny"):
-        raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
+    check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,
+                      control_scale=control_scale, content=content, content_weight=content_weight)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
         attention_scale=attention_scale)
     content_img = load_image(content, what="content image") if content is not None else None
-    if content_img is not None and preset.content_weight <= 0:
-        raise UserError("a content image needs a positive --content-weight (the text-to-image preset has 0), "
-                        f"e.g. --content-weight {get_preset('style').content_weight}")
     control_img = load_image(control_image, what="control image") if control_image is not None else None
     styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,

@@ -150,7 +150,11 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Validate an output path before any work starts; returns it as a Path."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise UserError(f"output '{path}' must end in .png (results carry their parameters in PNG text)")
+        named = path.name.lower() != ".png"
+        raise UserError(f"output '{path}' must {'end in' if named else 'have a name before'} .png (results carry "
+                        "their parameters in PNG text)")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"output '{path}' is a broken symbolic link; remove it or choose another name")
     if path.is_dir():
         raise UserError(f"output '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
     if path.exists() and not overwrite:
@@ -224,7 +228,23 @@ def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
 
 
 def read_parameters(path: str | os.PathLike) -> dict:
-    """The parameters a result PNG carries (empty dict if none)."""
-    with Image.open(path) as img:
-        text = img.text.get(METADATA_KEY) if hasattr(img, "text") else None
-    return json.loads(text) if text else {}
+    """The parameters a result PNG carries (empty dict if none, or not a PNG).
+
+    Reads the chunks before the pixels only, with no pixel limit: results of ``expand`` may be larger
+    than the limit :func:`load_image` keeps for inputs.
+    """
+    try:
+        with PngImagePlugin.PngImageFile(os.fspath(path)) as img:
+            text = img.text.get(METADATA_KEY)
+    except SyntaxError:  # not a PNG
+        return {}
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except ValueError:
+        params = None
+    if not isinstance(params, dict):
+        raise UserError(f"'{path}' carries an '{METADATA_KEY}' text chunk that is not a JSON object of "
+                        "parameters; it was not written by attndistill or was edited")
+    return params

@@ -67,7 +67,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    text = str(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"device '{text}' is not supported; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu")
     return device
@@ -339,13 +345,9 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     source = str(model)
     path = Path(source)
     common = dict(dtype=dtype)
-    if path.is_file() or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
-        if not path.is_file():
-            raise UserError(f"checkpoint '{path}' does not exist; check the path")
-        if path.suffix != ".safetensors" and not allow_pickle:
-            raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
-                            ".safetensors or pass --allow-pickle if you trust it")
-        kind = _kind_from_checkpoint(path) if path.suffix == ".safetensors" else "sd15"
+    if is_checkpoint_path(path):
+        check_checkpoint(path, allow_pickle)
+        kind = _kind_from_checkpoint(path) if path.suffix.lower() == ".safetensors" else "sd15"
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         if config is not None:
@@ -365,13 +367,12 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                                           "feature_extractor": None}
         if variant is None and device.type == "cuda" and dtype != torch.float32:
             variant = "fp16"
-        pipe = from_pretrained(cls, source, variant, use_safetensors=not allow_pickle, **common, **extra)
+        pipe = from_pretrained(cls, source, variant, use_safetensors=safetensors_only(allow_pickle), **common,
+                               **extra)
     if vae is not None:
-        vae_path = Path(vae)
-        if not (vae_path / "config.json").is_file():
-            raise UserError(f"VAE '{vae}' is not a diffusers AutoencoderKL folder (no config.json); "
-                            "pass a folder saved by 'attndistill finetune-vae' or a model's 'vae' subfolder")
-        pipe.vae = AutoencoderKL.from_pretrained(str(vae_path), dtype=dtype)
+        check_vae_source(vae)
+        pipe.vae = from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
+                                   use_safetensors=safetensors_only(allow_pickle), dtype=dtype)
     pipe.to(device)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
@@ -386,6 +387,48 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     if perf is not None:
         model.set_perf(perf)
     return model
+
+
+#: Single-file checkpoint suffixes (any case); all but .safetensors are pickles.
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_checkpoint_path(path: Path) -> bool:
+    """A single file (or what is named like one), not a diffusers folder or a Hub id."""
+    return path.is_file() or path.suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def check_checkpoint(path: Path, allow_pickle: bool, option: str = "--allow-pickle") -> None:
+    """A single-file checkpoint exists, is one, and is safetensors unless pickles are allowed."""
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; check the path")
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"model '{path}' is a file but no checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a "
+                        "diffusers folder, a Hub id or a .safetensors checkpoint")
+    if suffix != ".safetensors" and not allow_pickle:
+        raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
+                        f".safetensors or pass {option} if you trust it")
+
+
+def safetensors_only(allow_pickle: bool) -> bool | None:
+    """diffusers' ``use_safetensors``: True refuses pickle weights; None takes safetensors where they exist."""
+    return None if allow_pickle else True
+
+
+def check_vae_source(vae: str | os.PathLike) -> None:
+    """``--vae`` must be a folder holding an ``AutoencoderKL`` config (read before any weights)."""
+    hint = "pass a folder saved by 'attndistill finetune-vae' or a model's 'vae' subfolder"
+    config = Path(vae) / "config.json"
+    if not config.is_file():
+        raise UserError(f"VAE '{vae}' is not a diffusers AutoencoderKL folder (no config.json); {hint}")
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"VAE '{vae}' has a config.json that is not valid JSON; {hint}") from None
+    if kind != "AutoencoderKL":
+        raise UserError(f"VAE '{vae}' holds a {kind or 'component without a _class_name'}, not an AutoencoderKL; "
+                        f"{hint}")
 
 
 def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model", option: str = "--model",

@@ -9,6 +9,7 @@ them; :func:`attndistill.images.save_png` embeds it in the PNG.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -39,6 +40,9 @@ def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 def check_settings(preset: Preset) -> None:
     """Out-of-range numbers get a one-line error before any work starts."""
+    for name in ("lr", "content_weight", "attention_scale", "guidance"):
+        if not math.isfinite(getattr(preset, name)):
+            raise UserError(f"{name.replace('_', ' ')} must be a finite number (got {getattr(preset, name)})")
     if preset.steps < 1:
         raise UserError(f"steps must be at least 1 (got {preset.steps})")
     if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
@@ -49,6 +53,8 @@ def check_settings(preset: Preset) -> None:
         raise UserError(f"content weight must be >= 0 (got {preset.content_weight})")
     if not preset.attention_scale > 0:
         raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
+    if preset.mode != "optimize" and preset.guidance < 1:
+        raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
 
 
 def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None) -> tuple[int, int]:

@@ -54,6 +54,30 @@ def _batching(fused: bool | None, z_ref: torch.Tensor, target_hw) -> dict:
 
 # -- texture expansion (MultiDiffusion) -------------------------------------------------------------
 
+#: Longest canvas side ``expand`` takes: a 4096² canvas took 74 s per step on an H200
+#: (benchmarks/RESULTS.md), so 16384² would take about 20 minutes per step.
+MAX_CANVAS_SIDE = 16384
+
+
+def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
+                    decode_tile: int = DECODE_TILE) -> None:
+    """Settings of an expansion that can be refused before the model loads."""
+    check_settings(preset)
+    if preset.stride < 1:
+        raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
+    if preset.stride > view:
+        raise UserError(f"stride {preset.stride} is larger than the view ({view} latents), which leaves gaps "
+                        f"between views; use a stride of at most {view}")
+    if view_batch < 1:
+        raise UserError(f"view batch must be at least 1 (got {view_batch})")
+    if decode_tile < 8:
+        raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
+    w, h = (size, size) if isinstance(size, int) else size
+    if max(w, h) > MAX_CANVAS_SIDE:
+        raise UserError(f"size {w}x{h} is over {MAX_CANVAS_SIDE} px on a side; expand to at most "
+                        f"{MAX_CANVAS_SIDE}x{MAX_CANVAS_SIDE} and upscale, or tile a smaller texture with --tile xy")
+
+
 def _canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
     """(width, height) in pixels, rounded to whole latents, at least one view on each side."""
     f = model.vae_scale_factor
@@ -87,14 +111,8 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride)
-    check_settings(preset)
+    check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     axes = check_axes(tile) or ""
-    if preset.stride < 1:
-        raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
-    if view_batch < 1:
-        raise UserError(f"view batch must be at least 1 (got {view_batch})")
-    if decode_tile < 8:
-        raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)

@@ -10,6 +10,7 @@ tuned VAE is a plain diffusers ``AutoencoderKL``, savable as a folder that
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .images import ImageInput, load_image, to_tensor
+from .images import ImageInput, is_writable, load_image, to_tensor
 from .models import DiffusionModel
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
@@ -129,15 +130,35 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> P
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"output folder '{folder}' already exists and is not empty; pass --overwrite or choose "
-                        "another name")
+    if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(f"output folder '{folder}' is the current folder or holds it; give the VAE folder a name")
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise UserError(f"output folder '{folder}' already exists and is not empty; pass --overwrite or "
+                            "choose another name")
+        if not _is_vae_folder(folder):  # --overwrite replaces a VAE, never a folder of other things
+            raise UserError(f"output folder '{folder}' holds files that are not a saved VAE; --overwrite only "
+                            "replaces a VAE folder, so choose another name")
     parent = folder.parent if str(folder.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"output folder '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not is_writable(parent):
         raise UserError(f"output folder '{parent}' is not writable; choose another -o path")
     return folder
+
+
+#: What ``save_pretrained`` of an ``AutoencoderKL`` writes (the weights in either format).
+VAE_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"}
+
+
+def _is_vae_folder(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    if not names <= VAE_FILES or "config.json" not in names:
+        return False
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:

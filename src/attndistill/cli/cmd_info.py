@@ -27,12 +27,20 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
     from ..images import load_image, read_parameters
 
     def body() -> None:
-        load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
-        params = read_parameters(image)
+        try:
+            params = read_parameters(image) if image.is_file() else {}
+        except (OSError, ValueError):  # a damaged PNG: load_image below says how
+            params = {}
         if not params:
+            load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
         if job:
-            typer.echo(json.dumps(job_from_parameters(params, source=f"image '{image}'")))
+            try:
+                line = job_from_parameters(params, source=f"image '{image}'")
+            except (TypeError, ValueError, AttributeError):  # hand-edited parameters of the wrong types
+                raise UserError(f"image '{image}' carries parameters of unexpected types; they cannot be "
+                                "turned into a job (was the text chunk edited?)") from None
+            typer.echo(json.dumps(line))
         else:
             typer.echo(json.dumps(params, indent=2, sort_keys=True))
 

@@ -33,6 +33,7 @@ from .common import (
     Vae,
     check_images,
     check_outputs,
+    finite,
     load,
     parse_size_option,
     preview_callback,
@@ -121,7 +122,7 @@ def texture(
     layout: Annotated[Path | None, typer.Option(help="Colour layout image to start from (SDEdit; sampling)")] = None,
     strength: Annotated[float | None, typer.Option(
         help="With --layout: noise level to start from, in (0, 1]; 1 ignores the layout \\[default: 0.8]",
-        show_default=False)] = None,
+        show_default=False, callback=finite)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,

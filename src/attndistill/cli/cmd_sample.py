@@ -31,6 +31,7 @@ from .common import (
     Vae,
     check_images,
     check_outputs,
+    finite,
     load,
     parse_size_option,
     preview_callback,
@@ -43,7 +44,8 @@ T2I_EXAMPLE = ("Example: attndistill t2i --style watercolor.png --prompt 'a deer
 
 Guidance = Annotated[float | None, typer.Option(
     help="Classifier-free guidance scale; 1 turns it off "
-    f"\\[default: {PRESETS['t2i'].guidance:g} SD 1.5, {PRESETS['t2i-sdxl'].guidance:g} SDXL]", show_default=False)]
+    f"\\[default: {PRESETS['t2i'].guidance:g} SD 1.5, {PRESETS['t2i-sdxl'].guidance:g} SDXL]", show_default=False,
+    callback=finite)]
 Adain = Annotated[bool | None, typer.Option(
     "--adain/--no-adain", help="AdaIN of the latent to the noised style latent \\[default: on]", show_default=False)]
 StartT = Annotated[int | None, typer.Option(
@@ -68,7 +70,7 @@ def t2i(
         help="Condition image for the ControlNet: a photo with --control canny, or a ready depth/edge/pose map"
     )] = None,
     control: Annotated[str, typer.Option(help="Preprocess the control image: canny or none")] = "none",
-    control_scale: Annotated[float, typer.Option(help="Strength of the ControlNet residuals")] = 1.0,
+    control_scale: Annotated[float, typer.Option(help="Strength of the ControlNet residuals", callback=finite)] = 1.0,
     guidance: Guidance = None, adain: Adain = None, start_t: StartT = None,
     content: Annotated[Path | None, typer.Option(help="Content image for the content loss (needs --content-weight)"
                                                  )] = None,

@@ -35,6 +35,7 @@ from .common import (
     Vae,
     check_images,
     check_outputs,
+    finite,
     load,
     parse_size_option,
     preview_callback,
@@ -103,13 +104,17 @@ def expand(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
-    from ..textures import expand_texture
+    from ..presets import get_preset
+    from ..textures import check_expansion, expand_texture
 
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
         canvas = parse_size_option(size, multiple=8)
         optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
                     if v is not None}
+        check_expansion(get_preset("expand").override(steps=steps, iters=iters, lr=lr,
+                                                      attention_scale=attention_scale, stride=stride),
+                        canvas, **optional)
         check_images(texture_image=references)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
@@ -129,7 +134,7 @@ def finetune_vae(
     steps: Annotated[int | None, typer.Option(help=f"Adam steps \\[default: {VAE_TUNING_STEPS}]",
                                               show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(help=f"Adam learning rate \\[default: {VAE_TUNING_LR:g}]",
-                                             show_default=False)] = None,
+                                             show_default=False, callback=finite)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:

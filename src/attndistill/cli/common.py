@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,18 +32,28 @@ AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.bi
 Steps = Annotated[int | None, typer.Option(help="Timesteps visited \\[default: task preset]", show_default=False)]
 Iters = Annotated[int | None, typer.Option(help="Adam iterations per timestep \\[default: preset]",
                                            show_default=False)]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate \\[default: preset]", show_default=False)]
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: inf and nan are no settings (they would only fail, or worse not fail, mid-run)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+Lr = Annotated[float | None, typer.Option(help="Adam learning rate \\[default: preset]", show_default=False,
+                                          callback=finite)]
 ContentWeight = Annotated[float | None, typer.Option(help="Content loss weight lambda \\[default: preset]",
-                                                     show_default=False)]
+                                                     show_default=False, callback=finite)]
 AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in the ideal attention \\[default: 1]",
-                                                      show_default=False)]
+                                                      show_default=False, callback=finite)]
 Layers = Annotated[str | None, typer.Option(
     help="Self-attention layers, e.g. 10-15 or 10,11,12 \\[default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(
     help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5, 32 for SDXL) "
          "\\[default: model's native size]",
     show_default=False)]
-Seed = Annotated[int, typer.Option(help="Random seed")]
+Seed = Annotated[int, typer.Option(help="Random seed", min=0, max=2**63 - 1)]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto")]
 Dtype = Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output PNG path")]
@@ -111,6 +122,19 @@ def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
     return paths
 
 
+#: What a preview file carries: a later run may replace a preview, never any other file.
+PREVIEW_MARK = {"preview": True}
+
+
+def is_preview(path: Path) -> bool:
+    from ..images import read_parameters
+
+    try:
+        return read_parameters(path) == PREVIEW_MARK
+    except Exception:  # unreadable, not a PNG, a folder: not a preview
+        return False
+
+
 def preview_callback(path: Path | None, every: int, model):
     """A progress callback writing a low-resolution decode of the current latents to ``path`` (or None).
 
@@ -123,7 +147,7 @@ def preview_callback(path: Path | None, every: int, model):
 
     def callback(info) -> None:
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
-            save_png(preview_image(model, info.latents, side=64), path, overwrite=True)
+            save_png(preview_image(model, info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
 
     return callback
 
@@ -133,16 +157,17 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
     from ..errors import UserError
     from ..images import check_output
 
+    outputs = [output] if count == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
+                                           for i in range(count)]
     if preview is not None:
-        if preview.resolve() == output.resolve():
-            raise UserError(f"--preview '{preview}' is the output file; give the preview another name")
+        if preview.resolve() in {p.resolve() for p in outputs}:
+            raise UserError(f"--preview '{preview}' is an output file; give the preview another name")
+        if preview.exists() and not is_preview(preview):
+            raise UserError(f"--preview '{preview}' exists and is not a preview of an earlier run; give the "
+                            "preview another name or delete that file")
         check_output(preview, overwrite=True)
-
-    if count == 1:
-        check_output(output, overwrite=overwrite)
-    else:
-        for i in range(count):
-            check_output(output.with_name(f"{output.stem}-{i}{output.suffix}"), overwrite=overwrite)
+    for path in outputs:
+        check_output(path, overwrite=overwrite)
 
 
 def debug_enabled() -> bool:
