@@ -459,3 +459,20 @@ def test_expansions_that_cannot_work_fail_before_the_model_loads(corpus, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke("expand", corpus / "good.png", "-o", tmp_path / "o.png", "-m", "nobody/not-cached-model", *args)
     assert_rejected(result, 2, expected)
+
+
+def test_a_vae_folder_without_weights_is_one_line(corpus, tmp_path, tiny_sd15_dir):
+    """diffusers logs the failed fetch before raising it; the user sees our line only (a real process, whose
+    stderr the logging handlers write to)."""
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "vae").mkdir()
+    shutil.copy(tiny_sd15_dir / "vae" / "config.json", tmp_path / "vae" / "config.json")
+    script = Path(sys.executable).parent / "attndistill"  # the console script beside this interpreter
+    done = subprocess.run([script, "style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png",
+                           "-m", tiny_sd15_dir, "--vae", tmp_path / "vae", "--device", "cpu", "-q"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: VAE"), done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -431,6 +432,19 @@ def check_vae_source(vae: str | os.PathLike) -> None:
                         f"{hint}")
 
 
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error."""
+    from diffusers.utils import logging as dlogging
+
+    before = dlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(before)
+
+
 def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model", option: str = "--model",
                     **kwargs):
     """``cls.from_pretrained`` with our conventions: offline when asked, the ``variant`` weights when the
@@ -443,7 +457,8 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
         variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):
         try:
-            return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
+            with _quiet_diffusers():
+                return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
         except LocalEntryNotFoundError:
             raise _not_available(source, what, option) from None
         except (OSError, ValueError) as exc:
