@@ -363,7 +363,7 @@ class WebUI:
             steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
             size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
                               elem_id=f"{tab}-size")
-            seed = _int("Seed", 0, tab, "seed")
+            seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
         with gr.Accordion("Advanced", open=False):
             more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
                            file_types=["image"], elem_id=f"{tab}-more")
@@ -413,7 +413,7 @@ class WebUI:
             guidance = _blank_number("Guidance", tab, "guidance", blank("guidance"))
             size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
                               elem_id=f"{tab}-size")
-            seed = _int("Seed", 0, tab, "seed")
+            seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 iters = _blank_number("Adam iterations per step", tab, "iters", blank("iters"))
@@ -481,7 +481,7 @@ class WebUI:
                 with gr.Row():
                     num = _int("Images", 1, tab, "num", minimum=1)
                     steps = _int("Steps", first.steps, tab, "steps", minimum=1)
-                    seed = _int("Seed", 0, tab, "seed")
+                    seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
                 size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
                                   elem_id=f"{tab}-size")
         with gr.Row(visible=False) as layout_row:
@@ -563,7 +563,7 @@ class WebUI:
                                   elem_id=f"{tab}-size")
                 with gr.Row():
                     steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
-                    seed = _int("Seed", 0, tab, "seed")
+                    seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
                 tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
