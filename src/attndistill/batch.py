@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, Validator, carries_job, numbered_outputs, read_jobs
+from .batchcheck import Validator
+from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, numbered_outputs, read_jobs
 from .batchstate import (
     JobLock,
     MergeSummary,

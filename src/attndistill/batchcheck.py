@@ -1,0 +1,279 @@
+"""Checks of batch jobs before any model work: images readable, numbers in range, outputs writable.
+
+Reads configs, never weights, so a dry run reports every bad line of a jobs file at once and a real run
+fails no job on input it could have rejected up front. The library's own checks are reused (presets,
+sizes, expansion, text-to-image options), so a job is refused here exactly when the task would refuse it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .batchjobs import Job, ModelSpec, _fail, _unexpected, carries_job
+from .errors import UserError
+
+_PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride")
+#: Per task, the input whose aspect sets the output size when ``size`` is one number (first one given).
+_LIKE = {"style": ("content",), "appearance": ("structure",), "texture-masked": ("target_labels",),
+         "texture-layout": ("layout",), "t2i": ("control_image", "content")}
+#: text_to_image's options that go together, with their defaults (checked by generate.check_t2i_options).
+_T2I_OPTIONS = {"controlnet": None, "control_image": None, "control": "none", "control_scale": 1.0, "content": None,
+                "content_weight": None}
+#: Tasks that sample with the DDIM scheduler (guidance, start_t) rather than optimise.
+_SAMPLING = ("texture-sample", "texture-layout", "t2i")
+#: Model geometry when its configs cannot be read without weights (documented defaults per kind).
+_DEFAULT_GEOMETRY = {"sd15": (8, 64, 512), "sdxl": (8, 32, 1024)}  # VAE factor, size multiple, native size
+
+
+# -- validation (no model weights) ------------------------------------------------------------------
+
+class Validator:
+    """Deep checks of a job before any model work: images readable, numbers in range, outputs writable.
+
+    Images and models are checked once each however many jobs use them.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._images: dict[str, str | None] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._models: dict[ModelSpec, str | None] = {}
+        self._layers: dict[ModelSpec, Any] = {}
+        self._geometry: dict[ModelSpec, Any] = {}
+
+    def check(self, job: Job) -> None:
+        """Raise a :class:`UserError` that names the line when ``job`` cannot run."""
+        if job.error:
+            raise UserError(job.error)
+        try:
+            self._check(job)
+        except UserError as exc:
+            raise _fail(job.line, str(exc)) from None
+        except Exception as exc:  # a check that did not foresee this input: this job's error, never the run's
+            raise _fail(job.line, _unexpected(exc)) from None
+
+    def _check(self, job: Job) -> None:
+        from .presets import get_preset
+        from .tasks import check_settings
+
+        spec = job.spec
+        for name in spec.paths:
+            value = job.args.get(name)
+            for item in value if isinstance(value, list) else [] if value is None else [value]:
+                self._image(item, name)
+        preset = get_preset(spec.preset).override(**{k: job.args[k] for k in _PRESET_FIELDS if k in job.args})
+        check_settings(preset)
+        if job.args.get("strength") is not None:
+            from .sampling import first_step
+
+            first_step(preset.steps, job.args["strength"])
+        if job.args.get("seed") is not None:
+            _check_seed(job.args["seed"])
+        if "tile" in job.args:
+            from .tiling import check_axes
+
+            check_axes(job.args["tile"])
+        if job.task == "t2i":
+            from .generate import check_t2i_options
+
+            check_t2i_options(**{k: job.args.get(k, default) for k, default in _T2I_OPTIONS.items()})
+        self._model(job.model)
+        self._check_geometry(job, preset)
+        if job.args.get("controlnet"):
+            self._controlnet(job.args["controlnet"], job.model)
+        if job.args.get("layers") is not None:
+            self._check_layers(job.args["layers"], job.model)
+        for path in job.outputs:
+            if path.exists() and not job.overwrite and not carries_job(path, job.id):
+                raise UserError(f"output '{path}' already exists; delete it, set \"overwrite\": true or another "
+                                "'output'")
+            if path.is_dir():
+                raise UserError(f"output '{path}' is a directory; set another 'output'")
+
+    def _check_geometry(self, job: Job, preset) -> None:
+        """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
+        expand's views, the sampling tasks' guidance and start_t."""
+        args = job.args
+        if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING:
+            return
+        if job.model not in self._geometry:
+            self._geometry[job.model] = _geometry(job.model)
+        shell = self._geometry[job.model]
+        if job.task == "expand":
+            from .presets import VIEW
+            from .textures import _canvas_size, check_expansion
+
+            check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
+                                                     if k in args})
+            _canvas_size(shell, args["size"], args.get("view", VIEW))
+        elif args.get("size") is not None:
+            from .tasks import target_size
+
+            like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
+            like = like[0] if isinstance(like, list) else like
+            size = self._sizes.get(like) if like is not None else None
+            target_size(shell, args["size"], like=_Sized(size) if size else None)
+        if job.task in _SAMPLING:
+            from .generate import _check_sampling
+
+            _check_sampling(preset, args.get(job.spec.count, 1), args.get("start_t"), shell)
+
+    def _image(self, path: str, name: str) -> None:
+        from .images import load_image
+
+        if path not in self._images:
+            what = name.replace("_", " ") + ("" if name.endswith("image") else " image")
+            try:
+                self._sizes[path] = load_image(path, what=what).size
+                self._images[path] = None
+            except UserError as exc:
+                self._images[path] = str(exc)
+        if self._images[path]:
+            raise UserError(self._images[path])
+
+    def _model(self, model: ModelSpec) -> None:
+        if model not in self._models:
+            try:
+                check_model(model)
+                self._models[model] = None
+            except UserError as exc:
+                self._models[model] = str(exc)
+        if self._models[model]:
+            raise UserError(self._models[model])
+
+    def _controlnet(self, source: str, model: ModelSpec) -> None:
+        from .controlnet import check_configs_fit, check_controlnet_source
+
+        check_controlnet_source(source)
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        net = _config(ControlNetModel, source)
+        unet = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
+        if net is not None and unet is not None:  # configs to be had (local or cached): do they fit?
+            check_configs_fit(net, unet, source, model.source or _default_model())
+
+    def _check_layers(self, layers: Any, model: ModelSpec) -> None:
+        from .engine import parse_layers
+
+        if model not in self._layers:
+            self._layers[model] = _meta_model(model)
+        shell = self._layers[model]
+        if shell is not None:
+            parse_layers(layers, shell)  # range checked against the model's own layer count
+        elif isinstance(layers, str) and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", layers):
+            raise UserError(f"layers '{layers}' is not understood; use a range like 10-15 or a list like 10,11,12")
+
+
+def _check_seed(seed: int) -> None:
+    """The range the CPU generator accepts (every task seeds one)."""
+    import torch
+
+    try:
+        torch.Generator("cpu").manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError):
+        raise UserError(f"seed {seed} is out of range; use a whole number from 0 to {2**64 - 1}") from None
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """Stands in for an image whose size is all a check needs."""
+
+    size: tuple[int, int]
+
+
+def _geometry(model: ModelSpec):
+    """Sizes and scheduler of ``model`` as the loaded model would report them, from its configs (no weights);
+    the documented defaults of its kind when there are no configs to be had."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    source = model.source or _default_model()
+    folder = model.config if model.config and Path(source).is_file() else source
+    unet = _config(UNet2DConditionModel, folder, subfolder="unet")
+    vae = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, folder, subfolder="vae")
+    scheduler = _config(DDIMScheduler, folder, subfolder="scheduler")
+    factor, multiple, native = _DEFAULT_GEOMETRY[_kind(model)]
+    if vae and vae.get("block_out_channels"):
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if unet and unet.get("down_block_types") and unet.get("sample_size"):
+        multiple = factor * 2 ** (len(unet["down_block_types"]) - 1)
+        sample = unet["sample_size"]
+        native = int(sample[0] if isinstance(sample, list | tuple) else sample) * factor
+    timesteps = int((scheduler or {}).get("num_train_timesteps") or 1000)
+    return SimpleNamespace(vae_scale_factor=factor, latent_multiple=multiple, native_size=native,
+                           scheduler_config=SimpleNamespace(num_train_timesteps=timesteps))
+
+
+def _kind(model: ModelSpec) -> str:
+    """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
+    from .models import _kind_from_checkpoint, _kind_from_index, _read_model_index
+
+    source = model.source or _default_model()
+    try:
+        if Path(source).is_file():
+            return _kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
+        return _kind_from_index(_read_model_index(source), source)
+    except Exception:
+        return "sd15"
+
+
+def check_model(model: ModelSpec) -> None:
+    """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
+    from .models import (
+        DEFAULT_MODEL,
+        _kind_from_index,
+        _read_model_index,
+        check_checkpoint,
+        check_vae_source,
+        is_checkpoint_path,
+        resolve_device,
+        resolve_dtype,
+    )
+
+    resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
+    source = model.source or DEFAULT_MODEL
+    if is_checkpoint_path(Path(source)):
+        check_checkpoint(Path(source), model.allow_pickle, option='"allow_pickle": true')
+    else:
+        _kind_from_index(_read_model_index(source), source)
+    if model.vae is not None:
+        check_vae_source(model.vae)
+
+
+def _default_model() -> str:
+    from .models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
+    """``cls``'s config from a local folder or a cached Hub id, without weights; None when there is none."""
+    from .models import _offline
+
+    if Path(source).is_file():
+        return None  # a single-file checkpoint: its config comes with the load
+    try:
+        return cls.load_config(source, subfolder=subfolder, local_files_only=_offline() or Path(source).is_dir())
+    except Exception:
+        return None
+
+
+def _meta_model(model: ModelSpec):
+    """An object with a weightless ``unet`` (meta device) of ``model``, for layer checks; None if unknown."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
+    if config is None:  # no config to be had offline: the range is checked when the model loads
+        return None
+    try:
+        with torch.device("meta"):
+            return SimpleNamespace(unet=UNet2DConditionModel.from_config(config))
+    except Exception:  # a config this diffusers cannot build: the load will say why
+        return None
