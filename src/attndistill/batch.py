@@ -27,18 +27,17 @@ from .batchcheck import Validator
 from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, numbered_outputs, read_jobs
 from .batchstate import (
     JobLock,
-    MergeSummary,
     Shard,
     append_record,
     latest,
     launcher_rank,
+    merge_results,
     process_device,
     read_records,
     resolve_shard,
     select,
     wait_for_all_ranks,
 )
-from .batchstate import merge_results as _merge_results
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
 
 __all__ = ["TASKS", "Job", "JobLock", "ModelSpec", "Runner", "Summary", "TaskSpec", "append_record", "dry_run",
@@ -351,16 +350,6 @@ def _free_memory() -> None:
 
 
 # -- entry points ----------------------------------------------------------------------------------
-
-def merge_results(out_dir: str | os.PathLike) -> MergeSummary:
-    """Merge every ``results*.jsonl`` of the batch folder ``out_dir`` into its ``results.jsonl`` (idempotent)."""
-    path = Path(out_dir)
-    if path.is_file():
-        hint = f"its folder '{path.parent}'" if path.name.startswith("results") else "the --out folder of a batch"
-        raise UserError(f"results folder '{path}' is a file, not a folder; pass {hint} (the folder holding "
-                        "results*.jsonl)")
-    return _merge_results(path)
-
 
 def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | None = None,
               retry_failed: bool = False, defaults: ModelSpec | None = None, progress: bool = False,

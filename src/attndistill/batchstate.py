@@ -290,6 +290,10 @@ def merge_results(out_dir: str | os.PathLike) -> MergeSummary:
     from .images import atomic_write
 
     out_dir = Path(out_dir)
+    if out_dir.is_file():
+        hint = f"its folder '{out_dir.parent}'" if out_dir.name.startswith("results") else "the --out folder of a batch"
+        raise UserError(f"results folder '{out_dir}' is a file, not a folder; pass {hint} (the folder holding "
+                        "results*.jsonl)")
     if not out_dir.is_dir():
         raise UserError(f"results folder '{out_dir}' does not exist; pass the --out folder of a batch")
     records = latest(read_records(out_dir))
