@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,8 +64,12 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
         except ValueError:
             raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12"
                             ) from None
-    else:
+    elif isinstance(spec, Sequence) and not isinstance(spec, bytes) and all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in spec):
         layers = [int(i) for i in spec]
+    else:
+        raise UserError(f"layers must be a range like \"10-15\", a list like \"10,11,12\" or a list of whole "
+                        f"numbers, not {spec!r}")
     bad = [i for i in layers if not 0 <= i < count]
     if bad or not layers:
         raise UserError(f"layers {bad or '(none)'} do not exist in this model; it has self-attention layers "

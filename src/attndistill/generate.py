@@ -133,6 +133,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     """
     if not isinstance(prompt, str):
         raise UserError("prompt must be one string")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,
                       control_scale=control_scale, content=content, content_weight=content_weight)
     model = as_model(model, vae=vae, device=device, dtype=dtype)

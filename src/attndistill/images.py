@@ -8,6 +8,7 @@ a one-line :class:`UserError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 import warnings
@@ -42,6 +43,8 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, what)
+    if not isinstance(source, str | os.PathLike):
+        raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
     path = Path(source)
     if not path.exists():
         raise UserError(f"{what} '{path}' does not exist; check the path")
@@ -84,7 +87,9 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     _check_size(img.size, label)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.where(np.isfinite(arr), arr, np.nan)  # inf would stretch the scale to black
+        finite = arr[np.isfinite(arr)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         if img.mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
         elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
@@ -110,6 +115,20 @@ def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple
     w, h = size
     scale = long_side / max(w, h)
     return round_to_multiple(w * scale, multiple), round_to_multiple(h * scale, multiple)
+
+
+def check_size(size: object) -> int | tuple[int, int] | None:
+    """A ``size`` argument as the API takes it: None, a long side, or (width, height), positive whole numbers."""
+    def whole(v: object) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if size is None:
+        return None
+    if whole(size) and int(size) > 0:
+        return int(size)
+    if isinstance(size, tuple | list) and len(size) == 2 and all(whole(v) and int(v) > 0 for v in size):
+        return int(size[0]), int(size[1])
+    raise UserError(f"size must be a positive whole number (the long side) or (width, height), not {size!r}")
 
 
 def parse_size(text: str, *, multiple: int = 64) -> tuple[int, int] | int:
@@ -233,6 +252,8 @@ def read_parameters(path: str | os.PathLike) -> dict:
     Reads the chunks before the pixels only, with no pixel limit: results of ``expand`` may be larger
     than the limit :func:`load_image` keeps for inputs.
     """
+    if not Path(path).is_file():
+        raise UserError(f"'{path}' is not a file; pass a PNG written by attndistill")
     try:
         with PngImagePlugin.PngImageFile(os.fspath(path)) as img:
             text = img.text.get(METADATA_KEY)

@@ -115,7 +115,13 @@ class DiffusionModel:
 
         from .perf import apply_perf
 
-        apply_perf(self, replace(perf or self.perf, **changes))
+        if perf is not None and not isinstance(perf, PerfOptions):
+            raise UserError(f"perf must be a PerfOptions, not a {type(perf).__name__}")
+        try:
+            perf = replace(perf or self.perf, **changes)
+        except TypeError as exc:  # an unknown switch
+            raise UserError(f"{exc}; the switches are those of PerfOptions") from None
+        apply_perf(self, perf)
         self.graphs.clear()
         return self
 
@@ -482,8 +488,24 @@ def cached_model(model: str, vae: str | None, device: str | None, dtype: str | N
 
 
 def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, device=None, dtype=None) -> DiffusionModel:
-    """Accept a loaded model or anything :func:`load_model` takes."""
+    """Accept a loaded model or anything :func:`load_model` takes.
+
+    ``vae``, ``device`` and ``dtype`` load a model; with a loaded one they must agree with it, never be
+    silently ignored.
+    """
     if isinstance(model, DiffusionModel):
+        wanted = resolve_device(device) if device is not None else model.device
+        asked = {"device": (wanted.type, wanted.index or 0) != (model.device.type, model.device.index or 0),
+                 "dtype": dtype is not None and resolve_dtype(dtype, model.device) != model.dtype,
+                 "vae": vae is not None and str(vae) != model.vae_source}
+        if any(asked.values()):
+            names = " and ".join(k for k, v in asked.items() if v)
+            raise UserError(f"{names} differ from the loaded model's ({model.device}, "
+                            f"{str(model.dtype).removeprefix('torch.')}, VAE {model.vae_source or 'its own'}); pass "
+                            f"them to load_model, or pass the model as a path")
         return model
+    if model is not None and not isinstance(model, str | os.PathLike):
+        raise UserError(f"model must be a loaded model (attndistill.load_model), a folder, a checkpoint file or a "
+                        f"Hub id, not a {type(model).__name__}")
     return cached_model(str(model or DEFAULT_MODEL), None if vae is None else str(vae),
                         None if device is None else str(device), None if dtype is None else str(dtype))

@@ -39,6 +39,17 @@ class PerfOptions:
     # text encoders wait in CPU memory and visit the GPU to encode a prompt (None: on cards under 16 GiB)
     offload_text_encoders: bool | None = None
 
+    def __post_init__(self) -> None:
+        from .errors import UserError
+
+        for name, value in vars(self).items():
+            if name == "lookahead_batch":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise UserError(f"lookahead_batch must be a whole number of at least 1 (got {value!r})")
+            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs",
+                                                                             "offload_text_encoders"))):
+                raise UserError(f"{name} must be True or False (got {value!r})")
+
     @classmethod
     def plain(cls) -> PerfOptions:
         """Every optimisation off: the reference path for equality tests and benchmarks."""
@@ -56,6 +67,10 @@ def apply_perf(model, perf: PerfOptions) -> None:
     unet.to(memory_format=torch.channels_last if perf.channels_last else torch.contiguous_format)
     if perf.attention_slicing:
         unet.set_attention_slice("auto")
+    elif any(type(p).__name__.startswith("Sliced") for p in unet.attn_processors.values()):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # slicing off again: the processor a fresh load has
     if perf.vae_tiling:
         vae.enable_tiling()
     else:

@@ -20,7 +20,7 @@ from PIL import Image
 from . import __version__
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, fit_size, load_image, to_pil, to_tensor
+from .images import ImageInput, check_size, fit_size, load_image, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .presets import Preset, get_preset
@@ -41,8 +41,14 @@ def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 def check_settings(preset: Preset) -> None:
     """Out-of-range numbers get a one-line error before any work starts."""
     for name in ("lr", "content_weight", "attention_scale", "guidance"):
+        if not isinstance(getattr(preset, name), int | float) or isinstance(getattr(preset, name), bool):
+            raise UserError(f"{name.replace('_', ' ')} must be a number (got {getattr(preset, name)!r})")
         if not math.isfinite(getattr(preset, name)):
             raise UserError(f"{name.replace('_', ' ')} must be a finite number (got {getattr(preset, name)})")
+    for name in ("steps", "iters", "stride"):
+        value = getattr(preset, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{name} must be a whole number (got {value!r})")
     if preset.steps < 1:
         raise UserError(f"steps must be at least 1 (got {preset.steps})")
     if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
@@ -60,6 +66,7 @@ def check_settings(preset: Preset) -> None:
 def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None) -> tuple[int, int]:
     """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet."""
     multiple = model.latent_multiple
+    size = check_size(size)
     if size is None:
         size = model.native_size
     if isinstance(size, int):
@@ -76,6 +83,8 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
 
 def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str) -> torch.Tensor:
     """Reference images resized to the model's native square size -> latents (R, 4, h, w)."""
+    if not references:
+        raise UserError(f"no {what} given; pass at least one")
     side = model.native_size
     images = [load_image(r, what=what) for r in references]
     return model.encode(to_tensor(images, (side, side)))
@@ -213,6 +222,8 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     reference features are computed once per step for all of them. All contents are resized to
     the size of the first (or ``size``). Returns one image per content.
     """
+    if isinstance(contents, str | os.PathLike | Image.Image):
+        raise UserError("style_transfer_batch takes a list of content images; for one, use style_transfer")
     if not contents:
         raise UserError("style_transfer_batch needs at least one content image")
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,

@@ -21,7 +21,7 @@ from PIL import Image
 from . import vae_tuning
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, load_image, round_to_multiple, to_pil, to_tensor
+from .images import ImageInput, check_size, load_image, round_to_multiple, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
@@ -63,6 +63,8 @@ def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, vi
                     decode_tile: int = DECODE_TILE) -> None:
     """Settings of an expansion that can be refused before the model loads."""
     check_settings(preset)
+    if not isinstance(view, int) or view < 1:
+        raise UserError(f"view must be a positive whole number of latents (got {view!r})")
     if preset.stride < 1:
         raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
     if preset.stride > view:
@@ -72,6 +74,9 @@ def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, vi
         raise UserError(f"view batch must be at least 1 (got {view_batch})")
     if decode_tile < 8:
         raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
+    size = check_size(size)
+    if size is None:
+        raise UserError("expand needs a size: the canvas's (width, height) in pixels, or one number for a square")
     w, h = (size, size) if isinstance(size, int) else size
     if max(w, h) > MAX_CANVAS_SIDE:
         raise UserError(f"size {w}x{h} is over {MAX_CANVAS_SIDE} px on a side; expand to at most "
@@ -81,6 +86,7 @@ def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, vi
 def _canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
     """(width, height) in pixels, rounded to whole latents, at least one view on each side."""
     f = model.vae_scale_factor
+    size = check_size(size)
     w, h = (size, size) if isinstance(size, int) else size
     w, h = round_to_multiple(w, f), round_to_multiple(h, f)
     unit = model.latent_multiple // f
