@@ -28,6 +28,8 @@ def _style(model, data_dir, **options):
     ({"size": True}, "size must be a positive"), ({"size": (64,)}, "size must be a positive"),
     ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a number"),
     ({"layers": 3}, "layers must be"), ({"layers": [1.5]}, "layers must be"),
+    ({"seed": 2**70}, "seed must be a whole number"), ({"seed": 1.5}, "seed must be a whole number"),
+    ({"callback": 5}, "callback must be a function"),
     ({"style": []}, "no style image given"), ({"content": np.zeros((64, 64, 3), np.uint8)}, "not a ndarray"),
 ])
 def test_bad_arguments_are_one_user_error(tiny_sd15, data_dir, options, expected):
@@ -46,6 +48,8 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         text_to_image("a cat", data_dir / "watercolor-cat.jpg", negative_prompt=5, model=tiny_sd15, steps=1)
     with pytest.raises(UserError, match="takes a list of content images"):
         style_transfer_batch(str(data_dir / "horse.jpg"), data_dir / "watercolor-cat.jpg", model=tiny_sd15)
+    with pytest.raises(UserError, match="num must be a whole number"):
+        ad.texture_synthesis(data_dir / "wood-rings.jpg", num=2.0, model=tiny_sd15, steps=1)
     with pytest.raises(UserError, match="is not a file"):
         ad.read_parameters(tmp_path / "missing.png")
     for bad in ({"fused": "no"}, {"lookahead_batch": 0}):

@@ -140,7 +140,7 @@ def test_out_of_range_option_is_rejected(corpus, tmp_path, tiny_sd15_dir, option
 
 def test_texture_count_and_missing_gpu(corpus, tmp_path, tiny_sd15_dir):
     result = invoke("texture", corpus / "good.png", "-o", tmp_path / "t.png", "-m", tiny_sd15_dir, "--num", "0")
-    assert_rejected(result, 2, "num must be at least 1", out_dir=tmp_path)
+    assert_rejected(result, 2, "num must be a whole number of at least 1", out_dir=tmp_path)
     if not torch.cuda.is_available():
         result = invoke("texture", corpus / "good.png", "-o", tmp_path / "t.png", "-m", tiny_sd15_dir,
                         "--device", "cuda")

@@ -26,7 +26,17 @@ from .models import DiffusionModel, as_model
 from .optimize import Callback
 from .presets import Preset, get_preset
 from .sampling import prompt_conditioning, sample, sdedit_start
-from .tasks import Size, as_list, check_settings, describe_input, encode_references, finish, run_parameters, target_size
+from .tasks import (
+    Size,
+    as_list,
+    check_run,
+    check_settings,
+    describe_input,
+    encode_references,
+    finish,
+    run_parameters,
+    target_size,
+)
 
 
 @dataclass
@@ -49,8 +59,7 @@ class _Job:
 
 def _check_sampling(preset: Preset, num: int, start_t: int | None, model: DiffusionModel) -> None:
     check_settings(preset)
-    if num < 1:
-        raise UserError(f"number of images must be at least 1 (got {num})")
+    check_run(seed=0, num=num, what="number of images")
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < start_t <= total:
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
@@ -58,6 +67,7 @@ def _check_sampling(preset: Preset, num: int, start_t: int | None, model: Diffus
 
 def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
          fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
+    check_run(seed=seed, callback=callback)
     _check_sampling(preset, job.num, job.start_t, model)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)

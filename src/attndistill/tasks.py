@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -36,6 +37,16 @@ def describe_input(source: ImageInput) -> str:
 
 def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num") -> None:
+    """The seed, callback and image count of a run, checked before any work."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
+        raise UserError(f"seed must be a whole number from 0 to 2^64-1 (got {seed!r})")
+    if callback is not None and not callable(callback):
+        raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
+    if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
+        raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
 
 
 def check_settings(preset: Preset) -> None:
@@ -117,6 +128,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                    model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
                    fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
                    tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
+    check_run(seed=seed, callback=callback, num=num)
     check_settings(preset)
     tile = check_axes(tile)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
@@ -199,8 +211,7 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
 
     ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
     """
-    if num < 1:
-        raise UserError(f"num must be at least 1 (got {num})")
+    check_run(seed=seed, callback=callback, num=num)
     preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale)
     refs = as_list(reference)
     return _optimise_task(

@@ -29,6 +29,7 @@ from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset
 from .tasks import (
     Size,
     as_list,
+    check_run,
     check_settings,
     describe_input,
     encode_references,
@@ -118,6 +119,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride)
     check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
+    check_run(seed=seed, callback=callback)
     axes = check_axes(tile) or ""
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
@@ -265,8 +267,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     (200 steps, lambda 0.15). ``size`` defaults to the long side of the target map at the model's
     native size, aspect kept. Returns ``num`` images.
     """
-    if num < 1:
-        raise UserError(f"num must be at least 1 (got {num})")
+    check_run(seed=seed, callback=callback, num=num)
     preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                    attention_scale=attention_scale)
     check_settings(preset)
