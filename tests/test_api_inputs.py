@@ -46,6 +46,10 @@ def test_a_model_argument_that_is_no_model(tiny_sd15, data_dir, model):
 def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
     with pytest.raises(UserError, match="negative prompt must be one string"):
         text_to_image("a cat", data_dir / "watercolor-cat.jpg", negative_prompt=5, model=tiny_sd15, steps=1)
+    for net in (5, tiny_sd15.unet):
+        with pytest.raises(UserError, match="controlnet must be"):
+            text_to_image("a cat", data_dir / "watercolor-cat.jpg", controlnet=net,
+                          control_image=data_dir / "horse.jpg", model=tiny_sd15, steps=1)
     with pytest.raises(UserError, match="takes a list of content images"):
         style_transfer_batch(str(data_dir / "horse.jpg"), data_dir / "watercolor-cat.jpg", model=tiny_sd15)
     with pytest.raises(UserError, match="num must be a whole number"):

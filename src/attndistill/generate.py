@@ -106,6 +106,10 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
 def check_t2i_options(*, controlnet, control_image, control: str, control_scale: float, content,
                       content_weight: float | None) -> None:
     """:func:`text_to_image`'s options that go together, checked before any model work (also by batch runs)."""
+    if controlnet is not None and not isinstance(controlnet, str | os.PathLike) \
+            and not type(controlnet).__name__.startswith("ControlNet"):
+        raise UserError(f"controlnet must be a folder, a Hub id or a loaded ControlNetModel, not a "
+                        f"{type(controlnet).__name__}")
     if (controlnet is None) != (control_image is None):
         raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
                         else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
