@@ -50,6 +50,11 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         with pytest.raises(UserError, match="controlnet must be"):
             text_to_image("a cat", data_dir / "watercolor-cat.jpg", controlnet=net,
                           control_image=data_dir / "horse.jpg", model=tiny_sd15, steps=1)
+    from attndistill.generate import texture_sampling
+    from attndistill.textures import with_texture_options
+
+    with pytest.raises(UserError, match="no texture image given"):
+        with_texture_options(texture_sampling, [], model=tiny_sd15, tile="xy")
     with pytest.raises(UserError, match="takes a list of content images"):
         style_transfer_batch(str(data_dir / "horse.jpg"), data_dir / "watercolor-cat.jpg", model=tiny_sd15)
     with pytest.raises(UserError, match="num must be a whole number"):
@@ -63,6 +68,15 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         tiny_sd15.set_perf({"fused": True})
     with pytest.raises(UserError, match="PerfOptions"):
         tiny_sd15.set_perf(bogus=1)
+
+
+def test_texture_options_take_a_model_path_like_every_task(tiny_sd15_dir, data_dir):
+    from attndistill.generate import texture_sampling
+    from attndistill.textures import with_texture_options
+
+    images = with_texture_options(texture_sampling, data_dir / "wood-rings.jpg", model=str(tiny_sd15_dir), tile="xy",
+                                  steps=1, iters=1, size=64, device="cpu", dtype="fp32")
+    assert images[0].size == (64, 64)
 
 
 def test_attention_slicing_can_be_turned_off_again(tiny_sd15):

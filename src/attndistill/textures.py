@@ -175,7 +175,7 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = 
 # -- options for any texture task --------------------------------------------------------------------
 
 def with_texture_options(task: Callable[..., list[Image.Image]], reference: ImageInput | Sequence[ImageInput], *,
-                         model: DiffusionModel, tile: str | None = None, tune_vae: bool = False,
+                         model: DiffusionModel | str, tile: str | None = None, tune_vae: bool = False,
                          progress: bool = True, **kwargs) -> list[Image.Image]:
     """Run ``task(reference, model=model, **kwargs)`` seamless along ``tile`` and/or decoding with VAE*.
 
@@ -185,7 +185,11 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
     are added to each result's parameters.
     """
     tile = check_axes(tile)
-    first = as_list(reference)[0]
+    refs = as_list(reference)
+    if not refs:
+        raise UserError("no texture image given; pass at least one")
+    first = refs[0]
+    model = as_model(model)  # a path or Hub id, like every task takes
     with (tuned_vae(model, first if tune_vae else None, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
         images = task(reference, model=model, progress=progress, **kwargs)
