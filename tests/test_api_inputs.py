@@ -59,6 +59,10 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         style_transfer_batch(str(data_dir / "horse.jpg"), data_dir / "watercolor-cat.jpg", model=tiny_sd15)
     with pytest.raises(UserError, match="num must be a whole number"):
         ad.texture_synthesis(data_dir / "wood-rings.jpg", num=2.0, model=tiny_sd15, steps=1)
+    with pytest.raises(UserError, match="saves a PIL image"):
+        ad.save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "x.png")
+    with pytest.raises(UserError, match="Distiller needs a model"):
+        ad.Distiller("x")
     with pytest.raises(UserError, match="is not a file"):
         ad.read_parameters(tmp_path / "missing.png")
     for bad in ({"fused": "no"}, {"lookahead_batch": 0}):

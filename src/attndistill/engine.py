@@ -99,6 +99,8 @@ class Distiller:
                  target_labels: torch.Tensor | None = None, fused: bool | None = None,
                  cuda_graphs: bool | None = None, early_exit: bool | None = None,
                  condition_size: tuple[int, int] | None = None, static: bool | None = None) -> None:
+        if not hasattr(model, "unet") or not hasattr(model, "perf"):
+            raise UserError(f"Distiller needs a model loaded with attndistill.load_model, not a {type(model).__name__}")
         self.model = model
         self.layers = tuple(layers) if layers is not None else default_layers(model.unet)
         self.attention_scale = attention_scale

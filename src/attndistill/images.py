@@ -204,6 +204,8 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
     The file appears complete or not at all: it is written to a temporary
     name in the same folder and renamed into place.
     """
+    if not isinstance(image, Image.Image):
+        raise UserError(f"save_png saves a PIL image, not a {type(image).__name__}")
     path = check_output(path, overwrite=overwrite)
     info = PngImagePlugin.PngInfo()
     params = parameters if parameters is not None else image.info.get("parameters")
