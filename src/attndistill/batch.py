@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .batchcheck import Validator
-from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, numbered_outputs, read_jobs
+from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs
 from .batchstate import (
     JobLock,
     Shard,
@@ -39,6 +39,7 @@ from .batchstate import (
     wait_for_all_ranks,
 )
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .images import numbered_outputs
 
 __all__ = ["TASKS", "Job", "JobLock", "ModelSpec", "Runner", "Summary", "TaskSpec", "append_record", "dry_run",
            "merge_results", "read_jobs", "read_records", "resolve_shard", "run_batch", "select"]

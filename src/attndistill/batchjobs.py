@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .images import numbered_outputs
 
 # -- tasks -----------------------------------------------------------------------------------------
 
@@ -218,13 +219,6 @@ def _parse_size(value: Any, line: int):
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:32] or "job"
-
-
-def numbered_outputs(output: Path, count: int) -> tuple[Path, ...]:
-    """Output names the CLI uses: ``OUT.png`` for one image, ``OUT-0.png``, ``OUT-1.png``... for several."""
-    if count == 1:
-        return (output,)
-    return tuple(output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count))
 
 
 def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: ModelSpec) -> Job:

@@ -165,6 +165,13 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
+def numbered_outputs(output: Path, count: int) -> tuple[Path, ...]:
+    """Where ``count`` images go: ``OUT.png`` for one, ``OUT-0.png``, ``OUT-1.png``... for several."""
+    if count == 1:
+        return (output,)
+    return tuple(output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count))
+
+
 def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Validate an output path before any work starts; returns it as a Path."""
     path = Path(path)

@@ -112,14 +112,13 @@ def parse_size_option(size: str | None, multiple: int = 1):
 
 def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
     """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically."""
-    from ..images import save_png
+    from ..images import numbered_outputs, save_png
 
-    paths = [output] if len(images) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                               for i in range(len(images))]
+    paths = numbered_outputs(output, len(images))
     for img, path in zip(images, paths, strict=True):
         save_png(img, path, overwrite=overwrite)
         typer.echo(f"wrote {path}")
-    return paths
+    return list(paths)
 
 
 #: What a preview file carries: a later run may replace a preview, never any other file.
@@ -155,10 +154,9 @@ def preview_callback(path: Path | None, every: int, model):
 def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None) -> None:
     """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file."""
     from ..errors import UserError
-    from ..images import check_output
+    from ..images import check_output, numbered_outputs
 
-    outputs = [output] if count == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                           for i in range(count)]
+    outputs = numbered_outputs(output, count)
     if preview is not None:
         if preview.resolve() in {p.resolve() for p in outputs}:
             raise UserError(f"--preview '{preview}' is an output file; give the preview another name")
