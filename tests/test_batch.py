@@ -494,13 +494,13 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
 
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
-    from attndistill import batchcheck
+    from attndistill import tasks
 
-    def broken(seed):
+    def broken(*, seed, **_):
         if seed == 13:
             raise RuntimeError("boom")
 
-    monkeypatch.setattr(batchcheck, "_check_seed", broken)
+    monkeypatch.setattr(tasks, "check_run", broken)
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, seed=13),
                                                   job_line("texture", "wood-rings.jpg", None, output="ok.png")])
     out = tmp_path / "out"

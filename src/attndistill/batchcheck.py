@@ -71,7 +71,9 @@ class Validator:
 
             first_step(preset.steps, job.args["strength"])
         if job.args.get("seed") is not None:
-            _check_seed(job.args["seed"])
+            from .tasks import check_run
+
+            check_run(seed=job.args["seed"])
         if "tile" in job.args:
             from .tiling import check_axes
 
@@ -165,16 +167,6 @@ class Validator:
             parse_layers(layers, shell)  # range checked against the model's own layer count
         elif isinstance(layers, str) and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", layers):
             raise UserError(f"layers '{layers}' is not understood; use a range like 10-15 or a list like 10,11,12")
-
-
-def _check_seed(seed: int) -> None:
-    """The range the CPU generator accepts (every task seeds one)."""
-    import torch
-
-    try:
-        torch.Generator("cpu").manual_seed(seed)
-    except (RuntimeError, ValueError, OverflowError):
-        raise UserError(f"seed {seed} is out of range; use a whole number from 0 to {2**64 - 1}") from None
 
 
 @dataclass(frozen=True)

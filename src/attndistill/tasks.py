@@ -41,8 +41,10 @@ def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num") -> None:
     """The seed, callback and image count of a run, checked before any work."""
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not -(2**63) <= seed < 2**64:
-        raise UserError(f"seed must be a whole number from 0 to 2^64-1 (got {seed!r})")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
+    if not -(2**63) <= seed < 2**64:  # what torch's generators take
+        raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {2**64 - 1}")
     if callback is not None and not callable(callback):
         raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
     if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
