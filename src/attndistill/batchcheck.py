@@ -41,6 +41,7 @@ class Validator:
         self._images: dict[str, str | None] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._models: dict[ModelSpec, str | None] = {}
+        self._unets: dict[ModelSpec, dict | None] = {}
         self._layers: dict[ModelSpec, Any] = {}
         self._geometry: dict[ModelSpec, Any] = {}
 
@@ -102,7 +103,7 @@ class Validator:
         if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING:
             return
         if job.model not in self._geometry:
-            self._geometry[job.model] = _geometry(job.model)
+            self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
         shell = self._geometry[job.model]
         if job.task == "expand":
             from .presets import VIEW
@@ -146,14 +147,21 @@ class Validator:
         if self._models[model]:
             raise UserError(self._models[model])
 
+    def _unet(self, model: ModelSpec) -> dict | None:
+        """The UNet config of ``model`` (read once per model; None when there is none to be had)."""
+        if model not in self._unets:
+            from diffusers import UNet2DConditionModel
+
+            self._unets[model] = _config(UNet2DConditionModel, _model_folder(model), subfolder="unet")
+        return self._unets[model]
+
     def _controlnet(self, source: str, model: ModelSpec) -> None:
+        from diffusers import ControlNetModel
+
         from .controlnet import check_configs_fit, check_controlnet_source
 
         check_controlnet_source(source)
-        from diffusers import ControlNetModel, UNet2DConditionModel
-
-        net = _config(ControlNetModel, source)
-        unet = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
+        net, unet = _config(ControlNetModel, source), self._unet(model)
         if net is not None and unet is not None:  # configs to be had (local or cached): do they fit?
             check_configs_fit(net, unet, source, model.source or _default_model())
 
@@ -161,7 +169,7 @@ class Validator:
         from .engine import parse_layers
 
         if model not in self._layers:
-            self._layers[model] = _meta_model(model)
+            self._layers[model] = _meta_model(self._unet(model))
         shell = self._layers[model]
         if shell is not None:
             parse_layers(layers, shell)  # range checked against the model's own layer count
@@ -176,16 +184,20 @@ class _Sized:
     size: tuple[int, int]
 
 
-def _geometry(model: ModelSpec):
+def _model_folder(model: ModelSpec) -> str:
+    """Where ``model``'s configs are: its folder or Hub id, or for a single file the ``config`` folder."""
+    source = model.source or _default_model()
+    return model.config if model.config and Path(source).is_file() else source
+
+
+def _geometry(model: ModelSpec, unet: dict | None):
     """Sizes and scheduler of ``model`` as the loaded model would report them, from its configs (no weights);
     the documented defaults of its kind when there are no configs to be had."""
     from types import SimpleNamespace
 
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
 
-    source = model.source or _default_model()
-    folder = model.config if model.config and Path(source).is_file() else source
-    unet = _config(UNet2DConditionModel, folder, subfolder="unet")
+    folder = _model_folder(model)
     vae = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, folder, subfolder="vae")
     scheduler = _config(DDIMScheduler, folder, subfolder="scheduler")
     factor, multiple, native = _DEFAULT_GEOMETRY[_kind(model)]
@@ -254,14 +266,14 @@ def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
         return None
 
 
-def _meta_model(model: ModelSpec):
-    """An object with a weightless ``unet`` (meta device) of ``model``, for layer checks; None if unknown."""
+def _meta_model(config: dict | None):
+    """An object with a weightless ``unet`` (meta device) built from a UNet ``config``, for layer checks;
+    None if unknown."""
     from types import SimpleNamespace
 
     import torch
     from diffusers import UNet2DConditionModel
 
-    config = _config(UNet2DConditionModel, model.source or _default_model(), subfolder="unet")
     if config is None:  # no config to be had offline: the range is checked when the model loads
         return None
     try:
