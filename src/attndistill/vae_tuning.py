@@ -10,7 +10,6 @@ tuned VAE is a plain diffusers ``AutoencoderKL``, savable as a folder that
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ import torch
 
 from .errors import UserError
 from .images import ImageInput, is_writable, load_image, to_tensor
-from .models import DiffusionModel
+from .models import DiffusionModel, check_vae_source
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
 #: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.
@@ -152,13 +151,14 @@ VAE_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_py
 
 
 def _is_vae_folder(folder: Path) -> bool:
-    names = {p.name for p in folder.iterdir()}
-    if not names <= VAE_FILES or "config.json" not in names:
+    """Nothing but what saving a VAE writes, with an ``AutoencoderKL`` config (as ``--vae`` checks it)."""
+    if not {p.name for p in folder.iterdir()} <= VAE_FILES:
         return False
     try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
-    except (OSError, ValueError, AttributeError):
+        check_vae_source(folder)
+    except UserError:
         return False
+    return True
 
 
 def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
