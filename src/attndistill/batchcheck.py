@@ -122,7 +122,7 @@ class Validator:
         if job.task in _SAMPLING:
             from .generate import _check_sampling
 
-            _check_sampling(preset, args.get(job.spec.count, 1), args.get("start_t"), shell)
+            _check_sampling(preset, args.get("start_t"), shell)
 
     def _image(self, path: str, name: str) -> None:
         from .images import load_image

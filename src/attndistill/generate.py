@@ -57,9 +57,8 @@ class _Job:
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
 
 
-def _check_sampling(preset: Preset, num: int, start_t: int | None, model: DiffusionModel) -> None:
+def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
     check_settings(preset)
-    check_run(seed=0, num=num, what="number of images")
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < start_t <= total:
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
@@ -67,8 +66,8 @@ def _check_sampling(preset: Preset, num: int, start_t: int | None, model: Diffus
 
 def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
          fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
-    check_run(seed=seed, callback=callback)
-    _check_sampling(preset, job.num, job.start_t, model)
+    check_run(seed=seed, callback=callback, num=job.num, what="number of images")
+    _check_sampling(preset, job.start_t, model)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)
     control: Control | None = None

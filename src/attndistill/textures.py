@@ -186,9 +186,7 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
     """
     tile = check_axes(tile)
     refs = as_list(reference)
-    if not refs:
-        raise UserError("no texture image given; pass at least one")
-    first = refs[0]
+    first = refs[0] if refs else None  # none: the task itself says a reference is needed
     model = as_model(model)  # a path or Hub id, like every task takes
     with (tuned_vae(model, first if tune_vae else None, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
