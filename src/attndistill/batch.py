@@ -1,6 +1,6 @@
 """Batch runner: many jobs from one JSONL file, resumable, never run twice, sharded across processes.
 
-Jobs files are parsed and checked by :mod:`attndistill.batchjobs`. The
+Jobs files are parsed by :mod:`attndistill.batchjobs` and checked by :mod:`attndistill.batchcheck`. The
 runner writes images atomically, appends one line per finished job to ``results.jsonl`` (one write and
 an fsync, so a crash loses at most the job in flight), holds a lock file per running job, and on a
 re-run skips the jobs whose images exist and carry their job id. Shards (``--shard I/N``, torchrun,
