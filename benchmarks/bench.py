@@ -13,6 +13,7 @@ process. Example (GPU)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -112,6 +113,56 @@ def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
     return [{"op": e.key[:60], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
 
 
+@contextlib.contextmanager
+def timed_static_calls(device: torch.device):
+    """Time every static program call (a CUDA graph replay on a GPU) by kind while the block runs.
+
+    Yields a dict filled at exit: kind -> {"calls", "ms", "ms_per_call"}. The kinds are the reference
+    program (reference and content features), the AD iteration (target forward, backward, Adam) and the
+    denoising call. On a GPU, CUDA events time the device work without a sync per call.
+    """
+    from attndistill.stepper import StaticCall, StaticReference
+
+    original = StaticCall.__call__
+    marks: list[tuple[str, object, object]] = []
+    cuda = device.type == "cuda"
+
+    def kind(call) -> str:
+        if call.grad:
+            return "iteration"
+        return "reference" if isinstance(getattr(call.fn, "__self__", None), StaticReference) else "denoising"
+
+    def timed(call):
+        start = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            start.record()
+        out = original(call)
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        marks.append((kind(call), start, end))
+        return out
+
+    totals: dict[str, dict] = {}
+    StaticCall.__call__ = timed
+    try:
+        yield totals
+    finally:
+        StaticCall.__call__ = original
+        if cuda:
+            torch.cuda.synchronize(device)
+        for name, start, end in marks:
+            ms = start.elapsed_time(end) if cuda else 1000 * (end - start)
+            entry = totals.setdefault(name, {"calls": 0, "ms": 0.0})
+            entry["calls"] += 1
+            entry["ms"] += ms
+        for entry in totals.values():
+            entry["ms_per_call"] = round(entry["ms"] / entry["calls"], 2)
+            entry["ms"] = round(entry["ms"], 1)
+
+
 def code_digest() -> str:
     """Short hash of the package source: ties a measurement to the code it measured (no .git needed)."""
     import hashlib
@@ -146,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fast", default="", help="switches of the fast path itself, e.g. compile=1")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS steps of the fast path and print where the time goes")
+    p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
+                   help="also time STEPS steps of the fast path by program: reference, iteration, denoising")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
@@ -201,6 +254,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile:
                 top = profile(partial(run_case, case, model, args.profile, args.size_scale), device)
                 emit(case=case, path="profile", steps=args.profile, top=top)
+            if args.breakdown:
+                with timed_static_calls(device) as parts:
+                    seconds, _, _ = measure(partial(run_case, case, model, args.breakdown, args.size_scale), device)
+                emit(case=case, path="breakdown", steps=args.breakdown, seconds=round(seconds, 3), parts=parts,
+                     other_ms=round(1000 * seconds - sum(p["ms"] for p in parts.values()), 1))
             if args.variant and args.variant_steps and args.variant_steps < steps:
                 # the variants' yardstick: the fast path over as many steps (fixed costs weigh the same)
                 seconds, peak, _ = measure(partial(run_case, case, model, args.variant_steps, args.size_scale), device)

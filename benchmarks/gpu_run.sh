@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 4 (<= 470 s): channels-last and look-ahead against the default
-#                                       # over as many steps, SDXL with channels-last, kernel profiles of case a
+#   bash benchmarks/gpu_run.sh          # run 4 (<= 480 s): channels-last and look-ahead against the default
+#                                       # over as many steps, SDXL with channels-last, kernel profiles of case a,
+#                                       # time per program (reference, iteration, denoising) in cases a and b
 #   bash benchmarks/gpu_run.sh run3     # run 3: the default with the plain path beside it, the switches, the
 #                                       # 4096² peak, compile (the last line needs 200 s, not 120)
 #   bash benchmarks/gpu_run.sh memory   # the 4096² expansion's peak memory (one step, <= 130 s)
@@ -42,6 +43,6 @@ case "${1:-}" in
     run 90 --cases e --variant-steps 10 --variant channels_last=1 --variant lookahead_batch=16
     run 90 --cases d --fast offload_text_encoders=1 --variant-steps 15 --variant channels_last=1
     run 60 --cases a --steps 10 --profile 10 --fast cuda_graphs=0
-    run 50 --cases a --steps 20 --profile 10 ;;
+    run 60 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5

@@ -22,3 +22,21 @@ def test_bench_prints_one_json_line_per_run(capsys):
     assert all("error" not in r for r in rows)
     assert all(r["seconds"] > 0 and r["card"] == "cpu" for r in rows if r["path"] in ("fast", "plain"))
     assert all(r["max_abs_pixel_diff"] <= 1 / 255 for r in rows if r["path"] == "fast-vs-plain")
+
+
+def test_breakdown_times_static_calls_by_kind():
+    import torch
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from attndistill.stepper import StaticCall
+
+    iteration = StaticCall(lambda: torch.ones(2).sum(), capture=False, grad=True)
+    denoise = StaticCall(lambda: torch.zeros(2), capture=False, grad=False)
+    with bench.timed_static_calls(torch.device("cpu")) as parts:
+        iteration(), iteration(), denoise()
+    assert {k: v["calls"] for k, v in parts.items()} == {"iteration": 2, "denoising": 1}
+    assert all(v["ms"] >= 0 for v in parts.values())
+    assert iteration() == 2 and parts["iteration"]["calls"] == 2  # the original call is back, untimed
