@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_prints_one_json_line_per_run(capsys):
     path = Path(__file__).parent.parent / "benchmarks" / "bench.py"
@@ -40,3 +42,21 @@ def test_breakdown_times_static_calls_by_kind():
     assert {k: v["calls"] for k, v in parts.items()} == {"iteration": 2, "denoising": 1}
     assert all(v["ms"] >= 0 for v in parts.values())
     assert iteration() == 2 and parts["iteration"]["calls"] == 2  # the original call is back, untimed
+
+
+def test_flop_counts_follow_the_programs(tiny_sd15):
+    path = Path(__file__).parent.parent / "benchmarks" / "flops.py"
+    spec = importlib.util.spec_from_file_location("flops", path)
+    flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flops)
+    counts = flops.programs(tiny_sd15, side=16)
+    # one target's arithmetic does not depend on the others in its batch; reference + content is one call
+    assert counts["iteration_b8"] == pytest.approx(8 * counts["iteration_b1"], rel=1e-9)
+    assert counts["reference_content_b1"] == pytest.approx(2 * counts["reference_b1"], rel=1e-9)
+    assert counts["reference_content_b8"] == pytest.approx(9 * counts["reference_b1"], rel=1e-9)
+    assert counts["denoise_b8"] == pytest.approx(8 * counts["denoise_b1"], rel=1e-9)
+    # early exit: the feature call stops before the UNet's end; the backward costs about a forward
+    assert counts["reference_b1"] < counts["denoise_b1"] < counts["iteration_b1"]
+    case = flops.cases(counts, None)
+    assert case["c"]["gflop_per_step"] == pytest.approx(counts["reference_b1"] + counts["iteration_b1"], abs=0.1)
+    assert case["g one by one"]["tflop"] > case["g"]["tflop"]  # the batch shares the style's features

@@ -13,6 +13,7 @@ from PIL import Image
 import attndistill as ad
 from attndistill import engine, textures
 from attndistill.engine import Distiller
+from attndistill.features import discover_self_attention_layers
 from attndistill.losses import ideal_attention
 from attndistill.textures import label_maps, masked_texture_synthesis, sample_label_init
 
@@ -138,3 +139,17 @@ def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):
     with pytest.raises(ad.UserError, match="one --ref-labels per texture image"):
         masked_texture_synthesis([ref, ref], [tmp_path / "tall.png"], target_labels, model=tiny_sd15, steps=1,
                                  progress=False)
+
+
+def test_sdxl_masked_features_use_the_output_size(tiny_sdxl, maps):
+    ref, ref_labels, target_labels = maps
+    discover_self_attention_layers(tiny_sdxl.unet)  # its probe call runs once per model, with zeros
+    time_ids = []
+    handle = tiny_sdxl.unet.register_forward_pre_hook(
+        lambda m, a, kw: time_ids.append(kw["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
+    try:
+        masked_texture_synthesis(ref, ref_labels, target_labels, model=tiny_sdxl, steps=1, size=(96, 64),
+                                 progress=False)
+    finally:
+        handle.remove()
+    assert time_ids and all(ids == [64, 96, 0, 0, 64, 96] for ids in time_ids)  # (h, w) of the output

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import attndistill as ad
 from attndistill import optimize as opt_mod
 from attndistill.engine import Distiller
+from attndistill.features import discover_self_attention_layers
 from attndistill.optimize import optimize_latents
 
 
@@ -87,3 +89,21 @@ def test_appearance_transfer_uses_its_preset(tiny_sd15, data_dir):
     out = ad.appearance_transfer(data_dir / "horse.jpg", data_dir / "wood-rings.jpg", model=tiny_sd15, steps=1,
                                  size=64, progress=False)
     assert json.loads(out.info["parameters"])["content_weight"] == ad.PRESETS["appearance"].content_weight
+
+
+@pytest.mark.parametrize("task", ["style", "texture"])
+def test_sdxl_optimisation_features_use_the_output_size(tiny_sdxl, data_dir, task):
+    """The null conditioning of every feature call carries the output's size (ALGORITHM.md §1), not the native one."""
+    discover_self_attention_layers(tiny_sdxl.unet)  # its probe call runs once per model, with zeros
+    time_ids = []
+    handle = tiny_sdxl.unet.register_forward_pre_hook(
+        lambda m, a, kw: time_ids.append(kw["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
+    try:
+        if task == "style":
+            ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=1,
+                              size=(96, 64), progress=False)
+        else:
+            ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sdxl, steps=1, size=(96, 64), progress=False)
+    finally:
+        handle.remove()
+    assert time_ids and all(ids == [64, 96, 0, 0, 64, 96] for ids in time_ids)  # (h, w) of the output

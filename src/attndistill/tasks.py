@@ -145,8 +145,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     else:
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
     torch.manual_seed(seed)
+    # features with the null conditioning of the output size (SDXL's add_time_ids, ALGORITHM.md §1)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          content_weight=preset.content_weight, fused=fused)
+                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
     # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the first reference
     with tuned_vae(model, references[0] if tune_vae else None, progress=progress), seamless(model, tile):
         z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,

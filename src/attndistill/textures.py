@@ -309,7 +309,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     torch.manual_seed(seed)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
-                          **_batching(fused, z_ref, z_init.shape[-2:]))
+                          condition_size=(h, w), **_batching(fused, z_ref, z_init.shape[-2:]))
     with tuned_vae(model, ref_images[0] if tune_vae else None, progress=progress), seamless(model, tile):
         z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,

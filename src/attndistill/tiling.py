@@ -63,7 +63,9 @@ def seamless(target, axes: str | None = "xy", *, parts: tuple[str, ...] = ("unet
     target: a :class:`~attndistill.models.DiffusionModel` (its ``parts``: "unet", "vae" or only the
     "decoder"), an ``nn.Module`` or an iterable of modules; axes: "x", "y", "xy", or None/"" for a no-op.
     A model's cached CUDA graphs are dropped on entry and exit: they replay the padding they were
-    captured with.
+    captured with. The VAE encoder's downsamplers pad by hand (one zero row and column, then an
+    unpadded convolution) and stay as they are: encoding is not periodic, so tasks encode their
+    images before they enter this block.
     """
     axes = check_axes(axes)
     if axes is None:
