@@ -74,7 +74,8 @@ def test_version_and_help_examples():
 
 
 @pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
-                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"]])
+                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
+                                  ["--cudnn-benchmark"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -87,6 +88,11 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.lookahead_batch == 4
     if flag[0] == "--no-offload-text-encoders":
         assert common.PERF.offload_text_encoders is False
+    if flag[0] == "--cudnn-benchmark":
+        import torch
+
+        assert common.PERF.cudnn_benchmark is True
+        assert torch.backends.cudnn.benchmark is False  # a CUDA setting: a CPU run leaves it alone
 
 
 @pytest.mark.parametrize("command", [["style", "{bad}", "{good}"], ["appearance", "{good}", "{bad}"],

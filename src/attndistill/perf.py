@@ -31,6 +31,9 @@ class PerfOptions:
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
     channels_last: bool = False  # UNet weights in NHWC layout (the layout tensor-core convolutions prefer)
+    # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
+    # process-wide setting: the last model's switch wins)
+    cudnn_benchmark: bool = False
     lookahead_batch: int = 1  # rows of one UNet call computing the reference features of upcoming steps
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
@@ -65,6 +68,8 @@ def apply_perf(model, perf: PerfOptions) -> None:
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
     unet.to(memory_format=torch.channels_last if perf.channels_last else torch.contiguous_format)
+    if model.device.type == "cuda":
+        torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     if perf.attention_slicing:
         unet.set_attention_slice("auto")
     elif any(type(p).__name__.startswith("Sliced") for p in unet.attn_processors.values()):
