@@ -127,6 +127,7 @@ OPTION_CASES = [
     (["--size", "100000"], "too large for one canvas"),
     (["--layers", "99"], "layers [99] do not exist in this model; it has self-attention layers 0-"),
     (["--layers", "3-x"], "layers '3-x' is not understood"),
+    (["--layers", "6-3"], "layers '6-3' is an empty range; write the lower layer first (3-6)"),
     (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
 ]
 

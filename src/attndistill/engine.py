@@ -58,6 +58,9 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
                 part = part.strip()
                 if "-" in part[1:]:
                     lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                    if int(hi) < int(lo):
+                        raise UserError(f"layers '{part}' is an empty range; write the lower layer first "
+                                        f"({int(hi)}-{int(lo)})")
                     layers.extend(range(int(lo), int(hi) + 1))
                 else:
                     layers.append(int(part))

@@ -162,14 +162,17 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
 def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = None, steps: int = STEPS,
                  lr: float = LR, vae: str | None = None, device: str | None = None, dtype: str | None = None,
-                 progress: bool = False):
+                 progress: bool = False, callback: Callback | None = None):
     """A copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on ``reference`` (ALGORITHM.md §5).
 
     Only the decoder changes; the model is untouched. Save it with :func:`attndistill.vae_tuning.save_vae`
-    (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task.
+    (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task. ``callback``: a
+    :class:`~attndistill.optimize.StepInfo` per step (empty latents: the weights are what change).
     """
+    if callback is not None and not callable(callback):
+        raise UserError(f"callback must be callable (got {type(callback).__name__})")
     model = as_model(model, vae=vae, device=device, dtype=dtype)
-    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, progress=progress)
+    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, progress=progress, callback=callback)
 
 
 # -- options for any texture task --------------------------------------------------------------------

@@ -70,10 +70,12 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
 
 
 def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = STEPS, lr: float = LR,
-                 progress: bool = False):
+                 progress: bool = False, callback: Callable | None = None):
     """Fine-tune a copy of ``model``'s decoder on ``reference`` (at the model's native size); returns it.
 
-    The model itself is not changed. Example::
+    The model itself is not changed. ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after
+    each step, as the tasks' callbacks do; its latents are empty (the decoder's weights are what
+    change) and raising from it stops the tuning. Example::
 
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
@@ -86,10 +88,14 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = S
 
         bar = tqdm(total=steps, desc="tuning VAE decoder", dynamic_ncols=True)
 
-    def report(_step: int, loss: float) -> None:
+    def report(step: int, loss: float) -> None:
         if bar is not None:
             bar.set_postfix(l1=f"{loss:.4f}")
             bar.update()
+        if callback is not None:
+            from .optimize import StepInfo
+
+            callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss]))
 
     try:
         return tune_decoder(model.vae, images, steps=steps, lr=lr, callback=report)

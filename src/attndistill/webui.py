@@ -14,7 +14,10 @@ import importlib
 import inspect
 import itertools
 import logging
+import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +49,12 @@ EXAMPLES = Path(__file__).parent / "examples"
 #: Concurrency group of every event that touches the model: one job at a time on the device.
 DEVICE_QUEUE = "device"
 TILE_CHOICES = ["none", "x", "y", "xy"]
+#: ``expand --size`` rounds to whole latents (the CLI's rounding), not to the UNet's multiple.
+EXPAND_SIZE_MULTIPLE = 8
+#: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
+GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+#: Attempts at a free result name before giving up (two servers may share an outputs folder).
+NAME_ATTEMPTS = 1000
 TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
                  "masked": "texture-masked"}  # UI mode -> preset
 
@@ -78,10 +87,10 @@ def _required(path: str | None, what: str) -> str:
     return path
 
 
-def _size(text: str | None, model: DiffusionModel):
-    """Size box -> None (the model's native size), a long side, or (w, h)."""
+def _size(text: str | None, model: DiffusionModel, multiple: int | None = None):
+    """Size box -> None (the model's native size), a long side, or (w, h), rounded as the CLI rounds it."""
     text = (text or "").strip()
-    return parse_size(text, multiple=model.latent_multiple) if text else None
+    return parse_size(text, multiple=multiple or model.latent_multiple) if text else None
 
 
 def _tile(value: str | None) -> str | None:
@@ -89,11 +98,24 @@ def _tile(value: str | None) -> str | None:
 
 
 def _steps(value, what: str = "steps") -> int | None:
+    """A number box's value -> int (None stays None); 1.5 is refused, not rounded."""
     if value is None:
         return None
     if int(value) != value:
         raise UserError(f"{what} must be a whole number (got {value})")
     return int(value)
+
+
+def _seed(text: str | None) -> int:
+    """The seed box -> int, exactly (a blank box is seed 0); the range is the tasks' own check."""
+    value = _number(text, "seed", int)
+    return 0 if value is None else value
+
+
+def page_message(exc: BaseException) -> str:
+    """:func:`error_message` in the page's words: fields, not CLI flags; uploads by their own names."""
+    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", error_message(exc))
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
 
 
 # -- components --------------------------------------------------------------------------------------
@@ -161,7 +183,19 @@ def _number(text: str | None, what: str, kind: type = float) -> float | int | No
 
 
 def _int(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
-    return gr.Number(value, label=label, precision=0, elem_id=f"{tab}-{key}", **kwargs)
+    """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI._wire` refuses it."""
+    number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
+    number.whole = label  # read back by WebUI._wire
+    return number
+
+
+def _seed_box(tab: str) -> gr.Textbox:
+    """Seeds as text: a browser's numbers hold whole numbers exactly only up to 2^53, seeds go to 2^64 - 1."""
+    return gr.Textbox("0", label="Seed", elem_id=f"{tab}-seed", max_lines=1, placeholder="0 to 2^64 - 1")
+
+
+def _size_box(tab: str) -> gr.Textbox:
+    return gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native", elem_id=f"{tab}-size")
 
 
 def _float(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
@@ -177,7 +211,10 @@ class WebUI:
         self.model, self.vae = model or DEFAULT_MODEL, vae
         self.outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="attndistill-ui-"))
         self.outputs.mkdir(parents=True, exist_ok=True)
-        self._jobs: dict[str, Job] = {}  # session -> its running job, for the cancel button
+        # (session, tab) -> its running job, and how many of its runs wait in the queue / were withdrawn
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._waiting: dict[tuple[str, str], int] = {}
+        self._withdrawn: dict[tuple[str, str], int] = {}
         self._counter = itertools.count()
 
     # -- running ---------------------------------------------------------------------------------
@@ -186,11 +223,21 @@ class WebUI:
         try:
             return self.slot.get(model, vae)
         except Exception as exc:
-            raise gr.Error(error_message(exc)) from None
+            raise gr.Error(page_message(exc)) from None
 
     def _save(self, image: Image.Image, task: str) -> Path:
-        path = self.outputs / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):03d}.png"
-        return save_png(image, path)
+        """Save under a new name: never over a file, even one another server just wrote to the same folder."""
+        self.outputs.mkdir(parents=True, exist_ok=True)  # deleted while the server ran: made again
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for _ in range(NAME_ATTEMPTS):
+            path = self.outputs / f"{task}-{stamp}-{next(self._counter):03d}.png"
+            if not path.exists():
+                try:
+                    return save_png(image, path)
+                except UserError:
+                    if not path.exists():  # not a name taken in the meantime: a real failure
+                        raise
+        raise UserError(f"no free file name for the result in '{self.outputs}'; clear that folder")
 
     def _common_cli(self, model: DiffusionModel, seed: int) -> dict:
         options = {"model": model.source if model.source != DEFAULT_MODEL else None,
@@ -207,48 +254,91 @@ class WebUI:
         Loads the model, runs ``call(model, callback)`` as a :class:`Job`, streams progress and previews,
         then saves the images as PNGs and yields them with ``command(model, output_name)``.
         """
-        model = self._model(settings["model"], settings["vae"])
-        every = int(settings.get("preview_every") or 0)
-        side = int(settings.get("preview_size") or 32)
-        job = Job(partial(call, model), preview=partial(preview_image, model, side=side), every=every)
-        session = request.session_hash if request is not None else "local"
-        self._jobs[session] = job
-        progress(0, desc="starting")
         skip = gr.skip()
+        every = _steps(settings.get("preview_every"), "preview interval") or 0
+        side = _steps(settings.get("preview_size"), "preview size") or 32
+        loaded: list[DiffusionModel] = []
+
+        def work(job: Job, callback: Callback):
+            loaded.append(self._load_in_job(job, settings["model"], settings["vae"]))
+            return call(loaded[0], callback)
+
+        job = yield from self._follow(request, task, work, progress, every=every,
+                                      preview=lambda latents: preview_image(loaded[0], latents, side=side),
+                                      line=lambda text, image: (text, skip if image is None else image, skip, skip,
+                                                                skip))
+        if job is None or job.cancelled:
+            return
+        try:
+            if job.error is not None:
+                raise job.error
+            images = job.result if isinstance(job.result, list) else [job.result]
+            paths = [self._save(img, task) for img in images]
+        except Exception as exc:  # the run or saving its result failed: say so, and show no stale results
+            message = page_message(exc)
+            yield f"failed: {message}", None, None, None, ""
+            raise gr.Error(message) from None
+        loss = f" · final loss {job.last.loss:.4f}" if job.last else ""
+        where = paths[0].parent
+        status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)} in `{where}`"
+        output = paths[0].name if len(paths) == 1 else f"{task}.png"
+        yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],
+               command(loaded[0], output))
+
+    def _load_in_job(self, job: Job, model: str | None, vae: str | None) -> DiffusionModel:
+        """The model, loaded in the job's thread: Cancel is heard while it loads, and acts right after."""
+        loaded = self.slot.get(model, vae)
+        job.stop_if_cancelled("cancelled before the first step")
+        return loaded
+
+    def _follow(self, request: gr.Request | None, tab: str, work: Callable[[Job, Callback], object], progress, *,
+                line: Callable[[str, Image.Image | None], tuple], every: int = 0, preview=None) -> Iterator[tuple]:
+        """Run ``work(job, callback)`` as this page's job of ``tab``, yield ``line(status, preview)`` as it
+        goes, and return the job (None when the run was withdrawn from the queue).
+
+        A cancelled job's last line says so.
+        """
+        key = (request.session_hash if request is not None else "local", tab)
+        self._waiting[key] = max(0, self._waiting.get(key, 0) - 1)
+        if self._withdrawn.get(key, 0) > 0:  # Cancel was pressed while this run waited in the queue
+            self._withdrawn[key] -= 1
+            yield line("cancelled while it waited in the queue; nothing was run", None)
+            return None
+        job = Job(lambda callback: work(job, callback), preview=preview, every=every)
+        self._jobs[key] = job
+        progress(0, desc="loading the model" if self.slot.model is None else "starting")
         try:
             job.start()
             for u in job.updates():
                 progress((u.step, u.total), desc=f"loss {u.loss:.4f}")
-                yield (f"step {u.step}/{u.total} · loss {u.loss:.4f}",
-                       u.preview if u.preview is not None else skip, skip, skip, skip)
+                yield line(f"step {u.step}/{u.total} · loss {u.loss:.4f}", u.preview)
         finally:
             job.cancel()  # the page went away mid-run: stop the worker at its next step
             job.wait()
-            if self._jobs.get(session) is job:
-                del self._jobs[session]
+            if self._jobs.get(key) is job:
+                del self._jobs[key]
         if job.cancelled:
             where = f" after step {job.last.step} of {job.last.total}" if job.last else ""
-            yield f"cancelled{where}; nothing was saved", skip, skip, skip, skip
-            return
-        if job.error is not None:
-            message = error_message(job.error)
-            yield f"failed: {message}", skip, skip, skip, skip
-            raise gr.Error(message)
-        images = job.result if isinstance(job.result, list) else [job.result]
-        paths = [self._save(img, task) for img in images]
-        loss = f" · final loss {job.last.loss:.4f}" if job.last else ""
-        status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)}"
-        output = paths[0].name if len(paths) == 1 else f"{task}.png"
-        yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],
-               command(model, output))
+            yield line(f"cancelled{where}; nothing was saved", None)
+        return job
 
-    def cancel(self, request: gr.Request) -> None:
-        job = self._jobs.get(request.session_hash if request is not None else "local")
-        if job is None:
-            gr.Info("nothing is running")
-        else:
+    def queued(self, tab: str, request: gr.Request) -> None:
+        """A Run click of ``tab``: one more run of this page's tab waits in the queue until it starts."""
+        key = (request.session_hash if request is not None else "local", tab)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+
+    def cancel(self, tab: str, request: gr.Request) -> None:
+        """Cancel this page's run of ``tab``: the running one after its current step, else one still waiting."""
+        key = (request.session_hash if request is not None else "local", tab)
+        job = self._jobs.get(key)
+        if job is not None:
             job.cancel()
             gr.Info("cancelling: the run stops after the current step")
+        elif self._waiting.get(key, 0) > self._withdrawn.get(key, 0):
+            self._withdrawn[key] = self._withdrawn.get(key, 0) + 1
+            gr.Info("cancelled: the run that waited in the queue will not start")
+        else:
+            gr.Info("nothing of this tab is running or waiting")
 
     def load(self, model: str, vae: str):
         self._model(model, vae)
@@ -260,7 +350,8 @@ class WebUI:
         """The Blocks app (not launched)."""
         with gr.Blocks(title="attndistill", analytics_enabled=False) as demo:
             gr.Markdown("## Attention Distillation\nTransfer style, appearance and texture with Stable "
-                        "Diffusion. One job runs at a time; others wait in the queue.")
+                        "Diffusion. One job runs at a time; others wait in the queue. Results are saved in "
+                        f"`{self.outputs}`.")
             with gr.Accordion("Model", open=False):
                 with gr.Row():
                     self.model_box = gr.Textbox(self.model, label="Model", elem_id="model-box",
@@ -302,8 +393,6 @@ class WebUI:
                         elem_id=f"{tab}-files")
         cli = gr.Textbox(label="Same run from the terminal", buttons=["copy"], interactive=False,
                          elem_id=f"{tab}-cli")
-        cancel.click(self.cancel, None, None, concurrency_limit=None, show_progress="hidden",
-                     api_visibility="private")
         return Panel(run, cancel, status, preview, gallery, files, cli)
 
     def _preview_options(self, tab: str) -> dict:
@@ -318,12 +407,31 @@ class WebUI:
         names = {c: n for n, c in components.items()}
 
         def run(values: dict, request: gr.Request, progress=gr.Progress()):
-            settings = {names[c]: v for c, v in values.items()}
+            try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
+                settings = {names[c]: _steps(v, c.whole) if getattr(c, "whole", None) else v
+                            for c, v in values.items()}
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
             yield from self.execute(request, progress, task=tab, settings=settings,
                                     call=partial(call, settings), command=partial(command, settings))
 
-        panel.run.click(run, set(components.values()), panel.outputs, concurrency_limit=1,
-                        concurrency_id=DEVICE_QUEUE, show_progress_on=[panel.status], api_name=tab)
+        self._bind(tab, panel.run, panel.cancel, run, set(components.values()), panel.outputs, panel.status)
+
+    def _bind(self, tab: str, run: gr.Button, cancel: gr.Button, fn: Callable, inputs, outputs: list,
+              status: gr.Markdown) -> None:
+        """Run -> ``fn`` in the one device queue; Cancel -> this page's run of ``tab``, running or waiting."""
+
+        def queued(request: gr.Request) -> None:  # plain functions: Gradio finds the request by annotation
+            self.queued(tab, request)
+
+        def cancel_tab(request: gr.Request) -> None:
+            self.cancel(tab, request)
+
+        cancel.click(cancel_tab, None, None, concurrency_limit=None, show_progress="hidden", api_visibility="private")
+        # the click first counts the run as waiting (no queue), so Cancel can withdraw it before it starts
+        run.click(queued, None, None, queue=False, show_progress="hidden", api_visibility="private").then(
+            fn, inputs, outputs, concurrency_limit=1, concurrency_id=DEVICE_QUEUE, show_progress_on=[status],
+            api_name=tab)
 
     @staticmethod
     def _validate_on_upload(*images: gr.Image) -> None:
@@ -340,7 +448,9 @@ class WebUI:
 
     def _optimise_options(self, tab: str, preset: Preset, *, content_weight: bool) -> dict:
         with gr.Row():
-            fields = {"iters": _int("Adam iterations per step", preset.iters, tab, "iters", minimum=1),
+            # 0 is plain DDIM in the texture tab's sampling modes; the tasks refuse it where it means nothing
+            fields = {"iters": _int("Adam iterations per step", preset.iters, tab, "iters",
+                                    minimum=0 if tab == "texture" else 1),
                       "lr": _float("Learning rate", preset.lr, tab, "lr"),
                       "attention_scale": _float("Attention scale", preset.attention_scale, tab, "attention-scale")}
             if content_weight:
@@ -361,9 +471,8 @@ class WebUI:
             reference = image_input(second, f"{tab}-reference")
         with gr.Row():
             steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
-            size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
-                              elem_id=f"{tab}-size")
-            seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
+            size = _size_box(tab)
+            seed = _seed_box(tab)
         with gr.Accordion("Advanced", open=False):
             more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
                            file_types=["image"], elem_id=f"{tab}-more")
@@ -383,13 +492,13 @@ class WebUI:
             return fn(target, refs, model=model, steps=_steps(s["steps"]),
                       iters=_steps(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
                       attention_scale=s["attention_scale"], layers=s["layers"] or None, size=_size(s["size"], model),
-                      seed=int(s["seed"] or 0), tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]),
+                      seed=_seed(s["seed"]), tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]),
                       progress=False, callback=callback)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
             words = [tab, _name(s["target"]), _name(s["reference"]), *map(_name, _paths(s["more"]))]
             return cli_command(words, dict(
-                output=output, **self._common_cli(model, int(s["seed"] or 0)), steps=s["steps"], iters=s["iters"],
+                output=output, **self._common_cli(model, _seed(s["seed"])), steps=s["steps"], iters=s["iters"],
                 lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
                 layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=_tile(s["tile"]),
                 tune_vae=True if s["tune_vae"] else None))
@@ -411,9 +520,8 @@ class WebUI:
             num = _int("Images", 1, tab, "num", minimum=1)
             steps = _blank_number("Steps", tab, "steps", blank("steps"))
             guidance = _blank_number("Guidance", tab, "guidance", blank("guidance"))
-            size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
-                              elem_id=f"{tab}-size")
-            seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
+            size = _size_box(tab)
+            seed = _seed_box(tab)
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 iters = _blank_number("Adam iterations per step", tab, "iters", blank("iters"))
@@ -444,7 +552,7 @@ class WebUI:
             return dict(steps=_number(s["steps"], "steps", int), iters=_number(s["iters"], "iterations", int),
                         lr=_number(s["lr"], "learning rate"), guidance=_number(s["guidance"], "guidance"),
                         adain=adain_on, layers=s["layers"] or None,
-                        controlnet=s["controlnet"].strip() or None, control=s["control"])
+                        controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
 
         def call(s: dict, model: DiffusionModel, callback: Callback):
             from .generate import text_to_image
@@ -455,13 +563,13 @@ class WebUI:
             return text_to_image(s["prompt"], _required(s["style"], "style image"),
                                  negative_prompt=s["negative"] or None, num_images=_steps(s["num"], "images") or 1,
                                  model=model, control_image=s["control_image"], size=_size(s["size"], model),
-                                 seed=int(s["seed"] or 0), progress=False, callback=callback, **options(s), **extra)
+                                 seed=_seed(s["seed"]), progress=False, callback=callback, **options(s), **extra)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
             o = options(s)
             return cli_command([tab], dict(
                 style=_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
-                num_images=s["num"] if s["num"] != 1 else None, **self._common_cli(model, int(s["seed"] or 0)),
+                num_images=s["num"] if s["num"] != 1 else None, **self._common_cli(model, _seed(s["seed"])),
                 steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
                 layers=o["layers"], size=(s["size"] or "").strip() or None, controlnet=o["controlnet"],
                 control_image=_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
@@ -481,9 +589,8 @@ class WebUI:
                 with gr.Row():
                     num = _int("Images", 1, tab, "num", minimum=1)
                     steps = _int("Steps", first.steps, tab, "steps", minimum=1)
-                    seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
-                size = gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native",
-                                  elem_id=f"{tab}-size")
+                    seed = _seed_box(tab)
+                size = _size_box(tab)
         with gr.Row(visible=False) as layout_row:
             layout = image_input("Layout image", f"{tab}-layout")
             strength = _float("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
@@ -516,22 +623,23 @@ class WebUI:
             refs = [_required(s["reference"], "texture image"), *_paths(s["more"])]
             common = dict(num=_steps(s["num"], "images") or 1, model=model, steps=_steps(s["steps"]),
                           iters=_steps(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
-                          layers=s["layers"] or None, size=_size(s["size"], model), seed=int(s["seed"] or 0),
+                          layers=s["layers"] or None, size=_size(s["size"], model), seed=_seed(s["seed"]),
                           progress=False, callback=callback)
             looks = dict(tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]))
             if s["mode"] == "optimise":
                 from .tasks import texture_synthesis
 
                 return texture_synthesis(refs, **common, **looks)
-            if s["mode"] == "sample":
-                from .generate import texture_sampling
+            if s["mode"] in ("sample", "layout"):  # tiling and VAE* around the sampler, as the CLI does
+                from .generate import layout_texture, texture_sampling
+                from .textures import with_texture_options
 
-                return texture_sampling(refs, **common)
-            if s["mode"] == "layout":
-                from .generate import layout_texture
-
+                if s["mode"] == "sample":
+                    return with_texture_options(texture_sampling, refs, **common, **looks)
                 extra = {"strength": s["strength"]} if s["strength"] is not None else {}
-                return layout_texture(refs, _required(s["layout"], "layout image"), **common, **extra)
+                layout = _required(s["layout"], "layout image")
+                return with_texture_options(partial(layout_texture, layout=layout), refs, **common, **looks,
+                                            **extra)
             from .textures import masked_texture_synthesis
 
             return masked_texture_synthesis(refs, _required(s["ref_labels"], "reference label map"),
@@ -546,11 +654,10 @@ class WebUI:
                 strength=s["strength"] if m == "layout" else None,
                 ref_labels=_name(s["ref_labels"]) if m == "masked" else None,
                 target_labels=_name(s["target_labels"]) if m == "masked" else None,
-                num=s["num"] if s["num"] != 1 else None, **self._common_cli(model, int(s["seed"] or 0)),
+                num=s["num"] if s["num"] != 1 else None, **self._common_cli(model, _seed(s["seed"])),
                 steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
                 layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
-                tile=_tile(s["tile"]) if m in ("optimise", "masked") else None,
-                tune_vae=True if s["tune_vae"] and m in ("optimise", "masked") else None))
+                tile=_tile(s["tile"]), tune_vae=True if s["tune_vae"] else None))
 
         self._wire(tab, panel, fields, call, command)
 
@@ -563,7 +670,7 @@ class WebUI:
                                   elem_id=f"{tab}-size")
                 with gr.Row():
                     steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
-                    seed = _int("Seed", 0, tab, "seed", minimum=0, maximum=2**63 - 1)
+                    seed = _seed_box(tab)
                 tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
@@ -582,7 +689,7 @@ class WebUI:
         def call(s: dict, model: DiffusionModel, callback: Callback):
             from .textures import expand_texture
 
-            size = _size(s["size"], model)
+            size = _size(s["size"], model, multiple=EXPAND_SIZE_MULTIPLE)
             if size is None:
                 raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
             extra = {"view_batch": _steps(s["view_batch"], "views per batch")} if s["view_batch"] else {}
@@ -590,11 +697,11 @@ class WebUI:
                                   size=size if isinstance(size, tuple) else (size, size), model=model,
                                   steps=_steps(s["steps"]), iters=_steps(s["iters"], "iterations"), lr=s["lr"],
                                   stride=_steps(s["stride"], "stride"), tile=_tile(s["tile"]),
-                                  seed=int(s["seed"] or 0), progress=False, callback=callback, **extra)
+                                  seed=_seed(s["seed"]), progress=False, callback=callback, **extra)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
             return cli_command([tab, _name(s["reference"])], dict(
-                output=output, size=(s["size"] or "").strip(), **self._common_cli(model, int(s["seed"] or 0)),
+                output=output, size=(s["size"] or "").strip(), **self._common_cli(model, _seed(s["seed"])),
                 steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
                 tile=_tile(s["tile"])))
 
@@ -610,8 +717,10 @@ class WebUI:
                 steps = _int("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
                 lr = _float("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
                 use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
-                run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
-        status = gr.Markdown(elem_id=f"{tab}-status")
+                with gr.Row():
+                    run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id=f"{tab}-cancel")
+        status = gr.Markdown(elem_id=f"{tab}-status", min_height=48)
         folder = gr.Textbox(label="Saved VAE folder", interactive=False, elem_id=f"{tab}-folder")
         archive = gr.File(label="Download (zip)", interactive=False, elem_id=f"{tab}-zip")
         cli = gr.Textbox(label="Same run from the terminal", buttons=["copy"], interactive=False,
@@ -619,30 +728,47 @@ class WebUI:
         self._examples([["wood-rings.jpg"], ["watercolor-cat.jpg"]], [reference])
         self._validate_on_upload(reference)
 
-        def tune(ref, n, rate, use_it, model_id, vae_id, progress=gr.Progress()):
-            progress(0, desc="fine-tuning the decoder")
-            model = self._model(model_id, vae_id)
+        def tune(ref, n, rate, use_it, model_id, vae_id, request: gr.Request, progress=gr.Progress()):
+            from .textures import finetune_vae
+            from .vae_tuning import save_vae
+
+            skip = gr.skip()
             try:
-                from .textures import finetune_vae
-                from .vae_tuning import save_vae
+                n = _steps(n)
+                reference_path = _required(ref, "reference image")
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+            extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
+            loaded: list[DiffusionModel] = []
 
-                extra = {k: v for k, v in (("steps", _steps(n)), ("lr", rate)) if v is not None}
-                start = time.monotonic()
-                vae = finetune_vae(_required(ref, "reference image"), model=model, **extra)
-                out = save_vae(vae, self.outputs / f"vae-{time.strftime('%Y%m%d-%H%M%S')}-{next(self._counter):03d}")
-                del vae
+            def work(job: Job, callback: Callback):
+                loaded.append(self._load_in_job(job, model_id, vae_id))
+                return finetune_vae(reference_path, model=loaded[0], callback=callback, **extra)
+
+            job = yield from self._follow(request, tab, work, progress,
+                                          line=lambda text, _: (text, skip, skip, skip, skip))
+            if job is None or job.cancelled:
+                return
+            try:
+                if job.error is not None:
+                    raise job.error
+                out = save_vae(job.result, self.outputs / f"vae-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                          f"{next(self._counter):03d}")
+                zipped = shutil.make_archive(str(out), "zip", root_dir=out)
             except Exception as exc:
-                raise gr.Error(error_message(exc)) from None
-            zipped = shutil.make_archive(str(out), "zip", root_dir=out)
-            text = f"done in {time.monotonic() - start:.1f} s · saved `{out}`"
+                message = page_message(exc)
+                yield f"failed: {message}", None, None, "", skip
+                raise gr.Error(message) from None
+            finally:
+                job.result = None  # the tuned copy's weights: saved, not kept in memory
+            text = f"done in {job.seconds:.1f} s · saved `{out}`"
             text += "; the VAE box (Model) now points to it" if use_it else ""
-            options = {k: v for k, v in self._common_cli(model, 0).items() if k != "seed"}
+            options = {k: v for k, v in self._common_cli(loaded[0], 0).items() if k != "seed"}
             command = cli_command(["finetune-vae", _name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
-            return text, str(out), zipped, command, (str(out) if use_it else gr.skip())
+            yield text, str(out), zipped, command, (str(out) if use_it else skip)
 
-        run.click(tune, [reference, steps, lr, use, self.model_box, self.vae_box],
-                  [status, folder, archive, cli, self.vae_box], concurrency_limit=1, concurrency_id=DEVICE_QUEUE,
-                  show_progress_on=[status], api_name=tab)
+        self._bind(tab, run, cancel, tune, [reference, steps, lr, use, self.model_box, self.vae_box],
+                   [status, folder, archive, cli, self.vae_box], status)
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -651,6 +777,8 @@ class WebUI:
         """Build, queue (one job at a time) and serve the app; ``block=False`` returns once it is up."""
         demo = self.build()
         demo.queue(default_concurrency_limit=1)
+        if not quiet:
+            print(f"attndistill: results are saved in {self.outputs}", file=sys.stderr, flush=True)
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
                     max_file_size=int(max_upload_mb * 1024 * 1024), allowed_paths=[str(self.outputs), str(EXAMPLES)],
                     ssr_mode=False, mcp_server=False, pwa=False, show_error=False)

@@ -102,6 +102,11 @@ class Job:
     def cancel(self) -> None:
         self._stop.set()
 
+    def stop_if_cancelled(self, message: str) -> None:
+        """For the task itself, between phases without steps (loading a model): end the run if cancelled."""
+        if self._stop.is_set():
+            raise Cancelled(message)
+
     @property
     def cancelled(self) -> bool:
         return isinstance(self.error, Cancelled)

@@ -1,0 +1,144 @@
+"""The web UI's handlers called in-process, as Gradio calls them: numbers, seeds, sizes, cancel, saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+import torch
+from PIL import Image
+
+from attndistill.optimize import StepInfo
+from attndistill.webui import WebUI, page_message
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def no_progress(*args, **kwargs) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def ui(tiny_sd15_dir, tmp_path_factory):
+    ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path_factory.mktemp("ui-out"))
+    ui.demo = ui.build()
+    return ui
+
+
+def run_tab(ui: WebUI, tab: str, values: dict, session: str = "page") -> list[tuple]:
+    """Every update the tab's Run handler yields, for box values given by elem_id (others: their defaults)."""
+    fn = next(f for f in ui.demo.fns.values() if f.api_name == tab)
+    inputs = {c: values.get(c.elem_id, c.value) for c in fn.inputs}
+    return list(fn.fn(inputs, SimpleNamespace(session_hash=session), progress=no_progress))
+
+
+def result_parameters(updates: list[tuple]) -> tuple[dict, str, Image.Image]:
+    status, _, _, files, command = updates[-1]
+    assert status.startswith("done"), status
+    image = Image.open(files[0])
+    return json.loads(image.text["attndistill"]), command, image
+
+
+def test_whole_number_boxes_refuse_fractions_and_seeds_stay_exact(ui, data_dir):
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-size": "64", "style-preview-every": 0}
+    with pytest.raises(gr.Error, match="Steps must be a whole number"):
+        run_tab(ui, "style", {**inputs, "style-steps": 1.5})
+    seed = 2**53 + 1  # a browser number would turn it into 2**53
+    params, command, _ = result_parameters(run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": str(seed)}))
+    assert params["seed"] == seed and params["steps"] == 1
+    words = shlex.split(command)
+    assert words[words.index("--seed") + 1] == str(seed) and words[words.index("--steps") + 1] == "1"
+    with pytest.raises(gr.Error, match="seed"):
+        run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": "1.5"})
+
+
+def test_expand_keeps_the_size_its_command_says(ui, data_dir):
+    """The terminal command reruns the same canvas: the size is rounded to whole latents, as the CLI does."""
+    params, command, image = result_parameters(run_tab(ui, "expand", {
+        "expand-reference": str(data_dir / "wood-rings.jpg"), "expand-size": "600x520", "expand-steps": 1,
+        "expand-iters": 1, "expand-stride": 64, "expand-preview-every": 0}))
+    assert image.size == (600, 520) and params["size"] == [600, 520]
+    words = shlex.split(command)
+    assert words[words.index("--size") + 1] == "600x520"
+
+
+def test_texture_sampling_honours_tiling(ui, data_dir):
+    params, command, _ = result_parameters(run_tab(ui, "texture", {
+        "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "sample", "texture-steps": 1,
+        "texture-iters": 1, "texture-size": "64", "texture-tile": "x", "texture-preview-every": 0}))
+    assert params["tile"] == "x" and params["task"] == "texture-sample"
+    words = shlex.split(command)
+    assert words[words.index("--tile") + 1] == "x" and words[words.index("--mode") + 1] == "sample"
+
+
+def _slow_task(model, callback, steps: int = 100_000):
+    for i in range(steps):
+        time.sleep(0.002)
+        callback(StepInfo(i, steps, 999, 1.0, torch.zeros(1, 4, 2, 2)))
+
+
+def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui):
+    page = SimpleNamespace(session_hash="cancel-page")
+    settings = {"model": ui.model, "vae": None}
+
+    def start(task: str):
+        return ui.execute(page, no_progress, task=task, settings=settings, call=_slow_task,
+                          command=lambda model, output: "")
+
+    # a run that still waits in the queue is withdrawn; Cancel with nothing waiting withdraws nothing
+    ui.queued("style", page)
+    ui.cancel("style", page)
+    assert next(start("style"))[0].startswith("cancelled while it waited in the queue")
+    ui.cancel("style", page)
+    assert ui._withdrawn.get(("cancel-page", "style"), 0) == 0
+
+    # Cancel in another tab leaves a running job alone; its own tab's Cancel stops it after a step
+    ui.queued("style", page)
+    running = start("style")
+    first = next(running)[0]
+    assert first.startswith("step 1/")
+    ui.cancel("texture", page)
+    assert next(running)[0].startswith("step 2/")
+    ui.cancel("style", page)
+    last = list(running)[-1][0]
+    assert last.startswith("cancelled after step") and "nothing was saved" in last
+
+
+def test_results_never_overwrite_and_the_folder_comes_back(tmp_path, monkeypatch):
+    ui = WebUI(model="unused", outputs=tmp_path / "out")
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261126-120000")
+    taken = tmp_path / "out" / "style-20261126-120000-000.png"
+    taken.write_bytes(b"someone else's file")  # another server with the same folder, the same second
+    saved = ui._save(Image.new("RGB", (8, 8)), "style")
+    assert saved.name == "style-20261126-120000-001.png" and taken.read_bytes() == b"someone else's file"
+    for png in (tmp_path / "out").iterdir():
+        png.unlink()
+    (tmp_path / "out").rmdir()  # deleted while the server ran
+    assert ui._save(Image.new("RGB", (8, 8)), "style").exists()
+
+
+def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
+    from attndistill.errors import UserError
+    from attndistill.webui import GRADIO_UPLOADS
+
+    error = UserError(f"style image '{GRADIO_UPLOADS}/3f2a9c/corrupt.png' is not an image")
+    assert page_message(error) == "style image 'corrupt.png' is not an image"
+    error = UserError("--controlnet needs a --control-image; lower --lr or use --dtype fp32 (a-b--c stays)")
+    assert page_message(error) == "controlnet needs a control image; lower lr or use dtype fp32 (a-b--c stays)"
+
+
+def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
+    fn = next(f for f in ui.demo.fns.values() if f.api_name == "vae")
+    updates = list(fn.fn(str(data_dir / "wood-rings.jpg"), 2, 1e-4, False, ui.model, "",
+                         SimpleNamespace(session_hash="vae-page"), progress=no_progress))
+    assert [u[0].split(" · ")[0] for u in updates[:-1]] == ["step 1/2", "step 2/2"]  # then the result
+    status, folder, archive, command, _ = updates[-1]
+    assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()
+    assert shlex.split(command)[:3] == ["attndistill", "finetune-vae", "wood-rings.jpg"]
