@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from attndistill.optimize import StepInfo
-from attndistill.webui import WebUI, page_message
+from attndistill.webui import WebUI
+from attndistill.webui_fields import page_message
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -126,7 +127,7 @@ def test_results_never_overwrite_and_the_folder_comes_back(tmp_path, monkeypatch
 
 def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     from attndistill.errors import UserError
-    from attndistill.webui import GRADIO_UPLOADS
+    from attndistill.webui_fields import GRADIO_UPLOADS
 
     error = UserError(f"style image '{GRADIO_UPLOADS}/3f2a9c/corrupt.png' is not an image")
     assert page_message(error) == "style image 'corrupt.png' is not an image"

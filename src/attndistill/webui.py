@@ -10,12 +10,8 @@ and a ``attndistill ...`` command that reproduces them from the terminal.
 Start it with ``attndistill ui`` or ``WebUI(model=...).launch()``.
 """
 
-import importlib
-import inspect
 import itertools
 import logging
-import os
-import re
 import shutil
 import sys
 import tempfile
@@ -29,9 +25,28 @@ import gradio as gr
 from PIL import Image
 
 from .errors import UserError
-from .images import load_image, parse_size, save_png
+from .images import save_png
 from .models import DEFAULT_MODEL, DiffusionModel
 from .presets import PRESETS, Preset
+from .webui_fields import (
+    api_default,
+    blank_number,
+    file_name,
+    file_paths,
+    float_box,
+    image_input,
+    int_box,
+    number_value,
+    page_message,
+    required,
+    seed_box,
+    seed_value,
+    size_box,
+    size_value,
+    tile_value,
+    upload_check,
+    whole,
+)
 from .webui_jobs import (  # re-exported: the page's building blocks
     Callback,
     Cancelled,
@@ -51,8 +66,6 @@ DEVICE_QUEUE = "device"
 TILE_CHOICES = ["none", "x", "y", "xy"]
 #: ``expand --size`` rounds to whole latents (the CLI's rounding), not to the UNet's multiple.
 EXPAND_SIZE_MULTIPLE = 8
-#: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
-GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
 #: Attempts at a free result name before giving up (two servers may share an outputs folder).
 NAME_ATTEMPTS = 1000
 TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
@@ -60,93 +73,6 @@ TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "t
 
 __all__ = ["DEVICE_QUEUE", "Cancelled", "Job", "ModelSlot", "Update", "WebUI", "cli_command", "error_message",
            "preview_image"]
-
-
-def api_default(module: str, func: str, name: str) -> object:
-    """Default of a keyword of a public API function (None when it or its module is missing)."""
-    try:
-        fn = getattr(importlib.import_module(f"attndistill.{module}"), func)
-    except (ImportError, AttributeError):
-        return None
-    param = inspect.signature(fn).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def _name(path: str | None) -> str | None:
-    return None if not path else Path(path).name
-
-
-def _paths(files) -> list[str]:
-    """Paths of a ``gr.File(file_count="multiple")`` value."""
-    return [str(getattr(f, "name", f)) for f in (files or [])]
-
-
-def _required(path: str | None, what: str) -> str:
-    if not path:
-        raise UserError(f"{what} is missing; upload one (or click an example)")
-    return path
-
-
-def _size(text: str | None, model: DiffusionModel, multiple: int | None = None):
-    """Size box -> None (the model's native size), a long side, or (w, h), rounded as the CLI rounds it."""
-    text = (text or "").strip()
-    return parse_size(text, multiple=multiple or model.latent_multiple) if text else None
-
-
-def _tile(value: str | None) -> str | None:
-    return None if value in (None, "", "none") else value
-
-
-def _steps(value, what: str = "steps") -> int | None:
-    """A number box's value -> int (None stays None); 1.5 is refused, not rounded."""
-    if value is None:
-        return None
-    if int(value) != value:
-        raise UserError(f"{what} must be a whole number (got {value})")
-    return int(value)
-
-
-def _seed(text: str | None) -> int:
-    """The seed box -> int, exactly (a blank box is seed 0); the range is the tasks' own check."""
-    value = _number(text, "seed", int)
-    return 0 if value is None else value
-
-
-def page_message(exc: BaseException) -> str:
-    """:func:`error_message` in the page's words: fields, not CLI flags; uploads by their own names."""
-    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", error_message(exc))
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
-
-
-# -- components --------------------------------------------------------------------------------------
-
-def image_input(label: str, elem_id: str) -> gr.Image:
-    """An upload box for one image, handed to the API as a file path."""
-    return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                    elem_id=elem_id, height=280)
-
-
-def upload_check(what: str) -> Callable[[dict | None], object]:
-    """Handler that runs :func:`attndistill.images.load_image` on a fresh upload (raw, not preprocessed).
-
-    A text file renamed .png, a truncated JPEG or a decompression bomb is refused with the library's
-    one-line message (naming the uploaded file) and the box is cleared; Gradio's own preprocessing
-    would only say "Error".
-    """
-
-    def check(payload: dict | None):
-        path = (payload or {}).get("path")
-        if not path:
-            return gr.skip()
-        name = payload.get("orig_name") or Path(path).name
-        try:
-            load_image(path, what=what)
-        except UserError as exc:
-            gr.Warning(str(exc).replace(str(path), name), title="Upload refused")
-            return None
-        return gr.skip()
-
-    return check
 
 
 @dataclass
@@ -164,42 +90,6 @@ class Panel:
     @property
     def outputs(self) -> list:
         return [self.status, self.preview, self.gallery, self.files, self.cli]
-
-
-def _blank_number(label: str, tab: str, key: str, placeholder: str) -> gr.Textbox:
-    """A number that may stay blank (the preset decides); ``gr.Number`` sends 0 for an empty box."""
-    return gr.Textbox("", label=label, placeholder=placeholder, elem_id=f"{tab}-{key}")
-
-
-def _number(text: str | None, what: str, kind: type = float) -> float | int | None:
-    """Text of a :func:`_blank_number` box -> None (blank) or a number of ``kind``."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return kind(text)
-    except ValueError:
-        raise UserError(f"{what} '{text}' is not {'a whole number' if kind is int else 'a number'}") from None
-
-
-def _int(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
-    """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI._wire` refuses it."""
-    number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
-    number.whole = label  # read back by WebUI._wire
-    return number
-
-
-def _seed_box(tab: str) -> gr.Textbox:
-    """Seeds as text: a browser's numbers hold whole numbers exactly only up to 2^53, seeds go to 2^64 - 1."""
-    return gr.Textbox("0", label="Seed", elem_id=f"{tab}-seed", max_lines=1, placeholder="0 to 2^64 - 1")
-
-
-def _size_box(tab: str) -> gr.Textbox:
-    return gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native", elem_id=f"{tab}-size")
-
-
-def _float(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
-    return gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
 
 
 class WebUI:
@@ -255,8 +145,8 @@ class WebUI:
         then saves the images as PNGs and yields them with ``command(model, output_name)``.
         """
         skip = gr.skip()
-        every = _steps(settings.get("preview_every"), "preview interval") or 0
-        side = _steps(settings.get("preview_size"), "preview size") or 32
+        every = whole(settings.get("preview_every"), "preview interval") or 0
+        side = whole(settings.get("preview_size"), "preview size") or 32
         loaded: list[DiffusionModel] = []
 
         def work(job: Job, callback: Callback):
@@ -397,8 +287,8 @@ class WebUI:
 
     def _preview_options(self, tab: str) -> dict:
         with gr.Row():
-            return {"preview_every": _int("Live preview every N steps (0: off)", 5, tab, "preview-every", minimum=0),
-                    "preview_size": _int("Preview size (latents, decoded by the VAE)", 32, tab, "preview-size",
+            return {"preview_every": int_box("Live preview every N steps (0: off)", 5, tab, "preview-every", minimum=0),
+                    "preview_size": int_box("Preview size (latents, decoded by the VAE)", 32, tab, "preview-size",
                                          minimum=4)}
 
     def _wire(self, tab: str, panel: Panel, fields: dict, call, command) -> None:
@@ -408,7 +298,7 @@ class WebUI:
 
         def run(values: dict, request: gr.Request, progress=gr.Progress()):
             try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
-                settings = {names[c]: _steps(v, c.whole) if getattr(c, "whole", None) else v
+                settings = {names[c]: whole(v, c.whole) if getattr(c, "whole", None) else v
                             for c, v in values.items()}
             except UserError as exc:
                 raise gr.Error(str(exc)) from None
@@ -449,12 +339,12 @@ class WebUI:
     def _optimise_options(self, tab: str, preset: Preset, *, content_weight: bool) -> dict:
         with gr.Row():
             # 0 is plain DDIM in the texture tab's sampling modes; the tasks refuse it where it means nothing
-            fields = {"iters": _int("Adam iterations per step", preset.iters, tab, "iters",
+            fields = {"iters": int_box("Adam iterations per step", preset.iters, tab, "iters",
                                     minimum=0 if tab == "texture" else 1),
-                      "lr": _float("Learning rate", preset.lr, tab, "lr"),
-                      "attention_scale": _float("Attention scale", preset.attention_scale, tab, "attention-scale")}
+                      "lr": float_box("Learning rate", preset.lr, tab, "lr"),
+                      "attention_scale": float_box("Attention scale", preset.attention_scale, tab, "attention-scale")}
             if content_weight:
-                fields["content_weight"] = _float("Content weight", preset.content_weight, tab, "content-weight")
+                fields["content_weight"] = float_box("Content weight", preset.content_weight, tab, "content-weight")
         with gr.Row():
             fields.update(
                 layers=gr.Textbox("", label="Layers", placeholder="default: the model's last six, e.g. 10-15",
@@ -470,9 +360,9 @@ class WebUI:
             target = image_input(first, f"{tab}-target")
             reference = image_input(second, f"{tab}-reference")
         with gr.Row():
-            steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
-            size = _size_box(tab)
-            seed = _seed_box(tab)
+            steps = int_box("Steps", preset.steps, tab, "steps", minimum=1)
+            size = size_box(tab)
+            seed = seed_box(tab)
         with gr.Accordion("Advanced", open=False):
             more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
                            file_types=["image"], elem_id=f"{tab}-more")
@@ -487,20 +377,20 @@ class WebUI:
             from . import tasks
 
             fn = tasks.style_transfer if tab == "style" else tasks.appearance_transfer
-            target = _required(s["target"], first.lower())
-            refs = [_required(s["reference"], second.lower()), *_paths(s["more"])]
-            return fn(target, refs, model=model, steps=_steps(s["steps"]),
-                      iters=_steps(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
-                      attention_scale=s["attention_scale"], layers=s["layers"] or None, size=_size(s["size"], model),
-                      seed=_seed(s["seed"]), tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]),
-                      progress=False, callback=callback)
+            target = required(s["target"], first.lower())
+            refs = [required(s["reference"], second.lower()), *file_paths(s["more"])]
+            return fn(target, refs, model=model, steps=whole(s["steps"]),
+                      iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
+                      attention_scale=s["attention_scale"], layers=s["layers"] or None,
+                      size=size_value(s["size"], model), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
+                      tune_vae=bool(s["tune_vae"]), progress=False, callback=callback)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
-            words = [tab, _name(s["target"]), _name(s["reference"]), *map(_name, _paths(s["more"]))]
+            words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
             return cli_command(words, dict(
-                output=output, **self._common_cli(model, _seed(s["seed"])), steps=s["steps"], iters=s["iters"],
+                output=output, **self._common_cli(model, seed_value(s["seed"])), steps=s["steps"], iters=s["iters"],
                 lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
-                layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=_tile(s["tile"]),
+                layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
                 tune_vae=True if s["tune_vae"] else None))
 
         self._wire(tab, panel, fields, call, command)
@@ -517,15 +407,15 @@ class WebUI:
                 negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
             style = image_input("Style image", f"{tab}-style")
         with gr.Row():
-            num = _int("Images", 1, tab, "num", minimum=1)
-            steps = _blank_number("Steps", tab, "steps", blank("steps"))
-            guidance = _blank_number("Guidance", tab, "guidance", blank("guidance"))
-            size = _size_box(tab)
-            seed = _seed_box(tab)
+            num = int_box("Images", 1, tab, "num", minimum=1)
+            steps = blank_number("Steps", tab, "steps", blank("steps"))
+            guidance = blank_number("Guidance", tab, "guidance", blank("guidance"))
+            size = size_box(tab)
+            seed = seed_box(tab)
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                iters = _blank_number("Adam iterations per step", tab, "iters", blank("iters"))
-                lr = _blank_number("Learning rate", tab, "lr", blank("lr"))
+                iters = blank_number("Adam iterations per step", tab, "iters", blank("iters"))
+                lr = blank_number("Learning rate", tab, "lr", blank("lr"))
                 adain = gr.Radio(["preset", "on", "off"], value="preset", label="AdaIN", elem_id=f"{tab}-adain")
                 layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                     elem_id=f"{tab}-layers")
@@ -536,8 +426,9 @@ class WebUI:
                 with gr.Column():
                     control = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
                                        elem_id=f"{tab}-control")
-                    control_scale = _float("Control scale", api_default("generate", "text_to_image", "control_scale"),
-                                           tab, "control-scale")
+                    control_scale = float_box("Control scale",
+                                              api_default("generate", "text_to_image", "control_scale"),
+                                              tab, "control-scale")
             preview = self._preview_options(tab)
         panel = self._panel(tab)
         self._examples([["a deer in a forest", "watercolor-cat.jpg"], ["a lighthouse by the sea", "starry-night.jpg"]],
@@ -549,8 +440,8 @@ class WebUI:
 
         def options(s: dict) -> dict:
             adain_on = {"preset": None, "on": True, "off": False}[s["adain"]]
-            return dict(steps=_number(s["steps"], "steps", int), iters=_number(s["iters"], "iterations", int),
-                        lr=_number(s["lr"], "learning rate"), guidance=_number(s["guidance"], "guidance"),
+            return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
+                        lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
                         adain=adain_on, layers=s["layers"] or None,
                         controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
 
@@ -560,19 +451,19 @@ class WebUI:
             if not (s["prompt"] or "").strip():
                 raise UserError("prompt is empty; describe the image to generate")
             extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
-            return text_to_image(s["prompt"], _required(s["style"], "style image"),
-                                 negative_prompt=s["negative"] or None, num_images=_steps(s["num"], "images") or 1,
-                                 model=model, control_image=s["control_image"], size=_size(s["size"], model),
-                                 seed=_seed(s["seed"]), progress=False, callback=callback, **options(s), **extra)
+            return text_to_image(s["prompt"], required(s["style"], "style image"),
+                                 negative_prompt=s["negative"] or None, num_images=whole(s["num"], "images") or 1,
+                                 model=model, control_image=s["control_image"], size=size_value(s["size"], model),
+                                 seed=seed_value(s["seed"]), progress=False, callback=callback, **options(s), **extra)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
             o = options(s)
             return cli_command([tab], dict(
-                style=_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
-                num_images=s["num"] if s["num"] != 1 else None, **self._common_cli(model, _seed(s["seed"])),
+                style=file_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
+                num_images=s["num"] if s["num"] != 1 else None, **self._common_cli(model, seed_value(s["seed"])),
                 steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
                 layers=o["layers"], size=(s["size"] or "").strip() or None, controlnet=o["controlnet"],
-                control_image=_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
+                control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
                 control_scale=s["control_scale"] if o["controlnet"] else None))
 
         self._wire(tab, panel, fields, call, command)
@@ -587,13 +478,13 @@ class WebUI:
                                 info="optimise: Algorithm 1 · sample: AD-guided sampling · layout: SDEdit from a "
                                      "colour layout · masked: label maps")
                 with gr.Row():
-                    num = _int("Images", 1, tab, "num", minimum=1)
-                    steps = _int("Steps", first.steps, tab, "steps", minimum=1)
-                    seed = _seed_box(tab)
-                size = _size_box(tab)
+                    num = int_box("Images", 1, tab, "num", minimum=1)
+                    steps = int_box("Steps", first.steps, tab, "steps", minimum=1)
+                    seed = seed_box(tab)
+                size = size_box(tab)
         with gr.Row(visible=False) as layout_row:
             layout = image_input("Layout image", f"{tab}-layout")
-            strength = _float("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
+            strength = float_box("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
                               minimum=0, maximum=1)
         with gr.Row(visible=False) as labels_row:
             ref_labels = image_input("Reference label map", f"{tab}-ref-labels")
@@ -620,12 +511,12 @@ class WebUI:
                       strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
 
         def call(s: dict, model: DiffusionModel, callback: Callback):
-            refs = [_required(s["reference"], "texture image"), *_paths(s["more"])]
-            common = dict(num=_steps(s["num"], "images") or 1, model=model, steps=_steps(s["steps"]),
-                          iters=_steps(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
-                          layers=s["layers"] or None, size=_size(s["size"], model), seed=_seed(s["seed"]),
+            refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
+            common = dict(num=whole(s["num"], "images") or 1, model=model, steps=whole(s["steps"]),
+                          iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
+                          layers=s["layers"] or None, size=size_value(s["size"], model), seed=seed_value(s["seed"]),
                           progress=False, callback=callback)
-            looks = dict(tile=_tile(s["tile"]), tune_vae=bool(s["tune_vae"]))
+            looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]))
             if s["mode"] == "optimise":
                 from .tasks import texture_synthesis
 
@@ -637,27 +528,27 @@ class WebUI:
                 if s["mode"] == "sample":
                     return with_texture_options(texture_sampling, refs, **common, **looks)
                 extra = {"strength": s["strength"]} if s["strength"] is not None else {}
-                layout = _required(s["layout"], "layout image")
+                layout = required(s["layout"], "layout image")
                 return with_texture_options(partial(layout_texture, layout=layout), refs, **common, **looks,
                                             **extra)
             from .textures import masked_texture_synthesis
 
-            return masked_texture_synthesis(refs, _required(s["ref_labels"], "reference label map"),
-                                            _required(s["target_labels"], "target label map"), **common, **looks)
+            return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
+                                            required(s["target_labels"], "target label map"), **common, **looks)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
             m = s["mode"]
-            words = [tab, _name(s["reference"]), *map(_name, _paths(s["more"]))]
+            words = [tab, file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
             return cli_command(words, dict(
                 output=output, mode="sample" if m == "sample" else None,
-                layout=_name(s["layout"]) if m == "layout" else None,
+                layout=file_name(s["layout"]) if m == "layout" else None,
                 strength=s["strength"] if m == "layout" else None,
-                ref_labels=_name(s["ref_labels"]) if m == "masked" else None,
-                target_labels=_name(s["target_labels"]) if m == "masked" else None,
-                num=s["num"] if s["num"] != 1 else None, **self._common_cli(model, _seed(s["seed"])),
+                ref_labels=file_name(s["ref_labels"]) if m == "masked" else None,
+                target_labels=file_name(s["target_labels"]) if m == "masked" else None,
+                num=s["num"] if s["num"] != 1 else None, **self._common_cli(model, seed_value(s["seed"])),
                 steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
                 layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
-                tile=_tile(s["tile"]), tune_vae=True if s["tune_vae"] else None))
+                tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None))
 
         self._wire(tab, panel, fields, call, command)
 
@@ -669,15 +560,15 @@ class WebUI:
                 size = gr.Textbox("", label="Size (WIDTHxHEIGHT)", placeholder="e.g. 1536x512",
                                   elem_id=f"{tab}-size")
                 with gr.Row():
-                    steps = _int("Steps", preset.steps, tab, "steps", minimum=1)
-                    seed = _seed_box(tab)
+                    steps = int_box("Steps", preset.steps, tab, "steps", minimum=1)
+                    seed = seed_box(tab)
                 tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                iters = _int("Adam iterations per step", preset.iters, tab, "iters", minimum=0)
-                lr = _float("Learning rate", preset.lr, tab, "lr")
-                stride = _int("View stride (latents)", preset.stride, tab, "stride", minimum=1)
-                view_batch = _int("Views per batch", api_default("textures", "expand_texture", "view_batch"),
+                iters = int_box("Adam iterations per step", preset.iters, tab, "iters", minimum=0)
+                lr = float_box("Learning rate", preset.lr, tab, "lr")
+                stride = int_box("View stride (latents)", preset.stride, tab, "stride", minimum=1)
+                view_batch = int_box("Views per batch", api_default("textures", "expand_texture", "view_batch"),
                                   tab, "view-batch", minimum=1)
             preview = self._preview_options(tab)
         panel = self._panel(tab)
@@ -689,21 +580,21 @@ class WebUI:
         def call(s: dict, model: DiffusionModel, callback: Callback):
             from .textures import expand_texture
 
-            size = _size(s["size"], model, multiple=EXPAND_SIZE_MULTIPLE)
+            size = size_value(s["size"], model, multiple=EXPAND_SIZE_MULTIPLE)
             if size is None:
                 raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
-            extra = {"view_batch": _steps(s["view_batch"], "views per batch")} if s["view_batch"] else {}
-            return expand_texture(_required(s["reference"], "texture image"),
+            extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] else {}
+            return expand_texture(required(s["reference"], "texture image"),
                                   size=size if isinstance(size, tuple) else (size, size), model=model,
-                                  steps=_steps(s["steps"]), iters=_steps(s["iters"], "iterations"), lr=s["lr"],
-                                  stride=_steps(s["stride"], "stride"), tile=_tile(s["tile"]),
-                                  seed=_seed(s["seed"]), progress=False, callback=callback, **extra)
+                                  steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"), lr=s["lr"],
+                                  stride=whole(s["stride"], "stride"), tile=tile_value(s["tile"]),
+                                  seed=seed_value(s["seed"]), progress=False, callback=callback, **extra)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
-            return cli_command([tab, _name(s["reference"])], dict(
-                output=output, size=(s["size"] or "").strip(), **self._common_cli(model, _seed(s["seed"])),
+            return cli_command([tab, file_name(s["reference"])], dict(
+                output=output, size=(s["size"] or "").strip(), **self._common_cli(model, seed_value(s["seed"])),
                 steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
-                tile=_tile(s["tile"])))
+                tile=tile_value(s["tile"])))
 
         self._wire(tab, panel, fields, call, command)
 
@@ -714,8 +605,8 @@ class WebUI:
         with gr.Row():
             reference = image_input("Reference image", f"{tab}-reference")
             with gr.Column():
-                steps = _int("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
-                lr = _float("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
+                steps = int_box("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
+                lr = float_box("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
                 use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
                 with gr.Row():
                     run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
@@ -734,8 +625,8 @@ class WebUI:
 
             skip = gr.skip()
             try:
-                n = _steps(n)
-                reference_path = _required(ref, "reference image")
+                n = whole(n)
+                reference_path = required(ref, "reference image")
             except UserError as exc:
                 raise gr.Error(str(exc)) from None
             extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
@@ -764,7 +655,7 @@ class WebUI:
             text = f"done in {job.seconds:.1f} s · saved `{out}`"
             text += "; the VAE box (Model) now points to it" if use_it else ""
             options = {k: v for k, v in self._common_cli(loaded[0], 0).items() if k != "seed"}
-            command = cli_command(["finetune-vae", _name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
+            command = cli_command(["finetune-vae", file_name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
             yield text, str(out), zipped, command, (str(out) if use_it else skip)
 
         self._bind(tab, run, cancel, tune, [reference, steps, lr, use, self.model_box, self.vae_box],

@@ -1,0 +1,146 @@
+"""The page's fields: upload boxes and number, seed and size boxes, and what their values mean to the API.
+
+Pure helpers (no app state), so each tab of :mod:`attndistill.webui` builds its fields and reads
+their values the same way, and errors reach the page as one readable line.
+"""
+
+import importlib
+import inspect
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from .errors import UserError
+from .images import load_image, parse_size
+from .models import DiffusionModel
+from .webui_jobs import error_message
+
+#: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
+GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def api_default(module: str, func: str, name: str) -> object:
+    """Default of a keyword of a public API function (None when it or its module is missing)."""
+    try:
+        fn = getattr(importlib.import_module(f"attndistill.{module}"), func)
+    except (ImportError, AttributeError):
+        return None
+    param = inspect.signature(fn).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def file_name(path: str | None) -> str | None:
+    return None if not path else Path(path).name
+
+
+def file_paths(files) -> list[str]:
+    """Paths of a ``gr.File(file_count="multiple")`` value."""
+    return [str(getattr(f, "name", f)) for f in (files or [])]
+
+
+def required(path: str | None, what: str) -> str:
+    if not path:
+        raise UserError(f"{what} is missing; upload one (or click an example)")
+    return path
+
+
+def size_value(text: str | None, model: DiffusionModel, multiple: int | None = None):
+    """Size box -> None (the model's native size), a long side, or (w, h), rounded as the CLI rounds it."""
+    text = (text or "").strip()
+    return parse_size(text, multiple=multiple or model.latent_multiple) if text else None
+
+
+def tile_value(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else value
+
+
+def whole(value, what: str = "steps") -> int | None:
+    """A number box's value -> int (None stays None); 1.5 is refused, not rounded."""
+    if value is None:
+        return None
+    if int(value) != value:
+        raise UserError(f"{what} must be a whole number (got {value})")
+    return int(value)
+
+
+def seed_value(text: str | None) -> int:
+    """The seed box -> int, exactly (a blank box is seed 0); the range is the tasks' own check."""
+    value = number_value(text, "seed", int)
+    return 0 if value is None else value
+
+
+def page_message(exc: BaseException) -> str:
+    """:func:`error_message` in the page's words: fields, not CLI flags; uploads by their own names."""
+    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", error_message(exc))
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
+
+
+# -- components --------------------------------------------------------------------------------------
+
+def image_input(label: str, elem_id: str) -> gr.Image:
+    """An upload box for one image, handed to the API as a file path."""
+    return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                    elem_id=elem_id, height=280)
+
+
+def upload_check(what: str) -> Callable[[dict | None], object]:
+    """Handler that runs :func:`attndistill.images.load_image` on a fresh upload (raw, not preprocessed).
+
+    A text file renamed .png, a truncated JPEG or a decompression bomb is refused with the library's
+    one-line message (naming the uploaded file) and the box is cleared; Gradio's own preprocessing
+    would only say "Error".
+    """
+
+    def check(payload: dict | None):
+        path = (payload or {}).get("path")
+        if not path:
+            return gr.skip()
+        name = payload.get("orig_name") or Path(path).name
+        try:
+            load_image(path, what=what)
+        except UserError as exc:
+            gr.Warning(str(exc).replace(str(path), name), title="Upload refused")
+            return None
+        return gr.skip()
+
+    return check
+
+
+def blank_number(label: str, tab: str, key: str, placeholder: str) -> gr.Textbox:
+    """A number that may stay blank (the preset decides); ``gr.Number`` sends 0 for an empty box."""
+    return gr.Textbox("", label=label, placeholder=placeholder, elem_id=f"{tab}-{key}")
+
+
+def number_value(text: str | None, what: str, kind: type = float) -> float | int | None:
+    """Text of a :func:`blank_number` box -> None (blank) or a number of ``kind``."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{what} '{text}' is not {'a whole number' if kind is int else 'a number'}") from None
+
+
+def int_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
+    """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI._wire` refuses it."""
+    number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
+    number.whole = label  # read back by WebUI._wire
+    return number
+
+
+def seed_box(tab: str) -> gr.Textbox:
+    """Seeds as text: a browser's numbers hold whole numbers exactly only up to 2^53, seeds go to 2^64 - 1."""
+    return gr.Textbox("0", label="Seed", elem_id=f"{tab}-seed", max_lines=1, placeholder="0 to 2^64 - 1")
+
+
+def size_box(tab: str) -> gr.Textbox:
+    return gr.Textbox("", label="Size", placeholder="long side or WIDTHxHEIGHT; default: native", elem_id=f"{tab}-size")
+
+
+def float_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
+    return gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
