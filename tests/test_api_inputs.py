@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,8 +81,9 @@ def test_texture_options_take_a_model_path_like_every_task(tiny_sd15_dir, data_d
     from attndistill.textures import with_texture_options
 
     images = with_texture_options(texture_sampling, data_dir / "wood-rings.jpg", model=str(tiny_sd15_dir), tile="xy",
-                                  steps=1, iters=1, size=64, device="cpu", dtype="fp32")
+                                  steps=1, iters=1, size=64, device="cpu", dtype="fp32", vae=str(tiny_sd15_dir / "vae"))
     assert images[0].size == (64, 64)
+    assert json.loads(images[0].info["parameters"])["vae"] == str(tiny_sd15_dir / "vae")
 
 
 def test_attention_slicing_can_be_turned_off_again(tiny_sd15):

@@ -385,6 +385,8 @@ def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_p
      "--num-images", "2", "--grid", "--seed", "3"],
     ["texture", "{data}/wood-rings.jpg", "--num", "2", "--size", "96x64", "--steps", "2", "--vae", "{model}/vae",
      "--seed", "4"],
+    ["texture", "{data}/wood-rings.jpg", "--mode", "sample", "--tile", "x", "--size", "96x64", "--steps", "2",
+     "--iters", "1", "--seed", "6"],
 ])
 def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """Any result can be reproduced: ``info --job`` + ``batch`` rerun it exactly (CPU, fp32), sizes that are
@@ -398,11 +400,14 @@ def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir
     job = invoke("info", originals[0], "--job")
     assert job.exit_code == 0, job.output
     line = json.loads(job.stdout)
-    assert line["task"] == args[0] and line["model"] == str(tiny_sd15_dir) and line["seed"] == int(args[-1])
+    task = args[0] + ("-sample" if "--mode" in args else "")
+    assert line["task"] == task and line["model"] == str(tiny_sd15_dir) and line["seed"] == int(args[-1])
     if "--vae" in args:
         assert line["vae"] == str(tiny_sd15_dir / "vae")
     if "--grid" in args:
         assert line["grid"] is True and len(originals) == 1
+    if "--tile" in args:
+        assert line["tile"] == "x"
     (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
     assert invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q").exit_code == 0
     reruns = sorted((tmp_path / "out").glob("rerun*.png"))
@@ -528,3 +533,22 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
     merge = invoke("batch", "--merge", results)
     assert merge.exit_code == 2 and "is a file, not a folder" in merge.output
     assert f"pass its folder '{tmp_path / 'res'}'" in merge.output and "Traceback" not in merge.output
+
+
+def test_style_jobs_without_a_size_batch_only_with_contents_of_their_aspect(tmp_path, data_dir):
+    """Without --size a result takes its content's aspect: a batch would give every job the first one's."""
+    from attndistill.batch import _batches
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(data_dir / "horse.jpg").crop((0, 0, 768, 400)).save(folder / "wide.jpg")
+    Image.open(data_dir / "horse.jpg").crop((0, 0, 400, 768)).save(folder / "tall.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored wide, shown tall
+    Image.open(data_dir / "horse.jpg").crop((0, 0, 768, 400)).save(folder / "turned.jpg", exif=exif)
+    contents = ["golden-gate.jpg", "wide.jpg", "watercolor-cat.jpg", "tall.jpg", "turned.jpg"]
+    jobs_file = write_jobs(folder, data_dir, [
+        {k: v for k, v in job_line("style", c, "wood-rings.jpg").items() if k != "size"} for c in contents])
+    jobs = read_jobs(jobs_file, out_dir=tmp_path / "out")
+    chunks = [[Path(j.args["content"]).name for j in chunk] for chunk in _batches(jobs, 8)]
+    assert chunks == [["golden-gate.jpg"], ["wide.jpg"], ["watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"]]

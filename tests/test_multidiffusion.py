@@ -130,13 +130,15 @@ def test_wrapped_tiled_decode_is_periodic(tiny_sd15):
 
 def test_expand_texture_any_size_reproducible(tiny_sd15, data_dir):
     ref = data_dir / "wood-rings.jpg"
-    kw = dict(model=tiny_sd15, size=(160, 64), steps=2, view=8, stride=2, view_batch=4, progress=False)
+    kw = dict(model=tiny_sd15, size=(160, 64), steps=2, view=8, stride=2, view_batch=4, decode_tile=8,
+              progress=False)
     a = expand_texture(ref, **kw)
     b = expand_texture(ref, **kw)
     assert a.size == (160, 64)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     params = json.loads(a.info["parameters"])
     assert params["task"] == "expand" and params["stride"] == 2 and params["view"] == 8 and params["steps"] == 2
+    assert params["decode_tile"] == 8  # the decoder's tiles shape the pixels: a rerun needs them
 
 
 def test_expand_texture_rejects_a_canvas_smaller_than_a_view(tiny_sd15, data_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -86,7 +87,8 @@ def test_tune_vae_option_decodes_with_a_tuned_copy_for_that_run_only(tiny_sd15, 
     assert json.loads(tuned.info["parameters"])["tune_vae"] is True
 
 
-def test_sampling_tasks_get_tiling_and_tuned_vae_through_the_wrapper(tiny_sd15, data_dir, monkeypatch):
+@pytest.mark.parametrize("how", ["wrapper", "own options"])
+def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatch, how):
     from attndistill.generate import texture_sampling
     from attndistill.textures import with_texture_options
 
@@ -101,8 +103,9 @@ def test_sampling_tasks_get_tiling_and_tuned_vae_through_the_wrapper(tiny_sd15, 
         vaes.append(vae)
 
     original = tiny_sd15.vae
-    out = with_texture_options(texture_sampling, data_dir / "wood-rings.jpg", model=tiny_sd15, tile="xy",
-                               tune_vae=True, steps=2, size=64, progress=False, callback=spy)
+    task = texture_sampling if how == "own options" else partial(with_texture_options, texture_sampling)
+    out = task(data_dir / "wood-rings.jpg", model=tiny_sd15, tile="xy", tune_vae=True, steps=2, size=64,
+               progress=False, callback=spy)
     assert hooks == [(1, 1, 0)] * 2 and all(v is not original for v in vaes)
     assert tiny_sd15.vae is original and not tiny_sd15.unet.conv_in._forward_pre_hooks
     params = json.loads(out[0].info["parameters"])

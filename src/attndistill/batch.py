@@ -298,11 +298,35 @@ _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "att
 
 
 def _batch_key(job: Job) -> str | None:
-    """Jobs with equal keys can be optimised together; None: this job runs alone."""
+    """Jobs with equal keys can be optimised together; None: this job runs alone.
+
+    Without a ``size`` each result takes its content's aspect, so only contents of one aspect share a batch.
+    """
     if job.task != "style" or job.error or len(job.outputs) != 1 or set(job.args) - _BATCHABLE:
         return None
     shared = {k: v for k, v in job.args.items() if k not in ("content", "seed")}
+    if shared.get("size") is None:
+        aspect = _aspect(job.args.get("content"))
+        if aspect is None:
+            return None
+        shared["aspect"] = aspect
     return json.dumps([asdict(job.model), shared], sort_keys=True, default=str)
+
+
+def _aspect(path) -> str | None:
+    """Width:height of an image file as shown (EXIF rotation applied), read from its header; None if unreadable."""
+    from fractions import Fraction
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated a quarter turn
+                w, h = h, w
+    except Exception:  # the job's own run reports what is wrong with the file
+        return None
+    return str(Fraction(w, h))
 
 
 def _batches(jobs: list[Job], size: int) -> list[list[Job]]:

@@ -37,6 +37,8 @@ from .tasks import (
     run_parameters,
     target_size,
 )
+from .tiling import check_axes, seamless
+from .vae_tuning import tuned_vae
 
 
 @dataclass
@@ -55,6 +57,8 @@ class _Job:
     strength: float = 1.0
     start_t: int | None = None
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
+    tile: str | None = None  # seamless axes of the UNet and decoder (textures)
+    tune_vae: bool = False  # decode with a decoder fitted to the first reference (textures)
 
 
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
@@ -68,6 +72,17 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
          fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
     check_run(seed=seed, callback=callback, num=job.num, what="number of images")
     _check_sampling(preset, job.start_t, model)
+    tile = check_axes(job.tile)
+    # tiling: circular UNet and decoder for the run (the encoder keeps its own: references are not periodic);
+    # tune_vae: a decoder fitted to the first reference decodes the result
+    with (tuned_vae(model, job.references[0] if job.tune_vae else None, progress=progress),
+          seamless(model, tile, parts=("unet", "decoder"))):
+        return _sample_job(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
+                           allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
+
+
+def _sample_job(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict,
+                allow_pickle: bool, fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)
     control: Control | None = None
@@ -179,19 +194,22 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
                      start_t: int | None = None, attention_scale: float | None = None,
                      layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                      vae: str | None = None, device: str | None = None, dtype: str | None = None,
-                     fused: bool | None = None, progress: bool = True,
-                     callback: Callback | None = None) -> list[Image.Image]:
+                     fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
+                     tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
     """Synthesise ``num`` textures like ``reference`` by AD-guided sampling from noise (empty prompt).
 
-    Defaults from the "texture-sample" preset: 50 steps, 3 iterations, lr 0.05, guidance 1.
+    Defaults from the "texture-sample" preset: 50 steps, 3 iterations, lr 0.05, guidance 1. ``tile``
+    "x", "y" or "xy" makes the textures periodic; ``tune_vae`` decodes with VAE* (ALGORITHM.md §5).
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, attention_scale=attention_scale)
     refs = as_list(reference)
-    job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t)
+    job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
+    inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": check_axes(tile),
+              "tune_vae": tune_vae}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
-                size=size, seed=seed, inputs={"reference": [describe_input(r) for r in refs], "num": num},
-                allow_pickle=False, fused=fused, progress=progress, callback=callback)
+                size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
+                callback=callback)
 
 
 def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *, strength: float = 0.8,
@@ -201,12 +219,14 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
                    attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                    size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                   callback: Callback | None = None) -> list[Image.Image]:
+                   callback: Callback | None = None, tile: str | None = None,
+                   tune_vae: bool = False) -> list[Image.Image]:
     """Texture of ``reference`` laid out like the colour ``layout`` image (SDEdit, ALGORITHM.md §4).
 
     The layout is encoded, noised to the step that ``strength`` in (0, 1] starts from (1: pure noise),
     sampled from there with AD, and is the content image of the content loss (``content_weight``,
-    default the "texture-sample" preset's). The output keeps the layout's aspect.
+    default the "texture-sample" preset's). The output keeps the layout's aspect. ``tile`` and
+    ``tune_vae`` as in :func:`texture_sampling`.
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
@@ -214,9 +234,9 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
-               strength=strength, start_t=start_t)
+               strength=strength, start_t=start_t, tile=tile, tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "layout": describe_input(layout), "strength": strength,
-              "num": num}
+              "num": num, "tile": check_axes(tile), "tune_vae": tune_vae}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)

@@ -153,7 +153,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     image = to_pil(pixels)[0]
     params = run_parameters("expand", model, preset, layer_ids, (w, h), seed,
                             reference=[describe_input(r) for r in refs], view=view, view_batch=view_batch,
-                            tile=axes or None, tune_vae=tune_vae)
+                            decode_tile=decode_tile, tile=axes or None, tune_vae=tune_vae)
     image.info["parameters"] = json.dumps(params, sort_keys=True)
     return image
 
@@ -182,15 +182,16 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
                          progress: bool = True, **kwargs) -> list[Image.Image]:
     """Run ``task(reference, model=model, **kwargs)`` seamless along ``tile`` and/or decoding with VAE*.
 
-    For tasks without these options of their own (e.g. :func:`attndistill.generate.texture_sampling`):
-    the UNet and the VAE decoder get circular convolutions for the run (the encoder keeps its own, the
+    For tasks without these options of their own (every texture task has them): the UNet and the
+    VAE decoder get circular convolutions for the run (the encoder keeps its own, the
     references are not periodic); ``tune_vae`` fits a decoder copy to the first reference. The options
     are added to each result's parameters.
     """
     tile = check_axes(tile)
     refs = as_list(reference)
     first = refs[0] if refs else None  # none: the task itself says a reference is needed
-    model = as_model(model)  # a path or Hub id, like every task takes
+    # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
+    model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
     with (tuned_vae(model, first if tune_vae else None, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
         images = task(reference, model=model, progress=progress, **kwargs)

@@ -521,16 +521,15 @@ class WebUI:
                 from .tasks import texture_synthesis
 
                 return texture_synthesis(refs, **common, **looks)
-            if s["mode"] in ("sample", "layout"):  # tiling and VAE* around the sampler, as the CLI does
-                from .generate import layout_texture, texture_sampling
-                from .textures import with_texture_options
+            if s["mode"] == "sample":
+                from .generate import texture_sampling
 
-                if s["mode"] == "sample":
-                    return with_texture_options(texture_sampling, refs, **common, **looks)
+                return texture_sampling(refs, **common, **looks)
+            if s["mode"] == "layout":
+                from .generate import layout_texture
+
                 extra = {"strength": s["strength"]} if s["strength"] is not None else {}
-                layout = required(s["layout"], "layout image")
-                return with_texture_options(partial(layout_texture, layout=layout), refs, **common, **looks,
-                                            **extra)
+                return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
             from .textures import masked_texture_synthesis
 
             return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),

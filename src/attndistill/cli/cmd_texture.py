@@ -66,7 +66,7 @@ def texture_task(sampler, ref_labels: list[Path] | None, target_labels: Path | N
     """The function ``attndistill texture`` calls: masked, sampled or plain synthesis, with tiling/VAE* options."""
     from ..errors import UserError
     from ..tasks import texture_synthesis
-    from ..textures import masked_texture_synthesis, with_texture_options
+    from ..textures import masked_texture_synthesis
 
     if ref_labels or target_labels:
         if not (ref_labels and target_labels):
@@ -75,11 +75,7 @@ def texture_task(sampler, ref_labels: list[Path] | None, target_labels: Path | N
             raise UserError("--ref-labels/--target-labels run masked optimisation; drop --mode sample and --layout")
         return partial(masked_texture_synthesis, ref_labels=list(ref_labels), target_labels=target_labels,
                        tile=tile, tune_vae=tune_vae)
-    if sampler is None:
-        return partial(texture_synthesis, tile=tile, tune_vae=tune_vae)
-    if tile or tune_vae:
-        return partial(with_texture_options, sampler, tile=tile, tune_vae=tune_vae)
-    return sampler
+    return partial(sampler or texture_synthesis, tile=tile, tune_vae=tune_vae)
 
 
 @app.command("expand", epilog=EXPAND_EXAMPLE)
