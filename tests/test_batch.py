@@ -535,8 +535,9 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
     assert f"pass its folder '{tmp_path / 'res'}'" in merge.output and "Traceback" not in merge.output
 
 
-def test_style_jobs_without_a_size_batch_only_with_contents_of_their_aspect(tmp_path, data_dir):
-    """Without --size a result takes its content's aspect: a batch would give every job the first one's."""
+@pytest.mark.parametrize("size", [None, 64])
+def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir, size):
+    """Without a WxH size a result takes its content's aspect: a batch would give every job the first one's."""
     from attndistill.batch import _batches
 
     folder = tmp_path / "in"
@@ -548,7 +549,12 @@ def test_style_jobs_without_a_size_batch_only_with_contents_of_their_aspect(tmp_
     Image.open(data_dir / "horse.jpg").crop((0, 0, 768, 400)).save(folder / "turned.jpg", exif=exif)
     contents = ["golden-gate.jpg", "wide.jpg", "watercolor-cat.jpg", "tall.jpg", "turned.jpg"]
     jobs_file = write_jobs(folder, data_dir, [
-        {k: v for k, v in job_line("style", c, "wood-rings.jpg").items() if k != "size"} for c in contents])
+        {**{k: v for k, v in job_line("style", c, "wood-rings.jpg").items() if k != "size"},
+         **({"size": size} if size else {})} for c in contents])
     jobs = read_jobs(jobs_file, out_dir=tmp_path / "out")
     chunks = [[Path(j.args["content"]).name for j in chunk] for chunk in _batches(jobs, 8)]
     assert chunks == [["golden-gate.jpg"], ["wide.jpg"], ["watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"]]
+    if size:  # a WxH size makes every result the same shape: then any contents may share a batch
+        jobs = read_jobs(write_jobs(folder, data_dir, [job_line("style", c, "wood-rings.jpg", size="64x32")
+                                                       for c in contents]), out_dir=tmp_path / "out")
+        assert [len(chunk) for chunk in _batches(jobs, 8)] == [5]

@@ -94,20 +94,25 @@ def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatc
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-3))
-    hooks, vaes = [], []
+    sampling, decoding = [], []
 
-    def spy(info):
+    def spy(info):  # at each step: the UNet is circular
+        sampling.append(len(tiny_sd15.unet.conv_in._forward_pre_hooks))
+
+    def decode(latents):  # at the result's decoding: the tuned decoder, circular; the encoder keeps zero padding
         vae = tiny_sd15.vae
-        hooks.append((len(tiny_sd15.unet.conv_in._forward_pre_hooks), len(vae.decoder.conv_in._forward_pre_hooks),
-                      len(vae.encoder.conv_in._forward_pre_hooks)))  # the encoder keeps zero padding
-        vaes.append(vae)
+        decoding.append((vae is not original, len(vae.decoder.conv_in._forward_pre_hooks),
+                         len(vae.encoder.conv_in._forward_pre_hooks)))
+        return real_decode(latents)
 
-    original = tiny_sd15.vae
+    original, real_decode = tiny_sd15.vae, tiny_sd15.decode
+    monkeypatch.setattr(tiny_sd15, "decode", decode)
     task = texture_sampling if how == "own options" else partial(with_texture_options, texture_sampling)
     out = task(data_dir / "wood-rings.jpg", model=tiny_sd15, tile="xy", tune_vae=True, steps=2, size=64,
                progress=False, callback=spy)
-    assert hooks == [(1, 1, 0)] * 2 and all(v is not original for v in vaes)
+    assert sampling == [1, 1] and decoding == [(True, 1, 0)]
     assert tiny_sd15.vae is original and not tiny_sd15.unet.conv_in._forward_pre_hooks
+    assert not original.decoder.conv_in._forward_pre_hooks
     params = json.loads(out[0].info["parameters"])
     assert params["tile"] == "xy" and params["tune_vae"] is True
 

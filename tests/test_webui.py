@@ -93,8 +93,8 @@ def _fill(page, elem_id: str, value: str) -> None:
 
 def test_style_transfer_in_the_browser(page, server, data_dir, tmp_path, monkeypatch):
     ui, queued = server[1], []
-    original = ui.queued
-    monkeypatch.setattr(ui, "queued", lambda tab, request: (queued.append(tab), original(tab, request)))
+    original = ui.runs.queued
+    monkeypatch.setattr(ui.runs, "queued", lambda key: (queued.append(key[1]), original(key))[1])
     page.locator("#style-target input[type=file]").set_input_files(data_dir / "horse.jpg")
     page.locator("#style-reference input[type=file]").set_input_files(data_dir / "watercolor-cat.jpg")
     _fill(page, "style-steps", "2")
@@ -108,7 +108,8 @@ def test_style_transfer_in_the_browser(page, server, data_dir, tmp_path, monkeyp
     result.wait_for(timeout=RUN_TIMEOUT_MS)
     expect(page.locator("#style-preview img")).to_have_count(1)  # the live preview of step 1 arrived
     expect(page.locator("#style-status")).to_contain_text("loss")
-    assert queued == ["style"]  # the click counted its run as waiting, so Cancel could have withdrawn it
+    assert queued == ["style"]  # the click took a ticket first, so Cancel could have withdrawn the run
+    assert not any(key[1] == "style" for key in ui.runs._waiting)  # and the run handed it back when it started
     page.screenshot(path=tmp_path / "style-transfer.png", full_page=True)
     if os.environ.get("ATTNDISTILL_SCREENSHOT"):
         page.get_by_text("Advanced").first.click()  # folded, as a visitor first sees it

@@ -32,10 +32,15 @@ def ui(tiny_sd15_dir, tmp_path_factory):
     return ui
 
 
-def run_tab(ui: WebUI, tab: str, values: dict, session: str = "page") -> list[tuple]:
+def handler(ui: WebUI, tab: str):
+    return next(f for f in ui.demo.fns.values() if f.api_name == tab)
+
+
+def run_tab(ui: WebUI, tab: str, values: dict, session: str = "page", ticket: int | None = None) -> list:
     """Every update the tab's Run handler yields, for box values given by elem_id (others: their defaults)."""
-    fn = next(f for f in ui.demo.fns.values() if f.api_name == tab)
-    inputs = {c: values.get(c.elem_id, c.value) for c in fn.inputs}
+    fn = handler(ui, tab)
+    inputs = {c: values.get(getattr(c, "elem_id", None), c.value) for c in fn.inputs}
+    inputs.update({c: ticket for c in fn.inputs if isinstance(c, gr.State)})
     return list(fn.fn(inputs, SimpleNamespace(session_hash=session), progress=no_progress))
 
 
@@ -85,31 +90,37 @@ def _slow_task(model, callback, steps: int = 100_000):
         callback(StepInfo(i, steps, 999, 1.0, torch.zeros(1, 4, 2, 2)))
 
 
-def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui):
+def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui, data_dir, monkeypatch):
+    from attndistill import tasks
+
+    monkeypatch.setattr(tasks, "style_transfer", lambda *args, callback, **kwargs: _slow_task(None, callback))
     page = SimpleNamespace(session_hash="cancel-page")
-    settings = {"model": ui.model, "vae": None}
+    key = ("cancel-page", "style")
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-preview-every": 0}
+    fn = handler(ui, "style")
 
-    def start(task: str):
-        return ui.execute(page, no_progress, task=task, settings=settings, call=_slow_task,
-                          command=lambda model, output: "")
+    def start(ticket):
+        values = {c: inputs.get(getattr(c, "elem_id", None), c.value) for c in fn.inputs}
+        values.update({c: ticket for c in fn.inputs if isinstance(c, gr.State)})
+        return fn.fn(values, page, progress=no_progress)
 
-    # a run that still waits in the queue is withdrawn; Cancel with nothing waiting withdraws nothing
-    ui.queued("style", page)
+    # a run that still waits in the queue is withdrawn: its status says so, and nothing runs
+    ticket = ui.runs.queued(key)
     ui.cancel("style", page)
-    assert next(start("style"))[0].startswith("cancelled while it waited in the queue")
-    ui.cancel("style", page)
-    assert ui._withdrawn.get(("cancel-page", "style"), 0) == 0
-
+    status = next(c for c in fn.outputs if getattr(c, "elem_id", None) == "style-status")
+    assert list(start(ticket)) == [{status: "cancelled while it waited in the queue; nothing was run"}]
+    # clicks whose run never came (a value the page refused) cannot take a later run's Cancel
+    ui.runs.queued(key)
+    running = start(ui.runs.queued(key))
+    assert next(running)[0].startswith("step 1/")
     # Cancel in another tab leaves a running job alone; its own tab's Cancel stops it after a step
-    ui.queued("style", page)
-    running = start("style")
-    first = next(running)[0]
-    assert first.startswith("step 1/")
     ui.cancel("texture", page)
     assert next(running)[0].startswith("step 2/")
     ui.cancel("style", page)
     last = list(running)[-1][0]
     assert last.startswith("cancelled after step") and "nothing was saved" in last
+    assert ui.runs.cancel(key) == "nothing of this tab is running or waiting"
 
 
 def test_results_never_overwrite_and_the_folder_comes_back(tmp_path, monkeypatch):
@@ -136,9 +147,8 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
 
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
-    fn = next(f for f in ui.demo.fns.values() if f.api_name == "vae")
-    updates = list(fn.fn(str(data_dir / "wood-rings.jpg"), 2, 1e-4, False, ui.model, "",
-                         SimpleNamespace(session_hash="vae-page"), progress=no_progress))
+    updates = run_tab(ui, "vae", {"vae-reference": str(data_dir / "wood-rings.jpg"), "vae-steps": 2,
+                                  "vae-use": False, "vae-box": ""}, session="vae-page")
     assert [u[0].split(" · ")[0] for u in updates[:-1]] == ["step 1/2", "step 2/2"]  # then the result
     status, folder, archive, command, _ = updates[-1]
     assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()

@@ -300,12 +300,13 @@ _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "att
 def _batch_key(job: Job) -> str | None:
     """Jobs with equal keys can be optimised together; None: this job runs alone.
 
-    Without a ``size`` each result takes its content's aspect, so only contents of one aspect share a batch.
+    Unless ``size`` is a (width, height) pair, each result takes its content's aspect, so only contents of
+    one aspect share a batch.
     """
     if job.task != "style" or job.error or len(job.outputs) != 1 or set(job.args) - _BATCHABLE:
         return None
     shared = {k: v for k, v in job.args.items() if k not in ("content", "seed")}
-    if shared.get("size") is None:
+    if not isinstance(shared.get("size"), list | tuple):
         aspect = _aspect(job.args.get("content"))
         if aspect is None:
             return None

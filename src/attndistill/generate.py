@@ -38,7 +38,7 @@ from .tasks import (
     target_size,
 )
 from .tiling import check_axes, seamless
-from .vae_tuning import tuned_vae
+from .vae_tuning import finetune_vae, using_vae
 
 
 @dataclass
@@ -73,16 +73,6 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     check_run(seed=seed, callback=callback, num=job.num, what="number of images")
     _check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
-    # tiling: circular UNet and decoder for the run (the encoder keeps its own: references are not periodic);
-    # tune_vae: a decoder fitted to the first reference decodes the result
-    with (tuned_vae(model, job.references[0] if job.tune_vae else None, progress=progress),
-          seamless(model, tile, parts=("unet", "decoder"))):
-        return _sample_job(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
-                           allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
-
-
-def _sample_job(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict,
-                allow_pickle: bool, fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)
     control: Control | None = None
@@ -109,12 +99,16 @@ def _sample_job(job: _Job, *, model, preset: Preset, layers, size: Size, seed: i
     torch.manual_seed(seed)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
-    z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance, steps=preset.steps,
-               iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
-               content_latents=z_content, control=control, start_step=start_step, generator=generator,
-               callback=callback, progress=progress, desc=job.task)
-    return finish(model, z, run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t,
-                                    **inputs))
+    with seamless(model, tile, parts=("unet",)):  # tiling: a circular UNet (the encoder's inputs are not periodic)
+        z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,
+                   steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
+                   content_latents=z_content, control=control, start_step=start_step, generator=generator,
+                   callback=callback, progress=progress, desc=job.task)
+    params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, **inputs)
+    # tune_vae: decoded by a decoder fitted to the first reference (ALGORITHM.md §5), circular when tiling
+    tuned = finetune_vae(job.references[0], model=model, progress=progress) if job.tune_vae else None
+    with using_vae(model, tuned), seamless(model, tile, parts=("decoder",)):
+        return finish(model, z, params)
 
 
 def check_t2i_options(*, controlnet, control_image, control: str, control_scale: float, content,

@@ -32,8 +32,8 @@ class PerfOptions:
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
     channels_last: bool = False  # UNet weights in NHWC layout (the layout tensor-core convolutions prefer)
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
-    # process-wide setting: the last model's switch wins)
-    cudnn_benchmark: bool = False
+    # process-wide setting: None leaves it as the process has it, True/False set it)
+    cudnn_benchmark: bool | None = None
     lookahead_batch: int = 1  # rows of one UNet call computing the reference features of upcoming steps
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
@@ -49,7 +49,7 @@ class PerfOptions:
             if name == "lookahead_batch":
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise UserError(f"lookahead_batch must be a whole number of at least 1 (got {value!r})")
-            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs",
+            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs", "cudnn_benchmark",
                                                                              "offload_text_encoders"))):
                 raise UserError(f"{name} must be True or False (got {value!r})")
 
@@ -68,7 +68,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
     unet.to(memory_format=torch.channels_last if perf.channels_last else torch.contiguous_format)
-    if model.device.type == "cuda":
+    if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     if perf.attention_slicing:
         unet.set_attention_slice("auto")

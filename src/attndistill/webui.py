@@ -52,6 +52,7 @@ from .webui_jobs import (  # re-exported: the page's building blocks
     Cancelled,
     Job,
     ModelSlot,
+    RunBoard,
     Update,
     cli_command,
     error_message,
@@ -92,6 +93,11 @@ class Panel:
         return [self.status, self.preview, self.gallery, self.files, self.cli]
 
 
+def _key(request: gr.Request | None, tab: str) -> tuple[str, str]:
+    """(page, tab): whose runs a Cancel button acts on."""
+    return (request.session_hash if request is not None else "local", tab)
+
+
 class WebUI:
     """The Gradio app: one :class:`ModelSlot`, one job at a time, results saved under ``outputs``."""
 
@@ -101,10 +107,7 @@ class WebUI:
         self.model, self.vae = model or DEFAULT_MODEL, vae
         self.outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="attndistill-ui-"))
         self.outputs.mkdir(parents=True, exist_ok=True)
-        # (session, tab) -> its running job, and how many of its runs wait in the queue / were withdrawn
-        self._jobs: dict[tuple[str, str], Job] = {}
-        self._waiting: dict[tuple[str, str], int] = {}
-        self._withdrawn: dict[tuple[str, str], int] = {}
+        self.runs = RunBoard()  # each page's runs of each tab, for their Cancel buttons
         self._counter = itertools.count()
 
     # -- running ---------------------------------------------------------------------------------
@@ -184,18 +187,14 @@ class WebUI:
     def _follow(self, request: gr.Request | None, tab: str, work: Callable[[Job, Callback], object], progress, *,
                 line: Callable[[str, Image.Image | None], tuple], every: int = 0, preview=None) -> Iterator[tuple]:
         """Run ``work(job, callback)`` as this page's job of ``tab``, yield ``line(status, preview)`` as it
-        goes, and return the job (None when the run was withdrawn from the queue).
+        goes, and return the job (None when Cancel came before it started).
 
         A cancelled job's last line says so.
         """
-        key = (request.session_hash if request is not None else "local", tab)
-        self._waiting[key] = max(0, self._waiting.get(key, 0) - 1)
-        if self._withdrawn.get(key, 0) > 0:  # Cancel was pressed while this run waited in the queue
-            self._withdrawn[key] -= 1
-            yield line("cancelled while it waited in the queue; nothing was run", None)
-            return None
         job = Job(lambda callback: work(job, callback), preview=preview, every=every)
-        self._jobs[key] = job
+        if not self.runs.attach(_key(request, tab), job):
+            yield line("cancelled before it started; nothing was run", None)
+            return None
         progress(0, desc="loading the model" if self.slot.model is None else "starting")
         try:
             job.start()
@@ -205,30 +204,14 @@ class WebUI:
         finally:
             job.cancel()  # the page went away mid-run: stop the worker at its next step
             job.wait()
-            if self._jobs.get(key) is job:
-                del self._jobs[key]
         if job.cancelled:
             where = f" after step {job.last.step} of {job.last.total}" if job.last else ""
             yield line(f"cancelled{where}; nothing was saved", None)
         return job
 
-    def queued(self, tab: str, request: gr.Request) -> None:
-        """A Run click of ``tab``: one more run of this page's tab waits in the queue until it starts."""
-        key = (request.session_hash if request is not None else "local", tab)
-        self._waiting[key] = self._waiting.get(key, 0) + 1
-
-    def cancel(self, tab: str, request: gr.Request) -> None:
-        """Cancel this page's run of ``tab``: the running one after its current step, else one still waiting."""
-        key = (request.session_hash if request is not None else "local", tab)
-        job = self._jobs.get(key)
-        if job is not None:
-            job.cancel()
-            gr.Info("cancelling: the run stops after the current step")
-        elif self._waiting.get(key, 0) > self._withdrawn.get(key, 0):
-            self._withdrawn[key] = self._withdrawn.get(key, 0) + 1
-            gr.Info("cancelled: the run that waited in the queue will not start")
-        else:
-            gr.Info("nothing of this tab is running or waiting")
+    def cancel(self, tab: str, request: gr.Request | None) -> None:
+        """Cancel this page's run of ``tab`` after its current step, and withdraw the ones still waiting."""
+        gr.Info(self.runs.cancel(_key(request, tab)))
 
     def load(self, model: str, vae: str):
         self._model(model, vae)
@@ -311,17 +294,30 @@ class WebUI:
               status: gr.Markdown) -> None:
         """Run -> ``fn`` in the one device queue; Cancel -> this page's run of ``tab``, running or waiting."""
 
-        def queued(request: gr.Request) -> None:  # plain functions: Gradio finds the request by annotation
-            self.queued(tab, request)
+        ticket = gr.State(None)  # this click's place on the run board, handed from the click to its run
+
+        def queued(request: gr.Request) -> int:  # plain functions: Gradio finds the request by annotation
+            return self.runs.queued(_key(request, tab))
+
+        def start(values: dict, request: gr.Request, progress=gr.Progress()):
+            key = _key(request, tab)
+            run = self.runs.start(key, values.pop(ticket, None))
+            if run is None:
+                yield {status: "cancelled while it waited in the queue; nothing was run"}
+                return
+            try:
+                yield from fn(values, request, progress)
+            finally:
+                self.runs.finish(key, run)
 
         def cancel_tab(request: gr.Request) -> None:
             self.cancel(tab, request)
 
         cancel.click(cancel_tab, None, None, concurrency_limit=None, show_progress="hidden", api_visibility="private")
-        # the click first counts the run as waiting (no queue), so Cancel can withdraw it before it starts
-        run.click(queued, None, None, queue=False, show_progress="hidden", api_visibility="private").then(
-            fn, inputs, outputs, concurrency_limit=1, concurrency_id=DEVICE_QUEUE, show_progress_on=[status],
-            api_name=tab)
+        # the click first takes a ticket (no queue), so Cancel can withdraw the run before it starts
+        run.click(queued, None, ticket, queue=False, show_progress="hidden", api_visibility="private").then(
+            start, {*inputs, ticket}, outputs, concurrency_limit=1, concurrency_id=DEVICE_QUEUE,
+            show_progress_on=[status], api_name=tab)
 
     @staticmethod
     def _validate_on_upload(*images: gr.Image) -> None:
@@ -382,7 +378,7 @@ class WebUI:
             return fn(target, refs, model=model, steps=whole(s["steps"]),
                       iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
                       attention_scale=s["attention_scale"], layers=s["layers"] or None,
-                      size=size_value(s["size"], model), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
+                      size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                       tune_vae=bool(s["tune_vae"]), progress=False, callback=callback)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
@@ -453,7 +449,7 @@ class WebUI:
             extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
             return text_to_image(s["prompt"], required(s["style"], "style image"),
                                  negative_prompt=s["negative"] or None, num_images=whole(s["num"], "images") or 1,
-                                 model=model, control_image=s["control_image"], size=size_value(s["size"], model),
+                                 model=model, control_image=s["control_image"], size=size_value(s["size"]),
                                  seed=seed_value(s["seed"]), progress=False, callback=callback, **options(s), **extra)
 
         def command(s: dict, model: DiffusionModel, output: str) -> str:
@@ -514,7 +510,7 @@ class WebUI:
             refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
             common = dict(num=whole(s["num"], "images") or 1, model=model, steps=whole(s["steps"]),
                           iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
-                          layers=s["layers"] or None, size=size_value(s["size"], model), seed=seed_value(s["seed"]),
+                          layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
                           progress=False, callback=callback)
             looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]))
             if s["mode"] == "optimise":
@@ -579,7 +575,7 @@ class WebUI:
         def call(s: dict, model: DiffusionModel, callback: Callback):
             from .textures import expand_texture
 
-            size = size_value(s["size"], model, multiple=EXPAND_SIZE_MULTIPLE)
+            size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
             if size is None:
                 raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
             extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] else {}
@@ -618,10 +614,12 @@ class WebUI:
         self._examples([["wood-rings.jpg"], ["watercolor-cat.jpg"]], [reference])
         self._validate_on_upload(reference)
 
-        def tune(ref, n, rate, use_it, model_id, vae_id, request: gr.Request, progress=gr.Progress()):
+        def tune(values: dict, request: gr.Request | None, progress):
             from .textures import finetune_vae
             from .vae_tuning import save_vae
 
+            ref, n, rate, use_it = values[reference], values[steps], values[lr], values[use]
+            model_id, vae_id = values[self.model_box], values[self.vae_box]
             skip = gr.skip()
             try:
                 n = whole(n)
@@ -657,7 +655,7 @@ class WebUI:
             command = cli_command(["finetune-vae", file_name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
             yield text, str(out), zipped, command, (str(out) if use_it else skip)
 
-        self._bind(tab, run, cancel, tune, [reference, steps, lr, use, self.model_box, self.vae_box],
+        self._bind(tab, run, cancel, tune, {reference, steps, lr, use, self.model_box, self.vae_box},
                    [status, folder, archive, cli, self.vae_box], status)
 
     # -- serving ---------------------------------------------------------------------------------

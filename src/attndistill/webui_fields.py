@@ -16,7 +16,6 @@ import gradio as gr
 
 from .errors import UserError
 from .images import load_image, parse_size
-from .models import DiffusionModel
 from .webui_jobs import error_message
 
 #: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
@@ -48,10 +47,14 @@ def required(path: str | None, what: str) -> str:
     return path
 
 
-def size_value(text: str | None, model: DiffusionModel, multiple: int | None = None):
-    """Size box -> None (the model's native size), a long side, or (w, h), rounded as the CLI rounds it."""
+def size_value(text: str | None, multiple: int = 1):
+    """Size box -> None (the model's native size), a long side, or (w, h), parsed as the CLI parses ``--size``.
+
+    Not rounded here (``multiple`` 1, 8 for expansion, as the CLI): the task rounds, so the command the
+    page shows makes the same size.
+    """
     text = (text or "").strip()
-    return parse_size(text, multiple=multiple or model.latent_multiple) if text else None
+    return parse_size(text, multiple=multiple) if text else None
 
 
 def tile_value(value: str | None) -> str | None:

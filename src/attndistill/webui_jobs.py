@@ -5,13 +5,14 @@ Kept apart from :mod:`attndistill.webui` so it can be tested without a browser.
 """
 
 import gc
+import itertools
 import logging
 import queue
 import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,83 @@ def preview_image(model: DiffusionModel, latents: torch.Tensor, *, side: int = 3
         scale = side / max(h, w)
         z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
     return to_pil(model.decode(z))[0]
+
+
+@dataclass
+class Run:
+    """One click of a tab's Run button, from the queue to its end: what the tab's Cancel acts on."""
+
+    ticket: int
+    cancelled: bool = False
+    job: Job | None = None
+
+
+@dataclass
+class RunBoard:
+    """The runs of each (page, tab), waiting in the queue or running, and Cancel acting on them.
+
+    Gradio calls the handlers from several threads; one lock keeps "is it running, or still waiting?"
+    and the answer to it together. Runs of one tab start in click order (one device queue), so when a
+    run starts, earlier tickets of its tab that never started were dropped before their handler ran (a
+    value Gradio refused, a page closed) and are forgotten: they can never take a later run's Cancel.
+    """
+
+    _waiting: dict[tuple, dict[int, Run]] = field(default_factory=dict)
+    _running: dict[tuple, Run] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _tickets: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def queued(self, key: tuple) -> int:
+        """A Run click: its ticket, which the run hands to :meth:`start`."""
+        with self._lock:
+            ticket = next(self._tickets)
+            self._waiting.setdefault(key, {})[ticket] = Run(ticket)
+            return ticket
+
+    def start(self, key: tuple, ticket: int | None) -> Run | None:
+        """The run of ``ticket`` begins (a call without a ticket gets a run of its own); None: it was withdrawn."""
+        with self._lock:
+            waiting = self._waiting.get(key, {})
+            for old in [t for t in waiting if ticket is not None and t < ticket]:
+                del waiting[old]
+            run = waiting.pop(ticket, None) if ticket is not None else None
+            if not waiting:
+                self._waiting.pop(key, None)
+            if run is not None and run.cancelled:
+                return None
+            run = run or Run(0)
+            self._running[key] = run
+            return run
+
+    def attach(self, key: tuple, job: Job) -> bool:
+        """Give the running run of ``key`` its job; False if Cancel came first (then the job must not start)."""
+        with self._lock:
+            run = self._running.get(key)
+            if run is None:
+                return True  # a job started without the board (direct calls)
+            run.job = job
+            return not run.cancelled
+
+    def finish(self, key: tuple, run: Run) -> None:
+        with self._lock:
+            if self._running.get(key) is run:
+                del self._running[key]
+
+    def cancel(self, key: tuple) -> str:
+        """Cancel the running run of ``key`` and withdraw its waiting ones; returns what happened, in words."""
+        with self._lock:
+            running = self._running.get(key)
+            waiting = [r for r in self._waiting.get(key, {}).values() if not r.cancelled]
+            for run in waiting:
+                run.cancelled = True
+            if running is not None and not running.cancelled:
+                running.cancelled = True
+                if running.job is not None:
+                    running.job.cancel()
+                return "cancelling: the run stops after the current step"
+        if waiting:
+            return "cancelled: the run that waited in the queue will not start"
+        return "nothing of this tab is running or waiting"
 
 
 def cli_command(words: list[str], options: dict[str, object]) -> str:

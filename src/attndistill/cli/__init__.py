@@ -103,7 +103,7 @@ def _root(
     if compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
+    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark or None,
                               lookahead_batch=lookahead_batch,
                               fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
