@@ -536,7 +536,7 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("size", [None, 64])
-def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir, size):
+def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir, tiny_sd15_dir, size):
     """Without a WxH size a result takes its content's aspect: a batch would give every job the first one's."""
     from attndistill.batch import _batches
 
@@ -554,7 +554,39 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
     jobs = read_jobs(jobs_file, out_dir=tmp_path / "out")
     chunks = [[Path(j.args["content"]).name for j in chunk] for chunk in _batches(jobs, 8)]
     assert chunks == [["golden-gate.jpg"], ["wide.jpg"], ["watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"]]
+    # with the model's configs the checks plan each result's size: equal sizes batch, whatever the aspect
+    from attndistill.batchcheck import Validator
+
+    planned = read_jobs(jobs_file, out_dir=tmp_path / "out", defaults=ModelSpec(source=str(tiny_sd15_dir)))
+    for job in planned:
+        Validator(tmp_path / "out").check(job)
+    sizes = {Path(j.args["content"]).name: j.planned_size for j in planned}
+    assert sizes["golden-gate.jpg"] == sizes["watercolor-cat.jpg"] != sizes["wide.jpg"] != sizes["tall.jpg"]
+    assert sizes["tall.jpg"] == sizes["turned.jpg"]
+    planned.sort(key=lambda j: j.group)
+    chunks = [sorted(Path(j.args["content"]).name for j in chunk) for chunk in _batches(planned, 8)]
+    assert sorted(chunks) == [["golden-gate.jpg", "watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"], ["wide.jpg"]]
     if size:  # a WxH size makes every result the same shape: then any contents may share a batch
         jobs = read_jobs(write_jobs(folder, data_dir, [job_line("style", c, "wood-rings.jpg", size="64x32")
                                                        for c in contents]), out_dir=tmp_path / "out")
         assert [len(chunk) for chunk in _batches(jobs, 8)] == [5]
+
+
+def test_a_finished_jobs_lock_left_by_a_killed_run_is_cleared(tmp_path, data_dir, tiny_sd15_dir):
+    """Killed after recording a job but before unlocking it: the next run skips the job and clears its lock."""
+    import subprocess
+    import sys
+
+    jobs_file = write_jobs(tmp_path / "in", data_dir, [job_line(*PAIRS[0])])
+    out = tmp_path / "out"
+    assert invoke("batch", jobs_file, "--out", out, "-m", tiny_sd15_dir, "-q").exit_code == 0
+    (job,) = read_jobs(jobs_file, out_dir=out, defaults=ModelSpec(source=str(tiny_sd15_dir)))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = JobLock(out, job.id)
+    lock.path.parent.mkdir(exist_ok=True)
+    lock.path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "start": None}))
+    held = JobLock(out, "someone-else")
+    assert held.acquire()  # a live owner's lock is never touched
+    result = invoke("batch", jobs_file, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 0 and "1 already done" in result.output
+    assert not lock.path.exists() and held.path.exists()

@@ -123,6 +123,7 @@ class Runner:
                 summary.skipped += 1
                 if previous.get(job.id, {}).get("status") != "done":  # finished, but killed before recording
                     self._record(job, "done", seconds=None, recovered=True)
+                JobLock(self.out_dir, job.id).remove_if_stale()  # or killed after recording, before unlocking
                 continue
             if previous.get(job.id, {}).get("status") == "failed" and not self.retry_failed:
                 summary.not_retried += 1
@@ -300,13 +301,16 @@ _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "att
 def _batch_key(job: Job) -> str | None:
     """Jobs with equal keys can be optimised together; None: this job runs alone.
 
-    Unless ``size`` is a (width, height) pair, each result takes its content's aspect, so only contents of
-    one aspect share a batch.
+    A batch gives every content the first one's size, so jobs share one only when their results have the
+    same size: the size the checks computed from the model's configs, else (no configs to be had) a
+    (width, height) ``size`` or, for a long side, the same content aspect.
     """
     if job.task != "style" or job.error or len(job.outputs) != 1 or set(job.args) - _BATCHABLE:
         return None
     shared = {k: v for k, v in job.args.items() if k not in ("content", "seed")}
-    if not isinstance(shared.get("size"), list | tuple):
+    if job.planned_size is not None:
+        shared["size"] = list(job.planned_size)
+    elif not isinstance(shared.get("size"), list | tuple):
         aspect = _aspect(job.args.get("content"))
         if aspect is None:
             return None

@@ -100,7 +100,7 @@ class Validator:
         """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
         expand's views, the sampling tasks' guidance and start_t."""
         args = job.args
-        if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING:
+        if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING + ("style",):
             return
         if job.model not in self._geometry:
             self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
@@ -112,13 +112,15 @@ class Validator:
             check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
                                                      if k in args})
             _canvas_size(shell, args["size"], args.get("view", VIEW))
-        elif args.get("size") is not None:
+        elif args.get("size") is not None or job.task == "style":
             from .tasks import target_size
 
             like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
             like = like[0] if isinstance(like, list) else like
             size = self._sizes.get(like) if like is not None else None
-            target_size(shell, args["size"], like=_Sized(size) if size else None)
+            planned = target_size(shell, args.get("size"), like=_Sized(size) if size else None)
+            if shell.from_configs and size:  # the batch runner groups style jobs by the size they will have
+                job.planned_size = planned
         if job.task in _SAMPLING:
             from .generate import _check_sampling
 
@@ -209,7 +211,8 @@ def _geometry(model: ModelSpec, unet: dict | None):
         native = int(sample[0] if isinstance(sample, list | tuple) else sample) * factor
     timesteps = int((scheduler or {}).get("num_train_timesteps") or 1000)
     return SimpleNamespace(vae_scale_factor=factor, latent_multiple=multiple, native_size=native,
-                           scheduler_config=SimpleNamespace(num_train_timesteps=timesteps))
+                           scheduler_config=SimpleNamespace(num_train_timesteps=timesteps),
+                           from_configs=bool(vae and unet and unet.get("down_block_types") and unet.get("sample_size")))
 
 
 def _kind(model: ModelSpec) -> str:

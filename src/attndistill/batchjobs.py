@@ -120,6 +120,7 @@ class Job:
     overwrite: bool = False
     grid: bool = False  # the images as one grid image, as the CLI's --grid writes them
     error: str | None = None
+    planned_size: tuple[int, int] | None = None  # the result's (w, h), as the checks computed it from configs
 
     @property
     def spec(self) -> TaskSpec:
@@ -127,11 +128,12 @@ class Job:
 
     @property
     def group(self) -> str:
-        """Sort key: same model, size and reference first, then file order."""
+        """Sort key: same model, size (the planned one where known) and reference first, then file order."""
         if self.error:
             return json.dumps(["~", self.line])
         ref = self.args.get(self.spec.reference)
-        return json.dumps([asdict(self.model), str(self.args.get("size")), ref, self.line], default=str)
+        size = self.planned_size or self.args.get("size")
+        return json.dumps([asdict(self.model), str(size), ref, self.line], default=str)
 
 
 def _fail(line: int, message: str) -> UserError:

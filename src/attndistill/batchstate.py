@@ -255,6 +255,11 @@ class JobLock:
             breaker.unlink(missing_ok=True)
         return True
 
+    def remove_if_stale(self) -> None:
+        """Remove the lock if its owner died: a job finished and recorded, its process killed before unlocking."""
+        if self.path.exists():
+            self._break_stale()
+
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
