@@ -387,6 +387,8 @@ def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_p
      "--seed", "4"],
     ["texture", "{data}/wood-rings.jpg", "--mode", "sample", "--tile", "x", "--size", "96x64", "--steps", "2",
      "--iters", "1", "--seed", "6"],
+    ["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg", "--steps", "2", "--vae-tiling", "--channels-last",
+     "--no-fused", "--seed", "7"],
 ])
 def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """Any result can be reproduced: ``info --job`` + ``batch`` rerun it exactly (CPU, fp32), sizes that are
@@ -397,6 +399,7 @@ def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir
     first = invoke(*args, "-o", tmp_path / "first.png", "-m", tiny_sd15_dir, *size, "-q")
     assert first.exit_code == 0, first.output
     originals = sorted(tmp_path.glob("first*.png"))
+    monkeypatch.chdir(tmp_path)  # inputs were given relative to another folder: the result recorded where they are
     job = invoke("info", originals[0], "--job")
     assert job.exit_code == 0, job.output
     line = json.loads(job.stdout)
@@ -408,6 +411,8 @@ def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir
         assert line["grid"] is True and len(originals) == 1
     if "--tile" in args:
         assert line["tile"] == "x"
+    if "--vae-tiling" in args:  # speed switches that change pixels travel with the job; the runner sets them
+        assert line["perf"] == {"vae_tiling": True, "channels_last": True, "fused": False}
     (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
     assert invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q").exit_code == 0
     reruns = sorted((tmp_path / "out").glob("rerun*.png"))
@@ -478,6 +483,8 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
     with jobs.open("a") as f:  # Python's json reads NaN and Infinity, which no run can use
         f.write('{"task": "t2i", "prompt": "a b", "style": "watercolor-cat.jpg", "guidance": NaN}\n')
         f.write('{"task": "texture", "reference": "wood-rings.jpg", "lr": Infinity}\n')
+        f.write(json.dumps({**texture, "perf": {"warp_drive": True}}) + "\n")
+        f.write(json.dumps({**texture, "perf": {"channels_last": "yes"}}) + "\n")
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
@@ -490,7 +497,8 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "line 10: control 'bogus' is not known", "line 11: size 256x256 is smaller than one view",
                      "line 12: expand needs 'size'", "line 13: strength must be in (0, 1]",
                      "line 16: 'guidance' must be a finite number", "line 17: 'lr' must be a finite number",
-                     "2 ready", "15 invalid"):
+                     "line 18: 'perf' must be an object of speed switches", "line 19: 'perf': channels_last must be "
+                     "True or False", "2 ready", "17 invalid"):
         assert expected in text, expected
     assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
     assert "unexpected" not in text and "Traceback" not in text

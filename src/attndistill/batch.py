@@ -266,7 +266,15 @@ class Runner:
         return "failed"
 
     def _load(self, spec: ModelSpec):
-        if spec == self._model_spec and self._model is not None:
+        from dataclasses import replace
+
+        from .perf import PerfOptions
+
+        perf = replace(self.perf or PerfOptions(), **dict(spec.perf))  # the job's switches over the runner's
+        if self._model is not None and replace(spec, perf=()) == replace(self._model_spec, perf=()):
+            if spec != self._model_spec:  # the same weights with other speed switches: no reload
+                self._model.set_perf(perf)
+                self._model_spec = spec
             return self._model
         if spec in self._load_errors:
             raise UserError(self._load_errors[spec])
@@ -277,7 +285,7 @@ class Runner:
         try:
             self._model = load_model(spec.source or DEFAULT_MODEL, vae=spec.vae, config=spec.config,
                                      allow_pickle=spec.allow_pickle, device=process_device(spec.device, self.shard),
-                                     dtype=spec.dtype, perf=self.perf)
+                                     dtype=spec.dtype, perf=perf)
         except UserError as exc:
             self._load_errors[spec] = str(exc)
             raise

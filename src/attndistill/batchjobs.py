@@ -70,7 +70,7 @@ TASKS: dict[str, TaskSpec] = {
 ALIASES = {"style_images": "style", "appearance_images": "appearance", "references": "reference"}
 #: Options the runner handles itself; everything else goes to the API function.
 RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype",
-               "grid")
+               "grid", "perf")
 _INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch", "view", "decode_tile"}
 _FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
 _BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae", "grid"}
@@ -105,6 +105,7 @@ class ModelSpec:
     allow_pickle: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    perf: tuple[tuple[str, Any], ...] = ()  # speed switches this job sets over the runner's (sorted pairs)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
             job["grid"] = True
         elif key == "dtype":
             job["dtype"] = DTYPE_OPTIONS.get(value, value)
+        elif key == "perf":  # pixel-changing speed switches the result was made with
+            job["perf"] = value
         elif key in accepted and key not in _NOT_OPTIONS:
             job[key] = value
     for name in spec.paths:
@@ -196,6 +199,24 @@ def _check_types(raw: Mapping[str, Any], line: int) -> None:
                 isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             raise _fail(line, f"'layers' must be a range like \"10-15\" or a list of layer numbers like [10, 11, 12] "
                               f"(got {value!r})")
+
+
+def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
+    """A job's ``perf``: {switch: value} over the runner's speed switches, as results record them."""
+    from dataclasses import fields
+
+    from .perf import PerfOptions
+
+    if value is None:
+        return ()
+    known = [f.name for f in fields(PerfOptions)]
+    if not isinstance(value, dict) or any(k not in known for k in value):
+        raise _fail(line, f"'perf' must be an object of speed switches ({', '.join(known)}), got {value!r}")
+    try:
+        PerfOptions(**value)
+    except UserError as exc:
+        raise _fail(line, f"'perf': {exc}") from None
+    return tuple(sorted(value.items()))
 
 
 def _resolve_local(value: str | None, base: Path) -> str | None:
@@ -259,7 +280,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         vae=_resolve_local(raw.pop("vae", None), base) or defaults.vae,
         config=_resolve_local(raw.pop("config", None), base) or defaults.config,
         allow_pickle=raw.pop("allow_pickle", defaults.allow_pickle),
-        device=raw.pop("device", defaults.device), dtype=raw.pop("dtype", defaults.dtype))
+        device=raw.pop("device", defaults.device), dtype=raw.pop("dtype", defaults.dtype),
+        perf=_parse_perf(raw.pop("perf", None), line))
     overwrite = raw.pop("overwrite", False)
     grid = raw.pop("grid", False)
     output = raw.pop("output", None)

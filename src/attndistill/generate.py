@@ -34,6 +34,7 @@ from .tasks import (
     describe_input,
     encode_references,
     finish,
+    local_or_hub,
     run_parameters,
     target_size,
 )
@@ -104,7 +105,8 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
                    steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
                    content_latents=z_content, control=control, start_step=start_step, generator=generator,
                    callback=callback, progress=progress, desc=job.task)
-    params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, **inputs)
+    params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, fused=fused,
+                            **inputs)
     # tune_vae: decoded by a decoder fitted to the first reference (ALGORITHM.md §5), circular when tiling
     tuned = finetune_vae(job.references[0], model=model, progress=progress) if job.tune_vae else None
     with using_vae(model, tuned), seamless(model, tile, parts=("decoder",)):
@@ -176,7 +178,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     if controlnet is not None:
         name = controlnet if isinstance(controlnet, str | os.PathLike) else getattr(
             controlnet.config, "_name_or_path", type(controlnet).__name__)
-        inputs.update(controlnet=str(name), control_image=describe_input(control_image), control=control,
+        inputs.update(controlnet=local_or_hub(name), control_image=describe_input(control_image), control=control,
                       control_scale=control_scale)
     return _run(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
                 allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)

@@ -17,6 +17,9 @@ import torch
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 #: Distinct block shapes a model has (SD 1.5 ~10 ResNet variants, SDXL more) need their own compilations.
 RECOMPILE_LIMIT = 64
+#: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
+#: records those that differ from the defaults, so that a rerun can set them (``info --job``).
+PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
 SMALL_CARD_GIB = 16
@@ -57,6 +60,12 @@ class PerfOptions:
     def plain(cls) -> PerfOptions:
         """Every optimisation off: the reference path for equality tests and benchmarks."""
         return cls(fused=False, cuda_graphs=False, early_exit=False)
+
+
+def pixel_switches(perf: PerfOptions) -> dict[str, object]:
+    """The :data:`PIXEL_SWITCHES` of ``perf`` that differ from the defaults (what a result records)."""
+    default = PerfOptions()
+    return {k: getattr(perf, k) for k in PIXEL_SWITCHES if getattr(perf, k) != getattr(default, k)}
 
 
 def apply_perf(model, perf: PerfOptions) -> None:

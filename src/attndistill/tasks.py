@@ -24,6 +24,7 @@ from .errors import UserError
 from .images import ImageInput, check_size, fit_size, load_image, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
+from .perf import pixel_switches
 from .presets import Preset, get_preset
 from .tiling import check_axes, seamless
 from .vae_tuning import tuned_vae
@@ -32,7 +33,13 @@ Size = int | tuple[int, int] | None
 
 
 def describe_input(source: ImageInput) -> str:
-    return str(source) if isinstance(source, str | os.PathLike) else "<image>"
+    """How a result records an input: a file by its absolute path (a rerun works from any folder)."""
+    return os.path.abspath(source) if isinstance(source, str | os.PathLike) else "<image>"
+
+
+def local_or_hub(source: str | os.PathLike) -> str:
+    """A model, VAE or ControlNet as a result records it: a local path made absolute, a Hub id as it is."""
+    return os.path.abspath(source) if os.path.exists(source) else str(source)
 
 
 def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -117,12 +124,17 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
     return images
 
 
-def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, **inputs) -> dict:
+def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, *,
+                   fused: bool | None = None, **inputs) -> dict:
+    """What a result records: enough to rerun it exactly, pixel-changing speed switches included."""
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task",)}
-    swapped = {k: v for k, v in (("vae", model.vae_source), ("config", model.config_source)) if v is not None}
-    return {"task": task, "version": __version__, "model": model.source, **swapped, "layers": list(layers),
-            "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."), **settings,
-            **inputs}
+    swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
+               if v is not None}
+    switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}
+    extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
+    return {"task": task, "version": __version__, "model": local_or_hub(model.source), **swapped,
+            "layers": list(layers), "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."),
+            **settings, **extra, **inputs}
 
 
 def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None, references: list[ImageInput],
@@ -152,7 +164,8 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     with tuned_vae(model, references[0] if tune_vae else None, progress=progress), seamless(model, tile):
         z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
-        params = run_parameters(task, model, preset, layer_ids, (w, h), seed, tile=tile, tune_vae=tune_vae, **inputs)
+        params = run_parameters(task, model, preset, layer_ids, (w, h), seed, fused=fused, tile=tile,
+                                tune_vae=tune_vae, **inputs)
         return finish(model, z, params)
 
 

@@ -151,7 +151,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
     image = to_pil(pixels)[0]
-    params = run_parameters("expand", model, preset, layer_ids, (w, h), seed,
+    params = run_parameters("expand", model, preset, layer_ids, (w, h), seed, fused=fused,
                             reference=[describe_input(r) for r in refs], view=view, view_batch=view_batch,
                             decode_tile=decode_tile, tile=axes or None, tune_vae=tune_vae)
     image.info["parameters"] = json.dumps(params, sort_keys=True)
@@ -318,7 +318,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
         z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
                              desc="texture-masked")
-        params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed,
+        params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed, fused=fused,
                          reference=[describe_input(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
                          num=num, tile=tile, tune_vae=tune_vae)
         return finish(model, z, params)
