@@ -153,3 +153,15 @@ def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
     status, folder, archive, command, _ = updates[-1]
     assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()
     assert shlex.split(command)[:3] == ["attndistill", "finetune-vae", "wood-rings.jpg"]
+
+
+def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15_dir, tmp_path, data_dir):
+    from attndistill.perf import PerfOptions
+
+    ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path,
+               perf=PerfOptions(vae_tiling=True))
+    ui.demo = ui.build()
+    params, command, _ = result_parameters(run_tab(ui, "style", {
+        "style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+        "style-size": "64", "style-steps": 1, "style-preview-every": 0}))
+    assert params["perf"] == {"vae_tiling": True} and "--vae-tiling" in shlex.split(command)

@@ -27,6 +27,7 @@ from PIL import Image
 from .errors import UserError
 from .images import save_png
 from .models import DEFAULT_MODEL, DiffusionModel
+from .perf import pixel_switches
 from .presets import PRESETS, Preset
 from .webui_fields import (
     api_default,
@@ -137,7 +138,7 @@ class WebUI:
                    "vae": self.slot.key[1] if self.slot.key else None, "seed": seed}
         for key, value in (("device", self.slot.device), ("dtype", self.slot.dtype)):
             options[key] = None if value in (None, "auto") else value
-        return options
+        return options | pixel_switches(model.perf)  # the server's speed flags that change pixels
 
     def execute(self, request: gr.Request | None, progress, *, task: str, settings: dict,
                 call: Callable[[DiffusionModel, Callback], object],
