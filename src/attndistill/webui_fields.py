@@ -18,6 +18,7 @@ from .errors import UserError
 from .images import load_image, parse_size
 from .webui_jobs import error_message
 
+TILE_CHOICES = ["none", "x", "y", "xy"]
 #: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
 GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
 
@@ -130,9 +131,9 @@ def number_value(text: str | None, what: str, kind: type = float) -> float | int
 
 
 def int_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
-    """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI._wire` refuses it."""
+    """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI.wire` refuses it."""
     number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
-    number.whole = label  # read back by WebUI._wire
+    number.whole = label  # read back by WebUI.wire
     return number
 
 

@@ -1,0 +1,365 @@
+"""The web UI's tabs: one function per task, each building its fields, its Run and Cancel, and the
+call of the public API (imported inside the handlers, so a module that fails to import breaks one tab).
+
+Each tab reads its values through :mod:`attndistill.webui_fields` and runs through the app's shared
+machinery (:meth:`attndistill.webui.WebUI.wire`): a job with progress, saved PNGs with their
+parameters, and the same run as a terminal command.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from .errors import UserError
+from .models import DiffusionModel
+from .presets import PRESETS
+from .webui_fields import (
+    TILE_CHOICES,
+    api_default,
+    blank_number,
+    file_name,
+    file_paths,
+    float_box,
+    image_input,
+    int_box,
+    number_value,
+    page_message,
+    required,
+    seed_box,
+    seed_value,
+    size_box,
+    size_value,
+    tile_value,
+    whole,
+)
+from .webui_jobs import Callback, Job, cli_command
+
+if TYPE_CHECKING:
+    from .webui import WebUI
+
+#: ``expand --size`` rounds to whole latents (the CLI's rounding), not to the UNet's multiple.
+EXPAND_SIZE_MULTIPLE = 8
+TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
+                 "masked": "texture-masked"}  # UI mode -> preset
+
+
+def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[list]) -> None:
+    """Style or appearance transfer: a target, a reference (and more), the optimisation settings."""
+    preset = PRESETS[tab]
+    with gr.Row():
+        target = image_input(first, f"{tab}-target")
+        reference = image_input(second, f"{tab}-reference")
+    with gr.Row():
+        steps = int_box("Steps", preset.steps, tab, "steps", minimum=1)
+        size = size_box(tab)
+        seed = seed_box(tab)
+    with gr.Accordion("Advanced", open=False):
+        more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
+                       file_types=["image"], elem_id=f"{tab}-more")
+        options = ui.optimise_options(tab, preset, content_weight=True)
+        options.update(ui.preview_options(tab))
+    panel = ui.panel(tab)
+    ui.examples(examples, [target, reference])
+    ui.validate_on_upload(target, reference)
+    fields = dict(target=target, reference=reference, more=more, steps=steps, size=size, seed=seed, **options)
+
+    def call(s: dict, model: DiffusionModel, callback: Callback):
+        from . import tasks
+
+        fn = tasks.style_transfer if tab == "style" else tasks.appearance_transfer
+        target = required(s["target"], first.lower())
+        refs = [required(s["reference"], second.lower()), *file_paths(s["more"])]
+        return fn(target, refs, model=model, steps=whole(s["steps"]),
+                  iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
+                  attention_scale=s["attention_scale"], layers=s["layers"] or None,
+                  size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
+                  tune_vae=bool(s["tune_vae"]), progress=False, callback=callback)
+
+    def command(s: dict, model: DiffusionModel, output: str) -> str:
+        words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
+        return cli_command(words, dict(
+            output=output, **ui.common_cli(model, seed_value(s["seed"])), steps=s["steps"], iters=s["iters"],
+            lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
+            layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
+            tune_vae=True if s["tune_vae"] else None))
+
+    ui.wire(tab, panel, fields, call, command)
+
+
+def t2i_tab(ui: WebUI) -> None:
+    """Style-specific text-to-image, SD 1.5 or SDXL presets, with ControlNet."""
+    tab, sd15, sdxl = "t2i", PRESETS["t2i"], PRESETS["t2i-sdxl"]
+
+    def blank(field: str) -> str:
+        return f"blank: preset ({getattr(sd15, field)} SD 1.5, {getattr(sdxl, field)} SDXL)"
+
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{tab}-prompt")
+            negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
+        style = image_input("Style image", f"{tab}-style")
+    with gr.Row():
+        num = int_box("Images", 1, tab, "num", minimum=1)
+        steps = blank_number("Steps", tab, "steps", blank("steps"))
+        guidance = blank_number("Guidance", tab, "guidance", blank("guidance"))
+        size = size_box(tab)
+        seed = seed_box(tab)
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            iters = blank_number("Adam iterations per step", tab, "iters", blank("iters"))
+            lr = blank_number("Learning rate", tab, "lr", blank("lr"))
+            adain = gr.Radio(["preset", "on", "off"], value="preset", label="AdaIN", elem_id=f"{tab}-adain")
+            layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
+                                elem_id=f"{tab}-layers")
+        with gr.Row():
+            controlnet = gr.Textbox("", label="ControlNet (Hub id or folder)", elem_id=f"{tab}-controlnet",
+                                    placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
+            control_image = image_input("Control image", f"{tab}-control-image")
+            with gr.Column():
+                control = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
+                                   elem_id=f"{tab}-control")
+                control_scale = float_box("Control scale",
+                                          api_default("generate", "text_to_image", "control_scale"),
+                                          tab, "control-scale")
+        preview = ui.preview_options(tab)
+    panel = ui.panel(tab)
+    ui.examples([["a deer in a forest", "watercolor-cat.jpg"], ["a lighthouse by the sea", "starry-night.jpg"]],
+                   [prompt, style])
+    ui.validate_on_upload(style, control_image)
+    fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
+                  size=size, seed=seed, iters=iters, lr=lr, adain=adain, layers=layers, controlnet=controlnet,
+                  control_image=control_image, control=control, control_scale=control_scale, **preview)
+
+    def options(s: dict) -> dict:
+        adain_on = {"preset": None, "on": True, "off": False}[s["adain"]]
+        return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
+                    lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
+                    adain=adain_on, layers=s["layers"] or None,
+                    controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
+
+    def call(s: dict, model: DiffusionModel, callback: Callback):
+        from .generate import text_to_image
+
+        if not (s["prompt"] or "").strip():
+            raise UserError("prompt is empty; describe the image to generate")
+        extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
+        return text_to_image(s["prompt"], required(s["style"], "style image"),
+                             negative_prompt=s["negative"] or None, num_images=whole(s["num"], "images") or 1,
+                             model=model, control_image=s["control_image"], size=size_value(s["size"]),
+                             seed=seed_value(s["seed"]), progress=False, callback=callback, **options(s), **extra)
+
+    def command(s: dict, model: DiffusionModel, output: str) -> str:
+        o = options(s)
+        return cli_command([tab], dict(
+            style=file_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
+            num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
+            steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
+            layers=o["layers"], size=(s["size"] or "").strip() or None, controlnet=o["controlnet"],
+            control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
+            control_scale=s["control_scale"] if o["controlnet"] else None))
+
+    ui.wire(tab, panel, fields, call, command)
+
+
+def texture_tab(ui: WebUI) -> None:
+    """Texture synthesis in its four modes: optimise, sample, layout (SDEdit), masked."""
+    tab = "texture"
+    first = PRESETS[TEXTURE_MODES["optimise"]]
+    with gr.Row():
+        reference = image_input("Texture image", f"{tab}-reference")
+        with gr.Column():
+            mode = gr.Radio(list(TEXTURE_MODES), value="optimise", label="Mode", elem_id=f"{tab}-mode",
+                            info="optimise: Algorithm 1 · sample: AD-guided sampling · layout: SDEdit from a "
+                                 "colour layout · masked: label maps")
+            with gr.Row():
+                num = int_box("Images", 1, tab, "num", minimum=1)
+                steps = int_box("Steps", first.steps, tab, "steps", minimum=1)
+                seed = seed_box(tab)
+            size = size_box(tab)
+    with gr.Row(visible=False) as layout_row:
+        layout = image_input("Layout image", f"{tab}-layout")
+        strength = float_box("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
+                          minimum=0, maximum=1)
+    with gr.Row(visible=False) as labels_row:
+        ref_labels = image_input("Reference label map", f"{tab}-ref-labels")
+        target_labels = image_input("Target label map", f"{tab}-target-labels")
+    with gr.Accordion("Advanced", open=False):
+        more = gr.File(label="More texture images", file_count="multiple", file_types=["image"],
+                       elem_id=f"{tab}-more")
+        options = ui.optimise_options(tab, first, content_weight=False)
+        options.update(ui.preview_options(tab))
+    panel = ui.panel(tab)
+
+    def on_mode(m: str):
+        p = PRESETS[TEXTURE_MODES[m]]
+        return (gr.update(visible=m == "layout"), gr.update(visible=m == "masked"), p.steps, p.iters, p.lr)
+
+    mode.change(on_mode, mode, [layout_row, labels_row, steps, options["iters"], options["lr"]], queue=False)
+    ui.examples([["wood-rings.jpg", "optimise", None, None, None],
+                    ["woven-rattan.jpg", "sample", None, None, None],
+                    ["wood-and-rattan.jpg", "layout", "disc-labels.png", None, None],
+                    ["wood-and-rattan.jpg", "masked", None, "wood-and-rattan-labels.png", "disc-labels.png"]],
+                   [reference, mode, layout, ref_labels, target_labels])
+    ui.validate_on_upload(reference, layout, ref_labels, target_labels)
+    fields = dict(reference=reference, mode=mode, num=num, steps=steps, seed=seed, size=size, layout=layout,
+                  strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
+
+    def call(s: dict, model: DiffusionModel, callback: Callback):
+        refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
+        common = dict(num=whole(s["num"], "images") or 1, model=model, steps=whole(s["steps"]),
+                      iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
+                      layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
+                      progress=False, callback=callback)
+        looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]))
+        if s["mode"] == "optimise":
+            from .tasks import texture_synthesis
+
+            return texture_synthesis(refs, **common, **looks)
+        if s["mode"] == "sample":
+            from .generate import texture_sampling
+
+            return texture_sampling(refs, **common, **looks)
+        if s["mode"] == "layout":
+            from .generate import layout_texture
+
+            extra = {"strength": s["strength"]} if s["strength"] is not None else {}
+            return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
+        from .textures import masked_texture_synthesis
+
+        return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
+                                        required(s["target_labels"], "target label map"), **common, **looks)
+
+    def command(s: dict, model: DiffusionModel, output: str) -> str:
+        m = s["mode"]
+        words = [tab, file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
+        return cli_command(words, dict(
+            output=output, mode="sample" if m == "sample" else None,
+            layout=file_name(s["layout"]) if m == "layout" else None,
+            strength=s["strength"] if m == "layout" else None,
+            ref_labels=file_name(s["ref_labels"]) if m == "masked" else None,
+            target_labels=file_name(s["target_labels"]) if m == "masked" else None,
+            num=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
+            steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
+            layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
+            tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None))
+
+    ui.wire(tab, panel, fields, call, command)
+
+
+def expand_tab(ui: WebUI) -> None:
+    """Texture expansion (MultiDiffusion) to any canvas size."""
+    tab, preset = "expand", PRESETS["expand"]
+    with gr.Row():
+        reference = image_input("Texture image", f"{tab}-reference")
+        with gr.Column():
+            size = gr.Textbox("", label="Size (WIDTHxHEIGHT)", placeholder="e.g. 1536x512",
+                              elem_id=f"{tab}-size")
+            with gr.Row():
+                steps = int_box("Steps", preset.steps, tab, "steps", minimum=1)
+                seed = seed_box(tab)
+            tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile")
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            iters = int_box("Adam iterations per step", preset.iters, tab, "iters", minimum=0)
+            lr = float_box("Learning rate", preset.lr, tab, "lr")
+            stride = int_box("View stride (latents)", preset.stride, tab, "stride", minimum=1)
+            view_batch = int_box("Views per batch", api_default("textures", "expand_texture", "view_batch"),
+                              tab, "view-batch", minimum=1)
+        preview = ui.preview_options(tab)
+    panel = ui.panel(tab)
+    ui.examples([["woven-rattan.jpg"], ["wood-rings.jpg"]], [reference])
+    ui.validate_on_upload(reference)
+    fields = dict(reference=reference, size=size, steps=steps, seed=seed, tile=tile, iters=iters, lr=lr,
+                  stride=stride, view_batch=view_batch, **preview)
+
+    def call(s: dict, model: DiffusionModel, callback: Callback):
+        from .textures import expand_texture
+
+        size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
+        if size is None:
+            raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
+        extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] else {}
+        return expand_texture(required(s["reference"], "texture image"),
+                              size=size if isinstance(size, tuple) else (size, size), model=model,
+                              steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"), lr=s["lr"],
+                              stride=whole(s["stride"], "stride"), tile=tile_value(s["tile"]),
+                              seed=seed_value(s["seed"]), progress=False, callback=callback, **extra)
+
+    def command(s: dict, model: DiffusionModel, output: str) -> str:
+        return cli_command([tab, file_name(s["reference"])], dict(
+            output=output, size=(s["size"] or "").strip(), **ui.common_cli(model, seed_value(s["seed"])),
+            steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
+            tile=tile_value(s["tile"])))
+
+    ui.wire(tab, panel, fields, call, command)
+
+
+def vae_tab(ui: WebUI) -> None:
+    """VAE*: fine-tune the decoder on a reference, save it, use it for the next runs."""
+    tab = "vae"
+    gr.Markdown("Fine-tune only the VAE decoder on a reference (ALGORITHM.md §5). The tuned decoder is saved "
+                "as a diffusers folder and, if you keep the box ticked, used by the next runs.")
+    with gr.Row():
+        reference = image_input("Reference image", f"{tab}-reference")
+        with gr.Column():
+            steps = int_box("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
+            lr = float_box("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
+            use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
+            with gr.Row():
+                run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
+                cancel = gr.Button("Cancel", variant="stop", elem_id=f"{tab}-cancel")
+    status = gr.Markdown(elem_id=f"{tab}-status", min_height=48)
+    folder = gr.Textbox(label="Saved VAE folder", interactive=False, elem_id=f"{tab}-folder")
+    archive = gr.File(label="Download (zip)", interactive=False, elem_id=f"{tab}-zip")
+    cli = gr.Textbox(label="Same run from the terminal", buttons=["copy"], interactive=False,
+                     elem_id=f"{tab}-cli")
+    ui.examples([["wood-rings.jpg"], ["watercolor-cat.jpg"]], [reference])
+    ui.validate_on_upload(reference)
+
+    def tune(values: dict, request: gr.Request | None, progress):
+        from .textures import finetune_vae
+        from .vae_tuning import save_vae
+
+        ref, n, rate, use_it = values[reference], values[steps], values[lr], values[use]
+        model_id, vae_id = values[ui.model_box], values[ui.vae_box]
+        skip = gr.skip()
+        try:
+            n = whole(n)
+            reference_path = required(ref, "reference image")
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
+        loaded: list[DiffusionModel] = []
+
+        def work(job: Job, callback: Callback):
+            loaded.append(ui.load_in_job(job, model_id, vae_id))
+            return finetune_vae(reference_path, model=loaded[0], callback=callback, **extra)
+
+        job = yield from ui.follow(request, tab, work, progress,
+                                      line=lambda text, _: (text, skip, skip, skip, skip))
+        if job is None or job.cancelled:
+            return
+        try:
+            if job.error is not None:
+                raise job.error
+            out = save_vae(job.result, ui.outputs / f"vae-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                      f"{next(ui.counter):03d}")
+            zipped = shutil.make_archive(str(out), "zip", root_dir=out)
+        except Exception as exc:
+            message = page_message(exc)
+            yield f"failed: {message}", None, None, "", skip
+            raise gr.Error(message) from None
+        finally:
+            job.result = None  # the tuned copy's weights: saved, not kept in memory
+        text = f"done in {job.seconds:.1f} s · saved `{out}`"
+        text += "; the VAE box (Model) now points to it" if use_it else ""
+        options = {k: v for k, v in ui.common_cli(loaded[0], 0).items() if k != "seed"}
+        command = cli_command(["finetune-vae", file_name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
+        yield text, str(out), zipped, command, (str(out) if use_it else skip)
+
+    ui.bind(tab, run, cancel, tune, {reference, steps, lr, use, ui.model_box, ui.vae_box},
+               [status, folder, archive, cli, ui.vae_box], status)
