@@ -170,7 +170,7 @@ def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15
 def test_text_to_image_and_appearance_tabs_run_and_say_how_to_rerun(ui, data_dir):
     params, command, _ = result_parameters(run_tab(ui, "t2i", {
         "t2i-prompt": "a red barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
-        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0}))
+        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None}))  # None: API callers
     assert params["task"] == "t2i" and params["prompt"] == "a red barn" and params["steps"] == 1
     assert shlex.split(command)[:2] == ["attndistill", "t2i"]
     params, command, _ = result_parameters(run_tab(ui, "appearance", {
