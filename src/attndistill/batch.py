@@ -98,7 +98,8 @@ class Runner:
     """Runs jobs one after another in this process, loading each model once and reusing it."""
 
     def __init__(self, out_dir: Path, *, shard: Shard, retry_failed: bool = False, progress: bool = False,
-                 debug: bool = False, log: Log = _stderr, perf=None, group_size: int = 1) -> None:
+                 debug: bool = False, log: Log = _stderr, errors: Log | None = None, perf=None,
+                 group_size: int = 1) -> None:
         self.out_dir = out_dir
         self.perf = perf
         self.group_size = group_size
@@ -107,6 +108,7 @@ class Runner:
         self.progress = progress
         self.debug = debug
         self.log = log
+        self.errors = errors or log  # what went wrong: shown even where progress lines are not (-q)
         self.results = out_dir / shard.results_name
         self._model_spec: ModelSpec | None = None
         self._model = None
@@ -134,7 +136,7 @@ class Runner:
             except UserError as exc:
                 summary.failed += 1
                 self._record(job, "failed", error=str(exc))
-                self.log(f"invalid {job.id}: {exc}")
+                self.errors(f"invalid {job.id}: {exc}")
                 continue
             todo.append(job)
         todo.sort(key=lambda j: j.group)  # same model, size and reference one after another
@@ -185,7 +187,8 @@ class Runner:
                                               model=model, progress=self.progress, **args)
                 for job, image in zip(runnable, images, strict=True):
                     job.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-                    save_png(image, job.outputs[0], overwrite=job.overwrite, parameters=_parameters(image, job))
+                    save_png(image, job.outputs[0], overwrite=job.overwrite,
+                             parameters=_parameters(image, job, batched=len(runnable)))
             except Exception as exc:
                 self.log(f"{tag} batched run failed ({_describe(exc)}); running its jobs one by one")
                 _free_memory()
@@ -262,7 +265,7 @@ class Runner:
                 self.log(trace)
         _free_memory()
         self._record(job, "failed", seconds=time.perf_counter() - start, error=error, **extra)
-        self.log(f"{tag} {job.id}: failed: {error}")
+        self.errors(f"{tag} {job.id}: failed: {error}")
         return "failed"
 
     def _load(self, spec: ModelSpec):
@@ -355,13 +358,15 @@ def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return chunks
 
 
-def _parameters(image, job: Job) -> dict:
+def _parameters(image, job: Job, batched: int = 1) -> dict:
+    """The image's own parameters, plus its job id and, when it was optimised in a batch, how many shared it:
+    rerun alone, such a result matches to rounding, not bit for bit."""
     text = image.info.get("parameters")
     try:
         params = json.loads(text) if isinstance(text, str) else dict(text or {})
     except ValueError:
         params = {}
-    return {**params, "job": job.id}
+    return {**params, "job": job.id, **({"batched": batched} if batched > 1 else {})}
 
 
 def _describe(exc: BaseException) -> str:
@@ -391,8 +396,8 @@ def _free_memory() -> None:
 
 def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | None = None,
               retry_failed: bool = False, defaults: ModelSpec | None = None, progress: bool = False,
-              debug: bool = False, log: Log = _stderr, env: Mapping[str, str] | None = None,
-              perf=None, group_size: int | None = None) -> Summary:
+              debug: bool = False, log: Log = _stderr, errors: Log | None = None,
+              env: Mapping[str, str] | None = None, perf=None, group_size: int | None = None) -> Summary:
     """Run this process's share of a jobs file; see the module docstring. Example::
 
         summary = run_batch("jobs.jsonl", "results/", shard="0/4")
@@ -417,8 +422,7 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
 
         group_size = 8 if torch.cuda.is_available() else 1
     summary = Runner(out_dir, shard=part, retry_failed=retry_failed, progress=progress, debug=debug, perf=perf,
-                     group_size=group_size,
-                     log=log).run(mine)
+                     group_size=group_size, log=log, errors=errors).run(mine)
     log(f"shard {part}: {summary}")
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:
         log(f"merged: {merge_results(out_dir)}")
