@@ -10,6 +10,10 @@
 #   bash benchmarks/gpu_run.sh compare  # run 1: fast and plain paths, equality, SDXL with checkpointing
 #   bash benchmarks/gpu_run.sh fast     # run 2: fast paths only, SDXL with text-encoder offload
 # Every mode fits one device call of 600 s; the JSON lines land in $OUT/bench.jsonl as they come.
+# Before: the wheels, once (the GPU machine has torch and transformers but no network):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# and carry ".whl" with the command (it is git-ignored locally: .git/info/exclude).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:src || exit 1
