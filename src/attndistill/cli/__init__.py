@@ -15,9 +15,10 @@ from typer.core import TyperGroup
 from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cudnn-benchmark", "--cuda-graphs", "--no-cuda-graphs",
-                "--fused", "--no-fused", "--gradient-checkpointing", "--attention-slicing", "--vae-tiling",
-                "--cpu-offload", "--offload-text-encoders", "--no-offload-text-encoders")
+GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cudnn-benchmark", "--no-cudnn-benchmark",
+                "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
+                "--attention-slicing", "--vae-tiling", "--cpu-offload", "--offload-text-encoders",
+                "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -67,9 +68,10 @@ def _root(
                           "one-time compilation per process")] = False,
     channels_last: Annotated[bool, typer.Option(
         "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
-    cudnn_benchmark: Annotated[bool, typer.Option(
-        "--cudnn-benchmark", help="cuDNN times its convolution algorithms once per shape and keeps the "
-                                  "fastest (GPU)")] = False,
+    cudnn_benchmark: Annotated[bool | None, typer.Option(
+        "--cudnn-benchmark/--no-cudnn-benchmark",
+        help="cuDNN times its convolution algorithms once per shape and keeps the fastest (GPU) "
+             "\\[default: as the process has it]", show_default=False)] = None,
     lookahead_batch: Annotated[int, typer.Option(
         "--lookahead-batch", min=1,
         help="Compute the reference/content features of upcoming steps in UNet calls of up to N rows "
@@ -103,7 +105,7 @@ def _root(
     if compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark or None,
+    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch,
                               fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
