@@ -31,7 +31,7 @@ def _style(model, data_dir, **options):
     ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a number"),
     ({"layers": 3}, "layers must be"), ({"layers": [1.5]}, "layers must be"),
     ({"seed": 2**70}, "seed must be a whole number"), ({"seed": 1.5}, "seed must be a whole number"),
-    ({"callback": 5}, "callback must be a function"),
+    ({"callback": 5}, "callback must be a function"), ({"tune_vae": "no"}, "tune_vae must be True or False"),
     ({"style": []}, "no style image given"), ({"content": np.zeros((64, 64, 3), np.uint8)}, "not a ndarray"),
 ])
 def test_bad_arguments_are_one_user_error(tiny_sd15, data_dir, options, expected):
@@ -43,6 +43,19 @@ def test_bad_arguments_are_one_user_error(tiny_sd15, data_dir, options, expected
 def test_a_model_argument_that_is_no_model(tiny_sd15, data_dir, model):
     with pytest.raises(UserError, match="model must be a loaded model"):
         _style(tiny_sd15.unet if model == "unet" else model, data_dir)
+
+
+@pytest.mark.parametrize("task", ["texture_sampling", "layout_texture", "expand_texture", "masked"])
+def test_every_texture_task_refuses_a_tune_vae_that_is_no_bool(tiny_sd15, data_dir, task):
+    from attndistill import generate, textures
+
+    ref = data_dir / "wood-rings.jpg"
+    calls = {"texture_sampling": lambda: generate.texture_sampling(ref, model=tiny_sd15, tune_vae="no"),
+             "layout_texture": lambda: generate.layout_texture(ref, ref, model=tiny_sd15, tune_vae="no"),
+             "expand_texture": lambda: textures.expand_texture(ref, size=512, model=tiny_sd15, tune_vae="no"),
+             "masked": lambda: textures.masked_texture_synthesis(ref, ref, ref, model=tiny_sd15, tune_vae="no")}
+    with pytest.raises(UserError, match="tune_vae must be True or False"):
+        calls[task]()
 
 
 def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):

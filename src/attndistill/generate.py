@@ -39,7 +39,7 @@ from .tasks import (
     target_size,
 )
 from .tiling import check_axes, seamless
-from .vae_tuning import finetune_vae, using_vae
+from .vae_tuning import check_tune_vae, finetune_vae, using_vae
 
 
 @dataclass
@@ -74,6 +74,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     check_run(seed=seed, callback=callback, num=job.num, what="number of images")
     _check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
+    check_tune_vae(job.tune_vae)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)
     control: Control | None = None

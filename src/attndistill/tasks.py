@@ -27,7 +27,7 @@ from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
 from .presets import Preset, get_preset
 from .tiling import check_axes, seamless
-from .vae_tuning import tuned_vae
+from .vae_tuning import check_tune_vae, tuned_vae
 
 Size = int | tuple[int, int] | None
 
@@ -145,6 +145,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     check_run(seed=seed, callback=callback, num=num)
     check_settings(preset)
     tile = check_axes(tile)
+    check_tune_vae(tune_vae)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch

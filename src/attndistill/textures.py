@@ -39,7 +39,7 @@ from .tasks import (
     target_size,
 )
 from .tiling import check_axes, seamless
-from .vae_tuning import LR, STEPS, tuned_vae, using_vae
+from .vae_tuning import LR, STEPS, check_tune_vae, tuned_vae, using_vae
 
 #: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
 MAX_LABELS = 32
@@ -121,6 +121,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     check_run(seed=seed, callback=callback)
     axes = check_axes(tile) or ""
+    check_tune_vae(tune_vae)
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
@@ -188,6 +189,7 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
     are added to each result's parameters.
     """
     tile = check_axes(tile)
+    check_tune_vae(tune_vae)
     refs = as_list(reference)
     first = refs[0] if refs else None  # none: the task itself says a reference is needed
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
@@ -278,6 +280,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                                                    attention_scale=attention_scale)
     check_settings(preset)
     tile = check_axes(tile)
+    check_tune_vae(tune_vae)
     refs, ref_label_inputs = as_list(reference), as_list(ref_labels)
     if len(refs) != len(ref_label_inputs):
         raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); "

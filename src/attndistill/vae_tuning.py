@@ -28,6 +28,13 @@ from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 STEPS, LR = VAE_TUNING_STEPS, VAE_TUNING_LR
 
 
+def check_tune_vae(value: object) -> bool:
+    """``tune_vae`` as the tasks take it: True or False (a string such as "no" would count as on)."""
+    if not isinstance(value, bool):
+        raise UserError(f"tune_vae must be True or False (got {value!r})")
+    return value
+
+
 def reconstruction_l1(vae, x: torch.Tensor) -> float:
     """``mean|D(mean(E(x))) - x|`` for images ``x`` (B, 3, H, W) in [-1, 1]."""
     dtype = next(vae.parameters()).dtype
