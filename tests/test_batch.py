@@ -348,8 +348,11 @@ def test_model_options_change_the_job_id(eight_jobs, tmp_path):
     a = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a"))
     b = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-b"))
     c = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a", device="cuda:1"))
+    d = read_jobs(eight_jobs, out_dir=tmp_path, defaults=ModelSpec(source="x/model-a", perf=(("vae_tiling", True),)))
     assert {j.id for j in a}.isdisjoint({j.id for j in b})
     assert [j.id for j in a] == [j.id for j in c]
+    assert {j.id for j in a}.isdisjoint({j.id for j in d})  # a flag that changes pixels: other results
+    assert all(j.model.perf == (("vae_tiling", True),) for j in d)
 
 
 def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_path, data_dir, tiny_sd15_dir):
@@ -606,3 +609,13 @@ def test_quiet_batches_still_say_what_failed(tmp_path, data_dir, tiny_sd15_dir):
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, steps=0)])
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "-q")
     assert result.exit_code == 1 and "steps must be at least 1" in result.output
+
+
+def test_a_pixel_changing_flag_on_batch_makes_other_jobs(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line(*PAIRS[5])])
+    out = tmp_path / "out"
+    assert invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "-q").exit_code == 0
+    tiled = invoke("--vae-tiling", "batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert tiled.exit_code == 0 and "0 already done" in tiled.output  # not taken for the plain result
+    params = sorted((read_parameters(p) for p in out.glob("*.png")), key=lambda p: "perf" in p)
+    assert [p.get("perf") for p in params] == [None, {"vae_tiling": True}] and params[0]["job"] != params[1]["job"]

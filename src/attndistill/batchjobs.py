@@ -281,7 +281,7 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         config=_resolve_local(raw.pop("config", None), base) or defaults.config,
         allow_pickle=raw.pop("allow_pickle", defaults.allow_pickle),
         device=raw.pop("device", defaults.device), dtype=raw.pop("dtype", defaults.dtype),
-        perf=_parse_perf(raw.pop("perf", None), line))
+        perf=tuple(sorted((dict(defaults.perf) | dict(_parse_perf(raw.pop("perf", None), line))).items())))
     overwrite = raw.pop("overwrite", False)
     grid = raw.pop("grid", False)
     output = raw.pop("output", None)
@@ -303,6 +303,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
 
     if job_id is None:
         identity.update(model=model.source, vae=model.vae, config=model.config)  # another model: another job
+        if model.perf:  # switches that change pixels (the job's own and the runner's flags): other results
+            identity["perf"] = dict(model.perf)
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
         first = args[spec.inputs[0]]
         stem = Path(first[0] if isinstance(first, list) else first).stem if spec.paths[0] == spec.inputs[0] \

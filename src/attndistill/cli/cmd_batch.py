@@ -44,6 +44,7 @@ def batch(
     from ..batch import ModelSpec, merge_results, run_batch
     from ..batch import dry_run as check_all
     from ..errors import UserError
+    from ..perf import pixel_switches
 
     code = 0
 
@@ -60,8 +61,10 @@ def batch(
             return
         if jobs is None or out is None:
             raise UserError("batch needs a jobs file and --out DIR (or --merge DIR); see attndistill batch --help")
+        # the speed flags that change pixels belong to each job, as a "perf" in its line would
+        switches = tuple(sorted(pixel_switches(common.PERF).items())) if common.PERF else ()
         defaults = ModelSpec(source=_absolute(model), vae=_absolute(vae), config=_absolute(config),
-                             allow_pickle=allow_pickle, device=device, dtype=dtype)
+                             allow_pickle=allow_pickle, device=device, dtype=dtype, perf=switches)
         if dry_run:
             bad = check_all(jobs, out, defaults=defaults, shard=shard, log=typer.echo)
             code = 2 if bad else 0
