@@ -135,18 +135,10 @@ class WebUI:
         then saves the images as PNGs and yields them with ``command(model, output_name)``.
         """
         skip = gr.skip()
-        every = whole(settings.get("preview_every"), "preview interval") or 0
-        side = whole(settings.get("preview_size"), "preview size") or 32
-        loaded: list[DiffusionModel] = []
-
-        def work(job: Job, callback: Callback):
-            loaded.append(self.load_in_job(job, settings["model"], settings["vae"]))
-            return call(loaded[0], callback)
-
-        job = yield from self.follow(request, task, work, progress, every=every,
-                                      preview=lambda latents: preview_image(loaded[0], latents, side=side),
-                                      line=lambda text, image: (text, skip if image is None else image, skip, skip,
-                                                                skip))
+        job, model = yield from self.follow(
+            request, task, settings["model"], settings["vae"], call, progress,
+            every=settings.get("preview_every") or 0, preview_side=settings.get("preview_size") or 32,
+            line=lambda text, image: (text, skip if image is None else image, skip, skip, skip))
         if job is None or job.cancelled:
             return
         try:
@@ -163,25 +155,29 @@ class WebUI:
         status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)} in `{where}`"
         output = paths[0].name if len(paths) == 1 else f"{task}.png"
         yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],
-               command(loaded[0], output))
+               command(model, output))
 
-    def load_in_job(self, job: Job, model: str | None, vae: str | None) -> DiffusionModel:
-        """The model, loaded in the job's thread: Cancel is heard while it loads, and acts right after."""
-        loaded = self.slot.get(model, vae)
-        job.stop_if_cancelled("cancelled before the first step")
-        return loaded
+    def follow(self, request: gr.Request | None, tab: str, model: str | None, vae: str | None,
+               call: Callable[[DiffusionModel, Callback], object], progress, *,
+               line: Callable[[str, Image.Image | None], tuple], every: int = 0,
+               preview_side: int = 32) -> Iterator[tuple]:
+        """Load (``model``, ``vae``) and run ``call(model, callback)`` as this page's job of ``tab``, in a
+        worker thread; yield ``line(status, preview)`` as it goes; return (job, the loaded model).
 
-    def follow(self, request: gr.Request | None, tab: str, work: Callable[[Job, Callback], object], progress, *,
-                line: Callable[[str, Image.Image | None], tuple], every: int = 0, preview=None) -> Iterator[tuple]:
-        """Run ``work(job, callback)`` as this page's job of ``tab``, yield ``line(status, preview)`` as it
-        goes, and return the job (None when Cancel came before it started).
-
-        A cancelled job's last line says so.
+        The model loads in the job's thread, so Cancel is heard while it loads and acts right after.
+        The job is None when Cancel came before it started; a cancelled job's last line says so.
         """
-        job = Job(lambda callback: work(job, callback), preview=preview, every=every)
+        loaded: list[DiffusionModel] = []
+
+        def work(callback: Callback):
+            loaded.append(self.slot.get(model, vae))
+            job.stop_if_cancelled("cancelled before the first step")
+            return call(loaded[0], callback)
+
+        job = Job(work, preview=lambda latents: preview_image(loaded[0], latents, side=preview_side), every=every)
         if not self.runs.attach(_key(request, tab), job):
             yield line("cancelled before it started; nothing was run", None)
-            return None
+            return None, None
         progress(0, desc="loading the model" if self.slot.model is None else "starting")
         try:
             job.start()
@@ -194,7 +190,7 @@ class WebUI:
         if job.cancelled:
             where = f" after step {job.last.step} of {job.last.total}" if job.last else ""
             yield line(f"cancelled{where}; nothing was saved", None)
-        return job
+        return job, (loaded[0] if loaded else None)
 
     def cancel(self, tab: str, request: gr.Request | None) -> None:
         """Cancel this page's run of ``tab`` after its current step, and withdraw the ones still waiting."""

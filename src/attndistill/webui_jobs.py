@@ -163,7 +163,6 @@ def preview_image(model: DiffusionModel, latents: torch.Tensor, *, side: int = 3
 class Run:
     """One click of a tab's Run button, from the queue to its end: what the tab's Cancel acts on."""
 
-    ticket: int
     cancelled: bool = False
     job: Job | None = None
 
@@ -187,7 +186,7 @@ class RunBoard:
         """A Run click: its ticket, which the run hands to :meth:`start`."""
         with self._lock:
             ticket = next(self._tickets)
-            self._waiting.setdefault(key, {})[ticket] = Run(ticket)
+            self._waiting.setdefault(key, {})[ticket] = Run()
             return ticket
 
     def start(self, key: tuple, ticket: int | None) -> Run | None:
@@ -201,7 +200,7 @@ class RunBoard:
                 self._waiting.pop(key, None)
             if run is not None and run.cancelled:
                 return None
-            run = run or Run(0)
+            run = run or Run()
             self._running[key] = run
             return run
 

@@ -36,7 +36,7 @@ from .webui_fields import (
     tile_value,
     whole,
 )
-from .webui_jobs import Callback, Job, cli_command
+from .webui_jobs import Callback, cli_command
 
 if TYPE_CHECKING:
     from .webui import WebUI
@@ -333,14 +333,10 @@ def vae_tab(ui: WebUI) -> None:
         except UserError as exc:
             raise gr.Error(str(exc)) from None
         extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
-        loaded: list[DiffusionModel] = []
-
-        def work(job: Job, callback: Callback):
-            loaded.append(ui.load_in_job(job, model_id, vae_id))
-            return finetune_vae(reference_path, model=loaded[0], callback=callback, **extra)
-
-        job = yield from ui.follow(request, tab, work, progress,
-                                      line=lambda text, _: (text, skip, skip, skip, skip))
+        job, model = yield from ui.follow(
+            request, tab, model_id, vae_id,
+            lambda model, callback: finetune_vae(reference_path, model=model, callback=callback, **extra),
+            progress, line=lambda text, _: (text, skip, skip, skip, skip))
         if job is None or job.cancelled:
             return
         try:
@@ -357,7 +353,7 @@ def vae_tab(ui: WebUI) -> None:
             job.result = None  # the tuned copy's weights: saved, not kept in memory
         text = f"done in {job.seconds:.1f} s · saved `{out}`"
         text += "; the VAE box (Model) now points to it" if use_it else ""
-        options = {k: v for k, v in ui.common_cli(loaded[0], 0).items() if k != "seed"}
+        options = {k: v for k, v in ui.common_cli(model, 0).items() if k != "seed"}
         command = cli_command(["finetune-vae", file_name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
         yield text, str(out), zipped, command, (str(out) if use_it else skip)
 
