@@ -52,10 +52,15 @@ def check_run(*, seed: object, callback: object = None, num: object = 1, what: s
         raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
     if not -(2**63) <= seed < 2**64:  # what torch's generators take
         raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {2**64 - 1}")
-    if callback is not None and not callable(callback):
-        raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
+    check_callback(callback)
     if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
         raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
+
+
+def check_callback(callback: object) -> None:
+    """A ``callback`` argument: None or something to call with a StepInfo."""
+    if callback is not None and not callable(callback):
+        raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
 
 
 def check_settings(preset: Preset) -> None:

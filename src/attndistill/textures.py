@@ -29,6 +29,7 @@ from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset
 from .tasks import (
     Size,
     as_list,
+    check_callback,
     check_run,
     check_settings,
     describe_input,
@@ -170,8 +171,7 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = 
     (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task. ``callback``: a
     :class:`~attndistill.optimize.StepInfo` per step (empty latents: the weights are what change).
     """
-    if callback is not None and not callable(callback):
-        raise UserError(f"callback must be callable (got {type(callback).__name__})")
+    check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, progress=progress, callback=callback)
 
