@@ -31,7 +31,7 @@ def batch(
         help="Merge the per-shard results of this folder into its results.jsonl and stop", show_default=False,
         metavar="DIR")] = None,
     group: Annotated[int | None, typer.Option(
-        help="Style jobs sharing a style image, settings and aspect run up to this many at a time in one "
+        help="Style jobs sharing a style image, settings and result size run up to this many at a time in one "
              "batch (the same results up to rounding, more images per minute) \\[default: 8 on GPUs, 1 on CPUs]",
         show_default=False, min=1)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
