@@ -18,6 +18,7 @@ import gc
 import json
 import sys
 import time
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -175,9 +176,9 @@ def code_digest() -> str:
 
 def _switches(text: str) -> dict[str, bool | int]:
     """``"compile=1,lookahead_batch=16"`` -> PerfOptions keyword arguments (booleans as 0/1)."""
-    plain = PerfOptions()
-    return {k: int(v) if isinstance(getattr(plain, k), int) and not isinstance(getattr(plain, k), bool)
-            else bool(int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+    types = {f.name: str(f.type) for f in fields(PerfOptions)}
+    pairs = (kv.split("=") for kv in text.split(",") if kv)
+    return {k: int(v) if "int" in types[k] else bool(int(v)) for k, v in pairs}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -209,7 +209,7 @@ def test_lookahead_computes_several_timesteps_per_call_with_the_same_result(mode
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     results, calls = [], []
     counter = _CountFeatureCalls(monkeypatch)
-    for batch in (1, 6):
+    for batch in (1, 6, 5):
         model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
         counter.batches = []
         results.append(optimize_latents(Distiller(model, content_weight=0.25, static=static), z_c, z_ref,
@@ -217,9 +217,25 @@ def test_lookahead_computes_several_timesteps_per_call_with_the_same_result(mode
         calls.append(counter.batches)
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
     assert calls[0] == [2, 1, 1, 1] * 5  # per step on a CPU: references, content, then 2 target iterations
+    assert calls[2] == calls[0]  # 5 rows hold one step of 3: each step computes its own, as without look-ahead
     # 6 rows = 2 timesteps of (2 references + 1 content) per call: 3 look-ahead calls for 5 steps
     assert [b for b in calls[1] if b != 1] == [6, 6, 3]
     assert calls[1].count(1) == 5 * 2  # only the targets' own calls remain, one per iteration
+
+
+def test_automatic_speed_switches_are_on_for_cuda_only_and_look_ahead_fits_the_latent_size():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = PerfOptions()
+    assert not auto.uses_channels_last(cpu) and auto.uses_channels_last(cuda)
+    assert not replace(auto, channels_last=False).uses_channels_last(cuda)
+    assert replace(auto, channels_last=True).uses_channels_last(cpu)
+    assert auto.lookahead_rows(cpu, 64 * 64, 2) == 0
+    assert auto.lookahead_rows(cuda, 64 * 64, 2) == 16  # SD 1.5 at 512²: 8 steps of reference + content
+    assert auto.lookahead_rows(cuda, 128 * 128, 1) == 4  # SDXL at 1024²: 4 steps per call
+    assert auto.lookahead_rows(cuda, 128 * 128, 3) == 0  # a call would hold one step: none
+    assert replace(auto, lookahead_batch=16).lookahead_rows(cuda, 64 * 64, 9) == 0  # 8 contents + the style
+    assert replace(auto, lookahead_batch=6).lookahead_rows(cpu, 64 * 64, 3) == 6
+    assert PerfOptions.plain().lookahead_rows(cuda, 64 * 64, 1) == 0
 
 
 def test_lookahead_with_a_reference_of_another_size(model):

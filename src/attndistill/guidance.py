@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .engine import Distiller, evict_graphs
-from .lookahead import Ahead, ReferenceLookahead
+from .lookahead import Ahead, ReferenceLookahead, lookahead
 from .models import Conditioning, DiffusionModel
 from .stepper import StaticCall
 
@@ -106,14 +106,14 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
                         start_t: int | None = None) -> ReferenceLookahead | None:
     """Algorithm 2's noised reference/content latents and their features, several steps per UNet call.
 
-    None unless ``model.perf.lookahead_batch`` > 1. The noise is drawn in the order the step-by-step
-    path draws it (reference, then content, step after step), so the results match it.
+    None where ``model.perf`` has it off (:meth:`PerfOptions.lookahead_rows`). The noise is drawn in
+    the order the step-by-step path draws it (reference, then content, step after step), so the
+    results match it.
     """
     device = distiller.model.device
-    if distiller.model.perf.lookahead_batch <= 1:
-        return None
     ref_latents = ref_latents.to(device)
     content_latents = None if content_latents is None else content_latents.to(device)
+    used_content = content_latents if distiller.content_weight > 0 else None
 
     def inputs(i: int):
         t_prime = previous_timestep(int(timesteps[i]), scheduler)
@@ -122,7 +122,7 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
         return t_prime, ref_t, content_t if distiller.content_weight > 0 else None
 
     schedule = [i for i, t in enumerate(timesteps) if start_t is None or int(t) < start_t]
-    return ReferenceLookahead(distiller, schedule, inputs, distiller.model.perf.lookahead_batch)
+    return lookahead(distiller, schedule, inputs, ref_latents, used_content)
 
 
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,

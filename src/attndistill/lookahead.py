@@ -6,8 +6,8 @@ timestep, in sampling they are the same latents noised for that step. One
 batched UNet call with per-sample timesteps therefore computes their features
 for the next few steps at once. On a GPU a batch of 8-16 costs little more
 than a batch of one, so the per-step reference call all but disappears. On a
-CPU a batch costs its size, so there it is off (``PerfOptions.lookahead_batch``
-= 1). The inputs of each step are made in step order, so noise drawn from a
+CPU a batch costs its size, so there it is off (``PerfOptions.lookahead_rows``).
+The inputs of each step are made in step order, so noise drawn from a
 generator comes out exactly as it would step by step.
 """
 
@@ -34,6 +34,20 @@ class Ahead:
     ref: torch.Tensor  # (R, 4, h, w), noised in sampling
     content: torch.Tensor | None  # (C, 4, h, w) or None
     features: tuple[Reference, list[torch.Tensor] | None]  # reference keys/values, content queries
+
+
+def lookahead(distiller: Distiller, schedule: Sequence[int], inputs: Callable[[int], StepInputs],
+              ref_latents: torch.Tensor, content_latents: torch.Tensor | None) -> ReferenceLookahead | None:
+    """A :class:`ReferenceLookahead` sized by ``model.perf``, or None where each step is better alone.
+
+    ref_latents / content_latents: the (un-noised) latents each step's inputs are made from; the
+    content only where the content loss uses it.
+    """
+    model = distiller.model
+    latents = [x for x in (ref_latents, content_latents) if x is not None]
+    rows = model.perf.lookahead_rows(model.device, max(x.shape[-2] * x.shape[-1] for x in latents),
+                                     sum(x.shape[0] for x in latents))
+    return ReferenceLookahead(distiller, schedule, inputs, rows) if rows else None
 
 
 class ReferenceLookahead:

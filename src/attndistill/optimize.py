@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .engine import Distiller
 from .errors import NonFiniteError
-from .lookahead import ReferenceLookahead
+from .lookahead import lookahead
 
 
 @dataclass
@@ -103,11 +103,10 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
         content_latents = content_latents.to(model.device)
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
-    ahead = None
-    if model.perf.lookahead_batch > 1:  # reference/content features of several timesteps per UNet call
-        used_content = content_latents if distiller.content_weight > 0 else None
-        ahead = ReferenceLookahead(distiller, range(len(timesteps)),
-                                   lambda i: (int(timesteps[i]), ref_latents, used_content), model.perf.lookahead_batch)
+    # reference/content features of several timesteps per UNet call (None: one call per step)
+    used_content = content_latents if distiller.content_weight > 0 else None
+    ahead = lookahead(distiller, range(len(timesteps)), lambda i: (int(timesteps[i]), ref_latents, used_content),
+                      ref_latents, used_content)
     try:
         with distiller:
             for i, t in enumerate(timesteps):

@@ -19,10 +19,14 @@ COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 RECOMPILE_LIMIT = 64
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "attention_slicing", "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "lookahead_batch", "attention_slicing",
+                  "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
 SMALL_CARD_GIB = 16
+#: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
+#: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128.
+LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,15 @@ class PerfOptions:
     cuda_graphs: bool | None = None  # replay each AD iteration as a captured CUDA graph
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
-    channels_last: bool = False  # UNet weights in NHWC layout (the layout tensor-core convolutions prefer)
+    # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
+    # spares cuDNN a layout transposition around every convolution)
+    channels_last: bool | None = None
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
     # process-wide setting: None leaves it as the process has it, True/False set it)
     cudnn_benchmark: bool | None = None
-    lookahead_batch: int = 1  # rows of one UNet call computing the reference features of upcoming steps
+    # rows of one UNet call computing the reference features of upcoming steps (1: off; None: CUDA only,
+    # up to LOOKAHEAD_LATENT_PIXELS of latent per call)
+    lookahead_batch: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
@@ -50,16 +58,31 @@ class PerfOptions:
 
         for name, value in vars(self).items():
             if name == "lookahead_batch":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                     raise UserError(f"lookahead_batch must be a whole number of at least 1 (got {value!r})")
-            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs", "cudnn_benchmark",
+            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs", "channels_last",
+                                                                             "cudnn_benchmark",
                                                                              "offload_text_encoders"))):
                 raise UserError(f"{name} must be True or False (got {value!r})")
 
     @classmethod
     def plain(cls) -> PerfOptions:
         """Every optimisation off: the reference path for equality tests and benchmarks."""
-        return cls(fused=False, cuda_graphs=False, early_exit=False)
+        return cls(fused=False, cuda_graphs=False, early_exit=False, channels_last=False, lookahead_batch=1)
+
+    def uses_channels_last(self, device: torch.device) -> bool:
+        return self.channels_last if self.channels_last is not None else device.type == "cuda"
+
+    def lookahead_rows(self, device: torch.device, latent_pixels: int, rows_per_step: int) -> int:
+        """Rows of one look-ahead call for steps of ``rows_per_step`` rows of ``latent_pixels`` each.
+
+        0 when look-ahead is off or a call would hold a single step: then each step computes its own
+        features (with CUDA graphs), which is no slower than a one-step look-ahead call.
+        """
+        rows = self.lookahead_batch
+        if rows is None:
+            rows = LOOKAHEAD_LATENT_PIXELS // latent_pixels if device.type == "cuda" else 1
+        return rows if rows >= 2 * rows_per_step else 0
 
 
 def pixel_switches(perf: PerfOptions) -> dict[str, object]:
@@ -76,7 +99,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
-    unet.to(memory_format=torch.channels_last if perf.channels_last else torch.contiguous_format)
+    unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     if perf.attention_slicing:

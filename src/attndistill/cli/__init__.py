@@ -15,7 +15,8 @@ from typer.core import TyperGroup
 from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--cudnn-benchmark", "--no-cudnn-benchmark",
+GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--cudnn-benchmark",
+                "--no-cudnn-benchmark",
                 "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
                 "--attention-slicing", "--vae-tiling", "--cpu-offload", "--offload-text-encoders",
                 "--no-offload-text-encoders")
@@ -66,16 +67,19 @@ def _root(
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the UNet's ResNet and feed-forward blocks: faster steps after a "
                           "one-time compilation per process")] = False,
-    channels_last: Annotated[bool, typer.Option(
-        "--channels-last", help="UNet in NHWC memory layout (often faster convolutions on GPUs)")] = False,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last",
+        help="UNet in NHWC memory layout: no layout transposition around each convolution "
+             "\\[default: on for GPUs]", show_default=False)] = None,
     cudnn_benchmark: Annotated[bool | None, typer.Option(
         "--cudnn-benchmark/--no-cudnn-benchmark",
         help="cuDNN times its convolution algorithms once per shape and keeps the fastest (GPU) "
              "\\[default: as the process has it]", show_default=False)] = None,
-    lookahead_batch: Annotated[int, typer.Option(
+    lookahead_batch: Annotated[int | None, typer.Option(
         "--lookahead-batch", min=1,
         help="Compute the reference/content features of upcoming steps in UNet calls of up to N rows "
-             "(GPU; 1: every step on its own)")] = 1,
+             "(1: every step on its own) \\[default: on GPUs, 16 rows of 64x64 latents]",
+        show_default=False)] = None,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
