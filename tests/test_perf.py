@@ -233,9 +233,37 @@ def test_automatic_speed_switches_are_on_for_cuda_only_and_look_ahead_fits_the_l
     assert auto.lookahead_rows(cuda, 64 * 64, 2) == 16  # SD 1.5 at 512²: 8 steps of reference + content
     assert auto.lookahead_rows(cuda, 128 * 128, 1) == 4  # SDXL at 1024²: 4 steps per call
     assert auto.lookahead_rows(cuda, 128 * 128, 3) == 0  # a call would hold one step: none
+    assert auto.lookahead_rows(cuda, 64 * 64, 1, auto=False) == 0  # MultiDiffusion: off unless asked for
+    assert replace(auto, lookahead_batch=4).lookahead_rows(cuda, 64 * 64, 1, auto=False) == 4
     assert replace(auto, lookahead_batch=16).lookahead_rows(cuda, 64 * 64, 9) == 0  # 8 contents + the style
     assert replace(auto, lookahead_batch=6).lookahead_rows(cpu, 64 * 64, 3) == 6
     assert PerfOptions.plain().lookahead_rows(cuda, 64 * 64, 1) == 0
+
+
+def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_copies(model, monkeypatch):
+    """One batch shape per run (GPUs pay a set-up per new shape); the real steps' features are unchanged."""
+    from attndistill.lookahead import ReferenceLookahead
+
+    model.set_perf(PerfOptions.plain())
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    steps = [900, 700, 500, 300, 100]
+    counter = _CountFeatureCalls(monkeypatch)
+    seen, out = {}, {}
+    for pad in (False, True):
+        counter.batches = []
+        distiller = Distiller(model, content_weight=0.25)
+        with distiller:
+            ahead = ReferenceLookahead(distiller, range(5), lambda i: (steps[i], z_ref, z_c), 6, pad=pad)
+            out[pad] = [ahead.at(i) for i in range(5)]
+        seen[pad] = counter.batches
+    assert seen == {False: [6, 6, 3], True: [6, 6, 6]}  # 2 steps of 3 rows a call; the last one filled up
+    for plain, padded in zip(out[False], out[True], strict=True):
+        assert padded.t == plain.t
+        reference, queries = padded.features
+        for a, b in zip(reference.keys + reference.values + queries,
+                        plain.features[0].keys + plain.features[0].values + plain.features[1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert ReferenceLookahead(Distiller(model), range(2), None, 4).pad is False  # CPU: no set-up to save
 
 
 def test_lookahead_with_a_reference_of_another_size(model):

@@ -103,10 +103,11 @@ class GraphedPredict:
 
 def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tensor, *, scheduler,
                         content_latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                        start_t: int | None = None) -> ReferenceLookahead | None:
+                        start_t: int | None = None, auto: bool = True) -> ReferenceLookahead | None:
     """Algorithm 2's noised reference/content latents and their features, several steps per UNet call.
 
-    None where ``model.perf`` has it off (:meth:`PerfOptions.lookahead_rows`). The noise is drawn in
+    None where ``model.perf`` has it off (:meth:`PerfOptions.lookahead_rows`, which explains ``auto``).
+    The noise is drawn in
     the order the step-by-step path draws it (reference, then content, step after step), so the
     results match it.
     """
@@ -122,7 +123,7 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
         return t_prime, ref_t, content_t if distiller.content_weight > 0 else None
 
     schedule = [i for i, t in enumerate(timesteps) if start_t is None or int(t) < start_t]
-    return lookahead(distiller, schedule, inputs, ref_latents, used_content)
+    return lookahead(distiller, schedule, inputs, ref_latents, used_content, auto=auto)
 
 
 def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref_latents: torch.Tensor, *,

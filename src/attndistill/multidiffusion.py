@@ -105,8 +105,10 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     timesteps = scheduler.timesteps
     bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
+    # not automatic here: one reference row beside ~35 view rows a step; on an H200 (run 5) computing it
+    # ahead saved nothing and cost 1.4 GB
     lookahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler,
-                                    generator=generator) if iters > 0 else None
+                                    generator=generator, auto=False) if iters > 0 else None
     try:
         with distiller:
             for i, t in enumerate(timesteps):

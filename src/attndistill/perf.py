@@ -25,7 +25,8 @@ PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "looka
 #: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
 SMALL_CARD_GIB = 16
 #: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
-#: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128.
+#: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (measured in full runs
+#: on an H200, run 5; 8 rows were as fast per step in 30-step runs and peaked 0.8 GB lower).
 LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
@@ -44,7 +45,7 @@ class PerfOptions:
     # process-wide setting: None leaves it as the process has it, True/False set it)
     cudnn_benchmark: bool | None = None
     # rows of one UNet call computing the reference features of upcoming steps (1: off; None: CUDA only,
-    # up to LOOKAHEAD_LATENT_PIXELS of latent per call)
+    # up to LOOKAHEAD_LATENT_PIXELS of latent per call, and not in MultiDiffusion)
     lookahead_batch: int | None = None
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
@@ -73,15 +74,17 @@ class PerfOptions:
     def uses_channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cuda"
 
-    def lookahead_rows(self, device: torch.device, latent_pixels: int, rows_per_step: int) -> int:
+    def lookahead_rows(self, device: torch.device, latent_pixels: int, rows_per_step: int, *,
+                       auto: bool = True) -> int:
         """Rows of one look-ahead call for steps of ``rows_per_step`` rows of ``latent_pixels`` each.
 
         0 when look-ahead is off or a call would hold a single step: then each step computes its own
-        features (with CUDA graphs), which is no slower than a one-step look-ahead call.
+        features (with CUDA graphs), which is no slower than a one-step look-ahead call. ``auto=False``:
+        the automatic setting means off (where the reference is a small part of a step's work).
         """
         rows = self.lookahead_batch
         if rows is None:
-            rows = LOOKAHEAD_LATENT_PIXELS // latent_pixels if device.type == "cuda" else 1
+            rows = LOOKAHEAD_LATENT_PIXELS // latent_pixels if auto and device.type == "cuda" else 1
         return rows if rows >= 2 * rows_per_step else 0
 
 

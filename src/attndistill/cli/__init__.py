@@ -78,7 +78,7 @@ def _root(
     lookahead_batch: Annotated[int | None, typer.Option(
         "--lookahead-batch", min=1,
         help="Compute the reference/content features of upcoming steps in UNet calls of up to N rows "
-             "(1: every step on its own) \\[default: on GPUs, 16 rows of 64x64 latents]",
+             "(1: every step on its own) \\[default: on GPUs, 16 rows of 64x64 latents, not in expand]",
         show_default=False)] = None,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
