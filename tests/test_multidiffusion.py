@@ -88,6 +88,25 @@ def test_canvas_is_the_per_pixel_average_of_the_views(tiny_sd15, monkeypatch):
     torch.testing.assert_close(out, scaled + total / count, rtol=0, atol=1e-5)
 
 
+def test_view_batches_are_as_few_as_the_limit_allows_and_even():
+    assert [len(b) for b in md._batches(list(range(17)), 8)] == [6, 6, 5]
+    assert [len(b) for b in md._batches(list(range(16)), 8)] == [8, 8]
+    assert [len(b) for b in md._batches(list(range(3)), 8)] == [3]
+    assert [len(b) for b in md._batches(list(range(5)), 1)] == [1] * 5
+    assert sum(md._batches(list(range(3249)), 8), []) == list(range(3249))  # 4096²: every view, in order
+    assert list(md._batches([], 8)) == []
+
+
+def test_view_batch_sizes_do_not_change_the_canvas(tiny_sd15):
+    """Each view gets the gradient it would get alone, so 5 views in batches of 3+2 equal one by one."""
+    scheduler, init = _setup(tiny_sd15, (8, 20), steps=2)
+    z_ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = [multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=tiny_sd15.null_condition(),
+                          iters=2, lr=0.05, view=8, stride=3, view_batch=batch, adain_on=True,
+                          generator=torch.Generator().manual_seed(7), progress=False) for batch in (1, 4)]
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
+
+
 def test_wrapped_views_make_the_canvas_shift_equivariant(tiny_sd15):
     """Periodic x: rolling the start canvas by a stride rolls the result (no seam at the edge)."""
     hw = (8, 16)

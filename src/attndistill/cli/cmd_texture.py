@@ -86,7 +86,8 @@ def expand(
     output: Output = Path("out.png"),
     stride: Annotated[int | None, typer.Option(
         help=f"View stride in latents \\[default: {PRESETS['expand'].stride}]", show_default=False)] = None,
-    view_batch: Annotated[int | None, typer.Option(help=f"Views per UNet batch \\[default: {VIEW_BATCH}]",
+    view_batch: Annotated[int | None, typer.Option(help=f"Most views per UNet batch (batches split evenly) "
+                                                        f"\\[default: {VIEW_BATCH}]",
                                                    show_default=False)] = None,
     view: Annotated[int | None, typer.Option(
         help=f"View side in latents \\[default: {VIEW}, {VIEW * 8} px on SD 1.5]", show_default=False)] = None,
