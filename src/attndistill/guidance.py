@@ -107,9 +107,8 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
     """Algorithm 2's noised reference/content latents and their features, several steps per UNet call.
 
     None where ``model.perf`` has it off (:meth:`PerfOptions.lookahead_rows`, which explains ``auto``).
-    The noise is drawn in
-    the order the step-by-step path draws it (reference, then content, step after step), so the
-    results match it.
+    The noise is drawn in the order the step-by-step path draws it (reference, then content, step
+    after step), so the results match it.
     """
     device = distiller.model.device
     ref_latents = ref_latents.to(device)
