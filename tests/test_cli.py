@@ -75,7 +75,7 @@ def test_version_and_help_examples():
 
 @pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
                                   ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
-                                  ["--cudnn-benchmark"]])
+                                  ["--cudnn-benchmark"], ["--no-channels-last"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -88,11 +88,19 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.lookahead_batch == 4
     if flag[0] == "--no-offload-text-encoders":
         assert common.PERF.offload_text_encoders is False
+    if flag[0] == "--no-channels-last":
+        assert common.PERF.channels_last is False
     if flag[0] == "--cudnn-benchmark":
         import torch
 
         assert common.PERF.cudnn_benchmark is True
         assert torch.backends.cudnn.benchmark is False  # a CUDA setting: a CPU run leaves it alone
+
+
+def test_a_speed_option_without_its_value_says_so(data_dir):
+    result = run("texture", data_dir / "wood-rings.jpg", "--lookahead-batch")
+    assert result.exit_code == 2
+    assert "--lookahead-batch needs a value" in result.output and "integer" not in result.output
 
 
 @pytest.mark.parametrize("command", [["style", "{bad}", "{good}"], ["appearance", "{good}", "{bad}"],

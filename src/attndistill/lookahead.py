@@ -59,6 +59,8 @@ class ReferenceLookahead:
     R reference + C content rows; a chunk has at least one step). pad: the last call of a run is
     filled up to the others' size with copies of its last step, whose features are dropped (default:
     on CUDA, where each new batch shape costs a one-time set-up, about 0.25 s on an H200 in run 5).
+    A run that fits in one call is filled up too: a few tens of ms of extra rows on a GPU, and runs
+    of other lengths in the same process meet no new shape.
     """
 
     def __init__(self, distiller: Distiller, schedule: Sequence[int], inputs: Callable[[int], StepInputs],

@@ -36,7 +36,10 @@ class _Group(TyperGroup):
             a = args[i]
             if i > 0 and a in GLOBAL_FLAGS:
                 moved.append(a)
-            elif i > 0 and a in GLOBAL_OPTIONS and i + 1 < cut:
+            elif i > 0 and a in GLOBAL_OPTIONS:
+                if i + 1 >= cut:  # moved to the front, it would take the command's name as its value
+                    typer.echo(f"error: {a} needs a value, e.g. {a} 16", err=True)
+                    raise typer.Exit(2)
                 moved += [a, args[i + 1]]
                 i += 1
             elif i > 0 and a.split("=", 1)[0] in GLOBAL_OPTIONS:
