@@ -75,7 +75,8 @@ def test_version_and_help_examples():
 
 @pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
                                   ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
-                                  ["--cudnn-benchmark"], ["--no-channels-last"]])
+                                  ["--cudnn-benchmark"], ["--no-channels-last"],
+                                  ["--lookahead-overlap"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -90,6 +91,8 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.offload_text_encoders is False
     if flag[0] == "--no-channels-last":
         assert common.PERF.channels_last is False
+    if flag[0] == "--lookahead-overlap":
+        assert common.PERF.lookahead_overlap is True
     if flag[0] == "--cudnn-benchmark":
         import torch
 

@@ -266,6 +266,34 @@ def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_co
     assert ReferenceLookahead(Distiller(model), range(2), None, 4).pad is False  # CPU: no set-up to save
 
 
+@pytest.mark.parametrize("task", ["optimise", "sample"])
+def test_lookahead_overlap_issues_the_next_call_early_and_keeps_the_result(model, monkeypatch, task):
+    """``lookahead_overlap``: the next call is made when the current one is taken (on a second CUDA
+    stream on GPUs; here right away), so the UNet calls come in another order; results and noise do not."""
+    from attndistill.sampling import sample
+
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    results, calls = [], []
+    counter = _CountFeatureCalls(monkeypatch)
+    for overlap in (False, True):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=4, lookahead_overlap=overlap))
+        counter.batches = []
+        distiller = Distiller(model, content_weight=0.25)
+        if task == "optimise":
+            results.append(optimize_latents(distiller, z_c, z_ref, content_latents=z_c, steps=5, iters=2, lr=0.05,
+                                            progress=False))
+        else:
+            results.append(sample(distiller, z_c.clone(), z_ref, cond=model.null_condition(), steps=5, iters=2,
+                                  lr=0.05, adain=True, content_latents=z_c,
+                                  generator=torch.Generator().manual_seed(7), progress=False))
+        calls.append(counter.batches)
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=0)
+    target = [1, 1]  # the target's two iterations (the denoising call records no features)
+    # 4 rows = 2 steps of (reference + content) per call, 5 steps: calls of 4, 4 and 2 rows
+    assert calls[0] == [4] + target * 2 + [4] + target * 2 + [2] + target
+    assert calls[1] == [4, 4] + target * 2 + [2] + target * 2 + target  # each call one chunk early
+
+
 def test_lookahead_with_a_reference_of_another_size(model):
     z_ref, z_c = torch.randn(1, 4, 12, 8), torch.randn(1, 4, 8, 8)
     results = []

@@ -64,16 +64,49 @@ class ReferenceLookahead:
     """
 
     def __init__(self, distiller: Distiller, schedule: Sequence[int], inputs: Callable[[int], StepInputs],
-                 batch: int, *, pad: bool | None = None) -> None:
+                 batch: int, *, pad: bool | None = None, overlap: bool | None = None) -> None:
         self.distiller, self.schedule, self.inputs, self.batch = distiller, list(schedule), inputs, batch
-        self.pad = distiller.model.device.type == "cuda" if pad is None else pad
+        cuda = distiller.model.device.type == "cuda"
+        self.pad = cuda if pad is None else pad
+        # overlap: the next call is made as soon as the current one is taken (on CUDA on a second
+        # stream, running beside the current steps; elsewhere right away, which only reorders work)
+        self.overlap = distiller.model.perf.lookahead_overlap if overlap is None else overlap
+        self.side = torch.cuda.Stream(distiller.model.device) if self.overlap and cuda else None
         self.position = {step: k for k, step in enumerate(self.schedule)}
         self.ahead: dict[int, Ahead] = {}
+        self.next: tuple[int, dict[int, Ahead], torch.cuda.Event | None] | None = None
 
     def at(self, step: int) -> Ahead:
         if step not in self.ahead:
-            self.ahead = self._compute(self.position[step])
+            start = self.position[step]
+            if self.next is not None and self.next[0] == start:
+                _, self.ahead, done = self.next
+                if done is not None:  # this stream's next kernels wait for the second stream's call
+                    torch.cuda.current_stream(self.side.device).wait_event(done)
+            else:
+                self.ahead = self._compute(start)
+            self.next = None
+            following = start + len(self.ahead)
+            if self.overlap and following < len(self.schedule):
+                self.next = self._prefetch(following)
         return self.ahead[step]
+
+    def _prefetch(self, start: int) -> tuple[int, dict[int, Ahead], torch.cuda.Event | None]:
+        """The call starting at schedule position ``start``, issued now (on the second stream on CUDA)."""
+        if self.side is None:
+            return start, self._compute(start), None
+        main = torch.cuda.current_stream(self.side.device)
+        self.side.wait_stream(main)  # the latents it reads were made on the main stream
+        with torch.cuda.stream(self.side):
+            chunk = self._compute(start)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        for ahead in chunk.values():  # made on the second stream, used on the main one: keep their memory
+            reference, queries = ahead.features  # until the main stream's use of them is done
+            for tensor in [ahead.ref, ahead.content, *reference.keys, *reference.values, *(queries or [])]:
+                if tensor is not None:
+                    tensor.record_stream(main)
+        return start, chunk, done
 
     def _compute(self, start: int) -> dict[int, Ahead]:
         steps, inputs = [], []

@@ -47,6 +47,9 @@ class PerfOptions:
     # rows of one UNet call computing the reference features of upcoming steps (1: off; None: CUDA only,
     # up to LOOKAHEAD_LATENT_PIXELS of latent per call, and not in MultiDiffusion)
     lookahead_batch: int | None = None
+    # compute the next look-ahead call on a second CUDA stream while the current steps run (the batch-1
+    # iterations leave most of the card idle); same kernels and results, more memory while both run
+    lookahead_overlap: bool = False
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
@@ -116,8 +119,9 @@ def apply_perf(model, perf: PerfOptions) -> None:
     else:
         vae.disable_tiling()
     if perf.cpu_offload and model.device.type == "cuda":
-        # components move between devices: captured graphs would point at stale memory
-        perf = replace(perf, cuda_graphs=False)
+        # components move between devices: captured graphs would point at stale memory, and a second
+        # stream would race the moves
+        perf = replace(perf, cuda_graphs=False, lookahead_overlap=False)
         model.pipe.enable_model_cpu_offload(device=model.device)
     if perf.offload_text_encoders is None:
         perf = replace(perf, offload_text_encoders=small_card(model.device))

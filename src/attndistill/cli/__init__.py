@@ -16,7 +16,7 @@ from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--cudnn-benchmark",
-                "--no-cudnn-benchmark",
+                "--no-cudnn-benchmark", "--lookahead-overlap",
                 "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
                 "--attention-slicing", "--vae-tiling", "--cpu-offload", "--offload-text-encoders",
                 "--no-offload-text-encoders")
@@ -83,6 +83,9 @@ def _root(
         help="Compute the reference/content features of upcoming steps in UNet calls of up to N rows "
              "(1: every step on its own) \\[default: on GPUs, 16 rows of 64x64 latents, not in expand]",
         show_default=False)] = None,
+    lookahead_overlap: Annotated[bool, typer.Option(
+        "--lookahead-overlap", help="Make the next look-ahead call on a second CUDA stream while the current "
+                                    "steps run (more memory; not yet measured)")] = False,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
@@ -113,7 +116,7 @@ def _root(
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
-                              lookahead_batch=lookahead_batch,
+                              lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
                               fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
                               vae_tiling=vae_tiling, cpu_offload=cpu_offload,
