@@ -65,6 +65,6 @@ case "${1:-}" in
     run 120 --cases a,c,b,g --compare --plain-steps 10
     run 90 --cases a,c,b --fast lookahead_overlap=1
     run 70 --cases e
-    run 240 --cases a,c,b --fast compile=1 ;;
+    run 240 --cases a,c,b --fast compile=1 --profile 10 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
