@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 6 (<= 520 s): the default in full runs with the plain path, look-ahead
-#                                       # on a second stream in full runs, expansion without look-ahead, compile
-#                                       # with channels-last (its GroupNorm kernels take NHWC; compiling ~150 s)
+#   bash benchmarks/gpu_run.sh          # run 6 (<= 560 s): the default in full runs with the plain path, look-ahead
+#                                       # on a second stream and look-ahead of 8 rows in full runs, expansion
+#                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
+#                                       # take NHWC; compiling ~150 s)
 #   bash benchmarks/gpu_run.sh run5     # run 5: the defaults of run 4's findings (channels-last and look-ahead on
 #                                       # GPUs) in full runs, the plain path and each switch turned back off over
 #                                       # as many steps, profiles of cases a and b
@@ -63,8 +64,8 @@ case "${1:-}" in
     run 70 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
   *)
     run 120 --cases a,c,b,g --compare --plain-steps 10
-    run 90 --cases a,c,b --fast lookahead_overlap=1
+    run 150 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
     run 70 --cases e
-    run 240 --cases a,c,b --fast compile=1 --profile 10 ;;
+    run 220 --cases a,c,b --fast compile=1 --profile 10 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
