@@ -51,6 +51,18 @@ def lookahead(distiller: Distiller, schedule: Sequence[int], inputs: Callable[[i
     return ReferenceLookahead(distiller, schedule, inputs, rows) if rows else None
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One second stream per device for the process: memory the caching allocator keeps for a stream
+    is reused only by that stream, so a new stream per run would hold its own cache each time."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class ReferenceLookahead:
     """``at(i)``: the :class:`Ahead` of step ``i``, computed with the next scheduled steps in one call.
 
@@ -71,18 +83,21 @@ class ReferenceLookahead:
         # overlap: the next call is made as soon as the current one is taken (on CUDA on a second
         # stream, running beside the current steps; elsewhere right away, which only reorders work)
         self.overlap = distiller.model.perf.lookahead_overlap if overlap is None else overlap
-        self.side = torch.cuda.Stream(distiller.model.device) if self.overlap and cuda else None
+        self.side = side_stream(distiller.model.device) if self.overlap and cuda else None
         self.position = {step: k for k, step in enumerate(self.schedule)}
         self.ahead: dict[int, Ahead] = {}
-        self.next: tuple[int, dict[int, Ahead], torch.cuda.Event | None] | None = None
+        # the prefetched call: (its start, its steps, the event it ends with, the stream that uses it)
+        self.next: tuple[int, dict[int, Ahead], torch.cuda.Event | None, torch.cuda.Stream | None] | None = None
 
     def at(self, step: int) -> Ahead:
         if step not in self.ahead:
             start = self.position[step]
             if self.next is not None and self.next[0] == start:
-                _, self.ahead, done = self.next
-                if done is not None:  # this stream's next kernels wait for the second stream's call
-                    torch.cuda.current_stream(self.side.device).wait_event(done)
+                _, self.ahead, done, main = self.next
+                if done is not None:  # the stream that uses it (recorded in _prefetch) waits for the call
+                    if torch.cuda.current_stream(self.side.device) != main:
+                        raise RuntimeError("look-ahead features prefetched for another CUDA stream")
+                    main.wait_event(done)
             else:
                 self.ahead = self._compute(start)
             self.next = None
@@ -91,10 +106,10 @@ class ReferenceLookahead:
                 self.next = self._prefetch(following)
         return self.ahead[step]
 
-    def _prefetch(self, start: int) -> tuple[int, dict[int, Ahead], torch.cuda.Event | None]:
+    def _prefetch(self, start: int):
         """The call starting at schedule position ``start``, issued now (on the second stream on CUDA)."""
         if self.side is None:
-            return start, self._compute(start), None
+            return start, self._compute(start), None, None
         main = torch.cuda.current_stream(self.side.device)
         self.side.wait_stream(main)  # the latents it reads were made on the main stream
         with torch.cuda.stream(self.side):
@@ -106,7 +121,7 @@ class ReferenceLookahead:
             for tensor in [ahead.ref, ahead.content, *reference.keys, *reference.values, *(queries or [])]:
                 if tensor is not None:
                     tensor.record_stream(main)
-        return start, chunk, done
+        return start, chunk, done, main
 
     def _compute(self, start: int) -> dict[int, Ahead]:
         steps, inputs = [], []
