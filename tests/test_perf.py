@@ -264,6 +264,10 @@ def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_co
                         plain.features[0].keys + plain.features[0].values + plain.features[1], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert ReferenceLookahead(Distiller(model), range(2), None, 4).pad is False  # CPU: no set-up to save
+    for ahead in out[True]:  # each step keeps only its own rows, not views of the whole call's features
+        reference, queries = ahead.features
+        for x in reference.keys + reference.values + queries:
+            assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
 
 @pytest.mark.parametrize("task", ["optimise", "sample"])
