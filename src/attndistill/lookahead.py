@@ -8,7 +8,9 @@ for the next few steps at once. On a GPU a batch of 8-16 costs little more
 than a batch of one, so the per-step reference call all but disappears. On a
 CPU a batch costs its size, so there it is off (``PerfOptions.lookahead_rows``).
 The inputs of each step are made in step order, so noise drawn from a
-generator comes out exactly as it would step by step.
+generator comes out exactly as it would step by step. With
+``PerfOptions.lookahead_overlap`` the next call runs on a second CUDA stream
+while the current steps run.
 """
 
 from __future__ import annotations
