@@ -119,7 +119,7 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
         t_prime = previous_timestep(int(timesteps[i]), scheduler)
         ref_t = noised(scheduler, ref_latents, t_prime, generator)
         content_t = None if content_latents is None else noised(scheduler, content_latents, t_prime, generator)
-        return t_prime, ref_t, content_t if distiller.content_weight > 0 else None
+        return t_prime, ref_t, content_t if used_content is not None else None
 
     schedule = [i for i, t in enumerate(timesteps) if start_t is None or int(t) < start_t]
     return lookahead(distiller, schedule, inputs, ref_latents, used_content, auto=auto)
