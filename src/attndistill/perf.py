@@ -26,7 +26,7 @@ PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "looka
 SMALL_CARD_GIB = 16
 #: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
 #: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (measured in full runs
-#: on an H200, run 5; 8 rows were as fast per step in 30-step runs and peaked 0.8 GB lower).
+#: on an H200, run 5; 8 rows were as fast per step in 30-step runs and peaked 0.7-1.0 GB lower).
 LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
