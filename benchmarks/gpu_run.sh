@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 6 (<= 560 s): the default in full runs with the plain path, look-ahead
-#                                       # on a second stream and look-ahead of 8 rows in full runs, expansion
+#   bash benchmarks/gpu_run.sh          # run 6 (<= 560 s): the default in full runs with the plain path (and the
+#                                       # peaks of lean look-ahead calls: CPU-counted 1.6 -> 0.8 GB per call), look-
+#                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
 #                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
 #                                       # take NHWC; compiling ~150 s)
 #   bash benchmarks/gpu_run.sh run5     # run 5: the defaults of run 4's findings (channels-last and look-ahead on

@@ -64,3 +64,28 @@ def test_full_size_layer_discovery_on_meta(configs_dir, config, count, last_six)
     assert next(unet.parameters()).is_meta  # nothing allocated
     # call order: down blocks, then mid, then up
     assert names[0].startswith("down_blocks") and names[-1].startswith("up_blocks")
+
+
+def test_a_call_keeping_part_of_each_layer_lets_the_rest_go_during_the_forward(tiny_sd15):
+    """``Distiller.features(keep=...)``: what a layer's ``keep`` drops is freed before the forward ends,
+    so a no-grad call over many rows never holds every row's queries, keys, values and outputs at once."""
+    import gc
+    import weakref
+
+    from attndistill.engine import Distiller
+
+    dropped: list[weakref.ref] = []
+    alive_at_each_layer: list[int] = []
+
+    def keep(f):
+        gc.collect()
+        alive_at_each_layer.append(sum(r() is not None for r in dropped))
+        dropped.extend(weakref.ref(x) for x in (f.q, f.v, f.o))
+        return f.k.clone()
+
+    with Distiller(tiny_sd15) as distiller, torch.no_grad():
+        keys = distiller.features(torch.randn(3, 4, 8, 8), torch.tensor(500), keep=keep)
+        full = distiller.features(torch.randn(3, 4, 8, 8), torch.tensor(500))
+    assert len(keys) == len(distiller.layers) and all(k.shape[0] == 3 for k in keys)
+    assert alive_at_each_layer == [0] * len(keys)  # the earlier layers' dropped tensors were already freed
+    assert all(isinstance(f.o, torch.Tensor) for f in full)  # without keep: every layer's four tensors

@@ -130,9 +130,9 @@ class _CountFeatureCalls:
         self.batches: list[int] = []
         original = Distiller.features
 
-        def features(distiller, latents, t):
+        def features(distiller, latents, t, **kwargs):
             self.batches.append(latents.shape[0])
-            return original(distiller, latents, t)
+            return original(distiller, latents, t, **kwargs)
 
         monkeypatch.setattr(Distiller, "features", features)
 
@@ -359,3 +359,36 @@ def test_graph_cache_keeps_a_bounded_number_of_each_kind():
     assert [k[1] for k in graphs if k[0] == "stepper"] == list(range(2, MAX_CACHED_GRAPHS + 2))
     assert [k[1] for k in graphs if k[0] == "predict"] == list(range(2, MAX_CACHED_GRAPHS + 2))
     assert [k for k in graphs if k[0] == "reference"] == [("reference", 0)]
+
+
+def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features(model, monkeypatch):
+    """A look-ahead call is no-grad and many rows wide: its feed-forward layers (the largest transient)
+    run a few rows at a time through diffusers' chunking, only inside the call, with the same features."""
+    from attndistill import features as feature_module
+    from attndistill.features import chunk_rows
+    from attndistill.lookahead import ReferenceLookahead
+
+    assert [chunk_rows(16, 64 * 64), chunk_rows(16, 128 * 128), chunk_rows(6, 64 * 64), chunk_rows(7, 64 * 64),
+            chunk_rows(16, 32 * 32)] == [4, 1, 3, 1, 16]
+    model.set_perf(PerfOptions.plain())
+    ff = next(m.ff for m in model.unet.modules() if hasattr(m, "set_chunk_feed_forward"))
+    seen: list[int] = []
+    hook = ff.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    features = {}
+    try:
+        for pixels in (10**9, 2 * 8 * 8):  # one chunk; chunks of 2 rows of 8x8 latents
+            monkeypatch.setattr(feature_module, "FEED_FORWARD_CHUNK_PIXELS", pixels)
+            seen.clear()
+            with Distiller(model, content_weight=0.25) as distiller:
+                ahead = ReferenceLookahead(distiller, range(3), lambda i: (900 - 300 * i, z_ref, z_c), 6)
+                features[pixels] = [ahead.at(i).features for i in range(3)]
+                chunks = list(seen)
+                distiller.features(torch.randn(6, 4, 8, 8).requires_grad_(), torch.tensor(500))  # grad: whole
+            assert seen[len(chunks):] == [6]
+            assert chunks == ([6] if pixels > 10**6 else [2, 2, 2])
+    finally:
+        hook.remove()
+    for (ref_a, q_a), (ref_b, q_b) in zip(features[10**9], features[2 * 8 * 8], strict=True):
+        for a, b in zip(ref_a.keys + ref_a.values + q_a, ref_b.keys + ref_b.values + q_b, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

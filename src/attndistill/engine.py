@@ -20,14 +20,22 @@ import contextlib
 import logging
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import NonFiniteError, UserError
-from .features import LayerFeatures, StopForward, capture, default_layers, discover_self_attention_layers
+from .features import (
+    LayerFeatures,
+    StopForward,
+    capture,
+    chunk_rows,
+    default_layers,
+    discover_self_attention_layers,
+    feed_forward_chunks,
+)
 from .losses import ad_loss, concat_references, content_loss, label_mask
 from .models import Conditioning, DiffusionModel
 from .stepper import EagerStepper, StaticReference, StaticStepper
@@ -137,6 +145,7 @@ class Distiller:
     # -- capture lifetime ---------------------------------------------------------------------------
 
     def __enter__(self) -> Distiller:
+        self._blocks = [m for m in self.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
         self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
         self.store = self._ctx.__enter__()
         return self
@@ -218,17 +227,28 @@ class Distiller:
 
     # -- features --------------------------------------------------------------------------------------
 
-    def features(self, latents: torch.Tensor, t: torch.Tensor | int) -> list[LayerFeatures]:
+    def features(self, latents: torch.Tensor, t: torch.Tensor | int, *,
+                 keep: Callable[[LayerFeatures], object] | None = None) -> list:
         """Features of ``latents`` (B, 4, h, w) at timestep ``t`` with the null conditioning.
 
-        Gradients flow when the caller is in grad mode and ``latents`` requires grad.
+        Gradients flow when the caller is in grad mode and ``latents`` requires grad. ``keep``: what to
+        keep of each layer as it is recorded (default: its :class:`LayerFeatures`); the rest is freed
+        while the forward goes on. A no-grad call of many rows runs its feed-forward layers a few rows
+        at a time (:func:`~attndistill.features.chunk_rows`).
         """
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
         self.store.clear()
-        with contextlib.suppress(StopForward):  # the rest of the UNet is not needed
-            self.model.predict(latents, t, self.null)
-        return self.store.take()
+        self.store.keep = keep
+        rows = latents.shape[0] if torch.is_grad_enabled() else chunk_rows(latents.shape[0], latents[0, 0].numel())
+        chunks = feed_forward_chunks(self._blocks, rows) if rows < latents.shape[0] else contextlib.nullcontext()
+        try:
+            with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
+                self.model.predict(latents, t, self.null)
+            return self.store.take()
+        finally:
+            self.store.keep = None
+            self.store.clear()
 
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
                        content_latents: torch.Tensor | None = None, *, key=None,
@@ -254,24 +274,30 @@ class Distiller:
         self._pending, self.reference, self.content_queries = pending, reference, content_queries
 
     def compute_reference(self) -> None:
-        """Reference (and content) features of the current timestep, under no-grad, in their own call(s)."""
+        """Reference (and content) features of the current timestep, under no-grad, in their own call(s).
+
+        Each call keeps what the loss uses: the reference rows' keys and values, the content rows'
+        queries (views: under CUDA graphs a copy would cost kernels in every replay).
+        """
         t, z_ref, z_c = self._pending
+        r = z_ref.shape[0]
         with torch.no_grad():
             if z_c is not None and self.batch_references and z_c.shape[-2:] == z_ref.shape[-2:]:
                 # reference and content share one no-grad call
-                feats = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t)
-                r = z_ref.shape[0]
-                ref_feats = [select_rows(f, 0, r) for f in feats]
-                content_feats = [select_rows(f, r, None) for f in feats]
-            else:
-                ref_feats = self.features(z_ref, t)
-                content_feats = self.features(z_c, t) if z_c is not None else None
-        self._set_reference(ref_feats, content_feats)
+                kept = self.features(torch.cat([z_ref, z_c.to(z_ref.dtype)]), t,
+                                     keep=lambda f: (f.k[:r], f.v[:r], f.q[r:]))
+                self._set_reference([k for k, _, _ in kept], [v for _, v, _ in kept], [q for _, _, q in kept])
+                return
+            kept = self.features(z_ref, t, keep=lambda f: (f.k, f.v))
+            queries = self.features(z_c, t, keep=lambda f: f.q) if z_c is not None else None
+        self._set_reference([k for k, _ in kept], [v for _, v in kept], queries)
 
-    def _set_reference(self, ref_feats: list[LayerFeatures], content_feats: list[LayerFeatures] | None) -> None:
-        self.reference = Reference([concat_references(f.k.detach()) for f in ref_feats],
-                                   [concat_references(f.v.detach()) for f in ref_feats])
-        self.content_queries = [f.q.detach() for f in content_feats] if content_feats is not None else None
+    def _set_reference(self, keys: list[torch.Tensor], values: list[torch.Tensor],
+                       content_queries: list[torch.Tensor] | None) -> None:
+        """Adopt the reference rows' keys and values (R, h, N, d) and the content rows' queries, per layer."""
+        self.reference = Reference([concat_references(k.detach()) for k in keys],
+                                   [concat_references(v.detach()) for v in values])
+        self.content_queries = [q.detach() for q in content_queries] if content_queries is not None else None
 
     def loss(self, z: torch.Tensor) -> torch.Tensor:
         """Total loss ``L_AD + lambda * L_content`` of target latents ``z`` (B, 4, h, w) at the current timestep."""
@@ -288,8 +314,9 @@ class Distiller:
             parts = ([z_ref.detach()] if same_size else []) + ([z_c.detach()] if z_c is not None else []) + [z]
             feats = self.features(torch.cat([p.to(z.dtype) for p in parts]), t)
             r, c = (z_ref.shape[0] if same_size else 0), (z_c.shape[0] if z_c is not None else 0)
-            self._set_reference(ref_feats or [select_rows(f, 0, r) for f in feats],
-                                [select_rows(f, r, r + c) for f in feats] if z_c is not None else None)
+            ref_feats = ref_feats or [select_rows(f, 0, r) for f in feats]
+            self._set_reference([f.k for f in ref_feats], [f.v for f in ref_feats],
+                                [f.q[r:r + c] for f in feats] if z_c is not None else None)
             target = [select_rows(f, r + c, None) for f in feats]
         else:
             if self.reference is None:

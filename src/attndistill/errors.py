@@ -22,8 +22,8 @@ class NonFiniteError(UserError):
 
 #: What helps when the GPU runs out of memory (the same advice in the CLI, the batch runner and the web UI).
 OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at once (--num, a smaller --view-batch "
-              "or batch --group), --gradient-checkpointing, --attention-slicing, --offload-text-encoders or "
-              "--cpu-offload, or --device cpu")
+              "or batch --group), --gradient-checkpointing, --attention-slicing, --offload-text-encoders, "
+              "--lookahead-batch 1 or --cpu-offload, or --device cpu")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -6,7 +6,7 @@ never through a patched ``forward``; the originals come back in ``finally``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,13 +35,18 @@ class FeatureStore:
     layers: tuple[int, ...]  # positions (in call order) of the recorded layers
     early_exit: bool = False  # stop the forward after the last recorded layer
     active: bool = True  # False: processors behave exactly like the default one and record nothing
-    features: dict[int, LayerFeatures] = field(default_factory=dict)
+    # what to keep of each layer as it is recorded (None: all four tensors). A no-grad call keeping only
+    # what it uses lets the rest go while the forward goes on: 16 look-ahead rows of SD 1.5 record
+    # about 720 MiB of queries, keys, values and outputs, of which a step uses its reference rows'
+    # keys and values and its content rows' queries
+    keep: Callable[[LayerFeatures], object] | None = None
+    features: dict[int, object] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.features = {}
 
-    def take(self) -> list[LayerFeatures]:
-        """The recorded layers in order, then clear."""
+    def take(self) -> list:
+        """The recorded layers in order (what ``keep`` made of them), then clear."""
         missing = [i for i in self.layers if i not in self.features]
         if missing:
             raise RuntimeError(f"self-attention layers {missing} were not called during the UNet forward")
@@ -107,7 +112,9 @@ class CaptureProcessor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)  # (B, heads, N, d)
         if self.store.active:
-            self.store.features[self.position] = LayerFeatures(query, key, value, out)
+            recorded = LayerFeatures(query, key, value, out)
+            keep = self.store.keep
+            self.store.features[self.position] = recorded if keep is None else keep(recorded)
             if self.last and self.store.early_exit:
                 raise StopForward
 
@@ -119,6 +126,34 @@ class CaptureProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+#: Latent pixels of one feed-forward chunk in a no-grad feature call: 4 rows of SD 1.5's 64x64 latents,
+#: 1 of SDXL's 128x128. Without a backward to keep activations for, a call's peak is its largest
+#: transient, the feed-forward's (GEGLU widens each token eightfold); in chunks, a 16-row look-ahead
+#: call of SD 1.5 peaked at half the memory (benchmarks/lookahead_memory.py, RESULTS.md).
+FEED_FORWARD_CHUNK_PIXELS = 4 * 64 * 64
+
+
+def chunk_rows(rows: int, latent_pixels: int) -> int:
+    """Rows per feed-forward chunk: the largest divisor of ``rows`` holding at most
+    :data:`FEED_FORWARD_CHUNK_PIXELS` of latent (at least one row)."""
+    fits = max(1, FEED_FORWARD_CHUNK_PIXELS // latent_pixels)
+    return max(d for d in range(1, min(rows, fits) + 1) if rows % d == 0)
+
+
+@contextmanager
+def feed_forward_chunks(blocks: Sequence, rows: int) -> Iterator[None]:
+    """The transformer ``blocks``' feed-forward layers in chunks of ``rows`` batch rows inside the
+    ``with`` block (diffusers' ``set_chunk_feed_forward``): the same arithmetic per row, a fraction of
+    the transient memory."""
+    for block in blocks:
+        block.set_chunk_feed_forward(rows, dim=0)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_chunk_feed_forward(None, dim=0)
 
 
 class _CallOrderProcessor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import Distiller, Reference, select_rows
+from .engine import Distiller, Reference
 from .features import LayerFeatures
 from .losses import concat_references
 
@@ -142,37 +142,51 @@ class ReferenceLookahead:
                 break
         filler = [inputs[-1]] * (max(1, self.batch // rows) - len(inputs)) if self.pad else []
         with torch.no_grad():  # filler: copies of the last step, so that a run has one batch shape
-            features = self._features(inputs + filler)
+            features = self._features(inputs + filler, len(steps))
         return {step: Ahead(t, ref, content, feats)
-                for step, (t, ref, content), feats in zip(steps, inputs, features[:len(steps)], strict=True)}
+                for step, (t, ref, content), feats in zip(steps, inputs, features, strict=True)}
 
-    def _features(self, inputs: list[StepInputs]) -> list[tuple[Reference, list[torch.Tensor] | None]]:
+    def _features(self, inputs: list[StepInputs], steps: int) -> list[tuple[Reference, list[torch.Tensor] | None]]:
+        """Features of the first ``steps`` of ``inputs`` (the rest fill the call up and are dropped).
+
+        Each layer keeps, as the call records it, copies of the rows each step uses (its reference
+        rows' keys and values, its content rows' queries) and lets the rest go: the call's own
+        queries, keys, values and outputs of every row (about 720 MiB for 16 rows of SD 1.5 at 512²) never
+        pile up, and a step's copies do not keep the others alive.
+        """
         r = inputs[0][1].shape[0]
         content = inputs[0][2]
         ts = [t for t, _, _ in inputs]
         if content is not None and content.shape[-2:] == inputs[0][1].shape[-2:]:
-            # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
-            per = r + content.shape[0]
-            feats = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], ts)
-            refs = [[select_rows(f, j * per, j * per + r) for f in feats] for j in range(len(inputs))]
-            queries = [[select_rows(f, j * per + r, (j + 1) * per).q for f in feats] for j in range(len(inputs))]
-        else:
-            feats = self._call([ref for _, ref, _ in inputs], ts)
-            refs = [[select_rows(f, j * r, (j + 1) * r) for f in feats] for j in range(len(inputs))]
-            queries = [None] * len(inputs)
-            if content is not None:
-                c = content.shape[0]
-                cfeats = self._call([c_ for _, _, c_ in inputs], ts)
-                queries = [[select_rows(f, j * c, (j + 1) * c).q for f in cfeats] for j in range(len(inputs))]
-        # copies of the rows each step uses: views would keep the whole call's features (every row's
-        # queries, keys and values, about 0.56 GB for 16 rows of SD 1.5) alive until the last step
-        return [(Reference([_own(concat_references(f.k)) for f in ref], [_own(concat_references(f.v)) for f in ref]),
-                 None if q is None else [_own(x) for x in q])
-                for ref, q in zip(refs, queries, strict=True)]
+            per = r + content.shape[0]  # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
+            kept = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], ts,
+                              keep=lambda f: [(_keys_values(f, j * per, r), _own(f.q[j * per + r:(j + 1) * per]))
+                                              for j in range(steps)])
+            return [(_reference([layer[j][0] for layer in kept]), [layer[j][1] for layer in kept])
+                    for j in range(steps)]
+        kept = self._call([ref for _, ref, _ in inputs], ts,
+                          keep=lambda f: [_keys_values(f, j * r, r) for j in range(steps)])
+        queries: list[list[torch.Tensor] | None] = [None] * steps
+        if content is not None:
+            c = content.shape[0]
+            by_layer = self._call([c_ for _, _, c_ in inputs], ts,
+                                  keep=lambda f: [_own(f.q[j * c:(j + 1) * c]) for j in range(steps)])
+            queries = [[layer[j] for layer in by_layer] for j in range(steps)]
+        return [(_reference([layer[j] for layer in kept]), queries[j]) for j in range(steps)]
 
-    def _call(self, latents: list[torch.Tensor], ts: list[int]) -> list[LayerFeatures]:
-        """Features of the concatenated ``latents``, each block at its own timestep."""
+    def _call(self, latents: list[torch.Tensor], ts: list[int], *, keep) -> list:
+        """What ``keep`` makes of each layer's features of the concatenated ``latents``, each block at
+        its own timestep."""
         device = latents[0].device
         t = torch.cat([torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
                        for x, t in zip(latents, ts, strict=True)])
-        return self.distiller.features(torch.cat(latents), t)
+        return self.distiller.features(torch.cat(latents), t, keep=keep)
+
+
+def _keys_values(f: LayerFeatures, start: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Own copies of the keys and values of reference rows ``start:start+rows``, references concatenated."""
+    return (_own(concat_references(f.k[start:start + rows])), _own(concat_references(f.v[start:start + rows])))
+
+
+def _reference(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Reference:
+    return Reference([k for k, _ in layers], [v for _, v in layers])
