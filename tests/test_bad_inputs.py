@@ -380,8 +380,9 @@ def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
 
     exc = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "--gradient-checkpointing" in _describe(exc)
-    ui = error_message(exc)
-    assert "ran out of memory" in ui and "gradient-checkpointing" in ui and "--" not in ui
+    ui = error_message(exc)  # the page's own fields by their labels; the server's switches with its command
+    assert "ran out of memory" in ui and "fewer Images" in ui and "Views per batch" in ui
+    assert "attndistill ui --gradient-checkpointing" in ui and "--num" not in ui and "--view-batch" not in ui
 
 
 @pytest.mark.parametrize("preview,expected", [("{tmp}/missing/peek.png", "does not exist; create it first"),

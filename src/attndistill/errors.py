@@ -26,6 +26,12 @@ OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at on
               "--lookahead-batch 1 or --cpu-offload, or --device cpu")
 
 
+#: The web UI's version: the page has fields for size and image count; the switches are the server's.
+UI_OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer Images or fewer Views per batch, or start "
+                 "the UI again with memory switches, e.g. attndistill ui --gradient-checkpointing --attention-slicing "
+                 "--offload-text-encoders --lookahead-batch 1 (or --cpu-offload, or --device cpu)")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA (or other device) out-of-memory error, whatever its exact type."""
     import torch

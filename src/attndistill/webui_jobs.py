@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .errors import UI_OOM_ADVICE, UserError, is_out_of_memory
 from .images import to_pil
 from .models import DEFAULT_MODEL, DiffusionModel, load_model
 from .optimize import StepInfo
@@ -264,7 +264,7 @@ def error_message(exc: BaseException) -> str:
         return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else ""
     if is_out_of_memory(exc):
-        return OOM_ADVICE.replace("--", "")  # the page's fields, not CLI flags
+        return UI_OOM_ADVICE
     if isinstance(exc, ImportError):
         return f"this task is not available in this installation ({text})"
     log.error("unexpected error in a web UI job", exc_info=exc)
