@@ -392,3 +392,16 @@ def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features
     for (ref_a, q_a), (ref_b, q_b) in zip(features[10**9], features[2 * 8 * 8], strict=True):
         for a, b in zip(ref_a.keys + ref_a.values + q_a, ref_b.keys + ref_b.values + q_b, strict=True):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("switch", ["gradient_checkpointing", "attention_slicing"])
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_memory_switches_keep_the_optimised_latent_and_image(model, switch, early_exit):
+    """Recomputing activations in the backward pass, or attention in slices, changes no result, also
+    where the forward stops after the last captured layer (inside a checkpointed block)."""
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    plain = _run(model, PerfOptions.plain(), z_c, z_ref, z_c, steps=10, iters=2)
+    lean = _run(model, replace(PerfOptions.plain(), early_exit=early_exit, **{switch: True}), z_c, z_ref, z_c,
+                steps=10, iters=2)
+    torch.testing.assert_close(lean, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.decode(lean), model.decode(plain), atol=1e-4, rtol=0)
