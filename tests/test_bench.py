@@ -60,3 +60,25 @@ def test_flop_counts_follow_the_programs(tiny_sd15):
     case = flops.cases(counts, None)
     assert case["c"]["gflop_per_step"] == pytest.approx(counts["reference_b1"] + counts["iteration_b1"], abs=0.1)
     assert case["g one by one"]["tflop"] > case["g"]["tflop"]  # the batch shares the style's features
+
+
+def test_lookahead_memory_reads_a_calls_peak_and_what_it_keeps(tiny_sd15):
+    """``benchmarks/lookahead_memory.py`` reads allocations from the profiler: a transient counts in the
+    peak only, what outlives the call in both; and its measured calls still run."""
+    import torch
+
+    path = Path(__file__).parent.parent / "benchmarks" / "lookahead_memory.py"
+    spec = importlib.util.spec_from_file_location("lookahead_memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    kept = []
+
+    def work():
+        transient = torch.ones(250_000)  # 1,000,000 bytes, freed on return
+        kept.append(transient[:1000].clone())  # 4,000 bytes that outlive the call
+
+    peak, end = memory.allocations(work)
+    assert end == 4000 and peak >= 1_004_000
+    for line in (memory.lookahead_call(tiny_sd15, rows=4, side=8, content=True),
+                 memory.reference_call(tiny_sd15, side=8, contents=2)):
+        assert line["peak_mb"] >= line["kept_mb"] >= 0 and line["steps_per_call"] >= 1
