@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 6 (<= 560 s): the default in full runs with the plain path (and the
-#                                       # peaks of lean look-ahead calls: CPU-counted 1.6 -> 0.8 GB per call), look-
+#   bash benchmarks/gpu_run.sh          # run 6 (<= 570 s): the default in full runs with the plain path and without
+#                                       # look-ahead (the peaks of lean look-ahead calls: CPU-counted 1.6 -> 0.8 GB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
 #                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
 #                                       # take NHWC; compiling ~150 s)
@@ -64,8 +64,8 @@ case "${1:-}" in
     run 80 --cases d --fast offload_text_encoders=1 --variant-steps 15 --variant lookahead_batch=1
     run 70 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
   *)
-    run 120 --cases a,c,b,g --compare --plain-steps 10
-    run 150 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
+    run 140 --cases a,c,b,g --compare --plain-steps 10 --variant lookahead_batch=1 --variant-steps 30
+    run 140 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
     run 70 --cases e
     run 220 --cases a,c,b --fast compile=1 --profile 10 ;;
 esac
