@@ -89,3 +89,24 @@ def test_a_call_keeping_part_of_each_layer_lets_the_rest_go_during_the_forward(t
     assert len(keys) == len(distiller.layers) and all(k.shape[0] == 3 for k in keys)
     assert alive_at_each_layer == [0] * len(keys)  # the earlier layers' dropped tensors were already freed
     assert all(isinstance(f.o, torch.Tensor) for f in full)  # without keep: every layer's four tensors
+
+
+def test_feed_forward_chunks_come_back_as_the_caller_set_them(tiny_sd15):
+    from attndistill.features import feed_forward_chunks
+
+    blocks = [m for m in tiny_sd15.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    ff = blocks[0].ff
+    seen: list[tuple[int, ...]] = []
+    hook = ff.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    blocks[0].set_chunk_feed_forward(32, dim=1)  # a user's own chunking: 32 tokens at a time
+    try:
+        with torch.no_grad():
+            with feed_forward_chunks(blocks, 1):
+                tiny_sd15.predict(torch.randn(2, 4, 8, 8), torch.tensor(500), tiny_sd15.null_condition())
+            inside, seen[:] = list(seen), []
+            tiny_sd15.predict(torch.randn(2, 4, 8, 8), torch.tensor(500), tiny_sd15.null_condition())
+    finally:
+        blocks[0].set_chunk_feed_forward(None, dim=0)
+        hook.remove()
+    assert inside == [(1, 64), (1, 64)]  # one row at a time inside
+    assert seen == [(2, 32), (2, 32)]  # the user's chunks afterwards

@@ -239,10 +239,11 @@ class Distiller:
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
         self.store.clear()
-        self.store.keep = keep
-        rows = latents.shape[0] if torch.is_grad_enabled() else chunk_rows(latents.shape[0], latents[0, 0].numel())
-        chunks = feed_forward_chunks(self._blocks, rows) if rows < latents.shape[0] else contextlib.nullcontext()
         try:
+            self.store.keep = keep
+            b = latents.shape[0]
+            rows = b if torch.is_grad_enabled() else chunk_rows(b, latents.shape[-2] * latents.shape[-1])
+            chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
                 self.model.predict(latents, t, self.null)
             return self.store.take()
@@ -310,12 +311,12 @@ class Distiller:
             ref_feats = None
             if not same_size:
                 with torch.no_grad():
-                    ref_feats = self.features(z_ref, t)
+                    ref_feats = self.features(z_ref, t, keep=lambda f: (f.k, f.v))
             parts = ([z_ref.detach()] if same_size else []) + ([z_c.detach()] if z_c is not None else []) + [z]
             feats = self.features(torch.cat([p.to(z.dtype) for p in parts]), t)
             r, c = (z_ref.shape[0] if same_size else 0), (z_c.shape[0] if z_c is not None else 0)
-            ref_feats = ref_feats or [select_rows(f, 0, r) for f in feats]
-            self._set_reference([f.k for f in ref_feats], [f.v for f in ref_feats],
+            keys_values = ref_feats or [(f.k[:r], f.v[:r]) for f in feats]
+            self._set_reference([k for k, _ in keys_values], [v for _, v in keys_values],
                                 [f.q[r:r + c] for f in feats] if z_c is not None else None)
             target = [select_rows(f, r + c, None) for f in feats]
         else:

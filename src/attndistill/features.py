@@ -146,14 +146,15 @@ def chunk_rows(rows: int, latent_pixels: int) -> int:
 def feed_forward_chunks(blocks: Sequence, rows: int) -> Iterator[None]:
     """The transformer ``blocks``' feed-forward layers in chunks of ``rows`` batch rows inside the
     ``with`` block (diffusers' ``set_chunk_feed_forward``): the same arithmetic per row, a fraction of
-    the transient memory."""
+    the transient memory. A chunking the caller had set up comes back afterwards."""
+    before = [(getattr(block, "_chunk_size", None), getattr(block, "_chunk_dim", 0)) for block in blocks]
     for block in blocks:
         block.set_chunk_feed_forward(rows, dim=0)
     try:
         yield
     finally:
-        for block in blocks:
-            block.set_chunk_feed_forward(None, dim=0)
+        for block, (size, dim) in zip(blocks, before, strict=True):
+            block.set_chunk_feed_forward(size, dim=dim)
 
 
 class _CallOrderProcessor:
