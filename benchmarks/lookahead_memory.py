@@ -10,6 +10,7 @@ full-size SD 1.5 architecture with random weights. Example::Example::
 
     python benchmarks/lookahead_memory.py                     # 16 rows at 512², cases a, c and g, bf16
     python benchmarks/lookahead_memory.py --rows 8 --size 256
+    python benchmarks/lookahead_memory.py --cases g --contents 1    # case a's per-step reference call
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def lookahead_call(model, *, rows: int, side: int, content: bool) -> dict:
 
 
 def reference_call(model, *, side: int, contents: int = 8) -> dict:
-    """Peak and kept bytes of case g's per-step reference call: the style and 8 contents in one no-grad call."""
+    """Peak and kept bytes of case g's per-step reference call: the style and its contents in one no-grad
+    call (with one content: the per-step reference program of case a without look-ahead)."""
     g = torch.Generator().manual_seed(0)
     z_ref = torch.randn(1, 4, side, side, generator=g).to(model.dtype)
     z_content = torch.randn(contents, 4, side, side, generator=g).to(model.dtype)
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=512, help="image side in pixels (latent: size / 8)")
     p.add_argument("--cases", default="a,c,g", help="a: look-ahead of reference + content rows; c: of reference "
                    "rows only; g: one step's reference call with 8 contents (no look-ahead)")
+    p.add_argument("--contents", type=int, default=8, help="content rows of case g's reference call")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--chunk-pixels", type=int, default=None,
                    help="latent pixels per feed-forward chunk (default: the library's; 0: no chunks)")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     model = full_size_model("sd15", args.configs, device="cpu", dtype=dtype)
     for case in args.cases.split(","):
         side = args.size // 8
-        line = (reference_call(model, side=side) if case == "g"
+        line = (reference_call(model, side=side, contents=args.contents) if case == "g"
                 else lookahead_call(model, rows=args.rows, side=side, content=case == "a"))
         chunk_pixels = getattr(features, "FEED_FORWARD_CHUNK_PIXELS", None)  # None: code before chunking
         print(json.dumps({**line, "chunk_pixels": chunk_pixels, "device": "cpu", "code": code_digest()}), flush=True)
