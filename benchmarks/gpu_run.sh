@@ -2,7 +2,7 @@
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
 #   bash benchmarks/gpu_run.sh          # run 6 (<= 570 s): the default in full runs with the plain path and without
-#                                       # look-ahead (the peaks of lean look-ahead calls: CPU-counted 1.6 -> 0.8 GB), look-
+#                                       # look-ahead (the peaks of lean look-ahead calls: on the CPU 1601 -> 801 MiB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
 #                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
 #                                       # take NHWC; compiling ~150 s)

@@ -9,6 +9,7 @@ total, so a call's peak and the bytes alive after it are read from its trace. Th
 full-size SD 1.5 architecture with random weights. Example::Example::
 
     python benchmarks/lookahead_memory.py                     # 16 rows at 512², cases a, c and g, bf16
+    python benchmarks/lookahead_memory.py --cases d           # SDXL: 4 rows at 1024²
     python benchmarks/lookahead_memory.py --rows 8 --size 256
     python benchmarks/lookahead_memory.py --cases g --contents 1    # case a's per-step reference call
 """
@@ -56,8 +57,8 @@ def allocations(fn) -> tuple[int, int]:
     return max(totals), totals[-1]
 
 
-def lookahead_call(model, *, rows: int, side: int, content: bool) -> dict:
-    """Peak and kept bytes of the first look-ahead call of a run shaped like case a (content) or c."""
+def lookahead_call(model, *, rows: int, side: int, content: bool, case: str) -> dict:
+    """Peak and kept bytes of the first look-ahead call of a run shaped like case a (content), c or d."""
     g = torch.Generator().manual_seed(0)
     z_ref = torch.randn(1, 4, side, side, generator=g).to(model.dtype)
     z_content = torch.randn(1, 4, side, side, generator=g).to(model.dtype) if content else None
@@ -67,11 +68,12 @@ def lookahead_call(model, *, rows: int, side: int, content: bool) -> dict:
     def inputs(i: int):
         return 999 - 5 * i, z_ref, z_content
 
-    distiller = Distiller(model, content_weight=0.25 if content else 0.0)
+    size = (side * model.vae_scale_factor,) * 2 if model.kind == "sdxl" else None
+    distiller = Distiller(model, content_weight=0.25 if content else 0.0, condition_size=size)
     with distiller:
         ahead = ReferenceLookahead(distiller, list(range(steps)), inputs, rows, pad=False, overlap=False)
         peak, kept = allocations(lambda: ahead.at(0))
-    return {"case": "a" if content else "c", "rows": rows, "steps_per_call": steps, "latent": side,
+    return {"case": case, "rows": rows, "steps_per_call": steps, "latent": side,
             "dtype": str(model.dtype).removeprefix("torch."), "peak_mb": round(peak / MB, 1),
             "kept_mb": round(kept / MB, 1)}
 
@@ -94,10 +96,12 @@ def reference_call(model, *, side: int, contents: int = 8) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=16, help="rows of the look-ahead call")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (latent: size / 8)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="rows of the look-ahead call (default: the library's automatic 16 for SD 1.5, 4 for SDXL)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512, SDXL 1024)")
     p.add_argument("--cases", default="a,c,g", help="a: look-ahead of reference + content rows; c: of reference "
-                   "rows only; g: one step's reference call with 8 contents (no look-ahead)")
+                   "rows only; g: one step's reference call with 8 contents (no look-ahead); d: SDXL look-ahead "
+                   "of reference rows (T2I)")
     p.add_argument("--contents", type=int, default=8, help="content rows of case g's reference call")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--chunk-pixels", type=int, default=None,
@@ -108,13 +112,20 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.chunk_pixels is not None:
         features.FEED_FORWARD_CHUNK_PIXELS = args.chunk_pixels or 2**62
-    model = full_size_model("sd15", args.configs, device="cpu", dtype=dtype)
+    models = {}
     for case in args.cases.split(","):
-        side = args.size // 8
+        kind = "sdxl" if case == "d" else "sd15"
+        if kind not in models:
+            models.clear()  # one full-size model in memory at a time
+            models[kind] = full_size_model(kind, args.configs, device="cpu", dtype=dtype)
+        model = models[kind]
+        side = (args.size or model.native_size) // model.vae_scale_factor
+        rows = args.rows or 16 * 64 * 64 // (side * side)
         line = (reference_call(model, side=side, contents=args.contents) if case == "g"
-                else lookahead_call(model, rows=args.rows, side=side, content=case == "a"))
+                else lookahead_call(model, rows=rows, side=side, content=case == "a", case=case))
         chunk_pixels = getattr(features, "FEED_FORWARD_CHUNK_PIXELS", None)  # None: code before chunking
-        print(json.dumps({**line, "chunk_pixels": chunk_pixels, "device": "cpu", "code": code_digest()}), flush=True)
+        print(json.dumps({**line, "model": kind, "chunk_pixels": chunk_pixels, "device": "cpu",
+                          "code": code_digest()}), flush=True)
 
 
 if __name__ == "__main__":

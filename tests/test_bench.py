@@ -62,7 +62,7 @@ def test_flop_counts_follow_the_programs(tiny_sd15):
     assert case["g one by one"]["tflop"] > case["g"]["tflop"]  # the batch shares the style's features
 
 
-def test_lookahead_memory_reads_a_calls_peak_and_what_it_keeps(tiny_sd15):
+def test_lookahead_memory_reads_a_calls_peak_and_what_it_keeps(tiny_sd15, tiny_sdxl):
     """``benchmarks/lookahead_memory.py`` reads allocations from the profiler: a transient counts in the
     peak only, what outlives the call in both; and its measured calls still run."""
     import torch
@@ -79,6 +79,7 @@ def test_lookahead_memory_reads_a_calls_peak_and_what_it_keeps(tiny_sd15):
 
     peak, end = memory.allocations(work)
     assert end == 4000 and peak >= 1_004_000
-    for line in (memory.lookahead_call(tiny_sd15, rows=4, side=8, content=True),
-                 memory.reference_call(tiny_sd15, side=8, contents=2)):
+    for line in (memory.lookahead_call(tiny_sd15, rows=4, side=8, content=True, case="a"),
+                 memory.reference_call(tiny_sd15, side=8, contents=2),
+                 memory.lookahead_call(tiny_sdxl, rows=2, side=8, content=False, case="d")):
         assert line["peak_mb"] >= line["kept_mb"] >= 0 and line["steps_per_call"] >= 1
