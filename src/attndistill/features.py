@@ -131,7 +131,7 @@ class CaptureProcessor:
 #: Latent pixels of one feed-forward chunk in a no-grad feature call: 4 rows of SD 1.5's 64x64 latents,
 #: 1 of SDXL's 128x128. Without a backward to keep activations for, a call's peak is its largest
 #: transient, the feed-forward's (GEGLU widens each token eightfold); in chunks, a 16-row look-ahead
-#: call of SD 1.5 peaked at half the memory (benchmarks/lookahead_memory.py, RESULTS.md).
+#: call of SD 1.5 at 512² peaked at 801 MiB instead of 1,251 (benchmarks/lookahead_memory.py).
 FEED_FORWARD_CHUNK_PIXELS = 4 * 64 * 64
 
 
