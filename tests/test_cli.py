@@ -76,7 +76,7 @@ def test_version_and_help_examples():
 @pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
                                   ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
                                   ["--cudnn-benchmark"], ["--no-channels-last"],
-                                  ["--lookahead-overlap"]])
+                                  ["--lookahead-overlap"], ["--no-feed-forward-chunks"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -93,6 +93,8 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.channels_last is False
     if flag[0] == "--lookahead-overlap":
         assert common.PERF.lookahead_overlap is True
+    if flag[0] == "--no-feed-forward-chunks":
+        assert common.PERF.feed_forward_chunks is False
     if flag[0] == "--cudnn-benchmark":
         import torch
 

@@ -370,7 +370,7 @@ def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features
 
     assert [chunk_rows(16, 64 * 64), chunk_rows(16, 128 * 128), chunk_rows(6, 64 * 64), chunk_rows(7, 64 * 64),
             chunk_rows(16, 32 * 32)] == [4, 1, 3, 1, 16]
-    model.set_perf(PerfOptions.plain())
+    model.set_perf(replace(PerfOptions.plain(), feed_forward_chunks=True))
     ff = next(m.ff for m in model.unet.modules() if hasattr(m, "set_chunk_feed_forward"))
     seen: list[int] = []
     hook = ff.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
@@ -385,7 +385,14 @@ def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features
                 features[pixels] = [ahead.at(i).features for i in range(3)]
                 chunks = list(seen)
                 distiller.features(torch.randn(6, 4, 8, 8).requires_grad_(), torch.tensor(500))  # grad: whole
-            assert seen[len(chunks):] == [6]
+                grad_call = seen[len(chunks):]
+                model.set_perf(PerfOptions.plain())  # the plain path (feed_forward_chunks=False): whole too
+                seen.clear()
+                with torch.no_grad():
+                    distiller.features(torch.randn(6, 4, 8, 8), torch.tensor(500))
+                plain_call = list(seen)
+                model.set_perf(replace(PerfOptions.plain(), feed_forward_chunks=True))
+            assert grad_call == [6] and plain_call == [6]
             assert chunks == ([6] if pixels > 10**6 else [2, 2, 2])
     finally:
         hook.remove()

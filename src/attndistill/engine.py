@@ -234,7 +234,7 @@ class Distiller:
         Gradients flow when the caller is in grad mode and ``latents`` requires grad. ``keep``: what to
         keep of each layer as it is recorded (default: its :class:`LayerFeatures`); the rest is freed
         while the forward goes on. A no-grad call of many rows runs its feed-forward layers a few rows
-        at a time (:func:`~attndistill.features.chunk_rows`).
+        at a time (:func:`~attndistill.features.chunk_rows`; ``PerfOptions.feed_forward_chunks``).
         """
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
@@ -242,7 +242,8 @@ class Distiller:
         try:
             self.store.keep = keep
             b = latents.shape[0]
-            rows = b if torch.is_grad_enabled() else chunk_rows(b, latents.shape[-2] * latents.shape[-1])
+            chunked = self.model.perf.feed_forward_chunks and not torch.is_grad_enabled()
+            rows = chunk_rows(b, latents.shape[-2] * latents.shape[-1]) if chunked else b
             chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
                 self.model.predict(latents, t, self.null)

@@ -19,8 +19,8 @@ COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 RECOMPILE_LIMIT = 64
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "lookahead_batch", "attention_slicing",
-                  "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks",
+                  "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
 SMALL_CARD_GIB = 16
@@ -50,6 +50,11 @@ class PerfOptions:
     # compute the next look-ahead call on a second CUDA stream while the current steps run (the batch-1
     # iterations leave most of the card idle); same kernels and results, more memory while both run
     lookahead_overlap: bool = False
+    # no-grad feature calls (look-ahead, reference and content) run the transformer blocks' feed-forward
+    # layers a few rows at a time: a 16-row look-ahead call of SD 1.5 at 512² peaked at 801 MiB instead of
+    # 1,251 on the CPU (benchmarks/lookahead_memory.py); the same arithmetic per row, and the AD iterations
+    # are never chunked
+    feed_forward_chunks: bool = True
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
@@ -72,7 +77,8 @@ class PerfOptions:
     @classmethod
     def plain(cls) -> PerfOptions:
         """Every optimisation off: the reference path for equality tests and benchmarks."""
-        return cls(fused=False, cuda_graphs=False, early_exit=False, channels_last=False, lookahead_batch=1)
+        return cls(fused=False, cuda_graphs=False, early_exit=False, channels_last=False, lookahead_batch=1,
+                   feed_forward_chunks=False)
 
     def uses_channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cuda"

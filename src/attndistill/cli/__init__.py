@@ -16,7 +16,7 @@ from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--cudnn-benchmark",
-                "--no-cudnn-benchmark", "--lookahead-overlap",
+                "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks", "--no-feed-forward-chunks",
                 "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
                 "--attention-slicing", "--vae-tiling", "--cpu-offload", "--offload-text-encoders",
                 "--no-offload-text-encoders")
@@ -86,6 +86,10 @@ def _root(
     lookahead_overlap: Annotated[bool, typer.Option(
         "--lookahead-overlap", help="Make the next look-ahead call on a second CUDA stream while the current "
                                     "steps run (more memory; not yet measured)")] = False,
+    feed_forward_chunks: Annotated[bool, typer.Option(
+        "--feed-forward-chunks/--no-feed-forward-chunks",
+        help="Feature calls without gradients (look-ahead, reference) run their feed-forward layers a few rows "
+             "at a time: about half their peak memory")] = True,
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay the reference features, each AD iteration and each denoising call as CUDA graphs "
@@ -117,6 +121,7 @@ def _root(
                    "later steps and jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
+                              feed_forward_chunks=feed_forward_chunks,
                               fused=fused, cuda_graphs=cuda_graphs,
                               gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
                               vae_tiling=vae_tiling, cpu_offload=cpu_offload,
