@@ -20,16 +20,15 @@ class NonFiniteError(UserError):
     exit_code = 3
 
 
-#: What helps when the GPU runs out of memory (the same advice in the CLI, the batch runner and the web UI).
+#: Switches that lower the peak memory of a run, for the out-of-memory advice below.
+MEMORY_SWITCHES = ("--gradient-checkpointing", "--attention-slicing", "--offload-text-encoders", "--lookahead-batch 1")
+#: What helps when the GPU runs out of memory (the same advice in the CLI and the batch runner).
 OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at once (--num, a smaller --view-batch "
-              "or batch --group), --gradient-checkpointing, --attention-slicing, --offload-text-encoders, "
-              "--lookahead-batch 1 or --cpu-offload, or --device cpu")
-
-
+              f"or batch --group), {', '.join(MEMORY_SWITCHES)} or --cpu-offload, or --device cpu")
 #: The web UI's version: the page has fields for size and image count; the switches are the server's.
 UI_OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer Images or fewer Views per batch, or start "
-                 "the UI again with memory switches, e.g. attndistill ui --gradient-checkpointing --attention-slicing "
-                 "--offload-text-encoders --lookahead-batch 1 (or --cpu-offload, or --device cpu)")
+                 f"the UI again with memory switches, e.g. attndistill ui {' '.join(MEMORY_SWITCHES)} "
+                 "(or --cpu-offload, or --device cpu)")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
