@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from attndistill import features  # noqa: E402
 from attndistill.engine import Distiller  # noqa: E402
 from attndistill.lookahead import ReferenceLookahead  # noqa: E402
+from attndistill.perf import LOOKAHEAD_LATENT_PIXELS  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -105,25 +106,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--contents", type=int, default=8, help="content rows of case g's reference call")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--chunk-pixels", type=int, default=None,
-                   help="latent pixels per feed-forward chunk (default: the library's; 0: no chunks)")
+                   help="latent pixels per feed-forward chunk (default: the library's; 0: no chunks, "
+                        "--no-feed-forward-chunks)")
     p.add_argument("--configs", default=str(ROOT / "configs"))
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    if args.chunk_pixels is not None:
-        features.FEED_FORWARD_CHUNK_PIXELS = args.chunk_pixels or 2**62
+    if args.chunk_pixels:
+        features.FEED_FORWARD_CHUNK_PIXELS = args.chunk_pixels
     models = {}
     for case in args.cases.split(","):
         kind = "sdxl" if case == "d" else "sd15"
         if kind not in models:
             models.clear()  # one full-size model in memory at a time
             models[kind] = full_size_model(kind, args.configs, device="cpu", dtype=dtype)
+            if args.chunk_pixels == 0:
+                models[kind].set_perf(feed_forward_chunks=False)
         model = models[kind]
         side = (args.size or model.native_size) // model.vae_scale_factor
-        rows = args.rows or 16 * 64 * 64 // (side * side)
+        rows = args.rows or LOOKAHEAD_LATENT_PIXELS // (side * side)  # the library's automatic size
         line = (reference_call(model, side=side, contents=args.contents) if case == "g"
                 else lookahead_call(model, rows=rows, side=side, content=case == "a", case=case))
         chunk_pixels = getattr(features, "FEED_FORWARD_CHUNK_PIXELS", None)  # None: code before chunking
+        if not getattr(model.perf, "feed_forward_chunks", True):
+            chunk_pixels = 0
         print(json.dumps({**line, "model": kind, "chunk_pixels": chunk_pixels, "device": "cpu",
                           "code": code_digest()}), flush=True)
 

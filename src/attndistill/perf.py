@@ -51,9 +51,8 @@ class PerfOptions:
     # iterations leave most of the card idle); same kernels and results, more memory while both run
     lookahead_overlap: bool = False
     # no-grad feature calls (look-ahead, reference and content) run the transformer blocks' feed-forward
-    # layers a few rows at a time: a 16-row look-ahead call of SD 1.5 at 512² peaked at 801 MiB instead of
-    # 1,251 on the CPU (benchmarks/lookahead_memory.py); the same arithmetic per row, and the AD iterations
-    # are never chunked
+    # layers a few rows at a time (features.FEED_FORWARD_CHUNK_PIXELS says how many and what it saves); the
+    # AD iterations are never chunked
     feed_forward_chunks: bool = True
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     attention_slicing: bool = False  # attention in slices: less memory, slower
