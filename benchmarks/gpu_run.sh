@@ -5,7 +5,7 @@
 #                                       # look-ahead (the peaks of lean look-ahead calls: on the CPU 1601 -> 801 MiB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
 #                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
-#                                       # take NHWC; compiling ~150 s)
+#                                       # take NHWC; compiling ~150 s), case g last
 #   bash benchmarks/gpu_run.sh run5     # run 5: the defaults of run 4's findings (channels-last and look-ahead on
 #                                       # GPUs) in full runs, the plain path and each switch turned back off over
 #                                       # as many steps, profiles of cases a and b
@@ -65,8 +65,8 @@ case "${1:-}" in
     run 70 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
   *)
     run 140 --cases a,c,b,g --compare --plain-steps 10 --variant lookahead_batch=1 --variant-steps 30
-    run 140 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
+    run 130 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
     run 70 --cases e
-    run 220 --cases a,c,b --fast compile=1 --profile 10 ;;
+    run 250 --cases a,c,b,g --fast compile=1 --profile 10 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
