@@ -99,7 +99,7 @@ def max_diff(a: list, b: list) -> float:
     return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / 255 for x, y in zip(a, b))
 
 
-def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
+def profile(fn, device: torch.device, top: int = 16) -> list[dict]:
     """The ``top`` operators by self time (device time on a GPU) while ``fn()`` runs."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -111,7 +111,7 @@ def profile(fn, device: torch.device, top: int = 12) -> list[dict]:
             torch.cuda.synchronize(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:top]
-    return [{"op": e.key[:60], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
+    return [{"op": e.key[:400], "ms": round(getattr(e, attr) / 1000, 2), "calls": e.count} for e in events]
 
 
 @contextlib.contextmanager

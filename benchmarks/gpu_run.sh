@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 6 (<= 570 s): the default in full runs with the plain path and without
+#   bash benchmarks/gpu_run.sh          # run 7 (<= 500 s): the default against NHWC GroupNorms (channels_last_norms)
+#                                       # and against unchunked feed-forward layers, each in full runs of every
+#                                       # case, then the default again; profiles of e and g with NHWC GroupNorms;
+#                                       # SDXL with them
+#   bash benchmarks/gpu_run.sh run6     # run 6: the default in full runs with the plain path and without
 #                                       # look-ahead (the peaks of lean look-ahead calls: on the CPU 1601 -> 801 MiB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
 #                                       # without look-ahead, compile with channels-last (its GroupNorm kernels
@@ -63,10 +67,16 @@ case "${1:-}" in
     run 70 --cases e --variant-steps 10 --variant lookahead_batch=1
     run 80 --cases d --fast offload_text_encoders=1 --variant-steps 15 --variant lookahead_batch=1
     run 70 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
-  *)
+  run6)  # its compile line printed nothing in 250 s: compiling case a did not finish
     run 140 --cases a,c,b,g --compare --plain-steps 10 --variant lookahead_batch=1 --variant-steps 30
     run 130 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300
     run 70 --cases e
     run 250 --cases a,c,b,g --fast compile=1 --profile 10 ;;
+  *)
+    # the last variant is the default again (a no-op switch): how much a case drifts within its process
+    run 300 --cases a,c,b,g,e --variant-steps 300 --variant channels_last_norms=1 --variant feed_forward_chunks=0 \
+      --variant lookahead_overlap=0
+    run 90 --cases e,g --steps 6 --profile 6 --fast channels_last_norms=1
+    run 110 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5

@@ -412,3 +412,31 @@ def test_memory_switches_keep_the_optimised_latent_and_image(model, switch, earl
                 steps=10, iters=2)
     torch.testing.assert_close(lean, plain, atol=1e-4, rtol=0)
     torch.testing.assert_close(model.decode(lean), model.decode(plain), atol=1e-4, rtol=0)
+
+
+def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
+    """``channels_last_norms``: the UNet's GroupNorms in NHWC give the same latent and image."""
+    from attndistill.group_norm import ChannelsLastGroupNorm
+
+    def count(kind):
+        return sum(type(m) is kind for m in model.unet.modules())
+
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    nhwc = replace(PerfOptions.plain(), channels_last=True)
+    before = _run(model, nhwc, z_c, z_ref, z_c)
+    norms = count(torch.nn.GroupNorm)
+    model.set_perf(replace(nhwc, channels_last_norms=True))
+    assert norms > 0 and count(ChannelsLastGroupNorm) == norms and count(torch.nn.GroupNorm) == 0
+    layouts = []  # whether each norm call met NHWC memory, so took the new path
+    for m in model.unet.modules():
+        if type(m) is ChannelsLastGroupNorm:
+            m.register_forward_hook(lambda _m, args, _out: layouts.append(
+                args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    after = _run(model, replace(nhwc, channels_last_norms=True), z_c, z_ref, z_c)
+    assert layouts and all(layouts)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.decode(after), model.decode(before), atol=1e-4, rtol=0)
+    model.set_perf(replace(nhwc, channels_last_norms=True, compile=True))  # compile fuses its own norms
+    assert count(ChannelsLastGroupNorm) == 0 and count(torch.nn.GroupNorm) == norms
+    model.set_perf(PerfOptions(channels_last_norms=True))  # on the CPU channels-last is off by default
+    assert count(ChannelsLastGroupNorm) == 0

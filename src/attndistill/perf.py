@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .group_norm import swap_group_norms
+
 #: UNet blocks that ``compile`` compiles (regional compilation): the repeated blocks outside attention,
 #: whose GroupNorm/SiLU/GEGLU chains fuse well. Attention keeps its processors, which record features.
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
@@ -19,8 +21,8 @@ COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 RECOMPILE_LIMIT = 64
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "channels_last", "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks",
-                  "attention_slicing", "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "cudnn_benchmark", "lookahead_batch",
+                  "feed_forward_chunks", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB (H200, benchmarks/RESULTS.md), which a 12 GB card holds.
 SMALL_CARD_GIB = 16
@@ -41,6 +43,9 @@ class PerfOptions:
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
     # spares cuDNN a layout transposition around every convolution)
     channels_last: bool | None = None
+    # with channels_last: the UNet's GroupNorms read and write NHWC (group_norm.py) instead of PyTorch's,
+    # whose CUDA kernel copies each input to NCHW and back; off under ``compile``, which fuses its own
+    channels_last_norms: bool = False
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
     # process-wide setting: None leaves it as the process has it, True/False set it)
     cudnn_benchmark: bool | None = None
@@ -110,6 +115,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
+    swap_group_norms(unet, perf.channels_last_norms and perf.uses_channels_last(model.device) and not perf.compile)
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark

@@ -15,11 +15,11 @@ from typer.core import TyperGroup
 from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--cudnn-benchmark",
-                "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks", "--no-feed-forward-chunks",
-                "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
-                "--attention-slicing", "--vae-tiling", "--cpu-offload", "--offload-text-encoders",
-                "--no-offload-text-encoders")
+GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--channels-last-norms",
+                "--cudnn-benchmark", "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks",
+                "--no-feed-forward-chunks", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
+                "--gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
+                "--offload-text-encoders", "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -74,6 +74,10 @@ def _root(
         "--channels-last/--no-channels-last",
         help="UNet in NHWC memory layout: no layout transposition around each convolution "
              "\\[default: on for GPUs]", show_default=False)] = None,
+    channels_last_norms: Annotated[bool, typer.Option(
+        "--channels-last-norms",
+        help="With channels-last, GroupNorm reads and writes NHWC: no copies to NCHW and back around each "
+             "(GPU; not yet measured)")] = False,
     cudnn_benchmark: Annotated[bool | None, typer.Option(
         "--cudnn-benchmark/--no-cudnn-benchmark",
         help="cuDNN times its convolution algorithms once per shape and keeps the fastest (GPU) "
@@ -119,7 +123,8 @@ def _root(
     if compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, cudnn_benchmark=cudnn_benchmark,
+    common.PERF = PerfOptions(compile=compile, channels_last=channels_last, channels_last_norms=channels_last_norms,
+                              cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
                               feed_forward_chunks=feed_forward_chunks,
                               fused=fused, cuda_graphs=cuda_graphs,

@@ -1,0 +1,69 @@
+"""The NHWC GroupNorm (``channels_last_norms``) computes what ``nn.GroupNorm`` does, in the input's layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from attndistill.group_norm import ChannelsLastGroupNorm, swap_group_norms
+
+
+def _norm(dtype=torch.float32, affine=True):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, 64, eps=1e-6, affine=affine).to(dtype)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    return norm
+
+
+def _input(dtype=torch.float32, layout=torch.channels_last):
+    # a mean well away from zero: the variance formula must not lose it
+    x = torch.randn(3, 64, 9, 7, generator=torch.Generator().manual_seed(1)) * 2 + 3
+    return x.to(dtype).contiguous(memory_format=layout).requires_grad_()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_output_and_gradients_equal_pytorchs_group_norm(affine):
+    norm = _norm(affine=affine)
+    x = _input()
+    ours, theirs = ChannelsLastGroupNorm.sharing(norm)(x), norm(x)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    grad = torch.randn_like(theirs)
+    inputs = (x, norm.weight, norm.bias) if affine else (x,)
+    for a, b in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(theirs, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_bfloat16_is_as_close_to_float32_as_pytorchs():
+    norm = _norm(torch.bfloat16)
+    x = _input(torch.bfloat16)
+    exact = F.group_norm(x.detach().float(), 8, norm.weight.detach().float(), norm.bias.detach().float(), 1e-6)
+    ours, theirs = ChannelsLastGroupNorm.sharing(norm)(x), norm(x)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - exact).abs().max() <= (theirs.float() - exact).abs().max()
+
+
+def test_other_layouts_take_pytorchs_own_path():
+    norm = _norm()
+    x = _input(layout=torch.contiguous_format)
+    out = ChannelsLastGroupNorm.sharing(norm)(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, norm(x), atol=0, rtol=0)
+
+
+def test_swap_shares_the_parameters_and_reverts():
+    model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.GroupNorm(8, 64), nn.Sequential(nn.SiLU(), nn.GroupNorm(4, 64)))
+    keys = list(model.state_dict())
+    originals = [m for m in model.modules() if type(m) is nn.GroupNorm]
+    swap_group_norms(model, True)
+    swapped = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert [type(m) for m in swapped] == [ChannelsLastGroupNorm] * 2
+    assert all(a.weight is b.weight and a.bias is b.bias for a, b in zip(swapped, originals, strict=True))
+    assert list(model.state_dict()) == keys
+    swap_group_norms(model, False)
+    assert [m for m in model.modules() if isinstance(m, nn.GroupNorm)] == originals
