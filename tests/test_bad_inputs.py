@@ -371,7 +371,7 @@ def test_out_of_memory_names_the_options_that_help(corpus, tmp_path, tiny_sd15_d
     result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", out_dir / "o.png", "-m", tiny_sd15_dir,
                     "--steps", "2", "--size", "64", "-q")
     assert_rejected(result, 4, "ran out of memory", "--gradient-checkpointing", "--offload-text-encoders",
-                    "--view-batch", "--lookahead-batch 1", out_dir=out_dir)
+                    "--view-batch", "--lookahead-batch 1", "--no-cuda-graphs", out_dir=out_dir)
 
 
 def test_out_of_memory_in_the_batch_runner_and_the_web_ui():

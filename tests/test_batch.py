@@ -619,3 +619,34 @@ def test_a_pixel_changing_flag_on_batch_makes_other_jobs(tmp_path, data_dir, tin
     assert tiled.exit_code == 0 and "0 already done" in tiled.output  # not taken for the plain result
     params = sorted((read_parameters(p) for p in out.glob("*.png")), key=lambda p: "perf" in p)
     assert [p.get("perf") for p in params] == [None, {"vae_tiling": True}] and params[0]["job"] != params[1]["job"]
+
+
+def test_out_of_memory_frees_the_models_graphs_for_the_next_job(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """A job that runs out of GPU memory fails alone, and the model's CUDA graphs (whose memory pools no other
+    work can use) are dropped before the next job runs."""
+    import torch
+
+    from attndistill.models import DiffusionModel
+
+    predict, released = DiffusionModel.predict, []
+
+    def predict_or_run_out(self, latents, *args, **kwargs):
+        if latents.shape[-1] == 16:  # the 128-pixel job's latents
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(self, latents, *args, **kwargs)
+
+    def release_graphs(self):
+        released.append(len(self.graphs))
+
+    monkeypatch.setattr(DiffusionModel, "predict", predict_or_run_out)
+    monkeypatch.setattr(DiffusionModel, "release_graphs", release_graphs)
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("texture", "wood-rings.jpg", None, steps=2, size=128, output="big.png"),
+        job_line("texture", "wood-rings.jpg", None, steps=2, output="ok.png")])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 1
+    records = {r["job"]: r for r in read_records(out)}
+    statuses = sorted((r["status"], "ran out of memory" in (r.get("error") or "")) for r in records.values())
+    assert statuses == [("done", False), ("failed", True)]
+    assert len(released) == 1 and (out / "ok.png").is_file() and not (out / "big.png").exists()

@@ -53,7 +53,7 @@ def test_text_encoder_offload_keeps_the_conditioning(tiny_sdxl):
 
 
 def test_text_encoders_offload_by_default_on_small_cards_only(tiny_sd15, monkeypatch):
-    """``offload_text_encoders=None``: on for CUDA cards under 16 GiB (a 12 GB card holds SDXL), off elsewhere."""
+    """``offload_text_encoders=None``: on for CUDA cards under 16 GiB (to help 12 GB cards hold SDXL), off elsewhere."""
     from types import SimpleNamespace
 
     from attndistill import perf

@@ -440,3 +440,42 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
     assert count(ChannelsLastGroupNorm) == 0 and count(torch.nn.GroupNorm) == norms
     model.set_perf(PerfOptions(channels_last_norms=True))  # on the CPU channels-last is off by default
     assert count(ChannelsLastGroupNorm) == 0
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_more(model, monkeypatch, failures):
+    """Cached graphs of other shapes hold memory nothing else can use: capture that runs out of memory drops
+    them and tries again, once; a second failure falls back to the eager path."""
+    import attndistill.engine as engine
+    from attndistill.stepper import EagerStepper
+
+    attempts, released = [], []
+
+    class Reference:
+        def __init__(self, *args, **kwargs):
+            attempts.append("reference")
+            if attempts.count("reference") <= failures:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class Stepper:
+        def __init__(self, distiller, shape, lr, reference, **kwargs):
+            attempts.append("stepper")
+            self.reference = reference
+
+    def release_graphs(self):
+        released.append(len(self.graphs))
+        self.graphs.clear()
+
+    monkeypatch.setattr(engine, "StaticReference", Reference)
+    monkeypatch.setattr(engine, "StaticStepper", Stepper)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(type(model), "release_graphs", release_graphs)
+    model.graphs[("predict", "another shape")] = object()
+    distiller = Distiller(model)
+    distiller.cuda_graphs = distiller.static = True  # the capture path, without a GPU
+    stepper = distiller._new_stepper(((1, 4, 8, 8), (1, 4, 8, 8), None, 0.05), 0.05)
+    assert released == [1]
+    if failures == 1:
+        assert isinstance(stepper, Stepper) and attempts == ["reference", "reference", "stepper"]
+    else:
+        assert type(stepper) is EagerStepper and not distiller.cuda_graphs and attempts == ["reference"] * 2

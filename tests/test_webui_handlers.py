@@ -178,3 +178,20 @@ def test_text_to_image_and_appearance_tabs_run_and_say_how_to_rerun(ui, data_dir
         "appearance-reference": str(data_dir / "wood-rings.jpg"), "appearance-steps": 1, "appearance-size": "64",
         "appearance-preview-every": 0}))
     assert params["task"] == "appearance" and shlex.split(command)[:2] == ["attndistill", "appearance"]
+
+
+def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, data_dir, monkeypatch):
+    from attndistill import tasks
+    from attndistill.models import DiffusionModel
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    released = []
+    monkeypatch.setattr(tasks, "style_transfer", out_of_memory)
+    monkeypatch.setattr(DiffusionModel, "release_graphs", lambda self: released.append(self))
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-preview-every": 0}
+    with pytest.raises(gr.Error, match="ran out of memory"):
+        run_tab(ui, "style", inputs)
+    assert len(released) == 1

@@ -191,7 +191,7 @@ class Runner:
                              parameters=_parameters(image, job, batched=len(runnable)))
             except Exception as exc:
                 self.log(f"{tag} batched run failed ({_describe(exc)}); running its jobs one by one")
-                _free_memory()
+                _free_memory(self._model if is_out_of_memory(exc) else None)
                 for job in runnable:
                     statuses[job.id] = self._run(job, tag)
             else:
@@ -247,6 +247,8 @@ class Runner:
         except UserError as exc:
             return self._failed(job, tag, str(exc), start)
         except Exception as exc:
+            if is_out_of_memory(exc):
+                _free_memory(self._model)
             return self._failed(job, tag, _describe(exc), start, trace=traceback.format_exc())
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
@@ -383,7 +385,10 @@ def _relative(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def _free_memory() -> None:
+def _free_memory(model=None) -> None:
+    """Hand cached device memory back; with ``model`` (after running out of memory), its CUDA graphs too."""
+    if model is not None:
+        model.release_graphs()
     gc.collect()
     if "torch" in sys.modules:
         import torch

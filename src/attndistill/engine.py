@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NonFiniteError, UserError
+from .errors import NonFiniteError, UserError, is_out_of_memory
 from .features import (
     LayerFeatures,
     StopForward,
@@ -187,7 +187,7 @@ class Distiller:
             raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
                                  ) from None
 
-    def _new_stepper(self, key, lr: float) -> EagerStepper:
+    def _new_stepper(self, key, lr: float, *, retry: bool = True) -> EagerStepper:
         z_shape, ref_shape, content_shape, _ = key
         if not self.static:
             return EagerStepper(self, z_shape, lr)
@@ -216,6 +216,11 @@ class Distiller:
             stats["graph_capture_s"] = stats.get("graph_capture_s", 0.0) + time.perf_counter() - start
             stats["graphs_captured"] = stats.get("graphs_captured", 0) + 1
         except Exception as exc:  # capture can fail on exotic setups: fall back, loudly
+            if retry and is_out_of_memory(exc) and graphs:  # other shapes' graphs hold memory: drop them, retry
+                log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs and trying again",
+                            len(graphs))
+                self.model.release_graphs()
+                return self._new_stepper(key, lr, retry=False)
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, exc)
             self.cuda_graphs = self.static = False

@@ -8,6 +8,7 @@ on any diffusers UNet through it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -108,6 +109,17 @@ class DiffusionModel:
     _null: dict = field(default_factory=dict, repr=False)
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and hand their memory back to the device.
+
+        Each graph keeps its intermediate tensors in a memory pool of its own, which no other work can
+        use; after an out-of-memory error the next job should not have to fit beside them.
+        """
+        self.graphs.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
         """Apply speed/memory switches (see :class:`PerfOptions`); returns the model."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, is_out_of_memory
 from .images import save_png
 from .models import DEFAULT_MODEL, DiffusionModel
 from .perf import pixel_switches
@@ -147,6 +147,8 @@ class WebUI:
             images = job.result if isinstance(job.result, list) else [job.result]
             paths = [self._save(img, task) for img in images]
         except Exception as exc:  # the run or saving its result failed: say so, and show no stale results
+            if model is not None and is_out_of_memory(exc):  # the next run needs the memory they hold
+                model.release_graphs()
             message = page_message(exc)
             yield f"failed: {message}", None, None, None, ""
             raise gr.Error(message) from None
