@@ -479,3 +479,33 @@ def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_m
         assert isinstance(stepper, Stepper) and attempts == ["reference", "reference", "stepper"]
     else:
         assert type(stepper) is EagerStepper and not distiller.cuda_graphs and attempts == ["reference"] * 2
+
+
+def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(model):
+    """With look-ahead every timestep brings its features: the reference program is not captured (no graph
+    pool holds a reference call's memory); its buffers keep their addresses, which the iteration graph reads."""
+    from attndistill.stepper import StaticReference
+
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    with Distiller(model, content_weight=0.25) as d:
+        def features(t, content):
+            d.begin_timestep(t, z_ref, content)
+            d.compute_reference()
+            return d.reference, d.content_queries
+
+        first, second = features(900, z_c), features(500, z_c * 2)
+        program = StaticReference(d, tuple(z_ref.shape), tuple(z_c.shape), capture=True, fed=first)  # no GPU needed
+        assert program.fed and program.call.graph is None
+        buffers = program.call.out[0].keys + program.call.out[0].values + program.call.out[1]
+        addresses = [b.data_ptr() for b in buffers]
+        assert all(b.data_ptr() != f.data_ptr() for b, f in zip(buffers, first[0].keys + first[0].values + first[1],
+                                                                  strict=True))
+        program.load(d, 500, z_c * 2, second)
+        for b, f in zip(buffers, second[0].keys + second[0].values + second[1], strict=True):
+            torch.testing.assert_close(b, f, atol=0, rtol=0)
+        program.update(d, 900, z_ref, z_c)  # a step without look-ahead: computed into the same buffers
+        for b, f in zip(buffers, first[0].keys + first[0].values + first[1], strict=True):
+            torch.testing.assert_close(b, f, atol=1e-6, rtol=0)
+        assert [b.data_ptr() for b in program.call.out[0].keys + program.call.out[0].values
+                + program.call.out[1]] == addresses
+        assert d.reference.keys[0].data_ptr() == addresses[0]  # what the iteration reads

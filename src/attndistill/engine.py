@@ -174,7 +174,7 @@ class Distiller:
                None if content_latents is None else tuple(content_latents.shape), lr)
         stepper = self._steppers.get(key)
         if stepper is None:
-            stepper = self._new_stepper(key, lr)
+            stepper = self._new_stepper(key, lr, fed=features)
             self._steppers[key] = stepper
             stepper.reset_state()  # a graph from an earlier run still holds that run's moments
         elif fresh:
@@ -187,18 +187,21 @@ class Distiller:
             raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
                                  ) from None
 
-    def _new_stepper(self, key, lr: float, *, retry: bool = True) -> EagerStepper:
+    def _new_stepper(self, key, lr: float, *, fed: tuple | None = None, retry: bool = True) -> EagerStepper:
+        """A stepper for ``key``; ``fed``: the first features of a run that brings each timestep's own
+        (look-ahead), whose reference program then needs buffers but no graph (:class:`StaticReference`)."""
         z_shape, ref_shape, content_shape, _ = key
         if not self.static:
             return EagerStepper(self, z_shape, lr)
         if not self.cuda_graphs:
-            reference = self._references.get(key[1:3])
+            reference_key = key[1:3] + (fed is not None,)
+            reference = self._references.get(reference_key)
             if reference is None:
-                reference = self._references[key[1:3]] = StaticReference(self, ref_shape, content_shape,
-                                                                         capture=False)
+                reference = self._references[reference_key] = StaticReference(self, ref_shape, content_shape,
+                                                                              capture=False, fed=fed)
             return StaticStepper(self, z_shape, lr, reference, capture=False)
         # graphs replay without Python, so one captured for the same settings serves later runs too
-        settings = (self.layers, self.attention_scale, self.early_exit, self.condition_size)
+        settings = (self.layers, self.attention_scale, self.early_exit, self.condition_size, fed is not None)
         graph_key = ("stepper",) + key + settings + (self.content_weight,)
         cacheable = self.target_labels is None
         graphs = self.model.graphs
@@ -209,7 +212,8 @@ class Distiller:
             reference_key = ("reference", ref_shape, content_shape) + settings
             reference = graphs.get(reference_key)
             if reference is None:
-                reference = graphs[reference_key] = StaticReference(self, ref_shape, content_shape, capture=True)
+                reference = graphs[reference_key] = StaticReference(self, ref_shape, content_shape, capture=True,
+                                                                    fed=fed)
             stepper = StaticStepper(self, z_shape, lr, reference, capture=True)
             torch.cuda.synchronize(self.model.device)
             stats = self.model.stats
@@ -220,7 +224,7 @@ class Distiller:
                 log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs and trying again",
                             len(graphs))
                 self.model.release_graphs()
-                return self._new_stepper(key, lr, retry=False)
+                return self._new_stepper(key, lr, fed=fed, retry=False)
             log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
                         type(exc).__name__, exc)
             self.cuda_graphs = self.static = False

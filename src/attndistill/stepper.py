@@ -92,18 +92,26 @@ class StaticReference:
     """Reference (and content) features of one timestep, computed from static input buffers.
 
     ``update`` recomputes them unless the caller's key says the inputs are those of the last run.
+    ``fed``: the first features of a run whose every timestep brings its own (look-ahead). Then there
+    is no program to capture: the features are copied into fixed buffers, which is all the iteration
+    program needs, and no graph pool holds a reference call's memory.
     """
 
     def __init__(self, distiller, ref_shape: tuple[int, ...], content_shape: tuple[int, ...] | None, *,
-                 capture: bool) -> None:
+                 capture: bool, fed: tuple | None = None) -> None:
         device = distiller.model.device
         self.t = torch.full((), 500, device=device, dtype=torch.long)
         self.ref = torch.randn(ref_shape, device=device)
         self.content = torch.randn(content_shape, device=device) if content_shape else None
         self.key: Hashable | None = None
         self.owner = distiller
-        self.call = StaticCall(self._compute, capture=capture, grad=False, warmup=1)
-        if capture:
+        self.fed = fed is not None
+        self.call = StaticCall(self._compute, capture=capture and not self.fed, grad=False, warmup=1)
+        if self.fed:
+            reference, queries = fed
+            keys, values = [k.clone() for k in reference.keys], [v.clone() for v in reference.values]
+            self.call.out = (type(reference)(keys, values), None if queries is None else [q.clone() for q in queries])
+        elif capture:
             self.call()  # a captured graph's outputs hold values only after a replay
 
     def _compute(self):
@@ -122,7 +130,11 @@ class StaticReference:
                 if self.content is not None:
                     self.content.copy_(content)
             self.owner = distiller
-            self.call()
+            if self.fed:  # no program of its own: computed eagerly into the buffers the iteration reads
+                with torch.no_grad():
+                    self._copy_in(self._compute())
+            else:
+                self.call()
             self.key = key
         self.activate(distiller)
 
@@ -132,15 +144,18 @@ class StaticReference:
             self.t.copy_(torch.as_tensor(t, device=self.t.device).reshape(()))
             if self.content is not None:
                 self.content.copy_(content)
-            if self.call.graph is None:
+            if self.call.graph is None and not self.fed:
                 self.call.out = features
             else:  # the iteration graph reads these addresses
-                (ref, queries), (new_ref, new_queries) = self.call.out, features
-                for dst, src in zip(ref.keys + ref.values + (queries or []),
-                                    new_ref.keys + new_ref.values + (new_queries or []), strict=True):
-                    dst.copy_(src)
+                self._copy_in(features)
         self.key = None  # what the program computed last is no longer in its outputs
         self.activate(distiller)
+
+    def _copy_in(self, features: tuple) -> None:
+        (ref, queries), (new_ref, new_queries) = self.call.out, features
+        for dst, src in zip(ref.keys + ref.values + (queries or []),
+                            new_ref.keys + new_ref.values + (new_queries or []), strict=True):
+            dst.copy_(src)
 
     def activate(self, distiller) -> None:
         """Point ``distiller`` at these features: what a target iteration reads (nothing before a first run)."""
