@@ -168,8 +168,7 @@ class Distiller:
         ``reference_key``: see :meth:`begin_timestep`. ``features``: this timestep's reference and
         content features computed ahead (:mod:`attndistill.lookahead`) instead of here.
         """
-        use_content = content_latents is not None and self.content_weight > 0
-        content_latents = content_latents if use_content else None
+        content_latents = self.used_content(content_latents)
         key = (tuple(z.shape), tuple(ref_latents.shape),
                None if content_latents is None else tuple(content_latents.shape), lr)
         stepper = self._steppers.get(key)
@@ -261,6 +260,11 @@ class Distiller:
             self.store.keep = None
             self.store.clear()
 
+    def used_content(self, content_latents: torch.Tensor | None) -> torch.Tensor | None:
+        """``content_latents`` where the content loss uses them (``lambda > 0``), else None: no call computes
+        content features that nothing reads."""
+        return content_latents if self.content_weight > 0 else None
+
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
                        content_latents: torch.Tensor | None = None, *, key=None,
                        features: tuple[Reference, list[torch.Tensor] | None] | None = None) -> None:
@@ -271,8 +275,7 @@ class Distiller:
         share their timestep's reference). ``features``: their (reference, content queries),
         computed ahead elsewhere (:mod:`attndistill.lookahead`).
         """
-        use_content = content_latents is not None and self.content_weight > 0
-        self._pending = (t, ref_latents, content_latents if use_content else None)
+        self._pending = (t, ref_latents, self.used_content(content_latents))
         if features is not None:
             self.reference, self.content_queries = features
         elif key is None or key != self._reference_key:

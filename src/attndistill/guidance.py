@@ -113,7 +113,7 @@ def reference_lookahead(distiller: Distiller, timesteps, ref_latents: torch.Tens
     device = distiller.model.device
     ref_latents = ref_latents.to(device)
     content_latents = None if content_latents is None else content_latents.to(device)
-    used_content = content_latents if distiller.content_weight > 0 else None
+    used_content = distiller.used_content(content_latents)
 
     def inputs(i: int):
         t_prime = previous_timestep(int(timesteps[i]), scheduler)

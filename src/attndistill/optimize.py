@@ -104,7 +104,7 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
     # reference/content features of several timesteps per UNet call (None: one call per step)
-    used_content = content_latents if distiller.content_weight > 0 else None
+    used_content = distiller.used_content(content_latents)
     ahead = lookahead(distiller, range(len(timesteps)), lambda i: (int(timesteps[i]), ref_latents, used_content),
                       ref_latents, used_content)
     try:
