@@ -650,3 +650,39 @@ def test_out_of_memory_frees_the_models_graphs_for_the_next_job(tmp_path, data_d
     statuses = sorted((r["status"], "ran out of memory" in (r.get("error") or "")) for r in records.values())
     assert statuses == [("done", False), ("failed", True)]
     assert len(released) == 1 and (out / "ok.png").is_file() and not (out / "big.png").exists()
+
+
+def test_a_job_out_of_memory_beside_earlier_jobs_graphs_runs_again_without_them(tmp_path, data_dir, tiny_sd15_dir,
+                                                                                monkeypatch):
+    """Cached CUDA graphs of earlier jobs hold memory no other work can use: a job that runs out of memory
+    beside them runs once more after they are dropped (simulated: CPU runs capture no graphs)."""
+    import torch
+
+    from attndistill.models import DiffusionModel
+
+    predict = DiffusionModel.predict
+
+    def predict_leaving_a_graph(self, *args, **kwargs):
+        if self.graphs.get("earlier") == "before this job":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.graphs["earlier"] = "this job's"  # what a GPU job leaves cached for later jobs
+        return predict(self, *args, **kwargs)
+
+    def mark_earlier(self, job, tag, **kwargs):
+        if self._model is not None and self._model.graphs:
+            self._model.graphs["earlier"] = "before this job"
+        return run(self, job, tag, **kwargs)
+
+    from attndistill.batch import Runner
+
+    run = Runner._run
+    monkeypatch.setattr(DiffusionModel, "predict", predict_leaving_a_graph)
+    monkeypatch.setattr(Runner, "_run", mark_earlier)
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("texture", "wood-rings.jpg", None, output="one.png"),
+        job_line("texture", "wood-rings.jpg", None, seed=1, output="two.png")])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(r["status"] for r in read_records(out)) == ["done", "done"]
+    assert "dropped them, running it once more" in result.output

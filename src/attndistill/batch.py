@@ -225,12 +225,15 @@ class Runner:
         finally:
             lock.release()
 
-    def _run(self, job: Job, tag: str) -> str:
+    def _run(self, job: Job, tag: str, *, retry: bool = True) -> str:
+        """Run one job; one that runs out of memory beside earlier jobs' CUDA graphs runs again without them."""
         from .images import save_png
 
         start = time.perf_counter()
+        earlier_graphs = False
         try:
             model = self._load(job.model)
+            earlier_graphs = bool(model.graphs)
             spec = job.spec
             args = dict(job.args)
             inputs = [args.pop(name) for name in spec.inputs]
@@ -249,6 +252,10 @@ class Runner:
         except Exception as exc:
             if is_out_of_memory(exc):
                 _free_memory(self._model)
+                if retry and earlier_graphs:
+                    self.log(f"{tag} {job.id}: out of memory beside the CUDA graphs of earlier jobs; "
+                             "dropped them, running it once more")
+                    return self._run(job, tag, retry=False)
             return self._failed(job, tag, _describe(exc), start, trace=traceback.format_exc())
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
