@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 7 (<= 580 s): every line now also prints reserved memory (with the CUDA
+#   bash benchmarks/gpu_run.sh          # run 7 (<= 570 s): every line now also prints reserved memory (with the CUDA
 #                                       # graphs' pools, which runs 1-6 did not count); the default against NHWC
-#                                       # GroupNorms (channels_last_norms) and against unchunked feed-forward layers,
-#                                       # in full runs of cases a, c, b, g and e; SDXL with NHWC GroupNorms and with
-#                                       # gradient checkpointing; the 4096² expansion; profiles of e and g
+#                                       # GroupNorms (channels_last_norms) in full runs of every case, against
+#                                       # unchunked feed-forward layers in a, c, b and g, and against gradient
+#                                       # checkpointing in e and d (the memory targets); the 4096² expansion
 #   bash benchmarks/gpu_run.sh run6     # run 6: the default in full runs with the plain path and without
 #                                       # look-ahead (the peaks of lean look-ahead calls: on the CPU 1601 -> 801 MiB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
@@ -74,11 +74,12 @@ case "${1:-}" in
     run 70 --cases e
     run 250 --cases a,c,b,g --fast compile=1 --profile 10 ;;
   *)
-    run 260 --cases a,c,b,g,e --variant-steps 300 --variant channels_last_norms=1 --variant feed_forward_chunks=0 \
+    run 190 --cases a,c,b,g --variant-steps 300 --variant channels_last_norms=1 --variant feed_forward_chunks=0 \
       --compare --plain-steps 5
-    run 130 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
+    run 120 --cases e --variant-steps 50 --variant channels_last_norms=1 --variant gradient_checkpointing=1 \
+      --compare --plain-steps 3
+    run 120 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
-    run 140 --cases f --steps 1
-    run 50 --cases e,g --steps 6 --profile 6 --fast channels_last_norms=1 ;;
+    run 140 --cases f --steps 1 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
