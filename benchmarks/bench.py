@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -88,6 +89,8 @@ def measure(fn, device: torch.device) -> tuple[float, dict[str, float], list]:
     memory the caching allocator holds (``max_memory_reserved``). Only the second counts the private
     pools of CUDA graphs captured before ``fn()``: a replay's activations are invisible to the first,
     which is why runs 1-6, which reported only ``peak_gb``, understate the fast path's footprint.
+    ``device_used_gb``: the card's memory in use right after ``fn()`` (``mem_get_info``), with what the
+    allocator does not see (CUDA context, library handles, kernels): closest to "does it fit a card".
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -99,8 +102,10 @@ def measure(fn, device: torch.device) -> tuple[float, dict[str, float], list]:
     seconds = time.perf_counter() - start
     if device.type != "cuda":
         return seconds, {"peak_gb": float("nan")}, result
+    free, total = torch.cuda.mem_get_info(device)
     return seconds, {"peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
-                     "reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 2)}, result
+                     "reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 2),
+                     "device_used_gb": round((total - free) / 1e9, 2)}, result
 
 
 def fresh_memory(model, device: torch.device) -> None:
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         return models[kind]
 
     def emit(**row) -> None:
-        row.update(card=card, dtype=str(dtype).removeprefix("torch."), code=code)
+        row.update(card=card, dtype=str(dtype).removeprefix("torch."), code=code,
+                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
         print(json.dumps(row), flush=True)
 
     for case in args.cases.split(","):

@@ -67,3 +67,20 @@ def test_swap_shares_the_parameters_and_reverts():
     assert list(model.state_dict()) == keys
     swap_group_norms(model, False)
     assert [m for m in model.modules() if isinstance(m, nn.GroupNorm)] == originals
+
+
+def test_parameters_of_another_dtype_take_pytorchs_own_path():
+    """Norms kept in float32 beside a bfloat16 input: PyTorch's CUDA backward takes no mixed types."""
+    norm = _norm()
+    x = _input(torch.bfloat16)
+    out = ChannelsLastGroupNorm.sharing(norm)(x)
+    torch.testing.assert_close(out, F.group_norm(x, 8, norm.weight, norm.bias, norm.eps), atol=0, rtol=0)
+
+
+def test_swapping_back_keeps_parameters_loaded_while_swapped():
+    model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.GroupNorm(8, 64))
+    swap_group_norms(model, True)
+    loaded = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded, assign=True)  # new Parameter objects, not copies into the old ones
+    swap_group_norms(model, False)
+    assert type(model[1]) is nn.GroupNorm and bool((model[1].weight == 0.5).all())

@@ -442,10 +442,11 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
     assert count(ChannelsLastGroupNorm) == 0
 
 
-@pytest.mark.parametrize("failures", [1, 2])
-def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_more(model, monkeypatch, failures):
+@pytest.mark.parametrize("failures,earlier", [(1, True), (2, True), (1, False)])
+def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_more(model, monkeypatch, failures,
+                                                                                   earlier):
     """Cached graphs of other shapes hold memory nothing else can use: capture that runs out of memory drops
-    them and tries again, once; a second failure falls back to the eager path."""
+    them and tries again, once; a second failure, or none to drop, falls back to the eager path."""
     import attndistill.engine as engine
     from attndistill.stepper import EagerStepper
 
@@ -470,10 +471,14 @@ def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_m
     monkeypatch.setattr(engine, "StaticStepper", Stepper)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setattr(type(model), "release_graphs", release_graphs)
-    model.graphs[("predict", "another shape")] = object()
+    if earlier:
+        model.graphs[("predict", "another shape")] = object()
     distiller = Distiller(model)
     distiller.cuda_graphs = distiller.static = True  # the capture path, without a GPU
     stepper = distiller._new_stepper(((1, 4, 8, 8), (1, 4, 8, 8), None, 0.05), 0.05)
+    if not earlier:
+        assert released == [] and type(stepper) is EagerStepper and attempts == ["reference"]
+        return
     assert released == [1]
     if failures == 1:
         assert isinstance(stepper, Stepper) and attempts == ["reference", "reference", "stepper"]

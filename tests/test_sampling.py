@@ -214,3 +214,31 @@ def test_content_image_adds_lambda_times_the_content_loss(tiny_sd15, data_dir):
     assert slope > 0
     assert first[2.0] - first[0.1] == pytest.approx(slope * 1.9 / 0.9, rel=1e-4)
     assert json.loads(img.info["parameters"])["content"].endswith("horse.jpg")
+
+
+@pytest.mark.parametrize("error,for_good", [(torch.cuda.OutOfMemoryError("CUDA out of memory"), False),
+                                            (RuntimeError("operation not permitted when stream is capturing"), True)])
+def test_a_denoising_call_that_cannot_be_captured_runs_eagerly(monkeypatch, error, for_good):
+    """Out of memory while capturing: eager for that shape until the model's graphs are dropped (the next job
+    tries again); any other capture failure: graphs off for the model."""
+    from types import SimpleNamespace
+
+    from attndistill import guidance
+    from attndistill.models import Conditioning
+    from attndistill.perf import PerfOptions
+
+    captures = []
+
+    def capture(*args):
+        captures.append(args)
+        raise error
+
+    monkeypatch.setattr(guidance, "GraphedPredict", capture)
+    model = SimpleNamespace(perf=PerfOptions(), device=torch.device("cuda"), graphs={},
+                            predict=lambda x, t, cond, **kwargs: x * 2)  # the capture path, without a GPU
+    x, cond = torch.ones(1, 4, 8, 8), Conditioning(torch.zeros(1, 77, 32), None)
+    for _ in range(2):
+        torch.testing.assert_close(guidance._predict(model, x, 500, cond, {}), x * 2)
+    assert len(captures) == 1  # not tried again at every step
+    assert (model.perf.cuda_graphs is False) == for_good
+    assert (guidance.EAGER in model.graphs.values()) != for_good

@@ -180,6 +180,7 @@ class Runner:
                 runnable.append(job)
         try:
             start = time.perf_counter()
+            failure = None
             try:
                 model = self._load(runnable[0].model)
                 args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style")}
@@ -189,9 +190,12 @@ class Runner:
                     job.outputs[0].parent.mkdir(parents=True, exist_ok=True)
                     save_png(image, job.outputs[0], overwrite=job.overwrite,
                              parameters=_parameters(image, job, batched=len(runnable)))
-            except Exception as exc:
-                self.log(f"{tag} batched run failed ({_describe(exc)}); running its jobs one by one")
-                _free_memory(self._model if is_out_of_memory(exc) else None)
+            except Exception as exc:  # handled below: inside except, its traceback keeps the batch's memory
+                failure = (_describe(exc), is_out_of_memory(exc))
+            if failure is not None:
+                self.log(f"{tag} batched run failed ({failure[0]}); running its jobs one by one")
+                images = None
+                _free_memory(self._model if failure[1] else None)
                 for job in runnable:
                     statuses[job.id] = self._run(job, tag)
             else:
@@ -230,7 +234,7 @@ class Runner:
         from .images import save_png
 
         start = time.perf_counter()
-        earlier_graphs = False
+        earlier_graphs, failure = False, None
         try:
             model = self._load(job.model)
             earlier_graphs = bool(model.graphs)
@@ -249,14 +253,17 @@ class Runner:
                 save_png(image, path, overwrite=job.overwrite, parameters=_parameters(image, job))
         except UserError as exc:
             return self._failed(job, tag, str(exc), start)
-        except Exception as exc:
-            if is_out_of_memory(exc):
+        except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
+            failure = (_describe(exc), traceback.format_exc(), is_out_of_memory(exc))
+        if failure is not None:
+            result = images = None
+            if failure[2]:
                 _free_memory(self._model)
                 if retry and earlier_graphs:
                     self.log(f"{tag} {job.id}: out of memory beside the CUDA graphs of earlier jobs; "
                              "dropped them, running it once more")
                     return self._run(job, tag, retry=False)
-            return self._failed(job, tag, _describe(exc), start, trace=traceback.format_exc())
+            return self._failed(job, tag, failure[0], start, trace=failure[1])
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")

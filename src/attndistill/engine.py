@@ -206,6 +206,11 @@ class Distiller:
         graphs = self.model.graphs
         if cacheable and graph_key in graphs:
             return graphs[graph_key]
+        # graphs this run does not use (other shapes, earlier jobs): what dropping them can give back
+        mine = {id(s) for s in self._steppers.values()} | {id(getattr(s, "reference", None))
+                                                           for s in self._steppers.values()}
+        others = sum(id(g) not in mine for g in graphs.values())
+        failure = None
         try:
             start = time.perf_counter()
             reference_key = ("reference", ref_shape, content_shape) + settings
@@ -219,13 +224,15 @@ class Distiller:
             stats["graph_capture_s"] = stats.get("graph_capture_s", 0.0) + time.perf_counter() - start
             stats["graphs_captured"] = stats.get("graphs_captured", 0) + 1
         except Exception as exc:  # capture can fail on exotic setups: fall back, loudly
-            if retry and is_out_of_memory(exc) and graphs:  # other shapes' graphs hold memory: drop them, retry
+            failure = (is_out_of_memory(exc), f"{type(exc).__name__}: {exc}")
+        if failure is not None:  # handled here, not in the except: its traceback holds the failed capture's memory
+            reference = stepper = None
+            if retry and failure[0] and others:  # other graphs hold memory nothing else can use: drop, retry
                 log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs and trying again",
                             len(graphs))
                 self.model.release_graphs()
                 return self._new_stepper(key, lr, fed=fed, retry=False)
-            log.warning("CUDA graph capture failed (%s: %s); continuing without CUDA graphs",
-                        type(exc).__name__, exc)
+            log.warning("CUDA graph capture failed (%s); continuing without CUDA graphs", failure[1])
             self.cuda_graphs = self.static = False
             return EagerStepper(self, z_shape, lr)
         if cacheable:

@@ -27,7 +27,10 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # parameters of another dtype (autocast, norms kept in float32): PyTorch's CUDA backward takes them only
+        # in the input's dtype, so those go the usual way
+        same_dtype = self.weight is None or self.weight.dtype == x.dtype
+        if same_dtype and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return _GroupNormNHWC.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -39,7 +42,9 @@ def swap_group_norms(module: nn.Module, on: bool) -> None:
             if on and type(child) is nn.GroupNorm:
                 setattr(parent, name, ChannelsLastGroupNorm.sharing(child))
             elif not on and type(child) is ChannelsLastGroupNorm:
-                setattr(parent, name, child.original)
+                original = child.original  # given the parameters as they are now (a load may have replaced them)
+                original.weight, original.bias = child.weight, child.bias
+                setattr(parent, name, original)
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -73,10 +78,8 @@ class _GroupNormNHWC(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         n, c, h, w = x.shape
-        # the statistics in the dtype PyTorch's own forward would have handed its backward
-        dtype = x.dtype if weight is None or weight.dtype == x.dtype else torch.float32
-        mask = list(ctx.needs_input_grad[:3])
+        mask = list(ctx.needs_input_grad[:3])  # statistics in the dtype PyTorch's own forward hands its backward
         dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(), x.contiguous(), mean.view(n, ctx.groups).to(dtype), rstd.view(n, ctx.groups).to(dtype),
-            weight, n, c, h * w, ctx.groups, mask)
+            grad.contiguous(), x.contiguous(), mean.view(n, ctx.groups).to(x.dtype),
+            rstd.view(n, ctx.groups).to(x.dtype), weight, n, c, h * w, ctx.groups, mask)
         return dx, dweight, dbias, None, None

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from .engine import Distiller, evict_graphs
+from .errors import is_out_of_memory
 from .lookahead import Ahead, ReferenceLookahead, lookahead
 from .models import Conditioning, DiffusionModel
 from .stepper import StaticCall
@@ -69,15 +70,27 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
            None if cond.added_cond_kwargs is None else tuple(sorted((k, tuple(v.shape))
                                                                     for k, v in cond.added_cond_kwargs.items())))
     graph = model.graphs.get(key)
+    if graph is EAGER:
+        return model.predict(x, t, cond)
     if graph is None:
+        failure = None
         try:
             graph = model.graphs[key] = GraphedPredict(model, x, t, cond)
             evict_graphs(model.graphs, "predict")
-        except Exception as exc:  # fall back to eager calls, loudly, and stop trying
-            log.warning("CUDA graph capture of the denoising call failed (%s); running it eagerly", exc)
-            model.perf = replace(model.perf, cuda_graphs=False)
+        except Exception as exc:  # handled below: inside except, its traceback keeps the capture's memory
+            failure = (is_out_of_memory(exc), f"{type(exc).__name__}: {exc}")
+        if failure is not None:  # fall back to eager calls, loudly, and stop trying
+            log.warning("CUDA graph capture of the denoising call failed (%s); running it eagerly", failure[1])
+            if failure[0]:  # out of memory: for this shape until the model's graphs are dropped (the next job)
+                model.graphs[key] = EAGER
+            else:  # something this setup cannot do: for good
+                model.perf = replace(model.perf, cuda_graphs=False)
             return model.predict(x, t, cond)
     return graph(x, t, cond)
+
+
+#: A denoising call that ran out of memory while it was being captured: run it eagerly (see ``_predict``).
+EAGER = "eager"
 
 
 class GraphedPredict:

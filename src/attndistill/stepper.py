@@ -22,21 +22,27 @@ import torch
 
 
 class StaticCall:
-    """``fn()`` over static buffers: captured as a CUDA graph and replayed, or (``capture=False``) called."""
+    """``fn()`` over static buffers: captured as a CUDA graph and replayed, or (``capture=False``) called.
+
+    Each graph is captured on a stream of its own (the one its warm-up ran on), not on the capture stream
+    PyTorch shares between graphs: cuBLAS keeps one workspace per stream, whose address a graph bakes in,
+    and newer PyTorch frees a stream's workspace when a graph captured on it is destroyed, which would
+    pull it from under every other graph of that stream when the model's cache drops one.
+    """
 
     def __init__(self, fn: Callable, *, capture: bool, grad: bool, warmup: int = 2) -> None:
         self.fn, self.grad, self.graph = fn, grad, None
         self.out = None
         if not capture:
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.set_grad_enabled(grad):
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream), torch.set_grad_enabled(grad):
             for _ in range(warmup):  # allocator, lazy state (masks, Adam moments) and compilation settle here
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.set_grad_enabled(grad):
+        with torch.cuda.graph(self.graph, stream=self.stream), torch.set_grad_enabled(grad):
             self.out = fn()
 
     def __call__(self):

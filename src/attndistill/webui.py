@@ -17,6 +17,7 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -148,6 +149,7 @@ class WebUI:
             paths = [self._save(img, task) for img in images]
         except Exception as exc:  # the run or saving its result failed: say so, and show no stale results
             if model is not None and is_out_of_memory(exc):  # the next run needs the memory they hold
+                traceback.clear_frames(exc.__traceback__)  # the failed run's tensors, held by its frames
                 model.release_graphs()
             message = page_message(exc)
             yield f"failed: {message}", None, None, None, ""
