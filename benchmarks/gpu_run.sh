@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 7 (<= 570 s): every line now also prints reserved memory (with the CUDA
+#   bash benchmarks/gpu_run.sh          # run 7 (<= 580 s): first the CUDA-only checks (gpu_checks.py: the NHWC
+#                                       # GroupNorm against PyTorch's and inside a graph, graphs on their own
+#                                       # streams); then every line also prints reserved memory (with the CUDA
 #                                       # graphs' pools, which runs 1-6 did not count); the default against NHWC
 #                                       # GroupNorms (channels_last_norms) in full runs of every case, against
 #                                       # unchunked feed-forward layers in a, c, b and g, and against gradient
@@ -74,12 +76,13 @@ case "${1:-}" in
     run 70 --cases e
     run 250 --cases a,c,b,g --fast compile=1 --profile 10 ;;
   *)
-    run 190 --cases a,c,b,g --variant-steps 300 --variant channels_last_norms=1 --variant feed_forward_chunks=0 \
+    timeout 45 python3 benchmarks/gpu_checks.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/checks.jsonl"
+    run 180 --cases a,c,b,g --variant-steps 300 --variant channels_last_norms=1 --variant feed_forward_chunks=0 \
       --compare --plain-steps 5
-    run 120 --cases e --variant-steps 50 --variant channels_last_norms=1 --variant gradient_checkpointing=1 \
+    run 115 --cases e --variant-steps 50 --variant channels_last_norms=1 --variant gradient_checkpointing=1 \
       --compare --plain-steps 3
-    run 120 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
+    run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
-    run 140 --cases f --steps 1 ;;
+    run 120 --cases f --steps 1 ;;
 esac
 grep -i "graph capture failed\|Traceback\|recompile" "$OUT/stderr.txt" | head -5
