@@ -28,8 +28,8 @@ PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "c
 #: pools, so whether a 12 GB card holds SDXL T2I is not yet measured).
 SMALL_CARD_GIB = 16
 #: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
-#: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (measured in full runs
-#: on an H200, run 5; 8 rows were as fast per step in 30-step runs and peaked 0.7-1.0 GB lower).
+#: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (H200, runs 5 and 6 in
+#: benchmarks/RESULTS.md: in run 6's full runs 8 rows were slower in every case and saved 0-0.09 GB).
 LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
