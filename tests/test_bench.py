@@ -83,3 +83,19 @@ def test_lookahead_memory_reads_a_calls_peak_and_what_it_keeps(tiny_sd15, tiny_s
                  memory.reference_call(tiny_sd15, side=8, contents=2),
                  memory.lookahead_call(tiny_sdxl, rows=2, side=8, content=False, case="d")):
         assert line["peak_mb"] >= line["kept_mb"] >= 0 and line["steps_per_call"] >= 1
+
+
+def test_graph_memory_counts_each_captured_programs_working_memory(tiny_sd15, tiny_sdxl):
+    """``benchmarks/graph_memory.py``: each kind of program's peak is counted (on the tiny models), and a larger
+    batch needs more."""
+    path = Path(__file__).parent.parent / "benchmarks" / "graph_memory.py"
+    spec = importlib.util.spec_from_file_location("graph_memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    kinds = {name for _, programs in memory.CASES.values() for name, _, _ in programs}
+    assert kinds == {"iteration", "denoise", "reference"}
+    for model, name, batch, contents in ((tiny_sd15, "iteration", 2, 2), (tiny_sd15, "reference", 1, 2),
+                                         (tiny_sdxl, "denoise", 2, 0)):
+        assert memory.program_peak(model, name, batch, contents) > 0, name
+    one, six = (memory.program_peak(tiny_sd15, "iteration", b, 0) for b in (1, 6))
+    assert six > 3 * one

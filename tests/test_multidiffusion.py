@@ -107,6 +107,28 @@ def test_view_batch_sizes_do_not_change_the_canvas(tiny_sd15):
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
 
 
+def test_padded_view_batches_give_the_same_canvas_in_one_batch_shape(tiny_sd15, monkeypatch):
+    """With CUDA graphs a smaller last batch is filled up with copies of its last view (one graph, one memory
+    pool, for every batch); the copies' results are dropped, so the canvas is the unpadded one."""
+    scheduler, init = _setup(tiny_sd15, (8, 20), steps=2)
+    z_ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg_noise, sizes = md.cfg_noise, []
+
+    def recording(model, z, *args, **kwargs):
+        sizes.append(z.shape[0])
+        return cfg_noise(model, z, *args, **kwargs)
+
+    monkeypatch.setattr(md, "cfg_noise", recording)
+    out = []
+    for pad in (False, True):
+        sizes.clear()
+        out.append(multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler,
+                                  cond=tiny_sd15.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=4,
+                                  adain_on=True, generator=torch.Generator().manual_seed(7), progress=False, pad=pad))
+        assert sizes == ([3, 2] if not pad else [3, 3]) * 2  # 5 views, two timesteps
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
+
+
 def test_wrapped_views_make_the_canvas_shift_equivariant(tiny_sd15):
     """Periodic x: rolling the start canvas by a stride rolls the result (no seam at the edge)."""
     hw = (8, 16)

@@ -99,19 +99,26 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                    lr: float, adain_on: bool = False, view: int = VIEW, stride: int = PRESETS["expand"].stride,
                    view_batch: int = VIEW_BATCH, wrap: Wrap = (False, False),
                    generator: torch.Generator | None = None, callback: Callback | None = None,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, pad: bool | None = None) -> torch.Tensor:
     """AD-guided MultiDiffusion over a latent canvas; returns the final canvas (B, 4, H, W), fp32.
 
     init: start canvas (noise) (B, 4, H, W); ref_latents: clean reference latents (R, 4, hr, wr);
     scheduler: a DDIM scheduler with its timesteps set; cond/uncond: conditioning of the denoising
     call (batch 1); wrap: periodic (y, x) axes (views wrap around the edge). The distiller is entered
-    here. A canvas of exactly one view gives the plain AD-guided sampler's result.
+    here. A canvas of exactly one view gives the plain AD-guided sampler's result. pad: a smaller
+    last batch is filled up with copies of its last view, whose results are dropped (default: with
+    CUDA graphs, where each batch shape is a graph of its own that holds its working memory: case e's
+    batches of 6, 6 and 5 held graphs for 6 views and for 5, whose pools for 5 are 3.9 GiB by a CPU count,
+    benchmarks/graph_memory.py).
     """
     model = distiller.model
     z = init.detach().to(model.device, torch.float32)
     b, _, h, w = z.shape
     starts = views((h, w), view, stride, wrap=wrap)
     batches = list(_batches(starts, max(1, view_batch)))
+    if distiller.cuda_graphs if pad is None else pad:
+        batches = [batch + batch[-1:] * (len(batches[0]) - len(batch)) for batch in batches]
+    real = [len(batch) for batch in _batches(starts, max(1, view_batch))]
     timesteps = scheduler.timesteps
     bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
@@ -131,7 +138,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 ahead = lookahead.at(i) if lookahead else None
                 ref_t = ahead.ref if ahead else noised(scheduler, ref_latents.to(model.device), t_prime, generator)
                 reference_key = object()
-                for batch in batches:
+                for batch, kept in zip(batches, real, strict=True):
                     # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
                     zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
                     # 2. one denoising step (capture paused: this call records no features)
@@ -144,8 +151,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                                                      ref_is_noised=True, reference_key=reference_key,
                                                      ahead=ahead)
                     losses.extend(batch_losses)
-                    # 4. accumulate for the per-pixel average
-                    for (top, left), piece in zip(batch, zv.split(b)):
+                    # 4. accumulate for the per-pixel average (not the copies that fill a batch up)
+                    for (top, left), piece in zip(batch[:kept], zv.split(b)[:kept]):
                         rows = window_index(top, view, h, z.device)[:, None]
                         cols = window_index(left, view, w, z.device)[None, :]
                         value[..., rows, cols] += piece
