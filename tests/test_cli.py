@@ -77,7 +77,7 @@ def test_version_and_help_examples():
                                   ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
                                   ["--cudnn-benchmark"], ["--no-channels-last"],
                                   ["--lookahead-overlap"], ["--no-feed-forward-chunks"],
-                                  ["--channels-last", "--channels-last-norms"]])
+                                  ["--channels-last", "--channels-last-norms"], ["--no-gradient-checkpointing"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
     from attndistill.cli import common
 
@@ -96,6 +96,8 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.lookahead_overlap is True
     if flag[0] == "--no-feed-forward-chunks":
         assert common.PERF.feed_forward_chunks is False
+    if flag[0] == "--no-gradient-checkpointing":
+        assert common.PERF.gradient_checkpointing is False
     if flag[-1] == "--channels-last-norms":
         assert common.PERF.channels_last and common.PERF.channels_last_norms
     if flag[0] == "--cudnn-benchmark":

@@ -71,6 +71,26 @@ def test_text_encoders_offload_by_default_on_small_cards_only(tiny_sd15, monkeyp
     assert tiny_sd15.perf.offload_text_encoders is False  # resolved on the CPU
 
 
+@pytest.mark.parametrize("kind,small,expected", [("sdxl", True, True), ("sdxl", False, False), ("sd15", True, False)])
+def test_gradient_checkpointing_by_default_for_sdxl_on_small_cards_only(tiny_sd15, tiny_sdxl, monkeypatch, kind,
+                                                                         small, expected):
+    """``gradient_checkpointing=None``: on for SDXL on cards under 16 GiB, whose AD iteration graph would keep
+    4.6 GiB of activations (a CPU count); an explicit choice wins."""
+    from attndistill import perf
+
+    model = tiny_sdxl if kind == "sdxl" else tiny_sd15
+    monkeypatch.setattr(perf, "small_card", lambda device: small)
+    try:
+        model.set_perf(PerfOptions())
+        assert model.perf.gradient_checkpointing is expected
+        assert bool(getattr(model.unet, "is_gradient_checkpointing", False)) is expected
+        model.set_perf(PerfOptions(gradient_checkpointing=False))
+        assert not model.unet.is_gradient_checkpointing
+    finally:
+        monkeypatch.undo()
+        model.set_perf(PerfOptions())
+
+
 def test_pickle_weights_need_allow_pickle_also_for_a_vae_and_safetensors_load_with_it(tiny_sd15_dir, tmp_path):
     """``--allow-pickle`` lets pickle weights in where there are no safetensors; it never keeps safetensors out."""
     from diffusers import AutoencoderKL

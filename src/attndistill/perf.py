@@ -33,6 +33,11 @@ SMALL_CARD_GIB = 16
 LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
+#: Switches whose None means "decided for the device" (see each one's comment).
+AUTOMATIC = ("fused", "cuda_graphs", "channels_last", "cudnn_benchmark", "gradient_checkpointing",
+             "offload_text_encoders")
+
+
 @dataclass(frozen=True)
 class PerfOptions:
     """Speed and memory switches (None = automatic: on for CUDA, off for CPU)."""
@@ -60,7 +65,10 @@ class PerfOptions:
     # layers a few rows at a time (features.FEED_FORWARD_CHUNK_PIXELS says how many and what it saves); the
     # AD iterations are never chunked
     feed_forward_chunks: bool = True
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
+    # recompute activations in the backward pass: less memory, slower (None: on for SDXL on cards under
+    # SMALL_CARD_GIB, whose AD iteration graph then keeps 0.6 GiB instead of 4.6 by a CPU count,
+    # benchmarks/graph_memory.py; SDXL T2I took 14.0 s with it against 11.0 s without on an H200, run 1)
+    gradient_checkpointing: bool | None = None
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory
     cpu_offload: bool = False  # keep idle components in CPU memory (diffusers' model offload)
@@ -74,16 +82,14 @@ class PerfOptions:
             if name == "lookahead_batch":
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                     raise UserError(f"lookahead_batch must be a whole number of at least 1 (got {value!r})")
-            elif not (isinstance(value, bool) or (value is None and name in ("fused", "cuda_graphs", "channels_last",
-                                                                             "cudnn_benchmark",
-                                                                             "offload_text_encoders"))):
+            elif not (isinstance(value, bool) or (value is None and name in AUTOMATIC)):
                 raise UserError(f"{name} must be True or False (got {value!r})")
 
     @classmethod
     def plain(cls) -> PerfOptions:
         """Every optimisation off: the reference path for equality tests and benchmarks."""
         return cls(fused=False, cuda_graphs=False, early_exit=False, channels_last=False, lookahead_batch=1,
-                   feed_forward_chunks=False)
+                   feed_forward_chunks=False, gradient_checkpointing=False)
 
     def uses_channels_last(self, device: torch.device) -> bool:
         return self.channels_last if self.channels_last is not None else device.type == "cuda"
@@ -111,6 +117,8 @@ def pixel_switches(perf: PerfOptions) -> dict[str, object]:
 def apply_perf(model, perf: PerfOptions) -> None:
     """Switch the model's components to ``perf`` (idempotent; switches can be turned off again)."""
     unet, vae = model.unet, model.vae
+    if perf.gradient_checkpointing is None:
+        perf = replace(perf, gradient_checkpointing=model.kind == "sdxl" and small_card(model.device))
     if perf.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     elif getattr(unet, "is_gradient_checkpointing", False):

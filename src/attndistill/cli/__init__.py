@@ -18,8 +18,8 @@ from .. import __version__
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--channels-last-norms",
                 "--cudnn-benchmark", "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks",
                 "--no-feed-forward-chunks", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
-                "--gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
-                "--offload-text-encoders", "--no-offload-text-encoders")
+                "--gradient-checkpointing", "--no-gradient-checkpointing", "--attention-slicing", "--vae-tiling",
+                "--cpu-offload", "--offload-text-encoders", "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -101,8 +101,10 @@ def _root(
     fused: Annotated[bool | None, typer.Option(
         "--fused/--no-fused", help="Reference, content and target in one UNet call \\[default: automatic]",
         show_default=False)] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(
-        "--gradient-checkpointing", help="Less memory for the backward pass, slower")] = False,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Less memory for the backward pass, slower \\[default: on for SDXL on cards under 16 GiB]",
+        show_default=False)] = None,
     attention_slicing: Annotated[bool, typer.Option("--attention-slicing", help="Attention in slices: less memory")
                                  ] = False,
     vae_tiling: Annotated[bool, typer.Option("--vae-tiling", help="Encode/decode in tiles: less memory")] = False,
