@@ -108,15 +108,6 @@ def measure(fn, device: torch.device) -> tuple[float, dict[str, float], list]:
                      "device_used_gb": round((total - free) / 1e9, 2)}, result
 
 
-def fresh_memory(model, device: torch.device) -> None:
-    """Drop the model's CUDA graphs and the allocator's cached blocks, so that the next run's reserved
-    memory is its own (its warm-up captures the graphs it needs again)."""
-    if device.type == "cuda":
-        model.graphs.clear()
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 def max_diff(a: list, b: list) -> float:
     return max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max()) / 255 for x, y in zip(a, b))
 
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or default_steps
         try:
             model = get_model(kind)
-            fresh_memory(model, device)
+            model.release_graphs()  # this run's memory its own: no graphs or cached blocks before it
             fast = PerfOptions(**_switches(args.fast))
             model.set_perf(fast)
             # warm-up: captures CUDA graphs (cached on the model for the real run); reported separately
@@ -291,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                      ms_per_step=round(1000 * seconds / args.variant_steps, 1), **peak)
             for variant in args.variant:
                 model.set_perf(PerfOptions(**(_switches(args.fast) | _switches(variant))))
-                fresh_memory(model, device)
+                model.release_graphs()
                 model.stats.clear()
                 variant_steps = min(args.variant_steps or steps, steps)
                 # a short run is warmed up over its own steps: look-ahead chunks of that run's sizes, first
@@ -305,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                      graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2))
                 model.set_perf(fast)
             if case == "g":
-                fresh_memory(model, device)
+                model.release_graphs()
                 one_by_one(model, 2, args.size_scale, runs=1)  # its graphs (batch 1) are captured here, untimed
                 seconds1, peak1, _ = measure(partial(one_by_one, model, steps, args.size_scale), device)
                 emit(case=case, path="one-by-one (fast path)", steps=steps, seconds=round(seconds1, 3),
@@ -315,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.compare and case != "g":
                 plain_steps = min(args.plain_steps or steps, steps)
                 model.set_perf(PerfOptions.plain())
-                fresh_memory(model, device)
+                model.release_graphs()
                 seconds, peak, plain_images = measure(
                     partial(run_case, case, model, plain_steps, args.size_scale), device)
                 emit(case=case, path="plain", steps=plain_steps, seconds=round(seconds, 3),

@@ -207,8 +207,8 @@ class Distiller:
         if cacheable and graph_key in graphs:
             return graphs[graph_key]
         # graphs this run does not use (other shapes, earlier jobs): what dropping them can give back
-        mine = {id(s) for s in self._steppers.values()} | {id(getattr(s, "reference", None))
-                                                           for s in self._steppers.values()}
+        mine = {id(s) for s in self._steppers.values()} | {id(s.reference) for s in self._steppers.values()
+                                                           if hasattr(s, "reference")}
         others = sum(id(g) not in mine for g in graphs.values())
         failure = None
         try:
@@ -228,8 +228,8 @@ class Distiller:
         if failure is not None:  # handled here, not in the except: its traceback holds the failed capture's memory
             reference = stepper = None
             if retry and failure[0] and others:  # other graphs hold memory nothing else can use: drop, retry
-                log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs and trying again",
-                            len(graphs))
+                log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs of other shapes and "
+                            "trying again", others)
                 self.model.release_graphs()
                 return self._new_stepper(key, lr, fed=fed, retry=False)
             log.warning("CUDA graph capture failed (%s); continuing without CUDA graphs", failure[1])

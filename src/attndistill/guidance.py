@@ -61,6 +61,10 @@ def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | in
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
+#: A denoising call that ran out of memory while it was being captured: run it eagerly (see ``_predict``).
+EAGER = "eager"
+
+
 def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet_kwargs: dict) -> torch.Tensor:
     """A no-grad UNet call, replayed from a CUDA graph when the model's perf options allow it."""
     graphs = model.perf.cuda_graphs
@@ -87,10 +91,6 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
                 model.perf = replace(model.perf, cuda_graphs=False)
             return model.predict(x, t, cond)
     return graph(x, t, cond)
-
-
-#: A denoising call that ran out of memory while it was being captured: run it eagerly (see ``_predict``).
-EAGER = "eager"
 
 
 class GraphedPredict:

@@ -116,9 +116,9 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     b, _, h, w = z.shape
     starts = views((h, w), view, stride, wrap=wrap)
     batches = list(_batches(starts, max(1, view_batch)))
+    real = [len(batch) for batch in batches]  # views of each batch before any copies fill it up
     if distiller.cuda_graphs if pad is None else pad:
         batches = [batch + batch[-1:] * (len(batches[0]) - len(batch)) for batch in batches]
-    real = [len(batch) for batch in _batches(starts, max(1, view_batch))]
     timesteps = scheduler.timesteps
     bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
     guard = FiniteGuard(model.device)
