@@ -213,8 +213,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="also profile STEPS steps of the fast path and print where the time goes")
     p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
                    help="also time STEPS steps of the fast path by program: reference, iteration, denoising")
+    p.add_argument("--memory-cap", type=float, default=None, metavar="GB",
+                   help="cap the caching allocator (graph pools included) at GB: does the case fit a smaller card?")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.memory_cap and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap * 1e9 / torch.cuda.mem_get_info(device)[1])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -245,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     def emit(**row) -> None:
         row.update(card=card, dtype=str(dtype).removeprefix("torch."), code=code,
                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+        if args.memory_cap:
+            row.update(memory_cap_gb=args.memory_cap)
         print(json.dumps(row), flush=True)
 
     for case in args.cases.split(","):

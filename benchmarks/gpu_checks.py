@@ -80,12 +80,21 @@ def group_norm_captures_in_a_cuda_graph():
 
 
 @check
-def mixed_dtype_norms_fall_back():
-    norm = nn.GroupNorm(8, 64).to(DEVICE)  # float32 parameters, bfloat16 input
-    x = _nhwc(torch.randn(2, 64, 8, 8, device=DEVICE)).to(torch.bfloat16).requires_grad_()
-    out = ChannelsLastGroupNorm.sharing(norm)(x)
-    out.float().sum().backward()
-    return {"ok": x.grad is not None and bool(x.grad.isfinite().all())}
+def mixed_dtype_norms_behave_as_pytorchs():
+    """Float32 parameters on a bfloat16 input take PyTorch's own path: the swap changes nothing there (run 7:
+    torch 2.11's CUDA GroupNorm refuses the mix already in its forward, swapped or not)."""
+    norm = nn.GroupNorm(8, 64).to(DEVICE)
+    x = _nhwc(torch.randn(2, 64, 8, 8, device=DEVICE)).to(torch.bfloat16)
+
+    def outcome(module):
+        try:
+            return module(x).float()
+        except RuntimeError as exc:
+            return str(exc)
+
+    ours, theirs = outcome(ChannelsLastGroupNorm.sharing(norm)), outcome(norm)
+    same = ours == theirs if isinstance(ours, str) or isinstance(theirs, str) else bool(torch.equal(ours, theirs))
+    return {"ok": same, "pytorch": theirs if isinstance(theirs, str) else "runs"}
 
 
 @check

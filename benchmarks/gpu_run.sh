@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 7 (<= 580 s): first the CUDA-only checks (gpu_checks.py: the NHWC
+#   bash benchmarks/gpu_run.sh          # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
 #                                       # GroupNorm against PyTorch's and inside a graph, graphs on their own
 #                                       # streams); then every line also prints reserved memory (with the CUDA
 #                                       # graphs' pools, which runs 1-6 did not count); the default against NHWC
 #                                       # GroupNorms (channels_last_norms) in full runs of every case, against
 #                                       # unchunked feed-forward layers in a, c, b and g, and against gradient
 #                                       # checkpointing in e and d (the memory targets); the 4096² expansion
+#   bash benchmarks/gpu_run.sh caps     # after run 7 (<= 460 s): d, e and a under caps on the allocator (9, 6, 3.2 and
+#                                       # 4 GB); in run 7 it ran as three calls
 #   bash benchmarks/gpu_run.sh run6     # run 6: the default in full runs with the plain path and without
 #                                       # look-ahead (the peaks of lean look-ahead calls: on the CPU 1601 -> 801 MiB), look-
 #                                       # ahead on a second stream and look-ahead of 8 rows in full runs, expansion
@@ -70,6 +72,12 @@ case "${1:-}" in
     run 70 --cases e --variant-steps 10 --variant lookahead_batch=1
     run 80 --cases d --fast offload_text_encoders=1 --variant-steps 15 --variant lookahead_batch=1
     run 70 --cases a,b --steps 20 --profile 10 --breakdown 20 ;;
+  caps)  # after run 7: does a case fit under a cap on the allocator (pools and cached blocks counted)?
+    run 110 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
+    run 115 --cases e --fast gradient_checkpointing=1 --memory-cap 6 --variant gradient_checkpointing=0
+    run 65 --cases a --memory-cap 3.2
+    run 105 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1,vae_tiling=1 --memory-cap 9
+    run 60 --cases a --memory-cap 4 ;;
   run6)  # its compile line printed nothing in 250 s: compiling case a did not finish
     run 140 --cases a,c,b,g --compare --plain-steps 10 --variant lookahead_batch=1 --variant-steps 30
     run 130 --cases a,c,b --fast lookahead_overlap=1 --variant lookahead_overlap=0,lookahead_batch=8 --variant-steps 300

@@ -70,7 +70,7 @@ def test_swap_shares_the_parameters_and_reverts():
 
 
 def test_parameters_of_another_dtype_take_pytorchs_own_path():
-    """Norms kept in float32 beside a bfloat16 input: PyTorch's CUDA backward takes no mixed types."""
+    """Norms kept in float32 beside a bfloat16 input go PyTorch's way (its CUDA GroupNorm refuses the mix)."""
     norm = _norm()
     x = _input(torch.bfloat16)
     out = ChannelsLastGroupNorm.sharing(norm)(x)

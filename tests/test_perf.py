@@ -442,11 +442,19 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
     assert count(ChannelsLastGroupNorm) == 0
 
 
-@pytest.mark.parametrize("failures,earlier", [(1, True), (2, True), (1, False)])
-def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_more(model, monkeypatch, failures,
-                                                                                   earlier):
-    """Cached graphs of other shapes hold memory nothing else can use: capture that runs out of memory drops
-    them and tries again, once; a second failure, or none to drop, falls back to the eager path."""
+@pytest.mark.parametrize("failures,earlier,checkpointing,attempts_made,released_after", [
+    (1, True, None, 2, [1]),  # the cached graphs go, and the second try fits
+    (2, True, None, 3, [1, 0]),  # then checkpointing comes on (automatic), and the third fits
+    (3, True, None, 3, [1, 0]),  # nothing left to try: eager
+    (2, True, False, 2, [1]),  # checkpointing asked off: left off
+    (1, False, None, 2, [0]),  # nothing cached: checkpointing first
+    (1, False, False, 1, []),  # nothing at all to try: eager
+])
+def test_out_of_memory_in_graph_capture_makes_room_then_falls_back(model, monkeypatch, failures, earlier,
+                                                                   checkpointing, attempts_made, released_after):
+    """A capture that runs out of memory drops the cached graphs of other shapes (their pools hold memory
+    nothing else can use), then turns automatic gradient checkpointing on, trying again after each; with
+    nothing left to try it falls back to the eager path."""
     import attndistill.engine as engine
     from attndistill.stepper import EagerStepper
 
@@ -467,6 +475,7 @@ def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_m
         released.append(len(self.graphs))
         self.graphs.clear()
 
+    model.set_perf(PerfOptions(gradient_checkpointing=checkpointing))
     monkeypatch.setattr(engine, "StaticReference", Reference)
     monkeypatch.setattr(engine, "StaticStepper", Stepper)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
@@ -476,14 +485,12 @@ def test_out_of_memory_in_graph_capture_drops_the_cached_graphs_and_tries_once_m
     distiller = Distiller(model)
     distiller.cuda_graphs = distiller.static = True  # the capture path, without a GPU
     stepper = distiller._new_stepper(((1, 4, 8, 8), (1, 4, 8, 8), None, 0.05), 0.05)
-    if not earlier:
-        assert released == [] and type(stepper) is EagerStepper and attempts == ["reference"]
-        return
-    assert released == [1]
-    if failures == 1:
-        assert isinstance(stepper, Stepper) and attempts == ["reference", "reference", "stepper"]
-    else:
-        assert type(stepper) is EagerStepper and not distiller.cuda_graphs and attempts == ["reference"] * 2
+    assert attempts.count("reference") == attempts_made and released == released_after
+    fits = failures < attempts_made
+    assert isinstance(stepper, Stepper) if fits else (type(stepper) is EagerStepper and not distiller.cuda_graphs)
+    turned_on = checkpointing is None and attempts_made > 1 + earlier
+    assert model.perf.gradient_checkpointing is turned_on
+    assert bool(getattr(model.unet, "is_gradient_checkpointing", False)) is turned_on
 
 
 def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(model):

@@ -186,7 +186,7 @@ class Distiller:
             raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
                                  ) from None
 
-    def _new_stepper(self, key, lr: float, *, fed: tuple | None = None, retry: bool = True) -> EagerStepper:
+    def _new_stepper(self, key, lr: float, *, fed: tuple | None = None) -> EagerStepper:
         """A stepper for ``key``; ``fed``: the first features of a run that brings each timestep's own
         (look-ahead), whose reference program then needs buffers but no graph (:class:`StaticReference`)."""
         z_shape, ref_shape, content_shape, _ = key
@@ -227,11 +227,10 @@ class Distiller:
             failure = (is_out_of_memory(exc), f"{type(exc).__name__}: {exc}")
         if failure is not None:  # handled here, not in the except: its traceback holds the failed capture's memory
             reference = stepper = None
-            if retry and failure[0] and others:  # other graphs hold memory nothing else can use: drop, retry
-                log.warning("out of memory capturing a CUDA graph; dropping %d cached graphs of other shapes and "
-                            "trying again", others)
-                self.model.release_graphs()
-                return self._new_stepper(key, lr, fed=fed, retry=False)
+            remedy = self._memory_remedy(others) if failure[0] else None
+            if remedy:
+                log.warning("out of memory capturing a CUDA graph; %s and trying again", remedy)
+                return self._new_stepper(key, lr, fed=fed)
             log.warning("CUDA graph capture failed (%s); continuing without CUDA graphs", failure[1])
             self.cuda_graphs = self.static = False
             return EagerStepper(self, z_shape, lr)
@@ -239,6 +238,21 @@ class Distiller:
             graphs[graph_key] = stepper
             evict_graphs(graphs, "stepper")
         return stepper
+
+    def _memory_remedy(self, others: int) -> str | None:
+        """Make room for a capture that ran out of memory; what was done, or None when nothing is left to try.
+
+        First the cached graphs of other shapes go (their pools hold memory nothing else can use), then
+        gradient checkpointing comes on where it was automatic (an iteration's graph keeps 3-8x less, by
+        benchmarks/graph_memory.py). Each is done once, so the retries end.
+        """
+        if others:
+            self.model.release_graphs()
+            return f"dropped {others} cached graphs of other shapes"
+        if self.model.checkpoint_to_fit():
+            self.model.release_graphs()
+            return "turned gradient checkpointing on (--gradient-checkpointing asks for it from the start)"
+        return None
 
     # -- features --------------------------------------------------------------------------------------
 

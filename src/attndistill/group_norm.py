@@ -27,8 +27,8 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # parameters of another dtype (autocast, norms kept in float32): PyTorch's CUDA backward takes them only
-        # in the input's dtype, so those go the usual way
+        # parameters of another dtype (norms kept in float32) go the usual way: PyTorch's own CUDA GroupNorm
+        # refuses that mix (torch 2.11, run 7's checks), and a swap should not change whether a model runs
         same_dtype = self.weight is None or self.weight.dtype == x.dtype
         if same_dtype and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return _GroupNormNHWC.apply(x, self.weight, self.bias, self.num_groups, self.eps)

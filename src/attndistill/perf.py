@@ -66,8 +66,9 @@ class PerfOptions:
     # AD iterations are never chunked
     feed_forward_chunks: bool = True
     # recompute activations in the backward pass: less memory, slower (None: on for SDXL on cards under
-    # SMALL_CARD_GIB, whose AD iteration graph then keeps 0.6 GiB instead of 4.6 by a CPU count,
-    # benchmarks/graph_memory.py; SDXL T2I took 14.0 s with it against 11.0 s without on an H200, run 1)
+    # SMALL_CARD_GIB, and wherever a CUDA graph's capture runs out of memory: DiffusionModel.checkpoint_to_fit.
+    # On an H200, run 7: SDXL T2I reserved 12.9 GB instead of 17.1 in 11.9 s instead of 10.3, expansion
+    # 6.8 GB instead of 9.6 in 24.4 s instead of 19.9)
     gradient_checkpointing: bool | None = None
     attention_slicing: bool = False  # attention in slices: less memory, slower
     vae_tiling: bool = False  # decode/encode in tiles: large images in bounded memory

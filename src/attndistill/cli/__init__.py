@@ -103,7 +103,8 @@ def _root(
         show_default=False)] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Less memory for the backward pass, slower \\[default: on for SDXL on cards under 16 GiB]",
+        help="Less memory for the backward pass, slower \\[default: on for SDXL on cards under 16 GiB, and where a "
+             "CUDA graph would not fit]",
         show_default=False)] = None,
     attention_slicing: Annotated[bool, typer.Option("--attention-slicing", help="Attention in slices: less memory")
                                  ] = False,
