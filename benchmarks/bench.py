@@ -214,11 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
                    help="also time STEPS steps of the fast path by program: reference, iteration, denoising")
     p.add_argument("--memory-cap", type=float, default=None, metavar="GB",
-                   help="cap the caching allocator (graph pools included) at GB: does the case fit a smaller card?")
+                   help="cap the caching allocator (graph pools included) at GB once the model is built: does the case "
+                        "fit a smaller card?")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    if args.memory_cap and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap * 1e9 / torch.cuda.mem_get_info(device)[1])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}.get(
         args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -258,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or default_steps
         try:
             model = get_model(kind)
+            if args.memory_cap and device.type == "cuda":  # after the build: the case's memory, not the build's
+                torch.cuda.set_per_process_memory_fraction(args.memory_cap * 1e9 / torch.cuda.mem_get_info(device)[1])
             model.release_graphs()  # this run's memory its own: no graphs or cached blocks before it
             fast = PerfOptions(**_switches(args.fast))
             model.set_perf(fast)

@@ -112,6 +112,47 @@ def test_perf_switches_apply_and_revert(model):
     assert not model.unet.is_gradient_checkpointing and not model.vae.use_tiling
 
 
+def test_vae_tiling_tiles_images_of_the_vae_s_own_sample_size(model, monkeypatch):
+    """diffusers tiles only images larger than the VAE's sample size (SDXL's 1024²): tiles are capped."""
+    import attndistill.perf as perf
+
+    sample = model.vae.config.sample_size
+    monkeypatch.setattr(perf, "VAE_TILE_PIXELS", sample // 2)
+    tiled, tiled_decode = [], type(model.vae).tiled_decode
+    monkeypatch.setattr(model.vae, "tiled_decode",
+                        lambda z, **kw: tiled.append(z.shape) or tiled_decode(model.vae, z, **kw))
+    z = torch.randn(1, 4, sample // model.vae_scale_factor, sample // model.vae_scale_factor)
+    model.set_perf(PerfOptions(vae_tiling=True))
+    assert model.vae.tile_sample_min_size == sample // 2
+    image = model.decode(z)
+    assert tiled and image.shape == (1, 3, sample, sample) and bool(image.isfinite().all())
+    model.set_perf(PerfOptions())
+    assert model.vae.tile_sample_min_size == sample and not model.vae.use_tiling
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_a_vae_call_out_of_memory_beside_cached_graphs_runs_again_without_them(model, monkeypatch, graphs):
+    """SDXL's decode at 1024² peaks above the graphs' pools, which sit idle while it runs."""
+    decode, calls, released = type(model.vae).decode, [], []
+
+    def short_of_memory(z, **kwargs):
+        calls.append(len(model.graphs))
+        if model.graphs:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return decode(model.vae, z, **kwargs)
+
+    monkeypatch.setattr(model.vae, "decode", short_of_memory)
+    monkeypatch.setattr(type(model), "release_graphs", lambda self: released.append(1) or self.graphs.clear())
+    if graphs:
+        model.graphs[("stepper", "a shape")] = object()
+    image = model.decode(torch.randn(1, 4, 8, 8))
+    assert image.shape == (1, 3, 64, 64) and calls == ([1, 0] if graphs else [0]) and len(released) == graphs
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # still out of memory once they are dropped: the error stands
+        model.graphs[("stepper", "a shape")] = object()
+        monkeypatch.setattr(type(model), "release_graphs", lambda self: None)
+        model.decode(torch.randn(1, 4, 8, 8))
+
+
 def test_style_transfer_batch_returns_one_image_per_content(model, data_dir):
     import json
 

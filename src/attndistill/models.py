@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .errors import NonFiniteError, UserError
+from .errors import NonFiniteError, UserError, is_out_of_memory
 from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,32 @@ class DiffusionModel:
         """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32."""
         x = images.to(self.device, self._vae_dtype()) * 2 - 1
         with torch.no_grad():
-            mean = self.vae.encode(x).latent_dist.mean
+            mean = self._beside_graphs(lambda: self.vae.encode(x).latent_dist.mean)
         return mean.float() * self.vae.config.scaling_factor
+
+    def _beside_graphs(self, vae_call):
+        """``vae_call()``; if it runs out of memory beside cached CUDA graphs, again without them.
+
+        The VAE at full resolution peaks above the graphs' pools (SDXL's decode at 1024²: about 2.9 GB on
+        an H200, against 0.9 GB of pools with checkpointing; benchmarks/RESULTS.md), and the graphs
+        sit idle while it runs: on a small card they go, and the next job captures them again.
+        """
+        for attempt in (1, 2):
+            try:
+                return vae_call()
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if attempt == 2 or not (self.graphs and is_out_of_memory(exc)):
+                    raise
+            # out of the except block: its traceback would keep the failed call's memory
+            log.warning("out of memory in the VAE beside %d cached CUDA graphs; dropping them and trying again",
+                        len(self.graphs))
+            self.release_graphs()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
         z = latents.to(self.device, self._vae_dtype()) / self.vae.config.scaling_factor
         with torch.no_grad():
-            x = self.vae.decode(z).sample
+            x = self._beside_graphs(lambda: self.vae.decode(z).sample)
         if not torch.isfinite(x).all():  # clamp would turn NaN into a black image
             raise NonFiniteError("the decoded image is NaN/Inf (the latent ran out of range); lower --lr, "
                                  "use --dtype fp32 (or an fp16-safe VAE), or check the input images")

@@ -33,6 +33,11 @@ SMALL_CARD_GIB = 16
 LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 
 
+#: With ``vae_tiling``, tiles of at most this many pixels a side. SDXL's decode at 1024² peaks at 2,560
+#: MiB whole and 646 MiB in 512-pixel tiles (CPU count, bf16, benchmarks/run_memory.py).
+VAE_TILE_PIXELS = 512
+
+
 #: Switches whose None means "decided for the device" (see each one's comment).
 AUTOMATIC = ("fused", "cuda_graphs", "channels_last", "cudnn_benchmark", "gradient_checkpointing",
              "offload_text_encoders")
@@ -135,10 +140,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         unet.set_attn_processor(AttnProcessor2_0())  # slicing off again: the processor a fresh load has
-    if perf.vae_tiling:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
+    set_vae_tiling(vae, perf.vae_tiling)
     if perf.cpu_offload and model.device.type == "cuda":
         # components move between devices: captured graphs would point at stale memory, and a second
         # stream would race the moves
@@ -149,6 +151,23 @@ def apply_perf(model, perf: PerfOptions) -> None:
     for encoder in model.text_encoders():
         encoder.to("cpu" if perf.offload_text_encoders else model.device)
     model.perf = perf
+
+
+def set_vae_tiling(vae, on: bool) -> None:
+    """The VAE in tiles of at most :data:`VAE_TILE_PIXELS` a side (``on``), or whole.
+
+    diffusers tiles only images larger than the VAE's sample size, 1024 for SDXL's: SDXL's own size was not
+    tiled at all, and its decode is the peak of SDXL T2I (about 2.9 GB on an H200, benchmarks/RESULTS.md).
+    """
+    sample = vae.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    if on:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    tile = min(sample, VAE_TILE_PIXELS) if on else sample
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def small_card(device: torch.device) -> bool:

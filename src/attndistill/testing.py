@@ -137,14 +137,7 @@ def full_size_model(kind: str, configs: str | Path, *, device: str = "cuda", dty
     For speed and memory measurements only (speed does not depend on weight values). ``configs``
     is the folder of real architecture configs; the tokenizer is the tiny local one.
     """
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .models import DiffusionModel
 
@@ -158,15 +151,14 @@ def full_size_model(kind: str, configs: str | Path, *, device: str = "cuda", dty
     torch.manual_seed(0)
     tmp = Path(torch.hub.get_dir()) / "attndistill-tokenizer"
     tokenizer = write_tiny_tokenizer(tmp)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**cfg(f"{prefix}-unet")).to(dtype)
-        vae = AutoencoderKL(**cfg(f"{prefix}-vae")).to(dtype)
-        te_cfg = {k: v for k, v in cfg("sd15-text-encoder").items() if k != "model_type"}
-        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
-        if kind == "sdxl":
-            te2_cfg = {k: v for k, v in cfg("sdxl-text-encoder-2").items() if k != "model_type"}
-            text_encoder_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig(**te2_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
+    previous = torch.get_default_dtype()
+    # built in ``dtype`` from the start: made in float32 and then cast, SDXL's UNet alone would peak at 9.8 GB
+    torch.set_default_dtype(dtype)
+    try:
+        modules = _build_modules(kind, prefix, cfg, tokenizer, device, dtype)
+    finally:
+        torch.set_default_dtype(previous)
+    unet, vae, text_encoder, text_encoder_2 = modules
     scheduler = DDIMScheduler(**cfg(f"{prefix}-scheduler"))
     if kind == "sdxl":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -180,3 +172,21 @@ def full_size_model(kind: str, configs: str | Path, *, device: str = "cuda", dty
     pipe.set_progress_bar_config(disable=True)
     return DiffusionModel(pipe=pipe, kind="sdxl" if kind == "sdxl" else "sd15", source=f"random-{prefix}",
                           device=torch.device(device), dtype=dtype)
+
+
+def _build_modules(kind: str, prefix: str, cfg, tokenizer, device: str, dtype) -> tuple:
+    """UNet, VAE and text encoder(s) of the real architectures, with random weights, on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text_encoder_2 = None
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg(f"{prefix}-unet")).to(dtype)
+        vae = AutoencoderKL(**cfg(f"{prefix}-vae")).to(dtype)
+        te_cfg = {k: v for k, v in cfg("sd15-text-encoder").items() if k != "model_type"}
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
+        if kind == "sdxl":
+            te2_cfg = {k: v for k, v in cfg("sdxl-text-encoder-2").items() if k != "model_type"}
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(**te2_cfg, eos_token_id=tokenizer.eos_token_id)).to(dtype)
+    return unet, vae, text_encoder, text_encoder_2
