@@ -40,16 +40,22 @@ from bench import code_digest  # noqa: E402
 MB = 2**20  # the "_mb" fields are MiB
 
 
-def allocations(fn) -> tuple[int, int]:
-    """(peak, end) bytes of CPU memory allocated by ``fn()`` and not yet freed, from the profiler's trace."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+def trace_events(prof) -> tuple[list[dict], list[dict]]:
+    """(the CPU's memory events in the order they happened, every event) of a finished profile's trace."""
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
     memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
                     key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    return memory, events
+
+
+def allocations(fn) -> tuple[int, int]:
+    """(peak, end) bytes of CPU memory allocated by ``fn()`` and not yet freed, from the profiler's trace."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    memory, _ = trace_events(prof)
     if not memory:
         return 0, 0
     # the profiler's running total also counts what earlier profiled code allocated and freed unprofiled

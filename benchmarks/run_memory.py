@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import CASES, code_digest, run_case  # noqa: E402
+from lookahead_memory import MB, trace_events  # noqa: E402
 
 from attndistill import generate, sampling  # noqa: E402
 from attndistill.engine import Distiller  # noqa: E402
@@ -54,7 +55,6 @@ from attndistill.perf import PerfOptions  # noqa: E402
 from attndistill.stepper import EagerStepper, StaticReference, StaticStepper  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
-MB = 2**20
 #: Phases replayed from CUDA graphs on a GPU: their allocations are not in ``max_memory_allocated`` there.
 GRAPHED = ("denoise", "ad_iteration")
 
@@ -169,12 +169,7 @@ class Trace:
         if state is not None:
             self.__dict__.update(state)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
-                        key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+        memory, events = trace_events(prof)
         self.ts = [e["ts"] for e in memory]
         self.bytes = [e["args"]["Bytes"] for e in memory]
         self.addr = [e["args"].get("Addr") for e in memory]

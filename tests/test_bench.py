@@ -99,3 +99,20 @@ def test_graph_memory_counts_each_captured_programs_working_memory(tiny_sd15, ti
         assert memory.program_peak(model, name, batch, contents) > 0, name
     one, six = (memory.program_peak(tiny_sd15, "iteration", b, 0) for b in (1, 6))
     assert six > 3 * one
+
+
+def test_run_memory_splits_a_whole_run_by_phase():
+    """``benchmarks/run_memory.py`` (a subprocess: it wraps library calls to tag them) profiles case d on the
+    tiny SDXL model and finds the run's peak inside one of the phases it tags."""
+    import subprocess
+    import sys
+
+    path = Path(__file__).parent.parent / "benchmarks" / "run_memory.py"
+    out = subprocess.run([sys.executable, str(path), "--tiny", "--steps", "1", "--only", "run"], capture_output=True,
+                         text=True, timeout=240, check=True).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    phases = {line["phase"] for line in lines if line["what"] == "phase"}
+    assert {"vae_encode", "text_encode", "lookahead_call", "ad_iteration", "denoise", "vae_decode"} <= phases
+    peak = next(line for line in lines if line["what"] == "peak" and line["count"] == "all")
+    assert peak["phase"] in phases and peak["peak_mb"] > 0
+    assert all(line["peak_above_start_mb"] <= peak["peak_mb"] + 1e-6 for line in lines if line["what"] == "phase")
