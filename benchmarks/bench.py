@@ -256,9 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         kind, default_steps, description = CASES[case]
         steps = args.steps or default_steps
         try:
+            if args.memory_cap and device.type == "cuda":  # the case's memory, not the build's
+                torch.cuda.set_per_process_memory_fraction(1.0)
             model = get_model(kind)
-            if args.memory_cap and device.type == "cuda":  # after the build: the case's memory, not the build's
-                torch.cuda.set_per_process_memory_fraction(args.memory_cap * 1e9 / torch.cuda.mem_get_info(device)[1])
+            if args.memory_cap and device.type == "cuda":
+                total = torch.cuda.mem_get_info(device)[1]
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap * 1e9 / total))
             model.release_graphs()  # this run's memory its own: no graphs or cached blocks before it
             fast = PerfOptions(**_switches(args.fast))
             model.set_perf(fast)
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             emit(case=case, description=description, path="fast", steps=steps, seconds=round(fast_s, 3),
                  ms_per_step=round(1000 * fast_s / steps, 1), **peak,
                  graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
-                 graphs=model.stats.get("graphs_captured", 0), switches=args.fast)
+                 graphs=model.stats.get("graphs_captured", 0), switches=args.fast,
+                 checkpointing=bool(model.perf.gradient_checkpointing))  # on by itself where a capture ran short
             if args.profile:
                 top = profile(partial(run_case, case, model, args.profile, args.size_scale), device)
                 emit(case=case, path="profile", steps=args.profile, top=top)
@@ -300,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                 emit(case=case, path="fast+" + variant, steps=variant_steps, seconds=round(seconds, 3),
                      ms_per_step=round(1000 * seconds / variant_steps, 1), **peak,
                      est_full_seconds=round(seconds / variant_steps * steps, 2), warmup_s=round(warm_s, 2),
-                     graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2))
+                     graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2),
+                     checkpointing=bool(model.perf.gradient_checkpointing))
                 model.set_perf(fast)
             if case == "g":
                 model.release_graphs()

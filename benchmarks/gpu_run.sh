@@ -2,8 +2,8 @@
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
 #   bash benchmarks/gpu_run.sh          # run 8 (<= 560 s): the CUDA checks; the defaults of a, c, b, g, e and d uncapped,
-#                                       # now that graphs hand back their warm-up's cached blocks and the model is
-#                                       # built in bf16 (reserved memory against run 7's); e and d with checkpointing;
+#                                       # now that the model is built in bf16 (reserved memory against run 7's); e and d
+#                                       # with checkpointing;
 #                                       # then under caps on the allocator, set once the model is built: d with a 12 GB
 #                                       # card's defaults under 9 GB (its decode drops the graphs if short of memory),
 #                                       # e's default under 6 GB (a capture out of memory turns checkpointing on), a

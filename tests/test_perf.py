@@ -26,6 +26,7 @@ from attndistill.perf import PerfOptions
 @pytest.fixture
 def model(tiny_sd15):
     yield tiny_sd15
+    tiny_sd15.short_of_memory = False  # set by the out-of-memory remedy of some tests
     tiny_sd15.set_perf(PerfOptions())
 
 
@@ -532,6 +533,25 @@ def test_out_of_memory_in_graph_capture_makes_room_then_falls_back(model, monkey
     turned_on = checkpointing is None and attempts_made > 1 + earlier
     assert model.perf.gradient_checkpointing is turned_on
     assert bool(getattr(model.unet, "is_gradient_checkpointing", False)) is turned_on
+
+
+def test_checkpointing_turned_on_mid_run_keeps_the_running_distiller_s_hooks(model):
+    """The remedy for a capture out of memory changes the UNet's checkpointing flag only: a whole set_perf would
+    put attention slicing's processors in place of the capture processors the running Distiller installed."""
+    model.set_perf(PerfOptions(attention_slicing=True))
+    z_ref, z = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    with Distiller(model) as d:
+        before = {type(p).__name__ for p in model.unet.attn_processors.values()}
+        assert model.checkpoint_to_fit() and model.unet.is_gradient_checkpointing
+        assert {type(p).__name__ for p in model.unet.attn_processors.values()} == before
+        d.begin_timestep(torch.tensor(500), z_ref, None)
+        d.compute_reference()
+        z = z.requires_grad_()
+        d.loss(z).backward()
+        assert z.grad is not None and bool(z.grad.isfinite().all())
+    assert not model.checkpoint_to_fit()  # once: on already
+    model.set_perf(PerfOptions())  # automatic again, and still on: this model ran short of memory
+    assert model.perf.gradient_checkpointing and model.short_of_memory
 
 
 def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(model):

@@ -234,11 +234,11 @@ def test_a_denoising_call_that_cannot_be_captured_runs_eagerly(monkeypatch, erro
         raise error
 
     monkeypatch.setattr(guidance, "GraphedPredict", capture)
-    model = SimpleNamespace(perf=PerfOptions(), device=torch.device("cuda"), graphs={},
+    model = SimpleNamespace(perf=PerfOptions(), asked=PerfOptions(), device=torch.device("cuda"), graphs={},
                             predict=lambda x, t, cond, **kwargs: x * 2)  # the capture path, without a GPU
     x, cond = torch.ones(1, 4, 8, 8), Conditioning(torch.zeros(1, 77, 32), None)
     for _ in range(2):
         torch.testing.assert_close(guidance._predict(model, x, 500, cond, {}), x * 2)
     assert len(captures) == 1  # not tried again at every step
-    assert (model.perf.cuda_graphs is False) == for_good
+    assert (model.perf.cuda_graphs is False) == for_good == (model.asked.cuda_graphs is False)  # set_perf keeps it
     assert (guidance.EAGER in model.graphs.values()) != for_good

@@ -44,6 +44,22 @@ def test_xy_unet_and_decoder_commute_with_circular_shift(tiny_sd15):
     assert _shift_error(lambda x: _decode(tiny_sd15, x), z, (3, 5), (24, 40)) > 1e-2
 
 
+def test_decoder_stays_periodic_with_vae_tiling_on(tiny_sd15):
+    """diffusers decodes its tiles one by one, each wrapping around on its own: seamless decodes whole images."""
+    from attndistill.perf import PerfOptions
+
+    z = torch.randn(1, 4, 16, 24)
+    tiny_sd15.set_perf(PerfOptions(vae_tiling=True))
+    try:
+        assert tiny_sd15.vae.tile_sample_min_size < 128  # this latent's image would be decoded in tiles
+        with seamless(tiny_sd15, "xy", parts=("decoder",)):
+            assert not tiny_sd15.vae.use_tiling
+            assert _shift_error(lambda x: _decode(tiny_sd15, x), z, (3, 5), (24, 40)) < 1e-4
+        assert tiny_sd15.vae.use_tiling
+    finally:
+        tiny_sd15.set_perf(PerfOptions())
+
+
 @pytest.mark.parametrize(("axes", "periodic", "other"), [("x", (0, 8), (4, 0)), ("y", (4, 0), (0, 8))])
 def test_single_axis_is_periodic_only_along_that_axis(tiny_sd15, axes, periodic, other):
     z = torch.randn(1, 4, 16, 24)

@@ -15,7 +15,7 @@ import torch
 from .engine import Distiller, evict_graphs
 from .errors import is_out_of_memory
 from .lookahead import Ahead, ReferenceLookahead, lookahead
-from .models import Conditioning, DiffusionModel
+from .models import EAGER, Conditioning, DiffusionModel
 from .stepper import StaticCall
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,6 @@ def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | in
         return eps_uncond + guidance * (eps_cond - eps_uncond)
 
 
-#: A denoising call that ran out of memory while it was being captured: run it eagerly (see ``_predict``).
-EAGER = "eager"
-
-
 def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet_kwargs: dict) -> torch.Tensor:
     """A no-grad UNet call, replayed from a CUDA graph when the model's perf options allow it."""
     graphs = model.perf.cuda_graphs
@@ -87,8 +83,9 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
             log.warning("CUDA graph capture of the denoising call failed (%s); running it eagerly", failure[1])
             if failure[0]:  # out of memory: for this shape until the model's graphs are dropped (the next job)
                 model.graphs[key] = EAGER
-            else:  # something this setup cannot do: for good
+            else:  # something this setup cannot do: for good (also when the perf options are set again)
                 model.perf = replace(model.perf, cuda_graphs=False)
+                model.asked = replace(model.asked, cuda_graphs=False)
             return model.predict(x, t, cond)
     return graph(x, t, cond)
 

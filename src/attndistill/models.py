@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,10 @@ from .errors import NonFiniteError, UserError, is_out_of_memory
 from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
+
+#: In ``DiffusionModel.graphs``: a denoising call whose capture ran out of memory, run eagerly for that shape
+#: until the graphs are dropped (``guidance._predict``).
+EAGER = "eager"
 
 SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -110,6 +114,7 @@ class DiffusionModel:
     _null: dict = field(default_factory=dict, repr=False)
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
+    short_of_memory: bool = False  # a capture ran out of memory: automatic gradient checkpointing stays on
 
     def release_graphs(self) -> None:
         """Drop the captured CUDA graphs and hand their memory back to the device.
@@ -124,8 +129,6 @@ class DiffusionModel:
 
     def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
         """Apply speed/memory switches (see :class:`PerfOptions`); returns the model."""
-        from dataclasses import replace
-
         from .perf import apply_perf
 
         if perf is not None and not isinstance(perf, PerfOptions):
@@ -142,10 +145,16 @@ class DiffusionModel:
     def checkpoint_to_fit(self) -> bool:
         """Turn gradient checkpointing on where it was left to the automatic setting and is off: what an AD
         iteration that ran out of memory tries (on an H200 it cut expansion's footprint from 9.6 to 6.8 GB
-        for 23% more time, benchmarks/RESULTS.md run 7). False if there is nothing to turn on."""
+        for 23% more time, benchmarks/RESULTS.md run 7). False if there is nothing to turn on.
+
+        Only the UNet's flag changes: a whole :meth:`set_perf` would also reset the attention processors
+        that a running Distiller installed. The automatic setting stays on for this model from now on.
+        """
         if self.asked.gradient_checkpointing is not None or self.perf.gradient_checkpointing:
             return False
-        self.set_perf(gradient_checkpointing=True)  # for the rest of the process: later jobs need as much
+        self.short_of_memory = True
+        self.unet.enable_gradient_checkpointing()
+        self.perf = replace(self.perf, gradient_checkpointing=True)
         return True
 
     @property
@@ -210,11 +219,12 @@ class DiffusionModel:
             try:
                 return vae_call()
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
-                if attempt == 2 or not (self.graphs and is_out_of_memory(exc)):
+                graphs = sum(g is not EAGER for g in self.graphs.values())
+                if attempt == 2 or not (graphs and is_out_of_memory(exc)):
                     raise
             # out of the except block: its traceback would keep the failed call's memory
             log.warning("out of memory in the VAE beside %d cached CUDA graphs; dropping them and trying again",
-                        len(self.graphs))
+                        graphs)
             self.release_graphs()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

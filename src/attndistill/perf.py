@@ -124,7 +124,8 @@ def apply_perf(model, perf: PerfOptions) -> None:
     """Switch the model's components to ``perf`` (idempotent; switches can be turned off again)."""
     unet, vae = model.unet, model.vae
     if perf.gradient_checkpointing is None:
-        perf = replace(perf, gradient_checkpointing=model.kind == "sdxl" and small_card(model.device))
+        perf = replace(perf, gradient_checkpointing=(model.kind == "sdxl" and small_card(model.device))
+                       or model.short_of_memory)
     if perf.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     elif getattr(unet, "is_gradient_checkpointing", False):

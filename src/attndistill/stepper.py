@@ -41,9 +41,6 @@ class StaticCall:
             for _ in range(warmup):  # allocator, lazy state (masks, Adam moments) and compilation settle here
                 fn()
         torch.cuda.current_stream().wait_stream(self.stream)
-        # the warm-up's freed blocks stay cached for its stream alone, beside the pool the capture fills:
-        # hand them back, or a graph's working memory is held twice (and the capture may not fit at all)
-        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=self.stream), torch.set_grad_enabled(grad):
             self.out = fn()

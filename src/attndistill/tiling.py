@@ -49,6 +49,13 @@ def _modules(target, parts: tuple[str, ...]) -> list[nn.Module]:
     return list(target)
 
 
+def _vaes(target, parts: tuple[str, ...]) -> list[nn.Module]:
+    """The VAEs among (or holding) ``target``'s ``parts``: what may decode in tiles."""
+    if hasattr(target, "unet") and hasattr(target, "vae"):
+        return [target.vae] if {"vae", "decoder"} & set(parts) else []
+    return [m for m in _modules(target, parts) if hasattr(m, "use_tiling")]
+
+
 def _pre_hook(pad_x: int, pad_y: int):
     def hook(_module: nn.Module, args: tuple) -> tuple:
         x = F.pad(args[0], (pad_x, pad_x, pad_y, pad_y), mode="circular")  # (B, C, H + 2py, W + 2px)
@@ -82,8 +89,12 @@ def seamless(target, axes: str | None = "xy", *, parts: tuple[str, ...] = ("unet
                     and not isinstance(m.padding, str) and any(m.padding)):
                 seen.add(id(m))
                 convs.append(m)
+    # diffusers' VAE tiles (--vae-tiling) are decoded one by one, each wrapping around on its own: whole images
+    vaes = [m for m in _vaes(target, parts) if getattr(m, "use_tiling", False)]
     saved: list[tuple[nn.Conv2d, tuple[int, ...], torch.utils.hooks.RemovableHandle]] = []
     try:
+        for vae in vaes:
+            vae.use_tiling = False
         for conv in convs:
             py, px = conv.padding
             circ_x, circ_y = px if "x" in axes else 0, py if "y" in axes else 0
@@ -95,6 +106,8 @@ def seamless(target, axes: str | None = "xy", *, parts: tuple[str, ...] = ("unet
         for conv, padding, handle in reversed(saved):
             handle.remove()
             conv.padding = padding
+        for vae in vaes:
+            vae.use_tiling = True
         if graphs is not None:
             graphs.clear()
 
