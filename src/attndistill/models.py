@@ -12,12 +12,12 @@ import gc
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -25,6 +25,7 @@ from .errors import NonFiniteError, UserError, is_out_of_memory
 from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: In ``DiffusionModel.graphs``: a denoising call whose capture ran out of memory, run eagerly for that shape
 #: until the graphs are dropped (``guidance._predict``).
@@ -205,19 +206,20 @@ class DiffusionModel:
         """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32."""
         x = images.to(self.device, self._vae_dtype()) * 2 - 1
         with torch.no_grad():
-            mean = self._beside_graphs(lambda: self.vae.encode(x).latent_dist.mean)
+            mean = self.beside_graphs(lambda: self.vae.encode(x).latent_dist.mean)
         return mean.float() * self.vae.config.scaling_factor
 
-    def _beside_graphs(self, vae_call):
-        """``vae_call()``; if it runs out of memory beside cached CUDA graphs, again without them.
+    def beside_graphs(self, call: Callable[[], T]) -> T:
+        """``call()``; if it runs out of memory beside cached CUDA graphs, again without them.
 
-        The VAE at full resolution peaks above the graphs' pools (SDXL's decode at 1024²: about 2.9 GB on
-        an H200, against 0.9 GB of pools with checkpointing; benchmarks/RESULTS.md), and the graphs
-        sit idle while it runs: on a small card they go, and the next job captures them again.
+        For the VAE's work around a run: at full resolution it peaks above the graphs' pools (SDXL's decode
+        at 1024²: about 2.9 GB on an H200, against 0.9 GB of pools with checkpointing;
+        benchmarks/RESULTS.md), and the graphs sit idle while it runs. On a small card they go, and the
+        next job captures them again.
         """
         for attempt in (1, 2):
             try:
-                return vae_call()
+                return call()
             except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
                 graphs = sum(g is not EAGER for g in self.graphs.values())
                 if attempt == 2 or not (graphs and is_out_of_memory(exc)):
@@ -231,7 +233,7 @@ class DiffusionModel:
         """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], fp32."""
         z = latents.to(self.device, self._vae_dtype()) / self.vae.config.scaling_factor
         with torch.no_grad():
-            x = self._beside_graphs(lambda: self.vae.decode(z).sample)
+            x = self.beside_graphs(lambda: self.vae.decode(z).sample)
         if not torch.isfinite(x).all():  # clamp would turn NaN into a black image
             raise NonFiniteError("the decoded image is NaN/Inf (the latent ran out of range); lower --lr, "
                                  "use --dtype fp32 (or an fp16-safe VAE), or check the input images")
