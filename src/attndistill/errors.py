@@ -21,8 +21,8 @@ class NonFiniteError(UserError):
 
 
 #: Switches that lower the peak memory of a run, for the out-of-memory advice below.
-MEMORY_SWITCHES = ("--gradient-checkpointing", "--attention-slicing", "--offload-text-encoders", "--lookahead-batch 1",
-                   "--no-cuda-graphs")
+MEMORY_SWITCHES = ("--gradient-checkpointing", "--vae-tiling", "--attention-slicing", "--offload-text-encoders",
+                   "--lookahead-batch 1", "--no-cuda-graphs")
 #: What helps when the GPU runs out of memory (the same advice in the CLI and the batch runner).
 OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at once (--num, a smaller --view-batch "
               f"or batch --group), {', '.join(MEMORY_SWITCHES)} or --cpu-offload, or --device cpu")
