@@ -108,6 +108,6 @@ case "${1:-}" in
     run 75 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
     run 75 --cases e --memory-cap 6
     run 50 --cases a --memory-cap 3.2
-    run 50 --cases a --fast lookahead_batch=1,gradient_checkpointing=1 --memory-cap 3.2 ;;
+    run 50 --cases a --fast lookahead_batch=1,gradient_checkpointing=1,offload_text_encoders=1 --memory-cap 3.2 ;;
 esac
 grep -i "graph capture failed\|out of memory\|Traceback\|recompile" "$OUT/stderr.txt" | head -8

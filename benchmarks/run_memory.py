@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import CASES, code_digest, run_case  # noqa: E402
 from lookahead_memory import MB, trace_events  # noqa: E402
 
-from attndistill import generate, sampling  # noqa: E402
+from attndistill import generate, sampling, tasks, textures  # noqa: E402
 from attndistill.engine import Distiller  # noqa: E402
 from attndistill.lookahead import ReferenceLookahead  # noqa: E402
 from attndistill.models import DiffusionModel  # noqa: E402
@@ -112,7 +112,8 @@ def force_gpu_path() -> None:
             kwargs.setdefault("static", True)
             super().__init__(*args, **kwargs)
 
-    generate.Distiller = StaticDistiller
+    for module in (generate, tasks, textures):  # the task modules, each of which makes its Distiller
+        module.Distiller = StaticDistiller
     init = ReferenceLookahead.__init__
 
     def padded(self, *args, pad=None, **kwargs):
