@@ -213,7 +213,7 @@ class DiffusionModel:
         """``call()``; if it runs out of memory beside cached CUDA graphs, again without them.
 
         For the VAE's work around a run: at full resolution it peaks above the graphs' pools (SDXL's decode
-        at 1024²: about 2.9 GB on an H200, against 0.9 GB of pools with checkpointing;
+        at 1024²: 2,560 MiB by a CPU count, against 913 MiB of pools with checkpointing;
         benchmarks/RESULTS.md), and the graphs sit idle while it runs. On a small card they go, and the
         next job captures them again.
         """

@@ -158,7 +158,7 @@ def set_vae_tiling(vae, on: bool) -> None:
     """The VAE in tiles of at most :data:`VAE_TILE_PIXELS` a side (``on``), or whole.
 
     diffusers tiles only images larger than the VAE's sample size, 1024 for SDXL's: SDXL's own size was not
-    tiled at all, and its decode is the peak of SDXL T2I (about 2.9 GB on an H200, benchmarks/RESULTS.md).
+    tiled at all, and its decode is the peak of SDXL T2I by a CPU count (benchmarks/RESULTS.md).
     """
     sample = vae.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
