@@ -282,6 +282,50 @@ def test_automatic_speed_switches_are_on_for_cuda_only_and_look_ahead_fits_the_l
     assert PerfOptions.plain().lookahead_rows(cuda, 64 * 64, 1) == 0
 
 
+def test_a_look_ahead_call_out_of_memory_goes_on_with_half_the_steps(model, monkeypatch):
+    """Same features, each step's inputs made once and in order, and the smaller calls for the rest of the run."""
+    from attndistill.lookahead import ReferenceLookahead
+
+    model.set_perf(PerfOptions.plain())
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    steps = [900, 800, 700, 600, 500, 400, 300]
+    counter = _CountFeatureCalls(monkeypatch)
+    out, made, limit = {}, {}, {}
+    features = ReferenceLookahead._features
+    for fits in (12, 6):  # rows a call may have before it "runs out of memory"
+        counter.batches, made[fits] = [], []
+
+        def short_of_memory(self, inputs, n, fits=fits):
+            if 3 * len(inputs) > fits:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+            return features(self, inputs, n)
+
+        monkeypatch.setattr(ReferenceLookahead, "_features", short_of_memory)
+
+        def inputs(i, fits=fits):
+            made[fits].append(i)
+            return steps[i], z_ref, z_c
+
+        with Distiller(model, content_weight=0.25) as distiller:
+            ahead = ReferenceLookahead(distiller, range(7), inputs, 12, pad=True)
+            out[fits] = [ahead.at(i) for i in range(7)]
+            limit[fits] = ahead.batch
+        made[fits, "calls"] = counter.batches
+    assert made[12, "calls"] == [12, 12] and made[6, "calls"] == [6, 6, 6, 6]  # the last ones filled up
+    assert made[12] == made[6] == list(range(7))
+    assert limit == {12: 12, 6: 6}  # 4 steps of 3 rows a call, then 2 once 4 did not fit
+    for fitted, whole in zip(out[6], out[12], strict=True):
+        assert fitted.t == whole.t
+        for a, b in zip(fitted.features[0].keys + fitted.features[0].values + fitted.features[1],
+                        whole.features[0].keys + whole.features[0].values + whole.features[1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with Distiller(model, content_weight=0.25) as distiller:  # one step a call that does not fit: the error stands
+        monkeypatch.setattr(ReferenceLookahead, "_features", lambda *args: (_ for _ in ()).throw(
+            torch.cuda.OutOfMemoryError("CUDA out of memory")))
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            ReferenceLookahead(distiller, range(2), lambda i: (steps[i], z_ref, z_c), 3).at(0)
+
+
 def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_copies(model, monkeypatch):
     """One batch shape per run (GPUs pay a set-up per new shape); the real steps' features are unchanged."""
     from attndistill.lookahead import ReferenceLookahead

@@ -15,14 +15,18 @@ while the current steps run.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .engine import Distiller, Reference
+from .errors import is_out_of_memory
 from .features import LayerFeatures
 from .losses import concat_references
+
+log = logging.getLogger(__name__)
 
 #: One step's inputs: (timestep, reference latents, content latents or None).
 StepInputs = tuple[int, torch.Tensor, torch.Tensor | None]
@@ -140,11 +144,36 @@ class ReferenceLookahead:
             rows = ref.shape[0] + (content.shape[0] if content is not None else 0)
             if (len(steps) + 1) * rows > self.batch:
                 break
-        filler = [inputs[-1]] * (max(1, self.batch // rows) - len(inputs)) if self.pad else []
-        with torch.no_grad():  # filler: copies of the last step, so that a run has one batch shape
-            features = self._features(inputs + filler, len(steps))
+        features = self._fitting(inputs, rows)
         return {step: Ahead(t, ref, content, feats)
                 for step, (t, ref, content), feats in zip(steps, inputs, features, strict=True)}
+
+    def _fitting(self, inputs: list[StepInputs], rows: int) -> list:
+        """The features of ``inputs`` (steps of ``rows`` rows each), in calls of up to ``self.batch`` rows.
+
+        A call that runs out of memory halves ``self.batch`` for the rest of the run and goes on from the
+        step it failed at: the inputs are made once each (noise stays in order), and a step's features do
+        not depend on the other rows of its call.
+        """
+        per_call = max(1, self.batch // rows)
+        features: list = []
+        for i in range(0, len(inputs), per_call):
+            part = inputs[i:i + per_call]
+            # filler: copies of the last step, so that a run has one batch shape
+            filler = [part[-1]] * (per_call - len(part)) if self.pad else []
+            try:
+                with torch.no_grad():
+                    features += self._features(part + filler, len(part))
+                continue
+            except Exception as exc:  # noqa: BLE001 - out of memory alone is retried, smaller
+                if per_call == 1 or not is_out_of_memory(exc):
+                    raise
+            # out of the except block: its traceback would keep the failed call's memory
+            self.batch = (per_call // 2) * rows
+            log.warning("out of memory in a look-ahead call of %d steps; going on with %d a call (--lookahead-batch "
+                        "sets it from the start)", per_call, per_call // 2)
+            return features + self._fitting(inputs[i:], rows)
+        return features
 
     def _features(self, inputs: list[StepInputs], steps: int) -> list[tuple[Reference, list[torch.Tensor] | None]]:
         """Features of the first ``steps`` of ``inputs`` (the rest fill the call up and are dropped).
