@@ -153,7 +153,7 @@ class ReferenceLookahead:
 
         A call that runs out of memory halves ``self.batch`` for the rest of the run and goes on from the
         step it failed at: the inputs are made once each (noise stays in order), and a step's features do
-        not depend on the other rows of its call.
+        not depend on the other rows of its call (on a GPU, up to rounding: kernels differ by batch).
         """
         per_call = max(1, self.batch // rows)
         features: list = []
@@ -161,17 +161,18 @@ class ReferenceLookahead:
             part = inputs[i:i + per_call]
             # filler: copies of the last step, so that a run has one batch shape
             filler = [part[-1]] * (per_call - len(part)) if self.pad else []
+            size = len(part) + len(filler)  # steps in the call
             try:
                 with torch.no_grad():
                     features += self._features(part + filler, len(part))
                 continue
             except Exception as exc:  # noqa: BLE001 - out of memory alone is retried, smaller
-                if per_call == 1 or not is_out_of_memory(exc):
+                if size == 1 or not is_out_of_memory(exc):
                     raise
             # out of the except block: its traceback would keep the failed call's memory
-            self.batch = (per_call // 2) * rows
-            log.warning("out of memory in a look-ahead call of %d steps; going on with %d a call (--lookahead-batch "
-                        "sets it from the start)", per_call, per_call // 2)
+            self.batch = (size // 2) * rows
+            log.warning("out of memory in a look-ahead call of %d rows; going on with %d rows a call "
+                        "(--lookahead-batch sets it from the start)", size * rows, self.batch)
             return features + self._fitting(inputs[i:], rows)
         return features
 

@@ -105,8 +105,13 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = S
             callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss]))
 
     try:
+        def attempt():  # a second one (out of memory beside cached graphs) starts over, and so does the bar
+            if bar is not None:
+                bar.reset()
+            return tune_decoder(model.vae, images, steps=steps, lr=lr, callback=report)
+
         # a decoder's backward at full size is the largest VAE work there is: the run's idle graphs may have to go
-        return model.beside_graphs(lambda: tune_decoder(model.vae, images, steps=steps, lr=lr, callback=report))
+        return model.beside_graphs(attempt)
     finally:
         if bar is not None:
             bar.close()
