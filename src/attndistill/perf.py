@@ -24,8 +24,8 @@ RECOMPILE_LIMIT = 64
 PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "cudnn_benchmark", "lookahead_batch",
                   "feed_forward_chunks", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
-#: 8.3 GB instead of 9.9 GB of allocated memory (H200, benchmarks/RESULTS.md; both without the CUDA graphs'
-#: pools, so whether a 12 GB card holds SDXL T2I is not yet measured).
+#: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md; both without the
+#: CUDA graphs' pools, so whether a 12 GB card holds SDXL T2I is not yet measured).
 SMALL_CARD_GIB = 16
 #: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
 #: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (H200, runs 5 and 6 in
