@@ -1,4 +1,5 @@
-"""The NHWC GroupNorm (``channels_last_norms``) computes what ``nn.GroupNorm`` does, in the input's layout."""
+"""The GroupNorms of ``channels_last_norms`` and ``compiled_norms`` compute what ``nn.GroupNorm`` does, in the
+input's layout."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attndistill.group_norm import ChannelsLastGroupNorm, swap_group_norms
+from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm, SiLULinear, swap_group_norms
 
 
 def _norm(dtype=torch.float32, affine=True):
@@ -60,12 +61,12 @@ def test_swap_shares_the_parameters_and_reverts():
     model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.GroupNorm(8, 64), nn.Sequential(nn.SiLU(), nn.GroupNorm(4, 64)))
     keys = list(model.state_dict())
     originals = [m for m in model.modules() if type(m) is nn.GroupNorm]
-    swap_group_norms(model, True)
+    swap_group_norms(model, "nhwc")
     swapped = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert [type(m) for m in swapped] == [ChannelsLastGroupNorm] * 2
     assert all(a.weight is b.weight and a.bias is b.bias for a, b in zip(swapped, originals, strict=True))
     assert list(model.state_dict()) == keys
-    swap_group_norms(model, False)
+    swap_group_norms(model, None)
     assert [m for m in model.modules() if isinstance(m, nn.GroupNorm)] == originals
 
 
@@ -79,8 +80,63 @@ def test_parameters_of_another_dtype_take_pytorchs_own_path():
 
 def test_swapping_back_keeps_parameters_loaded_while_swapped():
     model = nn.Sequential(nn.Conv2d(4, 64, 1), nn.GroupNorm(8, 64))
-    swap_group_norms(model, True)
+    swap_group_norms(model, "nhwc")
     loaded = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
     model.load_state_dict(loaded, assign=True)  # new Parameter objects, not copies into the old ones
-    swap_group_norms(model, False)
+    swap_group_norms(model, None)
     assert type(model[1]) is nn.GroupNorm and bool((model[1].weight == 0.5).all())
+
+
+@pytest.fixture(autouse=True)
+def _plain_cpp():
+    """Inductor's C++ kernels without SIMD: about half the cold compile time on 2 cores."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+
+
+@pytest.mark.parametrize("layout,silu", [(torch.channels_last, True), (torch.contiguous_format, False)])
+def test_compiled_norm_equals_pytorchs_group_norm_then_silu(layout, silu):
+    norm = _norm()
+    x = _input(layout=layout)
+    ours = CompiledGroupNorm.sharing(norm, silu=silu)(x)
+    theirs = F.silu(norm(x)) if silu else norm(x)
+    assert ours.stride() == theirs.stride()  # the input's layout, no copy to another
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    grad = torch.randn_like(theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_compiled_norm_in_bfloat16_is_as_close_to_float32_as_pytorchs():
+    norm = _norm(torch.bfloat16)
+    x = _input(torch.bfloat16)
+    exact = F.group_norm(x.detach().float(), 8, norm.weight.detach().float(), norm.bias.detach().float(), 1e-6)
+    ours, theirs = CompiledGroupNorm.sharing(norm)(x), norm(x)
+    assert ours.dtype == torch.bfloat16
+    assert (ours.float() - exact).abs().max() <= (theirs.float() - exact).abs().max()
+
+
+def test_compiled_norms_take_each_resnet_blocks_silu_and_revert():
+    """In a ResNet block the SiLU after each norm joins the norm's program; the block computes the same."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=16, groups=8)
+    keys, parts = list(block.state_dict()), list(block.children())
+    x, temb = torch.randn(2, 32, 6, 6, requires_grad=True), torch.randn(2, 16)
+    before = block(x, temb)
+    swap_group_norms(block, "compiled")
+    assert type(block.norm1) is type(block.norm2) is CompiledGroupNorm and block.norm1.silu and block.norm2.silu
+    assert type(block.nonlinearity) is nn.Identity and type(block.time_emb_proj) is SiLULinear
+    assert block.time_emb_proj.weight is parts[2].weight and list(block.state_dict()) == keys
+    after = block(x, temb)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    grad = torch.randn_like(before)
+    torch.testing.assert_close(torch.autograd.grad(after, x, grad)[0], torch.autograd.grad(before, x, grad)[0],
+                               atol=1e-4, rtol=1e-5)
+    swap_group_norms(block, "nhwc")  # another kind: the block first gets its own parts back
+    assert type(block.nonlinearity) is nn.SiLU and type(block.norm1) is ChannelsLastGroupNorm
+    swap_group_norms(block, None)
+    assert list(block.children()) == parts

@@ -220,22 +220,28 @@ def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static
     assert counter.batches == [1, 2, 2, 1, 1] * 2
 
 
-def test_compile_switch_keeps_the_optimised_latent_and_image(model):
-    """``compile``: torch.compile (inductor) of the ResNet/feed-forward blocks gives the plain path's result.
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
+    operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
+    from attndistill import compiling, group_norm
 
-    The slowest test here: inductor compiles each block shape once (cached on disk). Its C++ kernels are
-    generated without SIMD, which halves the cold compile time on 2 cores (~85 s instead of ~140 s) and
-    changes nothing the switch is responsible for.
-    """
-    import torch._inductor.config
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    group_norm._program.cache_clear()
+    torch._dynamo.reset()
+    yield
+    group_norm._program.cache_clear()
+    torch._dynamo.reset()
 
+
+def test_compile_switch_keeps_the_optimised_latent_and_image(model, aot_eager):
+    """``compile``: torch.compile of the ResNet/feed-forward blocks gives the plain path's result."""
     from attndistill.perf import COMPILED_BLOCKS
 
     limit_before = torch._dynamo.config.recompile_limit
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     plain = _run(model, PerfOptions.plain(), z_c, z_ref, z_c, steps=5)
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
-        compiled = _run(model, replace(PerfOptions.plain(), compile=True), z_c, z_ref, z_c, steps=5)
+    compiled = _run(model, replace(PerfOptions.plain(), compile=True), z_c, z_ref, z_c, steps=5)
     blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert torch._dynamo.config.recompile_limit == limit_before  # raised inside the blocks' calls only
@@ -526,6 +532,23 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
     assert count(ChannelsLastGroupNorm) == 0 and count(torch.nn.GroupNorm) == norms
     model.set_perf(PerfOptions(channels_last_norms=True))  # on the CPU channels-last is off by default
     assert count(ChannelsLastGroupNorm) == 0
+
+
+def test_compiled_norms_keep_the_optimised_latent_and_image(model, aot_eager):
+    """``compiled_norms``: GroupNorms (+ SiLU) as compiled programs give the same latent and image."""
+    from attndistill.group_norm import CompiledGroupNorm
+
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    nhwc = replace(PerfOptions.plain(), channels_last=True)
+    before = _run(model, nhwc, z_c, z_ref, z_c, steps=10)
+    norms = sum(type(m) is torch.nn.GroupNorm for m in model.unet.modules())
+    after = _run(model, replace(nhwc, compiled_norms=True), z_c, z_ref, z_c, steps=10)
+    assert sum(type(m) is CompiledGroupNorm for m in model.unet.modules()) == norms > 0
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.decode(after), model.decode(before), atol=1e-4, rtol=0)
+    model.set_perf(replace(nhwc, compiled_norms=True, compile=True))  # compile fuses its own norms
+    assert sum(type(m) is torch.nn.GroupNorm for m in model.unet.modules()) == norms
+    model.set_perf(PerfOptions())
 
 
 @pytest.mark.parametrize("failures,earlier,checkpointing,attempts_made,released_after", [

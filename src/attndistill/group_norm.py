@@ -1,50 +1,178 @@
-"""GroupNorm that reads and writes NHWC memory (the ``channels_last_norms`` switch).
+"""The UNet's GroupNorms in other implementations: the ``channels_last_norms`` and ``compiled_norms`` switches.
 
 PyTorch's CUDA GroupNorm takes NCHW only: with the UNet in channels-last it copies every input to NCHW,
 hands back NCHW, and the next convolution copies that back to NHWC; the backward copies again. Run 6
 (benchmarks/RESULTS.md) found these copies the largest kernel of texture expansion (case e) and of batched
-transfers (case g). Here the statistics are reduced straight from NHWC memory (in float32) and one
-multiply-add writes NHWC output; the backward is PyTorch's own GroupNorm backward.
+transfers (case g).
+
+- ``nhwc`` (:class:`ChannelsLastGroupNorm`): the statistics are reduced straight from NHWC memory (in
+  float32) and one multiply-add writes NHWC output; the backward is PyTorch's own GroupNorm backward.
+- ``compiled`` (:class:`CompiledGroupNorm`): the norm is one small ``torch.compile`` program whose
+  kernels read and write the input's layout, forward and backward; in each ResNet block the SiLU that
+  follows a norm joins its program (:class:`SiLULinear` keeps the time embedding's SiLU). The program
+  has no parameter shapes of its own, so a whole UNet compiles a handful of programs (grad or not, batch
+  1 or more, SiLU or not, each eps), not one per block shape as ``compile`` does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .compiling import compiled
 
-class ChannelsLastGroupNorm(nn.GroupNorm):
-    """An ``nn.GroupNorm`` that keeps channels-last inputs channels-last (others go the usual way)."""
+#: What :func:`swap_group_norms` can put in place of the UNet's ``nn.GroupNorm``s.
+NORM_KINDS = ("nhwc", "compiled")
+
+
+class _SharedNorm(nn.GroupNorm):
+    """Stands in for an ``nn.GroupNorm``, with its parameters (same names, same tensors)."""
 
     @classmethod
-    def sharing(cls, norm: nn.GroupNorm) -> ChannelsLastGroupNorm:
-        """A replacement for ``norm`` with the same parameters (same names, same tensors)."""
+    def sharing(cls, norm: nn.GroupNorm):
         new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device="meta")
         new.weight, new.bias = norm.weight, norm.bias
         new.train(norm.training)
         new.__dict__["original"] = norm  # not a submodule: the state dict keeps its keys
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _own_dtype(self, x: torch.Tensor) -> bool:
         # parameters of another dtype (norms kept in float32) go the usual way: PyTorch's own CUDA GroupNorm
         # refuses that mix (torch 2.11, run 7's checks), and a swap should not change whether a model runs
-        same_dtype = self.weight is None or self.weight.dtype == x.dtype
-        if same_dtype and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return self.weight is None or self.weight.dtype == x.dtype
+
+
+class ChannelsLastGroupNorm(_SharedNorm):
+    """An ``nn.GroupNorm`` that keeps channels-last inputs channels-last (others go the usual way)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._own_dtype(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+                and not x.is_contiguous():
             return _GroupNormNHWC.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def swap_group_norms(module: nn.Module, on: bool) -> None:
-    """Put :class:`ChannelsLastGroupNorm` in place of each ``nn.GroupNorm`` of ``module`` (``on``), or back."""
-    for parent in list(module.modules()):
+class CompiledGroupNorm(_SharedNorm):
+    """An ``nn.GroupNorm`` (then a SiLU, where ``silu``) as one compiled program, in the input's layout."""
+
+    silu = False
+
+    @classmethod
+    def sharing(cls, norm: nn.GroupNorm, silu: bool = False) -> CompiledGroupNorm:
+        new = super().sharing(norm)
+        new.silu = silu
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._own_dtype(x):
+            out = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            return F.silu(out) if self.silu else out
+        # frozen parameters go in as plain tensors: a parameter's shape would be compiled in, one
+        # program per channel count
+        weight, bias = (p if p is None or p.requires_grad else p.detach() for p in (self.weight, self.bias))
+        return _program()(x, weight, bias, self.num_groups, self.eps, self.silu)
+
+
+class SiLULinear(nn.Linear):
+    """``linear(silu(x))`` with the parameters of the ``nn.Linear`` it stands in for.
+
+    A ResNet block whose norms take its SiLU (``compiled``) has no SiLU of its own left, and its time
+    embedding still needs one.
+    """
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> SiLULinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        new.train(linear.training)
+        new.__dict__["original"] = linear
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(x), self.weight, self.bias)
+
+
+def swap_group_norms(module: nn.Module, kind: str | None) -> None:
+    """Put norms of ``kind`` (:data:`NORM_KINDS`) in place of each ``nn.GroupNorm`` of ``module``, or
+    (``None``) the original norms back, with the parameters they have now (a load may have replaced them)."""
+    if kind not in (None, *NORM_KINDS):
+        raise ValueError(f"unknown norm kind {kind!r}")
+    if _kind_of(module) == kind:
+        return
+    _restore(module)
+    if kind == "compiled":
+        for block in module.modules():
+            _fuse_silu(block)
+    replacement = CompiledGroupNorm if kind == "compiled" else ChannelsLastGroupNorm
+    for parent in list(module.modules()) if kind else ():
         for name, child in list(parent.named_children()):
-            if on and type(child) is nn.GroupNorm:
-                setattr(parent, name, ChannelsLastGroupNorm.sharing(child))
-            elif not on and type(child) is ChannelsLastGroupNorm:
-                original = child.original  # given the parameters as they are now (a load may have replaced them)
+            if type(child) is nn.GroupNorm:
+                setattr(parent, name, replacement.sharing(child))
+
+
+def _kind_of(module: nn.Module) -> str | None:
+    kinds = {type(m) for m in module.modules()}
+    return "compiled" if CompiledGroupNorm in kinds else "nhwc" if ChannelsLastGroupNorm in kinds else None
+
+
+def _fuse_silu(block: nn.Module) -> None:
+    """A diffusers ResNet block's ``norm -> SiLU`` pairs as norms that apply the SiLU themselves.
+
+    Only the plain block (SiLU, time embedding added before ``norm2``): elsewhere something comes between
+    a norm and its SiLU.
+    """
+    if type(block).__name__ != "ResnetBlock2D" or getattr(block, "time_embedding_norm", None) != "default":
+        return
+    if type(block.nonlinearity) is not nn.SiLU or type(block.norm1) is not nn.GroupNorm \
+            or type(block.norm2) is not nn.GroupNorm:
+        return
+    time_act = block.time_emb_proj is not None and not block.skip_time_act
+    if time_act and type(block.time_emb_proj) is not nn.Linear:
+        return
+    block.norm1 = CompiledGroupNorm.sharing(block.norm1, silu=True)
+    block.norm2 = CompiledGroupNorm.sharing(block.norm2, silu=True)
+    if time_act:
+        block.time_emb_proj = SiLULinear.sharing(block.time_emb_proj)
+    block.__dict__["original_nonlinearity"] = block.nonlinearity
+    block.nonlinearity = nn.Identity()
+
+
+def _restore(module: nn.Module) -> None:
+    for parent in list(module.modules()):
+        if "original_nonlinearity" in parent.__dict__:
+            parent.nonlinearity = parent.__dict__.pop("original_nonlinearity")
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _SharedNorm | SiLULinear):
+                original = child.original
                 original.weight, original.bias = child.weight, child.bias
                 setattr(parent, name, original)
+
+
+def _group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                eps: float, silu: bool) -> torch.Tensor:
+    """``group_norm`` (then ``silu``) with float32 statistics and arithmetic, in a form the compiler fuses.
+
+    Splitting the channel axis is a view in any layout, so nothing here asks for NCHW memory.
+    """
+    grouped = x.unflatten(1, (groups, -1)).float()
+    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0, keepdim=True)
+    out = ((grouped - mean) * torch.rsqrt(var + eps)).flatten(1, 2)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.float().view(shape)
+    if bias is not None:
+        out = out + bias.float().view(shape)
+    if silu:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+@functools.cache
+def _program():
+    return compiled(_group_norm)
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -12,17 +12,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .compiling import compiled
 from .group_norm import swap_group_norms
 
 #: UNet blocks that ``compile`` compiles (regional compilation): the repeated blocks outside attention,
 #: whose GroupNorm/SiLU/GEGLU chains fuse well. Attention keeps its processors, which record features.
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
-#: Distinct block shapes a model has (SD 1.5 ~10 ResNet variants, SDXL more) need their own compilations.
-RECOMPILE_LIMIT = 64
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "cudnn_benchmark", "lookahead_batch",
-                  "feed_forward_chunks", "attention_slicing", "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "compiled_norms", "cudnn_benchmark",
+                  "lookahead_batch", "feed_forward_chunks", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md; both without the
 #: CUDA graphs' pools, so whether a 12 GB card holds SDXL T2I is not yet measured).
@@ -57,6 +56,10 @@ class PerfOptions:
     # with channels_last: the UNet's GroupNorms read and write NHWC (group_norm.py) instead of PyTorch's,
     # whose CUDA kernel copies each input to NCHW and back; off under ``compile``, which fuses its own
     channels_last_norms: bool = False
+    # the UNet's GroupNorms (with the SiLU after each ResNet block's norm) as small compiled programs whose
+    # kernels keep the input's layout, forward and backward (group_norm.py); a handful of programs a
+    # process, not one per block shape as ``compile``; off under ``compile``, ahead of channels_last_norms
+    compiled_norms: bool = False
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
     # process-wide setting: None leaves it as the process has it, True/False set it)
     cudnn_benchmark: bool | None = None
@@ -131,7 +134,8 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
-    swap_group_norms(unet, perf.channels_last_norms and perf.uses_channels_last(model.device) and not perf.compile)
+    swap_group_norms(unet, None if perf.compile else "compiled" if perf.compiled_norms else "nhwc"
+                     if perf.channels_last_norms and perf.uses_channels_last(model.device) else None)
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
@@ -179,27 +183,13 @@ def small_card(device: torch.device) -> bool:
 
 
 def compile_blocks(unet, on: bool) -> None:
-    """Compile (or restore) the :data:`COMPILED_BLOCKS` of ``unet`` with dynamic shapes.
-
-    Dynamic shapes: one compilation serves every batch size and latent size of a block, so the
-    compile cost is paid once per process and block shape, not per task or job. The higher
-    recompile limit those shapes need holds inside these blocks' calls only, not process-wide.
-    """
+    """Compile (or restore) the :data:`COMPILED_BLOCKS` of ``unet`` (:func:`compiling.compiled`: once per
+    process and block shape, not per task or job)."""
     for module in unet.modules():
         if type(module).__name__ not in COMPILED_BLOCKS:
             continue
-        compiled = getattr(module, "_compiled_call_impl", None) is not None
-        if on and not compiled:
-            # what nn.Module.compile does, with the limit scoped to the call
-            module._compiled_call_impl = _with_recompile_limit(torch.compile(module._call_impl, dynamic=True))
-        elif not on and compiled:
+        is_compiled = getattr(module, "_compiled_call_impl", None) is not None
+        if on and not is_compiled:
+            module._compiled_call_impl = compiled(module._call_impl)  # what nn.Module.compile does
+        elif not on and is_compiled:
             module._compiled_call_impl = None  # None is nn.Module's uncompiled state
-
-
-def _with_recompile_limit(fn):
-    def call(*args, **kwargs):
-        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(recompile_limit=limit):
-            return fn(*args, **kwargs)
-
-    return call

@@ -16,10 +16,10 @@ from .. import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--channels-last-norms",
-                "--cudnn-benchmark", "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks",
-                "--no-feed-forward-chunks", "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused",
-                "--gradient-checkpointing", "--no-gradient-checkpointing", "--attention-slicing", "--vae-tiling",
-                "--cpu-offload", "--offload-text-encoders", "--no-offload-text-encoders")
+                "--compiled-norms", "--cudnn-benchmark", "--no-cudnn-benchmark", "--lookahead-overlap",
+                "--feed-forward-chunks", "--no-feed-forward-chunks", "--cuda-graphs", "--no-cuda-graphs", "--fused",
+                "--no-fused", "--gradient-checkpointing", "--no-gradient-checkpointing", "--attention-slicing",
+                "--vae-tiling", "--cpu-offload", "--offload-text-encoders", "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -78,6 +78,11 @@ def _root(
         "--channels-last-norms",
         help="With channels-last, GroupNorm reads and writes NHWC: no copies to NCHW and back around each "
              "(GPU; on an H200 slower at batch 1, 2-3% faster at batches 6-8)")] = False,
+    compiled_norms: Annotated[bool, typer.Option(
+        "--compiled-norms",
+        help="GroupNorms, and the SiLU after each ResNet block's norm, as small compiled programs in the input's "
+             "layout (a handful of programs to compile, not one per block as --compile; speed not yet measured)")
+                              ] = False,
     cudnn_benchmark: Annotated[bool | None, typer.Option(
         "--cudnn-benchmark/--no-cudnn-benchmark",
         help="cuDNN times its convolution algorithms once per shape and keeps the fastest (GPU) "
@@ -127,7 +132,7 @@ def _root(
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, channels_last=channels_last, channels_last_norms=channels_last_norms,
-                              cudnn_benchmark=cudnn_benchmark,
+                              compiled_norms=compiled_norms, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
                               feed_forward_chunks=feed_forward_chunks,
                               fused=fused, cuda_graphs=cuda_graphs,
