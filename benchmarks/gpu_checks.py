@@ -1,4 +1,5 @@
-"""Checks of CUDA-only code paths that the CPU tests cannot reach (about 30 s on an H100/H200).
+"""Checks of CUDA-only code paths that the CPU tests cannot reach (about 30 s on an H100/H200, plus the
+compiled norms' compilation).
 
 Prints one JSON line per check; ``ok`` is false where a result is off or a call failed.
 
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from attndistill.group_norm import ChannelsLastGroupNorm  # noqa: E402
+from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm  # noqa: E402
 from attndistill.stepper import StaticCall  # noqa: E402
 
 DEVICE = "cuda"
@@ -34,19 +35,24 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-@check
-def group_norm_matches_pytorch_in_bf16():
-    """Output and input gradient of the NHWC GroupNorm against PyTorch's, bf16, frozen parameters."""
+def _bf16_norm(channels: int = 320) -> nn.GroupNorm:
     torch.manual_seed(0)
-    norm = nn.GroupNorm(32, 320, eps=1e-5).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    norm = nn.GroupNorm(32, channels, eps=1e-5).to(DEVICE, torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
+    return norm
+
+
+def _against_pytorch(ours_norm, silu: bool) -> dict:
+    """Output and input gradient of a swapped norm (then SiLU) against PyTorch's, bf16, frozen parameters."""
+    norm = _bf16_norm()
+    act = F.silu if silu else (lambda t: t)
     x = _nhwc(torch.randn(2, 320, 64, 64, device=DEVICE) * 2 + 3).to(torch.bfloat16).requires_grad_()
-    ours, theirs = ChannelsLastGroupNorm.sharing(norm)(x), norm(x)
+    ours, theirs = ours_norm(norm)(x), act(norm(x))
     grad = torch.randn_like(theirs)
     (gx_ours,), (gx_theirs,) = torch.autograd.grad(ours, x, grad), torch.autograd.grad(theirs, x, grad)
-    exact = F.group_norm(x.detach().float(), 32, norm.weight.float(), norm.bias.float(), 1e-5)
+    exact = act(F.group_norm(x.detach().float(), 32, norm.weight.float(), norm.bias.float(), 1e-5))
     out_err = (ours.float() - exact).abs().max().item()
     theirs_err = (theirs.float() - exact).abs().max().item()
     grad_diff = (gx_ours.float() - gx_theirs.float()).abs().max().item()
@@ -58,13 +64,49 @@ def group_norm_matches_pytorch_in_bf16():
 
 
 @check
-def group_norm_captures_in_a_cuda_graph():
-    """Forward and backward through the NHWC GroupNorm replayed from a graph equal the eager call."""
+def group_norm_matches_pytorch_in_bf16():
+    """The NHWC GroupNorm (``channels_last_norms``) against PyTorch's."""
+    return _against_pytorch(ChannelsLastGroupNorm.sharing, silu=False)
+
+
+@check
+def compiled_norm_with_silu_matches_pytorch_in_bf16():
+    """The compiled GroupNorm + SiLU (``compiled_norms``, Triton kernels) against PyTorch's norm then SiLU."""
+    return _against_pytorch(lambda norm: CompiledGroupNorm.sharing(norm, silu=True), silu=True)
+
+
+@check
+def norm_timings():
+    """Forward + backward of GroupNorm + SiLU at SD 1.5's batch-1 shapes (bf16, NHWC), ms per call:
+    PyTorch's, the NHWC norm's, and the compiled program's (``compiled_norms``)."""
+    rows = {}
+    for channels, side in ((320, 64), (640, 32), (1280, 16)):
+        norm = _bf16_norm(channels)
+        x = _nhwc(torch.randn(1, channels, side, side, device=DEVICE)).to(torch.bfloat16).requires_grad_()
+        grad = _nhwc(torch.randn_like(x))
+        ways = {"pytorch": lambda t, n=norm: F.silu(n(t)),
+                "nhwc": lambda t, n=ChannelsLastGroupNorm.sharing(norm): F.silu(n(t)),
+                "compiled": CompiledGroupNorm.sharing(norm, silu=True)}
+        for name, fn in ways.items():
+            for _ in range(3):  # compile, warm up
+                torch.autograd.grad(fn(x), x, grad)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                torch.autograd.grad(fn(x), x, grad)
+            end.record()
+            torch.cuda.synchronize()
+            rows[f"{name}_{channels}x{side}"] = round(start.elapsed_time(end) / 50, 4)
+    return {"ok": True, "ms": rows}
+
+
+def _captured_like_eager(swap) -> dict:
+    """Forward and backward through a swapped norm replayed from a graph equal the eager call."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
                         nn.Conv2d(64, 64, 3, padding=1)).to(DEVICE, torch.bfloat16)
     net = net.to(memory_format=torch.channels_last).requires_grad_(False)
-    net[1] = ChannelsLastGroupNorm.sharing(net[1])
+    swap(net)
     x = _nhwc(torch.randn(4, 64, 32, 32, device=DEVICE, dtype=torch.bfloat16)).requires_grad_()
 
     def step():
@@ -73,10 +115,26 @@ def group_norm_captures_in_a_cuda_graph():
         return x.grad
 
     eager = step().clone()
-    graphed = StaticCall(step, capture=True, grad=True)
+    graphed = StaticCall(step, capture=True, grad=True)  # its warm-up compiles, before the capture
     replayed = graphed().clone()
     diff, scale = (replayed.float() - eager.float()).abs().max().item(), eager.float().abs().max().item()
     return {"ok": diff <= 0.02 * scale, "max_diff": diff, "grad_max": scale}
+
+
+@check
+def group_norm_captures_in_a_cuda_graph():
+    def swap(net):
+        net[1] = ChannelsLastGroupNorm.sharing(net[1])
+
+    return _captured_like_eager(swap)
+
+
+@check
+def compiled_norm_captures_in_a_cuda_graph():
+    def swap(net):
+        net[1], net[2] = CompiledGroupNorm.sharing(net[1], silu=True), nn.Identity()
+
+    return _captured_like_eager(swap)
 
 
 @check

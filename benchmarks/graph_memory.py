@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", default="a,b,e,g", help=f"of {', '.join(CASES)}")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="the UNet's gradient checkpointing on (--gradient-checkpointing)")
+    p.add_argument("--compiled-norms", action="store_true",
+                   help="the UNet's GroupNorms (+ SiLU) as compiled programs (--compiled-norms)")
     p.add_argument("--configs", default=str(ROOT / "configs"))
     args = p.parse_args(argv)
     models = {}
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         if kind not in models:
             models.clear()  # one full-size model in memory at a time
             models[kind] = full_size_model(kind, args.configs, device="cpu", dtype=torch.bfloat16)
-            models[kind].set_perf(gradient_checkpointing=args.gradient_checkpointing)
+            models[kind].set_perf(gradient_checkpointing=args.gradient_checkpointing,
+                                  compiled_norms=args.compiled_norms)
         model = models[kind]
         weights = sum(p.numel() * p.element_size() for p in model.unet.parameters())
         rows = []
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             peak = program_peak(model, name, batch, contents)
             rows.append({"program": name, "batch": batch, "content_rows": contents, "peak_mb": round(peak / MB, 1)})
         print(json.dumps({"case": case, "model": kind, "gradient_checkpointing": args.gradient_checkpointing,
+                          "compiled_norms": args.compiled_norms,
                           "programs": rows,
                           "pools_mb": round(sum(r["peak_mb"] for r in rows), 1),
                           "unet_weights_mb": round(weights / MB, 1), "dtype": "bfloat16", "device": "cpu",

@@ -135,3 +135,15 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
         load_controlnet(tmp_path, model=tiny_sdxl)
     with pytest.raises(ad.UserError, match="does not exist"):
         load_controlnet(tmp_path / "missing", model=tiny_sdxl)
+
+
+def test_a_controlnet_loaded_by_the_caller_runs_in_the_models_dtype(tiny_sd15_dir, tiny_cn15_dir, edge_map, data_dir):
+    """``from_pretrained`` gives float32 on the CPU; beside a bfloat16 model its residuals crashed the UNet."""
+    from diffusers import ControlNetModel
+
+    model = ad.load_model(str(tiny_sd15_dir), device="cpu", dtype="bf16")
+    net = ControlNetModel.from_pretrained(tiny_cn15_dir)
+    assert net.dtype == torch.float32
+    (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=model, steps=2, iters=1, size=64,
+                              controlnet=net, control_image=edge_map, progress=False)
+    assert img.size == (64, 64) and net.dtype == torch.bfloat16

@@ -141,7 +141,9 @@ def prepare_control(controlnet, image, *, model: DiffusionModel, size: tuple[int
         net = load_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
     else:
         check_compatible(controlnet, model)
-        net = controlnet
+        # a net loaded by the caller (from_pretrained: float32, on the CPU) runs beside the model's UNet,
+        # whose activations its residuals join: same device and dtype, as a net loaded here gets
+        net = controlnet.to(model.device, model.dtype)
     condition = load_image(image, what="control image")
     if preprocess == "canny":  # edges of the image at the output size: thin lines, not resampled ones
         condition = canny(condition.resize(size, Image.Resampling.LANCZOS))
