@@ -177,6 +177,13 @@ def timed_static_calls(device: torch.device):
             entry["ms"] = round(entry["ms"], 1)
 
 
+def programs_compiled() -> int:
+    """Programs ``torch.compile`` has made in this process so far (``compile``, ``compiled_norms``)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def code_digest() -> str:
     """Short hash of the package source: ties a measurement to the code it measured (no .git needed)."""
     import hashlib
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             # warm-up: captures CUDA graphs (cached on the model for the real run); reported separately
             warm_steps = min(steps, 2)
             model.stats.clear()
-            warm_s = 0.0
+            warm_s, programs = 0.0, programs_compiled()
             if case != "f":  # f measures peak memory only: one 4096² step takes minutes
                 warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
             capture_s = model.stats.get("graph_capture_s", 0.0)
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             emit(case=case, description=description, path="fast", steps=steps, seconds=round(fast_s, 3),
                  ms_per_step=round(1000 * fast_s / steps, 1), **peak,
                  graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
+                 compiled_programs=programs_compiled() - programs,
                  graphs=model.stats.get("graphs_captured", 0), switches=args.fast,
                  checkpointing=bool(model.perf.gradient_checkpointing))  # on by itself where a capture ran short
             if args.profile:
@@ -299,11 +307,13 @@ def main(argv: list[str] | None = None) -> None:
                 # a short run is warmed up over its own steps: look-ahead chunks of that run's sizes, first
                 # uses of kernels, are paid here and not in the timed run (run 3 warmed up over 2 steps)
                 warm = warm_steps if variant_steps == steps else variant_steps
+                programs = programs_compiled()
                 warm_s, _, _ = measure(partial(run_case, case, model, warm, args.size_scale), device)
                 seconds, peak, _ = measure(partial(run_case, case, model, variant_steps, args.size_scale), device)
                 emit(case=case, path="fast+" + variant, steps=variant_steps, seconds=round(seconds, 3),
                      ms_per_step=round(1000 * seconds / variant_steps, 1), **peak,
                      est_full_seconds=round(seconds / variant_steps * steps, 2), warmup_s=round(warm_s, 2),
+                     compiled_programs=programs_compiled() - programs,
                      graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2),
                      checkpointing=bool(model.perf.gradient_checkpointing))
                 model.set_perf(fast)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 8 (<= 575 s): the CUDA checks; the defaults of a, c, b, g, e and d uncapped,
-#                                       # now that the model is built in bf16 (reserved memory against run 7's); d
-#                                       # with checkpointing;
+#   bash benchmarks/gpu_run.sh          # run 8 (<= 575 s): the CUDA checks (the compiled norms against PyTorch's, in a
+#                                       # graph, and their kernel times at batch 1); the defaults of a, c, b, g, e and d
+#                                       # uncapped, now that the model is built in bf16 (reserved memory against run
+#                                       # 7's); a, c, b and g with compiled_norms in full runs; d with checkpointing;
 #                                       # then under caps on the allocator, set once the model is built: d with a 12 GB
 #                                       # card's defaults under 9 GB (its decode drops the graphs if short of memory),
 #                                       # e's default under 6 GB (a capture out of memory turns checkpointing on), a
-#                                       # under the official code's 3.2 GB, by default and lean (no look-ahead,
-#                                       # checkpointing)
+#                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
 #   bash benchmarks/gpu_run.sh run7     # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
 #                                       # GroupNorm against PyTorch's and inside a graph, graphs on their own
 #                                       # streams); then every line also prints reserved memory (with the CUDA
@@ -101,13 +101,12 @@ case "${1:-}" in
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
   *)  # run 8
-    timeout 45 python3 benchmarks/gpu_checks.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/checks.jsonl"
-    run 120 --cases a,c,b,g
-    run 70 --cases e
-    run 90 --cases d --fast offload_text_encoders=1 --variant gradient_checkpointing=1
-    run 75 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
-    run 75 --cases e --memory-cap 6
-    run 50 --cases a --memory-cap 3.2
+    timeout 75 python3 benchmarks/gpu_checks.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/checks.jsonl"
+    run 165 --cases a,c,b,g --variant compiled_norms=1 --variant-steps 300
+    run 60 --cases e
+    run 75 --cases d --fast offload_text_encoders=1 --variant gradient_checkpointing=1
+    run 70 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
+    run 70 --cases e --memory-cap 6
     run 50 --cases a --fast lookahead_batch=1,gradient_checkpointing=1,offload_text_encoders=1 --memory-cap 3.2 ;;
 esac
 grep -i "graph capture failed\|out of memory\|Traceback\|recompile" "$OUT/stderr.txt" | head -8

@@ -551,6 +551,20 @@ def test_compiled_norms_keep_the_optimised_latent_and_image(model, aot_eager):
     model.set_perf(PerfOptions())
 
 
+def test_layer_discovery_compiles_nothing(model, aot_eager):
+    """Discovery runs the UNet once on a tiny latent: no compiled program is made for that shape."""
+    from torch._dynamo.utils import counters
+
+    from attndistill.features import discover_self_attention_layers
+
+    model.set_perf(replace(PerfOptions.plain(), compiled_norms=True))
+    before = counters["stats"]["unique_graphs"]
+    vars(model.unet).pop("_attndistill_self_attention", None)  # found again, not from the cache
+    assert len(discover_self_attention_layers(model.unet)) > 0
+    assert counters["stats"]["unique_graphs"] == before
+    model.set_perf(PerfOptions())
+
+
 @pytest.mark.parametrize("failures,earlier,checkpointing,attempts_made,released_after", [
     (1, True, None, 2, [1]),  # the cached graphs go, and the second try fits
     (2, True, None, 3, [1, 0]),  # then checkpointing comes on (automatic), and the third fits

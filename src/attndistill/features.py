@@ -199,7 +199,9 @@ def discover_self_attention_layers(unet) -> list[str]:
     args, kwargs = _dummy_inputs(unet, param.device, param.dtype, latent=max(latent, 2))
     unet.set_attn_processor({n: _CallOrderProcessor(n, p, calls) for n, p in originals.items()})
     try:
-        with torch.no_grad():
+        # compiled parts (``compile``, ``compiled_norms``) run as written: programs for this one-off
+        # shape would be compiled for nothing
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             unet(*args, **kwargs)
     finally:
         unet.set_attn_processor(originals)
