@@ -25,6 +25,23 @@ def compiled(fn: Callable) -> Callable:
     def call(*args, **kwargs):
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         with torch._dynamo.config.patch(recompile_limit=limit):
-            return program(*args, **kwargs)
+            try:
+                return program(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                raise _compile_failed(exc) from exc
 
     return call
+
+
+def _compile_failed(exc: torch._dynamo.exc.BackendCompilerFailed) -> Exception:
+    """A compiler that cannot run here (no C++ compiler, no Triton) as a one-line error naming the way out;
+    out-of-memory errors stay themselves, for the memory remedies to see."""
+    from .errors import UserError, is_out_of_memory
+
+    inner = getattr(exc, "inner_exception", None) or exc
+    if is_out_of_memory(inner):
+        return inner
+    reason = next((line for line in str(inner).splitlines() if line.strip()), type(inner).__name__)
+    return UserError(f"torch.compile could not compile here ({type(inner).__name__}: {reason.strip()}); run "
+                     "without --compile and --compiled-norms, or install what it needs (a C++ compiler for the "
+                     "CPU, Triton for a GPU)")
