@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm, SiLULinear, swap_group_norms
+from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm, TimeEmbeddingSiLU, swap_group_norms
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +121,8 @@ def test_compiled_norms_take_each_resnet_blocks_silu_and_revert():
     before = block(x, temb)
     swap_group_norms(block, "compiled")
     assert type(block.norm1) is type(block.norm2) is CompiledGroupNorm and block.norm1.silu and block.norm2.silu
-    assert type(block.nonlinearity) is nn.Identity and type(block.time_emb_proj) is SiLULinear
-    assert block.time_emb_proj.weight is parts[2].weight and list(block.state_dict()) == keys
+    assert type(block.nonlinearity) is TimeEmbeddingSiLU and block.time_emb_proj is parts[2]
+    assert list(block.state_dict()) == keys
     after = block(x, temb)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     grad = torch.randn_like(before)
@@ -132,3 +132,28 @@ def test_compiled_norms_take_each_resnet_blocks_silu_and_revert():
     assert type(block.nonlinearity) is nn.SiLU and type(block.norm1) is ChannelsLastGroupNorm
     swap_group_norms(block, None)
     assert list(block.children()) == parts
+
+
+class _Adapter(nn.Module):
+    """What a LoRA does to a linear layer: ``base(x) + up(down(x))`` on the same input."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base, self.down, self.up = base, nn.Linear(base.in_features, 4), nn.Linear(4, base.out_features)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_an_adapter_added_to_the_time_embedding_while_swapped_sees_what_it_would_unswapped():
+    """A LoRA wrapping ``time_emb_proj`` after the swap gets the activated time embedding, as without it."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=32, out_channels=32, temb_channels=16, groups=8)
+    x, temb = torch.randn(2, 32, 6, 6), torch.randn(2, 16)
+    swap_group_norms(block, "compiled")
+    block.time_emb_proj = _Adapter(block.time_emb_proj)
+    swapped = block(x, temb)
+    swap_group_norms(block, None)
+    torch.testing.assert_close(swapped, block(x, temb), atol=1e-5, rtol=0)

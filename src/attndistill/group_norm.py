@@ -9,7 +9,7 @@ transfers (case g).
   float32) and one multiply-add writes NHWC output; the backward is PyTorch's own GroupNorm backward.
 - ``compiled`` (:class:`CompiledGroupNorm`): the norm is one small ``torch.compile`` program whose
   kernels read and write the input's layout, forward and backward; in each ResNet block the SiLU that
-  follows a norm joins its program (:class:`SiLULinear` keeps the time embedding's SiLU). The program
+  follows a norm joins its program (:class:`TimeEmbeddingSiLU` keeps the time embedding's). The program
   has no parameter shapes of its own, so a whole UNet compiles a handful of programs (grad or not, batch
   1 or more, SiLU or not, each eps), not one per block shape as ``compile`` does.
 """
@@ -76,23 +76,16 @@ class CompiledGroupNorm(_SharedNorm):
         return _program()(x, weight, bias, self.num_groups, self.eps, self.silu)
 
 
-class SiLULinear(nn.Linear):
-    """``linear(silu(x))`` with the parameters of the ``nn.Linear`` it stands in for.
+class TimeEmbeddingSiLU(nn.SiLU):
+    """A ResNet block's SiLU once its norms apply it (``compiled``): it still acts on the time embedding
+    (2-D), and lets the feature maps (which its norms have already activated) through.
 
-    A ResNet block whose norms take its SiLU (``compiled``) has no SiLU of its own left, and its time
-    embedding still needs one.
+    The block's time-embedding layer stays as it is, so adapters that wrap it (LoRA) see what they
+    would see unswapped.
     """
 
-    @classmethod
-    def sharing(cls, linear: nn.Linear) -> SiLULinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        new.train(linear.training)
-        new.__dict__["original"] = linear
-        return new
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(x), self.weight, self.bias)
+        return super().forward(x) if x.dim() == 2 else x
 
 
 def swap_group_norms(module: nn.Module, kind: str | None) -> None:
@@ -129,15 +122,10 @@ def _fuse_silu(block: nn.Module) -> None:
     if type(block.nonlinearity) is not nn.SiLU or type(block.norm1) is not nn.GroupNorm \
             or type(block.norm2) is not nn.GroupNorm:
         return
-    time_act = block.time_emb_proj is not None and not block.skip_time_act
-    if time_act and type(block.time_emb_proj) is not nn.Linear:
-        return
     block.norm1 = CompiledGroupNorm.sharing(block.norm1, silu=True)
     block.norm2 = CompiledGroupNorm.sharing(block.norm2, silu=True)
-    if time_act:
-        block.time_emb_proj = SiLULinear.sharing(block.time_emb_proj)
     block.__dict__["original_nonlinearity"] = block.nonlinearity
-    block.nonlinearity = nn.Identity()
+    block.nonlinearity = TimeEmbeddingSiLU()
 
 
 def _restore(module: nn.Module) -> None:
@@ -145,7 +133,7 @@ def _restore(module: nn.Module) -> None:
         if "original_nonlinearity" in parent.__dict__:
             parent.nonlinearity = parent.__dict__.pop("original_nonlinearity")
         for name, child in list(parent.named_children()):
-            if isinstance(child, _SharedNorm | SiLULinear):
+            if isinstance(child, _SharedNorm):
                 original = child.original
                 original.weight, original.bias = child.weight, child.bias
                 setattr(parent, name, original)
