@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
-#   bash benchmarks/gpu_run.sh          # run 8 (<= 575 s): the CUDA checks (the compiled norms against PyTorch's, in a
+#   bash benchmarks/gpu_run.sh          # run 8 (<= 565 s): the CUDA checks (the compiled norms against PyTorch's, in a
 #                                       # graph, and their kernel times at batch 1); the defaults of a, c, b, g, e and d
 #                                       # uncapped, now that the model is built in bf16 (reserved memory against run
 #                                       # 7's); a, c, b and g with compiled_norms in full runs; d with checkpointing;
