@@ -300,22 +300,26 @@ def main(argv: list[str] | None = None) -> None:
                 emit(case=case, path="fast", steps=args.variant_steps, seconds=round(seconds, 3),
                      ms_per_step=round(1000 * seconds / args.variant_steps, 1), **peak)
             for variant in args.variant:
-                model.set_perf(PerfOptions(**(_switches(args.fast) | _switches(variant))))
-                model.release_graphs()
-                model.stats.clear()
-                variant_steps = min(args.variant_steps or steps, steps)
-                # a short run is warmed up over its own steps: look-ahead chunks of that run's sizes, first
-                # uses of kernels, are paid here and not in the timed run (run 3 warmed up over 2 steps)
-                warm = warm_steps if variant_steps == steps else variant_steps
-                programs = programs_compiled()
-                warm_s, _, _ = measure(partial(run_case, case, model, warm, args.size_scale), device)
-                seconds, peak, _ = measure(partial(run_case, case, model, variant_steps, args.size_scale), device)
-                emit(case=case, path="fast+" + variant, steps=variant_steps, seconds=round(seconds, 3),
-                     ms_per_step=round(1000 * seconds / variant_steps, 1), **peak,
-                     est_full_seconds=round(seconds / variant_steps * steps, 2), warmup_s=round(warm_s, 2),
-                     compiled_programs=programs_compiled() - programs,
-                     graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2),
-                     checkpointing=bool(model.perf.gradient_checkpointing))
+                try:  # a variant that fails (an experimental switch) leaves the case's other runs
+                    model.set_perf(PerfOptions(**(_switches(args.fast) | _switches(variant))))
+                    model.release_graphs()
+                    model.stats.clear()
+                    variant_steps = min(args.variant_steps or steps, steps)
+                    # a short run is warmed up over its own steps: look-ahead chunks of that run's sizes, first
+                    # uses of kernels, are paid here and not in the timed run (run 3 warmed up over 2 steps)
+                    warm = warm_steps if variant_steps == steps else variant_steps
+                    programs = programs_compiled()
+                    warm_s, _, _ = measure(partial(run_case, case, model, warm, args.size_scale), device)
+                    seconds, peak, _ = measure(partial(run_case, case, model, variant_steps, args.size_scale), device)
+                    emit(case=case, path="fast+" + variant, steps=variant_steps, seconds=round(seconds, 3),
+                         ms_per_step=round(1000 * seconds / variant_steps, 1), **peak,
+                         est_full_seconds=round(seconds / variant_steps * steps, 2), warmup_s=round(warm_s, 2),
+                         compiled_programs=programs_compiled() - programs,
+                         graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2),
+                         checkpointing=bool(model.perf.gradient_checkpointing))
+                except Exception as exc:
+                    emit(case=case, path="fast+" + variant, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                    model.release_graphs()
                 model.set_perf(fast)
             if case == "g":
                 model.release_graphs()
