@@ -55,3 +55,17 @@ def tiny_sdxl(tiny_sdxl_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
+    operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
+    from attndistill import compiling, group_norm
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    group_norm._program.cache_clear()
+    torch._dynamo.reset()
+    yield
+    group_norm._program.cache_clear()
+    torch._dynamo.reset()

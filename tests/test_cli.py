@@ -77,9 +77,13 @@ def test_version_and_help_examples():
                                   ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
                                   ["--cudnn-benchmark"], ["--no-channels-last"],
                                   ["--lookahead-overlap"], ["--no-feed-forward-chunks"],
-                                  ["--channels-last", "--channels-last-norms"], ["--no-gradient-checkpointing"]])
-def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag):
+                                  ["--channels-last", "--channels-last-norms"], ["--no-gradient-checkpointing"],
+                                  ["--compiled-norms"]])
+def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag, request):
     from attndistill.cli import common
+
+    if flag[0] == "--compiled-norms":
+        request.getfixturevalue("aot_eager")
 
     out = tmp_path / "out.png"
     result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 2,
@@ -100,6 +104,8 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
         assert common.PERF.gradient_checkpointing is False
     if flag[-1] == "--channels-last-norms":
         assert common.PERF.channels_last and common.PERF.channels_last_norms
+    if flag[0] == "--compiled-norms":
+        assert common.PERF.compiled_norms and "compiles a few small programs" in result.output
     if flag[0] == "--cudnn-benchmark":
         import torch
 

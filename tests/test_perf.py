@@ -220,20 +220,6 @@ def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static
     assert counter.batches == [1, 2, 2, 1, 1] * 2
 
 
-@pytest.fixture
-def aot_eager(monkeypatch):
-    """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
-    operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
-    from attndistill import compiling, group_norm
-
-    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    group_norm._program.cache_clear()
-    torch._dynamo.reset()
-    yield
-    group_norm._program.cache_clear()
-    torch._dynamo.reset()
-
-
 def test_compile_switch_keeps_the_optimised_latent_and_image(model, aot_eager):
     """``compile``: torch.compile of the ResNet/feed-forward blocks gives the plain path's result."""
     from attndistill.perf import COMPILED_BLOCKS

@@ -131,6 +131,9 @@ def _root(
     if compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
+    elif compiled_norms:
+        typer.echo("note: --compiled-norms compiles a few small programs during the first steps; later steps and "
+                   "jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, channels_last=channels_last, channels_last_norms=channels_last_norms,
                               compiled_norms=compiled_norms, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
