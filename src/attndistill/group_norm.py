@@ -11,7 +11,7 @@ transfers (case g).
   kernels read and write the input's layout, forward and backward; in each ResNet block the SiLU that
   follows a norm joins its program (:class:`TimeEmbeddingSiLU` keeps the time embedding's). The program
   has no parameter shapes of its own, so a whole UNet compiles a handful of programs (grad or not, batch
-  1 or more, SiLU or not), not one per block shape as ``compile`` does.
+  1 or more, SiLU or not, NCHW or NHWC), not one per block shape as ``compile`` does.
 """
 
 from __future__ import annotations
