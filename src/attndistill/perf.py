@@ -134,8 +134,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     compile_blocks(unet, perf.compile)
-    swap_group_norms(unet, None if perf.compile else "compiled" if perf.compiled_norms else "nhwc"
-                     if perf.channels_last_norms and perf.uses_channels_last(model.device) else None)
+    swap_group_norms(unet, _norm_kind(perf, model.device))
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = perf.cudnn_benchmark
@@ -156,6 +155,17 @@ def apply_perf(model, perf: PerfOptions) -> None:
     for encoder in model.text_encoders():
         encoder.to("cpu" if perf.offload_text_encoders else model.device)
     model.perf = perf
+
+
+def _norm_kind(perf: PerfOptions, device: torch.device) -> str | None:
+    """Which GroupNorms the UNet runs (group_norm.NORM_KINDS; None: PyTorch's own)."""
+    if perf.compile:  # its compiled blocks fuse their own norms
+        return None
+    if perf.compiled_norms:
+        return "compiled"
+    if perf.channels_last_norms and perf.uses_channels_last(device):
+        return "nhwc"
+    return None
 
 
 def set_vae_tiling(vae, on: bool) -> None:
