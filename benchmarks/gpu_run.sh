@@ -2,11 +2,11 @@
 # One prepared run on a lent GPU machine (see benchmarks/RESULTS.md). Wheels for packages the
 # machine lacks travel in .whl/ (diffusers); the package runs from src/.
 #   bash benchmarks/gpu_run.sh          # run 8 (<= 585 s): the CUDA checks (the compiled norms against PyTorch's, in a
-#                                       # graph, and their kernel times at batch 1); the defaults of a, c, b, g, e and d
+#                                       # graph, and their kernel times at batch 1); the defaults of a, c, b, g and e
 #                                       # uncapped, now that the model is built in bf16 (reserved memory against run
 #                                       # 7's), with the plain path over 5 steps (e: 3) in the same process as the
-#                                       # issue's bar asks; a, c, b and g with compiled_norms in full runs; d with
-#                                       # checkpointing;
+#                                       # issue's bar asks; a, c, b and g with compiled_norms in full runs; a with
+#                                       # compiled_norms profiled (kernels, and time per program);
 #                                       # then under caps on the allocator, set once the model is built: d with a 12 GB
 #                                       # card's defaults under 9 GB (its decode drops the graphs if short of memory),
 #                                       # e's default under 6 GB (a capture out of memory turns checkpointing on), a
@@ -106,7 +106,7 @@ case "${1:-}" in
     timeout 75 python3 benchmarks/gpu_checks.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/checks.jsonl"
     run 180 --cases a,c,b,g --variant compiled_norms=1 --variant-steps 300 --compare --plain-steps 5
     run 65 --cases e --compare --plain-steps 3
-    run 75 --cases d --fast offload_text_encoders=1 --variant gradient_checkpointing=1
+    run 75 --cases a --steps 20 --fast compiled_norms=1 --profile 6 --breakdown 20
     run 70 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
     run 70 --cases e --memory-cap 6
     run 50 --cases a --fast lookahead_batch=1,gradient_checkpointing=1,offload_text_encoders=1 --memory-cap 3.2 ;;
