@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import attndistill as ad
 from attndistill.errors import UserError
@@ -80,6 +81,11 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         ad.Distiller("x")
     with pytest.raises(UserError, match="is not a file"):
         ad.read_parameters(tmp_path / "missing.png")
+    deep = PngInfo()
+    deep.add_text("attndistill", "[" * 100_000 + "]" * 100_000)  # json's RecursionError, not a ValueError
+    Image.new("RGB", (8, 8)).save(tmp_path / "deep.png", pnginfo=deep)
+    with pytest.raises(UserError, match="not a JSON object of parameters"):
+        ad.read_parameters(tmp_path / "deep.png")
     for bad in ({"fused": "no"}, {"lookahead_batch": 0}):
         with pytest.raises(UserError):
             PerfOptions(**bad)

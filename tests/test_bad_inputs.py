@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -212,11 +213,23 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     pickle.write_bytes(b"\x80\x04pickle")
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"not safetensors")
+    damaged = {name: tmp_path / name for name in ("bad-index", "list-index", "no-tokenizer", "cut-weights")}
+    for folder in damaged.values():
+        shutil.copytree(tiny_sd15_dir, folder)
+    (damaged["bad-index"] / "model_index.json").write_text('{"_class_name": ')  # an interrupted download
+    (damaged["list-index"] / "model_index.json").write_text("[]")
+    shutil.rmtree(damaged["no-tokenizer"] / "tokenizer")
+    weights = damaged["cut-weights"] / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cases = [
         (["-m", not_a_model], f"model folder '{not_a_model}' has no model_index.json"),
+        (["-m", damaged["bad-index"]], "has a model_index.json that is not a diffusers model index"),
+        (["-m", damaged["list-index"]], "has a model_index.json that is not a diffusers model index"),
+        (["-m", damaged["no-tokenizer"]], "has no tokenizer/ folder, which a Stable Diffusion pipeline needs"),
+        (["-m", damaged["cut-weights"]], f"has a damaged weights file: {weights} (cut short"),
         (["-m", other], "is a KandinskyPipeline; attndistill runs Stable Diffusion"),
         (["-m", pickle], "is a pickle file that can run code when loaded; convert it to .safetensors or pass "
                          "--allow-pickle"),
@@ -452,6 +465,25 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
     assert check_vae_folder(vae, overwrite=True) == vae
     with pytest.raises(UserError, match="not writable"):
         check_vae_folder("/proc/vae")
+    link = tmp_path / "link"
+    link.symlink_to(vae)  # refused before the fine-tune runs: rmtree would refuse it only after
+    with pytest.raises(UserError, match="is a symbolic link"):
+        check_vae_folder(link, overwrite=True)
+
+
+def test_a_vae_that_cannot_be_saved_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk while saving a fine-tuned VAE: one line, no partial folder, the old VAE kept."""
+    from attndistill.errors import UserError
+    from attndistill.vae_tuning import save_vae
+
+    class FullDisk:
+        def save_pretrained(self, folder, **_):
+            (Path(folder) / "config.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match=r"could not be written \(No space left on device\); free space"):
+        save_vae(FullDisk(), tmp_path / "vae")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args,expected", [(["--size", "1088x512", "--stride", "65"], "leaves gaps"),

@@ -490,6 +490,8 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
         f.write('{"task": "texture", "reference": "wood-rings.jpg", "lr": Infinity}\n')
         f.write(json.dumps({**texture, "perf": {"warp_drive": True}}) + "\n")
         f.write(json.dumps({**texture, "perf": {"channels_last": "yes"}}) + "\n")
+        f.write(json.dumps({**texture, "output": "a\0b.png"}) + "\n")  # mkstemp's ValueError, after the run
+        f.write(json.dumps({"task": "style", "content": ["horse.jpg"], "style": "watercolor-cat.jpg"}) + "\n")
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
@@ -503,7 +505,9 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "line 12: expand needs 'size'", "line 13: strength must be in (0, 1]",
                      "line 16: 'guidance' must be a finite number", "line 17: 'lr' must be a finite number",
                      "line 18: 'perf' must be an object of speed switches", "line 19: 'perf': channels_last must be "
-                     "True or False", "2 ready", "17 invalid"):
+                     "True or False", "line 20: 'output' holds a NUL character",
+                     "line 21: 'content' takes one image: a path relative to the jobs file, not a list", "2 ready",
+                     "19 invalid"):
         assert expected in text, expected
     assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
     assert "unexpected" not in text and "Traceback" not in text

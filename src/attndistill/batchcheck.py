@@ -217,13 +217,13 @@ def _geometry(model: ModelSpec, unet: dict | None):
 
 def _kind(model: ModelSpec) -> str:
     """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
-    from .models import _kind_from_checkpoint, _kind_from_index, _read_model_index
+    from .models import _kind_from_checkpoint, pipeline_kind
 
     source = model.source or _default_model()
     try:
         if Path(source).is_file():
             return _kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
-        return _kind_from_index(_read_model_index(source), source)
+        return pipeline_kind(source)
     except Exception:
         return "sd15"
 
@@ -232,11 +232,10 @@ def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
     from .models import (
         DEFAULT_MODEL,
-        _kind_from_index,
-        _read_model_index,
         check_checkpoint,
         check_vae_source,
         is_checkpoint_path,
+        pipeline_kind,
         resolve_device,
         resolve_dtype,
     )
@@ -246,7 +245,7 @@ def check_model(model: ModelSpec) -> None:
     if is_checkpoint_path(Path(source)):
         check_checkpoint(Path(source), model.allow_pickle, option='"allow_pickle": true')
     else:
-        _kind_from_index(_read_model_index(source), source)
+        pipeline_kind(source)
     if model.vae is not None:
         check_vae_source(model.vae)
 

@@ -66,6 +66,8 @@ TASKS: dict[str, TaskSpec] = {
     "expand": TaskSpec("attndistill.textures", "expand_texture", ("reference",), ("reference",), "expand",
                        "reference"),
 }
+#: Path arguments that take a single image (the references take several).
+_ONE_IMAGE = {"content", "structure", "target_labels", "layout", "control_image"}
 #: CLI argument names that differ from the API's.
 ALIASES = {"style_images": "style", "appearance_images": "appearance", "references": "reference"}
 #: Options the runner handles itself; everything else goes to the API function.
@@ -185,6 +187,8 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
 
 def _check_types(raw: Mapping[str, Any], line: int) -> None:
     for key, value in raw.items():
+        if any("\0" in v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)):
+            raise _fail(line, f"'{key}' holds a NUL character (\\u0000), which no path or option may hold")
         if key in _INTS and (not isinstance(value, int) or isinstance(value, bool)):
             raise _fail(line, f"'{key}' must be a whole number (got {value!r})")
         if key in _FLOATS and (not isinstance(value, int | float) or isinstance(value, bool)):
@@ -291,6 +295,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         value = args.get(name)
         if value is None:
             continue
+        if isinstance(value, list) and name in _ONE_IMAGE:
+            raise _fail(line, f"'{name}' takes one image: a path relative to the jobs file, not a list")
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(v, str) and v for v in items):
             raise _fail(line, f"'{name}' must be a path or a list of paths relative to the jobs file")

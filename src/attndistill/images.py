@@ -272,7 +272,7 @@ def read_parameters(path: str | os.PathLike) -> dict:
         return {}
     try:
         params = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
         params = None
     if not isinstance(params, dict):
         raise UserError(f"'{path}' carries an '{METADATA_KEY}' text chunk that is not a JSON object of "

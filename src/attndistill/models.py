@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -339,7 +340,7 @@ def _read_model_index(model: str) -> dict:
         if not index.is_file():
             raise UserError(f"model folder '{model}' has no model_index.json; it is not a diffusers model "
                             "folder (for a single .safetensors checkpoint pass the file itself)")
-        return json.loads(index.read_text())
+        return _parse_model_index(index, model)
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise UserError(f"model '{model}' does not exist; pass a diffusers folder, a .safetensors file "
@@ -347,7 +348,7 @@ def _read_model_index(model: str) -> dict:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
-        return json.loads(Path(hf_hub_download(model, "model_index.json", local_files_only=_offline())).read_text())
+        index = Path(hf_hub_download(model, "model_index.json", local_files_only=_offline()))
     except LocalEntryNotFoundError:
         raise _not_available(model) from None
     except RepositoryNotFoundError:
@@ -356,10 +357,47 @@ def _read_model_index(model: str) -> dict:
         if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
             raise _not_available(model) from None
         raise UserError(f"model '{model}' could not be fetched: {str(exc).splitlines()[0]}") from None
+    return _parse_model_index(index, model)
+
+
+def _parse_model_index(index: Path, model: str) -> dict:
+    """The index as a dict; a damaged file (an interrupted download, a hand edit) is a one-line error."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"model '{model}' has a model_index.json that is not a diffusers model index (a JSON "
+                        f"object): {index}; download the model again")
+    return data
+
+
+#: The components a task needs, by model kind; the safety checker and feature extractor are never loaded.
+_NEEDED = {"sd15": ("scheduler", "text_encoder", "tokenizer", "unet", "vae"),
+           "sdxl": ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet", "vae")}
+
+
+def pipeline_kind(source: str) -> Kind:
+    """sd15 or sdxl from a diffusers folder's or Hub repo's model_index.json (no weights read); a local
+    folder must hold every component a task needs."""
+    kind = _kind_from_index(_read_model_index(source), source)
+    if Path(source).is_dir():
+        _check_components(Path(source), kind)
+    return kind
+
+
+def _check_components(folder: Path, kind: Kind) -> None:
+    """Every needed component's subfolder is there: without ``tokenizer/`` transformers builds an empty
+    tokenizer that fails only at the first prompt, with an error that names neither the folder nor the fix."""
+    for name in _NEEDED[kind]:
+        if not (folder / name).is_dir():
+            raise UserError(f"model folder '{folder}' has no {name}/ folder, which a Stable Diffusion pipeline needs; "
+                            "download the model again (or copy that folder from a complete copy)")
 
 
 def _kind_from_index(index: dict, model: str) -> Kind:
-    name = index.get("_class_name", "")
+    name = index.get("_class_name")
+    name = name if isinstance(name, str) else ""
     if "XL" in name:
         if "Refiner" in name or "text_encoder" not in index or index.get("text_encoder") in (None, [None, None]):
             raise UserError(f"model '{model}' is an SDXL refiner ({name}); use an SDXL base model such as {SDXL_ID}")
@@ -420,8 +458,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
             hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
             raise UserError(f"checkpoint '{path}' could not be loaded: {msg}{hint}") from None
     else:
-        index = _read_model_index(source)
-        kind = _kind_from_index(index, source)
+        kind = pipeline_kind(source)
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False,
                                           "feature_extractor": None}
@@ -524,6 +561,10 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             text = str(exc)
             if attempt is not None and ("variant" in text or "fp16" in text):
                 continue  # no fp16 variant: fall back to the default weights
+            damaged = re.search(r"checkpoint file for '([^']+)'", text)
+            if damaged:
+                raise UserError(f"{what} '{source}' has a damaged weights file: {damaged.group(1)} (cut short "
+                                "or not a weights file); download it again") from None
             if "safetensors" in text and kwargs.get("use_safetensors"):
                 raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None

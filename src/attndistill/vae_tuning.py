@@ -146,6 +146,8 @@ def tuned_vae(model: DiffusionModel, reference: ImageInput | None, *, progress: 
 def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Validate a VAE output folder before any work starts."""
     folder = Path(folder)
+    if folder.is_symlink():  # replacing it would replace the link, or (rmtree) refuse after the work is done
+        raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
@@ -184,13 +186,19 @@ def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path
     """Save ``vae`` as a diffusers ``AutoencoderKL`` folder (safetensors); the folder appears complete or not at all."""
     folder = check_vae_folder(folder, overwrite=overwrite)
     parent = folder.parent if str(folder.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
+    except OSError as exc:
+        raise UserError(f"output folder '{folder}' cannot be written ({exc.strerror}); choose another path") from None
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as exc:  # Ctrl-C included: no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.strerror:  # e.g. disk full
+            raise UserError(f"output folder '{folder}' could not be written ({exc.strerror}); free space or "
+                            "choose another path") from None
         raise
     return folder
