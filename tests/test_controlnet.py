@@ -147,3 +147,18 @@ def test_a_controlnet_loaded_by_the_caller_runs_in_the_models_dtype(tiny_sd15_di
     (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=model, steps=2, iters=1, size=64,
                               controlnet=net, control_image=edge_map, progress=False)
     assert img.size == (64, 64) and net.dtype == torch.bfloat16
+
+
+def test_a_controlnet_not_cached_offline_is_one_line_and_no_warning(tiny_sd15, tmp_path, monkeypatch):
+    """diffusers' ControlNet loader makes huggingface_hub warn of a deprecated argument; users see our line only."""
+    import warnings
+
+    from attndistill.errors import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError, match="not in the local Hugging "
+                                                                                             "Face cache"):
+        warnings.simplefilter("always")
+        load_controlnet("nobody/not-cached-controlnet", model=tiny_sd15)
+    assert [str(w.message) for w in caught] == []

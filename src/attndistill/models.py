@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -530,13 +531,17 @@ def check_vae_source(vae: str | os.PathLike) -> None:
 
 @contextmanager
 def _quiet_diffusers() -> Iterator[None]:
-    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error."""
+    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error.
+    Its ControlNet loader also passes huggingface_hub an argument that warns of its deprecation (not ours
+    to fix)."""
     from diffusers.utils import logging as dlogging
 
     before = dlogging.get_verbosity()
     dlogging.set_verbosity(dlogging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     finally:
         dlogging.set_verbosity(before)
 
