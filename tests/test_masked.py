@@ -153,3 +153,16 @@ def test_sdxl_masked_features_use_the_output_size(tiny_sdxl, maps):
     finally:
         handle.remove()
     assert time_ids and all(ids == [64, 96, 0, 0, 64, 96] for ids in time_ids)  # (h, w) of the output
+
+
+def test_a_region_too_thin_for_a_token_grid_names_its_colour_and_the_files(tiny_sd15, maps, tmp_path):
+    """A reference region that survives at pixel level but not at a coarser layer's token grid: the error names
+    the colour, the label maps and the grid, not internal label numbers; it comes at the first step."""
+    ref, _, target_labels = maps
+    width = Image.open(ref).width
+    _map(Image.open(ref).size, [((0, 0, 1, 1), RED), ((0.27, 0, 0.30, 1), BLUE)]).save(tmp_path / "stripe.png")
+    with pytest.raises(ad.UserError, match=r"colour\(s\) #0000ff of '.*target-labels.png' keep no region in "
+                                           r"'.*stripe.png' once resized to the model's \d+x\d+ token grid") as err:
+        masked_texture_synthesis(ref, tmp_path / "stripe.png", target_labels, model=tiny_sd15, steps=1,
+                                 size=(128, 64), progress=False)
+    assert "[" not in str(err.value) and width > 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NonFiniteError, UserError, is_out_of_memory
+from .errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
 from .features import (
     LayerFeatures,
     StopForward,
@@ -399,8 +399,8 @@ class Distiller:
                 r_lab = _resize_labels(self.ref_labels.to(f.q.device), r_grid).reshape(-1)  # (R*N_r,)
                 try:
                     self._masks[key] = label_mask(t_lab, r_lab)
-                except ValueError as exc:
-                    raise UserError(f"label maps: {exc}; make the regions of those labels larger") from None
+                except UnmatchedLabels as exc:
+                    raise UnmatchedLabels(exc.labels, r_grid) from None
             masks.append(self._masks[key])
         return masks
 

@@ -14,6 +14,17 @@ class UserError(Exception):
     exit_code = 2
 
 
+class UnmatchedLabels(UserError, ValueError):
+    """Target labels with no reference token of the same label at some token grid (masked AD would give
+    their attention rows no key: NaN). ``labels`` are the label ids; ``grid`` the reference's (h, w) there."""
+
+    def __init__(self, labels: list[int], grid: tuple[int, int] | None = None):
+        self.labels, self.grid = labels, grid
+        at = f" at a {grid[0]}x{grid[1]} token grid" if grid else ""
+        super().__init__(f"target labels {labels} have no region in the reference label map{at}; make the "
+                         "regions of those labels larger")
+
+
 class NonFiniteError(UserError):
     """The loss or the latent became NaN/Inf during optimisation."""
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import UnmatchedLabels
+
 
 def concat_references(x: torch.Tensor) -> torch.Tensor:
     """Keys or values of R reference images (R, h, N, d) -> one reference (1, h, R*N, d).
@@ -79,6 +81,5 @@ def label_mask(target_labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.T
     mask = target_labels[:, :, None] == ref_labels[None, None, :]  # (B, N, N_r)
     orphan = ~mask.any(dim=-1)
     if orphan.any():
-        missing = sorted(set(target_labels[orphan].tolist()))
-        raise ValueError(f"target labels {missing} have no region in the reference label map at this resolution")
+        raise UnmatchedLabels(sorted(set(target_labels[orphan].tolist())))
     return mask[:, None]  # (B, 1, N, N_r)

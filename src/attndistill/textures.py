@@ -20,7 +20,7 @@ from PIL import Image
 
 from . import vae_tuning
 from .engine import Distiller, parse_layers
-from .errors import UserError
+from .errors import UnmatchedLabels, UserError
 from .images import ImageInput, check_size, load_image, round_to_multiple, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .multidiffusion import decode_tiled, multidiffusion
@@ -318,9 +318,16 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                           content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
                           condition_size=(h, w), **_batching(fused, z_ref, z_init.shape[-2:]))
     with tuned_vae(model, ref_images[0] if tune_vae else None, progress=progress), seamless(model, tile):
-        z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
-                             iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
-                             desc="texture-masked")
+        try:  # fails at the first step, if at all
+            z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
+                                 iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
+                                 desc="texture-masked")
+        except UnmatchedLabels as exc:
+            h_tok, w_tok = exc.grid or (side, side)
+            raise UserError(f"colour(s) {', '.join(colours[i] for i in exc.labels)} of '{names[-1]}' keep no region "
+                            f"in {', '.join(repr(n) for n in names[:-1])} once resized to the model's {h_tok}x{w_tok} "
+                            f"token grid; make those regions at least {side // min(h_tok, w_tok)} px wide in the "
+                            f"reference scaled to {side}x{side}") from None
         params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed, fused=fused,
                          reference=[describe_input(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
                          num=num, tile=tile, tune_vae=tune_vae)
