@@ -128,3 +128,90 @@ def test_an_infinite_pixel_does_not_blacken_a_float_image():
     values[0, 0] = np.inf
     rgb = np.asarray(ad.load_image(Image.fromarray(values, "F")))
     assert rgb.mean() > 50
+
+
+def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir):
+    """A seed or count drawn with NumPy: the run works and its PNG's parameters are plain JSON (this failed
+    after the whole run, in json.dumps, or in torch's generator)."""
+    from attndistill.generate import layout_texture
+
+    ref = data_dir / "wood-rings.jpg"
+    out = _style(tiny_sd15, data_dir, steps=1, seed=np.int64(3))
+    assert json.loads(out.info["parameters"])["seed"] == 3
+    outs = ad.texture_synthesis(ref, model=tiny_sd15, steps=1, size=64, seed=np.int64(1), num=np.int64(2),
+                                progress=False)
+    assert len(outs) == 2 and json.loads(outs[0].info["parameters"])["num"] == 2
+    out = layout_texture(ref, data_dir / "horse.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
+                         strength=np.float32(1.0), progress=False)[0]
+    assert json.loads(out.info["parameters"])["strength"] == 1.0
+    torch.testing.assert_close(  # and the same image as with plain numbers
+        torch.from_numpy(np.asarray(_style(tiny_sd15, data_dir, steps=1, seed=3), np.float32)),
+        torch.from_numpy(np.asarray(_style(tiny_sd15, data_dir, steps=1, seed=np.int64(3)), np.float32)))
+
+
+def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
+    from attndistill.generate import layout_texture
+    from attndistill.textures import expand_texture, finetune_vae, masked_texture_synthesis
+
+    ref, style = data_dir / "wood-rings.jpg", data_dir / "watercolor-cat.jpg"
+    common = {"model": tiny_sd15, "steps": 1, "size": 64, "progress": False}
+    cases = [
+        (lambda: text_to_image("a", style, start_t="5", **common), "start-t must be a whole number"),
+        (lambda: text_to_image("a", style, content=ref, content_weight="0.2", **common),
+         "content weight must be a finite number"),
+        (lambda: text_to_image("a", style, adain="no", **common), "adain must be True or False"),
+        (lambda: text_to_image("a", style, fused="yes", **common), "fused must be True or False"),
+        (lambda: _style(tiny_sd15, data_dir, progress="no"), "progress must be True or False"),
+        (lambda: _style(tiny_sd15, data_dir, seed=-1), "seed -1 is out of range"),
+        (lambda: layout_texture(ref, ref, strength="0.5", **common), "strength must be a finite number"),
+        (lambda: expand_texture(ref, size=512, model=tiny_sd15, view_batch=1.5), "view batch must be a whole"),
+        (lambda: expand_texture(ref, size=512, model=tiny_sd15, decode_tile=8.5), "decode tile must be a whole"),
+        (lambda: finetune_vae(ref, model=tiny_sd15, steps=1.5), "VAE tuning steps must be a whole number"),
+        (lambda: finetune_vae(ref, model=tiny_sd15, lr=float("inf")), "VAE tuning lr must be a finite number"),
+        (lambda: finetune_vae(ref, model=tiny_sd15, steps=2, lr=1e30), "VAE tuning diverged"),
+        (lambda: ad.style_transfer_batch(np.zeros((2, 64, 64, 3), np.uint8), style, **common),
+         "takes a list of content images .* not a ndarray"),
+        (lambda: masked_texture_synthesis([], [], ref, **common), "no texture image given"),
+        (lambda: ad.Distiller(tiny_sd15, layers="99"), r"layers \[99\] do not exist"),
+        (lambda: ad.load_image("/tmp/" + "a" * 300 + ".png"), "cannot be opened"),
+        (lambda: ad.load_image(""), "is an empty path"),
+        (lambda: ad.read_parameters(Image.new("RGB", (8, 8))), "pass the path of a PNG"),
+        (lambda: ad.get_preset("nope"), "unknown task 'nope'"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(UserError, match=expected):
+            call()
+
+
+def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):
+    from attndistill.engine import parse_layers
+
+    with pytest.raises(UserError) as err:
+        parse_layers("0-20000000", tiny_sd15)  # expanded, this was 20 million numbers and a 189 MB message
+    assert "layers 0-20000000 do not exist" in str(err.value) and len(str(err.value)) < 200
+    with pytest.raises(UserError) as err:
+        parse_layers(list(range(100_000)), tiny_sd15)
+    assert len(str(err.value)) < 200
+
+
+def test_a_generator_of_contents_keeps_each_content_in_the_parameters(tiny_sd15, data_dir):
+    contents = [data_dir / "horse.jpg", data_dir / "wood-rings.jpg"]
+    outs = ad.style_transfer_batch((c for c in contents), data_dir / "watercolor-cat.jpg", model=tiny_sd15,
+                                   steps=1, size=64, progress=False)
+    assert [json.loads(o.info["parameters"])["content"] for o in outs] == [str(c) for c in contents]
+
+
+def test_save_png_refuses_what_png_cannot_hold(tmp_path):
+    img = Image.new("RGB", (8, 8))
+    cases = [(img.convert("F"), tmp_path / "f.png", None, "cannot store a mode F image"),
+             (img.convert("CMYK"), tmp_path / "c.png", None, "cannot store a mode CMYK image"),
+             (Image.new("RGB", (0, 0)), tmp_path / "e.png", None, "empty image"),
+             (img, b"/tmp/x.png", None, "needs a path as a str or Path"),
+             (img, tmp_path / "s.png", {"a": {1, 2}}, "parameters hold a set"),
+             (img, tmp_path / "n.png", 5, "parameters must be a dict")]
+    for image, path, params, expected in cases:
+        with pytest.raises(UserError, match=expected):
+            ad.save_png(image, path, parameters=params)
+    assert list(tmp_path.iterdir()) == []
+    ad.save_png(img, tmp_path / "ok.png", parameters={"seed": np.uint64(2**64 - 1)})
+    assert ad.read_parameters(tmp_path / "ok.png") == {"seed": 2**64 - 1}

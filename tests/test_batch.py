@@ -518,9 +518,12 @@ def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
     from attndistill import tasks
 
-    def broken(*, seed, **_):
+    real = tasks.check_run
+
+    def broken(*, seed, **kwargs):
         if seed == 13:
             raise RuntimeError("boom")
+        return real(seed=seed, **kwargs)
 
     monkeypatch.setattr(tasks, "check_run", broken)
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, seed=13),

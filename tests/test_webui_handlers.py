@@ -54,8 +54,11 @@ def result_parameters(updates: list[tuple]) -> tuple[dict, str, Image.Image]:
 def test_whole_number_boxes_refuse_fractions_and_seeds_stay_exact(ui, data_dir):
     inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
               "style-size": "64", "style-preview-every": 0}
-    with pytest.raises(gr.Error, match="Steps must be a whole number"):
-        run_tab(ui, "style", {**inputs, "style-steps": 1.5})
+    for steps in (1.5, float("inf"), float("nan")):  # inf and nan: OverflowError and ValueError before
+        with pytest.raises(gr.Error, match="Steps must be a whole number"):
+            run_tab(ui, "style", {**inputs, "style-steps": steps})
+    with pytest.raises(gr.Error, match="seed -1 is out of range"):
+        run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": "-1"})
     seed = 2**53 + 1  # a browser number would turn it into 2**53
     params, command, _ = result_parameters(run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": str(seed)}))
     assert params["seed"] == seed and params["steps"] == 1

@@ -69,6 +69,9 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
                     if int(hi) < int(lo):
                         raise UserError(f"layers '{part}' is an empty range; write the lower layer first "
                                         f"({int(hi)}-{int(lo)})")
+                    if int(lo) < 0 or int(hi) >= count:  # checked before expanding: '0-2000000000' is a typo
+                        raise UserError(f"layers {part} do not exist in this model; it has self-attention layers "
+                                        f"0-{count - 1} (default: the last six, {count - 6}-{count - 1})")
                     layers.extend(range(int(lo), int(hi) + 1))
                 else:
                     layers.append(int(part))
@@ -81,7 +84,7 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
     else:
         raise UserError(f"layers must be a range like \"10-15\", a list like \"10,11,12\" or a list of whole "
                         f"numbers, not {spec!r}")
-    bad = [i for i in layers if not 0 <= i < count]
+    bad = [i for i in layers if not 0 <= i < count][:8]  # a few are enough to see what went wrong
     if bad or not layers:
         raise UserError(f"layers {bad or '(none)'} do not exist in this model; it has self-attention layers "
                         f"0-{count - 1} (default: the last six, {count - 6}-{count - 1})")
@@ -105,15 +108,15 @@ class Distiller:
     CUDA without graphs). ``static=True`` runs the CUDA-graph code path without capturing (tests on CPU).
     """
 
-    def __init__(self, model: DiffusionModel, *, layers: Sequence[int] | None = None, attention_scale: float = 1.0,
-                 content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
+    def __init__(self, model: DiffusionModel, *, layers: str | Sequence[int] | None = None,
+                 attention_scale: float = 1.0, content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
                  target_labels: torch.Tensor | None = None, fused: bool | None = None,
                  cuda_graphs: bool | None = None, early_exit: bool | None = None,
                  condition_size: tuple[int, int] | None = None, static: bool | None = None) -> None:
         if not hasattr(model, "unet") or not hasattr(model, "perf"):
             raise UserError(f"Distiller needs a model loaded with attndistill.load_model, not a {type(model).__name__}")
         self.model = model
-        self.layers = tuple(layers) if layers is not None else default_layers(model.unet)
+        self.layers = parse_layers(layers, model)  # the numbering is discovered once per UNet, so this is cheap
         self.attention_scale = attention_scale
         self.content_weight = content_weight
         self.ref_labels = ref_labels

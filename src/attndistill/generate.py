@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .checks import number, whole
 from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, load_image, to_tensor
+from .images import ImageInput, load_image, params_json, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback
 from .presets import Preset, get_preset
@@ -65,13 +66,14 @@ class _Job:
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
     check_settings(preset)
     total = model.scheduler_config.num_train_timesteps
-    if start_t is not None and not 0 < start_t <= total:
+    if start_t is not None and not 0 < whole("start-t", start_t) <= total:
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
 
 
 def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
          fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
-    check_run(seed=seed, callback=callback, num=job.num, what="number of images")
+    seed, _ = check_run(seed=seed, callback=callback, num=job.num, what="number of images", fused=fused,
+                        progress=progress)
     _check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
     check_tune_vae(job.tune_vae)
@@ -126,8 +128,10 @@ def check_t2i_options(*, controlnet, control_image, control: str, control_scale:
                         else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
     if control not in ("none", "canny"):
         raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
-    if not control_scale >= 0:
+    if not number("control scale", control_scale) >= 0:
         raise UserError(f"control scale must be >= 0 (got {control_scale})")
+    if content_weight is not None:
+        number("content weight", content_weight)
     if content is None and content_weight:
         raise UserError("--content-weight needs a --content image to compare with; add one or drop the weight")
     weight = content_weight if content_weight is not None else get_preset("t2i").content_weight  # 0 for SDXL too
@@ -251,5 +255,5 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     if "parameters" in images[0].info:
         params = json.loads(images[0].info["parameters"])
         params.pop("index", None)
-        grid.info["parameters"] = json.dumps(dict(params, grid=len(images)), sort_keys=True)
+        grid.info["parameters"] = params_json(dict(params, grid=len(images)))
     return grid

@@ -45,8 +45,14 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
         return _to_rgb(source, what)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
+    if os.fspath(source) in ("", b""):
+        raise UserError(f"{what} is an empty path; give an image file")
     path = Path(source)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UserError(f"{what} '{path}' cannot be opened ({exc.strerror}); check the path") from None
+    if not exists:
         raise UserError(f"{what} '{path}' does not exist; check the path")
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a directory; pass an image file inside it")
@@ -204,6 +210,21 @@ def is_writable(folder: Path) -> bool:
     return True
 
 
+def params_json(params: dict) -> str:
+    """A result's parameters as the JSON its PNG carries; NumPy numbers (a seed drawn with NumPy) as plain ones."""
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        raise UserError(f"parameters hold a {type(value).__name__} ({value!r}), which JSON cannot hold; pass "
+                        "numbers, strings, lists and dicts")
+
+    return json.dumps(params, sort_keys=True, default=plain)
+
+
+#: Modes PNG stores; others (F, CMYK, ...) have no one right conversion, so the caller picks it.
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "I;16B"}
+
+
 def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = False,
              parameters: dict | None = None) -> Path:
     """Write ``image`` atomically as PNG with its parameters in a text chunk.
@@ -213,11 +234,20 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
     """
     if not isinstance(image, Image.Image):
         raise UserError(f"save_png saves a PIL image, not a {type(image).__name__}")
+    if image.mode not in _PNG_MODES:
+        raise UserError(f"save_png cannot store a mode {image.mode} image as PNG; convert it first, e.g. "
+                        "image.convert('RGB')")
+    if 0 in image.size:
+        raise UserError(f"save_png got an empty image ({image.width}x{image.height})")
+    if not isinstance(path, str | os.PathLike):
+        raise UserError(f"save_png needs a path as a str or Path, not a {type(path).__name__}")
+    if parameters is not None and not isinstance(parameters, dict | str):
+        raise UserError(f"parameters must be a dict (or its JSON text), not a {type(parameters).__name__}")
     path = check_output(path, overwrite=overwrite)
     info = PngImagePlugin.PngInfo()
     params = parameters if parameters is not None else image.info.get("parameters")
     if params is not None:
-        info.add_text(METADATA_KEY, params if isinstance(params, str) else json.dumps(params, sort_keys=True))
+        info.add_text(METADATA_KEY, params if isinstance(params, str) else params_json(params))
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
@@ -261,8 +291,8 @@ def read_parameters(path: str | os.PathLike) -> dict:
     Reads the chunks before the pixels only, with no pixel limit: results of ``expand`` may be larger
     than the limit :func:`load_image` keeps for inputs.
     """
-    if not Path(path).is_file():
-        raise UserError(f"'{path}' is not a file; pass a PNG written by attndistill")
+    if not isinstance(path, str | os.PathLike) or not Path(path).is_file():
+        raise UserError(f"'{path}' is not a file; pass the path of a PNG written by attndistill")
     try:
         with PngImagePlugin.PngImageFile(os.fspath(path)) as img:
             text = img.text.get(METADATA_KEY)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .errors import UserError
+
 Mode = Literal["optimize", "sample", "multidiffusion"]
 
 
@@ -61,8 +63,14 @@ VAE_TUNING_LR = 1e-4
 
 
 def get_preset(task: str) -> Preset:
-    """The preset of ``task``; a :class:`KeyError` names the known tasks."""
+    """The preset of ``task``; an unknown one is a :class:`UnknownTask` (a ``UserError`` and a ``KeyError``)
+    naming the known tasks."""
     try:
         return PRESETS[task]
-    except KeyError:
-        raise KeyError(f"unknown task {task!r}; known: {', '.join(PRESETS)}") from None
+    except (KeyError, TypeError):
+        raise UnknownTask(f"unknown task {task!r}; known: {', '.join(PRESETS)}") from None
+
+
+class UnknownTask(UserError, KeyError):
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0])

@@ -16,6 +16,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .checks import number
 from .controlnet import Control
 from .engine import Distiller
 from .errors import UserError
@@ -44,7 +45,7 @@ def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str
 
 def first_step(steps: int, strength: float) -> int:
     """Index of the first of ``steps`` DDIM steps that SDEdit at ``strength`` runs; an error if none is left."""
-    if not 0 < strength <= 1:
+    if not 0 < number("strength", strength) <= 1:
         raise UserError(f"strength must be in (0, 1] (got {strength}); 1 starts from pure noise")
     first = steps - min(int(steps * strength), steps)
     if first >= steps:

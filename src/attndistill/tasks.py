@@ -12,16 +12,18 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 
+import numpy as np
 import torch
 from PIL import Image
 
 from . import __version__
+from .checks import flag
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, check_size, fit_size, load_image, to_pil, to_tensor
+from .images import ImageInput, check_size, fit_size, load_image, params_json, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
@@ -46,15 +48,21 @@ def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
-def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num") -> None:
-    """The seed, callback and image count of a run, checked before any work."""
+def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num", fused: object = None,
+              progress: object = False) -> tuple[int, int]:
+    """The seed, callback and image count of a run, checked before any work; returns (seed, num) as plain ints
+    (a NumPy integer would reach torch's generators and the PNG's JSON, which refuse it)."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
-    if not -(2**63) <= seed < 2**64:  # what torch's generators take
+    if not 0 <= seed < 2**64:  # torch takes -2^63 too, but as 2^64 + seed: two seeds, one image
         raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {2**64 - 1}")
     check_callback(callback)
     if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
         raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
+    if fused is not None:
+        flag("fused", fused)
+    flag("progress", progress)
+    return int(seed), int(num)
 
 
 def check_callback(callback: object) -> None:
@@ -70,6 +78,7 @@ def check_settings(preset: Preset) -> None:
             raise UserError(f"{name.replace('_', ' ')} must be a number (got {getattr(preset, name)!r})")
         if not math.isfinite(getattr(preset, name)):
             raise UserError(f"{name.replace('_', ' ')} must be a finite number (got {getattr(preset, name)})")
+    flag("adain", preset.adain)
     for name in ("steps", "iters", "stride"):
         value = getattr(preset, name)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -125,7 +134,7 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
     images = to_pil(model.decode(z))
     for i, img in enumerate(images):
         p = dict(params, index=i) if len(images) > 1 else params
-        img.info["parameters"] = json.dumps(p, sort_keys=True)
+        img.info["parameters"] = params_json(p)
     return images
 
 
@@ -147,7 +156,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                    model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
                    fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
                    tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
-    check_run(seed=seed, callback=callback, num=num)
+    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
@@ -233,7 +242,7 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
 
     ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
     """
-    check_run(seed=seed, callback=callback, num=num)
+    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale)
     refs = as_list(reference)
     return _optimise_task(
@@ -259,6 +268,10 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     """
     if isinstance(contents, str | os.PathLike | Image.Image):
         raise UserError("style_transfer_batch takes a list of content images; for one, use style_transfer")
+    if not isinstance(contents, Iterable) or isinstance(contents, bytes | np.ndarray | torch.Tensor):
+        raise UserError(f"style_transfer_batch takes a list of content images (paths or PIL images), not a "
+                        f"{type(contents).__name__}")
+    contents = list(contents)  # a generator would be spent by loading, and the results' parameters need them
     if not contents:
         raise UserError("style_transfer_batch needs at least one content image")
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
@@ -273,5 +286,5 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     for img, content in zip(results, contents):
         params = json.loads(img.info["parameters"])
         params["content"] = describe_input(content)
-        img.info["parameters"] = json.dumps(params, sort_keys=True)
+        img.info["parameters"] = params_json(params)
     return results

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import vae_tuning
+from .checks import whole
 from .engine import Distiller, parse_layers
 from .errors import UnmatchedLabels, UserError
-from .images import ImageInput, check_size, load_image, round_to_multiple, to_pil, to_tensor
+from .images import ImageInput, check_size, load_image, params_json, round_to_multiple, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
@@ -72,9 +73,9 @@ def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, vi
     if preset.stride > view:
         raise UserError(f"stride {preset.stride} is larger than the view ({view} latents), which leaves gaps "
                         f"between views; use a stride of at most {view}")
-    if view_batch < 1:
+    if whole("view batch", view_batch) < 1:
         raise UserError(f"view batch must be at least 1 (got {view_batch})")
-    if decode_tile < 8:
+    if whole("decode tile", decode_tile) < 8:
         raise UserError(f"decode tile must be at least 8 latents (got {decode_tile})")
     size = check_size(size)
     if size is None:
@@ -120,7 +121,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride)
     check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
-    check_run(seed=seed, callback=callback)
+    seed, _ = check_run(seed=seed, callback=callback, fused=fused, progress=progress)
     axes = check_axes(tile) or ""
     check_tune_vae(tune_vae)
     refs = as_list(reference)
@@ -156,7 +157,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     params = run_parameters("expand", model, preset, layer_ids, (w, h), seed, fused=fused,
                             reference=[describe_input(r) for r in refs], view=view, view_batch=view_batch,
                             decode_tile=decode_tile, tile=axes or None, tune_vae=tune_vae)
-    image.info["parameters"] = json.dumps(params, sort_keys=True)
+    image.info["parameters"] = params_json(params)
     return image
 
 
@@ -199,7 +200,7 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
         images = task(reference, model=model, progress=progress, **kwargs)
     for img in images:
         params = json.loads(img.info.get("parameters", "{}"))
-        img.info["parameters"] = json.dumps({**params, "tile": tile, "tune_vae": tune_vae}, sort_keys=True)
+        img.info["parameters"] = params_json({**params, "tile": tile, "tune_vae": tune_vae})
     return images
 
 
@@ -275,13 +276,15 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     (200 steps, lambda 0.15). ``size`` defaults to the long side of the target map at the model's
     native size, aspect kept. Returns ``num`` images.
     """
-    check_run(seed=seed, callback=callback, num=num)
+    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                    attention_scale=attention_scale)
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
     refs, ref_label_inputs = as_list(reference), as_list(ref_labels)
+    if not refs:
+        raise UserError("no texture image given; pass one (or several) with their label maps")
     if len(refs) != len(ref_label_inputs):
         raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); "
                         "give one --ref-labels per texture image")

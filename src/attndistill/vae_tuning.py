@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .checks import number, whole
+from .errors import NonFiniteError, UserError
 from .images import ImageInput, is_writable, load_image, to_tensor
 from .models import DiffusionModel, check_vae_source
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
@@ -50,9 +51,9 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     ``z = mean(E(x))`` is computed once and held fixed; Adam minimises ``mean|D(z) - x|`` over the
     decoder's parameters only. ``callback(step, loss)`` sees the loss before each step.
     """
-    if steps < 1:
+    if whole("VAE tuning steps", steps) < 1:
         raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
-    if not lr > 0:
+    if not number("VAE tuning lr", lr) > 0:
         raise UserError(f"VAE tuning lr must be positive (got {lr})")
     tuned = copy.deepcopy(vae).to(torch.float32).eval().requires_grad_(False)
     device = next(tuned.parameters()).device
@@ -67,10 +68,15 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = (tuned.decode(z).sample - x).abs().mean()
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(loss.detach())}); "
+                                     f"lower its lr (now {lr}, default {LR})")
             loss.backward()
             optimizer.step()
             if callback is not None:
                 callback(step, float(loss.detach()))
+    if not all(bool(p.isfinite().all()) for p in tuned.decoder.parameters()):  # the last step's update
+        raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {LR})")
     if device.type == "cuda":
         tuned.disable_gradient_checkpointing()
     return tuned.requires_grad_(False).eval()

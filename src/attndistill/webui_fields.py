@@ -6,6 +6,7 @@ their values the same way, and errors reach the page as one readable line.
 
 import importlib
 import inspect
+import math
 import os
 import re
 import tempfile
@@ -66,7 +67,7 @@ def whole(value, what: str = "steps") -> int | None:
     """A number box's value -> int (None stays None); 1.5 is refused, not rounded."""
     if value is None:
         return None
-    if int(value) != value:
+    if not math.isfinite(value) or int(value) != value:
         raise UserError(f"{what} must be a whole number (got {value})")
     return int(value)
 

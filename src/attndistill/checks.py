@@ -1,0 +1,31 @@
+"""Type checks of the public functions' plain options: a wrong type is one line naming the option, not a
+``TypeError`` from deep inside torch after minutes of work, and NumPy numbers become plain ones (they
+would otherwise reach the PNG's JSON, which refuses them)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .errors import UserError
+
+
+def whole(name: str, value: object) -> int:
+    """A whole number (Python or NumPy), as an int."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise UserError(f"{name} must be a whole number (got {value!r})")
+    return int(value)
+
+
+def number(name: str, value: object) -> float:
+    """A finite real number (Python or NumPy), as a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number (got {value!r})")
+    return float(value)
+
+
+def flag(name: str, value: object) -> bool:
+    """True or False only: ``adain="no"`` must not turn AdaIN on."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False (got {value!r})")
+    return value
