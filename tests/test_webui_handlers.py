@@ -198,3 +198,17 @@ def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, dat
     with pytest.raises(gr.Error, match="ran out of memory"):
         run_tab(ui, "style", inputs)
     assert len(released) == 1
+
+
+def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
+    """API callers can send what the page's widgets cannot: 0 images was one image, an unknown mode ran
+    masked synthesis, an unknown AdaIN choice was a KeyError."""
+    texture = {"texture-reference": str(data_dir / "wood-rings.jpg"), "texture-steps": 1, "texture-iters": 1,
+               "texture-size": "64", "texture-preview-every": 0}
+    with pytest.raises(gr.Error, match="must be a whole number of at least 1"):
+        run_tab(ui, "texture", {**texture, "texture-mode": "sample", "texture-num": 0})
+    with pytest.raises(gr.Error, match="texture mode 'bogus' is not one of"):
+        run_tab(ui, "texture", {**texture, "texture-mode": "bogus"})
+    with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):
+        run_tab(ui, "t2i", {"t2i-prompt": "a", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
+                            "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-adain": "maybe"})

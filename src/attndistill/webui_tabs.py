@@ -47,6 +47,16 @@ TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "t
                  "masked": "texture-masked"}  # UI mode -> preset
 
 
+#: The AdaIN radio's choices -> text_to_image's ``adain`` (None: the preset's).
+ADAIN_CHOICES = {"preset": None, "on": True, "off": False}
+
+
+def _count(value) -> int:
+    """The Images box: blank is one image; 0 goes to the task, which says it must be at least 1."""
+    count = whole(value, "images")
+    return 1 if count is None else count
+
+
 def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[list]) -> None:
     """Style or appearance transfer: a target, a reference (and more), the optimisation settings."""
     preset = PRESETS[tab]
@@ -112,7 +122,7 @@ def t2i_tab(ui: WebUI) -> None:
         with gr.Row():
             iters = blank_number("Adam iterations per step", tab, "iters", blank("iters"))
             lr = blank_number("Learning rate", tab, "lr", blank("lr"))
-            adain = gr.Radio(["preset", "on", "off"], value="preset", label="AdaIN", elem_id=f"{tab}-adain")
+            adain = gr.Radio(list(ADAIN_CHOICES), value="preset", label="AdaIN", elem_id=f"{tab}-adain")
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
         with gr.Row():
@@ -135,7 +145,9 @@ def t2i_tab(ui: WebUI) -> None:
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
-        adain_on = {"preset": None, "on": True, "off": False}[s["adain"]]
+        if s["adain"] not in ADAIN_CHOICES:
+            raise UserError(f"AdaIN '{s['adain']}' is not one of {', '.join(ADAIN_CHOICES)}")
+        adain_on = ADAIN_CHOICES[s["adain"]]
         return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
                     adain=adain_on, layers=s["layers"] or None,
@@ -148,7 +160,7 @@ def t2i_tab(ui: WebUI) -> None:
             raise UserError("prompt is empty; describe the image to generate")
         extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
         return text_to_image(s["prompt"], required(s["style"], "style image"),
-                             negative_prompt=s["negative"] or None, num_images=whole(s["num"], "images") or 1,
+                             negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
                              model=model, control_image=s["control_image"], size=size_value(s["size"]),
                              seed=seed_value(s["seed"]), progress=False, callback=callback, **options(s), **extra)
 
@@ -210,7 +222,7 @@ def texture_tab(ui: WebUI) -> None:
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
         refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
-        common = dict(num=whole(s["num"], "images") or 1, model=model, steps=whole(s["steps"]),
+        common = dict(num=_count(s["num"]), model=model, steps=whole(s["steps"]),
                       iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
                       layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
                       progress=False, callback=callback)
@@ -228,6 +240,8 @@ def texture_tab(ui: WebUI) -> None:
 
             extra = {"strength": s["strength"]} if s["strength"] is not None else {}
             return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
+        if s["mode"] != "masked":
+            raise UserError(f"texture mode '{s['mode']}' is not one of optimise, sample, layout, masked")
         from .textures import masked_texture_synthesis
 
         return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
@@ -282,7 +296,7 @@ def expand_tab(ui: WebUI) -> None:
         size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
         if size is None:
             raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
-        extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] else {}
+        extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] is not None else {}
         return expand_texture(required(s["reference"], "texture image"),
                               size=size if isinstance(size, tuple) else (size, size), model=model,
                               steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"), lr=s["lr"],
