@@ -156,7 +156,7 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
     ref, style = data_dir / "wood-rings.jpg", data_dir / "watercolor-cat.jpg"
     common = {"model": tiny_sd15, "steps": 1, "size": 64, "progress": False}
     cases = [
-        (lambda: text_to_image("a", style, start_t="5", **common), "start-t must be a whole number"),
+        (lambda: text_to_image("a", style, start_t="5", **common), "start-t must be a finite number"),
         (lambda: text_to_image("a", style, content=ref, content_weight="0.2", **common),
          "content weight must be a finite number"),
         (lambda: text_to_image("a", style, adain="no", **common), "adain must be True or False"),
@@ -181,6 +181,16 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
     for call, expected in cases:
         with pytest.raises(UserError, match=expected):
             call()
+
+
+def test_a_decimal_start_t_and_a_falsy_progress_still_run(tiny_sd15, data_dir):
+    """What worked before the type checks still works: start_t is a threshold (batch lines take decimals),
+    and progress only switches a bar."""
+    from attndistill.generate import texture_sampling
+
+    out = texture_sampling(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
+                           start_t=600.5, progress=None)
+    assert len(out) == 1 and json.loads(out[0].info["parameters"])["start_t"] == 600.5
 
 
 def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):

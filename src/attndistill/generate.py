@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .checks import number, whole
+from .checks import number
 from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
@@ -66,7 +66,7 @@ class _Job:
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
     check_settings(preset)
     total = model.scheduler_config.num_train_timesteps
-    if start_t is not None and not 0 < whole("start-t", start_t) <= total:
+    if start_t is not None and not 0 < number("start-t", start_t) <= total:  # a threshold: 600.5 is fine
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
 
 

@@ -61,7 +61,8 @@ def check_run(*, seed: object, callback: object = None, num: object = 1, what: s
         raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
     if fused is not None:
         flag("fused", fused)
-    flag("progress", progress)
+    if isinstance(progress, str):  # any truthy value shows the bar, but progress="no" would too
+        raise UserError(f"progress must be True or False (got {progress!r})")
     return int(seed), int(num)
 
 
