@@ -197,7 +197,7 @@ def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):
     from attndistill.engine import parse_layers
 
     with pytest.raises(UserError) as err:
-        parse_layers("0-20000000", tiny_sd15)  # expanded, this was 20 million numbers and a 189 MB message
+        parse_layers("0-20000000", tiny_sd15)  # expanded: 20 million numbers, a 189-million-character message
     assert "layers 0-20000000 do not exist" in str(err.value) and len(str(err.value)) < 200
     with pytest.raises(UserError) as err:
         parse_layers(list(range(100_000)), tiny_sd15)

@@ -70,8 +70,7 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
                         raise UserError(f"layers '{part}' is an empty range; write the lower layer first "
                                         f"({int(hi)}-{int(lo)})")
                     if int(lo) < 0 or int(hi) >= count:  # checked before expanding: '0-2000000000' is a typo
-                        raise UserError(f"layers {part} do not exist in this model; it has self-attention layers "
-                                        f"0-{count - 1} (default: the last six, {count - 6}-{count - 1})")
+                        raise _no_such_layers(part, count)
                     layers.extend(range(int(lo), int(hi) + 1))
                 else:
                     layers.append(int(part))
@@ -86,9 +85,13 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
                         f"numbers, not {spec!r}")
     bad = [i for i in layers if not 0 <= i < count][:8]  # a few are enough to see what went wrong
     if bad or not layers:
-        raise UserError(f"layers {bad or '(none)'} do not exist in this model; it has self-attention layers "
-                        f"0-{count - 1} (default: the last six, {count - 6}-{count - 1})")
+        raise _no_such_layers(bad or "(none)", count)
     return tuple(sorted(set(layers)))
+
+
+def _no_such_layers(what: object, count: int) -> UserError:
+    return UserError(f"layers {what} do not exist in this model; it has self-attention layers 0-{count - 1} "
+                     f"(default: the last six, {count - 6}-{count - 1})")
 
 
 def _resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -365,7 +365,7 @@ def _parse_model_index(index: Path, model: str) -> dict:
     """The index as a dict; a damaged file (an interrupted download, a hand edit) is a one-line error."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         data = None
     if not isinstance(data, dict):
         raise UserError(f"model '{model}' has a model_index.json that is not a diffusers model index (a JSON "

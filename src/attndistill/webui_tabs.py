@@ -221,6 +221,8 @@ def texture_tab(ui: WebUI) -> None:
                   strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
+        if s["mode"] not in TEXTURE_MODES:
+            raise UserError(f"texture mode '{s['mode']}' is not one of {', '.join(TEXTURE_MODES)}")
         refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
         common = dict(num=_count(s["num"]), model=model, steps=whole(s["steps"]),
                       iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
@@ -240,8 +242,6 @@ def texture_tab(ui: WebUI) -> None:
 
             extra = {"strength": s["strength"]} if s["strength"] is not None else {}
             return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
-        if s["mode"] != "masked":
-            raise UserError(f"texture mode '{s['mode']}' is not one of optimise, sample, layout, masked")
         from .textures import masked_texture_synthesis
 
         return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
