@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attndistill.cli import app
+from attndistill.errors import UserError
 from attndistill.images import load_image
 
 CLI = str(Path(sys.executable).parent / "attndistill")
@@ -140,6 +141,35 @@ def test_out_of_range_option_is_rejected(corpus, tmp_path, tiny_sd15_dir, option
     assert_rejected(result, 2, expected, out_dir=tmp_path)
 
 
+#: Typos that need no model to be found: reported before the model loads, not after a download.
+EARLY_CASES = [
+    (["style", "{img}", "{img}", "--steps", "0"], "steps must be at least 1 (got 0)"),
+    (["style", "{img}", "{img}", "--size", "abc"], "size 'abc' is not understood"),
+    (["appearance", "{img}", "{img}", "--lr", "-1"], "lr must be positive"),
+    (["style", "{img}", "{img}", "--layers", "5-2"], "layers '5-2' is an empty range"),
+    (["style", "{img}", "{img}", "--layers", "ten"], "layers 'ten' is not understood"),
+    (["style", "{img}", "{img}", "--tile", "z"], "tile"),
+    (["texture", "{img}", "--num-images", "0"], "num must be a whole number of at least 1"),  # t2i's name too
+    (["texture", "{img}", "--layout", "{img}", "--strength", "1.5"], "strength must be in (0, 1]"),
+    (["texture", "{img}", "--ref-labels", "{img}", "--target-labels", "{img}", "--iters", "0"],
+     "iters must be at least 1"),
+    (["t2i", "-s", "{img}", "-p", "x", "--guidance", "0.5"], "guidance must be >= 1"),
+    (["t2i", "-s", "{img}", "-p", "x", "--num", "0"], "number of images must be a whole number"),  # texture's
+    (["t2i", "-s", "{img}", "-p", "x", "--controlnet", "cn"], "--controlnet needs a --control-image"),
+    (["expand", "{img}", "--size", "512", "--layers", "1-"], "layers '1-' is not understood"),
+    (["finetune-vae", "{img}", "--steps", "0"], "VAE tuning steps must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("args,expected", EARLY_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in EARLY_CASES])
+def test_typos_are_reported_before_the_model_loads(corpus, tmp_path, args, expected):
+    """A model folder that does not exist: the typo is what the one line names, not the model."""
+    args = [str(corpus / "good.png") if a == "{img}" else a for a in args]
+    output = tmp_path / ("vae" if args[0] == "finetune-vae" else "out.png")
+    result = invoke(*args, "-o", output, "-m", tmp_path / "no-such-model", "-q")
+    assert_rejected(result, 2, expected, out_dir=tmp_path)
+
+
 def test_texture_count_and_missing_gpu(corpus, tmp_path, tiny_sd15_dir):
     result = invoke("texture", corpus / "good.png", "-o", tmp_path / "t.png", "-m", tiny_sd15_dir, "--num", "0")
     assert_rejected(result, 2, "num must be a whole number of at least 1", out_dir=tmp_path)
@@ -253,6 +283,72 @@ def test_real_process_offline_hub_id(corpus, tmp_path):
     assert run.stderr.strip().splitlines()[-1].startswith("error: model 'nobody-xyz/not-cached-model' is not in")
     assert "HF_HUB_OFFLINE is set" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_a_jpeg_over_the_pixel_limit_is_decoded_smaller(tmp_path, monkeypatch):
+    """A phone's 108-megapixel photo is a content image, not a bomb: JPEGs decode at 1/2, 1/4 or 1/8 of their
+    size (the pixel limit scaled down here so that the test images stay small); other formats stay refused."""
+    from attndistill import images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    pixels = np.random.default_rng(0).integers(0, 255, (201, 301, 3), dtype=np.uint8)  # odd sides round up
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees, as a phone held upright writes it
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    Image.fromarray(np.zeros((1000, 1000, 3), np.uint8)).save(tmp_path / "huge.jpg")
+
+    img = load_image(tmp_path / "photo.jpg", what="content image")
+    assert img.size == (51, 76)  # 301x201 at 1/4 (at 1/2: 151 x 101 > 10,000), then turned upright
+    assert abs(np.asarray(img, np.float32).mean() - pixels.mean()) < 3  # the same picture, smaller
+    for name in ("photo.png", "huge.jpg"):  # no scaled decoding / too large even at 1/8
+        with pytest.raises(UserError, match=f"'{tmp_path / name}' declares too many pixels"):
+            load_image(tmp_path / name, what="content image")
+
+
+@pytest.mark.parametrize("network", ["none", "up", "proxy"])
+def test_a_hub_that_takes_no_connection_means_the_cache_at_once(monkeypatch, network):
+    """No network: the cache is asked at once (one line) instead of half a minute of retries per file;
+    a reachable host, or one behind a proxy, is left to huggingface_hub."""
+    import socket
+    import urllib.request
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from attndistill import models
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout=None):
+        probes.append(address)
+        if network == "none":
+            raise OSError("Name or service not known")
+        return Connection()
+
+    def download(repo, filename, *, local_files_only=False):
+        asked.append(local_files_only)
+        raise LocalEntryNotFoundError("not cached")
+
+    probes, asked = [], []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    proxies = {"https": "http://proxy.example:3128"} if network == "proxy" else {}  # env or system settings
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: proxies)
+    monkeypatch.setattr(models, "_hub_probe", None)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port))])  # each address tried in turn
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    for _ in range(2):  # the second load reuses the first look
+        with pytest.raises(UserError, match="is not in the local Hugging Face cache and the Hub cannot be reached"):
+            models.load_model("nobody-xyz/not-cached-model")
+    assert asked == [network == "none"] * 2
+    assert probes == {"none": [("2001:db8::1", 443), ("192.0.2.1", 443)], "up": [("2001:db8::1", 443)],
+                      "proxy": []}[network]
 
 
 def test_debug_flag_after_the_command_shows_the_traceback(corpus, tmp_path, tiny_sd15_dir):
@@ -446,7 +542,6 @@ def test_out_of_range_numbers_and_devices_fail_before_the_model_loads(corpus, tm
 
 
 def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch):
-    from attndistill.errors import UserError
     from attndistill.vae_tuning import check_vae_folder
 
     notes = tmp_path / "notes"
@@ -473,7 +568,6 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
 
 def test_a_vae_that_cannot_be_saved_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     """A full disk while saving a fine-tuned VAE: one line, no partial folder, the old VAE kept."""
-    from attndistill.errors import UserError
     from attndistill.vae_tuning import save_vae
 
     class FullDisk:

@@ -247,8 +247,28 @@ def test_nan_guard_fails_the_job_not_the_batch(tmp_path, data_dir, tiny_sd15_dir
     assert result.exit_code == 1
     records = {r["job"].split("-")[0]: r for r in read_records(out)}
     assert records["style"]["status"] == "failed" and "NaN/Inf" in records["style"]["error"]
-    assert records["texture"]["status"] == "done"
+    assert records["style"]["outputs"] == []  # nothing written: a record names only files that exist
+    assert records["texture"]["status"] == "done" and records["texture"]["outputs"] == ["ok.png"]
     assert not (out / "nan.png").exists() and (out / "ok.png").is_file()
+
+
+def test_a_job_failing_between_its_images_records_what_it_wrote(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    from attndistill import images
+
+    original, calls = images.save_png, []
+
+    def disk_full_on_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_png", disk_full_on_the_second)
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=2, output="t.png")])
+    out = tmp_path / "out"
+    assert invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir).exit_code == 1
+    [record] = read_records(out)
+    assert record["status"] == "failed" and record["outputs"] == ["t-0.png"] and (out / "t-0.png").is_file()
 
 
 def test_nan_guard_on_the_decoded_image(tiny_sd15, data_dir, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 
+import diffusers
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,10 +27,13 @@ def test_style_writes_a_png_with_its_parameters(tmp_path, data_dir, tiny_sd15_di
     assert "loss=" in result.output  # the progress bar shows the loss
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (128, 128)
+    assert f"wrote {out} (128x128)" in result.output  # the size --size was rounded to
     params = read_parameters(out)
     assert params["task"] == "style" and params["steps"] == 10 and params["version"] == __version__
     assert params["model"] == str(tiny_sd15_dir) and params["content_weight"] == 0.25
     assert params["content"].endswith("horse.jpg") and params["style"][0].endswith("watercolor-cat.jpg")
+    assert not {"guidance", "adain", "stride"} & set(params)  # settings optimisation has no use for
+    assert params["made_with"] == {"device": "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def test_appearance_and_layers_option(tmp_path, data_dir, tiny_sd15_dir):
@@ -163,3 +168,8 @@ def test_preview_writes_a_small_look_at_the_running_job(tmp_path, data_dir, tiny
     with Image.open(preview) as img:
         assert img.format == "PNG" and img.size == (64, 64)
     assert not list(tmp_path.glob(".*partial"))
+    if command[0] == "style":  # what a preview is, and a preview name that is no PNG, said by their own name
+        shown = run("info", preview, "--job")
+        assert shown.exit_code == 2 and "is a --preview of a run, not its result" in shown.output
+        bad = run(*args, "-o", tmp_path / "out2.png", "--model", tiny_sd15_dir, "--preview", tmp_path / "peek.jpg")
+        assert bad.exit_code == 2 and f"--preview '{tmp_path / 'peek.jpg'}' must end in .png" in bad.output

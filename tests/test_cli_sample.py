@@ -78,6 +78,21 @@ def test_t2i_warns_about_long_prompts(models, data_dir, tmp_path, caplog):
     assert "the rest is ignored" in caplog.text
 
 
+def test_plain_sampling_shows_no_loss(models, data_dir, tmp_path):
+    """--iters 0 is plain sampling (a baseline): the bar has no loss to show, rather than 'loss=nan'."""
+    result = run("t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a cat", "-o", tmp_path / "plain.png",
+                 "--iters", "0", "--steps", "2", "--size", "64", "--device", "cpu", "-m", models["sd15"])
+    _ok(result)
+    assert "t=" in result.output and "loss=" not in result.output
+
+
+def test_t2i_says_a_negative_prompt_without_guidance_is_not_used(models, data_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _ok(run("t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a cat", "--negative-prompt", "blurry",
+                "--guidance", "1", "-o", tmp_path / "neg.png", "--iters", "0", "-m", models["sd15"], *FAST))
+    assert "the negative prompt is not used: guidance 1 turns classifier-free guidance off" in caplog.text
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--control-image", "horse.jpg"], "--controlnet"),
     (["--control", "depth", "--controlnet", "x/y", "--control-image", "horse.jpg"], "control 'depth'"),

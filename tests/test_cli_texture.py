@@ -60,6 +60,16 @@ def test_texture_sampling_tiled(run, data_dir, tmp_path):
     assert params["task"] == "texture-sample" and params["tile"] == "xy" and params["tune_vae"] is False
 
 
+def test_texture_sampling_takes_adain_and_start_t_as_batch_lines_do(run, data_dir, tmp_path):
+    out = tmp_path / "adain.png"
+    _ok(run("texture", data_dir / "wood-rings.jpg", "--mode", "sample", "-o", out, "--size", "64", "--steps", 2,
+            "--adain", "--start-t", 900))
+    params = read_parameters(out)
+    assert params["adain"] is True and params["start_t"] == 900
+    refused = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "opt.png", "--size", "64", "--adain")
+    assert refused.exit_code == 2 and "--adain is a sampling option; add --mode sample or --layout" in refused.output
+
+
 def test_style_with_two_style_images(run, data_dir, tmp_path):
     out = tmp_path / "style.png"
     _ok(run("style", data_dir / "golden-gate.jpg", data_dir / "watercolor-cat.jpg", data_dir / "wood-rings.jpg",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+
 import pytest
 import torch
 
@@ -22,6 +26,20 @@ def test_vae_swap_loads_the_other_vae(tiny_sd15_dir, tiny_sdxl_dir):
         assert torch.equal(a, b)
     with pytest.raises(UserError, match="not a diffusers AutoencoderKL folder"):
         load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / "unet_missing", device="cpu")
+
+
+def test_a_vae_made_for_another_model_is_named(tiny_sd15_dir, tmp_path, caplog):
+    """SDXL's VAE on SD 1.5 has the same shapes but scales latents differently: it loads, with a warning."""
+    other = tmp_path / "sdxl-like-vae"
+    shutil.copytree(tiny_sd15_dir / "vae", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
+    with caplog.at_level(logging.WARNING, logger="attndistill.models"):
+        load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / "vae", device="cpu")
+        assert "scales its latents" not in caplog.text
+        model = load_model(str(tiny_sd15_dir), vae=other, device="cpu")
+    assert f"VAE '{other}' scales its latents by 0.13025, the model's own VAE by 0.18215" in caplog.text
+    assert model.vae.config.scaling_factor == 0.13025
 
 
 def test_null_condition_is_the_empty_prompt(tiny_sd15, tiny_sdxl):

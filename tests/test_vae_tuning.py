@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from functools import partial
 
 import numpy as np
@@ -65,6 +67,10 @@ def test_saved_folder_loads_with_from_pretrained_and_with_vae_option(tiny_sd15, 
         save_vae(vae, folder)
     save_vae(vae, folder, overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    umask = os.umask(0o022)
+    os.umask(umask)  # others may read what was saved, as they may any new file (a shared cluster's users)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
 
 
 def test_finetune_vae_api_defaults_follow_the_spec(tiny_sd15, data_dir, monkeypatch):

@@ -183,6 +183,16 @@ def test_text_to_image_and_appearance_tabs_run_and_say_how_to_rerun(ui, data_dir
     assert params["task"] == "appearance" and shlex.split(command)[:2] == ["attndistill", "appearance"]
 
 
+def test_plain_sampling_shows_steps_without_a_loss(ui, data_dir):
+    """0 AD iterations (a plain-sampling baseline) have no loss: the page says so by showing none, not 'nan'."""
+    updates = run_tab(ui, "t2i", {
+        "t2i-prompt": "a red barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "2",
+        "t2i-iters": "0", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None})
+    lines = [u[0] for u in updates]
+    assert any(line.startswith("step 2/2") for line in lines) and lines[-1].startswith("done")
+    assert not any("nan" in line or "loss" in line for line in lines), lines
+
+
 def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, data_dir, monkeypatch):
     from attndistill import tasks
     from attndistill.models import DiffusionModel

@@ -234,7 +234,7 @@ class Runner:
         from .images import save_png
 
         start = time.perf_counter()
-        earlier_graphs, failure = False, None
+        earlier_graphs, failure, written = False, None, []
         try:
             model = self._load(job.model)
             earlier_graphs = bool(model.graphs)
@@ -251,8 +251,9 @@ class Runner:
             for image, path in zip(images, paths, strict=True):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_png(image, path, overwrite=job.overwrite, parameters=_parameters(image, job))
+                written.append(path)
         except UserError as exc:
-            return self._failed(job, tag, str(exc), start)
+            return self._failed(job, tag, str(exc), start, written=written)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
             failure = (_describe(exc), traceback.format_exc(), is_out_of_memory(exc))
         if failure is not None:
@@ -263,13 +264,14 @@ class Runner:
                     self.log(f"{tag} {job.id}: out of memory beside the CUDA graphs of earlier jobs; "
                              "dropped them, running it once more")
                     return self._run(job, tag, retry=False)
-            return self._failed(job, tag, failure[0], start, trace=failure[1])
+            return self._failed(job, tag, failure[0], start, trace=failure[1], written=written)
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")
         return "done"
 
-    def _failed(self, job: Job, tag: str, error: str, start: float, trace: str | None = None) -> str:
+    def _failed(self, job: Job, tag: str, error: str, start: float, trace: str | None = None,
+                written: list[Path] | None = None) -> str:
         extra = {}
         if trace is not None:
             log = self.out_dir / "logs" / f"{job.id}.txt"
@@ -280,7 +282,8 @@ class Runner:
             if self.debug:
                 self.log(trace)
         _free_memory()
-        self._record(job, "failed", seconds=time.perf_counter() - start, error=error, **extra)
+        self._record(job, "failed", seconds=time.perf_counter() - start, error=error, outputs=written or [],
+                     **extra)
         self.errors(f"{tag} {job.id}: failed: {error}")
         return "failed"
 
@@ -313,8 +316,10 @@ class Runner:
 
     def _record(self, job: Job, status: str, *, seconds: float | None = None, error: str | None = None,
                 outputs: Iterable[Path] | None = None, **extra: Any) -> None:
+        if outputs is None:  # what the job wrote: its outputs when done; a failed job passes what it wrote
+            outputs = [] if status == "failed" else job.outputs
         record = {"job": job.id, "line": job.line, "task": job.task, "status": status, "error": error,
-                  "outputs": [_relative(p, self.out_dir) for p in (job.outputs if outputs is None else outputs)],
+                  "outputs": [_relative(p, self.out_dir) for p in outputs],
                   "seconds": None if seconds is None else round(seconds, 3), "shard": str(self.shard),
                   "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **extra}
         append_record(self.results, record)

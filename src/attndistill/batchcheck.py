@@ -7,13 +7,14 @@ sizes, expansion, text-to-image options), so a job is refused here exactly when 
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .batchjobs import Job, ModelSpec, _fail, _unexpected, carries_job
 from .errors import UserError
+from .presets import Preset
 
 _PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride")
 #: Per task, the input whose aspect sets the output size when ``size`` is one number (first one given).
@@ -29,6 +30,36 @@ _DEFAULT_GEOMETRY = {"sd15": (8, 64, 512), "sdxl": (8, 32, 1024)}  # VAE factor,
 
 
 # -- validation (no model weights) ------------------------------------------------------------------
+
+def check_options(preset_name: str, args: Mapping[str, Any], *, t2i: bool = False) -> Preset:
+    """A run's options that need no model: numbers in range, options that go together, layer syntax.
+
+    Batch lines and CLI commands both check these before any model loads, so a typo fails at once
+    instead of after a download. Returns the preset with ``args`` applied.
+    """
+    from .engine import check_layer_text
+    from .presets import get_preset
+    from .tasks import check_run, check_settings
+
+    preset = get_preset(preset_name).override(**{k: args[k] for k in _PRESET_FIELDS if k in args})
+    check_settings(preset)
+    if args.get("strength") is not None:
+        from .sampling import first_step
+
+        first_step(preset.steps, args["strength"])
+    if args.get("seed") is not None:
+        check_run(seed=args["seed"])
+    if args.get("tile") is not None:
+        from .tiling import check_axes
+
+        check_axes(args["tile"])
+    if t2i:
+        from .generate import check_t2i_options
+
+        check_t2i_options(**{k: args.get(k, default) for k, default in _T2I_OPTIONS.items()})
+    check_layer_text(args.get("layers"))
+    return preset
+
 
 class Validator:
     """Deep checks of a job before any model work: images readable, numbers in range, outputs writable.
@@ -57,32 +88,12 @@ class Validator:
             raise _fail(job.line, _unexpected(exc)) from None
 
     def _check(self, job: Job) -> None:
-        from .presets import get_preset
-        from .tasks import check_settings
-
         spec = job.spec
         for name in spec.paths:
             value = job.args.get(name)
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 self._image(item, name)
-        preset = get_preset(spec.preset).override(**{k: job.args[k] for k in _PRESET_FIELDS if k in job.args})
-        check_settings(preset)
-        if job.args.get("strength") is not None:
-            from .sampling import first_step
-
-            first_step(preset.steps, job.args["strength"])
-        if job.args.get("seed") is not None:
-            from .tasks import check_run
-
-            check_run(seed=job.args["seed"])
-        if "tile" in job.args:
-            from .tiling import check_axes
-
-            check_axes(job.args["tile"])
-        if job.task == "t2i":
-            from .generate import check_t2i_options
-
-            check_t2i_options(**{k: job.args.get(k, default) for k, default in _T2I_OPTIONS.items()})
+        preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
         self._model(job.model)
         self._check_geometry(job, preset)
         if job.args.get("controlnet"):
@@ -175,8 +186,6 @@ class Validator:
         shell = self._layers[model]
         if shell is not None:
             parse_layers(layers, shell)  # range checked against the model's own layer count
-        elif isinstance(layers, str) and not re.fullmatch(r"\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*", layers):
-            raise UserError(f"layers '{layers}' is not understood; use a range like 10-15 or a list like 10,11,12")
 
 
 @dataclass(frozen=True)
@@ -258,12 +267,12 @@ def _default_model() -> str:
 
 def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
     """``cls``'s config from a local folder or a cached Hub id, without weights; None when there is none."""
-    from .models import _offline
+    from .models import local_files_only
 
     if Path(source).is_file():
         return None  # a single-file checkpoint: its config comes with the load
     try:
-        return cls.load_config(source, subfolder=subfolder, local_files_only=_offline() or Path(source).is_dir())
+        return cls.load_config(source, subfolder=subfolder, local_files_only=local_files_only(source))
     except Exception:
         return None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,23 +61,13 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
     if spec is None or spec == "":
         return default_layers(model.unet)
     if isinstance(spec, str):
+        check_layer_text(spec)
         layers: list[int] = []
-        try:
-            for part in spec.split(","):
-                part = part.strip()
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                    if int(hi) < int(lo):
-                        raise UserError(f"layers '{part}' is an empty range; write the lower layer first "
-                                        f"({int(hi)}-{int(lo)})")
-                    if int(lo) < 0 or int(hi) >= count:  # checked before expanding: '0-2000000000' is a typo
-                        raise _no_such_layers(part, count)
-                    layers.extend(range(int(lo), int(hi) + 1))
-                else:
-                    layers.append(int(part))
-        except ValueError:
-            raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12"
-                            ) from None
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            if hi and int(hi) >= count:  # checked before expanding: '0-2000000000' is a typo
+                raise _no_such_layers(part.strip(), count)
+            layers.extend(range(int(lo), int(hi or lo) + 1))
     elif isinstance(spec, Sequence) and not isinstance(spec, bytes) and all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in spec):
         layers = [int(i) for i in spec]
@@ -87,6 +78,22 @@ def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tup
     if bad or not layers:
         raise _no_such_layers(bad or "(none)", count)
     return tuple(sorted(set(layers)))
+
+
+def check_layer_text(spec: object) -> None:
+    """The syntax of a ``layers`` text ("10-15", "10,11,12"), checked before any model loads.
+
+    Whether the layers exist needs the model (:func:`parse_layers`); a typo should not wait for a download.
+    """
+    if not isinstance(spec, str) or spec == "":
+        return
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise UserError(f"layers '{spec}' is not understood; use a range like 10-15 or a list like 10,11,12")
+        if match[2] is not None and int(match[2]) < int(match[1]):
+            raise UserError(f"layers '{part.strip()}' is an empty range; write the lower layer first "
+                            f"({int(match[2])}-{int(match[1])})")
 
 
 def _no_such_layers(what: object, count: int) -> UserError:

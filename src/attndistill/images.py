@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from .errors import UserError
 
@@ -33,6 +33,7 @@ ImageInput = str | os.PathLike | Image.Image
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+_FOLDER_MODE = 0o777 & ~_UMASK
 
 
 def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
@@ -67,6 +68,9 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        reduced = _reduced_jpeg(path, what)
+        if reduced is not None:
+            return reduced
         raise UserError(
             f"{what} '{path}' declares too many pixels (decompression-bomb guard, limit {MAX_PIXELS:,}); "
             "downscale it first"
@@ -78,6 +82,25 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
         if not path.stat().st_size:
             reason = "is empty"
         raise UserError(f"{what} '{path}' {reason}; re-export it as PNG or JPEG") from None
+
+
+def _reduced_jpeg(path: Path, what: str) -> Image.Image | None:
+    """A JPEG over the pixel limit (a 108-megapixel phone photo) decoded at 1/2, 1/4 or 1/8 of its size.
+
+    libjpeg scales while it decodes, so the full image is never held; every task resizes its inputs to a
+    few megapixels anyway. None when it is no JPEG, or too large even at 1/8.
+    """
+    try:
+        with JpegImagePlugin.JpegImageFile(os.fspath(path)) as img:  # not Image.open: its guard would refuse
+            w, h = img.size
+            scale = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= MAX_PIXELS), None)
+            if scale is None:
+                return None
+            img.draft("RGB", (w // scale, h // scale))  # Pillow's factor: min(w // w', h // h') = scale
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'")
+    except (OSError, SyntaxError, ValueError):  # not a JPEG, or a damaged one: the caller's error stands
+        return None
 
 
 def _check_size(size: tuple[int, int], label: str) -> None:
@@ -178,24 +201,27 @@ def numbered_outputs(output: Path, count: int) -> tuple[Path, ...]:
     return tuple(output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count))
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Validate an output path before any work starts; returns it as a Path."""
+def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str = "output",
+                 option: str = "-o", why: str = "results carry their parameters in PNG text") -> Path:
+    """Validate an output path before any work starts; returns it as a Path.
+
+    ``what``, ``option`` and ``why`` (it must be a PNG) name it in errors (``--preview`` is an output too).
+    """
     path = Path(path)
     if path.suffix.lower() != ".png":
         named = path.name.lower() != ".png"
-        raise UserError(f"output '{path}' must {'end in' if named else 'have a name before'} .png (results carry "
-                        "their parameters in PNG text)")
+        raise UserError(f"{what} '{path}' must {'end in' if named else 'have a name before'} .png ({why})")
     if path.is_symlink() and not path.exists():
-        raise UserError(f"output '{path}' is a broken symbolic link; remove it or choose another name")
+        raise UserError(f"{what} '{path}' is a broken symbolic link; remove it or choose another name")
     if path.is_dir():
-        raise UserError(f"output '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
+        raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
     if path.exists() and not overwrite:
-        raise UserError(f"output '{path}' already exists; pass --overwrite or choose another name")
+        raise UserError(f"{what} '{path}' already exists; pass --overwrite or choose another name")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise UserError(f"output folder '{folder}' does not exist; create it first")
+        raise UserError(f"{what} folder '{folder}' does not exist; create it first")
     if not is_writable(folder):
-        raise UserError(f"output folder '{folder}' is not writable; choose another -o path")
+        raise UserError(f"{what} folder '{folder}' is not writable; choose another {option} path")
     return path
 
 

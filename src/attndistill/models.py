@@ -11,8 +11,11 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import re
+import socket
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -326,6 +329,63 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+#: (when, result) of the last look for the Hub's host; a long-running web UI looks again after a minute.
+_hub_probe: tuple[float, bool] | None = None
+#: How long the look may take in all (name lookup aside): each address gets what is left of it.
+_PROBE_SECONDS = 3.0
+
+
+def _hub_unreachable() -> bool:
+    """True when the Hub's host takes no connection at all (no network, no DNS).
+
+    huggingface_hub would retry each request with back-off for about half a minute before it falls back
+    to the cache or fails; one look of at most 3 s tells the same. Where requests go through a proxy
+    (from the environment or the system's settings, as huggingface_hub's httpx finds them) the host is
+    not ours to reach directly, so the libraries' own requests decide; so they do for an endpoint
+    without a host.
+    """
+    global _hub_probe
+    if _hub_probe is not None and time.monotonic() - _hub_probe[0] < 60:
+        return _hub_probe[1]
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        return False
+    proxies = urllib.request.getproxies()
+    if not host or ((proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)):
+        return False
+    deadline = time.monotonic() + _PROBE_SECONDS
+    unreachable = True
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:  # no name service, or no such name
+        addresses = []
+    for *_, address in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            socket.create_connection(address[:2], timeout=left).close()
+            unreachable = False
+            break
+        except OSError:
+            continue
+    _hub_probe = (time.monotonic(), unreachable)
+    return unreachable
+
+
+def local_files_only(source: str | os.PathLike) -> bool:
+    """Load ``source`` from disk only: a local folder, ``HF_HUB_OFFLINE``, or a Hub that cannot be reached
+    (then a cached model loads at once and a missing one fails at once, in one line)."""
+    return Path(source).is_dir() or _offline() or _hub_unreachable()
+
+
 def _not_available(source: str, what: str = "model", option: str = "--model") -> UserError:
     return UserError(
         f"{what} '{source}' is not in the local Hugging Face cache and the Hub cannot be reached"
@@ -349,7 +409,7 @@ def _read_model_index(model: str) -> dict:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
-        index = Path(hf_hub_download(model, "model_index.json", local_files_only=_offline()))
+        index = Path(hf_hub_download(model, "model_index.json", local_files_only=local_files_only(model)))
     except LocalEntryNotFoundError:
         raise _not_available(model) from None
     except RepositoryNotFoundError:
@@ -469,8 +529,13 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                                **extra)
     if vae is not None:
         check_vae_source(vae)
+        own = pipe.vae.config.scaling_factor
         pipe.vae = from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
                                    use_safetensors=safetensors_only(allow_pickle), dtype=dtype)
+        if not math.isclose(pipe.vae.config.scaling_factor, own, rel_tol=1e-3):
+            log.warning("VAE '%s' scales its latents by %g, the model's own VAE by %g: it was made for another "
+                        "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
+                        pipe.vae.config.scaling_factor, own)
     pipe.to(device)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
@@ -553,7 +618,7 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     path = Path(source)
-    local_only = _offline() or path.is_dir()
+    local_only = local_files_only(source)
     if variant and path.is_dir() and not any(path.rglob(f"*.{variant}.*")):
         variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):

@@ -120,7 +120,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     if distiller.cuda_graphs if pad is None else pad:
         batches = [batch + batch[-1:] * (len(batches[0]) - len(batch)) for batch in batches]
     timesteps = scheduler.timesteps
-    bar = tqdm(total=len(timesteps) * len(batches), desc="expanding", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(timesteps) * len(batches), desc=f"expanding ({len(batches)} view batches a step)",
+               disable=not progress, dynamic_ncols=True)  # counts view batches; --preview-every counts steps
     guard = FiniteGuard(model.device)
     # not automatic here: one reference row beside ~35 view rows a step; on an H200 (run 5) computing it
     # ahead saved nothing and cost 1.4 GB

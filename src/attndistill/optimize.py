@@ -48,7 +48,7 @@ def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list
     info.loss, info.losses = (values[-1] if values else math.nan), values
     if callback is not None:  # its own copy: the run goes on in the same (static) buffer
         info.latents = info.latents.detach().clone()
-    bar.set_postfix(loss=f"{info.loss:.4f}", t=info.timestep)
+    bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep)  # 0 iters: no loss
     if callback is not None:
         callback(info)
 

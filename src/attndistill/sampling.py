@@ -11,6 +11,7 @@ generation, equal to diffusers' own pipeline output.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -24,6 +25,8 @@ from .guidance import cfg_noise, guide_latents, previous_timestep, reference_loo
 from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 
+log = logging.getLogger(__name__)
+
 
 def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str | None = None, *,
                         guidance: float, size: tuple[int, int]) -> tuple[Conditioning, Conditioning | None]:
@@ -33,6 +36,9 @@ def prompt_conditioning(model: DiffusionModel, prompt: str, negative_prompt: str
     ``force_zeros_for_empty_prompt`` (SDXL) and no negative prompt is given. ``size`` is (h, w) pixels.
     """
     if guidance <= 1.0:
+        if negative_prompt:
+            log.warning("the negative prompt is not used: guidance %g turns classifier-free guidance off "
+                        "(raise --guidance above 1 to use it)", guidance)
         return model.encode_prompt([prompt], None, size=size)[0], None
     if negative_prompt is None and getattr(model.pipe.config, "force_zeros_for_empty_prompt", False):
         cond = model.encode_prompt([prompt], None, size=size)[0]

@@ -139,17 +139,30 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
     return images
 
 
+#: Preset fields a mode has no use for: a result does not record settings that could not have changed it.
+_UNUSED = {"optimize": ("guidance", "adain", "stride"), "sample": ("stride",), "multidiffusion": ()}
+
+
 def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, *,
                    fused: bool | None = None, **inputs) -> dict:
     """What a result records: enough to rerun it exactly, pixel-changing speed switches included."""
-    settings = {k: v for k, v in asdict(preset).items() if k not in ("task",)}
+    settings = {k: v for k, v in asdict(preset).items() if k not in ("task", *_UNUSED[preset.mode])}
     swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
                if v is not None}
     switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}
     extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
     return {"task": task, "version": __version__, "model": local_or_hub(model.source), **swapped,
             "layers": list(layers), "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."),
-            **settings, **extra, **inputs}
+            **settings, **extra, **inputs, "made_with": made_with(model)}
+
+
+def made_with(model: DiffusionModel) -> dict[str, str]:
+    """Where a result was made: bf16 GPU kernels differ between cards and library versions (not an option)."""
+    import diffusers
+
+    device = torch.device(getattr(model, "device", "cpu"))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None, references: list[ImageInput],

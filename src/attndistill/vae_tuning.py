@@ -21,7 +21,7 @@ import torch
 
 from .checks import number, whole
 from .errors import NonFiniteError, UserError
-from .images import ImageInput, is_writable, load_image, to_tensor
+from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, is_writable, load_image, to_tensor
 from .models import DiffusionModel, check_vae_source
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
@@ -44,6 +44,14 @@ def reconstruction_l1(vae, x: torch.Tensor) -> float:
         return float((vae.decode(vae.encode(x).latent_dist.mean).sample.float() - x.float()).abs().mean())
 
 
+def check_tuning(steps: object, lr: object) -> None:
+    """VAE* settings, checked before any model loads."""
+    if whole("VAE tuning steps", steps) < 1:
+        raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
+    if not number("VAE tuning lr", lr) > 0:
+        raise UserError(f"VAE tuning lr must be positive (got {lr})")
+
+
 def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float = LR,
                  callback: Callable[[int, float], None] | None = None):
     """A copy of ``vae`` (fp32) whose decoder is fitted to ``images01`` (B, 3, H, W) in [0, 1].
@@ -51,10 +59,7 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     ``z = mean(E(x))`` is computed once and held fixed; Adam minimises ``mean|D(z) - x|`` over the
     decoder's parameters only. ``callback(step, loss)`` sees the loss before each step.
     """
-    if whole("VAE tuning steps", steps) < 1:
-        raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
-    if not number("VAE tuning lr", lr) > 0:
-        raise UserError(f"VAE tuning lr must be positive (got {lr})")
+    check_tuning(steps, lr)
     tuned = copy.deepcopy(vae).to(torch.float32).eval().requires_grad_(False)
     device = next(tuned.parameters()).device
     x = images01.to(device, torch.float32) * 2 - 1  # (B, 3, H, W) in [-1, 1]
@@ -198,6 +203,9 @@ def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path
         raise UserError(f"output folder '{folder}' cannot be written ({exc.strerror}); choose another path") from None
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
+        for path in tmp.iterdir():  # mkdtemp makes 0700 and safetensors 0600: as readable as any new folder
+            path.chmod(_FILE_MODE)
+        tmp.chmod(_FOLDER_MODE)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

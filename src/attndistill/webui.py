@@ -14,6 +14,7 @@ Start it with ``attndistill ui`` or ``WebUI(model=...).launch()``.
 
 import itertools
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -154,7 +155,7 @@ class WebUI:
             message = page_message(exc)
             yield f"failed: {message}", None, None, None, ""
             raise gr.Error(message) from None
-        loss = f" · final loss {job.last.loss:.4f}" if job.last else ""
+        loss = f" · final loss {job.last.loss:.4f}" if job.last and not math.isnan(job.last.loss) else ""
         where = paths[0].parent
         status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)} in `{where}`"
         output = paths[0].name if len(paths) == 1 else f"{task}.png"
@@ -186,8 +187,9 @@ class WebUI:
         try:
             job.start()
             for u in job.updates():
-                progress((u.step, u.total), desc=f"loss {u.loss:.4f}")
-                yield line(f"step {u.step}/{u.total} · loss {u.loss:.4f}", u.preview)
+                loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"  # NaN: no AD iterations (plain sampling)
+                progress((u.step, u.total), desc=loss or None)
+                yield line(f"step {u.step}/{u.total}" + (f" · {loss}" if loss else ""), u.preview)
         finally:
             job.cancel()  # the page went away mid-run: stop the worker at its next step
             job.wait()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import run_command
+from .common import PREVIEW_MARK, run_command
 
 INFO_EXAMPLE = ("Example: attndistill info horse-watercolor.png\n\n"
                 "Rerun it: attndistill info horse-watercolor.png --job > jobs.jsonl && attndistill batch jobs.jsonl "
@@ -34,6 +34,8 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
         if not params:
             load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
+        if params == PREVIEW_MARK:
+            raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
         if job:
             try:
                 line = job_from_parameters(params, source=f"image '{image}'")

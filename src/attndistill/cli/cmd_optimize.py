@@ -10,6 +10,7 @@ import typer
 from ..errors import UserError
 from ..presets import PRESETS
 from . import app
+from .cmd_sample import StartT
 from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
 from .common import (
     AllowPickle,
@@ -32,6 +33,7 @@ from .common import (
     Steps,
     Vae,
     check_images,
+    check_options,
     check_outputs,
     finite,
     load,
@@ -52,6 +54,12 @@ TEXTURE_HELP = (f"Synthesise new textures like REFERENCE from noise (optimisatio
                 "steps; or --mode sample / --layout).")
 
 Style = Annotated[list[Path], typer.Argument(help="Style image(s); several are attended to together")]
+TransferSeed = Annotated[int, typer.Option(
+    help="Recorded only: a transfer starts from its content image and adds no noise, so every seed gives the "
+    "same result", min=0, max=2**64 - 1)]
+TextureAdain = Annotated[bool | None, typer.Option(
+    "--adain/--no-adain", help="With --mode sample or --layout: AdaIN of the latent to the noised texture latent "
+    "at each step \\[default: off]", show_default=False)]
 
 
 @app.command("style", epilog=STYLE_EXAMPLE, help=STYLE_HELP)
@@ -61,7 +69,7 @@ def style(
     output: Output = Path("out.png"),
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
-    attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
+    attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
@@ -71,6 +79,8 @@ def style(
 
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
+        check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                      attention_scale=attention_scale, layers=layers, tile=tile)
         check_images(content_image=content, style_image=style_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
@@ -89,7 +99,7 @@ def appearance(
     output: Output = Path("out.png"),
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
-    attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
+    attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
@@ -99,6 +109,8 @@ def appearance(
 
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
+        check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                      attention_scale=attention_scale, layers=layers, tile=tile)
         check_images(structure_image=structure, appearance_image=appearance_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
@@ -115,7 +127,8 @@ def appearance(
 def texture(
     references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s)")],
     output: Output = Path("out.png"),
-    num: Annotated[int, typer.Option(help="Number of variations, optimised in one batch")] = 1,
+    num: Annotated[int, typer.Option("--num", "--num-images", help="Number of variations, optimised in one batch"
+                                     )] = 1,
     mode: Annotated[str | None, typer.Option(
         help="optimize (300 steps) or sample (AD-guided sampling, 50 steps) \\[default: optimize; sample with "
         "--layout]", show_default=False)] = None,
@@ -127,6 +140,7 @@ def texture(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
+    adain: TextureAdain = None, start_t: StartT = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
@@ -138,7 +152,18 @@ def texture(
             raise UserError("--content-weight needs a content: use it with --layout or with label maps")
         extra = {} if content_weight is None else {"content_weight": content_weight}
         sampler = _texture_sampler(mode, layout, strength)
+        sampling = {k: v for k, v in dict(adain=adain, start_t=start_t).items() if v is not None}
+        if sampling and (sampler is None or ref_labels or target_labels):
+            names = " and ".join("--no-adain" if value is False else f"--{key.replace('_', '-')}"
+                                 for key, value in sampling.items())
+            raise UserError(f"{names} {'is a sampling option' if len(sampling) == 1 else 'are sampling options'}; "
+                            "add --mode sample or --layout")
+        extra.update(sampling)
         task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
+        preset = "texture-masked" if ref_labels else "texture" if sampler is None else "texture-sample"
+        check_options(preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+                      attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
+                      adain=adain)
         check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
                      target_labels=target_labels)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)

@@ -30,6 +30,7 @@ from .common import (
     Steps,
     Vae,
     check_images,
+    check_options,
     check_outputs,
     finite,
     load,
@@ -62,7 +63,8 @@ def t2i(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw")],
     output: Output = Path("out.png"),
     negative_prompt: Annotated[str | None, typer.Option(help="What to avoid (CFG negative prompt)")] = None,
-    num_images: Annotated[int, typer.Option(help="Images to generate; written as OUT-0.png, OUT-1.png...")] = 1,
+    num_images: Annotated[int, typer.Option("--num-images", "--num",
+                                            help="Images to generate; written as OUT-0.png, OUT-1.png...")] = 1,
     grid: Annotated[bool, typer.Option("--grid", help="Write the images as one grid to OUT.png")] = False,
     controlnet: Annotated[str | None, typer.Option(
         help="ControlNet Hub id or folder, e.g. lllyasviel/control_v11p_sd15_canny")] = None,
@@ -86,6 +88,10 @@ def t2i(
 
     def body() -> None:
         check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)
+        check_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
+                      attention_scale=attention_scale, layers=layers, controlnet=controlnet,
+                      control_image=control_image, control=control, control_scale=control_scale, content=content,
+                      content_weight=content_weight, num=num_images, what="number of images")
         check_images(style_image=style, content_image=content, control_image=control_image)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(

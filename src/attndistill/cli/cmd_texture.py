@@ -34,6 +34,7 @@ from .common import (
     Steps,
     Vae,
     check_images,
+    check_options,
     check_outputs,
     finite,
     load,
@@ -112,6 +113,7 @@ def expand(
         check_expansion(get_preset("expand").override(steps=steps, iters=iters, lr=lr,
                                                       attention_scale=attention_scale, stride=stride),
                         canvas, **optional)
+        check_options("expand", layers=layers, tile=tile)
         check_images(texture_image=references)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
@@ -140,10 +142,11 @@ def finetune_vae(
 
     def body() -> None:
         vae_tuning.check_vae_folder(output, overwrite=overwrite)
+        settings = {"steps": vae_tuning.STEPS if steps is None else steps, "lr": vae_tuning.LR if lr is None else lr}
+        vae_tuning.check_tuning(**settings)
         check_images(reference_image=reference)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        tuned = vae_tuning.finetune_vae(reference, model=m, steps=vae_tuning.STEPS if steps is None else steps,
-                                        lr=vae_tuning.LR if lr is None else lr, progress=not quiet)
+        tuned = vae_tuning.finetune_vae(reference, model=m, progress=not quiet, **settings)
         vae_tuning.save_vae(tuned, output, overwrite=overwrite)
         typer.echo(f"wrote {output}")
 

@@ -103,6 +103,19 @@ def check_images(**roles) -> None:
                 load_image(path, what=role.replace("_", " "))
 
 
+def check_options(task: str, *, size: str | None = None, num: int = 1, what: str = "num", **options) -> None:
+    """Options that need no model, checked before it loads: a typo fails at once, not after a download.
+
+    ``task`` names the preset whose defaults fill the options not given (``texture-sample``, ``t2i``...).
+    """
+    from ..batchcheck import check_options as check
+    from ..tasks import check_run
+
+    parse_size_option(size)
+    check_run(seed=options.get("seed", 0), num=num, what=what)
+    check(task, options, t2i=task == "t2i")
+
+
 def parse_size_option(size: str | None, multiple: int = 1):
     """``--size`` text -> int (long side), (w, h) or None; the task rounds it to the model's multiple."""
     from ..images import parse_size
@@ -117,7 +130,7 @@ def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
     paths = numbered_outputs(output, len(images))
     for img, path in zip(images, paths, strict=True):
         save_png(img, path, overwrite=overwrite)
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
     return list(paths)
 
 
@@ -163,7 +176,7 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
         if preview.exists() and not is_preview(preview):
             raise UserError(f"--preview '{preview}' exists and is not a preview of an earlier run; give the "
                             "preview another name or delete that file")
-        check_output(preview, overwrite=True)
+        check_output(preview, overwrite=True, what="--preview", option="--preview", why="previews are PNG files")
     for path in outputs:
         check_output(path, overwrite=overwrite)
 
