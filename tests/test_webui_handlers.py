@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +88,24 @@ def test_texture_sampling_honours_tiling(ui, data_dir):
     assert words[words.index("--tile") + 1] == "x" and words[words.index("--mode") + 1] == "sample"
 
 
+def test_texture_layout_takes_adain_start_t_and_content_weight_and_the_command_says_so(ui, data_dir):
+    from attndistill.webui import EXAMPLES
+
+    params, command, _ = result_parameters(run_tab(ui, "texture", {
+        "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "layout", "texture-steps": 2,
+        "texture-iters": 1, "texture-size": "64", "texture-layout": str(EXAMPLES / "disc-labels.png"),
+        "texture-strength": 1.0, "texture-adain": "on", "texture-start-t": "900", "texture-content-weight": 0.1,
+        "texture-preview-every": 0}))
+    assert params["adain"] is True and params["start_t"] == 900 and params["content_weight"] == 0.1
+    words = shlex.split(command)
+    assert "--adain" in words and words[words.index("--start-t") + 1] == "900"
+    assert words[words.index("--content-weight") + 1] == "0.1"
+    params, command, _ = result_parameters(run_tab(ui, "t2i", {
+        "t2i-prompt": "a barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "2",
+        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-start-t": "700"}))
+    assert params["start_t"] == 700 and "--start-t 700" in command
+
+
 def _slow_task(model, callback, steps: int = 100_000):
     for i in range(steps):
         time.sleep(0.002)
@@ -116,6 +135,8 @@ def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui, data_dir, mo
     # clicks whose run never came (a value the page refused) cannot take a later run's Cancel
     ui.runs.queued(key)
     running = start(ui.runs.queued(key))
+    assert next(running)[1] is None  # the last run's live preview goes at once
+    assert next(running)[0] in ("starting…", "loading the model…")  # so does its status line
     assert next(running)[0].startswith("step 1/")
     # Cancel in another tab leaves a running job alone; its own tab's Cancel stops it after a step
     ui.cancel("texture", page)
@@ -147,15 +168,25 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     assert page_message(error) == "style image 'corrupt.png' is not an image"
     error = UserError("--controlnet needs a --control-image; lower --lr or use --dtype fp32 (a-b--c stays)")
     assert page_message(error) == "controlnet needs a control image; lower lr or use dtype fp32 (a-b--c stays)"
+    error = UserError("size 8000x8000 is too large for one canvas; use 'attndistill expand' for huge textures")
+    assert page_message(error) == "size 8000x8000 is too large for one canvas; use the Expansion tab for huge textures"
+    assert page_message(UserError("iters must be at least 1 (got 0)")) == \
+        "Adam iterations per step must be at least 1 (got 0)"
 
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
     updates = run_tab(ui, "vae", {"vae-reference": str(data_dir / "wood-rings.jpg"), "vae-steps": 2,
                                   "vae-use": False, "vae-box": ""}, session="vae-page")
-    assert [u[0].split(" · ")[0] for u in updates[:-1]] == ["step 1/2", "step 2/2"]  # then the result
+    lines = [u[0].split(" · ")[0] for u in updates[:-1]]  # then the result
+    assert lines[0] in ("starting…", "loading the model…") and lines[1:] == ["step 1/2", "step 2/2"]
     status, folder, archive, command, _ = updates[-1]
     assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()
     assert shlex.split(command)[:3] == ["attndistill", "finetune-vae", "wood-rings.jpg"]
+    # a tuned VAE in the VAE box changes every tab's results: each result says it was decoded with it
+    done = run_tab(ui, "style", {"style-target": str(data_dir / "horse.jpg"), "vae-box": folder,
+                                 "style-reference": str(data_dir / "watercolor-cat.jpg"), "style-steps": 1,
+                                 "style-size": "64", "style-preview-every": 0}, session="vae-page")[-1][0]
+    assert f"decoded with the VAE in `{folder}`" in done
 
 
 def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15_dir, tmp_path, data_dir):
@@ -183,14 +214,57 @@ def test_text_to_image_and_appearance_tabs_run_and_say_how_to_rerun(ui, data_dir
     assert params["task"] == "appearance" and shlex.split(command)[:2] == ["attndistill", "appearance"]
 
 
-def test_plain_sampling_shows_steps_without_a_loss(ui, data_dir):
-    """0 AD iterations (a plain-sampling baseline) have no loss: the page says so by showing none, not 'nan'."""
+def test_a_results_parameters_name_copies_of_its_uploads_that_outlive_the_server(ui, data_dir, monkeypatch,
+                                                                                   tmp_path):
+    """Gradio's upload cache goes with the server: a result names copies kept beside the results, so
+    ``attndistill info OUT.png --job`` can rerun it later; the terminal command keeps the upload's name."""
+    from attndistill import webui_fields
+    from attndistill.batchjobs import job_from_parameters
+
+    uploads = tmp_path / "gradio"
+    monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", uploads)
+    for name in ("horse.jpg", "watercolor-cat.jpg"):
+        (uploads / f"hash-{name}").mkdir(parents=True)
+        (uploads / f"hash-{name}" / name).write_bytes((data_dir / name).read_bytes())
+    values = {"style-target": str(uploads / "hash-horse.jpg" / "horse.jpg"), "style-steps": 1, "style-size": "64",
+              "style-reference": str(uploads / "hash-watercolor-cat.jpg" / "watercolor-cat.jpg"),
+              "style-preview-every": 0}
+    params, command, _ = result_parameters(run_tab(ui, "style", values))
+    again, _, _ = result_parameters(run_tab(ui, "style", values))
+    kept = Path(params["content"])
+    assert kept.parent == ui.outputs / "inputs" and kept.name.endswith("-horse.jpg")
+    assert kept.read_bytes() == (data_dir / "horse.jpg").read_bytes() and again["content"] == str(kept)  # one copy
+    assert Path(params["style"][0]).parent == ui.outputs / "inputs"
+    assert shlex.split(command)[2:4] == ["horse.jpg", "watercolor-cat.jpg"]
+    shutil.rmtree(uploads)  # the server has gone: the rerun line still names files that exist
+    assert Path(job_from_parameters(params)["content"]).is_file()
+
+
+def test_a_refused_run_clears_the_last_runs_status_and_results(ui, data_dir):
+    """Steps 1.5 is refused before the run starts: the page must not keep the last run's 'done' and images."""
+    fn = handler(ui, "style")
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-steps": 1.5, "style-preview-every": 0}
+    values = {c: inputs.get(getattr(c, "elem_id", None), c.value) for c in fn.inputs}
+    values.update({c: None for c in fn.inputs if isinstance(c, gr.State)})
+    updates = fn.fn(values, SimpleNamespace(session_hash="refused-page"), progress=no_progress)
+    assert next(updates) == ("failed: Steps must be a whole number (got 1.5)", None, None, None, "")
+    with pytest.raises(gr.Error, match=r"Steps must be a whole number \(got 1.5\)"):
+        next(updates)
+
+
+def test_plain_sampling_shows_steps_without_a_loss_and_the_runs_warnings(ui, data_dir):
+    """0 AD iterations (a plain-sampling baseline) have no loss: the page shows none, not 'nan'. What the run
+    warned of (here a negative prompt that guidance 1 leaves unused) is said beside the result."""
     updates = run_tab(ui, "t2i", {
         "t2i-prompt": "a red barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "2",
-        "t2i-iters": "0", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None})
-    lines = [u[0] for u in updates]
+        "t2i-iters": "0", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None,
+        "t2i-negative": "blurry", "t2i-guidance": "1"})
+    lines = [u[0] for u in updates if isinstance(u[0], str)]  # not the first update (the preview's)
     assert any(line.startswith("step 2/2") for line in lines) and lines[-1].startswith("done")
     assert not any("nan" in line or "loss" in line for line in lines), lines
+    assert lines[-1].endswith("\n\nnote: the negative prompt is not used: guidance 1 turns classifier-free "
+                              "guidance off (raise guidance above 1 to use it)")
 
 
 def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, data_dir, monkeypatch):
@@ -215,8 +289,10 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
     masked synthesis, an unknown AdaIN choice was a KeyError."""
     texture = {"texture-reference": str(data_dir / "wood-rings.jpg"), "texture-steps": 1, "texture-iters": 1,
                "texture-size": "64", "texture-preview-every": 0}
-    with pytest.raises(gr.Error, match="must be a whole number of at least 1"):
+    with pytest.raises(gr.Error, match=r"Images must be at least 1 \(got 0\)"):
         run_tab(ui, "texture", {**texture, "texture-mode": "sample", "texture-num": 0})
+    with pytest.raises(gr.Error, match=r"Images must be at most 16 \(got 500\)"):  # a slip, not a plan
+        run_tab(ui, "texture", {**texture, "texture-mode": "sample", "texture-num": 500})
     with pytest.raises(gr.Error, match="texture mode 'bogus' is not one of"):
         run_tab(ui, "texture", {**texture, "texture-mode": "bogus"})
     with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):

@@ -128,6 +128,9 @@ def check_t2i_options(*, controlnet, control_image, control: str, control_scale:
                         else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
     if control not in ("none", "canny"):
         raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
+    if control != "none" and controlnet is None:  # else the preprocessing would be dropped without a word
+        raise UserError(f"--control {control} prepares a control image for a ControlNet; add --controlnet and "
+                        "--control-image, or drop --control")
     if not number("control scale", control_scale) >= 0:
         raise UserError(f"control scale must be >= 0 (got {control_scale})")
     if content_weight is not None:

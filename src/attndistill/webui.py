@@ -33,10 +33,13 @@ from .models import DEFAULT_MODEL, DiffusionModel
 from .perf import pixel_switches
 from .presets import Preset
 from .webui_fields import (
+    FAILED,
     TILE_CHOICES,
     float_box,
     int_box,
+    keep_uploads,
     page_message,
+    page_text,
     upload_check,
     whole,
 )
@@ -137,6 +140,7 @@ class WebUI:
         then saves the images as PNGs and yields them with ``command(model, output_name)``.
         """
         skip = gr.skip()
+        yield skip, None, skip, skip, skip  # the last run's preview goes; its results stay until new ones come
         job, model = yield from self.follow(
             request, task, settings["model"], settings["vae"], call, progress,
             every=settings.get("preview_every") or 0, preview_side=settings.get("preview_size") or 32,
@@ -153,11 +157,14 @@ class WebUI:
                 traceback.clear_frames(exc.__traceback__)  # the failed run's tensors, held by its frames
                 model.release_graphs()
             message = page_message(exc)
-            yield f"failed: {message}", None, None, None, ""
+            yield FAILED.format(message), None, None, None, ""
             raise gr.Error(message) from None
         loss = f" · final loss {job.last.loss:.4f}" if job.last and not math.isnan(job.last.loss) else ""
         where = paths[0].parent
         status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)} in `{where}`"
+        if settings.get("vae"):  # set by hand or by the VAE tab: it changes every tab's results
+            status += f" · decoded with the VAE in `{settings['vae']}`"
+        status += "".join(f"\n\nnote: {page_text(note)}" for note in job.notes)  # else only the server log says
         output = paths[0].name if len(paths) == 1 else f"{task}.png"
         yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],
                command(model, output))
@@ -183,7 +190,9 @@ class WebUI:
         if not self.runs.attach(_key(request, tab), job):
             yield line("cancelled before it started; nothing was run", None)
             return None, None
-        progress(0, desc="loading the model" if self.slot.model is None else "starting")
+        starting = "loading the model" if self.slot.model is None else "starting"
+        yield line(f"{starting}…", None)  # not the last run's "failed" or "done" while this one starts
+        progress(0, desc=starting)
         try:
             job.start()
             for u in job.updates():
@@ -261,7 +270,7 @@ class WebUI:
         with gr.Row():
             return {"preview_every": int_box("Live preview every N steps (0: off)", 5, tab, "preview-every", minimum=0),
                     "preview_size": int_box("Preview size (latents, decoded by the VAE)", 32, tab, "preview-size",
-                                         minimum=4)}
+                                         minimum=4, maximum=128)}
 
     def wire(self, tab: str, panel: Panel, fields: dict, call, command) -> None:
         """Run button -> :meth:`execute` with the tab's fields as a dict of values by name."""
@@ -270,12 +279,14 @@ class WebUI:
 
         def run(values: dict, request: gr.Request, progress=gr.Progress()):
             try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
-                settings = {names[c]: whole(v, c.whole) if getattr(c, "whole", None) else v
+                settings = {names[c]: whole(v, c.whole, c.bounds) if getattr(c, "whole", None) else v
                             for c, v in values.items()}
+                kept = {k: keep_uploads(v, self.outputs) for k, v in settings.items()}  # what the result names
             except UserError as exc:
+                yield FAILED.format(exc), None, None, None, ""  # no earlier run's "done" and results beside it
                 raise gr.Error(str(exc)) from None
-            yield from self.execute(request, progress, task=tab, settings=settings,
-                                    call=partial(call, settings), command=partial(command, settings))
+            yield from self.execute(request, progress, task=tab, settings=settings, call=partial(call, kept),
+                                    command=partial(command, settings))  # the command names uploads as the page does
 
         self.bind(tab, panel.run, panel.cancel, run, set(components.values()), panel.outputs, panel.status)
 

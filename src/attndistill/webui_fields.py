@@ -4,11 +4,13 @@ Pure helpers (no app state), so each tab of :mod:`attndistill.webui` builds its 
 their values the same way, and errors reach the page as one readable line.
 """
 
+import hashlib
 import importlib
 import inspect
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ from .images import load_image, parse_size
 from .webui_jobs import error_message
 
 TILE_CHOICES = ["none", "x", "y", "xy"]
+#: A run's status line when it failed, before or after it started.
+FAILED = "failed: {}"
 #: Where Gradio keeps uploads (one folder per file hash): kept out of the page's error lines.
 GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
 
@@ -43,6 +47,35 @@ def file_paths(files) -> list[str]:
     return [str(getattr(f, "name", f)) for f in (files or [])]
 
 
+def keep_uploads(value, folder: Path):
+    """Uploads (a path, or a list of paths or file objects) -> copies in ``folder``/inputs; other values as they are.
+
+    A result's parameters name its inputs; Gradio's upload cache does not outlive the server, so they name
+    these copies, which sit beside the results (``attndistill info OUT.png --job`` reruns them). A copy is
+    named by its content, so one upload used by many runs is one file.
+    """
+    if isinstance(value, list | tuple):
+        return [keep_uploads(str(getattr(v, "name", v)), folder) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    path = Path(value)
+    if not path.resolve().is_relative_to(GRADIO_UPLOADS.resolve()) or not path.is_file():
+        return value
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    kept = folder / "inputs" / f"{digest}-{path.name}"
+    if not kept.is_file():
+        partial = kept.with_name(f".{kept.name}.partial")
+        try:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, partial)
+            os.replace(partial, kept)  # whole or not at all, as every output
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise UserError(f"upload '{path.name}' could not be kept beside the results in '{kept.parent}' "
+                            f"({exc.strerror}); free space there or start the UI with another --outputs") from None
+    return str(kept)
+
+
 def required(path: str | None, what: str) -> str:
     if not path:
         raise UserError(f"{what} is missing; upload one (or click an example)")
@@ -63,12 +96,18 @@ def tile_value(value: str | None) -> str | None:
     return None if value in (None, "", "none") else value
 
 
-def whole(value, what: str = "steps") -> int | None:
-    """A number box's value -> int (None stays None); 1.5 is refused, not rounded."""
+def whole(value, what: str = "steps", bounds: tuple[int | None, int | None] = (None, None)) -> int | None:
+    """A number box's value -> int (None stays None); 1.5 is refused, not rounded, and so is a value
+    outside the box's ``bounds`` (the browser does not hold a typed value to them)."""
     if value is None:
         return None
     if not math.isfinite(value) or int(value) != value:
         raise UserError(f"{what} must be a whole number (got {value})")
+    low, high = bounds
+    if low is not None and value < low:
+        raise UserError(f"{what} must be at least {low} (got {int(value)})")
+    if high is not None and value > high:
+        raise UserError(f"{what} must be at most {high} (got {int(value)})")
     return int(value)
 
 
@@ -80,7 +119,21 @@ def seed_value(text: str | None) -> int:
 
 def page_message(exc: BaseException) -> str:
     """:func:`error_message` in the page's words: fields, not CLI flags; uploads by their own names."""
-    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", error_message(exc))
+    return page_text(error_message(exc))
+
+
+#: Commands a message may point to -> the tab that does the same.
+TABS = {"style": "Style transfer", "appearance": "Appearance transfer", "t2i": "Text to image",
+        "texture": "Texture", "expand": "Expansion", "finetune-vae": "VAE fine-tuning"}
+#: The API's names of settings a message may start with -> the boxes' labels.
+LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images"}
+
+
+def page_text(message: str) -> str:
+    """A library message in the page's words (see :func:`page_message`): boxes and tabs by their labels."""
+    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", message)
+    message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
+    message = re.sub(r"^(iters|lr|num) ", lambda m: f"{LABELS[m[1]]} ", message)
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
 
 
@@ -134,7 +187,8 @@ def number_value(text: str | None, what: str, kind: type = float) -> float | int
 def int_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
     """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI.wire` refuses it."""
     number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
-    number.whole = label  # read back by WebUI.wire
+    number.whole = label  # read back by WebUI.wire, with its bounds
+    number.bounds = (kwargs.get("minimum"), kwargs.get("maximum"))
     return number
 
 

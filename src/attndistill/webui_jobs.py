@@ -76,6 +76,20 @@ class Update:
     preview: Image.Image | None = None
 
 
+class _Notes(logging.Handler):
+    """The warnings the library logs from one thread: what the page says beside that run's result."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread: int | None = None
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.thread == self.thread and message not in self.messages:
+            self.messages.append(message)
+
+
 class Job:
     """One API call in a worker thread.
 
@@ -90,6 +104,7 @@ class Job:
         self.result: object = None
         self.error: BaseException | None = None
         self.last: Update | None = None
+        self._notes = _Notes()
         self._updates: queue.Queue[Update | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="attndistill-job", daemon=True)
@@ -129,12 +144,21 @@ class Job:
                 self.preview = None
         self._updates.put(Update(step, info.total, info.loss, image))
 
+    @property
+    def notes(self) -> list[str]:
+        """Warnings the run logged (a negative prompt without guidance, a prompt CLIP cuts short...)."""
+        return list(self._notes.messages)
+
     def _work(self) -> None:
+        library = logging.getLogger("attndistill")
+        self._notes.thread = threading.get_ident()
+        library.addHandler(self._notes)
         try:
             self.result = self.fn(self._callback)
         except BaseException as exc:  # handed to the page by the caller of updates()
             self.error = exc
         finally:
+            library.removeHandler(self._notes)
             self._updates.put(None)
 
     def updates(self) -> Iterator[Update]:

@@ -18,6 +18,7 @@ from .errors import UserError
 from .models import DiffusionModel
 from .presets import PRESETS
 from .webui_fields import (
+    FAILED,
     TILE_CHOICES,
     api_default,
     blank_number,
@@ -45,10 +46,26 @@ if TYPE_CHECKING:
 EXPAND_SIZE_MULTIPLE = 8
 TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
                  "masked": "texture-masked"}  # UI mode -> preset
+CONTENT_MODES = ("layout", "masked")  # modes with a content image: the layout, the label map's init
+SAMPLING_MODES = ("sample", "layout")  # modes that sample: AdaIN and a start timestep
 
+
+#: Most images one Run makes: they run as one batch, and a page's slip (500) would hold the queue for hours.
+MAX_IMAGES = 16
 
 #: The AdaIN radio's choices -> text_to_image's ``adain`` (None: the preset's).
 ADAIN_CHOICES = {"preset": None, "on": True, "off": False}
+
+
+def adain_value(choice: str) -> bool | None:
+    """The AdaIN radio -> the tasks' ``adain`` (None: the preset's)."""
+    if choice not in ADAIN_CHOICES:
+        raise UserError(f"AdaIN '{choice}' is not one of {', '.join(ADAIN_CHOICES)}")
+    return ADAIN_CHOICES[choice]
+
+
+def start_t_box(tab: str) -> gr.Textbox:
+    return blank_number("Start timestep", tab, "start-t", "blank: every step; else AD only below it (1-1000)")
 
 
 def _count(value) -> int:
@@ -113,7 +130,7 @@ def t2i_tab(ui: WebUI) -> None:
             negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
         style = image_input("Style image", f"{tab}-style")
     with gr.Row():
-        num = int_box("Images", 1, tab, "num", minimum=1)
+        num = int_box("Images", 1, tab, "num", minimum=1, maximum=MAX_IMAGES)
         steps = blank_number("Steps", tab, "steps", blank("steps"))
         guidance = blank_number("Guidance", tab, "guidance", blank("guidance"))
         size = size_box(tab)
@@ -123,6 +140,7 @@ def t2i_tab(ui: WebUI) -> None:
             iters = blank_number("Adam iterations per step", tab, "iters", blank("iters"))
             lr = blank_number("Learning rate", tab, "lr", blank("lr"))
             adain = gr.Radio(list(ADAIN_CHOICES), value="preset", label="AdaIN", elem_id=f"{tab}-adain")
+            start_t = start_t_box(tab)
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
         with gr.Row():
@@ -141,16 +159,15 @@ def t2i_tab(ui: WebUI) -> None:
                    [prompt, style])
     ui.validate_on_upload(style, control_image)
     fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
-                  size=size, seed=seed, iters=iters, lr=lr, adain=adain, layers=layers, controlnet=controlnet,
+                  size=size, seed=seed, iters=iters, lr=lr, adain=adain, start_t=start_t, layers=layers,
+                  controlnet=controlnet,
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
-        if s["adain"] not in ADAIN_CHOICES:
-            raise UserError(f"AdaIN '{s['adain']}' is not one of {', '.join(ADAIN_CHOICES)}")
-        adain_on = ADAIN_CHOICES[s["adain"]]
         return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
-                    adain=adain_on, layers=s["layers"] or None,
+                    adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
+                    layers=s["layers"] or None,
                     controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
@@ -170,7 +187,8 @@ def t2i_tab(ui: WebUI) -> None:
             style=file_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
             num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
             steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
-            layers=o["layers"], size=(s["size"] or "").strip() or None, controlnet=o["controlnet"],
+            start_t=o["start_t"], layers=o["layers"], size=(s["size"] or "").strip() or None,
+            controlnet=o["controlnet"],
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))
 
@@ -188,7 +206,7 @@ def texture_tab(ui: WebUI) -> None:
                             info="optimise: Algorithm 1 · sample: AD-guided sampling · layout: SDEdit from a "
                                  "colour layout · masked: label maps")
             with gr.Row():
-                num = int_box("Images", 1, tab, "num", minimum=1)
+                num = int_box("Images", 1, tab, "num", minimum=1, maximum=MAX_IMAGES)
                 steps = int_box("Steps", first.steps, tab, "steps", minimum=1)
                 seed = seed_box(tab)
             size = size_box(tab)
@@ -203,14 +221,23 @@ def texture_tab(ui: WebUI) -> None:
         more = gr.File(label="More texture images", file_count="multiple", file_types=["image"],
                        elem_id=f"{tab}-more")
         options = ui.optimise_options(tab, first, content_weight=False)
+        with gr.Row(visible=False) as content_row:  # layout and masked modes: the layout / label init is a content
+            options["content_weight"] = float_box("Content weight", first.content_weight, tab, "content-weight")
+        with gr.Row(visible=False) as sampling_row:
+            options["adain"] = gr.Radio(list(ADAIN_CHOICES), value="preset", label="AdaIN (preset: off)",
+                                        elem_id=f"{tab}-adain")
+            options["start_t"] = start_t_box(tab)
         options.update(ui.preview_options(tab))
     panel = ui.panel(tab)
 
     def on_mode(m: str):
         p = PRESETS[TEXTURE_MODES[m]]
-        return (gr.update(visible=m == "layout"), gr.update(visible=m == "masked"), p.steps, p.iters, p.lr)
+        return (gr.update(visible=m == "layout"), gr.update(visible=m == "masked"),
+                gr.update(visible=m in CONTENT_MODES), gr.update(visible=m in SAMPLING_MODES), p.steps, p.iters,
+                p.lr, p.content_weight)
 
-    mode.change(on_mode, mode, [layout_row, labels_row, steps, options["iters"], options["lr"]], queue=False)
+    mode.change(on_mode, mode, [layout_row, labels_row, content_row, sampling_row, steps, options["iters"],
+                                options["lr"], options["content_weight"]], queue=False)
     ui.examples([["wood-rings.jpg", "optimise", None, None, None],
                     ["woven-rattan.jpg", "sample", None, None, None],
                     ["wood-and-rattan.jpg", "layout", "disc-labels.png", None, None],
@@ -229,6 +256,10 @@ def texture_tab(ui: WebUI) -> None:
                       layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
                       progress=False, callback=callback)
         looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]))
+        if s["mode"] in CONTENT_MODES and s["content_weight"] is not None:
+            common["content_weight"] = s["content_weight"]
+        if s["mode"] in SAMPLING_MODES:
+            common.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int))
         if s["mode"] == "optimise":
             from .tasks import texture_synthesis
 
@@ -258,6 +289,9 @@ def texture_tab(ui: WebUI) -> None:
             target_labels=file_name(s["target_labels"]) if m == "masked" else None,
             num=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
             steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
+            content_weight=s["content_weight"] if m in CONTENT_MODES else None,
+            adain=adain_value(s["adain"]) if m in SAMPLING_MODES else None,
+            start_t=number_value(s["start_t"], "start timestep", int) if m in SAMPLING_MODES else None,
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
             tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None))
 
@@ -342,9 +376,10 @@ def vae_tab(ui: WebUI) -> None:
         model_id, vae_id = values[ui.model_box], values[ui.vae_box]
         skip = gr.skip()
         try:
-            n = whole(n)
+            n = whole(n, "Steps", steps.bounds)
             reference_path = required(ref, "reference image")
         except UserError as exc:
+            yield FAILED.format(exc), None, None, "", skip  # not the last tuning's "done" beside this error
             raise gr.Error(str(exc)) from None
         extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
         job, model = yield from ui.follow(
@@ -361,7 +396,7 @@ def vae_tab(ui: WebUI) -> None:
             zipped = shutil.make_archive(str(out), "zip", root_dir=out)
         except Exception as exc:
             message = page_message(exc)
-            yield f"failed: {message}", None, None, "", skip
+            yield FAILED.format(message), None, None, "", skip
             raise gr.Error(message) from None
         finally:
             job.result = None  # the tuned copy's weights: saved, not kept in memory
