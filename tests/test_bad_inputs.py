@@ -156,7 +156,7 @@ EARLY_CASES = [
     (["t2i", "-s", "{img}", "-p", "x", "--guidance", "0.5"], "guidance must be >= 1"),
     (["t2i", "-s", "{img}", "-p", "x", "--num", "0"], "number of images must be a whole number"),  # texture's
     (["t2i", "-s", "{img}", "-p", "x", "--controlnet", "cn"], "--controlnet needs a --control-image"),
-    (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "--control canny prepares a control image for a"),
+    (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "preprocessing 'canny' prepares a control"),
     (["expand", "{img}", "--size", "512", "--layers", "1-"], "layers '1-' is not understood"),
     (["finetune-vae", "{img}", "--steps", "0"], "VAE tuning steps must be at least 1"),
 ]

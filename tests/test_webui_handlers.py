@@ -172,6 +172,8 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     assert page_message(error) == "size 8000x8000 is too large for one canvas; use the Expansion tab for huge textures"
     assert page_message(UserError("iters must be at least 1 (got 0)")) == \
         "Adam iterations per step must be at least 1 (got 0)"
+    error = UserError("texture image '/srv/out/inputs/5464533c9647-notes.png' is not an image; or set --control none")
+    assert page_message(error) == "texture image 'notes.png' is not an image; or set Preprocessor none"
 
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
@@ -240,6 +242,16 @@ def test_a_results_parameters_name_copies_of_its_uploads_that_outlive_the_server
     assert Path(job_from_parameters(params)["content"]).is_file()
 
 
+def test_keep_uploads_leaves_what_is_no_upload_alone(tmp_path, monkeypatch):
+    from attndistill import webui_fields
+
+    monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", tmp_path / "gradio")
+    gone = str(tmp_path / "gradio" / "h" / "gone.png")  # removed by Gradio's cache cleanup meanwhile
+    for value in (gone, "a\x00b", None, "", str(tmp_path / "elsewhere.png")):
+        assert webui_fields.keep_uploads(value, tmp_path / "out") == value
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_refused_run_clears_the_last_runs_status_and_results(ui, data_dir):
     """Steps 1.5 is refused before the run starts: the page must not keep the last run's 'done' and images."""
     fn = handler(ui, "style")
@@ -293,6 +305,8 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
         run_tab(ui, "texture", {**texture, "texture-mode": "sample", "texture-num": 0})
     with pytest.raises(gr.Error, match=r"Images must be at most 16 \(got 500\)"):  # a slip, not a plan
         run_tab(ui, "texture", {**texture, "texture-mode": "sample", "texture-num": 500})
+    box = next(c for c in handler(ui, "texture").inputs if getattr(c, "elem_id", None) == "texture-num")
+    assert box.preprocess(500) == 500  # the served page reaches that check: Gradio's own would name no box
     with pytest.raises(gr.Error, match="texture mode 'bogus' is not one of"):
         run_tab(ui, "texture", {**texture, "texture-mode": "bogus"})
     with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):

@@ -129,8 +129,8 @@ def check_t2i_options(*, controlnet, control_image, control: str, control_scale:
     if control not in ("none", "canny"):
         raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
     if control != "none" and controlnet is None:  # else the preprocessing would be dropped without a word
-        raise UserError(f"--control {control} prepares a control image for a ControlNet; add --controlnet and "
-                        "--control-image, or drop --control")
+        raise UserError(f"preprocessing '{control}' prepares a control image for a ControlNet; add --controlnet "
+                        "and --control-image, or set --control none")
     if not number("control scale", control_scale) >= 0:
         raise UserError(f"control scale must be >= 0 (got {control_scale})")
     if content_weight is not None:

@@ -281,7 +281,8 @@ class WebUI:
             try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
                 settings = {names[c]: whole(v, c.whole, c.bounds) if getattr(c, "whole", None) else v
                             for c, v in values.items()}
-                kept = {k: keep_uploads(v, self.outputs) for k, v in settings.items()}  # what the result names
+                kept = {k: keep_uploads(v, self.outputs) if isinstance(components[k], gr.Image | gr.File) else v
+                        for k, v in settings.items()}  # the uploads a result names
             except UserError as exc:
                 yield FAILED.format(exc), None, None, None, ""  # no earlier run's "done" and results beside it
                 raise gr.Error(str(exc)) from None

@@ -52,27 +52,35 @@ def keep_uploads(value, folder: Path):
 
     A result's parameters name its inputs; Gradio's upload cache does not outlive the server, so they name
     these copies, which sit beside the results (``attndistill info OUT.png --job`` reruns them). A copy is
-    named by its content, so one upload used by many runs is one file.
+    named by its content, so one upload used by many runs is one file. For upload boxes only.
     """
     if isinstance(value, list | tuple):
         return [keep_uploads(str(getattr(v, "name", v)), folder) for v in value]
     if not isinstance(value, str) or not value:
         return value
     path = Path(value)
-    if not path.resolve().is_relative_to(GRADIO_UPLOADS.resolve()) or not path.is_file():
+    try:
+        if not path.resolve().is_relative_to(GRADIO_UPLOADS.resolve()) or not path.is_file():
+            return value
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    except (OSError, ValueError):  # gone from Gradio's cache meanwhile, or no path at all: the task says what
         return value
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     kept = folder / "inputs" / f"{digest}-{path.name}"
-    if not kept.is_file():
-        partial = kept.with_name(f".{kept.name}.partial")
-        try:
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, partial)
-            os.replace(partial, kept)  # whole or not at all, as every output
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise UserError(f"upload '{path.name}' could not be kept beside the results in '{kept.parent}' "
-                            f"({exc.strerror}); free space there or start the UI with another --outputs") from None
+    if kept.is_file():
+        return str(kept)
+    partial = None
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{kept.name}.", suffix=".partial", dir=kept.parent)
+        os.close(fd)  # a name of its own: two servers may keep the same upload at once
+        shutil.copyfile(path, partial)
+        os.chmod(partial, 0o644)
+        os.replace(partial, kept)  # whole or not at all, as every output
+    except OSError as exc:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        raise UserError(f"upload '{path.name}' could not be kept beside the results in '{kept.parent}' "
+                        f"({exc.strerror}); free space there or start the UI with another --outputs") from None
     return str(kept)
 
 
@@ -130,8 +138,11 @@ LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Im
 
 
 def page_text(message: str) -> str:
-    """A library message in the page's words (see :func:`page_message`): boxes and tabs by their labels."""
+    """A library message in the page's words (see :func:`page_message`): boxes and tabs by their labels,
+    uploads by their own names (not Gradio's cache, not the copies :func:`keep_uploads` made)."""
     message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", message)
+    message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
+    message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
     message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
     message = re.sub(r"^(iters|lr|num) ", lambda m: f"{LABELS[m[1]]} ", message)
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
@@ -186,9 +197,9 @@ def number_value(text: str | None, what: str, kind: type = float) -> float | int
 
 def int_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
     """A whole-number box. Not ``precision=0``, which rounds 1.5 to 2: :meth:`WebUI.wire` refuses it."""
+    bounds = (kwargs.pop("minimum", None), kwargs.pop("maximum", None))  # not Gradio's: its refusal names no box
     number = gr.Number(value, label=label, elem_id=f"{tab}-{key}", **kwargs)
-    number.whole = label  # read back by WebUI.wire, with its bounds
-    number.bounds = (kwargs.get("minimum"), kwargs.get("maximum"))
+    number.whole, number.bounds = label, bounds  # read back by WebUI.wire
     return number
 
 

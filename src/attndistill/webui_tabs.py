@@ -213,7 +213,7 @@ def texture_tab(ui: WebUI) -> None:
     with gr.Row(visible=False) as layout_row:
         layout = image_input("Layout image", f"{tab}-layout")
         strength = float_box("Strength", api_default("generate", "layout_texture", "strength"), tab, "strength",
-                          minimum=0, maximum=1)
+                             info="noise to start from, in (0, 1]: 1 ignores the layout")
     with gr.Row(visible=False) as labels_row:
         ref_labels = image_input("Reference label map", f"{tab}-ref-labels")
         target_labels = image_input("Target label map", f"{tab}-target-labels")
