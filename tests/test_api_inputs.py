@@ -225,3 +225,19 @@ def test_save_png_refuses_what_png_cannot_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []
     ad.save_png(img, tmp_path / "ok.png", parameters={"seed": np.uint64(2**64 - 1)})
     assert ad.read_parameters(tmp_path / "ok.png") == {"seed": 2**64 - 1}
+
+
+@pytest.mark.parametrize("text, size", [("512", 512), ("768x512", (768, 512)), ("768×512", (768, 512)),
+                                        ("768*512", (768, 512)), (" 768 X 512 ", (768, 512)), ("512px", 512)])
+def test_sizes_as_people_write_them(text, size):
+    from attndistill.images import parse_size
+
+    assert parse_size(text, multiple=1) == size
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "1x", "5x5x5", "-3", "5.5", "x512"])
+def test_sizes_that_are_no_size(text):
+    from attndistill.images import parse_size
+
+    with pytest.raises(UserError, match=f"size '{text}' is not understood"):
+        parse_size(text)

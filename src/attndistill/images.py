@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -161,14 +162,18 @@ def check_size(size: object) -> int | tuple[int, int] | None:
 
 
 def parse_size(text: str, *, multiple: int = 64) -> tuple[int, int] | int:
-    """Parse ``"512"`` (long side) or ``"768x512"`` (width x height, rounded to ``multiple``)."""
+    """Parse ``"512"`` (long side) or ``"768x512"`` (width x height, rounded to ``multiple``).
+
+    Also as people write sizes: ``768×512``, ``768*512``, ``768 x 512``, ``512px``.
+    """
     try:
-        if "x" in text.lower():
-            w, h = (int(part) for part in text.lower().split("x"))
+        plain = re.sub(r"\s+|px", "", text.lower()).replace("×", "x").replace("*", "x")
+        if "x" in plain:
+            w, h = (int(part) for part in plain.split("x"))
             if w <= 0 or h <= 0:
                 raise ValueError
             return round_to_multiple(w, multiple), round_to_multiple(h, multiple)
-        value = int(text)
+        value = int(plain)
         if value <= 0:
             raise ValueError
         return round_to_multiple(value, multiple)
