@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from diffusers import AutoencoderKL
@@ -105,8 +107,13 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))
     assert "wrote" in result.output
     AutoencoderKL.from_pretrained(folder)
+    made = json.loads((folder / "attndistill.json").read_text())  # how it was made, as a result's PNG says
+    assert made["task"] == "finetune-vae" and made["steps"] == 3 and made["lr"] == 1e-4
+    assert made["reference"] == str(data_dir / "wood-rings.jpg") and made["made_with"]["device"] == "cpu"
     again = run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3)
     assert again.exit_code == 2 and "--overwrite" in again.output
+    _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 2, "--overwrite"))
+    assert json.loads((folder / "attndistill.json").read_text())["steps"] == 2
     out = tmp_path / "with-vae.png"
     _ok(run("texture", data_dir / "wood-rings.jpg", "--vae", folder, "-o", out, "--size", "64", "--steps", 1))
     assert out.exists()

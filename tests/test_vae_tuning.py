@@ -6,6 +6,7 @@ import json
 import os
 import stat
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,7 +76,8 @@ def test_saved_folder_loads_with_from_pretrained_and_with_vae_option(tiny_sd15, 
 
 def test_finetune_vae_api_defaults_follow_the_spec(tiny_sd15, data_dir, monkeypatch):
     seen = {}
-    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: seen.update(kw, shape=images.shape))
+    monkeypatch.setattr(vae_tuning, "tune_decoder",
+                        lambda vae, images, **kw: (seen.update(kw, shape=images.shape), SimpleNamespace())[1])
     finetune_vae(data_dir / "wood-rings.jpg", model=tiny_sd15)
     assert seen["steps"] == 75 and seen["lr"] == 1e-4
     assert seen["shape"] == (1, 3, tiny_sd15.native_size, tiny_sd15.native_size)

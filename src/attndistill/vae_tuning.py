@@ -21,7 +21,7 @@ import torch
 
 from .checks import number, whole
 from .errors import NonFiniteError, UserError
-from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, is_writable, load_image, to_tensor
+from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, is_writable, load_image, params_json, to_tensor
 from .models import DiffusionModel, check_vae_source
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
@@ -122,10 +122,18 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = S
             return tune_decoder(model.vae, images, steps=steps, lr=lr, callback=report)
 
         # a decoder's backward at full size is the largest VAE work there is: the run's idle graphs may have to go
-        return model.beside_graphs(attempt)
+        tuned = model.beside_graphs(attempt)
     finally:
         if bar is not None:
             bar.close()
+    from . import __version__
+    from .tasks import describe_input, local_or_hub, made_with
+
+    # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
+    tuned.attndistill_parameters = {
+        "task": "finetune-vae", "version": __version__, "reference": describe_input(reference),
+        "model": local_or_hub(model.source), "steps": steps, "lr": lr, "made_with": made_with(model)}
+    return tuned
 
 
 @contextmanager
@@ -178,8 +186,10 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> P
     return folder
 
 
-#: What ``save_pretrained`` of an ``AutoencoderKL`` writes (the weights in either format).
-VAE_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"}
+#: How a tuned VAE was made (reference, model, steps, lr, versions), saved beside its weights.
+PARAMETERS_FILE = "attndistill.json"
+#: What saving a VAE writes: ``save_pretrained``'s files (the weights in either format) and ours.
+VAE_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", PARAMETERS_FILE}
 
 
 def _is_vae_folder(folder: Path) -> bool:
@@ -203,6 +213,9 @@ def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path
         raise UserError(f"output folder '{folder}' cannot be written ({exc.strerror}); choose another path") from None
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
+        parameters = getattr(vae, "attndistill_parameters", None)
+        if parameters:
+            (tmp / PARAMETERS_FILE).write_text(params_json(parameters) + "\n")
         for path in tmp.iterdir():  # mkdtemp makes 0700 and safetensors 0600: as readable as any new folder
             path.chmod(_FILE_MODE)
         tmp.chmod(_FOLDER_MODE)
