@@ -10,7 +10,6 @@ import inspect
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from .errors import UserError
-from .images import load_image, parse_size
+from .images import atomic_write, load_image, parse_size
 from .webui_jobs import error_message
 
 TILE_CHOICES = ["none", "x", "y", "xy"]
@@ -62,25 +61,19 @@ def keep_uploads(value, folder: Path):
     try:
         if not path.resolve().is_relative_to(GRADIO_UPLOADS.resolve()) or not path.is_file():
             return value
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        data = path.read_bytes()
     except (OSError, ValueError):  # gone from Gradio's cache meanwhile, or no path at all: the task says what
         return value
-    kept = folder / "inputs" / f"{digest}-{path.name}"
+    kept = folder / "inputs" / f"{hashlib.sha256(data).hexdigest()[:12]}-{path.name}"
     if kept.is_file():
         return str(kept)
-    partial = None
     try:
         kept.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(prefix=f".{kept.name}.", suffix=".partial", dir=kept.parent)
-        os.close(fd)  # a name of its own: two servers may keep the same upload at once
-        shutil.copyfile(path, partial)
-        os.chmod(partial, 0o644)
-        os.replace(partial, kept)  # whole or not at all, as every output
-    except OSError as exc:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
+        atomic_write(kept, lambda f: f.write(data), overwrite=True)  # whole or not at all, as every output
+    except (OSError, UserError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else exc
         raise UserError(f"upload '{path.name}' could not be kept beside the results in '{kept.parent}' "
-                        f"({exc.strerror}); free space there or start the UI with another --outputs") from None
+                        f"({reason}); free space there or start the UI with another --outputs") from None
     return str(kept)
 
 
