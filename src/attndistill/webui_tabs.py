@@ -68,10 +68,9 @@ def start_t_box(tab: str) -> gr.Textbox:
     return blank_number("Start timestep", tab, "start-t", "blank: every step; else AD only below it (1-1000)")
 
 
-def _count(value) -> int:
-    """The Images box: blank is one image; 0 goes to the task, which says it must be at least 1."""
-    count = whole(value, "images")
-    return 1 if count is None else count
+def _count(value: int | None) -> int:
+    """The Images box, already a whole number within 1..MAX_IMAGES (WebUI.wire checks it): blank is one image."""
+    return 1 if value is None else value
 
 
 def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[list]) -> None:
