@@ -410,8 +410,8 @@ def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_p
      "--num-images", "2", "--grid", "--seed", "3"],
     ["texture", "{data}/wood-rings.jpg", "--num", "2", "--size", "96x64", "--steps", "2", "--vae", "{model}/vae",
      "--seed", "4"],
-    ["texture", "{data}/wood-rings.jpg", "--mode", "sample", "--tile", "x", "--size", "96x64", "--steps", "2",
-     "--iters", "1", "--seed", "6"],
+    ["texture", "{data}/horse.jpg", "--mode", "sample", "--tile", "x", "--size", "96x64", "--steps", "2",
+     "--iters", "1", "--reference-fit", "keep", "--seed", "6"],
     ["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg", "--steps", "2", "--vae-tiling", "--channels-last",
      "--no-fused", "--seed", "7"],
 ])
@@ -435,7 +435,7 @@ def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir
     if "--grid" in args:
         assert line["grid"] is True and len(originals) == 1
     if "--tile" in args:
-        assert line["tile"] == "x"
+        assert line["tile"] == "x" and line["reference_fit"] == "keep"
     if "--vae-tiling" in args:  # speed switches that change pixels travel with the job; the runner sets them
         assert line["perf"] == {"vae_tiling": True, "channels_last": True, "fused": False}
     (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")

@@ -109,7 +109,8 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     AutoencoderKL.from_pretrained(folder)
     made = json.loads((folder / "attndistill.json").read_text())  # how it was made, as a result's PNG says
     assert made["task"] == "finetune-vae" and made["steps"] == 3 and made["lr"] == 1e-4
-    assert made["reference"] == str(data_dir / "wood-rings.jpg") and made["made_with"]["device"] == "cpu"
+    assert made["reference"] == [str(data_dir / "wood-rings.jpg")] and made["reference_fit"] == "squash"
+    assert made["made_with"]["device"] == "cpu"
     again = run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3)
     assert again.exit_code == 2 and "--overwrite" in again.output
     _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 2, "--overwrite"))

@@ -65,6 +65,7 @@ def test_whole_number_boxes_refuse_fractions_and_seeds_stay_exact(ui, data_dir):
     assert params["seed"] == seed and params["steps"] == 1
     words = shlex.split(command)
     assert words[words.index("--seed") + 1] == str(seed) and words[words.index("--steps") + 1] == "1"
+    assert params["reference_fit"] == "squash" and "--reference-fit" not in words  # the default goes unsaid
     with pytest.raises(gr.Error, match="seed"):
         run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": "1.5"})
 
@@ -73,19 +74,21 @@ def test_expand_keeps_the_size_its_command_says(ui, data_dir):
     """The terminal command reruns the same canvas: the size is rounded to whole latents, as the CLI does."""
     params, command, image = result_parameters(run_tab(ui, "expand", {
         "expand-reference": str(data_dir / "wood-rings.jpg"), "expand-size": "600x520", "expand-steps": 1,
-        "expand-iters": 0, "expand-stride": 64, "expand-preview-every": 0}))
-    assert image.size == (600, 520) and params["size"] == [600, 520]
+        "expand-iters": 0, "expand-stride": 64, "expand-reference-fit": "keep", "expand-preview-every": 0}))
+    assert image.size == (600, 520) and params["size"] == [600, 520] and params["reference_fit"] == "keep"
     words = shlex.split(command)
-    assert words[words.index("--size") + 1] == "600x520"
+    assert words[words.index("--size") + 1] == "600x520" and words[words.index("--reference-fit") + 1] == "keep"
 
 
 def test_texture_sampling_honours_tiling(ui, data_dir):
     params, command, _ = result_parameters(run_tab(ui, "texture", {
         "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "sample", "texture-steps": 1,
-        "texture-iters": 1, "texture-size": "64", "texture-tile": "x", "texture-preview-every": 0}))
-    assert params["tile"] == "x" and params["task"] == "texture-sample"
+        "texture-iters": 1, "texture-size": "64", "texture-tile": "x", "texture-reference-fit": "keep",
+        "texture-preview-every": 0}))
+    assert params["tile"] == "x" and params["task"] == "texture-sample" and params["reference_fit"] == "keep"
     words = shlex.split(command)
     assert words[words.index("--tile") + 1] == "x" and words[words.index("--mode") + 1] == "sample"
+    assert words[words.index("--reference-fit") + 1] == "keep"
 
 
 def test_texture_layout_takes_adain_start_t_and_content_weight_and_the_command_says_so(ui, data_dir):

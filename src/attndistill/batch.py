@@ -327,7 +327,7 @@ class Runner:
 
 #: Options a batched style run shares; jobs that differ only in content (and output) can join one batch.
 _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "attention_scale", "layers", "size",
-              "seed"}
+              "seed", "reference_fit"}
 
 
 def _batch_key(job: Job) -> str | None:

@@ -77,7 +77,7 @@ _INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch", 
 _FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
 _BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae", "grid"}
 _STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt", "negative_prompt", "control",
-            "controlnet", "tile", "mode"}
+            "controlnet", "tile", "mode", "reference_fit"}
 _NOT_OPTIONS = {"model", "device", "dtype", "vae", "progress", "callback"}
 
 

@@ -60,7 +60,7 @@ class _Job:
     start_t: int | None = None
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
     tile: str | None = None  # seamless axes of the UNet and decoder (textures)
-    tune_vae: bool = False  # decode with a decoder fitted to the first reference (textures)
+    tune_vae: bool = False  # decode with a decoder fitted to the references (textures)
 
 
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
@@ -84,7 +84,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
         net, image, preprocess, scale = job.control
         control, _ = prepare_control(net, image, model=model, size=(w, h), preprocess=preprocess, scale=scale,
                                      allow_pickle=allow_pickle)
-    z_ref = encode_references(model, job.references, job.ref_what)
+    z_ref = encode_references(model, job.references, job.ref_what, preset.reference_fit)
     cond, uncond = prompt_conditioning(model, job.prompt, job.negative_prompt, guidance=preset.guidance,
                                        size=(h, w))
     scheduler = model.ddim_scheduler(preset.steps)
@@ -110,8 +110,9 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
                    callback=callback, progress=progress, desc=job.task)
     params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, fused=fused,
                             **inputs)
-    # tune_vae: decoded by a decoder fitted to the first reference (ALGORITHM.md §5), circular when tiling
-    tuned = finetune_vae(job.references[0], model=model, progress=progress) if job.tune_vae else None
+    # tune_vae: decoded by a decoder fitted to the references (ALGORITHM.md §5), circular when tiling
+    tuned = finetune_vae(job.references, model=model, reference_fit=preset.reference_fit,
+                         progress=progress) if job.tune_vae else None
     with using_vae(model, tuned), seamless(model, tile, parts=("decoder",)):
         return finish(model, z, params)
 
@@ -152,7 +153,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                   layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                   vae: str | None = None, device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False, fused: bool | None = None, progress: bool = True,
-                  callback: Callback | None = None) -> list[Image.Image]:
+                  callback: Callback | None = None, reference_fit: str | None = None) -> list[Image.Image]:
     """Generate ``num_images`` images of ``prompt`` in the style of ``style`` (one image or several).
 
     AD-guided DDIM sampling (Algorithm 2). Defaults come from the "t2i" preset for SD 1.5 (50 steps,
@@ -173,7 +174,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
-        attention_scale=attention_scale)
+        attention_scale=attention_scale, reference_fit=reference_fit)
     content_img = load_image(content, what="content image") if content is not None else None
     control_img = load_image(control_image, what="control image") if control_image is not None else None
     styles = as_list(style)
@@ -200,14 +201,16 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
                      layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                      vae: str | None = None, device: str | None = None, dtype: str | None = None,
                      fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
-                     tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
+                     tile: str | None = None, tune_vae: bool = False,
+                     reference_fit: str | None = None) -> list[Image.Image]:
     """Synthesise ``num`` textures like ``reference`` by AD-guided sampling from noise (empty prompt).
 
     Defaults from the "texture-sample" preset: 50 steps, 3 iterations, lr 0.05, guidance 1. ``tile``
     "x", "y" or "xy" makes the textures periodic; ``tune_vae`` decodes with VAE* (ALGORITHM.md §5).
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
-                                                   adain=adain, attention_scale=attention_scale)
+                                                   adain=adain, attention_scale=attention_scale,
+                                                   reference_fit=reference_fit)
     refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": check_axes(tile),
@@ -225,7 +228,7 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
                    size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
                    callback: Callback | None = None, tile: str | None = None,
-                   tune_vae: bool = False) -> list[Image.Image]:
+                   tune_vae: bool = False, reference_fit: str | None = None) -> list[Image.Image]:
     """Texture of ``reference`` laid out like the colour ``layout`` image (SDEdit, ALGORITHM.md §4).
 
     The layout is encoded, noised to the step that ``strength`` in (0, 1] starts from (1: pure noise),
@@ -235,7 +238,7 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
-                                                   attention_scale=attention_scale)
+                                                   attention_scale=attention_scale, reference_fit=reference_fit)
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,40 @@ def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple
     w, h = size
     scale = long_side / max(w, h)
     return round_to_multiple(w * scale, multiple), round_to_multiple(h * scale, multiple)
+
+
+Box = tuple[int, int, int, int]
+
+
+def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int
+                    ) -> tuple[tuple[int, int], list[Box]]:
+    """The (width, height) every reference is resized to, and the part of each image that is used.
+
+    ``fit`` is one of :data:`~attndistill.presets.REFERENCE_FITS`. "squash": whole images, native
+    square. "keep": the first image's aspect at about ``native``² pixels, sides rounded to ``multiple``;
+    every image centre-cropped to that rounded aspect (the first loses only what rounding takes), so
+    none is stretched.
+    """
+    if fit == "squash":
+        return (native, native), [(0, 0, w, h) for w, h in sizes]
+    w0, h0 = sizes[0]
+    width = round_to_multiple(native * (w0 / h0) ** 0.5, multiple)
+    height = round_to_multiple(native * native / width, multiple)
+    boxes = []
+    for w, h in sizes:
+        if w * height > h * width:  # wider than the target aspect: crop the sides
+            cw, ch = max(1, round(h * width / height)), h
+        else:
+            cw, ch = w, max(1, round(w * height / width))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        boxes.append((left, top, left + cw, top + ch))
+    return (width, height), boxes
+
+
+def fit_references(images: Sequence[Image.Image], fit: str, native: int, multiple: int) -> torch.Tensor:
+    """Reference images as a run sees them: (R, 3, H, W) in [0, 1], cropped and resized by ``fit``."""
+    size, boxes = reference_boxes([img.size for img in images], fit, native, multiple)
+    return to_tensor([img.crop(box) for img, box in zip(images, boxes, strict=True)], size)
 
 
 def check_size(size: object) -> int | tuple[int, int] | None:

@@ -13,6 +13,12 @@ from .errors import UserError
 
 Mode = Literal["optimize", "sample", "multidiffusion"]
 
+#: How reference images meet the model. "squash": each resized to the native square, as the paper's
+#: code does (a non-square reference is stretched). "keep": the first reference's aspect ratio at about
+#: the native area; other references are centre-cropped to that aspect, so none is stretched.
+REFERENCE_FITS = ("squash", "keep")
+DEFAULT_REFERENCE_FIT = "squash"
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -29,6 +35,7 @@ class Preset:
     attention_scale: float = 1.0  # `a` in the ideal attention
     init: Literal["content", "random", "labels"] = "random"
     stride: int = 8  # MultiDiffusion view stride in latents
+    reference_fit: str = DEFAULT_REFERENCE_FIT  # one of REFERENCE_FITS
 
     def override(self, **changes: object) -> Preset:
         """A copy with the non-None values of ``changes`` applied."""

@@ -23,11 +23,11 @@ from . import __version__
 from .checks import flag
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, check_size, fit_size, load_image, params_json, to_pil, to_tensor
+from .images import ImageInput, check_size, fit_references, fit_size, load_image, params_json, to_pil, to_tensor
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
-from .presets import Preset, get_preset
+from .presets import REFERENCE_FITS, Preset, get_preset
 from .tiling import check_axes, seamless
 from .vae_tuning import check_tune_vae, tuned_vae
 
@@ -80,6 +80,7 @@ def check_settings(preset: Preset) -> None:
         if not math.isfinite(getattr(preset, name)):
             raise UserError(f"{name.replace('_', ' ')} must be a finite number (got {getattr(preset, name)})")
     flag("adain", preset.adain)
+    check_reference_fit(preset.reference_fit)
     for name in ("steps", "iters", "stride"):
         value = getattr(preset, name)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -116,13 +117,21 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
     return w, h
 
 
-def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str) -> torch.Tensor:
-    """Reference images resized to the model's native square size -> latents (R, 4, h, w)."""
+def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str,
+                      fit: str = "squash") -> torch.Tensor:
+    """Reference images at about the model's native area, fitted by ``fit`` (REFERENCE_FITS) -> latents (R, 4, h, w)."""
     if not references:
         raise UserError(f"no {what} given; pass at least one")
-    side = model.native_size
     images = [load_image(r, what=what) for r in references]
-    return model.encode(to_tensor(images, (side, side)))
+    return model.encode(fit_references(images, check_reference_fit(fit), model.native_size, model.latent_multiple))
+
+
+def check_reference_fit(fit: object) -> str:
+    """One of REFERENCE_FITS, or a one-line error naming them."""
+    if fit not in REFERENCE_FITS:
+        raise UserError(f"reference fit must be one of {', '.join(REFERENCE_FITS)} (got {fit!r}): 'squash' "
+                        "stretches each reference to the model's square, 'keep' keeps the first one's aspect")
+    return fit
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -178,7 +187,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     layer_ids = parse_layers(layers, model)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
     w, h = target_size(model, size, like=targets[0] if targets else target)
-    z_ref = encode_references(model, references, ref_what)
+    z_ref = encode_references(model, references, ref_what, preset.reference_fit)
     z_content = None
     if target is not None:
         z_content = model.encode(to_tensor(targets or target, (w, h)))
@@ -189,8 +198,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     # features with the null conditioning of the output size (SDXL's add_time_ids, ALGORITHM.md §1)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
-    # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the first reference
-    with tuned_vae(model, references[0] if tune_vae else None, progress=progress), seamless(model, tile):
+    # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the references
+    with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
+          seamless(model, tile)):
         z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
         params = run_parameters(task, model, preset, layer_ids, (w, h), seed, fused=fused, tile=tile,
@@ -204,7 +214,8 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
                    attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                    size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                   callback: Callback | None = None, tile: str | None = None, tune_vae: bool = False) -> Image.Image:
+                   callback: Callback | None = None, tile: str | None = None, tune_vae: bool = False,
+                   reference_fit: str | None = None) -> Image.Image:
     """Repaint ``content`` in the style of ``style`` (one image or several) by optimisation.
 
     Defaults come from the ``style`` preset (200 steps, lr 0.05, content weight 0.25, the last six
@@ -215,7 +226,7 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
         out.save("horse-watercolor.png")
     """
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                                          attention_scale=attention_scale)
+                                          attention_scale=attention_scale, reference_fit=reference_fit)
     styles = as_list(style)
     return _optimise_task(
         "style", target=load_image(content, what="content image"), references=styles, ref_what="style image",
@@ -232,10 +243,10 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
                         size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                         dtype: str | None = None, fused: bool | None = None, progress: bool = True,
                         callback: Callback | None = None, tile: str | None = None,
-                        tune_vae: bool = False) -> Image.Image:
+                        tune_vae: bool = False, reference_fit: str | None = None) -> Image.Image:
     """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2."""
     preset = get_preset("appearance").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                                               attention_scale=attention_scale)
+                                               attention_scale=attention_scale, reference_fit=reference_fit)
     refs = as_list(appearance)
     return _optimise_task(
         "appearance", target=load_image(structure, what="structure image"), references=refs,
@@ -251,13 +262,15 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
                       layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                       vae: str | None = None, device: str | None = None, dtype: str | None = None,
                       fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
-                      tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
+                      tile: str | None = None, tune_vae: bool = False,
+                      reference_fit: str | None = None) -> list[Image.Image]:
     """Synthesise ``num`` new textures like ``reference`` from random latents, optimised in one batch.
 
     ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
     """
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
-    preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale)
+    preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
+                                            reference_fit=reference_fit)
     refs = as_list(reference)
     return _optimise_task(
         "texture", target=None, references=refs, ref_what="texture image", model=model, size=size, num=num,
@@ -271,7 +284,7 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
                          iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
                          attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                          size: Size = None, seed: int = 0, progress: bool = True,
-                         callback: Callback | None = None) -> list[Image.Image]:
+                         callback: Callback | None = None, reference_fit: str | None = None) -> list[Image.Image]:
     """Style transfer of several contents with one style, optimised together in one batch.
 
     Each target gets the gradient it would get alone, so results match one-by-one runs up to
@@ -289,7 +302,7 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     if not contents:
         raise UserError("style_transfer_batch needs at least one content image")
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                                          attention_scale=attention_scale)
+                                          attention_scale=attention_scale, reference_fit=reference_fit)
     styles = as_list(style)
     images = [load_image(c, what="content image") for c in contents]
     results = _optimise_task(

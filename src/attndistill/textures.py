@@ -22,7 +22,16 @@ from . import vae_tuning
 from .checks import whole
 from .engine import Distiller, parse_layers
 from .errors import UnmatchedLabels, UserError
-from .images import ImageInput, check_size, load_image, params_json, round_to_multiple, to_pil, to_tensor
+from .images import (
+    ImageInput,
+    check_size,
+    load_image,
+    params_json,
+    reference_boxes,
+    round_to_multiple,
+    to_pil,
+    to_tensor,
+)
 from .models import DiffusionModel, as_model
 from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
@@ -108,7 +117,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                    view_batch: int = VIEW_BATCH, tile: str | None = None, decode_tile: int = DECODE_TILE,
                    tune_vae: bool = False, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                   callback: Callback | None = None) -> Image.Image:
+                   callback: Callback | None = None, reference_fit: str | None = None) -> Image.Image:
     """Grow a texture like ``reference`` to ``size`` (width, height) px with AD-guided MultiDiffusion.
 
     Defaults from the ``expand`` preset (50 DDIM steps, 2 iterations, lr 0.05, stride 8 latents);
@@ -119,7 +128,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     """
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-                                           stride=stride)
+                                           stride=stride, reference_fit=reference_fit)
     check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     seed, _ = check_run(seed=seed, callback=callback, fused=fused, progress=progress)
     axes = check_axes(tile) or ""
@@ -134,7 +143,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     wrap = ("y" in axes and hw[0] > view, "x" in axes and hw[1] > view)
     unet_axes = ("y" if "y" in axes and hw[0] == view else "") + ("x" if "x" in axes and hw[1] == view else "")
 
-    z_ref = encode_references(model, refs, "texture image")
+    z_ref = encode_references(model, refs, "texture image", preset.reference_fit)
     scheduler = model.ddim_scheduler(preset.steps)
     view_px = view * f
     cond = model.null_condition((view_px, view_px))
@@ -148,7 +157,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
-    tuned = vae_tuning.finetune_vae(load_image(refs[0], what="texture image"), model=model,
+    tuned = vae_tuning.finetune_vae(refs, model=model, reference_fit=preset.reference_fit,
                                     progress=progress) if tune_vae else None
     with using_vae(model, tuned):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
@@ -163,10 +172,14 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
 # -- VAE* -------------------------------------------------------------------------------------------
 
-def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = None, steps: int = STEPS,
-                 lr: float = LR, vae: str | None = None, device: str | None = None, dtype: str | None = None,
-                 progress: bool = False, callback: Callback | None = None):
+def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
+                 steps: int = STEPS, lr: float = LR, reference_fit: str = "squash", vae: str | None = None,
+                 device: str | None = None, dtype: str | None = None, progress: bool = False,
+                 callback: Callback | None = None):
     """A copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on ``reference`` (ALGORITHM.md §5).
+
+    Several references: the decoder fits them all (the mean of their losses). ``reference_fit`` as in
+    the tasks: "squash" (native square) or "keep" (the first one's aspect).
 
     Only the decoder changes; the model is untouched. Save it with :func:`attndistill.vae_tuning.save_vae`
     (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task. ``callback``: a
@@ -174,7 +187,8 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel | str | None = 
     """
     check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
-    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, progress=progress, callback=callback)
+    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, reference_fit=reference_fit,
+                                   progress=progress, callback=callback)
 
 
 # -- options for any texture task --------------------------------------------------------------------
@@ -186,16 +200,16 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
 
     For tasks without these options of their own (every texture task has them): the UNet and the
     VAE decoder get circular convolutions for the run (the encoder keeps its own, the
-    references are not periodic); ``tune_vae`` fits a decoder copy to the first reference. The options
+    references are not periodic); ``tune_vae`` fits a decoder copy to the references. The options
     are added to each result's parameters.
     """
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
     refs = as_list(reference)
-    first = refs[0] if refs else None  # none: the task itself says a reference is needed
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
     model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
-    with (tuned_vae(model, first if tune_vae else None, progress=progress),
+    fit = kwargs.get("reference_fit") or "squash"  # no reference: the task itself says one is needed
+    with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
         images = task(reference, model=model, progress=progress, **kwargs)
     for img in images:
@@ -252,6 +266,14 @@ def sample_label_init(ref_pixels: torch.Tensor, ref_ids: torch.Tensor, target_id
     return out.reshape(num, 3, *target_ids.shape)
 
 
+def _crop_like(ids: np.ndarray, box: tuple[int, int, int, int], image_size: tuple[int, int]) -> np.ndarray:
+    """The part of a label map (H, W) that ``box`` cuts from its image of ``image_size`` (the map may be smaller)."""
+    sx, sy = ids.shape[1] / image_size[0], ids.shape[0] / image_size[1]
+    left, top, right, bottom = box
+    return ids[round(top * sy):max(round(bottom * sy), round(top * sy) + 1),
+               round(left * sx):max(round(right * sx), round(left * sx) + 1)]
+
+
 def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
     ar_img, ar_lab = image.width / image.height, labels.width / labels.height
     if abs(ar_img - ar_lab) > 0.02 * ar_img:
@@ -267,18 +289,20 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                              layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                              tile: str | None = None, tune_vae: bool = False, vae: str | None = None,
                              device: str | None = None, dtype: str | None = None, fused: bool | None = None,
-                             progress: bool = True, callback: Callback | None = None) -> list[Image.Image]:
+                             progress: bool = True, callback: Callback | None = None,
+                             reference_fit: str | None = None) -> list[Image.Image]:
     """Texture whose regions follow ``target_labels``, each region made of the same-coloured region of the reference.
 
     Label maps are colour images (one label per distinct colour), one per reference image. Masked AD
     (target tokens attend only to reference tokens of their label) from an initialisation of reference
     pixels sampled per label, with a content loss on that initialisation; preset ``texture-masked``
     (200 steps, lambda 0.15). ``size`` defaults to the long side of the target map at the model's
-    native size, aspect kept. Returns ``num`` images.
+    native size, aspect kept. ``reference_fit`` crops the label maps as it crops their textures.
+    Returns ``num`` images.
     """
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                                                   attention_scale=attention_scale)
+                                                   attention_scale=attention_scale, reference_fit=reference_fit)
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
@@ -304,15 +328,18 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=target_image)
-    side = model.native_size
-    ref_pixels = to_tensor(ref_images, (side, side))  # (R, 3, side, side), as encode_references does
-    ref_ids = torch.stack([_resize_ids(m, (side, side)) for m in maps[:-1]])  # (R, side, side)
+    # the references as encode_references fits them, and their label maps cut and resized alike
+    (rw, rh), boxes = reference_boxes([img.size for img in ref_images], preset.reference_fit, model.native_size,
+                                      model.latent_multiple)
+    ref_pixels = to_tensor([img.crop(box) for img, box in zip(ref_images, boxes, strict=True)], (rw, rh))
+    ref_ids = torch.stack([_resize_ids(_crop_like(m, box, img.size), (rw, rh))
+                           for m, box, img in zip(maps[:-1], boxes, ref_images, strict=True)])  # (R, rh, rw)
     target_ids = _resize_ids(maps[-1], (w, h))  # (h, w)
     try:
         init_pixels = sample_label_init(ref_pixels, ref_ids, target_ids, num=num,
                                         generator=torch.Generator("cpu").manual_seed(seed))
     except ValueError:  # a label too thin to survive resizing the reference map
-        raise UserError(f"a target colour's region in '{names[0]}' vanishes at {side}x{side}; make the "
+        raise UserError(f"a target colour's region in '{names[0]}' vanishes at {rw}x{rh}; make the "
                         "reference regions larger") from None
     z_ref = model.encode(ref_pixels)
     z_init = model.encode(init_pixels)  # the initialisation is also the content image
@@ -320,17 +347,18 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
                           condition_size=(h, w), **_batching(fused, z_ref, z_init.shape[-2:]))
-    with tuned_vae(model, ref_images[0] if tune_vae else None, progress=progress), seamless(model, tile):
+    with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
+          seamless(model, tile)):
         try:  # fails at the first step, if at all
             z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,
                                  iters=preset.iters, lr=preset.lr, callback=callback, progress=progress,
                                  desc="texture-masked")
         except UnmatchedLabels as exc:
-            h_tok, w_tok = exc.grid or (side, side)
+            h_tok, w_tok = exc.grid or (rh, rw)
             raise UserError(f"colour(s) {', '.join(colours[i] for i in exc.labels)} of '{names[-1]}' keep no region "
                             f"in {', '.join(repr(n) for n in names[:-1])} once resized to the model's {h_tok}x{w_tok} "
-                            f"token grid; make those regions at least {side // min(h_tok, w_tok)} px wide in the "
-                            f"reference scaled to {side}x{side}") from None
+                            f"token grid; make those regions at least {max(rw // w_tok, rh // h_tok)} px wide in the "
+                            f"reference scaled to {rw}x{rh}") from None
         params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed, fused=fused,
                          reference=[describe_input(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
                          num=num, tile=tile, tune_vae=tune_vae)

@@ -13,7 +13,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 from .checks import number, whole
 from .errors import NonFiniteError, UserError
-from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, is_writable, load_image, params_json, to_tensor
+from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
 from .models import DiffusionModel, check_vae_source
 from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
 
@@ -72,14 +72,17 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     with torch.enable_grad():
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = (tuned.decode(z).sample - x).abs().mean()
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(loss.detach())}); "
-                                     f"lower its lr (now {lr}, default {LR})")
-            loss.backward()
+            loss = 0.0
+            for i in range(len(x)):  # one image at a time: one decoder backward's memory, the mean's gradient
+                part = (tuned.decode(z[i:i + 1]).sample - x[i:i + 1]).abs().mean() / len(x)
+                if not torch.isfinite(part):
+                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(part.detach())}); "
+                                         f"lower its lr (now {lr}, default {LR})")
+                part.backward()
+                loss += float(part.detach())
             optimizer.step()
             if callback is not None:
-                callback(step, float(loss.detach()))
+                callback(step, loss)
     if not all(bool(p.isfinite().all()) for p in tuned.decoder.parameters()):  # the last step's update
         raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {LR})")
     if device.type == "cuda":
@@ -87,9 +90,11 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     return tuned.requires_grad_(False).eval()
 
 
-def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = STEPS, lr: float = LR,
-                 progress: bool = False, callback: Callable | None = None):
-    """Fine-tune a copy of ``model``'s decoder on ``reference`` (at the model's native size); returns it.
+def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel, steps: int = STEPS,
+                 lr: float = LR, reference_fit: str = "squash", progress: bool = False,
+                 callback: Callable | None = None):
+    """Fine-tune a copy of ``model``'s decoder on ``reference`` (one image or several, each as the tasks
+    encode it: about the model's native area, fitted by ``reference_fit``); returns it.
 
     The model itself is not changed. ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after
     each step, as the tasks' callbacks do; its latents are empty (the decoder's weights are what
@@ -98,8 +103,13 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = S
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    side = model.native_size
-    images = to_tensor(load_image(reference, what="reference image"), (side, side))  # (1, 3, side, side)
+    from .tasks import as_list, check_reference_fit
+
+    references = as_list(reference)
+    if not references:
+        raise UserError("no reference image given for VAE tuning; pass at least one")
+    images = fit_references([load_image(r, what="reference image") for r in references],
+                            check_reference_fit(reference_fit), model.native_size, model.latent_multiple)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -131,8 +141,9 @@ def finetune_vae(reference: ImageInput, *, model: DiffusionModel, steps: int = S
 
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
     tuned.attndistill_parameters = {
-        "task": "finetune-vae", "version": __version__, "reference": describe_input(reference),
-        "model": local_or_hub(model.source), "steps": steps, "lr": lr, "made_with": made_with(model)}
+        "task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
+        "reference_fit": reference_fit, "model": local_or_hub(model.source), "steps": steps, "lr": lr,
+        "made_with": made_with(model)}
     return tuned
 
 
@@ -154,10 +165,11 @@ def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
 
 
 @contextmanager
-def tuned_vae(model: DiffusionModel, reference: ImageInput | None, *, progress: bool = False
-              ) -> Iterator[DiffusionModel]:
-    """For one run: fine-tune a copy of the decoder on ``reference`` and decode with it (None: no-op)."""
-    vae = None if reference is None else finetune_vae(reference, model=model, progress=progress)
+def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *, reference_fit: str = "squash",
+              progress: bool = False) -> Iterator[DiffusionModel]:
+    """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op)."""
+    vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
+                                                       progress=progress)
     with using_vae(model, vae):
         yield model
 

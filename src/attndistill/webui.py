@@ -40,6 +40,7 @@ from .webui_fields import (
     keep_uploads,
     page_message,
     page_text,
+    reference_fit_radio,
     upload_check,
     whole,
 )
@@ -347,8 +348,9 @@ class WebUI:
                 layers=gr.Textbox("", label="Layers", placeholder="default: the model's last six, e.g. 10-15",
                                   elem_id=f"{tab}-layers"),
                 tile=gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling", elem_id=f"{tab}-tile"),
-                tune_vae=gr.Checkbox(False, label="Fine-tune the VAE decoder on the reference for this run",
-                                     elem_id=f"{tab}-tune-vae"))
+                tune_vae=gr.Checkbox(False, label="Fine-tune the VAE decoder on the references for this run",
+                                     elem_id=f"{tab}-tune-vae"),
+                reference_fit=reference_fit_radio(tab))
         return fields
 
     # -- serving ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import gradio as gr
 
 from .errors import UserError
 from .images import atomic_write, load_image, parse_size
+from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS
 from .webui_jobs import error_message
 
 TILE_CHOICES = ["none", "x", "y", "xy"]
@@ -91,6 +92,23 @@ def size_value(text: str | None, multiple: int = 1):
     """
     text = (text or "").strip()
     return parse_size(text, multiple=multiple) if text else None
+
+
+def reference_fit_radio(tab: str) -> gr.Radio:
+    """How the tab's references meet the model (REFERENCE_FITS), the presets' default first."""
+    return gr.Radio(list(REFERENCE_FITS), value=DEFAULT_REFERENCE_FIT, label="Reference fit",
+                    info="squash: stretched to the model's square (the paper's) · keep: aspect kept",
+                    elem_id=f"{tab}-reference-fit")
+
+
+def reference_fit_value(value: str | None) -> str | None:
+    """The radio -> the tasks' ``reference_fit`` (None: the preset's); unknown values fail in the task's check."""
+    return value or None
+
+
+def fit_cli(value: str | None) -> str | None:
+    """``--reference-fit`` for the page's command: only where it is not the default."""
+    return None if value in (None, "", DEFAULT_REFERENCE_FIT) else value
 
 
 def tile_value(value: str | None) -> str | None:

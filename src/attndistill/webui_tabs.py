@@ -24,11 +24,14 @@ from .webui_fields import (
     blank_number,
     file_name,
     file_paths,
+    fit_cli,
     float_box,
     image_input,
     int_box,
     number_value,
     page_message,
+    reference_fit_radio,
+    reference_fit_value,
     required,
     seed_box,
     seed_value,
@@ -103,7 +106,8 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
                   iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
                   attention_scale=s["attention_scale"], layers=s["layers"] or None,
                   size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
-                  tune_vae=bool(s["tune_vae"]), progress=False, callback=callback)
+                  tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
+                  progress=False, callback=callback)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
@@ -111,7 +115,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
             output=output, **ui.common_cli(model, seed_value(s["seed"])), steps=s["steps"], iters=s["iters"],
             lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
-            tune_vae=True if s["tune_vae"] else None))
+            tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"])))
 
     ui.wire(tab, panel, fields, call, command)
 
@@ -142,6 +146,7 @@ def t2i_tab(ui: WebUI) -> None:
             start_t = start_t_box(tab)
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
+            reference_fit = reference_fit_radio(tab)
         with gr.Row():
             controlnet = gr.Textbox("", label="ControlNet (Hub id or folder)", elem_id=f"{tab}-controlnet",
                                     placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
@@ -159,14 +164,14 @@ def t2i_tab(ui: WebUI) -> None:
     ui.validate_on_upload(style, control_image)
     fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
                   size=size, seed=seed, iters=iters, lr=lr, adain=adain, start_t=start_t, layers=layers,
-                  controlnet=controlnet,
+                  reference_fit=reference_fit, controlnet=controlnet,
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
         return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
                     adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
-                    layers=s["layers"] or None,
+                    layers=s["layers"] or None, reference_fit=reference_fit_value(s["reference_fit"]),
                     controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
@@ -186,7 +191,8 @@ def t2i_tab(ui: WebUI) -> None:
             style=file_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
             num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
             steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
-            start_t=o["start_t"], layers=o["layers"], size=(s["size"] or "").strip() or None,
+            start_t=o["start_t"], layers=o["layers"], reference_fit=fit_cli(o["reference_fit"]),
+            size=(s["size"] or "").strip() or None,
             controlnet=o["controlnet"],
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))
@@ -254,7 +260,8 @@ def texture_tab(ui: WebUI) -> None:
                       iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
                       layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
                       progress=False, callback=callback)
-        looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]))
+        looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]),
+                     reference_fit=reference_fit_value(s["reference_fit"]))
         if s["mode"] in CONTENT_MODES and s["content_weight"] is not None:
             common["content_weight"] = s["content_weight"]
         if s["mode"] in SAMPLING_MODES:
@@ -292,7 +299,8 @@ def texture_tab(ui: WebUI) -> None:
             adain=adain_value(s["adain"]) if m in SAMPLING_MODES else None,
             start_t=number_value(s["start_t"], "start timestep", int) if m in SAMPLING_MODES else None,
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
-            tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None))
+            tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None,
+            reference_fit=fit_cli(s["reference_fit"])))
 
     ui.wire(tab, panel, fields, call, command)
 
@@ -316,12 +324,13 @@ def expand_tab(ui: WebUI) -> None:
             stride = int_box("View stride (latents)", preset.stride, tab, "stride", minimum=1)
             view_batch = int_box("Views per batch", api_default("textures", "expand_texture", "view_batch"),
                               tab, "view-batch", minimum=1)
+            reference_fit = reference_fit_radio(tab)
         preview = ui.preview_options(tab)
     panel = ui.panel(tab)
     ui.examples([["woven-rattan.jpg"], ["wood-rings.jpg"]], [reference])
     ui.validate_on_upload(reference)
     fields = dict(reference=reference, size=size, steps=steps, seed=seed, tile=tile, iters=iters, lr=lr,
-                  stride=stride, view_batch=view_batch, **preview)
+                  stride=stride, view_batch=view_batch, reference_fit=reference_fit, **preview)
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
         from .textures import expand_texture
@@ -334,13 +343,14 @@ def expand_tab(ui: WebUI) -> None:
                               size=size if isinstance(size, tuple) else (size, size), model=model,
                               steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"), lr=s["lr"],
                               stride=whole(s["stride"], "stride"), tile=tile_value(s["tile"]),
-                              seed=seed_value(s["seed"]), progress=False, callback=callback, **extra)
+                              seed=seed_value(s["seed"]), reference_fit=reference_fit_value(s["reference_fit"]),
+                              progress=False, callback=callback, **extra)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         return cli_command([tab, file_name(s["reference"])], dict(
             output=output, size=(s["size"] or "").strip(), **ui.common_cli(model, seed_value(s["seed"])),
             steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
-            tile=tile_value(s["tile"])))
+            tile=tile_value(s["tile"]), reference_fit=fit_cli(s["reference_fit"])))
 
     ui.wire(tab, panel, fields, call, command)
 

@@ -28,6 +28,7 @@ from .common import (
     Preview,
     PreviewEvery,
     Quiet,
+    ReferenceFit,
     Seed,
     Size,
     Steps,
@@ -70,7 +71,7 @@ def style(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
-    tile: Tile = None, tune_vae: TuneVae = False,
+    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
@@ -80,13 +81,14 @@ def style(
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                      attention_scale=attention_scale, layers=layers, tile=tile)
+                      attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(content_image=content, style_image=style_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
                              size=parse_size_option(size), seed=seed, tile=tile, tune_vae=tune_vae,
-                             progress=not quiet, callback=preview_callback(preview, preview_every, m))
+                             reference_fit=reference_fit, progress=not quiet,
+                             callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
@@ -100,7 +102,7 @@ def appearance(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
-    tile: Tile = None, tune_vae: TuneVae = False,
+    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
@@ -110,13 +112,13 @@ def appearance(
     def body() -> None:
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                      attention_scale=attention_scale, layers=layers, tile=tile)
+                      attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(structure_image=structure, appearance_image=appearance_images)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
                                   layers=layers, size=parse_size_option(size), seed=seed, tile=tile,
-                                  tune_vae=tune_vae, progress=not quiet,
+                                  tune_vae=tune_vae, reference_fit=reference_fit, progress=not quiet,
                                   callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 
@@ -140,7 +142,7 @@ def texture(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: Seed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
-    adain: TextureAdain = None, start_t: StartT = None,
+    adain: TextureAdain = None, start_t: StartT = None, reference_fit: ReferenceFit = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
@@ -163,14 +165,14 @@ def texture(
         preset = "texture-masked" if ref_labels else "texture" if sampler is None else "texture-sample"
         check_options(preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
-                      adain=adain)
+                      adain=adain, reference_fit=reference_fit)
         check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
                      target_labels=target_labels)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-            layers=layers, size=parse_size_option(size), seed=seed, progress=not quiet,
-            callback=preview_callback(preview, preview_every, m), **extra)
+            layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit,
+            progress=not quiet, callback=preview_callback(preview, preview_every, m), **extra)
         write_images(imgs, output, overwrite=overwrite)
 
     run_command(body)

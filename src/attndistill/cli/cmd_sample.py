@@ -25,6 +25,7 @@ from .common import (
     Preview,
     PreviewEvery,
     Quiet,
+    ReferenceFit,
     Seed,
     Size,
     Steps,
@@ -73,7 +74,7 @@ def t2i(
     )] = None,
     control: Annotated[str, typer.Option(help="Preprocess the control image: canny or none")] = "none",
     control_scale: Annotated[float, typer.Option(help="Strength of the ControlNet residuals", callback=finite)] = 1.0,
-    guidance: Guidance = None, adain: Adain = None, start_t: StartT = None,
+    guidance: Guidance = None, adain: Adain = None, start_t: StartT = None, reference_fit: ReferenceFit = None,
     content: Annotated[Path | None, typer.Option(help="Content image for the content loss (needs --content-weight)"
                                                  )] = None,
     content_weight: ContentWeight = None,
@@ -91,7 +92,8 @@ def t2i(
         check_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
                       attention_scale=attention_scale, layers=layers, controlnet=controlnet,
                       control_image=control_image, control=control, control_scale=control_scale, content=content,
-                      content_weight=content_weight, num=num_images, what="number of images")
+                      content_weight=content_weight, reference_fit=reference_fit, num=num_images,
+                      what="number of images")
         check_images(style_image=style, content_image=content, control_image=control_image)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(
@@ -99,7 +101,8 @@ def t2i(
             iters=iters, lr=lr, guidance=guidance, adain=adain, start_t=start_t, content=content,
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
-            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, progress=not quiet,
+            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,
+            progress=not quiet,
             callback=preview_callback(preview, preview_every, m))
         write_images([image_grid(images)] if grid else images, output, overwrite=overwrite)
 

@@ -30,6 +30,7 @@ from .common import (
     Preview,
     PreviewEvery,
     Quiet,
+    ReferenceFit,
     Seed,
     Steps,
     Vae,
@@ -52,7 +53,7 @@ Tile = Annotated[str | None, typer.Option(
     help="Seamless tiling: circular padding along x, y or xy, so the result tiles without a seam",
     show_default=False)]
 TuneVae = Annotated[bool, typer.Option(
-    help=f"Fine-tune a copy of the VAE decoder on the (first) reference for this run (VAE*, {VAE_TUNING_STEPS} "
+    help=f"Fine-tune a copy of the VAE decoder on the reference(s) for this run (VAE*, {VAE_TUNING_STEPS} "
          "steps)")]
 RefLabels = Annotated[list[Path] | None, typer.Option(
     "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",
@@ -94,7 +95,7 @@ def expand(
         help=f"View side in latents \\[default: {VIEW}, {VIEW * 8} px on SD 1.5]", show_default=False)] = None,
     decode_tile: Annotated[int | None, typer.Option(help=f"Decoder tile side in latents \\[default: {DECODE_TILE}]",
                                                     show_default=False)] = None,
-    tile: Tile = None, tune_vae: TuneVae = False,
+    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, seed: Seed = 0,
@@ -113,12 +114,12 @@ def expand(
         check_expansion(get_preset("expand").override(steps=steps, iters=iters, lr=lr,
                                                       attention_scale=attention_scale, stride=stride),
                         canvas, **optional)
-        check_options("expand", layers=layers, tile=tile)
+        check_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(texture_image=references)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
                              attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
-                             tune_vae=tune_vae, seed=seed, progress=not quiet,
+                             tune_vae=tune_vae, reference_fit=reference_fit, seed=seed, progress=not quiet,
                              callback=preview_callback(preview, preview_every, m), **optional)
         write_images([img], output, overwrite=overwrite)
 
@@ -127,26 +128,29 @@ def expand(
 
 @app.command("finetune-vae", epilog=FINETUNE_EXAMPLE)
 def finetune_vae(
-    reference: Annotated[Path, typer.Argument(help="Image to fit the decoder to")],
+    reference: Annotated[list[Path], typer.Argument(help="Image(s) to fit the decoder to (several: all of them)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to save the AutoencoderKL in",
                                          show_default=False)],
     steps: Annotated[int | None, typer.Option(help=f"Adam steps \\[default: {VAE_TUNING_STEPS}]",
                                               show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(help=f"Adam learning rate \\[default: {VAE_TUNING_LR:g}]",
                                              show_default=False, callback=finite)] = None,
+    reference_fit: ReferenceFit = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from .. import vae_tuning
+    from ..tasks import check_reference_fit
 
     def body() -> None:
         vae_tuning.check_vae_folder(output, overwrite=overwrite)
         settings = {"steps": vae_tuning.STEPS if steps is None else steps, "lr": vae_tuning.LR if lr is None else lr}
         vae_tuning.check_tuning(**settings)
+        fit = check_reference_fit(reference_fit or "squash")
         check_images(reference_image=reference)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        tuned = vae_tuning.finetune_vae(reference, model=m, progress=not quiet, **settings)
+        tuned = vae_tuning.finetune_vae(reference, model=m, reference_fit=fit, progress=not quiet, **settings)
         vae_tuning.save_vae(tuned, output, overwrite=overwrite)
         typer.echo(f"wrote {output}")
 

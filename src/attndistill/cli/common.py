@@ -47,6 +47,10 @@ ContentWeight = Annotated[float | None, typer.Option(help="Content loss weight l
                                                      show_default=False, callback=finite)]
 AttentionScale = Annotated[float | None, typer.Option(help="Attention scale a in the ideal attention \\[default: 1]",
                                                       show_default=False, callback=finite)]
+ReferenceFit = Annotated[str | None, typer.Option(
+    help="How reference images meet the model: squash (stretched to its square, as the paper's code) or keep "
+         "(the first one's aspect at the same area; other references centre-cropped to it) \\[default: squash]",
+    show_default=False)]
 Layers = Annotated[str | None, typer.Option(
     help="Self-attention layers, e.g. 10-15 or 10,11,12 \\[default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(

@@ -1,0 +1,125 @@
+"""``reference_fit``: how reference images meet the model ("squash" as the paper's code, or "keep" their aspect)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attndistill as ad
+from attndistill import vae_tuning
+from attndistill.errors import UserError
+from attndistill.images import reference_boxes
+from attndistill.presets import PRESETS, REFERENCE_FITS
+
+
+def test_squash_stretches_every_reference_to_the_native_square():
+    size, boxes = reference_boxes([(900, 300), (300, 600)], "squash", 512, 64)
+    assert size == (512, 512) and boxes == [(0, 0, 900, 300), (0, 0, 300, 600)]
+
+
+def test_keep_takes_the_first_aspect_at_the_native_area_and_crops_the_others_to_it():
+    (w, h), boxes = reference_boxes([(900, 300), (300, 600), (1200, 400)], "keep", 512, 64)
+    assert w % 64 == 0 and h % 64 == 0
+    assert abs(w / h - 3) < 0.25 and abs(w * h / 512 ** 2 - 1) < 0.1  # 3:1 at about 512², up to rounding
+    for box, (iw, ih) in zip(boxes, [(900, 300), (300, 600), (1200, 400)], strict=True):
+        left, top, right, bottom = box
+        assert abs((right - left) / (bottom - top) - w / h) < 0.02  # no image stretched
+        assert left == (iw - right) or left == iw - right - 1  # centred
+        assert top == (ih - bottom) or top == ih - bottom - 1
+    assert boxes[0][1:4:2] == (0, 300) and boxes[0][2] - boxes[0][0] > 800  # the first loses only rounding
+    assert boxes[1][0] == 0 and boxes[1][2] == 300  # a tall image keeps its width and loses height
+
+
+def test_every_preset_squashes_by_default_as_the_papers_code():
+    assert {p.reference_fit for p in PRESETS.values()} == {REFERENCE_FITS[0]} == {"squash"}
+
+
+def _wide(tmp_path, name="wide.png", size=(240, 80)):
+    rng = np.random.default_rng(0)
+    path = tmp_path / name
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_keep_reaches_the_engine_and_the_result_records_it(tiny_sd15, tmp_path, monkeypatch):
+    seen = []
+    real = tiny_sd15.encode
+    monkeypatch.setattr(tiny_sd15, "encode", lambda x, *a, **k: (seen.append(tuple(x.shape)), real(x, *a, **k))[1])
+    kw = dict(model=tiny_sd15, steps=2, size=64, progress=False)
+    squashed = ad.texture_synthesis(_wide(tmp_path), **kw)[0]
+    kept = ad.texture_synthesis(_wide(tmp_path), reference_fit="keep", **kw)[0]
+    side, multiple = tiny_sd15.native_size, tiny_sd15.latent_multiple
+    assert seen[0] == (1, 3, side, side)
+    _, _, h, w = seen[1]
+    assert w % multiple == 0 and h % multiple == 0 and w / h > 2  # a 3:1 texture stays wide
+    assert json.loads(kept.info["parameters"])["reference_fit"] == "keep"
+    assert json.loads(squashed.info["parameters"])["reference_fit"] == "squash"
+
+
+def test_an_unknown_fit_is_one_line_naming_the_choices(tiny_sd15, data_dir):
+    with pytest.raises(UserError, match="reference fit must be one of squash, keep"):
+        ad.style_transfer(data_dir / "horse.jpg", data_dir / "wood-rings.jpg", model=tiny_sd15,
+                          reference_fit="stretch", progress=False)
+
+
+def test_masked_synthesis_crops_each_label_map_with_its_texture(tiny_sd15, tmp_path, monkeypatch):
+    """A 3:1 texture whose label map (drawn at half size) marks its middle third: cut and resized alike."""
+    from attndistill import textures
+
+    texture = _wide(tmp_path)
+    labels = np.zeros((40, 120, 3), dtype=np.uint8)
+    labels[:, 40:80] = (255, 0, 0)
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    target = np.zeros((64, 64, 3), dtype=np.uint8)
+    target[:, 32:] = (255, 0, 0)
+    Image.fromarray(target).save(tmp_path / "target.png")
+    seen = {}
+    real = textures.sample_label_init
+
+    def spy(pixels, ids, *args, **kwargs):
+        seen.update(pixels=pixels, ids=ids)
+        return real(pixels, ids, *args, **kwargs)
+
+    monkeypatch.setattr(textures, "sample_label_init", spy)
+    out = textures.masked_texture_synthesis(texture, tmp_path / "labels.png", tmp_path / "target.png",
+                                            model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)
+    _, _, h, w = seen["pixels"].shape
+    assert seen["ids"].shape == (1, h, w) and w / h > 2
+    (_, _), [(left, _, right, _)] = reference_boxes([(240, 80)], "keep", tiny_sd15.native_size,
+                                                    tiny_sd15.latent_multiple)
+    red = (seen["ids"][0] != seen["ids"][0, 0, 0]).float().mean(0)  # per column: 1 where red (the corner is black)
+    columns = red.nonzero().squeeze(1)
+    start, end = ((px - left) / (right - left) * w for px in (80, 160))  # texture pixels 80-160 are red
+    assert red[columns].min() == 1 and abs(columns[0] - start) <= 1 and abs(columns[-1] + 1 - end) <= 1
+    assert json.loads(out[0].info["parameters"])["reference_fit"] == "keep"
+
+
+def test_vae_tuning_takes_the_gradient_of_the_mean_one_image_at_a_time(tiny_sd15, monkeypatch):
+    """Two images, one decoder backward each: the gradient of the mean loss of both in one batch.
+
+    Plain SGD (lr 1) in place of Adam, whose first step turns the float noise of the biases before each
+    GroupNorm (their true gradient is zero) into full steps."""
+    monkeypatch.setattr(torch.optim, "Adam", torch.optim.SGD)
+    images = torch.rand(2, 3, 32, 32)
+    tuned = vae_tuning.tune_decoder(tiny_sd15.vae, images, steps=1, lr=1.0)
+    ref = copy.deepcopy(tiny_sd15.vae).float().requires_grad_(False)
+    x = images * 2 - 1
+    with torch.no_grad():
+        z = ref.encode(x).latent_dist.mean
+    ref.decoder.requires_grad_(True)
+    (ref.decode(z).sample - x).abs().mean().backward()
+    for tuned_p, p in zip(tuned.decoder.parameters(), ref.decoder.parameters(), strict=True):
+        torch.testing.assert_close(tuned_p, p - p.grad, atol=1e-6, rtol=0)
+
+
+def test_vae_tuning_fits_every_reference(tiny_sd15, data_dir, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(vae_tuning, "tune_decoder",
+                        lambda vae, images, **kw: (seen.update(shape=images.shape), copy.copy(vae))[1])
+    vae = ad.finetune_vae([data_dir / "wood-rings.jpg", data_dir / "horse.jpg"], model=tiny_sd15, steps=1)
+    assert seen["shape"] == (2, 3, tiny_sd15.native_size, tiny_sd15.native_size)
+    assert [n.rsplit("/", 1)[-1] for n in vae.attndistill_parameters["reference"]] == ["wood-rings.jpg", "horse.jpg"]
+    assert vae.attndistill_parameters["reference_fit"] == "squash"
