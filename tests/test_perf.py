@@ -649,3 +649,26 @@ def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(mod
         assert [b.data_ptr() for b in program.call.out[0].keys + program.call.out[0].values
                 + program.call.out[1]] == addresses
         assert d.reference.keys[0].data_ptr() == addresses[0]  # what the iteration reads
+
+
+def test_static_path_takes_references_of_another_size_masked_and_in_views(model):
+    """A reference latent of another size than the target's (a kept aspect, SDXL's native size beside
+    64-latent views): the CUDA-graph code path, run uncaptured, gives the eager result, label masks included."""
+    from attndistill.multidiffusion import multidiffusion
+
+    z_ref, z_c = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 8)
+    ref_labels = torch.zeros(1, 8, 16, dtype=torch.long)
+    ref_labels[..., 8:] = 1
+    target_labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    target_labels[..., 4:] = 1
+    model.set_perf(PerfOptions())
+    masked = [optimize_latents(Distiller(model, content_weight=0.15, ref_labels=ref_labels,
+                                         target_labels=target_labels, static=static),
+                               z_c, z_ref, content_latents=z_c, steps=4, iters=2, lr=0.05, progress=False)
+              for static in (False, True)]
+    torch.testing.assert_close(masked[1], masked[0], atol=1e-6, rtol=0)
+    init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
+    views = [multidiffusion(Distiller(model, static=static), init, z_ref, scheduler=model.ddim_scheduler(2),
+                            cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+                            generator=torch.Generator().manual_seed(7), progress=False) for static in (False, True)]
+    torch.testing.assert_close(views[1], views[0], atol=1e-6, rtol=0)

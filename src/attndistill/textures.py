@@ -56,14 +56,6 @@ from .vae_tuning import LR, STEPS, check_tune_vae, tuned_vae, using_vae
 MAX_LABELS = 32
 
 
-def _batching(fused: bool | None, z_ref: torch.Tensor, target_hw) -> dict:
-    """Distiller options: the engine batches reference and target latents in one UNet call (and one CUDA
-    graph) only when they have the same size; otherwise they go separately."""
-    if tuple(z_ref.shape[-2:]) == tuple(target_hw):
-        return {"fused": fused}
-    return {"fused": False, "cuda_graphs": False}
-
-
 # -- texture expansion (MultiDiffusion) -------------------------------------------------------------
 
 #: Longest canvas side ``expand`` takes: a 4096² canvas took 74 s per step on an H200
@@ -151,7 +143,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     generator = torch.Generator("cpu").manual_seed(seed)
     torch.manual_seed(seed)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          condition_size=(view_px, view_px), **_batching(fused, z_ref, (view, view)))
+                          condition_size=(view_px, view_px), fused=fused)
     with seamless(model, unet_axes or None, parts=("unet",)):
         z = multidiffusion(distiller, init, z_ref, scheduler=scheduler, cond=cond, guidance=preset.guidance,
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
@@ -346,7 +338,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     torch.manual_seed(seed)
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
-                          condition_size=(h, w), **_batching(fused, z_ref, z_init.shape[-2:]))
+                          condition_size=(h, w), fused=fused)
     with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
           seamless(model, tile)):
         try:  # fails at the first step, if at all
