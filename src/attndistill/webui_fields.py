@@ -98,7 +98,7 @@ def reference_fit_radio(tab: str) -> gr.Radio:
     """How the tab's references meet the model (REFERENCE_FITS), the presets' default first."""
     return gr.Radio(list(REFERENCE_FITS), value=DEFAULT_REFERENCE_FIT, label="Reference fit",
                     info="squash: stretched to the model's square (the paper's) · keep: aspect kept",
-                    elem_id=f"{tab}-reference-fit")
+                    elem_id=f"{tab}-reference-fit", min_width=260)  # narrower, its choices stack
 
 
 def reference_fit_value(value: str | None) -> str | None:

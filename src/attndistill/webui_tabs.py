@@ -144,6 +144,7 @@ def t2i_tab(ui: WebUI) -> None:
             lr = blank_number("Learning rate", tab, "lr", blank("lr"))
             adain = gr.Radio(list(ADAIN_CHOICES), value="preset", label="AdaIN", elem_id=f"{tab}-adain")
             start_t = start_t_box(tab)
+        with gr.Row():
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
             reference_fit = reference_fit_radio(tab)
