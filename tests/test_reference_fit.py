@@ -11,7 +11,7 @@ from PIL import Image
 import attndistill as ad
 from attndistill import vae_tuning
 from attndistill.errors import UserError
-from attndistill.images import reference_boxes
+from attndistill.images import kept_size, reference_boxes
 from attndistill.presets import PRESETS, REFERENCE_FITS
 
 
@@ -23,7 +23,7 @@ def test_squash_stretches_every_reference_to_the_native_square():
 def test_keep_takes_the_first_aspect_at_the_native_area_and_crops_the_others_to_it():
     (w, h), boxes = reference_boxes([(900, 300), (300, 600), (1200, 400)], "keep", 512, 64)
     assert w % 64 == 0 and h % 64 == 0
-    assert abs(w / h - 3) < 0.25 and abs(w * h / 512 ** 2 - 1) < 0.1  # 3:1 at about 512², up to rounding
+    assert (w, h) == (960, 320)  # 3:1 exactly, at 1.17 x 512² (of the short sides near 296 px)
     for box, (iw, ih) in zip(boxes, [(900, 300), (300, 600), (1200, 400)], strict=True):
         left, top, right, bottom = box
         assert abs((right - left) / (bottom - top) - w / h) < 0.02  # no image stretched
@@ -31,6 +31,17 @@ def test_keep_takes_the_first_aspect_at_the_native_area_and_crops_the_others_to_
         assert top == (ih - bottom) or top == ih - bottom - 1
     assert boxes[0][1:4:2] == (0, 300) and boxes[0][2] - boxes[0][0] > 800  # the first loses only rounding
     assert boxes[1][0] == 0 and boxes[1][2] == 300  # a tall image keeps its width and loses height
+
+
+@pytest.mark.parametrize("size", [(1500, 1000), (600, 400), (768, 401), (2000, 100), (100000, 1)])
+def test_kept_sizes_come_close_to_the_aspect_whichever_way_up(size):
+    """A sized-up aspect near 1.5 picks 576x384 (exact), not 640x384; a tall image gets the wide one's sides
+    swapped; an extreme aspect is cut at 64:1 (one 64-pixel short side), so the area stays about native²."""
+    w, h = kept_size(size, 512, 64)
+    assert kept_size(size[::-1], 512, 64) == (h, w)
+    aspect = min(size[0] / size[1], 64)
+    assert abs(w / h / aspect - 1) < 0.05 and 0.7 < w * h / 512 ** 2 < 1.3
+    assert kept_size((1500, 1000), 512, 64) == (576, 384)
 
 
 def test_every_preset_squashes_by_default_as_the_papers_code():
@@ -123,3 +134,25 @@ def test_vae_tuning_fits_every_reference(tiny_sd15, data_dir, monkeypatch):
     assert seen["shape"] == (2, 3, tiny_sd15.native_size, tiny_sd15.native_size)
     assert [n.rsplit("/", 1)[-1] for n in vae.attndistill_parameters["reference"]] == ["wood-rings.jpg", "horse.jpg"]
     assert vae.attndistill_parameters["reference_fit"] == "squash"
+
+
+def test_masked_synthesis_names_the_colours_a_kept_crop_cuts_away(tiny_sd15, tmp_path):
+    """With 'keep' the second texture is cut to the first's square: its only green region, at the left
+    edge, is gone. One line names the colour, the maps and the way out (squash)."""
+    from attndistill.textures import masked_texture_synthesis
+
+    red, green = (255, 0, 0), (0, 255, 0)
+    Image.new("RGB", (64, 64), red).save(tmp_path / "r1.png")
+    strip = np.zeros((60, 240, 3), dtype=np.uint8)
+    strip[:] = red
+    strip[:, :50] = green
+    Image.fromarray(strip).save(tmp_path / "r2.png")
+    target = np.zeros((64, 64, 3), dtype=np.uint8)
+    target[:] = red
+    target[:, 32:] = green
+    Image.fromarray(target).save(tmp_path / "target.png")
+    textures = [_wide(tmp_path, "t1.png", (64, 64)), _wide(tmp_path, "t2.png", (240, 60))]
+    with pytest.raises(UserError, match=r"#00ff00 of '.*target.png' keep no region in .*r1.png.*r2.png.* once cut "
+                                        r"to the first texture's aspect .* or use reference fit squash"):
+        masked_texture_synthesis(textures, [tmp_path / "r1.png", tmp_path / "r2.png"], tmp_path / "target.png",
+                                 model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)

@@ -181,12 +181,17 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
     updates = run_tab(ui, "vae", {"vae-reference": str(data_dir / "wood-rings.jpg"), "vae-steps": 2,
+                                  "vae-more": [str(data_dir / "horse.jpg")], "vae-reference-fit": "keep",
                                   "vae-use": False, "vae-box": ""}, session="vae-page")
     lines = [u[0].split(" · ")[0] for u in updates[:-1]]  # then the result
     assert lines[0] in ("starting…", "loading the model…") and lines[1:] == ["step 1/2", "step 2/2"]
     status, folder, archive, command, _ = updates[-1]
     assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()
-    assert shlex.split(command)[:3] == ["attndistill", "finetune-vae", "wood-rings.jpg"]
+    words = shlex.split(command)
+    assert words[:4] == ["attndistill", "finetune-vae", "wood-rings.jpg", "horse.jpg"]
+    assert words[words.index("--reference-fit") + 1] == "keep"
+    made = json.loads((Path(folder) / "attndistill.json").read_text())
+    assert len(made["reference"]) == 2 and made["reference_fit"] == "keep"
     # a tuned VAE in the VAE box changes every tab's results: each result says it was decoded with it
     done = run_tab(ui, "style", {"style-target": str(data_dir / "horse.jpg"), "vae-box": folder,
                                  "style-reference": str(data_dir / "watercolor-cat.jpg"), "style-steps": 1,

@@ -8,6 +8,7 @@ a one-line :class:`UserError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import re
@@ -155,15 +156,12 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
     """The (width, height) every reference is resized to, and the part of each image that is used.
 
     ``fit`` is one of :data:`~attndistill.presets.REFERENCE_FITS`. "squash": whole images, native
-    square. "keep": the first image's aspect at about ``native``² pixels, sides rounded to ``multiple``;
-    every image centre-cropped to that rounded aspect (the first loses only what rounding takes), so
-    none is stretched.
+    square. "keep": the first image's aspect at about ``native``² pixels (:func:`kept_size`); every
+    image centre-cropped to that size's aspect, so none is stretched.
     """
     if fit == "squash":
         return (native, native), [(0, 0, w, h) for w, h in sizes]
-    w0, h0 = sizes[0]
-    width = round_to_multiple(native * (w0 / h0) ** 0.5, multiple)
-    height = round_to_multiple(native * native / width, multiple)
+    width, height = kept_size(sizes[0], native, multiple)
     boxes = []
     for w, h in sizes:
         if w * height > h * width:  # wider than the target aspect: crop the sides
@@ -173,6 +171,26 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
         left, top = (w - cw) // 2, (h - ch) // 2
         boxes.append((left, top, left + cw, top + ch))
     return (width, height), boxes
+
+
+def kept_size(size: tuple[int, int], native: int, multiple: int) -> tuple[int, int]:
+    """(width, height) in multiples of ``multiple`` with the aspect of ``size`` at about ``native``² pixels.
+
+    Of the short sides next to ``native / sqrt(aspect)``, the one whose rounded long side comes closest
+    to the aspect, and then to the area (so 3:2 at 512 is 576x384, exact, not 640x384). Aspects beyond
+    (native / multiple)² are cut there: the short side is one multiple and the area stays native².
+    """
+    long_px, short_px = max(size), min(size)
+    aspect = min(long_px / short_px, (native / multiple) ** 2)
+    middle = round_to_multiple(native / aspect ** 0.5, multiple)
+    candidates = []
+    for short in {max(multiple, middle + d * multiple) for d in (-1, 0, 1)}:
+        long = round_to_multiple(short * aspect, multiple)
+        shape_error = abs(math.log(long / short / aspect))
+        area_error = abs(math.log(long * short / native ** 2))
+        candidates.append((shape_error + area_error / 4, short, long))
+    _, short, long = min(candidates)
+    return (long, short) if size[0] >= size[1] else (short, long)
 
 
 def fit_references(images: Sequence[Image.Image], fit: str, native: int, multiple: int) -> torch.Tensor:

@@ -165,7 +165,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 # -- VAE* -------------------------------------------------------------------------------------------
 
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
-                 steps: int = STEPS, lr: float = LR, reference_fit: str = "squash", vae: str | None = None,
+                 steps: int = STEPS, lr: float = LR, reference_fit: str | None = None, vae: str | None = None,
                  device: str | None = None, dtype: str | None = None, progress: bool = False,
                  callback: Callback | None = None):
     """A copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on ``reference`` (ALGORITHM.md §5).
@@ -200,7 +200,7 @@ def with_texture_options(task: Callable[..., list[Image.Image]], reference: Imag
     refs = as_list(reference)
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
     model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
-    fit = kwargs.get("reference_fit") or "squash"  # no reference: the task itself says one is needed
+    fit = kwargs.get("reference_fit")  # no reference: the task itself says one is needed
     with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
         images = task(reference, model=model, progress=progress, **kwargs)
@@ -327,12 +327,15 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     ref_ids = torch.stack([_resize_ids(_crop_like(m, box, img.size), (rw, rh))
                            for m, box, img in zip(maps[:-1], boxes, ref_images, strict=True)])  # (R, rh, rw)
     target_ids = _resize_ids(maps[-1], (w, h))  # (h, w)
-    try:
-        init_pixels = sample_label_init(ref_pixels, ref_ids, target_ids, num=num,
-                                        generator=torch.Generator("cpu").manual_seed(seed))
-    except ValueError:  # a label too thin to survive resizing the reference map
-        raise UserError(f"a target colour's region in '{names[0]}' vanishes at {rw}x{rh}; make the "
-                        "reference regions larger") from None
+    lost = sorted(set(target_ids.unique().tolist()) - set(ref_ids.unique().tolist()))
+    if lost:  # too thin to survive resizing, or (keep) outside the crop
+        keep = preset.reference_fit == "keep"
+        how = "cut to the first texture's aspect (reference fit 'keep' keeps the centre) and " if keep else ""
+        raise UserError(f"colour(s) {', '.join(colours[i] for i in lost)} of '{names[-1]}' keep no region in "
+                        f"{', '.join(repr(n) for n in names[:-1])} once {how}resized to {rw}x{rh}; make those "
+                        f"regions larger{' or use reference fit squash' if keep else ''}")
+    init_pixels = sample_label_init(ref_pixels, ref_ids, target_ids, num=num,
+                                    generator=torch.Generator("cpu").manual_seed(seed))
     z_ref = model.encode(ref_pixels)
     z_init = model.encode(init_pixels)  # the initialisation is also the content image
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ from .checks import number, whole
 from .errors import NonFiniteError, UserError
 from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
 from .models import DiffusionModel, check_vae_source
-from .presets import VAE_TUNING_LR, VAE_TUNING_STEPS
+from .presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 
 #: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.
 STEPS, LR = VAE_TUNING_STEPS, VAE_TUNING_LR
@@ -64,7 +64,7 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     device = next(tuned.parameters()).device
     x = images01.to(device, torch.float32) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad():
-        z = tuned.encode(x).latent_dist.mean  # fixed: the encoder is not trained
+        z = torch.cat([tuned.encode(x[i:i + 1]).latent_dist.mean for i in range(len(x))])  # fixed, one at a time
     tuned.decoder.requires_grad_(True)
     if device.type == "cuda":
         tuned.enable_gradient_checkpointing()  # a 1024^2 decoder backward is large
@@ -76,7 +76,7 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
             for i in range(len(x)):  # one image at a time: one decoder backward's memory, the mean's gradient
                 part = (tuned.decode(z[i:i + 1]).sample - x[i:i + 1]).abs().mean() / len(x)
                 if not torch.isfinite(part):
-                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(part.detach())}); "
+                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(part) * len(x)}); "
                                          f"lower its lr (now {lr}, default {LR})")
                 part.backward()
                 loss += float(part.detach())
@@ -91,7 +91,7 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
 
 
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel, steps: int = STEPS,
-                 lr: float = LR, reference_fit: str = "squash", progress: bool = False,
+                 lr: float = LR, reference_fit: str | None = None, progress: bool = False,
                  callback: Callable | None = None):
     """Fine-tune a copy of ``model``'s decoder on ``reference`` (one image or several, each as the tasks
     encode it: about the model's native area, fitted by ``reference_fit``); returns it.
@@ -108,8 +108,9 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     references = as_list(reference)
     if not references:
         raise UserError("no reference image given for VAE tuning; pass at least one")
-    images = fit_references([load_image(r, what="reference image") for r in references],
-                            check_reference_fit(reference_fit), model.native_size, model.latent_multiple)
+    reference_fit = check_reference_fit(DEFAULT_REFERENCE_FIT if reference_fit is None else reference_fit)
+    images = fit_references([load_image(r, what="reference image") for r in references], reference_fit,
+                            model.native_size, model.latent_multiple)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -165,7 +166,7 @@ def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
 
 
 @contextmanager
-def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *, reference_fit: str = "squash",
+def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *, reference_fit: str | None = None,
               progress: bool = False) -> Iterator[DiffusionModel]:
     """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op)."""
     vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,

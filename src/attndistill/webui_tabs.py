@@ -366,10 +366,13 @@ def vae_tab(ui: WebUI) -> None:
         with gr.Column():
             steps = int_box("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
             lr = float_box("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
+            fit = reference_fit_radio(tab)
             use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
             with gr.Row():
                 run = gr.Button("Fine-tune decoder", variant="primary", elem_id=f"{tab}-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id=f"{tab}-cancel")
+    more = gr.File(label="More reference images (the decoder fits them all)", file_count="multiple",
+                   file_types=["image"], elem_id=f"{tab}-more")
     status = gr.Markdown(elem_id=f"{tab}-status", min_height=48)
     folder = gr.Textbox(label="Saved VAE folder", interactive=False, elem_id=f"{tab}-folder")
     archive = gr.File(label="Download (zip)", interactive=False, elem_id=f"{tab}-zip")
@@ -387,14 +390,15 @@ def vae_tab(ui: WebUI) -> None:
         skip = gr.skip()
         try:
             n = whole(n, "Steps", steps.bounds)
-            reference_path = required(ref, "reference image")
+            references = [required(ref, "reference image"), *file_paths(values[more])]
         except UserError as exc:
             yield FAILED.format(exc), None, None, "", skip  # not the last tuning's "done" beside this error
             raise gr.Error(str(exc)) from None
-        extra = {k: v for k, v in (("steps", n), ("lr", rate)) if v is not None}
+        extra = {k: v for k, v in (("steps", n), ("lr", rate), ("reference_fit", reference_fit_value(values[fit])))
+                 if v is not None}
         job, model = yield from ui.follow(
             request, tab, model_id, vae_id,
-            lambda model, callback: finetune_vae(reference_path, model=model, callback=callback, **extra),
+            lambda model, callback: finetune_vae(references, model=model, callback=callback, **extra),
             progress, line=lambda text, _: (text, skip, skip, skip, skip))
         if job is None or job.cancelled:
             return
@@ -413,8 +417,10 @@ def vae_tab(ui: WebUI) -> None:
         text = f"done in {job.seconds:.1f} s · saved `{out}`"
         text += "; the VAE box (Model) now points to it" if use_it else ""
         options = {k: v for k, v in ui.common_cli(model, 0).items() if k != "seed"}
-        command = cli_command(["finetune-vae", file_name(ref)], dict(output=out.name, **options, steps=n, lr=rate))
+        words = ["finetune-vae", file_name(ref), *map(file_name, file_paths(values[more]))]
+        command = cli_command(words, dict(output=out.name, **options, steps=n, lr=rate,
+                                          reference_fit=fit_cli(values[fit])))
         yield text, str(out), zipped, command, (str(out) if use_it else skip)
 
-    ui.bind(tab, run, cancel, tune, {reference, steps, lr, use, ui.model_box, ui.vae_box},
+    ui.bind(tab, run, cancel, tune, {reference, more, fit, steps, lr, use, ui.model_box, ui.vae_box},
                [status, folder, archive, cli, ui.vae_box], status)

@@ -147,7 +147,7 @@ def finetune_vae(
         vae_tuning.check_vae_folder(output, overwrite=overwrite)
         settings = {"steps": vae_tuning.STEPS if steps is None else steps, "lr": vae_tuning.LR if lr is None else lr}
         vae_tuning.check_tuning(**settings)
-        fit = check_reference_fit(reference_fit or "squash")
+        fit = None if reference_fit is None else check_reference_fit(reference_fit)
         check_images(reference_image=reference)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         tuned = vae_tuning.finetune_vae(reference, model=m, reference_fit=fit, progress=not quiet, **settings)
