@@ -320,3 +320,14 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
     with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):
         run_tab(ui, "t2i", {"t2i-prompt": "a", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
                             "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-adain": "maybe"})
+
+
+def test_a_mask_restyles_part_of_the_content_and_the_command_says_so(ui, data_dir, tmp_path):
+    w, h = Image.open(data_dir / "horse.jpg").size
+    Image.new("L", (w, h), 255).save(tmp_path / "mask.png")
+    params, command, _ = result_parameters(run_tab(ui, "style", {
+        "style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+        "style-mask": str(tmp_path / "mask.png"), "style-steps": 1, "style-size": "64", "style-preview-every": 0}))
+    assert params["mask"] == str(tmp_path / "mask.png")
+    words = shlex.split(command)
+    assert words[words.index("--mask") + 1] == "mask.png"

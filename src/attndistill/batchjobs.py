@@ -48,10 +48,10 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "style": TaskSpec("attndistill.tasks", "style_transfer", ("content", "style"), ("content", "style"),
+    "style": TaskSpec("attndistill.tasks", "style_transfer", ("content", "style"), ("content", "style", "mask"),
                       "style", "style"),
     "appearance": TaskSpec("attndistill.tasks", "appearance_transfer", ("structure", "appearance"),
-                           ("structure", "appearance"), "appearance", "appearance"),
+                           ("structure", "appearance", "mask"), "appearance", "appearance"),
     "texture": TaskSpec("attndistill.tasks", "texture_synthesis", ("reference",), ("reference",), "texture",
                         "reference", "num"),
     "texture-masked": TaskSpec("attndistill.textures", "masked_texture_synthesis",
@@ -67,7 +67,7 @@ TASKS: dict[str, TaskSpec] = {
                        "reference"),
 }
 #: Path arguments that take a single image (the references take several).
-_ONE_IMAGE = {"content", "structure", "target_labels", "layout", "control_image"}
+_ONE_IMAGE = {"content", "structure", "target_labels", "layout", "control_image", "mask"}
 #: CLI argument names that differ from the API's.
 ALIASES = {"style_images": "style", "appearance_images": "appearance", "references": "reference"}
 #: Options the runner handles itself; everything else goes to the API function.

@@ -116,13 +116,16 @@ class Distiller:
     content_weight: ``lambda``; ref_labels / target_labels: integer label maps (R, H, W) and
     (1 or B, H, W) for masked AD; fused: reference, content and target in one UNet call (default: on
     CUDA without graphs). ``static=True`` runs the CUDA-graph code path without capturing (tests on CPU).
+    ``update_mask``: (1, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
+    only where it is 1 (a restyled region; the loss still sees the whole image).
     """
 
     def __init__(self, model: DiffusionModel, *, layers: str | Sequence[int] | None = None,
                  attention_scale: float = 1.0, content_weight: float = 0.0, ref_labels: torch.Tensor | None = None,
                  target_labels: torch.Tensor | None = None, fused: bool | None = None,
                  cuda_graphs: bool | None = None, early_exit: bool | None = None,
-                 condition_size: tuple[int, int] | None = None, static: bool | None = None) -> None:
+                 condition_size: tuple[int, int] | None = None, static: bool | None = None,
+                 update_mask: torch.Tensor | None = None) -> None:
         if not hasattr(model, "unet") or not hasattr(model, "perf"):
             raise UserError(f"Distiller needs a model loaded with attndistill.load_model, not a {type(model).__name__}")
         self.model = model
@@ -131,6 +134,8 @@ class Distiller:
         self.content_weight = content_weight
         self.ref_labels = ref_labels
         self.target_labels = target_labels
+        # float32 on the device: a buffer the captured iteration reads (the latent's gradient is float32)
+        self.update_mask = None if update_mask is None else update_mask.to(model.device, torch.float32)
         on_cuda = model.device.type == "cuda"
         perf = model.perf
         cuda_graphs = perf.cuda_graphs if cuda_graphs is None else cuda_graphs
@@ -215,7 +220,7 @@ class Distiller:
         # graphs replay without Python, so one captured for the same settings serves later runs too
         settings = (self.layers, self.attention_scale, self.early_exit, self.condition_size, fed is not None)
         graph_key = ("stepper",) + key + settings + (self.content_weight,)
-        cacheable = self.target_labels is None
+        cacheable = self.target_labels is None and self.update_mask is None  # a run's own labels or mask
         graphs = self.model.graphs
         if cacheable and graph_key in graphs:
             return graphs[graph_key]

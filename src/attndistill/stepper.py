@@ -90,6 +90,8 @@ class EagerStepper:
         # the loss is a mean over the batch; scaling by B gives each target the gradient it
         # would get alone, so batching targets does not change their results (Adam's eps aside)
         (loss * self.z.shape[0]).backward()
+        if self.distiller.update_mask is not None:  # Adam leaves an element whose gradient is always 0 as it is
+            self.z.grad.mul_(self.distiller.update_mask)
         self.optimizer.step()
         return loss.detach()
 

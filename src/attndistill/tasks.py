@@ -28,6 +28,7 @@ from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
 from .presets import REFERENCE_FITS, Preset, get_preset
+from .regions import load_mask, paste_region, update_mask
 from .tiling import check_axes, seamless
 from .vae_tuning import check_tune_vae, tuned_vae
 
@@ -42,6 +43,11 @@ def describe_input(source: ImageInput) -> str:
 def local_or_hub(source: str | os.PathLike) -> str:
     """A model, VAE or ControlNet as a result records it: a local path made absolute, a Hub id as it is."""
     return os.path.abspath(source) if os.path.exists(source) else str(source)
+
+
+def _mask_input(mask: ImageInput | None) -> dict:
+    """A result records its mask only when it had one."""
+    return {} if mask is None else {"mask": describe_input(mask)}
 
 
 def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -178,11 +184,13 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                    ref_what: str,
                    model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
                    fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
-                   tile: str | None = None, tune_vae: bool = False) -> list[Image.Image]:
+                   tile: str | None = None, tune_vae: bool = False, mask: ImageInput | None = None
+                   ) -> list[Image.Image]:
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
+    mask_image = load_mask(mask, target, tile=tile)  # restyle a region only (regions.py)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
@@ -196,8 +204,11 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
     torch.manual_seed(seed)
     # features with the null conditioning of the output size (SDXL's add_time_ids, ALGORITHM.md §1)
+    region = None if mask_image is None else update_mask(mask_image, (w, h), model.vae_scale_factor,
+                                                          describe_input(mask))
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
+                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w),
+                          update_mask=region)
     # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the references
     with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
           seamless(model, tile)):
@@ -205,7 +216,8 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)
         params = run_parameters(task, model, preset, layer_ids, (w, h), seed, fused=fused, tile=tile,
                                 tune_vae=tune_vae, **inputs)
-        return finish(model, z, params)
+        images = finish(model, z, params)
+    return images if mask_image is None else [paste_region(img, target, mask_image) for img in images]
 
 
 def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
@@ -215,12 +227,13 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
                    size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                    dtype: str | None = None, fused: bool | None = None, progress: bool = True,
                    callback: Callback | None = None, tile: str | None = None, tune_vae: bool = False,
-                   reference_fit: str | None = None) -> Image.Image:
+                   reference_fit: str | None = None, mask: ImageInput | None = None) -> Image.Image:
     """Repaint ``content`` in the style of ``style`` (one image or several) by optimisation.
 
     Defaults come from the ``style`` preset (200 steps, lr 0.05, content weight 0.25, the last six
     self-attention layers); ``size`` is the long side of the result (default the model's native size),
-    aspect kept. Example::
+    aspect kept. ``mask``: an image over the content, white where to restyle; the rest stays the content
+    (:mod:`attndistill.regions`). Example::
 
         out = style_transfer("horse.jpg", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
         out.save("horse-watercolor.png")
@@ -231,9 +244,10 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
     return _optimise_task(
         "style", target=load_image(content, what="content image"), references=styles, ref_what="style image",
         model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
-        inputs={"content": describe_input(content), "style": [describe_input(s) for s in styles]},
+        inputs={"content": describe_input(content), "style": [describe_input(s) for s in styles],
+                **_mask_input(mask)},
         fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
-        tune_vae=tune_vae)[0]
+        tune_vae=tune_vae, mask=mask)[0]
 
 
 def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence[ImageInput], *,
@@ -243,17 +257,21 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
                         size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
                         dtype: str | None = None, fused: bool | None = None, progress: bool = True,
                         callback: Callback | None = None, tile: str | None = None,
-                        tune_vae: bool = False, reference_fit: str | None = None) -> Image.Image:
-    """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2."""
+                        tune_vae: bool = False, reference_fit: str | None = None,
+                        mask: ImageInput | None = None) -> Image.Image:
+    """Give ``structure`` the appearance (colours, materials) of ``appearance``; content weight 0.2.
+
+    ``mask``: white where to change the appearance, as in :func:`style_transfer`."""
     preset = get_preset("appearance").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                attention_scale=attention_scale, reference_fit=reference_fit)
     refs = as_list(appearance)
     return _optimise_task(
         "appearance", target=load_image(structure, what="structure image"), references=refs,
         ref_what="appearance image", model=model, size=size, num=1, seed=seed, layers=layers, preset=preset,
-        inputs={"structure": describe_input(structure), "appearance": [describe_input(r) for r in refs]},
+        inputs={"structure": describe_input(structure), "appearance": [describe_input(r) for r in refs],
+                **_mask_input(mask)},
         fused=fused, progress=progress, callback=callback, vae=vae, device=device, dtype=dtype, tile=tile,
-        tune_vae=tune_vae)[0]
+        tune_vae=tune_vae, mask=mask)[0]
 
 
 def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,

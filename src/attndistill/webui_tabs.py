@@ -87,14 +87,18 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
         size = size_box(tab)
         seed = seed_box(tab)
     with gr.Accordion("Advanced", open=False):
-        more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
-                       file_types=["image"], elem_id=f"{tab}-more")
+        with gr.Row():
+            more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
+                           file_types=["image"], elem_id=f"{tab}-more")
+            mask = image_input(f"Mask over the {first.lower()}: white changes, black keeps (optional)",
+                               f"{tab}-mask")
         options = ui.optimise_options(tab, preset, content_weight=True)
         options.update(ui.preview_options(tab))
     panel = ui.panel(tab)
     ui.examples(examples, [target, reference])
-    ui.validate_on_upload(target, reference)
-    fields = dict(target=target, reference=reference, more=more, steps=steps, size=size, seed=seed, **options)
+    ui.validate_on_upload(target, reference, mask)
+    fields = dict(target=target, reference=reference, more=more, mask=mask, steps=steps, size=size, seed=seed,
+                  **options)
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
         from . import tasks
@@ -107,7 +111,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
                   attention_scale=s["attention_scale"], layers=s["layers"] or None,
                   size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                   tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
-                  progress=False, callback=callback)
+                  mask=s["mask"] or None, progress=False, callback=callback)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
@@ -115,7 +119,8 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
             output=output, **ui.common_cli(model, seed_value(s["seed"])), steps=s["steps"], iters=s["iters"],
             lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
-            tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"])))
+            tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"]),
+            mask=file_name(s["mask"])))
 
     ui.wire(tab, panel, fields, call, command)
 

@@ -58,6 +58,9 @@ Style = Annotated[list[Path], typer.Argument(help="Style image(s); several are a
 TransferSeed = Annotated[int, typer.Option(
     help="Recorded only: a transfer starts from its content image and adds no noise, so every seed gives the "
     "same result", min=0, max=2**64 - 1)]
+Mask = Annotated[Path | None, typer.Option(
+    help="Image over the content: white where to restyle, black where to keep the content (beyond the paper)",
+    show_default=False)]
 TextureAdain = Annotated[bool | None, typer.Option(
     "--adain/--no-adain", help="With --mode sample or --layout: AdaIN of the latent to the noised texture latent "
     "at each step \\[default: off]", show_default=False)]
@@ -71,11 +74,13 @@ def style(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
-    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
+    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
+    from ..images import load_image
+    from ..regions import load_mask
     from ..tasks import style_transfer
 
     def body() -> None:
@@ -83,11 +88,12 @@ def style(
         check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(content_image=content, style_image=style_images)
+        load_mask(mask, load_image(content, what="content image"), tile=tile)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
                              size=parse_size_option(size), seed=seed, tile=tile, tune_vae=tune_vae,
-                             reference_fit=reference_fit, progress=not quiet,
+                             reference_fit=reference_fit, mask=mask, progress=not quiet,
                              callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 
@@ -102,11 +108,13 @@ def appearance(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
-    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
+    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
+    from ..images import load_image
+    from ..regions import load_mask
     from ..tasks import appearance_transfer
 
     def body() -> None:
@@ -114,11 +122,12 @@ def appearance(
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(structure_image=structure, appearance_image=appearance_images)
+        load_mask(mask, load_image(structure, what="structure image"), tile=tile)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
                                   layers=layers, size=parse_size_option(size), seed=seed, tile=tile,
-                                  tune_vae=tune_vae, reference_fit=reference_fit, progress=not quiet,
+                                  tune_vae=tune_vae, reference_fit=reference_fit, mask=mask, progress=not quiet,
                                   callback=preview_callback(preview, preview_every, m))
         write_images([img], output, overwrite=overwrite)
 

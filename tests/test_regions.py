@@ -1,0 +1,89 @@
+"""``mask``: restyle a region of the content only (beyond the paper; attndistill.regions)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attndistill as ad
+from attndistill.engine import Distiller
+from attndistill.errors import UserError
+from attndistill.optimize import optimize_latents
+from attndistill.perf import PerfOptions
+from attndistill.regions import update_mask
+
+
+@pytest.fixture
+def left_half(tmp_path, data_dir):
+    """White over the left half of horse.jpg (768x754), black elsewhere."""
+    w, h = Image.open(data_dir / "horse.jpg").size
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, : w // 2] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path / "mask.png"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_latent_changes_inside_the_mask_only(tiny_sd15, static):
+    """Eager and CUDA-graph code paths (the latter uncaptured): cells outside keep their start exactly."""
+    tiny_sd15.set_perf(PerfOptions())
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    region = torch.zeros(1, 1, 8, 8)
+    region[..., :, :3] = 1
+    z = optimize_latents(Distiller(tiny_sd15, content_weight=0.25, update_mask=region, static=static), z_c, z_ref,
+                         content_latents=z_c, steps=4, iters=2, lr=0.05, progress=False)
+    assert torch.equal(z[..., 3:], z_c[..., 3:])
+    assert (z[..., :3] - z_c[..., :3]).abs().amin(dim=(0, 1, 2)).gt(0).all()  # every column inside moved
+
+
+def test_cells_follow_the_mask_at_the_latents_size():
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (0, 0, 20, 32))  # cells 0-1 wholly white; cell 2 (16-24 px) half white, which is not more
+    cells = update_mask(mask, (64, 32), 8, "m.png")
+    assert cells.shape == (1, 1, 4, 8) and cells[0, 0, 0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(UserError, match="mask 'm.png' marks no region of at least 8x8 px at 64x32"):
+        update_mask(Image.new("L", (64, 32), 0), (64, 32), 8, "m.png")
+
+
+def test_style_transfer_keeps_the_content_outside_the_mask(tiny_sd15, data_dir, left_half):
+    kw = dict(model=tiny_sd15, steps=2, size=128, progress=False)
+    out = ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", mask=left_half, **kw)
+    content = Image.open(data_dir / "horse.jpg").convert("RGB").resize(out.size, Image.Resampling.LANCZOS)
+    a, b = np.asarray(out, np.float32), np.asarray(content, np.float32)
+    w = out.width
+    assert np.array_equal(a[:, w // 2 + 12:], b[:, w // 2 + 12:])  # past the 4-px feather
+    assert np.abs(a[:, : w // 2 - 12] - b[:, : w // 2 - 12]).mean() > 5  # restyled
+    assert json.loads(out.info["parameters"])["mask"] == str(left_half)
+
+
+def test_mask_errors_name_the_mask_and_the_fix(tiny_sd15, data_dir, tmp_path, left_half):
+    run = dict(model=tiny_sd15, steps=1, size=64, progress=False)
+    Image.new("L", (300, 100), 255).save(tmp_path / "wide.png")
+    with pytest.raises(UserError, match=r"mask '.*wide.png' is 300x100 but the content image is 768x754; paint"):
+        ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", mask=tmp_path / "wide.png", **run)
+    with pytest.raises(UserError, match="a mask keeps the content outside it, which does not tile"):
+        ad.appearance_transfer(data_dir / "horse.jpg", data_dir / "wood-rings.jpg", mask=left_half, tile="x", **run)
+
+
+def test_the_cli_takes_a_mask_and_info_job_reruns_it(tiny_sd15_dir, data_dir, tmp_path, left_half):
+    from typer.testing import CliRunner
+
+    from attndistill.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    first = invoke("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "--mask", left_half,
+                   "--steps", "1", "--size", "64", "-m", tiny_sd15_dir, "-o", tmp_path / "first.png", "-q")
+    assert first.exit_code == 0, first.output
+    line = json.loads(invoke("info", tmp_path / "first.png", "--job").stdout)
+    assert line["mask"] == str(left_half)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
+    assert invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q").exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")),
+                          np.asarray(Image.open(tmp_path / "out" / "rerun.png")))
+    tiled = invoke("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "--mask", left_half,
+                   "--tile", "x", "-m", tmp_path / "no-such-model", "-o", tmp_path / "t.png", "-q")
+    assert tiled.exit_code == 2 and "does not tile" in tiled.output  # before the model loads
