@@ -95,6 +95,8 @@ class Validator:
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 self._image(item, name)
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
+        if job.args.get("mask") is not None:
+            self._check_mask(job)
         self._model(job.model)
         self._check_geometry(job, preset)
         if job.args.get("controlnet"):
@@ -107,6 +109,16 @@ class Validator:
                                 "'output'")
             if path.is_dir():
                 raise UserError(f"output '{path}' is a directory; set another 'output'")
+
+    @staticmethod
+    def _check_mask(job: Job) -> None:
+        """What the task checks of a mask before its model loads: its aspect, its white, the tiling."""
+        from .images import load_image
+        from .regions import load_mask
+
+        role = "structure" if job.task == "appearance" else "content"
+        load_mask(job.args["mask"], load_image(job.args[role], what=f"{role} image"), tile=job.args.get("tile"),
+                  what=f"{role} image")
 
     def _check_geometry(self, job: Job, preset) -> None:
         """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,

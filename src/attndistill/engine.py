@@ -135,7 +135,7 @@ class Distiller:
         self.ref_labels = ref_labels
         self.target_labels = target_labels
         # float32 on the device: a buffer the captured iteration reads (the latent's gradient is float32)
-        self.update_mask = None if update_mask is None else update_mask.to(model.device, torch.float32)
+        self._update_mask = None if update_mask is None else update_mask.to(model.device, torch.float32)
         on_cuda = model.device.type == "cuda"
         perf = model.perf
         cuda_graphs = perf.cuda_graphs if cuda_graphs is None else cuda_graphs
@@ -159,6 +159,11 @@ class Distiller:
         self.reference: Reference | None = None
         self.content_queries: list[torch.Tensor] | None = None
         self.last_parts: dict[str, torch.Tensor] = {}
+
+    @property
+    def update_mask(self) -> torch.Tensor | None:
+        """The latent cells the optimisation may change (None: all); fixed, as captured graphs read it."""
+        return self._update_mask
 
     # -- capture lifetime ---------------------------------------------------------------------------
 

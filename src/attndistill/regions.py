@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from .errors import UserError
 from .images import ImageInput, load_image
@@ -22,22 +22,46 @@ from .images import ImageInput, load_image
 CELL_COVERAGE = 0.5
 
 
-def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None = None) -> Image.Image | None:
-    """The mask as an image (None: no mask), checked against the content and the options before any model loads."""
+def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None = None,
+              what: str = "content image") -> Image.Image | None:
+    """The mask as a greyscale image (None: no mask), checked before any model loads.
+
+    White changes; black and transparent keep (a mask exported as white strokes on a transparent layer
+    means what it shows). ``content``: the image it is painted over, named ``what`` in errors.
+    """
     if mask is None:
         return None
     if tile:
         raise UserError("a mask keeps the content outside it, which does not tile; drop the mask or the tiling")
-    image = load_image(mask, what="mask image")
-    _check_aspect(image, content, str(mask) if isinstance(mask, str | os.PathLike) else "<image>")
+    name = str(mask) if isinstance(mask, str | os.PathLike) else "<image>"
+    image = load_image(mask, what="mask image").convert("L")  # transparency on white, as for any input
+    alpha = _alpha(mask)
+    if alpha is not None and alpha.size == image.size:
+        image = ImageChops.multiply(image, alpha)
+    if abs(image.width / image.height - content.width / content.height) > 0.02 * content.width / content.height:
+        raise UserError(f"mask '{name}' is {image.width}x{image.height} but the {what} is "
+                        f"{content.width}x{content.height}; paint the mask over the {what}, at its aspect")
+    if image.getextrema()[1] <= 255 * CELL_COVERAGE:
+        raise UserError(f"mask '{name}' has no white; paint the part to restyle white (black and transparent "
+                        f"keep the {what})")
     return image
 
 
-def _check_aspect(mask: Image.Image, content: Image.Image, name: str) -> None:
-    """A mask drawn over another picture than the content would restyle the wrong place."""
-    if abs(mask.width / mask.height - content.width / content.height) > 0.02 * content.width / content.height:
-        raise UserError(f"mask '{name}' is {mask.width}x{mask.height} but the content image is "
-                        f"{content.width}x{content.height}; paint the mask over the content image, at its aspect")
+def _alpha(source: ImageInput) -> Image.Image | None:
+    """The mask's transparency, upright as :func:`~attndistill.images.load_image` turns it; None if opaque."""
+    if isinstance(source, Image.Image):
+        return _alpha_of(source)
+    try:
+        with Image.open(source) as raw:
+            return _alpha_of(raw)
+    except (OSError, ValueError):  # load_image has already said what is wrong with an unreadable file
+        return None
+
+
+def _alpha_of(image: Image.Image) -> Image.Image | None:
+    if not image.has_transparency_data:
+        return None
+    return ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
 
 
 def update_mask(mask: Image.Image, size: tuple[int, int], factor: int, name: str) -> torch.Tensor:
@@ -56,10 +80,14 @@ def update_mask(mask: Image.Image, size: tuple[int, int], factor: int, name: str
     return cells.float()
 
 
+#: Standard deviation in pixels of the blur that feathers the mask's edge: the blend reaches about 5 px each way.
+FEATHER = 2
+
+
 def paste_region(result: Image.Image, content: Image.Image, mask: Image.Image) -> Image.Image:
-    """``result`` inside the mask, ``content`` (resized to the result) outside; the edge feathered by 4 px."""
+    """``result`` inside the mask, ``content`` (resized to the result) outside, across a feathered edge."""
     size = result.size
-    weight = mask.convert("L").resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(4))
+    weight = mask.convert("L").resize(size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(FEATHER))
     pasted = Image.composite(result, content.convert("RGB").resize(size, Image.Resampling.LANCZOS), weight)
     pasted.info = dict(result.info)
     return pasted

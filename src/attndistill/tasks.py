@@ -190,7 +190,8 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
-    mask_image = load_mask(mask, target, tile=tile)  # restyle a region only (regions.py)
+    # restyle a region only (regions.py)
+    mask_image = load_mask(mask, target, tile=tile, what="structure image" if task == "appearance" else "content image")
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch

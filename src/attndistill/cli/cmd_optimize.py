@@ -122,7 +122,7 @@ def appearance(
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(structure_image=structure, appearance_image=appearance_images)
-        load_mask(mask, load_image(structure, what="structure image"), tile=tile)
+        load_mask(mask, load_image(structure, what="structure image"), tile=tile, what="structure image")
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
