@@ -672,3 +672,26 @@ def test_static_path_takes_references_of_another_size_masked_and_in_views(model)
                             cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
                             generator=torch.Generator().manual_seed(7), progress=False) for static in (False, True)]
     torch.testing.assert_close(views[1], views[0], atol=1e-6, rtol=0)
+
+
+def test_a_masked_run_keeps_no_graph_for_later_runs(model, monkeypatch):
+    """Graphs of a run with its own label maps or mask are not cached, its reference graph neither: a long-lived
+    process (web UI, batch) running them at many sizes would otherwise pile up their memory pools."""
+    from attndistill import engine
+
+    class Fake:
+        def __init__(self, distiller, *shapes, reference=None, **kwargs):
+            self.reference = reference
+
+    monkeypatch.setattr(engine, "StaticReference", lambda *args, **kwargs: Fake(None))
+    monkeypatch.setattr(engine, "StaticStepper", lambda d, shape, lr, reference, **kw: Fake(d, reference=reference))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    key = ((1, 4, 8, 8), (1, 4, 8, 8), None, 0.05)
+    for mask, cached in ((torch.ones(1, 1, 8, 8), 0), (None, 3)):  # unmasked: the reference and two steppers
+        model.graphs.clear()
+        distiller = Distiller(model, update_mask=mask)
+        distiller.cuda_graphs = distiller.static = True  # the capture path, without a GPU
+        first = distiller._new_stepper(key, 0.05)
+        second = distiller._new_stepper(key[:3] + (0.1,), 0.1)  # another lr: the same reference program
+        assert first.reference is second.reference and len(model.graphs) == cached
+    model.graphs.clear()

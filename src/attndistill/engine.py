@@ -155,7 +155,7 @@ class Distiller:
         self._masks: dict[tuple, torch.Tensor] = {}  # per (tokens, target hw, reference hw)
         self._pending: tuple | None = None
         self._reference_key = None
-        self._references: dict[tuple, StaticReference] = {}  # uncaptured static programs of this run
+        self._references: dict[tuple, StaticReference] = {}  # this run's own static programs (not cached)
         self.reference: Reference | None = None
         self.content_queries: list[torch.Tensor] | None = None
         self.last_parts: dict[str, torch.Tensor] = {}
@@ -237,10 +237,10 @@ class Distiller:
         try:
             start = time.perf_counter()
             reference_key = ("reference", ref_shape, content_shape) + settings
-            reference = graphs.get(reference_key)
-            if reference is None:
-                reference = graphs[reference_key] = StaticReference(self, ref_shape, content_shape, capture=True,
-                                                                    fed=fed)
+            reference = graphs.get(reference_key, self._references.get(reference_key))
+            if reference is None:  # kept for later runs only beside a stepper that is kept (evict_graphs)
+                reference = StaticReference(self, ref_shape, content_shape, capture=True, fed=fed)
+                (graphs if cacheable else self._references)[reference_key] = reference
             stepper = StaticStepper(self, z_shape, lr, reference, capture=True)
             torch.cuda.synchronize(self.model.device)
             stats = self.model.stats
