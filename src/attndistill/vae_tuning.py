@@ -76,7 +76,8 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
             for i in range(len(x)):  # one image at a time: one decoder backward's memory, the mean's gradient
                 part = (tuned.decode(z[i:i + 1]).sample - x[i:i + 1]).abs().mean() / len(x)
                 if not torch.isfinite(part):
-                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {float(part.detach()) * len(x)}); "
+                    loss_here = float(part.detach()) * len(x)
+                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {loss_here}); "
                                          f"lower its lr (now {lr}, default {LR})")
                 part.backward()
                 loss += float(part.detach())
