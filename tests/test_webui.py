@@ -91,6 +91,22 @@ def _fill(page, elem_id: str, value: str) -> None:
     expect(box).to_have_value(value)
 
 
+def _paint_a_patch(page, elem_id: str) -> None:
+    """Drag the brush down the middle of a mask painter, stroke beside stroke, as a person fills a region."""
+    canvas = page.locator(f"#{elem_id} canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    for stroke in range(8):
+        x = box["x"] + box["width"] * (0.45 + 0.012 * stroke)
+        page.mouse.move(x, box["y"] + box["height"] * 0.2)
+        page.mouse.down()
+        for i in range(1, 11):
+            page.mouse.move(x, box["y"] + box["height"] * (0.2 + 0.06 * i))
+            page.wait_for_timeout(15)
+        page.mouse.up()
+
+
 def test_style_transfer_in_the_browser(page, server, data_dir, tmp_path, monkeypatch):
     ui, queued = server[1], []
     original = ui.runs.queued
@@ -102,6 +118,7 @@ def test_style_transfer_in_the_browser(page, server, data_dir, tmp_path, monkeyp
     _fill(page, "style-seed", "3")
     page.get_by_text("Advanced").first.click()
     _fill(page, "style-preview-every", "1")
+    _paint_a_patch(page, "style-mask")  # over the content, which the painter shows once it is uploaded
     page.locator("#style-run").click()
 
     result = page.locator("#style-gallery img").first
@@ -125,6 +142,7 @@ def test_style_transfer_in_the_browser(page, server, data_dir, tmp_path, monkeyp
     params = json.loads(png.text["attndistill"])
     assert params["task"] == "style" and params["steps"] == 2 and params["seed"] == 3
     assert params["size"] == [128, 64] and params["content_weight"] == PRESETS["style"].content_weight
+    assert Path(params["mask"]).name.endswith("-mask.png") and Path(params["mask"]).is_file()  # the patch
     pixels = np.asarray(png.convert("RGB"), dtype=np.float32)
     assert pixels.std() > 1.0  # a real image, not a blank canvas
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -322,12 +323,24 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
                             "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-adain": "maybe"})
 
 
-def test_a_mask_restyles_part_of_the_content_and_the_command_says_so(ui, data_dir, tmp_path):
+def test_strokes_painted_over_the_content_restyle_that_part_and_the_command_says_so(ui, data_dir, tmp_path):
+    """The mask painter: strokes (alpha) on a layer over the content become a white-on-black mask kept beside
+    the results, which the result and the terminal command name; no strokes, no mask."""
+    from attndistill.webui_fields import content_to_paint_on
+
     w, h = Image.open(data_dir / "horse.jpg").size
-    Image.new("L", (w, h), 255).save(tmp_path / "mask.png")
-    params, command, _ = result_parameters(run_tab(ui, "style", {
-        "style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
-        "style-mask": str(tmp_path / "mask.png"), "style-steps": 1, "style-size": "64", "style-preview-every": 0}))
-    assert params["mask"] == str(tmp_path / "mask.png")
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, w // 2, h))
+    layer.save(tmp_path / "layer.png")
+    painted = {**content_to_paint_on(str(data_dir / "horse.jpg")), "layers": [str(tmp_path / "layer.png")]}
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-steps": 1, "style-size": "64", "style-preview-every": 0}
+    params, command, image = result_parameters(run_tab(ui, "style", {**inputs, "style-mask": painted}))
+    kept = Path(params["mask"])
+    assert kept.parent == ui.outputs / "inputs" and kept.name.endswith("-mask.png")
+    assert np.asarray(Image.open(kept)).tolist()[0][: w // 2] == [255] * (w // 2)
     words = shlex.split(command)
-    assert words[words.index("--mask") + 1] == "mask.png"
+    assert words[words.index("--mask") + 1] == str(kept)
+    params, command, _ = result_parameters(run_tab(ui, "style", {**inputs, "style-mask": content_to_paint_on(
+        str(data_dir / "horse.jpg"))}))
+    assert "mask" not in params and "--mask" not in command

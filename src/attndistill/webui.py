@@ -325,8 +325,7 @@ class WebUI:
     def validate_on_upload(*images: gr.Image) -> None:
         for image in images:
             # queued (messages reach the page only through the queue), never behind a running job
-            what = str(image.label).lower().split(":")[0]  # "mask over the content image: white changes, ..."
-            image.upload(upload_check(what), image, image, preprocess=False,
+            image.upload(upload_check(str(image.label).lower()), image, image, preprocess=False,
                          concurrency_limit=None, show_progress="hidden", api_visibility="private")
 
     @staticmethod

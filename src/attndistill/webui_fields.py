@@ -4,9 +4,11 @@ Pure helpers (no app state), so each tab of :mod:`attndistill.webui` builds its 
 their values the same way, and errors reach the page as one readable line.
 """
 
+import contextlib
 import hashlib
 import importlib
 import inspect
+import io
 import math
 import os
 import re
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
 from .errors import UserError
 from .images import atomic_write, load_image, parse_size
@@ -165,6 +169,57 @@ def image_input(label: str, elem_id: str) -> gr.Image:
     """An upload box for one image, handed to the API as a file path."""
     return gr.Image(label=label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
                     elem_id=elem_id, height=280)
+
+
+def mask_painter(label: str, elem_id: str) -> gr.ImageMask:
+    """A brush over the content image (its background, set when the content changes): strokes mark the region."""
+    # "upload" as a source: without one (Gradio 6.31) the brush paints nothing on a background set by the app
+    return gr.ImageMask(label=label, type="filepath", image_mode="RGBA", sources=["upload"], layers=False,
+                        transforms=[], brush=gr.Brush(colors=["#ff3366"], color_mode="fixed", default_size=24),
+                        elem_id=elem_id, height=280)
+
+
+#: Longest side of the picture the mask is painted on: the page uploads it again with each run (twice, with
+#: the strokes), and a photo's full size would pass the upload limit, where Gradio waits without a word.
+PAINT_SIDE = 512
+
+
+def content_to_paint_on(path: str | None) -> dict | None:
+    """The mask painter's value for a new content image: that image upright and small, and an empty layer to
+    paint on (without one the brush paints nothing). The mask is scaled to the content when it is used."""
+    try:
+        image = load_image(path, what="content image") if path else None
+    except UserError:  # the upload box says what is wrong with it
+        image = None
+    if image is None:
+        return None
+    image.thumbnail((PAINT_SIDE, PAINT_SIDE))
+    return {"background": image, "layers": [Image.new("RGBA", image.size, (0, 0, 0, 0))], "composite": image}
+
+
+def painted_mask(value: dict | None, folder: Path) -> str | None:
+    """The strokes of a mask painter -> a white-on-black PNG kept in ``folder``/inputs, by content (None: none).
+
+    A result names its mask like any input, so ``attndistill info OUT.png --job`` reruns it.
+    """
+    alphas = []
+    for layer in (value or {}).get("layers") or []:  # files from the page; images as content_to_paint_on made them
+        try:
+            with contextlib.nullcontext(layer) if isinstance(layer, Image.Image) else Image.open(layer) as image:
+                alphas.append(np.asarray(image.convert("RGBA"))[..., 3])
+        except (OSError, ValueError, TypeError, AttributeError):
+            raise UserError("the painted mask could not be read; paint it again") from None
+    if not alphas or max(int(a.max()) for a in alphas) == 0:
+        return None
+    strokes = np.maximum.reduce([a for a in alphas if a.shape == alphas[0].shape]) > 0
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(strokes, 255, 0).astype(np.uint8), "L").save(buffer, format="PNG")
+    data = buffer.getvalue()
+    kept = folder / "inputs" / f"{hashlib.sha256(data).hexdigest()[:12]}-mask.png"
+    if not kept.is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(kept, lambda f: f.write(data), overwrite=True)
+    return str(kept)
 
 
 def upload_check(what: str) -> Callable[[dict | None], object]:

@@ -22,14 +22,17 @@ from .webui_fields import (
     TILE_CHOICES,
     api_default,
     blank_number,
+    content_to_paint_on,
     file_name,
     file_paths,
     fit_cli,
     float_box,
     image_input,
     int_box,
+    mask_painter,
     number_value,
     page_message,
+    painted_mask,
     reference_fit_radio,
     reference_fit_value,
     required,
@@ -90,13 +93,14 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
         with gr.Row():
             more = gr.File(label=f"More {second.lower()}s (attended to together)", file_count="multiple",
                            file_types=["image"], elem_id=f"{tab}-more")
-            mask = image_input(f"Mask over the {first.lower()}: white changes, black keeps (optional)",
-                               f"{tab}-mask")
+            mask = mask_painter(f"Paint over the {first.lower()} what to change (optional; no strokes: all of it)",
+                                f"{tab}-mask")
         options = ui.optimise_options(tab, preset, content_weight=True)
         options.update(ui.preview_options(tab))
     panel = ui.panel(tab)
     ui.examples(examples, [target, reference])
-    ui.validate_on_upload(target, reference, mask)
+    ui.validate_on_upload(target, reference)
+    target.change(content_to_paint_on, target, mask, queue=False, show_progress="hidden")
     fields = dict(target=target, reference=reference, more=more, mask=mask, steps=steps, size=size, seed=seed,
                   **options)
 
@@ -111,7 +115,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
                   attention_scale=s["attention_scale"], layers=s["layers"] or None,
                   size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                   tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
-                  mask=s["mask"] or None, progress=False, callback=callback)
+                  mask=painted_mask(s["mask"], ui.outputs), progress=False, callback=callback)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
@@ -120,7 +124,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
             lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
             tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"]),
-            mask=file_name(s["mask"])))
+            mask=painted_mask(s["mask"], ui.outputs)))  # painted here: the command names it where it is kept
 
     ui.wire(tab, panel, fields, call, command)
 
