@@ -156,3 +156,10 @@ def test_masked_synthesis_names_the_colours_a_kept_crop_cuts_away(tiny_sd15, tmp
                                         r"to the first texture's aspect .* or use reference fit squash"):
         masked_texture_synthesis(textures, [tmp_path / "r1.png", tmp_path / "r2.png"], tmp_path / "target.png",
                                  model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)
+
+
+def test_keep_refuses_a_reference_it_would_cut_to_a_sliver():
+    with pytest.raises(UserError, match=r"reference 'thin.png' keeps only 1x20 px once cut to the first reference's "
+                                        r"aspect .* or use reference fit squash"):
+        reference_boxes([(20, 4000), (4000, 20)], "keep", 512, 64, names=["tall.png", "thin.png"])
+    assert reference_boxes([(20, 4000), (4000, 20)], "squash", 512, 64, names=["tall.png", "thin.png"])

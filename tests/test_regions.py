@@ -43,7 +43,7 @@ def test_cells_follow_the_mask_at_the_latents_size():
     mask.paste(255, (0, 0, 20, 32))  # cells 0-1 wholly white; cell 2 (16-24 px) half white, which is not more
     cells = update_mask(mask, (64, 32), 8, "m.png")
     assert cells.shape == (1, 1, 4, 8) and cells[0, 0, 0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    with pytest.raises(UserError, match="mask 'm.png' marks no region of at least 8x8 px at 64x32"):
+    with pytest.raises(UserError, match="mask 'm.png' marks no region of at least 8x8 px of the 64x32 result"):
         update_mask(Image.new("L", (64, 32), 0), (64, 32), 8, "m.png")
 
 
@@ -116,3 +116,14 @@ def test_a_batch_dry_run_refuses_what_the_task_would(tmp_path, data_dir, tiny_sd
     assert dry_run(tmp_path / "jobs.jsonl", tmp_path / "out", log=lines.append) == 2
     text = "\n".join(lines)
     assert "has no white" in text and "does not tile" in text and "1 ready" in text
+
+
+def test_grey_is_white_from_half_up_in_the_cells_and_the_paste_alike():
+    """A soft brush gives no ghost: the paste takes the result fully where the latent cells changed."""
+    content = Image.new("RGB", (64, 32))
+    mask = Image.new("L", (64, 32), 127)
+    mask.paste(128, (0, 0, 32, 32))
+    kept = load_mask(mask, content)
+    assert set(np.unique(np.asarray(kept)).tolist()) == {0, 255} and np.asarray(kept)[:, :32].min() == 255
+    with pytest.raises(UserError, match="has no white"):
+        load_mask(Image.new("L", (64, 32), 127), content)

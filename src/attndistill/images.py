@@ -151,13 +151,14 @@ def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple
 Box = tuple[int, int, int, int]
 
 
-def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int
-                    ) -> tuple[tuple[int, int], list[Box]]:
+def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int,
+                    names: Sequence[str] | None = None) -> tuple[tuple[int, int], list[Box]]:
     """The (width, height) every reference is resized to, and the part of each image that is used.
 
     ``fit`` is one of :data:`~attndistill.presets.REFERENCE_FITS`. "squash": whole images, native
     square. "keep": the first image's aspect at about ``native``² pixels (:func:`kept_size`); every
-    image centre-cropped to that size's aspect, so none is stretched.
+    image centre-cropped to that size's aspect, so none is stretched. With ``names``, a crop thinner than
+    :data:`MIN_SIDE` (a reference of a very different aspect) is an error naming the image.
     """
     if fit == "squash":
         return (native, native), [(0, 0, w, h) for w, h in sizes]
@@ -170,6 +171,10 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
             cw, ch = w, max(1, round(w * height / width))
         left, top = (w - cw) // 2, (h - ch) // 2
         boxes.append((left, top, left + cw, top + ch))
+        if names is not None and min(cw, ch) < MIN_SIDE:
+            raise UserError(f"reference '{names[len(boxes) - 1]}' keeps only {cw}x{ch} px once cut to the first "
+                            f"reference's aspect ({width}x{height}, reference fit 'keep'); give references of "
+                            "similar aspects, or use reference fit squash")
     return (width, height), boxes
 
 
@@ -193,9 +198,10 @@ def kept_size(size: tuple[int, int], native: int, multiple: int) -> tuple[int, i
     return (long, short) if size[0] >= size[1] else (short, long)
 
 
-def fit_references(images: Sequence[Image.Image], fit: str, native: int, multiple: int) -> torch.Tensor:
+def fit_references(images: Sequence[Image.Image], fit: str, native: int, multiple: int,
+                   names: Sequence[str] | None = None) -> torch.Tensor:
     """Reference images as a run sees them: (R, 3, H, W) in [0, 1], cropped and resized by ``fit``."""
-    size, boxes = reference_boxes([img.size for img in images], fit, native, multiple)
+    size, boxes = reference_boxes([img.size for img in images], fit, native, multiple, names)
     return to_tensor([img.crop(box) for img, box in zip(images, boxes, strict=True)], size)
 
 

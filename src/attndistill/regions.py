@@ -27,7 +27,8 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
     """The mask as a greyscale image (None: no mask), checked before any model loads.
 
     White changes; black and transparent keep (a mask exported as white strokes on a transparent layer
-    means what it shows). ``content``: the image it is painted over, named ``what`` in errors.
+    means what it shows); grey counts as white from half up. ``content``: the image it is painted over,
+    named ``what`` in errors.
     """
     if mask is None:
         return None
@@ -41,7 +42,9 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
     if abs(image.width / image.height - content.width / content.height) > 0.02 * content.width / content.height:
         raise UserError(f"mask '{name}' is {image.width}x{image.height} but the {what} is "
                         f"{content.width}x{content.height}; paint the mask over the {what}, at its aspect")
-    if image.getextrema()[1] <= 255 * CELL_COVERAGE:
+    # black or white, as the latent cells are: grey from half up changes, below keeps (no ghosting in the paste)
+    image = image.point(lambda v: 255 if v > 127 else 0)
+    if image.getextrema()[1] == 0:
         raise UserError(f"mask '{name}' has no white; paint the part to restyle white (black and transparent "
                         f"keep the {what})")
     return image
@@ -75,8 +78,8 @@ def update_mask(mask: Image.Image, size: tuple[int, int], factor: int, name: str
                                          dtype=np.float32) / 255.0)[None, None]
     cells = F.interpolate(pixels, size=(h // factor, w // factor), mode="area") > CELL_COVERAGE
     if not cells.any():
-        raise UserError(f"mask '{name}' marks no region of at least {factor}x{factor} px at {w}x{h}; paint the "
-                        "part to restyle white (black keeps the content)")
+        raise UserError(f"mask '{name}' marks no region of at least {factor}x{factor} px of the {w}x{h} result; "
+                        "paint a larger region white, or give a larger --size")
     return cells.float()
 
 

@@ -129,7 +129,8 @@ def encode_references(model: DiffusionModel, references: Sequence[ImageInput], w
     if not references:
         raise UserError(f"no {what} given; pass at least one")
     images = [load_image(r, what=what) for r in references]
-    return model.encode(fit_references(images, check_reference_fit(fit), model.native_size, model.latent_multiple))
+    return model.encode(fit_references(images, check_reference_fit(fit), model.native_size, model.latent_multiple,
+                                       names=[describe_input(r) for r in references]))
 
 
 def check_reference_fit(fit: object) -> str:

@@ -104,14 +104,14 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    from .tasks import as_list, check_reference_fit
+    from .tasks import as_list, check_reference_fit, describe_input
 
     references = as_list(reference)
     if not references:
         raise UserError("no reference image given for VAE tuning; pass at least one")
     reference_fit = check_reference_fit(DEFAULT_REFERENCE_FIT if reference_fit is None else reference_fit)
     images = fit_references([load_image(r, what="reference image") for r in references], reference_fit,
-                            model.native_size, model.latent_multiple)
+                            model.native_size, model.latent_multiple, names=[describe_input(r) for r in references])
     bar = None
     if progress:
         from tqdm.auto import tqdm

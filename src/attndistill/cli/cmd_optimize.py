@@ -59,7 +59,8 @@ TransferSeed = Annotated[int, typer.Option(
     help="Recorded only: a transfer starts from its content image and adds no noise, so every seed gives the "
     "same result", min=0, max=2**64 - 1)]
 Mask = Annotated[Path | None, typer.Option(
-    help="Image over the content: white where to restyle, black where to keep the content (beyond the paper)",
+    help="Image over the content (or structure) image: white where to restyle, black or transparent where to "
+         "keep it (beyond the paper)",
     show_default=False)]
 TextureAdain = Annotated[bool | None, typer.Option(
     "--adain/--no-adain", help="With --mode sample or --layout: AdaIN of the latent to the noised texture latent "
