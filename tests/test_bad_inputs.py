@@ -159,6 +159,8 @@ EARLY_CASES = [
     (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "preprocessing 'canny' prepares a control"),
     (["expand", "{img}", "--size", "512", "--layers", "1-"], "layers '1-' is not understood"),
     (["finetune-vae", "{img}", "--steps", "0"], "VAE tuning steps must be at least 1"),
+    (["texture", "{img}", "{img}", "--ref-labels", "{img}", "--target-labels", "{img}"],
+     "2 texture image(s) but 1 reference label map(s)"),
     (["texture", "{img}", "--reference-fit", "crop"], "reference fit must be one of squash, keep (got 'crop')"),
     (["finetune-vae", "{img}", "--reference-fit", "crop"], "reference fit must be one of squash, keep"),
 ]

@@ -136,7 +136,7 @@ def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):
     with pytest.raises(ad.UserError, match="draw the label map over the texture"):
         masked_texture_synthesis(ref, tmp_path / "tall.png", target_labels, model=tiny_sd15, steps=1,
                                  progress=False)
-    with pytest.raises(ad.UserError, match="one --ref-labels per texture image"):
+    with pytest.raises(ad.UserError, match="one reference label map per texture image"):
         masked_texture_synthesis([ref, ref], [tmp_path / "tall.png"], target_labels, model=tiny_sd15, steps=1,
                                  progress=False)
 

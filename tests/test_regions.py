@@ -111,11 +111,14 @@ def test_a_batch_dry_run_refuses_what_the_task_would(tmp_path, data_dir, tiny_sd
     lines = [{"task": "style", "content": str(data_dir / "horse.jpg"), "style": str(data_dir / "wood-rings.jpg"),
               "mask": str(mask), **extra, "model": str(tiny_sd15_dir)}
              for mask, extra in ((tmp_path / "black.png", {}), (left_half, {"tile": "x"}), (left_half, {}))]
+    lines.append({"task": "texture", "reference": [str(data_dir / "wood-rings.jpg")] * 2, "model": str(tiny_sd15_dir),
+                  "ref_labels": [str(left_half)], "target_labels": str(left_half)})  # masked: one map for two
     (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     lines = []
-    assert dry_run(tmp_path / "jobs.jsonl", tmp_path / "out", log=lines.append) == 2
+    assert dry_run(tmp_path / "jobs.jsonl", tmp_path / "out", log=lines.append) == 3
     text = "\n".join(lines)
     assert "has no white" in text and "does not tile" in text and "1 ready" in text
+    assert "2 texture image(s) but 1 reference label map(s)" in text
 
 
 def test_grey_is_white_from_half_up_in_the_cells_and_the_paste_alike():

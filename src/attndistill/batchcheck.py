@@ -97,6 +97,10 @@ class Validator:
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
         if job.args.get("mask") is not None:
             self._check_mask(job)
+        if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map
+            from .textures import check_label_maps
+
+            check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"])
         self._model(job.model)
         self._check_geometry(job, preset)
         if job.args.get("controlnet"):

@@ -273,6 +273,35 @@ def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
                         f"{image.width}x{image.height}; draw the label map over the texture, at its size")
 
 
+def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
+                     target_labels: ImageInput):
+    """Masked synthesis's inputs, read and checked before any model loads (the CLI and batch runs call it too):
+    one map per texture, at its aspect, and every target colour in some reference map.
+
+    Returns (texture images, target map image, integer maps, colours, map names).
+    """
+    refs, ref_label_inputs = as_list(reference), as_list(ref_labels)
+    if not refs:
+        raise UserError("no texture image given; pass one (or several) with their label maps")
+    if len(refs) != len(ref_label_inputs):
+        raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); give "
+                        "one reference label map per texture image (on the command line: --ref-labels A.png "
+                        "--ref-labels B.png)")
+    ref_images = [load_image(r, what="texture image") for r in refs]
+    ref_label_images = [load_image(r, what="reference label map") for r in ref_label_inputs]
+    target_image = load_image(target_labels, what="target label map")
+    names = [describe_input(r) for r in ref_label_inputs] + [describe_input(target_labels)]
+    for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
+        _check_aspect(img, lab, f"reference label map '{name}'")
+    maps, colours = label_maps(ref_label_images + [target_image], names)
+    missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
+        [m.ravel() for m in maps[:-1]])).tolist()))
+    if missing:
+        raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
+                        f"that no reference label map has; every target colour needs a region in the reference")
+    return ref_images, target_image, maps, colours, names
+
+
 def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                              ref_labels: ImageInput | Sequence[ImageInput], target_labels: ImageInput, *,
                              num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
@@ -298,24 +327,8 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
-    refs, ref_label_inputs = as_list(reference), as_list(ref_labels)
-    if not refs:
-        raise UserError("no texture image given; pass one (or several) with their label maps")
-    if len(refs) != len(ref_label_inputs):
-        raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); "
-                        "give one --ref-labels per texture image")
-    ref_images = [load_image(r, what="texture image") for r in refs]
-    ref_label_images = [load_image(r, what="reference label map") for r in ref_label_inputs]
-    target_image = load_image(target_labels, what="target label map")
-    names = [describe_input(r) for r in ref_label_inputs] + [describe_input(target_labels)]
-    for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
-        _check_aspect(img, lab, f"reference label map '{name}'")
-    maps, colours = label_maps(ref_label_images + [target_image], names)
-    missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
-        [m.ravel() for m in maps[:-1]])).tolist()))
-    if missing:
-        raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
-                        f"that no reference label map has; every target colour needs a region in the reference")
+    refs = as_list(reference)
+    ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels)
 
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)

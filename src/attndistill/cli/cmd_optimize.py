@@ -178,6 +178,10 @@ def texture(
                       adain=adain, reference_fit=reference_fit)
         check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
                      target_labels=target_labels)
+        if ref_labels and target_labels:  # maps that do not fit their textures fail before the model loads
+            from ..textures import check_label_maps
+
+            check_label_maps(list(references), list(ref_labels), target_labels)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
