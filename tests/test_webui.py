@@ -97,13 +97,11 @@ def _paint_a_patch(page, elem_id: str) -> None:
     canvas.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
     box = canvas.bounding_box()
-    for stroke in range(8):
-        x = box["x"] + box["width"] * (0.45 + 0.012 * stroke)
+    for stroke in range(6):
+        x = box["x"] + box["width"] * (0.45 + 0.015 * stroke)
         page.mouse.move(x, box["y"] + box["height"] * 0.2)
         page.mouse.down()
-        for i in range(1, 11):
-            page.mouse.move(x, box["y"] + box["height"] * (0.2 + 0.06 * i))
-            page.wait_for_timeout(15)
+        page.mouse.move(x, box["y"] + box["height"] * 0.8, steps=5)
         page.mouse.up()
 
 
