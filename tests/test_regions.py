@@ -130,3 +130,27 @@ def test_grey_is_white_from_half_up_in_the_cells_and_the_paste_alike():
     assert set(np.unique(np.asarray(kept)).tolist()) == {0, 255} and np.asarray(kept)[:, :32].min() == 255
     with pytest.raises(UserError, match="has no white"):
         load_mask(Image.new("L", (64, 32), 127), content)
+
+
+def test_a_mask_painted_over_a_very_wide_content_is_taken(tmp_path):
+    """The painter never shrinks the content below 64 px a side, and a pixel of rounding passes the aspect check."""
+    from attndistill.webui_fields import content_to_paint_on, painted_mask
+
+    Image.new("RGB", (2000, 60), (90, 90, 90)).save(tmp_path / "strip.png")
+    surface = content_to_paint_on(str(tmp_path / "strip.png"))
+    layer = surface["layers"][0]
+    assert min(layer.size) >= 60 and abs(layer.width / layer.height - 2000 / 60) < 0.5
+    layer.paste((255, 255, 255, 255), (0, 0, layer.width // 2, layer.height))
+    kept = painted_mask(surface, tmp_path)
+    assert load_mask(kept, Image.open(tmp_path / "strip.png")) is not None
+
+
+def test_an_in_memory_mask_keeps_its_transparency_as_it_is_shown(tmp_path):
+    """An image handed to the API is taken as it is (as load_image takes it), EXIF tag or not."""
+    mask = Image.new("RGBA", (64, 32), (255, 255, 255, 0))
+    mask.paste((255, 255, 255, 255), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate a quarter turn" in the file's tag
+    mask.save(tmp_path / "turned.png", exif=exif)
+    kept = load_mask(Image.open(tmp_path / "turned.png"), Image.new("RGB", (64, 32)))
+    assert np.asarray(kept).mean() == pytest.approx(127.5)

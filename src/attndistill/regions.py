@@ -9,6 +9,7 @@ no mask nothing here runs.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
     alpha = _alpha(mask)
     if alpha is not None and alpha.size == image.size:
         image = ImageChops.multiply(image, alpha)
-    if abs(image.width / image.height - content.width / content.height) > 0.02 * content.width / content.height:
+    expected = image.width * content.height / content.width  # the mask's height at the content's aspect
+    if abs(image.height - expected) > max(1.0, 0.02 * expected):  # a pixel of rounding, or 2%
         raise UserError(f"mask '{name}' is {image.width}x{image.height} but the {what} is "
                         f"{content.width}x{content.height}; paint the mask over the {what}, at its aspect")
     # black or white, as the latent cells are: grey from half up changes, below keeps (no ghosting in the paste)
@@ -52,19 +54,17 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
 
 def _alpha(source: ImageInput) -> Image.Image | None:
     """The mask's transparency, upright as :func:`~attndistill.images.load_image` turns it; None if opaque."""
-    if isinstance(source, Image.Image):
-        return _alpha_of(source)
+    if isinstance(source, Image.Image):  # as load_image takes an image: as it is, not turned by its EXIF tag
+        return source.convert("RGBA").getchannel("A") if source.has_transparency_data else None
     try:
-        with Image.open(source) as raw:
-            return _alpha_of(raw)
-    except (OSError, ValueError):  # load_image has already said what is wrong with an unreadable file
+        with warnings.catch_warnings():  # a huge JPEG (no alpha) that load_image decoded at a reduced size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as raw:
+                if not raw.has_transparency_data:
+                    return None
+                return ImageOps.exif_transpose(raw).convert("RGBA").getchannel("A")
+    except (OSError, ValueError, Image.DecompressionBombError):  # load_image has said what is wrong with it
         return None
-
-
-def _alpha_of(image: Image.Image) -> Image.Image | None:
-    if not image.has_transparency_data:
-        return None
-    return ImageOps.exif_transpose(image).convert("RGBA").getchannel("A")
 
 
 def update_mask(mask: Image.Image, size: tuple[int, int], factor: int, name: str) -> torch.Tensor:

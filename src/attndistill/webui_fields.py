@@ -193,7 +193,10 @@ def content_to_paint_on(path: str | None) -> dict | None:
         image = None
     if image is None:
         return None
-    image.thumbnail((PAINT_SIDE, PAINT_SIDE))
+    # at most PAINT_SIDE a side, but never thinner than 64 px: a mask must stay at the content's aspect
+    scale = max(min(1.0, PAINT_SIDE / max(image.size)), min(1.0, 64 / min(image.size)))
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                         Image.Resampling.LANCZOS)
     return {"background": image, "layers": [Image.new("RGBA", image.size, (0, 0, 0, 0))], "composite": image}
 
 
