@@ -27,7 +27,7 @@ from .images import ImageInput, check_size, fit_references, fit_size, load_image
 from .models import DiffusionModel, as_model
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
-from .presets import REFERENCE_FITS, Preset, get_preset
+from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset, get_preset
 from .regions import load_mask, paste_region, update_mask
 from .tiling import check_axes, seamless
 from .vae_tuning import check_tune_vae, tuned_vae
@@ -124,7 +124,7 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
 
 
 def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str,
-                      fit: str = "squash") -> torch.Tensor:
+                      fit: str = DEFAULT_REFERENCE_FIT) -> torch.Tensor:
     """Reference images at about the model's native area, fitted by ``fit`` (REFERENCE_FITS) -> latents (R, 4, h, w)."""
     if not references:
         raise UserError(f"no {what} given; pass at least one")

@@ -69,7 +69,12 @@ def keep_uploads(value, folder: Path):
         data = path.read_bytes()
     except (OSError, ValueError):  # gone from Gradio's cache meanwhile, or no path at all: the task says what
         return value
-    kept = folder / "inputs" / f"{hashlib.sha256(data).hexdigest()[:12]}-{path.name}"
+    return keep_input(data, path.name, folder, what="upload")
+
+
+def keep_input(data: bytes, name: str, folder: Path, *, what: str) -> str:
+    """``data`` kept as ``folder``/inputs/<content hash>-``name`` (once, whole or not at all); its path."""
+    kept = folder / "inputs" / f"{hashlib.sha256(data).hexdigest()[:12]}-{name}"
     if kept.is_file():
         return str(kept)
     try:
@@ -77,7 +82,7 @@ def keep_uploads(value, folder: Path):
         atomic_write(kept, lambda f: f.write(data), overwrite=True)  # whole or not at all, as every output
     except (OSError, UserError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else exc
-        raise UserError(f"upload '{path.name}' could not be kept beside the results in '{kept.parent}' "
+        raise UserError(f"{what} '{name}' could not be kept beside the results in '{kept.parent}' "
                         f"({reason}); free space there or start the UI with another --outputs") from None
     return str(kept)
 
@@ -217,12 +222,7 @@ def painted_mask(value: dict | None, folder: Path) -> str | None:
     strokes = np.maximum.reduce([a for a in alphas if a.shape == alphas[0].shape]) > 0
     buffer = io.BytesIO()
     Image.fromarray(np.where(strokes, 255, 0).astype(np.uint8), "L").save(buffer, format="PNG")
-    data = buffer.getvalue()
-    kept = folder / "inputs" / f"{hashlib.sha256(data).hexdigest()[:12]}-mask.png"
-    if not kept.is_file():
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(kept, lambda f: f.write(data), overwrite=True)
-    return str(kept)
+    return keep_input(buffer.getvalue(), "mask.png", folder, what="painted mask")
 
 
 def upload_check(what: str) -> Callable[[dict | None], object]:
