@@ -45,6 +45,7 @@ CASES = {
     "e": ("sd15", 50, "texture expansion 1536x512, 50 steps, 2 iters, stride 8, view batch 8"),
     "f": ("sd15", 1, "texture expansion 4096x4096, peak memory over 1 step"),
     "g": ("sd15", 50, "8 style transfers sharing one style: batched vs one by one"),
+    "h": ("sdxl", 50, "SDXL texture expansion 1024x512, 512-px views beside a 1024² reference, 2 iters, stride 8"),
 }
 
 
@@ -69,6 +70,11 @@ def run_case(case: str, model, steps: int, size_scale: float) -> list:
         # views of the model's native size (64 latents on SD 1.5), so tiny models and --size-scale work too
         return [expand_texture(TEXTURE, model=model, size=(w, h), steps=steps, iters=2, stride=8, view_batch=8,
                                view=side // model.vae_scale_factor, progress=False)]
+    if case == "h":  # views of half the native size (SDXL: the default 64 latents) beside a native reference
+        from attndistill.textures import expand_texture
+
+        return [expand_texture(TEXTURE, model=model, size=(side, side // 2), steps=steps, iters=2, stride=8,
+                               view_batch=8, view=side // (2 * model.vae_scale_factor), progress=False)]
     if case == "g":
         from attndistill.tasks import style_transfer_batch
 

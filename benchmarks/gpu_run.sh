@@ -11,6 +11,8 @@
 #                                       # card's defaults under 9 GB (its decode drops the graphs if short of memory),
 #                                       # e's default under 6 GB (a capture out of memory turns checkpointing on), a
 #                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
+#   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 240 s): case h (SDXL expansion, 512-px views beside a 1024²
+#                                       # reference) with CUDA graphs against eager over 10 steps; e with compiled_norms
 #   bash benchmarks/gpu_run.sh run7     # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
 #                                       # GroupNorm against PyTorch's and inside a graph, graphs on their own
 #                                       # streams); then every line also prints reserved memory (with the CUDA
@@ -102,6 +104,9 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  run9)  # after run 8, in its leftover minutes: SDXL expansion with graphs of two latent sizes against eager
+    run 150 --cases h --steps 10 --variant cuda_graphs=0
+    run 90 --cases e --steps 20 --variant compiled_norms=1 ;;
   *)  # run 8
     timeout 75 python3 benchmarks/gpu_checks.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/checks.jsonl"
     run 180 --cases a,c,b,g --variant compiled_norms=1 --variant-steps 300 --compare --plain-steps 5

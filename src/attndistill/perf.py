@@ -23,8 +23,8 @@ COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "compiled_norms", "cudnn_benchmark",
                   "lookahead_batch", "feed_forward_chunks", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
-#: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md; both without the
-#: CUDA graphs' pools, so whether a 12 GB card holds SDXL T2I is not yet measured).
+#: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md). With
+#: checkpointing too (the default below this size) SDXL T2I ran under a 9 GB cap on the allocator (run 8).
 SMALL_CARD_GIB = 16
 #: Automatic look-ahead (``lookahead_batch=None`` on CUDA): rows of one call times latent pixels per
 #: row, at most this many: 16 rows of SD 1.5's 64x64 latents, 4 of SDXL's 128x128 (H200, runs 5 and 6 in
@@ -58,7 +58,8 @@ class PerfOptions:
     channels_last_norms: bool = False
     # the UNet's GroupNorms (with the SiLU after each ResNet block's norm) as small compiled programs whose
     # kernels keep the input's layout, forward and backward (group_norm.py); a handful of programs a
-    # process, not one per block shape as ``compile``; off under ``compile``, ahead of channels_last_norms
+    # process, not one per block shape as ``compile``; off under ``compile``, ahead of channels_last_norms.
+    # Off by default: on an H200 (run 8) 4-8% faster at batch 1, 6% slower at batch 8, 1-9 s to compile
     compiled_norms: bool = False
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
     # process-wide setting: None leaves it as the process has it, True/False set it)

@@ -81,7 +81,8 @@ def _root(
     compiled_norms: Annotated[bool, typer.Option(
         "--compiled-norms",
         help="GroupNorms, and the SiLU after each ResNet block's norm, as small compiled programs in the input's "
-             "layout (a handful of programs to compile, not one per block as --compile; speed not yet measured)")
+             "layout (a handful of programs to compile, not one per block as --compile; on an H200 4-8% faster at "
+             "batch 1, 6% slower at batch 8)")
                               ] = False,
     cudnn_benchmark: Annotated[bool | None, typer.Option(
         "--cudnn-benchmark/--no-cudnn-benchmark",
