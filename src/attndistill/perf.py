@@ -59,7 +59,7 @@ class PerfOptions:
     # the UNet's GroupNorms (with the SiLU after each ResNet block's norm) as small compiled programs whose
     # kernels keep the input's layout, forward and backward (group_norm.py); a handful of programs a
     # process, not one per block shape as ``compile``; off under ``compile``, ahead of channels_last_norms.
-    # Off by default: on an H200 (run 8) 4-8% faster at batch 1, 6% slower at batch 8, 1-9 s to compile
+    # Off by default: on an H200 (run 8) 4-8% faster at batch 1, 6% slower at batch 8; ~17 s to compile
     compiled_norms: bool = False
     # cuDNN times its convolution algorithms for each new shape once and keeps the fastest (CUDA; a
     # process-wide setting: None leaves it as the process has it, True/False set it)
