@@ -13,6 +13,8 @@
 #                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 240 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps; e with compiled_norms
+#   bash benchmarks/gpu_run.sh run10    # after run 9 (<= 120 s): a and c with look-ahead calls of 32 rows, alone and with
+#                                       # compiled_norms, in full runs beside the default
 #   bash benchmarks/gpu_run.sh run7     # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
 #                                       # GroupNorm against PyTorch's and inside a graph, graphs on their own
 #                                       # streams); then every line also prints reserved memory (with the CUDA
@@ -104,6 +106,8 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  run10)  # after run 9: look-ahead calls of 32 rows (the default's 16 hold 8 steps of case a), with compiled_norms too
+    run 120 --cases a,c --variant lookahead_batch=32 --variant lookahead_batch=32,compiled_norms=1 ;;
   run9)  # after run 8, in its leftover minutes: SDXL expansion with graphs of two latent sizes against eager
     run 150 --cases h --steps 10 --variant cuda_graphs=0
     run 90 --cases e --steps 20 --variant compiled_norms=1 ;;

@@ -322,7 +322,7 @@ def test_a_hub_that_takes_no_connection_means_the_cache_at_once(monkeypatch, net
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from attndistill import models
+    from attndistill import loading
 
     class Connection:
         def close(self):
@@ -342,7 +342,7 @@ def test_a_hub_that_takes_no_connection_means_the_cache_at_once(monkeypatch, net
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     proxies = {"https": "http://proxy.example:3128"} if network == "proxy" else {}  # env or system settings
     monkeypatch.setattr(urllib.request, "getproxies", lambda: proxies)
-    monkeypatch.setattr(models, "_hub_probe", None)
+    monkeypatch.setattr(loading, "_hub_probe", None)
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: [
         (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", port, 0, 0)),
         (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port))])  # each address tried in turn
@@ -350,7 +350,7 @@ def test_a_hub_that_takes_no_connection_means_the_cache_at_once(monkeypatch, net
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     for _ in range(2):  # the second load reuses the first look
         with pytest.raises(UserError, match="is not in the local Hugging Face cache and the Hub cannot be reached"):
-            models.load_model("nobody-xyz/not-cached-model")
+            loading.load_model("nobody-xyz/not-cached-model")
     assert asked == [network == "none"] * 2
     assert probes == {"none": [("2001:db8::1", 443), ("192.0.2.1", 443)], "up": [("2001:db8::1", 443)],
                       "proxy": []}[network]

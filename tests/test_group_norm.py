@@ -50,7 +50,8 @@ def test_output_and_gradients_equal_pytorchs_group_norm(affine):
 
 
 @pytest.mark.parametrize("kind", [ChannelsLastGroupNorm, CompiledGroupNorm])
-def test_bfloat16_is_as_close_to_float32_as_pytorchs(kind):
+def test_bfloat16_is_as_close_to_float32_as_pytorchs(kind, aot_eager):
+    """The program's float32 statistics (traced; its Triton kernels are checked on a GPU: gpu_checks.py)."""
     norm = _norm(torch.bfloat16)
     x = _input(torch.bfloat16)
     exact = F.group_norm(x.detach().float(), 8, norm.weight.detach().float(), norm.bias.detach().float(), 1e-6)
@@ -110,8 +111,9 @@ def test_compiled_norm_equals_pytorchs_group_norm_then_silu(layout, silu):
                                atol=1e-4, rtol=1e-5)
 
 
-def test_compiled_norms_take_each_resnet_blocks_silu_and_revert():
-    """In a ResNet block the SiLU after each norm joins the norm's program; the block computes the same."""
+def test_compiled_norms_take_each_resnet_blocks_silu_and_revert(aot_eager):
+    """In a ResNet block the SiLU after each norm joins the norm's program; the block computes the same
+    (traced: the C++ kernels are the test above's)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ class _Adapter(nn.Module):
         return self.base(x) + self.up(self.down(x))
 
 
-def test_an_adapter_added_to_the_time_embedding_while_swapped_sees_what_it_would_unswapped():
+def test_an_adapter_added_to_the_time_embedding_while_swapped_sees_what_it_would_unswapped(aot_eager):
     """A LoRA wrapping ``time_emb_proj`` after the swap gets the activated time embedding, as without it."""
     from diffusers.models.resnet import ResnetBlock2D
 

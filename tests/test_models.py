@@ -34,7 +34,7 @@ def test_a_vae_made_for_another_model_is_named(tiny_sd15_dir, tmp_path, caplog):
     shutil.copytree(tiny_sd15_dir / "vae", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
-    with caplog.at_level(logging.WARNING, logger="attndistill.models"):
+    with caplog.at_level(logging.WARNING, logger="attndistill.loading"):
         load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / "vae", device="cpu")
         assert "scales its latents" not in caplog.text
         model = load_model(str(tiny_sd15_dir), vae=other, device="cpu")

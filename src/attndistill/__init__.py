@@ -19,7 +19,8 @@ from .engine import Distiller, parse_layers  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .generate import layout_texture, text_to_image, texture_sampling  # noqa: E402
 from .images import load_image, read_parameters, save_png  # noqa: E402
-from .models import DiffusionModel, load_model  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .models import DiffusionModel  # noqa: E402
 from .presets import PRESETS, Preset, get_preset  # noqa: E402
 from .tasks import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
 from .textures import expand_texture, finetune_vae, masked_texture_synthesis, with_texture_options  # noqa: E402

@@ -300,7 +300,7 @@ class Runner:
             return self._model
         if spec in self._load_errors:
             raise UserError(self._load_errors[spec])
-        from .models import DEFAULT_MODEL, load_model
+        from .loading import DEFAULT_MODEL, load_model
 
         self._model = self._model_spec = None
         _free_memory()

@@ -243,7 +243,7 @@ def _geometry(model: ModelSpec, unet: dict | None):
 
 def _kind(model: ModelSpec) -> str:
     """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
-    from .models import _kind_from_checkpoint, pipeline_kind
+    from .loading import _kind_from_checkpoint, pipeline_kind
 
     source = model.source or _default_model()
     try:
@@ -256,15 +256,8 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from .models import (
-        DEFAULT_MODEL,
-        check_checkpoint,
-        check_vae_source,
-        is_checkpoint_path,
-        pipeline_kind,
-        resolve_device,
-        resolve_dtype,
-    )
+    from .loading import DEFAULT_MODEL, check_checkpoint, check_vae_source, is_checkpoint_path, pipeline_kind
+    from .models import resolve_device, resolve_dtype
 
     resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL
@@ -277,14 +270,14 @@ def check_model(model: ModelSpec) -> None:
 
 
 def _default_model() -> str:
-    from .models import DEFAULT_MODEL
+    from .loading import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
 
 def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
     """``cls``'s config from a local folder or a cached Hub id, without weights; None when there is none."""
-    from .models import local_files_only
+    from .loading import local_files_only
 
     if Path(source).is_file():
         return None  # a single-file checkpoint: its config comes with the load

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .models import Conditioning, DiffusionModel, from_pretrained, safetensors_only
+from .loading import from_pretrained, safetensors_only
+from .models import Conditioning, DiffusionModel
 
 #: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -73,7 +74,7 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
                     variant: str | None = None):
     """A ``ControlNetModel`` from a Hub id or a diffusers folder, on the model's device and dtype.
 
-    Same conventions as :func:`attndistill.models.load_model`: safetensors only unless ``allow_pickle``,
+    Same conventions as :func:`attndistill.loading.load_model`: safetensors only unless ``allow_pickle``,
     the ``fp16`` variant preferred on GPUs, offline when ``HF_HUB_OFFLINE`` is set. Example:
     ``load_controlnet("lllyasviel/control_v11p_sd15_canny", model=m)``.
     """

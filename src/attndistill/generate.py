@@ -23,7 +23,8 @@ from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, load_image, params_json, to_tensor
-from .models import DiffusionModel, as_model
+from .loading import as_model
+from .models import DiffusionModel
 from .optimize import Callback
 from .presets import Preset, get_preset
 from .sampling import prompt_conditioning, sample, sdedit_start

@@ -24,7 +24,8 @@ from .checks import flag
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, check_size, fit_references, fit_size, load_image, params_json, to_pil, to_tensor
-from .models import DiffusionModel, as_model
+from .loading import as_model
+from .models import DiffusionModel
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
 from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset, get_preset

@@ -32,7 +32,8 @@ from .images import (
     to_pil,
     to_tensor,
 )
-from .models import DiffusionModel, as_model
+from .loading import as_model
+from .models import DiffusionModel
 from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
 from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset

@@ -22,7 +22,8 @@ import torch
 from .checks import number, whole
 from .errors import NonFiniteError, UserError
 from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
-from .models import DiffusionModel, check_vae_source
+from .loading import check_vae_source
+from .models import DiffusionModel
 from .presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 
 #: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.

@@ -29,7 +29,8 @@ from PIL import Image
 
 from .errors import UserError, is_out_of_memory
 from .images import save_png
-from .models import DEFAULT_MODEL, DiffusionModel
+from .loading import DEFAULT_MODEL
+from .models import DiffusionModel
 from .perf import pixel_switches
 from .presets import Preset
 from .webui_fields import (

@@ -20,7 +20,8 @@ from PIL import Image
 
 from .errors import UI_OOM_ADVICE, UserError, is_out_of_memory
 from .images import to_pil
-from .models import DEFAULT_MODEL, DiffusionModel, load_model
+from .loading import DEFAULT_MODEL, load_model
+from .models import DiffusionModel
 from .optimize import StepInfo
 
 log = logging.getLogger(__name__)

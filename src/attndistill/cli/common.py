@@ -88,7 +88,7 @@ def quiet_libraries() -> None:
 def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dtype: str = "auto",
          config: Path | None = None, allow_pickle: bool = False):
     """Load the model for a command (prints nothing unless it fails)."""
-    from ..models import DEFAULT_MODEL, load_model
+    from ..loading import DEFAULT_MODEL, load_model
 
     return load_model(model or DEFAULT_MODEL, vae=vae, device=device, dtype=dtype, config=config,
                       allow_pickle=allow_pickle, perf=PERF)

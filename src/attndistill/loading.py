@@ -1,0 +1,382 @@
+"""Find and load Stable Diffusion components: Hub ids, local folders and single-file checkpoints.
+
+Loading is where users meet the network, the cache and other people's files, so each failure here
+becomes one line that names the model and the fix (not cached while offline, pickle weights, a damaged
+file, a folder that lacks a component). What it returns is a :class:`~attndistill.models.DiffusionModel`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models import DiffusionModel, Kind, resolve_device, resolve_dtype
+from .perf import PerfOptions
+
+log = logging.getLogger(__name__)
+
+SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_MODEL = SD15_ID
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+#: (when, result) of the last look for the Hub's host; a long-running web UI looks again after a minute.
+_hub_probe: tuple[float, bool] | None = None
+#: How long the look may take in all (name lookup aside): each address gets what is left of it.
+_PROBE_SECONDS = 3.0
+
+
+def _hub_unreachable() -> bool:
+    """True when the Hub's host takes no connection at all (no network, no DNS).
+
+    huggingface_hub would retry each request with back-off for about half a minute before it falls back
+    to the cache or fails; one look of at most 3 s tells the same. Where requests go through a proxy
+    (from the environment or the system's settings, as huggingface_hub's httpx finds them) the host is
+    not ours to reach directly, so the libraries' own requests decide; so they do for an endpoint
+    without a host.
+    """
+    global _hub_probe
+    if _hub_probe is not None and time.monotonic() - _hub_probe[0] < 60:
+        return _hub_probe[1]
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        return False
+    proxies = urllib.request.getproxies()
+    if not host or ((proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)):
+        return False
+    deadline = time.monotonic() + _PROBE_SECONDS
+    unreachable = True
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:  # no name service, or no such name
+        addresses = []
+    for *_, address in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            socket.create_connection(address[:2], timeout=left).close()
+            unreachable = False
+            break
+        except OSError:
+            continue
+    _hub_probe = (time.monotonic(), unreachable)
+    return unreachable
+
+
+def local_files_only(source: str | os.PathLike) -> bool:
+    """Load ``source`` from disk only: a local folder, ``HF_HUB_OFFLINE``, or a Hub that cannot be reached
+    (then a cached model loads at once and a missing one fails at once, in one line)."""
+    return Path(source).is_dir() or _offline() or _hub_unreachable()
+
+
+def _not_available(source: str, what: str = "model", option: str = "--model") -> UserError:
+    return UserError(
+        f"{what} '{source}' is not in the local Hugging Face cache and the Hub cannot be reached"
+        f"{' (HF_HUB_OFFLINE is set)' if _offline() else ''}; check the id and download it once online, "
+        f"or pass {option} /path/to/a/local/diffusers/folder")
+
+
+def _read_model_index(model: str) -> dict:
+    """model_index.json of a local folder or a Hub repo (cache first)."""
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UserError(f"model folder '{model}' has no model_index.json; it is not a diffusers model "
+                            "folder (for a single .safetensors checkpoint pass the file itself)")
+        return _parse_model_index(index, model)
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model '{model}' does not exist; pass a diffusers folder, a .safetensors file "
+                        "or a Hub id such as " + SD15_ID)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        index = Path(hf_hub_download(model, "model_index.json", local_files_only=local_files_only(model)))
+    except LocalEntryNotFoundError:
+        raise _not_available(model) from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model '{model}' does not exist on the Hugging Face Hub; check the id") from None
+    except (HfHubHTTPError, OSError) as exc:
+        if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
+            raise _not_available(model) from None
+        raise UserError(f"model '{model}' could not be fetched: {str(exc).splitlines()[0]}") from None
+    return _parse_model_index(index, model)
+
+
+def _parse_model_index(index: Path, model: str) -> dict:
+    """The index as a dict; a damaged file (an interrupted download, a hand edit) is a one-line error."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"model '{model}' has a model_index.json that is not a diffusers model index (a JSON "
+                        f"object): {index}; download the model again")
+    return data
+
+
+#: The components a task needs, by model kind; the safety checker and feature extractor are never loaded.
+_NEEDED = {"sd15": ("scheduler", "text_encoder", "tokenizer", "unet", "vae"),
+           "sdxl": ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet", "vae")}
+
+
+def pipeline_kind(source: str) -> Kind:
+    """sd15 or sdxl from a diffusers folder's or Hub repo's model_index.json (no weights read); a local
+    folder must hold every component a task needs."""
+    kind = _kind_from_index(_read_model_index(source), source)
+    if Path(source).is_dir():
+        _check_components(Path(source), kind)
+    return kind
+
+
+def _check_components(folder: Path, kind: Kind) -> None:
+    """Every needed component's subfolder is there: without ``tokenizer/`` transformers builds an empty
+    tokenizer that fails only at the first prompt, with an error that names neither the folder nor the fix."""
+    for name in _NEEDED[kind]:
+        if not (folder / name).is_dir():
+            raise UserError(f"model folder '{folder}' has no {name}/ folder, which a Stable Diffusion pipeline needs; "
+                            "download the model again (or copy that folder from a complete copy)")
+
+
+def _kind_from_index(index: dict, model: str) -> Kind:
+    name = index.get("_class_name")
+    name = name if isinstance(name, str) else ""
+    if "XL" in name:
+        if "Refiner" in name or "text_encoder" not in index or index.get("text_encoder") in (None, [None, None]):
+            raise UserError(f"model '{model}' is an SDXL refiner ({name}); use an SDXL base model such as {SDXL_ID}")
+        return "sdxl"
+    if name.startswith("StableDiffusion") and "unet" in index and "vae" in index:
+        if any(k in name for k in ("Upscale", "Depth2Img", "InstructPix2Pix", "Inpaint", "unCLIP", "3")):
+            raise UserError(f"model '{model}' is a {name}; attndistill runs plain SD 1.x/2.x and SDXL "
+                            "text-to-image models")
+        return "sd15"
+    raise UserError(f"model '{model}' is a {name or 'unknown pipeline'}; attndistill runs Stable Diffusion "
+                    f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
+
+
+def _kind_from_checkpoint(path: Path) -> Kind:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        raise UserError(f"checkpoint '{path}' is not a readable .safetensors file; re-download it") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    return "sd15"
+
+
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
+               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               config: str | os.PathLike | None = None, allow_pickle: bool = False,
+               variant: str | None = None, perf: PerfOptions | None = None) -> DiffusionModel:
+    """Load an SD 1.5 / SDXL model from a Hub id, a diffusers folder or a single ``.safetensors`` file.
+
+    ``vae`` swaps in another ``AutoencoderKL`` folder; ``config`` is a local diffusers folder whose
+    configs describe a single-file checkpoint (offline use). Weights are safetensors only unless
+    ``allow_pickle``. On a GPU the ``fp16`` weight variant is preferred when the repo has one.
+    Example: ``m = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda")``.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = str(model)
+    path = Path(source)
+    common = dict(dtype=dtype)
+    if is_checkpoint_path(path):
+        check_checkpoint(path, allow_pickle)
+        kind = _kind_from_checkpoint(path) if path.suffix.lower() == ".safetensors" else "sd15"
+        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+        if config is not None:
+            extra["config"] = str(config)
+            extra["local_files_only"] = True
+        try:
+            pipe = cls.from_single_file(str(path), **common, **extra)
+        except Exception as exc:  # diffusers raises many kinds here
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
+            raise UserError(f"checkpoint '{path}' could not be loaded: {msg}{hint}") from None
+    else:
+        kind = pipeline_kind(source)
+        cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+        extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False,
+                                          "feature_extractor": None}
+        if variant is None and device.type == "cuda" and dtype != torch.float32:
+            variant = "fp16"
+        pipe = from_pretrained(cls, source, variant, use_safetensors=safetensors_only(allow_pickle), **common,
+                               **extra)
+    if vae is not None:
+        check_vae_source(vae)
+        own = pipe.vae.config.scaling_factor
+        pipe.vae = from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
+                                   use_safetensors=safetensors_only(allow_pickle), dtype=dtype)
+        if not math.isclose(pipe.vae.config.scaling_factor, own, rel_tol=1e-3):
+            log.warning("VAE '%s' scales its latents by %g, the model's own VAE by %g: it was made for another "
+                        "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
+                        pipe.vae.config.scaling_factor, own)
+    pipe.to(device)
+    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype,
+                           vae_source=None if vae is None else str(vae),
+                           config_source=None if config is None else str(config))
+    if perf is not None:
+        model.set_perf(perf)
+    return model
+
+
+#: Single-file checkpoint suffixes (any case); all but .safetensors are pickles.
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def is_checkpoint_path(path: Path) -> bool:
+    """A single file (or what is named like one), not a diffusers folder or a Hub id."""
+    return path.is_file() or path.suffix.lower() in CHECKPOINT_SUFFIXES
+
+
+def check_checkpoint(path: Path, allow_pickle: bool, option: str = "--allow-pickle") -> None:
+    """A single-file checkpoint exists, is one, and is safetensors unless pickles are allowed."""
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' does not exist; check the path")
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"model '{path}' is a file but no checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}); pass a "
+                        "diffusers folder, a Hub id or a .safetensors checkpoint")
+    if suffix != ".safetensors" and not allow_pickle:
+        raise UserError(f"checkpoint '{path}' is a pickle file that can run code when loaded; convert it to "
+                        f".safetensors or pass {option} if you trust it")
+
+
+def safetensors_only(allow_pickle: bool) -> bool | None:
+    """diffusers' ``use_safetensors``: True refuses pickle weights; None takes safetensors where they exist."""
+    return None if allow_pickle else True
+
+
+def check_vae_source(vae: str | os.PathLike) -> None:
+    """``--vae`` must be a folder holding an ``AutoencoderKL`` config (read before any weights)."""
+    hint = "pass a folder saved by 'attndistill finetune-vae' or a model's 'vae' subfolder"
+    config = Path(vae) / "config.json"
+    if not config.is_file():
+        raise UserError(f"VAE '{vae}' is not a diffusers AutoencoderKL folder (no config.json); {hint}")
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"VAE '{vae}' has a config.json that is not valid JSON; {hint}") from None
+    if kind != "AutoencoderKL":
+        raise UserError(f"VAE '{vae}' holds a {kind or 'component without a _class_name'}, not an AutoencoderKL; "
+                        f"{hint}")
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error.
+    Its ControlNet loader also passes huggingface_hub an argument that warns of its deprecation (not ours
+    to fix)."""
+    from diffusers.utils import logging as dlogging
+
+    before = dlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
+    finally:
+        dlogging.set_verbosity(before)
+
+
+def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model", option: str = "--model",
+                    **kwargs):
+    """``cls.from_pretrained`` with our conventions: offline when asked, the ``variant`` weights when the
+    repo has them (else the default files), and one-line errors for what the user can fix."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    path = Path(source)
+    local_only = local_files_only(source)
+    if variant and path.is_dir() and not any(path.rglob(f"*.{variant}.*")):
+        variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
+    for attempt in ((variant, None) if variant else (None,)):
+        try:
+            with _quiet_diffusers():
+                return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
+        except LocalEntryNotFoundError:
+            raise _not_available(source, what, option) from None
+        except (OSError, ValueError) as exc:
+            text = str(exc)
+            if attempt is not None and ("variant" in text or "fp16" in text):
+                continue  # no fp16 variant: fall back to the default weights
+            damaged = re.search(r"checkpoint file for '([^']+)'", text)
+            if damaged:
+                raise UserError(f"{what} '{source}' has a damaged weights file: {damaged.group(1)} (cut short "
+                                "or not a weights file); download it again") from None
+            if "safetensors" in text and kwargs.get("use_safetensors"):
+                raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
+                                "--allow-pickle if you trust its pickle files") from None
+            lowered = text.lower()
+            if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
+                raise _not_available(source, what, option) from None
+            raise UserError(f"{what} '{source}' could not be loaded: {text.splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+@lru_cache(maxsize=1)
+def cached_model(model: str, vae: str | None, device: str | None, dtype: str | None) -> DiffusionModel:
+    """Keep the last loaded model so repeated API calls with the same id reuse it."""
+    return load_model(model, vae=vae, device=device, dtype=dtype)
+
+
+def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, device=None, dtype=None) -> DiffusionModel:
+    """Accept a loaded model or anything :func:`load_model` takes.
+
+    ``vae``, ``device`` and ``dtype`` load a model; with a loaded one they must agree with it, never be
+    silently ignored.
+    """
+    if isinstance(model, DiffusionModel):
+        wanted = resolve_device(device) if device is not None else model.device
+        asked = {"device": (wanted.type, wanted.index or 0) != (model.device.type, model.device.index or 0),
+                 "dtype": dtype is not None and resolve_dtype(dtype, model.device) != model.dtype,
+                 "vae": vae is not None and str(vae) != model.vae_source}
+        if any(asked.values()):
+            names = " and ".join(k for k, v in asked.items() if v)
+            raise UserError(f"{names} differ from the loaded model's ({model.device}, "
+                            f"{str(model.dtype).removeprefix('torch.')}, VAE {model.vae_source or 'its own'}); pass "
+                            f"them to load_model, or pass the model as a path")
+        return model
+    if model is not None and not isinstance(model, str | os.PathLike):
+        raise UserError(f"model must be a loaded model (attndistill.load_model), a folder, a checkpoint file or a "
+                        f"Hub id, not a {type(model).__name__}")
+    return cached_model(str(model or DEFAULT_MODEL), None if vae is None else str(vae),
+                        None if device is None else str(device), None if dtype is None else str(dtype))
