@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attndistill.errors import UserError
 from attndistill.optimize import StepInfo
 from attndistill.webui import WebUI
 from attndistill.webui_fields import page_message
@@ -149,6 +150,18 @@ def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui, data_dir, mo
     last = list(running)[-1][0]
     assert last.startswith("cancelled after step") and "nothing was saved" in last
     assert ui.runs.cancel(key) == "nothing of this tab is running or waiting"
+
+
+def test_results_go_to_a_folder_where_the_ui_started_unless_told(tmp_path, monkeypatch):
+    """Not a temp folder, which a reboot empties; a folder that cannot be made is one line naming --outputs."""
+    monkeypatch.chdir(tmp_path)
+    ui = WebUI(model="unused")
+    assert ui.outputs.resolve() == (tmp_path / "attndistill-outputs").resolve() and ui.outputs.is_dir()
+    assert ui.outputs.is_absolute()  # a later chdir does not move the results
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(UserError, match=r"results folder '.*a-file/out' cannot be made .*--outputs"):
+        WebUI(model="unused", outputs=blocked / "out")
 
 
 def test_results_never_overwrite_and_the_folder_comes_back(tmp_path, monkeypatch):

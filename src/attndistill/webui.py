@@ -16,7 +16,6 @@ import itertools
 import logging
 import math
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -63,6 +62,8 @@ log = logging.getLogger(__name__)
 EXAMPLES = Path(__file__).parent / "examples"
 #: Concurrency group of every event that touches the model: one job at a time on the device.
 DEVICE_QUEUE = "device"
+#: Where results go unless ``outputs`` says otherwise: this folder under the directory the UI starts in.
+DEFAULT_OUTPUTS = "attndistill-outputs"
 #: Attempts at a free result name before giving up (two servers may share an outputs folder).
 NAME_ATTEMPTS = 1000
 
@@ -99,8 +100,9 @@ class WebUI:
                  dtype: str | None = None, outputs: str | Path | None = None, perf=None) -> None:
         self.slot = ModelSlot(device=device, dtype=dtype, perf=perf)
         self.model, self.vae = model or DEFAULT_MODEL, vae
-        self.outputs = Path(outputs) if outputs else Path(tempfile.mkdtemp(prefix="attndistill-ui-"))
-        self.outputs.mkdir(parents=True, exist_ok=True)
+        # results outlive the server (a temp folder would not outlive a reboot), where it was started
+        self.outputs = (Path(outputs) if outputs else Path.cwd() / DEFAULT_OUTPUTS).absolute()
+        self._make_outputs()
         self.runs = RunBoard()  # each page's runs of each tab, for their Cancel buttons
         self.counter = itertools.count()
 
@@ -112,9 +114,16 @@ class WebUI:
         except Exception as exc:
             raise gr.Error(page_message(exc)) from None
 
+    def _make_outputs(self) -> None:
+        try:
+            self.outputs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"results folder '{self.outputs}' cannot be made ({exc.strerror or exc}); pass "
+                            "--outputs with a folder you can write to") from None
+
     def _save(self, image: Image.Image, task: str) -> Path:
         """Save under a new name: never over a file, even one another server just wrote to the same folder."""
-        self.outputs.mkdir(parents=True, exist_ok=True)  # deleted while the server ran: made again
+        self._make_outputs()  # deleted while the server ran: made again
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for _ in range(NAME_ATTEMPTS):
             path = self.outputs / f"{task}-{stamp}-{next(self.counter):03d}.png"

@@ -21,8 +21,9 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the UI to your network")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on")] = 7860,
     share: Annotated[bool, typer.Option(help="Also publish a temporary public gradio.live link")] = False,
-    outputs: Annotated[Path | None, typer.Option(help="Folder for the result PNGs \\[default: a temp folder]",
-                                                 show_default=False)] = None,
+    outputs: Annotated[Path | None, typer.Option(
+        help="Folder for the result PNGs (and the uploads they were made from) \\[default: ./attndistill-outputs]",
+        show_default=False)] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Refuse uploads larger than this many megabytes")] = 20,
 ) -> None:
     """Serve every task in the browser: live previews, cancel, results with their parameters, one job at a time.
