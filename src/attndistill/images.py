@@ -205,6 +205,15 @@ def fit_references(images: Sequence[Image.Image], fit: str, native: int, multipl
     return to_tensor([img.crop(box) for img, box in zip(images, boxes, strict=True)], size)
 
 
+def drawn_over(size: tuple[int, int], base: tuple[int, int]) -> bool:
+    """Was an image of ``size`` (a mask, a label map) drawn over one of ``base``'s aspect, at any scale?
+
+    Its height may be a pixel off the exact one (a small map's rounding) or 2% (a resize's).
+    """
+    expected = size[0] * base[1] / base[0]
+    return abs(size[1] - expected) <= max(1.0, 0.02 * expected)
+
+
 def check_size(size: object) -> int | tuple[int, int] | None:
     """A ``size`` argument as the API takes it: None, a long side, or (width, height), positive whole numbers."""
     def whole(v: object) -> bool:

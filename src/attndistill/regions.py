@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from .errors import UserError
-from .images import ImageInput, load_image
+from .images import ImageInput, drawn_over, load_image
 
 #: Mask cells at the latent's size are changed when more than this share of their pixels is white.
 CELL_COVERAGE = 0.5
@@ -40,8 +40,7 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
     alpha = _alpha(mask)
     if alpha is not None and alpha.size == image.size:
         image = ImageChops.multiply(image, alpha)
-    expected = image.width * content.height / content.width  # the mask's height at the content's aspect
-    if abs(image.height - expected) > max(1.0, 0.02 * expected):  # a pixel of rounding, or 2%
+    if not drawn_over(image.size, content.size):
         raise UserError(f"mask '{name}' is {image.width}x{image.height} but the {what} is "
                         f"{content.width}x{content.height}; paint the mask over the {what}, at its aspect")
     # black or white, as the latent cells are: grey from half up changes, below keeps (no ghosting in the paste)

@@ -25,6 +25,7 @@ from .errors import UnmatchedLabels, UserError
 from .images import (
     ImageInput,
     check_size,
+    drawn_over,
     load_image,
     params_json,
     reference_boxes,
@@ -268,8 +269,7 @@ def _crop_like(ids: np.ndarray, box: tuple[int, int, int, int], image_size: tupl
 
 
 def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
-    ar_img, ar_lab = image.width / image.height, labels.width / labels.height
-    if abs(ar_img - ar_lab) > 0.02 * ar_img:
+    if not drawn_over(labels.size, image.size):
         raise UserError(f"{what} is {labels.width}x{labels.height} but its texture image is "
                         f"{image.width}x{image.height}; draw the label map over the texture, at its size")
 
