@@ -131,13 +131,18 @@ def test_target_label_missing_from_reference_is_a_clear_error(tiny_sd15, maps, t
 
 
 def test_a_small_label_map_may_be_a_pixel_off_its_textures_aspect(tmp_path):
-    """A 60x17 map over a 1000x290 texture is as close as 60 pixels get (17.4 rounds to 17): accepted."""
+    """A 60x17 map over a 1000x290 texture is as close as 60 pixels get (17.4 rounds to 17), and 17x60 over
+    290x1000: accepted."""
     from attndistill.textures import check_label_maps
 
     Image.new("RGB", (1000, 290), (90, 60, 30)).save(tmp_path / "wide.png")
     _map((60, 17), [((0, 0, 1, 1), RED)]).save(tmp_path / "small-labels.png")
     _map((60, 17), [((0, 0, 1, 1), RED)]).save(tmp_path / "target.png")
     check_label_maps(tmp_path / "wide.png", tmp_path / "small-labels.png", tmp_path / "target.png")
+    for name, size in (("tall.png", (290, 1000)), ("tall-labels.png", (17, 60)), ("tall-target.png", (17, 60))):
+        (Image.new("RGB", size, (90, 60, 30)) if name == "tall.png" else _map(size, [((0, 0, 1, 1), RED)])).save(
+            tmp_path / name)  # the same turned on its side
+    check_label_maps(tmp_path / "tall.png", tmp_path / "tall-labels.png", tmp_path / "tall-target.png")
     _map((60, 19), [((0, 0, 1, 1), RED)]).save(tmp_path / "off.png")
     with pytest.raises(ad.UserError, match="draw the label map over the texture"):
         check_label_maps(tmp_path / "wide.png", tmp_path / "off.png", tmp_path / "target.png")

@@ -191,6 +191,9 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
         "Adam iterations per step must be at least 1 (got 0)"
     error = UserError("texture image '/srv/out/inputs/5464533c9647-notes.png' is not an image; or set --control none")
     assert page_message(error) == "texture image 'notes.png' is not an image; or set Preprocessor none"
+    error = UserError("style image '/home/me/My Projects/attndistill-outputs/inputs/0123456789ab-cat.png' is not an "
+                      "image")  # the results folder is where the UI started: its path may hold spaces
+    assert page_message(error) == "style image 'cat.png' is not an image"
 
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):

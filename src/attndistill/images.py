@@ -208,10 +208,13 @@ def fit_references(images: Sequence[Image.Image], fit: str, native: int, multipl
 def drawn_over(size: tuple[int, int], base: tuple[int, int]) -> bool:
     """Was an image of ``size`` (a mask, a label map) drawn over one of ``base``'s aspect, at any scale?
 
-    Its height may be a pixel off the exact one (a small map's rounding) or 2% (a resize's).
+    One side may be a pixel off what the other side makes of the aspect (a small map's rounding, wide or
+    tall) or 2% (a resize's).
     """
-    expected = size[0] * base[1] / base[0]
-    return abs(size[1] - expected) <= max(1.0, 0.02 * expected)
+    def near(side: float, expected: float) -> bool:
+        return abs(side - expected) <= max(1.0, 0.02 * expected)
+
+    return near(size[1], size[0] * base[1] / base[0]) or near(size[0], size[1] * base[0] / base[1])
 
 
 def check_size(size: object) -> int | tuple[int, int] | None:

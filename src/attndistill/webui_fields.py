@@ -161,6 +161,8 @@ def page_text(message: str) -> str:
     """A library message in the page's words (see :func:`page_message`): boxes and tabs by their labels,
     uploads by their own names (not Gradio's cache, not the copies :func:`keep_uploads` made)."""
     message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", message)
+    # a kept upload by its own name: quoted, its folder may hold spaces (the outputs folder is where the UI started)
+    message = re.sub(r"(['\"])[^'\"]*/inputs/[0-9a-f]{12}-", r"\1", message)
     message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
     message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
     message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
