@@ -13,6 +13,9 @@
 #                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
+#   bash benchmarks/gpu_run.sh run11    # next (<= 510 s): b and g with look-ahead of 32 rows, d uncapped (run 7's
+#                                       # setting) with 8 rows of SDXL (the same latent per call), e with compiled_norms
+#                                       # over 20 steps, the 4096² expansion's memory again
 #   bash benchmarks/gpu_run.sh run10    # after run 9 (<= 120 s): a and c with look-ahead calls of 32 rows, alone and with
 #                                       # compiled_norms, in full runs beside the default
 #   bash benchmarks/gpu_run.sh run7     # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
@@ -106,6 +109,11 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  run11)  # prepared for the next session with a GPU: what runs 8-10 left unmeasured
+    run 120 --cases b,g --variant lookahead_batch=32
+    run 110 --cases d --fast offload_text_encoders=1 --variant lookahead_batch=8
+    run 150 --cases e --steps 20 --variant compiled_norms=1
+    run 130 --cases f --steps 1 ;;
   run10)  # after run 9: look-ahead calls of 32 rows (the default's 16 hold 8 steps of case a), with compiled_norms too
     run 120 --cases a,c --variant lookahead_batch=32 --variant lookahead_batch=32,compiled_norms=1 ;;
   run9)  # after run 8, in its leftover minutes: SDXL expansion with graphs of two latent sizes against eager

@@ -57,6 +57,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+_last_test: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_left_on(request):
+    """Every test starts with autograd on: one that leaves it off fails the next test's backward far away."""
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail(f"autograd was left off by the test before this one in this process: {_last_test[-1:]}")
+    _last_test[:] = [request.node.nodeid]
+    yield
+
+
 @pytest.fixture
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
