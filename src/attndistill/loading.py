@@ -32,6 +32,7 @@ SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_MODEL = SD15_ID
 
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
