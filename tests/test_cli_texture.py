@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
@@ -115,6 +116,14 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 2, "--overwrite"))
     assert json.loads((folder / "attndistill.json").read_text())["steps"] == 2
+    shown = run("info", folder, model=False)  # a VAE folder tells how it was made, as a result's PNG does
+    assert shown.exit_code == 0 and json.loads(shown.output)["steps"] == 2
+    command = run("info", folder, "--job", model=False)
+    assert command.exit_code == 0 and shlex.split(command.output) == [
+        "attndistill", "finetune-vae", str(data_dir / "wood-rings.jpg"), "-o", str(folder), "--model",
+        made["model"], "--steps", "2", "--lr", "0.0001", "--reference-fit", "squash"]
+    not_vae = run("info", tmp_path, model=False)
+    assert not_vae.exit_code == 2 and "holds no attndistill.json" in not_vae.output
     out = tmp_path / "with-vae.png"
     _ok(run("texture", data_dir / "wood-rings.jpg", "--vae", folder, "-o", out, "--size", "64", "--steps", 1))
     assert out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -17,16 +18,22 @@ INFO_EXAMPLE = ("Example: attndistill info horse-watercolor.png\n\n"
 
 
 @app.command("info", epilog=INFO_EXAMPLE)
-def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill")],
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill, or a VAE folder from finetune-vae")],
          job: Annotated[bool, typer.Option(
-             "--job", help="Print the run as one line for 'attndistill batch' instead (to rerun or vary it)")] = False,
+             "--job", help="Print the run as one line for 'attndistill batch' instead (to rerun or vary it; for a "
+                           "VAE folder, the finetune-vae command that made it)")] = False,
          ) -> None:
-    """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON."""
+    """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON; for a VAE
+    folder, its attndistill.json."""
     from ..batchjobs import job_from_parameters
     from ..errors import UserError
     from ..images import load_image, read_parameters
 
     def body() -> None:
+        if image.is_dir():
+            made = vae_parameters(image)
+            typer.echo(finetune_command(made, image) if job else json.dumps(made, indent=2, sort_keys=True))
+            return
         try:
             params = read_parameters(image) if image.is_file() else {}
         except (OSError, ValueError):  # a damaged PNG: load_image below says how
@@ -47,3 +54,38 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
             typer.echo(json.dumps(params, indent=2, sort_keys=True))
 
     run_command(body)
+
+
+def vae_parameters(folder: Path) -> dict:
+    """How a VAE folder was made: the ``attndistill.json`` that ``finetune-vae`` writes beside its weights."""
+    from ..errors import UserError
+    from ..vae_tuning import PARAMETERS_FILE
+
+    path = folder / PARAMETERS_FILE
+    if not path.is_file():
+        raise UserError(f"folder '{folder}' holds no {PARAMETERS_FILE}, so it is not a VAE made by 'attndistill "
+                        "finetune-vae'; pass a PNG result or such a folder")
+    try:
+        made = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        made = None
+    if not isinstance(made, dict) or made.get("task") != "finetune-vae":
+        raise UserError(f"'{path}' is not the record finetune-vae writes (was it edited?); nothing to show")
+    return made
+
+
+def finetune_command(made: dict, folder: Path) -> str:
+    """The ``finetune-vae`` command that made ``folder`` (run as is, it asks for --overwrite or another -o)."""
+    from ..errors import UserError
+
+    references = made.get("reference") or []
+    references = [str(r) for r in (references if isinstance(references, list) else [references])]
+    if "<image>" in references:
+        raise UserError(f"VAE folder '{folder}' was tuned on an image passed in memory, not a file; it cannot be "
+                        "rerun from its record")
+    words = ["attndistill", "finetune-vae", *references, "-o", str(folder)]
+    options = (("model", "--model"), ("steps", "--steps"), ("lr", "--lr"), ("reference_fit", "--reference-fit"))
+    for key, option in options:
+        if made.get(key) is not None:
+            words += [option, str(made[key])]
+    return shlex.join(words)
