@@ -534,6 +534,21 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
     assert not out.exists() and not (tmp_path / "escape.png").exists()
 
 
+def test_dry_run_refuses_a_reference_keep_would_cut_to_a_sliver(tmp_path, data_dir, tiny_sd15_dir):
+    """Under reference fit keep every reference is cut to the first's aspect: a sliver is known before any model."""
+    folder = tmp_path / "in"
+    jobs = write_jobs(folder, data_dir, [
+        {"task": "style", "content": "horse.jpg", "style": ["tall.png", "thin.png"], "reference_fit": "keep"},
+        {"task": "style", "content": "horse.jpg", "style": ["tall.png", "thin.png"]},  # squash: fine
+        {"task": "texture", "reference": ["wood-rings.jpg", "horse.jpg"], "reference_fit": "keep"},  # fine
+    ])
+    Image.new("RGB", (20, 2000)).save(folder / "tall.png")
+    Image.new("RGB", (2000, 20)).save(folder / "thin.png")
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2 and "line 1: reference '" in result.output, result.output
+    assert "thin.png' keeps only" in result.output and "2 ready" in result.output and "1 invalid" in result.output
+
+
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
     from attndistill import tasks

@@ -126,13 +126,22 @@ class Validator:
 
     def _check_geometry(self, job: Job, preset) -> None:
         """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
-        expand's views, the sampling tasks' guidance and start_t."""
+        expand's views, the references' crops under reference fit keep, the sampling tasks' guidance and start_t."""
         args = job.args
-        if job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING + ("style",):
+        references = args.get(job.spec.reference)
+        references = references if isinstance(references, list) else [] if references is None else [references]
+        cropped = preset.reference_fit == "keep" and len(references) > 1  # each reference cut to the first's aspect
+        if (job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING + ("style",)
+                and not cropped):
             return
         if job.model not in self._geometry:
             self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
         shell = self._geometry[job.model]
+        if cropped:  # a reference cut to a sliver is refused by name, as the run would after loading its model
+            from .images import reference_boxes
+
+            reference_boxes([self._sizes[r] for r in references], "keep", shell.native_size, shell.latent_multiple,
+                            names=references)
         if job.task == "expand":
             from .presets import VIEW
             from .textures import _canvas_size, check_expansion
