@@ -549,6 +549,25 @@ def test_dry_run_refuses_a_reference_keep_would_cut_to_a_sliver(tmp_path, data_d
     assert "thin.png' keeps only" in result.output and "2 ready" in result.output and "1 invalid" in result.output
 
 
+def test_dry_run_refuses_a_mask_too_small_for_the_result(tmp_path, data_dir, tiny_sd15_dir):
+    """A mask whose white covers no latent cell of the result is known before any model, as its aspect is."""
+    folder = tmp_path / "in"
+    jobs = write_jobs(folder, data_dir, [
+        {"task": "style", "content": "horse.jpg", "style": "watercolor-cat.jpg", "mask": "dot.png", "size": 64},
+        {"task": "style", "content": "horse.jpg", "style": "watercolor-cat.jpg", "mask": "half.png", "size": 64},
+    ])
+    w, h = Image.open(folder / "horse.jpg").size
+    dot = Image.new("L", (w, h))
+    dot.paste(255, (w // 2, h // 2, w // 2 + 2, h // 2 + 2))  # a few pixels: under one 8x8 cell at 64 px
+    dot.save(folder / "dot.png")
+    half = Image.new("L", (w, h))
+    half.paste(255, (0, 0, w // 2, h))
+    half.save(folder / "half.png")
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2 and "line 1: mask '" in result.output and "marks no region" in result.output
+    assert "1 ready" in result.output and "1 invalid" in result.output, result.output
+
+
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
     from attndistill import tasks

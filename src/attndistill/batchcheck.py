@@ -95,14 +95,13 @@ class Validator:
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 self._image(item, name)
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
-        if job.args.get("mask") is not None:
-            self._check_mask(job)
+        mask = self._check_mask(job) if job.args.get("mask") is not None else None
         if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map
             from .textures import check_label_maps
 
             check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"])
         self._model(job.model)
-        self._check_geometry(job, preset)
+        self._check_geometry(job, preset, mask)
         if job.args.get("controlnet"):
             self._controlnet(job.args["controlnet"], job.model)
         if job.args.get("layers") is not None:
@@ -115,24 +114,25 @@ class Validator:
                 raise UserError(f"output '{path}' is a directory; set another 'output'")
 
     @staticmethod
-    def _check_mask(job: Job) -> None:
+    def _check_mask(job: Job):
         """What the task checks of a mask before its model loads: its aspect, its white, the tiling."""
         from .images import load_image
         from .regions import load_mask
 
         role = "structure" if job.task == "appearance" else "content"
-        load_mask(job.args["mask"], load_image(job.args[role], what=f"{role} image"), tile=job.args.get("tile"),
-                  what=f"{role} image")
+        return load_mask(job.args["mask"], load_image(job.args[role], what=f"{role} image"),
+                         tile=job.args.get("tile"), what=f"{role} image")
 
-    def _check_geometry(self, job: Job, preset) -> None:
+    def _check_geometry(self, job: Job, preset, mask=None) -> None:
         """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
-        expand's views, the references' crops under reference fit keep, the sampling tasks' guidance and start_t."""
+        expand's views, the references' crops under reference fit keep, a mask's white against the result's
+        latent cells, the sampling tasks' guidance and start_t."""
         args = job.args
         references = args.get(job.spec.reference)
         references = references if isinstance(references, list) else [] if references is None else [references]
         cropped = preset.reference_fit == "keep" and len(references) > 1  # each reference cut to the first's aspect
         if (job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING + ("style",)
-                and not cropped):
+                and not cropped and mask is None):
             return
         if job.model not in self._geometry:
             self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
@@ -149,7 +149,7 @@ class Validator:
             check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
                                                      if k in args})
             _canvas_size(shell, args["size"], args.get("view", VIEW))
-        elif args.get("size") is not None or job.task == "style":
+        elif args.get("size") is not None or job.task == "style" or mask is not None:
             from .tasks import target_size
 
             like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
@@ -158,6 +158,10 @@ class Validator:
             planned = target_size(shell, args.get("size"), like=_Sized(size) if size else None)
             if shell.from_configs and size:  # the batch runner groups style jobs by the size they will have
                 job.planned_size = planned
+            if mask is not None:  # white enough of it to cover a latent cell of the result
+                from .regions import update_mask
+
+                update_mask(mask, planned, shell.vae_scale_factor, args["mask"])
         if job.task in _SAMPLING:
             from .generate import _check_sampling
 

@@ -198,6 +198,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     layer_ids = parse_layers(layers, model)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
     w, h = target_size(model, size, like=targets[0] if targets else target)
+    # the latent cells a mask lets change, known before any encoding work (batch dry-runs check it too)
+    region = None if mask_image is None else update_mask(mask_image, (w, h), model.vae_scale_factor,
+                                                          describe_input(mask))
     z_ref = encode_references(model, references, ref_what, preset.reference_fit)
     z_content = None
     if target is not None:
@@ -207,8 +210,6 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
     torch.manual_seed(seed)
     # features with the null conditioning of the output size (SDXL's add_time_ids, ALGORITHM.md §1)
-    region = None if mask_image is None else update_mask(mask_image, (w, h), model.vae_scale_factor,
-                                                          describe_input(mask))
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, fused=fused, condition_size=(h, w),
                           update_mask=region)
