@@ -7,6 +7,7 @@ import shlex
 
 import numpy as np
 import pytest
+import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from typer.testing import CliRunner
@@ -119,9 +120,17 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     shown = run("info", folder, model=False)  # a VAE folder tells how it was made, as a result's PNG does
     assert shown.exit_code == 0 and json.loads(shown.output)["steps"] == 2
     command = run("info", folder, "--job", model=False)
-    assert command.exit_code == 0 and shlex.split(command.output) == [
-        "attndistill", "finetune-vae", str(data_dir / "wood-rings.jpg"), "-o", str(folder), "--model",
-        made["model"], "--steps", "2", "--lr", "0.0001", "--reference-fit", "squash"]
+    words = shlex.split(command.output)
+    assert command.exit_code == 0 and words == [
+        "attndistill", "finetune-vae", str(data_dir / "wood-rings.jpg"), "-o", f"{folder}-rerun", "--model",
+        made["model"], "--dtype", "fp32", "--steps", "2", "--lr", "0.0001", "--reference-fit", "squash"]
+    _ok(run(*words[1:], "-q", model=False))  # as printed: the same decoder, beside the first (never over it)
+    first, again = (AutoencoderKL.from_pretrained(f).state_dict() for f in (folder, f"{folder}-rerun"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    record = json.loads((folder / "attndistill.json").read_text())
+    (folder / "attndistill.json").write_text(json.dumps({**record, "steps": "two"}))
+    edited = run("info", folder, "--job", model=False)
+    assert edited.exit_code == 2 and "was it edited?" in edited.output
     not_vae = run("info", tmp_path, model=False)
     assert not_vae.exit_code == 2 and "holds no attndistill.json" in not_vae.output
     out = tmp_path / "with-vae.png"

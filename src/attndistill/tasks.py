@@ -164,13 +164,18 @@ def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, siz
                    fused: bool | None = None, **inputs) -> dict:
     """What a result records: enough to rerun it exactly, pixel-changing speed switches included."""
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task", *_UNUSED[preset.mode])}
-    swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
-               if v is not None}
     switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}
     extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
-    return {"task": task, "version": __version__, "model": local_or_hub(model.source), **swapped,
-            "layers": list(layers), "size": list(size), "seed": seed, "dtype": str(model.dtype).removeprefix("torch."),
-            **settings, **extra, **inputs, "made_with": made_with(model)}
+    return {"task": task, "version": __version__, **model_parameters(model), "layers": list(layers),
+            "size": list(size), "seed": seed, **settings, **extra, **inputs, "made_with": made_with(model)}
+
+
+def model_parameters(model: DiffusionModel) -> dict[str, str]:
+    """The model a result (or a tuned VAE) was made with, as a rerun loads it: its source, a swapped-in VAE,
+    a single-file checkpoint's configs, and the dtype."""
+    swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
+               if v is not None}
+    return {"model": local_or_hub(model.source), **swapped, "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def made_with(model: DiffusionModel) -> dict[str, str]:

@@ -140,12 +140,12 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         if bar is not None:
             bar.close()
     from . import __version__
-    from .tasks import describe_input, local_or_hub, made_with
+    from .tasks import describe_input, made_with, model_parameters
 
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
     tuned.attndistill_parameters = {
         "task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
-        "reference_fit": reference_fit, "model": local_or_hub(model.source), "steps": steps, "lr": lr,
+        "reference_fit": reference_fit, **model_parameters(model), "steps": steps, "lr": lr,
         "made_with": made_with(model)}
     return tuned
 

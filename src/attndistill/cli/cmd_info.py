@@ -74,18 +74,37 @@ def vae_parameters(folder: Path) -> dict:
     return made
 
 
-def finetune_command(made: dict, folder: Path) -> str:
-    """The ``finetune-vae`` command that made ``folder`` (run as is, it asks for --overwrite or another -o)."""
-    from ..errors import UserError
+#: The record's keys that the finetune-vae command takes, and its options for them.
+_OPTIONS = (("model", "--model"), ("vae", "--vae"), ("config", "--config"), ("dtype", "--dtype"),
+            ("steps", "--steps"), ("lr", "--lr"), ("reference_fit", "--reference-fit"))
 
-    references = made.get("reference") or []
-    references = [str(r) for r in (references if isinstance(references, list) else [references])]
+
+def finetune_command(made: dict, folder: Path) -> str:
+    """The ``finetune-vae`` command that made ``folder``, writing beside it (``FOLDER-rerun``), never over it."""
+    from ..batchjobs import DTYPE_OPTIONS
+    from ..errors import UserError
+    from ..presets import REFERENCE_FITS
+    from ..vae_tuning import check_tuning
+
+    references = made.get("reference")
+    edited = UserError(f"'{folder}' has an attndistill.json whose settings finetune-vae would not take (was it "
+                       "edited?); no command to print")
+    if not (isinstance(references, list) and references and all(isinstance(r, str) and r for r in references)):
+        raise edited
     if "<image>" in references:
         raise UserError(f"VAE folder '{folder}' was tuned on an image passed in memory, not a file; it cannot be "
                         "rerun from its record")
-    words = ["attndistill", "finetune-vae", *references, "-o", str(folder)]
-    options = (("model", "--model"), ("steps", "--steps"), ("lr", "--lr"), ("reference_fit", "--reference-fit"))
-    for key, option in options:
-        if made.get(key) is not None:
-            words += [option, str(made[key])]
+    try:
+        check_tuning(made.get("steps"), made.get("lr"))
+    except (UserError, TypeError):
+        raise edited from None
+    texts = [made.get(k) for k in ("model", "vae", "config", "dtype") if made.get(k) is not None]
+    if (made.get("reference_fit") not in (None, *REFERENCE_FITS)
+            or not all(isinstance(t, str) and t and not t.startswith("-") for t in texts)):
+        raise edited
+    words = ["attndistill", "finetune-vae", *references, "-o", f"{folder}-rerun"]
+    for key, option in _OPTIONS:
+        value = made.get(key)
+        if value is not None:
+            words += [option, DTYPE_OPTIONS.get(value, value) if key == "dtype" else str(value)]
     return shlex.join(words)
