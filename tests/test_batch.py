@@ -568,6 +568,23 @@ def test_dry_run_refuses_a_mask_too_small_for_the_result(tmp_path, data_dir, tin
     assert "1 ready" in result.output and "1 invalid" in result.output, result.output
 
 
+def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
+    """Label maps run masked optimisation and a layout runs sampling, as on the command line: a 'mode' that
+    says otherwise, or one that is no mode at all, is that line's error, not silently ignored."""
+    from attndistill.batchjobs import _texture_task
+
+    labels = {"ref_labels": ["r.png"], "target_labels": "t.png"}
+    assert _texture_task({**labels}) == _texture_task({**labels, "mode": "optimize"}) == "texture-masked"
+    layout = {"layout": "l.png"}
+    assert _texture_task({**layout}) == _texture_task({**layout, "mode": "sample"}) == "texture-layout"
+    assert _texture_task({"mode": "sample"}) == "texture-sample" and _texture_task({}) == "texture"
+    for raw, message in (({**labels, "mode": "sample"}, "run masked optimisation"),
+                         ({**labels, "mode": "banana"}, "mode 'banana' is not known"),
+                         ({**layout, "mode": "optimize"}, "runs AD-guided sampling")):
+        with pytest.raises(UserError, match=message):
+            _texture_task(raw)
+
+
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
     from attndistill import tasks

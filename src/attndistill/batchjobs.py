@@ -84,15 +84,17 @@ _NOT_OPTIONS = {"model", "device", "dtype", "vae", "progress", "callback"}
 def _texture_task(raw: dict) -> str:
     """``texture`` with the CLI's ``mode``/``layout``/``ref_labels`` picks the matching task, as the CLI does."""
     mode = raw.pop("mode", None)
+    if mode not in (None, "optimize", "sample"):
+        raise UserError(f"mode '{mode}' is not known; use optimize or sample")
     if "ref_labels" in raw or "target_labels" in raw:
+        if mode == "sample" or "layout" in raw:
+            raise UserError("'ref_labels'/'target_labels' run masked optimisation; drop 'mode' sample and 'layout'")
         return "texture-masked"
     if "layout" in raw:
+        if mode == "optimize":
+            raise UserError("'layout' runs AD-guided sampling (SDEdit); drop 'mode' optimize or set it to sample")
         return "texture-layout"
-    if mode in (None, "optimize"):
-        return "texture"
-    if mode == "sample":
-        return "texture-sample"
-    raise UserError(f"mode '{mode}' is not known; use optimize or sample")
+    return "texture-sample" if mode == "sample" else "texture"
 
 
 # -- jobs ------------------------------------------------------------------------------------------
