@@ -271,7 +271,7 @@ def _crop_like(ids: np.ndarray, box: tuple[int, int, int, int], image_size: tupl
 def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
     if not drawn_over(labels.size, image.size):
         raise UserError(f"{what} is {labels.width}x{labels.height} but its texture image is "
-                        f"{image.width}x{image.height}; draw the label map over the texture, at its size")
+                        f"{image.width}x{image.height}; draw the label map over the texture, at its aspect")
 
 
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
@@ -298,8 +298,12 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
     missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
         [m.ravel() for m in maps[:-1]])).tolist()))
     if missing:
+        jpeg = [n for n, lab in zip(names, ref_label_images + [target_image], strict=True)
+                if getattr(lab, "format", None) == "JPEG" or n.lower().endswith((".jpg", ".jpeg"))]
+        hint = (f"; {', '.join(repr(n) for n in jpeg)} {'is' if len(jpeg) == 1 else 'are'} JPEG, whose compression "
+                "adds colours: save label maps as PNG") if jpeg else ""
         raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
-                        f"that no reference label map has; every target colour needs a region in the reference")
+                        f"that no reference label map has; every target colour needs a region in the reference{hint}")
     return ref_images, target_image, maps, colours, names
 
 
