@@ -585,6 +585,13 @@ def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
             _texture_task(raw)
 
 
+def test_a_run_prints_its_summary_once(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [{"task": "texture", "reference": "wood-rings.jpg", "size": 64,
+                                                    "steps": 1}])
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--device", "cpu")
+    assert result.exit_code == 0 and result.output.count("1 jobs: 1 done") == 1, result.output
+
+
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
     from attndistill import tasks

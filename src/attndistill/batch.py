@@ -447,7 +447,8 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
         group_size = 8 if torch.cuda.is_available() else 1
     summary = Runner(out_dir, shard=part, retry_failed=retry_failed, progress=progress, debug=debug, perf=perf,
                      group_size=group_size, log=log, errors=errors).run(mine)
-    log(f"shard {part}: {summary}")
+    if part.count > 1:  # one shard: the caller has the summary (the command prints it once)
+        log(f"shard {part}: {summary}")
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:
         log(f"merged: {merge_results(out_dir)}")
     return summary

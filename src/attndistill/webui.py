@@ -119,7 +119,7 @@ class WebUI:
             self.outputs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"results folder '{self.outputs}' cannot be made ({exc.strerror or exc}); pass "
-                            "--outputs with a folder you can write to") from None
+                            "--outputs (outputs= in Python) with a folder you can write to") from None
 
     def _save(self, image: Image.Image, task: str) -> Path:
         """Save under a new name: never over a file, even one another server just wrote to the same folder."""

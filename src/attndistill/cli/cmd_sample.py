@@ -51,7 +51,7 @@ Guidance = Annotated[float | None, typer.Option(
 Adain = Annotated[bool | None, typer.Option(
     "--adain/--no-adain", help="AdaIN of the latent to the noised style latent \\[default: on]", show_default=False)]
 StartT = Annotated[int | None, typer.Option(
-    help="Apply AD only at steps whose timestep is below this (0-1000) \\[default: every step]", show_default=False)]
+    help="Apply AD only at steps whose timestep is below this (1-1000) \\[default: every step]", show_default=False)]
 
 
 T2I_HELP = (f"Generate PROMPT in the style of STYLE (AD-guided sampling: {PRESETS['t2i'].steps} steps, "
