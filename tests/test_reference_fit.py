@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -156,6 +157,13 @@ def test_masked_synthesis_names_the_colours_a_kept_crop_cuts_away(tiny_sd15, tmp
                                         r"to the first texture's aspect .* or use reference fit squash"):
         masked_texture_synthesis(textures, [tmp_path / "r1.png", tmp_path / "r2.png"], tmp_path / "target.png",
                                  model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)
+
+
+def test_keep_names_a_reference_that_loses_most_of_itself(caplog):
+    with caplog.at_level(logging.WARNING, logger="attndistill.images"):
+        reference_boxes([(1000, 250), (600, 150), (500, 500)], "keep", 512, 64, names=["a.png", "b.png", "c.png"])
+    assert "reference 'c.png' keeps 25% of itself (500x125 of 500x500 px)" in caplog.text
+    assert "b.png" not in caplog.text and "a.png" not in caplog.text
 
 
 def test_keep_refuses_a_reference_it_would_cut_to_a_sliver():

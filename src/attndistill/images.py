@@ -8,6 +8,7 @@ a one-line :class:`UserError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -22,6 +23,8 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 #: Largest image we accept, in pixels: Pillow's own decompression-bomb limit (about 89 megapixels).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -151,6 +154,10 @@ def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple
 Box = tuple[int, int, int, int]
 
 
+#: Under reference fit keep, a reference that keeps less than this share of its area once cropped is named.
+KEPT_WARNING = 0.5
+
+
 def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int,
                     names: Sequence[str] | None = None) -> tuple[tuple[int, int], list[Box]]:
     """The (width, height) every reference is resized to, and the part of each image that is used.
@@ -175,6 +182,10 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
             raise UserError(f"reference '{names[len(boxes) - 1]}' keeps only {cw}x{ch} px once cut to the first "
                             f"reference's aspect ({width}x{height}, reference fit 'keep'); give references of "
                             "similar aspects, or use reference fit squash")
+        if names is not None and cw * ch < w * h * KEPT_WARNING:
+            log.warning("reference '%s' keeps %d%% of itself (%dx%d of %dx%d px) once cut to the first reference's "
+                        "aspect (reference fit keep); give references of similar aspects, or use reference fit "
+                        "squash", names[len(boxes) - 1], round(100 * cw * ch / (w * h)), cw, ch, w, h)
     return (width, height), boxes
 
 
