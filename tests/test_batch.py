@@ -565,6 +565,7 @@ def test_dry_run_refuses_a_mask_too_small_for_the_result(tmp_path, data_dir, tin
     half.save(folder / "half.png")
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2 and "line 1: mask '" in result.output and "marks no region" in result.output
+    assert "or give a larger 'size'" in result.output and "--size" not in result.output  # a job line's words
     assert "1 ready" in result.output and "1 invalid" in result.output, result.output
 
 
@@ -590,6 +591,13 @@ def test_a_run_prints_its_summary_once(tmp_path, data_dir, tiny_sd15_dir):
                                                     "steps": 1}])
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--device", "cpu")
     assert result.exit_code == 0 and result.output.count("1 jobs: 1 done") == 1, result.output
+
+
+def test_line_errors_name_the_jobs_keys_not_the_commands_options():
+    from attndistill.batchjobs import job_words
+
+    assert job_words("--ref-labels/--target-labels need --mode optimize; or pass --no-cuda-graphs (a-b--c)") == \
+        "'ref_labels'/'target_labels' need 'mode' optimize; or pass 'cuda_graphs': false (a-b--c)"
 
 
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):

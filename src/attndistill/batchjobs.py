@@ -142,7 +142,14 @@ class Job:
 
 
 def _fail(line: int, message: str) -> UserError:
-    return UserError(f"line {line}: {message}")
+    """A line's error in the jobs file's words: the library's messages name command-line options."""
+    return UserError(f"line {line}: {job_words(message)}")
+
+
+def job_words(message: str) -> str:
+    """``--start-t`` -> ``'start_t'``, ``--no-cuda-graphs`` -> ``'cuda_graphs': false``: the keys a job line has."""
+    message = re.sub(r"(?<![\w-])--no-([a-z][a-z0-9-]*)", lambda m: f"'{m[1].replace('-', '_')}': false", message)
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: f"'{m[1].replace('-', '_')}'", message)
 
 
 #: torch dtype names (as results record them) -> the ``dtype`` option's names.
