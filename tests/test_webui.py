@@ -244,3 +244,16 @@ def test_cli_command_quotes_for_the_shell():
                                  "adain": False, "size": None, "grid": True, "steps": 50})
     assert shlex.split(text) == ["attndistill", "t2i", "--style", "my style.png", "--prompt", "a deer's \"forest\"",
                                  "--lr", "0.015", "--no-adain", "--grid", "--steps", "50"]
+
+
+def test_the_server_says_where_to_open_it_in_the_commands_words(tmp_path, capfd):
+    """Gradio's own start-up lines speak of launch() arguments (share=True); ours of the URL and the results."""
+    port = _free_port()
+    demo = WebUI(model="unused", outputs=tmp_path).launch(port=port, block=False)
+    try:
+        printed = capfd.readouterr()
+        text = printed.out + printed.err
+        assert f"attndistill: open http://127.0.0.1:{port}/ in a browser" in text
+        assert f"results are saved in {tmp_path}" in text and "share=True" not in text
+    finally:
+        demo.close()

@@ -372,7 +372,14 @@ class WebUI:
         demo.queue(default_concurrency_limit=1)
         if not quiet:
             print(f"attndistill: results are saved in {self.outputs}", file=sys.stderr, flush=True)
-        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+        # Gradio's own lines speak of launch() arguments; ours of the command's options
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                     max_file_size=int(max_upload_mb * 1024 * 1024), allowed_paths=[str(self.outputs), str(EXAMPLES)],
                     ssr_mode=False, mcp_server=False, pwa=False, show_error=False)
+        if not quiet:
+            print(f"attndistill: open {demo.local_url} in a browser"
+                  + (f", or the public link {demo.share_url}" if demo.share_url else "")
+                  + ("; Ctrl-C stops the server" if block else ""), file=sys.stderr, flush=True)
+        if block:
+            demo.block_thread()
         return demo
