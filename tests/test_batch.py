@@ -598,6 +598,8 @@ def test_line_errors_name_the_jobs_keys_not_the_commands_options():
 
     assert job_words("--ref-labels/--target-labels need --mode optimize; or pass --no-cuda-graphs (a-b--c)") == \
         "'ref_labels'/'target_labels' need 'mode' optimize; or pass 'cuda_graphs': false (a-b--c)"
+    for kept in ("paths are relative to --out", "image '/data/--size.png' and '--x.png'", "lr --5"):
+        assert job_words(kept) == kept  # the batch command's own options, paths, numbers
 
 
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):

@@ -131,6 +131,9 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     (folder / "attndistill.json").write_text(json.dumps({**record, "steps": "two"}))
     edited = run("info", folder, "--job", model=False)
     assert edited.exit_code == 2 and "was it edited?" in edited.output
+    (folder / "attndistill.json").write_text(json.dumps({k: v for k, v in record.items() if k != "dtype"}))
+    older = run("info", folder, "--job", model=False)  # made before the record held dtype, VAE and configs
+    assert older.exit_code == 2 and "its command cannot be told" in older.output
     not_vae = run("info", tmp_path, model=False)
     assert not_vae.exit_code == 2 and "holds no attndistill.json" in not_vae.output
     out = tmp_path / "with-vae.png"

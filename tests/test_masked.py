@@ -154,10 +154,11 @@ def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):
 
     Image.new("RGB", (32, 32), (90, 60, 30)).save(tmp_path / "texture.png")
     _map((32, 32), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.jpg", quality=70)
-    _map((32, 32), [((0, 0, 1, 0.5), GREEN), ((0, 0.5, 1, 1), RED)]).save(tmp_path / "target.jpg", quality=70)
-    with pytest.raises(ad.UserError, match=r"that no reference label map has;.*ref\.jpg.*target\.jpg' are JPEG, "
+    _map((32, 32), [((0, 0, 1, 0.5), GREEN), ((0, 0.5, 1, 1), RED)]).save(tmp_path / "target.png", format="JPEG",
+                                                                          quality=70)  # a JPEG by another name
+    with pytest.raises(ad.UserError, match=r"that no reference label map has;.*ref\.jpg.*target\.png' are JPEG, "
                                            r"whose compression adds colours: save label maps as PNG"):
-        check_label_maps(tmp_path / "texture.png", tmp_path / "ref.jpg", tmp_path / "target.jpg")
+        check_label_maps(tmp_path / "texture.png", tmp_path / "ref.jpg", tmp_path / "target.png")
 
 
 def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):

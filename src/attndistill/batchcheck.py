@@ -137,7 +137,7 @@ class Validator:
         if job.model not in self._geometry:
             self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
         shell = self._geometry[job.model]
-        if cropped:  # a reference cut to a sliver is refused by name, as the run would after loading its model
+        if cropped and shell.from_configs:  # a reference cut to a sliver: refused by name, as the run would
             from .images import reference_boxes
 
             reference_boxes([self._sizes[r] for r in references], "keep", shell.native_size, shell.latent_multiple,
@@ -158,7 +158,7 @@ class Validator:
             planned = target_size(shell, args.get("size"), like=_Sized(size) if size else None)
             if shell.from_configs and size:  # the batch runner groups style jobs by the size they will have
                 job.planned_size = planned
-            if mask is not None:  # white enough of it to cover a latent cell of the result
+            if mask is not None and shell.from_configs:  # white enough to cover a latent cell of the result
                 from .regions import update_mask
 
                 update_mask(mask, planned, shell.vae_scale_factor, args["mask"])

@@ -18,7 +18,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,30 @@ def _fail(line: int, message: str) -> UserError:
 
 
 def job_words(message: str) -> str:
-    """``--start-t`` -> ``'start_t'``, ``--no-cuda-graphs`` -> ``'cuda_graphs': false``: the keys a job line has."""
-    message = re.sub(r"(?<![\w-])--no-([a-z][a-z0-9-]*)", lambda m: f"'{m[1].replace('-', '_')}': false", message)
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: f"'{m[1].replace('-', '_')}'", message)
+    """``--start-t`` -> ``'start_t'``, ``--no-cuda-graphs`` -> ``'cuda_graphs': false``: the keys a job line has.
+
+    Only options that are job keys; the batch command's own (``--out``) and anything in a path stay as they are.
+    """
+    keys = _job_keys()
+
+    def key(match: re.Match, negated: bool) -> str:
+        name = match[1].replace("-", "_")
+        return match[0] if name not in keys else f"'{name}': false" if negated else f"'{name}'"
+
+    flag = r"(?<![\w.'-])--{}([a-z][a-z0-9-]*)(?![\w.-])"
+    message = re.sub(flag.format("no-"), lambda m: key(m, True), message)
+    return re.sub(flag.format(""), lambda m: key(m, False), message)
+
+
+@lru_cache(maxsize=1)
+def _job_keys() -> frozenset[str]:
+    """Every key a job line may have: the tasks' options, the runner's keys, texture's mode, the speed switches."""
+    from .perf import PerfOptions
+
+    keys = set(RUNNER_KEYS) | {"mode"} | {f.name for f in fields(PerfOptions)}
+    for spec in TASKS.values():
+        keys |= set(inspect.signature(spec.resolve()).parameters) - _NOT_OPTIONS
+    return frozenset(keys)
 
 
 #: torch dtype names (as results record them) -> the ``dtype`` option's names.

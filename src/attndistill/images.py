@@ -159,13 +159,15 @@ KEPT_WARNING = 0.5
 
 
 def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int,
-                    names: Sequence[str] | None = None) -> tuple[tuple[int, int], list[Box]]:
+                    names: Sequence[str] | None = None, *, warn: bool = False) -> tuple[tuple[int, int], list[Box]]:
     """The (width, height) every reference is resized to, and the part of each image that is used.
 
     ``fit`` is one of :data:`~attndistill.presets.REFERENCE_FITS`. "squash": whole images, native
     square. "keep": the first image's aspect at about ``native``² pixels (:func:`kept_size`); every
     image centre-cropped to that size's aspect, so none is stretched. With ``names``, a crop thinner than
-    :data:`MIN_SIDE` (a reference of a very different aspect) is an error naming the image.
+    :data:`MIN_SIDE` (a reference of a very different aspect) is an error naming the image; with ``warn``
+    too, so is (as a warning) one that keeps less than :data:`KEPT_WARNING` of itself: once per run, where the
+    run encodes its references.
     """
     if fit == "squash":
         return (native, native), [(0, 0, w, h) for w, h in sizes]
@@ -182,7 +184,7 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
             raise UserError(f"reference '{names[len(boxes) - 1]}' keeps only {cw}x{ch} px once cut to the first "
                             f"reference's aspect ({width}x{height}, reference fit 'keep'); give references of "
                             "similar aspects, or use reference fit squash")
-        if names is not None and cw * ch < w * h * KEPT_WARNING:
+        if warn and names is not None and cw * ch < w * h * KEPT_WARNING:
             log.warning("reference '%s' keeps %d%% of itself (%dx%d of %dx%d px) once cut to the first reference's "
                         "aspect (reference fit keep); give references of similar aspects, or use reference fit "
                         "squash", names[len(boxes) - 1], round(100 * cw * ch / (w * h)), cw, ch, w, h)
@@ -210,9 +212,9 @@ def kept_size(size: tuple[int, int], native: int, multiple: int) -> tuple[int, i
 
 
 def fit_references(images: Sequence[Image.Image], fit: str, native: int, multiple: int,
-                   names: Sequence[str] | None = None) -> torch.Tensor:
+                   names: Sequence[str] | None = None, *, warn: bool = False) -> torch.Tensor:
     """Reference images as a run sees them: (R, 3, H, W) in [0, 1], cropped and resized by ``fit``."""
-    size, boxes = reference_boxes([img.size for img in images], fit, native, multiple, names)
+    size, boxes = reference_boxes([img.size for img in images], fit, native, multiple, names, warn=warn)
     return to_tensor([img.crop(box) for img, box in zip(images, boxes, strict=True)], size)
 
 

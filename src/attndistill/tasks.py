@@ -131,7 +131,7 @@ def encode_references(model: DiffusionModel, references: Sequence[ImageInput], w
         raise UserError(f"no {what} given; pass at least one")
     images = [load_image(r, what=what) for r in references]
     return model.encode(fit_references(images, check_reference_fit(fit), model.native_size, model.latent_multiple,
-                                       names=[describe_input(r) for r in references]))
+                                       names=[describe_input(r) for r in references], warn=True))
 
 
 def check_reference_fit(fit: object) -> str:

@@ -274,6 +274,17 @@ def _check_aspect(image: Image.Image, labels: Image.Image, what: str) -> None:
                         f"{image.width}x{image.height}; draw the label map over the texture, at its aspect")
 
 
+def _is_jpeg(source: ImageInput) -> bool:
+    """Stored as JPEG, whatever its name says (``load_image``'s result no longer knows)."""
+    if isinstance(source, Image.Image):
+        return source.format == "JPEG"
+    try:
+        with Image.open(source) as image:
+            return image.format == "JPEG"
+    except (OSError, ValueError):
+        return False
+
+
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
                      target_labels: ImageInput):
     """Masked synthesis's inputs, read and checked before any model loads (the CLI and batch runs call it too):
@@ -298,8 +309,7 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
     missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
         [m.ravel() for m in maps[:-1]])).tolist()))
     if missing:
-        jpeg = [n for n, lab in zip(names, ref_label_images + [target_image], strict=True)
-                if getattr(lab, "format", None) == "JPEG" or n.lower().endswith((".jpg", ".jpeg"))]
+        jpeg = [n for n, source in zip(names, [*ref_label_inputs, target_labels], strict=True) if _is_jpeg(source)]
         hint = (f"; {', '.join(repr(n) for n in jpeg)} {'is' if len(jpeg) == 1 else 'are'} JPEG, whose compression "
                 "adds colours: save label maps as PNG") if jpeg else ""
         raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "

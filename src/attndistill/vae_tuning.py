@@ -94,13 +94,14 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
 
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel, steps: int = STEPS,
                  lr: float = LR, reference_fit: str | None = None, progress: bool = False,
-                 callback: Callable | None = None):
+                 callback: Callable | None = None, warn_crops: bool = True):
     """Fine-tune a copy of ``model``'s decoder on ``reference`` (one image or several, each as the tasks
     encode it: about the model's native area, fitted by ``reference_fit``); returns it.
 
     The model itself is not changed. ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after
     each step, as the tasks' callbacks do; its latents are empty (the decoder's weights are what
-    change) and raising from it stops the tuning. Example::
+    change) and raising from it stops the tuning. ``warn_crops=False``: a task that encoded the same
+    references has already named any that reference fit keep cuts to less than half. Example::
 
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
@@ -112,7 +113,8 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         raise UserError("no reference image given for VAE tuning; pass at least one")
     reference_fit = check_reference_fit(DEFAULT_REFERENCE_FIT if reference_fit is None else reference_fit)
     images = fit_references([load_image(r, what="reference image") for r in references], reference_fit,
-                            model.native_size, model.latent_multiple, names=[describe_input(r) for r in references])
+                            model.native_size, model.latent_multiple, names=[describe_input(r) for r in references],
+                            warn=warn_crops)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -172,7 +174,7 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
               progress: bool = False) -> Iterator[DiffusionModel]:
     """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op)."""
     vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
-                                                       progress=progress)
+                                                       progress=progress, warn_crops=False)
     with using_vae(model, vae):
         yield model
 

@@ -83,6 +83,7 @@ def finetune_command(made: dict, folder: Path) -> str:
     """The ``finetune-vae`` command that made ``folder``, writing beside it (``FOLDER-rerun``), never over it."""
     from ..batchjobs import DTYPE_OPTIONS
     from ..errors import UserError
+    from ..loading import CHECKPOINT_SUFFIXES
     from ..presets import REFERENCE_FITS
     from ..vae_tuning import check_tuning
 
@@ -94,6 +95,12 @@ def finetune_command(made: dict, folder: Path) -> str:
     if "<image>" in references:
         raise UserError(f"VAE folder '{folder}' was tuned on an image passed in memory, not a file; it cannot be "
                         "rerun from its record")
+    if "dtype" not in made:
+        raise UserError(f"VAE folder '{folder}' was made before attndistill recorded the dtype, VAE and configs a "
+                        "tuning used; its command cannot be told, only its record (run info without --job)")
+    if not all(Path(r).is_absolute() for r in references) or not isinstance(made["dtype"], str) \
+            or made["dtype"] not in DTYPE_OPTIONS:
+        raise edited
     try:
         check_tuning(made.get("steps"), made.get("lr"))
     except (UserError, TypeError):
@@ -102,9 +109,12 @@ def finetune_command(made: dict, folder: Path) -> str:
     if (made.get("reference_fit") not in (None, *REFERENCE_FITS)
             or not all(isinstance(t, str) and t and not t.startswith("-") for t in texts)):
         raise edited
-    words = ["attndistill", "finetune-vae", *references, "-o", f"{folder}-rerun"]
+    words = ["attndistill", "finetune-vae", *references, "-o", f"{folder.resolve()}-rerun"]
     for key, option in _OPTIONS:
         value = made.get(key)
         if value is not None:
             words += [option, DTYPE_OPTIONS.get(value, value) if key == "dtype" else str(value)]
+    suffix = Path(made.get("model") or "").suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES and suffix != ".safetensors":  # a pickle checkpoint loaded: it was allowed
+        words.append("--allow-pickle")
     return shlex.join(words)
