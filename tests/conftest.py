@@ -71,6 +71,18 @@ def _grad_mode_left_on(request):
 
 
 @pytest.fixture
+def dynamo_eager(monkeypatch):
+    """Compiled blocks traced by Dynamo (guards, recompiles, graph breaks) and run as traced: the wiring of a
+    switch, without AOT autograd's tracing (``aot_eager``) of every block shape."""
+    from attndistill import compiling
+
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
     operations: the wiring under test, without minutes of C++ code generation on a cold cache."""

@@ -161,7 +161,7 @@ def test_finished_but_unrecorded_jobs_are_recovered_not_rerun(tmp_path, data_dir
     texture[1].unlink()  # and, for the two-image job, before its second image
     kept = {p: p.stat().st_mtime_ns for p in out.glob("style-*.png")}
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
-    assert result.exit_code == 0 and "1 done, 1 already done" in result.output
+    assert result.exit_code == 0 and result.output.count("2 jobs: 1 done, 1 already done") == 1  # printed once
     records = {r["task"]: r for r in read_records(out)}
     assert records["style"].get("recovered") is True and records["texture"]["status"] == "done"
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
@@ -534,39 +534,32 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
     assert not out.exists() and not (tmp_path / "escape.png").exists()
 
 
-def test_dry_run_refuses_a_reference_keep_would_cut_to_a_sliver(tmp_path, data_dir, tiny_sd15_dir):
-    """Under reference fit keep every reference is cut to the first's aspect: a sliver is known before any model."""
+def test_dry_run_knows_crops_and_masks_that_depend_on_the_models_sizes(tmp_path, data_dir, tiny_sd15_dir):
+    """Before any model: a reference that reference fit keep would cut to a sliver, and a mask whose white covers
+    no latent cell of the result (both need the model's sizes, read from its configs)."""
     folder = tmp_path / "in"
+    style = {"task": "style", "content": "horse.jpg", "style": "watercolor-cat.jpg", "size": 64}
     jobs = write_jobs(folder, data_dir, [
         {"task": "style", "content": "horse.jpg", "style": ["tall.png", "thin.png"], "reference_fit": "keep"},
         {"task": "style", "content": "horse.jpg", "style": ["tall.png", "thin.png"]},  # squash: fine
         {"task": "texture", "reference": ["wood-rings.jpg", "horse.jpg"], "reference_fit": "keep"},  # fine
+        {**style, "mask": "dot.png"},
+        {**style, "mask": "half.png"},  # fine
     ])
     Image.new("RGB", (20, 2000)).save(folder / "tall.png")
     Image.new("RGB", (2000, 20)).save(folder / "thin.png")
-    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
-    assert result.exit_code == 2 and "line 1: reference '" in result.output, result.output
-    assert "thin.png' keeps only" in result.output and "2 ready" in result.output and "1 invalid" in result.output
-
-
-def test_dry_run_refuses_a_mask_too_small_for_the_result(tmp_path, data_dir, tiny_sd15_dir):
-    """A mask whose white covers no latent cell of the result is known before any model, as its aspect is."""
-    folder = tmp_path / "in"
-    jobs = write_jobs(folder, data_dir, [
-        {"task": "style", "content": "horse.jpg", "style": "watercolor-cat.jpg", "mask": "dot.png", "size": 64},
-        {"task": "style", "content": "horse.jpg", "style": "watercolor-cat.jpg", "mask": "half.png", "size": 64},
-    ])
     w, h = Image.open(folder / "horse.jpg").size
-    dot = Image.new("L", (w, h))
+    dot, half = Image.new("L", (w, h)), Image.new("L", (w, h))
     dot.paste(255, (w // 2, h // 2, w // 2 + 2, h // 2 + 2))  # a few pixels: under one 8x8 cell at 64 px
-    dot.save(folder / "dot.png")
-    half = Image.new("L", (w, h))
     half.paste(255, (0, 0, w // 2, h))
+    dot.save(folder / "dot.png")
     half.save(folder / "half.png")
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
-    assert result.exit_code == 2 and "line 1: mask '" in result.output and "marks no region" in result.output
-    assert "or give a larger 'size'" in result.output and "--size" not in result.output  # a job line's words
-    assert "1 ready" in result.output and "1 invalid" in result.output, result.output
+    text = result.output
+    assert result.exit_code == 2 and "line 1: reference '" in text and "thin.png' keeps only" in text, text
+    assert "line 4: mask '" in text and "marks no region" in text
+    assert "or give a larger 'size'" in text and "--size" not in text  # a job line's words
+    assert "3 ready" in text and "2 invalid" in text
 
 
 def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
@@ -584,13 +577,6 @@ def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
                          ({**layout, "mode": "optimize"}, "runs AD-guided sampling")):
         with pytest.raises(UserError, match=message):
             _texture_task(raw)
-
-
-def test_a_run_prints_its_summary_once(tmp_path, data_dir, tiny_sd15_dir):
-    jobs = write_jobs(tmp_path / "in", data_dir, [{"task": "texture", "reference": "wood-rings.jpg", "size": 64,
-                                                    "steps": 1}])
-    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--device", "cpu")
-    assert result.exit_code == 0 and result.output.count("1 jobs: 1 done") == 1, result.output
 
 
 def test_line_errors_name_the_jobs_keys_not_the_commands_options():

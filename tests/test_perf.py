@@ -220,7 +220,7 @@ def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static
     assert counter.batches == [1, 2, 2, 1, 1] * 2
 
 
-def test_compile_switch_keeps_the_optimised_latent_and_image(model, aot_eager):
+def test_compile_switch_keeps_the_optimised_latent_and_image(model, dynamo_eager):
     """``compile``: torch.compile of the ResNet/feed-forward blocks gives the plain path's result."""
     from attndistill.perf import COMPILED_BLOCKS
 

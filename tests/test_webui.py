@@ -6,6 +6,7 @@ scripts/test.sh). ATTNDISTILL_SCREENSHOT=1 also writes docs/ui-screenshot.png fo
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -40,6 +41,10 @@ UPLOAD_LIMIT_MB = 1
 RUN_TIMEOUT_MS = 240_000  # a shared 2-core CI box can be slow; a free one finishes in seconds
 
 
+#: What the server fixture's launch printed.
+STARTED: dict[str, str] = {}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,7 +54,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_sd15_dir, tmp_path_factory):
     ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path_factory.mktemp("ui-out"))
-    demo = ui.launch(port=_free_port(), block=False, quiet=True, max_upload_mb=UPLOAD_LIMIT_MB)
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):  # what `attndistill ui` prints when it starts
+        demo = ui.launch(port=_free_port(), block=False, max_upload_mb=UPLOAD_LIMIT_MB)
+    STARTED["text"] = printed.getvalue()
     try:
         yield demo.local_url, ui
     finally:
@@ -246,14 +254,9 @@ def test_cli_command_quotes_for_the_shell():
                                  "--lr", "0.015", "--no-adain", "--grid", "--steps", "50"]
 
 
-def test_the_server_says_where_to_open_it_in_the_commands_words(tmp_path, capfd):
+
+def test_the_server_says_where_to_open_it_in_the_commands_words(server):
     """Gradio's own start-up lines speak of launch() arguments (share=True); ours of the URL and the results."""
-    port = _free_port()
-    demo = WebUI(model="unused", outputs=tmp_path).launch(port=port, block=False)
-    try:
-        printed = capfd.readouterr()
-        text = printed.out + printed.err
-        assert f"attndistill: open http://127.0.0.1:{port}/ in a browser" in text
-        assert f"results are saved in {tmp_path}" in text and "share=True" not in text
-    finally:
-        demo.close()
+    url, ui = server
+    assert f"attndistill: open {url} in a browser" in STARTED["text"]
+    assert f"results are saved in {ui.outputs}" in STARTED["text"] and "share=True" not in STARTED["text"]
