@@ -78,44 +78,38 @@ def test_version_and_help_examples():
         assert "Example" in text, command
 
 
-@pytest.mark.parametrize("flag", [["--no-cuda-graphs"], ["--vae-tiling"], ["--gradient-checkpointing"],
-                                  ["--lookahead-batch", "4"], ["--lookahead-batch=4"], ["--no-offload-text-encoders"],
-                                  ["--cudnn-benchmark"], ["--no-channels-last"],
-                                  ["--lookahead-overlap"], ["--no-feed-forward-chunks"],
-                                  ["--channels-last", "--channels-last-norms"], ["--no-gradient-checkpointing"],
-                                  ["--compiled-norms"]])
-def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flag, request):
+@pytest.mark.parametrize("flags", [  # every speed flag, in as few runs as go together
+    ["--no-cuda-graphs", "--vae-tiling", "--gradient-checkpointing", "--lookahead-batch", "4",
+     "--no-offload-text-encoders", "--cudnn-benchmark", "--no-channels-last", "--lookahead-overlap",
+     "--no-feed-forward-chunks"],
+    ["--lookahead-batch=4", "--channels-last", "--channels-last-norms", "--no-gradient-checkpointing"],
+    ["--compiled-norms"]])
+def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flags, request):
+    import torch
+
     from attndistill.cli import common
 
-    if flag[0] == "--compiled-norms":
+    if "--compiled-norms" in flags:
         request.getfixturevalue("aot_eager")
 
     out = tmp_path / "out.png"
     result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 2,
-                 "--size", 64, "--device", "cpu", "--quiet", *flag)
+                 "--size", 64, "--device", "cpu", "--quiet", *flags)
     assert result.exit_code == 0, result.output
     assert out.exists()
-    if flag[0].startswith("--lookahead-batch"):
-        assert common.PERF.lookahead_batch == 4
-    if flag[0] == "--no-offload-text-encoders":
-        assert common.PERF.offload_text_encoders is False
-    if flag[0] == "--no-channels-last":
-        assert common.PERF.channels_last is False
-    if flag[0] == "--lookahead-overlap":
-        assert common.PERF.lookahead_overlap is True
-    if flag[0] == "--no-feed-forward-chunks":
-        assert common.PERF.feed_forward_chunks is False
-    if flag[0] == "--no-gradient-checkpointing":
-        assert common.PERF.gradient_checkpointing is False
-    if flag[-1] == "--channels-last-norms":
-        assert common.PERF.channels_last and common.PERF.channels_last_norms
-    if flag[0] == "--compiled-norms":
-        assert common.PERF.compiled_norms and "compiles a few small programs" in result.output
-    if flag[0] == "--cudnn-benchmark":
-        import torch
-
-        assert common.PERF.cudnn_benchmark is True
-        assert torch.backends.cudnn.benchmark is False  # a CUDA setting: a CPU run leaves it alone
+    perf = common.PERF
+    expected = {"--no-cuda-graphs": perf.cuda_graphs is False, "--vae-tiling": perf.vae_tiling is True,
+                "--gradient-checkpointing": perf.gradient_checkpointing is True,
+                "--lookahead-batch": perf.lookahead_batch == 4, "--lookahead-batch=4": perf.lookahead_batch == 4,
+                "--no-offload-text-encoders": perf.offload_text_encoders is False,
+                "--no-channels-last": perf.channels_last is False, "--lookahead-overlap": perf.lookahead_overlap,
+                "--no-feed-forward-chunks": perf.feed_forward_chunks is False,
+                "--no-gradient-checkpointing": perf.gradient_checkpointing is False,
+                "--channels-last-norms": perf.channels_last and perf.channels_last_norms,
+                "--compiled-norms": perf.compiled_norms and "compiles a few small programs" in result.output,
+                # a CUDA setting: a CPU run leaves the process's own alone
+                "--cudnn-benchmark": perf.cudnn_benchmark is True and torch.backends.cudnn.benchmark is False}
+    assert all(expected[f] for f in flags if f in expected), {f: expected[f] for f in flags if f in expected}
 
 
 def test_a_speed_option_without_its_value_says_so(data_dir):
