@@ -70,7 +70,7 @@ def test_default_cpu_fast_path_gives_the_same_style_transfer_image(model, data_d
     images = {}
     for name, perf in (("plain", PerfOptions.plain()), ("fast", PerfOptions())):
         model.set_perf(perf)
-        img = ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=model, steps=20,
+        img = ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=model, steps=10,
                                 size=64, progress=False)
         images[name] = np.asarray(img, np.float32) / 255
     assert np.abs(images["fast"] - images["plain"]).max() <= 1e-4
@@ -80,7 +80,7 @@ def test_fused_texture_synthesis_gives_the_same_image(model, data_dir):
     images = {}
     for name, perf in (("plain", PerfOptions.plain()), ("fast", PerfOptions(fused=True))):
         model.set_perf(perf)
-        img = ad.texture_synthesis(data_dir / "wood-rings.jpg", model=model, steps=20, size=64, progress=False)[0]
+        img = ad.texture_synthesis(data_dir / "wood-rings.jpg", model=model, steps=10, size=64, progress=False)[0]
         images[name] = np.asarray(img, np.float32) / 255
     assert np.abs(images["fast"] - images["plain"]).max() <= 1e-4
 
