@@ -225,7 +225,7 @@ def test_compile_switch_keeps_the_optimised_latent_and_image(model, dynamo_eager
     from attndistill.perf import COMPILED_BLOCKS
 
     limit_before = torch._dynamo.config.recompile_limit
-    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)  # one shape: Dynamo traces each block less often
     plain = _run(model, PerfOptions.plain(), z_c, z_ref, z_c, steps=2)
     compiled = _run(model, replace(PerfOptions.plain(), compile=True), z_c, z_ref, z_c, steps=2)
     blocks = [m for m in model.unet.modules() if type(m).__name__ in COMPILED_BLOCKS]
