@@ -40,6 +40,7 @@ from .webui_fields import (
     keep_uploads,
     page_message,
     page_text,
+    painted_mask,
     reference_fit_radio,
     upload_check,
     whole,
@@ -292,6 +293,10 @@ class WebUI:
             try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
                 settings = {names[c]: whole(v, c.whole, c.bounds) if getattr(c, "whole", None) else v
                             for c, v in values.items()}
+                # painted masks become files once, which the run and the command both name where they are kept
+                painted = {k: painted_mask(v, self.outputs) for k, v in settings.items()
+                           if isinstance(components[k], gr.ImageMask)}
+                settings.update(painted)
                 kept = {k: keep_uploads(v, self.outputs) if isinstance(components[k], gr.Image | gr.File) else v
                         for k, v in settings.items()}  # the uploads a result names
             except UserError as exc:

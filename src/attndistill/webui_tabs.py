@@ -32,7 +32,6 @@ from .webui_fields import (
     mask_painter,
     number_value,
     page_message,
-    painted_mask,
     reference_fit_radio,
     reference_fit_value,
     required,
@@ -115,7 +114,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
                   attention_scale=s["attention_scale"], layers=s["layers"] or None,
                   size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                   tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
-                  mask=painted_mask(s["mask"], ui.outputs), progress=False, callback=callback)
+                  mask=s["mask"], progress=False, callback=callback)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
@@ -124,7 +123,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
             lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
             layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
             tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"]),
-            mask=painted_mask(s["mask"], ui.outputs)))  # painted here: the command names it where it is kept
+            mask=s["mask"]))  # the painted mask where it is kept (WebUI.wire)
 
     ui.wire(tab, panel, fields, call, command)
 
