@@ -169,6 +169,19 @@ def test_keep_names_a_reference_that_loses_most_of_itself(caplog):
     assert "b.png" not in caplog.text and "a.png" not in caplog.text
 
 
+def test_masked_synthesis_names_a_texture_that_loses_most_of_itself(tiny_sd15, tmp_path, caplog):
+    """Masked synthesis encodes its cropped textures itself (not through encode_references): it warns too, once."""
+    from attndistill.textures import masked_texture_synthesis
+
+    textures = [_wide(tmp_path, "t1.png", (240, 60)), _wide(tmp_path, "t2.png", (64, 64))]
+    for name, size in (("r1.png", (240, 60)), ("r2.png", (64, 64)), ("target.png", (64, 64))):
+        Image.new("RGB", size, (255, 0, 0)).save(tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="attndistill.images"):
+        masked_texture_synthesis(textures, [tmp_path / "r1.png", tmp_path / "r2.png"], tmp_path / "target.png",
+                                 model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)
+    assert caplog.text.count("t2.png' keeps 25% of itself") == 1 and "t1.png" not in caplog.text
+
+
 def test_keep_refuses_a_reference_it_would_cut_to_a_sliver():
     with pytest.raises(UserError, match=r"reference 'thin.png' keeps only 1x20 px once cut to the first reference's "
                                         r"aspect .* or use reference fit squash"):

@@ -350,7 +350,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     w, h = target_size(model, size, like=target_image)
     # the references as encode_references fits them, and their label maps cut and resized alike
     (rw, rh), boxes = reference_boxes([img.size for img in ref_images], preset.reference_fit, model.native_size,
-                                      model.latent_multiple, names=[describe_input(r) for r in refs])
+                                      model.latent_multiple, names=[describe_input(r) for r in refs], warn=True)
     ref_pixels = to_tensor([img.crop(box) for img, box in zip(ref_images, boxes, strict=True)], (rw, rh))
     ref_ids = torch.stack([_resize_ids(_crop_like(m, box, img.size), (rw, rh))
                            for m, box, img in zip(maps[:-1], boxes, ref_images, strict=True)])  # (R, rh, rw)
