@@ -13,7 +13,7 @@
 #                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
-#   bash benchmarks/gpu_run.sh run11    # next (<= 510 s): b and g with look-ahead of 32 rows, d uncapped (run 7's
+#   bash benchmarks/gpu_run.sh run11    # run 11 (<= 510 s, 319 s on the H200): b and g with look-ahead of 32 rows, d uncapped (run 7's
 #                                       # setting) with 8 rows of SDXL (the same latent per call), e with compiled_norms
 #                                       # over 20 steps, the 4096² expansion's memory again
 #   bash benchmarks/gpu_run.sh run10    # after run 9 (<= 120 s): a and c with look-ahead calls of 32 rows, alone and with
@@ -109,7 +109,7 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
-  run11)  # prepared for the next session with a GPU: what runs 8-10 left unmeasured
+  run11)  # what runs 8-10 left unmeasured
     run 120 --cases b,g --variant lookahead_batch=32
     run 110 --cases d --fast offload_text_encoders=1 --variant lookahead_batch=8
     run 150 --cases e --steps 20 --variant compiled_norms=1
