@@ -132,6 +132,35 @@ def test_bad_images_fail_before_the_model_loads(tmp_path, data_dir, command, mon
     assert "broken.png" in result.output and "not-cached-model" not in result.output
 
 
+def test_mistakes_that_need_the_models_sizes_fail_before_its_weights_load(tmp_path, data_dir, tiny_sd15_dir,
+                                                                          monkeypatch):
+    """A mask with too little white, a reference that reference fit keep would cut to a sliver, --layers past
+    the model's count: its configs answer these, as a batch dry run does, before a load or a download."""
+    from attndistill import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    content = data_dir / "horse.jpg"
+    w, h = Image.open(content).size
+    dot = Image.new("L", (w, h))
+    dot.paste(255, (w // 2, h // 2, w // 2 + 2, h // 2 + 2))  # under one 8x8 latent cell at 64 px
+    dot.save(tmp_path / "dot.png")
+    Image.new("RGB", (20, 2000)).save(tmp_path / "tall.png")
+    Image.new("RGB", (2000, 20)).save(tmp_path / "thin.png")
+    common = ("-o", tmp_path / "out.png", "--model", tiny_sd15_dir)
+    for args, message in (
+            (("style", content, data_dir / "watercolor-cat.jpg", "--mask", tmp_path / "dot.png", "--size", 64),
+             "marks no region of at least 8x8 px"),
+            (("texture", tmp_path / "tall.png", tmp_path / "thin.png", "--reference-fit", "keep"), "keeps only"),
+            (("t2i", "--style", content, "--prompt", "a b", "--layers", "40-45"),
+             "layers 40-45 do not exist in this model")):
+        result = run(*args, *common)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "the model was loaded" not in result.output and not (tmp_path / "out.png").exists()
+
+
 def test_info_prints_the_parameters_of_a_result(tmp_path, data_dir, tiny_sd15_dir):
     import json
 

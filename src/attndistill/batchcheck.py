@@ -89,6 +89,18 @@ class Validator:
             raise _fail(job.line, _unexpected(exc)) from None
 
     def _check(self, job: Job) -> None:
+        self.check_inputs(job)
+        for path in job.outputs:
+            if path.exists() and not job.overwrite and not carries_job(path, job.id):
+                raise UserError(f"output '{path}' already exists; delete it, set \"overwrite\": true or another "
+                                "'output'")
+            if path.is_dir():
+                raise UserError(f"output '{path}' is a directory; set another 'output'")
+
+    def check_inputs(self, job: Job, *, model: bool = True) -> None:
+        """Everything :meth:`check` checks but the outputs, raising the bare :class:`UserError`: what a
+        command checks before its model loads (``model=False``: the command's load checks the model itself,
+        in the command's words)."""
         spec = job.spec
         for name in spec.paths:
             value = job.args.get(name)
@@ -100,18 +112,13 @@ class Validator:
             from .textures import check_label_maps
 
             check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"])
-        self._model(job.model)
+        if model:
+            self._model(job.model)
         self._check_geometry(job, preset, mask)
         if job.args.get("controlnet"):
             self._controlnet(job.args["controlnet"], job.model)
         if job.args.get("layers") is not None:
             self._check_layers(job.args["layers"], job.model)
-        for path in job.outputs:
-            if path.exists() and not job.overwrite and not carries_job(path, job.id):
-                raise UserError(f"output '{path}' already exists; delete it, set \"overwrite\": true or another "
-                                "'output'")
-            if path.is_dir():
-                raise UserError(f"output '{path}' is a directory; set another 'output'")
 
     @staticmethod
     def _check_mask(job: Job):

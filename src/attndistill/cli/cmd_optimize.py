@@ -33,6 +33,7 @@ from .common import (
     Size,
     Steps,
     Vae,
+    check_before_load,
     check_images,
     check_options,
     check_outputs,
@@ -80,8 +81,6 @@ def style(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
-    from ..images import load_image
-    from ..regions import load_mask
     from ..tasks import style_transfer
 
     def body() -> None:
@@ -89,7 +88,11 @@ def style(
         check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(content_image=content, style_image=style_images)
-        load_mask(mask, load_image(content, what="content image"), tile=tile)
+        check_before_load("style", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
+                          device=device, dtype=dtype, size=size,
+                          content=content, style=style_images, mask=mask, steps=steps, iters=iters, lr=lr,
+                          content_weight=content_weight, attention_scale=attention_scale, layers=layers, tile=tile,
+                          reference_fit=reference_fit)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
@@ -114,8 +117,6 @@ def appearance(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
-    from ..images import load_image
-    from ..regions import load_mask
     from ..tasks import appearance_transfer
 
     def body() -> None:
@@ -123,7 +124,11 @@ def appearance(
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(structure_image=structure, appearance_image=appearance_images)
-        load_mask(mask, load_image(structure, what="structure image"), tile=tile, what="structure image")
+        check_before_load("appearance", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
+                          device=device, dtype=dtype, size=size,
+                          structure=structure, appearance=appearance_images, mask=mask, steps=steps, iters=iters,
+                          lr=lr, content_weight=content_weight, attention_scale=attention_scale, layers=layers,
+                          tile=tile, reference_fit=reference_fit)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
                                   content_weight=content_weight, attention_scale=attention_scale,
@@ -178,10 +183,13 @@ def texture(
                       adain=adain, reference_fit=reference_fit)
         check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
                      target_labels=target_labels)
-        if ref_labels and target_labels:  # maps that do not fit their textures fail before the model loads
-            from ..textures import check_label_maps
-
-            check_label_maps(list(references), list(ref_labels), target_labels)
+        job_task = "texture-masked" if ref_labels else "texture-layout" if layout else \
+            "texture" if sampler is None else "texture-sample"
+        check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
+                          device=device, dtype=dtype, size=size,
+                          reference=references, ref_labels=ref_labels, target_labels=target_labels, layout=layout,
+                          strength=strength, num=num, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
+                          layers=layers, tile=tile, reference_fit=reference_fit, **extra)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         imgs = task(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,

@@ -30,6 +30,7 @@ from .common import (
     Size,
     Steps,
     Vae,
+    check_before_load,
     check_images,
     check_options,
     check_outputs,
@@ -95,6 +96,13 @@ def t2i(
                       content_weight=content_weight, reference_fit=reference_fit, num=num_images,
                       what="number of images")
         check_images(style_image=style, content_image=content, control_image=control_image)
+        check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
+                          device=device, dtype=dtype, size=size,
+                          prompt=prompt, style=style, content=content, control_image=control_image,
+                          controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
+                          adain=adain, start_t=start_t, content_weight=content_weight, num_images=num_images,
+                          steps=steps, iters=iters, lr=lr, attention_scale=attention_scale, layers=layers,
+                          reference_fit=reference_fit)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(
             prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,

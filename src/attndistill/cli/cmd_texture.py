@@ -34,6 +34,7 @@ from .common import (
     Seed,
     Steps,
     Vae,
+    check_before_load,
     check_images,
     check_options,
     check_outputs,
@@ -116,6 +117,11 @@ def expand(
                         canvas, **optional)
         check_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_images(texture_image=references)
+        check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
+                          device=device, dtype=dtype, size=size,
+                          reference=references, stride=stride, steps=steps, iters=iters, lr=lr,
+                          attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit,
+                          **optional)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
                              attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,

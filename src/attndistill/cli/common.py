@@ -120,6 +120,29 @@ def check_options(task: str, *, size: str | None = None, num: int = 1, what: str
     check(task, options, t2i=task == "t2i")
 
 
+def check_before_load(task: str, *, model: str | None, vae: Path | None, config: Path | None, allow_pickle: bool,
+                      device: str, dtype: str, size: str | None = None, **args) -> None:
+    """What a batch dry run checks of a job, checked before this command's model loads.
+
+    The model's configs (no weights) decide whether ``--size``, a mask's white, references cut under
+    reference fit keep, ``--layers`` and a ControlNet fit it, so such a mistake fails in a second rather than
+    after a load or a download. ``task`` is a batch task name; ``args`` are the command's API arguments.
+    """
+    from ..batchcheck import Validator
+    from ..batchjobs import ALIASES, Job, ModelSpec
+
+    def plain(value):
+        return [str(v) for v in value] if isinstance(value, list | tuple) else str(value) \
+            if isinstance(value, Path) else value
+
+    values = {ALIASES.get(k, k): plain(v) for k, v in args.items() if v is not None}
+    if size is not None:
+        values["size"] = parse_size_option(size)
+    spec = ModelSpec(source=model, vae=plain(vae), config=plain(config), allow_pickle=allow_pickle, device=device,
+                     dtype=dtype)
+    Validator(Path.cwd()).check_inputs(Job(line=0, id="command", task=task, args=values, model=spec), model=False)
+
+
 def parse_size_option(size: str | None, multiple: int = 1):
     """``--size`` text -> int (long side), (w, h) or None; the task rounds it to the model's multiple."""
     from ..images import parse_size
