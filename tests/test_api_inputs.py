@@ -202,6 +202,9 @@ def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):
     with pytest.raises(UserError) as err:
         parse_layers(list(range(100_000)), tiny_sd15)
     assert len(str(err.value)) < 200
+    assert parse_layers(np.array([2, 1]), tiny_sd15) == parse_layers(torch.tensor([1, 2]), tiny_sd15) == (1, 2)
+    with pytest.raises(UserError, match="a list of whole numbers"):
+        parse_layers(np.array([1.5]), tiny_sd15)
 
 
 def test_a_generator_of_contents_keeps_each_content_in_the_parameters(tiny_sd15, data_dir):

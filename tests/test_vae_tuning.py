@@ -115,7 +115,10 @@ def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatc
 
     original, real_decode = tiny_sd15.vae, tiny_sd15.decode
     monkeypatch.setattr(tiny_sd15, "decode", decode)
-    task = texture_sampling if how == "own options" else partial(with_texture_options, texture_sampling)
+    def without_options(reference, **kwargs):  # a task of the user's: the wrapper brings tiling and VAE*
+        return texture_sampling(reference, **kwargs)
+
+    task = texture_sampling if how == "own options" else partial(with_texture_options, without_options)
     out = task(data_dir / "wood-rings.jpg", model=tiny_sd15, tile="xy", tune_vae=True, steps=2, size=64,
                progress=False, callback=spy)
     assert sampling == [1, 1] and decoding == [(True, 1, 0)]
@@ -123,6 +126,34 @@ def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatc
     assert not original.decoder.conv_in._forward_pre_hooks
     params = json.loads(out[0].info["parameters"])
     assert params["tile"] == "xy" and params["tune_vae"] is True
+
+
+def test_the_wrapper_gives_a_tasks_own_pixels_in_bf16_and_takes_one_image_results(tiny_sd15_dir, data_dir,
+                                                                                      monkeypatch):
+    """A tuned VAE only decodes: a task the wrapper runs encodes its references with the model's own encoder, as
+    a task's own ``tune_vae`` does (in bf16 the tuned float32 copy encoded them 5/255 apart). A task with the
+    options of its own gets them passed, so expansion, which returns one image, keeps its own wrapped views."""
+    from attndistill.generate import texture_sampling
+    from attndistill.textures import expand_texture, with_texture_options
+
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-2))
+    model = ad.load_model(str(tiny_sd15_dir), device="cpu", dtype="bf16")
+    reference = data_dir / "wood-rings.jpg"
+    settings = dict(model=model, steps=2, iters=1, size=64, progress=False, tune_vae=True)
+
+    def without_options(reference, **kwargs):
+        return texture_sampling(reference, **kwargs)
+
+    own = np.asarray(texture_sampling(reference, **settings)[0])
+    wrapped = with_texture_options(without_options, reference, **settings)[0]
+    assert np.array_equal(np.asarray(wrapped), own)
+    assert json.loads(wrapped.info["parameters"])["tune_vae"] is True and model.encoding_vae is None
+
+    expand = dict(model=model, size=(96, 64), view=8, steps=1, iters=1, progress=False, tile="x")
+    image = with_texture_options(expand_texture, reference, **expand)
+    assert np.array_equal(np.asarray(image), np.asarray(expand_texture(reference, **expand)))
+    assert json.loads(image.info["parameters"])["tile"] == "x"
 
 
 def test_bad_settings_are_user_errors(tiny_sd15):

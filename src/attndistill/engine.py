@@ -58,8 +58,10 @@ class Reference:
 def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tuple[int, ...]:
     """``"10-15"``, ``"10,11,12"``, a sequence, or None (the last six) -> validated layer positions."""
     count = len(discover_self_attention_layers(model.unet))
-    if spec is None or spec == "":
+    if spec is None or isinstance(spec, str) and spec == "":
         return default_layers(model.unet)
+    if not isinstance(spec, str | bytes) and callable(getattr(spec, "tolist", None)):
+        spec = spec.tolist()  # a NumPy array or a tensor of layer numbers
     if isinstance(spec, str):
         check_layer_text(spec)
         layers: list[int] = []

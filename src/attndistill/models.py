@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -108,6 +108,7 @@ class DiffusionModel:
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
     short_of_memory: bool = False  # a capture ran out of memory: automatic gradient checkpointing stays on
+    encoding_vae: Any = field(default=None, repr=False)  # the model's own VAE while a tuned one decodes (using_vae)
 
     def release_graphs(self) -> None:
         """Drop the captured CUDA graphs and hand their memory back to the device.
@@ -195,11 +196,16 @@ class DiffusionModel:
         return next(self.vae.parameters()).dtype
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32."""
-        x = images.to(self.device, self._vae_dtype()) * 2 - 1
+        """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32.
+
+        Always with the model's own encoder: a tuned VAE (VAE*) only decodes, so a task encodes the same
+        latents whether it swaps one in before or after its encoding.
+        """
+        vae = self.encoding_vae or self.vae
+        x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
         with torch.no_grad():
-            mean = self.beside_graphs(lambda: self.vae.encode(x).latent_dist.mean)
-        return mean.float() * self.vae.config.scaling_factor
+            mean = self.beside_graphs(lambda: vae.encode(x).latent_dist.mean)
+        return mean.float() * vae.config.scaling_factor
 
     def beside_graphs(self, call: Callable[[], T]) -> T:
         """``call()``; if it runs out of memory beside cached CUDA graphs, again without them.

@@ -10,6 +10,7 @@ parameters in ``info["parameters"]``::
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 
@@ -187,29 +188,41 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
 
 # -- options for any texture task --------------------------------------------------------------------
 
-def with_texture_options(task: Callable[..., list[Image.Image]], reference: ImageInput | Sequence[ImageInput], *,
-                         model: DiffusionModel | str, tile: str | None = None, tune_vae: bool = False,
-                         progress: bool = True, **kwargs) -> list[Image.Image]:
+def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
+                         reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str,
+                         tile: str | None = None, tune_vae: bool = False, progress: bool = True,
+                         **kwargs) -> list[Image.Image] | Image.Image:
     """Run ``task(reference, model=model, **kwargs)`` seamless along ``tile`` and/or decoding with VAE*.
 
-    For tasks without these options of their own (every texture task has them): the UNet and the
-    VAE decoder get circular convolutions for the run (the encoder keeps its own, the
-    references are not periodic); ``tune_vae`` fits a decoder copy to the references. The options
-    are added to each result's parameters.
+    For tasks without these options of their own: the UNet and the VAE decoder get circular
+    convolutions for the run (the encoder keeps its own, the references are not periodic);
+    ``tune_vae`` fits a decoder copy to the references. The options are added to each result's
+    parameters. A task that has both options (every texture task) gets them passed: its own way
+    is the right one (expansion, for one, wraps its views rather than the UNet's convolutions).
+    Returns what ``task`` returns (a list of images, or one).
     """
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
+    if {"tile", "tune_vae"} <= _parameter_names(task):
+        return task(reference, model=model, tile=tile, tune_vae=tune_vae, progress=progress, **kwargs)
     refs = as_list(reference)
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
     model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
     fit = kwargs.get("reference_fit")  # no reference: the task itself says one is needed
     with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress),
           seamless(model, tile, parts=("unet", "decoder"))):
-        images = task(reference, model=model, progress=progress, **kwargs)
-    for img in images:
+        result = task(reference, model=model, progress=progress, **kwargs)
+    for img in [result] if isinstance(result, Image.Image) else result:
         params = json.loads(img.info.get("parameters", "{}"))
         img.info["parameters"] = params_json({**params, "tile": tile, "tune_vae": tune_vae})
-    return images
+    return result
+
+
+def _parameter_names(fn: Callable) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a callable Python cannot look into: it gets the wrapper's own way
+        return set()
 
 
 # -- masked (controllable) texture synthesis --------------------------------------------------------

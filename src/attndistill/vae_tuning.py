@@ -154,19 +154,20 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
 
 @contextmanager
 def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
-    """Decode (and encode) with ``vae`` for the ``with`` block; the model's own VAE comes back after.
+    """Decode with ``vae`` for the ``with`` block; the model's own VAE keeps encoding, and comes back after.
 
     ``None`` is a no-op.
     """
     if vae is None:
         yield model
         return
-    original = model.pipe.vae
+    original, encoding = model.pipe.vae, model.encoding_vae
+    model.encoding_vae = encoding or original
     model.pipe.vae = vae
     try:
         yield model
     finally:
-        model.pipe.vae = original
+        model.pipe.vae, model.encoding_vae = original, encoding
 
 
 @contextmanager
