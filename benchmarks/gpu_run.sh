@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_run.sh run11    # run 11 (<= 510 s, 319 s on the H200): b and g with look-ahead of 32 rows, d uncapped (run 7's
 #                                       # setting) with 8 rows of SDXL (the same latent per call), e with compiled_norms
 #                                       # over 20 steps, the 4096² expansion's memory again
+#   bash benchmarks/gpu_run.sh run12    # after run 11 (<= 200 s): case b with compiled_norms and unchunked feed-forward
+#                                       # layers together, and unchunked alone, in full runs beside the default
 #   bash benchmarks/gpu_run.sh run10    # after run 9 (<= 120 s): a and c with look-ahead calls of 32 rows, alone and with
 #                                       # compiled_norms, in full runs beside the default
 #   bash benchmarks/gpu_run.sh run7     # run 7 (<= 580 s, 398 s on the H200): first the CUDA-only checks (gpu_checks.py: the NHWC
@@ -109,6 +111,8 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  run12)  # case b with the two switches that each took 4% off it (compiled_norms, run 8; unchunked feed-forward, run 7)
+    run 200 --cases b --variant compiled_norms=1,feed_forward_chunks=0 --variant feed_forward_chunks=0 ;;
   run11)  # what runs 8-10 left unmeasured
     run 120 --cases b,g --variant lookahead_batch=32
     run 110 --cases d --fast offload_text_encoders=1 --variant lookahead_batch=8
