@@ -452,6 +452,29 @@ def test_info_job_reruns_a_result_to_the_same_pixels(command, tmp_path, data_dir
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a, b)
 
 
+def test_a_result_made_with_pickle_files_reruns_with_them(tmp_path, data_dir, tiny_sd15_dir):
+    """``--allow-pickle`` travels with the result: ``info --job`` keeps it and the batch runner hands it to the
+    ControlNet's load as well as the model's (a pickle ControlNet failed every batch run before)."""
+    from diffusers import ControlNetModel
+
+    from attndistill.testing import build_tiny_controlnet
+
+    ControlNetModel.from_pretrained(build_tiny_controlnet(tmp_path / "cn")).save_pretrained(
+        tmp_path / "cn-bin", safe_serialization=False)
+    first = invoke("t2i", "--style", data_dir / "wood-rings.jpg", "--prompt", "a b",
+                   "--controlnet", tmp_path / "cn-bin", "--control-image", data_dir / "horse.jpg", "--allow-pickle",
+                   "-o", tmp_path / "first.png", "-m", tiny_sd15_dir, "--size", "64", "--steps", "2", "--iters", "1",
+                   "-q")
+    assert first.exit_code == 0, first.output
+    line = json.loads(invoke("info", tmp_path / "first.png", "--job").stdout)
+    assert line["allow_pickle"] is True
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "output": "rerun.png"}) + "\n")
+    rerun = invoke("batch", tmp_path / "jobs.jsonl", "--out", tmp_path / "out", "-q")
+    assert rerun.exit_code == 0, rerun.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")),
+                          np.asarray(Image.open(tmp_path / "out" / "rerun.png")))
+
+
 def test_info_job_refuses_what_cannot_be_rerun():
     from attndistill.batchjobs import job_from_parameters
 

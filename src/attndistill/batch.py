@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import os
 import socket
@@ -241,7 +242,10 @@ class Runner:
             spec = job.spec
             args = dict(job.args)
             inputs = [args.pop(name) for name in spec.inputs]
-            result = spec.resolve()(*inputs, model=model, progress=self.progress, **args)
+            fn = spec.resolve()
+            if "allow_pickle" in inspect.signature(fn).parameters:  # a ControlNet's files, beside the model's
+                args["allow_pickle"] = job.model.allow_pickle
+            result = fn(*inputs, model=model, progress=self.progress, **args)
             images = list(result) if isinstance(result, list | tuple) else [result]
             if job.grid:
                 from .generate import image_grid

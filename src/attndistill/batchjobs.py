@@ -199,8 +199,8 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
             continue
         if key in ("model", "vae", "config", "controlnet"):  # local folders and files made absolute
             job[key] = str(Path(value).resolve()) if Path(value).exists() else value
-        elif key == "grid":
-            job["grid"] = True
+        elif key in ("grid", "allow_pickle"):
+            job[key] = bool(value)
         elif key == "dtype":
             job["dtype"] = DTYPE_OPTIONS.get(value, value)
         elif key == "perf":  # pixel-changing speed switches the result was made with

@@ -191,6 +191,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
             controlnet.config, "_name_or_path", type(controlnet).__name__)
         inputs.update(controlnet=local_or_hub(name), control_image=describe_input(control_image), control=control,
                       control_scale=control_scale)
+        if allow_pickle:  # the ControlNet's pickle files: a rerun needs the same permission
+            inputs["allow_pickle"] = True
     return _run(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
                 allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
 

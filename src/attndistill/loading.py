@@ -254,7 +254,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     pipe.set_progress_bar_config(disable=True)
     model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype,
                            vae_source=None if vae is None else str(vae),
-                           config_source=None if config is None else str(config))
+                           config_source=None if config is None else str(config), allow_pickle=bool(allow_pickle))
     if perf is not None:
         model.set_perf(perf)
     return model

@@ -104,6 +104,7 @@ class DiffusionModel:
     asked: PerfOptions = field(default_factory=PerfOptions)  # as asked for: None where automatic
     vae_source: str | None = None  # another VAE folder swapped in (results record it, reruns need it)
     config_source: str | None = None  # the configs a single-file checkpoint was loaded with
+    allow_pickle: bool = False  # loaded with pickle files allowed: results record it, so reruns may load them too
     _null: dict = field(default_factory=dict, repr=False)
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs

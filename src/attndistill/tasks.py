@@ -172,10 +172,12 @@ def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, siz
 
 def model_parameters(model: DiffusionModel) -> dict[str, str]:
     """The model a result (or a tuned VAE) was made with, as a rerun loads it: its source, a swapped-in VAE,
-    a single-file checkpoint's configs, and the dtype."""
+    a single-file checkpoint's configs, the dtype, and whether pickle files were allowed."""
     swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
                if v is not None}
-    return {"model": local_or_hub(model.source), **swapped, "dtype": str(model.dtype).removeprefix("torch.")}
+    pickle = {"allow_pickle": True} if getattr(model, "allow_pickle", False) else {}
+    return {"model": local_or_hub(model.source), **swapped, "dtype": str(model.dtype).removeprefix("torch."),
+            **pickle}
 
 
 def made_with(model: DiffusionModel) -> dict[str, str]:

@@ -115,6 +115,7 @@ def finetune_command(made: dict, folder: Path) -> str:
         if value is not None:
             words += [option, DTYPE_OPTIONS.get(value, value) if key == "dtype" else str(value)]
     suffix = Path(made.get("model") or "").suffix.lower()
-    if suffix in CHECKPOINT_SUFFIXES and suffix != ".safetensors":  # a pickle checkpoint loaded: it was allowed
+    pickled = suffix in CHECKPOINT_SUFFIXES and suffix != ".safetensors"  # a pickle checkpoint loaded: allowed
+    if made.get("allow_pickle") is True or pickled:  # or a folder's .bin weights, which the record names
         words.append("--allow-pickle")
     return shlex.join(words)
