@@ -299,6 +299,14 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str 
     if path.suffix.lower() != ".png":
         named = path.name.lower() != ".png"
         raise UserError(f"{what} '{path}' must {'end in' if named else 'have a name before'} .png ({why})")
+    try:
+        return _check_output_path(path, overwrite=overwrite, what=what, option=option)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UserError(f"{what} '{path}' cannot be written: {exc.strerror or exc}; choose a shorter or other "
+                        f"{option} path") from None
+
+
+def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str) -> Path:
     if path.is_symlink() and not path.exists():
         raise UserError(f"{what} '{path}' is a broken symbolic link; remove it or choose another name")
     if path.is_dir():

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +84,8 @@ def quiet_libraries() -> None:
     except Exception:  # pragma: no cover - logging is cosmetic
         pass
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    # diffusers passes this deprecated argument to huggingface_hub on every config lookup: noise before any error
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
 
 
 def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dtype: str = "auto",
