@@ -196,3 +196,18 @@ def test_preview_writes_a_small_look_at_the_running_job(tmp_path, data_dir, tiny
         assert shown.exit_code == 2 and "is a --preview of a run, not its result" in shown.output
         bad = run(*args, "-o", tmp_path / "out2.png", "--model", tiny_sd15_dir, "--preview", tmp_path / "peek.jpg")
         assert bad.exit_code == 2 and f"--preview '{tmp_path / 'peek.jpg'}' must end in .png" in bad.output
+
+
+def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):
+    """Outputs are checked before the work; a file another process writes meanwhile is never replaced, and the
+    finished result is not thrown away either: it goes beside it, with a warning that names both."""
+    from attndistill.cli.common import write_images
+
+    (tmp_path / "out-1.png").write_bytes(b"someone else's")
+    (tmp_path / "out-1.new.png").write_bytes(b"and another")
+    images = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    written = write_images(images, tmp_path / "out.png", overwrite=False)
+    assert written == [tmp_path / "out-0.png", tmp_path / "out-1.new-2.png"]
+    assert (tmp_path / "out-1.png").read_bytes() == b"someone else's"
+    assert Image.open(written[1]).getpixel((0, 0)) == (0, 0, 255)
+    assert "'" + str(tmp_path / "out-1.png") + "' appeared while this ran" in capsys.readouterr().err
