@@ -55,6 +55,12 @@ def test_texture_variations_are_numbered(tmp_path, data_dir, tiny_sd15_dir):
             assert img.size == (96, 64)
         assert read_parameters(tmp_path / f"tex-{i}.png")["index"] == i
     assert not out.exists()
+    grid = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "grid.png", "--num", 2, "--grid", "--size",
+               "96x64", "--model", tiny_sd15_dir, "--steps", 2, "--device", "cpu", "--quiet")
+    assert grid.exit_code == 0, grid.output
+    with Image.open(tmp_path / "grid.png") as img, Image.open(tmp_path / "tex-1.png") as second:
+        assert img.size == (192, 64) and img.crop((96, 0, 192, 64)).tobytes() == second.convert("RGB").tobytes()
+    assert read_parameters(tmp_path / "grid.png")["grid"] == 2 and not (tmp_path / "grid-0.png").exists()
 
 
 def test_existing_output_is_never_overwritten_silently(tmp_path, data_dir, tiny_sd15_dir):

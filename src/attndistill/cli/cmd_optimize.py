@@ -146,6 +146,7 @@ def texture(
     output: Output = Path("out.png"),
     num: Annotated[int, typer.Option("--num", "--num-images", help="Number of variations, optimised in one batch"
                                      )] = 1,
+    grid: Annotated[bool, typer.Option("--grid", help="Write the variations as one grid to OUT.png")] = False,
     mode: Annotated[str | None, typer.Option(
         help="optimize (300 steps) or sample (AD-guided sampling, 50 steps) \\[default: optimize; sample with "
         "--layout]", show_default=False)] = None,
@@ -162,9 +163,10 @@ def texture(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
+    from ..generate import image_grid
 
     def body() -> None:
-        check_outputs(output, num, overwrite=overwrite, preview=preview)
+        check_outputs(output, 1 if grid else num, overwrite=overwrite, preview=preview)
         if content_weight is not None and layout is None and not ref_labels:
             raise UserError("--content-weight needs a content: use it with --layout or with label maps")
         extra = {} if content_weight is None else {"content_weight": content_weight}
@@ -195,7 +197,7 @@ def texture(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
             layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit,
             progress=not quiet, callback=preview_callback(preview, preview_every, m), **extra)
-        write_images(imgs, output, overwrite=overwrite)
+        write_images([image_grid(imgs)] if grid else imgs, output, overwrite=overwrite)
 
     run_command(body)
 
