@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -312,6 +313,11 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_smaller(tmp_path, monkeypatch):
     for name in ("photo.png", "huge.jpg"):  # no scaled decoding / too large even at 1/8
         with pytest.raises(UserError, match=f"'{tmp_path / name}' declares too many pixels"):
             load_image(tmp_path / name, what="content image")
+    from attndistill.textures import _is_jpeg
+
+    with warnings.catch_warnings():  # a label map's JPEG hint: no Pillow warning, and the right answer
+        warnings.simplefilter("error")
+        assert _is_jpeg(tmp_path / "photo.jpg") and not _is_jpeg(tmp_path / "photo.png")
 
 
 @pytest.mark.parametrize("network", ["none", "up", "proxy"])

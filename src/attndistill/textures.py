@@ -291,10 +291,10 @@ def _is_jpeg(source: ImageInput) -> bool:
     """Stored as JPEG, whatever its name says (``load_image``'s result no longer knows)."""
     if isinstance(source, Image.Image):
         return source.format == "JPEG"
-    try:
-        with Image.open(source) as image:
-            return image.format == "JPEG"
-    except (OSError, ValueError):
+    try:  # its first bytes: Image.open would warn of, or refuse, a huge JPEG that load_image decoded smaller
+        with open(source, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+    except (OSError, TypeError, ValueError):
         return False
 
 
