@@ -165,8 +165,14 @@ def test_keep_names_a_reference_that_loses_most_of_itself(caplog):
         reference_boxes(sizes, "keep", 512, 64, names=names)  # checks (batch dry-runs, label maps): silent
         assert not caplog.text
         reference_boxes(sizes, "keep", 512, 64, names=names, warn=True)  # where a run encodes them: once
-    assert "reference 'c.png' keeps 25% of itself (500x125 of 500x500 px)" in caplog.text
+    assert "reference 'c.png' keeps 25% of itself (500x125 of 500x500 px) once cut to the first reference's" \
+        in caplog.text
     assert "b.png" not in caplog.text and "a.png" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="attndistill.images"):  # alone: only keep's own limit cuts it
+        reference_boxes([(4000, 16)], "keep", 512, 64, names=["strip.png"], warn=True)
+    assert "reference 'strip.png' keeps 26% of itself (1024x16 of 4000x16 px) once cut to the most elongated " \
+           "aspect reference fit 'keep' allows" in caplog.text and "first reference" not in caplog.text
 
 
 def test_masked_synthesis_names_a_texture_that_loses_most_of_itself(tiny_sd15, tmp_path, caplog):

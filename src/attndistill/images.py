@@ -180,14 +180,17 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
             cw, ch = w, max(1, round(w * height / width))
         left, top = (w - cw) // 2, (h - ch) // 2
         boxes.append((left, top, left + cw, top + ch))
+        # the first reference is cut only where its aspect is beyond what keep allows (kept_size)
+        cause, fix = (("the most elongated aspect reference fit 'keep' allows", "crop it to a less elongated "
+                       "aspect yourself") if len(boxes) == 1 else
+                      ("the first reference's aspect", "give references of similar aspects"))
         if names is not None and min(cw, ch) < MIN_SIDE:
-            raise UserError(f"reference '{names[len(boxes) - 1]}' keeps only {cw}x{ch} px once cut to the first "
-                            f"reference's aspect ({width}x{height}, reference fit 'keep'); give references of "
-                            "similar aspects, or use reference fit squash")
+            raise UserError(f"reference '{names[len(boxes) - 1]}' keeps only {cw}x{ch} px once cut to {cause} "
+                            f"({width}x{height}, reference fit 'keep'); {fix}, or use reference fit squash")
         if warn and names is not None and cw * ch < w * h * KEPT_WARNING:
-            log.warning("reference '%s' keeps %d%% of itself (%dx%d of %dx%d px) once cut to the first reference's "
-                        "aspect (reference fit keep); give references of similar aspects, or use reference fit "
-                        "squash", names[len(boxes) - 1], round(100 * cw * ch / (w * h)), cw, ch, w, h)
+            log.warning("reference '%s' keeps %d%% of itself (%dx%d of %dx%d px) once cut to %s (%dx%d, reference "
+                        "fit keep); %s, or use reference fit squash", names[len(boxes) - 1],
+                        round(100 * cw * ch / (w * h)), cw, ch, w, h, cause, width, height, fix)
     return (width, height), boxes
 
 
