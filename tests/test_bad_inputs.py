@@ -617,3 +617,22 @@ def test_a_vae_folder_without_weights_is_one_line(corpus, tmp_path, tiny_sd15_di
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: VAE"), done.stderr
+
+
+def test_a_typos_million_images_is_refused_before_any_work(corpus, tmp_path, monkeypatch):
+    """One run makes at most MAX_IMAGES: --num 1000000 filled 24 GiB of host memory and was killed without a
+    word; a batch line is refused by its line."""
+    import json
+
+    from attndistill.tasks import MAX_IMAGES
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ("-m", "nobody/not-cached-model")
+    for command in (["texture", corpus / "good.png", "--num"], ["t2i", "--style", corpus / "good.png", "--prompt",
+                                                                  "a b", "--num-images"]):
+        result = invoke(*command, "1000000", "-o", tmp_path / "o.png", *model)
+        assert_rejected(result, 2, f"1000000 is more than one run makes (at most {MAX_IMAGES})")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"task": "texture", "reference": str(corpus / "good.png"), "num": 10**6}) + "\n")
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "--dry-run", *model)
+    assert result.exit_code == 2 and "line 1: 'num' 1000000 is more than one job makes" in result.output

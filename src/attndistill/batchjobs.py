@@ -361,6 +361,11 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     count = args.get(spec.count, 1) if spec.count else 1
     if count < 1:
         raise _fail(line, f"'{spec.count}' must be at least 1 (got {count})")
+    from .tasks import MAX_IMAGES
+
+    if count > MAX_IMAGES:
+        raise _fail(line, f"'{spec.count}' {count} is more than one job makes (at most {MAX_IMAGES}); split it into "
+                          "several lines with other seeds")
     if grid and not spec.count:
         raise _fail(line, f"'grid' needs a task that writes several images; {task} writes one")
     return Job(line=line, id=job_id, task=task, args=args, model=model,

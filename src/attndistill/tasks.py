@@ -55,6 +55,10 @@ def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(x) if isinstance(x, list | tuple) else [x]
 
 
+#: The most images one run makes (they are held, and texture variations optimised, together).
+MAX_IMAGES = 256
+
+
 def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num", fused: object = None,
               progress: object = False) -> tuple[int, int]:
     """The seed, callback and image count of a run, checked before any work; returns (seed, num) as plain ints
@@ -66,6 +70,9 @@ def check_run(*, seed: object, callback: object = None, num: object = 1, what: s
     check_callback(callback)
     if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
         raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
+    if num > MAX_IMAGES:  # a typo's million images would fill the host's memory before any message could
+        raise UserError(f"{what} {num} is more than one run makes (at most {MAX_IMAGES}); for more, run several "
+                        "jobs, e.g. lines of a batch file with other seeds")
     if fused is not None:
         flag("fused", fused)
     if isinstance(progress, str):  # any truthy value shows the bar, but progress="no" would too

@@ -166,7 +166,6 @@ def texture(
     from ..generate import image_grid
 
     def body() -> None:
-        check_outputs(output, 1 if grid else num, overwrite=overwrite, preview=preview)
         if content_weight is not None and layout is None and not ref_labels:
             raise UserError("--content-weight needs a content: use it with --layout or with label maps")
         extra = {} if content_weight is None else {"content_weight": content_weight}
@@ -183,6 +182,7 @@ def texture(
         check_options(preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
                       adain=adain, reference_fit=reference_fit)
+        check_outputs(output, 1 if grid else num, overwrite=overwrite, preview=preview)  # after the count
         check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
                      target_labels=target_labels)
         job_task = "texture-masked" if ref_labels else "texture-layout" if layout else \

@@ -89,12 +89,12 @@ def t2i(
     from ..generate import image_grid, text_to_image
 
     def body() -> None:
-        check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)
         check_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
                       attention_scale=attention_scale, layers=layers, controlnet=controlnet,
                       control_image=control_image, control=control, control_scale=control_scale, content=content,
                       content_weight=content_weight, reference_fit=reference_fit, num=num_images,
                       what="number of images")
+        check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)  # after the count
         check_images(style_image=style, content_image=content, control_image=control_image)
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
