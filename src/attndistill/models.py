@@ -202,7 +202,7 @@ class DiffusionModel:
         Always with the model's own encoder: a tuned VAE (VAE*) only decodes, so a task encodes the same
         latents whether it swaps one in before or after its encoding.
         """
-        vae = self.encoding_vae or self.vae
+        vae = self.vae if self.encoding_vae is None else self.encoding_vae
         x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
         with torch.no_grad():
             mean = self.beside_graphs(lambda: vae.encode(x).latent_dist.mean)

@@ -162,7 +162,7 @@ def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
         yield model
         return
     original, encoding = model.pipe.vae, model.encoding_vae
-    model.encoding_vae = encoding or original
+    model.encoding_vae = original if encoding is None else encoding
     model.pipe.vae = vae
     try:
         yield model
