@@ -68,8 +68,10 @@ class Validator:
     Images and models are checked once each however many jobs use them.
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, *, labels: Mapping[str, str] | None = None) -> None:
+        """``labels``: how errors name an input (``{"reference": "texture image"}``); by default its key's words."""
         self.out_dir = out_dir
+        self.labels = dict(labels or {})
         self._images: dict[str, str | None] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
         self._models: dict[ModelSpec, str | None] = {}
@@ -178,7 +180,7 @@ class Validator:
         from .images import load_image
 
         if path not in self._images:
-            what = name.replace("_", " ") + ("" if name.endswith("image") else " image")
+            what = self.labels.get(name) or name.replace("_", " ") + ("" if name.endswith("image") else " image")
             try:
                 self._sizes[path] = load_image(path, what=what).size
                 self._images[path] = None

@@ -34,7 +34,6 @@ from .common import (
     Steps,
     Vae,
     check_before_load,
-    check_images,
     check_options,
     check_outputs,
     finite,
@@ -87,7 +86,6 @@ def style(
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
-        check_images(content_image=content, style_image=style_images)
         check_before_load("style", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           content=content, style=style_images, mask=mask, steps=steps, iters=iters, lr=lr,
@@ -123,7 +121,6 @@ def appearance(
         check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
-        check_images(structure_image=structure, appearance_image=appearance_images)
         check_before_load("appearance", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           structure=structure, appearance=appearance_images, mask=mask, steps=steps, iters=iters,
@@ -163,6 +160,7 @@ def texture(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
+    from ..batchjobs import TASKS, _texture_task
     from ..generate import image_grid
 
     def body() -> None:
@@ -178,15 +176,12 @@ def texture(
                             "add --mode sample or --layout")
         extra.update(sampling)
         task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
-        preset = "texture-masked" if ref_labels else "texture" if sampler is None else "texture-sample"
-        check_options(preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
+        chosen = dict(mode=mode, layout=layout, ref_labels=ref_labels, target_labels=target_labels)
+        job_task = _texture_task({k: v for k, v in chosen.items() if v})  # the batch task, as a job line's would be
+        check_options(TASKS[job_task].preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
                       adain=adain, reference_fit=reference_fit)
         check_outputs(output, 1 if grid else num, overwrite=overwrite, preview=preview)  # after the count
-        check_images(texture_image=references, layout_image=layout, reference_labels=ref_labels,
-                     target_labels=target_labels)
-        job_task = "texture-masked" if ref_labels else "texture-layout" if layout else \
-            "texture" if sampler is None else "texture-sample"
         check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           reference=references, ref_labels=ref_labels, target_labels=target_labels, layout=layout,

@@ -31,7 +31,6 @@ from .common import (
     Steps,
     Vae,
     check_before_load,
-    check_images,
     check_options,
     check_outputs,
     finite,
@@ -95,7 +94,6 @@ def t2i(
                       content_weight=content_weight, reference_fit=reference_fit, num=num_images,
                       what="number of images")
         check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)  # after the count
-        check_images(style_image=style, content_image=content, control_image=control_image)
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           prompt=prompt, style=style, content=content, control_image=control_image,

@@ -116,7 +116,6 @@ def expand(
                                                       attention_scale=attention_scale, stride=stride),
                         canvas, **optional)
         check_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
-        check_images(texture_image=references)
         check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           reference=references, stride=stride, steps=steps, iters=iters, lr=lr,

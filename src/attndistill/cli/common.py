@@ -125,7 +125,8 @@ def check_options(task: str, *, size: str | None = None, num: int = 1, what: str
 
 def check_before_load(task: str, *, model: str | None, vae: Path | None, config: Path | None, allow_pickle: bool,
                       device: str, dtype: str, size: str | None = None, **args) -> None:
-    """What a batch dry run checks of a job, checked before this command's model loads.
+    """What a batch dry run checks of a job, checked before this command's model loads: every input image
+    (read once, named as the command names it), the options, and what needs the model.
 
     The model's configs (no weights) decide whether ``--size``, a mask's white, references cut under
     reference fit keep, ``--layers`` and a ControlNet fit it, so such a mistake fails in a second rather than
@@ -143,7 +144,12 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
         values["size"] = parse_size_option(size)
     spec = ModelSpec(source=model, vae=plain(vae), config=plain(config), allow_pickle=allow_pickle, device=device,
                      dtype=dtype)
-    Validator(Path.cwd()).check_inputs(Job(line=0, id="command", task=task, args=values, model=spec), model=False)
+    validator = Validator(Path.cwd(), labels=_INPUT_LABELS)
+    validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec), model=False)
+
+
+#: How the commands name the inputs whose job keys read otherwise ("reference" is a texture command's texture).
+_INPUT_LABELS = {"reference": "texture image", "ref_labels": "reference labels", "target_labels": "target labels"}
 
 
 def parse_size_option(size: str | None, multiple: int = 1):
