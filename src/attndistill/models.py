@@ -193,8 +193,8 @@ class DiffusionModel:
 
     # -- VAE -------------------------------------------------------------------------------------
 
-    def _vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+    def _vae_dtype(self, vae=None) -> torch.dtype:
+        return next((self.vae if vae is None else vae).parameters()).dtype
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> latents ``s * mean(E(x))`` (B, 4, H/8, W/8), fp32.
@@ -203,7 +203,7 @@ class DiffusionModel:
         latents whether it swaps one in before or after its encoding.
         """
         vae = self.vae if self.encoding_vae is None else self.encoding_vae
-        x = images.to(self.device, next(vae.parameters()).dtype) * 2 - 1
+        x = images.to(self.device, self._vae_dtype(vae)) * 2 - 1
         with torch.no_grad():
             mean = self.beside_graphs(lambda: vae.encode(x).latent_dist.mean)
         return mean.float() * vae.config.scaling_factor
