@@ -796,3 +796,34 @@ def test_a_job_out_of_memory_beside_earlier_jobs_graphs_runs_again_without_them(
     assert result.exit_code == 0, result.output
     assert sorted(r["status"] for r in read_records(out)) == ["done", "done"]
     assert "dropped them, running it once more" in result.output
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_an_output_that_appears_while_its_job_runs_is_kept_and_so_is_the_result(tmp_path, data_dir, tiny_sd15_dir,
+                                                                                 monkeypatch, group):
+    """Someone else's file at a job's output name is never replaced, and the job's work is not thrown away."""
+    from attndistill.models import DiffusionModel
+
+    out = tmp_path / "out"
+    decode = DiffusionModel.decode
+
+    def decode_while_a_file_appears(self, latents):
+        out.mkdir(exist_ok=True)
+        (out / "a.png").write_bytes(b"someone else's")
+        return decode(self, latents)
+
+    monkeypatch.setattr(DiffusionModel, "decode", decode_while_a_file_appears)
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", "horse.jpg", "wood-rings.jpg", output="a.png"),
+        job_line("style", "golden-gate.jpg", "wood-rings.jpg", output="b.png")])
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--group", group)
+    assert result.exit_code == 1
+    assert (out / "a.png").read_bytes() == b"someone else's"
+    records = {r["outputs"][0]: r for r in read_records(out)}
+    assert records["b.png"]["status"] == "done" and records["b.png"].get("batched") == (2 if group == 2 else None)
+    kept = records["a.new.png"]
+    assert kept["status"] == "failed" and "a.png' appeared while the job ran" in kept["error"]
+    assert read_parameters(out / "a.new.png")["job"] == kept["job"]
+    (out / "a.new.png").replace(out / "a.png")  # as the message says: moved into place, the job counts as done
+    again = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--group", group)
+    assert again.exit_code == 0 and "2 already done" in again.output, again.output

@@ -164,7 +164,6 @@ class Runner:
         Each target gets the gradient it would get alone (see ``style_transfer_batch``), so results match
         one-by-one runs; if the batch fails, its jobs run one by one so one bad job cannot sink the others.
         """
-        from .images import save_png
         from .tasks import style_transfer_batch
 
         locks, runnable, statuses = [], [], {}
@@ -187,10 +186,8 @@ class Runner:
                 args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style")}
                 images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
                                               model=model, progress=self.progress, **args)
-                for job, image in zip(runnable, images, strict=True):
-                    job.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-                    save_png(image, job.outputs[0], overwrite=job.overwrite,
-                             parameters=_parameters(image, job, batched=len(runnable)))
+                displaced = {job.id: _save_result(image, job.outputs[0], job, batched=len(runnable))[1]
+                             for job, image in zip(runnable, images, strict=True)}
             except Exception as exc:  # handled below: inside except, its traceback keeps the batch's memory
                 failure = (_describe(exc), is_out_of_memory(exc))
             if failure is not None:
@@ -202,6 +199,10 @@ class Runner:
             else:
                 seconds = (time.perf_counter() - start) / len(runnable)
                 for job in runnable:
+                    if displaced[job.id] is not None:
+                        statuses[job.id] = self._failed(job, tag, displaced[job.id][1], start,
+                                                        written=[displaced[job.id][0]])
+                        continue
                     self._record(job, "done", seconds=seconds, outputs=job.outputs, batched=len(runnable))
                     statuses[job.id] = "done"
                 self.log(f"{tag} {len(runnable)} style jobs done in one batch, {seconds:.1f} s each")
@@ -232,10 +233,8 @@ class Runner:
 
     def _run(self, job: Job, tag: str, *, retry: bool = True) -> str:
         """Run one job; one that runs out of memory beside earlier jobs' CUDA graphs runs again without them."""
-        from .images import save_png
-
         start = time.perf_counter()
-        earlier_graphs, failure, written = False, None, []
+        earlier_graphs, failure, written, displaced = False, None, [], None
         try:
             model = self._load(job.model)
             earlier_graphs = bool(model.graphs)
@@ -253,9 +252,9 @@ class Runner:
                 images = [image_grid(images)]
             paths = job.outputs if len(images) == len(job.outputs) else numbered_outputs(job.outputs[0], len(images))
             for image, path in zip(images, paths, strict=True):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_png(image, path, overwrite=job.overwrite, parameters=_parameters(image, job))
-                written.append(path)
+                saved, moved = _save_result(image, path, job)
+                written.append(saved)
+                displaced = displaced or moved
         except UserError as exc:
             return self._failed(job, tag, str(exc), start, written=written)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
@@ -269,6 +268,8 @@ class Runner:
                              "dropped them, running it once more")
                     return self._run(job, tag, retry=False)
             return self._failed(job, tag, failure[0], start, trace=failure[1], written=written)
+        if displaced is not None:
+            return self._failed(job, tag, displaced[1], start, written=written)
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")
@@ -381,6 +382,24 @@ def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
         else:
             chunks.append([job])
     return chunks
+
+
+def _save_result(image, path: Path, job: Job, batched: int = 1) -> tuple[Path, tuple[Path, str] | None]:
+    """Save one result at ``path``: (where it went, None), or, where another file took ``path`` while the
+    job ran, the result beside it and (its path, why the job is not done). Leftovers of the job itself were
+    removed under its lock, so a file there now is someone else's: it is kept, and so is the work."""
+    from .images import free_name, save_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    taken = path if not job.overwrite and path.exists() else None
+    if taken is not None:
+        path = free_name(taken)
+    saved = save_png(image, path, overwrite=job.overwrite, parameters=_parameters(image, job, batched))
+    if taken is None:
+        return saved, None
+    return saved, (saved, f"output '{taken}' appeared while the job ran and is left as it is; its result is "
+                          f"'{saved}': move it to '{taken.name}' to count the job done, or delete '{taken.name}' "
+                          "and rerun with --retry-failed")
 
 
 def _parameters(image, job: Job, batched: int = 1) -> dict:

@@ -376,6 +376,16 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
+def free_name(path: Path) -> Path:
+    """``OUT.new.png``, or ``OUT.new-2.png``... : the first name beside ``path`` that no file has, for a
+    result whose output name another file took while it ran (the work is kept, the other file too)."""
+    for n in range(1, 10_000):
+        candidate = path.with_name(f"{path.stem}.new{'' if n == 1 else f'-{n}'}.png")
+        if not candidate.exists():
+            return candidate
+    return path  # 10,000 taken: let the save say that the output exists
+
+
 def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
     try:

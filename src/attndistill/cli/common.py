@@ -161,26 +161,17 @@ def parse_size_option(size: str | None, multiple: int = 1):
 
 def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
     """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically."""
-    from ..images import numbered_outputs, save_png
+    from ..images import free_name, numbered_outputs, save_png
 
     written = []
     for img, path in zip(images, numbered_outputs(output, len(images)), strict=True):
         if not overwrite and path.exists():  # it appeared during the run (checked before): keep the work anyway
-            taken, path = path, _free_name(path)
+            taken, path = path, free_name(path)
             echo_err(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
         save_png(img, path, overwrite=overwrite)
         typer.echo(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
         written.append(path)
     return written
-
-
-def _free_name(path: Path) -> Path:
-    """``OUT.new.png``, or ``OUT.new-2.png``... : the first name beside ``path`` that no file has."""
-    for n in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}.new{'' if n == 1 else f'-{n}'}.png")
-        if not candidate.exists():
-            return candidate
-    return path  # 10,000 taken: let the save say that the output exists
 
 
 #: What a preview file carries: a later run may replace a preview, never any other file.
