@@ -154,3 +154,28 @@ def test_an_in_memory_mask_keeps_its_transparency_as_it_is_shown(tmp_path):
     mask.save(tmp_path / "turned.png", exif=exif)
     kept = load_mask(Image.open(tmp_path / "turned.png"), Image.new("RGB", (64, 32)))
     assert np.asarray(kept).mean() == pytest.approx(127.5)
+
+
+def test_a_batch_with_masks_matches_its_one_by_one_runs_and_batches_in_the_runner(tiny_sd15, tiny_sd15_dir, data_dir,
+                                                                                  tmp_path, left_half):
+    """One mask per content (None: all of it): each batched result keeps its own content outside its own mask."""
+    contents = [data_dir / "horse.jpg", data_dir / "golden-gate.jpg"]
+    run = dict(model=tiny_sd15, steps=2, size=64, progress=False)
+    style = data_dir / "watercolor-cat.jpg"
+    batched = ad.style_transfer_batch(contents, style, masks=[left_half, None], **run)
+    alone = [ad.style_transfer(contents[0], style, mask=left_half, **run), ad.style_transfer(contents[1], style, **run)]
+    for a, b in zip(batched, alone, strict=True):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 2
+    content = np.asarray(Image.open(contents[0]).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS))
+    assert np.array_equal(np.asarray(batched[0])[:, 32 + 6:], content[:, 32 + 6:])
+    assert [json.loads(img.info["parameters"]).get("mask") for img in batched] == [str(left_half), None]
+    with pytest.raises(UserError, match="masks has 1 entries for 2 content images"):
+        ad.style_transfer_batch(contents, style, masks=[left_half], **run)
+
+    from attndistill.batch import _batches, read_jobs
+
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("".join(json.dumps({"task": "style", "content": str(c), "style": str(style), "size": "64x64",
+                                             "steps": 2, **m}) + "\n"
+                                 for c, m in zip(contents, [{"mask": str(left_half)}, {}], strict=True)))
+    assert [len(chunk) for chunk in _batches(read_jobs(jobs_file, out_dir=tmp_path / "out"), 8)] == [2]

@@ -183,9 +183,11 @@ class Runner:
             failure = None
             try:
                 model = self._load(runnable[0].model)
-                args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style")}
+                args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style", "mask")}
+                masks = [j.args.get("mask") for j in runnable]
                 images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
-                                              model=model, progress=self.progress, **args)
+                                              model=model, progress=self.progress,
+                                              masks=masks if any(m is not None for m in masks) else None, **args)
                 displaced = {job.id: _save_result(image, job.outputs[0], job, batched=len(runnable))[1]
                              for job, image in zip(runnable, images, strict=True)}
             except Exception as exc:  # handled below: inside except, its traceback keeps the batch's memory
@@ -332,7 +334,7 @@ class Runner:
 
 #: Options a batched style run shares; jobs that differ only in content (and output) can join one batch.
 _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "attention_scale", "layers", "size",
-              "seed", "reference_fit"}
+              "seed", "reference_fit", "mask"}
 
 
 def _batch_key(job: Job) -> str | None:
@@ -344,7 +346,7 @@ def _batch_key(job: Job) -> str | None:
     """
     if job.task != "style" or job.error or len(job.outputs) != 1 or set(job.args) - _BATCHABLE:
         return None
-    shared = {k: v for k, v in job.args.items() if k not in ("content", "seed")}
+    shared = {k: v for k, v in job.args.items() if k not in ("content", "seed", "mask")}
     if job.planned_size is not None:
         shared["size"] = list(job.planned_size)
     elif not isinstance(shared.get("size"), list | tuple):

@@ -200,21 +200,25 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                    ref_what: str,
                    model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
                    fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
-                   tile: str | None = None, tune_vae: bool = False, mask: ImageInput | None = None
-                   ) -> list[Image.Image]:
+                   tile: str | None = None, tune_vae: bool = False,
+                   mask: ImageInput | None | list[ImageInput | None] = None) -> list[Image.Image]:
+    """The optimisation tasks' common run. ``target``: the content (or a list of contents, one target each,
+    optimised in one batch); ``mask``: one over the content, or with a list of contents a list with one
+    mask (or None) for each."""
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     check_settings(preset)
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
-    # restyle a region only (regions.py)
-    mask_image = load_mask(mask, target, tile=tile, what="structure image" if task == "appearance" else "content image")
+    targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
+    # restyle a region only (regions.py): one mask, or one (or None) per content
+    masks = mask if targets is not None and isinstance(mask, list) else [mask] * len(targets or [target])
+    what = "structure image" if task == "appearance" else "content image"
+    mask_images = [load_mask(m, t, tile=tile, what=what) for m, t in zip(masks, targets or [target], strict=True)]
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
-    targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
     w, h = target_size(model, size, like=targets[0] if targets else target)
     # the latent cells a mask lets change, known before any encoding work (batch dry-runs check it too)
-    region = None if mask_image is None else update_mask(mask_image, (w, h), model.vae_scale_factor,
-                                                          describe_input(mask))
+    region = _update_region(mask_images, masks, (w, h), model.vae_scale_factor)
     z_ref = encode_references(model, references, ref_what, preset.reference_fit)
     z_content = None
     if target is not None:
@@ -235,7 +239,23 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
         params = run_parameters(task, model, preset, layer_ids, (w, h), seed, fused=fused, tile=tile,
                                 tune_vae=tune_vae, **inputs)
         images = finish(model, z, params)
-    return images if mask_image is None else [paste_region(img, target, mask_image) for img in images]
+    if targets is None:
+        mask_images, targets = mask_images * len(images), [target] * len(images)
+    return [img if m is None else paste_region(img, t, m)
+            for img, t, m in zip(images, targets, mask_images, strict=True)]
+
+
+def _update_region(mask_images: list[Image.Image | None], masks: list, size: tuple[int, int],
+                   factor: int) -> torch.Tensor | None:
+    """The latent cells each target may change: (1 or B, 1, h, w), all of a target's cells where it has no
+    mask; None where no target has one (the plain run)."""
+    if all(m is None for m in mask_images):
+        return None
+    rows = [update_mask(m, size, factor, describe_input(source)) if m is not None else None
+            for m, source in zip(mask_images, masks, strict=True)]
+    shape = next(r for r in rows if r is not None).shape
+    rows = [torch.ones(shape) if r is None else r for r in rows]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
@@ -320,14 +340,16 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
                          iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
                          attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
                          size: Size = None, seed: int = 0, progress: bool = True,
-                         callback: Callback | None = None, reference_fit: str | None = None) -> list[Image.Image]:
+                         callback: Callback | None = None, reference_fit: str | None = None,
+                         masks: Sequence[ImageInput | None] | None = None) -> list[Image.Image]:
     """Style transfer of several contents with one style, optimised together in one batch.
 
     Each target gets the gradient it would get alone, so results match one-by-one runs up to
     rounding: a batched call sums in another order, and Adam's first step turns the sign of a
     near-zero gradient into a full step (on the CPU a pixel differs by at most 2/255 in the tests).
     The reference features are computed once per step for all of them. All contents are resized
-    to the size of the first (or ``size``). Returns one image per content.
+    to the size of the first (or ``size``). ``masks``: one per content (None: restyle it whole), as
+    ``mask`` of :func:`style_transfer`. Returns one image per content.
     """
     if isinstance(contents, str | os.PathLike | Image.Image):
         raise UserError("style_transfer_batch takes a list of content images; for one, use style_transfer")
@@ -341,13 +363,20 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
                                           attention_scale=attention_scale, reference_fit=reference_fit)
     styles = as_list(style)
     images = [load_image(c, what="content image") for c in contents]
+    if masks is not None:
+        if isinstance(masks, str | os.PathLike | Image.Image) or not isinstance(masks, Iterable):
+            raise UserError("masks takes a list with one mask (or None) per content image")
+        masks = list(masks)
+        if len(masks) != len(contents):
+            raise UserError(f"masks has {len(masks)} entries for {len(contents)} content images; give one mask "
+                            "(or None) per content image")
     results = _optimise_task(
         "style", target=images, references=styles, ref_what="style image", model=model, size=size,
         num=len(images), seed=seed, layers=layers, preset=preset,
         inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
-        vae=None, device=None, dtype=None)
-    for img, content in zip(results, contents):
+        vae=None, device=None, dtype=None, mask=masks)
+    for img, content, mask in zip(results, contents, masks or [None] * len(contents), strict=True):
         params = json.loads(img.info["parameters"])
-        params["content"] = describe_input(content)
+        params.update(content=describe_input(content), **_mask_input(mask))
         img.info["parameters"] = params_json(params)
     return results
