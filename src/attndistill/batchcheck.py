@@ -122,15 +122,14 @@ class Validator:
         if job.args.get("layers") is not None:
             self._check_layers(job.args["layers"], job.model)
 
-    @staticmethod
-    def _check_mask(job: Job):
-        """What the task checks of a mask before its model loads: its aspect, its white, the tiling."""
-        from .images import load_image
+    def _check_mask(self, job: Job):
+        """What the task checks of a mask before its model loads: its aspect, its white, the tiling (against the
+        size of the content image, read by the inputs' check)."""
         from .regions import load_mask
 
         role = "structure" if job.task == "appearance" else "content"
-        return load_mask(job.args["mask"], load_image(job.args[role], what=f"{role} image"),
-                         tile=job.args.get("tile"), what=f"{role} image")
+        return load_mask(job.args["mask"], _Sized(self._sizes[job.args[role]]), tile=job.args.get("tile"),
+                         what=f"{role} image")
 
     def _check_geometry(self, job: Job, preset, mask=None) -> None:
         """Checks that need the model's sizes and scheduler, from its configs (no weights): the canvas size,
@@ -232,6 +231,14 @@ class _Sized:
     """Stands in for an image whose size is all a check needs."""
 
     size: tuple[int, int]
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
 
 
 def _model_folder(model: ModelSpec) -> str:
