@@ -162,3 +162,28 @@ def test_a_controlnet_not_cached_offline_is_one_line_and_no_warning(tiny_sd15, t
         warnings.simplefilter("always")
         load_controlnet("nobody/not-cached-controlnet", model=tiny_sd15)
     assert [str(w.message) for w in caught] == []
+
+
+def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd15_dir, tiny_cn15_dir, edge_map,
+                                                                        data_dir, tmp_path, monkeypatch, caplog):
+    """Relative paths are made absolute while they still mean something; what cannot be rerun says so at once."""
+    import json
+
+    from diffusers import ControlNetModel
+
+    monkeypatch.chdir(tiny_sd15_dir.parent)
+    model = ad.load_model(tiny_sd15_dir.name, device="cpu", dtype="fp32")
+    relative = ControlNetModel.from_pretrained(tiny_cn15_dir.relative_to(tiny_sd15_dir.parent))
+    monkeypatch.chdir(tmp_path)  # the names given above lead nowhere from here
+    run = dict(model=model, steps=1, iters=1, size=64, control_image=edge_map, progress=False)
+    (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg",
+                              controlnet=ControlNetModel.from_pretrained(tiny_cn15_dir), **run)
+    params = json.loads(img.info["parameters"])
+    assert (params["model"], params["controlnet"]) == (str(tiny_sd15_dir), str(tiny_cn15_dir))
+    assert "cannot rerun" not in caplog.text
+    for made, recorded in ((relative, str(tiny_cn15_dir.relative_to(tiny_sd15_dir.parent))),
+                           (ControlNetModel.from_unet(model.unet), "<ControlNetModel made in memory>")):
+        caplog.clear()
+        (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", controlnet=made, **run)
+        assert json.loads(img.info["parameters"])["controlnet"] == recorded
+        assert "info --job cannot rerun it" in caplog.text

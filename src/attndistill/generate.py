@@ -10,8 +10,10 @@ parameters in ``info["parameters"]``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, load_image, params_json, to_tensor
-from .loading import as_model
+from .loading import as_model, local_or_hub
 from .models import DiffusionModel
 from .optimize import Callback
 from .presets import Preset, get_preset
@@ -36,12 +38,13 @@ from .tasks import (
     describe_input,
     encode_references,
     finish,
-    local_or_hub,
     run_parameters,
     target_size,
 )
 from .tiling import check_axes, seamless
 from .vae_tuning import check_tune_vae, finetune_vae, using_vae
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -187,14 +190,27 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     if content is not None:
         inputs["content"] = describe_input(content)
     if controlnet is not None:
-        name = controlnet if isinstance(controlnet, str | os.PathLike) else getattr(
-            controlnet.config, "_name_or_path", type(controlnet).__name__)
-        inputs.update(controlnet=local_or_hub(name), control_image=describe_input(control_image), control=control,
-                      control_scale=control_scale)
+        inputs.update(controlnet=_controlnet_name(controlnet), control_image=describe_input(control_image),
+                      control=control, control_scale=control_scale)
         if allow_pickle:  # the ControlNet's pickle files: a rerun needs the same permission
             inputs["allow_pickle"] = True
     return _run(job, model=model, preset=preset, layers=layers, size=size, seed=seed, inputs=inputs,
                 allow_pickle=allow_pickle, fused=fused, progress=progress, callback=callback)
+
+
+def _controlnet_name(controlnet) -> str:
+    """How a result records its ControlNet: a path or Hub id that a rerun loads. A net passed as an object
+    records where it was loaded from; one made in memory, or loaded by a relative path that the current folder
+    no longer has, cannot be loaded again, and the caller hears so now rather than at the rerun."""
+    if isinstance(controlnet, str | os.PathLike):
+        return local_or_hub(controlnet)
+    name = str(getattr(controlnet.config, "_name_or_path", "") or "")
+    if os.path.exists(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return local_or_hub(name)
+    log.warning("the ControlNet passed as an object was not loaded from a folder or Hub id that can be found "
+                "from here (%s): the result records it, but info --job cannot rerun it; pass the ControlNet as a "
+                "path or Hub id instead", repr(name) if name else "made in memory")
+    return name or f"<{type(controlnet).__name__} made in memory>"
 
 
 def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,

@@ -192,6 +192,12 @@ def _kind_from_checkpoint(path: Path) -> Kind:
     return "sd15"
 
 
+def local_or_hub(source: str | os.PathLike) -> str:
+    """A model, VAE or ControlNet as a result records it: a local path made absolute (while the folder it is
+    relative to is still the current one), a Hub id as it is."""
+    return os.path.abspath(source) if os.path.exists(source) else str(source)
+
+
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                config: str | os.PathLike | None = None, allow_pickle: bool = False,
@@ -252,9 +258,11 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         if module is not None:
             module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    model = DiffusionModel(pipe=pipe, kind=kind, source=source, device=device, dtype=dtype,
-                           vae_source=None if vae is None else str(vae),
-                           config_source=None if config is None else str(config), allow_pickle=bool(allow_pickle))
+    # local paths absolute now: results record them, and a later change of folder must not break their reruns
+    model = DiffusionModel(pipe=pipe, kind=kind, source=local_or_hub(source), device=device, dtype=dtype,
+                           vae_source=None if vae is None else local_or_hub(vae),
+                           config_source=None if config is None else local_or_hub(config),
+                           allow_pickle=bool(allow_pickle))
     if perf is not None:
         model.set_perf(perf)
     return model
@@ -369,7 +377,7 @@ def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, devi
         wanted = resolve_device(device) if device is not None else model.device
         asked = {"device": (wanted.type, wanted.index or 0) != (model.device.type, model.device.index or 0),
                  "dtype": dtype is not None and resolve_dtype(dtype, model.device) != model.dtype,
-                 "vae": vae is not None and str(vae) != model.vae_source}
+                 "vae": vae is not None and local_or_hub(vae) != model.vae_source}
         if any(asked.values()):
             names = " and ".join(k for k, v in asked.items() if v)
             raise UserError(f"{names} differ from the loaded model's ({model.device}, "

@@ -24,7 +24,7 @@ from .checks import flag
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, check_size, fit_references, fit_size, load_image, params_json, to_pil, to_tensor
-from .loading import as_model
+from .loading import as_model, local_or_hub
 from .models import DiffusionModel
 from .optimize import Callback, optimize_latents
 from .perf import pixel_switches
@@ -39,11 +39,6 @@ Size = int | tuple[int, int] | None
 def describe_input(source: ImageInput) -> str:
     """How a result records an input: a file by its absolute path (a rerun works from any folder)."""
     return os.path.abspath(source) if isinstance(source, str | os.PathLike) else "<image>"
-
-
-def local_or_hub(source: str | os.PathLike) -> str:
-    """A model, VAE or ControlNet as a result records it: a local path made absolute, a Hub id as it is."""
-    return os.path.abspath(source) if os.path.exists(source) else str(source)
 
 
 def _mask_input(mask: ImageInput | None) -> dict:
