@@ -250,12 +250,14 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     pickle.write_bytes(b"\x80\x04pickle")
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"not safetensors")
-    damaged = {name: tmp_path / name for name in ("bad-index", "list-index", "no-tokenizer", "cut-weights")}
+    damaged = {name: tmp_path / name for name in ("bad-index", "list-index", "no-tokenizer", "no-vocabulary",
+                                                      "cut-weights")}
     for folder in damaged.values():
         shutil.copytree(tiny_sd15_dir, folder)
     (damaged["bad-index"] / "model_index.json").write_text('{"_class_name": ')  # an interrupted download
     (damaged["list-index"] / "model_index.json").write_text("[]")
     shutil.rmtree(damaged["no-tokenizer"] / "tokenizer")
+    (damaged["no-vocabulary"] / "tokenizer" / "tokenizer.json").unlink()  # it loaded, and read words as unknown
     weights = damaged["cut-weights"] / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     out = tmp_path / "out"
@@ -266,6 +268,8 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
         (["-m", damaged["bad-index"]], "has a model_index.json that is not a diffusers model index"),
         (["-m", damaged["list-index"]], "has a model_index.json that is not a diffusers model index"),
         (["-m", damaged["no-tokenizer"]], "has no tokenizer/ folder, which a Stable Diffusion pipeline needs"),
+        (["-m", damaged["no-vocabulary"]], "has no vocabulary in tokenizer/ (vocab.json and merges.txt, or "
+                                           "tokenizer.json)"),
         (["-m", damaged["cut-weights"]], f"has a damaged weights file: {weights} (cut short"),
         (["-m", other], "is a KandinskyPipeline; attndistill runs Stable Diffusion"),
         (["-m", pickle], "is a pickle file that can run code when loaded; convert it to .safetensors or pass "
@@ -636,3 +640,24 @@ def test_a_typos_million_images_is_refused_before_any_work(corpus, tmp_path, mon
     jobs.write_text(json.dumps({"task": "texture", "reference": str(corpus / "good.png"), "num": 10**6}) + "\n")
     result = invoke("batch", jobs, "--out", tmp_path / "out", "--dry-run", *model)
     assert result.exit_code == 2 and "line 1: 'num' 1000000 is more than one job makes" in result.output
+
+
+def test_a_tokenizer_must_fit_its_text_encoder(tiny_sd15, tmp_path):
+    """Where no folder can be checked first (the Hub's cache, a checkpoint's configs), loading checks the tokenizer:
+    a vocabulary of special tokens only is refused; a missing length limit becomes the text encoder's."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from attndistill.loading import _check_tokenizers
+
+    tiny_sd15.pipe.tokenizer.save_pretrained(tmp_path / "whole")
+    (tmp_path / "whole" / "tokenizer_config.json").unlink()
+    whole = CLIPTokenizer.from_pretrained(tmp_path / "whole")
+    assert whole.model_max_length > 10**6
+    _check_tokenizers(SimpleNamespace(tokenizer=whole, text_encoder=tiny_sd15.pipe.text_encoder), "m")
+    assert whole.model_max_length == 77 and whole("a fox", truncation=True).input_ids[-1] == whole.eos_token_id
+    (tmp_path / "whole" / "tokenizer.json").unlink()
+    specials = CLIPTokenizer.from_pretrained(tmp_path / "whole")
+    with pytest.raises(UserError, match=r"model 'm': its tokenizer knows 2 tokens where its text_encoder has \d+"):
+        _check_tokenizers(SimpleNamespace(tokenizer=specials, text_encoder=tiny_sd15.pipe.text_encoder), "m")

@@ -162,6 +162,30 @@ def _check_components(folder: Path, kind: Kind) -> None:
         if not (folder / name).is_dir():
             raise UserError(f"model folder '{folder}' has no {name}/ folder, which a Stable Diffusion pipeline needs; "
                             "download the model again (or copy that folder from a complete copy)")
+        if name.startswith("tokenizer") and not _has_vocabulary(folder / name):
+            raise UserError(f"model folder '{folder}' has no vocabulary in {name}/ (vocab.json and merges.txt, or "
+                            "tokenizer.json): every prompt would read as unknown words; download the model again "
+                            "(or copy that folder from a complete copy)")
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
+
+
+def _check_tokenizers(pipe, source: str) -> None:
+    """Each tokenizer fits its text encoder. One whose files lack the vocabulary loads as a few special tokens
+    and turns every prompt into unknown tokens without a word; one without its config has no length limit, and
+    the first prompt fails deep inside transformers."""
+    for name, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder_module = getattr(pipe, name, None), getattr(pipe, encoder, None)
+        if tokenizer is None or encoder_module is None:
+            continue
+        config = encoder_module.config
+        if len(tokenizer) < config.vocab_size // 2:
+            raise UserError(f"model '{source}': its {name} knows {len(tokenizer)} tokens where its {encoder} has "
+                            f"{config.vocab_size}; the {name} files lack the vocabulary (vocab.json and merges.txt, "
+                            "or tokenizer.json): download the model again")
+        tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
 
 def _kind_from_index(index: dict, model: str) -> Kind:
@@ -241,6 +265,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
             variant = "fp16"
         pipe = from_pretrained(cls, source, variant, use_safetensors=safetensors_only(allow_pickle), **common,
                                **extra)
+    _check_tokenizers(pipe, source)
     if vae is not None:
         check_vae_source(vae)
         own = pipe.vae.config.scaling_factor
