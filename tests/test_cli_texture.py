@@ -104,7 +104,7 @@ def test_masked_texture(run, data_dir, tmp_path):
     assert half.exit_code == 2 and "--ref-labels" in half.output
 
 
-def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
+def test_finetune_vae_then_use_it(run, data_dir, tmp_path, tiny_sd15_dir):
     folder = tmp_path / "wood-vae"
     result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))
     assert "wrote" in result.output
@@ -117,6 +117,12 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 2, "--overwrite"))
     assert json.loads((folder / "attndistill.json").read_text())["steps"] == 2
+    # --overwrite replaces an earlier tuned VAE, never one the run loads: the model's own, or the --vae folder
+    for reads in (["-o", tiny_sd15_dir / "vae"], ["--vae", folder, "-o", folder]):
+        refused = run("finetune-vae", data_dir / "wood-rings.jpg", *reads, "--steps", 1, "--overwrite")
+        assert refused.exit_code == 2 and "which this run loads; give the tuned VAE a folder of its own" in (
+            refused.output)
+    assert not (tiny_sd15_dir / "vae" / "attndistill.json").exists()
     shown = run("info", folder, model=False)  # a VAE folder tells how it was made, as a result's PNG does
     assert shown.exit_code == 0 and json.loads(shown.output)["steps"] == 2
     command = run("info", folder, "--job", model=False)

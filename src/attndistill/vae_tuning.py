@@ -180,9 +180,15 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
         yield model
 
 
-def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Validate a VAE output folder before any work starts."""
+def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
+                     reads: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Validate a VAE output folder before any work starts. ``reads``: the model, VAE and config folders the
+    run loads: --overwrite must never replace them (a model's own vae/ looks like any saved VAE)."""
     folder = Path(folder)
+    for source in reads:
+        if source is not None and Path(source).is_dir() and _within(folder, Path(source)):
+            raise UserError(f"output folder '{folder}' is in '{source}', which this run loads; give the tuned VAE a "
+                            "folder of its own")
     if folder.is_symlink():  # replacing it would replace the link, or (rmtree) refuse after the work is done
         raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     if folder.exists() and not folder.is_dir():
@@ -202,6 +208,11 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> P
     if not is_writable(parent):
         raise UserError(f"output folder '{parent}' is not writable; choose another -o path")
     return folder
+
+
+def _within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 #: How a tuned VAE was made (reference, model, steps, lr, versions), saved beside its weights.
