@@ -116,6 +116,26 @@ def test_bad_image_is_rejected(corpus, tmp_path, tiny_sd15_dir, name, expected, 
     assert_rejected(result, 2, f"{role} image '{bad}'", expected, out_dir=tmp_path)
 
 
+@pytest.mark.parametrize("command", [
+    ["style", "{in}", "{other}", "-o", "{in}"],
+    ["style", "{other}", "{other}", "--mask", "{in}", "-o", "{in}"],
+    ["t2i", "--prompt", "a fox", "--style", "{other}", "--content", "{in}", "--content-weight", "1", "-o", "{in}"],
+    ["t2i", "--prompt", "a fox", "--style", "{out_1}", "--num-images", "2", "-o", "{out}"],
+    ["expand", "{in}", "--size", "128", "-o", "{in}"],
+])
+def test_an_output_never_replaces_an_input_even_with_overwrite(data_dir, tmp_path, tiny_sd15_dir, command):
+    """The result's parameters name its inputs for reruns: a result written over one could never be rerun."""
+    _photo(data_dir).save(tmp_path / "in.png")
+    _photo(data_dir).save(tmp_path / "out-1.png")  # the second of two numbered outputs, made an input below
+    _photo(data_dir).save(tmp_path / "other.png")
+    paths = {name: tmp_path / f"{name.replace('_', '-')}.png" for name in ("in", "other", "out", "out_1")}
+    command = [c.format(**paths) for c in command]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = invoke(*command, "--overwrite", "-m", tiny_sd15_dir, "--steps", "1", "--size", "64", "-q")
+    assert_rejected(result, 2, "is an input of this run, which its result must not replace; choose another output")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 # -- out-of-range numbers and options --------------------------------------------------------------------
 
 OPTION_CASES = [

@@ -326,6 +326,16 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     assert not out.exists()  # nothing written, no model loaded
 
 
+def test_a_job_never_writes_over_its_own_input(tmp_path, data_dir, tiny_sd15_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(data_dir / "horse.jpg").save(out / "horse.png")  # an earlier result, restyled again
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", "../out/horse.png", "wood-rings.jpg", output="horse.png", overwrite=True)])
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2 and "horse.png' is an input of this run" in result.output, result.output
+
+
 def test_bad_batch_command_lines(tmp_path, eight_jobs):
     cases = [(["batch", tmp_path / "nope.jsonl", "--out", tmp_path / "o"], "jobs file"),
              (["batch", eight_jobs], "--out DIR"),

@@ -104,10 +104,16 @@ class Validator:
         command checks before its model loads (``model=False``: the command's load checks the model itself,
         in the command's words)."""
         spec = job.spec
+        inputs = set()
         for name in spec.paths:
             value = job.args.get(name)
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 self._image(item, name)
+                inputs.add(Path(item).resolve())
+        for path in job.outputs:  # even with overwrite: the result's parameters name its inputs for reruns
+            if path.resolve() in inputs:
+                raise UserError(f"output '{path}' is an input of this run, which its result must not replace; "
+                                "choose another output name")
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
         mask = self._check_mask(job) if job.args.get("mask") is not None else None
         if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map

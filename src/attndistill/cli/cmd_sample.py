@@ -93,9 +93,10 @@ def t2i(
                       control_image=control_image, control=control, control_scale=control_scale, content=content,
                       content_weight=content_weight, reference_fit=reference_fit, num=num_images,
                       what="number of images")
-        check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)  # after the count
+        # after the count
+        outputs = check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size,
+                          device=device, dtype=dtype, size=size, outputs=outputs,
                           prompt=prompt, style=style, content=content, control_image=control_image,
                           controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
                           adain=adain, start_t=start_t, content_weight=content_weight, num_images=num_images,
