@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,29 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
         load_controlnet(tmp_path, model=tiny_sdxl)
     with pytest.raises(ad.UserError, match="does not exist"):
         load_controlnet(tmp_path / "missing", model=tiny_sdxl)
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"block_out_channels": [16, 64, 64]}, "has block widths (16, 64, 64) where model"),
+    ({"cross_attention_dim": 48}, "has text embedding width 48 where model"),
+    ({"conditioning_channels": 1}, "takes a condition of 1 channels; attndistill gives a ControlNet its control "
+                                   "image in RGB"),
+    ({"conditioning_embedding_out_channels": [8, 16]}, "shrinks its condition 2x where model"),
+])
+def test_a_controlnet_of_the_right_family_that_still_does_not_fit_is_named(tiny_sd15, tiny_cn15_dir, change,
+                                                                           expected):
+    """Checked on the configs (as a dry run does) and on a net passed in, before a convolution fails on shapes."""
+    import json
+
+    from diffusers import ControlNetModel
+
+    from attndistill.controlnet import check_compatible, check_configs_fit
+
+    config = {**json.loads((tiny_cn15_dir / "config.json").read_text()), **change}
+    with pytest.raises(ad.UserError, match=re.escape(expected)):
+        check_configs_fit(config, tiny_sd15.unet.config, "net", "m", tiny_sd15.vae_scale_factor)
+    with pytest.raises(ad.UserError, match=re.escape(expected)):
+        check_compatible(ControlNetModel.from_config(config), tiny_sd15, "net")
 
 
 def test_a_controlnet_loaded_by_the_caller_runs_in_the_models_dtype(tiny_sd15_dir, tiny_cn15_dir, edge_map, data_dir):

@@ -148,9 +148,7 @@ class Validator:
         if (job.task != "expand" and args.get("size") is None and job.task not in _SAMPLING + ("style",)
                 and not cropped and mask is None):
             return
-        if job.model not in self._geometry:
-            self._geometry[job.model] = _geometry(job.model, self._unet(job.model))
-        shell = self._geometry[job.model]
+        shell = self._shell(job.model)
         if cropped and shell.from_configs:  # a reference cut to a sliver: refused by name, as the run would
             from .images import reference_boxes
 
@@ -204,6 +202,12 @@ class Validator:
         if self._models[model]:
             raise UserError(self._models[model])
 
+    def _shell(self, model: ModelSpec):
+        """What the checks need of ``model``'s sizes and scheduler, from its configs (see :func:`_geometry`)."""
+        if model not in self._geometry:
+            self._geometry[model] = _geometry(model, self._unet(model))
+        return self._geometry[model]
+
     def _unet(self, model: ModelSpec) -> dict | None:
         """The UNet config of ``model`` (read once per model; None when there is none to be had)."""
         if model not in self._unets:
@@ -220,7 +224,7 @@ class Validator:
         check_controlnet_source(source)
         net, unet = _config(ControlNetModel, source), self._unet(model)
         if net is not None and unet is not None:  # configs to be had (local or cached): do they fit?
-            check_configs_fit(net, unet, source, model.source or _default_model())
+            check_configs_fit(net, unet, source, model.source or _default_model(), self._shell(model).vae_scale_factor)
 
     def _check_layers(self, layers: Any, model: ModelSpec) -> None:
         from .engine import parse_layers

@@ -105,24 +105,40 @@ def check_controlnet_source(source: str) -> None:
 
 def check_compatible(net, model: DiffusionModel, source: str = "ControlNet") -> None:
     """A ControlNet must match the UNet it steers (SD 1.5 ControlNets for SD 1.5, SDXL ones for SDXL)."""
-    check_configs_fit(net.config, model.unet.config, source, model.source)
+    check_configs_fit(net.config, model.unet.config, source, model.source, model.vae_scale_factor)
 
 
-def check_configs_fit(net_config, unet_config, source: str, model_source: str) -> None:
-    """:func:`check_compatible` on configs alone (mappings or config objects), so a dry run can ask too."""
+def check_configs_fit(net_config, unet_config, source: str, model_source: str,
+                      vae_scale_factor: int | None = None) -> None:
+    """:func:`check_compatible` on configs alone (mappings or config objects), so a dry run can ask too: the
+    model family, then what a net of the right family may still get wrong (a fine-tuned base's widths, a
+    condition of other channels or scale), each named, since the run would fail deep in a convolution."""
     def get(config, key):
         return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
-    def shape(config):
-        return (get(config, "cross_attention_dim"), get(config, "addition_embed_type"),
-                tuple(get(config, "block_out_channels") or ()))
+    def plain(value):
+        return tuple(value) if isinstance(value, list | tuple) else value
 
-    if shape(net_config) != shape(unet_config):
-        sdxl_net = get(net_config, "addition_embed_type") == "text_time"
-        sdxl_model = get(unet_config, "addition_embed_type") == "text_time"
+    sdxl_net = get(net_config, "addition_embed_type") == "text_time"
+    sdxl_model = get(unet_config, "addition_embed_type") == "text_time"
+    if sdxl_net != sdxl_model:
         raise UserError(f"ControlNet '{source}' (for {'SDXL' if sdxl_net else 'SD 1.x/2.x'}) does not fit the "
                         f"{'sdxl' if sdxl_model else 'sd15'} model '{model_source}'; use "
                         f"{'an SDXL' if sdxl_model else 'an SD 1.5'} ControlNet")
+    for key, what in (("block_out_channels", "block widths"), ("cross_attention_dim", "text embedding width")):
+        theirs, ours = plain(get(net_config, key)), plain(get(unet_config, key))
+        if theirs != ours:
+            raise UserError(f"ControlNet '{source}' has {what} {theirs} where model '{model_source}' has {ours}: it "
+                            "was made for another base model; use a ControlNet trained on this model's architecture")
+    channels = get(net_config, "conditioning_channels")
+    if channels not in (None, 3):
+        raise UserError(f"ControlNet '{source}' takes a condition of {channels} channels; attndistill gives a "
+                        "ControlNet its control image in RGB (3 channels), as the usual ControlNets take it")
+    embedding = get(net_config, "conditioning_embedding_out_channels")
+    if vae_scale_factor and embedding and 2 ** (len(embedding) - 1) != vae_scale_factor:
+        raise UserError(f"ControlNet '{source}' shrinks its condition {2 ** (len(embedding) - 1)}x where model "
+                        f"'{model_source}' shrinks images {vae_scale_factor}x into latents; use a ControlNet made "
+                        "for this model")
 
 
 def prepare_control(controlnet, image, *, model: DiffusionModel, size: tuple[int, int], preprocess: str = "none",
