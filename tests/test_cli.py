@@ -179,6 +179,11 @@ def test_info_prints_the_parameters_of_a_result(tmp_path, data_dir, tiny_sd15_di
     assert params["task"] == "texture" and params["seed"] == 7 and params["steps"] == 1
     plain = run("info", data_dir / "horse.jpg")
     assert plain.exit_code == 2 and "carries no attndistill parameters" in plain.output
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "icon.png")  # too small to be an input, not to be described
+    icon = run("info", tmp_path / "icon.png")
+    assert icon.exit_code == 2 and "carries no attndistill parameters" in icon.output
 
 
 @pytest.mark.parametrize("command", [

@@ -39,7 +39,8 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
         except (OSError, ValueError):  # a damaged PNG: load_image below says how
             params = {}
         if not params:
-            load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
+            if not _is_image(image):
+                load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
         if params == PREVIEW_MARK:
             raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
@@ -54,6 +55,24 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
             typer.echo(json.dumps(params, indent=2, sort_keys=True))
 
     run_command(body)
+
+
+def _is_image(path: Path) -> bool:
+    """An image file Pillow reads, whatever its size: the limits on inputs say nothing of a file to describe."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
+        return True
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # missing, a folder, damaged, not an image: load_image names which
+        return False
 
 
 def vae_parameters(folder: Path) -> dict:
