@@ -271,7 +271,7 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"not safetensors")
     damaged = {name: tmp_path / name for name in ("bad-index", "list-index", "no-tokenizer", "no-vocabulary",
-                                                      "cut-weights")}
+                                                      "cut-weights", "no-weights")}
     for folder in damaged.values():
         shutil.copytree(tiny_sd15_dir, folder)
     (damaged["bad-index"] / "model_index.json").write_text('{"_class_name": ')  # an interrupted download
@@ -280,6 +280,7 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     (damaged["no-vocabulary"] / "tokenizer" / "tokenizer.json").unlink()  # it loaded, and read words as unknown
     weights = damaged["cut-weights"] / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
+    (damaged["no-weights"] / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # no pickle files either
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -290,6 +291,8 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
         (["-m", damaged["no-tokenizer"]], "has no tokenizer/ folder, which a Stable Diffusion pipeline needs"),
         (["-m", damaged["no-vocabulary"]], "has no vocabulary in tokenizer/ (vocab.json and merges.txt, or "
                                            "tokenizer.json)"),
+        (["-m", damaged["no-weights"]], f"has no weights in {damaged['no-weights'] / 'unet'}, neither "
+                                        ".safetensors nor pickle files; download it again"),
         (["-m", damaged["cut-weights"]], f"has a damaged weights file: {weights} (cut short"),
         (["-m", other], "is a KandinskyPipeline; attndistill runs Stable Diffusion"),
         (["-m", pickle], "is a pickle file that can run code when loaded; convert it to .safetensors or pass "

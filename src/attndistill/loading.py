@@ -377,6 +377,11 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
                 raise UserError(f"{what} '{source}' has a damaged weights file: {damaged.group(1)} (cut short "
                                 "or not a weights file); download it again") from None
             if "safetensors" in text and kwargs.get("use_safetensors"):
+                named = re.search(r"directory (\S+?)\.?$", text)  # the component that has none
+                folder = Path(named.group(1)) if named else path
+                if folder.is_dir() and not any(p.suffix in _PICKLE_WEIGHTS for p in folder.rglob("*")):
+                    raise UserError(f"{what} '{source}' has no weights in {folder}, neither .safetensors nor "
+                                    "pickle files; download it again") from None
                 raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None
             lowered = text.lower()
@@ -384,6 +389,10 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {text.splitlines()[0]}") from None
     raise AssertionError("unreachable")
+
+
+#: Suffixes of weights files that are pickles (what --allow-pickle lets a load read).
+_PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth"}
 
 
 @lru_cache(maxsize=1)
