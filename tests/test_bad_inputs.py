@@ -131,8 +131,10 @@ def test_an_output_never_replaces_an_input_even_with_overwrite(data_dir, tmp_pat
     paths = {name: tmp_path / f"{name.replace('_', '-')}.png" for name in ("in", "other", "out", "out_1")}
     command = [c.format(**paths) for c in command]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    result = invoke(*command, "--overwrite", "-m", tiny_sd15_dir, "--steps", "1", "--size", "64", "-q")
-    assert_rejected(result, 2, "is an input of this run, which its result must not replace; choose another output")
+    for overwrite in (["--overwrite"], []):  # without it too: "pass --overwrite" would lead nowhere
+        result = invoke(*command, *overwrite, "-m", tiny_sd15_dir, "--steps", "1", "--size", "64", "-q")
+        assert_rejected(result, 2, "is an input of this run, which its result must not replace; choose another "
+                                   "output")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -271,7 +273,7 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     broken = tmp_path / "model.safetensors"
     broken.write_bytes(b"not safetensors")
     damaged = {name: tmp_path / name for name in ("bad-index", "list-index", "no-tokenizer", "no-vocabulary",
-                                                      "cut-weights", "no-weights")}
+                                                      "cut-weights", "no weights")}
     for folder in damaged.values():
         shutil.copytree(tiny_sd15_dir, folder)
     (damaged["bad-index"] / "model_index.json").write_text('{"_class_name": ')  # an interrupted download
@@ -280,7 +282,7 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     (damaged["no-vocabulary"] / "tokenizer" / "tokenizer.json").unlink()  # it loaded, and read words as unknown
     weights = damaged["cut-weights"] / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    (damaged["no-weights"] / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # no pickle files either
+    (damaged["no weights"] / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # no pickle files either
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -291,7 +293,7 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
         (["-m", damaged["no-tokenizer"]], "has no tokenizer/ folder, which a Stable Diffusion pipeline needs"),
         (["-m", damaged["no-vocabulary"]], "has no vocabulary in tokenizer/ (vocab.json and merges.txt, or "
                                            "tokenizer.json)"),
-        (["-m", damaged["no-weights"]], f"has no weights in {damaged['no-weights'] / 'unet'}, neither "
+        (["-m", damaged["no weights"]], f"has no weights in {damaged['no weights'] / 'unet'}, neither "
                                         ".safetensors nor pickle files; download it again"),
         (["-m", damaged["cut-weights"]], f"has a damaged weights file: {weights} (cut short"),
         (["-m", other], "is a KandinskyPipeline; attndistill runs Stable Diffusion"),

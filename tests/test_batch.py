@@ -330,10 +330,38 @@ def test_a_job_never_writes_over_its_own_input(tmp_path, data_dir, tiny_sd15_dir
     out = tmp_path / "out"
     out.mkdir()
     Image.open(data_dir / "horse.jpg").save(out / "horse.png")  # an earlier result, restyled again
+    (out / "notes").write_text("a file where a job wants a folder")
     jobs = write_jobs(tmp_path / "in", data_dir, [
-        job_line("style", "../out/horse.png", "wood-rings.jpg", output="horse.png", overwrite=True)])
+        job_line("style", "../out/horse.png", "wood-rings.jpg", output="horse.png", overwrite=True),
+        job_line("style", "golden-gate.jpg", "wood-rings.jpg", output="notes/gate.png")])
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2 and "horse.png' is an input of this run" in result.output, result.output
+    assert "notes' is a file, not a folder" in result.output
+
+
+def test_a_batch_that_fails_after_saving_some_images_reruns_them_as_its_own(tmp_path, data_dir, tiny_sd15_dir,
+                                                                            monkeypatch):
+    """The one-by-one rerun of a failed batch takes the batch's saved images for the jobs' own leftovers, not
+    for files that appeared while they ran."""
+    from attndistill import images
+
+    original, calls = images.save_png, []
+
+    def disk_full_once_on_the_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(images, "save_png", disk_full_once_on_the_second)
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", c, "wood-rings.jpg", size="64x64", output=f"{Path(c).stem}.png")
+        for c in ("horse.jpg", "golden-gate.jpg")])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--group", 2)
+    assert result.exit_code == 0 and "running its jobs one by one" in result.output, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["golden-gate.png", "horse.png"]
+    assert len(done_records(out)) == 2
 
 
 def test_bad_batch_command_lines(tmp_path, eight_jobs):

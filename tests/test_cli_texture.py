@@ -123,6 +123,13 @@ def test_finetune_vae_then_use_it(run, data_dir, tmp_path, tiny_sd15_dir):
         assert refused.exit_code == 2 and "which this run loads; give the tuned VAE a folder of its own" in (
             refused.output)
     assert not (tiny_sd15_dir / "vae" / "attndistill.json").exists()
+    linked = tmp_path / "linked-model"  # its vae/ a link to a VAE folder that several models share
+    linked.mkdir()
+    for part in tiny_sd15_dir.iterdir():
+        (linked / part.name).symlink_to(folder if part.name == "vae" else part)
+    refused = run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 1, "--overwrite", "-m", linked,
+                  "-q", model=False)
+    assert refused.exit_code == 2 and "which this run loads" in refused.output
     shown = run("info", folder, model=False)  # a VAE folder tells how it was made, as a result's PNG does
     assert shown.exit_code == 0 and json.loads(shown.output)["steps"] == 2
     command = run("info", folder, "--job", model=False)

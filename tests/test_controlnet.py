@@ -196,9 +196,12 @@ def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd1
 
     from diffusers import ControlNetModel
 
+    from attndistill.batchjobs import job_from_parameters
+
     monkeypatch.chdir(tiny_sd15_dir.parent)
     model = ad.load_model(tiny_sd15_dir.name, device="cpu", dtype="fp32")
-    relative = ControlNetModel.from_pretrained(tiny_cn15_dir.relative_to(tiny_sd15_dir.parent))
+    monkeypatch.chdir(tiny_cn15_dir.parent.parent)  # a name of two parts, such as a Hub id has
+    relative = ControlNetModel.from_pretrained(tiny_cn15_dir.relative_to(tiny_cn15_dir.parent.parent))
     monkeypatch.chdir(tmp_path)  # the names given above lead nowhere from here
     run = dict(model=model, steps=1, iters=1, size=64, control_image=edge_map, progress=False)
     (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg",
@@ -206,9 +209,11 @@ def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd1
     params = json.loads(img.info["parameters"])
     assert (params["model"], params["controlnet"]) == (str(tiny_sd15_dir), str(tiny_cn15_dir))
     assert "cannot rerun" not in caplog.text
-    for made, recorded in ((relative, str(tiny_cn15_dir.relative_to(tiny_sd15_dir.parent))),
+    for made, recorded in ((relative, str(tiny_cn15_dir.relative_to(tiny_cn15_dir.parent.parent))),
                            (ControlNetModel.from_unet(model.unet), "<ControlNetModel made in memory>")):
         caplog.clear()
         (img,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", controlnet=made, **run)
         assert json.loads(img.info["parameters"])["controlnet"] == recorded
         assert "info --job cannot rerun it" in caplog.text
+    with pytest.raises(ad.UserError, match=r"made with a controlnet passed in memory \(<ControlNetModel made in "):
+        job_from_parameters(json.loads(img.info["parameters"]))

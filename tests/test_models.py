@@ -121,3 +121,17 @@ def test_pickle_weights_need_allow_pickle_also_for_a_vae_and_safetensors_load_wi
     for component in ("unet", "text_encoder"):  # a folder of another component is no VAE
         with pytest.raises(UserError, match="not an AutoencoderKL"):
             load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / component, device="cpu", dtype="fp32")
+
+
+def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, monkeypatch):
+    """The API's model cache is keyed by the folder a name leads to, not by the name: after a change of folder
+    the same relative name is another model."""
+    from attndistill.loading import as_model
+
+    for place, target in (("a", tiny_sd15_dir), ("b", tiny_sdxl_dir)):
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "m").symlink_to(target)
+    monkeypatch.chdir(tmp_path / "a")
+    assert as_model("m", device="cpu").kind == "sd15"
+    monkeypatch.chdir(tmp_path / "b")
+    assert as_model("m", device="cpu").kind == "sdxl"

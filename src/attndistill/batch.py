@@ -197,6 +197,7 @@ class Runner:
                 images = None
                 _free_memory(self._model if failure[1] else None)
                 for job in runnable:
+                    _remove_leftovers(job)  # the batch may have saved some of its images before it failed
                     statuses[job.id] = self._run(job, tag)
             else:
                 seconds = (time.perf_counter() - start) / len(runnable)
@@ -207,7 +208,9 @@ class Runner:
                         continue
                     self._record(job, "done", seconds=seconds, outputs=job.outputs, batched=len(runnable))
                     statuses[job.id] = "done"
-                self.log(f"{tag} {len(runnable)} style jobs done in one batch, {seconds:.1f} s each")
+                done = sum(statuses[job.id] == "done" for job in runnable)
+                self.log(f"{tag} {len(runnable)} style jobs run in one batch, {seconds:.1f} s each"
+                         + (f"; {len(runnable) - done} of them failed" if done < len(runnable) else ""))
         except (KeyboardInterrupt, SystemExit):
             self.log(f"{tag}: interrupted; no partial output left, these jobs run again next time")
             raise

@@ -7,6 +7,7 @@ sizes, expansion, text-to-image options), so a job is refused here exactly when 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,10 @@ class Validator:
                                 "'output'")
             if path.is_dir():
                 raise UserError(f"output '{path}' is a directory; set another 'output'")
+            blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+            if blocking is not None:
+                raise UserError(f"output '{path}' cannot be made: '{blocking}' is a file, not a folder; set another "
+                                "'output'")
 
     def check_inputs(self, job: Job, *, model: bool = True) -> None:
         """Everything :meth:`check` checks but the outputs, raising the bare :class:`UserError`: what a
@@ -111,7 +116,7 @@ class Validator:
                 self._image(item, name)
                 inputs.add(Path(item).resolve())
         for path in job.outputs:  # even with overwrite: the result's parameters name its inputs for reruns
-            if path.resolve() in inputs:
+            if _is_one_of(path, inputs):
                 raise UserError(f"output '{path}' is an input of this run, which its result must not replace; "
                                 "choose another output name")
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
@@ -234,6 +239,15 @@ class Validator:
         shell = self._layers[model]
         if shell is not None:
             parse_layers(layers, shell)  # range checked against the model's own layer count
+
+
+def _is_one_of(path: Path, files: set[Path]) -> bool:
+    """``path`` names one of ``files`` (resolved), also under another name: a case-insensitive file system,
+    a hard link. A name the file system refuses is none of them (the output checks say what is wrong)."""
+    try:
+        return path.resolve() in files or (path.exists() and any(os.path.samefile(path, f) for f in files))
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

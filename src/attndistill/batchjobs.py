@@ -198,6 +198,9 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
         if value is None or key == "task":
             continue
         if key in ("model", "vae", "config", "controlnet"):  # local folders and files made absolute
+            if str(value).startswith("<"):  # e.g. a ControlNet made in memory, recorded by its class
+                raise UserError(f"{source} was made with a {key} passed in memory ({value}), not a folder or "
+                                "Hub id; it cannot be rerun from its parameters")
             job[key] = str(Path(value).resolve()) if Path(value).exists() else value
         elif key in ("grid", "allow_pickle"):
             job[key] = bool(value)

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,12 +204,23 @@ def _controlnet_name(controlnet) -> str:
     if isinstance(controlnet, str | os.PathLike):
         return local_or_hub(controlnet)
     name = str(getattr(controlnet.config, "_name_or_path", "") or "")
-    if os.path.exists(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if os.path.exists(name) or _cached_hub_id(name):
         return local_or_hub(name)
     log.warning("the ControlNet passed as an object was not loaded from a folder or Hub id that can be found "
                 "from here (%s): the result records it, but info --job cannot rerun it; pass the ControlNet as a "
                 "path or Hub id instead", repr(name) if name else "made in memory")
     return name or f"<{type(controlnet).__name__} made in memory>"
+
+
+def _cached_hub_id(name: str) -> bool:
+    """A Hub repository whose config is in the local cache: what a net loaded from the Hub leaves behind (a
+    relative path such as ``nets/canny`` reads like a Hub id, but is not in the cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id (./x, ../x, a/b/c): not one
+        return False
 
 
 def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,

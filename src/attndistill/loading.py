@@ -376,12 +376,12 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             if damaged:
                 raise UserError(f"{what} '{source}' has a damaged weights file: {damaged.group(1)} (cut short "
                                 "or not a weights file); download it again") from None
+            named = re.search(r"no file named \S+ found in directory (.+?)\.?$", text)  # a component's folder
+            if named and Path(named.group(1)).is_dir() and not any(
+                    p.suffix in _WEIGHTS for p in Path(named.group(1)).rglob("*")):
+                raise UserError(f"{what} '{source}' has no weights in {named.group(1)}, neither .safetensors nor "
+                                "pickle files; download it again") from None
             if "safetensors" in text and kwargs.get("use_safetensors"):
-                named = re.search(r"directory (\S+?)\.?$", text)  # the component that has none
-                folder = Path(named.group(1)) if named else path
-                if folder.is_dir() and not any(p.suffix in _PICKLE_WEIGHTS for p in folder.rglob("*")):
-                    raise UserError(f"{what} '{source}' has no weights in {folder}, neither .safetensors nor "
-                                    "pickle files; download it again") from None
                 raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None
             lowered = text.lower()
@@ -391,8 +391,8 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
     raise AssertionError("unreachable")
 
 
-#: Suffixes of weights files that are pickles (what --allow-pickle lets a load read).
-_PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth"}
+#: Suffixes of weights files: safetensors, and the pickles --allow-pickle lets a load read.
+_WEIGHTS = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
 
 
 @lru_cache(maxsize=1)
@@ -421,5 +421,6 @@ def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, devi
     if model is not None and not isinstance(model, str | os.PathLike):
         raise UserError(f"model must be a loaded model (attndistill.load_model), a folder, a checkpoint file or a "
                         f"Hub id, not a {type(model).__name__}")
-    return cached_model(str(model or DEFAULT_MODEL), None if vae is None else str(vae),
+    # keyed by what the names mean now: the same relative name in another folder is another model
+    return cached_model(local_or_hub(model or DEFAULT_MODEL), None if vae is None else local_or_hub(vae),
                         None if device is None else str(device), None if dtype is None else str(dtype))

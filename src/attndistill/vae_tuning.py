@@ -211,8 +211,11 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
 
 
 def _within(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+    """``path`` is ``folder``, inside it, or inside one of its subfolders wherever a link takes that (a
+    model's vae/ may be a link to a VAE shared by several models)."""
+    path = path.resolve()
+    places = [folder, *(child for child in folder.iterdir() if child.is_dir())]
+    return any(path == place.resolve() or place.resolve() in path.parents for place in places)
 
 
 #: How a tuned VAE was made (reference, model, steps, lr, versions), saved beside its weights.

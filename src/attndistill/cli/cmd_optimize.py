@@ -35,7 +35,6 @@ from .common import (
     Vae,
     check_before_load,
     check_options,
-    check_outputs,
     finite,
     load,
     parse_size_option,
@@ -83,11 +82,11 @@ def style(
     from ..tasks import style_transfer
 
     def body() -> None:
-        outputs = check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("style", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size, outputs=outputs,
+                          device=device, dtype=dtype, size=size,
+                          output=output, overwrite=overwrite, preview=preview,
                           content=content, style=style_images, mask=mask, steps=steps, iters=iters, lr=lr,
                           content_weight=content_weight, attention_scale=attention_scale, layers=layers, tile=tile,
                           reference_fit=reference_fit)
@@ -118,11 +117,11 @@ def appearance(
     from ..tasks import appearance_transfer
 
     def body() -> None:
-        outputs = check_outputs(output, 1, overwrite=overwrite, preview=preview)
         check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("appearance", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size, outputs=outputs,
+                          device=device, dtype=dtype, size=size,
+                          output=output, overwrite=overwrite, preview=preview,
                           structure=structure, appearance=appearance_images, mask=mask, steps=steps, iters=iters,
                           lr=lr, content_weight=content_weight, attention_scale=attention_scale, layers=layers,
                           tile=tile, reference_fit=reference_fit)
@@ -181,9 +180,9 @@ def texture(
         check_options(TASKS[job_task].preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
                       adain=adain, reference_fit=reference_fit)
-        outputs = check_outputs(output, 1 if grid else num, overwrite=overwrite, preview=preview)  # after the count
         check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size, outputs=outputs,
+                          device=device, dtype=dtype, size=size,
+                          output=output, count=1 if grid else num, overwrite=overwrite, preview=preview,
                           reference=references, ref_labels=ref_labels, target_labels=target_labels, layout=layout,
                           strength=strength, num=num, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                           layers=layers, tile=tile, reference_fit=reference_fit, **extra)

@@ -32,7 +32,6 @@ from .common import (
     Vae,
     check_before_load,
     check_options,
-    check_outputs,
     finite,
     load,
     parse_size_option,
@@ -93,10 +92,9 @@ def t2i(
                       control_image=control_image, control=control, control_scale=control_scale, content=content,
                       content_weight=content_weight, reference_fit=reference_fit, num=num_images,
                       what="number of images")
-        # after the count
-        outputs = check_outputs(output, 1 if grid else num_images, overwrite=overwrite, preview=preview)
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size, outputs=outputs,
+                          device=device, dtype=dtype, size=size,
+                          output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,
                           prompt=prompt, style=style, content=content, control_image=control_image,
                           controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
                           adain=adain, start_t=start_t, content_weight=content_weight, num_images=num_images,

@@ -37,7 +37,6 @@ from .common import (
     check_before_load,
     check_images,
     check_options,
-    check_outputs,
     finite,
     load,
     parse_size_option,
@@ -108,7 +107,6 @@ def expand(
     from ..textures import check_expansion, expand_texture
 
     def body() -> None:
-        outputs = check_outputs(output, 1, overwrite=overwrite, preview=preview)
         canvas = parse_size_option(size, multiple=8)
         optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
                     if v is not None}
@@ -117,7 +115,8 @@ def expand(
                         canvas, **optional)
         check_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size, outputs=outputs,
+                          device=device, dtype=dtype, size=size,
+                          output=output, overwrite=overwrite, preview=preview,
                           reference=references, stride=stride, steps=steps, iters=iters, lr=lr,
                           attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit,
                           **optional)

@@ -10,7 +10,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -124,10 +124,11 @@ def check_options(task: str, *, size: str | None = None, num: int = 1, what: str
 
 
 def check_before_load(task: str, *, model: str | None, vae: Path | None, config: Path | None, allow_pickle: bool,
-                      device: str, dtype: str, size: str | None = None, outputs: Sequence[Path] = (),
-                      **args) -> None:
+                      device: str, dtype: str, output: Path, count: int = 1, overwrite: bool,
+                      preview: Path | None = None, size: str | None = None, **args) -> None:
     """What a batch dry run checks of a job, checked before this command's model loads: every input image
-    (read once, named as the command names it), the options, and what needs the model.
+    (read once, named as the command names it), the options, what needs the model; then the ``count``
+    outputs named after ``output`` (none of them an input, even with ``overwrite``) and the preview file.
 
     The model's configs (no weights) decide whether ``--size``, a mask's white, references cut under
     reference fit keep, ``--layers`` and a ControlNet fit it, so such a mistake fails in a second rather than
@@ -146,8 +147,12 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     spec = ModelSpec(source=model, vae=plain(vae), config=plain(config), allow_pickle=allow_pickle, device=device,
                      dtype=dtype)
     validator = Validator(Path.cwd(), labels=_INPUT_LABELS)
-    validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=tuple(outputs)),
+    from ..images import numbered_outputs
+
+    outputs = tuple(numbered_outputs(output, count))
+    validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=outputs),
                            model=False)
+    check_outputs(output, count, overwrite=overwrite, preview=preview)
 
 
 #: How the commands name the inputs whose job keys read otherwise ("reference" is a texture command's texture).
@@ -206,9 +211,8 @@ def preview_callback(path: Path | None, every: int, model):
     return callback
 
 
-def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None) -> list[Path]:
-    """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file.
-    Returns the outputs, for :func:`check_before_load` to hold against the inputs."""
+def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None) -> None:
+    """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file."""
     from ..errors import UserError
     from ..images import check_output, numbered_outputs
 
@@ -222,7 +226,6 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
         check_output(preview, overwrite=True, what="--preview", option="--preview", why="previews are PNG files")
     for path in outputs:
         check_output(path, overwrite=overwrite)
-    return outputs
 
 
 def debug_enabled() -> bool:
