@@ -263,6 +263,10 @@ def test_a_results_parameters_name_copies_of_its_uploads_that_outlive_the_server
     assert kept.read_bytes() == (data_dir / "horse.jpg").read_bytes() and again["content"] == str(kept)  # one copy
     assert Path(params["style"][0]).parent == ui.outputs / "inputs"
     assert shlex.split(command)[2:4] == ["horse.jpg", "watercolor-cat.jpg"]
+    folder = run_tab(ui, "vae", {"vae-reference": values["style-target"], "vae-steps": 1, "vae-use": False,
+                                 "vae-box": ""})[-1][1]
+    made = json.loads((Path(folder) / "attndistill.json").read_text())  # so does a tuned VAE folder
+    assert made["reference"] == [str(kept)]
     shutil.rmtree(uploads)  # the server has gone: the rerun line still names files that exist
     assert Path(job_from_parameters(params)["content"]).is_file()
 

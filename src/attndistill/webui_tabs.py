@@ -29,6 +29,7 @@ from .webui_fields import (
     float_box,
     image_input,
     int_box,
+    keep_uploads,
     mask_painter,
     number_value,
     page_message,
@@ -398,7 +399,8 @@ def vae_tab(ui: WebUI) -> None:
         skip = gr.skip()
         try:
             n = whole(n, "Steps", steps.bounds)
-            references = [required(ref, "reference image"), *file_paths(values[more])]
+            # the copies kept beside the results: the folder's attndistill.json names them for reruns
+            references = keep_uploads([required(ref, "reference image"), *file_paths(values[more])], ui.outputs)
         except UserError as exc:
             yield FAILED.format(exc), None, None, "", skip  # not the last tuning's "done" beside this error
             raise gr.Error(str(exc)) from None
