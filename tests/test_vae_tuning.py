@@ -159,3 +159,33 @@ def test_the_wrapper_gives_a_tasks_own_pixels_in_bf16_and_takes_one_image_result
 def test_bad_settings_are_user_errors(tiny_sd15):
     with pytest.raises(ad.UserError, match="steps"):
         tune_decoder(tiny_sd15.vae, torch.rand(1, 3, 64, 64), steps=0)
+
+
+@pytest.mark.parametrize("task", ["style", "texture-sample"])
+def test_a_runs_callback_sees_its_decoder_tuning_and_may_stop_it_there(tiny_sd15, data_dir, monkeypatch, task):
+    """--tune-vae tunes for a while: the run's callback sees those steps (their stage named, their latents
+    empty), so a page can show them and its Cancel can stop there."""
+    from attndistill.generate import texture_sampling
+
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, **{**kw, "steps": 3}))
+    stages = []
+    run = dict(model=tiny_sd15, steps=2, size=64, progress=False, tune_vae=True,
+               callback=lambda info: stages.append((info.stage, info.latents.numel() > 0)))
+    call = (partial(ad.style_transfer, data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg") if task == "style"
+            else partial(texture_sampling, data_dir / "wood-rings.jpg"))
+    call(**run)
+    tuning, steps = [(vae_tuning.TUNING_STAGE, False)] * 3, [("", True)] * 2
+    assert stages == (tuning + steps if task == "style" else steps + tuning)  # tuned before or after the steps
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_tuning(info):
+        if info.stage:
+            raise Stop
+
+    original = tiny_sd15.vae
+    with pytest.raises(Stop):
+        call(**{**run, "callback": stop_in_tuning})
+    assert tiny_sd15.vae is original

@@ -114,8 +114,8 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, fused=fused,
                             **inputs)
     # tune_vae: decoded by a decoder fitted to the references (ALGORITHM.md §5), circular when tiling
-    tuned = finetune_vae(job.references, model=model, reference_fit=preset.reference_fit,
-                         progress=progress) if job.tune_vae else None
+    tuned = finetune_vae(job.references, model=model, reference_fit=preset.reference_fit, progress=progress,
+                         callback=callback) if job.tune_vae else None
     with using_vae(model, tuned), seamless(model, tile, parts=("decoder",)):
         return finish(model, z, params)
 

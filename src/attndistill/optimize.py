@@ -30,6 +30,9 @@ class StepInfo:
     loss: float  # loss after the last inner iteration's forward (before its Adam step)
     latents: torch.Tensor  # current latents (B, 4, h, w), detached
     losses: list[float] | None = None  # every inner iteration's loss at this step
+    #: "" for the run's own steps; a task's decoder tuning (tune_vae) reports "tuning the VAE decoder", its
+    #: latents empty: a callback may raise to stop the run there too
+    stage: str = ""
 
 
 Callback = Callable[[StepInfo], None]

@@ -227,7 +227,8 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                           content_weight=preset.content_weight, fused=fused, condition_size=(h, w),
                           update_mask=region)
     # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the references
-    with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
+    with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
+                    callback=callback),
           seamless(model, tile)):
         z = optimize_latents(distiller, init, z_ref, content_latents=z_content, steps=preset.steps,
                              iters=preset.iters, lr=preset.lr, callback=callback, progress=progress, desc=task)

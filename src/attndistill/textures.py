@@ -152,8 +152,8 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
-    tuned = vae_tuning.finetune_vae(refs, model=model, reference_fit=preset.reference_fit,
-                                    progress=progress) if tune_vae else None
+    tuned = vae_tuning.finetune_vae(refs, model=model, reference_fit=preset.reference_fit, progress=progress,
+                                    callback=callback) if tune_vae else None
     with using_vae(model, tuned):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
@@ -209,7 +209,8 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
     model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
     fit = kwargs.get("reference_fit")  # no reference: the task itself says one is needed
-    with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress),
+    with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress,
+                    callback=kwargs.get("callback")),
           seamless(model, tile, parts=("unet", "decoder"))):
         result = task(reference, model=model, progress=progress, **kwargs)
     for img in [result] if isinstance(result, Image.Image) else result:
@@ -383,7 +384,8 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
                           content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
                           condition_size=(h, w), fused=fused)
-    with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress),
+    with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
+                    callback=callback),
           seamless(model, tile)):
         try:  # fails at the first step, if at all
             z = optimize_latents(distiller, z_init, z_ref, content_latents=z_init, steps=preset.steps,

@@ -92,6 +92,10 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
     return tuned.requires_grad_(False).eval()
 
 
+#: The :class:`~attndistill.optimize.StepInfo` stage of decoder-tuning steps.
+TUNING_STAGE = "tuning the VAE decoder"
+
+
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel, steps: int = STEPS,
                  lr: float = LR, reference_fit: str | None = None, progress: bool = False,
                  callback: Callable | None = None, warn_crops: bool = True):
@@ -128,7 +132,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         if callback is not None:
             from .optimize import StepInfo
 
-            callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss]))
+            callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss], stage=TUNING_STAGE))
 
     try:
         def attempt():  # a second one (out of memory beside cached graphs) starts over, and so does the bar
@@ -172,10 +176,11 @@ def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
 
 @contextmanager
 def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *, reference_fit: str | None = None,
-              progress: bool = False) -> Iterator[DiffusionModel]:
-    """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op)."""
+              progress: bool = False, callback: Callable | None = None) -> Iterator[DiffusionModel]:
+    """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op).
+    ``callback``: the run's, which sees the tuning's steps as stage :data:`TUNING_STAGE`."""
     vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
-                                                       progress=progress, warn_crops=False)
+                                                       progress=progress, callback=callback, warn_crops=False)
     with using_vae(model, vae):
         yield model
 

@@ -210,12 +210,14 @@ class WebUI:
             for u in job.updates():
                 loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"  # NaN: no AD iterations (plain sampling)
                 progress((u.step, u.total), desc=loss or None)
-                yield line(f"step {u.step}/{u.total}" + (f" · {loss}" if loss else ""), u.preview)
+                yield line((f"{u.stage}: " if u.stage else "") + f"step {u.step}/{u.total}"
+                           + (f" · {loss}" if loss else ""), u.preview)
         finally:
             job.cancel()  # the page went away mid-run: stop the worker at its next step
             job.wait()
         if job.cancelled:
-            where = f" after step {job.last.step} of {job.last.total}" if job.last else ""
+            where = "" if not job.last else (f" while {job.last.stage}," if job.last.stage else "") + \
+                f" after step {job.last.step} of {job.last.total}"
             yield line(f"cancelled{where}; nothing was saved", None)
         return job, (loaded[0] if loaded else None)
 

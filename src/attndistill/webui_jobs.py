@@ -75,6 +75,7 @@ class Update:
     total: int
     loss: float
     preview: Image.Image | None = None
+    stage: str = ""  # see StepInfo.stage
 
 
 class _Notes(logging.Handler):
@@ -137,13 +138,14 @@ class Job:
             raise Cancelled(f"cancelled after step {info.step} of {info.total}")
         step = info.step + 1
         image = None
-        if self.preview is not None and self.every > 0 and step % self.every == 0 and step < info.total:
+        if (self.preview is not None and self.every > 0 and step % self.every == 0 and step < info.total
+                and not info.stage):  # a stage's latents are empty
             try:
                 image = self.preview(info.latents)
             except Exception as exc:  # a preview is a nicety: never let it end the run
                 log.warning("live preview disabled: %s", exc)
                 self.preview = None
-        self._updates.put(Update(step, info.total, info.loss, image))
+        self._updates.put(Update(step, info.total, info.loss, image, info.stage))
 
     @property
     def notes(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -408,7 +409,9 @@ def vae_tab(ui: WebUI) -> None:
                  if v is not None}
         job, model = yield from ui.follow(
             request, tab, model_id, vae_id,
-            lambda model, callback: finetune_vae(references, model=model, callback=callback, **extra),
+            # the tab's whole run is the tuning: its steps are the run's own, not a stage of it
+            lambda model, callback: finetune_vae(references, model=model,
+                                                 callback=lambda info: callback(replace(info, stage="")), **extra),
             progress, line=lambda text, _: (text, skip, skip, skip, skip))
         if job is None or job.cancelled:
             return

@@ -205,6 +205,8 @@ def preview_callback(path: Path | None, every: int, model):
     from ..webui_jobs import preview_image
 
     def callback(info) -> None:
+        if info.stage:  # the decoder's tuning (--tune-vae): no latents to show
+            return
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
             save_png(preview_image(model, info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
 
