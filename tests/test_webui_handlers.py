@@ -364,3 +364,12 @@ def test_strokes_painted_over_the_content_restyle_that_part_and_the_command_says
     params, command, _ = result_parameters(run_tab(ui, "style", {**inputs, "style-mask": content_to_paint_on(
         str(data_dir / "horse.jpg"))}))
     assert "mask" not in params and "--mask" not in command
+
+
+def test_a_failed_load_says_what_is_loaded_now(tiny_sd15_dir, tmp_path):
+    """A failed Load has freed the previous model: the status must not still say it is loaded."""
+    ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path)
+    assert ui.load(str(tiny_sd15_dir), "").startswith(f"loaded `{tiny_sd15_dir}`")
+    (tmp_path / "not-a-vae").mkdir()
+    status = ui.load(str(tiny_sd15_dir), str(tmp_path / "not-a-vae"))
+    assert status.startswith("failed: ") and status.endswith("no model loaded yet: the first run loads it")

@@ -225,8 +225,15 @@ class WebUI:
         """Cancel this page's run of ``tab`` after its current step, and withdraw the ones still waiting."""
         gr.Info(self.runs.cancel(_key(request, tab)))
 
-    def load(self, model: str, vae: str):
-        self._model(model, vae)
+    def load(self, model: str, vae: str) -> str:
+        """The Load button: the status says what is loaded now, also after a failed load (which has freed the
+        previous model before it failed)."""
+        try:
+            self.slot.get(model, vae)
+        except Exception as exc:
+            message = page_message(exc)
+            gr.Warning(message)
+            return f"{FAILED.format(message)} · {self.slot.describe()}"
         return self.slot.describe()
 
     # -- layout ----------------------------------------------------------------------------------
