@@ -258,18 +258,23 @@ def test_nan_guard_fails_the_job_not_the_batch(tmp_path, data_dir, tiny_sd15_dir
     assert not (out / "nan.png").exists() and (out / "ok.png").is_file()
 
 
-def test_a_job_failing_between_its_images_records_what_it_wrote(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+def disk_full_at_the_second_save(monkeypatch) -> None:
+    """The disk fills up at the second image saved, and only then."""
     from attndistill import images
 
     original, calls = images.save_png, []
 
-    def disk_full_on_the_second(*args, **kwargs):
+    def save_png(*args, **kwargs):
         calls.append(args[1])
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(images, "save_png", disk_full_on_the_second)
+    monkeypatch.setattr(images, "save_png", save_png)
+
+
+def test_a_job_failing_between_its_images_records_what_it_wrote(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    disk_full_at_the_second_save(monkeypatch)
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=2, output="t.png")])
     out = tmp_path / "out"
     assert invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir).exit_code == 1
@@ -343,17 +348,7 @@ def test_a_batch_that_fails_after_saving_some_images_reruns_them_as_its_own(tmp_
                                                                             monkeypatch):
     """The one-by-one rerun of a failed batch takes the batch's saved images for the jobs' own leftovers, not
     for files that appeared while they ran."""
-    from attndistill import images
-
-    original, calls = images.save_png, []
-
-    def disk_full_once_on_the_second(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(images, "save_png", disk_full_once_on_the_second)
+    disk_full_at_the_second_save(monkeypatch)
     jobs = write_jobs(tmp_path / "in", data_dir, [
         job_line("style", c, "wood-rings.jpg", size="64x64", output=f"{Path(c).stem}.png")
         for c in ("horse.jpg", "golden-gate.jpg")])
