@@ -238,6 +238,15 @@ def test_sizes_as_people_write_them(text, size):
     assert parse_size(text, multiple=1) == size
 
 
+def test_sizes_round_to_the_nearest_multiple_and_halves_up(tiny_sd15):
+    """Halves go one way, not to the even multiple: 80 and 112 both round up, by 16 px, as 96 and 128."""
+    from attndistill.images import parse_size
+    from attndistill.tasks import target_size
+
+    assert [parse_size(t, multiple=32) for t in ("80", "112", "79", "100x70")] == [96, 128, 64, (96, 64)]
+    assert [target_size(tiny_sd15, s) for s in (80, 112, (80, 48))] == [(96, 96), (128, 128), (96, 64)]
+
+
 @pytest.mark.parametrize("text", ["abc", "0", "1x", "5x5x5", "-3", "5.5", "x512"])
 def test_sizes_that_are_no_size(text):
     from attndistill.images import parse_size

@@ -161,6 +161,20 @@ def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):
         check_label_maps(tmp_path / "texture.png", tmp_path / "ref.jpg", tmp_path / "target.png")
 
 
+def test_anti_aliased_edges_are_named_when_their_colours_do_not_match(tmp_path):
+    """A map drawn with smoothing has blends of two colours along its region edges: the error says so."""
+    from attndistill.textures import check_label_maps
+
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
+    _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.png")
+    target = np.asarray(_map((64, 64), [((0, 0, 1, 0.5), GREEN), ((0, 0.5, 1, 1), RED)])).copy()
+    target[31] = (np.asarray(RED) + np.asarray(GREEN)) // 2  # one row of edge blend: 1.6% of the map
+    Image.fromarray(target).save(tmp_path / "target.png")
+    with pytest.raises(ad.UserError, match=r"uses colour\(s\) #7f7f00 .* they cover only 1\.6% of it, as the edge "
+                                           r"blends of a map drawn or resized with smoothing do"):
+        check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
+
+
 def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):
     ref, _, target_labels = maps
     _map((64, 200), [((0, 0, 1, 1), RED)]).save(tmp_path / "tall.png")

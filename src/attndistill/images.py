@@ -140,8 +140,9 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
 
 
 def round_to_multiple(value: float, multiple: int) -> int:
-    """Nearest positive multiple of ``multiple``."""
-    return max(multiple, int(round(value / multiple)) * multiple)
+    """Nearest positive multiple of ``multiple``, halves up (Python's ``round`` sends them to the even
+    multiple: 80 would become 64 but 112 become 128)."""
+    return max(multiple, math.floor(value / multiple + 0.5) * multiple)
 
 
 def fit_size(size: tuple[int, int], long_side: int, multiple: int = 64) -> tuple[int, int]:

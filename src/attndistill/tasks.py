@@ -23,7 +23,17 @@ from . import __version__
 from .checks import flag
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, check_size, fit_references, fit_size, load_image, params_json, to_pil, to_tensor
+from .images import (
+    ImageInput,
+    check_size,
+    fit_references,
+    fit_size,
+    load_image,
+    params_json,
+    round_to_multiple,
+    to_pil,
+    to_tensor,
+)
 from .loading import as_model, local_or_hub
 from .models import DiffusionModel
 from .optimize import Callback, optimize_latents
@@ -116,11 +126,11 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
         size = model.native_size
     if isinstance(size, int):
         if like is None:
-            w = h = max(multiple, round(size / multiple) * multiple)
+            w = h = round_to_multiple(size, multiple)
         else:
             w, h = fit_size(like.size, size, multiple)
     else:
-        w, h = (max(multiple, round(s / multiple) * multiple) for s in size)
+        w, h = (round_to_multiple(s, multiple) for s in size)
     if w * h > 4096 * 4096:
         raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
     return w, h

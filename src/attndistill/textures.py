@@ -299,6 +299,11 @@ def _is_jpeg(source: ImageInput) -> bool:
         return False
 
 
+#: Target-map colours missing from the reference that cover less than this share of the map are taken for
+#: anti-aliased region edges in the error's hint.
+EDGE_SHARE = 0.05
+
+
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
                      target_labels: ImageInput):
     """Masked synthesis's inputs, read and checked before any model loads (the CLI and batch runs call it too):
@@ -326,6 +331,10 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
         jpeg = [n for n, source in zip(names, [*ref_label_inputs, target_labels], strict=True) if _is_jpeg(source)]
         hint = (f"; {', '.join(repr(n) for n in jpeg)} {'is' if len(jpeg) == 1 else 'are'} JPEG, whose compression "
                 "adds colours: save label maps as PNG") if jpeg else ""
+        share = float(np.isin(maps[-1], missing).mean())
+        if not jpeg and share < EDGE_SHARE:  # a few pixels: the blends that smoothing leaves between regions
+            hint = (f"; they cover only {share:.1%} of it, as the edge blends of a map drawn or resized with "
+                    "smoothing do: paint without anti-aliasing and resize label maps with nearest-neighbour")
         raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
                         f"that no reference label map has; every target colour needs a region in the reference{hint}")
     return ref_images, target_image, maps, colours, names
