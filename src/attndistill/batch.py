@@ -188,8 +188,8 @@ class Runner:
                 images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
                                               model=model, progress=self.progress,
                                               masks=masks if any(m is not None for m in masks) else None, **args)
-                displaced = {job.id: _save_result(image, job.outputs[0], job, batched=len(runnable))[1]
-                             for job, image in zip(runnable, images, strict=True)}
+                saved = {job.id: _save_result(image, job.outputs[0], job, batched=len(runnable))
+                         for job, image in zip(runnable, images, strict=True)}
             except Exception as exc:  # handled below: inside except, its traceback keeps the batch's memory
                 failure = (_describe(exc), is_out_of_memory(exc))
             if failure is not None:
@@ -202,9 +202,9 @@ class Runner:
             else:
                 seconds = (time.perf_counter() - start) / len(runnable)
                 for job in runnable:
-                    if displaced[job.id] is not None:
-                        statuses[job.id] = self._failed(job, tag, displaced[job.id][1], start,
-                                                        written=[displaced[job.id][0]])
+                    path, displaced = saved[job.id]
+                    if displaced is not None:
+                        statuses[job.id] = self._failed(job, tag, displaced, start, written=[path])
                         continue
                     self._record(job, "done", seconds=seconds, outputs=job.outputs, batched=len(runnable))
                     statuses[job.id] = "done"
@@ -257,9 +257,9 @@ class Runner:
                 images = [image_grid(images)]
             paths = job.outputs if len(images) == len(job.outputs) else numbered_outputs(job.outputs[0], len(images))
             for image, path in zip(images, paths, strict=True):
-                saved, moved = _save_result(image, path, job)
-                written.append(saved)
-                displaced = displaced or moved
+                path, why = _save_result(image, path, job)
+                written.append(path)
+                displaced = displaced or why
         except UserError as exc:
             return self._failed(job, tag, str(exc), start, written=written)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
@@ -274,7 +274,7 @@ class Runner:
                     return self._run(job, tag, retry=False)
             return self._failed(job, tag, failure[0], start, trace=failure[1], written=written)
         if displaced is not None:
-            return self._failed(job, tag, displaced[1], start, written=written)
+            return self._failed(job, tag, displaced, start, written=written)
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")
@@ -389,22 +389,19 @@ def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return chunks
 
 
-def _save_result(image, path: Path, job: Job, batched: int = 1) -> tuple[Path, tuple[Path, str] | None]:
+def _save_result(image, path: Path, job: Job, batched: int = 1) -> tuple[Path, str | None]:
     """Save one result at ``path``: (where it went, None), or, where another file took ``path`` while the
-    job ran, the result beside it and (its path, why the job is not done). Leftovers of the job itself were
-    removed under its lock, so a file there now is someone else's: it is kept, and so is the work."""
-    from .images import free_name, save_png
+    job ran, (the result beside it, why the job is not done). Leftovers of the job itself were removed under
+    its lock, so a file there now is someone else's: it is kept, and so is the work."""
+    from .images import save_result
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    taken = path if not job.overwrite and path.exists() else None
-    if taken is not None:
-        path = free_name(taken)
-    saved = save_png(image, path, overwrite=job.overwrite, parameters=_parameters(image, job, batched))
+    saved, taken = save_result(image, path, overwrite=job.overwrite, parameters=_parameters(image, job, batched))
     if taken is None:
         return saved, None
-    return saved, (saved, f"output '{taken}' appeared while the job ran and is left as it is; its result is "
-                          f"'{saved}': move it to '{taken.name}' to count the job done, or delete '{taken.name}' "
-                          "and rerun with --retry-failed")
+    return saved, (f"output '{taken}' appeared while the job ran and is left as it is; its result is '{saved}': "
+                   f"move it to '{taken.name}' to count the job done, or delete '{taken.name}' and rerun with "
+                   "--retry-failed")
 
 
 def _parameters(image, job: Job, batched: int = 1) -> dict:

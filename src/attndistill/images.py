@@ -377,9 +377,18 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
-def free_name(path: Path) -> Path:
-    """``OUT.new.png``, or ``OUT.new-2.png``... : the first name beside ``path`` that no file has, for a
-    result whose output name another file took while it ran (the work is kept, the other file too)."""
+def save_result(image: Image.Image, path: Path, *, overwrite: bool = False,
+                parameters: dict | None = None) -> tuple[Path, Path | None]:
+    """:func:`save_png` for a result whose output name was checked free before its run: (where it went, None),
+    or, where another file took ``path`` while it ran, (the first free ``OUT.new.png``, ``OUT.new-2.png``...
+    beside it, ``path``): the other file is kept, and so is the work."""
+    taken = path if not overwrite and path.exists() else None
+    if taken is not None:
+        path = _free_name(taken)
+    return save_png(image, path, overwrite=overwrite, parameters=parameters), taken
+
+
+def _free_name(path: Path) -> Path:
     for n in range(1, 10_000):
         candidate = path.with_name(f"{path.stem}.new{'' if n == 1 else f'-{n}'}.png")
         if not candidate.exists():

@@ -136,6 +136,7 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     """
     from ..batchcheck import Validator
     from ..batchjobs import ALIASES, Job, ModelSpec
+    from ..images import numbered_outputs
 
     def plain(value):
         return [str(v) for v in value] if isinstance(value, list | tuple) else str(value) \
@@ -147,8 +148,6 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     spec = ModelSpec(source=model, vae=plain(vae), config=plain(config), allow_pickle=allow_pickle, device=device,
                      dtype=dtype)
     validator = Validator(Path.cwd(), labels=_INPUT_LABELS)
-    from ..images import numbered_outputs
-
     outputs = tuple(numbered_outputs(output, count))
     validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=outputs),
                            model=False)
@@ -168,14 +167,13 @@ def parse_size_option(size: str | None, multiple: int = 1):
 
 def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
     """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically."""
-    from ..images import free_name, numbered_outputs, save_png
+    from ..images import numbered_outputs, save_result
 
     written = []
-    for img, path in zip(images, numbered_outputs(output, len(images)), strict=True):
-        if not overwrite and path.exists():  # it appeared during the run (checked before): keep the work anyway
-            taken, path = path, free_name(path)
+    for img, planned in zip(images, numbered_outputs(output, len(images)), strict=True):
+        path, taken = save_result(img, planned, overwrite=overwrite)
+        if taken is not None:  # it appeared during the run (checked before): the work is kept anyway
             echo_err(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
-        save_png(img, path, overwrite=overwrite)
         typer.echo(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
         written.append(path)
     return written
