@@ -148,6 +148,21 @@ def test_a_small_label_map_may_be_a_pixel_off_its_textures_aspect(tmp_path):
         check_label_maps(tmp_path / "wide.png", tmp_path / "off.png", tmp_path / "target.png")
 
 
+def test_a_size_of_another_aspect_than_the_target_map_is_refused(tmp_path):
+    """The layout follows the target map: a (width, height) of another aspect would stretch it silently."""
+    from attndistill.textures import check_label_maps
+
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
+    _map((64, 64), [((0, 0, 1, 1), RED)]).save(tmp_path / "ref.png")
+    _map((96, 64), [((0, 0, 1, 1), RED)]).save(tmp_path / "target.png")
+    args = tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png"
+    for size in (None, 96, (96, 64), (767, 512)):  # long side, or the map's aspect to a pixel
+        check_label_maps(*args, size=size)
+    with pytest.raises(ad.UserError, match=r"target label map '.*target\.png' is 96x64 but the size asked for is "
+                                           r"64x64, another aspect, which would stretch its layout"):
+        check_label_maps(*args, size=(64, 64))
+
+
 def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):
     """JPEG's compression adds colours no reference map has: the error says so, not only which colours."""
     from attndistill.textures import check_label_maps

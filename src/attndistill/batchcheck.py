@@ -124,7 +124,8 @@ class Validator:
         if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map
             from .textures import check_label_maps
 
-            check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"])
+            check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"],
+                             job.args.get("size"))
         if model:
             self._model(job.model)
         self._check_geometry(job, preset, mask)

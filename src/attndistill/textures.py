@@ -305,9 +305,10 @@ EDGE_SHARE = 0.05
 
 
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
-                     target_labels: ImageInput):
+                     target_labels: ImageInput, size: Size = None):
     """Masked synthesis's inputs, read and checked before any model loads (the CLI and batch runs call it too):
-    one map per texture, at its aspect, and every target colour in some reference map.
+    one map per texture, at its aspect, a (width, height) ``size`` at the target map's aspect (the layout
+    would be stretched), and every target colour in some reference map.
 
     Returns (texture images, target map image, integer maps, colours, map names).
     """
@@ -324,6 +325,11 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
     names = [describe_input(r) for r in ref_label_inputs] + [describe_input(target_labels)]
     for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
         _check_aspect(img, lab, f"reference label map '{name}'")
+    size = check_size(size)
+    if isinstance(size, tuple) and not drawn_over(size, target_image.size):
+        raise UserError(f"target label map '{names[-1]}' is {target_image.width}x{target_image.height} but the size "
+                        f"asked for is {size[0]}x{size[1]}, another aspect, which would stretch its layout; give only "
+                        "the long side, a size of the map's aspect, or a map drawn at the size's aspect")
     maps, colours = label_maps(ref_label_images + [target_image], names)
     missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
         [m.ravel() for m in maps[:-1]])).tolist()))
@@ -366,7 +372,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     tile = check_axes(tile)
     check_tune_vae(tune_vae)
     refs = as_list(reference)
-    ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels)
+    ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels, size)
 
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
