@@ -169,8 +169,10 @@ def test_a_batch_with_masks_matches_its_one_by_one_runs_and_batches_in_the_runne
     content = np.asarray(Image.open(contents[0]).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS))
     assert np.array_equal(np.asarray(batched[0])[:, 32 + 6:], content[:, 32 + 6:])
     assert [json.loads(img.info["parameters"]).get("mask") for img in batched] == [str(left_half), None]
-    with pytest.raises(UserError, match="masks has 1 entries for 2 content images"):
+    with pytest.raises(UserError, match="masks has 1 entry for 2 content images"):
         ad.style_transfer_batch(contents, style, masks=[left_half], **run)
+    with pytest.raises(UserError, match="masks takes a list .* in the contents' order"):  # not the dict's keys
+        ad.style_transfer_batch(contents, style, masks={str(c): left_half for c in contents}, **run)
 
     from attndistill.batch import _batches, read_jobs
 

@@ -12,7 +12,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -370,12 +370,13 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     styles = as_list(style)
     images = [load_image(c, what="content image") for c in contents]
     if masks is not None:
-        if isinstance(masks, str | os.PathLike | Image.Image) or not isinstance(masks, Iterable):
-            raise UserError("masks takes a list with one mask (or None) per content image")
+        if (isinstance(masks, str | os.PathLike | Image.Image | Mapping | set | frozenset)
+                or not isinstance(masks, Iterable)):  # a dict's keys or a set's order would pair masks at random
+            raise UserError("masks takes a list with one mask (or None) per content image, in the contents' order")
         masks = list(masks)
         if len(masks) != len(contents):
-            raise UserError(f"masks has {len(masks)} entries for {len(contents)} content images; give one mask "
-                            "(or None) per content image")
+            raise UserError(f"masks has {len(masks)} {'entry' if len(masks) == 1 else 'entries'} for "
+                            f"{len(contents)} content images; give one mask (or None) per content image")
     results = _optimise_task(
         "style", target=images, references=styles, ref_what="style image", model=model, size=size,
         num=len(images), seed=seed, layers=layers, preset=preset,
