@@ -29,7 +29,7 @@ def _style(model, data_dir, **options):
     ({"vae": "/no/such/vae"}, "vae differ from the loaded model"),
     ({"size": -64}, "size must be a positive"), ({"size": 0}, "size must be a positive"),
     ({"size": True}, "size must be a positive"), ({"size": (64,)}, "size must be a positive"),
-    ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a number"),
+    ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a finite number"),
     ({"layers": 3}, "layers must be"), ({"layers": [1.5]}, "layers must be"),
     ({"seed": 2**70}, "seed must be a whole number"), ({"seed": 1.5}, "seed must be a whole number"),
     ({"callback": 5}, "callback must be a function"), ({"tune_vae": "no"}, "tune_vae must be True or False"),
@@ -138,9 +138,10 @@ def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir
     ref = data_dir / "wood-rings.jpg"
     out = _style(tiny_sd15, data_dir, steps=1, seed=np.int64(3))
     assert json.loads(out.info["parameters"])["seed"] == 3
-    outs = ad.texture_synthesis(ref, model=tiny_sd15, steps=1, size=64, seed=np.int64(1), num=np.int64(2),
-                                progress=False)
-    assert len(outs) == 2 and json.loads(outs[0].info["parameters"])["num"] == 2
+    outs = ad.texture_synthesis(ref, model=tiny_sd15, steps=np.int64(1), size=64, seed=np.int64(1), num=np.int64(2),
+                                lr=np.float32(0.05), progress=False)
+    recorded = json.loads(outs[0].info["parameters"])
+    assert len(outs) == 2 and (recorded["num"], recorded["steps"], recorded["lr"]) == (2, 1, float(np.float32(0.05)))
     out = layout_texture(ref, data_dir / "horse.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
                          strength=np.float32(1.0), progress=False)[0]
     assert json.loads(out.info["parameters"])["strength"] == 1.0

@@ -44,7 +44,7 @@ def check_options(preset_name: str, args: Mapping[str, Any], *, t2i: bool = Fals
     from .tasks import check_run, check_settings
 
     preset = get_preset(preset_name).override(**{k: args[k] for k in _PRESET_FIELDS if k in args})
-    check_settings(preset)
+    preset = check_settings(preset)
     if args.get("strength") is not None:
         from .sampling import first_step
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .checks import number
+from .checks import flag, number
 from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
@@ -41,7 +41,7 @@ from .tasks import (
     target_size,
 )
 from .tiling import check_axes, seamless
-from .vae_tuning import check_tune_vae, finetune_vae, using_vae
+from .vae_tuning import finetune_vae, using_vae
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _Job:
 
 
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
-    check_settings(preset)
+    preset = check_settings(preset)
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < number("start-t", start_t) <= total:  # a threshold: 600.5 is fine
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
@@ -79,7 +79,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
                         progress=progress)
     _check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
-    check_tune_vae(job.tune_vae)
+    flag("tune_vae", job.tune_vae)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like)
     control: Control | None = None

@@ -9,18 +9,17 @@ them; :func:`attndistill.images.save_png` embeds it in the PNG.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import __version__
-from .checks import flag
+from .checks import flag, number, whole
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import (
@@ -41,7 +40,7 @@ from .perf import pixel_switches
 from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset, get_preset
 from .regions import load_mask, paste_region, update_mask
 from .tiling import check_axes, seamless
-from .vae_tuning import check_tune_vae, tuned_vae
+from .vae_tuning import tuned_vae
 
 Size = int | tuple[int, int] | None
 
@@ -91,19 +90,14 @@ def check_callback(callback: object) -> None:
         raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
 
 
-def check_settings(preset: Preset) -> None:
-    """Out-of-range numbers get a one-line error before any work starts."""
-    for name in ("lr", "content_weight", "attention_scale", "guidance"):
-        if not isinstance(getattr(preset, name), int | float) or isinstance(getattr(preset, name), bool):
-            raise UserError(f"{name.replace('_', ' ')} must be a number (got {getattr(preset, name)!r})")
-        if not math.isfinite(getattr(preset, name)):
-            raise UserError(f"{name.replace('_', ' ')} must be a finite number (got {getattr(preset, name)})")
-    flag("adain", preset.adain)
+def check_settings(preset: Preset) -> Preset:
+    """Out-of-range numbers get a one-line error before any work starts; returns the preset with plain
+    Python numbers (NumPy ones are welcome, but the PNG's JSON refuses them)."""
+    numbers_ = {name: number(name.replace("_", " "), getattr(preset, name))
+                for name in ("lr", "content_weight", "attention_scale", "guidance")}
+    wholes = {name: whole(name, getattr(preset, name)) for name in ("steps", "iters", "stride")}
+    preset = replace(preset, **numbers_, **wholes, adain=flag("adain", preset.adain))
     check_reference_fit(preset.reference_fit)
-    for name in ("steps", "iters", "stride"):
-        value = getattr(preset, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{name} must be a whole number (got {value!r})")
     if preset.steps < 1:
         raise UserError(f"steps must be at least 1 (got {preset.steps})")
     if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
@@ -116,6 +110,7 @@ def check_settings(preset: Preset) -> None:
         raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
     if preset.mode != "optimize" and preset.guidance < 1:
         raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
+    return preset
 
 
 def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None) -> tuple[int, int]:
@@ -211,9 +206,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     optimised in one batch); ``mask``: one over the content, or with a list of contents a list with one
     mask (or None) for each."""
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
-    check_settings(preset)
+    preset = check_settings(preset)
     tile = check_axes(tile)
-    check_tune_vae(tune_vae)
+    flag("tune_vae", tune_vae)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
     # restyle a region only (regions.py): one mask, or one (or None) per content
     masks = mask if targets is not None and isinstance(mask, list) else [mask] * len(targets or [target])

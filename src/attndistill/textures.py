@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import vae_tuning
-from .checks import whole
+from .checks import flag, whole
 from .engine import Distiller, parse_layers
 from .errors import UnmatchedLabels, UserError
 from .images import (
@@ -42,7 +41,6 @@ from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset
 from .tasks import (
     Size,
     as_list,
-    check_callback,
     check_run,
     check_settings,
     describe_input,
@@ -53,7 +51,7 @@ from .tasks import (
     target_size,
 )
 from .tiling import check_axes, seamless
-from .vae_tuning import LR, STEPS, check_tune_vae, tuned_vae, using_vae
+from .vae_tuning import finetune_vae, tuned_vae, using_vae
 
 #: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
 MAX_LABELS = 32
@@ -69,7 +67,7 @@ MAX_CANVAS_SIDE = 16384
 def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
                     decode_tile: int = DECODE_TILE) -> None:
     """Settings of an expansion that can be refused before the model loads."""
-    check_settings(preset)
+    preset = check_settings(preset)
     if not isinstance(view, int) or view < 1:
         raise UserError(f"view must be a positive whole number of latents (got {view!r})")
     if preset.stride < 1:
@@ -127,7 +125,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     seed, _ = check_run(seed=seed, callback=callback, fused=fused, progress=progress)
     axes = check_axes(tile) or ""
-    check_tune_vae(tune_vae)
+    flag("tune_vae", tune_vae)
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
@@ -152,7 +150,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
-    tuned = vae_tuning.finetune_vae(refs, model=model, reference_fit=preset.reference_fit, progress=progress,
+    tuned = finetune_vae(refs, model=model, reference_fit=preset.reference_fit, progress=progress,
                                     callback=callback) if tune_vae else None
     with using_vae(model, tuned):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
@@ -163,27 +161,6 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                             decode_tile=decode_tile, tile=axes or None, tune_vae=tune_vae)
     image.info["parameters"] = params_json(params)
     return image
-
-
-# -- VAE* -------------------------------------------------------------------------------------------
-
-def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
-                 steps: int = STEPS, lr: float = LR, reference_fit: str | None = None, vae: str | None = None,
-                 device: str | None = None, dtype: str | None = None, progress: bool = False,
-                 callback: Callback | None = None):
-    """A copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on ``reference`` (ALGORITHM.md §5).
-
-    Several references: the decoder fits them all (the mean of their losses). ``reference_fit`` as in
-    the tasks: "squash" (native square) or "keep" (the first one's aspect).
-
-    Only the decoder changes; the model is untouched. Save it with :func:`attndistill.vae_tuning.save_vae`
-    (or ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task. ``callback``: a
-    :class:`~attndistill.optimize.StepInfo` per step (empty latents: the weights are what change).
-    """
-    check_callback(callback)
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
-    return vae_tuning.finetune_vae(reference, model=model, steps=steps, lr=lr, reference_fit=reference_fit,
-                                   progress=progress, callback=callback)
 
 
 # -- options for any texture task --------------------------------------------------------------------
@@ -202,7 +179,7 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
     Returns what ``task`` returns (a list of images, or one).
     """
     tile = check_axes(tile)
-    check_tune_vae(tune_vae)
+    flag("tune_vae", tune_vae)
     if {"tile", "tune_vae"} <= _parameter_names(task):
         return task(reference, model=model, tile=tile, tune_vae=tune_vae, progress=progress, **kwargs)
     refs = as_list(reference)
@@ -368,9 +345,9 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
-    check_settings(preset)
+    preset = check_settings(preset)
     tile = check_axes(tile)
-    check_tune_vae(tune_vae)
+    flag("tune_vae", tune_vae)
     refs = as_list(reference)
     ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels, size)
 

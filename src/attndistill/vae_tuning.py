@@ -16,25 +16,19 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checks import number, whole
 from .errors import NonFiniteError, UserError
 from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
-from .loading import check_vae_source
+from .loading import as_model, check_vae_source
 from .models import DiffusionModel
 from .presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 
-#: ALGORITHM.md §5: Adam, lr 1e-4, about 75 steps, L1 loss.
-STEPS, LR = VAE_TUNING_STEPS, VAE_TUNING_LR
-
-
-def check_tune_vae(value: object) -> bool:
-    """``tune_vae`` as the tasks take it: True or False (a string such as "no" would count as on)."""
-    if not isinstance(value, bool):
-        raise UserError(f"tune_vae must be True or False (got {value!r})")
-    return value
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 def reconstruction_l1(vae, x: torch.Tensor) -> float:
@@ -53,7 +47,7 @@ def check_tuning(steps: object, lr: object) -> None:
         raise UserError(f"VAE tuning lr must be positive (got {lr})")
 
 
-def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float = LR,
+def tune_decoder(vae, images01: torch.Tensor, *, steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR,
                  callback: Callable[[int, float], None] | None = None):
     """A copy of ``vae`` (fp32) whose decoder is fitted to ``images01`` (B, 3, H, W) in [0, 1].
 
@@ -79,14 +73,14 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
                 if not torch.isfinite(part):
                     loss_here = float(part.detach()) * len(x)
                     raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {loss_here}); "
-                                         f"lower its lr (now {lr}, default {LR})")
+                                         f"lower its lr (now {lr}, default {VAE_TUNING_LR})")
                 part.backward()
                 loss += float(part.detach())
             optimizer.step()
             if callback is not None:
                 callback(step, loss)
     if not all(bool(p.isfinite().all()) for p in tuned.decoder.parameters()):  # the last step's update
-        raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {LR})")
+        raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {VAE_TUNING_LR})")
     if device.type == "cuda":
         tuned.disable_gradient_checkpointing()
     return tuned.requires_grad_(False).eval()
@@ -96,21 +90,28 @@ def tune_decoder(vae, images01: torch.Tensor, *, steps: int = STEPS, lr: float =
 TUNING_STAGE = "tuning the VAE decoder"
 
 
-def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel, steps: int = STEPS,
-                 lr: float = LR, reference_fit: str | None = None, progress: bool = False,
-                 callback: Callable | None = None, warn_crops: bool = True):
-    """Fine-tune a copy of ``model``'s decoder on ``reference`` (one image or several, each as the tasks
-    encode it: about the model's native area, fitted by ``reference_fit``); returns it.
+def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
+                 steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR, reference_fit: str | None = None,
+                 vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False,
+                 callback: Callable | None = None, warn_crops: bool = True) -> AutoencoderKL:
+    """VAE* (ALGORITHM.md §5): a copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on
+    ``reference`` (one image or several, each as the tasks encode it: about the model's native area,
+    fitted by ``reference_fit``, "squash" or "keep"; several: the mean of their losses).
 
-    The model itself is not changed. ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after
-    each step, as the tasks' callbacks do; its latents are empty (the decoder's weights are what
-    change) and raising from it stops the tuning. ``warn_crops=False``: a task that encoded the same
-    references has already named any that reference fit keep cuts to less than half. Example::
+    The model itself is not changed; ``model``, ``vae``, ``device`` and ``dtype`` as the tasks take them.
+    ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after each step, as the tasks' callbacks
+    do; its latents are empty (the decoder's weights are what change) and raising from it stops the
+    tuning. ``warn_crops=False``: a task that encoded the same references has already named any that
+    reference fit keep cuts to less than half. Save the result with :func:`save_vae` (or
+    ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task::
 
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    from .tasks import as_list, check_reference_fit, describe_input
+    from .tasks import as_list, check_callback, check_reference_fit, describe_input
+
+    check_callback(callback)
+    model = as_model(model, vae=vae, device=device, dtype=dtype)
 
     references = as_list(reference)
     if not references:

@@ -374,8 +374,8 @@ def vae_tab(ui: WebUI) -> None:
     with gr.Row():
         reference = image_input("Reference image", f"{tab}-reference")
         with gr.Column():
-            steps = int_box("Steps", api_default("textures", "finetune_vae", "steps"), tab, "steps", minimum=1)
-            lr = float_box("Learning rate", api_default("textures", "finetune_vae", "lr"), tab, "lr")
+            steps = int_box("Steps", api_default("vae_tuning", "finetune_vae", "steps"), tab, "steps", minimum=1)
+            lr = float_box("Learning rate", api_default("vae_tuning", "finetune_vae", "lr"), tab, "lr")
             fit = reference_fit_radio(tab)
             use = gr.Checkbox(True, label="Use the tuned decoder for the next runs", elem_id=f"{tab}-use")
             with gr.Row():

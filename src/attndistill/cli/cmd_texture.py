@@ -149,7 +149,7 @@ def finetune_vae(
 
     def body() -> None:
         vae_tuning.check_vae_folder(output, overwrite=overwrite, reads=(model, vae, config))
-        settings = {"steps": vae_tuning.STEPS if steps is None else steps, "lr": vae_tuning.LR if lr is None else lr}
+        settings = {"steps": VAE_TUNING_STEPS if steps is None else steps, "lr": VAE_TUNING_LR if lr is None else lr}
         vae_tuning.check_tuning(**settings)
         fit = None if reference_fit is None else check_reference_fit(reference_fit)
         check_images(reference_image=reference)
