@@ -244,8 +244,6 @@ def _check_types(raw: Mapping[str, Any], line: int) -> None:
 
 def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
     """A job's ``perf``: {switch: value} over the runner's speed switches, as results record them."""
-    from dataclasses import fields
-
     from .perf import PerfOptions
 
     if value is None:

@@ -9,9 +9,11 @@ and then scores any number of target latents against them::
         loss = ad.loss(z)          # z requires grad
         loss.backward()
 
-On a GPU the reference, content and target latents go through the UNet in one
-batched call (``fused``); on a CPU, where a batch costs its full size, they go
-separately so the reference rows are not carried through the backward pass.
+On a GPU the reference and content latents go through the UNet in one no-grad
+call. The target goes on its own, replayed as a CUDA graph (the default), so the
+reference rows are not carried through the backward pass; without graphs a GPU
+is launch-bound and all three share one batched call (``fused``). On a CPU,
+where a batch costs its full size, every call goes separately.
 """
 
 from __future__ import annotations

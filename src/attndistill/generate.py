@@ -27,7 +27,7 @@ from .images import ImageInput, load_image, params_json, to_tensor
 from .loading import as_model, local_or_hub
 from .models import DiffusionModel
 from .optimize import Callback
-from .presets import Preset, get_preset
+from .presets import LAYOUT_STRENGTH, Preset, get_preset
 from .sampling import prompt_conditioning, sample, sdedit_start
 from .tasks import (
     Size,
@@ -249,8 +249,9 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
                 callback=callback)
 
 
-def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *, strength: float = 0.8,
-                   num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
+def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *,
+                   strength: float = LAYOUT_STRENGTH, num: int = 1, model: DiffusionModel | str | None = None,
+                   steps: int | None = None,
                    iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
                    guidance: float | None = None, adain: bool | None = None, start_t: int | None = None,
                    attention_scale: float | None = None, layers: str | Sequence[int] | None = None,

@@ -1,9 +1,10 @@
 """One small adapter over a loaded Stable Diffusion pipeline (``loading.py`` finds and loads it).
 
-:class:`DiffusionModel` is the only place that knows SD 1.5 from SDXL: it
+:class:`DiffusionModel` holds what running SD 1.5 and SDXL differs in: it
 encodes and decodes latents, builds text conditioning (the null conditioning
-for feature calls included) and calls the UNet. Everything downstream works
-on any diffusers UNet through it.
+for feature calls included) and calls the UNet. The engine and the tasks work
+on any diffusers UNet through it; the family otherwise shows only in layer
+numbering, ControlNet fitting and a few defaults (SDXL's memory switches).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from .errors import NonFiniteError, UserError, is_out_of_memory
-from .perf import PerfOptions
+from .perf import PerfOptions, apply_perf
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,8 +125,6 @@ class DiffusionModel:
 
     def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
         """Apply speed/memory switches (see :class:`PerfOptions`); returns the model."""
-        from .perf import apply_perf
-
         if perf is not None and not isinstance(perf, PerfOptions):
             raise UserError(f"perf must be a PerfOptions, not a {type(perf).__name__}")
         try:

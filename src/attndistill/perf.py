@@ -44,10 +44,11 @@ AUTOMATIC = ("fused", "cuda_graphs", "channels_last", "cudnn_benchmark", "gradie
 
 @dataclass(frozen=True)
 class PerfOptions:
-    """Speed and memory switches (None = automatic: on for CUDA, off for CPU)."""
+    """Speed and memory switches; None (the switches in :data:`AUTOMATIC`) is decided for the device and
+    card, as each one's comment says."""
 
     fused: bool | None = None  # reference, content and target latents in one UNet call
-    cuda_graphs: bool | None = None  # replay each AD iteration as a captured CUDA graph
+    cuda_graphs: bool | None = None  # replay the reference call, each AD iteration and the denoising call as graphs
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it

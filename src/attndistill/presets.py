@@ -64,6 +64,10 @@ VIEW_BATCH = 8
 DECODE_TILE = 64
 DECODE_OVERLAP = 16
 
+#: SDEdit layout control (ALGORITHM.md §4): the noise level a layout starts from, in (0, 1]; the spec
+#: leaves it open, 0.8 keeps the layout's colours and lets the texture redraw its details.
+LAYOUT_STRENGTH = 0.8
+
 #: VAE* decoder fine-tuning (ALGORITHM.md §5): Adam steps and learning rate.
 VAE_TUNING_STEPS = 75
 VAE_TUNING_LR = 1e-4

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from ..presets import PRESETS
+from ..presets import LAYOUT_STRENGTH, PRESETS
 from . import app
 from .cmd_sample import StartT
 from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
@@ -148,7 +148,8 @@ def texture(
         "--layout]", show_default=False)] = None,
     layout: Annotated[Path | None, typer.Option(help="Colour layout image to start from (SDEdit; sampling)")] = None,
     strength: Annotated[float | None, typer.Option(
-        help="With --layout: noise level to start from, in (0, 1]; 1 ignores the layout \\[default: 0.8]",
+        help=f"With --layout: noise level to start from, in (0, 1]; 1 ignores the layout "
+        f"\\[default: {LAYOUT_STRENGTH}]",
         show_default=False, callback=finite)] = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
