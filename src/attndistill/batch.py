@@ -11,7 +11,6 @@ Slurm arrays) take deterministic slices of the job list and write their own resu
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import json
 import os
@@ -39,7 +38,7 @@ from .batchstate import (
     select,
     wait_for_all_ranks,
 )
-from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
 from .images import numbered_outputs
 
 __all__ = ["TASKS", "Job", "JobLock", "ModelSpec", "Runner", "Summary", "TaskSpec", "append_record", "dry_run",
@@ -416,10 +415,9 @@ def _parameters(image, job: Job, batched: int = 1) -> dict:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if is_out_of_memory(exc):
         return OOM_ADVICE
-    return f"unexpected {type(exc).__name__}: {text}"
+    return f"unexpected {type(exc).__name__}: {first_line(exc)}"
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -433,12 +431,10 @@ def _free_memory(model=None) -> None:
     """Hand cached device memory back; with ``model`` (after running out of memory), its CUDA graphs too."""
     if model is not None:
         model.release_graphs()
-    gc.collect()
-    if "torch" in sys.modules:
-        import torch
+    if "torch" in sys.modules:  # nothing to hand back before any work (a dry run need not import it)
+        from .models import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
 
 # -- entry points ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .images import numbered_outputs
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
 
 
 def _unexpected(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc)
     return (f"this job cannot be checked (unexpected {type(exc).__name__}{': ' + text if text else ''}); "
             "check the values of this line's options")
 

@@ -43,6 +43,12 @@ UI_OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer Images or
                  "(or --cpu-offload, or --device cpu)")
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (empty for none): error lines stay one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA (or other device) out-of-memory error, whatever its exact type."""
     import torch

@@ -31,6 +31,13 @@ EAGER = "eager"
 Kind = Literal["sd15", "sdxl"]
 
 
+def free_memory() -> None:
+    """Collect dropped tensors and hand the device's cached memory back (after a model or graphs go)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Conditioning:
     """What the UNet needs besides latent and timestep, for a batch of B."""
@@ -119,9 +126,7 @@ class DiffusionModel:
         use; after an out-of-memory error the next job should not have to fit beside them.
         """
         self.graphs.clear()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()
 
     def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
         """Apply speed/memory switches (see :class:`PerfOptions`); returns the model."""

@@ -4,7 +4,6 @@ live previews and cancel, the "same run from the terminal" command and readable 
 Kept apart from :mod:`attndistill.webui` so it can be tested without a browser.
 """
 
-import gc
 import itertools
 import logging
 import queue
@@ -18,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UI_OOM_ADVICE, UserError, is_out_of_memory
+from .errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
 from .images import to_pil
 from .loading import DEFAULT_MODEL, load_model
-from .models import DiffusionModel
+from .models import DiffusionModel, free_memory
 from .optimize import StepInfo
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,7 @@ class ModelSlot:
 
     def _release(self) -> None:
         self.model, self.key = None, None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
 
     def describe(self) -> str:
         m = self.model
@@ -289,7 +286,7 @@ def error_message(exc: BaseException) -> str:
     """One readable line for the page; tracebacks go to the server log only."""
     if isinstance(exc, UserError):
         return str(exc)
-    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = first_line(exc)
     if is_out_of_memory(exc):
         return UI_OOM_ADVICE
     if isinstance(exc, ImportError):
