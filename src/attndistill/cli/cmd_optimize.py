@@ -81,24 +81,7 @@ def style(
     """The style command; its help is STYLE_HELP, built from the preset."""
     from ..tasks import style_transfer
 
-    def body() -> None:
-        check_options("style", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                      attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
-        check_before_load("style", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size,
-                          output=output, overwrite=overwrite, preview=preview,
-                          content=content, style=style_images, mask=mask, steps=steps, iters=iters, lr=lr,
-                          content_weight=content_weight, attention_scale=attention_scale, layers=layers, tile=tile,
-                          reference_fit=reference_fit)
-        m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        img = style_transfer(content, style_images, model=m, steps=steps, iters=iters, lr=lr,
-                             content_weight=content_weight, attention_scale=attention_scale, layers=layers,
-                             size=parse_size_option(size), seed=seed, tile=tile, tune_vae=tune_vae,
-                             reference_fit=reference_fit, mask=mask, progress=not quiet,
-                             callback=preview_callback(preview, preview_every, m))
-        write_images([img], output, overwrite=overwrite)
-
-    run_command(body)
+    _transfer("style", style_transfer, {"content": content, "style": style_images}, locals())
 
 
 @app.command("appearance", epilog=APPEARANCE_EXAMPLE, help=APPEARANCE_HELP)
@@ -116,21 +99,29 @@ def appearance(
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
     from ..tasks import appearance_transfer
 
+    _transfer("appearance", appearance_transfer, {"structure": structure, "appearance": appearance_images}, locals())
+
+
+#: The transfer commands' options that reach check_options, check_before_load and the task alike.
+_TRANSFER_OPTIONS = ("steps", "iters", "lr", "content_weight", "attention_scale", "layers", "tile", "reference_fit")
+
+
+def _transfer(task: str, run, inputs: dict, given: dict) -> None:
+    """The style and appearance commands' one body: check, load, run ``run(*inputs)``, write.
+
+    ``given``: the command's parameters by name (both commands have the same options)."""
+    options = {name: given[name] for name in _TRANSFER_OPTIONS}
+    loading = {name: given[name] for name in ("model", "vae", "config", "allow_pickle", "device", "dtype")}
+    size, output, overwrite, preview = given["size"], given["output"], given["overwrite"], given["preview"]
+
     def body() -> None:
-        check_options("appearance", size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                      attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit)
-        check_before_load("appearance", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
-                          device=device, dtype=dtype, size=size,
-                          output=output, overwrite=overwrite, preview=preview,
-                          structure=structure, appearance=appearance_images, mask=mask, steps=steps, iters=iters,
-                          lr=lr, content_weight=content_weight, attention_scale=attention_scale, layers=layers,
-                          tile=tile, reference_fit=reference_fit)
-        m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        img = appearance_transfer(structure, appearance_images, model=m, steps=steps, iters=iters, lr=lr,
-                                  content_weight=content_weight, attention_scale=attention_scale,
-                                  layers=layers, size=parse_size_option(size), seed=seed, tile=tile,
-                                  tune_vae=tune_vae, reference_fit=reference_fit, mask=mask, progress=not quiet,
-                                  callback=preview_callback(preview, preview_every, m))
+        check_options(task, size=size, **options)
+        check_before_load(task, **loading, size=size, output=output, overwrite=overwrite, preview=preview, **inputs,
+                          mask=given["mask"], **options)
+        m = load(given["model"], **{k: v for k, v in loading.items() if k != "model"})
+        img = run(*inputs.values(), model=m, **options, size=parse_size_option(size), seed=given["seed"],
+                  tune_vae=given["tune_vae"], mask=given["mask"], progress=not given["quiet"],
+                  callback=preview_callback(preview, given["preview_every"], m))
         write_images([img], output, overwrite=overwrite)
 
     run_command(body)
