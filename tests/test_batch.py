@@ -635,7 +635,7 @@ def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
     assert _texture_task({**layout}) == _texture_task({**layout, "mode": "sample"}) == "texture-layout"
     assert _texture_task({"mode": "sample"}) == "texture-sample" and _texture_task({}) == "texture"
     for raw, message in (({**labels, "mode": "sample"}, "run masked optimisation"),
-                         ({**labels, "mode": "banana"}, "mode 'banana' is not known"),
+                         ({**labels, "mode": "banana"}, "unknown 'mode' 'banana'"),
                          ({**layout, "mode": "optimize"}, "runs AD-guided sampling")):
         with pytest.raises(UserError, match=message):
             _texture_task(raw)

@@ -208,11 +208,11 @@ def test_sdxl_masked_features_use_the_output_size(tiny_sdxl, maps):
     handle = tiny_sdxl.unet.register_forward_pre_hook(
         lambda m, a, kw: time_ids.append(kw["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
     try:
-        masked_texture_synthesis(ref, ref_labels, target_labels, model=tiny_sdxl, steps=1, size=(96, 64),
+        masked_texture_synthesis(ref, ref_labels, target_labels, model=tiny_sdxl, steps=1, size=(128, 64),
                                  progress=False)
     finally:
         handle.remove()
-    assert time_ids and all(ids == [64, 96, 0, 0, 64, 96] for ids in time_ids)  # (h, w) of the output
+    assert time_ids and all(ids == [64, 128, 0, 0, 64, 128] for ids in time_ids)  # (h, w) of the output
 
 
 def test_a_region_too_thin_for_a_token_grid_names_its_colour_and_the_files(tiny_sd15, maps, tmp_path):

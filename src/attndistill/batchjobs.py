@@ -82,20 +82,34 @@ _STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt
 _NOT_OPTIONS = {"model", "device", "dtype", "vae", "progress", "callback"}
 
 
-def _texture_task(raw: dict) -> str:
-    """``texture`` with the CLI's ``mode``/``layout``/``ref_labels`` picks the matching task, as the CLI does."""
-    mode = raw.pop("mode", None)
+def texture_task(mode: str | None, *, layout: bool, labels: tuple[bool, bool], strength: bool = False,
+                 option: Callable[[str], str] = "'{}'".format) -> str:
+    """The task a texture run is, for the ``texture`` command and batch lines alike: masked with label
+    maps, SDEdit sampling with a layout, else optimisation or (``mode`` sample) sampling. ``labels``:
+    (reference maps given, target map given); ``option`` names an option in the caller's words."""
     if mode not in (None, "optimize", "sample"):
-        raise UserError(f"mode '{mode}' is not known; use optimize or sample")
-    if "ref_labels" in raw or "target_labels" in raw:
-        if mode == "sample" or "layout" in raw:
-            raise UserError("'ref_labels'/'target_labels' run masked optimisation; drop 'mode' sample and 'layout'")
+        raise UserError(f"unknown {option('mode')} '{mode}'; use optimize or sample")
+    if strength and not layout:
+        raise UserError(f"{option('strength')} needs a {option('layout')} image")
+    if any(labels):
+        if not all(labels):
+            raise UserError(f"masked synthesis needs both {option('ref_labels')} and {option('target_labels')}")
+        if mode == "sample" or layout:
+            raise UserError(f"{option('ref_labels')}/{option('target_labels')} run masked optimisation; drop "
+                            f"{option('mode')} sample and {option('layout')}")
         return "texture-masked"
-    if "layout" in raw:
+    if layout:
         if mode == "optimize":
-            raise UserError("'layout' runs AD-guided sampling (SDEdit); drop 'mode' optimize or set it to sample")
+            raise UserError(f"{option('layout')} runs AD-guided sampling (SDEdit); drop {option('mode')} optimize "
+                            "or set it to sample")
         return "texture-layout"
     return "texture-sample" if mode == "sample" else "texture"
+
+
+def _texture_task(raw: dict) -> str:
+    """A ``texture`` line's task (its ``mode`` taken out of the options)."""
+    return texture_task(raw.pop("mode", None), layout="layout" in raw, strength="strength" in raw,
+                        labels=("ref_labels" in raw, "target_labels" in raw))
 
 
 # -- jobs ------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..presets import LAYOUT_STRENGTH, PRESETS
 from . import app
 from .cmd_sample import StartT
-from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae, texture_task
+from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae
 from .common import (
     AllowPickle,
     AttentionScale,
@@ -135,8 +135,9 @@ def texture(
                                      )] = 1,
     grid: Annotated[bool, typer.Option("--grid", help="Write the variations as one grid to OUT.png")] = False,
     mode: Annotated[str | None, typer.Option(
-        help="optimize (300 steps) or sample (AD-guided sampling, 50 steps) \\[default: optimize; sample with "
-        "--layout]", show_default=False)] = None,
+        help=f"optimize ({PRESETS['texture'].steps} steps) or sample (AD-guided sampling, "
+        f"{PRESETS['texture-sample'].steps} steps) \\[default: optimize; sample with --layout]",
+        show_default=False)] = None,
     layout: Annotated[Path | None, typer.Option(help="Colour layout image to start from (SDEdit; sampling)")] = None,
     strength: Annotated[float | None, typer.Option(
         help=f"With --layout: noise level to start from, in (0, 1]; 1 ignores the layout "
@@ -151,24 +152,25 @@ def texture(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
-    from ..batchjobs import TASKS, _texture_task
+    from ..batchjobs import TASKS, texture_task
     from ..generate import image_grid
 
     def body() -> None:
-        if content_weight is not None and layout is None and not ref_labels:
+        job_task = texture_task(mode, layout=layout is not None, labels=(bool(ref_labels), target_labels is not None),
+                                strength=strength is not None, option=lambda key: "--" + key.replace("_", "-"))
+        if content_weight is not None and job_task not in ("texture-layout", "texture-masked"):
             raise UserError("--content-weight needs a content: use it with --layout or with label maps")
         extra = {} if content_weight is None else {"content_weight": content_weight}
-        sampler = _texture_sampler(mode, layout, strength)
         sampling = {k: v for k, v in dict(adain=adain, start_t=start_t).items() if v is not None}
-        if sampling and (sampler is None or ref_labels or target_labels):
+        if sampling and job_task in ("texture", "texture-masked"):
             names = " and ".join("--no-adain" if value is False else f"--{key.replace('_', '-')}"
                                  for key, value in sampling.items())
             raise UserError(f"{names} {'is a sampling option' if len(sampling) == 1 else 'are sampling options'}; "
                             "add --mode sample or --layout")
         extra.update(sampling)
-        task = texture_task(sampler, ref_labels, target_labels, tile=tile, tune_vae=tune_vae)
-        chosen = dict(mode=mode, layout=layout, ref_labels=ref_labels, target_labels=target_labels)
-        job_task = _texture_task({k: v for k, v in chosen.items() if v})  # the batch task, as a job line's would be
+        inputs = {"texture-masked": dict(ref_labels=ref_labels and list(ref_labels), target_labels=target_labels),
+                  "texture-layout": dict(layout=layout, **({} if strength is None else {"strength": strength}))
+                  }.get(job_task, {})
         check_options(TASKS[job_task].preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                       attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
                       adain=adain, reference_fit=reference_fit)
@@ -179,27 +181,11 @@ def texture(
                           strength=strength, num=num, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                           layers=layers, tile=tile, reference_fit=reference_fit, **extra)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        imgs = task(
+        imgs = TASKS[job_task].resolve()(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-            layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit,
-            progress=not quiet, callback=preview_callback(preview, preview_every, m), **extra)
+            layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit, tile=tile,
+            tune_vae=tune_vae, progress=not quiet, callback=preview_callback(preview, preview_every, m), **inputs,
+            **extra)
         write_images([image_grid(imgs)] if grid else imgs, output, overwrite=overwrite)
 
     run_command(body)
-
-
-def _texture_sampler(mode: str | None, layout: Path | None, strength: float | None):
-    """``texture --mode sample`` / ``--layout``: the sampling task to call instead of optimisation (or None)."""
-    from functools import partial
-
-    from ..generate import layout_texture, texture_sampling
-
-    if mode not in (None, "optimize", "sample"):
-        raise UserError(f"--mode '{mode}' is not known; use optimize or sample")
-    if layout is None:
-        if strength is not None:
-            raise UserError("--strength needs a --layout image")
-        return texture_sampling if mode == "sample" else None
-    if mode == "optimize":
-        raise UserError("--layout runs AD-guided sampling (SDEdit); drop --mode optimize or use --mode sample")
-    return partial(layout_texture, layout=layout, **({} if strength is None else {"strength": strength}))

@@ -7,7 +7,6 @@ here once and used by :mod:`.cmd_optimize`.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -60,24 +59,7 @@ RefLabels = Annotated[list[Path] | None, typer.Option(
     show_default=False)]
 TargetLabels = Annotated[Path | None, typer.Option(
     "--target-labels", help="Colour label map of the result: each region is made of the reference's region of "
-    "the same colour (masked synthesis, 200 steps)", show_default=False)]
-
-
-def texture_task(sampler, ref_labels: list[Path] | None, target_labels: Path | None, *, tile: str | None,
-                 tune_vae: bool):
-    """The function ``attndistill texture`` calls: masked, sampled or plain synthesis, with tiling/VAE* options."""
-    from ..errors import UserError
-    from ..tasks import texture_synthesis
-    from ..textures import masked_texture_synthesis
-
-    if ref_labels or target_labels:
-        if not (ref_labels and target_labels):
-            raise UserError("masked synthesis needs both --ref-labels and --target-labels")
-        if sampler is not None:
-            raise UserError("--ref-labels/--target-labels run masked optimisation; drop --mode sample and --layout")
-        return partial(masked_texture_synthesis, ref_labels=list(ref_labels), target_labels=target_labels,
-                       tile=tile, tune_vae=tune_vae)
-    return partial(sampler or texture_synthesis, tile=tile, tune_vae=tune_vae)
+    f"the same colour (masked synthesis, {PRESETS['texture-masked'].steps} steps)", show_default=False)]
 
 
 @app.command("expand", epilog=EXPAND_EXAMPLE)
