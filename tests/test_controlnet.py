@@ -75,19 +75,20 @@ def test_loaded_controlnet_has_non_zero_residuals(tiny_sd15, tiny_cn15_dir):
 
 def test_iters0_equals_controlnet_pipeline(tiny_sd15, tiny_cn15_dir, edge_map, data_dir):
     ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
-                          controlnet=tiny_cn15_dir, control_image=edge_map, control_scale=0.7)
+                          adain=False, controlnet=tiny_cn15_dir, control_image=edge_map, control_scale=0.7)
     pipe = _pipeline(StableDiffusionControlNetPipeline, tiny_sd15, load_controlnet(tiny_cn15_dir, model=tiny_sd15))
     ref = pipe(PROMPT, image=edge_map, height=64, width=64, num_inference_steps=3, controlnet_conditioning_scale=0.7,
                guidance_scale=ad.PRESETS["t2i"].guidance, latents=_noise(tiny_sd15, 4), output_type="latent").images
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     # and the ControlNet mattered
-    plain = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4)
+    plain = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
+                           adain=False)
     assert (plain - ours).abs().max() > 1e-3
 
 
 def test_iters0_equals_sdxl_controlnet_pipeline(tiny_sdxl, tiny_cnxl_dir, edge_map, data_dir):
     ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=3, iters=0, size=64, seed=6,
-                          controlnet=tiny_cnxl_dir, control_image=edge_map)
+                          adain=False, controlnet=tiny_cnxl_dir, control_image=edge_map)
     pipe = _pipeline(StableDiffusionXLControlNetPipeline, tiny_sdxl, load_controlnet(tiny_cnxl_dir, model=tiny_sdxl))
     ref = pipe(PROMPT, image=edge_map, height=64, width=64, num_inference_steps=3,
                guidance_scale=ad.PRESETS["t2i-sdxl"].guidance, latents=_noise(tiny_sdxl, 6),

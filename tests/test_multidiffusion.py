@@ -50,14 +50,15 @@ def _setup(model, hw, seed=0, steps=3):
     return scheduler, init
 
 
-def test_one_window_canvas_equals_the_plain_sampler(tiny_sd15):
+@pytest.mark.parametrize(("iters", "adain"), [(2, False), (0, True)])  # AD; AdaIN alone (ALGORITHM.md §4)
+def test_one_window_canvas_equals_the_plain_sampler(tiny_sd15, iters, adain):
     z_ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     scheduler, init = _setup(tiny_sd15, (8, 8))
     cond = tiny_sd15.null_condition()
-    plain = sample(Distiller(tiny_sd15), init, z_ref, cond=cond, steps=3, iters=2, lr=0.05,
+    plain = sample(Distiller(tiny_sd15), init, z_ref, cond=cond, steps=3, iters=iters, lr=0.05, adain=adain,
                    generator=torch.Generator().manual_seed(7), progress=False)
-    ours = multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=cond, iters=2, lr=0.05,
-                          view=8, stride=2, generator=torch.Generator().manual_seed(7), progress=False)
+    ours = multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=cond, iters=iters, lr=0.05,
+                          adain_on=adain, view=8, stride=2, generator=torch.Generator().manual_seed(7), progress=False)
     assert not torch.allclose(plain, init)
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
 

@@ -44,9 +44,9 @@ def _diffusers(pipe_cls, model, **components):
 
 
 def test_iters0_equals_stable_diffusion_pipeline(tiny_sd15, data_dir):
-    # AdaIN stays at its preset value (on): iters=0 turns every part of AD off
-    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64,
-                          num_images=2, seed=3, negative_prompt="blurry")
+    # iters=0 and no AdaIN: every part of AD off
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, adain=False,
+                          size=64, num_images=2, seed=3, negative_prompt="blurry")
     pipe = _diffusers(StableDiffusionPipeline, tiny_sd15)
     ref = pipe(PROMPT, negative_prompt="blurry", num_images_per_prompt=2, height=64, width=64,
                num_inference_steps=3, guidance_scale=ad.PRESETS["t2i"].guidance,
@@ -55,7 +55,8 @@ def test_iters0_equals_stable_diffusion_pipeline(tiny_sd15, data_dir):
 
 
 def test_iters0_equals_stable_diffusion_xl_pipeline(tiny_sdxl, data_dir):
-    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=3, iters=0, size=64, seed=5)
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=3, iters=0, adain=False,
+                          size=64, seed=5)
     pipe = _diffusers(StableDiffusionXLPipeline, tiny_sdxl)
     ref = pipe(PROMPT, height=64, width=64, num_inference_steps=3, guidance_scale=ad.PRESETS["t2i-sdxl"].guidance,
                latents=_start_noise(tiny_sdxl, 1, 64, 5), output_type="latent").images

@@ -164,7 +164,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     ``controlnet`` (Hub id, folder or a loaded ``ControlNetModel``, which is moved to the model's device
     and dtype in place) with ``control_image`` conditions the layout; ``control="canny"`` turns a photo
     into its edge map first. ``content`` with a positive ``content_weight`` adds the content loss.
-    ``iters=0`` is a plain DDIM generation. Example::
+    ``iters=0`` guides by AdaIN alone; with ``adain=False`` too it is a plain DDIM generation. Example::
 
         images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """

@@ -5,8 +5,9 @@ sampling and SDEdit layouts all run :func:`sample`: the ordinary DDIM loop of
 diffusers' pipelines (user prompt, classifier-free guidance, optional
 ControlNet residuals) and, after each scheduler step, an AD update of the new
 latent at ``t'`` (:func:`attndistill.guidance.guide_latents`). With
-``iters=0`` no AD runs at all (AdaIN included): the loop is a plain DDIM
-generation, equal to diffusers' own pipeline output.
+``iters=0`` only AdaIN (where on) guides the latent, as ALGORITHM.md §4 has it;
+with AdaIN off as well the loop is a plain DDIM generation, equal to diffusers'
+own pipeline output.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
                 z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
                 # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
                 losses: list[torch.Tensor] = []
-                if iters > 0 and (start_t is None or t_int < start_t):
+                if (iters > 0 or adain) and (start_t is None or t_int < start_t):
                     z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
                                               scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
                                               content_latents=content_latents, generator=generator,
