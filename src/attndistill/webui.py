@@ -208,7 +208,8 @@ class WebUI:
         try:
             job.start()
             for u in job.updates():
-                loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"  # NaN: no AD iterations (AdaIN alone or plain sampling)
+                # NaN: no AD iterations (AdaIN alone, or plain sampling)
+                loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"
                 progress((u.step, u.total), desc=loss or None)
                 yield line((f"{u.stage}: " if u.stage else "") + f"step {u.step}/{u.total}"
                            + (f" · {loss}" if loss else ""), u.preview)
@@ -360,7 +361,8 @@ class WebUI:
 
     def optimise_options(self, tab: str, preset: Preset, *, content_weight: bool) -> dict:
         with gr.Row():
-            # 0 is AdaIN alone (or, AdaIN off, plain DDIM) in the texture tab's sampling modes; the tasks refuse it where it means nothing
+            # 0 is AdaIN alone (AdaIN off: plain DDIM) in the texture tab's sampling modes; the tasks refuse it
+            # where it means nothing
             fields = {"iters": int_box("Adam iterations per step", preset.iters, tab, "iters",
                                     minimum=0 if tab == "texture" else 1),
                       "lr": float_box("Learning rate", preset.lr, tab, "lr"),
