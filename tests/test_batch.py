@@ -726,6 +726,12 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
         jobs = read_jobs(write_jobs(folder, data_dir, [job_line("style", c, "wood-rings.jpg", size="64x32")
                                                        for c in contents]), out_dir=tmp_path / "out")
         assert [len(chunk) for chunk in _batches(jobs, 8)] == [5]
+        # tiling and VAE* batch too, with the jobs that share them
+        lines = [job_line("style", c, "wood-rings.jpg", size="64x32", **extra) for c in contents[:4]
+                 for extra in ({"tile": "x", "tune_vae": True}, {})]
+        jobs = read_jobs(write_jobs(folder, data_dir, lines), out_dir=tmp_path / "out")
+        jobs.sort(key=lambda j: j.group)
+        assert sorted(len(chunk) for chunk in _batches(jobs, 8)) == [4, 4]
 
 
 def test_a_finished_jobs_lock_left_by_a_killed_run_is_cleared(tmp_path, data_dir, tiny_sd15_dir):

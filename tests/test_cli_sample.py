@@ -49,6 +49,21 @@ def test_t2i_writes_numbered_images_with_parameters(kind, models, data_dir, tmp_
     assert Image.open(paths[0]).size == (64, 64)
 
 
+def test_t2i_tunes_the_decoder_on_its_style_images(models, data_dir, tmp_path, monkeypatch):
+    """VAE* from text-to-image too (ALGORITHM.md §5: usable from every task): fitted to the style images."""
+    from attndistill import vae_tuning
+
+    tuned_on = []
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder",  # 3 steps instead of 75: the same mechanics, sooner
+                        lambda vae, images, **kw: tuned_on.append(images.shape) or real(vae, images, **{**kw,
+                                                                                                  "steps": 3}))
+    out = tmp_path / "deer.png"
+    _ok(run("t2i", "--style", data_dir / "watercolor-cat.jpg", "-p", "a deer", "-o", out, "--tune-vae",
+            "-m", models["sd15"], *FAST))
+    assert read_parameters(out)["tune_vae"] is True and len(tuned_on) == 1 and tuned_on[0][0] == 1
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_t2i_with_controlnet_canny(kind, models, cn_dirs, data_dir, tmp_path):
     out = tmp_path / "cn.png"

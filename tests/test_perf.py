@@ -165,6 +165,27 @@ def test_style_transfer_batch_returns_one_image_per_content(model, data_dir):
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
+def test_style_transfer_batch_tiles_and_tunes_the_decoder_as_single_runs_do(tiny_sd15, data_dir, monkeypatch):
+    """tile and tune_vae in a batch: one decoder tuned for all of it, results as one-by-one runs give them."""
+    import json
+
+    from attndistill import vae_tuning
+
+    tunings = []
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder",  # 3 steps instead of 75: the same mechanics, sooner
+                        lambda *a, **kw: tunings.append(1) or real(*a, **{**kw, "steps": 3}))
+    contents, style = [data_dir / "horse.jpg", data_dir / "golden-gate.jpg"], data_dir / "watercolor-cat.jpg"
+    run = dict(model=tiny_sd15, steps=2, size=64, tile="x", tune_vae=True, progress=False)
+    batched = ad.style_transfer_batch(contents, style, **run)
+    assert len(tunings) == 1
+    alone = [ad.style_transfer(c, style, **run) for c in contents]
+    for a, b in zip(batched, alone, strict=True):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 2
+        recorded = json.loads(a.info["parameters"])
+        assert (recorded["tile"], recorded["tune_vae"]) == ("x", True)
+
+
 class _CountFeatureCalls:
     """Counts the Distiller's UNet feature calls and their batch sizes."""
 

@@ -336,7 +336,7 @@ class Runner:
 
 #: Options a batched style run shares; jobs that differ only in content (and output) can join one batch.
 _BATCHABLE = {"content", "style", "steps", "iters", "lr", "content_weight", "attention_scale", "layers", "size",
-              "seed", "reference_fit", "mask"}
+              "seed", "reference_fit", "mask", "tile", "tune_vae"}
 
 
 def _batch_key(job: Job) -> str | None:

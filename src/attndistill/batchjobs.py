@@ -148,12 +148,14 @@ class Job:
 
     @property
     def group(self) -> str:
-        """Sort key: same model, size (the planned one where known) and reference first, then file order."""
+        """Sort key: same model, size (the planned one where known), reference and settings first, then file
+        order: jobs that may share a batch, or a run's CUDA graphs, come one after another."""
         if self.error:
             return json.dumps(["~", self.line])
         ref = self.args.get(self.spec.reference)
         size = self.planned_size or self.args.get("size")
-        return json.dumps([asdict(self.model), str(size), ref, self.line], default=str)
+        settings = {k: v for k, v in self.args.items() if k not in self.spec.paths and k != "seed"}
+        return json.dumps([asdict(self.model), str(size), ref, settings, self.line], default=str, sort_keys=True)
 
 
 def _fail(line: int, message: str) -> UserError:

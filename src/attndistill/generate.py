@@ -63,7 +63,7 @@ class _Job:
     start_t: int | None = None
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
     tile: str | None = None  # seamless axes of the UNet and decoder (textures)
-    tune_vae: bool = False  # decode with a decoder fitted to the references (textures)
+    tune_vae: bool = False  # decode with a decoder fitted to the references (VAE*)
 
 
 def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
@@ -156,7 +156,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                   layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                   vae: str | None = None, device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False, fused: bool | None = None, progress: bool = True,
-                  callback: Callback | None = None, reference_fit: str | None = None) -> list[Image.Image]:
+                  callback: Callback | None = None, reference_fit: str | None = None,
+                  tune_vae: bool = False) -> list[Image.Image]:
     """Generate ``num_images`` images of ``prompt`` in the style of ``style`` (one image or several).
 
     AD-guided DDIM sampling (Algorithm 2). Defaults come from the "t2i" preset for SD 1.5 (50 steps,
@@ -164,7 +165,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     ``controlnet`` (Hub id, folder or a loaded ``ControlNetModel``, which is moved to the model's device
     and dtype in place) with ``control_image`` conditions the layout; ``control="canny"`` turns a photo
     into its edge map first. ``content`` with a positive ``content_weight`` adds the content loss.
-    ``iters=0`` guides by AdaIN alone; with ``adain=False`` too it is a plain DDIM generation. Example::
+    ``iters=0`` guides by AdaIN alone; with ``adain=False`` too it is a plain DDIM generation.
+    ``tune_vae`` decodes with a decoder fine-tuned on the style images (VAE*, ALGORITHM.md §5). Example::
 
         images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """
@@ -183,9 +185,10 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
-               control=(controlnet, control_img, control, control_scale) if controlnet is not None else None)
+               control=(controlnet, control_img, control, control_scale) if controlnet is not None else None,
+               tune_vae=tune_vae)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [describe_input(s) for s in styles],
-              "num_images": num_images}
+              "num_images": num_images, "tune_vae": tune_vae}
     if content is not None:
         inputs["content"] = describe_input(content)
     if controlnet is not None:

@@ -340,8 +340,9 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
                          model: DiffusionModel | str | None = None, steps: int | None = None,
                          iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
                          attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
-                         size: Size = None, seed: int = 0, progress: bool = True,
-                         callback: Callback | None = None, reference_fit: str | None = None,
+                         size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
+                         dtype: str | None = None, progress: bool = True, callback: Callback | None = None,
+                         tile: str | None = None, tune_vae: bool = False, reference_fit: str | None = None,
                          masks: Sequence[ImageInput | None] | None = None) -> list[Image.Image]:
     """Style transfer of several contents with one style, optimised together in one batch.
 
@@ -350,7 +351,8 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
     near-zero gradient into a full step (on the CPU a pixel differs by at most 2/255 in the tests).
     The reference features are computed once per step for all of them. All contents are resized
     to the size of the first (or ``size``). ``masks``: one per content (None: restyle it whole), as
-    ``mask`` of :func:`style_transfer`. Returns one image per content.
+    ``mask`` of :func:`style_transfer`; the other options as there (``tune_vae`` tunes one decoder for
+    the whole batch). Returns one image per content.
     """
     if isinstance(contents, str | os.PathLike | Image.Image):
         raise UserError("style_transfer_batch takes a list of content images; for one, use style_transfer")
@@ -376,7 +378,7 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
         "style", target=images, references=styles, ref_what="style image", model=model, size=size,
         num=len(images), seed=seed, layers=layers, preset=preset,
         inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
-        vae=None, device=None, dtype=None, mask=masks)
+        vae=vae, device=device, dtype=dtype, tile=tile, tune_vae=tune_vae, mask=masks)
     for img, content, mask in zip(results, contents, masks or [None] * len(contents), strict=True):
         params = json.loads(img.info["parameters"])
         params.update(content=describe_input(content), **_mask_input(mask))

@@ -158,6 +158,8 @@ def t2i_tab(ui: WebUI) -> None:
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
             reference_fit = reference_fit_radio(tab)
+            tune_vae = gr.Checkbox(False, label="Fine-tune the VAE decoder on the style images for this run",
+                                   elem_id=f"{tab}-tune-vae")
         with gr.Row():
             controlnet = gr.Textbox("", label="ControlNet (Hub id or folder)", elem_id=f"{tab}-controlnet",
                                     placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
@@ -175,7 +177,7 @@ def t2i_tab(ui: WebUI) -> None:
     ui.validate_on_upload(style, control_image)
     fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
                   size=size, seed=seed, iters=iters, lr=lr, adain=adain, start_t=start_t, layers=layers,
-                  reference_fit=reference_fit, controlnet=controlnet,
+                  reference_fit=reference_fit, tune_vae=tune_vae, controlnet=controlnet,
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
@@ -183,7 +185,8 @@ def t2i_tab(ui: WebUI) -> None:
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
                     adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
                     layers=s["layers"] or None, reference_fit=reference_fit_value(s["reference_fit"]),
-                    controlnet=(s["controlnet"] or "").strip() or None, control=s["control"])
+                    tune_vae=bool(s["tune_vae"]), controlnet=(s["controlnet"] or "").strip() or None,
+                    control=s["control"])
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
         from .generate import text_to_image
@@ -203,7 +206,7 @@ def t2i_tab(ui: WebUI) -> None:
             num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
             steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
             start_t=o["start_t"], layers=o["layers"], reference_fit=fit_cli(o["reference_fit"]),
-            size=(s["size"] or "").strip() or None,
+            tune_vae=True if o["tune_vae"] else None, size=(s["size"] or "").strip() or None,
             controlnet=o["controlnet"],
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))

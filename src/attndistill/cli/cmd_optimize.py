@@ -11,7 +11,7 @@ from ..errors import UserError
 from ..presets import LAYOUT_STRENGTH, PRESETS
 from . import app
 from .cmd_sample import StartT
-from .cmd_texture import RefLabels, TargetLabels, Tile, TuneVae
+from .cmd_texture import RefLabels, TargetLabels, Tile
 from .common import (
     AllowPickle,
     AttentionScale,
@@ -32,6 +32,7 @@ from .common import (
     Seed,
     Size,
     Steps,
+    TuneVae,
     Vae,
     check_before_load,
     check_options,

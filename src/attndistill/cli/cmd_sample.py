@@ -29,6 +29,7 @@ from .common import (
     Seed,
     Size,
     Steps,
+    TuneVae,
     Vae,
     check_before_load,
     check_options,
@@ -79,7 +80,7 @@ def t2i(
     content_weight: ContentWeight = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
-    layers: Layers = None, size: Size = None, seed: Seed = 0,
+    layers: Layers = None, size: Size = None, seed: Seed = 0, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
@@ -107,8 +108,7 @@ def t2i(
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
             size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,
-            progress=not quiet,
-            callback=preview_callback(preview, preview_every, m))
+            tune_vae=tune_vae, progress=not quiet, callback=preview_callback(preview, preview_every, m))
         write_images([image_grid(images)] if grid else images, output, overwrite=overwrite)
 
     run_command(body)

@@ -32,6 +32,7 @@ from .common import (
     ReferenceFit,
     Seed,
     Steps,
+    TuneVae,
     Vae,
     check_before_load,
     check_images,
@@ -51,9 +52,6 @@ FINETUNE_EXAMPLE = ("Example: attndistill finetune-vae wood.jpg -o wood-vae && "
 Tile = Annotated[str | None, typer.Option(
     help="Seamless tiling: circular padding along x, y or xy, so the result tiles without a seam",
     show_default=False)]
-TuneVae = Annotated[bool, typer.Option(
-    help=f"Fine-tune a copy of the VAE decoder on the reference(s) for this run (VAE*, {VAE_TUNING_STEPS} "
-         "steps)")]
 RefLabels = Annotated[list[Path] | None, typer.Option(
     "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",
     show_default=False)]

@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from ..errors import OOM_ADVICE, UserError, is_out_of_memory
+from ..presets import VAE_TUNING_STEPS
 
 #: Speed/memory switches given on the command line (set by the root command; None in library use).
 PERF = None
@@ -52,6 +53,9 @@ ReferenceFit = Annotated[str | None, typer.Option(
     help="How reference images meet the model: squash (stretched to its square, as the paper's code) or keep "
          "(the first one's aspect at the same area; other references centre-cropped to it) \\[default: squash]",
     show_default=False)]
+TuneVae = Annotated[bool, typer.Option(
+    help=f"Fine-tune a copy of the VAE decoder on the reference(s) for this run (VAE*, {VAE_TUNING_STEPS} "
+         "steps)")]
 Layers = Annotated[str | None, typer.Option(
     help="Self-attention layers, e.g. 10-15 or 10,11,12 \\[default: the model's last six]", show_default=False)]
 Size = Annotated[str | None, typer.Option(
