@@ -9,7 +9,6 @@ parameters in ``info["parameters"]``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from .checks import flag, number
 from .controlnet import Control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
-from .images import ImageInput, load_image, params_json, to_tensor
+from .images import ImageInput, add_parameters, load_image, to_tensor
 from .loading import as_model, local_or_hub
 from .models import DiffusionModel
 from .optimize import Callback
@@ -292,7 +291,6 @@ def image_grid(images: Sequence[Image.Image]) -> Image.Image:
     for i, img in enumerate(images):
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     if "parameters" in images[0].info:
-        params = json.loads(images[0].info["parameters"])
-        params.pop("index", None)
-        grid.info["parameters"] = params_json(dict(params, grid=len(images)))
+        grid.info["parameters"] = images[0].info["parameters"]
+        add_parameters(grid, index=None, grid=len(images))
     return grid

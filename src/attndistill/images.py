@@ -336,6 +336,18 @@ def is_writable(folder: Path) -> bool:
     return True
 
 
+def add_parameters(image: Image.Image, **changes: object) -> None:
+    """Set ``changes`` in the parameters ``image`` carries (its ``info["parameters"]`` JSON), None removing
+    a key: what a step after the task (a batch's own inputs, a grid, tiling around a task) adds to them."""
+    params = json.loads(image.info.get("parameters") or "{}")
+    for key, value in changes.items():
+        if value is None:
+            params.pop(key, None)
+        else:
+            params[key] = value
+    image.info["parameters"] = params_json(params)
+
+
 def params_json(params: dict) -> str:
     """A result's parameters as the JSON its PNG carries; NumPy numbers (a seed drawn with NumPy) as plain ones."""
     def plain(value):

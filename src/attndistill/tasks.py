@@ -8,7 +8,6 @@ them; :func:`attndistill.images.save_png` embeds it in the PNG.
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +23,7 @@ from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import (
     ImageInput,
+    add_parameters,
     check_size,
     fit_references,
     fit_size,
@@ -380,7 +380,5 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
         inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
         vae=vae, device=device, dtype=dtype, tile=tile, tune_vae=tune_vae, mask=masks)
     for img, content, mask in zip(results, contents, masks or [None] * len(contents), strict=True):
-        params = json.loads(img.info["parameters"])
-        params.update(content=describe_input(content), **_mask_input(mask))
-        img.info["parameters"] = params_json(params)
+        add_parameters(img, content=describe_input(content), **_mask_input(mask))
     return results

@@ -11,7 +11,6 @@ parameters in ``info["parameters"]``::
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ from .engine import Distiller, parse_layers
 from .errors import UnmatchedLabels, UserError
 from .images import (
     ImageInput,
+    add_parameters,
     check_size,
     drawn_over,
     load_image,
@@ -191,8 +191,7 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
           seamless(model, tile, parts=("unet", "decoder"))):
         result = task(reference, model=model, progress=progress, **kwargs)
     for img in [result] if isinstance(result, Image.Image) else result:
-        params = json.loads(img.info.get("parameters", "{}"))
-        img.info["parameters"] = params_json({**params, "tile": tile, "tune_vae": tune_vae})
+        add_parameters(img, tile=tile, tune_vae=tune_vae)
     return result
 
 
