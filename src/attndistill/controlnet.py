@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import UserError
+from .images import ImageInput
 from .loading import from_pretrained, safetensors_only
 from .models import Conditioning, DiffusionModel
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel
 
 #: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -71,7 +76,7 @@ class Control:
 
 
 def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False,
-                    variant: str | None = None):
+                    variant: str | None = None) -> ControlNetModel:
     """A ``ControlNetModel`` from a Hub id or a diffusers folder, on the model's device and dtype.
 
     Same conventions as :func:`attndistill.loading.load_model`: safetensors only unless ``allow_pickle``,
@@ -141,7 +146,8 @@ def check_configs_fit(net_config, unet_config, source: str, model_source: str,
                         "for this model")
 
 
-def prepare_control(controlnet, image, *, model: DiffusionModel, size: tuple[int, int], preprocess: str = "none",
+def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: ImageInput, *, model: DiffusionModel,
+                    size: tuple[int, int], preprocess: str = "none",
                     scale: float = 1.0, allow_pickle: bool = False) -> tuple[Control, Image.Image]:
     """Load/check the ControlNet and turn the user's image into its condition at ``size`` (w, h).
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 @dataclass
@@ -183,7 +187,7 @@ def _dummy_inputs(unet, device, dtype, latent: int = 8) -> tuple[tuple, dict]:
     return (z, torch.tensor([1], device=device)), kwargs
 
 
-def discover_self_attention_layers(unet) -> list[str]:
+def discover_self_attention_layers(unet: UNet2DConditionModel) -> list[str]:
     """Processor names of the UNet's self-attention layers in the order one forward calls them.
 
     Found by running the model (on a tiny latent; also works on the ``meta`` device), not
@@ -209,14 +213,14 @@ def discover_self_attention_layers(unet) -> list[str]:
     return calls
 
 
-def default_layers(unet, count: int = 6) -> tuple[int, ...]:
+def default_layers(unet: UNet2DConditionModel, count: int = 6) -> tuple[int, ...]:
     """The last ``count`` self-attention layers (SD 1.5: 10-15, SDXL: 64-69)."""
     n = len(discover_self_attention_layers(unet))
     return tuple(range(max(0, n - count), n))
 
 
 @contextmanager
-def capture(unet, layers: Sequence[int], *, early_exit: bool = False) -> Iterator[FeatureStore]:
+def capture(unet: UNet2DConditionModel, layers: Sequence[int], *, early_exit: bool = False) -> Iterator[FeatureStore]:
     """Install capture processors on the chosen self-attention layers for the ``with`` block.
 
     ``layers`` are positions in call order (see :func:`discover_self_attention_layers`).

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -41,6 +42,9 @@ from .tasks import (
 )
 from .tiling import check_axes, seamless
 from .vae_tuning import finetune_vae, using_vae
+
+if TYPE_CHECKING:
+    from diffusers import ControlNetModel
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +154,10 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                   num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
                   iters: int | None = None, lr: float | None = None, guidance: float | None = None,
                   adain: bool | None = None, start_t: int | None = None, content: ImageInput | None = None,
-                  content_weight: float | None = None, controlnet=None, control_image: ImageInput | None = None,
-                  control: str = "none", control_scale: float = 1.0, attention_scale: float | None = None,
-                  layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                  content_weight: float | None = None, controlnet: str | os.PathLike | ControlNetModel | None = None,
+                  control_image: ImageInput | None = None, control: str = "none", control_scale: float = 1.0,
+                  attention_scale: float | None = None, layers: str | Sequence[int] | None = None, size: Size = None,
+                  seed: int = 0,
                   vae: str | None = None, device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False, fused: bool | None = None, progress: bool = True,
                   callback: Callback | None = None, reference_fit: str | None = None,

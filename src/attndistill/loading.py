@@ -401,7 +401,8 @@ def cached_model(model: str, vae: str | None, device: str | None, dtype: str | N
     return load_model(model, vae=vae, device=device, dtype=dtype)
 
 
-def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae=None, device=None, dtype=None) -> DiffusionModel:
+def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae: str | os.PathLike | None = None,
+             device: str | None = None, dtype: str | None = None) -> DiffusionModel:
     """Accept a loaded model or anything :func:`load_model` takes.
 
     ``vae``, ``device`` and ``dtype`` load a model; with a loaded one they must agree with it, never be

@@ -14,12 +14,16 @@ import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
 from .errors import NonFiniteError, UserError, is_out_of_memory
 from .perf import PerfOptions, apply_perf
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.configuration_utils import FrozenDict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,15 +161,15 @@ class DiffusionModel:
         return True
 
     @property
-    def unet(self):
+    def unet(self) -> UNet2DConditionModel:
         return self.pipe.unet
 
     @property
-    def vae(self):
+    def vae(self) -> AutoencoderKL:
         return self.pipe.vae
 
     @property
-    def scheduler_config(self):
+    def scheduler_config(self) -> FrozenDict:
         return self.pipe.scheduler.config
 
     @property
@@ -182,7 +186,7 @@ class DiffusionModel:
         """Pixel sides must be multiples of this: the UNet halves the latent once per down block."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
-    def ddim_scheduler(self, steps: int):
+    def ddim_scheduler(self, steps: int) -> DDIMScheduler:
         """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
         from diffusers import DDIMScheduler
 

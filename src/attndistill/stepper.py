@@ -193,7 +193,9 @@ class StaticStepper(EagerStepper):
                 if torch.is_tensor(value):
                     value.zero_()
 
-    def run(self, z, t, ref, content, iters, reference_key=None, features=None):
+    def run(self, z: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
+            reference_key: Hashable | None = None, features: tuple | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._load(z)
         if features is not None:
             self.reference.load(self.distiller, t, content, features)

@@ -281,7 +281,8 @@ EDGE_SHARE = 0.05
 
 
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
-                     target_labels: ImageInput, size: Size = None):
+                     target_labels: ImageInput, size: Size = None
+                     ) -> tuple[list[Image.Image], Image.Image, list[np.ndarray], list[str], list[str]]:
     """Masked synthesis's inputs, read and checked before any model loads (the CLI and batch runs call it too):
     one map per texture, at its aspect, a (width, height) ``size`` at the target map's aspect (the layout
     would be stretched), and every target colour in some reference map.

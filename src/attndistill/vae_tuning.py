@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 
-def reconstruction_l1(vae, x: torch.Tensor) -> float:
+def reconstruction_l1(vae: AutoencoderKL, x: torch.Tensor) -> float:
     """``mean|D(mean(E(x))) - x|`` for images ``x`` (B, 3, H, W) in [-1, 1]."""
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():
@@ -47,8 +47,8 @@ def check_tuning(steps: object, lr: object) -> None:
         raise UserError(f"VAE tuning lr must be positive (got {lr})")
 
 
-def tune_decoder(vae, images01: torch.Tensor, *, steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR,
-                 callback: Callable[[int, float], None] | None = None):
+def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE_TUNING_STEPS,
+                 lr: float = VAE_TUNING_LR, callback: Callable[[int, float], None] | None = None) -> AutoencoderKL:
     """A copy of ``vae`` (fp32) whose decoder is fitted to ``images01`` (B, 3, H, W) in [0, 1].
 
     ``z = mean(E(x))`` is computed once and held fixed; Adam minimises ``mean|D(z) - x|`` over the
@@ -158,7 +158,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
 
 
 @contextmanager
-def using_vae(model: DiffusionModel, vae) -> Iterator[DiffusionModel]:
+def using_vae(model: DiffusionModel, vae: AutoencoderKL | None) -> Iterator[DiffusionModel]:
     """Decode with ``vae`` for the ``with`` block; the model's own VAE keeps encoding, and comes back after.
 
     ``None`` is a no-op.
@@ -241,7 +241,7 @@ def _is_vae_folder(folder: Path) -> bool:
     return True
 
 
-def save_vae(vae, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save ``vae`` as a diffusers ``AutoencoderKL`` folder (safetensors); the folder appears complete or not at all."""
     folder = check_vae_folder(folder, overwrite=overwrite)
     parent = folder.parent if str(folder.parent) else Path(".")
