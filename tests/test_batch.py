@@ -695,6 +695,7 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
 def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir, tiny_sd15_dir, size):
     """Without a WxH size a result takes its content's aspect: a batch would give every job the first one's."""
     from attndistill.batch import _batches
+    from attndistill.batchjobs import run_order
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -719,7 +720,7 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
     sizes = {Path(j.args["content"]).name: j.planned_size for j in planned}
     assert sizes["golden-gate.jpg"] == sizes["watercolor-cat.jpg"] != sizes["wide.jpg"] != sizes["tall.jpg"]
     assert sizes["tall.jpg"] == sizes["turned.jpg"]
-    planned.sort(key=lambda j: j.group)
+    planned = run_order(planned)
     chunks = [sorted(Path(j.args["content"]).name for j in chunk) for chunk in _batches(planned, 8)]
     assert sorted(chunks) == [["golden-gate.jpg", "watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"], ["wide.jpg"]]
     if size:  # a WxH size makes every result the same shape: then any contents may share a batch
@@ -730,8 +731,23 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
         lines = [job_line("style", c, "wood-rings.jpg", size="64x32", **extra) for c in contents[:4]
                  for extra in ({"tile": "x", "tune_vae": True}, {})]
         jobs = read_jobs(write_jobs(folder, data_dir, lines), out_dir=tmp_path / "out")
-        jobs.sort(key=lambda j: j.group)
+        jobs = run_order(jobs)
         assert sorted(len(chunk) for chunk in _batches(jobs, 8)) == [4, 4]
+
+
+def test_jobs_of_one_setting_run_together_where_the_first_of_them_stands(tmp_path, data_dir):
+    """Run order: one reference's jobs together, and within them the jobs of one setting (which may share a
+    batch) at the place of their first line; otherwise the file's order."""
+    from attndistill.batchjobs import run_order
+
+    lines = [job_line("style", c, "wood-rings.jpg", steps=s)
+             for c, s in (("horse.jpg", 3), ("golden-gate.jpg", 1), ("watercolor-cat.jpg", 3))]
+    lines.insert(1, job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=1))  # another reference
+    jobs = read_jobs(write_jobs(tmp_path / "in", data_dir, lines), out_dir=tmp_path / "out")
+    ordered = [(Path(j.args["content"]).name, j.args["steps"]) for j in run_order(jobs)
+               if Path(j.args["style"]).name == "wood-rings.jpg"]
+    assert ordered == [("horse.jpg", 3), ("watercolor-cat.jpg", 3), ("golden-gate.jpg", 1)]
+    assert len(run_order(jobs)) == 4
 
 
 def test_a_finished_jobs_lock_left_by_a_killed_run_is_cleared(tmp_path, data_dir, tiny_sd15_dir):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .batchcheck import Validator
-from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs
+from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs, run_order
 from .batchstate import (
     JobLock,
     Shard,
@@ -139,7 +139,7 @@ class Runner:
                 self.errors(f"invalid {job.id}: {exc}")
                 continue
             todo.append(job)
-        todo.sort(key=lambda j: j.group)  # same model, size and reference one after another
+        todo = run_order(todo)  # same model, size, reference and settings one after another
         k = 0
         for chunk in _batches(todo, self.group_size):
             tag = f"[{k + 1}{f'-{k + len(chunk)}' if len(chunk) > 1 else ''}/{len(todo)}]"

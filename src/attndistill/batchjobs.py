@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -148,14 +148,27 @@ class Job:
 
     @property
     def group(self) -> str:
-        """Sort key: same model, size (the planned one where known), reference and settings first, then file
-        order: jobs that may share a batch, or a run's CUDA graphs, come one after another."""
+        """Jobs of one model, size (the planned one where known) and reference: a run takes them together."""
         if self.error:
             return json.dumps(["~", self.line])
         ref = self.args.get(self.spec.reference)
         size = self.planned_size or self.args.get("size")
-        settings = {k: v for k, v in self.args.items() if k not in self.spec.paths and k != "seed"}
-        return json.dumps([asdict(self.model), str(size), ref, settings, self.line], default=str, sort_keys=True)
+        return json.dumps([asdict(self.model), str(size), ref], default=str)
+
+    @property
+    def settings(self) -> str:
+        """The group and every option but the images and seed: jobs that may share a batch or CUDA graphs."""
+        options = {k: v for k, v in self.args.items() if k not in self.spec.paths and k != "seed"}
+        return json.dumps([self.group, options], default=str, sort_keys=True)
+
+
+def run_order(jobs: Sequence[Job]) -> list[Job]:
+    """The order a run takes ``jobs`` in: by group, and in a group the jobs of one setting together, where
+    the first of them stands in the file; otherwise file order. Every shard of a run computes the same."""
+    first: dict[str, int] = {}
+    for job in sorted(jobs, key=lambda j: j.line):
+        first.setdefault(job.settings, job.line)
+    return sorted(jobs, key=lambda j: (j.group, first[j.settings], j.line))
 
 
 def _fail(line: int, message: str) -> UserError:

@@ -98,12 +98,15 @@ def resolve_shard(option: str | None = None, env: Mapping[str, str] | None = Non
 
 
 def select(jobs: Sequence[J], shard: Shard) -> list[J]:
-    """This shard's jobs: a contiguous slice of the jobs sorted by (model, size, reference, line).
+    """This shard's jobs: a contiguous slice of the jobs in run order (:func:`~attndistill.batchjobs.run_order`:
+    by model, size, reference and settings, then line).
 
     Every shard sorts the same list the same way, so the slices cover each job exactly once, and jobs
     that share a model and a reference stay together.
     """
-    ordered = sorted(jobs, key=lambda j: j.group)
+    from .batchjobs import run_order
+
+    ordered = run_order(jobs)
     n = len(ordered)
     return ordered[shard.index * n // shard.count:(shard.index + 1) * n // shard.count]
 
