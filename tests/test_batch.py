@@ -581,7 +581,7 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
     for expected in ("line 1: device 'bogus'", "use cpu, cuda, cuda:N or auto",
                      "line 2: 'layers' must be a range like \"10-15\" or a list", "line 3: tile 'q' is not understood",
                      "line 4: size 100000x100000 is too large for one canvas", "line 5: seed 99999999999999999999 is "
-                     "out of range", "line 6: mode 'bogus' is not known", "line 7: output '../escape.png' is "
+                     "out of range", "line 6: unknown 'mode' 'bogus'", "line 7: output '../escape.png' is "
                      "outside the output folder", "line 8: output '", "line 9: start-t must be in 1..1000",
                      "line 10: control 'bogus' is not known", "line 11: size 256x256 is smaller than one view",
                      "line 12: expand needs 'size'", "line 13: strength must be in (0, 1]",
