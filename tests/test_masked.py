@@ -136,12 +136,12 @@ def test_a_small_label_map_may_be_a_pixel_off_its_textures_aspect(tmp_path):
     from attndistill.textures import check_label_maps
 
     Image.new("RGB", (1000, 290), (90, 60, 30)).save(tmp_path / "wide.png")
-    _map((60, 17), [((0, 0, 1, 1), RED)]).save(tmp_path / "small-labels.png")
-    _map((60, 17), [((0, 0, 1, 1), RED)]).save(tmp_path / "target.png")
+    _map((60, 17), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "small-labels.png")
+    _map((60, 17), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "target.png")
     check_label_maps(tmp_path / "wide.png", tmp_path / "small-labels.png", tmp_path / "target.png")
     for name, size in (("tall.png", (290, 1000)), ("tall-labels.png", (17, 60)), ("tall-target.png", (17, 60))):
-        (Image.new("RGB", size, (90, 60, 30)) if name == "tall.png" else _map(size, [((0, 0, 1, 1), RED)])).save(
-            tmp_path / name)  # the same turned on its side
+        (Image.new("RGB", size, (90, 60, 30)) if name == "tall.png"
+         else _map(size, [((0, 0, 1, 0.5), RED), ((0, 0.5, 1, 1), GREEN)])).save(tmp_path / name)  # turned
     check_label_maps(tmp_path / "tall.png", tmp_path / "tall-labels.png", tmp_path / "tall-target.png")
     _map((60, 19), [((0, 0, 1, 1), RED)]).save(tmp_path / "off.png")
     with pytest.raises(ad.UserError, match="draw the label map over the texture"):
@@ -153,7 +153,7 @@ def test_a_size_of_another_aspect_than_the_target_map_is_refused(tmp_path):
     from attndistill.textures import check_label_maps
 
     Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
-    _map((64, 64), [((0, 0, 1, 1), RED)]).save(tmp_path / "ref.png")
+    _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.png")
     _map((96, 64), [((0, 0, 1, 1), RED)]).save(tmp_path / "target.png")
     args = tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png"
     for size in (None, 96, (96, 64), (767, 512)):  # long side, or the map's aspect to a pixel
@@ -161,6 +161,27 @@ def test_a_size_of_another_aspect_than_the_target_map_is_refused(tmp_path):
     with pytest.raises(ad.UserError, match=r"target label map '.*target\.png' is 96x64 but the size asked for is "
                                            r"64x64, another aspect, which would stretch its layout"):
         check_label_maps(*args, size=(64, 64))
+
+
+def test_16_bit_label_maps_keep_their_ids_apart(tmp_path):
+    """Segmentation tools write label ids 0, 1, 2 as 16-bit pixels: each id is a region of its own, not a
+    brightness that 8 bits round to black. Maps of one colour only are refused by name."""
+    from attndistill.textures import check_label_maps
+
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
+    ids = np.zeros((64, 64), np.uint16)
+    ids[:, 32:], ids[:32, :32] = 1, 2
+    Image.fromarray(ids).save(tmp_path / "ref.png")
+    target = np.zeros((32, 32), np.uint16)
+    target[8:24, 8:24] = 1
+    Image.fromarray(target).save(tmp_path / "target.png")
+    assert Image.open(tmp_path / "ref.png").mode.startswith("I")
+    _, _, maps, colours, _ = check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
+    assert colours == ["#000000", "#000001", "#000002"]
+    assert np.array_equal(maps[0], ids) and np.array_equal(maps[1], target)
+    _map((64, 64), [((0, 0, 1, 1), RED)]).save(tmp_path / "red.png")
+    with pytest.raises(ad.UserError, match=r"have one colour only, #ff0000; masked synthesis needs two regions"):
+        check_label_maps(tmp_path / "texture.png", tmp_path / "red.png", tmp_path / "red.png")
 
 
 def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):

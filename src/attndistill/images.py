@@ -41,14 +41,17 @@ _FILE_MODE = 0o666 & ~_UMASK
 _FOLDER_MODE = 0o777 & ~_UMASK
 
 
-def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
+def load_image(source: ImageInput, *, what: str = "image", labels: bool = False) -> Image.Image:
     """Open ``source`` as an RGB image, or raise a :class:`UserError` naming it.
 
     Alpha is composited on white, EXIF orientation applied, 16-bit and float
     images scaled to 8 bits. ``what`` names the role in messages ("style image").
+    ``labels``: a label map, whose integer pixels (16- or 32-bit, as segmentation
+    tools write them) are ids to keep apart, not brightness: each id becomes a
+    colour of its own (id 0x0102 -> #000102) instead of being scaled to 8 bits.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(source, what)
+        return _to_rgb(source, what, labels=labels)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
     if os.fspath(source) in ("", b""):
@@ -69,7 +72,7 @@ def load_image(source: ImageInput, *, what: str = "image") -> Image.Image:
                 _check_size(img.size, f"{what} '{path}'")
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img, f"{what} '{path}'")
+                return _to_rgb(img, f"{what} '{path}'", labels=labels)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -116,9 +119,11 @@ def _check_size(size: tuple[int, int], label: str) -> None:
         raise UserError(f"{label} is only {w}x{h} pixels; use an image of at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _to_rgb(img: Image.Image, label: str) -> Image.Image:
-    """Plain 8-bit RGB whatever the mode; alpha goes on white."""
+def _to_rgb(img: Image.Image, label: str, *, labels: bool = False) -> Image.Image:
+    """Plain 8-bit RGB whatever the mode; alpha goes on white; with ``labels``, integer ids as colours."""
     _check_size(img.size, label)
+    if labels and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _ids_as_colours(np.asarray(img), label)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr = np.where(np.isfinite(arr), arr, np.nan)  # inf would stretch the scale to black
@@ -137,6 +142,17 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _ids_as_colours(ids: np.ndarray, label: str) -> Image.Image:
+    """An integer label map -> RGB with one colour per id (its 24 bits as red, green and blue)."""
+    if ids.dtype.kind == "f" and not (np.isfinite(ids).all() and (ids == np.round(ids)).all()):
+        raise UserError(f"{label} holds fractional values; a label map needs whole-number ids or flat colours")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0 or ids.max() >= 2**24:
+        raise UserError(f"{label} holds ids from {ids.min()} to {ids.max()}; label ids must be 0 to {2**24 - 1}")
+    rgb = np.stack([(ids >> 16) & 255, (ids >> 8) & 255, ids & 255], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
 
 
 def round_to_multiple(value: float, multiple: int) -> int:

@@ -297,8 +297,8 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
                         "one reference label map per texture image (on the command line: --ref-labels A.png "
                         "--ref-labels B.png)")
     ref_images = [load_image(r, what="texture image") for r in refs]
-    ref_label_images = [load_image(r, what="reference label map") for r in ref_label_inputs]
-    target_image = load_image(target_labels, what="target label map")
+    ref_label_images = [load_image(r, what="reference label map", labels=True) for r in ref_label_inputs]
+    target_image = load_image(target_labels, what="target label map", labels=True)
     names = [describe_input(r) for r in ref_label_inputs] + [describe_input(target_labels)]
     for img, lab, name in zip(ref_images, ref_label_images, names, strict=False):
         _check_aspect(img, lab, f"reference label map '{name}'")
@@ -308,6 +308,10 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
                         f"asked for is {size[0]}x{size[1]}, another aspect, which would stretch its layout; give only "
                         "the long side, a size of the map's aspect, or a map drawn at the size's aspect")
     maps, colours = label_maps(ref_label_images + [target_image], names)
+    if len(colours) == 1:  # one region everywhere: nothing to keep apart (a map read wrong, or the wrong file)
+        raise UserError(f"the label maps ({', '.join(repr(n) for n in names)}) have one colour only, {colours[0]}; "
+                        "masked synthesis needs two regions or more (for one region, run texture synthesis "
+                        "without label maps)")
     missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
         [m.ravel() for m in maps[:-1]])).tolist()))
     if missing:
