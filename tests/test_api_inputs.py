@@ -62,6 +62,9 @@ def test_every_texture_task_refuses_a_tune_vae_that_is_no_bool(tiny_sd15, data_d
 def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
     with pytest.raises(UserError, match="negative prompt must be one string"):
         text_to_image("a cat", data_dir / "watercolor-cat.jpg", negative_prompt=5, model=tiny_sd15, steps=1)
+    for empty in ("", " \n"):  # refused as jobs files and the web UI refuse it, so results can be rerun
+        with pytest.raises(UserError, match="prompt is empty; describe the image to generate"):
+            text_to_image(empty, data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1)
     for net in (5, tiny_sd15.unet):
         with pytest.raises(UserError, match="controlnet must be"):
             text_to_image("a cat", data_dir / "watercolor-cat.jpg", controlnet=net,

@@ -176,6 +176,9 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     """
     if not isinstance(prompt, str):
         raise UserError("prompt must be one string")
+    if not prompt.strip():  # as the web UI and jobs files have it: a result that batch runs can rerun
+        raise UserError("prompt is empty; describe the image to generate (texture --mode sample generates from "
+                        "the style image alone)")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,

@@ -191,8 +191,6 @@ def t2i_tab(ui: WebUI) -> None:
     def call(s: dict, model: DiffusionModel, callback: Callback):
         from .generate import text_to_image
 
-        if not (s["prompt"] or "").strip():
-            raise UserError("prompt is empty; describe the image to generate")
         extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
         return text_to_image(s["prompt"], required(s["style"], "style image"),
                              negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
