@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -257,3 +258,20 @@ def test_sizes_that_are_no_size(text):
 
     with pytest.raises(UserError, match=f"size '{text}' is not understood"):
         parse_size(text)
+
+
+def test_a_size_of_another_aspect_than_the_content_is_said(tiny_sd15, data_dir, caplog):
+    """A (width, height) that stretches the content, structure, layout or control image is named in a warning;
+    the content's own aspect (to the 2% a resize leaves), or a long side alone, says nothing."""
+    from attndistill.generate import layout_texture
+
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        _style(tiny_sd15, data_dir, steps=1, size=(64, 64))  # horse.jpg is 768x754
+        _style(tiny_sd15, data_dir, steps=1, size=64)
+        assert not caplog.records
+        _style(tiny_sd15, data_dir, steps=1, size=(128, 64))
+        layout_texture(data_dir / "wood-rings.jpg", data_dir / "horse.jpg", model=tiny_sd15, steps=2, iters=1,
+                       size=(64, 128), progress=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("768x754 but the size asked for is" in m and "stretched" in m for m in said)
+    assert said[0].startswith("content image '") and said[1].startswith("layout image '")

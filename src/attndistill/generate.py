@@ -60,6 +60,7 @@ class _Job:
     negative_prompt: str | None = None
     num: int = 1
     like: Image.Image | None = None  # the image whose aspect sets the output size (control, content, layout)
+    like_name: str | None = None  # how messages name it
     content: Image.Image | None = None
     layout: Image.Image | None = None
     strength: float = 1.0
@@ -84,7 +85,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     tile = check_axes(job.tile)
     flag("tune_vae", job.tune_vae)
     layer_ids = parse_layers(layers, model)
-    w, h = target_size(model, size, like=job.like)
+    w, h = target_size(model, size, like=job.like, like_name=job.like_name)
     control: Control | None = None
     if job.control is not None:
         net, image, preprocess, scale = job.control
@@ -192,6 +193,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
+               like_name=(f"control image '{describe_input(control_image)}'" if control_img is not None else
+                          f"content image '{describe_input(content)}'" if content_img is not None else None),
                control=(controlnet, control_img, control, control_scale) if controlnet is not None else None,
                tune_vae=tune_vae)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [describe_input(s) for s in styles],
@@ -282,7 +285,8 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
-               strength=strength, start_t=start_t, tile=tile, tune_vae=tune_vae)
+               like_name=f"layout image '{describe_input(layout)}'", strength=strength, start_t=start_t, tile=tile,
+               tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "layout": describe_input(layout), "strength": strength,
               "num": num, "tile": check_axes(tile), "tune_vae": tune_vae}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,

@@ -8,6 +8,7 @@ them; :func:`attndistill.images.save_png` embeds it in the PNG.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from .images import (
     ImageInput,
     add_parameters,
     check_size,
+    drawn_over,
     fit_references,
     fit_size,
     load_image,
@@ -41,6 +43,8 @@ from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset, get_preset
 from .regions import load_mask, paste_region, update_mask
 from .tiling import check_axes, seamless
 from .vae_tuning import tuned_vae
+
+log = logging.getLogger(__name__)
 
 Size = int | tuple[int, int] | None
 
@@ -113,8 +117,13 @@ def check_settings(preset: Preset) -> Preset:
     return preset
 
 
-def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None) -> tuple[int, int]:
-    """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet."""
+def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None,
+                like_name: str | None = None) -> tuple[int, int]:
+    """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet.
+
+    With ``like_name`` (the run's own call, not a check's), a (width, height) of another aspect than
+    ``like`` is said in a warning naming it: the image is stretched to it.
+    """
     multiple = model.latent_multiple
     size = check_size(size)
     if size is None:
@@ -125,6 +134,9 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
         else:
             w, h = fit_size(like.size, size, multiple)
     else:
+        if like is not None and like_name and not drawn_over(size, like.size):
+            log.warning("%s is %dx%d but the size asked for is %dx%d, another aspect: it is stretched to it (give "
+                        "only the long side to keep its aspect)", like_name, *like.size, *size)
         w, h = (round_to_multiple(s, multiple) for s in size)
     if w * h > 4096 * 4096:
         raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
@@ -216,7 +228,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     mask_images = [load_mask(m, t, tile=tile, what=what) for m, t in zip(masks, targets or [target], strict=True)]
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
-    w, h = target_size(model, size, like=targets[0] if targets else target)
+    name = inputs.get("content") or inputs.get("structure")  # a batch's first content has no name here
+    w, h = target_size(model, size, like=targets[0] if targets else target,
+                       like_name=f"{what} '{name}'" if name else f"the first {what}")
     # the latent cells a mask lets change, known before any encoding work (batch dry-runs check it too)
     region = _update_region(mask_images, masks, (w, h), model.vae_scale_factor)
     z_ref = encode_references(model, references, ref_what, preset.reference_fit)
