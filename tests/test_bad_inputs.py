@@ -450,6 +450,37 @@ def test_cmyk_jpeg(tmp_path, data_dir):
     assert got.shape == (48, 64, 3) and np.abs(got - np.asarray(photo, dtype=np.int32)).mean() < 6
 
 
+def _swapped_primaries_profile() -> bytes:
+    """sRGB's ICC profile with its red and green primaries swapped: stored (255, 0, 0) then means sRGB green."""
+    from PIL import ImageCms
+
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (count,) = struct.unpack(">I", icc[128:132])
+    entries = {bytes(icc[132 + 12 * i:136 + 12 * i]): 136 + 12 * i for i in range(count)}
+    r, g = entries[b"rXYZ"], entries[b"gXYZ"]
+    icc[r:r + 8], icc[g:g + 8] = icc[g:g + 8], icc[r:r + 8]  # the tags' offsets and sizes
+    # its description must not say sRGB (in ASCII or UTF-16), or it would be taken for one
+    return bytes(icc).replace(b"sRGB", b"swap").replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be"))
+
+
+def test_embedded_colour_profiles_are_converted_to_srgb(tmp_path):
+    """A wide-gamut photo (Display P3, Adobe RGB) holds its colours in its own space: it comes in as sRGB, in a
+    JPEG or a PNG, alpha kept; a label map keeps its stored colours, which are names."""
+    from attndistill.images import load_image
+
+    red = Image.new("RGB", (64, 48), (255, 0, 0))
+    icc = _swapped_primaries_profile()
+    red.save(tmp_path / "p.png", icc_profile=icc)
+    red.save(tmp_path / "p.jpg", icc_profile=icc, quality=95)
+    red.convert("RGBA").save(tmp_path / "a.png", icc_profile=icc)
+    for name in ("p.png", "p.jpg", "a.png"):
+        r, g, b = _rgb(tmp_path / name).reshape(-1, 3).mean(0)
+        assert g > 200 and r < 60 and b < 60, name
+    assert np.asarray(load_image(tmp_path / "p.png", labels=True))[0, 0].tolist() == [255, 0, 0]
+    red.save(tmp_path / "broken.png", icc_profile=b"not a profile")
+    assert _rgb(tmp_path / "broken.png")[0, 0].tolist() == [255, 0, 0]  # taken as sRGB, with a warning
+
+
 def test_alpha_is_composited_on_white(tmp_path, data_dir):
     rgb = np.asarray(_photo(data_dir), dtype=np.float64)
     alpha = np.tile(np.linspace(0, 255, 64), (48, 1)).round()

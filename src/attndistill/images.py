@@ -7,6 +7,7 @@ a one-line :class:`UserError` naming the file and the fix.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -120,10 +121,13 @@ def _check_size(size: tuple[int, int], label: str) -> None:
 
 
 def _to_rgb(img: Image.Image, label: str, *, labels: bool = False) -> Image.Image:
-    """Plain 8-bit RGB whatever the mode; alpha goes on white; with ``labels``, integer ids as colours."""
+    """Plain 8-bit sRGB whatever the mode and colour profile; alpha goes on white; with ``labels``, integer
+    ids as colours and colours as they are stored (a label's colour is a name, not a colour to convert)."""
     _check_size(img.size, label)
     if labels and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _ids_as_colours(np.asarray(img), label)
+    if not labels:
+        img = _to_srgb(img, label)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         arr = np.where(np.isfinite(arr), arr, np.nan)  # inf would stretch the scale to black
@@ -142,6 +146,26 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False) -> Image.Imag
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _to_srgb(img: Image.Image, label: str) -> Image.Image:
+    """Pixels of an embedded colour profile (a phone's Display P3, Adobe RGB, a printer's CMYK) converted to
+    sRGB, the space the models were trained in; taken as they are, their colours would be off."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(source).lower():  # already sRGB: nothing to do
+            return img
+        return ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),
+                                         renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                         outputMode="RGBA" if img.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        log.warning("%s has a colour profile that cannot be read; its pixels are taken as sRGB", label)
+        return img
 
 
 def _ids_as_colours(ids: np.ndarray, label: str) -> Image.Image:
