@@ -643,14 +643,22 @@ def test_a_vae_that_cannot_be_saved_is_one_line_and_leaves_nothing(tmp_path, mon
     """A full disk while saving a fine-tuned VAE: one line, no partial folder, the old VAE kept."""
     from attndistill.vae_tuning import save_vae
 
+    from safetensors import SafetensorError
+
     class FullDisk:
+        def __init__(self, error):
+            self.error = error
+
         def save_pretrained(self, folder, **_):
             (Path(folder) / "config.json").write_text("{}")
-            raise OSError(28, "No space left on device")
+            raise self.error
 
-    with pytest.raises(UserError, match=r"could not be written \(No space left on device\); free space"):
-        save_vae(FullDisk(), tmp_path / "vae")
-    assert list(tmp_path.iterdir()) == []
+    # the OS's own error, and the one safetensors' writer turns it into
+    for error in (OSError(28, "No space left on device"), SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")):
+        with pytest.raises(UserError, match=r"could not be written \(No space left on device\); free space"):
+            save_vae(FullDisk(error), tmp_path / "vae")
+        assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args,expected", [(["--size", "1088x512", "--stride", "65"], "leaves gaps"),

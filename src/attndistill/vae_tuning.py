@@ -262,8 +262,13 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
         os.replace(tmp, folder)
     except BaseException as exc:  # Ctrl-C included: no half-written folder
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.strerror:  # e.g. disk full
-            raise UserError(f"output folder '{folder}' could not be written ({exc.strerror}); free space or "
+        from safetensors import SafetensorError
+
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        if isinstance(exc, SafetensorError) and "I/O error: " in str(exc):  # its writer's OSError, as text
+            reason = str(exc).split("I/O error: ", 1)[1].split(" (os error")[0]
+        if reason:  # e.g. disk full
+            raise UserError(f"output folder '{folder}' could not be written ({reason}); free space or "
                             "choose another path") from None
         raise
     return folder
