@@ -222,3 +222,26 @@ def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_
     assert (tmp_path / "out-1.png").read_bytes() == b"someone else's"
     assert Image.open(written[1]).getpixel((0, 0)) == (0, 0, 255)
     assert "'" + str(tmp_path / "out-1.png") + "' appeared while this ran" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["style", "c.png", "s.png", "--lr", "nan"], "error: Invalid value for '--lr': nan is not a finite number (see "
+                                                 "'attndistill style -h')"),
+    (["style", "c.png"], "error: Missing argument 'style_images' (see 'attndistill style -h')"),
+    (["--bogus"], "error: No such option: --bogus (see 'attndistill -h')")])
+def test_usage_errors_are_one_line(argv, line, monkeypatch, capsys):
+    """The console script turns click's usage text and boxed message into the one line every error is."""
+    from attndistill.cli import main
+
+    monkeypatch.setattr("sys.argv", ["attndistill", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--max-upload-mb", "nan"], "--max-upload-mb must be a positive"),
+                                               (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive"),
+                                               (["--port", "0"], "port 0 is not a TCP port")])
+def test_ui_options_are_checked_before_anything_loads(args, message):
+    result = CliRunner().invoke(app, ["ui", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -159,5 +159,21 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A usage error (a missing argument, a bad option value) is one line that
+    names the fix, as every other error is, instead of click's usage text and boxed message."""
+    import sys
+
+    usage_error = typer.BadParameter.__base__  # click's UsageError, as this Typer vendors it
+    try:
+        code = app(standalone_mode=False, prog_name="attndistill")
+    except typer.TyperException as exc:  # click's exceptions, vendored
+        if type(exc).__name__ == "NoArgsIsHelpError" or not isinstance(exc, usage_error):
+            exc.show()  # bare ``attndistill``: the help is the answer
+        else:
+            where = exc.ctx.command_path if exc.ctx is not None else "attndistill"
+            typer.echo(f"error: {exc.format_message().rstrip('.')} (see '{where} -h')", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-C before a command's own handler is in place
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -34,8 +34,8 @@ def ui(
     def body() -> None:
         if port < 1 or port > 65535:
             raise UserError(f"port {port} is not a TCP port; use 1-65535")
-        if max_upload_mb <= 0:
-            raise UserError(f"--max-upload-mb must be positive (got {max_upload_mb})")
+        if not 0 < max_upload_mb < 2**40:  # NaN and inf too, which gradio's byte count cannot take
+            raise UserError(f"--max-upload-mb must be a positive number of megabytes (got {max_upload_mb})")
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
             from ..webui import WebUI
