@@ -641,9 +641,9 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
 
 def test_a_vae_that_cannot_be_saved_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     """A full disk while saving a fine-tuned VAE: one line, no partial folder, the old VAE kept."""
-    from attndistill.vae_tuning import save_vae
-
     from safetensors import SafetensorError
+
+    from attndistill.vae_tuning import save_vae
 
     class FullDisk:
         def __init__(self, error):
