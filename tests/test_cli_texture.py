@@ -104,6 +104,27 @@ def test_masked_texture(run, data_dir, tmp_path):
     assert half.exit_code == 2 and "--ref-labels" in half.output
 
 
+def test_a_vae_folder_taken_while_tuning_keeps_both(run, data_dir, tmp_path, monkeypatch):
+    """Another run took the output folder while this one tuned: that folder stays, and this work is saved beside
+    it as NAME.new, with a warning, as image results are."""
+    from attndistill import vae_tuning
+
+    folder = tmp_path / "wood-vae"
+    real = vae_tuning.finetune_vae
+
+    def tune_while_another_run_finishes(*args, **kwargs):
+        tuned = real(*args, **kwargs)
+        folder.mkdir()
+        (folder / "theirs.txt").write_text("another run's")
+        return tuned
+
+    monkeypatch.setattr(vae_tuning, "finetune_vae", tune_while_another_run_finishes)
+    result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 1))
+    assert f"'{folder}' appeared while this ran and is left as it is; the tuned VAE is {folder}.new" in result.output
+    assert [p.name for p in folder.iterdir()] == ["theirs.txt"]
+    AutoencoderKL.from_pretrained(tmp_path / "wood-vae.new")
+
+
 def test_finetune_vae_then_use_it(run, data_dir, tmp_path, tiny_sd15_dir):
     folder = tmp_path / "wood-vae"
     result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))

@@ -436,13 +436,16 @@ def save_result(image: Image.Image, path: Path, *, overwrite: bool = False,
     beside it, ``path``): the other file is kept, and so is the work."""
     taken = path if not overwrite and path.exists() else None
     if taken is not None:
-        path = _free_name(taken)
+        path = free_name(taken)
     return save_png(image, path, overwrite=overwrite, parameters=parameters), taken
 
 
-def _free_name(path: Path) -> Path:
+def free_name(path: Path, *, suffix: str = ".png") -> Path:
+    """The first free ``OUT.new``, ``OUT.new-2``... beside ``path``, ``suffix`` kept at the end ("" for a
+    folder): where a result goes when another file took its name while it ran."""
+    stem = path.name[:-len(suffix)] if suffix and path.name.endswith(suffix) else path.name
     for n in range(1, 10_000):
-        candidate = path.with_name(f"{path.stem}.new{'' if n == 1 else f'-{n}'}.png")
+        candidate = path.with_name(f"{stem}.new{'' if n == 1 else f'-{n}'}{suffix}")
         if not candidate.exists():
             return candidate
     return path  # 10,000 taken: let the save say that the output exists

@@ -37,6 +37,7 @@ from .common import (
     check_before_load,
     check_images,
     check_options,
+    echo_err,
     finite,
     load,
     parse_size_option,
@@ -125,6 +126,7 @@ def finetune_vae(
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from .. import vae_tuning
+    from ..images import free_name
     from ..tasks import check_reference_fit
 
     def body() -> None:
@@ -135,7 +137,11 @@ def finetune_vae(
         check_images(reference_image=reference)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         tuned = vae_tuning.finetune_vae(reference, model=m, reference_fit=fit, progress=not quiet, **settings)
-        vae_tuning.save_vae(tuned, output, overwrite=overwrite)
-        typer.echo(f"wrote {output}")
+        target = output
+        if not overwrite and output.is_dir() and any(output.iterdir()):  # taken while it ran (checked before)
+            target = free_name(output, suffix="")
+            echo_err(f"warning: '{output}' appeared while this ran and is left as it is; the tuned VAE is {target}")
+        vae_tuning.save_vae(tuned, target, overwrite=overwrite)
+        typer.echo(f"wrote {target}")
 
     run_command(body)
