@@ -66,3 +66,13 @@ def test_cli_style_transfer_from_a_single_file(checkpoint, tiny_sd15_dir, data_d
     params = read_parameters(out)
     assert params["model"] == str(checkpoint)
     assert params["steps"] == 2
+
+
+def test_config_with_a_folder_model_is_refused(tiny_sd15_dir, data_dir, tmp_path):
+    """--config describes a single file; a folder's own configs would win while the result recorded the config."""
+    result = CliRunner().invoke(app, ["style", str(data_dir / "horse.jpg"), str(data_dir / "watercolor-cat.jpg"),
+                                      "-o", str(tmp_path / "out.png"), "--model", str(tiny_sd15_dir),
+                                      "--config", str(tiny_sd15_dir), "--steps", "1", "--size", "64"])
+    assert result.exit_code == 2 and "drop --config" in result.output and not (tmp_path / "out.png").exists()
+    with pytest.raises(ad.UserError, match="with configs of its own; drop --config"):
+        ad.load_model(tiny_sd15_dir, config=tiny_sd15_dir)

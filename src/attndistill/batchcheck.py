@@ -310,11 +310,19 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from .loading import DEFAULT_MODEL, check_checkpoint, check_vae_source, is_checkpoint_path, pipeline_kind
+    from .loading import (
+        DEFAULT_MODEL,
+        check_checkpoint,
+        check_config_use,
+        check_vae_source,
+        is_checkpoint_path,
+        pipeline_kind,
+    )
     from .models import resolve_device, resolve_dtype
 
     resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL
+    check_config_use(source, model.config)
     if is_checkpoint_path(Path(source)):
         check_checkpoint(Path(source), model.allow_pickle, option='"allow_pickle": true')
     else:

@@ -241,6 +241,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     dtype = resolve_dtype(dtype, device)
     source = str(model)
     path = Path(source)
+    check_config_use(source, config)
     common = dict(dtype=dtype)
     if is_checkpoint_path(path):
         check_checkpoint(path, allow_pickle)
@@ -291,6 +292,14 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     if perf is not None:
         model.set_perf(perf)
     return model
+
+
+def check_config_use(source: str, config: str | os.PathLike | None) -> None:
+    """``config`` describes a single-file checkpoint; a folder or Hub id has configs of its own, which the load
+    would take, while the result recorded a config it never used."""
+    if config is not None and not is_checkpoint_path(Path(source)):
+        raise UserError(f"--config describes a single-file checkpoint's architecture, but '{source}' is a diffusers "
+                        "folder or Hub id with configs of its own; drop --config")
 
 
 #: Single-file checkpoint suffixes (any case); all but .safetensors are pickles.
