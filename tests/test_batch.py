@@ -683,6 +683,9 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
     folder = invoke("batch", tmp_path / "in", "--out", tmp_path / "out")
     assert folder.exit_code == 2 and "is a directory; pass the .jsonl jobs file itself" in folder.output
     assert str(jobs) in folder.output and "does not exist" not in folder.output
+    for stream in ("-", "/dev/null"):  # stdin or a pipe: there is no folder for the jobs' relative paths
+        piped = invoke("batch", stream, "--out", tmp_path / "out")
+        assert piped.exit_code == 2 and "is not a regular file; save the jobs to a .jsonl file" in piped.output
     (tmp_path / "res").mkdir()
     results = tmp_path / "res" / "results.jsonl"
     append_record(results, {"job": "a", "status": "done", "time": 1})

@@ -412,6 +412,10 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
         hint = f", e.g. '{found[0]}'" if len(found) == 1 else ""
         raise UserError(f"jobs file '{path}' is a directory; pass the .jsonl jobs file itself (one job per line)"
                         f"{hint}")
+    if str(path) == "-" or (path.exists() and not path.is_file()):  # stdin, a pipe, a device: no folder to
+        # resolve the jobs' relative paths against
+        raise UserError(f"jobs file '{path}' is not a regular file; save the jobs to a .jsonl file (its folder is "
+                        "where relative paths in it start)")
     if not path.is_file():
         raise UserError(f"jobs file '{path}' does not exist; pass a .jsonl file with one job per line")
     try:
