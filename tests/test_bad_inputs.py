@@ -481,6 +481,20 @@ def test_embedded_colour_profiles_are_converted_to_srgb(tmp_path):
     assert _rgb(tmp_path / "broken.png")[0, 0].tolist() == [255, 0, 0]  # taken as sRGB, with a warning
 
 
+def test_damaged_exif_is_one_warning_naming_the_file(tmp_path, caplog):
+    """Pillow's raw "Truncated File Read" warnings (no file named) become one log line that names the image."""
+    from attndistill.images import load_image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010E] = 6, "x" * 40
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(tmp_path / "cut.jpg", exif=exif.tobytes()[:-20])
+    with warnings.catch_warnings(record=True) as raw, caplog.at_level("WARNING", logger="attndistill"):
+        warnings.simplefilter("always")
+        assert load_image(tmp_path / "cut.jpg", what="content image").size in ((64, 48), (48, 64))
+    assert not raw and [r.getMessage() for r in caplog.records] == [
+        f"content image '{tmp_path / 'cut.jpg'}': Truncated File Read (Pillow, while reading it)"]
+
+
 def test_alpha_is_composited_on_white(tmp_path, data_dir):
     rgb = np.asarray(_photo(data_dir), dtype=np.float64)
     alpha = np.tile(np.linspace(0, 255, 64), (48, 1)).round()

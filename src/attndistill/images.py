@@ -16,7 +16,8 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +68,10 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False)
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a directory; pass an image file inside it")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                _check_size(img.size, f"{what} '{path}'")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img, f"{what} '{path}'", labels=labels)
+        with _pillow_warnings(f"{what} '{path}'"), Image.open(path) as img:
+            _check_size(img.size, f"{what} '{path}'")
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -107,9 +105,22 @@ def _reduced_jpeg(path: Path, what: str) -> Image.Image | None:
                 return None
             img.draft("RGB", (w // scale, h // scale))  # Pillow's factor: min(w // w', h // h') = scale
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'")
+            with _pillow_warnings(f"{what} '{path}'"):
+                return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'")
     except (OSError, SyntaxError, ValueError):  # not a JPEG, or a damaged one: the caller's error stands
         return None
+
+
+@contextmanager
+def _pillow_warnings(label: str) -> Iterator[None]:
+    """Pillow's warnings while reading an image (damaged EXIF data: "Truncated File Read") as one line naming
+    the file, not raw Python warnings; its decompression-bomb warning as an error, for the caller to handle."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    if caught:
+        log.warning("%s: %s (Pillow, while reading it)", label, caught[0].message)
 
 
 def _check_size(size: tuple[int, int], label: str) -> None:
