@@ -180,8 +180,9 @@ def test_masked_synthesis_names_a_texture_that_loses_most_of_itself(tiny_sd15, t
     from attndistill.textures import masked_texture_synthesis
 
     textures = [_wide(tmp_path, "t1.png", (240, 60)), _wide(tmp_path, "t2.png", (64, 64))]
-    for name, size in (("r1.png", (240, 60)), ("r2.png", (64, 64)), ("target.png", (64, 64))):
-        Image.new("RGB", size, (255, 0, 0)).save(tmp_path / name)
+    for name, size, colour in (("r1.png", (240, 60), "red"), ("r2.png", (64, 64), "blue"),
+                               ("target.png", (64, 64), "red")):
+        Image.new("RGB", size, colour).save(tmp_path / name)
     with caplog.at_level(logging.WARNING, logger="attndistill.images"):
         masked_texture_synthesis(textures, [tmp_path / "r1.png", tmp_path / "r2.png"], tmp_path / "target.png",
                                  model=tiny_sd15, steps=1, size=64, reference_fit="keep", progress=False)
