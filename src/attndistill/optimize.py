@@ -86,7 +86,8 @@ class FiniteGuard:
         if bad >= 0:
             what = "loss" if int(self.what) == 1 else "latent"
             raise NonFiniteError(f"the {what} became NaN/Inf at step {bad} (timestep {self.timesteps[bad]}); "
-                                 "lower --lr, use --dtype fp32, or check the input images")
+                                 "lower --lr (or a raised --content-weight, --attention-scale, --guidance or "
+                                 "--control-scale), use --dtype fp32, or check the input images")
 
 
 def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torch.Tensor, *,
