@@ -342,6 +342,10 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_smaller(tmp_path, monkeypatch):
     for name in ("photo.png", "huge.jpg"):  # no scaled decoding / too large even at 1/8
         with pytest.raises(UserError, match=f"'{tmp_path / name}' declares too many pixels"):
             load_image(tmp_path / name, what="content image")
+    data = (tmp_path / "photo.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])  # a download that stopped: damaged, not too large
+    with pytest.raises(UserError, match=r"'.*cut\.jpg' is truncated or corrupt"):
+        load_image(tmp_path / "cut.jpg", what="content image")
     from attndistill.textures import _is_jpeg
 
     with warnings.catch_warnings():  # a label map's JPEG hint: no Pillow warning, and the right answer

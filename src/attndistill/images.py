@@ -98,17 +98,21 @@ def _reduced_jpeg(path: Path, what: str) -> Image.Image | None:
     few megapixels anyway. None when it is no JPEG, or too large even at 1/8.
     """
     try:
-        with JpegImagePlugin.JpegImageFile(os.fspath(path)) as img:  # not Image.open: its guard would refuse
-            w, h = img.size
-            scale = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= MAX_PIXELS), None)
-            if scale is None:
-                return None
-            img.draft("RGB", (w // scale, h // scale))  # Pillow's factor: min(w // w', h // h') = scale
-            img.load()
-            with _pillow_warnings(f"{what} '{path}'"):
-                return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'")
-    except (OSError, SyntaxError, ValueError):  # not a JPEG, or a damaged one: the caller's error stands
+        img = JpegImagePlugin.JpegImageFile(os.fspath(path))  # not Image.open: its guard would refuse
+    except (OSError, SyntaxError, ValueError):  # not a JPEG: the caller's error stands
         return None
+    with img:
+        w, h = img.size
+        scale = next((k for k in (2, 4, 8) if -(-w // k) * -(-h // k) <= MAX_PIXELS), None)
+        if scale is None:
+            return None
+        img.draft("RGB", (w // scale, h // scale))  # Pillow's factor: min(w // w', h // h') = scale
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError):  # a JPEG that ends early: that, not its size, is the problem
+            raise UserError(f"{what} '{path}' is truncated or corrupt; re-export it as PNG or JPEG") from None
+        with _pillow_warnings(f"{what} '{path}'"):
+            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'")
 
 
 @contextmanager
