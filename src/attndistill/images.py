@@ -169,8 +169,10 @@ def _to_srgb(img: Image.Image, label: str) -> Image.Image:
     icc = img.info.get("icc_profile")
     if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
         return img
-    from PIL import ImageCms
-
+    try:
+        from PIL import ImageCms  # Pillow built without littlecms has none: the pixels stay as they are
+    except ImportError:
+        return img
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if "srgb" in ImageCms.getProfileDescription(source).lower():  # already sRGB: nothing to do

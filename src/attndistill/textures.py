@@ -151,7 +151,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
     tuned = finetune_vae(refs, model=model, reference_fit=preset.reference_fit, progress=progress,
-                                    callback=callback) if tune_vae else None
+                         callback=callback) if tune_vae else None
     with using_vae(model, tuned):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
