@@ -123,8 +123,9 @@ def _pillow_warnings(label: str) -> Iterator[None]:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         yield
-    if caught:
-        log.warning("%s: %s (Pillow, while reading it)", label, caught[0].message)
+    said = [w for w in caught if issubclass(w.category, UserWarning)]  # not a library's deprecation notes
+    if said:
+        log.warning("%s: %s (Pillow, while reading it)", label, said[0].message)
 
 
 def _check_size(size: tuple[int, int], label: str) -> None:
