@@ -132,6 +132,26 @@ def test_grey_is_white_from_half_up_in_the_cells_and_the_paste_alike():
         load_mask(Image.new("L", (64, 32), 127), content)
 
 
+def test_a_mask_at_the_full_size_of_a_photo_over_the_pixel_limit_is_taken(tmp_path, monkeypatch):
+    """A JPEG over the pixel limit decodes smaller; its mask, painted at the photo's full size, is taken up to
+    twice the limit (Pillow's own hard limit), in the task and in the checks before loading. The pixel limit
+    is scaled down here so that the test images stay small."""
+    from attndistill import images
+    from attndistill.batchcheck import Validator
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    mask = Image.new("L", (150, 100))  # 15,000 pixels: over the limit, under twice it
+    mask.paste(255, (0, 0, 75, 100))
+    mask.save(tmp_path / "mask.png")
+    taken = load_mask(tmp_path / "mask.png", Image.new("RGB", (75, 50)))
+    assert taken.size == (150, 100) and np.asarray(taken)[:, :75].min() == 255
+    with pytest.raises(UserError, match="declares too many pixels"):  # any other image of that size: refused
+        images.load_image(tmp_path / "mask.png", what="content image")
+    validator = Validator(tmp_path / "out")
+    validator._image(str(tmp_path / "mask.png"), "mask")
+
+
 def test_a_mask_painted_over_a_very_wide_content_is_taken(tmp_path):
     """The painter never shrinks the content below 64 px a side, and a pixel of rounding passes the aspect check."""
     from attndistill.webui_fields import content_to_paint_on, painted_mask

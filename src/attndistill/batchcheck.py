@@ -191,7 +191,8 @@ class Validator:
         if path not in self._images:
             what = self.labels.get(name) or name.replace("_", " ") + ("" if name.endswith("image") else " image")
             try:
-                self._sizes[path] = load_image(path, what=what).size
+                self._sizes[path] = load_image(path, what=what, flat=name == "mask",
+                                               labels=name in ("ref_labels", "target_labels")).size
                 self._images[path] = None
             except UserError as exc:
                 self._images[path] = str(exc)

@@ -43,7 +43,7 @@ _FILE_MODE = 0o666 & ~_UMASK
 _FOLDER_MODE = 0o777 & ~_UMASK
 
 
-def load_image(source: ImageInput, *, what: str = "image", labels: bool = False) -> Image.Image:
+def load_image(source: ImageInput, *, what: str = "image", labels: bool = False, flat: bool = False) -> Image.Image:
     """Open ``source`` as an RGB image, or raise a :class:`UserError` naming it.
 
     Alpha is composited on white, EXIF orientation applied, 16-bit and float
@@ -51,9 +51,12 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False)
     ``labels``: a label map, whose integer pixels (16- or 32-bit, as segmentation
     tools write them) are ids to keep apart, not brightness: each id becomes a
     colour of its own (id 0x0102 -> #000102) instead of being scaled to 8 bits.
+    ``flat``: a mask, accepted up to twice the pixel limit (Pillow's own hard limit): painted at the full
+    size of a photo over the limit, which a JPEG decodes smaller, it must still be usable.
     """
+    limit = 2 * MAX_PIXELS if flat else MAX_PIXELS
     if isinstance(source, Image.Image):
-        return _to_rgb(source, what, labels=labels)
+        return _to_rgb(source, what, labels=labels, limit=limit)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
     if os.fspath(source) in ("", b""):
@@ -68,10 +71,10 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False)
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a directory; pass an image file inside it")
     try:
-        with _pillow_warnings(f"{what} '{path}'"), Image.open(path) as img:
-            _check_size(img.size, f"{what} '{path}'")
+        with _pillow_warnings(f"{what} '{path}'", bombs=not flat), Image.open(path) as img:
+            _check_size(img.size, f"{what} '{path}'", limit)
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels)
+            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels, limit=limit)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -79,7 +82,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False)
         if reduced is not None:
             return reduced
         raise UserError(
-            f"{what} '{path}' declares too many pixels (decompression-bomb guard, limit {MAX_PIXELS:,}); "
+            f"{what} '{path}' declares too many pixels (decompression-bomb guard, limit {limit:,}); "
             "downscale it first"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -116,30 +119,31 @@ def _reduced_jpeg(path: Path, what: str) -> Image.Image | None:
 
 
 @contextmanager
-def _pillow_warnings(label: str) -> Iterator[None]:
+def _pillow_warnings(label: str, *, bombs: bool = True) -> Iterator[None]:
     """Pillow's warnings while reading an image (damaged EXIF data: "Truncated File Read") as one line naming
-    the file, not raw Python warnings; its decompression-bomb warning as an error, for the caller to handle."""
+    the file, not raw Python warnings; its decompression-bomb warning as an error for the caller to handle
+    (``bombs``), or ignored where the caller allows more pixels."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error" if bombs else "ignore", Image.DecompressionBombWarning)
         yield
     said = [w for w in caught if issubclass(w.category, UserWarning)]  # not a library's deprecation notes
     if said:
         log.warning("%s: %s (Pillow, while reading it)", label, said[0].message)
 
 
-def _check_size(size: tuple[int, int], label: str) -> None:
+def _check_size(size: tuple[int, int], label: str, limit: int = MAX_PIXELS) -> None:
     w, h = size
-    if w * h > MAX_PIXELS:
-        raise UserError(f"{label} is {w}x{h} pixels, over the limit of {MAX_PIXELS:,}; downscale it first")
+    if w * h > limit:
+        raise UserError(f"{label} is {w}x{h} pixels, over the limit of {limit:,}; downscale it first")
     if min(w, h) < MIN_SIDE:
         raise UserError(f"{label} is only {w}x{h} pixels; use an image of at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _to_rgb(img: Image.Image, label: str, *, labels: bool = False) -> Image.Image:
+def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = MAX_PIXELS) -> Image.Image:
     """Plain 8-bit sRGB whatever the mode and colour profile; alpha goes on white; with ``labels``, integer
     ids as colours and colours as they are stored (a label's colour is a name, not a colour to convert)."""
-    _check_size(img.size, label)
+    _check_size(img.size, label, limit)
     if labels and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _ids_as_colours(np.asarray(img), label)
     if not labels:

@@ -36,7 +36,7 @@ def load_mask(mask: ImageInput | None, content: Image.Image, *, tile: str | None
     if tile:
         raise UserError("a mask keeps the content outside it, which does not tile; drop the mask or the tiling")
     name = str(mask) if isinstance(mask, str | os.PathLike) else "<image>"
-    image = load_image(mask, what="mask image").convert("L")  # transparency on white, as for any input
+    image = load_image(mask, what="mask image", flat=True).convert("L")  # transparency on white, as any input
     alpha = _alpha(mask)
     if alpha is not None and alpha.size == image.size:
         image = ImageChops.multiply(image, alpha)
