@@ -12,4 +12,6 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 ruff check src tests benchmarks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only fight over 2 cores
-python -m pytest -q "$@"
+# two workers: each test is small and single-threaded, so the suite takes about 3 minutes instead of 5 on
+# a 2-core machine (the tests use their own temporary folders and free ports)
+python -m pytest -q -n 2 "$@"
