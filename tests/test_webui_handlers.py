@@ -111,6 +111,18 @@ def test_texture_layout_takes_adain_start_t_and_content_weight_and_the_command_s
     assert params["start_t"] == 700 and "--start-t 700" in command
 
 
+def test_t2i_tab_tunes_the_decoder_and_its_command_says_so(ui, data_dir, monkeypatch):
+    from attndistill import vae_tuning
+
+    real = vae_tuning.tune_decoder
+    monkeypatch.setattr(vae_tuning, "tune_decoder",  # 3 steps instead of 75: the same mechanics, sooner
+                        lambda *a, **kw: real(*a, **{**kw, "steps": 3}))
+    params, command, _ = result_parameters(run_tab(ui, "t2i", {
+        "t2i-prompt": "a barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
+        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-tune-vae": True}))
+    assert params["tune_vae"] is True and "--tune-vae" in shlex.split(command)
+
+
 def _slow_task(model, callback, steps: int = 100_000):
     for i in range(steps):
         time.sleep(0.002)
