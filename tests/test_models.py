@@ -135,3 +135,13 @@ def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny
     assert as_model("m", device="cpu").kind == "sd15"
     monkeypatch.chdir(tmp_path / "b")
     assert as_model("m", device="cpu").kind == "sdxl"
+
+
+def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
+    """REAL-MODELS.md: the fp16 variant halves a GPU download; CPUs and fp32 take the default files."""
+    from attndistill.loading import default_variant
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_variant(None, cuda, torch.bfloat16) == default_variant(None, cuda, torch.float16) == "fp16"
+    assert default_variant(None, cuda, torch.float32) is None and default_variant(None, cpu, torch.float32) is None
+    assert default_variant("ema", cuda, torch.bfloat16) == "ema"  # asked for: kept

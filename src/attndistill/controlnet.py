@@ -19,7 +19,7 @@ from PIL import Image
 
 from .errors import UserError
 from .images import ImageInput
-from .loading import from_pretrained, safetensors_only
+from .loading import default_variant, from_pretrained, safetensors_only
 from .models import Conditioning, DiffusionModel
 
 if TYPE_CHECKING:
@@ -87,10 +87,9 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 
     source = str(source)
     check_controlnet_source(source)
-    if variant is None and model.device.type == "cuda" and model.dtype != torch.float32:
-        variant = "fp16"
-    net = from_pretrained(ControlNetModel, source, variant, what="ControlNet", option="--controlnet",
-                          use_safetensors=safetensors_only(allow_pickle), dtype=model.dtype)
+    net = from_pretrained(ControlNetModel, source, default_variant(variant, model.device, model.dtype),
+                          what="ControlNet", option="--controlnet", use_safetensors=safetensors_only(allow_pickle),
+                          dtype=model.dtype)
     check_compatible(net, model, source)
     return net.to(model.device).requires_grad_(False).eval()
 

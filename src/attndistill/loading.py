@@ -262,10 +262,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False,
                                           "feature_extractor": None}
-        if variant is None and device.type == "cuda" and dtype != torch.float32:
-            variant = "fp16"
-        pipe = from_pretrained(cls, source, variant, use_safetensors=safetensors_only(allow_pickle), **common,
-                               **extra)
+        pipe = from_pretrained(cls, source, default_variant(variant, device, dtype),
+                               use_safetensors=safetensors_only(allow_pickle), **common, **extra)
     _check_tokenizers(pipe, source)
     if vae is not None:
         check_vae_source(vae)
@@ -302,7 +300,16 @@ def check_config_use(source: str, config: str | os.PathLike | None) -> None:
                         "folder or Hub id with configs of its own; drop --config")
 
 
-#: Single-file checkpoint suffixes (any case); all but .safetensors are pickles.
+def default_variant(variant: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The weights variant to ask for: the ``fp16`` files where half precision runs on a GPU (REAL-MODELS.md:
+    half the download; ``from_pretrained`` falls back to the default files where a repo has none)."""
+    if variant is None and device.type == "cuda" and dtype != torch.float32:
+        return "fp16"
+    return variant
+
+
+#: Suffixes of single-file checkpoints (any case) and of weights files: all but .safetensors are pickles,
+#: which --allow-pickle lets a load read.
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -387,7 +394,7 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
                                 "or not a weights file); download it again") from None
             named = re.search(r"no file named \S+ found in directory (.+?)\.?$", text)  # a component's folder
             if named and Path(named.group(1)).is_dir() and not any(
-                    p.suffix in _WEIGHTS for p in Path(named.group(1)).rglob("*")):
+                    p.suffix in CHECKPOINT_SUFFIXES for p in Path(named.group(1)).rglob("*")):
                 raise UserError(f"{what} '{source}' has no weights in {named.group(1)}, neither .safetensors nor "
                                 "pickle files; download it again") from None
             if "safetensors" in text and kwargs.get("use_safetensors"):
@@ -399,9 +406,6 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             raise UserError(f"{what} '{source}' could not be loaded: {text.splitlines()[0]}") from None
     raise AssertionError("unreachable")
 
-
-#: Suffixes of weights files: safetensors, and the pickles --allow-pickle lets a load read.
-_WEIGHTS = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
 
 
 @lru_cache(maxsize=1)
