@@ -19,7 +19,7 @@ from PIL import Image
 
 from .errors import UserError
 from .images import ImageInput
-from .loading import default_variant, from_pretrained, safetensors_only
+from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def check_controlnet_source(source: str) -> None:
             raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); pass "
                             "a folder saved with save_pretrained or a Hub id such as "
                             "lllyasviel/control_v11p_sd15_canny")
-    elif source.count("/") != 1 or source.startswith((".", "/", "~")):
+    elif not looks_like_hub_id(source):
         raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
                         "such as lllyasviel/control_v11p_sd15_canny")
 

@@ -110,8 +110,7 @@ def _read_model_index(model: str) -> dict:
             raise UserError(f"model folder '{model}' has no model_index.json; it is not a diffusers model "
                             "folder (for a single .safetensors checkpoint pass the file itself)")
         return _parse_model_index(index, model)
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(model):
         raise UserError(f"model '{model}' does not exist; pass a diffusers folder, a .safetensors file "
                         "or a Hub id such as " + SD15_ID)
     from huggingface_hub import hf_hub_download
@@ -298,6 +297,11 @@ def check_config_use(source: str, config: str | os.PathLike | None) -> None:
     if config is not None and not is_checkpoint_path(Path(source)):
         raise UserError(f"--config describes a single-file checkpoint's architecture, but '{source}' is a diffusers "
                         "folder or Hub id with configs of its own; drop --config")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` that is no local path: what may be asked of the Hub (or its cache) when no folder exists."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def default_variant(variant: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
