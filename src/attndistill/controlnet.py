@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import number
 from .errors import UserError
 from .images import ImageInput
 from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
@@ -145,6 +146,16 @@ def check_configs_fit(net_config, unet_config, source: str, model_source: str,
                         "for this model")
 
 
+def check_control(preprocess: str, scale: object) -> float:
+    """The control image's preprocessing and the residuals' scale, checked before any work; the scale as a float."""
+    if preprocess not in ("none", "canny"):
+        raise UserError(f"control '{preprocess}' is not known; use 'canny' or 'none' (a ready-made map)")
+    scale = number("control scale", scale)
+    if not scale >= 0:
+        raise UserError(f"control scale must be >= 0 (got {scale})")
+    return scale
+
+
 def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: ImageInput, *, model: DiffusionModel,
                     size: tuple[int, int], preprocess: str = "none",
                     scale: float = 1.0, allow_pickle: bool = False) -> tuple[Control, Image.Image]:
@@ -155,10 +166,7 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
     """
     from .images import load_image
 
-    if preprocess not in ("none", "canny"):
-        raise UserError(f"control '{preprocess}' is not known; use 'canny' or 'none' (a ready-made map)")
-    if not scale >= 0:
-        raise UserError(f"control scale must be >= 0 (got {scale})")
+    scale = check_control(preprocess, scale)
     if isinstance(controlnet, str | os.PathLike):
         net = load_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
     else:

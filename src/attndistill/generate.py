@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .checks import flag, number
-from .controlnet import Control, prepare_control
+from .controlnet import Control, check_control, prepare_control
 from .engine import Distiller, parse_layers
 from .errors import UserError
 from .images import ImageInput, add_parameters, load_image, to_tensor
@@ -134,13 +134,10 @@ def check_t2i_options(*, controlnet, control_image, control: str, control_scale:
     if (controlnet is None) != (control_image is None):
         raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
                         else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
-    if control not in ("none", "canny"):
-        raise UserError(f"control '{control}' is not known; use 'canny' or 'none' (a ready-made map)")
+    check_control(control, control_scale)
     if control != "none" and controlnet is None:  # else the preprocessing would be dropped without a word
         raise UserError(f"preprocessing '{control}' prepares a control image for a ControlNet; add --controlnet "
                         "and --control-image, or set --control none")
-    if not number("control scale", control_scale) >= 0:
-        raise UserError(f"control scale must be >= 0 (got {control_scale})")
     if content_weight is not None:
         number("content weight", content_weight)
     if content is None and content_weight:
