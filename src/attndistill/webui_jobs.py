@@ -21,11 +21,9 @@ from .errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
 from .images import to_pil
 from .loading import DEFAULT_MODEL, load_model
 from .models import DiffusionModel, free_memory
-from .optimize import StepInfo
+from .optimize import Callback, StepInfo
 
 log = logging.getLogger(__name__)
-
-Callback = Callable[[StepInfo], None]
 
 
 

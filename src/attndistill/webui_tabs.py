@@ -57,8 +57,9 @@ CONTENT_MODES = ("layout", "masked")  # modes with a content image: the layout, 
 SAMPLING_MODES = ("sample", "layout")  # modes that sample: AdaIN and a start timestep
 
 
-#: Most images one Run makes: they run as one batch, and a page's slip (500) would hold the queue for hours.
-MAX_IMAGES = 16
+#: Most images one Run of the page makes (the API's own limit, tasks.MAX_IMAGES, is 256): they run as one
+#: batch, and a page's slip (500) would hold the queue for hours.
+UI_MAX_IMAGES = 16
 
 #: The AdaIN radio's choices -> text_to_image's ``adain`` (None: the preset's).
 ADAIN_CHOICES = {"preset": None, "on": True, "off": False}
@@ -76,7 +77,7 @@ def start_t_box(tab: str) -> gr.Textbox:
 
 
 def _count(value: int | None) -> int:
-    """The Images box, already a whole number within 1..MAX_IMAGES (WebUI.wire checks it): blank is one image."""
+    """The Images box, already a whole number within 1..UI_MAX_IMAGES (WebUI.wire checks it): blank is one image."""
     return 1 if value is None else value
 
 
@@ -143,7 +144,7 @@ def t2i_tab(ui: WebUI) -> None:
             negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative")
         style = image_input("Style image", f"{tab}-style")
     with gr.Row():
-        num = int_box("Images", 1, tab, "num", minimum=1, maximum=MAX_IMAGES)
+        num = int_box("Images", 1, tab, "num", minimum=1, maximum=UI_MAX_IMAGES)
         steps = blank_number("Steps", tab, "steps", blank("steps"))
         guidance = blank_number("Guidance", tab, "guidance", blank("guidance"))
         size = size_box(tab)
@@ -223,7 +224,7 @@ def texture_tab(ui: WebUI) -> None:
                             info="optimise: Algorithm 1 · sample: AD-guided sampling · layout: SDEdit from a "
                                  "colour layout · masked: label maps")
             with gr.Row():
-                num = int_box("Images", 1, tab, "num", minimum=1, maximum=MAX_IMAGES)
+                num = int_box("Images", 1, tab, "num", minimum=1, maximum=UI_MAX_IMAGES)
                 steps = int_box("Steps", first.steps, tab, "steps", minimum=1)
                 seed = seed_box(tab)
             size = size_box(tab)
