@@ -23,7 +23,8 @@ from .loading import load_model  # noqa: E402
 from .models import DiffusionModel  # noqa: E402
 from .presets import PRESETS, Preset, get_preset  # noqa: E402
 from .tasks import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
-from .textures import expand_texture, finetune_vae, masked_texture_synthesis, with_texture_options  # noqa: E402
+from .textures import expand_texture, masked_texture_synthesis, with_texture_options  # noqa: E402
+from .vae_tuning import finetune_vae  # noqa: E402
 
 __all__ = [
     "PRESETS", "DiffusionModel", "Distiller", "Preset", "UserError", "__version__", "appearance_transfer",

@@ -70,18 +70,20 @@ class _Job:
     tune_vae: bool = False  # decode with a decoder fitted to the references (VAE*)
 
 
-def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> None:
+def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> Preset:
+    """A sampling run's settings and start timestep, checked; returns the preset with plain numbers."""
     preset = check_settings(preset)
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < number("start-t", start_t) <= total:  # a threshold: 600.5 is fine
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
+    return preset
 
 
 def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
          fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
     seed, _ = check_run(seed=seed, callback=callback, num=job.num, what="number of images", fused=fused,
                         progress=progress)
-    _check_sampling(preset, job.start_t, model)
+    preset = _check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
     flag("tune_vae", job.tune_vae)
     layer_ids = parse_layers(layers, model)

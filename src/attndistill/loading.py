@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import DiffusionModel, Kind, resolve_device, resolve_dtype
 from .perf import PerfOptions
 
@@ -124,7 +124,7 @@ def _read_model_index(model: str) -> dict:
     except (HfHubHTTPError, OSError) as exc:
         if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
             raise _not_available(model) from None
-        raise UserError(f"model '{model}' could not be fetched: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model '{model}' could not be fetched: {first_line(exc)}") from None
     return _parse_model_index(index, model)
 
 
@@ -253,7 +253,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         try:
             pipe = cls.from_single_file(str(path), **common, **extra)
         except Exception as exc:  # diffusers raises many kinds here
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc) or type(exc).__name__
             hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
             raise UserError(f"checkpoint '{path}' could not be loaded: {msg}{hint}") from None
     else:
@@ -407,9 +407,8 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             lowered = text.lower()
             if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
                 raise _not_available(source, what, option) from None
-            raise UserError(f"{what} '{source}' could not be loaded: {text.splitlines()[0]}") from None
+            raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
     raise AssertionError("unreachable")
-
 
 
 @lru_cache(maxsize=1)

@@ -37,7 +37,7 @@ from .loading import as_model
 from .models import DiffusionModel
 from .multidiffusion import decode_tiled, multidiffusion
 from .optimize import Callback, optimize_latents
-from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, get_preset
+from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, Preset, get_preset
 from .tasks import (
     Size,
     as_list,
@@ -64,9 +64,10 @@ MAX_LABELS = 32
 MAX_CANVAS_SIDE = 16384
 
 
-def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
-                    decode_tile: int = DECODE_TILE) -> None:
-    """Settings of an expansion that can be refused before the model loads."""
+def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
+                    decode_tile: int = DECODE_TILE) -> Preset:
+    """Settings of an expansion that can be refused before the model loads; returns the preset with plain
+    numbers (:func:`~attndistill.tasks.check_settings`)."""
     preset = check_settings(preset)
     if not isinstance(view, int) or view < 1:
         raise UserError(f"view must be a positive whole number of latents (got {view!r})")
@@ -86,6 +87,7 @@ def check_expansion(preset, size: int | tuple[int, int], *, view: int = VIEW, vi
     if max(w, h) > MAX_CANVAS_SIDE:
         raise UserError(f"size {w}x{h} is over {MAX_CANVAS_SIDE} px on a side; expand to at most "
                         f"{MAX_CANVAS_SIDE}x{MAX_CANVAS_SIDE} and upscale, or tile a smaller texture with --tile xy")
+    return preset
 
 
 def _canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
@@ -122,7 +124,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride, reference_fit=reference_fit)
-    check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
+    preset = check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     seed, _ = check_run(seed=seed, callback=callback, fused=fused, progress=progress)
     axes = check_axes(tile) or ""
     flag("tune_vae", tune_vae)

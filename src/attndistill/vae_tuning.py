@@ -108,7 +108,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    from .tasks import as_list, check_callback, check_reference_fit, describe_input
+    from .tasks import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
 
     check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
@@ -147,7 +147,6 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         if bar is not None:
             bar.close()
     from . import __version__
-    from .tasks import describe_input, made_with, model_parameters
 
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
     tuned.attndistill_parameters = {

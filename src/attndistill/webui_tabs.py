@@ -394,8 +394,7 @@ def vae_tab(ui: WebUI) -> None:
     ui.validate_on_upload(reference)
 
     def tune(values: dict, request: gr.Request | None, progress):
-        from .textures import finetune_vae
-        from .vae_tuning import save_vae
+        from .vae_tuning import finetune_vae, save_vae
 
         ref, n, rate, use_it = values[reference], values[steps], values[lr], values[use]
         model_id, vae_id = values[ui.model_box], values[ui.vae_box]
