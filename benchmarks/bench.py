@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 import attndistill as ad  # noqa: E402
-from attndistill.perf import PerfOptions  # noqa: E402
+from attndistill.model.perf import PerfOptions  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 CONTENT, STYLE, TEXTURE = DATA / "horse.jpg", DATA / "watercolor-cat.jpg", DATA / "wood-rings.jpg"
@@ -57,26 +57,26 @@ def run_case(case: str, model, steps: int, size_scale: float) -> list:
     if case == "c":
         return ad.texture_synthesis(TEXTURE, model=model, steps=steps, size=side, progress=False)
     if case in ("b", "d"):
-        from attndistill.generate import text_to_image
+        from attndistill.tasks.generate import text_to_image
 
         preset = "t2i-sdxl" if model.kind == "sdxl" else "t2i"
         iters = 2 if model.kind == "sdxl" else 3
         return text_to_image(PROMPT, STYLE, model=model, steps=steps, iters=iters,
                              guidance=ad.PRESETS[preset].guidance, adain=True, size=side, progress=False)
     if case in ("e", "f"):
-        from attndistill.textures import expand_texture
+        from attndistill.tasks.textures import expand_texture
 
         w, h = (3 * side, side) if case == "e" else (8 * side, 8 * side)
         # views of the model's native size (64 latents on SD 1.5), so tiny models and --size-scale work too
         return [expand_texture(TEXTURE, model=model, size=(w, h), steps=steps, iters=2, stride=8, view_batch=8,
                                view=side // model.vae_scale_factor, progress=False)]
     if case == "h":  # views of half the native size (SDXL: the default 64 latents) beside a native reference
-        from attndistill.textures import expand_texture
+        from attndistill.tasks.textures import expand_texture
 
         return [expand_texture(TEXTURE, model=model, size=(side, side // 2), steps=steps, iters=2, stride=8,
                                view_batch=8, view=side // (2 * model.vae_scale_factor), progress=False)]
     if case == "g":
-        from attndistill.tasks import style_transfer_batch
+        from attndistill.tasks.transfer import style_transfer_batch
 
         return style_transfer_batch([CONTENT] * 8, STYLE, model=model, steps=steps, size=side, progress=False)
     raise ValueError(case)
@@ -141,7 +141,7 @@ def timed_static_calls(device: torch.device):
     program (reference and content features), the AD iteration (target forward, backward, Adam) and the
     denoising call. On a GPU, CUDA events time the device work without a sync per call.
     """
-    from attndistill.stepper import StaticCall, StaticReference
+    from attndistill.core.stepper import StaticCall, StaticReference
 
     original = StaticCall.__call__
     marks: list[tuple[str, object, object]] = []

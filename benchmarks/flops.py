@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from attndistill.engine import Distiller  # noqa: E402
+from attndistill.core.engine import Distiller  # noqa: E402
 
 #: Views of case e: 1536x512 pixels with 64-latent views at stride 8 give 17 views, in batches of 8.
 E_VIEW_BATCHES = (8, 8, 1)

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm  # noqa: E402
-from attndistill.stepper import StaticCall  # noqa: E402
+from attndistill.core.stepper import StaticCall  # noqa: E402
+from attndistill.model.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm  # noqa: E402
 
 DEVICE = "cuda"
 CHECKS = []

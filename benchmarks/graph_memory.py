@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import code_digest  # noqa: E402
 from lookahead_memory import MB, allocations  # noqa: E402
 
-from attndistill.engine import Distiller  # noqa: E402
+from attndistill.core.engine import Distiller  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
 #: Per case: (model, programs as (name, batch, content rows)). a: style transfer; b: SD 1.5 T2I; d: SDXL

@@ -28,10 +28,10 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from attndistill import features  # noqa: E402
-from attndistill.engine import Distiller  # noqa: E402
-from attndistill.lookahead import ReferenceLookahead  # noqa: E402
-from attndistill.perf import LOOKAHEAD_LATENT_PIXELS  # noqa: E402
+from attndistill.core import features  # noqa: E402
+from attndistill.core.engine import Distiller  # noqa: E402
+from attndistill.core.lookahead import ReferenceLookahead  # noqa: E402
+from attndistill.model.perf import LOOKAHEAD_LATENT_PIXELS  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -47,12 +47,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import CASES, code_digest, run_case  # noqa: E402
 from lookahead_memory import MB, trace_events  # noqa: E402
 
-from attndistill import generate, sampling, tasks, textures  # noqa: E402
-from attndistill.engine import Distiller  # noqa: E402
-from attndistill.lookahead import ReferenceLookahead  # noqa: E402
-from attndistill.models import DiffusionModel  # noqa: E402
-from attndistill.perf import PerfOptions  # noqa: E402
-from attndistill.stepper import EagerStepper, StaticReference, StaticStepper  # noqa: E402
+from attndistill.core import sampling  # noqa: E402
+from attndistill.core.engine import Distiller  # noqa: E402
+from attndistill.core.lookahead import ReferenceLookahead  # noqa: E402
+from attndistill.core.stepper import EagerStepper, StaticReference, StaticStepper  # noqa: E402
+from attndistill.model.models import DiffusionModel  # noqa: E402
+from attndistill.model.perf import PerfOptions  # noqa: E402
+from attndistill.tasks import generate, textures  # noqa: E402
+from attndistill.tasks import transfer as tasks  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
 #: Phases replayed from CUDA graphs on a GPU: their allocations are not in ``max_memory_allocated`` there.

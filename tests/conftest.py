@@ -74,7 +74,7 @@ def _grad_mode_left_on(request):
 def dynamo_eager(monkeypatch):
     """Compiled blocks traced by Dynamo (guards, recompiles, graph breaks) and run as traced: the wiring of a
     switch, without AOT autograd's tracing (``aot_eager``) of every block shape."""
-    from attndistill import compiling
+    from attndistill.model import compiling
 
     monkeypatch.setattr(compiling, "BACKEND", "eager")
     torch._dynamo.reset()
@@ -86,7 +86,7 @@ def dynamo_eager(monkeypatch):
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
     operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
-    from attndistill import compiling, group_norm
+    from attndistill.model import compiling, group_norm
 
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     group_norm._program.cache_clear()

@@ -13,9 +13,9 @@ from PIL.PngImagePlugin import PngInfo
 
 import attndistill as ad
 from attndistill.errors import UserError
-from attndistill.generate import text_to_image
-from attndistill.perf import PerfOptions
-from attndistill.tasks import style_transfer_batch
+from attndistill.model.perf import PerfOptions
+from attndistill.tasks.generate import text_to_image
+from attndistill.tasks.transfer import style_transfer_batch
 
 
 def _style(model, data_dir, **options):
@@ -49,7 +49,7 @@ def test_a_model_argument_that_is_no_model(tiny_sd15, data_dir, model):
 
 @pytest.mark.parametrize("task", ["texture_sampling", "layout_texture", "expand_texture", "masked"])
 def test_every_texture_task_refuses_a_tune_vae_that_is_no_bool(tiny_sd15, data_dir, task):
-    from attndistill import generate, textures
+    from attndistill.tasks import generate, textures
 
     ref = data_dir / "wood-rings.jpg"
     calls = {"texture_sampling": lambda: generate.texture_sampling(ref, model=tiny_sd15, tune_vae="no"),
@@ -70,8 +70,8 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
         with pytest.raises(UserError, match="controlnet must be"):
             text_to_image("a cat", data_dir / "watercolor-cat.jpg", controlnet=net,
                           control_image=data_dir / "horse.jpg", model=tiny_sd15, steps=1)
-    from attndistill.generate import texture_sampling
-    from attndistill.textures import with_texture_options
+    from attndistill.tasks.generate import texture_sampling
+    from attndistill.tasks.textures import with_texture_options
 
     with pytest.raises(UserError, match="no texture image given"):
         with_texture_options(texture_sampling, [], model=tiny_sd15, tile="xy")
@@ -100,8 +100,8 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
 
 
 def test_texture_options_take_a_model_path_like_every_task(tiny_sd15_dir, data_dir):
-    from attndistill.generate import texture_sampling
-    from attndistill.textures import with_texture_options
+    from attndistill.tasks.generate import texture_sampling
+    from attndistill.tasks.textures import with_texture_options
 
     images = with_texture_options(texture_sampling, data_dir / "wood-rings.jpg", model=str(tiny_sd15_dir), tile="xy",
                                   steps=1, iters=1, size=64, device="cpu", dtype="fp32", vae=str(tiny_sd15_dir / "vae"))
@@ -137,7 +137,7 @@ def test_an_infinite_pixel_does_not_blacken_a_float_image():
 def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir):
     """A seed or count drawn with NumPy: the run works and its PNG's parameters are plain JSON (this failed
     after the whole run, in json.dumps, or in torch's generator)."""
-    from attndistill.generate import layout_texture
+    from attndistill.tasks.generate import layout_texture
 
     ref = data_dir / "wood-rings.jpg"
     out = _style(tiny_sd15, data_dir, steps=1, seed=np.int64(3))
@@ -155,8 +155,8 @@ def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir
 
 
 def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
-    from attndistill.generate import layout_texture
-    from attndistill.textures import expand_texture, finetune_vae, masked_texture_synthesis
+    from attndistill.tasks.generate import layout_texture
+    from attndistill.tasks.textures import expand_texture, finetune_vae, masked_texture_synthesis
 
     ref, style = data_dir / "wood-rings.jpg", data_dir / "watercolor-cat.jpg"
     common = {"model": tiny_sd15, "steps": 1, "size": 64, "progress": False}
@@ -191,7 +191,7 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
 def test_a_decimal_start_t_and_a_falsy_progress_still_run(tiny_sd15, data_dir):
     """What worked before the type checks still works: start_t is a threshold (batch lines take decimals),
     and progress only switches a bar."""
-    from attndistill.generate import texture_sampling
+    from attndistill.tasks.generate import texture_sampling
 
     out = texture_sampling(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
                            start_t=600.5, progress=None)
@@ -199,7 +199,7 @@ def test_a_decimal_start_t_and_a_falsy_progress_still_run(tiny_sd15, data_dir):
 
 
 def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):
-    from attndistill.engine import parse_layers
+    from attndistill.core.engine import parse_layers
 
     with pytest.raises(UserError) as err:
         parse_layers("0-20000000", tiny_sd15)  # expanded: 20 million numbers, a 189-million-character message
@@ -246,7 +246,7 @@ def test_sizes_as_people_write_them(text, size):
 def test_sizes_round_to_the_nearest_multiple_and_halves_up(tiny_sd15):
     """Halves go one way, not to the even multiple: 80 and 112 both round up, by 16 px, as 96 and 128."""
     from attndistill.images import parse_size
-    from attndistill.tasks import target_size
+    from attndistill.tasks.setup import target_size
 
     assert [parse_size(t, multiple=32) for t in ("80", "112", "79", "100x70")] == [96, 128, 64, (96, 64)]
     assert [target_size(tiny_sd15, s) for s in (80, 112, (80, 48))] == [(96, 96), (128, 128), (96, 64)]
@@ -263,7 +263,7 @@ def test_sizes_that_are_no_size(text):
 def test_a_size_of_another_aspect_than_the_content_is_said(tiny_sd15, data_dir, caplog):
     """A (width, height) that stretches the content, structure, layout or control image is named in a warning;
     the content's own aspect (to the 2% a resize leaves), or a long side alone, says nothing."""
-    from attndistill.generate import layout_texture
+    from attndistill.tasks.generate import layout_texture
 
     with caplog.at_level(logging.WARNING, logger="attndistill"):
         _style(tiny_sd15, data_dir, steps=1, size=(64, 64))  # horse.jpg is 768x754

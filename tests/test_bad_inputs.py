@@ -346,7 +346,7 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_smaller(tmp_path, monkeypatch):
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])  # a download that stopped: damaged, not too large
     with pytest.raises(UserError, match=r"'.*cut\.jpg' is truncated or corrupt"):
         load_image(tmp_path / "cut.jpg", what="content image")
-    from attndistill.textures import _is_jpeg
+    from attndistill.tasks.textures import _is_jpeg
 
     with warnings.catch_warnings():  # a label map's JPEG hint: no Pillow warning, and the right answer
         warnings.simplefilter("error")
@@ -363,7 +363,7 @@ def test_a_hub_that_takes_no_connection_means_the_cache_at_once(monkeypatch, net
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from attndistill import loading
+    from attndistill.model import loading
 
     class Connection:
         def close(self):
@@ -563,7 +563,7 @@ def _out_of_memory(*args, **kwargs):
 
 def test_out_of_memory_names_the_options_that_help(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
     """A GPU out-of-memory error in the middle of a run: one line with the memory switches, exit 4, no output."""
-    from attndistill.models import DiffusionModel
+    from attndistill.model.models import DiffusionModel
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -575,8 +575,8 @@ def test_out_of_memory_names_the_options_that_help(corpus, tmp_path, tiny_sd15_d
 
 
 def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
-    from attndistill.batch import _describe
-    from attndistill.webui_jobs import error_message
+    from attndistill.batch.runner import _describe
+    from attndistill.webui.jobs import error_message
 
     exc = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "--gradient-checkpointing" in _describe(exc)
@@ -633,7 +633,7 @@ def test_out_of_range_numbers_and_devices_fail_before_the_model_loads(corpus, tm
 
 
 def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch):
-    from attndistill.vae_tuning import check_vae_folder
+    from attndistill.tasks.vae_tuning import check_vae_folder
 
     notes = tmp_path / "notes"
     notes.mkdir()
@@ -661,7 +661,7 @@ def test_a_vae_that_cannot_be_saved_is_one_line_and_leaves_nothing(tmp_path, mon
     """A full disk while saving a fine-tuned VAE: one line, no partial folder, the old VAE kept."""
     from safetensors import SafetensorError
 
-    from attndistill.vae_tuning import save_vae
+    from attndistill.tasks.vae_tuning import save_vae
 
     class FullDisk:
         def __init__(self, error):
@@ -710,7 +710,7 @@ def test_a_typos_million_images_is_refused_before_any_work(corpus, tmp_path, mon
     word; a batch line is refused by its line."""
     import json
 
-    from attndistill.tasks import MAX_IMAGES
+    from attndistill.tasks.setup import MAX_IMAGES
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = ("-m", "nobody/not-cached-model")
@@ -731,7 +731,7 @@ def test_a_tokenizer_must_fit_its_text_encoder(tiny_sd15, tmp_path):
 
     from transformers import CLIPTokenizer
 
-    from attndistill.loading import _check_tokenizers
+    from attndistill.model.loading import _check_tokenizers
 
     tiny_sd15.pipe.tokenizer.save_pretrained(tmp_path / "whole")
     (tmp_path / "whole" / "tokenizer_config.json").unlink()

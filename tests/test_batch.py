@@ -19,15 +19,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from attndistill.batch import (
-    JobLock,
-    ModelSpec,
-    append_record,
-    read_jobs,
-    read_records,
-    resolve_shard,
-    select,
-)
+from attndistill.batch.runner import JobLock, ModelSpec, append_record, read_jobs, read_records, resolve_shard, select
 from attndistill.cli import app
 from attndistill.errors import UserError
 from attndistill.images import read_parameters
@@ -87,6 +79,18 @@ def complete_outputs(out: Path) -> dict[str, int]:
             img.load()  # a truncated file raises here
         found[read_parameters(png)["job"]] += 1
     return dict(found)
+
+
+def test_every_task_of_a_jobs_file_names_a_function_that_takes_its_inputs():
+    """Tasks are imported by module name only when a job uses them: a renamed module or function is caught
+    here, not by the first user whose jobs file names that task."""
+    import inspect
+
+    from attndistill.batch.jobs import TASKS
+
+    for name, spec in TASKS.items():
+        parameters = inspect.signature(spec.resolve()).parameters
+        assert set(spec.inputs) | set(spec.paths) <= set(parameters), name
 
 
 def test_kill_and_resume_loses_and_repeats_nothing(eight_jobs, tmp_path, tiny_sd15_dir):
@@ -509,7 +513,7 @@ def test_a_result_made_with_pickle_files_reruns_with_them(tmp_path, data_dir, ti
 
 
 def test_info_job_refuses_what_cannot_be_rerun():
-    from attndistill.batchjobs import job_from_parameters
+    from attndistill.batch.jobs import job_from_parameters
 
     with pytest.raises(UserError, match="passed in memory"):
         job_from_parameters({"task": "style", "content": "<image>", "style": ["a.png"], "model": "m"})
@@ -627,7 +631,7 @@ def test_dry_run_knows_crops_and_masks_that_depend_on_the_models_sizes(tmp_path,
 def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
     """Label maps run masked optimisation and a layout runs sampling, as on the command line: a 'mode' that
     says otherwise, or one that is no mode at all, is that line's error, not silently ignored."""
-    from attndistill.batchjobs import _texture_task
+    from attndistill.batch.jobs import _texture_task
 
     labels = {"ref_labels": ["r.png"], "target_labels": "t.png"}
     assert _texture_task({**labels}) == _texture_task({**labels, "mode": "optimize"}) == "texture-masked"
@@ -642,7 +646,7 @@ def test_a_texture_lines_mode_is_never_dropped(tmp_path, data_dir):
 
 
 def test_line_errors_name_the_jobs_keys_not_the_commands_options():
-    from attndistill.batchjobs import job_words
+    from attndistill.batch.jobs import job_words
 
     assert job_words("--ref-labels/--target-labels need --mode optimize; or pass --no-cuda-graphs (a-b--c)") == \
         "'ref_labels'/'target_labels' need 'mode' optimize; or pass 'cuda_graphs': false (a-b--c)"
@@ -652,16 +656,16 @@ def test_line_errors_name_the_jobs_keys_not_the_commands_options():
 
 def test_one_line_that_breaks_a_check_fails_only_itself(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     """A check raising something unforeseen makes that job invalid ('line N: ...'); the others still run."""
-    from attndistill import tasks
+    from attndistill.tasks import setup
 
-    real = tasks.check_run
+    real = setup.check_run
 
     def broken(*, seed, **kwargs):
         if seed == 13:
             raise RuntimeError("boom")
         return real(seed=seed, **kwargs)
 
-    monkeypatch.setattr(tasks, "check_run", broken)
+    monkeypatch.setattr(setup, "check_run", broken)
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, seed=13),
                                                   job_line("texture", "wood-rings.jpg", None, output="ok.png")])
     out = tmp_path / "out"
@@ -697,8 +701,8 @@ def test_jobs_file_with_a_bom_and_misplaced_paths(tmp_path, data_dir):
 @pytest.mark.parametrize("size", [None, 64])
 def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir, tiny_sd15_dir, size):
     """Without a WxH size a result takes its content's aspect: a batch would give every job the first one's."""
-    from attndistill.batch import _batches
-    from attndistill.batchjobs import run_order
+    from attndistill.batch.jobs import run_order
+    from attndistill.batch.runner import _batches
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -715,7 +719,7 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
     chunks = [[Path(j.args["content"]).name for j in chunk] for chunk in _batches(jobs, 8)]
     assert chunks == [["golden-gate.jpg"], ["wide.jpg"], ["watercolor-cat.jpg"], ["tall.jpg", "turned.jpg"]]
     # with the model's configs the checks plan each result's size: equal sizes batch, whatever the aspect
-    from attndistill.batchcheck import Validator
+    from attndistill.batch.check import Validator
 
     planned = read_jobs(jobs_file, out_dir=tmp_path / "out", defaults=ModelSpec(source=str(tiny_sd15_dir)))
     for job in planned:
@@ -741,7 +745,7 @@ def test_style_jobs_batch_only_with_contents_of_their_aspect(tmp_path, data_dir,
 def test_jobs_of_one_setting_run_together_where_the_first_of_them_stands(tmp_path, data_dir):
     """Run order: one reference's jobs together, and within them the jobs of one setting (which may share a
     batch) at the place of their first line; otherwise the file's order."""
-    from attndistill.batchjobs import run_order
+    from attndistill.batch.jobs import run_order
 
     lines = [job_line("style", c, "wood-rings.jpg", steps=s)
              for c, s in (("horse.jpg", 3), ("golden-gate.jpg", 1), ("watercolor-cat.jpg", 3))]
@@ -794,7 +798,7 @@ def test_out_of_memory_frees_the_models_graphs_for_the_next_job(tmp_path, data_d
     work can use) are dropped before the next job runs."""
     import torch
 
-    from attndistill.models import DiffusionModel
+    from attndistill.model.models import DiffusionModel
 
     predict, released = DiffusionModel.predict, []
 
@@ -826,7 +830,7 @@ def test_a_job_out_of_memory_beside_earlier_jobs_graphs_runs_again_without_them(
     beside them runs once more after they are dropped (simulated: CPU runs capture no graphs)."""
     import torch
 
-    from attndistill.models import DiffusionModel
+    from attndistill.model.models import DiffusionModel
 
     predict = DiffusionModel.predict
 
@@ -841,7 +845,7 @@ def test_a_job_out_of_memory_beside_earlier_jobs_graphs_runs_again_without_them(
             self._model.graphs["earlier"] = "before this job"
         return run(self, job, tag, **kwargs)
 
-    from attndistill.batch import Runner
+    from attndistill.batch.runner import Runner
 
     run = Runner._run
     monkeypatch.setattr(DiffusionModel, "predict", predict_leaving_a_graph)
@@ -860,7 +864,7 @@ def test_a_job_out_of_memory_beside_earlier_jobs_graphs_runs_again_without_them(
 def test_an_output_that_appears_while_its_job_runs_is_kept_and_so_is_the_result(tmp_path, data_dir, tiny_sd15_dir,
                                                                                  monkeypatch, group):
     """Someone else's file at a job's output name is never replaced, and the job's work is not thrown away."""
-    from attndistill.models import DiffusionModel
+    from attndistill.model.models import DiffusionModel
 
     out = tmp_path / "out"
     decode = DiffusionModel.decode

@@ -33,7 +33,7 @@ def test_breakdown_times_static_calls_by_kind():
     spec = importlib.util.spec_from_file_location("bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from attndistill.stepper import StaticCall
+    from attndistill.core.stepper import StaticCall
 
     iteration = StaticCall(lambda: torch.ones(2).sum(), capture=False, grad=True)
     denoise = StaticCall(lambda: torch.zeros(2), capture=False, grad=False)

@@ -142,7 +142,7 @@ def test_mistakes_that_need_the_models_sizes_fail_before_its_weights_load(tmp_pa
                                                                           monkeypatch):
     """A mask with too little white, a reference that reference fit keep would cut to a sliver, --layers past
     the model's count: its configs answer these, as a batch dry run does, before a load or a download."""
-    from attndistill import loading
+    from attndistill.model import loading
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")

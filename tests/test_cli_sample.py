@@ -51,7 +51,7 @@ def test_t2i_writes_numbered_images_with_parameters(kind, models, data_dir, tmp_
 
 def test_t2i_tunes_the_decoder_on_its_style_images(models, data_dir, tmp_path, monkeypatch):
     """VAE* from text-to-image too (ALGORITHM.md §5: usable from every task): fitted to the style images."""
-    from attndistill import vae_tuning
+    from attndistill.tasks import vae_tuning
 
     tuned_on = []
     real = vae_tuning.tune_decoder

@@ -107,7 +107,7 @@ def test_masked_texture(run, data_dir, tmp_path):
 def test_a_vae_folder_taken_while_tuning_keeps_both(run, data_dir, tmp_path, monkeypatch):
     """Another run took the output folder while this one tuned: that folder stays, and this work is saved beside
     it as NAME.new, with a warning, as image results are."""
-    from attndistill import vae_tuning
+    from attndistill.tasks import vae_tuning
 
     folder = tmp_path / "wood-vae"
     real = vae_tuning.finetune_vae

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attndistill import compiling
 from attndistill.errors import UserError
+from attndistill.model import compiling
 
 
 def test_a_compiler_that_cannot_run_is_one_line_naming_the_switches():

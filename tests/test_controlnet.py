@@ -11,8 +11,8 @@ from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDi
 from PIL import Image
 
 import attndistill as ad
-from attndistill.controlnet import canny, load_controlnet
 from attndistill.images import load_image
+from attndistill.model.controlnet import canny, load_controlnet
 
 PROMPT = "a house by the sea"
 
@@ -154,7 +154,7 @@ def test_a_controlnet_of_the_right_family_that_still_does_not_fit_is_named(tiny_
 
     from diffusers import ControlNetModel
 
-    from attndistill.controlnet import check_compatible, check_configs_fit
+    from attndistill.model.controlnet import check_compatible, check_configs_fit
 
     config = {**json.loads((tiny_cn15_dir / "config.json").read_text()), **change}
     with pytest.raises(ad.UserError, match=re.escape(expected)):
@@ -197,7 +197,7 @@ def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd1
 
     from diffusers import ControlNetModel
 
-    from attndistill.batchjobs import job_from_parameters
+    from attndistill.batch.jobs import job_from_parameters
 
     monkeypatch.chdir(tiny_sd15_dir.parent)
     model = ad.load_model(tiny_sd15_dir.name, device="cpu", dtype="fp32")

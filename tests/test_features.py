@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attndistill.features import capture, default_layers, discover_self_attention_layers
+from attndistill.core.features import capture, default_layers, discover_self_attention_layers
 from attndistill.testing import full_size_unet
 
 
@@ -72,7 +72,7 @@ def test_a_call_keeping_part_of_each_layer_lets_the_rest_go_during_the_forward(t
     import gc
     import weakref
 
-    from attndistill.engine import Distiller
+    from attndistill.core.engine import Distiller
 
     dropped: list[weakref.ref] = []
     alive_at_each_layer: list[int] = []
@@ -92,7 +92,7 @@ def test_a_call_keeping_part_of_each_layer_lets_the_rest_go_during_the_forward(t
 
 
 def test_feed_forward_chunks_come_back_as_the_caller_set_them(tiny_sd15):
-    from attndistill.features import feed_forward_chunks
+    from attndistill.core.features import feed_forward_chunks
 
     blocks = [m for m in tiny_sd15.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
     ff = blocks[0].ff

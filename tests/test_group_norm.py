@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attndistill.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm, TimeEmbeddingSiLU, swap_group_norms
+from attndistill.model.group_norm import ChannelsLastGroupNorm, CompiledGroupNorm, TimeEmbeddingSiLU, swap_group_norms
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attndistill.engine import Distiller
-from attndistill.losses import ad_loss, concat_references, content_loss, ideal_attention, label_mask
+from attndistill.core.engine import Distiller
+from attndistill.core.losses import ad_loss, concat_references, content_loss, ideal_attention, label_mask
 
 
 def _plain_ideal(q, k, v, scale=1.0, mask=None):

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import attndistill as ad
-from attndistill import engine, textures
-from attndistill.engine import Distiller
-from attndistill.features import discover_self_attention_layers
-from attndistill.losses import ideal_attention
-from attndistill.textures import label_maps, masked_texture_synthesis, sample_label_init
+from attndistill.core import engine
+from attndistill.core.engine import Distiller
+from attndistill.core.features import discover_self_attention_layers
+from attndistill.core.losses import ideal_attention
+from attndistill.tasks import textures
+from attndistill.tasks.textures import label_maps, masked_texture_synthesis, sample_label_init
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -133,7 +134,7 @@ def test_target_label_missing_from_reference_is_a_clear_error(tiny_sd15, maps, t
 def test_a_small_label_map_may_be_a_pixel_off_its_textures_aspect(tmp_path):
     """A 60x17 map over a 1000x290 texture is as close as 60 pixels get (17.4 rounds to 17), and 17x60 over
     290x1000: accepted."""
-    from attndistill.textures import check_label_maps
+    from attndistill.tasks.textures import check_label_maps
 
     Image.new("RGB", (1000, 290), (90, 60, 30)).save(tmp_path / "wide.png")
     _map((60, 17), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "small-labels.png")
@@ -150,7 +151,7 @@ def test_a_small_label_map_may_be_a_pixel_off_its_textures_aspect(tmp_path):
 
 def test_a_size_of_another_aspect_than_the_target_map_is_refused(tmp_path):
     """The layout follows the target map: a (width, height) of another aspect would stretch it silently."""
-    from attndistill.textures import check_label_maps
+    from attndistill.tasks.textures import check_label_maps
 
     Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
     _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.png")
@@ -166,7 +167,7 @@ def test_a_size_of_another_aspect_than_the_target_map_is_refused(tmp_path):
 def test_16_bit_label_maps_keep_their_ids_apart(tmp_path):
     """Segmentation tools write label ids 0, 1, 2 as 16-bit pixels: each id is a region of its own, not a
     brightness that 8 bits round to black. Maps of one colour only are refused by name."""
-    from attndistill.textures import check_label_maps
+    from attndistill.tasks.textures import check_label_maps
 
     Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
     ids = np.zeros((64, 64), np.uint16)
@@ -186,7 +187,7 @@ def test_16_bit_label_maps_keep_their_ids_apart(tmp_path):
 
 def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):
     """JPEG's compression adds colours no reference map has: the error says so, not only which colours."""
-    from attndistill.textures import check_label_maps
+    from attndistill.tasks.textures import check_label_maps
 
     Image.new("RGB", (32, 32), (90, 60, 30)).save(tmp_path / "texture.png")
     _map((32, 32), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.jpg", quality=70)
@@ -199,7 +200,7 @@ def test_jpeg_label_maps_are_named_when_their_colours_do_not_match(tmp_path):
 
 def test_anti_aliased_edges_are_named_when_their_colours_do_not_match(tmp_path):
     """A map drawn with smoothing has blends of two colours along its region edges: the error says so."""
-    from attndistill.textures import check_label_maps
+    from attndistill.tasks.textures import check_label_maps
 
     Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
     _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.png")

@@ -11,7 +11,7 @@ import torch
 
 from attndistill import load_model
 from attndistill.errors import UserError
-from attndistill.perf import PerfOptions
+from attndistill.model.perf import PerfOptions
 
 
 def test_kinds_are_detected_from_the_folder(tiny_sd15, tiny_sdxl):
@@ -34,7 +34,7 @@ def test_a_vae_made_for_another_model_is_named(tiny_sd15_dir, tmp_path, caplog):
     shutil.copytree(tiny_sd15_dir / "vae", other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
-    with caplog.at_level(logging.WARNING, logger="attndistill.loading"):
+    with caplog.at_level(logging.WARNING, logger="attndistill.model.loading"):
         load_model(str(tiny_sd15_dir), vae=tiny_sd15_dir / "vae", device="cpu")
         assert "scales its latents" not in caplog.text
         model = load_model(str(tiny_sd15_dir), vae=other, device="cpu")
@@ -74,7 +74,7 @@ def test_text_encoders_offload_by_default_on_small_cards_only(tiny_sd15, monkeyp
     """``offload_text_encoders=None``: on for CUDA cards under 16 GiB (to help 12 GB cards hold SDXL), off elsewhere."""
     from types import SimpleNamespace
 
-    from attndistill import perf
+    from attndistill.model import perf
 
     def card(gib):
         return lambda device: SimpleNamespace(total_memory=gib * 2**30)
@@ -94,7 +94,7 @@ def test_gradient_checkpointing_by_default_for_sdxl_on_small_cards_only(tiny_sd1
                                                                          small, expected):
     """``gradient_checkpointing=None``: on for SDXL on cards under 16 GiB, whose AD iteration graph would keep
     4.6 GiB of activations (a CPU count); an explicit choice wins."""
-    from attndistill import perf
+    from attndistill.model import perf
 
     model = tiny_sdxl if kind == "sdxl" else tiny_sd15
     monkeypatch.setattr(perf, "small_card", lambda device: small)
@@ -126,7 +126,7 @@ def test_pickle_weights_need_allow_pickle_also_for_a_vae_and_safetensors_load_wi
 def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny_sdxl_dir, tmp_path, monkeypatch):
     """The API's model cache is keyed by the folder a name leads to, not by the name: after a change of folder
     the same relative name is another model."""
-    from attndistill.loading import as_model
+    from attndistill.model.loading import as_model
 
     for place, target in (("a", tiny_sd15_dir), ("b", tiny_sdxl_dir)):
         (tmp_path / place).mkdir()
@@ -139,7 +139,7 @@ def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny
 
 def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
     """REAL-MODELS.md: the fp16 variant halves a GPU download; CPUs and fp32 take the default files."""
-    from attndistill.loading import default_variant
+    from attndistill.model.loading import default_variant
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert default_variant(None, cuda, torch.bfloat16) == default_variant(None, cuda, torch.float16) == "fp16"

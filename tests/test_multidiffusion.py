@@ -10,11 +10,11 @@ import torch
 from diffusers import DDIMScheduler
 
 import attndistill as ad
-from attndistill import multidiffusion as md
-from attndistill.engine import Distiller
-from attndistill.multidiffusion import coverage, decode_tiled, multidiffusion, views, window_starts
-from attndistill.sampling import sample
-from attndistill.textures import expand_texture
+from attndistill.core import multidiffusion as md
+from attndistill.core.engine import Distiller
+from attndistill.core.multidiffusion import coverage, decode_tiled, multidiffusion, views, window_starts
+from attndistill.core.sampling import sample
+from attndistill.tasks.textures import expand_texture
 
 
 @pytest.mark.parametrize(("length", "view", "stride"), [(64, 64, 8), (100, 64, 8), (150, 64, 8), (21, 8, 3)])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import attndistill as ad
-from attndistill import optimize as opt_mod
-from attndistill.engine import Distiller
-from attndistill.features import discover_self_attention_layers
-from attndistill.optimize import optimize_latents
+from attndistill.core import optimize as opt_mod
+from attndistill.core.engine import Distiller
+from attndistill.core.features import discover_self_attention_layers
+from attndistill.core.optimize import optimize_latents
 
 
 def test_inner_iterations_reduce_the_loss(tiny_sd15):

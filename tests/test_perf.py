@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import attndistill as ad
-from attndistill.engine import Distiller
-from attndistill.optimize import optimize_latents
-from attndistill.perf import PerfOptions
+from attndistill.core.engine import Distiller
+from attndistill.core.optimize import optimize_latents
+from attndistill.model.perf import PerfOptions
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_perf_switches_apply_and_revert(model):
 
 def test_vae_tiling_tiles_images_of_the_vae_s_own_sample_size(model, monkeypatch):
     """diffusers tiles only images larger than the VAE's sample size (SDXL's 1024²): tiles are capped."""
-    import attndistill.perf as perf
+    import attndistill.model.perf as perf
 
     sample = model.vae.config.sample_size
     monkeypatch.setattr(perf, "VAE_TILE_PIXELS", sample // 2)
@@ -169,7 +169,7 @@ def test_style_transfer_batch_tiles_and_tunes_the_decoder_as_single_runs_do(tiny
     """tile and tune_vae in a batch: one decoder tuned for all of it, results as one-by-one runs give them."""
     import json
 
-    from attndistill import vae_tuning
+    from attndistill.tasks import vae_tuning
 
     tunings = []
     real = vae_tuning.tune_decoder
@@ -210,7 +210,7 @@ def test_static_buffer_path_equals_eager_optimisation(model):
 
 
 def test_static_sampling_computes_the_reference_once_per_timestep(model, monkeypatch):
-    from attndistill.sampling import sample
+    from attndistill.core.sampling import sample
 
     z_ref, init = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     cond = model.null_condition()
@@ -228,7 +228,7 @@ def test_static_sampling_computes_the_reference_once_per_timestep(model, monkeyp
 @pytest.mark.parametrize("static", [False, True])
 def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static):
     """MultiDiffusion: one reference feature call per timestep, however many view batches."""
-    from attndistill.multidiffusion import multidiffusion
+    from attndistill.core.multidiffusion import multidiffusion
 
     scheduler = model.ddim_scheduler(2)
     init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
@@ -243,7 +243,7 @@ def test_view_batches_share_their_timesteps_reference(model, monkeypatch, static
 
 def test_compile_switch_keeps_the_optimised_latent_and_image(model, dynamo_eager):
     """``compile``: torch.compile of the ResNet/feed-forward blocks gives the plain path's result."""
-    from attndistill.perf import COMPILED_BLOCKS
+    from attndistill.model.perf import COMPILED_BLOCKS
 
     limit_before = torch._dynamo.config.recompile_limit
     z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)  # one shape: Dynamo traces each block less often
@@ -297,7 +297,7 @@ def test_automatic_speed_switches_are_on_for_cuda_only_and_look_ahead_fits_the_l
 
 def test_a_look_ahead_call_out_of_memory_goes_on_with_half_the_steps(model, monkeypatch):
     """Same features, each step's inputs made once and in order, and the smaller calls for the rest of the run."""
-    from attndistill.lookahead import ReferenceLookahead
+    from attndistill.core.lookahead import ReferenceLookahead
 
     model.set_perf(PerfOptions.plain())
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
@@ -341,7 +341,7 @@ def test_a_look_ahead_call_out_of_memory_goes_on_with_half_the_steps(model, monk
 
 def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_copies(model, monkeypatch):
     """One batch shape per run (GPUs pay a set-up per new shape); the real steps' features are unchanged."""
-    from attndistill.lookahead import ReferenceLookahead
+    from attndistill.core.lookahead import ReferenceLookahead
 
     model.set_perf(PerfOptions.plain())
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
@@ -373,7 +373,7 @@ def test_lookahead_pads_the_last_call_to_the_size_of_the_others_and_drops_the_co
 def test_lookahead_overlap_issues_the_next_call_early_and_keeps_the_result(model, monkeypatch, task):
     """``lookahead_overlap``: the next call is made when the current one is taken (on a second CUDA
     stream on GPUs; here right away), so the UNet calls come in another order; results and noise do not."""
-    from attndistill.sampling import sample
+    from attndistill.core.sampling import sample
 
     z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     results, calls = [], []
@@ -410,7 +410,7 @@ def test_lookahead_with_a_reference_of_another_size(model):
 @pytest.mark.parametrize("static", [False, True])
 def test_lookahead_in_sampling_draws_the_same_noise_and_gives_the_same_result(model, monkeypatch, static):
     """Algorithm 2: noised references (and content) of upcoming steps drawn in order, features in one call."""
-    from attndistill.sampling import sample
+    from attndistill.core.sampling import sample
 
     z_ref, z_c, init = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     cond = model.null_condition()
@@ -429,7 +429,7 @@ def test_lookahead_in_sampling_draws_the_same_noise_and_gives_the_same_result(mo
 
 
 def test_lookahead_in_multidiffusion_gives_the_same_canvas(model):
-    from attndistill.multidiffusion import multidiffusion
+    from attndistill.core.multidiffusion import multidiffusion
 
     init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
     z_ref = torch.randn(1, 4, 8, 8)
@@ -446,7 +446,7 @@ def test_graph_cache_keeps_a_bounded_number_of_each_kind():
     """A long-lived process meets many shapes: old graphs go, and so do references no stepper uses."""
     from types import SimpleNamespace
 
-    from attndistill.engine import MAX_CACHED_GRAPHS, evict_graphs
+    from attndistill.core.engine import MAX_CACHED_GRAPHS, evict_graphs
 
     shared = object()
     graphs = {("reference", 0): shared, ("reference", 1): object()}
@@ -463,9 +463,9 @@ def test_graph_cache_keeps_a_bounded_number_of_each_kind():
 def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features(model, monkeypatch):
     """A look-ahead call is no-grad and many rows wide: its feed-forward layers (the largest transient)
     run a few rows at a time through diffusers' chunking, only inside the call, with the same features."""
-    from attndistill import features as feature_module
-    from attndistill.features import chunk_rows
-    from attndistill.lookahead import ReferenceLookahead
+    from attndistill.core import features as feature_module
+    from attndistill.core.features import chunk_rows
+    from attndistill.core.lookahead import ReferenceLookahead
 
     assert [chunk_rows(16, 64 * 64), chunk_rows(16, 128 * 128), chunk_rows(6, 64 * 64), chunk_rows(7, 64 * 64),
             chunk_rows(16, 32 * 32)] == [4, 1, 3, 1, 16]
@@ -515,7 +515,7 @@ def test_memory_switches_keep_the_optimised_latent_and_image(model, switch, earl
 
 def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
     """``channels_last_norms``: the UNet's GroupNorms in NHWC give the same latent and image."""
-    from attndistill.group_norm import ChannelsLastGroupNorm
+    from attndistill.model.group_norm import ChannelsLastGroupNorm
 
     def count(kind):
         return sum(type(m) is kind for m in model.unet.modules())
@@ -543,7 +543,7 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model):
 
 def test_compiled_norms_keep_the_optimised_latent_and_image(model, aot_eager):
     """``compiled_norms``: GroupNorms (+ SiLU) as compiled programs give the same latent and image."""
-    from attndistill.group_norm import CompiledGroupNorm
+    from attndistill.model.group_norm import CompiledGroupNorm
 
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     nhwc = replace(PerfOptions.plain(), channels_last=True)
@@ -562,7 +562,7 @@ def test_layer_discovery_compiles_nothing(model, aot_eager):
     """Discovery runs the UNet once on a tiny latent: no compiled program is made for that shape."""
     from torch._dynamo.utils import counters
 
-    from attndistill.features import discover_self_attention_layers
+    from attndistill.core.features import discover_self_attention_layers
 
     model.set_perf(replace(PerfOptions.plain(), compiled_norms=True))
     before = counters["stats"]["unique_graphs"]
@@ -585,8 +585,8 @@ def test_out_of_memory_in_graph_capture_makes_room_then_falls_back(model, monkey
     """A capture that runs out of memory drops the cached graphs of other shapes (their pools hold memory
     nothing else can use), then turns automatic gradient checkpointing on, trying again after each; with
     nothing left to try it falls back to the eager path."""
-    import attndistill.engine as engine
-    from attndistill.stepper import EagerStepper
+    import attndistill.core.engine as engine
+    from attndistill.core.stepper import EagerStepper
 
     attempts, released = [], []
 
@@ -645,7 +645,7 @@ def test_checkpointing_turned_on_mid_run_keeps_the_running_distiller_s_hooks(mod
 def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(model):
     """With look-ahead every timestep brings its features: the reference program is not captured (no graph
     pool holds a reference call's memory); its buffers keep their addresses, which the iteration graph reads."""
-    from attndistill.stepper import StaticReference
+    from attndistill.core.stepper import StaticReference
 
     z_ref, z_c = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
     with Distiller(model, content_weight=0.25) as d:
@@ -675,7 +675,7 @@ def test_a_reference_fed_by_look_ahead_has_buffers_but_no_program_of_its_own(mod
 def test_static_path_takes_references_of_another_size_masked_and_in_views(model):
     """A reference latent of another size than the target's (a kept aspect, SDXL's native size beside
     64-latent views): the CUDA-graph code path, run uncaptured, gives the eager result, label masks included."""
-    from attndistill.multidiffusion import multidiffusion
+    from attndistill.core.multidiffusion import multidiffusion
 
     z_ref, z_c = torch.randn(1, 4, 8, 16), torch.randn(1, 4, 8, 8)
     ref_labels = torch.zeros(1, 8, 16, dtype=torch.long)
@@ -698,7 +698,7 @@ def test_static_path_takes_references_of_another_size_masked_and_in_views(model)
 def test_a_masked_run_keeps_no_graph_for_later_runs(model, monkeypatch):
     """Graphs of a run with its own label maps or mask are not cached, its reference graph neither: a long-lived
     process (web UI, batch) running them at many sizes would otherwise pile up their memory pools."""
-    from attndistill import engine
+    from attndistill.core import engine
 
     class Fake:
         def __init__(self, distiller, *shapes, reference=None, **kwargs):

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 import attndistill as ad
-from attndistill import vae_tuning
 from attndistill.errors import UserError
 from attndistill.images import kept_size, reference_boxes
 from attndistill.presets import PRESETS, REFERENCE_FITS
+from attndistill.tasks import vae_tuning
 
 
 def test_squash_stretches_every_reference_to_the_native_square():
@@ -79,7 +79,7 @@ def test_an_unknown_fit_is_one_line_naming_the_choices(tiny_sd15, data_dir):
 
 def test_masked_synthesis_crops_each_label_map_with_its_texture(tiny_sd15, tmp_path, monkeypatch):
     """A 3:1 texture whose label map (drawn at half size) marks its middle third: cut and resized alike."""
-    from attndistill import textures
+    from attndistill.tasks import textures
 
     texture = _wide(tmp_path)
     labels = np.zeros((40, 120, 3), dtype=np.uint8)
@@ -140,7 +140,7 @@ def test_vae_tuning_fits_every_reference(tiny_sd15, data_dir, monkeypatch):
 def test_masked_synthesis_names_the_colours_a_kept_crop_cuts_away(tiny_sd15, tmp_path):
     """With 'keep' the second texture is cut to the first's square: its only green region, at the left
     edge, is gone. One line names the colour, the maps and the way out (squash)."""
-    from attndistill.textures import masked_texture_synthesis
+    from attndistill.tasks.textures import masked_texture_synthesis
 
     red, green = (255, 0, 0), (0, 255, 0)
     Image.new("RGB", (64, 64), red).save(tmp_path / "r1.png")
@@ -177,7 +177,7 @@ def test_keep_names_a_reference_that_loses_most_of_itself(caplog):
 
 def test_masked_synthesis_names_a_texture_that_loses_most_of_itself(tiny_sd15, tmp_path, caplog):
     """Masked synthesis encodes its cropped textures itself (not through encode_references): it warns too, once."""
-    from attndistill.textures import masked_texture_synthesis
+    from attndistill.tasks.textures import masked_texture_synthesis
 
     textures = [_wide(tmp_path, "t1.png", (240, 60)), _wide(tmp_path, "t2.png", (64, 64))]
     for name, size, colour in (("r1.png", (240, 60), "red"), ("r2.png", (64, 64), "blue"),

@@ -1,4 +1,4 @@
-"""``mask``: restyle a region of the content only (beyond the paper; attndistill.regions)."""
+"""``mask``: restyle a region of the content only (beyond the paper; attndistill.tasks.regions)."""
 
 import json
 
@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 import attndistill as ad
-from attndistill.engine import Distiller
+from attndistill.core.engine import Distiller
+from attndistill.core.optimize import optimize_latents
 from attndistill.errors import UserError
-from attndistill.optimize import optimize_latents
-from attndistill.perf import PerfOptions
-from attndistill.regions import load_mask, update_mask
+from attndistill.model.perf import PerfOptions
+from attndistill.tasks.regions import load_mask, update_mask
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_transparent_keeps_as_black_does_and_a_mask_with_no_white_is_refused(tmp
 
 
 def test_a_batch_dry_run_refuses_what_the_task_would(tmp_path, data_dir, tiny_sd15_dir, left_half):
-    from attndistill.batch import dry_run
+    from attndistill.batch.runner import dry_run
 
     Image.new("L", (768, 754), 0).save(tmp_path / "black.png")
     lines = [{"task": "style", "content": str(data_dir / "horse.jpg"), "style": str(data_dir / "wood-rings.jpg"),
@@ -137,7 +137,7 @@ def test_a_mask_at_the_full_size_of_a_photo_over_the_pixel_limit_is_taken(tmp_pa
     twice the limit (Pillow's own hard limit), in the task and in the checks before loading. The pixel limit
     is scaled down here so that the test images stay small."""
     from attndistill import images
-    from attndistill.batchcheck import Validator
+    from attndistill.batch.check import Validator
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
@@ -154,7 +154,7 @@ def test_a_mask_at_the_full_size_of_a_photo_over_the_pixel_limit_is_taken(tmp_pa
 
 def test_a_mask_painted_over_a_very_wide_content_is_taken(tmp_path):
     """The painter never shrinks the content below 64 px a side, and a pixel of rounding passes the aspect check."""
-    from attndistill.webui_fields import content_to_paint_on, painted_mask
+    from attndistill.webui.fields import content_to_paint_on, painted_mask
 
     Image.new("RGB", (2000, 60), (90, 90, 90)).save(tmp_path / "strip.png")
     surface = content_to_paint_on(str(tmp_path / "strip.png"))
@@ -194,7 +194,7 @@ def test_a_batch_with_masks_matches_its_one_by_one_runs_and_batches_in_the_runne
     with pytest.raises(UserError, match="masks takes a list .* in the contents' order"):  # not the dict's keys
         ad.style_transfer_batch(contents, style, masks={str(c): left_half for c in contents}, **run)
 
-    from attndistill.batch import _batches, read_jobs
+    from attndistill.batch.runner import _batches, read_jobs
 
     jobs_file = tmp_path / "jobs.jsonl"
     jobs_file.write_text("".join(json.dumps({"task": "style", "content": str(c), "style": str(style), "size": "64x64",

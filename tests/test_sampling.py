@@ -15,10 +15,10 @@ from diffusers import (
 )
 
 import attndistill as ad
-from attndistill import sampling
-from attndistill.engine import Distiller
+from attndistill.core import sampling
+from attndistill.core.engine import Distiller
+from attndistill.core.sampling import prompt_conditioning, sample
 from attndistill.images import load_image, to_tensor
-from attndistill.sampling import prompt_conditioning, sample
 
 PROMPT = "a red deer in the forest"
 
@@ -224,9 +224,9 @@ def test_a_denoising_call_that_cannot_be_captured_runs_eagerly(monkeypatch, erro
     tries again); any other capture failure: graphs off for the model."""
     from types import SimpleNamespace
 
-    from attndistill import guidance
-    from attndistill.models import Conditioning
-    from attndistill.perf import PerfOptions
+    from attndistill.core import guidance
+    from attndistill.model.models import Conditioning
+    from attndistill.model.perf import PerfOptions
 
     captures = []
 

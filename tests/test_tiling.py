@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import attndistill as ad
-from attndistill.engine import Distiller
-from attndistill.optimize import optimize_latents
-from attndistill.tiling import seamless
+from attndistill.core.engine import Distiller
+from attndistill.core.optimize import optimize_latents
+from attndistill.model.tiling import seamless
 
 T = torch.tensor(500)
 
@@ -46,7 +46,7 @@ def test_xy_unet_and_decoder_commute_with_circular_shift(tiny_sd15):
 
 def test_decoder_stays_periodic_with_vae_tiling_on(tiny_sd15):
     """diffusers decodes its tiles one by one, each wrapping around on its own: seamless decodes whole images."""
-    from attndistill.perf import PerfOptions
+    from attndistill.model.perf import PerfOptions
 
     z = torch.randn(1, 4, 16, 24)
     tiny_sd15.set_perf(PerfOptions(vae_tiling=True))

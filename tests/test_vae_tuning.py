@@ -14,10 +14,10 @@ import torch
 from diffusers import AutoencoderKL
 
 import attndistill as ad
-from attndistill import vae_tuning
 from attndistill.images import load_image, to_tensor
-from attndistill.textures import finetune_vae
-from attndistill.vae_tuning import reconstruction_l1, save_vae, tune_decoder
+from attndistill.tasks import vae_tuning
+from attndistill.tasks.textures import finetune_vae
+from attndistill.tasks.vae_tuning import reconstruction_l1, save_vae, tune_decoder
 
 
 def _state(module):
@@ -97,8 +97,8 @@ def test_tune_vae_option_decodes_with_a_tuned_copy_for_that_run_only(tiny_sd15, 
 
 @pytest.mark.parametrize("how", ["wrapper", "own options"])
 def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatch, how):
-    from attndistill.generate import texture_sampling
-    from attndistill.textures import with_texture_options
+    from attndistill.tasks.generate import texture_sampling
+    from attndistill.tasks.textures import with_texture_options
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-3))
@@ -133,8 +133,8 @@ def test_the_wrapper_gives_a_tasks_own_pixels_in_bf16_and_takes_one_image_result
     """A tuned VAE only decodes: a task the wrapper runs encodes its references with the model's own encoder, as
     a task's own ``tune_vae`` does (in bf16 the tuned float32 copy encoded them 5/255 apart). A task with the
     options of its own gets them passed, so expansion, which returns one image, keeps its own wrapped views."""
-    from attndistill.generate import texture_sampling
-    from attndistill.textures import expand_texture, with_texture_options
+    from attndistill.tasks.generate import texture_sampling
+    from attndistill.tasks.textures import expand_texture, with_texture_options
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, steps=5, lr=1e-2))
@@ -165,7 +165,7 @@ def test_bad_settings_are_user_errors(tiny_sd15):
 def test_a_runs_callback_sees_its_decoder_tuning_and_may_stop_it_there(tiny_sd15, data_dir, monkeypatch, task):
     """--tune-vae tunes for a while: the run's callback sees those steps (their stage named, their latents
     empty), so a page can show them and its Cancel can stop there."""
-    from attndistill.generate import texture_sampling
+    from attndistill.tasks.generate import texture_sampling
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, **{**kw, "steps": 3}))

@@ -29,9 +29,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from attndistill.optimize import StepInfo  # noqa: E402
+from attndistill.core.optimize import StepInfo  # noqa: E402
 from attndistill.presets import PRESETS  # noqa: E402
-from attndistill.webui import DEVICE_QUEUE, Cancelled, Job, ModelSlot, WebUI, cli_command  # noqa: E402
+from attndistill.webui.app import DEVICE_QUEUE, Cancelled, Job, ModelSlot, WebUI, cli_command  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from attndistill.core.optimize import StepInfo
 from attndistill.errors import UserError
-from attndistill.optimize import StepInfo
-from attndistill.webui import WebUI
-from attndistill.webui_fields import page_message
+from attndistill.webui.app import WebUI
+from attndistill.webui.fields import page_message
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -94,7 +94,7 @@ def test_texture_sampling_honours_tiling(ui, data_dir):
 
 
 def test_texture_layout_takes_adain_start_t_and_content_weight_and_the_command_says_so(ui, data_dir):
-    from attndistill.webui import EXAMPLES
+    from attndistill.webui.app import EXAMPLES
 
     params, command, _ = result_parameters(run_tab(ui, "texture", {
         "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "layout", "texture-steps": 2,
@@ -112,7 +112,7 @@ def test_texture_layout_takes_adain_start_t_and_content_weight_and_the_command_s
 
 
 def test_t2i_tab_tunes_the_decoder_and_its_command_says_so(ui, data_dir, monkeypatch):
-    from attndistill import vae_tuning
+    from attndistill.tasks import vae_tuning
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder",  # 3 steps instead of 75: the same mechanics, sooner
@@ -130,7 +130,7 @@ def _slow_task(model, callback, steps: int = 100_000):
 
 
 def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui, data_dir, monkeypatch):
-    from attndistill import tasks
+    from attndistill.tasks import transfer as tasks
 
     monkeypatch.setattr(tasks, "style_transfer", lambda *args, callback, **kwargs: _slow_task(None, callback))
     page = SimpleNamespace(session_hash="cancel-page")
@@ -191,7 +191,7 @@ def test_results_never_overwrite_and_the_folder_comes_back(tmp_path, monkeypatch
 
 def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     from attndistill.errors import UserError
-    from attndistill.webui_fields import GRADIO_UPLOADS
+    from attndistill.webui.fields import GRADIO_UPLOADS
 
     error = UserError(f"style image '{GRADIO_UPLOADS}/3f2a9c/corrupt.png' is not an image")
     assert page_message(error) == "style image 'corrupt.png' is not an image"
@@ -229,7 +229,7 @@ def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
 
 
 def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15_dir, tmp_path, data_dir):
-    from attndistill.perf import PerfOptions
+    from attndistill.model.perf import PerfOptions
 
     ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path,
                perf=PerfOptions(vae_tiling=True))
@@ -257,8 +257,8 @@ def test_a_results_parameters_name_copies_of_its_uploads_that_outlive_the_server
                                                                                    tmp_path):
     """Gradio's upload cache goes with the server: a result names copies kept beside the results, so
     ``attndistill info OUT.png --job`` can rerun it later; the terminal command keeps the upload's name."""
-    from attndistill import webui_fields
-    from attndistill.batchjobs import job_from_parameters
+    from attndistill.batch.jobs import job_from_parameters
+    from attndistill.webui import fields as webui_fields
 
     uploads = tmp_path / "gradio"
     monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", uploads)
@@ -284,7 +284,7 @@ def test_a_results_parameters_name_copies_of_its_uploads_that_outlive_the_server
 
 
 def test_keep_uploads_leaves_what_is_no_upload_alone(tmp_path, monkeypatch):
-    from attndistill import webui_fields
+    from attndistill.webui import fields as webui_fields
 
     monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", tmp_path / "gradio")
     gone = str(tmp_path / "gradio" / "h" / "gone.png")  # removed by Gradio's cache cleanup meanwhile
@@ -321,8 +321,8 @@ def test_plain_sampling_shows_steps_without_a_loss_and_the_runs_warnings(ui, dat
 
 
 def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, data_dir, monkeypatch):
-    from attndistill import tasks
-    from attndistill.models import DiffusionModel
+    from attndistill.model.models import DiffusionModel
+    from attndistill.tasks import transfer as tasks
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -358,7 +358,7 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
 def test_strokes_painted_over_the_content_restyle_that_part_and_the_command_says_so(ui, data_dir, tmp_path):
     """The mask painter: strokes (alpha) on a layer over the content become a white-on-black mask kept beside
     the results, which the result and the terminal command name; no strokes, no mask."""
-    from attndistill.webui_fields import content_to_paint_on
+    from attndistill.webui.fields import content_to_paint_on
 
     w, h = Image.open(data_dir / "horse.jpg").size
     layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
@@ -385,3 +385,16 @@ def test_a_failed_load_says_what_is_loaded_now(tiny_sd15_dir, tmp_path):
     (tmp_path / "not-a-vae").mkdir()
     status = ui.load(str(tiny_sd15_dir), str(tmp_path / "not-a-vae"))
     assert status.startswith("failed: ") and status.endswith("no model loaded yet: the first run loads it")
+
+
+def test_every_default_the_page_reads_from_the_api_exists():
+    """The page's boxes read some defaults from the task functions by module name: a renamed module or
+    option would leave a box blank (api_default answers None) instead of failing."""
+    import re
+
+    from attndistill.webui import fields, tabs
+
+    calls = re.findall(r'api_default\("(\w+)", "(\w+)", "(\w+)"\)', Path(tabs.__file__).read_text())
+    assert len(calls) >= 5
+    for module, func, name in calls:
+        assert fields.api_default(module, func, name) is not None, (module, func, name)

@@ -15,16 +15,16 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
-from .engine import Distiller, parse_layers  # noqa: E402
+from .core.engine import Distiller, parse_layers  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .generate import layout_texture, text_to_image, texture_sampling  # noqa: E402
 from .images import load_image, read_parameters, save_png  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .models import DiffusionModel  # noqa: E402
+from .model.loading import load_model  # noqa: E402
+from .model.models import DiffusionModel  # noqa: E402
 from .presets import PRESETS, Preset, get_preset  # noqa: E402
-from .tasks import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
-from .textures import expand_texture, masked_texture_synthesis, with_texture_options  # noqa: E402
-from .vae_tuning import finetune_vae  # noqa: E402
+from .tasks.generate import layout_texture, text_to_image, texture_sampling  # noqa: E402
+from .tasks.textures import expand_texture, masked_texture_synthesis, with_texture_options  # noqa: E402
+from .tasks.transfer import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
+from .tasks.vae_tuning import finetune_vae  # noqa: E402
 
 __all__ = [
     "PRESETS", "DiffusionModel", "Distiller", "Preset", "UserError", "__version__", "appearance_transfer",

@@ -139,7 +139,7 @@ def full_size_model(kind: str, configs: str | Path, *, device: str = "cuda", dty
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .models import DiffusionModel
+    from .model.models import DiffusionModel
 
     configs = Path(configs)
     prefix = "sdxl" if kind == "sdxl" else "sd15"

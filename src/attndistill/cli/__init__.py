@@ -124,7 +124,7 @@ def _root(
         show_default=False)] = None,
 ) -> None:
     """Flags on this line work with every command, before or after its name."""
-    from ..perf import PerfOptions
+    from ..model.perf import PerfOptions
     from . import common
 
     if debug:

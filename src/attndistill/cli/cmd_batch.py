@@ -41,10 +41,10 @@ def batch(
 
     Model options are defaults for jobs that do not set their own. Exit code 1 when a job failed.
     """
-    from ..batch import ModelSpec, merge_results, run_batch
-    from ..batch import dry_run as check_all
+    from ..batch.runner import ModelSpec, merge_results, run_batch
+    from ..batch.runner import dry_run as check_all
     from ..errors import UserError
-    from ..perf import pixel_switches
+    from ..model.perf import pixel_switches
 
     code = 0
 

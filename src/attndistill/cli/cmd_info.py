@@ -25,7 +25,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
          ) -> None:
     """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON; for a VAE
     folder, its attndistill.json."""
-    from ..batchjobs import job_from_parameters
+    from ..batch.jobs import job_from_parameters
     from ..errors import UserError
     from ..images import load_image, read_parameters
 
@@ -78,7 +78,7 @@ def _is_image(path: Path) -> bool:
 def vae_parameters(folder: Path) -> dict:
     """How a VAE folder was made: the ``attndistill.json`` that ``finetune-vae`` writes beside its weights."""
     from ..errors import UserError
-    from ..vae_tuning import PARAMETERS_FILE
+    from ..tasks.vae_tuning import PARAMETERS_FILE
 
     path = folder / PARAMETERS_FILE
     if not path.is_file():
@@ -100,11 +100,11 @@ _OPTIONS = (("model", "--model"), ("vae", "--vae"), ("config", "--config"), ("dt
 
 def finetune_command(made: dict, folder: Path) -> str:
     """The ``finetune-vae`` command that made ``folder``, writing beside it (``FOLDER-rerun``), never over it."""
-    from ..batchjobs import DTYPE_OPTIONS
+    from ..batch.jobs import DTYPE_OPTIONS
     from ..errors import UserError
-    from ..loading import CHECKPOINT_SUFFIXES
+    from ..model.loading import CHECKPOINT_SUFFIXES
     from ..presets import REFERENCE_FITS
-    from ..vae_tuning import check_tuning
+    from ..tasks.vae_tuning import check_tuning
 
     references = made.get("reference")
     edited = UserError(f"'{folder}' has an attndistill.json whose settings finetune-vae would not take (was it "

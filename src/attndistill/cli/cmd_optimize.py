@@ -80,7 +80,7 @@ def style(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
-    from ..tasks import style_transfer
+    from ..tasks.transfer import style_transfer
 
     _transfer("style", style_transfer, {"content": content, "style": style_images}, locals())
 
@@ -98,7 +98,7 @@ def appearance(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
-    from ..tasks import appearance_transfer
+    from ..tasks.transfer import appearance_transfer
 
     _transfer("appearance", appearance_transfer, {"structure": structure, "appearance": appearance_images}, locals())
 
@@ -153,8 +153,8 @@ def texture(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
-    from ..batchjobs import TASKS, texture_task
-    from ..generate import image_grid
+    from ..batch.jobs import TASKS, texture_task
+    from ..tasks.generate import image_grid
 
     def body() -> None:
         job_task = texture_task(mode, layout=layout is not None, labels=(bool(ref_labels), target_labels is not None),

@@ -85,7 +85,7 @@ def t2i(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """Style-specific text-to-image; see :data:`T2I_HELP`."""
-    from ..generate import image_grid, text_to_image
+    from ..tasks.generate import image_grid, text_to_image
 
     def body() -> None:
         check_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,

@@ -85,7 +85,7 @@ def expand(
 ) -> None:
     """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
     from ..presets import get_preset
-    from ..textures import check_expansion, expand_texture
+    from ..tasks.textures import check_expansion, expand_texture
 
     def body() -> None:
         canvas = parse_size_option(size, multiple=8)
@@ -125,9 +125,9 @@ def finetune_vae(
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
-    from .. import vae_tuning
     from ..images import free_name
-    from ..tasks import check_reference_fit
+    from ..tasks import vae_tuning
+    from ..tasks.setup import check_reference_fit
 
     def body() -> None:
         vae_tuning.check_vae_folder(output, overwrite=overwrite, reads=(model, vae, config))

@@ -38,7 +38,7 @@ def ui(
             raise UserError(f"--max-upload-mb must be a positive number of megabytes (got {max_upload_mb})")
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
-            from ..webui import WebUI
+            from ..webui.app import WebUI
         except ImportError as exc:
             raise UserError(f"the web UI needs Gradio ({exc}); pip install 'attndistill[ui]'") from None
         webui = WebUI(model=model, vae=None if vae is None else str(vae), device=device, dtype=dtype,

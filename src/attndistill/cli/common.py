@@ -95,7 +95,7 @@ def quiet_libraries() -> None:
 def load(model: str | None, *, vae: Path | None = None, device: str = "auto", dtype: str = "auto",
          config: Path | None = None, allow_pickle: bool = False):
     """Load the model for a command (prints nothing unless it fails)."""
-    from ..loading import DEFAULT_MODEL, load_model
+    from ..model.loading import DEFAULT_MODEL, load_model
 
     return load_model(model or DEFAULT_MODEL, vae=vae, device=device, dtype=dtype, config=config,
                       allow_pickle=allow_pickle, perf=PERF)
@@ -119,8 +119,8 @@ def check_options(task: str, *, size: str | None = None, num: int = 1, what: str
 
     ``task`` names the preset whose defaults fill the options not given (``texture-sample``, ``t2i``...).
     """
-    from ..batchcheck import check_options as check
-    from ..tasks import check_run
+    from ..batch.check import check_options as check
+    from ..tasks.setup import check_run
 
     parse_size_option(size)
     check_run(seed=0, num=num, what=what)  # the count; --seed is bounded by its option
@@ -138,8 +138,8 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     reference fit keep, ``--layers`` and a ControlNet fit it, so such a mistake fails in a second rather than
     after a load or a download. ``task`` is a batch task name; ``args`` are the command's API arguments.
     """
-    from ..batchcheck import Validator
-    from ..batchjobs import ALIASES, Job, ModelSpec
+    from ..batch.check import Validator
+    from ..batch.jobs import ALIASES, Job, ModelSpec
     from ..images import numbered_outputs
 
     def plain(value):
@@ -204,7 +204,7 @@ def preview_callback(path: Path | None, every: int, model):
     if path is None:
         return None
     from ..images import save_png
-    from ..webui_jobs import preview_image
+    from ..webui.jobs import preview_image
 
     def callback(info) -> None:
         if info.stage:  # the decoder's tuning (--tune-vae): no latents to show

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
+from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
+from ..model.models import Conditioning, DiffusionModel
 from .features import (
     LayerFeatures,
     StopForward,
@@ -40,7 +41,6 @@ from .features import (
     feed_forward_chunks,
 )
 from .losses import ad_loss, concat_references, content_loss, label_mask
-from .models import Conditioning, DiffusionModel
 from .stepper import EagerStepper, StaticReference, StaticStepper
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class Distiller:
         ``fresh=False`` keeps one optimiser across calls (Algorithm 1), ``fresh=True`` resets its state
         first (Algorithm 2). Losses stay on the device; reading them is the caller's sync point.
         ``reference_key``: see :meth:`begin_timestep`. ``features``: this timestep's reference and
-        content features computed ahead (:mod:`attndistill.lookahead`) instead of here.
+        content features computed ahead (:mod:`attndistill.core.lookahead`) instead of here.
         """
         content_latents = self.used_content(content_latents)
         key = (tuple(z.shape), tuple(ref_latents.shape),
@@ -290,7 +290,7 @@ class Distiller:
         Gradients flow when the caller is in grad mode and ``latents`` requires grad. ``keep``: what to
         keep of each layer as it is recorded (default: its :class:`LayerFeatures`); the rest is freed
         while the forward goes on. A no-grad call of many rows runs its feed-forward layers a few rows
-        at a time (:func:`~attndistill.features.chunk_rows`; ``PerfOptions.feed_forward_chunks``).
+        at a time (:func:`~attndistill.core.features.chunk_rows`; ``PerfOptions.feed_forward_chunks``).
         """
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
@@ -321,7 +321,7 @@ class Distiller:
         ``key``: a caller's token for these inputs (e.g. one ``object()`` per timestep). Called again
         with the same key, the features computed for it are kept (MultiDiffusion's view batches
         share their timestep's reference). ``features``: their (reference, content queries),
-        computed ahead elsewhere (:mod:`attndistill.lookahead`).
+        computed ahead elsewhere (:mod:`attndistill.core.lookahead`).
         """
         self._pending = (t, ref_latents, self.used_content(content_latents))
         if features is not None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
-from .errors import NonFiniteError, UserError, is_out_of_memory
+from ..errors import NonFiniteError, UserError, is_out_of_memory
 from .perf import PerfOptions, apply_perf
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import is_out_of_memory
 from .engine import Distiller, Reference
-from .errors import is_out_of_memory
 from .features import LayerFeatures
 from .losses import concat_references
 

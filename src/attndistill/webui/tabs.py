@@ -1,8 +1,8 @@
 """The web UI's tabs: one function per task, each building its fields, its Run and Cancel, and the
 call of the public API (imported inside the handlers, so a module that fails to import breaks one tab).
 
-Each tab reads its values through :mod:`attndistill.webui_fields` and runs through the app's shared
-machinery (:meth:`attndistill.webui.WebUI.wire`): a job with progress, saved PNGs with their
+Each tab reads its values through :mod:`attndistill.webui.fields` and runs through the app's shared
+machinery (:meth:`attndistill.webui.app.WebUI.wire`): a job with progress, saved PNGs with their
 parameters, and the same run as a terminal command.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from .errors import UserError
-from .models import DiffusionModel
-from .presets import PRESETS
-from .webui_fields import (
+from ..errors import UserError
+from ..model.models import DiffusionModel
+from ..presets import PRESETS
+from .fields import (
     FAILED,
     TILE_CHOICES,
     api_default,
@@ -44,10 +44,10 @@ from .webui_fields import (
     tile_value,
     whole,
 )
-from .webui_jobs import Callback, cli_command
+from .jobs import Callback, cli_command
 
 if TYPE_CHECKING:
-    from .webui import WebUI
+    from .app import WebUI
 
 #: ``expand --size`` rounds to whole latents (the CLI's rounding), not to the UNet's multiple.
 EXPAND_SIZE_MULTIPLE = 8
@@ -57,7 +57,7 @@ CONTENT_MODES = ("layout", "masked")  # modes with a content image: the layout, 
 SAMPLING_MODES = ("sample", "layout")  # modes that sample: AdaIN and a start timestep
 
 
-#: Most images one Run of the page makes (the API's own limit, tasks.MAX_IMAGES, is 256): they run as one
+#: Most images one Run of the page makes (the API's own limit, tasks.setup.MAX_IMAGES, is 256): they run as one
 #: batch, and a page's slip (500) would hold the queue for hours.
 UI_MAX_IMAGES = 16
 
@@ -107,7 +107,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
                   **options)
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
-        from . import tasks
+        from ..tasks import transfer as tasks
 
         fn = tasks.style_transfer if tab == "style" else tasks.appearance_transfer
         target = required(s["target"], first.lower())
@@ -190,7 +190,7 @@ def t2i_tab(ui: WebUI) -> None:
                     control=s["control"])
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
-        from .generate import text_to_image
+        from ..tasks.generate import text_to_image
 
         extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
         return text_to_image(s["prompt"], required(s["style"], "style image"),
@@ -280,19 +280,19 @@ def texture_tab(ui: WebUI) -> None:
         if s["mode"] in SAMPLING_MODES:
             common.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int))
         if s["mode"] == "optimise":
-            from .tasks import texture_synthesis
+            from ..tasks.transfer import texture_synthesis
 
             return texture_synthesis(refs, **common, **looks)
         if s["mode"] == "sample":
-            from .generate import texture_sampling
+            from ..tasks.generate import texture_sampling
 
             return texture_sampling(refs, **common, **looks)
         if s["mode"] == "layout":
-            from .generate import layout_texture
+            from ..tasks.generate import layout_texture
 
             extra = {"strength": s["strength"]} if s["strength"] is not None else {}
             return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
-        from .textures import masked_texture_synthesis
+        from ..tasks.textures import masked_texture_synthesis
 
         return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
                                         required(s["target_labels"], "target label map"), **common, **looks)
@@ -346,7 +346,7 @@ def expand_tab(ui: WebUI) -> None:
                   stride=stride, view_batch=view_batch, reference_fit=reference_fit, **preview)
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
-        from .textures import expand_texture
+        from ..tasks.textures import expand_texture
 
         size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
         if size is None:
@@ -394,7 +394,7 @@ def vae_tab(ui: WebUI) -> None:
     ui.validate_on_upload(reference)
 
     def tune(values: dict, request: gr.Request | None, progress):
-        from .vae_tuning import finetune_vae, save_vae
+        from ..tasks.vae_tuning import finetune_vae, save_vae
 
         ref, n, rate, use_it = values[reference], values[steps], values[lr], values[use]
         model_id, vae_id = values[ui.model_box], values[ui.vae_box]

@@ -1,7 +1,7 @@
 """Public sampling tasks: style-specific text-to-image, texture sampling, SDEdit layouts.
 
-Thin wrappers over :func:`attndistill.sampling.sample`, shaped like
-:mod:`attndistill.tasks`: inputs first, keyword-only options whose ``None``
+Thin wrappers over :func:`attndistill.core.sampling.sample`, shaped like
+:mod:`attndistill.tasks.transfer`: inputs first, keyword-only options whose ``None``
 means "the preset's value" ("t2i" for SD 1.5, "t2i-sdxl" for SDXL,
 "texture-sample" for textures), results as PIL images carrying their
 parameters in ``info["parameters"]``.
@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from .checks import flag, number
-from .controlnet import Control, check_control, prepare_control
-from .engine import Distiller, parse_layers
-from .errors import UserError
-from .images import ImageInput, add_parameters, load_image, to_tensor
-from .loading import as_model, local_or_hub
-from .models import DiffusionModel
-from .optimize import Callback
-from .presets import LAYOUT_STRENGTH, Preset, get_preset
-from .sampling import prompt_conditioning, sample, sdedit_start
-from .tasks import (
+from ..checks import flag, number
+from ..core.engine import Distiller, parse_layers
+from ..core.optimize import Callback
+from ..core.sampling import prompt_conditioning, sample, sdedit_start
+from ..errors import UserError
+from ..images import ImageInput, add_parameters, load_image, to_tensor
+from ..model.controlnet import Control, check_control, prepare_control
+from ..model.loading import as_model, local_or_hub
+from ..model.models import DiffusionModel
+from ..model.tiling import check_axes, seamless
+from ..presets import LAYOUT_STRENGTH, Preset, get_preset
+from .setup import (
     Size,
     as_list,
     check_run,
@@ -40,7 +41,6 @@ from .tasks import (
     run_parameters,
     target_size,
 )
-from .tiling import check_axes, seamless
 from .vae_tuning import finetune_vae, using_vae
 
 if TYPE_CHECKING:

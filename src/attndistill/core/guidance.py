@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import torch
 
+from ..errors import is_out_of_memory
+from ..model.models import EAGER, Conditioning, DiffusionModel
 from .engine import Distiller, evict_graphs
-from .errors import is_out_of_memory
 from .lookahead import Ahead, ReferenceLookahead, lookahead
-from .models import EAGER, Conditioning, DiffusionModel
 from .stepper import StaticCall
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
     The distiller must be entered (``with distiller:``). ``iters=0`` leaves the latents untouched
     (apart from AdaIN). ``ref_is_noised``: ``ref_latents`` already carry this step's noise (callers
     that share one noised reference across calls, with a ``reference_key`` for the distiller).
-    ``ahead``: this step's noised latents and their features, computed ahead (:mod:`attndistill.lookahead`);
+    ``ahead``: this step's noised latents and their features, computed ahead (:mod:`attndistill.core.lookahead`);
     no noise is drawn then.
     """
     device = distiller.model.device

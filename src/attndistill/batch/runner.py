@@ -1,6 +1,6 @@
 """Batch runner: many jobs from one JSONL file, resumable, never run twice, sharded across processes.
 
-Jobs files are parsed by :mod:`attndistill.batchjobs` and checked by :mod:`attndistill.batchcheck`. The
+Jobs files are parsed by :mod:`attndistill.batch.jobs` and checked by :mod:`attndistill.batch.check`. The
 runner writes images atomically, appends one line per finished job to ``results.jsonl`` (one write and
 an fsync, so a crash loses at most the job in flight), holds a lock file per running job, and on a
 re-run skips the jobs whose images exist and carry their job id. Shards (``--shard I/N``, torchrun,
@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .batchcheck import Validator
-from .batchjobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs, run_order
-from .batchstate import (
+from ..errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..images import numbered_outputs
+from .check import Validator
+from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs, run_order
+from .state import (
     JobLock,
     Shard,
     append_record,
@@ -38,8 +40,6 @@ from .batchstate import (
     select,
     wait_for_all_ranks,
 )
-from .errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
-from .images import numbered_outputs
 
 __all__ = ["TASKS", "Job", "JobLock", "ModelSpec", "Runner", "Summary", "TaskSpec", "append_record", "dry_run",
            "merge_results", "read_jobs", "read_records", "resolve_shard", "run_batch", "select"]
@@ -163,7 +163,7 @@ class Runner:
         Each target gets the gradient it would get alone (see ``style_transfer_batch``), so results match
         one-by-one runs; if the batch fails, its jobs run one by one so one bad job cannot sink the others.
         """
-        from .tasks import style_transfer_batch
+        from ..tasks.transfer import style_transfer_batch
 
         locks, runnable, statuses = [], [], {}
         for job in chunk:
@@ -251,7 +251,7 @@ class Runner:
             result = fn(*inputs, model=model, progress=self.progress, **args)
             images = list(result) if isinstance(result, list | tuple) else [result]
             if job.grid:
-                from .generate import image_grid
+                from ..tasks.generate import image_grid
 
                 images = [image_grid(images)]
             paths = job.outputs if len(images) == len(job.outputs) else numbered_outputs(job.outputs[0], len(images))
@@ -299,7 +299,7 @@ class Runner:
     def _load(self, spec: ModelSpec):
         from dataclasses import replace
 
-        from .perf import PerfOptions
+        from ..model.perf import PerfOptions
 
         perf = replace(self.perf or PerfOptions(), **dict(spec.perf))  # the job's switches over the runner's
         if self._model is not None and replace(spec, perf=()) == replace(self._model_spec, perf=()):
@@ -309,7 +309,7 @@ class Runner:
             return self._model
         if spec in self._load_errors:
             raise UserError(self._load_errors[spec])
-        from .loading import DEFAULT_MODEL, load_model
+        from ..model.loading import DEFAULT_MODEL, load_model
 
         self._model = self._model_spec = None
         _free_memory()
@@ -392,7 +392,7 @@ def _save_result(image, path: Path, job: Job, batched: int = 1) -> tuple[Path, s
     """Save one result at ``path``: (where it went, None), or, where another file took ``path`` while the
     job ran, (the result beside it, why the job is not done). Leftovers of the job itself were removed under
     its lock, so a file there now is someone else's: it is kept, and so is the work."""
-    from .images import save_result
+    from ..images import save_result
 
     path.parent.mkdir(parents=True, exist_ok=True)
     saved, taken = save_result(image, path, overwrite=job.overwrite, parameters=_parameters(image, job, batched))
@@ -432,7 +432,7 @@ def _free_memory(model=None) -> None:
     if model is not None:
         model.release_graphs()
     if "torch" in sys.modules:  # nothing to hand back before any work (a dry run need not import it)
-        from .models import free_memory
+        from ..model.models import free_memory
 
         free_memory()
 
@@ -454,7 +454,7 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"output folder '{out_dir}' cannot be created ({exc.strerror}); choose another --out") from None
-    from .images import atomic_write, is_writable
+    from ..images import atomic_write, is_writable
 
     if not is_writable(out_dir):
         raise UserError(f"output folder '{out_dir}' is not writable; choose another --out")

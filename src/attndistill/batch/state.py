@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .errors import UserError
+from ..errors import UserError
 
 RESULTS = "results.jsonl"
 LOCKS = ".locks"
@@ -98,13 +98,13 @@ def resolve_shard(option: str | None = None, env: Mapping[str, str] | None = Non
 
 
 def select(jobs: Sequence[J], shard: Shard) -> list[J]:
-    """This shard's jobs: a contiguous slice of the jobs in run order (:func:`~attndistill.batchjobs.run_order`:
+    """This shard's jobs: a contiguous slice of the jobs in run order (:func:`~attndistill.batch.jobs.run_order`:
     by model, size, reference and settings, then line).
 
     Every shard sorts the same list the same way, so the slices cover each job exactly once, and jobs
     that share a model and a reference stay together.
     """
-    from .batchjobs import run_order
+    from .jobs import run_order
 
     ordered = run_order(jobs)
     n = len(ordered)
@@ -295,7 +295,7 @@ def merge_results(out_dir: str | os.PathLike) -> MergeSummary:
 
     Run it after all shards have finished; it is idempotent.
     """
-    from .images import atomic_write
+    from ..images import atomic_write
 
     out_dir = Path(out_dir)
     if out_dir.is_file():

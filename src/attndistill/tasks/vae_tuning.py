@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import number, whole
-from .errors import NonFiniteError, UserError
-from .images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
-from .loading import as_model, check_vae_source
-from .models import DiffusionModel
-from .presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
+from ..checks import number, whole
+from ..errors import NonFiniteError, UserError
+from ..images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
+from ..model.loading import as_model, check_vae_source
+from ..model.models import DiffusionModel
+from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -86,7 +86,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
     return tuned.requires_grad_(False).eval()
 
 
-#: The :class:`~attndistill.optimize.StepInfo` stage of decoder-tuning steps.
+#: The :class:`~attndistill.core.optimize.StepInfo` stage of decoder-tuning steps.
 TUNING_STAGE = "tuning the VAE decoder"
 
 
@@ -99,7 +99,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     fitted by ``reference_fit``, "squash" or "keep"; several: the mean of their losses).
 
     The model itself is not changed; ``model``, ``vae``, ``device`` and ``dtype`` as the tasks take them.
-    ``callback`` sees a :class:`~attndistill.optimize.StepInfo` after each step, as the tasks' callbacks
+    ``callback`` sees a :class:`~attndistill.core.optimize.StepInfo` after each step, as the tasks' callbacks
     do; its latents are empty (the decoder's weights are what change) and raising from it stops the
     tuning. ``warn_crops=False``: a task that encoded the same references has already named any that
     reference fit keep cuts to less than half. Save the result with :func:`save_vae` (or
@@ -108,7 +108,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    from .tasks import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
+    from .setup import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
 
     check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
@@ -131,7 +131,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
             bar.set_postfix(l1=f"{loss:.4f}")
             bar.update()
         if callback is not None:
-            from .optimize import StepInfo
+            from ..core.optimize import StepInfo
 
             callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss], stage=TUNING_STAGE))
 
@@ -146,7 +146,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     finally:
         if bar is not None:
             bar.close()
-    from . import __version__
+    from .. import __version__
 
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
     tuned.attndistill_parameters = {

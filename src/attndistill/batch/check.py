@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .batchjobs import Job, ModelSpec, _fail, _unexpected, carries_job
-from .errors import UserError
-from .presets import Preset
+from ..errors import UserError
+from ..presets import Preset
+from .jobs import Job, ModelSpec, _fail, _unexpected, carries_job
 
 _PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride",
                   "reference_fit")
@@ -39,24 +39,24 @@ def check_options(preset_name: str, args: Mapping[str, Any], *, t2i: bool = Fals
     Batch lines and CLI commands both check these before any model loads, so a typo fails at once
     instead of after a download. Returns the preset with ``args`` applied.
     """
-    from .engine import check_layer_text
-    from .presets import get_preset
-    from .tasks import check_run, check_settings
+    from ..core.engine import check_layer_text
+    from ..presets import get_preset
+    from ..tasks.setup import check_run, check_settings
 
     preset = get_preset(preset_name).override(**{k: args[k] for k in _PRESET_FIELDS if k in args})
     preset = check_settings(preset)
     if args.get("strength") is not None:
-        from .sampling import first_step
+        from ..core.sampling import first_step
 
         first_step(preset.steps, args["strength"])
     if args.get("seed") is not None:
         check_run(seed=args["seed"])
     if args.get("tile") is not None:
-        from .tiling import check_axes
+        from ..model.tiling import check_axes
 
         check_axes(args["tile"])
     if t2i:
-        from .generate import check_t2i_options
+        from ..tasks.generate import check_t2i_options
 
         check_t2i_options(**{k: args.get(k, default) for k, default in _T2I_OPTIONS.items()})
     check_layer_text(args.get("layers"))
@@ -122,7 +122,7 @@ class Validator:
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
         mask = self._check_mask(job) if job.args.get("mask") is not None else None
         if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map
-            from .textures import check_label_maps
+            from ..tasks.textures import check_label_maps
 
             check_label_maps(job.args["reference"], job.args["ref_labels"], job.args["target_labels"],
                              job.args.get("size"))
@@ -137,7 +137,7 @@ class Validator:
     def _check_mask(self, job: Job):
         """What the task checks of a mask before its model loads: its aspect, its white, the tiling (against the
         size of the content image, read by the inputs' check)."""
-        from .regions import load_mask
+        from ..tasks.regions import load_mask
 
         role = "structure" if job.task == "appearance" else "content"
         return load_mask(job.args["mask"], _Sized(self._sizes[job.args[role]]), tile=job.args.get("tile"),
@@ -156,19 +156,19 @@ class Validator:
             return
         shell = self._shell(job.model)
         if cropped and shell.from_configs:  # a reference cut to a sliver: refused by name, as the run would
-            from .images import reference_boxes
+            from ..images import reference_boxes
 
             reference_boxes([self._sizes[r] for r in references], "keep", shell.native_size, shell.latent_multiple,
                             names=references)
         if job.task == "expand":
-            from .presets import VIEW
-            from .textures import _canvas_size, check_expansion
+            from ..presets import VIEW
+            from ..tasks.textures import _canvas_size, check_expansion
 
             check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
                                                      if k in args})
             _canvas_size(shell, args["size"], args.get("view", VIEW))
         elif args.get("size") is not None or job.task == "style" or mask is not None:
-            from .tasks import target_size
+            from ..tasks.setup import target_size
 
             like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
             like = like[0] if isinstance(like, list) else like
@@ -177,16 +177,16 @@ class Validator:
             if shell.from_configs and size:  # the batch runner groups style jobs by the size they will have
                 job.planned_size = planned
             if mask is not None and shell.from_configs:  # white enough to cover a latent cell of the result
-                from .regions import update_mask
+                from ..tasks.regions import update_mask
 
                 update_mask(mask, planned, shell.vae_scale_factor, args["mask"])
         if job.task in _SAMPLING:
-            from .generate import _check_sampling
+            from ..tasks.generate import _check_sampling
 
             _check_sampling(preset, args.get("start_t"), shell)
 
     def _image(self, path: str, name: str) -> None:
-        from .images import load_image
+        from ..images import load_image
 
         if path not in self._images:
             what = self.labels.get(name) or name.replace("_", " ") + ("" if name.endswith("image") else " image")
@@ -226,7 +226,7 @@ class Validator:
     def _controlnet(self, source: str, model: ModelSpec) -> None:
         from diffusers import ControlNetModel
 
-        from .controlnet import check_configs_fit, check_controlnet_source
+        from ..model.controlnet import check_configs_fit, check_controlnet_source
 
         check_controlnet_source(source)
         net, unet = _config(ControlNetModel, source), self._unet(model)
@@ -234,7 +234,7 @@ class Validator:
             check_configs_fit(net, unet, source, model.source or _default_model(), self._shell(model).vae_scale_factor)
 
     def _check_layers(self, layers: Any, model: ModelSpec) -> None:
-        from .engine import parse_layers
+        from ..core.engine import parse_layers
 
         if model not in self._layers:
             self._layers[model] = _meta_model(self._unet(model))
@@ -298,7 +298,7 @@ def _geometry(model: ModelSpec, unet: dict | None):
 
 def _kind(model: ModelSpec) -> str:
     """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
-    from .loading import _kind_from_checkpoint, pipeline_kind
+    from ..model.loading import _kind_from_checkpoint, pipeline_kind
 
     source = model.source or _default_model()
     try:
@@ -311,7 +311,7 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from .loading import (
+    from ..model.loading import (
         DEFAULT_MODEL,
         check_checkpoint,
         check_config_use,
@@ -319,7 +319,7 @@ def check_model(model: ModelSpec) -> None:
         is_checkpoint_path,
         pipeline_kind,
     )
-    from .models import resolve_device, resolve_dtype
+    from ..model.models import resolve_device, resolve_dtype
 
     resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL
@@ -333,14 +333,14 @@ def check_model(model: ModelSpec) -> None:
 
 
 def _default_model() -> str:
-    from .loading import DEFAULT_MODEL
+    from ..model.loading import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
 
 def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
     """``cls``'s config from a local folder or a cached Hub id, without weights; None when there is none."""
-    from .loading import local_files_only
+    from ..model.loading import local_files_only
 
     if Path(source).is_file():
         return None  # a single-file checkpoint: its config comes with the load

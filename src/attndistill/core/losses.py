@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import UnmatchedLabels
+from ..errors import UnmatchedLabels
 
 
 def concat_references(x: torch.Tensor) -> torch.Tensor:

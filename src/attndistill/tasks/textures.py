@@ -1,6 +1,6 @@
 """Texture tasks beyond plain synthesis: expansion to any size, masked synthesis, VAE* tuning.
 
-Same conventions as :mod:`attndistill.tasks`: inputs first, keyword-only
+Same conventions as :mod:`attndistill.tasks.transfer`: inputs first, keyword-only
 options whose ``None`` means "the preset's value", PIL results carrying their
 parameters in ``info["parameters"]``::
 
@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checks import flag, whole
-from .engine import Distiller, parse_layers
-from .errors import UnmatchedLabels, UserError
-from .images import (
+from ..checks import flag, whole
+from ..core.engine import Distiller, parse_layers
+from ..core.multidiffusion import decode_tiled, multidiffusion
+from ..core.optimize import Callback, optimize_latents
+from ..errors import UnmatchedLabels, UserError
+from ..images import (
     ImageInput,
     add_parameters,
     check_size,
@@ -33,12 +35,11 @@ from .images import (
     to_pil,
     to_tensor,
 )
-from .loading import as_model
-from .models import DiffusionModel
-from .multidiffusion import decode_tiled, multidiffusion
-from .optimize import Callback, optimize_latents
-from .presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, Preset, get_preset
-from .tasks import (
+from ..model.loading import as_model
+from ..model.models import DiffusionModel
+from ..model.tiling import check_axes, seamless
+from ..presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, Preset, get_preset
+from .setup import (
     Size,
     as_list,
     check_run,
@@ -50,7 +51,6 @@ from .tasks import (
     seeded_noise,
     target_size,
 )
-from .tiling import check_axes, seamless
 from .vae_tuning import finetune_vae, tuned_vae, using_vae
 
 #: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
@@ -67,7 +67,7 @@ MAX_CANVAS_SIDE = 16384
 def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
                     decode_tile: int = DECODE_TILE) -> Preset:
     """Settings of an expansion that can be refused before the model loads; returns the preset with plain
-    numbers (:func:`~attndistill.tasks.check_settings`)."""
+    numbers (:func:`~attndistill.tasks.transfer.check_settings`)."""
     preset = check_settings(preset)
     if not isinstance(view, int) or view < 1:
         raise UserError(f"view must be a positive whole number of latents (got {view!r})")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checks import number
-from .errors import UserError
-from .images import ImageInput
+from ..checks import number
+from ..errors import UserError
+from ..images import ImageInput
 from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
 
@@ -80,7 +80,7 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
                     variant: str | None = None) -> ControlNetModel:
     """A ``ControlNetModel`` from a Hub id or a diffusers folder, on the model's device and dtype.
 
-    Same conventions as :func:`attndistill.loading.load_model`: safetensors only unless ``allow_pickle``,
+    Same conventions as :func:`attndistill.model.loading.load_model`: safetensors only unless ``allow_pickle``,
     the ``fp16`` variant preferred on GPUs, offline when ``HF_HUB_OFFLINE`` is set. Example:
     ``load_controlnet("lllyasviel/control_v11p_sd15_canny", model=m)``.
     """
@@ -164,7 +164,7 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
     ``preprocess``: "none" (the image already is a depth/edge/pose map) or "canny". Returns the
     :class:`Control` and the condition image actually used.
     """
-    from .images import load_image
+    from ..images import load_image
 
     scale = check_control(preprocess, scale)
     if isinstance(controlnet, str | os.PathLike):

@@ -2,7 +2,7 @@
 
 Loading is where users meet the network, the cache and other people's files, so each failure here
 becomes one line that names the model and the fix (not cached while offline, pickle weights, a damaged
-file, a folder that lacks a component). What it returns is a :class:`~attndistill.models.DiffusionModel`.
+file, a folder that lacks a component). What it returns is a :class:`~attndistill.model.models.DiffusionModel`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 from .models import DiffusionModel, Kind, resolve_device, resolve_dtype
 from .perf import PerfOptions
 

@@ -1,6 +1,6 @@
 """The page's fields: upload boxes and number, seed and size boxes, and what their values mean to the API.
 
-Pure helpers (no app state), so each tab of :mod:`attndistill.webui` builds its fields and reads
+Pure helpers (no app state), so each tab of :mod:`attndistill.webui.app` builds its fields and reads
 their values the same way, and errors reach the page as one readable line.
 """
 
@@ -20,10 +20,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
-from .images import atomic_write, load_image, parse_size
-from .presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS
-from .webui_jobs import error_message
+from ..errors import UserError
+from ..images import atomic_write, load_image, parse_size
+from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS
+from .jobs import error_message
 
 TILE_CHOICES = ["none", "x", "y", "xy"]
 #: A run's status line when it failed, before or after it started.
@@ -33,9 +33,10 @@ GRADIO_UPLOADS = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettemp
 
 
 def api_default(module: str, func: str, name: str) -> object:
-    """Default of a keyword of a public API function (None when it or its module is missing)."""
+    """Default of a keyword of a public task function in ``attndistill.tasks.MODULE`` (None when it or its
+    module is missing)."""
     try:
-        fn = getattr(importlib.import_module(f"attndistill.{module}"), func)
+        fn = getattr(importlib.import_module(f"attndistill.tasks.{module}"), func)
     except (ImportError, AttributeError):
         return None
     param = inspect.signature(fn).parameters.get(name)

@@ -45,7 +45,7 @@ def compiled(fn: Callable) -> Callable:
 def _compile_failed(exc: torch._dynamo.exc.BackendCompilerFailed) -> Exception:
     """A compiler that cannot run here (no C++ compiler, no Triton) as a one-line error naming the way out;
     out-of-memory errors stay themselves, for the memory remedies to see."""
-    from .errors import UserError, is_out_of_memory
+    from ..errors import UserError, is_out_of_memory
 
     inner = getattr(exc, "inner_exception", None) or exc
     if is_out_of_memory(inner):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteError
 from .engine import Distiller
-from .errors import NonFiniteError
 from .lookahead import lookahead
 
 

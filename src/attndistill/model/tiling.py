@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 AXES = ("x", "y", "xy")
 
@@ -67,7 +67,7 @@ def _pre_hook(pad_x: int, pad_y: int):
 def seamless(target, axes: str | None = "xy", *, parts: tuple[str, ...] = ("unet", "vae")) -> Iterator[None]:
     """Make every padded ``Conv2d`` of ``target`` circular along ``axes`` for the ``with`` block.
 
-    target: a :class:`~attndistill.models.DiffusionModel` (its ``parts``: "unet", "vae" or only the
+    target: a :class:`~attndistill.model.models.DiffusionModel` (its ``parts``: "unet", "vae" or only the
     "decoder"), an ``nn.Module`` or an iterable of modules; axes: "x", "y", "xy", or None/"" for a no-op.
     A model's cached CUDA graphs are dropped on entry and exit: they replay the padding they were
     captured with. The VAE encoder's downsamplers pad by hand (one zero row and column, then an

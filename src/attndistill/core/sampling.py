@@ -4,7 +4,7 @@ Text-to-image (SD 1.5 and SDXL), ControlNet-conditioned generation, texture
 sampling and SDEdit layouts all run :func:`sample`: the ordinary DDIM loop of
 diffusers' pipelines (user prompt, classifier-free guidance, optional
 ControlNet residuals) and, after each scheduler step, an AD update of the new
-latent at ``t'`` (:func:`attndistill.guidance.guide_latents`). With
+latent at ``t'`` (:func:`attndistill.core.guidance.guide_latents`). With
 ``iters=0`` only AdaIN (where on) guides the latent, as ALGORITHM.md §4 has it;
 with AdaIN off as well the loop is a plain DDIM generation, equal to diffusers'
 own pipeline output.
@@ -18,12 +18,12 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .checks import number
-from .controlnet import Control
+from ..checks import number
+from ..errors import UserError
+from ..model.controlnet import Control
+from ..model.models import Conditioning, DiffusionModel
 from .engine import Distiller
-from .errors import UserError
 from .guidance import cfg_noise, guide_latents, previous_timestep, reference_lookahead
-from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
 
 log = logging.getLogger(__name__)

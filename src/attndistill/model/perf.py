@@ -87,7 +87,7 @@ class PerfOptions:
     offload_text_encoders: bool | None = None
 
     def __post_init__(self) -> None:
-        from .errors import UserError
+        from ..errors import UserError
 
         for name, value in vars(self).items():
             if name == "lookahead_batch":

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
-from .errors import UserError
-from .images import ImageInput, drawn_over, load_image
+from ..errors import UserError
+from ..images import ImageInput, drawn_over, load_image
 
 #: Mask cells at the latent's size are changed when more than this share of their pixels is white.
 CELL_COVERAGE = 0.5

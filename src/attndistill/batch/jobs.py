@@ -5,7 +5,7 @@ One line is one job, a task name plus the options of the matching CLI command::
     {"task": "style", "content": "photos/horse.jpg", "style": "art/cat.jpg", "steps": 100, "size": 512}
 
 Input paths are relative to the jobs file, ``output`` to the output folder (default ``ID.png``).
-:mod:`attndistill.batchcheck` then reads every image and model config a job names, before any work.
+:mod:`attndistill.batch.check` then reads every image and model config a job names, before any work.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
-from .images import numbered_outputs
+from ..errors import UserError, first_line
+from ..images import numbered_outputs
 
 # -- tasks -----------------------------------------------------------------------------------------
 
@@ -32,7 +32,7 @@ from .images import numbered_outputs
 class TaskSpec:
     """How a job's task name maps onto a public API function (imported only when used)."""
 
-    module: str
+    module: str  # a module of attndistill.tasks
     function: str
     inputs: tuple[str, ...]  # required arguments, passed positionally in this order
     paths: tuple[str, ...]  # arguments holding image paths (relative to the jobs file)
@@ -42,29 +42,29 @@ class TaskSpec:
 
     def resolve(self) -> Callable[..., Any]:
         try:
-            return getattr(importlib.import_module(self.module), self.function)
+            return getattr(importlib.import_module(f"attndistill.tasks.{self.module}"), self.function)
         except (ImportError, AttributeError):
-            raise UserError(f"{self.module}.{self.function} is not available in this installation; "
+            raise UserError(f"attndistill.tasks.{self.module}.{self.function} is not available in this installation; "
                             "update attndistill or drop these jobs") from None
 
 
 TASKS: dict[str, TaskSpec] = {
-    "style": TaskSpec("attndistill.tasks", "style_transfer", ("content", "style"), ("content", "style", "mask"),
+    "style": TaskSpec("transfer", "style_transfer", ("content", "style"), ("content", "style", "mask"),
                       "style", "style"),
-    "appearance": TaskSpec("attndistill.tasks", "appearance_transfer", ("structure", "appearance"),
+    "appearance": TaskSpec("transfer", "appearance_transfer", ("structure", "appearance"),
                            ("structure", "appearance", "mask"), "appearance", "appearance"),
-    "texture": TaskSpec("attndistill.tasks", "texture_synthesis", ("reference",), ("reference",), "texture",
+    "texture": TaskSpec("transfer", "texture_synthesis", ("reference",), ("reference",), "texture",
                         "reference", "num"),
-    "texture-masked": TaskSpec("attndistill.textures", "masked_texture_synthesis",
+    "texture-masked": TaskSpec("textures", "masked_texture_synthesis",
                                ("reference", "ref_labels", "target_labels"),
                                ("reference", "ref_labels", "target_labels"), "texture-masked", "reference", "num"),
-    "texture-sample": TaskSpec("attndistill.generate", "texture_sampling", ("reference",), ("reference",),
+    "texture-sample": TaskSpec("generate", "texture_sampling", ("reference",), ("reference",),
                                "texture-sample", "reference", "num"),
-    "texture-layout": TaskSpec("attndistill.generate", "layout_texture", ("reference", "layout"),
+    "texture-layout": TaskSpec("generate", "layout_texture", ("reference", "layout"),
                                ("reference", "layout"), "texture-sample", "reference", "num"),
-    "t2i": TaskSpec("attndistill.generate", "text_to_image", ("prompt", "style"),
+    "t2i": TaskSpec("generate", "text_to_image", ("prompt", "style"),
                     ("style", "content", "control_image"), "t2i", "style", "num_images"),
-    "expand": TaskSpec("attndistill.textures", "expand_texture", ("reference",), ("reference",), "expand",
+    "expand": TaskSpec("textures", "expand_texture", ("reference",), ("reference",), "expand",
                        "reference"),
 }
 #: Path arguments that take a single image (the references take several).
@@ -195,7 +195,7 @@ def job_words(message: str) -> str:
 @lru_cache(maxsize=1)
 def _job_keys() -> frozenset[str]:
     """Every key a job line may have: the tasks' options, the runner's keys, texture's mode, the speed switches."""
-    from .perf import PerfOptions
+    from ..model.perf import PerfOptions
 
     keys = set(RUNNER_KEYS) | {"mode"} | {f.name for f in fields(PerfOptions)}
     for spec in TASKS.values():
@@ -273,7 +273,7 @@ def _check_types(raw: Mapping[str, Any], line: int) -> None:
 
 def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
     """A job's ``perf``: {switch: value} over the runner's speed switches, as results record them."""
-    from .perf import PerfOptions
+    from ..model.perf import PerfOptions
 
     if value is None:
         return ()
@@ -296,7 +296,7 @@ def _resolve_local(value: str | None, base: Path) -> str | None:
 
 
 def _parse_size(value: Any, line: int):
-    from .images import parse_size
+    from ..images import parse_size
 
     if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
         value = f"{value[0]}x{value[1]}"
@@ -391,7 +391,7 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     count = args.get(spec.count, 1) if spec.count else 1
     if count < 1:
         raise _fail(line, f"'{spec.count}' must be at least 1 (got {count})")
-    from .tasks import MAX_IMAGES
+    from ..tasks.setup import MAX_IMAGES
 
     if count > MAX_IMAGES:
         raise _fail(line, f"'{spec.count}' {count} is more than one job makes (at most {MAX_IMAGES}); split it into "
@@ -463,7 +463,7 @@ def _unexpected(exc: BaseException) -> str:
 
 def carries_job(path: Path, job_id: str) -> bool:
     """Is ``path`` a complete result of ``job_id``? (Images carry their job id in their parameters.)"""
-    from .images import read_parameters
+    from ..images import read_parameters
 
     try:
         return path.is_file() and read_parameters(path).get("job") == job_id

@@ -1,7 +1,7 @@
 """What runs behind the web UI, without Gradio: the model slot, background jobs with progress,
 live previews and cancel, the "same run from the terminal" command and readable error lines.
 
-Kept apart from :mod:`attndistill.webui` so it can be tested without a browser.
+Kept apart from :mod:`attndistill.webui.app` so it can be tested without a browser.
 """
 
 import itertools
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
-from .images import to_pil
-from .loading import DEFAULT_MODEL, load_model
-from .models import DiffusionModel, free_memory
-from .optimize import Callback, StepInfo
+from ..core.optimize import Callback, StepInfo
+from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..images import to_pil
+from ..model.loading import DEFAULT_MODEL, load_model
+from ..model.models import DiffusionModel, free_memory
 
 log = logging.getLogger(__name__)
 

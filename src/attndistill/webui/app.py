@@ -1,9 +1,9 @@
 """Web UI (Gradio): every task of the library in the browser, one job at a time.
 
 This module is the app: the model slot, the run machinery and the shared layout.
-The tabs are in :mod:`attndistill.webui_tabs`, their fields in
-:mod:`attndistill.webui_fields`, and jobs, progress and cancel in
-:mod:`attndistill.webui_jobs`. The page only parses input and calls the public
+The tabs are in :mod:`attndistill.webui.tabs`, their fields in
+:mod:`attndistill.webui.fields`, and jobs, progress and cancel in
+:mod:`attndistill.webui.jobs`. The page only parses input and calls the public
 API (``tasks``, ``generate``, ``textures``). A run executes in a worker thread whose
 progress callback feeds the page (loss, a cheap preview every few steps) and
 raises to cancel between steps. Results are PNGs carrying their parameters
@@ -26,13 +26,13 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .errors import UserError, is_out_of_memory
-from .images import save_png
-from .loading import DEFAULT_MODEL
-from .models import DiffusionModel
-from .perf import pixel_switches
-from .presets import Preset
-from .webui_fields import (
+from ..errors import UserError, is_out_of_memory
+from ..images import save_png
+from ..model.loading import DEFAULT_MODEL
+from ..model.models import DiffusionModel
+from ..model.perf import pixel_switches
+from ..presets import Preset
+from .fields import (
     FAILED,
     TILE_CHOICES,
     float_box,
@@ -45,18 +45,8 @@ from .webui_fields import (
     upload_check,
     whole,
 )
-from .webui_jobs import (  # re-exported: the page's building blocks
-    Callback,
-    Cancelled,
-    Job,
-    ModelSlot,
-    RunBoard,
-    Update,
-    cli_command,
-    error_message,
-    preview_image,
-)
-from .webui_tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
+from .jobs import Callback, Cancelled, Job, ModelSlot, RunBoard, Update, cli_command, error_message, preview_image
+from .tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
 
 log = logging.getLogger(__name__)
 

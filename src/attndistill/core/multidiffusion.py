@@ -3,7 +3,7 @@
 The latent canvas is larger than the UNet's comfortable size, so every DDIM
 step runs on overlapping square *views* (64x64 latents, stride 8, the last
 window of each row/column clamped to the edge), in batches; each view is
-denoised, AD-guided against the reference (:mod:`attndistill.guidance`), and
+denoised, AD-guided against the reference (:mod:`attndistill.core.guidance`), and
 the canvas becomes the per-pixel average of the views covering it. All views
 of a timestep see the same noised reference (fresh noise every timestep, as in
 Algorithm 2), so its features are computed once per timestep, not per batch.
@@ -11,7 +11,7 @@ Algorithm 2), so its features are computed once per timestep, not per batch.
 With seamless tiling on an axis the views wrap around the canvas edge instead
 of being clamped (a view that crosses the right edge continues on the left),
 so the result is periodic; along an axis where the canvas is exactly one view
-wide the UNet's convolutions are made circular instead (:mod:`attndistill.tiling`).
+wide the UNet's convolutions are made circular instead (:mod:`attndistill.model.tiling`).
 
 Large canvases are decoded tile by tile with feathered overlaps, so a
 4096x4096 result never needs the decoder memory of the whole image.
@@ -24,12 +24,12 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..model.models import Conditioning, DiffusionModel
+from ..model.tiling import seamless
+from ..presets import DECODE_OVERLAP, DECODE_TILE, PRESETS, VIEW, VIEW_BATCH
 from .engine import Distiller
 from .guidance import cfg_noise, guide_latents, noised, previous_timestep, reference_lookahead
-from .models import Conditioning, DiffusionModel
 from .optimize import Callback, FiniteGuard, StepInfo, report_progress
-from .presets import DECODE_OVERLAP, DECODE_TILE, PRESETS, VIEW, VIEW_BATCH
-from .tiling import seamless
 
 Wrap = tuple[bool, bool]  # periodic along (y, x)
 

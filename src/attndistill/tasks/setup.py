@@ -1,0 +1,190 @@
+"""What every task shares: option checks, sizes, reference latents, seeded noise, and the
+parameters a result records (so any image can be rerun exactly)."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+
+import torch
+from PIL import Image
+
+from .. import __version__
+from ..checks import flag, number, whole
+from ..errors import UserError
+from ..images import (
+    ImageInput,
+    check_size,
+    drawn_over,
+    fit_references,
+    fit_size,
+    load_image,
+    params_json,
+    round_to_multiple,
+    to_pil,
+)
+from ..model.loading import local_or_hub
+from ..model.models import DiffusionModel
+from ..model.perf import pixel_switches
+from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
+
+log = logging.getLogger(__name__)
+
+Size = int | tuple[int, int] | None
+
+
+def describe_input(source: ImageInput) -> str:
+    """How a result records an input: a file by its absolute path (a rerun works from any folder)."""
+    return os.path.abspath(source) if isinstance(source, str | os.PathLike) else "<image>"
+
+
+def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+#: The most images one run makes (they are held, and texture variations optimised, together).
+MAX_IMAGES = 256
+
+
+def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num", fused: object = None,
+              progress: object = False) -> tuple[int, int]:
+    """The seed, callback and image count of a run, checked before any work; returns (seed, num) as plain ints
+    (a NumPy integer would reach torch's generators and the PNG's JSON, which refuse it)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
+    if not 0 <= seed < 2**64:  # torch takes -2^63 too, but as 2^64 + seed: two seeds, one image
+        raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {2**64 - 1}")
+    check_callback(callback)
+    if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
+        raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")
+    if num > MAX_IMAGES:  # a typo's million images would fill the host's memory before any message could
+        raise UserError(f"{what} {num} is more than one run makes (at most {MAX_IMAGES}); for more, run several "
+                        "jobs, e.g. lines of a batch file with other seeds")
+    if fused is not None:
+        flag("fused", fused)
+    if isinstance(progress, str):  # any truthy value shows the bar, but progress="no" would too
+        raise UserError(f"progress must be True or False (got {progress!r})")
+    return int(seed), int(num)
+
+
+def check_callback(callback: object) -> None:
+    """A ``callback`` argument: None or something to call with a StepInfo."""
+    if callback is not None and not callable(callback):
+        raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
+
+
+def check_settings(preset: Preset) -> Preset:
+    """Out-of-range numbers get a one-line error before any work starts; returns the preset with plain
+    Python numbers (NumPy ones are welcome, but the PNG's JSON refuses them)."""
+    numbers_ = {name: number(name.replace("_", " "), getattr(preset, name))
+                for name in ("lr", "content_weight", "attention_scale", "guidance")}
+    wholes = {name: whole(name, getattr(preset, name)) for name in ("steps", "iters", "stride")}
+    preset = replace(preset, **numbers_, **wholes, adain=flag("adain", preset.adain))
+    check_reference_fit(preset.reference_fit)
+    if preset.steps < 1:
+        raise UserError(f"steps must be at least 1 (got {preset.steps})")
+    if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
+        raise UserError(f"iters must be at least {1 if preset.mode == 'optimize' else 0} (got {preset.iters})")
+    if not preset.lr > 0:
+        raise UserError(f"lr must be positive (got {preset.lr})")
+    if preset.content_weight < 0:
+        raise UserError(f"content weight must be >= 0 (got {preset.content_weight})")
+    if not preset.attention_scale > 0:
+        raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
+    if preset.mode != "optimize" and preset.guidance < 1:
+        raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
+    return preset
+
+
+def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None,
+                like_name: str | None = None) -> tuple[int, int]:
+    """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet.
+
+    With ``like_name`` (the run's own call, not a check's), a (width, height) of another aspect than
+    ``like`` is said in a warning naming it: the image is stretched to it.
+    """
+    multiple = model.latent_multiple
+    size = check_size(size)
+    if size is None:
+        size = model.native_size
+    if isinstance(size, int):
+        if like is None:
+            w = h = round_to_multiple(size, multiple)
+        else:
+            w, h = fit_size(like.size, size, multiple)
+    else:
+        if like is not None and like_name and not drawn_over(size, like.size):
+            log.warning("%s is %dx%d but the size asked for is %dx%d, another aspect: it is stretched to it (give "
+                        "only the long side to keep its aspect)", like_name, *like.size, *size)
+        w, h = (round_to_multiple(s, multiple) for s in size)
+    if w * h > 4096 * 4096:
+        raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
+    return w, h
+
+
+def encode_references(model: DiffusionModel, references: Sequence[ImageInput], what: str,
+                      fit: str = DEFAULT_REFERENCE_FIT) -> torch.Tensor:
+    """Reference images at about the model's native area, fitted by ``fit`` (REFERENCE_FITS) -> latents (R, 4, h, w)."""
+    if not references:
+        raise UserError(f"no {what} given; pass at least one")
+    images = [load_image(r, what=what) for r in references]
+    return model.encode(fit_references(images, check_reference_fit(fit), model.native_size, model.latent_multiple,
+                                       names=[describe_input(r) for r in references], warn=True))
+
+
+def check_reference_fit(fit: object) -> str:
+    """One of REFERENCE_FITS, or a one-line error naming them."""
+    if fit not in REFERENCE_FITS:
+        raise UserError(f"reference fit must be one of {', '.join(REFERENCE_FITS)} (got {fit!r}): 'squash' "
+                        "stretches each reference to the model's square, 'keep' keeps the first one's aspect")
+    return fit
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian latents from a CPU generator, so a seed gives the same start on every device."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.Image]:
+    """Decode latents and attach the run's parameters to each image."""
+    images = to_pil(model.decode(z))
+    for i, img in enumerate(images):
+        p = dict(params, index=i) if len(images) > 1 else params
+        img.info["parameters"] = params_json(p)
+    return images
+
+
+#: Preset fields a mode has no use for: a result does not record settings that could not have changed it.
+_UNUSED = {"optimize": ("guidance", "adain", "stride"), "sample": ("stride",), "multidiffusion": ()}
+
+
+def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, *,
+                   fused: bool | None = None, **inputs) -> dict:
+    """What a result records: enough to rerun it exactly, pixel-changing speed switches included."""
+    settings = {k: v for k, v in asdict(preset).items() if k not in ("task", *_UNUSED[preset.mode])}
+    switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}
+    extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
+    return {"task": task, "version": __version__, **model_parameters(model), "layers": list(layers),
+            "size": list(size), "seed": seed, **settings, **extra, **inputs, "made_with": made_with(model)}
+
+
+def model_parameters(model: DiffusionModel) -> dict[str, str]:
+    """The model a result (or a tuned VAE) was made with, as a rerun loads it: its source, a swapped-in VAE,
+    a single-file checkpoint's configs, the dtype, and whether pickle files were allowed."""
+    swapped = {k: local_or_hub(v) for k, v in (("vae", model.vae_source), ("config", model.config_source))
+               if v is not None}
+    pickle = {"allow_pickle": True} if getattr(model, "allow_pickle", False) else {}
+    return {"model": local_or_hub(model.source), **swapped, "dtype": str(model.dtype).removeprefix("torch."),
+            **pickle}
+
+
+def made_with(model: DiffusionModel) -> dict[str, str]:
+    """Where a result was made: bf16 GPU kernels differ between cards and library versions (not an option)."""
+    import diffusers
+
+    device = torch.device(getattr(model, "device", "cpu"))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__}
