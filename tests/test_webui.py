@@ -29,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-from attndistill.core.optimize import StepInfo  # noqa: E402
+from attndistill.core.progress import StepInfo  # noqa: E402
 from attndistill.presets import PRESETS  # noqa: E402
 from attndistill.webui.app import DEVICE_QUEUE, Cancelled, Job, ModelSlot, WebUI, cli_command  # noqa: E402
 

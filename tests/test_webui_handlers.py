@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attndistill.core.optimize import StepInfo
+from attndistill.core.progress import StepInfo
 from attndistill.errors import UserError
 from attndistill.webui.app import WebUI
 from attndistill.webui.fields import page_message

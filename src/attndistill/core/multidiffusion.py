@@ -22,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..model.models import Conditioning, DiffusionModel
 from ..model.tiling import seamless
 from ..presets import DECODE_OVERLAP, DECODE_TILE, PRESETS, VIEW, VIEW_BATCH
 from .engine import Distiller
 from .guidance import cfg_noise, guide_latents, noised, previous_timestep, reference_lookahead
-from .optimize import Callback, FiniteGuard, StepInfo, report_progress
+from .progress import Callback, StepLoop
 
 Wrap = tuple[bool, bool]  # periodic along (y, x)
 
@@ -120,52 +119,46 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     if distiller.cuda_graphs if pad is None else pad:
         batches = [batch + batch[-1:] * (len(batches[0]) - len(batch)) for batch in batches]
     timesteps = scheduler.timesteps
-    bar = tqdm(total=len(timesteps) * len(batches), desc=f"expanding ({len(batches)} view batches a step)",
-               disable=not progress, dynamic_ncols=True)  # counts view batches; --preview-every counts steps
-    guard = FiniteGuard(model.device)
     # not automatic here: one reference row beside ~35 view rows a step; on an H200 (run 5) computing it
     # ahead saved nothing and cost 1.4 GB
     lookahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler,
                                     generator=generator, auto=False) if iters > 0 else None
-    try:
-        with distiller:
-            for i, t in enumerate(timesteps):
-                t_int = int(t)
-                t_prime = previous_timestep(t_int, scheduler)
-                value = torch.zeros_like(z)
-                count = torch.zeros(1, 1, h, w, device=z.device)
-                losses: list[torch.Tensor] = []
-                # one noised reference per timestep, shared by all view batches: its features are computed once
-                ahead = lookahead.at(i) if lookahead else None
-                ref_t = ahead.ref if ahead else noised(scheduler, ref_latents.to(model.device), t_prime, generator)
-                reference_key = object()
-                for batch, kept in zip(batches, real, strict=True):
-                    # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
-                    zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
-                    # 2. one denoising step (capture paused: this call records no features)
-                    with distiller.store.paused():
-                        eps = cfg_noise(model, zv, t.to(model.device), cond, uncond, guidance)
-                    zv = scheduler.step(eps, t, zv).prev_sample
-                    # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
-                    zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,
-                                                     iters=iters, lr=lr, adain_on=adain_on, generator=generator,
-                                                     ref_is_noised=True, reference_key=reference_key,
-                                                     ahead=ahead)
-                    losses.extend(batch_losses)
-                    # 4. accumulate for the per-pixel average (not the copies that fill a batch up)
-                    for (top, left), piece in zip(batch[:kept], zv.split(b)[:kept]):
-                        rows = window_index(top, view, h, z.device)[:, None]
-                        cols = window_index(left, view, w, z.device)[None, :]
-                        value[..., rows, cols] += piece
-                        count[..., rows, cols] += 1
-                    bar.update()
-                z = value / count
-                guard.update(i, t_int, z, losses)
-                guard.check(i, final=i == len(timesteps) - 1)
-                report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, float("nan"), z), losses,
-                                advance=0)
-    finally:
-        bar.close()
+    # the bar counts view batches; --preview-every counts steps
+    with StepLoop(model.device, len(timesteps), desc=f"expanding ({len(batches)} view batches a step)",
+                  progress=progress, callback=callback, bar_total=len(timesteps) * len(batches), advance=0) as loop, \
+            distiller:
+        for i, t in enumerate(timesteps):
+            t_int = int(t)
+            t_prime = previous_timestep(t_int, scheduler)
+            value = torch.zeros_like(z)
+            count = torch.zeros(1, 1, h, w, device=z.device)
+            losses: list[torch.Tensor] = []
+            # one noised reference per timestep, shared by all view batches: its features are computed once
+            ahead = lookahead.at(i) if lookahead else None
+            ref_t = ahead.ref if ahead else noised(scheduler, ref_latents.to(model.device), t_prime, generator)
+            reference_key = object()
+            for batch, kept in zip(batches, real, strict=True):
+                # 1. the views of this batch, stacked: (n*B, 4, view, view), view-major
+                zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
+                # 2. one denoising step (capture paused: this call records no features)
+                with distiller.store.paused():
+                    eps = cfg_noise(model, zv, t.to(model.device), cond, uncond, guidance)
+                zv = scheduler.step(eps, t, zv).prev_sample
+                # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
+                zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,
+                                                 iters=iters, lr=lr, adain_on=adain_on, generator=generator,
+                                                 ref_is_noised=True, reference_key=reference_key,
+                                                 ahead=ahead)
+                losses.extend(batch_losses)
+                # 4. accumulate for the per-pixel average (not the copies that fill a batch up)
+                for (top, left), piece in zip(batch[:kept], zv.split(b)[:kept]):
+                    rows = window_index(top, view, h, z.device)[:, None]
+                    cols = window_index(left, view, w, z.device)[None, :]
+                    value[..., rows, cols] += piece
+                    count[..., rows, cols] += 1
+                loop.tick()
+            z = value / count
+            loop.done(i, t_int, z, losses)
     return z
 
 

@@ -13,10 +13,8 @@ own pipeline output.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checks import number
 from ..errors import UserError
@@ -24,7 +22,7 @@ from ..model.controlnet import Control
 from ..model.models import Conditioning, DiffusionModel
 from .engine import Distiller
 from .guidance import cfg_noise, guide_latents, previous_timestep, reference_lookahead
-from .optimize import Callback, FiniteGuard, StepInfo, report_progress
+from .progress import Callback, StepLoop
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +106,22 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
         uncond = None
     z = latents.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
-    bar = tqdm(total=len(timesteps), desc=desc, disable=not progress, dynamic_ncols=True)
-    guard = FiniteGuard(model.device)
     ahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler, generator=generator,
                                 content_latents=content_latents, start_t=start_t) if iters > 0 else None
-    try:
-        with distiller:
-            for i, t in enumerate(timesteps):
-                t_int = int(t)
-                # 1. one DDIM step with the user's prompt, CFG and ControlNet; AD records nothing here
-                with distiller.store.paused():
-                    eps = _denoise(model, scheduler, z, t, cond, uncond, guidance, control)
-                z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
-                # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
-                losses: list[torch.Tensor] = []
-                if (iters > 0 or adain) and (start_t is None or t_int < start_t):
-                    z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
-                                              scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
-                                              content_latents=content_latents, generator=generator,
-                                              ahead=ahead.at(i) if ahead else None)
-                guard.update(i, t_int, z, losses)
-                guard.check(i, final=i == len(timesteps) - 1)
-                report_progress(bar, callback, StepInfo(i, len(timesteps), t_int, math.nan, z), losses)
-    finally:
-        bar.close()
+    with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback) as loop, \
+            distiller:
+        for i, t in enumerate(timesteps):
+            t_int = int(t)
+            # 1. one DDIM step with the user's prompt, CFG and ControlNet; AD records nothing here
+            with distiller.store.paused():
+                eps = _denoise(model, scheduler, z, t, cond, uncond, guidance, control)
+            z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
+            # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
+            losses: list[torch.Tensor] = []
+            if (iters > 0 or adain) and (start_t is None or t_int < start_t):
+                z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
+                                          scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
+                                          content_latents=content_latents, generator=generator,
+                                          ahead=ahead.at(i) if ahead else None)
+            loop.done(i, t_int, z, losses)
     return z

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from ..checks import flag, number
-from ..core.engine import Distiller, parse_layers
-from ..core.optimize import Callback
+from ..core.engine import parse_layers
+from ..core.progress import Callback
 from ..core.sampling import prompt_conditioning, sample, sdedit_start
 from ..errors import UserError
 from ..images import ImageInput, add_parameters, load_image, to_tensor
@@ -39,6 +39,7 @@ from .setup import (
     encode_references,
     finish,
     run_parameters,
+    seeded_distiller,
     target_size,
 )
 from .vae_tuning import finetune_vae, using_vae
@@ -109,9 +110,7 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
         latents = noise * scheduler.init_noise_sigma
         if job.content is not None:
             z_content = model.encode(to_tensor(job.content, (w, h)))
-    torch.manual_seed(seed)
-    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w))
+    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused)
     with seamless(model, tile, parts=("unet",)):  # tiling: a circular UNet (the encoder's inputs are not periodic)
         z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,
                    steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .. import __version__
 from ..checks import flag, number, whole
+from ..core.engine import Distiller
 from ..errors import UserError
 from ..images import (
     ImageInput,
@@ -141,6 +142,16 @@ def check_reference_fit(fit: object) -> str:
         raise UserError(f"reference fit must be one of {', '.join(REFERENCE_FITS)} (got {fit!r}): 'squash' "
                         "stretches each reference to the model's square, 'keep' keeps the first one's aspect")
     return fit
+
+
+def seeded_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], seed: int, *,
+                     condition_size: tuple[int, int], fused: bool | None, **masks: torch.Tensor | None) -> Distiller:
+    """The run's Distiller, weighted as the preset says, with torch's global RNG seeded first (what draws
+    without a generator repeats with the seed). ``condition_size`` (h, w) px: the null conditioning's
+    size (SDXL's add_time_ids, ALGORITHM.md §1); ``masks``: ``update_mask`` or the label maps."""
+    torch.manual_seed(seed)
+    return Distiller(model, layers=layers, attention_scale=preset.attention_scale,
+                     content_weight=preset.content_weight, fused=fused, condition_size=condition_size, **masks)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..checks import flag, whole
-from ..core.engine import Distiller, parse_layers
+from ..core.engine import parse_layers
 from ..core.multidiffusion import decode_tiled, multidiffusion
-from ..core.optimize import Callback, optimize_latents
+from ..core.optimize import optimize_latents
+from ..core.progress import Callback
 from ..errors import UnmatchedLabels, UserError
 from ..images import (
     ImageInput,
@@ -48,6 +49,7 @@ from .setup import (
     encode_references,
     finish,
     run_parameters,
+    seeded_distiller,
     seeded_noise,
     target_size,
 )
@@ -144,9 +146,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     cond = model.null_condition((view_px, view_px))
     init = seeded_noise((1, 4, *hw), seed) * scheduler.init_noise_sigma
     generator = torch.Generator("cpu").manual_seed(seed)
-    torch.manual_seed(seed)
-    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          condition_size=(view_px, view_px), fused=fused)
+    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(view_px, view_px), fused=fused)
     with seamless(model, unet_axes or None, parts=("unet",)):
         z = multidiffusion(distiller, init, z_ref, scheduler=scheduler, cond=cond, guidance=preset.guidance,
                            iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
@@ -378,10 +378,8 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                                     generator=torch.Generator("cpu").manual_seed(seed))
     z_ref = model.encode(ref_pixels)
     z_init = model.encode(init_pixels)  # the initialisation is also the content image
-    torch.manual_seed(seed)
-    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          content_weight=preset.content_weight, ref_labels=ref_ids, target_labels=target_ids[None],
-                          condition_size=(h, w), fused=fused)
+    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused,
+                                 ref_labels=ref_ids, target_labels=target_ids[None])
     with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
                     callback=callback),
           seamless(model, tile)):

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from ..checks import flag
-from ..core.engine import Distiller, parse_layers
-from ..core.optimize import Callback, optimize_latents
+from ..core.engine import parse_layers
+from ..core.optimize import optimize_latents
+from ..core.progress import Callback
 from ..errors import UserError
 from ..images import (
     ImageInput,
@@ -40,6 +41,7 @@ from .setup import (
     encode_references,
     finish,
     run_parameters,
+    seeded_distiller,
     seeded_noise,
     target_size,
 )
@@ -85,11 +87,8 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
         init = z_content if targets else z_content.expand(num, -1, -1, -1)
     else:
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
-    torch.manual_seed(seed)
-    # features with the null conditioning of the output size (SDXL's add_time_ids, ALGORITHM.md §1)
-    distiller = Distiller(model, layers=layer_ids, attention_scale=preset.attention_scale,
-                          content_weight=preset.content_weight, fused=fused, condition_size=(h, w),
-                          update_mask=region)
+    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused,
+                                 update_mask=region)
     # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the references
     with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
                     callback=callback),

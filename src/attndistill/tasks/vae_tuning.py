@@ -86,7 +86,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
     return tuned.requires_grad_(False).eval()
 
 
-#: The :class:`~attndistill.core.optimize.StepInfo` stage of decoder-tuning steps.
+#: The :class:`~attndistill.core.progress.StepInfo` stage of decoder-tuning steps.
 TUNING_STAGE = "tuning the VAE decoder"
 
 
@@ -99,7 +99,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     fitted by ``reference_fit``, "squash" or "keep"; several: the mean of their losses).
 
     The model itself is not changed; ``model``, ``vae``, ``device`` and ``dtype`` as the tasks take them.
-    ``callback`` sees a :class:`~attndistill.core.optimize.StepInfo` after each step, as the tasks' callbacks
+    ``callback`` sees a :class:`~attndistill.core.progress.StepInfo` after each step, as the tasks' callbacks
     do; its latents are empty (the decoder's weights are what change) and raising from it stops the
     tuning. ``warn_crops=False``: a task that encoded the same references has already named any that
     reference fit keep cuts to less than half. Save the result with :func:`save_vae` (or
@@ -131,7 +131,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
             bar.set_postfix(l1=f"{loss:.4f}")
             bar.update()
         if callback is not None:
-            from ..core.optimize import StepInfo
+            from ..core.progress import StepInfo
 
             callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss], stage=TUNING_STAGE))
 

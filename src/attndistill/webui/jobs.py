@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.optimize import Callback, StepInfo
+from ..core.progress import Callback, StepInfo
 from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
 from ..images import to_pil
 from ..model.loading import DEFAULT_MODEL, load_model

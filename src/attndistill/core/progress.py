@@ -1,0 +1,118 @@
+"""The shell every step loop shares: a progress bar with the loss, a NaN/Inf watch, the callback.
+
+Algorithm 1 (:mod:`.optimize`), Algorithm 2 (:mod:`.sampling`) and MultiDiffusion (:mod:`.multidiffusion`)
+differ in what a step does, not in how it is watched: each runs inside a :class:`StepLoop`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteError
+
+
+@dataclass
+class StepInfo:
+    """What a callback sees after each timestep (optimisation) or denoising step (sampling)."""
+
+    step: int  # 0-based
+    total: int
+    timestep: int
+    loss: float  # loss after the last inner iteration's forward (before its Adam step)
+    latents: torch.Tensor  # current latents (B, 4, h, w), detached
+    losses: list[float] | None = None  # every inner iteration's loss at this step
+    #: "" for the run's own steps; a task's decoder tuning (tune_vae) reports "tuning the VAE decoder", its
+    #: latents empty: a callback may raise to stop the run there too
+    stage: str = ""
+
+
+Callback = Callable[[StepInfo], None]
+
+
+def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
+                    every: int = 10, advance: int = 1) -> None:
+    """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it.
+
+    ``advance=0`` for loops that move the bar themselves (MultiDiffusion: once per view batch).
+    """
+    bar.update(advance)
+    if callback is None and (info.step + 1) % every and info.step + 1 != info.total:
+        return
+    values = [float(v) for v in losses]
+    info.loss, info.losses = (values[-1] if values else math.nan), values
+    if callback is not None:  # its own copy: the run goes on in the same (static) buffer
+        info.latents = info.latents.detach().clone()
+    bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep)  # 0 iters: no loss
+    if callback is not None:
+        callback(info)
+
+
+class FiniteGuard:
+    """NaN/Inf watch that does not stall the GPU: flags are kept on the device, read every few steps.
+
+    ``update`` records the first step at which a watched tensor was not finite (device ops only);
+    ``check`` reads that flag (a sync) every ``every`` steps and at the end, and raises with the
+    exact step and timestep where it happened.
+    """
+
+    def __init__(self, device: torch.device, every: int = 10) -> None:
+        self.every = every
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.what = torch.full((), 0, device=device, dtype=torch.long)
+        self.timesteps: list[int] = []
+
+    def update(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        self.timesteps.append(timestep)
+        loss_ok = torch.isfinite(torch.stack(losses)).all() if losses else torch.ones((), dtype=torch.bool,
+                                                                                          device=latents.device)
+        ok = loss_ok & torch.isfinite(latents).all()
+        new_bad = (self.first_bad < 0) & ~ok
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.what = torch.where(new_bad, torch.where(loss_ok, 2, 1), self.what)
+
+    def check(self, step: int, *, final: bool = False) -> None:
+        if not final and (step + 1) % self.every:
+            return
+        bad = int(self.first_bad)
+        if bad >= 0:
+            what = "loss" if int(self.what) == 1 else "latent"
+            raise NonFiniteError(f"the {what} became NaN/Inf at step {bad} (timestep {self.timesteps[bad]}); "
+                                 "lower --lr (or a raised --content-weight, --attention-scale, --guidance or "
+                                 "--control-scale), use --dtype fp32, or check the input images")
+
+
+class StepLoop:
+    """A run's steps, watched: ``done`` after each step checks for NaN/Inf, moves the bar, calls back.
+
+    ``bar_total``/``advance``: a loop that moves the bar itself (MultiDiffusion: once per view batch,
+    through :meth:`tick`) gives its own total and ``advance=0``. The bar is closed on leaving the block.
+    """
+
+    def __init__(self, device: torch.device, total: int, *, desc: str, progress: bool,
+                 callback: Callback | None, bar_total: int | None = None, advance: int = 1) -> None:
+        self.total, self.callback, self.advance = total, callback, advance
+        self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
+                        dynamic_ncols=True)
+        self.guard = FiniteGuard(device)
+
+    def __enter__(self) -> StepLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def tick(self) -> None:
+        """One unit of the bar within a step."""
+        self.bar.update()
+
+    def done(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor]) -> None:
+        """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations."""
+        self.guard.update(step, timestep, latents, losses)
+        self.guard.check(step, final=step == self.total - 1)
+        report_progress(self.bar, self.callback, StepInfo(step, self.total, timestep, math.nan, latents), losses,
+                        advance=self.advance)
