@@ -379,12 +379,17 @@ def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str) -
         raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
     if path.exists() and not overwrite:
         raise UserError(f"{what} '{path}' already exists; pass --overwrite or choose another name")
+    check_folder_of(path, what=what, option=option)
+    return path
+
+
+def check_folder_of(path: Path, *, what: str, option: str) -> None:
+    """The folder ``path`` is to be written into exists and takes files, before any work."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{what} folder '{folder}' does not exist; create it first")
     if not is_writable(folder):
         raise UserError(f"{what} folder '{folder}' is not writable; choose another {option} path")
-    return path
 
 
 def is_writable(folder: Path) -> bool:

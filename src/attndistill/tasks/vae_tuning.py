@@ -22,7 +22,7 @@ import torch
 
 from ..checks import number, whole
 from ..errors import NonFiniteError, UserError
-from ..images import _FILE_MODE, _FOLDER_MODE, ImageInput, fit_references, is_writable, load_image, params_json
+from ..images import _FILE_MODE, _FOLDER_MODE, ImageInput, check_folder_of, fit_references, load_image, params_json
 from ..model.loading import as_model, check_vae_source
 from ..model.models import DiffusionModel
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
@@ -207,11 +207,7 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
         if not _is_vae_folder(folder):  # --overwrite replaces a VAE, never a folder of other things
             raise UserError(f"output folder '{folder}' holds files that are not a saved VAE; --overwrite only "
                             "replaces a VAE folder, so choose another name")
-    parent = folder.parent if str(folder.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output folder '{parent}' does not exist; create it first")
-    if not is_writable(parent):
-        raise UserError(f"output folder '{parent}' is not writable; choose another -o path")
+    check_folder_of(folder, what="output", option="-o")
     return folder
 
 
