@@ -651,6 +651,8 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
     assert check_vae_folder(vae, overwrite=True) == vae
     with pytest.raises(UserError, match="not writable"):
         check_vae_folder("/proc/vae")
+    with pytest.raises(UserError, match=r"output folder '.*nowhere' does not exist; create it first"):
+        check_vae_folder(tmp_path / "nowhere" / "vae")
     link = tmp_path / "link"
     link.symlink_to(vae)  # refused before the fine-tune runs: rmtree would refuse it only after
     with pytest.raises(UserError, match="is a symbolic link"):
