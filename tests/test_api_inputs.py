@@ -60,6 +60,22 @@ def test_every_texture_task_refuses_a_tune_vae_that_is_no_bool(tiny_sd15, data_d
         calls[task]()
 
 
+@pytest.mark.parametrize("task", ["style", "texture", "texture_sampling", "layout_texture", "t2i", "expand"])
+def test_a_bad_seed_is_said_before_any_model_is_loaded(tmp_path, data_dir, task):
+    """Checks that need no model come first: a typo in the seed is not reported after minutes of download."""
+    from attndistill.tasks import generate, textures
+
+    ref, missing = data_dir / "wood-rings.jpg", str(tmp_path / "no-model")
+    calls = {"style": lambda: ad.style_transfer(ref, ref, model=missing, seed=-1),
+             "texture": lambda: ad.texture_synthesis(ref, model=missing, seed=-1),
+             "texture_sampling": lambda: generate.texture_sampling(ref, model=missing, seed=-1),
+             "layout_texture": lambda: generate.layout_texture(ref, ref, model=missing, seed=-1),
+             "t2i": lambda: generate.text_to_image("a deer", ref, model=missing, seed=-1),
+             "expand": lambda: textures.expand_texture(ref, size=512, model=missing, seed=-1)}
+    with pytest.raises(UserError, match="seed must be"):
+        calls[task]()
+
+
 def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
     with pytest.raises(UserError, match="negative prompt must be one string"):
         text_to_image("a cat", data_dir / "watercolor-cat.jpg", negative_prompt=5, model=tiny_sd15, steps=1)
@@ -156,7 +172,8 @@ def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir
 
 def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
     from attndistill.tasks.generate import layout_texture
-    from attndistill.tasks.textures import expand_texture, finetune_vae, masked_texture_synthesis
+    from attndistill.tasks.textures import expand_texture, masked_texture_synthesis
+    from attndistill.tasks.vae_tuning import finetune_vae
 
     ref, style = data_dir / "wood-rings.jpg", data_dir / "watercolor-cat.jpg"
     common = {"model": tiny_sd15, "steps": 1, "size": 64, "progress": False}

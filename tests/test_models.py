@@ -137,6 +137,26 @@ def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny
     assert as_model("m", device="cpu").kind == "sdxl"
 
 
+def test_models_named_in_api_calls_are_reused_and_the_old_one_freed_before_the_next_loads(tiny_sd15_dir,
+                                                                                          tiny_sdxl_dir, monkeypatch):
+    """Two SDXL models may not fit on one GPU: the API keeps one model by name, as the web UI does."""
+    import gc
+    import weakref
+
+    from attndistill.model import loading
+
+    first = loading.as_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+    assert loading.as_model(str(tiny_sd15_dir), device="cpu", dtype="fp32") is first
+    unet = weakref.ref(first.unet)
+    del first
+    gc.collect()
+    held = []  # whether the first model was still alive when the next one began to load
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **kw: held.append(unet() is not None) or real(*a, **kw))
+    assert loading.as_model(str(tiny_sdxl_dir), device="cpu", dtype="fp32").kind == "sdxl"
+    assert held == [False]
+
+
 def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
     """REAL-MODELS.md: the fp16 variant halves a GPU download; CPUs and fp32 take the default files."""
     from attndistill.model.loading import default_variant

@@ -58,7 +58,7 @@ def test_one_window_canvas_equals_the_plain_sampler(tiny_sd15, iters, adain):
     plain = sample(Distiller(tiny_sd15), init, z_ref, cond=cond, steps=3, iters=iters, lr=0.05, adain=adain,
                    generator=torch.Generator().manual_seed(7), progress=False)
     ours = multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=cond, iters=iters, lr=0.05,
-                          adain_on=adain, view=8, stride=2, generator=torch.Generator().manual_seed(7), progress=False)
+                          adain=adain, view=8, stride=2, generator=torch.Generator().manual_seed(7), progress=False)
     assert not torch.allclose(plain, init)
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)
 
@@ -103,7 +103,7 @@ def test_view_batch_sizes_do_not_change_the_canvas(tiny_sd15):
     scheduler, init = _setup(tiny_sd15, (8, 20), steps=2)
     z_ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     out = [multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=tiny_sd15.null_condition(),
-                          iters=2, lr=0.05, view=8, stride=3, view_batch=batch, adain_on=True,
+                          iters=2, lr=0.05, view=8, stride=3, view_batch=batch, adain=True,
                           generator=torch.Generator().manual_seed(7), progress=False) for batch in (1, 4)]
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
 
@@ -125,7 +125,7 @@ def test_padded_view_batches_give_the_same_canvas_in_one_batch_shape(tiny_sd15, 
         sizes.clear()
         out.append(multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler,
                                   cond=tiny_sd15.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=4,
-                                  adain_on=True, generator=torch.Generator().manual_seed(7), progress=False, pad=pad))
+                                  adain=True, generator=torch.Generator().manual_seed(7), progress=False, pad=pad))
         assert sizes == ([3, 2] if not pad else [3, 3]) * 2  # 5 views, two timesteps
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
 
@@ -186,3 +186,24 @@ def test_expand_texture_any_size_reproducible(tiny_sd15, data_dir):
 def test_expand_texture_rejects_a_canvas_smaller_than_a_view(tiny_sd15, data_dir):
     with pytest.raises(ad.UserError, match="smaller than one view"):
         expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(512, 256), progress=False)
+
+
+def test_the_reference_noise_does_not_repeat_the_start_canvas(tiny_sd15, data_dir, monkeypatch):
+    """Expansion draws its start canvas and then its reference noise from one generator, as sampling does: a
+    second generator of the same seed would hand the reference the canvas's own first noise values."""
+    from attndistill.tasks import textures
+
+    seen = {}
+
+    def capture(distiller, init, z_ref, *, generator, **kwargs):
+        seen.update(init=init.clone(), ref_noise=torch.randn(z_ref.shape, generator=generator))
+        return init
+
+    monkeypatch.setattr(textures, "multidiffusion", capture)
+    expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(96, 64), steps=2, view=8, decode_tile=8,
+                   seed=3, progress=False)
+    fresh = torch.Generator().manual_seed(3)
+    start = torch.randn(seen["init"].shape, generator=fresh)
+    torch.testing.assert_close(seen["init"] / seen["init"].flatten()[0] * start.flatten()[0], start)  # seed 3's start
+    n = min(start.numel(), seen["ref_noise"].numel())
+    assert not torch.allclose(seen["ref_noise"].flatten()[:n], start.flatten()[:n])

@@ -438,7 +438,7 @@ def test_lookahead_in_multidiffusion_gives_the_same_canvas(model):
         model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
         results.append(multidiffusion(Distiller(model), init, z_ref, scheduler=model.ddim_scheduler(3),
                                       cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
-                                      adain_on=True, generator=torch.Generator().manual_seed(7), progress=False))
+                                      adain=True, generator=torch.Generator().manual_seed(7), progress=False))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
 
 

@@ -194,3 +194,20 @@ def test_keep_refuses_a_reference_it_would_cut_to_a_sliver():
                                         r"aspect .* or use reference fit squash"):
         reference_boxes([(20, 4000), (4000, 20)], "keep", 512, 64, names=["tall.png", "thin.png"])
     assert reference_boxes([(20, 4000), (4000, 20)], "squash", 512, 64, names=["tall.png", "thin.png"])
+
+
+@pytest.mark.parametrize("task", ["texture_sampling", "expand_texture"])
+def test_a_cropped_texture_is_named_once_also_when_vae_star_fits_it(tiny_sd15, tmp_path, caplog, monkeypatch, task):
+    """VAE* crops the references as the run does: the run's warning is the only one."""
+    from attndistill.tasks import generate, textures
+
+    monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images01, **kw: vae)  # the crop is what counts
+    refs = [_wide(tmp_path, "t1.png", (240, 60)), _wide(tmp_path, "t2.png", (64, 64))]
+    options = {"model": tiny_sd15, "steps": 1, "iters": 0, "reference_fit": "keep", "tune_vae": True,
+               "progress": False}
+    with caplog.at_level(logging.WARNING, logger="attndistill.images"):
+        if task == "texture_sampling":
+            generate.texture_sampling(refs, size=64, **options)
+        else:
+            textures.expand_texture(refs, size=(96, 64), view=8, decode_tile=8, **options)
+    assert caplog.text.count("t2.png' keeps 25% of itself") == 1

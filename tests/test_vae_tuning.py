@@ -16,8 +16,7 @@ from diffusers import AutoencoderKL
 import attndistill as ad
 from attndistill.images import load_image, to_tensor
 from attndistill.tasks import vae_tuning
-from attndistill.tasks.textures import finetune_vae
-from attndistill.tasks.vae_tuning import reconstruction_l1, save_vae, tune_decoder
+from attndistill.tasks.vae_tuning import finetune_vae, reconstruction_l1, save_vae, tune_decoder
 
 
 def _state(module):

@@ -8,26 +8,22 @@ Transfer the style, appearance or texture of reference images onto new ones::
     ad.save_png(image, "out.png")
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("attndistill")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+local"
-
-from .core.engine import Distiller, parse_layers  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .images import load_image, read_parameters, save_png  # noqa: E402
-from .model.loading import load_model  # noqa: E402
-from .model.models import DiffusionModel  # noqa: E402
-from .presets import PRESETS, Preset, get_preset  # noqa: E402
-from .tasks.generate import layout_texture, text_to_image, texture_sampling  # noqa: E402
-from .tasks.textures import expand_texture, masked_texture_synthesis, with_texture_options  # noqa: E402
-from .tasks.transfer import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis  # noqa: E402
-from .tasks.vae_tuning import finetune_vae  # noqa: E402
+from .core.engine import Distiller, parse_layers
+from .core.progress import Callback, StepInfo
+from .errors import UserError
+from .images import load_image, read_parameters, save_png
+from .model.loading import load_model
+from .model.models import DiffusionModel
+from .presets import PRESETS, Preset, get_preset
+from .tasks.generate import layout_texture, text_to_image, texture_sampling
+from .tasks.textures import expand_texture, masked_texture_synthesis, with_texture_options
+from .tasks.transfer import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis
+from .tasks.vae_tuning import finetune_vae
+from .version import __version__
 
 __all__ = [
-    "PRESETS", "DiffusionModel", "Distiller", "Preset", "UserError", "__version__", "appearance_transfer",
+    "PRESETS", "Callback", "DiffusionModel", "Distiller", "Preset", "StepInfo", "UserError", "__version__",
+    "appearance_transfer",
     "get_preset", "load_image", "load_model", "parse_layers", "read_parameters", "save_png", "style_transfer",
     "style_transfer_batch", "texture_synthesis",
     "layout_texture", "text_to_image", "texture_sampling",

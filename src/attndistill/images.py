@@ -39,8 +39,8 @@ ImageInput = str | os.PathLike | Image.Image
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
-_FOLDER_MODE = 0o777 & ~_UMASK
+FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 
 
 def load_image(source: ImageInput, *, what: str = "image", labels: bool = False, flat: bool = False) -> Image.Image:
@@ -485,7 +485,7 @@ def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
     except OSError as exc:
         raise UserError(f"output '{path}' cannot be written ({exc.strerror}); choose another path") from None
     try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results should be as readable as any new file
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results should be as readable as any new file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -535,3 +535,17 @@ def read_parameters(path: str | os.PathLike) -> dict:
         raise UserError(f"'{path}' carries an '{METADATA_KEY}' text chunk that is not a JSON object of "
                         "parameters; it was not written by attndistill or was edited")
     return params
+
+
+def image_grid(images: Sequence[Image.Image]) -> Image.Image:
+    """Images of one size side by side in a near-square grid; carries the first image's parameters."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    if "parameters" in images[0].info:
+        grid.info["parameters"] = images[0].info["parameters"]
+        add_parameters(grid, index=None, grid=len(images))
+    return grid

@@ -162,11 +162,11 @@ class Validator:
                             names=references)
         if job.task == "expand":
             from ..presets import VIEW
-            from ..tasks.textures import _canvas_size, check_expansion
+            from ..tasks.textures import canvas_size, check_expansion
 
             check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
                                                      if k in args})
-            _canvas_size(shell, args["size"], args.get("view", VIEW))
+            canvas_size(shell, args["size"], args.get("view", VIEW))
         elif args.get("size") is not None or job.task == "style" or mask is not None:
             from ..tasks.setup import target_size
 
@@ -181,9 +181,9 @@ class Validator:
 
                 update_mask(mask, planned, shell.vae_scale_factor, args["mask"])
         if job.task in _SAMPLING:
-            from ..tasks.generate import _check_sampling
+            from ..tasks.generate import check_sampling
 
-            _check_sampling(preset, args.get("start_t"), shell)
+            check_sampling(preset, args.get("start_t"), shell)
 
     def _image(self, path: str, name: str) -> None:
         from ..images import load_image
@@ -298,12 +298,12 @@ def _geometry(model: ModelSpec, unet: dict | None):
 
 def _kind(model: ModelSpec) -> str:
     """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
-    from ..model.loading import _kind_from_checkpoint, pipeline_kind
+    from ..model.loading import kind_from_checkpoint, pipeline_kind
 
     source = model.source or _default_model()
     try:
         if Path(source).is_file():
-            return _kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
+            return kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
         return pipeline_kind(source)
     except Exception:
         return "sd15"

@@ -251,7 +251,7 @@ class Runner:
             result = fn(*inputs, model=model, progress=self.progress, **args)
             images = list(result) if isinstance(result, list | tuple) else [result]
             if job.grid:
-                from ..tasks.generate import image_grid
+                from ..images import image_grid
 
                 images = [image_grid(images)]
             paths = job.outputs if len(images) == len(job.outputs) else numbered_outputs(job.outputs[0], len(images))

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from .. import __version__
+from ..version import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
 GLOBAL_FLAGS = ("--debug", "--compile", "--channels-last", "--no-channels-last", "--channels-last-norms",

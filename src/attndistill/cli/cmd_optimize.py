@@ -35,7 +35,7 @@ from .common import (
     TuneVae,
     Vae,
     check_before_load,
-    check_options,
+    check_command_options,
     finite,
     load,
     parse_size_option,
@@ -103,7 +103,7 @@ def appearance(
     _transfer("appearance", appearance_transfer, {"structure": structure, "appearance": appearance_images}, locals())
 
 
-#: The transfer commands' options that reach check_options, check_before_load and the task alike.
+#: The transfer commands' options that reach check_command_options, check_before_load and the task alike.
 _TRANSFER_OPTIONS = ("steps", "iters", "lr", "content_weight", "attention_scale", "layers", "tile", "reference_fit")
 
 
@@ -116,7 +116,7 @@ def _transfer(task: str, run, inputs: dict, given: dict) -> None:
     size, output, overwrite, preview = given["size"], given["output"], given["overwrite"], given["preview"]
 
     def body() -> None:
-        check_options(task, size=size, **options)
+        check_command_options(task, size=size, **options)
         check_before_load(task, **loading, size=size, output=output, overwrite=overwrite, preview=preview, **inputs,
                           mask=given["mask"], **options)
         m = load(given["model"], **{k: v for k, v in loading.items() if k != "model"})
@@ -154,7 +154,7 @@ def texture(
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
     from ..batch.jobs import TASKS, texture_task
-    from ..tasks.generate import image_grid
+    from ..images import image_grid
 
     def body() -> None:
         job_task = texture_task(mode, layout=layout is not None, labels=(bool(ref_labels), target_labels is not None),
@@ -172,9 +172,9 @@ def texture(
         inputs = {"texture-masked": dict(ref_labels=ref_labels and list(ref_labels), target_labels=target_labels),
                   "texture-layout": dict(layout=layout, **({} if strength is None else {"strength": strength}))
                   }.get(job_task, {})
-        check_options(TASKS[job_task].preset, size=size, steps=steps, iters=iters, lr=lr, content_weight=content_weight,
-                      attention_scale=attention_scale, layers=layers, tile=tile, strength=strength, num=num,
-                      adain=adain, reference_fit=reference_fit)
+        check_command_options(TASKS[job_task].preset, size=size, steps=steps, iters=iters, lr=lr,
+                              content_weight=content_weight, attention_scale=attention_scale, layers=layers,
+                              tile=tile, strength=strength, num=num, adain=adain, reference_fit=reference_fit)
         check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num, overwrite=overwrite, preview=preview,

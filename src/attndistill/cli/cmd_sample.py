@@ -32,7 +32,7 @@ from .common import (
     TuneVae,
     Vae,
     check_before_load,
-    check_options,
+    check_command_options,
     finite,
     load,
     parse_size_option,
@@ -85,14 +85,15 @@ def t2i(
     preview: Preview = None, preview_every: PreviewEvery = 10,
 ) -> None:
     """Style-specific text-to-image; see :data:`T2I_HELP`."""
-    from ..tasks.generate import image_grid, text_to_image
+    from ..images import image_grid
+    from ..tasks.generate import text_to_image
 
     def body() -> None:
-        check_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
-                      attention_scale=attention_scale, layers=layers, controlnet=controlnet,
-                      control_image=control_image, control=control, control_scale=control_scale, content=content,
-                      content_weight=content_weight, reference_fit=reference_fit, num=num_images,
-                      what="number of images")
+        check_command_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
+                              attention_scale=attention_scale, layers=layers, controlnet=controlnet,
+                              control_image=control_image, control=control, control_scale=control_scale,
+                              content=content, content_weight=content_weight, reference_fit=reference_fit,
+                              num=num_images, what="number of images")
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,

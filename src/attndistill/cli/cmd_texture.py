@@ -35,8 +35,8 @@ from .common import (
     TuneVae,
     Vae,
     check_before_load,
+    check_command_options,
     check_images,
-    check_options,
     echo_err,
     finite,
     load,
@@ -94,7 +94,7 @@ def expand(
         check_expansion(get_preset("expand").override(steps=steps, iters=iters, lr=lr,
                                                       attention_scale=attention_scale, stride=stride),
                         canvas, **optional)
-        check_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
+        check_command_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, overwrite=overwrite, preview=preview,

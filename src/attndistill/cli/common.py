@@ -114,7 +114,8 @@ def check_images(**roles) -> None:
                 load_image(path, what=role.replace("_", " "))
 
 
-def check_options(task: str, *, size: str | None = None, num: int = 1, what: str = "num", **options) -> None:
+def check_command_options(task: str, *, size: str | None = None, num: int = 1, what: str = "num",
+                          **options: object) -> None:
     """Options that need no model, checked before it loads: a typo fails at once, not after a download.
 
     ``task`` names the preset whose defaults fill the options not given (``texture-sample``, ``t2i``...).
@@ -203,14 +204,14 @@ def preview_callback(path: Path | None, every: int, model):
     """
     if path is None:
         return None
-    from ..images import save_png
-    from ..webui.jobs import preview_image
+    from ..images import save_png, to_pil
 
     def callback(info) -> None:
         if info.stage:  # the decoder's tuning (--tune-vae): no latents to show
             return
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
-            save_png(preview_image(model, info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
+            preview = to_pil(model.preview(info.latents, side=64))[0]
+            save_png(preview, path, overwrite=True, parameters=PREVIEW_MARK)
 
     return callback
 

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
 from ..model.models import Conditioning, DiffusionModel
@@ -40,7 +39,7 @@ from .features import (
     discover_self_attention_layers,
     feed_forward_chunks,
 )
-from .losses import ad_loss, concat_references, content_loss, label_mask
+from .losses import ad_loss, concat_references, content_loss, label_mask, resize_labels
 from .stepper import EagerStepper, StaticReference, StaticStepper
 
 log = logging.getLogger(__name__)
@@ -103,14 +102,6 @@ def check_layer_text(spec: object) -> None:
 def _no_such_layers(what: object, count: int) -> UserError:
     return UserError(f"layers {what} do not exist in this model; it has self-attention layers 0-{count - 1} "
                      f"(default: the last six, {count - 6}-{count - 1})")
-
-
-def _resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Integer label map (..., H, W) -> (..., h*w) with nearest-neighbour resizing."""
-    lead = labels.shape[:-2]
-    x = labels.reshape(-1, 1, *labels.shape[-2:]).float()
-    x = F.interpolate(x, size=hw, mode="nearest")
-    return x.round().long().reshape(*lead, hw[0] * hw[1])
 
 
 class Distiller:
@@ -185,7 +176,7 @@ class Distiller:
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,
-                   fresh: bool, reference_key=None,
+                   fresh: bool, reference_key: object = None,
                    features: tuple[Reference, list[torch.Tensor] | None] | None = None
                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``iters`` Adam steps of the loss on ``z`` at ``t``; returns (latents, losses before each step).
@@ -314,7 +305,7 @@ class Distiller:
         return content_latents if self.content_weight > 0 else None
 
     def begin_timestep(self, t: torch.Tensor | int, ref_latents: torch.Tensor,
-                       content_latents: torch.Tensor | None = None, *, key=None,
+                       content_latents: torch.Tensor | None = None, *, key: object = None,
                        features: tuple[Reference, list[torch.Tensor] | None] | None = None) -> None:
         """Set the timestep and the (already noised, if sampling) reference/content latents to score against.
 
@@ -331,7 +322,8 @@ class Distiller:
             self.content_queries = None
         self._reference_key = key
 
-    def set_reference_state(self, pending: tuple, reference: Reference, content_queries) -> None:
+    def set_reference_state(self, pending: tuple, reference: Reference,
+                            content_queries: list[torch.Tensor] | None) -> None:
         """Adopt inputs and features computed elsewhere (a static reference program)."""
         self._pending, self.reference, self.content_queries = pending, reference, content_queries
 
@@ -422,8 +414,8 @@ class Distiller:
             key = (n_t, tuple(target_hw), tuple(ref_hw))
             if key not in self._masks:
                 t_grid, r_grid = _layer_grids(n_t, tuple(target_hw), tuple(ref_hw))
-                t_lab = _resize_labels(self.target_labels.to(f.q.device), t_grid)  # (1 or B, N)
-                r_lab = _resize_labels(self.ref_labels.to(f.q.device), r_grid).reshape(-1)  # (R*N_r,)
+                t_lab = resize_labels(self.target_labels.to(f.q.device), t_grid).flatten(-2)  # (1 or B, N)
+                r_lab = resize_labels(self.ref_labels.to(f.q.device), r_grid).reshape(-1)  # (R*N_r,)
                 try:
                     self._masks[key] = label_mask(t_lab, r_lab)
                 except UnmatchedLabels as exc:

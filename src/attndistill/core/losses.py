@@ -70,6 +70,12 @@ def content_loss(queries: Sequence[torch.Tensor], content_queries: Sequence[torc
     return total
 
 
+def resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Integer label maps (..., H, W) -> (..., h, w), nearest neighbour: labels never blend."""
+    x = labels.reshape(-1, 1, *labels.shape[-2:]).float()
+    return F.interpolate(x, size=hw, mode="nearest").round().long().reshape(*labels.shape[:-2], *hw)
+
+
 def label_mask(target_labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask (B, 1, N, N_r): target token i may attend reference token j iff labels match.
 

@@ -95,7 +95,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.Tensor, *, scheduler,
                    cond: Conditioning, uncond: Conditioning | None = None, guidance: float = 1.0, iters: int,
-                   lr: float, adain_on: bool = False, view: int = VIEW, stride: int = PRESETS["expand"].stride,
+                   lr: float, adain: bool = False, view: int = VIEW, stride: int = PRESETS["expand"].stride,
                    view_batch: int = VIEW_BATCH, wrap: Wrap = (False, False),
                    generator: torch.Generator | None = None, callback: Callback | None = None,
                    progress: bool = True, pad: bool | None = None) -> torch.Tensor:
@@ -146,7 +146,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 zv = scheduler.step(eps, t, zv).prev_sample
                 # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
                 zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,
-                                                 iters=iters, lr=lr, adain_on=adain_on, generator=generator,
+                                                 iters=iters, lr=lr, adain_on=adain, generator=generator,
                                                  ref_is_noised=True, reference_key=reference_key,
                                                  ahead=ahead)
                 losses.extend(batch_losses)

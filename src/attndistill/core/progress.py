@@ -34,7 +34,7 @@ class StepInfo:
 Callback = Callable[[StepInfo], None]
 
 
-def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
+def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
                     every: int = 10, advance: int = 1) -> None:
     """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it.
 
@@ -52,7 +52,7 @@ def report_progress(bar, callback: Callback | None, info: StepInfo, losses: list
         callback(info)
 
 
-class FiniteGuard:
+class _FiniteGuard:
     """NaN/Inf watch that does not stall the GPU: flags are kept on the device, read every few steps.
 
     ``update`` records the first step at which a watched tensor was not finite (device ops only);
@@ -98,7 +98,7 @@ class StepLoop:
         self.total, self.callback, self.advance = total, callback, advance
         self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
                         dynamic_ncols=True)
-        self.guard = FiniteGuard(device)
+        self.guard = _FiniteGuard(device)
 
     def __enter__(self) -> StepLoop:
         return self
@@ -114,5 +114,5 @@ class StepLoop:
         """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations."""
         self.guard.update(step, timestep, latents, losses)
         self.guard.check(step, final=step == self.total - 1)
-        report_progress(self.bar, self.callback, StepInfo(step, self.total, timestep, math.nan, latents), losses,
+        _report_progress(self.bar, self.callback, StepInfo(step, self.total, timestep, math.nan, latents), losses,
                         advance=self.advance)

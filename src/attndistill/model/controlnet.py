@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..checks import number
 from ..errors import UserError
-from ..images import ImageInput
+from ..images import ImageInput, load_image
 from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
 
@@ -158,14 +158,11 @@ def check_control(preprocess: str, scale: object) -> float:
 
 def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: ImageInput, *, model: DiffusionModel,
                     size: tuple[int, int], preprocess: str = "none",
-                    scale: float = 1.0, allow_pickle: bool = False) -> tuple[Control, Image.Image]:
+                    scale: float = 1.0, allow_pickle: bool = False) -> Control:
     """Load/check the ControlNet and turn the user's image into its condition at ``size`` (w, h).
 
-    ``preprocess``: "none" (the image already is a depth/edge/pose map) or "canny". Returns the
-    :class:`Control` and the condition image actually used.
+    ``preprocess``: "none" (the image already is a depth/edge/pose map) or "canny".
     """
-    from ..images import load_image
-
     scale = check_control(preprocess, scale)
     if isinstance(controlnet, str | os.PathLike):
         net = load_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
@@ -177,4 +174,4 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
     condition = load_image(image, what="control image")
     if preprocess == "canny":  # edges of the image at the output size: thin lines, not resampled ones
         condition = canny(condition.resize(size, Image.Resampling.LANCZOS))
-    return Control(net, control_tensor(condition, size, model), scale), condition
+    return Control(net, control_tensor(condition, size, model), scale)

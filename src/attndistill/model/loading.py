@@ -13,17 +13,17 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, first_line
-from .models import DiffusionModel, Kind, resolve_device, resolve_dtype
+from .models import DiffusionModel, Kind, free_memory, resolve_device, resolve_dtype
 from .perf import PerfOptions
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _kind_from_index(index: dict, model: str) -> Kind:
                     f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
 
 
-def _kind_from_checkpoint(path: Path) -> Kind:
+def kind_from_checkpoint(path: Path) -> Kind:
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -244,7 +244,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     common = dict(dtype=dtype)
     if is_checkpoint_path(path):
         check_checkpoint(path, allow_pickle)
-        kind = _kind_from_checkpoint(path) if path.suffix.lower() == ".safetensors" else "sd15"
+        kind = kind_from_checkpoint(path) if path.suffix.lower() == ".safetensors" else "sd15"
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         if config is not None:
@@ -411,10 +411,44 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
     raise AssertionError("unreachable")
 
 
-@lru_cache(maxsize=1)
-def cached_model(model: str, vae: str | None, device: str | None, dtype: str | None) -> DiffusionModel:
-    """Keep the last loaded model so repeated API calls with the same id reuse it."""
-    return load_model(model, vae=vae, device=device, dtype=dtype)
+class ModelSlot:
+    """The one model a process keeps loaded (API calls by name, the web UI): reused while the same one is asked
+    for, and released before another one loads, since two SDXL models may not fit on one GPU."""
+
+    def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None) -> None:
+        self.device, self.dtype, self.perf = device, dtype, perf  # perf: PerfOptions (the CLI's speed flags)
+        self.key: tuple[str, str | None, str | None, str | None] | None = None
+        self.model: DiffusionModel | None = None
+        self._lock = threading.Lock()
+
+    def get(self, model: str | None, vae: str | None = None, *, device: str | None = None,
+            dtype: str | None = None) -> DiffusionModel:
+        """The model for (``model``, ``vae``, ``device``, ``dtype``; the last two default to the slot's),
+        loading it (and freeing the previous one) when it changed."""
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else dtype
+        key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None, device, dtype)
+        with self._lock:
+            if self.key != key or self.model is None:
+                self._release()
+                self.model = load_model(key[0], vae=key[1], device=device, dtype=dtype, perf=self.perf)
+                self.key = key
+            return self.model
+
+    def _release(self) -> None:
+        self.model, self.key = None, None
+        free_memory()
+
+    def describe(self) -> str:
+        m = self.model
+        if m is None:
+            return "no model loaded yet: the first run loads it"
+        vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
+        return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
+
+
+#: The model that API calls naming one by path or Hub id share.
+_NAMED = ModelSlot()
 
 
 def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae: str | os.PathLike | None = None,
@@ -439,5 +473,5 @@ def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae: str | os.
         raise UserError(f"model must be a loaded model (attndistill.load_model), a folder, a checkpoint file or a "
                         f"Hub id, not a {type(model).__name__}")
     # keyed by what the names mean now: the same relative name in another folder is another model
-    return cached_model(local_or_hub(model or DEFAULT_MODEL), None if vae is None else local_or_hub(vae),
-                        None if device is None else str(device), None if dtype is None else str(dtype))
+    return _NAMED.get(local_or_hub(model or DEFAULT_MODEL), None if vae is None else local_or_hub(vae),
+                      device=None if device is None else str(device), dtype=None if dtype is None else str(dtype))

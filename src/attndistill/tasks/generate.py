@@ -10,7 +10,6 @@ parameters in ``info["parameters"]``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..core.engine import parse_layers
 from ..core.progress import Callback
 from ..core.sampling import prompt_conditioning, sample, sdedit_start
 from ..errors import UserError
-from ..images import ImageInput, add_parameters, load_image, to_tensor
+from ..images import ImageInput, load_image, to_tensor
 from ..model.controlnet import Control, check_control, prepare_control
 from ..model.loading import as_model, local_or_hub
 from ..model.models import DiffusionModel
@@ -42,7 +41,7 @@ from .setup import (
     seeded_distiller,
     target_size,
 )
-from .vae_tuning import finetune_vae, using_vae
+from .vae_tuning import tuned_vae
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -71,7 +70,7 @@ class _Job:
     tune_vae: bool = False  # decode with a decoder fitted to the references (VAE*)
 
 
-def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> Preset:
+def check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> Preset:
     """A sampling run's settings and start timestep, checked; returns the preset with plain numbers."""
     preset = check_settings(preset)
     total = model.scheduler_config.num_train_timesteps
@@ -80,20 +79,27 @@ def _check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) 
     return preset
 
 
-def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inputs: dict, allow_pickle: bool,
-         fused: bool | None, progress: bool, callback: Callback | None) -> list[Image.Image]:
-    seed, _ = check_run(seed=seed, callback=callback, num=job.num, what="number of images", fused=fused,
-                        progress=progress)
-    preset = _check_sampling(preset, job.start_t, model)
+def _checked_run(*, seed: object, num: object, fused: object, progress: object, callback: object, tile: object,
+                 tune_vae: object) -> tuple[int, int]:
+    """(seed, number of images): the options a sampling task checks before it loads (or downloads) a model."""
+    check_axes(tile)
+    flag("tune_vae", tune_vae)
+    return check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused, progress=progress)
+
+
+def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequence[int] | None, size: Size,
+         seed: int, inputs: dict, allow_pickle: bool, fused: bool | None, progress: bool,
+         callback: Callback | None) -> list[Image.Image]:
+    """A sampling task's run, its options checked by :func:`_checked_run`."""
+    preset = check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
-    flag("tune_vae", job.tune_vae)
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like, like_name=job.like_name)
     control: Control | None = None
     if job.control is not None:
         net, image, preprocess, scale = job.control
-        control, _ = prepare_control(net, image, model=model, size=(w, h), preprocess=preprocess, scale=scale,
-                                     allow_pickle=allow_pickle)
+        control = prepare_control(net, image, model=model, size=(w, h), preprocess=preprocess, scale=scale,
+                                  allow_pickle=allow_pickle)
     z_ref = encode_references(model, job.references, job.ref_what, preset.reference_fit)
     cond, uncond = prompt_conditioning(model, job.prompt, job.negative_prompt, guidance=preset.guidance,
                                        size=(h, w))
@@ -119,13 +125,14 @@ def _run(job: _Job, *, model, preset: Preset, layers, size: Size, seed: int, inp
     params = run_parameters(job.task, model, preset, layer_ids, (w, h), seed, start_t=job.start_t, fused=fused,
                             **inputs)
     # tune_vae: decoded by a decoder fitted to the references (ALGORITHM.md §5), circular when tiling
-    tuned = finetune_vae(job.references, model=model, reference_fit=preset.reference_fit, progress=progress,
-                         callback=callback) if job.tune_vae else None
-    with using_vae(model, tuned), seamless(model, tile, parts=("decoder",)):
+    with (tuned_vae(model, job.references if job.tune_vae else None, reference_fit=preset.reference_fit,
+                    progress=progress, callback=callback),
+          seamless(model, tile, parts=("decoder",))):
         return finish(model, z, params)
 
 
-def check_t2i_options(*, controlnet, control_image, control: str, control_scale: float, content,
+def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None, control_image: ImageInput | None,
+                      control: str, control_scale: float, content: ImageInput | None,
                       content_weight: float | None) -> None:
     """:func:`text_to_image`'s options that go together, checked before any model work (also by batch runs)."""
     if controlnet is not None and not isinstance(controlnet, str | os.PathLike) \
@@ -182,6 +189,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
         raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,
                       control_scale=control_scale, content=content, content_weight=content_weight)
+    seed, num_images = _checked_run(seed=seed, num=num_images, fused=fused, progress=progress, callback=callback,
+                                    tile=None, tune_vae=tune_vae)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
@@ -251,6 +260,8 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, attention_scale=attention_scale,
                                                    reference_fit=reference_fit)
+    seed, num = _checked_run(seed=seed, num=num, fused=fused, progress=progress, callback=callback, tile=tile,
+                             tune_vae=tune_vae)
     refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": check_axes(tile),
@@ -280,6 +291,8 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
+    seed, num = _checked_run(seed=seed, num=num, fused=fused, progress=progress, callback=callback, tile=tile,
+                             tune_vae=tune_vae)
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
@@ -291,16 +304,3 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)
 
-
-def image_grid(images: Sequence[Image.Image]) -> Image.Image:
-    """Images of one size side by side in a near-square grid; carries the first image's parameters."""
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    if "parameters" in images[0].info:
-        grid.info["parameters"] = images[0].info["parameters"]
-        add_parameters(grid, index=None, grid=len(images))
-    return grid

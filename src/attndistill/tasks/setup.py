@@ -12,7 +12,6 @@ from dataclasses import asdict, replace
 import torch
 from PIL import Image
 
-from .. import __version__
 from ..checks import flag, number, whole
 from ..core.engine import Distiller
 from ..errors import UserError
@@ -31,6 +30,7 @@ from ..model.loading import local_or_hub
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
 _UNUSED = {"optimize": ("guidance", "adain", "stride"), "sample": ("stride",), "multidiffusion": ()}
 
 
-def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers, size, seed, *,
-                   fused: bool | None = None, **inputs) -> dict:
+def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers: Sequence[int], size: tuple[int, int],
+                   seed: int, *, fused: bool | None = None, **inputs: object) -> dict:
     """What a result records: enough to rerun it exactly, pixel-changing speed switches included."""
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task", *_UNUSED[preset.mode])}
     switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}

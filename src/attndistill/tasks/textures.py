@@ -1,4 +1,4 @@
-"""Texture tasks beyond plain synthesis: expansion to any size, masked synthesis, VAE* tuning.
+"""Texture tasks beyond plain synthesis: expansion to any size, masked synthesis, options for any texture task.
 
 Same conventions as :mod:`attndistill.tasks.transfer`: inputs first, keyword-only
 options whose ``None`` means "the preset's value", PIL results carrying their
@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..checks import flag, whole
 from ..core.engine import parse_layers
+from ..core.losses import resize_labels
 from ..core.multidiffusion import decode_tiled, multidiffusion
 from ..core.optimize import optimize_latents
 from ..core.progress import Callback
@@ -50,10 +50,9 @@ from .setup import (
     finish,
     run_parameters,
     seeded_distiller,
-    seeded_noise,
     target_size,
 )
-from .vae_tuning import finetune_vae, tuned_vae, using_vae
+from .vae_tuning import tuned_vae
 
 #: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
 MAX_LABELS = 32
@@ -69,7 +68,7 @@ MAX_CANVAS_SIDE = 16384
 def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
                     decode_tile: int = DECODE_TILE) -> Preset:
     """Settings of an expansion that can be refused before the model loads; returns the preset with plain
-    numbers (:func:`~attndistill.tasks.transfer.check_settings`)."""
+    numbers (:func:`~attndistill.tasks.setup.check_settings`)."""
     preset = check_settings(preset)
     if not isinstance(view, int) or view < 1:
         raise UserError(f"view must be a positive whole number of latents (got {view!r})")
@@ -92,7 +91,7 @@ def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = 
     return preset
 
 
-def _canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
+def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
     """(width, height) in pixels, rounded to whole latents, at least one view on each side."""
     f = model.vae_scale_factor
     size = check_size(size)
@@ -133,7 +132,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
-    w, h = _canvas_size(model, size, view)
+    w, h = canvas_size(model, size, view)
     f = model.vae_scale_factor
     hw = (h // f, w // f)
     # periodic axes: wrapped views where the canvas is wider than a view, circular convs where it is one view
@@ -144,17 +143,18 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     scheduler = model.ddim_scheduler(preset.steps)
     view_px = view * f
     cond = model.null_condition((view_px, view_px))
-    init = seeded_noise((1, 4, *hw), seed) * scheduler.init_noise_sigma
+    # one CPU generator for the start canvas and then the reference noise, as in sampling: a second generator
+    # of the same seed would give the first reference noise the canvas's own first values
     generator = torch.Generator("cpu").manual_seed(seed)
+    init = torch.randn((1, 4, *hw), generator=generator) * scheduler.init_noise_sigma
     distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(view_px, view_px), fused=fused)
     with seamless(model, unet_axes or None, parts=("unet",)):
         z = multidiffusion(distiller, init, z_ref, scheduler=scheduler, cond=cond, guidance=preset.guidance,
-                           iters=preset.iters, lr=preset.lr, adain_on=preset.adain, view=view,
+                           iters=preset.iters, lr=preset.lr, adain=preset.adain, view=view,
                            stride=preset.stride, view_batch=view_batch, wrap=wrap, generator=generator,
                            callback=callback, progress=progress)
-    tuned = finetune_vae(refs, model=model, reference_fit=preset.reference_fit, progress=progress,
-                         callback=callback) if tune_vae else None
-    with using_vae(model, tuned):
+    with tuned_vae(model, refs if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
+                   callback=callback):
         pixels = decode_tiled(model, z, tile=decode_tile, overlap=min(DECODE_OVERLAP, decode_tile // 4),
                               wrap=("y" in axes, "x" in axes))
     image = to_pil(pixels)[0]
@@ -170,7 +170,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
                          reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str,
                          tile: str | None = None, tune_vae: bool = False, progress: bool = True,
-                         **kwargs) -> list[Image.Image] | Image.Image:
+                         **kwargs: object) -> list[Image.Image] | Image.Image:
     """Run ``task(reference, model=model, **kwargs)`` seamless along ``tile`` and/or decoding with VAE*.
 
     For tasks without these options of their own: the UNet and the VAE decoder get circular
@@ -225,9 +225,8 @@ def label_maps(images: Sequence[Image.Image], names: Sequence[str]) -> tuple[lis
 
 
 def _resize_ids(ids: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Integer map (H, W) -> (h, w) for ``size`` (w, h), nearest neighbour (labels never blend)."""
-    t = torch.from_numpy(ids.astype(np.float32))[None, None]
-    return F.interpolate(t, size=(size[1], size[0]), mode="nearest")[0, 0].long()
+    """Integer map (H, W) -> (h, w) for ``size`` (w, h)."""
+    return resize_labels(torch.from_numpy(ids.astype(np.int64)), (size[1], size[0]))
 
 
 def sample_label_init(ref_pixels: torch.Tensor, ref_ids: torch.Tensor, target_ids: torch.Tensor, *, num: int = 1,
@@ -394,7 +393,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                             f"token grid; make those regions at least {max(rw // w_tok, rh // h_tok)} px wide in the "
                             f"reference scaled to {rw}x{rh}") from None
         params = run_parameters("texture-masked", model, preset, layer_ids, (w, h), seed, fused=fused,
-                         reference=[describe_input(r) for r in refs], ref_labels=names[:-1], target_labels=names[-1],
-                         num=num, tile=tile, tune_vae=tune_vae)
+                                reference=[describe_input(r) for r in refs], ref_labels=names[:-1],
+                                target_labels=names[-1], num=num, tile=tile, tune_vae=tune_vae)
         return finish(model, z, params)
 

@@ -56,9 +56,9 @@ def _mask_input(mask: ImageInput | None) -> dict:
 
 
 def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None, references: list[ImageInput],
-                   ref_what: str,
-                   model, size: Size, num: int, seed: int, layers, preset: Preset, inputs: dict,
-                   fused: bool | None, progress: bool, callback: Callback | None, vae, device, dtype,
+                   ref_what: str, model: DiffusionModel | str | None, size: Size, num: int, seed: int,
+                   layers: str | Sequence[int] | None, preset: Preset, inputs: dict, fused: bool | None,
+                   progress: bool, callback: Callback | None, vae: str | None, device: str | None, dtype: str | None,
                    tile: str | None = None, tune_vae: bool = False,
                    mask: ImageInput | None | list[ImageInput | None] = None) -> list[Image.Image]:
     """The optimisation tasks' common run. ``target``: the content (or a list of contents, one target each,

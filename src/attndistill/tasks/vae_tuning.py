@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checks import number, whole
+from ..core.progress import Callback, StepInfo
 from ..errors import NonFiniteError, UserError
-from ..images import _FILE_MODE, _FOLDER_MODE, ImageInput, check_folder_of, fit_references, load_image, params_json
+from ..images import FILE_MODE, FOLDER_MODE, ImageInput, check_folder_of, fit_references, load_image, params_json
 from ..model.loading import as_model, check_vae_source
 from ..model.models import DiffusionModel
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
+from ..version import __version__
+from .setup import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -93,7 +96,7 @@ TUNING_STAGE = "tuning the VAE decoder"
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
                  steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR, reference_fit: str | None = None,
                  vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False,
-                 callback: Callable | None = None, warn_crops: bool = True) -> AutoencoderKL:
+                 callback: Callback | None = None, warn_crops: bool = True) -> AutoencoderKL:
     """VAE* (ALGORITHM.md §5): a copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on
     ``reference`` (one image or several, each as the tasks encode it: about the model's native area,
     fitted by ``reference_fit``, "squash" or "keep"; several: the mean of their losses).
@@ -108,8 +111,6 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
     """
-    from .setup import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
-
     check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
 
@@ -131,8 +132,6 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
             bar.set_postfix(l1=f"{loss:.4f}")
             bar.update()
         if callback is not None:
-            from ..core.progress import StepInfo
-
             callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss], stage=TUNING_STAGE))
 
     try:
@@ -146,8 +145,6 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     finally:
         if bar is not None:
             bar.close()
-    from .. import __version__
-
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
     tuned.attndistill_parameters = {
         "task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
@@ -176,7 +173,7 @@ def using_vae(model: DiffusionModel, vae: AutoencoderKL | None) -> Iterator[Diff
 
 @contextmanager
 def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *, reference_fit: str | None = None,
-              progress: bool = False, callback: Callable | None = None) -> Iterator[DiffusionModel]:
+              progress: bool = False, callback: Callback | None = None) -> Iterator[DiffusionModel]:
     """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op).
     ``callback``: the run's, which sees the tuning's steps as stage :data:`TUNING_STAGE`."""
     vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
@@ -250,8 +247,8 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
         if parameters:
             (tmp / PARAMETERS_FILE).write_text(params_json(parameters) + "\n")
         for path in tmp.iterdir():  # mkdtemp makes 0700 and safetensors 0600: as readable as any new folder
-            path.chmod(_FILE_MODE)
-        tmp.chmod(_FOLDER_MODE)
+            path.chmod(FILE_MODE)
+        tmp.chmod(FOLDER_MODE)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -4,7 +4,7 @@ This module is the app: the model slot, the run machinery and the shared layout.
 The tabs are in :mod:`attndistill.webui.tabs`, their fields in
 :mod:`attndistill.webui.fields`, and jobs, progress and cancel in
 :mod:`attndistill.webui.jobs`. The page only parses input and calls the public
-API (``tasks``, ``generate``, ``textures``). A run executes in a worker thread whose
+API (the modules of :mod:`attndistill.tasks`). A run executes in a worker thread whose
 progress callback feeds the page (loss, a cheap preview every few steps) and
 raises to cancel between steps. Results are PNGs carrying their parameters
 and a ``attndistill ...`` command that reproduces them from the terminal.
@@ -27,8 +27,8 @@ import gradio as gr
 from PIL import Image
 
 from ..errors import UserError, is_out_of_memory
-from ..images import save_png
-from ..model.loading import DEFAULT_MODEL
+from ..images import save_png, to_pil
+from ..model.loading import DEFAULT_MODEL, ModelSlot
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
 from ..presets import Preset
@@ -45,7 +45,7 @@ from .fields import (
     upload_check,
     whole,
 )
-from .jobs import Callback, Cancelled, Job, ModelSlot, RunBoard, Update, cli_command, error_message, preview_image
+from .jobs import Callback, Cancelled, Job, RunBoard, Update, cli_command, error_message
 from .tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ DEFAULT_OUTPUTS = "attndistill-outputs"
 #: Attempts at a free result name before giving up (two servers may share an outputs folder).
 NAME_ATTEMPTS = 1000
 
-__all__ = ["DEVICE_QUEUE", "Cancelled", "Job", "ModelSlot", "Update", "WebUI", "cli_command", "error_message",
-           "preview_image"]
+__all__ = ["DEVICE_QUEUE", "Cancelled", "Job", "ModelSlot", "Update", "WebUI", "cli_command", "error_message"]
 
 
 @dataclass
@@ -188,7 +187,8 @@ class WebUI:
             job.stop_if_cancelled("cancelled before the first step")
             return call(loaded[0], callback)
 
-        job = Job(work, preview=lambda latents: preview_image(loaded[0], latents, side=preview_side), every=every)
+        job = Job(work, preview=lambda latents: to_pil(loaded[0].preview(latents, side=preview_side))[0],
+                  every=every)
         if not self.runs.attach(_key(request, tab), job):
             yield line("cancelled before it started; nothing was run", None)
             return None, None

@@ -14,48 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..core.progress import Callback, StepInfo
 from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
-from ..images import to_pil
-from ..model.loading import DEFAULT_MODEL, load_model
-from ..model.models import DiffusionModel, free_memory
 
 log = logging.getLogger(__name__)
 
-
-
-class ModelSlot:
-    """The one loaded model: kept between runs, released before another one is loaded."""
-
-    def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None) -> None:
-        self.device, self.dtype, self.perf = device, dtype, perf  # perf: PerfOptions (the CLI's speed flags)
-        self.key: tuple[str, str | None] | None = None
-        self.model: DiffusionModel | None = None
-        self._lock = threading.Lock()
-
-    def get(self, model: str | None, vae: str | None = None) -> DiffusionModel:
-        """The model for (``model``, ``vae``), loading it (and freeing the previous one) when it changed."""
-        key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None)
-        with self._lock:
-            if self.key != key or self.model is None:
-                self._release()  # free the old weights first: two SDXL models may not fit on one GPU
-                self.model = load_model(key[0], vae=key[1], device=self.device, dtype=self.dtype, perf=self.perf)
-                self.key = key
-            return self.model
-
-    def _release(self) -> None:
-        self.model, self.key = None, None
-        free_memory()
-
-    def describe(self) -> str:
-        m = self.model
-        if m is None:
-            return "no model loaded yet: the first run loads it"
-        vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
-        return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
 
 
 class Cancelled(Exception):
@@ -169,16 +134,6 @@ class Job:
     def wait(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
-
-
-def preview_image(model: DiffusionModel, latents: torch.Tensor, *, side: int = 32) -> Image.Image:
-    """The batch's first latent decoded at most ``side`` latents across: a cheap look at a running job."""
-    z = latents[:1].detach().float()  # (1, 4, h, w)
-    h, w = z.shape[-2:]
-    if max(h, w) > side:
-        scale = side / max(h, w)
-        z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
-    return to_pil(model.decode(z))[0]
 
 
 @dataclass
