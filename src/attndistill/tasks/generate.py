@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from ..checks import flag, number
+from ..checks import number
 from ..core.engine import parse_layers
 from ..core.progress import Callback
 from ..core.sampling import prompt_conditioning, sample, sdedit_start
@@ -79,18 +79,10 @@ def check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -
     return preset
 
 
-def _checked_run(*, seed: object, num: object, fused: object, progress: object, callback: object, tile: object,
-                 tune_vae: object) -> tuple[int, int]:
-    """(seed, number of images): the options a sampling task checks before it loads (or downloads) a model."""
-    check_axes(tile)
-    flag("tune_vae", tune_vae)
-    return check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused, progress=progress)
-
-
 def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequence[int] | None, size: Size,
          seed: int, inputs: dict, allow_pickle: bool, fused: bool | None, progress: bool,
          callback: Callback | None) -> list[Image.Image]:
-    """A sampling task's run, its options checked by :func:`_checked_run`."""
+    """A sampling task's run, its model-free options checked by :func:`check_run`."""
     preset = check_sampling(preset, job.start_t, model)
     tile = check_axes(job.tile)
     layer_ids = parse_layers(layers, model)
@@ -189,8 +181,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
         raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,
                       control_scale=control_scale, content=content, content_weight=content_weight)
-    seed, num_images = _checked_run(seed=seed, num=num_images, fused=fused, progress=progress, callback=callback,
-                                    tile=None, tune_vae=tune_vae)
+    seed, num_images, _ = check_run(seed=seed, callback=callback, num=num_images, what="number of images",
+                                    fused=fused, progress=progress, tune_vae=tune_vae)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
@@ -260,8 +252,8 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, attention_scale=attention_scale,
                                                    reference_fit=reference_fit)
-    seed, num = _checked_run(seed=seed, num=num, fused=fused, progress=progress, callback=callback, tile=tile,
-                             tune_vae=tune_vae)
+    seed, num, _ = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
+                             progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": check_axes(tile),
@@ -291,8 +283,8 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
-    seed, num = _checked_run(seed=seed, num=num, fused=fused, progress=progress, callback=callback, tile=tile,
-                             tune_vae=tune_vae)
+    seed, num, _ = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
+                             progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,

@@ -29,6 +29,7 @@ from ..images import (
 from ..model.loading import local_or_hub
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
+from ..model.tiling import check_axes
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
 from ..version import __version__
 
@@ -51,9 +52,9 @@ MAX_IMAGES = 256
 
 
 def check_run(*, seed: object, callback: object = None, num: object = 1, what: str = "num", fused: object = None,
-              progress: object = False) -> tuple[int, int]:
-    """The seed, callback and image count of a run, checked before any work; returns (seed, num) as plain ints
-    (a NumPy integer would reach torch's generators and the PNG's JSON, which refuse it)."""
+              progress: object = False, tile: object = None, tune_vae: object = False) -> tuple[int, int, str | None]:
+    """The options of a run that need no model, checked before one loads: returns (seed, num) as plain ints (a
+    NumPy integer would reach torch's generators and the PNG's JSON, which refuse it) and the tiling axes."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
     if not 0 <= seed < 2**64:  # torch takes -2^63 too, but as 2^64 + seed: two seeds, one image
@@ -68,7 +69,8 @@ def check_run(*, seed: object, callback: object = None, num: object = 1, what: s
         flag("fused", fused)
     if isinstance(progress, str):  # any truthy value shows the bar, but progress="no" would too
         raise UserError(f"progress must be True or False (got {progress!r})")
-    return int(seed), int(num)
+    flag("tune_vae", tune_vae)
+    return int(seed), int(num), check_axes(tile)
 
 
 def check_callback(callback: object) -> None:

@@ -126,9 +126,9 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride, reference_fit=reference_fit)
     preset = check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
-    seed, _ = check_run(seed=seed, callback=callback, fused=fused, progress=progress)
-    axes = check_axes(tile) or ""
-    flag("tune_vae", tune_vae)
+    seed, _, axes = check_run(seed=seed, callback=callback, fused=fused, progress=progress, tile=tile,
+                              tune_vae=tune_vae)
+    axes = axes or ""
     refs = as_list(reference)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
@@ -347,12 +347,11 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     native size, aspect kept. ``reference_fit`` crops the label maps as it crops their textures.
     Returns ``num`` images.
     """
-    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
+    seed, num, tile = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress, tile=tile,
+                                tune_vae=tune_vae)
     preset = get_preset("texture-masked").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
     preset = check_settings(preset)
-    tile = check_axes(tile)
-    flag("tune_vae", tune_vae)
     refs = as_list(reference)
     ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels, size)
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checks import flag
 from ..core.engine import parse_layers
 from ..core.optimize import optimize_latents
 from ..core.progress import Callback
@@ -29,7 +28,7 @@ from ..images import (
 )
 from ..model.loading import as_model
 from ..model.models import DiffusionModel
-from ..model.tiling import check_axes, seamless
+from ..model.tiling import seamless
 from ..presets import Preset, get_preset
 from .regions import load_mask, paste_region, update_mask
 from .setup import (
@@ -64,10 +63,9 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     """The optimisation tasks' common run. ``target``: the content (or a list of contents, one target each,
     optimised in one batch); ``mask``: one over the content, or with a list of contents a list with one
     mask (or None) for each."""
-    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
+    seed, num, tile = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress, tile=tile,
+                                tune_vae=tune_vae)
     preset = check_settings(preset)
-    tile = check_axes(tile)
-    flag("tune_vae", tune_vae)
     targets = target if isinstance(target, list) else None  # several contents: one target each, one batch
     # restyle a region only (regions.py): one mask, or one (or None) per content
     masks = mask if targets is not None and isinstance(mask, list) else [mask] * len(targets or [target])
@@ -183,7 +181,7 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
 
     ``size`` is an int (square side) or (width, height); default the model's native size. Returns a list.
     """
-    seed, num = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
+    seed, num, _ = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress)
     preset = get_preset("texture").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                             reference_fit=reference_fit)
     refs = as_list(reference)
