@@ -35,7 +35,7 @@ Callback = Callable[[StepInfo], None]
 
 
 def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
-                    every: int = 10, advance: int = 1) -> None:
+                     every: int = 10, advance: int = 1) -> None:
     """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it.
 
     ``advance=0`` for loops that move the bar themselves (MultiDiffusion: once per view batch).
