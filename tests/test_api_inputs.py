@@ -32,7 +32,8 @@ def _style(model, data_dir, **options):
     ({"size": True}, "size must be a positive"), ({"size": (64,)}, "size must be a positive"),
     ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a finite number"),
     ({"layers": 3}, "layers must be"), ({"layers": [1.5]}, "layers must be"),
-    ({"seed": 2**70}, "seed must be a whole number"), ({"seed": 1.5}, "seed must be a whole number"),
+    ({"seed": 2**70}, "seed 1180591620717411303424 is out of range"), ({"seed": 1.5}, "seed must be a whole number"),
+    ({"seed": 2**32}, "seed 4294967296 is out of range; a seed must be a whole number from 0 to 4294967295"),
     ({"callback": 5}, "callback must be a function"), ({"tune_vae": "no"}, "tune_vae must be True or False"),
     ({"style": []}, "no style image given"), ({"content": np.zeros((64, 64, 3), np.uint8)}, "not a ndarray"),
 ])
@@ -253,7 +254,8 @@ def test_save_png_refuses_what_png_cannot_hold(tmp_path):
 
 
 @pytest.mark.parametrize("text, size", [("512", 512), ("768x512", (768, 512)), ("768×512", (768, 512)),
-                                        ("768*512", (768, 512)), (" 768 X 512 ", (768, 512)), ("512px", 512)])
+                                        ("768*512", (768, 512)), (" 768 X 512 ", (768, 512)), ("512px", 512),
+                                        ("768px x 512px", (768, 512)), ("0768", 768)])
 def test_sizes_as_people_write_them(text, size):
     from attndistill.images import parse_size
 
@@ -269,7 +271,7 @@ def test_sizes_round_to_the_nearest_multiple_and_halves_up(tiny_sd15):
     assert [target_size(tiny_sd15, s) for s in (80, 112, (80, 48))] == [(96, 96), (128, 128), (96, 64)]
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "1x", "5x5x5", "-3", "5.5", "x512"])
+@pytest.mark.parametrize("text", ["abc", "0", "1x", "5x5x5", "-3", "5.5", "x512", "512 512", "96 64", "5 12x64"])
 def test_sizes_that_are_no_size(text):
     from attndistill.images import parse_size
 

@@ -250,7 +250,8 @@ def test_output_problems(corpus, tmp_path, tiny_sd15_dir):
     before = {p.name for p in tmp_path.iterdir()}
     cases = [(tmp_path / "exists.png", "already exists; pass --overwrite"),
              (tmp_path / "nowhere" / "out.png", "does not exist; create it first"),
-             (tmp_path / "out.jpg", "must end in .png"),
+             (tmp_path / "out.jpg", "must end in .png"), ("", "output '.' is the current folder; give a file name"),
+             (tmp_path / ".png", "must have a name before .png"),
              (tmp_path / "adir.png", "is a directory"),
              (tmp_path / ("a" * 300 + ".png"), "cannot be written: File name too long; choose a shorter")]
     for output, expected in cases:
@@ -622,6 +623,7 @@ def test_preview_never_replaces_an_input_an_output_or_any_other_file(corpus, tmp
 @pytest.mark.parametrize("option,value,expected", [
     ("--lr", "inf", "inf is not a finite number"), ("--content-weight", "nan", "nan is not a finite number"),
     ("--attention-scale", "inf", "--attention-scale"), ("--seed", "99999999999999999999", "--seed"),
+    ("--seed", "4294967296", "less than or equal to 4294967295"),
     ("--device", "bogus", "device 'bogus' is not supported")])
 def test_out_of_range_numbers_and_devices_fail_before_the_model_loads(corpus, tmp_path, monkeypatch, option, value,
                                                                      expected):

@@ -322,6 +322,12 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     ])
     with jobs.open("a") as f:
         f.write("{not json\n")
+    for seed in (1, 2):  # two jobs, one id
+        with jobs.open("a") as f:
+            f.write(json.dumps({**job_line("texture", "wood-rings.jpg", None, seed=seed), "id": "mine"}) + "\n")
+    for output in (".png", ""):
+        with jobs.open("a") as f:
+            f.write(json.dumps(job_line("texture", "wood-rings.jpg", None, output=output)) + "\n")
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2
@@ -329,7 +335,9 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     for expected in ("line 2: style image", "missing.jpg' does not exist", "line 3: task 'paint' is not known",
                      "line 4: steps must be at least 1", "line 5: layers", "do not exist in this model",
                      "line 6: texture has no option 'colour'", "line 7: the same job as line 1",
-                     "line 8: not valid JSON", "1 ready", "7 invalid"):
+                     "line 8: not valid JSON", "line 10: id 'mine' is line 9's too; give each job its own id",
+                     "line 11: output '.png' must have a name before .png", "line 12: output is empty",
+                     "2 ready", "10 invalid"):
         assert expected in text, expected
     assert "Traceback" not in text
     assert not out.exists()  # nothing written, no model loaded

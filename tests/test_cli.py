@@ -227,7 +227,7 @@ def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_
 @pytest.mark.parametrize(("argv", "line"), [
     (["style", "c.png", "s.png", "--lr", "nan"], "error: Invalid value for '--lr': nan is not a finite number (see "
                                                  "'attndistill style -h')"),
-    (["style", "c.png"], "error: Missing argument 'style_images' (see 'attndistill style -h')"),
+    (["style", "c.png"], "error: Missing argument 'STYLE' (see 'attndistill style -h')"),
     (["--bogus"], "error: No such option: --bogus (see 'attndistill -h')")])
 def test_usage_errors_are_one_line(argv, line, monkeypatch, capsys):
     """The console script turns click's usage text and boxed message into the one line every error is."""

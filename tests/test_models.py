@@ -165,3 +165,11 @@ def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
     assert default_variant(None, cuda, torch.bfloat16) == default_variant(None, cuda, torch.float16) == "fp16"
     assert default_variant(None, cuda, torch.float32) is None and default_variant(None, cpu, torch.float32) is None
     assert default_variant("ema", cuda, torch.bfloat16) == "ema"  # asked for: kept
+
+
+def test_a_long_prompt_is_warned_about_with_the_words_clip_drops(tiny_sd15, caplog):
+    from attndistill.model.models import warn_truncated
+
+    with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
+        warn_truncated(tiny_sd15.pipe.tokenizer, [" ".join(["a"] * 75 + ["b"] * 5)])
+    assert "prompt has 82 tokens; CLIP keeps the first 77, so its end is ignored: 'b b b b b'" in caplog.text

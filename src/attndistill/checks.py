@@ -9,6 +9,10 @@ import numbers
 
 from .errors import UserError
 
+#: The largest seed: torch's CPU generator (every run's noise is drawn there) keeps only a seed's low 32 bits,
+#: so 0 and 2^32 would be two seeds of one image.
+MAX_SEED = 2**32 - 1
+
 
 def whole(name: str, value: object) -> int:
     """A whole number (Python or NumPy), as an int."""

@@ -313,21 +313,16 @@ def check_size(size: object) -> int | tuple[int, int] | None:
 def parse_size(text: str, *, multiple: int = 64) -> tuple[int, int] | int:
     """Parse ``"512"`` (long side) or ``"768x512"`` (width x height, rounded to ``multiple``).
 
-    Also as people write sizes: ``768×512``, ``768*512``, ``768 x 512``, ``512px``.
+    Also as people write sizes: ``768×512``, ``768*512``, ``768 x 512``, ``512px``; but ``512 512`` is no
+    size (not 512512).
     """
-    try:
-        plain = re.sub(r"\s+|px", "", text.lower()).replace("×", "x").replace("*", "x")
-        if "x" in plain:
-            w, h = (int(part) for part in plain.split("x"))
-            if w <= 0 or h <= 0:
-                raise ValueError
-            return round_to_multiple(w, multiple), round_to_multiple(h, multiple)
-        value = int(plain)
-        if value <= 0:
-            raise ValueError
-        return round_to_multiple(value, multiple)
-    except ValueError:
-        raise UserError(f"size '{text}' is not understood; use a number (long side) or WIDTHxHEIGHT") from None
+    found = re.fullmatch(r"\s*(\d+)\s*(?:px)?\s*(?:[x×*]\s*(\d+)\s*(?:px)?\s*)?", text.lower())
+    if not found or any(int(n) <= 0 for n in found.groups() if n is not None):
+        raise UserError(f"size '{text}' is not understood; use a number (long side) or WIDTHxHEIGHT")
+    w, h = found.groups()
+    if h is None:
+        return round_to_multiple(int(w), multiple)
+    return round_to_multiple(int(w), multiple), round_to_multiple(int(h), multiple)
 
 
 def to_tensor(images: Image.Image | Iterable[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -361,15 +356,26 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str 
 
     ``what``, ``option`` and ``why`` (it must be a PNG) name it in errors (``--preview`` is an output too).
     """
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        named = path.name.lower() != ".png"
-        raise UserError(f"{what} '{path}' must {'end in' if named else 'have a name before'} .png ({why})")
+    path = check_png_name(path, what=what, why=why)
     try:
         return _check_output_path(path, overwrite=overwrite, what=what, option=option)
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise UserError(f"{what} '{path}' cannot be written: {exc.strerror or exc}; choose a shorter or other "
                         f"{option} path") from None
+
+
+def check_png_name(name: str | os.PathLike, *, what: str = "output",
+                   why: str = "results carry their parameters in PNG text") -> Path:
+    """An output's name, before any work: not empty, and a name ending in .png."""
+    if not str(name).strip():
+        raise UserError(f"{what} is empty; give a file name ending in .png")
+    path = Path(name)
+    if path == Path("."):  # also what an empty -o becomes on the command line
+        raise UserError(f"{what} '.' is the current folder; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        named = path.name.lower() != ".png"
+        raise UserError(f"{what} '{path}' must {'end in' if named else 'have a name before'} .png ({why})")
+    return path
 
 
 def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str) -> Path:

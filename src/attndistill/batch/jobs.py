@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, first_line
-from ..images import numbered_outputs
+from ..images import check_png_name, numbered_outputs
 
 # -- tasks -----------------------------------------------------------------------------------------
 
@@ -385,9 +385,12 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     if output is not None and (Path(output).is_absolute() or ".." in Path(output).parts or output.startswith("~")):
         raise _fail(line, f"output '{output}' is outside the output folder; give a path relative to --out without "
                           f"'..', e.g. \"output\": \"{Path(output).name or 'image.png'}\"")
+    if output is not None:
+        try:
+            check_png_name(output)
+        except UserError as exc:
+            raise _fail(line, str(exc)) from None
     out = out_dir / (output if output is not None else f"{job_id}.png")
-    if out.suffix.lower() != ".png":
-        raise _fail(line, f"output '{output}' must end in .png")
     count = args.get(spec.count, 1) if spec.count else 1
     if count < 1:
         raise _fail(line, f"'{spec.count}' must be at least 1 (got {count})")
@@ -429,9 +432,11 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
     for number, text_line in enumerate(text.splitlines(), 1):
         if not text_line.strip() or text_line.lstrip().startswith("#"):
             continue
+        named = False  # the line gives its own id (not the hash of its settings)
         try:
-            job = parse_job(json.loads(text_line), line=number, base=base, out_dir=out_dir,
-                            defaults=defaults or ModelSpec())
+            raw = json.loads(text_line)
+            named = isinstance(raw, dict) and "id" in raw
+            job = parse_job(raw, line=number, base=base, out_dir=out_dir, defaults=defaults or ModelSpec())
         except json.JSONDecodeError as exc:
             job = Job(line=number, id=f"line-{number}", error=f"line {number}: not valid JSON ({exc.msg})")
         except UserError as exc:
@@ -440,7 +445,9 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
             job = Job(line=number, id=f"line-{number}", error=str(_fail(number, _unexpected(exc))))
         if not job.error:
             if job.id in ids:
-                job.error = f"line {number}: the same job as line {ids[job.id]}; remove one or give each an id"
+                job.error = (f"line {number}: id '{job.id}' is line {ids[job.id]}'s too; give each job its own id"
+                             if named else
+                             f"line {number}: the same job as line {ids[job.id]}; remove one or give each an id")
             clash = [outputs[p] for p in job.outputs if p in outputs]
             if clash and not job.error:
                 job.error = f"line {number}: writes the same output as line {clash[0]}; set another 'output'"

@@ -19,7 +19,7 @@ BATCH_EXAMPLE = ("Example: attndistill batch jobs.jsonl --out results/  (a line 
 def batch(
     jobs: Annotated[Path | None, typer.Argument(
         help="Jobs file: one JSON object per line (task + the command's options; paths relative to it)",
-        show_default=False)] = None,
+        show_default=False, metavar="JOBS")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Output folder: images, results.jsonl, locks", show_default=False)] = None,
     retry_failed: Annotated[bool, typer.Option(help="Run again the jobs recorded as failed")] = False,

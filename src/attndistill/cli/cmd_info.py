@@ -18,7 +18,8 @@ INFO_EXAMPLE = ("Example: attndistill info horse-watercolor.png\n\n"
 
 
 @app.command("info", epilog=INFO_EXAMPLE)
-def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill, or a VAE folder from finetune-vae")],
+def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistill, or a VAE folder from finetune-vae",
+                                               metavar="IMAGE")],
          job: Annotated[bool, typer.Option(
              "--job", help="Print the run as one line for 'attndistill batch' instead (to rerun or vary it; for a "
                            "VAE folder, the finetune-vae command that made it)")] = False,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import MAX_SEED
 from ..errors import UserError
 from ..presets import LAYOUT_STRENGTH, PRESETS
 from . import app
@@ -54,10 +55,10 @@ APPEARANCE_HELP = (f"Give STRUCTURE the appearance of APPEARANCE (optimisation, 
 TEXTURE_HELP = (f"Synthesise new textures like REFERENCE from noise (optimisation, {PRESETS['texture'].steps} "
                 "steps; or --mode sample / --layout).")
 
-Style = Annotated[list[Path], typer.Argument(help="Style image(s); several are attended to together")]
+Style = Annotated[list[Path], typer.Argument(help="Style image(s); several are attended to together", metavar="STYLE")]
 TransferSeed = Annotated[int, typer.Option(
     help="Recorded only: a transfer starts from its content image and adds no noise, so every seed gives the "
-    "same result", min=0, max=2**64 - 1)]
+    "same result", min=0, max=MAX_SEED)]
 Mask = Annotated[Path | None, typer.Option(
     help="Image over the content (or structure) image: white where to restyle, black or transparent where to "
          "keep it (beyond the paper)",
@@ -69,7 +70,7 @@ TextureAdain = Annotated[bool | None, typer.Option(
 
 @app.command("style", epilog=STYLE_EXAMPLE, help=STYLE_HELP)
 def style(
-    content: Annotated[Path, typer.Argument(help="Content image (its layout is kept)")],
+    content: Annotated[Path, typer.Argument(help="Content image (its layout is kept)", metavar="CONTENT")],
     style_images: Style,
     output: Output = Path("out.png"),
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
@@ -87,8 +88,8 @@ def style(
 
 @app.command("appearance", epilog=APPEARANCE_EXAMPLE, help=APPEARANCE_HELP)
 def appearance(
-    structure: Annotated[Path, typer.Argument(help="Structure image (its shapes are kept)")],
-    appearance_images: Annotated[list[Path], typer.Argument(help="Appearance image(s)")],
+    structure: Annotated[Path, typer.Argument(help="Structure image (its shapes are kept)", metavar="STRUCTURE")],
+    appearance_images: Annotated[list[Path], typer.Argument(help="Appearance image(s)", metavar="APPEARANCE")],
     output: Output = Path("out.png"),
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, content_weight: ContentWeight = None,
@@ -130,7 +131,7 @@ def _transfer(task: str, run, inputs: dict, given: dict) -> None:
 
 @app.command("texture", epilog=TEXTURE_EXAMPLE, help=TEXTURE_HELP)
 def texture(
-    references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s)")],
+    references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s)", metavar="REFERENCE")],
     output: Output = Path("out.png"),
     num: Annotated[int, typer.Option("--num", "--num-images", help="Number of variations, optimised in one batch"
                                      )] = 1,

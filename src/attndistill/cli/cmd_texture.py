@@ -63,7 +63,8 @@ TargetLabels = Annotated[Path | None, typer.Option(
 
 @app.command("expand", epilog=EXPAND_EXAMPLE)
 def expand(
-    references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s); several are attended to together")],
+    references: Annotated[list[Path], typer.Argument(help="Texture exemplar(s); several are attended to together",
+                                                     metavar="REFERENCE")],
     size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels (or one number: a square), at least one view",
                                       show_default=False)],
     output: Output = Path("out.png"),
@@ -113,7 +114,8 @@ def expand(
 
 @app.command("finetune-vae", epilog=FINETUNE_EXAMPLE)
 def finetune_vae(
-    reference: Annotated[list[Path], typer.Argument(help="Image(s) to fit the decoder to (several: all of them)")],
+    reference: Annotated[list[Path], typer.Argument(help="Image(s) to fit the decoder to (several: all of them)",
+                                                    metavar="REFERENCE")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to save the AutoencoderKL in",
                                          show_default=False)],
     steps: Annotated[int | None, typer.Option(help=f"Adam steps \\[default: {VAE_TUNING_STEPS}]",

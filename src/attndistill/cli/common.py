@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from ..checks import MAX_SEED
 from ..errors import OOM_ADVICE, UserError, is_out_of_memory
 from ..presets import VAE_TUNING_STEPS
 
@@ -62,7 +63,7 @@ Size = Annotated[str | None, typer.Option(
     help="Long side in pixels, or WIDTHxHEIGHT (sides rounded to the model's multiple: 64 for SD 1.5, 32 for SDXL) "
          "\\[default: model's native size]",
     show_default=False)]
-Seed = Annotated[int, typer.Option(help="Random seed", min=0, max=2**64 - 1)]
+Seed = Annotated[int, typer.Option(help="Random seed", min=0, max=MAX_SEED)]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto")]
 Dtype = Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (bf16 on GPU, fp32 on CPU)")]
 Output = Annotated[Path, typer.Option("--output", "-o", help="Output PNG path")]

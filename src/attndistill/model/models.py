@@ -330,7 +330,8 @@ def warn_truncated(tokenizer, prompts: list[str]) -> None:
     """Warn when CLIP will cut a prompt at its 77-token limit."""
     limit = tokenizer.model_max_length
     for prompt in prompts:
-        n = len(tokenizer(prompt, truncation=False).input_ids)
-        if n > limit:
-            log.warning("prompt has %d tokens; CLIP keeps the first %d, the rest is ignored: %.60s...",
-                        n, limit, prompt)
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # our warning, not its own
+        if len(ids) > limit:  # CLIP keeps its start token, the first limit - 2 words' tokens and its end token
+            dropped = tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
+            log.warning("prompt has %d tokens; CLIP keeps the first %d, so its end is ignored: '%s'", len(ids), limit,
+                        dropped if len(dropped) <= 60 else dropped[:57] + "...")

@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 import torch
 from PIL import Image
 
-from ..checks import flag, number, whole
+from ..checks import MAX_SEED, flag, number, whole
 from ..core.engine import Distiller
 from ..errors import UserError
 from ..images import (
@@ -56,9 +56,9 @@ def check_run(*, seed: object, callback: object = None, num: object = 1, what: s
     """The options of a run that need no model, checked before one loads: returns (seed, num) as plain ints (a
     NumPy integer would reach torch's generators and the PNG's JSON, which refuse it) and the tiling axes."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise UserError(f"seed must be a whole number from 0 to {2**64 - 1} (got {seed!r})")
-    if not 0 <= seed < 2**64:  # torch takes -2^63 too, but as 2^64 + seed: two seeds, one image
-        raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {2**64 - 1}")
+        raise UserError(f"seed must be a whole number from 0 to {MAX_SEED} (got {seed!r})")
+    if not 0 <= seed <= MAX_SEED:  # beyond it (or below 0) two seeds would give one image
+        raise UserError(f"seed {seed} is out of range; a seed must be a whole number from 0 to {MAX_SEED}")
     check_callback(callback)
     if not isinstance(num, numbers.Integral) or isinstance(num, bool) or num < 1:
         raise UserError(f"{what} must be a whole number of at least 1 (got {num!r})")

@@ -20,6 +20,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from ..checks import MAX_SEED
 from ..errors import UserError
 from ..images import atomic_write, load_image, parse_size
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS
@@ -276,8 +277,8 @@ def int_box(label: str, value, tab: str, key: str, **kwargs) -> gr.Number:
 
 
 def seed_box(tab: str) -> gr.Textbox:
-    """Seeds as text: a browser's numbers hold whole numbers exactly only up to 2^53, seeds go to 2^64 - 1."""
-    return gr.Textbox("0", label="Seed", elem_id=f"{tab}-seed", max_lines=1, placeholder="0 to 2^64 - 1")
+    """Seeds as text, read exactly (a number box would take 1.5 or 1e9 as it pleases); the range is the tasks'."""
+    return gr.Textbox("0", label="Seed", elem_id=f"{tab}-seed", max_lines=1, placeholder=f"0 to {MAX_SEED}")
 
 
 def size_box(tab: str) -> gr.Textbox:
