@@ -294,3 +294,22 @@ def test_a_size_of_another_aspect_than_the_content_is_said(tiny_sd15, data_dir, 
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all("768x754 but the size asked for is" in m and "stretched" in m for m in said)
     assert said[0].startswith("content image '") and said[1].startswith("layout image '")
+
+
+def test_an_aspect_too_extreme_for_the_size_is_said(tiny_sd15, caplog):
+    """Sides are whole multiples of the UNet's: a 100:1 image at 256 px becomes 8:1, which is said."""
+    from attndistill.tasks.setup import target_size
+
+    with caplog.at_level(logging.WARNING, logger="attndistill.tasks.setup"):
+        target_size(tiny_sd15, 768, like=Image.new("RGB", (768, 401)), like_name="content image 'a'")  # rounding
+        assert not caplog.text
+        w, h = target_size(tiny_sd15, 256, like=Image.new("RGB", (4000, 40)), like_name="content image 'wide.png'")
+    assert "content image 'wide.png' is 4000x40, an aspect that" in caplog.text and f"{w}x{h}" in caplog.text
+    assert "stretched 12.5 times" in caplog.text
+
+
+def test_a_file_name_of_the_longest_length_the_file_system_takes_is_written(tmp_path):
+    """The temp file beside an output has a longer name than the output: it is cut so that it fits too."""
+    path = tmp_path / ("b" * 251 + ".png")
+    ad.save_png(Image.new("RGB", (8, 8)), path)
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == [path.name]

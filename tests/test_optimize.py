@@ -107,3 +107,11 @@ def test_sdxl_optimisation_features_use_the_output_size(tiny_sdxl, data_dir, tas
     finally:
         handle.remove()
     assert time_ids and all(ids == [64, 96, 0, 0, 64, 96] for ids in time_ids)  # (h, w) of the output
+
+
+def test_a_diverging_run_names_its_step_as_the_progress_bar_counts(tiny_sd15, data_dir):
+    import attndistill as ad
+    from attndistill.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 2 of 3 \(timestep \d+\)"):
+        ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=3, lr=1e30, size=64, progress=False)

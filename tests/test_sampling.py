@@ -243,3 +243,16 @@ def test_a_denoising_call_that_cannot_be_captured_runs_eagerly(monkeypatch, erro
     assert len(captures) == 1  # not tried again at every step
     assert (model.perf.cuda_graphs is False) == for_good == (model.asked.cuda_graphs is False)  # set_perf keeps it
     assert (guidance.EAGER in model.graphs.values()) != for_good
+
+
+def test_a_start_t_that_leaves_no_step_for_ad_is_refused(tiny_sd15, data_dir):
+    """AD runs at steps whose timestep is below start-t: at or under the last timestep it would never run."""
+    from attndistill.errors import UserError
+    from attndistill.tasks.generate import texture_sampling
+
+    ref = data_dir / "wood-rings.jpg"
+    with pytest.raises(UserError, match="start-t 1 leaves no step for AD.* the last of 2 steps has timestep 1"):
+        texture_sampling(ref, model=tiny_sd15, steps=2, start_t=1, size=64, progress=False)
+    assert texture_sampling(ref, model=tiny_sd15, steps=2, start_t=2, size=64, progress=False)  # AD at t=1
+    assert texture_sampling(ref, model=tiny_sd15, steps=2, start_t=1, iters=0, adain=False, size=64,
+                            progress=False)  # plain DDIM: start-t has nothing to gate

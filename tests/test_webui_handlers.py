@@ -62,7 +62,9 @@ def test_whole_number_boxes_refuse_fractions_and_seeds_stay_exact(ui, data_dir):
             run_tab(ui, "style", {**inputs, "style-steps": steps})
     with pytest.raises(gr.Error, match="seed -1 is out of range"):
         run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": "-1"})
-    seed = 2**53 + 1  # a browser number would turn it into 2**53
+    with pytest.raises(gr.Error, match="seed 4294967296 is out of range"):
+        run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": str(2**32)})
+    seed = 2**32 - 1  # the largest, exactly
     params, command, _ = result_parameters(run_tab(ui, "style", {**inputs, "style-steps": 1, "style-seed": str(seed)}))
     assert params["seed"] == seed and params["steps"] == 1
     words = shlex.split(command)

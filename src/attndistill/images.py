@@ -484,10 +484,16 @@ def free_name(path: Path, *, suffix: str = ".png") -> Path:
     return path  # 10,000 taken: let the save say that the output exists
 
 
+def partial_prefix(name: str) -> str:
+    """How the temp file (``PREFIX*.partial``) of an output ``name`` starts: the name cut to 200 bytes, so the
+    temp name fits the file system's 255 where the name itself does."""
+    return f".{name.encode()[:200].decode(errors='ignore')}."
+
+
 def atomic_write(path: Path, write, *, overwrite: bool = False) -> Path:
     """Call ``write(fileobj)`` on a temp file beside ``path`` and rename it into place."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=partial_prefix(path.name), suffix=".partial", dir=path.parent)
     except OSError as exc:
         raise UserError(f"output '{path}' cannot be written ({exc.strerror}); choose another path") from None
     try:

@@ -11,6 +11,7 @@ Slurm arrays) take deterministic slices of the job list and write their own resu
 from __future__ import annotations
 
 import contextlib
+import glob
 import inspect
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
-from ..images import numbered_outputs
+from ..images import numbered_outputs, partial_prefix
 from .check import Validator
 from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs, run_order
 from .state import (
@@ -58,7 +59,7 @@ def is_done(job: Job) -> bool:
 def _remove_leftovers(job: Job) -> None:
     """With the job's lock held: temp files of a killed write, and images of an unfinished multi-image job."""
     for path in job.outputs:
-        for tmp in path.parent.glob(f".{path.name}.*.partial"):
+        for tmp in path.parent.glob(f"{glob.escape(partial_prefix(path.name))}*.partial"):
             tmp.unlink(missing_ok=True)
         if carries_job(path, job.id):
             path.unlink()

@@ -57,11 +57,11 @@ class _FiniteGuard:
 
     ``update`` records the first step at which a watched tensor was not finite (device ops only);
     ``check`` reads that flag (a sync) every ``every`` steps and at the end, and raises with the
-    exact step and timestep where it happened.
+    exact step (counted from 1, as the progress bar counts) and timestep where it happened.
     """
 
-    def __init__(self, device: torch.device, every: int = 10) -> None:
-        self.every = every
+    def __init__(self, device: torch.device, total: int, every: int = 10) -> None:
+        self.every, self.total = every, total
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.what = torch.full((), 0, device=device, dtype=torch.long)
         self.timesteps: list[int] = []
@@ -81,7 +81,8 @@ class _FiniteGuard:
         bad = int(self.first_bad)
         if bad >= 0:
             what = "loss" if int(self.what) == 1 else "latent"
-            raise NonFiniteError(f"the {what} became NaN/Inf at step {bad} (timestep {self.timesteps[bad]}); "
+            raise NonFiniteError(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
+                                 f"(timestep {self.timesteps[bad]}); "
                                  "lower --lr (or a raised --content-weight, --attention-scale, --guidance or "
                                  "--control-scale), use --dtype fp32, or check the input images")
 
@@ -98,7 +99,7 @@ class StepLoop:
         self.total, self.callback, self.advance = total, callback, advance
         self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
                         dynamic_ncols=True)
-        self.guard = _FiniteGuard(device)
+        self.guard = _FiniteGuard(device, total)
 
     def __enter__(self) -> StepLoop:
         return self

@@ -76,6 +76,11 @@ def check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -
     total = model.scheduler_config.num_train_timesteps
     if start_t is not None and not 0 < number("start-t", start_t) <= total:  # a threshold: 600.5 is fine
         raise UserError(f"start-t must be in 1..{total} (got {start_t}); AD runs at steps with a timestep below it")
+    if start_t is not None and (preset.iters > 0 or preset.adain) and hasattr(model, "ddim_scheduler"):
+        last = int(model.ddim_scheduler(preset.steps).timesteps[-1])  # the smallest; batch checks lack a scheduler
+        if start_t <= last:
+            raise UserError(f"start-t {start_t} leaves no step for AD, which runs at steps with a timestep below it: "
+                            f"the last of {preset.steps} steps has timestep {last}; raise --start-t above {last}")
     return preset
 
 

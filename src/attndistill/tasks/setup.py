@@ -102,12 +102,18 @@ def check_settings(preset: Preset) -> Preset:
     return preset
 
 
+#: How far rounding a long-side size to the UNet's multiples may change an image's aspect unsaid (768x401 at
+#: 512 px becomes 512x256: 1.04 times).
+ASPECT_KEPT = 1.5
+
+
 def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None,
                 like_name: str | None = None) -> tuple[int, int]:
     """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet.
 
     With ``like_name`` (the run's own call, not a check's), a (width, height) of another aspect than
-    ``like`` is said in a warning naming it: the image is stretched to it.
+    ``like`` is said in a warning naming it: the image is stretched to it. So is an aspect too extreme to
+    keep once each side is a whole number of the UNet's multiples.
     """
     multiple = model.latent_multiple
     size = check_size(size)
@@ -118,6 +124,11 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
             w = h = round_to_multiple(size, multiple)
         else:
             w, h = fit_size(like.size, size, multiple)
+            change = (like.size[0] / like.size[1]) / (w / h)
+            if like_name and max(change, 1 / change) > ASPECT_KEPT:
+                log.warning("%s is %dx%d, an aspect that %dx%d (sides in multiples of %d px) cannot keep: it is "
+                            "stretched %.1f times; crop it, or give a larger --size", like_name, *like.size, w, h,
+                            multiple, max(change, 1 / change))
     else:
         if like is not None and like_name and not drawn_over(size, like.size):
             log.warning("%s is %dx%d but the size asked for is %dx%d, another aspect: it is stretched to it (give "

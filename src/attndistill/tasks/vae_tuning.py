@@ -23,7 +23,16 @@ import torch
 from ..checks import number, whole
 from ..core.progress import Callback, StepInfo
 from ..errors import NonFiniteError, UserError
-from ..images import FILE_MODE, FOLDER_MODE, ImageInput, check_folder_of, fit_references, load_image, params_json
+from ..images import (
+    FILE_MODE,
+    FOLDER_MODE,
+    ImageInput,
+    check_folder_of,
+    fit_references,
+    load_image,
+    params_json,
+    partial_prefix,
+)
 from ..model.loading import as_model, check_vae_source
 from ..model.models import DiffusionModel
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
@@ -238,7 +247,7 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
     folder = check_vae_folder(folder, overwrite=overwrite)
     parent = folder.parent if str(folder.parent) else Path(".")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(folder.name), suffix=".partial", dir=parent))
     except OSError as exc:
         raise UserError(f"output folder '{folder}' cannot be written ({exc.strerror}); choose another path") from None
     try:
