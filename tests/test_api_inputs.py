@@ -244,7 +244,9 @@ def test_save_png_refuses_what_png_cannot_hold(tmp_path):
              (Image.new("RGB", (0, 0)), tmp_path / "e.png", None, "empty image"),
              (img, b"/tmp/x.png", None, "needs a path as a str or Path"),
              (img, tmp_path / "s.png", {"a": {1, 2}}, "parameters hold a set"),
-             (img, tmp_path / "n.png", 5, "parameters must be a dict")]
+             (img, tmp_path / "n.png", 5, "parameters must be a dict"),
+             (img, tmp_path / "t.png", "not json", "parameters text must be a JSON object"),
+             (img, tmp_path / "l.png", "[1, 2]", "parameters text must be a JSON object")]
     for image, path, params, expected in cases:
         with pytest.raises(UserError, match=expected):
             ad.save_png(image, path, parameters=params)
@@ -313,3 +315,10 @@ def test_a_file_name_of_the_longest_length_the_file_system_takes_is_written(tmp_
     path = tmp_path / ("b" * 251 + ".png")
     ad.save_png(Image.new("RGB", (8, 8)), path)
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_references_may_come_from_a_generator_as_contents_do(tiny_sd15, data_dir):
+    style = [data_dir / "watercolor-cat.jpg", data_dir / "wood-rings.jpg"]
+    as_list_run = _style(tiny_sd15, data_dir, steps=1, style=style)
+    as_generator = _style(tiny_sd15, data_dir, steps=1, style=(s for s in style))
+    assert np.array_equal(np.asarray(as_list_run), np.asarray(as_generator))

@@ -400,3 +400,14 @@ def test_every_default_the_page_reads_from_the_api_exists():
     assert len(calls) >= 5
     for module, func, name in calls:
         assert fields.api_default(module, func, name) is not None, (module, func, name)
+
+
+def test_free_text_boxes_holding_only_spaces_are_empty_boxes(ui, data_dir):
+    """Spaces in the Layers or VAE box mean what an empty box means: the default layers, the model's VAE."""
+    inputs = {"style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+              "style-size": "64", "style-preview-every": 0, "style-steps": 1}
+    spaced = run_tab(ui, "style", {**inputs, "style-layers": "  ", "vae-box": "  "})
+    params, _, image = result_parameters(spaced)
+    _, _, plain = result_parameters(run_tab(ui, "style", inputs))
+    assert np.array_equal(np.asarray(image), np.asarray(plain)) and "vae" not in params
+    assert "decoded with the VAE" not in spaced[-1][0]

@@ -454,12 +454,22 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
         raise UserError(f"save_png needs a path as a str or Path, not a {type(path).__name__}")
     if parameters is not None and not isinstance(parameters, dict | str):
         raise UserError(f"parameters must be a dict (or its JSON text), not a {type(parameters).__name__}")
+    if isinstance(parameters, str) and not _json_object(parameters):  # read_parameters and info would refuse it
+        raise UserError(f"parameters text must be a JSON object, as read_parameters returns it "
+                        f"(got {parameters[:40]!r})")
     path = check_output(path, overwrite=overwrite)
     info = PngImagePlugin.PngInfo()
     params = parameters if parameters is not None else image.info.get("parameters")
     if params is not None:
         info.add_text(METADATA_KEY, params if isinstance(params, str) else params_json(params))
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def _json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def save_result(image: Image.Image, path: Path, *, overwrite: bool = False,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -43,8 +44,11 @@ def describe_input(source: ImageInput) -> str:
     return os.path.abspath(source) if isinstance(source, str | os.PathLike) else "<image>"
 
 
-def as_list(x: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-    return list(x) if isinstance(x, list | tuple) else [x]
+def as_list(x: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    """One image or several: a list, a tuple or any other iterable of them, a generator too (not a mapping, an
+    array or a path, which are one input each, so that the input's own check names them)."""
+    single = isinstance(x, str | bytes | os.PathLike | Image.Image | np.ndarray | torch.Tensor | Mapping)
+    return [x] if single or not isinstance(x, Iterable) else list(x)
 
 
 #: The most images one run makes (they are held, and texture variations optimised, together).

@@ -42,6 +42,7 @@ from .fields import (
     page_text,
     painted_mask,
     reference_fit_radio,
+    text_value,
     upload_check,
     whole,
 )
@@ -163,8 +164,8 @@ class WebUI:
         loss = f" · final loss {job.last.loss:.4f}" if job.last and not math.isnan(job.last.loss) else ""
         where = paths[0].parent
         status = f"done in {job.seconds:.1f} s{loss} · saved {', '.join(p.name for p in paths)} in `{where}`"
-        if settings.get("vae"):  # set by hand or by the VAE tab: it changes every tab's results
-            status += f" · decoded with the VAE in `{settings['vae']}`"
+        if text_value(settings.get("vae")):  # set by hand or by the VAE tab: it changes every tab's results
+            status += f" · decoded with the VAE in `{text_value(settings['vae'])}`"
         status += "".join(f"\n\nnote: {page_text(note)}" for note in job.notes)  # else only the server log says
         output = paths[0].name if len(paths) == 1 else f"{task}.png"
         yield (status, skip, [(str(p), p.name) for p in paths], [str(p) for p in paths],

@@ -44,6 +44,11 @@ def api_default(module: str, func: str, name: str) -> object:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+def text_value(text: str | None) -> str | None:
+    """A free-text box (layers, a size, a folder): blank or only spaces is None, as an empty box."""
+    return (text or "").strip() or None
+
+
 def file_name(path: str | None) -> str | None:
     return None if not path else Path(path).name
 

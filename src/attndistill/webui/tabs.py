@@ -41,6 +41,7 @@ from .fields import (
     seed_value,
     size_box,
     size_value,
+    text_value,
     tile_value,
     whole,
 )
@@ -114,7 +115,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
         refs = [required(s["reference"], second.lower()), *file_paths(s["more"])]
         return fn(target, refs, model=model, steps=whole(s["steps"]),
                   iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
-                  attention_scale=s["attention_scale"], layers=s["layers"] or None,
+                  attention_scale=s["attention_scale"], layers=text_value(s["layers"]),
                   size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                   tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
                   mask=s["mask"], progress=False, callback=callback)
@@ -124,7 +125,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
         return cli_command(words, dict(
             output=output, **ui.common_cli(model, seed_value(s["seed"])), steps=s["steps"], iters=s["iters"],
             lr=s["lr"], content_weight=s["content_weight"], attention_scale=s["attention_scale"],
-            layers=s["layers"] or None, size=(s["size"] or "").strip() or None, tile=tile_value(s["tile"]),
+            layers=text_value(s["layers"]), size=text_value(s["size"]), tile=tile_value(s["tile"]),
             tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"]),
             mask=s["mask"]))  # the painted mask where it is kept (WebUI.wire)
 
@@ -185,8 +186,8 @@ def t2i_tab(ui: WebUI) -> None:
         return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
                     adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
-                    layers=s["layers"] or None, reference_fit=reference_fit_value(s["reference_fit"]),
-                    tune_vae=bool(s["tune_vae"]), controlnet=(s["controlnet"] or "").strip() or None,
+                    layers=text_value(s["layers"]), reference_fit=reference_fit_value(s["reference_fit"]),
+                    tune_vae=bool(s["tune_vae"]), controlnet=text_value(s["controlnet"]),
                     control=s["control"])
 
     def call(s: dict, model: DiffusionModel, callback: Callback):
@@ -205,7 +206,7 @@ def t2i_tab(ui: WebUI) -> None:
             num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
             steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
             start_t=o["start_t"], layers=o["layers"], reference_fit=fit_cli(o["reference_fit"]),
-            tune_vae=True if o["tune_vae"] else None, size=(s["size"] or "").strip() or None,
+            tune_vae=True if o["tune_vae"] else None, size=text_value(s["size"]),
             controlnet=o["controlnet"],
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))
@@ -271,7 +272,7 @@ def texture_tab(ui: WebUI) -> None:
         refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
         common = dict(num=_count(s["num"]), model=model, steps=whole(s["steps"]),
                       iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
-                      layers=s["layers"] or None, size=size_value(s["size"]), seed=seed_value(s["seed"]),
+                      layers=text_value(s["layers"]), size=size_value(s["size"]), seed=seed_value(s["seed"]),
                       progress=False, callback=callback)
         looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]),
                      reference_fit=reference_fit_value(s["reference_fit"]))
@@ -311,7 +312,7 @@ def texture_tab(ui: WebUI) -> None:
             content_weight=s["content_weight"] if m in CONTENT_MODES else None,
             adain=adain_value(s["adain"]) if m in SAMPLING_MODES else None,
             start_t=number_value(s["start_t"], "start timestep", int) if m in SAMPLING_MODES else None,
-            layers=s["layers"] or None, size=(s["size"] or "").strip() or None,
+            layers=text_value(s["layers"]), size=text_value(s["size"]),
             tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None,
             reference_fit=fit_cli(s["reference_fit"])))
 
