@@ -198,7 +198,8 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
         (lambda: ad.Distiller(tiny_sd15, layers="99"), r"layers \[99\] do not exist"),
         (lambda: ad.load_image("/tmp/" + "a" * 300 + ".png"), "cannot be opened"),
         (lambda: ad.load_image(""), "is an empty path"),
-        (lambda: ad.read_parameters(Image.new("RGB", (8, 8))), "pass the path of a PNG"),
+        (lambda: ad.read_parameters(Image.new("RGB", (8, 8))), "not a Image; pass the path of a PNG"),
+        (lambda: ad.read_parameters(b"/tmp/x.png"), "takes a path as a str or Path, not a bytes"),
         (lambda: ad.get_preset("nope"), "unknown task 'nope'"),
     ]
     for call, expected in cases:

@@ -540,7 +540,10 @@ def read_parameters(path: str | os.PathLike) -> dict:
     Reads the chunks before the pixels only, with no pixel limit: results of ``expand`` may be larger
     than the limit :func:`load_image` keeps for inputs.
     """
-    if not isinstance(path, str | os.PathLike) or not Path(path).is_file():
+    if not isinstance(path, str | os.PathLike):
+        raise UserError(f"read_parameters takes a path as a str or Path, not a {type(path).__name__}; pass the path of "
+                        "a PNG written by attndistill")
+    if not Path(path).is_file():
         raise UserError(f"'{path}' is not a file; pass the path of a PNG written by attndistill")
     try:
         with PngImagePlugin.PngImageFile(os.fspath(path)) as img:
