@@ -411,3 +411,9 @@ def test_free_text_boxes_holding_only_spaces_are_empty_boxes(ui, data_dir):
     _, _, plain = result_parameters(run_tab(ui, "style", inputs))
     assert np.array_equal(np.asarray(image), np.asarray(plain)) and "vae" not in params
     assert "decoded with the VAE" not in spaced[-1][0]
+
+
+def test_the_vae_tabs_errors_name_its_boxes():
+    assert page_message(UserError("VAE tuning lr must be positive (got -1)")) == \
+        "Learning rate must be positive (got -1)"
+    assert page_message(UserError("VAE tuning steps must be at least 1 (got 0)")).startswith("Steps must be")

@@ -161,7 +161,8 @@ def page_message(exc: BaseException) -> str:
 TABS = {"style": "Style transfer", "appearance": "Appearance transfer", "t2i": "Text to image",
         "texture": "Texture", "expand": "Expansion", "finetune-vae": "VAE fine-tuning"}
 #: The API's names of settings a message may start with -> the boxes' labels.
-LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images"}
+LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images",
+          "VAE tuning lr": "Learning rate", "VAE tuning steps": "Steps"}  # the VAE tab's boxes
 
 
 def page_text(message: str) -> str:
@@ -173,7 +174,7 @@ def page_text(message: str) -> str:
     message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
     message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
     message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
-    message = re.sub(r"^(iters|lr|num) ", lambda m: f"{LABELS[m[1]]} ", message)
+    message = re.sub(r"^(iters|lr|num|VAE tuning lr|VAE tuning steps) ", lambda m: f"{LABELS[m[1]]} ", message)
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
 
 
