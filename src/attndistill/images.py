@@ -454,7 +454,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
         raise UserError(f"save_png needs a path as a str or Path, not a {type(path).__name__}")
     if parameters is not None and not isinstance(parameters, dict | str):
         raise UserError(f"parameters must be a dict (or its JSON text), not a {type(parameters).__name__}")
-    if isinstance(parameters, str) and not _json_object(parameters):  # read_parameters and info would refuse it
+    if isinstance(parameters, str) and _json_object(parameters) is None:  # read_parameters would refuse it
         raise UserError(f"parameters text must be a JSON object, as read_parameters returns it "
                         f"(got {parameters[:40]!r})")
     path = check_output(path, overwrite=overwrite)
@@ -465,11 +465,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = F
     return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=overwrite)
 
 
-def _json_object(text: str) -> bool:
+def _json_object(text: str) -> dict | None:
+    """``text`` as the JSON object of a result's parameters; None where it is none."""
     try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
+        params = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+        return None
+    return params if isinstance(params, dict) else None
 
 
 def save_result(image: Image.Image, path: Path, *, overwrite: bool = False,
@@ -552,11 +554,8 @@ def read_parameters(path: str | os.PathLike) -> dict:
         return {}
     if not text:
         return {}
-    try:
-        params = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
-        params = None
-    if not isinstance(params, dict):
+    params = _json_object(text)
+    if params is None:
         raise UserError(f"'{path}' carries an '{METADATA_KEY}' text chunk that is not a JSON object of "
                         "parameters; it was not written by attndistill or was edited")
     return params
