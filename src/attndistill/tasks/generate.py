@@ -27,7 +27,7 @@ from ..images import ImageInput, load_image, to_tensor
 from ..model.controlnet import Control, check_control, prepare_control
 from ..model.loading import as_model, local_or_hub
 from ..model.models import DiffusionModel
-from ..model.tiling import check_axes, seamless
+from ..model.tiling import seamless
 from ..presets import LAYOUT_STRENGTH, Preset, get_preset
 from .setup import (
     Size,
@@ -89,7 +89,7 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
          callback: Callback | None) -> list[Image.Image]:
     """A sampling task's run, its model-free options checked by :func:`check_run`."""
     preset = check_sampling(preset, job.start_t, model)
-    tile = check_axes(job.tile)
+    tile = job.tile  # its axes as check_run returned them
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like, like_name=job.like_name)
     control: Control | None = None
@@ -257,12 +257,11 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, attention_scale=attention_scale,
                                                    reference_fit=reference_fit)
-    seed, num, _ = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
-                             progress=progress, tile=tile, tune_vae=tune_vae)
+    seed, num, tile = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
+                                progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
-    inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": check_axes(tile),
-              "tune_vae": tune_vae}
+    inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": tile, "tune_vae": tune_vae}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)
@@ -288,15 +287,15 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    adain=adain, content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
-    seed, num, _ = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
-                             progress=progress, tile=tile, tune_vae=tune_vae)
+    seed, num, tile = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
+                                progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
     layout_img = load_image(layout, what="layout image")
     job = _Job("texture-layout", refs, "texture image", num=num, like=layout_img, layout=layout_img,
                like_name=f"layout image '{describe_input(layout)}'", strength=strength, start_t=start_t, tile=tile,
                tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "layout": describe_input(layout), "strength": strength,
-              "num": num, "tile": check_axes(tile), "tune_vae": tune_vae}
+              "num": num, "tile": tile, "tune_vae": tune_vae}
     return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)
