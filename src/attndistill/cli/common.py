@@ -205,14 +205,13 @@ def preview_callback(path: Path | None, every: int, model):
     """
     if path is None:
         return None
-    from ..images import save_png, to_pil
+    from ..images import save_png
 
     def callback(info) -> None:
         if info.stage:  # the decoder's tuning (--tune-vae): no latents to show
             return
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
-            preview = to_pil(model.preview(info.latents, side=64))[0]
-            save_png(preview, path, overwrite=True, parameters=PREVIEW_MARK)
+            save_png(model.preview(info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
 
     return callback
 

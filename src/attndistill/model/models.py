@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch
 
 from ..errors import NonFiniteError, UserError, is_out_of_memory
+from ..images import to_pil
 from .perf import PerfOptions, apply_perf
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.configuration_utils import FrozenDict
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -246,16 +248,16 @@ class DiffusionModel:
                                  "use --dtype fp32 (or an fp16-safe VAE), or check the input images")
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    def preview(self, latents: torch.Tensor, *, side: int = 32) -> torch.Tensor:
-        """The batch's first latent decoded at most ``side`` latents across, (1, 3, H, W) in [0, 1]: a cheap look
-        at a running job (the web UI's live preview, ``--preview``)."""
+    def preview(self, latents: torch.Tensor, *, side: int = 32) -> Image.Image:
+        """The batch's first latent decoded at most ``side`` latents across: a cheap look at a running job (the
+        web UI's live preview, ``--preview``)."""
         z = latents[:1].detach().float()  # (1, 4, h, w)
         h, w = z.shape[-2:]
         if max(h, w) > side:
             scale = side / max(h, w)
             z = torch.nn.functional.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))),
                                                 mode="area")
-        return self.decode(z)
+        return to_pil(self.decode(z))[0]
 
     # -- text conditioning ------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import gradio as gr
 from PIL import Image
 
 from ..errors import UserError, is_out_of_memory
-from ..images import save_png, to_pil
+from ..images import save_png
 from ..model.loading import DEFAULT_MODEL, ModelSlot
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
@@ -188,7 +188,7 @@ class WebUI:
             job.stop_if_cancelled("cancelled before the first step")
             return call(loaded[0], callback)
 
-        job = Job(work, preview=lambda latents: to_pil(loaded[0].preview(latents, side=preview_side))[0],
+        job = Job(work, preview=lambda latents: loaded[0].preview(latents, side=preview_side),
                   every=every)
         if not self.runs.attach(_key(request, tab), job):
             yield line("cancelled before it started; nothing was run", None)
