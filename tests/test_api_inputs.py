@@ -247,7 +247,8 @@ def test_save_png_refuses_what_png_cannot_hold(tmp_path):
              (img, tmp_path / "s.png", {"a": {1, 2}}, "parameters hold a set"),
              (img, tmp_path / "n.png", 5, "parameters must be a dict"),
              (img, tmp_path / "t.png", "not json", "parameters text must be a JSON object"),
-             (img, tmp_path / "l.png", "[1, 2]", "parameters text must be a JSON object")]
+             (img, tmp_path / "l.png", "[1, 2]", "parameters text must be a JSON object"),
+             (img, tmp_path / "d.png", "[" * 100_000, "parameters text must be a JSON object")]
     for image, path, params, expected in cases:
         with pytest.raises(UserError, match=expected):
             ad.save_png(image, path, parameters=params)
