@@ -183,6 +183,41 @@ def timed_static_calls(device: torch.device):
             entry["ms"] = round(entry["ms"], 1)
 
 
+def sync_sites(fn, device: torch.device, top: int = 12) -> tuple[int, list[dict]]:
+    """Run ``fn()`` with CUDA's sync debug mode on: (syncs, their call sites, most frequent first).
+
+    Each operation that makes the host wait for the GPU (reading a device value, a copy from pageable CPU
+    memory) warns; a site is the innermost frame in attndistill beside the innermost frame of any code.
+    A step that syncs leaves the GPU idle while Python prepares the next; the progress bar's loss read every
+    10 steps and the run's start and end are meant to.
+    """
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        ours = [f for f in stack if "attndistill" in f.filename]
+        where = (lambda f: f"{Path(f.filename).name}:{f.lineno} {f.line}") if stack else str
+        inner = where(stack[-1]) if stack else "?"
+        sites[(where(ours[-1]) if ours else "-") + " | " + inner] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize(device)
+    return sum(sites.values()), [{"where": k, "count": n} for k, n in sites.most_common(top)]
+
+
 def programs_compiled() -> int:
     """Programs ``torch.compile`` has made in this process so far (``compile``, ``compiled_norms``)."""
     from torch._dynamo.utils import counters
@@ -226,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also profile STEPS steps of the fast path and print where the time goes")
     p.add_argument("--breakdown", type=int, default=0, metavar="STEPS",
                    help="also time STEPS steps of the fast path by program: reference, iteration, denoising")
+    p.add_argument("--sync-check", type=int, default=0, metavar="STEPS",
+                   help="also run STEPS steps of the fast path in CUDA's sync debug mode and list where the host "
+                        "waited for the GPU (CUDA only)")
     p.add_argument("--memory-cap", type=float, default=None, metavar="GB",
                    help="cap the caching allocator (graph pools included) at GB once the model is built: does the case "
                         "fit a smaller card?")
@@ -295,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile:
                 top = profile(partial(run_case, case, model, args.profile, args.size_scale), device)
                 emit(case=case, path="profile", steps=args.profile, top=top)
+            if args.sync_check and device.type == "cuda":
+                syncs, sites = sync_sites(partial(run_case, case, model, args.sync_check, args.size_scale), device)
+                emit(case=case, path="sync-check", steps=args.sync_check, syncs=syncs, sites=sites)
             if args.breakdown:
                 with timed_static_calls(device) as parts:
                     seconds, _, _ = measure(partial(run_case, case, model, args.breakdown, args.size_scale), device)

@@ -11,6 +11,11 @@
 #                                       # card's defaults under 9 GB (its decode drops the graphs if short of memory),
 #                                       # e's default under 6 GB (a capture out of memory turns checkpointing on), a
 #                                       # lean (no look-ahead, checkpointing) under the official code's 3.2 GB
+#   bash benchmarks/gpu_run.sh run13    # run 13 (<= 540 s): the defaults of a, c, b, g and e with the plain path in the
+#                                       # same process, now that steps no longer wait for the GPU (timesteps on the CPU,
+#                                       # noise copied from pinned memory); each with a sync check (where the host still
+#                                       # waits) and a, c, b, g with the time per program; b with compiled_norms in a
+#                                       # full run; d under a 9 GB cap with a 12 GB card's defaults; the 4096² expansion
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
 #   bash benchmarks/gpu_run.sh run11    # run 11 (<= 510 s, 319 s on the H200): b and g with look-ahead of 32 rows, d uncapped (run 7's
@@ -110,6 +115,12 @@ case "${1:-}" in
       --compare --plain-steps 3
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
+    run 120 --cases f --steps 1 ;;
+  run13)  # the eighteenth session: the defaults at its tree, no per-step syncs, against the targets in one call
+    run 150 --cases a,c,b,g --compare --plain-steps 5 --sync-check 12 --breakdown 20
+    run 90 --cases e --compare --plain-steps 3 --sync-check 3
+    run 100 --cases b --variant compiled_norms=1
+    run 80 --cases d --fast offload_text_encoders=1,gradient_checkpointing=1 --memory-cap 9
     run 120 --cases f --steps 1 ;;
   run12)  # case b with the two switches that each took 4% off it (compiled_norms, run 8; unchunked feed-forward, run 7)
     run 200 --cases b --variant compiled_norms=1,feed_forward_chunks=0 --variant feed_forward_chunks=0 ;;

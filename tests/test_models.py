@@ -173,3 +173,18 @@ def test_a_long_prompt_is_warned_about_with_the_words_clip_drops(tiny_sd15, capl
     with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
         warn_truncated(tiny_sd15.pipe.tokenizer, [" ".join(["a"] * 75 + ["b"] * 5)])
     assert "prompt has 82 tokens; CLIP keeps the first 77, so its end is ignored: 'b b b b b'" in caplog.text
+
+
+def test_steps_read_timesteps_on_the_cpu_and_unet_calls_get_them_made_on_the_device(tiny_sd15):
+    """A step reads its timestep (``int(t)``, the scheduler's own step logic): from a device tensor that read
+    waits for the GPU. The scheduler keeps them on the CPU; the UNet gets a copy made on the device (a fill,
+    not a host-to-device copy). The meta device stands in for a GPU here."""
+    from dataclasses import replace
+
+    model = replace(tiny_sd15, device=torch.device("meta"))
+    scheduler = model.ddim_scheduler(5)
+    assert scheduler.timesteps.device.type == "cpu"
+    t = model.timestep(scheduler.timesteps[1])
+    assert (t.device.type, t.dtype, t.dim()) == ("meta", torch.long, 0)
+    here = tiny_sd15.timestep(scheduler.timesteps[1])
+    assert int(here) == int(scheduler.timesteps[1]) and here.dtype == torch.long

@@ -40,9 +40,17 @@ def previous_timestep(t: int, scheduler) -> int:
 
 
 def noised(scheduler, latents: torch.Tensor, t: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``add_noise(latents, n, t)`` with fresh Gaussian noise ``n`` drawn on the CPU (device-independent seeds)."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    return scheduler.add_noise(latents, noise, torch.tensor([t], device=latents.device))
+    """``add_noise(latents, n, t)`` with fresh Gaussian noise ``n`` drawn on the CPU (device-independent seeds).
+
+    On CUDA the noise goes over from pinned memory without waiting: a plain copy of CPU memory to the
+    GPU waits for all queued GPU work first (a sync), and this runs at every step of a sampler.
+    """
+    noise = torch.randn(latents.shape, generator=generator)
+    if latents.device.type == "cuda":
+        noise = noise.pin_memory()
+    noise = noise.to(latents.device, latents.dtype, non_blocking=True)
+    t = torch.full((1,), int(t), device=latents.device, dtype=torch.long)  # made on the device: no copy
+    return scheduler.add_noise(latents, noise, t)
 
 
 def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
@@ -169,7 +177,7 @@ def guide_latents(distiller: Distiller, latents: torch.Tensor, t_prime: int, ref
         content_t = ahead.content
     elif content_latents is not None:
         content_t = noised(scheduler, content_latents.to(device), t_prime, generator)
-    t = torch.tensor(t_prime, device=device)
+    t = distiller.model.timestep(t_prime)
     # a fresh optimiser every step (Algorithm 2): the stepper's Adam state is reset
     z, losses = distiller.adam_steps(z, t, ref_t, content_t, iters=iters, lr=lr, fresh=True,
                                      reference_key=reference_key, features=ahead.features if ahead else None)

@@ -142,7 +142,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                 zv = torch.cat([_crop(z, y, x, view) for y, x in batch])
                 # 2. one denoising step (capture paused: this call records no features)
                 with distiller.store.paused():
-                    eps = cfg_noise(model, zv, t.to(model.device), cond, uncond, guidance)
+                    eps = cfg_noise(model, zv, model.timestep(t), cond, uncond, guidance)
                 zv = scheduler.step(eps, t, zv).prev_sample
                 # 3. AD guidance of every view at t' (fresh Adam; this timestep's reference)
                 zv, batch_losses = guide_latents(distiller, zv, t_prime, ref_t, scheduler=scheduler,

@@ -39,7 +39,7 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
         for i, t in enumerate(timesteps):
             # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).
             # One optimiser for the whole run: its state persists across timesteps.
-            z, losses = distiller.adam_steps(z, t.to(model.device), ref_latents, content_latents,
+            z, losses = distiller.adam_steps(z, model.timestep(t), ref_latents, content_latents,
                                              iters=iters, lr=lr, fresh=False,
                                              features=ahead.at(i).features if ahead else None)
             loop.done(i, int(t), z, losses)

@@ -74,6 +74,7 @@ def _denoise(model: DiffusionModel, scheduler, z: torch.Tensor, t: torch.Tensor,
              uncond: Conditioning | None, guidance: float, control: Control | None) -> torch.Tensor:
     """The noise prediction of one DDIM step: CFG, and ControlNet residuals on the same batched input."""
     x = scheduler.scale_model_input(z, t)
+    t = model.timestep(t)  # the UNet's copy on the device; the scheduler keeps the CPU one (no sync)
     kwargs = {}
     if control is not None:
         b = x.shape[0]

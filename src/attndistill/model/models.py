@@ -198,8 +198,18 @@ class DiffusionModel:
             raise UserError(f"steps must be at least 1 (got {steps})")
         if steps > limit:
             raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
-        scheduler.set_timesteps(steps, device=self.device)
+        # timesteps stay on the CPU: a loop reads each one (int(t), the scheduler's own step logic), and reading
+        # a device tensor is a GPU sync; UNet calls take :meth:`timestep`
+        scheduler.set_timesteps(steps)
         return scheduler
+
+    def timestep(self, t: torch.Tensor | int) -> torch.Tensor:
+        """Timestep ``t`` (an int or a CPU tensor) as a 0-dim long tensor on the model's device, for UNet calls.
+
+        Filled in on the device (a kernel): a copy of CPU memory to the GPU would wait for all queued GPU
+        work (a sync), and every step would leave the GPU idle while Python prepares the next.
+        """
+        return torch.full((), int(t), dtype=torch.long, device=self.device)
 
     # -- VAE -------------------------------------------------------------------------------------
 
