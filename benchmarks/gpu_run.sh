@@ -16,6 +16,7 @@
 #                                       # noise copied from pinned memory); each with a sync check (where the host still
 #                                       # waits) and a, c, b, g with the time per program; b with compiled_norms in a
 #                                       # full run; d under a 9 GB cap with a 12 GB card's defaults; the 4096² expansion
+#   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
 #   bash benchmarks/gpu_run.sh run11    # run 11 (<= 510 s, 319 s on the H200): b and g with look-ahead of 32 rows, d uncapped (run 7's
@@ -116,6 +117,8 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  smoke)  # do the GPU-only code paths of every command run? (exit status and output, no pixels)
+    timeout 300 python3 benchmarks/gpu_smoke.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/smoke.jsonl" ;;
   run13)  # the eighteenth session: the defaults at its tree, no per-step syncs, against the targets in one call
     run 150 --cases a,c,b,g --compare --plain-steps 5 --sync-check 12 --breakdown 20
     run 90 --cases e --compare --plain-steps 3 --sync-check 3
