@@ -44,6 +44,32 @@ def test_breakdown_times_static_calls_by_kind():
     assert iteration() == 2 and parts["iteration"]["calls"] == 2  # the original call is back, untimed
 
 
+def test_sync_check_counts_sync_warnings_by_call_site(monkeypatch):
+    """CUDA's sync debug mode warns at each operation that waits for the GPU; the check groups them by where
+    they came from (simulated here: the CPU has no such mode) and ignores other warnings."""
+    import warnings
+
+    import torch
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    def steps():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # one site, three times
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # another line
+        warnings.warn("something else", stacklevel=1)
+
+    syncs, sites = bench.sync_sites(steps, torch.device("cpu"))
+    assert syncs == 4 and [s["count"] for s in sites] == [3, 1] and modes == ["warn", 0]
+    assert all("test_bench.py" in s["where"] for s in sites)
+
+
 def test_flop_counts_follow_the_programs(tiny_sd15):
     path = Path(__file__).parent.parent / "benchmarks" / "flops.py"
     spec = importlib.util.spec_from_file_location("flops", path)
