@@ -260,3 +260,24 @@ def test_sampling_matches_spec(tiny_sdxl):
     assert (ours - start).abs().max() > 0.1
     assert_matches(lib, ours, lambda init: spec.sample(init, z_r, generator=torch.Generator().manual_seed(7), **kw),
                    start)
+
+
+def test_a_distiller_without_condition_size_takes_the_output_size(tiny_sdxl):
+    """ALGORITHM.md §1: SDXL's null carries ``add_time_ids`` of the output size. A Distiller built without
+    ``condition_size`` (the public core API) must give what one given the output size gives, in both
+    algorithms; before, it silently used the model's native size (0.15 apart here)."""
+    z_c, z_r = latents(2), latents(12)
+
+    def run(**kw):
+        return optimize_latents(Distiller(tiny_sdxl, content_weight=0.25, **kw), init=z_c, ref_latents=z_r,
+                                content_latents=z_c, steps=2, iters=1, lr=0.05, progress=False)
+
+    assert torch.equal(run(), run(condition_size=pixels(tiny_sdxl)))
+    cond, uncond = prompt_conditioning(tiny_sdxl, "a red fox", None, guidance=7.0, size=pixels(tiny_sdxl))
+
+    def draw(**kw):
+        return sample(Distiller(tiny_sdxl, **kw), latents(3), latents(14, (8, 8)), cond=cond,
+                      uncond=uncond, guidance=7.0, steps=2, iters=1, lr=0.015, adain=True,
+                      generator=torch.Generator().manual_seed(7), progress=False)
+
+    assert torch.equal(draw(), draw(condition_size=pixels(tiny_sdxl)))

@@ -112,7 +112,10 @@ class Distiller:
     (1 or B, H, W) for masked AD; fused: reference, content and target in one UNet call (default: on
     CUDA without graphs). ``static=True`` runs the CUDA-graph code path without capturing (tests on CPU).
     ``update_mask``: (1, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
-    only where it is 1 (a restyled region; the loss still sees the whole image).
+    only where it is 1 (a restyled region; the loss still sees the whole image). ``condition_size``:
+    (h, w) pixels of the null conditioning (SDXL's ``add_time_ids`` carry a size); None: the size of the
+    latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks (the model's native size
+    for a direct :meth:`loss` call before any run).
     """
 
     def __init__(self, model: DiffusionModel, *, layers: str | Sequence[int] | None = None,
@@ -144,6 +147,7 @@ class Distiller:
         self.static = self.cuda_graphs if static is None else static
         self._steppers: dict[tuple, EagerStepper] = {}
         self.condition_size = condition_size
+        self._condition_given = condition_size is not None
         self.null: Conditioning = model.null_condition(condition_size)
         self.store = None
         self._ctx = None
@@ -203,6 +207,18 @@ class Distiller:
                 raise
             raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
                                  ) from None
+
+    def condition_on(self, latent_hw: Sequence[int]) -> None:
+        """Take the null conditioning of the output size (latents of ``latent_hw``), unless a ``condition_size``
+        was given. Each algorithm calls it before its first feature call. Only SDXL's null depends on the size
+        (its ``add_time_ids``); without this a direct caller at 768x512 got features conditioned on 1024x1024.
+        """
+        if self._condition_given or getattr(self.model, "kind", None) != "sdxl":
+            return
+        f = self.model.vae_scale_factor
+        size = (int(latent_hw[0]) * f, int(latent_hw[1]) * f)
+        if size != self.condition_size:
+            self.condition_size, self.null = size, self.model.null_condition(size)
 
     def _new_stepper(self, key, lr: float, *, fed: tuple | None = None) -> EagerStepper:
         """A stepper for ``key``; ``fed``: the first features of a run that brings each timestep's own

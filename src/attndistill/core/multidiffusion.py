@@ -114,6 +114,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     z = init.detach().to(model.device, torch.float32)
     b, _, h, w = z.shape
     starts = views((h, w), view, stride, wrap=wrap)
+    distiller.condition_on((view, view))  # SDXL's null conditioning of the size the UNet sees: one view
     batches = list(_batches(starts, max(1, view_batch)))
     real = [len(batch) for batch in batches]  # views of each batch before any copies fill it up
     if distiller.cuda_graphs if pad is None else pad:

@@ -28,6 +28,7 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     timesteps = model.ddim_scheduler(steps).timesteps
     z = init.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
+    distiller.condition_on(z.shape[-2:])  # SDXL's null conditioning of the output size
     if content_latents is not None:
         content_latents = content_latents.to(model.device)
     # reference/content features of several timesteps per UNet call (None: one call per step)

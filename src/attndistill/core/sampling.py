@@ -107,6 +107,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
         uncond = None
     z = latents.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
+    distiller.condition_on(z.shape[-2:])  # SDXL's null conditioning of the output size
     ahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler, generator=generator,
                                 content_latents=content_latents, start_t=start_t) if iters > 0 else None
     with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback) as loop, \
