@@ -163,8 +163,9 @@ class Job:
 
 
 def run_order(jobs: Sequence[Job]) -> list[Job]:
-    """The order a run takes ``jobs`` in: by group, and in a group the jobs of one setting together, where
-    the first of them stands in the file; otherwise file order. Every shard of a run computes the same."""
+    """The order a run takes ``jobs`` in: group by group (groups ordered by their settings' text, not by the
+    file), and in a group the jobs of one setting together, where the first of them stands in the file, then
+    by line. Every shard of a run computes the same."""
     first: dict[str, int] = {}
     for job in sorted(jobs, key=lambda j: j.line):
         first.setdefault(job.settings, job.line)

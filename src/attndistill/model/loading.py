@@ -464,8 +464,9 @@ def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae: str | os.
                  "dtype": dtype is not None and resolve_dtype(dtype, model.device) != model.dtype,
                  "vae": vae is not None and local_or_hub(vae) != model.vae_source}
         if any(asked.values()):
-            names = " and ".join(k for k, v in asked.items() if v)
-            raise UserError(f"{names} differ from the loaded model's ({model.device}, "
+            differing = [k for k, v in asked.items() if v]
+            names = " and ".join(differing) + (" differs" if len(differing) == 1 else " differ")
+            raise UserError(f"{names} from the loaded model's ({model.device}, "
                             f"{str(model.dtype).removeprefix('torch.')}, VAE {model.vae_source or 'its own'}); pass "
                             f"them to load_model, or pass the model as a path")
         return model

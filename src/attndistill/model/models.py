@@ -88,7 +88,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise UserError(f"device '{text}' is not supported; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu "
+                        "(device=\"cpu\" from Python)")
     return device
 
 

@@ -131,7 +131,7 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
     (:mod:`attndistill.tasks.regions`). Example::
 
         out = style_transfer("horse.jpg", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
-        out.save("horse-watercolor.png")
+        save_png(out, "horse-watercolor.png")  # the PNG carries the run's parameters (attndistill info)
     """
     preset = get_preset("style").override(steps=steps, iters=iters, lr=lr, content_weight=content_weight,
                                           attention_scale=attention_scale, reference_fit=reference_fit)

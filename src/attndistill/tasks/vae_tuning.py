@@ -115,10 +115,12 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
     do; its latents are empty (the decoder's weights are what change) and raising from it stops the
     tuning. ``warn_crops=False``: a task that encoded the same references has already named any that
     reference fit keep cuts to less than half. Save the result with :func:`save_vae` (or
-    ``save_pretrained``) and pass the folder as ``vae=``/``--vae`` to any task::
+    ``save_pretrained``) and pass the folder as ``--vae`` to any command, or load a model with it: a loaded
+    model keeps its own VAE, so a task refuses ``vae=`` beside one (it takes it beside a model path)::
 
         vae = finetune_vae("wood.jpg", model=model)
         save_vae(vae, "wood-vae")          # later: --vae wood-vae
+        tuned = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", vae="wood-vae")
     """
     check_callback(callback)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
