@@ -197,14 +197,14 @@ def sync_sites(fn, device: torch.device, top: int = 12) -> tuple[int, list[dict]
 
     sites: Counter = Counter()
 
+    def where(frames: list) -> str:
+        return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].line}" if frames else "-"
+
     def record(message, category, filename, lineno, file=None, line=None) -> None:
         if "synchroniz" not in str(message):
             return
         stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-        ours = [f for f in stack if "attndistill" in f.filename]
-        where = (lambda f: f"{Path(f.filename).name}:{f.lineno} {f.line}") if stack else str
-        inner = where(stack[-1]) if stack else "?"
-        sites[(where(ours[-1]) if ours else "-") + " | " + inner] += 1
+        sites[where([f for f in stack if "attndistill" in f.filename]) + " | " + where(stack)] += 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
