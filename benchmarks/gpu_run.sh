@@ -16,6 +16,9 @@
 #                                       # noise copied from pinned memory); each with a sync check (where the host still
 #                                       # waits) and a, c, b, g with the time per program; b with compiled_norms in a
 #                                       # full run; d under a 9 GB cap with a 12 GB card's defaults; the 4096² expansion
+#   bash benchmarks/gpu_run.sh run14    # run 14 (<= 580 s): each AD iteration's loss as one compiled program
+#                                       # (compiled_loss: forward, ideal attentions, L1 terms and their backward) against
+#                                       # the default in full runs of b (with the plain path), c, a and e (20 steps)
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
@@ -119,6 +122,10 @@ case "${1:-}" in
     run 120 --cases f --steps 1 ;;
   smoke)  # do the GPU-only code paths of every command run? (exit status and output, no pixels)
     timeout 300 python3 benchmarks/gpu_smoke.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/smoke.jsonl" ;;
+  run14)  # the nineteenth session: compiled_loss; c reuses b's program (same shapes, no content term) from the disk cache
+    run 290 --cases b --variant compiled_loss=1 --compare --plain-steps 5
+    run 190 --cases c,a --variant compiled_loss=1
+    run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
   run13)  # the eighteenth session: the defaults at its tree, no per-step syncs, against the targets in one call
     run 150 --cases a,c,b,g --compare --plain-steps 5 --sync-check 12 --breakdown 20
     run 90 --cases e --compare --plain-steps 3 --sync-check 3

@@ -86,11 +86,14 @@ def dynamo_eager(monkeypatch):
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
     operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
+    from attndistill.core import engine
     from attndistill.model import compiling, group_norm
 
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    group_norm._program.cache_clear()
+    for programs in (group_norm._program, engine._compiled_target_loss):  # made with the backend of their day
+        programs.cache_clear()
     torch._dynamo.reset()
     yield
-    group_norm._program.cache_clear()
+    for programs in (group_norm._program, engine._compiled_target_loss):
+        programs.cache_clear()
     torch._dynamo.reset()

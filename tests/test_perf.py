@@ -716,3 +716,54 @@ def test_a_masked_run_keeps_no_graph_for_later_runs(model, monkeypatch):
         second = distiller._new_stepper(key[:3] + (0.1,), 0.1)  # another lr: the same reference program
         assert first.reference is second.reference and len(model.graphs) == cached
     model.graphs.clear()
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+@pytest.mark.parametrize("content_weight", [0.0, 0.25])
+def test_compiled_loss_gives_the_same_loss_and_gradient_in_one_program(model, aot_eager, early_exit, content_weight):
+    """``compiled_loss``: the target's forward and loss as one program give the eager loss and gradient;
+    one program serves every timestep and later runs (no recompile), and masked AD stays uncompiled."""
+    from torch._dynamo.utils import counters
+
+    z_ref, z_c, z0 = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+
+    def loss_and_grad(perf, t, **kwargs):
+        model.set_perf(perf)
+        with Distiller(model, content_weight=content_weight, **kwargs) as d:
+            d.begin_timestep(torch.tensor(t), z_ref, z_c)
+            z = z0.clone().requires_grad_(True)
+            loss = d.loss(z)
+            loss.backward()
+            return loss.detach(), z.grad, d.last_parts
+
+    plain = replace(PerfOptions.plain(), early_exit=early_exit)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for t in (700, 300):
+        eager = loss_and_grad(plain, t)
+        program = loss_and_grad(replace(plain, compiled_loss=True), t)
+        torch.testing.assert_close(program[0], eager[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(program[1], eager[1], atol=1e-6, rtol=1e-5)
+        assert program[2].keys() == eager[2].keys()
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one program: no graph break, no recompile
+    assert sum(counters["graph_break"].values()) == breaks
+    labels = torch.zeros(1, 64, 64, dtype=torch.long)
+    masked = loss_and_grad(replace(plain, compiled_loss=True), 500, ref_labels=labels.expand(2, -1, -1),
+                           target_labels=labels)
+    assert torch.isfinite(masked[0]) and counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
+    """``compiled_loss`` in Algorithm 1, eager and over static buffers (the CUDA-graph path, uncaptured)."""
+    from torch._dynamo.utils import counters
+
+    z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    plain = _run(model, PerfOptions.plain(), z_c, z_ref, z_c, steps=10)
+    graphs = counters["stats"]["unique_graphs"]
+    program = _run(model, replace(PerfOptions.plain(), compiled_loss=True), z_c, z_ref, z_c, steps=10)
+    assert counters["stats"]["unique_graphs"] > graphs  # the loss did run as a program
+    torch.testing.assert_close(program, plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.decode(program), model.decode(plain), atol=1e-4, rtol=0)
+    model.set_perf(replace(PerfOptions(), compiled_loss=True))
+    static = optimize_latents(Distiller(model, content_weight=0.25, static=True), z_c, z_ref, content_latents=z_c,
+                              steps=10, iters=1, lr=0.05, progress=False)
+    torch.testing.assert_close(static, plain, atol=1e-4, rtol=0)

@@ -19,6 +19,7 @@ where a batch costs its full size, every call goes separately.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import numbers
 import re
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
+from ..model.compiling import compiled
 from ..model.models import Conditioning, DiffusionModel
 from .features import (
     LayerFeatures,
@@ -391,8 +393,24 @@ class Distiller:
         else:
             if self.reference is None:
                 self.compute_reference()
+            if self._compiles_loss():
+                return _compiled_target_loss()(self, z)
             target = self.features(z, t)
         return self._loss(target, z, z_ref.shape[-2:])
+
+    def _compiles_loss(self) -> bool:
+        """Whether :meth:`loss` runs as one compiled program (``PerfOptions.compiled_loss``): for gradients of
+        the target, with a timestep tensor (an int would be compiled in, a program per step), without label
+        masks (their lookup raises on unmatched labels, which a program cannot)."""
+        return (self.model.perf.compiled_loss and torch.is_grad_enabled() and self.target_labels is None
+                and torch.is_tensor(self._pending[0]))
+
+    def _target_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """The target's features and loss in one go: what :data:`_compiled_target_loss` compiles."""
+        t, z_ref, _ = self._pending
+        self.store.clear()
+        self.model.predict(z, t, self.null)  # inside a program the forward runs whole, its tail dead code
+        return self._loss(self.store.take(), z, z_ref.shape[-2:])
 
     def _loss(self, target: list[LayerFeatures], z: torch.Tensor, ref_hw) -> torch.Tensor:
         masks = self._layer_masks(target, z.shape[-2:], ref_hw) if self.target_labels is not None else None
@@ -438,6 +456,13 @@ class Distiller:
                     raise UnmatchedLabels(exc.labels, r_grid) from None
             masks.append(self._masks[key])
         return masks
+
+
+@functools.cache
+def _compiled_target_loss():
+    """:meth:`Distiller._target_loss` compiled, one program per latent shape and loss (static shapes),
+    shared by every distiller of the process; made at first use, so that the backend is the one set then."""
+    return compiled(Distiller._target_loss, dynamic=False)
 
 
 def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):

@@ -119,7 +119,8 @@ class CaptureProcessor:
             recorded = LayerFeatures(query, key, value, out)
             keep = self.store.keep
             self.store.features[self.position] = recorded if keep is None else keep(recorded)
-            if self.last and self.store.early_exit:
+            # a compiled program drops the rest of the UNet as dead code instead (nothing of it is returned)
+            if self.last and self.store.early_exit and not torch.compiler.is_compiling():
                 raise StopForward
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)

@@ -18,9 +18,13 @@ RECOMPILE_LIMIT = 64
 BACKEND = "inductor"
 
 
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn, dynamic=True)``, allowed :data:`RECOMPILE_LIMIT` programs inside its calls only."""
-    program = torch.compile(fn, dynamic=True, backend=BACKEND)
+def compiled(fn: Callable, *, dynamic: bool = True) -> Callable:
+    """``torch.compile(fn, dynamic=dynamic)``, allowed :data:`RECOMPILE_LIMIT` programs inside its calls only.
+
+    ``dynamic=False``: a program per shape, each specialised to it (a whole UNet call, whose shapes a run
+    keeps, and whose kernels are then chosen for them).
+    """
+    program = torch.compile(fn, dynamic=dynamic, backend=BACKEND)
 
     def run(*args, **kwargs):
         try:

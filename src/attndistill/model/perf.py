@@ -20,8 +20,8 @@ from .group_norm import swap_group_norms
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "channels_last", "channels_last_norms", "compiled_norms", "cudnn_benchmark",
-                  "lookahead_batch", "feed_forward_chunks", "attention_slicing", "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "compiled_loss", "channels_last", "channels_last_norms", "compiled_norms",
+                  "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks", "attention_slicing", "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md). With
 #: checkpointing too (the default below this size) SDXL T2I ran under a 9 GB cap on the allocator (run 8).
@@ -51,6 +51,13 @@ class PerfOptions:
     cuda_graphs: bool | None = None  # replay the reference call, each AD iteration and the denoising call as graphs
     early_exit: bool = True  # stop the UNet after the last captured self-attention layer
     compile: bool = False  # torch.compile the UNet's ResNet and feed-forward blocks (first calls compile)
+    # each AD iteration's loss (the target's whole UNet forward, the ideal attentions, the L1 terms) as one
+    # torch.compile program of static shapes, its backward compiled with it: the norms, activations and
+    # additions around the convolutions and attention fuse, and the UNet's tail after the last recorded
+    # layer is dropped as dead code. A program (minutes to compile) per latent shape and loss; no-grad
+    # calls (reference, denoising) run as they are; masked AD takes the uncompiled loss. Takes the place of
+    # ``compile``'s blocks
+    compiled_loss: bool = False
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
     # spares cuDNN a layout transposition around every convolution)
     channels_last: bool | None = None
@@ -135,7 +142,8 @@ def apply_perf(model, perf: PerfOptions) -> None:
         unet.enable_gradient_checkpointing()
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
-    compile_blocks(unet, perf.compile)
+    # a whole-loss program would stop at each compiled block (they set the compiler's limits)
+    compile_blocks(unet, perf.compile and not perf.compiled_loss)
     swap_group_norms(unet, _norm_kind(perf, model.device))
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
@@ -161,7 +169,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
 
 def _norm_kind(perf: PerfOptions, device: torch.device) -> str | None:
     """Which GroupNorms the UNet runs (group_norm.NORM_KINDS; None: PyTorch's own)."""
-    if perf.compile:  # its compiled blocks fuse their own norms
+    if perf.compile or perf.compiled_loss:  # their programs fuse their own norms
         return None
     if perf.compiled_norms:
         return "compiled"
