@@ -126,6 +126,9 @@ case "${1:-}" in
     run 290 --cases b --variant compiled_loss=1 --compare --plain-steps 5
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
+  run14b)  # right after run14 on its machine (its disk cache holds a's and c's programs): with look-ahead of 32 rows too; e
+    run 130 --cases c,a --fast compiled_loss=1 --variant compiled_loss=1,lookahead_batch=32 --compare --plain-steps 5
+    run 150 --cases e --steps 20 --fast compiled_loss=1 ;;
   run13)  # the eighteenth session: the defaults at its tree, no per-step syncs, against the targets in one call
     run 150 --cases a,c,b,g --compare --plain-steps 5 --sync-check 12 --breakdown 20
     run 90 --cases e --compare --plain-steps 3 --sync-check 3

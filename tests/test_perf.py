@@ -767,3 +767,44 @@ def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
     static = optimize_latents(Distiller(model, content_weight=0.25, static=True), z_c, z_ref, content_latents=z_c,
                               steps=10, iters=1, lr=0.05, progress=False)
     torch.testing.assert_close(static, plain, atol=1e-4, rtol=0)
+
+
+def test_compiled_loss_keeps_sampling_and_multidiffusion(model, aot_eager):
+    """``compiled_loss`` in Algorithm 2 (static buffers, a fresh Adam each step) and in MultiDiffusion's view
+    batches (a program per batch shape) gives the uncompiled latents."""
+    from attndistill.core.multidiffusion import multidiffusion
+    from attndistill.core.sampling import sample
+
+    z_ref, init, canvas = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 14)
+    results = []
+    for compiled_loss in (False, True):
+        model.set_perf(replace(PerfOptions(), compiled_loss=compiled_loss))
+        sampled = sample(Distiller(model, static=True), init, z_ref, cond=model.null_condition(), steps=3, iters=2,
+                         lr=0.05, adain=True, generator=torch.Generator().manual_seed(7), progress=False)
+        expanded = multidiffusion(Distiller(model), canvas, z_ref, scheduler=model.ddim_scheduler(2),
+                                  cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+                                  generator=torch.Generator().manual_seed(7), progress=False)
+        results.append((sampled, expanded))
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_compiled_loss_is_one_program_with_gradient_checkpointing(model, aot_eager):
+    """Checkpointed blocks recompute their forward in the backward; the features recorded inside them must not
+    split the compiled loss into a program per block (SDXL on small cards checkpoints by default)."""
+    from torch._dynamo.utils import counters
+
+    z_ref, z0 = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    results = []
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    for compiled_loss in (False, True):
+        model.set_perf(replace(PerfOptions.plain(), gradient_checkpointing=True, compiled_loss=compiled_loss))
+        with Distiller(model) as d:
+            d.begin_timestep(torch.tensor(500), z_ref)
+            z = z0.clone().requires_grad_(True)
+            loss = d.loss(z)
+            loss.backward()
+            results.append((loss.detach(), z.grad))
+    torch.testing.assert_close(results[1], results[0], atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert sum(counters["graph_break"].values()) == breaks
