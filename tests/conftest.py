@@ -90,10 +90,10 @@ def aot_eager(monkeypatch):
     from attndistill.model import compiling, group_norm
 
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    for programs in (group_norm._program, engine._compiled_target_loss):  # made with the backend of their day
+    for programs in (group_norm._program, engine._program):  # made with the backend of their day
         programs.cache_clear()
     torch._dynamo.reset()
     yield
-    for programs in (group_norm._program, engine._compiled_target_loss):
+    for programs in (group_norm._program, engine._program):
         programs.cache_clear()
     torch._dynamo.reset()

@@ -15,12 +15,12 @@ from typer.core import TyperGroup
 from ..version import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--compiled-loss", "--channels-last", "--no-channels-last",
-                "--channels-last-norms", "--compiled-norms", "--cudnn-benchmark", "--no-cudnn-benchmark",
-                "--lookahead-overlap",
-                "--feed-forward-chunks", "--no-feed-forward-chunks", "--cuda-graphs", "--no-cuda-graphs", "--fused",
-                "--no-fused", "--gradient-checkpointing", "--no-gradient-checkpointing", "--attention-slicing",
-                "--vae-tiling", "--cpu-offload", "--offload-text-encoders", "--no-offload-text-encoders")
+GLOBAL_FLAGS = ("--debug", "--compile", "--compiled-loss", "--compiled-features", "--channels-last",
+                "--no-channels-last", "--channels-last-norms", "--compiled-norms", "--cudnn-benchmark",
+                "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks", "--no-feed-forward-chunks",
+                "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
+                "--no-gradient-checkpointing", "--attention-slicing", "--vae-tiling", "--cpu-offload",
+                "--offload-text-encoders", "--no-offload-text-encoders")
 
 
 #: Root options with a value, also accepted after the subcommand (``--lookahead-batch 16`` or ``=16``).
@@ -76,6 +76,10 @@ def _root(
         help="Each AD iteration's UNet forward, loss and backward as one compiled program: on an H200 18-22% faster "
              "steps after about two minutes of compiling per latent shape (seconds in later processes, from "
              "PyTorch's cache on disk)")] = False,
+    compiled_features: Annotated[bool, typer.Option(
+        "--compiled-features",
+        help="The feature calls without gradients (reference, content, look-ahead) as compiled programs, a program "
+             "per call shape (not measured on a GPU yet)")] = False,
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last",
         help="UNet in NHWC memory layout: no layout transposition around each convolution "
@@ -135,16 +139,18 @@ def _root(
 
     if debug:
         os.environ["ATTNDISTILL_DEBUG"] = "1"
-    if compiled_loss:
-        typer.echo("note: --compiled-loss compiles the AD iteration during the first steps (about two minutes a latent "
-                   "shape; seconds once PyTorch's cache on disk has it); later steps and jobs reuse it", err=True)
+    whole = [f for f, on in (("--compiled-loss", compiled_loss), ("--compiled-features", compiled_features)) if on]
+    if whole:
+        typer.echo(f"note: {' and '.join(whole)} compile whole UNet calls during the first steps (minutes for each "
+                   "shape; seconds once PyTorch's cache on disk has them); later steps and jobs reuse them", err=True)
     elif compile:
         typer.echo("note: --compile compiles the UNet's blocks during the first steps (a minute or more); "
                    "later steps and jobs in this process reuse them", err=True)
     elif compiled_norms:
         typer.echo("note: --compiled-norms compiles a few small programs during the first steps; later steps and "
                    "jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, compiled_loss=compiled_loss, channels_last=channels_last,
+    common.PERF = PerfOptions(compile=compile, compiled_loss=compiled_loss, compiled_features=compiled_features,
+                              channels_last=channels_last,
                               channels_last_norms=channels_last_norms,
                               compiled_norms=compiled_norms, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,

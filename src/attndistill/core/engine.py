@@ -311,11 +311,19 @@ class Distiller:
             rows = chunk_rows(b, latents.shape[-2] * latents.shape[-1]) if chunked else b
             chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
-                self.model.predict(latents, t, self.null)
+                if self.model.perf.compiled_features and not torch.is_grad_enabled() and torch.is_tensor(t):
+                    _program("_record")(self, latents, t)
+                else:
+                    self.model.predict(latents, t, self.null)
             return self.store.take()
         finally:
             self.store.keep = None
             self.store.clear()
+
+    def _record(self, latents: torch.Tensor, t: torch.Tensor) -> None:
+        """A UNet call for what the capture processors record, its output dropped: the program of
+        ``compiled_features``, in which the UNet's tail after the last recorded layer is dead code."""
+        self.model.predict(latents, t, self.null)
 
     def used_content(self, content_latents: torch.Tensor | None) -> torch.Tensor | None:
         """``content_latents`` where the content loss uses them (``lambda > 0``), else None: no call computes
@@ -394,7 +402,7 @@ class Distiller:
             if self.reference is None:
                 self.compute_reference()
             if self._compiles_loss():
-                return _compiled_target_loss()(self, z)
+                return _program("_target_loss")(self, z)
             target = self.features(z, t)
         return self._loss(target, z, z_ref.shape[-2:])
 
@@ -406,7 +414,7 @@ class Distiller:
                 and torch.is_tensor(self._pending[0]))
 
     def _target_loss(self, z: torch.Tensor) -> torch.Tensor:
-        """The target's features and loss in one go: what :data:`_compiled_target_loss` compiles."""
+        """The target's features and loss in one go: the program of ``compiled_loss``."""
         t, z_ref, _ = self._pending
         self.store.clear()
         self.model.predict(z, t, self.null)  # inside a program the forward runs whole, its tail dead code
@@ -459,10 +467,10 @@ class Distiller:
 
 
 @functools.cache
-def _compiled_target_loss():
-    """:meth:`Distiller._target_loss` compiled, one program per latent shape and loss (static shapes),
+def _program(method: str):
+    """The :class:`Distiller` method ``method`` compiled, one program per shape and setting (static shapes),
     shared by every distiller of the process; made at first use, so that the backend is the one set then."""
-    return compiled(Distiller._target_loss, dynamic=False)
+    return compiled(getattr(Distiller, method), dynamic=False)
 
 
 def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):

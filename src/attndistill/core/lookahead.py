@@ -81,7 +81,8 @@ class ReferenceLookahead:
     once per step, in schedule order); batch: the most rows one UNet call may have (each step needs
     R reference + C content rows; a chunk has at least one step). pad: the last call of a run is
     filled up to the others' size with copies of its last step, whose features are dropped (default:
-    on CUDA, where each new batch shape costs a one-time set-up, about 0.25 s on an H200 in run 5).
+    on CUDA, where each new batch shape costs a one-time set-up, about 0.25 s on an H200 in run 5, and
+    with ``compiled_features``, where it costs a program).
     A run that fits in one call is filled up too: a few tens of ms of extra rows on a GPU, and runs
     of other lengths in the same process meet no new shape.
     """
@@ -90,7 +91,8 @@ class ReferenceLookahead:
                  batch: int, *, pad: bool | None = None, overlap: bool | None = None) -> None:
         self.distiller, self.schedule, self.inputs, self.batch = distiller, list(schedule), inputs, batch
         cuda = distiller.model.device.type == "cuda"
-        self.pad = cuda if pad is None else pad
+        # compiled feature calls: one shape a run, one program
+        self.pad = (cuda or distiller.model.perf.compiled_features) if pad is None else pad
         # overlap: the next call is made as soon as the current one is taken (on CUDA on a second
         # stream, running beside the current steps; elsewhere right away, which only reorders work)
         self.overlap = distiller.model.perf.lookahead_overlap if overlap is None else overlap
@@ -187,20 +189,22 @@ class ReferenceLookahead:
         r = inputs[0][1].shape[0]
         content = inputs[0][2]
         ts = [t for t, _, _ in inputs]
+        # a compiled call keeps the filler's rows too: one program for every call of the run, the last included
+        kept_steps = len(inputs) if self.distiller.model.perf.compiled_features else steps
         if content is not None and content.shape[-2:] == inputs[0][1].shape[-2:]:
             per = r + content.shape[0]  # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
             kept = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], ts,
                               keep=lambda f: [(_keys_values(f, j * per, r), _own(f.q[j * per + r:(j + 1) * per]))
-                                              for j in range(steps)])
+                                              for j in range(kept_steps)])
             return [(_reference([layer[j][0] for layer in kept]), [layer[j][1] for layer in kept])
                     for j in range(steps)]
         kept = self._call([ref for _, ref, _ in inputs], ts,
-                          keep=lambda f: [_keys_values(f, j * r, r) for j in range(steps)])
+                          keep=lambda f: [_keys_values(f, j * r, r) for j in range(kept_steps)])
         queries: list[list[torch.Tensor] | None] = [None] * steps
         if content is not None:
             c = content.shape[0]
             by_layer = self._call([c_ for _, _, c_ in inputs], ts,
-                                  keep=lambda f: [_own(f.q[j * c:(j + 1) * c]) for j in range(steps)])
+                                  keep=lambda f: [_own(f.q[j * c:(j + 1) * c]) for j in range(kept_steps)])
             queries = [[layer[j] for layer in by_layer] for j in range(steps)]
         return [(_reference([layer[j] for layer in kept]), queries[j]) for j in range(steps)]
 

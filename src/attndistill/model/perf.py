@@ -20,8 +20,9 @@ from .group_norm import swap_group_norms
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "compiled_loss", "channels_last", "channels_last_norms", "compiled_norms",
-                  "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks", "attention_slicing", "vae_tiling")
+PIXEL_SWITCHES = ("fused", "compile", "compiled_loss", "compiled_features", "channels_last", "channels_last_norms",
+                  "compiled_norms", "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks", "attention_slicing",
+                  "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
 #: 8.3 GB instead of 9.9 GB of allocated memory (H200, run 2 in benchmarks/RESULTS.md). With
 #: checkpointing too (the default below this size) SDXL T2I ran under a 9 GB cap on the allocator (run 8).
@@ -58,6 +59,9 @@ class PerfOptions:
     # calls (reference, denoising) run as they are; masked AD takes the uncompiled loss. Takes the place of
     # ``compile``'s blocks
     compiled_loss: bool = False
+    # the no-grad feature calls (reference, content and look-ahead features) as compiled programs of static
+    # shapes, the UNet's tail after the last recorded layer dead code there too; a program per call shape
+    compiled_features: bool = False
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
     # spares cuDNN a layout transposition around every convolution)
     channels_last: bool | None = None
@@ -142,8 +146,8 @@ def apply_perf(model, perf: PerfOptions) -> None:
         unet.enable_gradient_checkpointing()
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
-    # a whole-loss program would stop at each compiled block (they set the compiler's limits)
-    compile_blocks(unet, perf.compile and not perf.compiled_loss)
+    # a whole-call program would stop at each compiled block (they set the compiler's limits)
+    compile_blocks(unet, perf.compile and not (perf.compiled_loss or perf.compiled_features))
     swap_group_norms(unet, _norm_kind(perf, model.device))
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
@@ -169,7 +173,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
 
 def _norm_kind(perf: PerfOptions, device: torch.device) -> str | None:
     """Which GroupNorms the UNet runs (group_norm.NORM_KINDS; None: PyTorch's own)."""
-    if perf.compile or perf.compiled_loss:  # their programs fuse their own norms
+    if perf.compile or perf.compiled_loss or perf.compiled_features:  # their programs fuse their own norms
         return None
     if perf.compiled_norms:
         return "compiled"
