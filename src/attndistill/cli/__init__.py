@@ -150,8 +150,7 @@ def _root(
         typer.echo("note: --compiled-norms compiles a few small programs during the first steps; later steps and "
                    "jobs in this process reuse them", err=True)
     common.PERF = PerfOptions(compile=compile, compiled_loss=compiled_loss, compiled_features=compiled_features,
-                              channels_last=channels_last,
-                              channels_last_norms=channels_last_norms,
+                              channels_last=channels_last, channels_last_norms=channels_last_norms,
                               compiled_norms=compiled_norms, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,
                               feed_forward_chunks=feed_forward_chunks,
