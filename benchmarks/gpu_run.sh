@@ -20,7 +20,7 @@
 #                                       # (compiled_loss: forward, ideal attentions, L1 terms and their backward) against
 #                                       # the default in full runs of b (with the plain path), c, a and e (20 steps)
 #   bash benchmarks/gpu_run.sh run15    # prepared after run 14 (<= 550 s): c with compiled_loss against compiled_loss +
-#                                       # compiled_features, with the plain path; e with compiled_loss and the plain path.
+#                                       # compiled_calls, with the plain path; e with compiled_loss and the plain path.
 #                                       # Each program takes about two minutes to compile on an empty cache
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
@@ -130,7 +130,7 @@ case "${1:-}" in
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
   run15)  # after run 14: c is 4.5% from its target; e's batch-6 program did not compile within its line there
-    run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_features=1 --compare --plain-steps 5
+    run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5
     run 250 --cases e --fast compiled_loss=1 --compare --plain-steps 3 ;;
   run14b)  # right after run14 on its machine (its disk cache holds a's and c's programs): with look-ahead of 32 rows too; e
     run 130 --cases c,a --fast compiled_loss=1 --variant compiled_loss=1,lookahead_batch=32 --compare --plain-steps 5

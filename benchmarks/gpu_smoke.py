@@ -78,9 +78,9 @@ def commands(sd15: Path, sdxl: Path, controlnet: Path, made: dict[str, Path]) ->
         "t2i, SDXL": ["t2i", "-p", "a deer", "-s", CAT, *small, "--model", sdxl],
         "style, SDXL": ["style", HORSE, CAT, *small, "--model", sdxl],
         # whole compiled UNet calls inside CUDA graphs (minutes of compiling on CPUs, about a minute on a GPU machine)
-        "style, compiled loss and features": ["style", HORSE, CAT, *small, "--compiled-loss", "--compiled-features"],
+        "style, compiled loss and calls": ["style", HORSE, CAT, *small, "--compiled-loss", "--compiled-calls"],
         "t2i, SDXL, compiled, checkpointing": ["t2i", "-p", "a deer", "-s", CAT, *small, "--model", sdxl,
-                                               "--compiled-loss", "--compiled-features", "--gradient-checkpointing"],
+                                               "--compiled-loss", "--compiled-calls", "--gradient-checkpointing"],
         "expand": ["expand", WOOD, "--size", "384x128", "--view", 16, "--steps", 3],
         "expand, seamless": ["expand", WOOD, "--size", "384x128", "--view", 16, "--steps", 3, "--tile", "x"],
         "finetune-vae": ["finetune-vae", CAT, "--steps", 5],

@@ -89,7 +89,7 @@ def test_version_and_help_examples():
      "--no-offload-text-encoders", "--cudnn-benchmark", "--no-channels-last", "--lookahead-overlap",
      "--no-feed-forward-chunks"],
     ["--lookahead-batch=4", "--channels-last", "--channels-last-norms", "--no-gradient-checkpointing"],
-    ["--compiled-norms"], ["--compiled-loss", "--compiled-features"]])
+    ["--compiled-norms"], ["--compiled-loss", "--compiled-calls"]])
 def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, flags, request):
     import torch
 
@@ -114,7 +114,7 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
                 "--channels-last-norms": perf.channels_last and perf.channels_last_norms,
                 "--compiled-norms": perf.compiled_norms and "compiles a few small programs" in result.output,
                 "--compiled-loss": perf.compiled_loss and "compile whole UNet calls" in result.output,
-                "--compiled-features": perf.compiled_features and "--compiled-features compile" in result.output,
+                "--compiled-calls": perf.compiled_calls and "--compiled-calls compile" in result.output,
                 # a CUDA setting: a CPU run leaves the process's own alone
                 "--cudnn-benchmark": perf.cudnn_benchmark is True and torch.backends.cudnn.benchmark is False}
     assert all(expected[f] for f in flags if f in expected), {f: expected[f] for f in flags if f in expected}

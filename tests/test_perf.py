@@ -768,22 +768,25 @@ def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
     torch.testing.assert_close(static, plain, atol=1e-4, rtol=0)
 
 
-def test_compiled_loss_and_features_keep_sampling_and_multidiffusion(model, aot_eager):
-    """``compiled_loss`` and ``compiled_features`` in Algorithm 2 (static buffers, a fresh Adam each step) and in
-    MultiDiffusion's view batches (a program per batch shape) give the uncompiled latents."""
+def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eager):
+    """``compiled_loss`` and ``compiled_calls`` (feature and denoising calls) in Algorithm 2 (static buffers, a
+    fresh Adam each step) and in MultiDiffusion's view batches (a program per batch shape) give the uncompiled
+    latents."""
+    from attndistill.core import guidance
     from attndistill.core.multidiffusion import multidiffusion
     from attndistill.core.sampling import sample
 
     z_ref, init, canvas = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 14)
     results = []
     for compiled in (False, True):
-        model.set_perf(replace(PerfOptions(), compiled_loss=compiled, compiled_features=compiled))
+        model.set_perf(replace(PerfOptions(), compiled_loss=compiled, compiled_calls=compiled))
         sampled = sample(Distiller(model, static=True), init, z_ref, cond=model.null_condition(), steps=3, iters=2,
                          lr=0.05, adain=True, generator=torch.Generator().manual_seed(7), progress=False)
         expanded = multidiffusion(Distiller(model), canvas, z_ref, scheduler=model.ddim_scheduler(2),
                                   cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
                                   generator=torch.Generator().manual_seed(7), progress=False)
         results.append((sampled, expanded))
+        assert guidance._compiled_predict.cache_info().currsize == compiled  # the denoising calls' program
     for compiled, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
@@ -810,16 +813,16 @@ def test_compiled_loss_is_one_program_with_gradient_checkpointing(model, aot_eag
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_compiled_features_keep_the_result_in_one_program_per_call_shape(model, aot_eager, monkeypatch, static):
-    """``compiled_features``: the no-grad feature calls as programs give the uncompiled latent. Look-ahead calls
+def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, aot_eager, monkeypatch, static):
+    """``compiled_calls``: the no-grad feature calls as programs give the uncompiled latent. Look-ahead calls
     are filled up to one shape (the last one too), so a run makes one program for them: 5 steps in calls of 2."""
     from torch._dynamo.utils import counters
 
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     counter = _CountFeatureCalls(monkeypatch)
     results, calls = [], []
-    for compiled_features in (False, True):
-        model.set_perf(replace(PerfOptions(), lookahead_batch=6, compiled_features=compiled_features))
+    for compiled_calls in (False, True):
+        model.set_perf(replace(PerfOptions(), lookahead_batch=6, compiled_calls=compiled_calls))
         counter.batches = []
         graphs = counters["stats"]["unique_graphs"]
         results.append(optimize_latents(Distiller(model, content_weight=0.25, static=static), z_c, z_ref,

@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 from ..version import __version__
 
 #: Flags of the root command that are also accepted after the subcommand (``attndistill style ... --debug``).
-GLOBAL_FLAGS = ("--debug", "--compile", "--compiled-loss", "--compiled-features", "--channels-last",
+GLOBAL_FLAGS = ("--debug", "--compile", "--compiled-loss", "--compiled-calls", "--channels-last",
                 "--no-channels-last", "--channels-last-norms", "--compiled-norms", "--cudnn-benchmark",
                 "--no-cudnn-benchmark", "--lookahead-overlap", "--feed-forward-chunks", "--no-feed-forward-chunks",
                 "--cuda-graphs", "--no-cuda-graphs", "--fused", "--no-fused", "--gradient-checkpointing",
@@ -76,10 +76,10 @@ def _root(
         help="Each AD iteration's UNet forward, loss and backward as one compiled program: on an H200 18-22% faster "
              "steps after about two minutes of compiling per latent shape (seconds in later processes, from "
              "PyTorch's cache on disk)")] = False,
-    compiled_features: Annotated[bool, typer.Option(
-        "--compiled-features",
-        help="The feature calls without gradients (reference, content, look-ahead) as compiled programs, a program "
-             "per call shape (not measured on a GPU yet)")] = False,
+    compiled_calls: Annotated[bool, typer.Option(
+        "--compiled-calls",
+        help="The UNet calls without gradients (reference, content and look-ahead features; the denoising call) as "
+             "compiled programs, a program per call shape (not measured on a GPU yet)")] = False,
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last",
         help="UNet in NHWC memory layout: no layout transposition around each convolution "
@@ -139,7 +139,7 @@ def _root(
 
     if debug:
         os.environ["ATTNDISTILL_DEBUG"] = "1"
-    whole = [f for f, on in (("--compiled-loss", compiled_loss), ("--compiled-features", compiled_features)) if on]
+    whole = [f for f, on in (("--compiled-loss", compiled_loss), ("--compiled-calls", compiled_calls)) if on]
     if whole:
         typer.echo(f"note: {' and '.join(whole)} compile whole UNet calls during the first steps (minutes for each "
                    "shape; seconds once PyTorch's cache on disk has them); later steps and jobs reuse them", err=True)
@@ -149,7 +149,7 @@ def _root(
     elif compiled_norms:
         typer.echo("note: --compiled-norms compiles a few small programs during the first steps; later steps and "
                    "jobs in this process reuse them", err=True)
-    common.PERF = PerfOptions(compile=compile, compiled_loss=compiled_loss, compiled_features=compiled_features,
+    common.PERF = PerfOptions(compile=compile, compiled_loss=compiled_loss, compiled_calls=compiled_calls,
                               channels_last=channels_last, channels_last_norms=channels_last_norms,
                               compiled_norms=compiled_norms, cudnn_benchmark=cudnn_benchmark,
                               lookahead_batch=lookahead_batch, lookahead_overlap=lookahead_overlap,

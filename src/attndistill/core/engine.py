@@ -311,7 +311,7 @@ class Distiller:
             rows = chunk_rows(b, latents.shape[-2] * latents.shape[-1]) if chunked else b
             chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
-                if self.model.perf.compiled_features and not torch.is_grad_enabled() and torch.is_tensor(t):
+                if self.model.perf.compiled_calls and not torch.is_grad_enabled() and torch.is_tensor(t):
                     _program("_record")(self, latents, t)
                 else:
                     self.model.predict(latents, t, self.null)
@@ -322,7 +322,7 @@ class Distiller:
 
     def _record(self, latents: torch.Tensor, t: torch.Tensor) -> None:
         """A UNet call for what the capture processors record, its output dropped: the program of
-        ``compiled_features``, in which the UNet's tail after the last recorded layer is dead code."""
+        ``compiled_calls``, in which the UNet's tail after the last recorded layer is dead code."""
         self.model.predict(latents, t, self.null)
 
     def used_content(self, content_latents: torch.Tensor | None) -> torch.Tensor | None:

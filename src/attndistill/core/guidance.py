@@ -7,12 +7,15 @@ scheduler step, calls :func:`guide_latents` on the new latent.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from ..errors import is_out_of_memory
+from ..model.compiling import compiled
 from ..model.models import EAGER, Conditioning, DiffusionModel
 from .engine import Distiller, evict_graphs
 from .lookahead import Ahead, ReferenceLookahead, lookahead
@@ -70,16 +73,19 @@ def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | in
 
 
 def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet_kwargs: dict) -> torch.Tensor:
-    """A no-grad UNet call, replayed from a CUDA graph when the model's perf options allow it."""
+    """A no-grad UNet call, replayed from a CUDA graph when the model's perf options allow it (and a compiled
+    program with ``compiled_calls``; a ControlNet's residuals go to the uncompiled call)."""
     graphs = model.perf.cuda_graphs
-    if unet_kwargs or model.device.type != "cuda" or graphs is False:
+    if unet_kwargs:
         return model.predict(x, t, cond, **unet_kwargs)
+    if model.device.type != "cuda" or graphs is False:
+        return denoiser(model)(x, t, cond)
     key = ("predict", tuple(x.shape), tuple(cond.encoder_hidden_states.shape),
            None if cond.added_cond_kwargs is None else tuple(sorted((k, tuple(v.shape))
                                                                     for k, v in cond.added_cond_kwargs.items())))
     graph = model.graphs.get(key)
     if graph is EAGER:
-        return model.predict(x, t, cond)
+        return denoiser(model)(x, t, cond)
     if graph is None:
         failure = None
         try:
@@ -94,8 +100,28 @@ def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet
             else:  # something this setup cannot do: for good (also when the perf options are set again)
                 model.perf = replace(model.perf, cuda_graphs=False)
                 model.asked = replace(model.asked, cuda_graphs=False)
-            return model.predict(x, t, cond)
+            return denoiser(model)(x, t, cond)
     return graph(x, t, cond)
+
+
+def denoiser(model: DiffusionModel) -> Callable[..., torch.Tensor]:
+    """``model.predict``, or its compiled program (static shapes) where ``model.perf.compiled_calls`` asks for
+    it: one program per batch and conditioning shape, shared by every run of the process."""
+    if not model.perf.compiled_calls:
+        return model.predict
+    program = _compiled_predict()
+
+    def predict(x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
+        # a timestep given as a number would be compiled in: a program per step
+        return program(model, x, t, cond) if torch.is_tensor(t) else model.predict(x, t, cond)
+
+    return predict
+
+
+@functools.cache
+def _compiled_predict() -> Callable[..., torch.Tensor]:
+    """Made at first use, so that the compiler is the one set then (tests trace with ``aot_eager``)."""
+    return compiled(DiffusionModel.predict, dynamic=False)
 
 
 class GraphedPredict:
@@ -107,7 +133,8 @@ class GraphedPredict:
         self.cond = Conditioning(cond.encoder_hidden_states.detach().clone(),
                                  None if cond.added_cond_kwargs is None else
                                  {k: v.detach().clone() for k, v in cond.added_cond_kwargs.items()})
-        self.call = StaticCall(lambda: model.predict(self.x, self.t, self.cond), capture=True, grad=False)
+        predict = denoiser(model)
+        self.call = StaticCall(lambda: predict(self.x, self.t, self.cond), capture=True, grad=False)
 
     def __call__(self, x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         self.x.copy_(x)

@@ -82,7 +82,7 @@ class ReferenceLookahead:
     R reference + C content rows; a chunk has at least one step). pad: the last call of a run is
     filled up to the others' size with copies of its last step, whose features are dropped (default:
     on CUDA, where each new batch shape costs a one-time set-up, about 0.25 s on an H200 in run 5, and
-    with ``compiled_features``, where it costs a program).
+    with ``compiled_calls``, where it costs a program).
     A run that fits in one call is filled up too: a few tens of ms of extra rows on a GPU, and runs
     of other lengths in the same process meet no new shape.
     """
@@ -92,7 +92,7 @@ class ReferenceLookahead:
         self.distiller, self.schedule, self.inputs, self.batch = distiller, list(schedule), inputs, batch
         cuda = distiller.model.device.type == "cuda"
         # compiled feature calls: one shape a run, one program
-        self.pad = (cuda or distiller.model.perf.compiled_features) if pad is None else pad
+        self.pad = (cuda or distiller.model.perf.compiled_calls) if pad is None else pad
         # overlap: the next call is made as soon as the current one is taken (on CUDA on a second
         # stream, running beside the current steps; elsewhere right away, which only reorders work)
         self.overlap = distiller.model.perf.lookahead_overlap if overlap is None else overlap
@@ -190,7 +190,7 @@ class ReferenceLookahead:
         content = inputs[0][2]
         ts = [t for t, _, _ in inputs]
         # a compiled call keeps the filler's rows too: one program for every call of the run, the last included
-        kept_steps = len(inputs) if self.distiller.model.perf.compiled_features else steps
+        kept_steps = len(inputs) if self.distiller.model.perf.compiled_calls else steps
         if content is not None and content.shape[-2:] == inputs[0][1].shape[-2:]:
             per = r + content.shape[0]  # step-major rows [ref_0, content_0, ref_1, content_1, ...] in one call
             kept = self._call([torch.cat([ref, c.to(ref.dtype)]) for _, ref, c in inputs], ts,

@@ -71,5 +71,5 @@ def _compile_failed(exc: torch._dynamo.exc.BackendCompilerFailed) -> Exception:
         return inner
     reason = next((line for line in str(inner).splitlines() if line.strip()), type(inner).__name__)
     return UserError(f"torch.compile could not compile here ({type(inner).__name__}: {reason.strip()}); run "
-                     "without --compile, --compiled-loss, --compiled-features and --compiled-norms, or install what "
+                     "without --compile, --compiled-loss, --compiled-calls and --compiled-norms, or install what "
                      "it needs (a C++ compiler for the CPU, Triton for a GPU)")

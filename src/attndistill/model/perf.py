@@ -20,7 +20,7 @@ from .group_norm import swap_group_norms
 COMPILED_BLOCKS = ("ResnetBlock2D", "FeedForward")
 #: Switches that change a result's pixels (by rounding; VAE tiling by decoding in tiles): each result
 #: records those that differ from the defaults, so that a rerun can set them (``info --job``).
-PIXEL_SWITCHES = ("fused", "compile", "compiled_loss", "compiled_features", "channels_last", "channels_last_norms",
+PIXEL_SWITCHES = ("fused", "compile", "compiled_loss", "compiled_calls", "channels_last", "channels_last_norms",
                   "compiled_norms", "cudnn_benchmark", "lookahead_batch", "feed_forward_chunks", "attention_slicing",
                   "vae_tiling")
 #: Cards with less memory keep the text encoders in CPU memory by default: SDXL T2I then peaks at
@@ -56,13 +56,13 @@ class PerfOptions:
     # torch.compile program of static shapes, its backward compiled with it: the norms, activations and
     # additions around the convolutions and attention fuse, and the UNet's tail after the last recorded
     # layer is dropped as dead code. A program (minutes to compile) per latent shape and loss; masked AD takes
-    # the uncompiled loss. On an H200 (run 14) 18-22% faster in cases a, b and c. It and compiled_features
+    # the uncompiled loss. On an H200 (run 14) 18-22% faster in cases a, b and c. It and compiled_calls
     # take the place of ``compile``'s blocks and of ``compiled_norms``
     compiled_loss: bool = False
-    # the no-grad feature calls (reference, content and look-ahead features) as compiled programs of static
-    # shapes, the UNet's tail after the last recorded layer dead code there too; a program per call shape.
-    # The denoising call is not compiled. Not measured on a GPU yet
-    compiled_features: bool = False
+    # the UNet calls without gradients as compiled programs of static shapes, a program per call shape: the
+    # feature calls (reference, content, look-ahead), whose tail after the last recorded layer is dead code
+    # there too, and the samplers' denoising call (not with a ControlNet). Not measured on a GPU yet
+    compiled_calls: bool = False
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
     # spares cuDNN a layout transposition around every convolution)
     channels_last: bool | None = None
@@ -148,7 +148,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
     elif getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
     # a whole-call program would stop at each compiled block (they set the compiler's limits)
-    compile_blocks(unet, perf.compile and not (perf.compiled_loss or perf.compiled_features))
+    compile_blocks(unet, perf.compile and not (perf.compiled_loss or perf.compiled_calls))
     swap_group_norms(unet, _norm_kind(perf, model.device))
     unet.to(memory_format=torch.channels_last if perf.uses_channels_last(model.device) else torch.contiguous_format)
     if model.device.type == "cuda" and perf.cudnn_benchmark is not None:
@@ -174,7 +174,7 @@ def apply_perf(model, perf: PerfOptions) -> None:
 
 def _norm_kind(perf: PerfOptions, device: torch.device) -> str | None:
     """Which GroupNorms the UNet runs (group_norm.NORM_KINDS; None: PyTorch's own)."""
-    if perf.compile or perf.compiled_loss or perf.compiled_features:  # their programs fuse their own norms
+    if perf.compile or perf.compiled_loss or perf.compiled_calls:  # their programs fuse their own norms
         return None
     if perf.compiled_norms:
         return "compiled"
