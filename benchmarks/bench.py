@@ -225,6 +225,14 @@ def programs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compile_seconds() -> float:
+    """Seconds ``torch.compile`` has spent in this process so far: tracing and compiling each program, and its
+    backward, which is compiled at its first call (PyTorch's own timers; 0 where this PyTorch lacks them)."""
+    from torch._dynamo.utils import compilation_time_metrics as metrics
+
+    return sum(sum(metrics.get(name, ())) for name in ("_compile.compile_inner", "backward._backward_impl"))
+
+
 def code_digest() -> str:
     """Short hash of the package source: ties a measurement to the code it measured (no .git needed)."""
     import hashlib
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             # warm-up: captures CUDA graphs (cached on the model for the real run); reported separately
             warm_steps = min(steps, 2)
             model.stats.clear()
-            warm_s, programs = 0.0, programs_compiled()
+            warm_s, programs, compiling = 0.0, programs_compiled(), compile_seconds()
             if case != "f":  # f measures peak memory only: one 4096² step takes minutes
                 warm_s, _, _ = measure(partial(run_case, case, model, warm_steps, args.size_scale), device)
             capture_s = model.stats.get("graph_capture_s", 0.0)
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
             emit(case=case, description=description, path="fast", steps=steps, seconds=round(fast_s, 3),
                  ms_per_step=round(1000 * fast_s / steps, 1), **peak,
                  graph_capture_s=round(capture_s, 2), warmup_s=round(warm_s, 2),
-                 compiled_programs=programs_compiled() - programs,
+                 compiled_programs=programs_compiled() - programs, compile_s=round(compile_seconds() - compiling, 1),
                  graphs=model.stats.get("graphs_captured", 0), switches=args.fast,
                  checkpointing=bool(model.perf.gradient_checkpointing))  # on by itself where a capture ran short
             if args.profile:
@@ -355,13 +363,14 @@ def main(argv: list[str] | None = None) -> None:
                     # a short run is warmed up over its own steps: look-ahead chunks of that run's sizes, first
                     # uses of kernels, are paid here and not in the timed run (run 3 warmed up over 2 steps)
                     warm = warm_steps if variant_steps == steps else variant_steps
-                    programs = programs_compiled()
+                    programs, compiling = programs_compiled(), compile_seconds()
                     warm_s, _, _ = measure(partial(run_case, case, model, warm, args.size_scale), device)
                     seconds, peak, _ = measure(partial(run_case, case, model, variant_steps, args.size_scale), device)
                     emit(case=case, path="fast+" + variant, steps=variant_steps, seconds=round(seconds, 3),
                          ms_per_step=round(1000 * seconds / variant_steps, 1), **peak,
                          est_full_seconds=round(seconds / variant_steps * steps, 2), warmup_s=round(warm_s, 2),
                          compiled_programs=programs_compiled() - programs,
+                         compile_s=round(compile_seconds() - compiling, 1),
                          graph_capture_s=round(model.stats.get("graph_capture_s", 0.0), 2),
                          checkpointing=bool(model.perf.gradient_checkpointing))
                 except Exception as exc:
