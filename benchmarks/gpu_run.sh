@@ -130,7 +130,8 @@ case "${1:-}" in
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
   run15)  # after run 14: c is 4.5% from its target; e's batch-6 program did not compile within its line there
-    run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5
+    run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5 \
+      --breakdown 20  # the compiled iteration timed on its own (run 14 had it by subtraction)
     run 250 --cases e --fast compiled_loss=1 --compare --plain-steps 3 ;;
   run14b)  # right after run14 on its machine (its disk cache holds a's and c's programs): with look-ahead of 32 rows too; e
     run 130 --cases c,a --fast compiled_loss=1 --variant compiled_loss=1,lookahead_batch=32 --compare --plain-steps 5
