@@ -86,10 +86,9 @@ def dynamo_eager(monkeypatch):
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
     operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
-    from attndistill.core import engine, guidance
     from attndistill.model import compiling, group_norm
 
-    made = (group_norm._program, engine._program, guidance._compiled_predict)  # with the backend of their day
+    made = (group_norm._program, compiling.static_program)  # with the backend of their day
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     for programs in made:
         programs.cache_clear()

@@ -19,7 +19,6 @@ where a batch costs its full size, every call goes separately.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import numbers
 import re
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
-from ..model.compiling import compiled
+from ..model.compiling import static_program
 from ..model.models import Conditioning, DiffusionModel
 from .features import (
     LayerFeatures,
@@ -312,7 +311,7 @@ class Distiller:
             chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
                 if self.model.perf.compiled_calls and not torch.is_grad_enabled() and torch.is_tensor(t):
-                    _program("_record")(self, latents, t)
+                    static_program(Distiller._record)(self, latents, t)
                 else:
                     self.model.predict(latents, t, self.null)
             return self.store.take()
@@ -402,7 +401,7 @@ class Distiller:
             if self.reference is None:
                 self.compute_reference()
             if self._compiles_loss():
-                return _program("_target_loss")(self, z)
+                return static_program(Distiller._target_loss)(self, z)
             target = self.features(z, t)
         return self._loss(target, z, z_ref.shape[-2:])
 
@@ -417,7 +416,7 @@ class Distiller:
         """The target's features and loss in one go: the program of ``compiled_loss``."""
         t, z_ref, _ = self._pending
         self.store.clear()
-        self.model.predict(z, t, self.null)  # inside a program the forward runs whole, its tail dead code
+        self._record(z, t)  # inside a program the forward runs whole, its tail dead code
         return self._loss(self.store.take(), z, z_ref.shape[-2:])
 
     def _loss(self, target: list[LayerFeatures], z: torch.Tensor, ref_hw) -> torch.Tensor:
@@ -464,13 +463,6 @@ class Distiller:
                     raise UnmatchedLabels(exc.labels, r_grid) from None
             masks.append(self._masks[key])
         return masks
-
-
-@functools.cache
-def _program(method: str):
-    """The :class:`Distiller` method ``method`` compiled, one program per shape and setting (static shapes),
-    shared by every distiller of the process; made at first use, so that the backend is the one set then."""
-    return compiled(getattr(Distiller, method), dynamic=False)
 
 
 def _layer_grids(n_t: int, target_hw: tuple[int, int], ref_hw: tuple[int, int]):

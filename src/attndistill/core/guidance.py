@@ -7,7 +7,6 @@ scheduler step, calls :func:`guide_latents` on the new latent.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import is_out_of_memory
-from ..model.compiling import compiled
+from ..model.compiling import static_program
 from ..model.models import EAGER, Conditioning, DiffusionModel
 from .engine import Distiller, evict_graphs
 from .lookahead import Ahead, ReferenceLookahead, lookahead
@@ -109,19 +108,13 @@ def denoiser(model: DiffusionModel) -> Callable[..., torch.Tensor]:
     it: one program per batch and conditioning shape, shared by every run of the process."""
     if not model.perf.compiled_calls:
         return model.predict
-    program = _compiled_predict()
+    program = static_program(DiffusionModel.predict)
 
     def predict(x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         # a timestep given as a number would be compiled in: a program per step
         return program(model, x, t, cond) if torch.is_tensor(t) else model.predict(x, t, cond)
 
     return predict
-
-
-@functools.cache
-def _compiled_predict() -> Callable[..., torch.Tensor]:
-    """Made at first use, so that the compiler is the one set then (tests trace with ``aot_eager``)."""
-    return compiled(DiffusionModel.predict, dynamic=False)
 
 
 class GraphedPredict:

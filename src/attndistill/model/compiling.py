@@ -7,6 +7,7 @@ own (PyTorch specialises them), and so does each distinct parameter shape of a m
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -47,6 +48,14 @@ def compiled(fn: Callable, *, dynamic: bool = True) -> Callable:
                 setattr(config, name, value)
 
     return call
+
+
+@functools.cache
+def static_program(fn: Callable) -> Callable:
+    """``fn`` compiled with static shapes (:func:`compiled`), once per process: a program per shape and
+    setting, shared by every caller. Made at first use, so that the backend is the one set then (tests trace
+    with ``aot_eager``)."""
+    return compiled(fn, dynamic=False)
 
 
 def _settings(config) -> dict[str, object]:
