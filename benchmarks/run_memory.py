@@ -50,7 +50,7 @@ from lookahead_memory import MB, trace_events  # noqa: E402
 from attndistill.core import sampling  # noqa: E402
 from attndistill.core.engine import Distiller  # noqa: E402
 from attndistill.core.lookahead import ReferenceLookahead  # noqa: E402
-from attndistill.core.stepper import EagerStepper, StaticReference, StaticStepper  # noqa: E402
+from attndistill.core.stepper import LatentAdam, StaticReference, StaticStepper  # noqa: E402
 from attndistill.model.models import DiffusionModel  # noqa: E402
 from attndistill.model.perf import PerfOptions  # noqa: E402
 from attndistill.tasks import generate, textures  # noqa: E402
@@ -85,7 +85,7 @@ def tag_phases() -> dict[str, list]:
     wrap(StaticStepper, "__init__", "stepper_setup")
     wrap(StaticReference, "load", "reference_load")
     wrap(sampling, "_denoise", "denoise")
-    wrap(EagerStepper, "_iteration", "ad_iteration")  # bound by StaticStepper's program at construction
+    wrap(LatentAdam, "step", "ad_iteration")  # bound by StaticStepper's program at construction
     features = Distiller.features
 
     def logged(self, latents, t, **kwargs):

@@ -41,7 +41,7 @@ from .features import (
     feed_forward_chunks,
 )
 from .losses import ad_loss, concat_references, content_loss, label_mask, resize_labels
-from .stepper import EagerStepper, StaticReference, StaticStepper
+from .stepper import EagerStepper, StaticReference, StaticStepper, Stepper
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Distiller:
         self.batch_references = on_cuda  # reference + content in one no-grad call (CPU: batch costs its size)
         self.early_exit = perf.early_exit if early_exit is None else early_exit
         self.static = self.cuda_graphs if static is None else static
-        self._steppers: dict[tuple, EagerStepper] = {}
+        self._steppers: dict[tuple, Stepper] = {}
         self.condition_size = condition_size
         self._condition_given = condition_size is not None
         self.null: Conditioning = model.null_condition(condition_size)
@@ -221,7 +221,7 @@ class Distiller:
         if size != self.condition_size:
             self.condition_size, self.null = size, self.model.null_condition(size)
 
-    def _new_stepper(self, key, lr: float, *, fed: tuple | None = None) -> EagerStepper:
+    def _new_stepper(self, key, lr: float, *, fed: tuple | None = None) -> Stepper:
         """A stepper for ``key``; ``fed``: the first features of a run that brings each timestep's own
         (look-ahead), whose reference program then needs buffers but no graph (:class:`StaticReference`)."""
         z_shape, ref_shape, content_shape, _ = key

@@ -54,35 +54,31 @@ class StaticCall:
         return self.out
 
 
-class EagerStepper:
-    """``iters`` Adam steps of ``distiller.loss`` on latents of a fixed shape."""
+class LatentAdam:
+    """A latent and the Adam over it, one AD iteration (loss, backward, Adam step) at a time.
 
-    def __init__(self, distiller, shape: tuple[int, ...], lr: float) -> None:
+    ``capturable``: Adam's state stays on the device, so that a CUDA graph can capture the step.
+    """
+
+    def __init__(self, distiller, shape: tuple[int, ...], lr: float, *, capturable: bool = False) -> None:
         self.distiller = distiller
         self.z = torch.zeros(shape, device=distiller.model.device, dtype=torch.float32, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.z], lr=lr)
+        self.optimizer = torch.optim.Adam([self.z], lr=lr, capturable=capturable)
 
-    def reset_state(self) -> None:
-        """Forget Adam's moments: the same as a new optimiser (Algorithm 2 resets it every step)."""
-        self.optimizer.state.clear()
+    def reset(self) -> None:
+        """Forget Adam's moments, the same as a new optimiser (Algorithm 2 resets it every step). Zeroed in
+        place, not dropped: a captured step reads and writes these addresses."""
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
 
-    def run(self, z: torch.Tensor, t, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
-            reference_key: Hashable | None = None, features: tuple | None = None
-            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`;
-        ``features``: (reference, content queries) computed ahead, used instead of computing them here."""
-        self._load(z)
-        self.distiller.begin_timestep(t, ref, content, key=reference_key, features=features)
-        with torch.enable_grad():
-            losses = [self._iteration() for _ in range(iters)]
-        return self.z.detach(), losses
-
-    def _load(self, z: torch.Tensor) -> None:
+    def load(self, z: torch.Tensor) -> None:
         with torch.no_grad():
             if z.data_ptr() != self.z.data_ptr():
                 self.z.copy_(z)
 
-    def _iteration(self) -> torch.Tensor:
+    def step(self) -> torch.Tensor:
         """Loss, backward, Adam step; returns the loss (detached, on the device)."""
         # a fresh gradient each time: inside a captured graph the backward writes it, never accumulates
         self.optimizer.zero_grad(set_to_none=True)
@@ -94,6 +90,28 @@ class EagerStepper:
             self.z.grad.mul_(self.distiller.update_mask)
         self.optimizer.step()
         return loss.detach()
+
+
+class EagerStepper:
+    """``iters`` Adam steps of ``distiller.loss`` on latents of a fixed shape."""
+
+    def __init__(self, distiller, shape: tuple[int, ...], lr: float) -> None:
+        self.distiller = distiller
+        self.adam = LatentAdam(distiller, shape, lr)
+
+    def reset_state(self) -> None:
+        self.adam.reset()
+
+    def run(self, z: torch.Tensor, t, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
+            reference_key: Hashable | None = None, features: tuple | None = None
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``iters`` Adam steps from ``z``; ``reference_key``: see :meth:`Distiller.begin_timestep`;
+        ``features``: (reference, content queries) computed ahead, used instead of computing them here."""
+        self.adam.load(z)
+        self.distiller.begin_timestep(t, ref, content, key=reference_key, features=features)
+        with torch.enable_grad():
+            losses = [self.adam.step() for _ in range(iters)]
+        return self.adam.z.detach(), losses
 
 
 class StaticReference:
@@ -171,35 +189,34 @@ class StaticReference:
             distiller.set_reference_state((self.t, self.ref, self.content), *self.call.out)
 
 
-class StaticStepper(EagerStepper):
+class StaticStepper:
     """AD iterations over static buffers (shapes fixed at construction): a CUDA graph when ``capture``."""
 
     def __init__(self, distiller, shape: tuple[int, ...], lr: float, reference: StaticReference, *,
                  capture: bool, warmup: int = 3) -> None:
-        device = distiller.model.device
         self.distiller = distiller
         self.reference = reference
-        self.z = torch.zeros(shape, device=device, dtype=torch.float32, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.z], lr=lr, capturable=capture)
+        self.adam = LatentAdam(distiller, shape, lr, capturable=capture)
         with torch.no_grad():
-            self.z.copy_(torch.randn(shape, device=device))
+            self.adam.z.copy_(torch.randn(shape, device=self.adam.z.device))
         reference.activate(distiller)
-        self.iteration = StaticCall(self._iteration, capture=capture, grad=True, warmup=warmup)
-        self.reset_state()
+        self.iteration = StaticCall(self.adam.step, capture=capture, grad=True, warmup=warmup)
+        self.adam.reset()
 
     def reset_state(self) -> None:
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if torch.is_tensor(value):
-                    value.zero_()
+        self.adam.reset()
 
     def run(self, z: torch.Tensor, t: torch.Tensor, ref: torch.Tensor, content: torch.Tensor | None, iters: int,
             reference_key: Hashable | None = None, features: tuple | None = None
             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        self._load(z)
+        self.adam.load(z)
         if features is not None:
             self.reference.load(self.distiller, t, content, features)
         else:
             self.reference.update(self.distiller, t, ref, content, reference_key)
         losses = [self.iteration().clone() for _ in range(iters)]  # a replay overwrites its output
-        return self.z.detach(), losses
+        return self.adam.z.detach(), losses
+
+
+#: What :meth:`Distiller._new_stepper` makes: the same ``run`` and ``reset_state``, eager or static.
+Stepper = EagerStepper | StaticStepper
