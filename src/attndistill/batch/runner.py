@@ -77,6 +77,7 @@ class Summary:
     failed: int = 0  # failed now (or invalid)
     not_retried: int = 0  # failed before; rerun with --retry-failed
     busy: int = 0  # another live process holds the lock
+    shard: str = ""  # "I/N" when this process ran one shard of several
 
     @property
     def exit_code(self) -> int:
@@ -88,7 +89,8 @@ class Summary:
             parts.append(f"{self.not_retried} failed before (rerun with --retry-failed)")
         if self.busy:
             parts.append(f"{self.busy} running elsewhere")
-        return f"{self.total} jobs: " + ", ".join(parts)
+        prefix = f"shard {self.shard}: " if self.shard else ""
+        return f"{prefix}{self.total} jobs: " + ", ".join(parts)
 
 
 def _stderr(text: str) -> None:
@@ -469,8 +471,8 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
         group_size = 8 if torch.cuda.is_available() else 1
     summary = Runner(out_dir, shard=part, retry_failed=retry_failed, progress=progress, debug=debug, perf=perf,
                      group_size=group_size, log=log, errors=errors).run(mine)
-    if part.count > 1:  # one shard: the caller has the summary (the command prints it once)
-        log(f"shard {part}: {summary}")
+    if part.count > 1:  # the caller prints the summary (once: under torchrun it was printed twice)
+        summary.shard = str(part)
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:
         log(f"merged: {merge_results(out_dir)}")
     return summary
