@@ -22,6 +22,8 @@
 #   bash benchmarks/gpu_run.sh run15    # prepared after run 14 (<= 550 s): c with compiled_loss against compiled_loss +
 #                                       # compiled_calls, with the plain path; e with compiled_loss and the plain path.
 #                                       # Each program takes about two minutes to compile on an empty cache
+#   bash benchmarks/gpu_run.sh gcli     # case g as a user meets it (<= 240 s): 8 `attndistill style` processes, one after
+#                                       # another, against one `attndistill batch --group 8` (batch_vs_commands.py)
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
@@ -133,6 +135,9 @@ case "${1:-}" in
     run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5 \
       --breakdown 20  # the compiled iteration timed on its own (run 14 had it by subtraction)
     run 250 --cases e --fast compiled_loss=1 --compare --plain-steps 3 ;;
+  gcli)  # case g as a user meets it (<= 240 s): 8 `attndistill style` processes against one `attndistill batch --group 8`
+    timeout 240 python3 benchmarks/batch_vs_commands.py --jobs 8 --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
+      | tee -a "$OUT/gcli.jsonl" ;;
   run14b)  # right after run14 on its machine (its disk cache holds a's and c's programs): with look-ahead of 32 rows too; e
     run 130 --cases c,a --fast compiled_loss=1 --variant compiled_loss=1,lookahead_batch=32 --compare --plain-steps 5
     run 150 --cases e --steps 20 --fast compiled_loss=1 ;;

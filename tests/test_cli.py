@@ -84,6 +84,15 @@ def test_version_and_help_examples():
         assert "Example" in text, command
 
 
+def test_python_dash_m_runs_the_command_line():
+    """``python -m attndistill`` where the console script is not on PATH (a source tree on PYTHONPATH)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "attndistill", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"attndistill {__version__}", done.stderr
+
+
 @pytest.mark.parametrize("flags", [  # every speed flag, in as few runs as go together
     ["--no-cuda-graphs", "--vae-tiling", "--gradient-checkpointing", "--lookahead-batch", "4",
      "--no-offload-text-encoders", "--cudnn-benchmark", "--no-channels-last", "--lookahead-overlap",
