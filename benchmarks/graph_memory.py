@@ -16,6 +16,7 @@ benchmark's cases run them on a GPU:
     python benchmarks/graph_memory.py                   # cases a, b, e, g (SD 1.5)
     python benchmarks/graph_memory.py --cases e-uneven  # expansion's batches before the last was filled up
     python benchmarks/graph_memory.py --cases d         # SDXL at 1024²
+    python benchmarks/graph_memory.py --cases a,e-iteration --compiled-loss  # the compiled iteration's pool
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ CASES = {
     "e-uneven": ("sd15", [("iteration", 6, 0), ("iteration", 5, 0), ("denoise", 6, 0), ("denoise", 5, 0),
                           ("reference", 1, 0)]),
     "g": ("sd15", [("iteration", 8, 8), ("reference", 1, 8)]),
+    "e-iteration": ("sd15", [("iteration", 6, 0)]),
 }
 
 
@@ -76,7 +78,10 @@ def program_peak(model, name: str, batch: int, contents: int) -> float:
         def iteration():
             with torch.enable_grad():
                 (distiller.loss(z) * batch).backward()
+            z.grad = None
 
+        if model.perf.compiled_loss:
+            iteration()  # compiles the program (its tracing allocates nothing real); the count is of a run
         return allocations(iteration)[0]
 
 
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the UNet's gradient checkpointing on (--gradient-checkpointing)")
     p.add_argument("--compiled-norms", action="store_true",
                    help="the UNet's GroupNorms (+ SiLU) as compiled programs (--compiled-norms)")
+    p.add_argument("--compiled-loss", action="store_true",
+                   help="each AD iteration's loss as one compiled program (--compiled-loss): which activations its "
+                        "backward keeps is the compiler's choice, the same on any device")
     p.add_argument("--configs", default=str(ROOT / "configs"))
     args = p.parse_args(argv)
     models = {}
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             models.clear()  # one full-size model in memory at a time
             models[kind] = full_size_model(kind, args.configs, device="cpu", dtype=torch.bfloat16)
             models[kind].set_perf(gradient_checkpointing=args.gradient_checkpointing,
-                                  compiled_norms=args.compiled_norms)
+                                  compiled_norms=args.compiled_norms, compiled_loss=args.compiled_loss)
         model = models[kind]
         weights = sum(p.numel() * p.element_size() for p in model.unet.parameters())
         rows = []
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             peak = program_peak(model, name, batch, contents)
             rows.append({"program": name, "batch": batch, "content_rows": contents, "peak_mb": round(peak / MB, 1)})
         print(json.dumps({"case": case, "model": kind, "gradient_checkpointing": args.gradient_checkpointing,
-                          "compiled_norms": args.compiled_norms,
+                          "compiled_norms": args.compiled_norms, "compiled_loss": args.compiled_loss,
                           "programs": rows,
                           "pools_mb": round(sum(r["peak_mb"] for r in rows), 1),
                           "unet_weights_mb": round(weights / MB, 1), "dtype": "bfloat16", "device": "cpu",
