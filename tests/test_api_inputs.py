@@ -151,6 +151,19 @@ def test_an_infinite_pixel_does_not_blacken_a_float_image():
     assert rgb.mean() > 50
 
 
+def test_wide_integer_images_keep_their_values():
+    """Mode "I" holding 8-bit or 16-bit values reads as those values: stretched to its own extremes, a uniform
+    white mask turned black and greys of 100 and 200 read as 0 and 255."""
+    grey = np.tile(np.array([100, 200], dtype=np.uint8), (16, 8))
+    assert np.array_equal(np.asarray(ad.load_image(Image.fromarray(grey, "L").convert("I")))[..., 0], grey)
+    white = np.asarray(ad.load_image(Image.new("L", (16, 16), 255).convert("I")))
+    assert (white == 255).all()
+    deep = Image.fromarray(np.full((16, 16), 32768, dtype=np.int32), "I")
+    assert (np.asarray(ad.load_image(deep)) == 128).all()
+    floats = Image.fromarray(np.full((16, 16), 51.0, dtype=np.float32), "F")  # 8-bit values stored as floats
+    assert (np.asarray(ad.load_image(floats)) == 51).all()
+
+
 def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir):
     """A seed or count drawn with NumPy: the run works and its PNG's parameters are plain JSON (this failed
     after the whole run, in json.dumps, or in torch's generator)."""

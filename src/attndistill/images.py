@@ -153,10 +153,16 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
         arr = np.where(np.isfinite(arr), arr, np.nan)  # inf would stretch the scale to black
         finite = arr[np.isfinite(arr)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        # the range the values are stored in, where they show it; stretched to their own extremes, a plain
+        # white mask in mode "I" turned black and greys moved (100 and 200 read as 0 and 255)
         if img.mode.startswith("I;16"):
             lo, hi = 0.0, 65535.0
         elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
             lo, hi = 0.0, 1.0
+        elif lo >= 0.0 and hi <= 255.0:  # 8-bit values in a wider mode ("L" converted to "I")
+            lo, hi = 0.0, 255.0
+        elif img.mode == "I" and lo >= 0.0 and hi <= 65535.0:  # a 16-bit PNG, as older Pillow reads it
+            lo, hi = 0.0, 65535.0
         arr = np.nan_to_num((arr - lo) / max(hi - lo, 1e-12), nan=0.0).clip(0, 1)
         img = Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L")
     if img.mode == "P":
