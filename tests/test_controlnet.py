@@ -140,6 +140,14 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
         load_controlnet(tmp_path / "missing", model=tiny_sdxl)
 
 
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_another_component_as_controlnet_is_named(tiny_sd15, tiny_sd15_dir, part):
+    """A model's unet/ fits the model's widths, so it passed every check and failed in diffusers (a meta tensor
+    that cannot be copied); a VAE failed with a misleading error about its widths."""
+    with pytest.raises(ad.UserError, match="holds a .*, not a ControlNetModel"):
+        load_controlnet(tiny_sd15_dir / part, model=tiny_sd15)
+
+
 @pytest.mark.parametrize("change,expected", [
     ({"block_out_channels": [16, 64, 64]}, "has block widths (16, 64, 64) where model"),
     ({"cross_attention_dim": 48}, "has text embedding width 48 where model"),

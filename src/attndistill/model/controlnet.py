@@ -8,6 +8,7 @@ null conditioning only).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +99,18 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 def check_controlnet_source(source: str) -> None:
     """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
+    hint = "pass a folder saved with save_pretrained or a Hub id such as lllyasviel/control_v11p_sd15_canny"
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); pass "
-                            "a folder saved with save_pretrained or a Hub id such as "
-                            "lllyasviel/control_v11p_sd15_canny")
+            raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); {hint}")
+        try:
+            kind = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"ControlNet '{source}' has a config.json that is not valid JSON; {hint}") from None
+        # another component (a model's unet/, a VAE) loaded as a ControlNet fails deep in diffusers, or with a
+        # misleading error about its weights or widths
+        if kind not in (None, "ControlNetModel"):
+            raise UserError(f"ControlNet '{source}' holds a {kind}, not a ControlNetModel; {hint}")
     elif not looks_like_hub_id(source):
         raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
                         "such as lllyasviel/control_v11p_sd15_canny")
