@@ -157,6 +157,29 @@ def test_models_named_in_api_calls_are_reused_and_the_old_one_freed_before_the_n
     assert held == [False]
 
 
+def test_a_named_model_whose_files_changed_is_loaded_again(tiny_sd15_dir, tmp_path):
+    """A VAE folder saved again under the same name (finetune-vae --overwrite) is reloaded: the named model's
+    cache kept decoding with the old weights while results recorded the folder."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from attndistill.model.loading import as_model
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_sd15_dir / "vae", vae)
+    first = as_model(str(tiny_sd15_dir), vae=vae, device="cpu", dtype="fp32")
+    assert as_model(str(tiny_sd15_dir), vae=vae, device="cpu", dtype="fp32") is first  # unchanged: reused
+    tuned = AutoencoderKL.from_pretrained(vae)
+    with torch.no_grad():
+        tuned.decoder.conv_out.bias.add_(0.5)
+    tuned.save_pretrained(vae)
+    second = as_model(str(tiny_sd15_dir), vae=vae, device="cpu", dtype="fp32")
+    assert second is not first
+    assert torch.allclose(second.vae.decoder.conv_out.bias, tuned.decoder.conv_out.bias)
+
+
 def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
     """REAL-MODELS.md: the fp16 variant halves a GPU download; CPUs and fp32 take the default files."""
     from attndistill.model.loading import default_variant

@@ -54,7 +54,7 @@ def test_only_the_decoder_changes(tiny_sd15, tuned):
 
 def test_saved_folder_loads_with_from_pretrained_and_with_vae_option(tiny_sd15, tiny_sd15_dir, tuned, tmp_path):
     vae = tuned[0]
-    folder = save_vae(vae, tmp_path / "wood-vae")
+    folder = ad.save_vae(vae, tmp_path / "wood-vae")  # public, as finetune_vae's docstring has it
     loaded = AutoencoderKL.from_pretrained(folder)
     for k, v in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

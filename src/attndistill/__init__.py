@@ -18,7 +18,7 @@ from .presets import PRESETS, Preset, get_preset
 from .tasks.generate import layout_texture, text_to_image, texture_sampling
 from .tasks.textures import expand_texture, masked_texture_synthesis, with_texture_options
 from .tasks.transfer import appearance_transfer, style_transfer, style_transfer_batch, texture_synthesis
-from .tasks.vae_tuning import finetune_vae
+from .tasks.vae_tuning import finetune_vae, save_vae
 from .version import __version__
 
 __all__ = [
@@ -27,5 +27,5 @@ __all__ = [
     "get_preset", "load_image", "load_model", "parse_layers", "read_parameters", "save_png", "style_transfer",
     "style_transfer_batch", "texture_synthesis",
     "layout_texture", "text_to_image", "texture_sampling",
-    "expand_texture", "finetune_vae", "masked_texture_synthesis", "with_texture_options",
+    "expand_texture", "finetune_vae", "masked_texture_synthesis", "save_vae", "with_texture_options",
 ]

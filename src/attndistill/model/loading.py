@@ -417,7 +417,7 @@ class ModelSlot:
 
     def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None) -> None:
         self.device, self.dtype, self.perf = device, dtype, perf  # perf: PerfOptions (the CLI's speed flags)
-        self.key: tuple[str, str | None, str | None, str | None] | None = None
+        self.key: tuple | None = None  # (model, vae, device, dtype, what their local files hold now)
         self.model: DiffusionModel | None = None
         self._lock = threading.Lock()
 
@@ -428,6 +428,7 @@ class ModelSlot:
         device = self.device if device is None else device
         dtype = self.dtype if dtype is None else dtype
         key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None, device, dtype)
+        key += (files_stamp(key[0]), files_stamp(key[1]))
         with self._lock:
             if self.key != key or self.model is None:
                 self._release()
@@ -445,6 +446,26 @@ class ModelSlot:
             return "no model loaded yet: the first run loads it"
         vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
         return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
+
+
+def files_stamp(source: str | None) -> tuple:
+    """Names, sizes and modification times of a local model's or VAE's files (a folder and its component
+    folders, or a checkpoint file); () for a Hub id. A slot reloads a model whose files changed under the
+    same name: a VAE saved again with ``finetune-vae --overwrite`` was otherwise decoded with its old weights
+    while results recorded the folder."""
+    path = Path(source) if source else None
+    if path is None or not path.exists():
+        return ()
+    files = [path] if path.is_file() else [*path.glob("*"), *path.glob("*/*")]
+    stamp = []
+    for file in sorted(files):
+        try:
+            info = file.stat()
+        except OSError:
+            continue
+        if not file.is_dir():
+            stamp.append((str(file), info.st_size, info.st_mtime_ns))
+    return tuple(stamp)
 
 
 #: The model that API calls naming one by path or Hub id share.
