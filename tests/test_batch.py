@@ -204,6 +204,7 @@ def test_shards_of_three_cover_every_job_once(eight_jobs, tmp_path, tiny_sd15_di
         result = invoke("batch", eight_jobs, "--out", out, "-m", tiny_sd15_dir, "--shard", f"{i}/3", *["-q"] * i)
         assert result.exit_code == 0, result.output
         assert result.output.count(" jobs: ") == 1 and f"shard {i}/3: " in result.output  # the summary, once
+        assert ("loss=" in result.output) is (i == 0)  # each job's progress bar, as the commands show it; -q: none
         assert (out / f"results.shard-{i}-of-3.jsonl").is_file()
     assert not (out / "results.jsonl").exists()  # no barrier between separate commands: merge is explicit
     assert sorted(done_records(out).values()) == [1] * len(PAIRS)

@@ -70,7 +70,7 @@ def batch(
             code = 2 if bad else 0
             return
         summary = run_batch(jobs, out, shard=shard, retry_failed=retry_failed, defaults=defaults, perf=common.PERF,
-                            group_size=group, debug=debug_enabled(), log=log,
+                            group_size=group, debug=debug_enabled(), log=log, progress=not quiet,  # each job's bar
                             errors=lambda text: typer.echo(text, err=True))  # -q hides progress, not failures
         typer.echo(str(summary))
         code = summary.exit_code
