@@ -325,6 +325,22 @@ def test_an_aspect_too_extreme_for_the_size_is_said(tiny_sd15, caplog):
     assert "stretched 12.5 times" in caplog.text
 
 
+@pytest.mark.parametrize("like", [(128, 96), (4000, 40)])
+def test_a_rerun_of_the_recorded_size_says_what_the_run_said(tiny_sd15, caplog, like):
+    """A result records (width, height), also where only the long side was given: its rerun warned that the
+    image is stretched to another aspect where the run itself had said nothing (a 128x96 layout at 64 px is
+    64x64 in the tiny model's multiples of 32), or said it in other words."""
+    from attndistill.tasks.setup import target_size
+
+    image = Image.new("RGB", like)
+    with caplog.at_level(logging.WARNING, logger="attndistill.tasks.setup"):
+        recorded = target_size(tiny_sd15, 64, like=image, like_name="layout image 'a'")
+        said = caplog.text
+        caplog.clear()
+        assert target_size(tiny_sd15, recorded, like=image, like_name="layout image 'a'") == recorded
+    assert caplog.text == said and ("stretched" in said) is (like == (4000, 40))
+
+
 def test_a_file_name_of_the_longest_length_the_file_system_takes_is_written(tmp_path):
     """The temp file beside an output has a longer name than the output: it is cut so that it fits too."""
     path = tmp_path / ("b" * 251 + ".png")

@@ -124,20 +124,28 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
     if size is None:
         size = model.native_size
     if isinstance(size, int):
-        if like is None:
-            w = h = round_to_multiple(size, multiple)
-        else:
+        w = h = round_to_multiple(size, multiple)
+        if like is not None:
             w, h = fit_size(like.size, size, multiple)
-            change = (like.size[0] / like.size[1]) / (w / h)
-            if like_name and max(change, 1 / change) > ASPECT_KEPT:
-                log.warning("%s is %dx%d, an aspect that %dx%d (sides in multiples of %d px) cannot keep: it is "
-                            "stretched %.1f times; crop it, or give a larger --size", like_name, *like.size, w, h,
-                            multiple, max(change, 1 / change))
     else:
-        if like is not None and like_name and not drawn_over(size, like.size):
-            log.warning("%s is %dx%d but the size asked for is %dx%d, another aspect: it is stretched to it (give "
-                        "only the long side to keep its aspect)", like_name, *like.size, *size)
         w, h = (round_to_multiple(s, multiple) for s in size)
+    if like is None or not like_name:
+        return _checked_area(w, h)
+    # a (width, height) that giving only the long side makes is no choice of the user's: a rerun of a recorded
+    # size says what the run itself said, no more
+    if isinstance(size, int) or (w, h) == fit_size(like.size, max(size), multiple):
+        change = (like.size[0] / like.size[1]) / (w / h)
+        if max(change, 1 / change) > ASPECT_KEPT:
+            log.warning("%s is %dx%d, an aspect that %dx%d (sides in multiples of %d px) cannot keep: it is "
+                        "stretched %.1f times; crop it, or give a larger --size", like_name, *like.size, w, h,
+                        multiple, max(change, 1 / change))
+    elif not drawn_over(size, like.size):
+        log.warning("%s is %dx%d but the size asked for is %dx%d, another aspect: it is stretched to it (give "
+                    "only the long side to keep its aspect)", like_name, *like.size, *size)
+    return _checked_area(w, h)
+
+
+def _checked_area(w: int, h: int) -> tuple[int, int]:
     if w * h > 4096 * 4096:
         raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
     return w, h
