@@ -230,6 +230,24 @@ def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
     assert f"decoded with the VAE in `{folder}`" in done
 
 
+def test_a_tuned_vae_takes_a_free_folder_name(ui, data_dir, monkeypatch):
+    """Two servers sharing an outputs folder pick the same name in the same second: the VAE tab takes the next
+    free one, as results do, instead of refusing after the tuning with a fix the page does not offer."""
+    import itertools
+
+    from attndistill.webui import app
+
+    monkeypatch.setattr(app.time, "strftime", lambda *args: "20990101-000000")
+    monkeypatch.setattr(ui, "counter", itertools.count())
+    taken = ui.outputs / "vae-20990101-000000-000"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")  # the other server's tuned VAE
+    status, folder, *_ = run_tab(ui, "vae", {"vae-reference": str(data_dir / "wood-rings.jpg"), "vae-steps": 1,
+                                             "vae-use": False, "vae-box": ""}, session="vae-names")[-1]
+    assert status.startswith("done") and Path(folder).name == "vae-20990101-000000-001"
+    assert (taken / "config.json").read_text() == "{}"
+
+
 def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15_dir, tmp_path, data_dir):
     from attndistill.model.perf import PerfOptions
 

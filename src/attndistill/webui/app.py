@@ -113,18 +113,22 @@ class WebUI:
                             "--outputs (outputs= in Python) with a folder you can write to") from None
 
     def _save(self, image: Image.Image, task: str) -> Path:
-        """Save under a new name: never over a file, even one another server just wrote to the same folder."""
+        return self.save_new(task, ".png", lambda path: save_png(image, path))
+
+    def save_new(self, task: str, suffix: str, write: Callable[[Path], Path]) -> Path:
+        """``write(path)`` under a new name in the outputs folder (``TASK-TIME-N`` + ``suffix``): never over a
+        file or folder, even one another server sharing the folder just wrote under the same name."""
         self._make_outputs()  # deleted while the server ran: made again
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for _ in range(NAME_ATTEMPTS):
-            path = self.outputs / f"{task}-{stamp}-{next(self.counter):03d}.png"
+            path = self.outputs / f"{task}-{stamp}-{next(self.counter):03d}{suffix}"
             if not path.exists():
                 try:
-                    return save_png(image, path)
+                    return write(path)
                 except UserError:
                     if not path.exists():  # not a name taken in the meantime: a real failure
                         raise
-        raise UserError(f"no free file name for the result in '{self.outputs}'; clear that folder")
+        raise UserError(f"no free name for the result in '{self.outputs}'; clear that folder")
 
     def common_cli(self, model: DiffusionModel, seed: int) -> dict:
         options = {"model": model.source if model.source != DEFAULT_MODEL else None,

@@ -9,7 +9,6 @@ parameters, and the same run as a terminal command.
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -420,8 +419,8 @@ def vae_tab(ui: WebUI) -> None:
         try:
             if job.error is not None:
                 raise job.error
-            out = save_vae(job.result, ui.outputs / f"vae-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                                      f"{next(ui.counter):03d}")
+            # a free name, as for images: two servers sharing the outputs folder pick the same one in a second
+            out = ui.save_new("vae", "", lambda path: save_vae(job.result, path))
             zipped = shutil.make_archive(str(out), "zip", root_dir=out)
         except Exception as exc:
             message = page_message(exc)
