@@ -219,6 +219,31 @@ def test_shards_of_three_cover_every_job_once(eight_jobs, tmp_path, tiny_sd15_di
     assert invoke("batch", "--merge", out).output == result.output  # idempotent
 
 
+def test_a_jobs_id_is_of_the_files_its_paths_lead_to_and_of_the_commands_dtype(tmp_path):
+    """The same line beside other images is another job: its id hashed the paths as written, so a second jobs
+    file's 'c.jpg' was counted done with the first file's image. A --dtype of the command made no other id
+    either, where a job's own "dtype" did."""
+    line = json.dumps({"task": "style", "content": "c.jpg", "style": "s.jpg", "steps": 1, "size": 64})
+    ids = {}
+    for folder in ("A", "B"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "jobs.jsonl").write_text(line + "\n")
+        ids[folder] = read_jobs(tmp_path / folder / "jobs.jsonl", out_dir=tmp_path / "out")[0].id
+    assert ids["A"] != ids["B"]
+    by_dtype = {dtype: read_jobs(tmp_path / "A" / "jobs.jsonl", out_dir=tmp_path / "out",
+                                 defaults=ModelSpec(dtype=dtype))[0].id for dtype in ("auto", "fp32", "bf16")}
+    assert by_dtype["auto"] == ids["A"] and len(set(by_dtype.values())) == 3
+
+
+def test_a_line_separator_inside_a_string_is_no_line_break(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    first = json.dumps({"task": "t2i", "prompt": "a\u2028b\u0085c", "style": "s.jpg"}, ensure_ascii=False)
+    jobs.write_text(first + "\r\n" + json.dumps({"task": "style", "style": "s.jpg"}) + "\r\n", encoding="utf-8")
+    parsed = read_jobs(jobs, out_dir=tmp_path / "out")
+    assert [j.line for j in parsed] == [1, 2] and not parsed[0].error
+    assert parsed[0].args["prompt"] == "a\u2028b\u0085c" and parsed[1].error.startswith("line 2:")
+
+
 def test_shard_selection_is_a_partition(eight_jobs, tmp_path):
     jobs = read_jobs(eight_jobs, out_dir=tmp_path)
     for n in (1, 2, 3, 5, 8, 11):

@@ -374,6 +374,11 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
 
     if job_id is None:
         identity.update(model=model.source, vae=model.vae, config=model.config)  # another model: another job
+        # the files the paths lead to, not the paths as written: 'c.jpg' beside another jobs file is another
+        # image, and was taken for this job's, finished
+        identity.update({name: args[name] for name in (*spec.paths, "controlnet") if name in args})
+        if model.dtype != "auto":  # the command's --dtype too, as a job's own "dtype" was
+            identity["dtype"] = model.dtype
         if model.perf:  # switches that change pixels (the job's own and the runner's flags): other results
             identity["perf"] = dict(model.perf)
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -430,7 +435,9 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
     jobs: list[Job] = []
     ids: dict[str, int] = {}
     outputs: dict[Path, int] = {}
-    for number, text_line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" alone (a "\r" before it is JSON whitespace): splitlines() also broke at U+2028, U+0085
+    # and others, which JSON strings may hold, and numbered every later line wrongly
+    for number, text_line in enumerate(text.split("\n"), 1):
         if not text_line.strip() or text_line.lstrip().startswith("#"):
             continue
         named = False  # the line gives its own id (not the hash of its settings)
