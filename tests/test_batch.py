@@ -453,6 +453,24 @@ def test_model_options_change_the_job_id(eight_jobs, tmp_path):
     assert all(j.model.perf == (("vae_tiling", True),) for j in d)
 
 
+def test_a_group_held_by_another_process_is_skipped_without_a_failed_batch(tmp_path, data_dir, tiny_sd15_dir):
+    """Every job of a batch held by another live process: they are counted as running elsewhere; the batch
+    read its first runnable job and failed with an IndexError that it reported as a failed batch."""
+    jobs = [job_line("style", c, "watercolor-cat.jpg", steps=1, size=64) for c in ("horse.jpg", "golden-gate.jpg")]
+    jobs_file = write_jobs(tmp_path / "in", data_dir, jobs)
+    out = tmp_path / "out"
+    held = [JobLock(out, job.id) for job in read_jobs(jobs_file, out_dir=out,
+                                                       defaults=ModelSpec(source=str(tiny_sd15_dir)))]
+    assert all(lock.acquire() for lock in held)
+    try:
+        result = invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir, "--group", 2)
+    finally:
+        for lock in held:
+            lock.release()
+    assert result.exit_code == 0, result.output
+    assert "2 running elsewhere" in result.output and "failed (" not in result.output
+
+
 def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_path, data_dir, tiny_sd15_dir):
     """--group: jobs sharing style and settings are optimised together; each image matches its solo run."""
     jobs = [job_line("style", c, "watercolor-cat.jpg", steps=3, seed=0)

@@ -172,6 +172,8 @@ class Runner:
         for job in chunk:
             lock = JobLock(self.out_dir, job.id)
             if not lock.acquire():
+                owner = lock.owner()
+                self.log(f"{tag} {job.id}: running elsewhere (pid {owner.get('pid')} on {owner.get('host')}); skipped")
                 statuses[job.id] = "busy"
             elif is_done(job):
                 lock.release()
@@ -180,6 +182,8 @@ class Runner:
                 _remove_leftovers(job)
                 locks.append(lock)
                 runnable.append(job)
+        if not runnable:  # each one done or held by another process: no batch to run (it read runnable[0])
+            return [statuses[job.id] for job in chunk]
         try:
             start = time.perf_counter()
             failure = None
