@@ -235,6 +235,19 @@ def test_a_jobs_id_is_of_the_files_its_paths_lead_to_and_of_the_commands_dtype(t
     assert by_dtype["auto"] == ids["A"] and len(set(by_dtype.values())) == 3
 
 
+def test_a_jobs_model_is_looked_for_beside_the_jobs_file_only(tmp_path, monkeypatch):
+    """A job's "model": "tiny" that is not beside the jobs file was looked for in the current folder: the same
+    line ran or failed depending on where the command started. Hub ids stay Hub ids."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "tiny").mkdir()  # beside the current folder, not beside the jobs file
+    jobs = tmp_path / "sub" / "jobs.jsonl"
+    line = {"task": "style", "content": "c.jpg", "style": "s.jpg"}
+    jobs.write_text(json.dumps(line | {"model": "tiny"}) + "\n" + json.dumps(line | {"model": "owner/name"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    local, hub = read_jobs(jobs, out_dir=tmp_path / "out")
+    assert local.model.source == str(tmp_path / "sub" / "tiny") and hub.model.source == "owner/name"
+
+
 def test_a_line_separator_inside_a_string_is_no_line_break(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     first = json.dumps({"task": "t2i", "prompt": "a\u2028b\u0085c", "style": "s.jpg"}, ensure_ascii=False)

@@ -289,11 +289,19 @@ def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
 
 
 def _resolve_local(value: str | None, base: Path) -> str | None:
-    """A model/VAE/config path relative to the jobs file when it exists there; hub ids stay as they are."""
+    """A model/VAE/config path relative to the jobs file; Hub ids (``owner/name``, no such folder there) stay as
+    they are. A missing local path stays relative to the jobs file too: kept as written, it was looked for in
+    the current folder, so one line ran or failed depending on where the command was started."""
+    from ..model.loading import looks_like_hub_id
+
     if value is None:
         return None
     candidate = base / value
-    return str(candidate.resolve()) if candidate.exists() else value
+    if candidate.exists():
+        return str(candidate.resolve())
+    if looks_like_hub_id(value) or value.startswith("~"):  # "~": expanded where it is loaded
+        return value
+    return str(candidate)  # its error names where it was looked for
 
 
 def _parse_size(value: Any, line: int):
