@@ -484,6 +484,18 @@ def test_a_group_held_by_another_process_is_skipped_without_a_failed_batch(tmp_p
     assert "2 running elsewhere" in result.output and "failed (" not in result.output
 
 
+def test_each_image_of_a_batch_records_its_own_jobs_seed(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = [job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=1, size=64, seed=5),
+            job_line("style", "golden-gate.jpg", "watercolor-cat.jpg", steps=1, size=64)]  # the default seed, 0
+    out = tmp_path / "out"
+    result = invoke("batch", write_jobs(tmp_path / "in", data_dir, jobs), "--out", out, "--model", tiny_sd15_dir,
+                    "--group", 2, "-q")
+    assert result.exit_code == 0, result.output
+    seeds = {read_parameters(png)["content"].rsplit("/", 1)[-1]: read_parameters(png)["seed"]
+             for png in out.rglob("*.png")}
+    assert seeds == {"horse.jpg": 5, "golden-gate.jpg": 0}
+
+
 def test_style_jobs_sharing_a_style_run_as_one_batch_with_the_same_results(tmp_path, data_dir, tiny_sd15_dir):
     """--group: jobs sharing style and settings are optimised together; each image matches its solo run."""
     jobs = [job_line("style", c, "watercolor-cat.jpg", steps=3, seed=0)

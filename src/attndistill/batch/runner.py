@@ -418,6 +418,12 @@ def _parameters(image, job: Job, batched: int = 1) -> dict:
         params = json.loads(text) if isinstance(text, str) else dict(text or {})
     except ValueError:
         params = {}
+    if batched > 1 and "seed" in params:  # a batch ran with its first job's seed (style transfer draws no noise
+        # from it: the pixels are the same); each image records its own job's, as its rerun line should say
+        import inspect
+
+        default = inspect.signature(TASKS[job.task].resolve()).parameters["seed"].default
+        params["seed"] = job.args.get("seed", default)
     return {**params, "job": job.id, **({"batched": batched} if batched > 1 else {})}
 
 
