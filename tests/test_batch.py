@@ -484,6 +484,16 @@ def test_a_group_held_by_another_process_is_skipped_without_a_failed_batch(tmp_p
     assert "2 running elsewhere" in result.output and "failed (" not in result.output
 
 
+def test_an_edited_line_that_still_cannot_run_shows_its_new_error(tmp_path, data_dir, tiny_sd15_dir):
+    jobs_file = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg",
+                                                                steps="2")])
+    out = tmp_path / "out"
+    assert "(got '2')" in invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir).output
+    jobs_file.write_text(json.dumps(job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=2.5)) + "\n")
+    result = invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir, "-q")
+    assert result.exit_code == 1 and "2.5" in result.output and "failed before" not in result.output
+
+
 def test_each_image_of_a_batch_records_its_own_jobs_seed(tmp_path, data_dir, tiny_sd15_dir):
     jobs = [job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=1, size=64, seed=5),
             job_line("style", "golden-gate.jpg", "watercolor-cat.jpg", steps=1, size=64)]  # the default seed, 0

@@ -130,7 +130,9 @@ class Runner:
                     self._record(job, "done", seconds=None, recovered=True)
                 JobLock(self.out_dir, job.id).remove_if_stale()  # or killed after recording, before unlocking
                 continue
-            if previous.get(job.id, {}).get("status") == "failed" and not self.retry_failed:
+            # a line that cannot be read (its id is its line number) is checked again: edited, it kept showing
+            # the error it had before
+            if previous.get(job.id, {}).get("status") == "failed" and not self.retry_failed and not job.error:
                 summary.not_retried += 1
                 self.log(f"{job.id}: failed before ({previous[job.id].get('error')}); rerun with --retry-failed")
                 continue
