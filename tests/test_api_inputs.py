@@ -164,6 +164,17 @@ def test_wide_integer_images_keep_their_values():
     assert (np.asarray(ad.load_image(floats)) == 51).all()
 
 
+def test_texture_options_keep_references_given_by_a_generator(tiny_sd15, data_dir):
+    """with_texture_options read a generator for itself and handed the task the used-up one ("no texture
+    image given"), for tasks without tile/tune_vae options of their own."""
+    def task(reference, *, model, progress=True, **kwargs):
+        return ad.texture_synthesis(reference, model=model, progress=progress, **kwargs)
+
+    (image,) = ad.with_texture_options(task, (r for r in [data_dir / "wood-rings.jpg"]), model=tiny_sd15,
+                                       tile="xy", steps=1, size=64, progress=False)
+    assert image.size == (64, 64)
+
+
 def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir):
     """A seed or count drawn with NumPy: the run works and its PNG's parameters are plain JSON (this failed
     after the whole run, in json.dumps, or in torch's generator)."""
@@ -179,6 +190,8 @@ def test_numpy_numbers_run_and_are_recorded_as_plain_numbers(tiny_sd15, data_dir
     out = layout_texture(ref, data_dir / "horse.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
                          strength=np.float32(1.0), progress=False)[0]
     assert json.loads(out.info["parameters"])["strength"] == 1.0
+    out = ad.expand_texture(ref, model=tiny_sd15, size=(96, 64), view=np.int64(8), steps=1, progress=False)
+    assert json.loads(out.info["parameters"])["view"] == 8
     torch.testing.assert_close(  # and the same image as with plain numbers
         torch.from_numpy(np.asarray(_style(tiny_sd15, data_dir, steps=1, seed=3), np.float32)),
         torch.from_numpy(np.asarray(_style(tiny_sd15, data_dir, steps=1, seed=np.int64(3)), np.float32)))

@@ -11,7 +11,7 @@ parameters in ``info["parameters"]``::
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -125,6 +125,8 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride, reference_fit=reference_fit)
+    if isinstance(view, np.integer):  # a NumPy whole number, as the other counts take it
+        view = int(view)
     preset = check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     seed, _, axes = check_run(seed=seed, callback=callback, fused=fused, progress=progress, tile=tile,
                               tune_vae=tune_vae)
@@ -191,7 +193,9 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
     with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress,
                     callback=kwargs.get("callback")),
           seamless(model, tile, parts=("unet", "decoder"))):
-        result = task(reference, model=model, progress=progress, **kwargs)
+        # a generator of references was used up by as_list: the task gets the list
+        result = task(refs if isinstance(reference, Iterator) else reference, model=model, progress=progress,
+                      **kwargs)
     for img in [result] if isinstance(result, Image.Image) else result:
         add_parameters(img, tile=tile, tune_vae=tune_vae)
     return result
