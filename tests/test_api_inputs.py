@@ -164,6 +164,19 @@ def test_wide_integer_images_keep_their_values():
     assert (np.asarray(ad.load_image(floats)) == 51).all()
 
 
+def test_a_target_map_whose_aspect_the_size_cannot_keep_is_said(tiny_sd15, data_dir, caplog):
+    """A 2000x40 target map at 64 px is stretched several times: said, as layout_texture says it."""
+    def halves(size):
+        img = Image.new("RGB", size, (255, 0, 0))
+        img.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+        return img
+
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        ad.masked_texture_synthesis(data_dir / "wood-rings.jpg", halves((64, 64)), halves((2000, 40)),
+                                    model=tiny_sd15, steps=1, size=64, progress=False)
+    assert "target label map" in caplog.text and "stretched" in caplog.text
+
+
 def test_texture_options_keep_references_given_by_a_generator(tiny_sd15, data_dir):
     """with_texture_options read a generator for itself and handed the task the used-up one ("no texture
     image given"), for tasks without tile/tune_vae options of their own."""

@@ -361,7 +361,8 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
 
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     layer_ids = parse_layers(layers, model)
-    w, h = target_size(model, size, like=target_image)
+    # named, so that a map whose aspect the size cannot keep is said, as a layout's is
+    w, h = target_size(model, size, like=target_image, like_name=f"target label map '{names[-1]}'")
     # the references as encode_references fits them, and their label maps cut and resized alike
     (rw, rh), boxes = reference_boxes([img.size for img in ref_images], preset.reference_fit, model.native_size,
                                       model.latent_multiple, names=[describe_input(r) for r in refs], warn=True)
