@@ -11,6 +11,7 @@ parameters in ``info["parameters"]``::
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -70,7 +71,7 @@ def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = 
     """Settings of an expansion that can be refused before the model loads; returns the preset with plain
     numbers (:func:`~attndistill.tasks.setup.check_settings`)."""
     preset = check_settings(preset)
-    if not isinstance(view, int) or view < 1:
+    if not isinstance(view, numbers.Integral) or view < 1:  # NumPy whole numbers too, as the other counts
         raise UserError(f"view must be a positive whole number of latents (got {view!r})")
     if preset.stride < 1:
         raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
@@ -125,8 +126,6 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
     preset = get_preset("expand").override(steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
                                            stride=stride, reference_fit=reference_fit)
-    if isinstance(view, np.integer):  # a NumPy whole number, as the other counts take it
-        view = int(view)
     preset = check_expansion(preset, size, view=view, view_batch=view_batch, decode_tile=decode_tile)
     seed, _, axes = check_run(seed=seed, callback=callback, fused=fused, progress=progress, tile=tile,
                               tune_vae=tune_vae)
