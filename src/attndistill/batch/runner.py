@@ -174,9 +174,7 @@ class Runner:
         for job in chunk:
             lock = JobLock(self.out_dir, job.id)
             if not lock.acquire():
-                owner = lock.owner()
-                self.log(f"{tag} {job.id}: running elsewhere (pid {owner.get('pid')} on {owner.get('host')}); skipped")
-                statuses[job.id] = "busy"
+                statuses[job.id] = self._busy(job, lock, tag)
             elif is_done(job):
                 lock.release()
                 statuses[job.id] = "skipped"
@@ -227,12 +225,16 @@ class Runner:
                 lock.release()
         return [statuses[job.id] for job in chunk]
 
+    def _busy(self, job: Job, lock: JobLock, tag: str) -> str:
+        """A job whose lock another live process holds: said, and skipped."""
+        owner = lock.owner()
+        self.log(f"{tag} {job.id}: running elsewhere (pid {owner.get('pid')} on {owner.get('host')}); skipped")
+        return "busy"
+
     def _run_locked(self, job: Job, tag: str) -> str:
         lock = JobLock(self.out_dir, job.id)
         if not lock.acquire():
-            owner = lock.owner()
-            self.log(f"{tag} {job.id}: running elsewhere (pid {owner.get('pid')} on {owner.get('host')}); skipped")
-            return "busy"
+            return self._busy(job, lock, tag)
         try:
             if is_done(job):  # another process finished it between our check and the lock
                 return "skipped"
