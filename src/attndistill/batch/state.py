@@ -2,8 +2,8 @@
 
 Several processes (torchrun ranks, Slurm array tasks, a re-run after a crash) work on one output
 folder. Each takes a deterministic slice of the jobs (:func:`select`), appends one JSON line per
-finished job to its own results file (:func:`append_record`: one write and an fsync), and holds an
-O_EXCL lock file while a job runs (:class:`JobLock`), so no job ever runs twice at once.
+finished job to its own results file (:func:`append_record`: one write and an fsync), and holds a
+lock file, claimed by a hard link, while a job runs (:class:`JobLock`), so no job ever runs twice at once.
 """
 
 from __future__ import annotations

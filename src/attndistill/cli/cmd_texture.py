@@ -1,8 +1,8 @@
 """Texture commands: ``expand`` (MultiDiffusion to any size) and ``finetune-vae`` (VAE*).
 
 Also the options the texture suite adds to the optimisation commands
-(``--tile``, ``--tune-vae``, ``--ref-labels``/``--target-labels``), declared
-here once and used by :mod:`.cmd_optimize`.
+(``--tile``, ``--ref-labels``/``--target-labels``), declared here once and
+used by :mod:`.cmd_optimize` (``--tune-vae`` lives in :mod:`.common`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ FINETUNE_EXAMPLE = ("Example: attndistill finetune-vae wood.jpg -o wood-vae && "
                     "attndistill texture wood.jpg --vae wood-vae -o wood.png")
 
 Tile = Annotated[str | None, typer.Option(
-    help="Seamless tiling: circular padding along x, y or xy, so the result tiles without a seam",
+    help="Seamless tiling along x, y or xy, so the result tiles without a seam "
+         "(circular padding; expand wraps its views)",
     show_default=False)]
 RefLabels = Annotated[list[Path] | None, typer.Option(
     "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",

@@ -112,7 +112,7 @@ class Distiller:
     content_weight: ``lambda``; ref_labels / target_labels: integer label maps (R, H, W) and
     (1 or B, H, W) for masked AD; fused: reference, content and target in one UNet call (default: on
     CUDA without graphs). ``static=True`` runs the CUDA-graph code path without capturing (tests on CPU).
-    ``update_mask``: (1, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
+    ``update_mask``: (1 or B, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
     only where it is 1 (a restyled region; the loss still sees the whole image). ``condition_size``:
     (h, w) pixels of the null conditioning (SDXL's ``add_time_ids`` carry a size); None: the size of the
     latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks (the model's native size

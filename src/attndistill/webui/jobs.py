@@ -1,4 +1,4 @@
-"""What runs behind the web UI, without Gradio: the model slot, background jobs with progress,
+"""What runs behind the web UI, without Gradio: background jobs with progress,
 live previews and cancel, the "same run from the terminal" command and readable error lines.
 
 Kept apart from :mod:`attndistill.webui.app` so it can be tested without a browser.
