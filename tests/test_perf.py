@@ -814,3 +814,30 @@ def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, aot
     assert counters["stats"]["unique_graphs"] - graphs == 1  # the look-ahead calls' program
     assert calls == [[6, 6, 3], [6, 6, 6]]
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("refs", [1, 2])
+def test_reference_and_content_in_one_call_give_the_same_loss_gradient_and_latent(model, refs):
+    """The no-grad call that computes reference keys/values and content queries together (on CUDA by default)
+    equals two calls of their own: one loss and gradient eagerly, and a run over static buffers."""
+    z_ref, z_c, z0 = torch.randn(refs, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    model.set_perf(PerfOptions(fused=False))
+    grads, losses, latents = [], [], []
+    for together in (False, True):
+        with Distiller(model, content_weight=0.25) as d:
+            d.batch_references = together
+            d.begin_timestep(torch.tensor(500), z_ref, z_c)
+            z = z0.clone().requires_grad_(True)
+            loss = d.loss(z)
+            loss.backward()
+            grads.append(z.grad)
+            losses.append(loss.item())
+            assert d.last_parts["content"].item() > 0
+        static = Distiller(model, content_weight=0.25, static=True)
+        static.batch_references = together
+        latents.append(optimize_latents(static, z0, z_ref, content_latents=z_c, steps=5, iters=2, lr=0.05,
+                                        progress=False))
+    assert abs(losses[0] - losses[1]) < 1e-6
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(latents[0], latents[1], atol=1e-4, rtol=0)
+    assert (latents[0] - z0).abs().max() > 1e-2

@@ -204,12 +204,23 @@ def _blocks(side, pattern):
     return pattern.repeat_interleave(side // pattern.shape[0], 0).repeat_interleave(side // pattern.shape[1], 1)
 
 
-def test_masked_texture_matches_spec(tiny_sd15, spec):
-    """Masked AD: target tokens attend only reference tokens of their label, at every layer's token grid."""
+#: reference label maps (as 4x4 blocks) of one and of two references; the second reference's map differs
+#: from the first, so that keys matched with the other reference's labels would change the result
+MASKED_REFERENCES = {
+    "one": [[[0, 1, 1, 2], [0, 1, 1, 2], [2, 2, 0, 0], [1, 1, 0, 0]]],
+    "two": [[[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]],
+            [[2, 2, 2, 0], [2, 2, 2, 0], [0, 0, 2, 2], [0, 0, 2, 2]]],
+}
+
+
+@pytest.mark.parametrize("refs", list(MASKED_REFERENCES))
+def test_masked_texture_matches_spec(tiny_sd15, spec, refs):
+    """Masked AD: target tokens attend only reference tokens of their label, at every layer's token grid;
+    with several references, each reference's tokens carry the labels of its own map."""
     side = 16  # latents; blocks of 4 stay whole down to the middle layer's 4x4 grid
-    ref_labels = _blocks(side, [[0, 1, 1, 2], [0, 1, 1, 2], [2, 2, 0, 0], [1, 1, 0, 0]])[None]
-    target_labels = _blocks(side, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])[None]
-    z_c, z_r = latents(12, 1, side), latents(62, 1, side)
+    ref_labels = torch.stack([_blocks(side, blocks) for blocks in MASKED_REFERENCES[refs]])
+    target_labels = _blocks(side, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 1]])[None]
+    z_c, z_r = latents(12, 1, side), latents(62, ref_labels.shape[0], side)
     kw = dict(steps=3, iters=1, lr=0.05, lam=0.15)
     ours = spec.optimise(z_c, z_r, z_c, ref_labels=ref_labels, target_labels=target_labels, **kw)
     unmasked = spec.optimise(z_c, z_r, z_c, **kw)

@@ -142,18 +142,26 @@ class Reference:
             e_u, e_c = self.unet(torch.cat([z, z]), t, encoder_hidden_states=both).sample.chunk(2)
             return e_u + guidance * (e_c - e_u)
 
-    def guide(self, z, noised_ref, t_prev, iters, lr, adain, per_view=False):
-        """Steps 1-3 of §4 for one latent batch: AdaIN, reference features, a fresh Adam."""
+    def guide(self, z, noised_ref, t_prev, iters, lr, adain, per_view=False, noised_content=None, lam=0.0):
+        """Steps 1-3 of §4 for one latent batch: AdaIN, reference (and content) features, a fresh Adam.
+
+        With a content image: L = L_AD + lam * sum over layers of mean |Q - Q_c| (§2), Q_c from the
+        noised content at the same t'."""
         if adain:
             z = self.adain(z, noised_ref)
         with self.recording():
             with torch.no_grad():
                 ref = self.features(noised_ref, t_prev)
+                content = None if noised_content is None else self.features(noised_content, t_prev)
             z = z.detach().clone().requires_grad_(True)
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(iters):
                 opt.zero_grad()
-                self.loss(self.features(z, t_prev), ref, per_view).backward()
+                target = self.features(z, t_prev)
+                loss = self.loss(target, ref, per_view)
+                if content is not None:
+                    loss = loss + lam * sum((q - qc).abs().mean() for (q, *_), (qc, *_) in zip(target, content))
+                loss.backward()
                 opt.step()
         return z.detach()
 
@@ -164,11 +172,15 @@ class Reference:
     def t_prev(self, t) -> int:
         return max(int(t) - self.scheduler.config.num_train_timesteps // self.steps, 0)
 
-    def sample(self, z, ref_latents, *, cond, uncond, guidance, iters, lr, adain, generator):
+    def sample(self, z, ref_latents, *, cond, uncond, guidance, iters, lr, adain, generator,
+               content_latents=None, lam=0.0):
+        """The content image, where given, gets fresh noise of its own after the reference's, every step."""
         for t in self.scheduler.timesteps:
             z = self.scheduler.step(self.eps(z, t, cond, uncond, guidance), t, z).prev_sample
             tp = self.t_prev(t)
-            z = self.guide(z, self.noised_ref(ref_latents, tp, generator), tp, iters, lr, adain)
+            noised_ref = self.noised_ref(ref_latents, tp, generator)
+            noised_content = None if content_latents is None else self.noised_ref(content_latents, tp, generator)
+            z = self.guide(z, noised_ref, tp, iters, lr, adain, noised_content=noised_content, lam=lam)
         return z
 
     def multidiffusion(self, canvas, ref_latents, *, cond, view, stride, view_batch, iters, lr, generator):
@@ -215,15 +227,22 @@ def test_reference_sees_last_six_of_seven_layers(tiny_sd15, reference):
     assert (plain - seen).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("case", ["t2i", "texture"])
+#: (guidance, iters, lr, adain, prompt, content weight lambda) of each case
+SAMPLING_CASES = {
+    "t2i": (7.5, 2, 0.015, True, "a red fox", None),
+    "texture": (1.0, 1, 0.05, False, "", None),
+    "content": (7.5, 2, 0.015, True, "a red fox", 0.2),  # a content image noised at t' like the reference
+    "adain-only": (1.0, 0, 0.05, True, "", None),  # iters 0: AdaIN alone still guides every step
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
 def test_sample_matches_reference(tiny_sd15, reference, case):
-    """Final latents of ``sample`` equal the spec's Algorithm 2 (CFG + AdaIN T2I; no-CFG texture)."""
+    """Final latents of ``sample`` equal the spec's Algorithm 2 (CFG + AdaIN T2I, with and without a content
+    image; no-CFG texture; AdaIN with no Adam step)."""
     steps = 4
     size = PIXELS // tiny_sd15.vae_scale_factor
-    if case == "t2i":
-        guidance, iters, lr, adain, prompt = 7.5, 2, 0.015, True, "a red fox"
-    else:
-        guidance, iters, lr, adain, prompt = 1.0, 1, 0.05, False, ""
+    guidance, iters, lr, adain, prompt, lam = SAMPLING_CASES[case]
     ref = reference(steps)
     cond, uncond = prompt_conditioning(tiny_sd15, prompt, "", guidance=guidance, size=(PIXELS, PIXELS))
     mine_cond = ref.embed(prompt)
@@ -233,16 +252,26 @@ def test_sample_matches_reference(tiny_sd15, reference, case):
         assert torch.allclose(uncond.encoder_hidden_states, mine_uncond)
     latents = _latents(size, size, 2) * tiny_sd15.ddim_scheduler(steps).init_noise_sigma
     ref_latents = _latents(size, size, 3)
+    content = None if lam is None else _latents(size, size, 4)
 
     expected = ref.sample(latents.clone(), ref_latents, cond=mine_cond, uncond=mine_uncond, guidance=guidance,
-                          iters=iters, lr=lr, adain=adain, generator=torch.Generator().manual_seed(7))
-    got = sample(Distiller(tiny_sd15), latents.clone(), ref_latents, cond=cond, uncond=uncond, guidance=guidance,
-                 steps=steps, iters=iters, lr=lr, adain=adain, generator=torch.Generator().manual_seed(7),
-                 progress=False)
+                          iters=iters, lr=lr, adain=adain, generator=torch.Generator().manual_seed(7),
+                          content_latents=content, lam=lam or 0.0)
+
+    def library(**changes):
+        kw = dict(cond=cond, uncond=uncond, guidance=guidance, steps=steps, iters=iters, lr=lr, adain=adain,
+                  content_latents=content, generator=torch.Generator().manual_seed(7), progress=False) | changes
+        return sample(Distiller(tiny_sd15, content_weight=lam or 0.0), latents.clone(), ref_latents, **kw)
+
+    got = library()
     diff = (got - expected).abs().max().item()
     print(f"{case}: max |library - reference| = {diff:.3g}")
     assert diff <= TOL
     assert (expected - latents).abs().max() > 0.1  # the run really moved the latents
+    if case == "adain-only":  # AdaIN is what moved them away from plain DDIM
+        assert (library(adain=False) - got).abs().max() > 0.1
+    if case == "content":  # the content term took part
+        assert (library(content_latents=None) - got).abs().max() > 1e-3
 
 
 def test_multidiffusion_matches_reference(tiny_sd15, reference):
