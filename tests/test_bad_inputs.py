@@ -747,3 +747,29 @@ def test_a_tokenizer_must_fit_its_text_encoder(tiny_sd15, tmp_path):
     specials = CLIPTokenizer.from_pretrained(tmp_path / "whole")
     with pytest.raises(UserError, match=r"model 'm': its tokenizer knows 2 tokens where its text_encoder has \d+"):
         _check_tokenizers(SimpleNamespace(tokenizer=specials, text_encoder=tiny_sd15.pipe.text_encoder), "m")
+
+
+def test_an_output_written_atomically_never_half_and_never_over_another(tmp_path):
+    """A failed write leaves nothing; a file that appears at the output's name while it is written is kept."""
+    from attndistill.errors import UserError
+    from attndistill.images import atomic_write
+
+    out = tmp_path / "out.bin"
+
+    def disk_full(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="could not be written \\(No space left on device\\)"):
+        atomic_write(out, disk_full)
+    assert list(tmp_path.iterdir()) == []
+
+    def intruder(f):
+        f.write(b"ours")
+        out.write_bytes(b"theirs")  # another process takes the name meanwhile
+
+    with pytest.raises(UserError, match="already exists"):
+        atomic_write(out, intruder)
+    assert out.read_bytes() == b"theirs" and list(tmp_path.iterdir()) == [out]
+    assert atomic_write(out, lambda f: f.write(b"ours"), overwrite=True) == out
+    assert out.read_bytes() == b"ours" and list(tmp_path.iterdir()) == [out]

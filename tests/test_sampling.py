@@ -148,7 +148,7 @@ def test_same_seed_same_images_and_parameters(tiny_sd15, data_dir):
     a = [np.asarray(i) for i in first]
     b = [np.asarray(i) for i in ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", seed=1, num_images=2,
                                                  **kw)]
-    (c,) = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", seed=2, **kw)
+    c, _ = ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", seed=2, num_images=2, **kw)  # as many images
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], np.asarray(c)) and not np.array_equal(a[0], a[1])
     params = json.loads(first[1].info["parameters"])
