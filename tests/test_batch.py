@@ -286,6 +286,8 @@ def test_shard_from_launcher_environment():
     for bad in ("3/3", "a/b", "1", "-1/2"):
         with pytest.raises(UserError, match="shard"):
             resolve_shard(bad, env={})
+    with pytest.raises(UserError, match="outside the array"):  # a task id beyond the array would run nothing
+        resolve_shard(None, env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3"})
 
 
 def test_nan_guard_fails_the_job_not_the_batch(tmp_path, data_dir, tiny_sd15_dir):
@@ -440,9 +442,10 @@ def test_lock_excludes_live_owner_and_breaks_stale_one(tmp_path):
     assert recycled.acquire()
     recycled.release()
 
-    remote = JobLock(tmp_path, "job4")  # another machine's lock cannot be checked: respected
-    remote.path.write_text(json.dumps({"pid": 1, "host": "other-node", "start": None}))
-    assert not remote.acquire() and remote.path.exists()
+    remote = JobLock(tmp_path, "job4")  # another machine's lock cannot be checked: respected, even where
+    for pid in (1, int(dead.stdout)):  # its PID is alive here, or dead here
+        remote.path.write_text(json.dumps({"pid": pid, "host": "other-node", "start": None}))
+        assert not remote.acquire() and remote.path.exists()
 
 
 def test_results_survive_a_torn_line(tmp_path):
@@ -977,3 +980,57 @@ def test_an_output_that_appears_while_its_job_runs_is_kept_and_so_is_the_result(
     (out / "a.new.png").replace(out / "a.png")  # as the message says: moved into place, the job counts as done
     again = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--group", group)
     assert again.exit_code == 0 and "2 already done" in again.output, again.output
+
+
+def test_merge_names_the_jobs_no_shard_finished(tmp_path):
+    """A shard that crashed leaves jobs with no record: --merge says which, and exits 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "batch.json").write_text(json.dumps({"jobs": ["a", "b"]}))
+    append_record(out / "results.shard-0-of-2.jsonl", {"job": "a", "status": "done"})
+    result = invoke("batch", "--merge", out)
+    assert result.exit_code == 1, result.output
+    assert "1 done, 0 failed, 1 without a result" in result.output and "first missing: b" in result.output
+
+
+def test_dry_run_refuses_ids_outputs_and_flags_that_would_go_wrong(tmp_path, data_dir, tiny_sd15_dir):
+    """Ids that are paths, two jobs writing one file, a string where a flag is meant, a foreign file in the way."""
+    texture = {"task": "texture", "reference": "wood-rings.jpg", "size": 64, "steps": 1}
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        {**texture, "id": "a/b"},
+        {**texture, "id": "a/../../x"},
+        {**texture, "overwrite": "false"},  # a truthy string: it would overwrite
+        {**texture, "seed": 1, "output": "same.png"},
+        {**texture, "seed": 2, "output": "same.png"},
+        {**texture, "seed": 3, "output": "taken.png"},
+    ])
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / "taken.png")  # not made by any job
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2, result.output
+    for expected in ("line 1: id 'a/b' may only use letters", "line 2: id 'a/../../x' may only use letters",
+                     "line 3: 'overwrite' must be true or false (got 'false')",
+                     "line 5: writes the same output as line 4", "taken.png' already exists; delete it",
+                     "1 ready", "5 invalid"):
+        assert expected in result.output, expected
+    assert sorted(p.name for p in out.iterdir()) == ["taken.png"]
+
+
+def test_a_group_takes_as_many_jobs_as_asked_and_only_jobs_of_one_model(tmp_path, data_dir, tiny_sd15_dir):
+    """--group 2 over three batchable jobs: one batch of 2 and one job alone; a job whose own dtype differs
+    never joins another model's batch."""
+    style = [job_line("style", c, "watercolor-cat.jpg", seed=0) for c in ("horse.jpg", "golden-gate.jpg")]
+    jobs = write_jobs(tmp_path / "in", data_dir, [*style, job_line("style", "wood-rings.jpg", "watercolor-cat.jpg",
+                                                                 seed=0, steps=1)])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--device", "cpu", "--group", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(r.get("batched") or 1 for r in read_records(out) if r["status"] == "done") == [1, 2, 2]
+
+    mixed = write_jobs(tmp_path / "in2", data_dir, [style[0], {**style[1], "dtype": "bf16"}])
+    out2 = tmp_path / "out2"
+    result = invoke("batch", mixed, "--out", out2, "-m", tiny_sd15_dir, "--device", "cpu", "--group", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+    records = [r for r in read_records(out2) if r["status"] == "done"]
+    assert len(records) == 2 and not any(r.get("batched") for r in records)
