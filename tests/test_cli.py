@@ -256,3 +256,35 @@ def test_usage_errors_are_one_line(argv, line, monkeypatch, capsys):
 def test_ui_options_are_checked_before_anything_loads(args, message):
     result = CliRunner().invoke(app, ["ui", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_an_unexpected_error_is_one_line_and_a_failing_exit(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """A bug inside a task must not look like success to a script: exit 1, one line, no traceback."""
+    import attndistill.tasks.transfer as transfer
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(transfer, "style_transfer", boom)
+    result = run("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "-o", tmp_path / "out.png",
+                 "--model", tiny_sd15_dir, "--steps", 1, "--size", 64, "--device", "cpu")
+    assert result.exit_code == 1
+    assert "error: unexpected RuntimeError: boom (rerun with --debug for the traceback)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.png").exists()
+
+
+def test_a_preview_is_written_every_few_steps_and_at_the_last(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import attndistill.images as images
+    from attndistill.cli.common import preview_callback
+
+    written = []
+    monkeypatch.setattr(images, "save_png", lambda image, path, **kw: written.append(image))
+    model = SimpleNamespace(preview=lambda latents, side: latents)
+    callback = preview_callback(tmp_path / "preview.png", 2, model)
+    for step in range(5):
+        callback(SimpleNamespace(step=step, total=5, stage="", latents=step + 1))
+    callback(SimpleNamespace(step=0, total=75, stage="tuning the VAE decoder", latents=None))  # nothing to show
+    assert written == [2, 4, 5]
+    assert preview_callback(None, 2, model) is None
