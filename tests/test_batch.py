@@ -612,6 +612,16 @@ def test_info_job_refuses_what_cannot_be_rerun():
         job_from_parameters({"task": "finetune-vae"})
 
 
+
+def test_info_job_keeps_the_dtype_a_result_was_made_in():
+    """bf16 and fp16 change pixels; on the CPU fp32 is the default too, so the rerun tests cannot see this."""
+    from attndistill.batch.jobs import job_from_parameters
+
+    for recorded, option in (("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "fp32")):
+        job = job_from_parameters({"task": "style", "content": "c.png", "style": ["s.png"], "dtype": recorded})
+        assert job["dtype"] == option
+
+
 def test_dry_run_checks_controlnets_and_strength(tmp_path, data_dir, tiny_sd15_dir):
     """ControlNet paths are relative to the jobs file and checked (exists, fits the model) before any work,
     as is a strength that leaves no step to run."""

@@ -435,3 +435,40 @@ def test_the_vae_tabs_errors_name_its_boxes():
     assert page_message(UserError("VAE tuning lr must be positive (got -1)")) == \
         "Learning rate must be positive (got -1)"
     assert page_message(UserError("VAE tuning steps must be at least 1 (got 0)")).startswith("Steps must be")
+
+
+#: per tab: its inputs, and number boxes set to values that differ from every preset and from each other
+TYPED = {
+    "style": ({"style-target": "horse.jpg", "style-reference": "watercolor-cat.jpg", "style-size": "64"},
+              {"steps": 2, "iters": 2, "lr": 0.0123, "attention-scale": 1.7, "content-weight": 0.37}),
+    "appearance": ({"appearance-target": "horse.jpg", "appearance-reference": "wood-rings.jpg",
+                    "appearance-size": "64"},
+                   {"steps": 2, "iters": 2, "lr": 0.0134, "attention-scale": 1.6, "content-weight": 0.31}),
+    "texture": ({"texture-reference": "wood-rings.jpg", "texture-size": "64"},
+                {"steps": 2, "iters": 2, "lr": 0.0234, "attention-scale": 1.3}),
+    "t2i": ({"t2i-prompt": "a barn", "t2i-style": "watercolor-cat.jpg", "t2i-size": "64", "t2i-controlnet": None},
+            {"steps": "2", "iters": "2", "lr": "0.0345", "guidance": "3.5"}),
+    "expand": ({"expand-reference": "wood-rings.jpg", "expand-size": "512"},
+               {"steps": 1, "iters": 1, "lr": 0.0456, "stride": 32}),
+}
+
+
+@pytest.mark.parametrize("tab", list(TYPED))
+def test_every_number_typed_reaches_the_run_and_its_command(ui, data_dir, tab):
+    inputs, numbers = TYPED[tab]
+    values = {key: str(data_dir / value) if value and value.endswith(".jpg") else value
+              for key, value in inputs.items()}
+    values |= {f"{tab}-{name}": value for name, value in numbers.items()} | {f"{tab}-preview-every": 0}
+    params, command, _ = result_parameters(run_tab(ui, tab, values))
+    words = shlex.split(command)
+    for name, value in numbers.items():
+        assert params[name.replace("-", "_")] == float(value), name
+        assert float(words[words.index(f"--{name}") + 1]) == float(value), name
+    assert words[words.index("--dtype") + 1] == "fp32"  # the server's own dtype, as the ui fixture set it
+
+
+def test_the_terminal_command_says_every_switch_turned_off():
+    from attndistill.webui.jobs import cli_command
+
+    assert cli_command(["t2i"], {"adain": False, "fused": False, "grid": True, "steps": None, "style": ["a b", "c"]}) \
+        == "attndistill t2i --no-adain --no-fused --grid --style 'a b' --style c"
