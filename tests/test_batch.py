@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attndistill.batch.runner import JobLock, ModelSpec, append_record, read_jobs, read_records, resolve_shard, select
+from attndistill.batch.state import STALE_AFTER_S
 from attndistill.cli import app
 from attndistill.errors import UserError
 from attndistill.images import read_parameters
@@ -441,6 +442,14 @@ def test_lock_excludes_live_owner_and_breaks_stale_one(tmp_path):
     recycled.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "1"}))
     assert recycled.acquire()
     recycled.release()
+
+    unreadable = JobLock(tmp_path, "job5")  # being written, or its writer died right after creating it
+    unreadable.path.write_text("{not json")
+    assert not unreadable.acquire()  # young: its writer may still be writing it
+    old = time.time() - 2 * STALE_AFTER_S
+    os.utime(unreadable.path, (old, old))
+    assert unreadable.acquire()
+    unreadable.release()
 
     remote = JobLock(tmp_path, "job4")  # another machine's lock cannot be checked: respected, even where
     for pid in (1, int(dead.stdout)):  # its PID is alive here, or dead here
@@ -1044,3 +1053,19 @@ def test_a_group_takes_as_many_jobs_as_asked_and_only_jobs_of_one_model(tmp_path
     assert result.exit_code == 0, result.output
     records = [r for r in read_records(out2) if r["status"] == "done"]
     assert len(records) == 2 and not any(r.get("batched") for r in records)
+
+
+def test_a_reused_model_takes_each_jobs_own_speed_switches(tmp_path, data_dir, tiny_sd15_dir):
+    """One loaded model serves both jobs; the second's own pixel-changing switch is on for it alone."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("texture", "wood-rings.jpg", None, seed=1, output="plain.png"),
+        job_line("texture", "wood-rings.jpg", None, seed=1, output="tiled-vae.png", perf={"vae_tiling": True}),
+        job_line("texture", "wood-rings.jpg", None, seed=1, output="plain-again.png"),
+    ])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    perf = {name: read_parameters(out / name).get("perf", {}) for name in ("plain.png", "tiled-vae.png",
+                                                                           "plain-again.png")}
+    assert perf["tiled-vae.png"].get("vae_tiling") is True
+    assert not perf["plain.png"].get("vae_tiling") and not perf["plain-again.png"].get("vae_tiling")
