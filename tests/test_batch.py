@@ -891,6 +891,10 @@ def test_quiet_batches_still_say_what_failed(tmp_path, data_dir, tiny_sd15_dir):
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, steps=0)])
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "-q")
     assert result.exit_code == 1 and "steps must be at least 1" in result.output
+    jobs = write_jobs(tmp_path / "in2", data_dir, [job_line("texture", "wood-rings.jpg", None)])
+    result = invoke("batch", jobs, "--out", tmp_path / "out2", "-m", tiny_sd15_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 0 and "1 jobs: 1 done, 0 already done, 0 failed" in result.output
+    assert "shard 0/1" not in result.output and "done in" not in result.output  # -q: only the summary
 
 
 def test_a_pixel_changing_flag_on_batch_makes_other_jobs(tmp_path, data_dir, tiny_sd15_dir):
