@@ -36,19 +36,26 @@ def _run(model, perf, init, z_ref, z_c, steps=30, iters=1):
                             iters=iters, lr=0.05, progress=False)
 
 
+def _loss_and_gradient(d: Distiller, z_ref, z_c, z0) -> tuple[float, torch.Tensor]:
+    """The loss of ``z0`` at t = 500 against (z_ref, z_c), and its gradient; the content term must take part."""
+    with d:
+        d.begin_timestep(torch.tensor(500), z_ref, z_c)
+        z = z0.clone().requires_grad_(True)
+        loss = d.loss(z)
+        loss.backward()
+        assert d.last_parts["content"].item() > 0
+    return loss.item(), z.grad
+
+
+def _assert_same_loss_and_gradient(first: tuple[float, torch.Tensor], second: tuple[float, torch.Tensor]) -> None:
+    assert abs(first[0] - second[0]) < 1e-6
+    torch.testing.assert_close(first[1], second[1], atol=1e-7, rtol=1e-5)
+
+
 def test_one_batched_call_gives_the_same_loss_and_gradient(model):
     z_ref, z_c, z0 = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    grads, losses = [], []
-    for fused in (False, True):
-        with Distiller(model, content_weight=0.25, fused=fused) as d:
-            d.begin_timestep(torch.tensor(500), z_ref, z_c)
-            z = z0.clone().requires_grad_(True)
-            loss = d.loss(z)
-            loss.backward()
-            grads.append(z.grad)
-            losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-6
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    _assert_same_loss_and_gradient(*(_loss_and_gradient(Distiller(model, content_weight=0.25, fused=fused),
+                                                         z_ref, z_c, z0) for fused in (False, True)))
 
 
 def test_fused_switch_keeps_the_optimised_latent_and_image(model):
@@ -822,22 +829,13 @@ def test_reference_and_content_in_one_call_give_the_same_loss_gradient_and_laten
     equals two calls of their own: one loss and gradient eagerly, and a run over static buffers."""
     z_ref, z_c, z0 = torch.randn(refs, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
     model.set_perf(PerfOptions(fused=False))
-    grads, losses, latents = [], [], []
+    results, latents = [], []
     for together in (False, True):
-        with Distiller(model, content_weight=0.25) as d:
-            d.batch_references = together
-            d.begin_timestep(torch.tensor(500), z_ref, z_c)
-            z = z0.clone().requires_grad_(True)
-            loss = d.loss(z)
-            loss.backward()
-            grads.append(z.grad)
-            losses.append(loss.item())
-            assert d.last_parts["content"].item() > 0
-        static = Distiller(model, content_weight=0.25, static=True)
-        static.batch_references = together
+        eager, static = Distiller(model, content_weight=0.25), Distiller(model, content_weight=0.25, static=True)
+        eager.batch_references = static.batch_references = together
+        results.append(_loss_and_gradient(eager, z_ref, z_c, z0))
         latents.append(optimize_latents(static, z0, z_ref, content_latents=z_c, steps=5, iters=2, lr=0.05,
                                         progress=False))
-    assert abs(losses[0] - losses[1]) < 1e-6
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    _assert_same_loss_and_gradient(*results)
     torch.testing.assert_close(latents[0], latents[1], atol=1e-4, rtol=0)
     assert (latents[0] - z0).abs().max() > 1e-2
