@@ -114,10 +114,28 @@ def test_channels_last_keeps_the_optimised_latent_and_image(model):
 
 
 def test_perf_switches_apply_and_revert(model):
-    model.set_perf(PerfOptions(gradient_checkpointing=True, vae_tiling=True))
+    model.set_perf(PerfOptions(gradient_checkpointing=True, vae_tiling=True, attention_slicing=True))
     assert model.unet.is_gradient_checkpointing and model.vae.use_tiling
+    assert any(type(p).__name__.startswith("Sliced") for p in model.unet.attn_processors.values())
+    sample = model.vae.config.sample_size  # the tiny VAE's 64 px, under the 512 px tiles real VAEs get
+    assert model.vae.tile_sample_min_size == min(sample, 512)
     model.set_perf(PerfOptions())
     assert not model.unet.is_gradient_checkpointing and not model.vae.use_tiling
+    assert not any(type(p).__name__.startswith("Sliced") for p in model.unet.attn_processors.values())
+
+
+def test_every_switch_that_changes_pixels_is_recorded():
+    """What a result records under ``perf``: each switch whose kernels or batch shapes differ; the rest only
+    move work in time or memory (graphs replay the same kernels, offload moves weights)."""
+    from dataclasses import fields
+
+    from attndistill.model.perf import PIXEL_SWITCHES, pixel_switches
+
+    same_pixels = {"early_exit", "cuda_graphs", "lookahead_overlap", "gradient_checkpointing", "cpu_offload",
+                   "offload_text_encoders"}
+    assert set(PIXEL_SWITCHES) == {f.name for f in fields(PerfOptions)} - same_pixels
+    assert pixel_switches(PerfOptions(lookahead_batch=4, vae_tiling=True)) == {"lookahead_batch": 4, "vae_tiling": True}
+    assert pixel_switches(PerfOptions()) == {}
 
 
 def test_vae_tiling_tiles_images_of_the_vae_s_own_sample_size(model, monkeypatch):
