@@ -379,3 +379,16 @@ def test_references_may_come_from_a_generator_as_contents_do(tiny_sd15, data_dir
     as_list_run = _style(tiny_sd15, data_dir, steps=1, style=style)
     as_generator = _style(tiny_sd15, data_dir, steps=1, style=(s for s in style))
     assert np.array_equal(np.asarray(as_list_run), np.asarray(as_generator))
+
+
+def test_true_is_no_number_and_out_of_memory_is_found_in_any_case():
+    from attndistill.checks import number, whole
+    from attndistill.errors import is_out_of_memory
+
+    for check in (whole, number):
+        with pytest.raises(ad.UserError, match="seed must be a"):
+            check("seed", True)
+    assert whole("steps", np.int64(3)) == 3 and number("lr", np.float32(0.5)) == 0.5
+    assert is_out_of_memory(RuntimeError("HIP error: Out Of Memory"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError())
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

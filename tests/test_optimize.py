@@ -115,3 +115,26 @@ def test_a_diverging_run_names_its_step_as_the_progress_bar_counts(tiny_sd15, da
 
     with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step 2 of 3 \(timestep \d+\)"):
         ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=3, lr=1e30, size=64, progress=False)
+
+
+@pytest.mark.parametrize(("loss", "latent", "what"), [(float("nan"), 0.0, "loss"), (1.0, float("inf"), "latent")])
+def test_the_nan_guard_says_which_went_bad_and_where(loss, latent, what):
+    """The advice differs: a bad loss with finite latents points at the loss; bad latents at the update."""
+    from attndistill.core.progress import _FiniteGuard
+    from attndistill.errors import NonFiniteError
+
+    guard = _FiniteGuard(torch.device("cpu"), total=3)
+    guard.update(0, 999, torch.zeros(1), [torch.tensor(1.0)])
+    guard.update(1, 666, torch.full((1,), latent), [torch.tensor(loss)])
+    guard.update(2, 333, torch.full((1,), float("nan")), [torch.tensor(float("nan"))])  # a later bad step: not it
+    guard.check(1)  # not a checking step
+    with pytest.raises(NonFiniteError, match=rf"the {what} became NaN/Inf at step 2 of 3 \(timestep 666\)"):
+        guard.check(2, final=True)
+
+
+def test_each_steps_loss_is_its_last_iterations(tiny_sd15):
+    seen = []
+    optimize_latents(Distiller(tiny_sd15), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), steps=3, iters=3,
+                     lr=0.05, progress=False, callback=seen.append)
+    assert len(seen) == 3 and all(len(info.losses) == 3 and info.loss == info.losses[-1] for info in seen)
+    assert any(info.losses[0] != info.losses[-1] for info in seen)
