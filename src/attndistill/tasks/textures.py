@@ -11,7 +11,6 @@ parameters in ``info["parameters"]``::
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -71,8 +70,8 @@ def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = 
     """Settings of an expansion that can be refused before the model loads; returns the preset with plain
     numbers (:func:`~attndistill.tasks.setup.check_settings`)."""
     preset = check_settings(preset)
-    if not isinstance(view, numbers.Integral) or view < 1:  # NumPy whole numbers too, as the other counts
-        raise UserError(f"view must be a positive whole number of latents (got {view!r})")
+    if whole("view", view) < 1:
+        raise UserError(f"view must be at least 1 latent (got {view})")
     if preset.stride < 1:
         raise UserError(f"stride must be at least 1 latent (got {preset.stride})")
     if preset.stride > view:
