@@ -248,3 +248,21 @@ def test_a_region_too_thin_for_a_token_grid_names_its_colour_and_the_files(tiny_
         masked_texture_synthesis(ref, tmp_path / "stripe.png", target_labels, model=tiny_sd15, steps=1,
                                  size=(128, 64), progress=False)
     assert "[" not in str(err.value) and width > 0
+
+
+def test_masked_synthesis_follows_its_seed_and_tiles(tiny_sd15, maps, monkeypatch):
+    seen = []
+
+    def spy(distiller, init, ref_latents, **kw):
+        seen.append((init.clone(), len(tiny_sd15.unet.conv_in._forward_pre_hooks)))
+        return init
+
+    monkeypatch.setattr(textures, "optimize_latents", spy)
+    for seed, tile in ((1, None), (1, None), (2, None), (1, "xy")):
+        out = masked_texture_synthesis(*maps, model=tiny_sd15, seed=seed, tile=tile, size=64,
+                                       progress=False)[0]
+        assert json.loads(out.info["parameters"])["seed"] == seed
+    (first, plain), (again, _), (other, _), (tiled_init, tiled) = seen
+    assert torch.equal(first, again) and not torch.equal(first, other)  # the init's label sampling is seeded
+    assert plain == 0 and tiled == 1  # circular padding during the run only when asked
+    assert torch.equal(first, tiled_init)

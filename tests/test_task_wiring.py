@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 import attndistill as ad
 from attndistill.images import load_image, to_tensor
@@ -86,36 +85,6 @@ def test_a_layout_is_the_start_and_the_content_of_its_content_loss(tiny_sd15, da
     torch.testing.assert_close(seen["content"], tiny_sd15.encode(to_tensor(load_image(data_dir / "horse.jpg"),
                                                                             out.size)))
     assert seen["weight"] == 0.1 and seen["start_step"] == 1  # strength 0.8 of 5 steps skips the first
-
-
-@pytest.fixture
-def label_maps(tmp_path, data_dir):
-    ref = Image.open(data_dir / "wood-rings.jpg")
-    red, blue = (255, 0, 0), (0, 0, 255)
-    ref_map = Image.new("RGB", ref.size, red)
-    ref_map.paste(blue, (ref.width // 2, 0, ref.width, ref.height))
-    target = Image.new("RGB", (64, 64), blue)
-    target.paste(red, (0, 32, 64, 64))
-    ref_map.save(tmp_path / "ref-labels.png")
-    target.save(tmp_path / "target-labels.png")
-    return data_dir / "wood-rings.jpg", tmp_path / "ref-labels.png", tmp_path / "target-labels.png"
-
-
-def test_masked_synthesis_follows_its_seed_and_tiles(tiny_sd15, label_maps, monkeypatch):
-    seen = []
-
-    def spy(distiller, init, ref_latents, **kw):
-        seen.append((init.clone(), len(tiny_sd15.unet.conv_in._forward_pre_hooks)))
-        return init
-
-    monkeypatch.setattr(textures, "optimize_latents", spy)
-    for seed, tile in ((1, None), (1, None), (2, None), (1, "xy")):
-        out = ad.masked_texture_synthesis(*label_maps, model=tiny_sd15, seed=seed, tile=tile, progress=False)[0]
-        assert json.loads(out.info["parameters"])["seed"] == seed
-    (first, plain), (again, _), (other, _), (tiled_init, tiled) = seen
-    assert torch.equal(first, again) and not torch.equal(first, other)  # the init's label sampling is seeded
-    assert plain == 0 and tiled == 1  # circular padding during the run only when asked
-    assert torch.equal(first, tiled_init)
 
 
 @pytest.mark.parametrize(("tile", "unet_axes", "view_wrap", "decode_wrap"), [
