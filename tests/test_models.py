@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,14 +214,18 @@ def test_steps_read_timesteps_on_the_cpu_and_unet_calls_get_them_made_on_the_dev
     assert int(here) == int(scheduler.timesteps[1]) and here.dtype == torch.long
 
 
-def test_a_stamp_covers_the_files_of_a_models_component_folders(tiny_sd15_dir, tmp_path):
+@pytest.fixture
+def model(tiny_sd15_dir, tmp_path):
+    """A copy of the tiny SD 1.5 folder that a test may change."""
+    return Path(shutil.copytree(tiny_sd15_dir, tmp_path / "model"))
+
+
+def test_a_stamp_covers_the_files_of_a_models_component_folders(model):
     """A UNet saved again inside a model folder changes the folder's stamp, as a top-level file does."""
     import os
 
     from attndistill.model.loading import files_stamp
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_sd15_dir, model)
     before = files_stamp(str(model))
     weights = next((model / "unet").glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
@@ -229,23 +234,19 @@ def test_a_stamp_covers_the_files_of_a_models_component_folders(tiny_sd15_dir, t
 
 @pytest.mark.parametrize("pipeline", ["StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline",
                                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionXLRefinerPipeline"])
-def test_models_of_other_pipelines_are_named_and_refused(tiny_sd15_dir, tmp_path, pipeline):
+def test_models_of_other_pipelines_are_named_and_refused(model, pipeline):
     """An inpainting or upscaling UNet takes other inputs: it would fail deep inside the first UNet call."""
     from attndistill.model.loading import pipeline_kind
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_sd15_dir, model)
     index = json.loads((model / "model_index.json").read_text())
     (model / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
     with pytest.raises(UserError, match="SDXL refiner" if "Refiner" in pipeline else f"is a {pipeline}"):
         pipeline_kind(str(model))
 
 
-def test_a_tokenizer_folder_without_merges_is_named(tiny_sd15_dir, tmp_path):
+def test_a_tokenizer_folder_without_merges_is_named(model):
     from attndistill.model.loading import pipeline_kind
 
-    model = tmp_path / "model"
-    shutil.copytree(tiny_sd15_dir, model)
     (model / "tokenizer" / "tokenizer.json").unlink()
     (model / "tokenizer" / "vocab.json").write_text("{}")  # half of a slow tokenizer's vocabulary
     with pytest.raises(UserError, match="has no vocabulary in tokenizer/"):
