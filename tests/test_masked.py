@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import attndistill as ad
 from attndistill.core import engine
@@ -49,8 +49,43 @@ def test_colours_become_shared_labels():
 
 
 def test_a_photo_is_not_a_label_map(data_dir):
-    with pytest.raises(ad.UserError, match="colours; a label map needs a few flat colours"):
+    with pytest.raises(ad.UserError, match=r"'horse.jpg' has \d+ colours, \d+ of them only along region edges; a "
+                                           "label map needs flat colours"):
         label_maps([Image.open(data_dir / "horse.jpg")], ["horse.jpg"])
+
+
+def _grid(cells: int, side: int = 4) -> Image.Image:
+    """A flat map of ``cells`` distinct colours in squares of ``side`` pixels: a segmentation's many classes."""
+    cols = 20
+    arr = np.full(((cells + cols - 1) // cols * side, cols * side, 3), (0, 1, 7), np.uint8)  # spare: cell 0's
+    for i in range(cells):
+        r, c = divmod(i, cols)
+        arr[r * side:(r + 1) * side, c * side:(c + 1) * side] = (i % 256, i // 256 * 40 + 1, 7)
+    return Image.fromarray(arr)
+
+
+def test_a_flat_map_may_have_many_labels_but_not_a_photo_s_count():
+    """More than 32 colours is no sign of smoothing when each is a region (a segmentation's classes); the cap is
+    on labels, and a smoothed map is told apart by its colours that only line region edges."""
+    maps, colours = label_maps([_grid(40)], ["classes.png"])
+    assert len(colours) == 40 and len(np.unique(maps[0])) == 40
+    assert len(label_maps([_grid(textures.MAX_LABELS)], ["m"])[1]) == textures.MAX_LABELS
+    with pytest.raises(ad.UserError, match=f"'many.png' has {textures.MAX_LABELS + 1} colours, more than the "
+                                           f"{textures.MAX_LABELS} labels a map may have"):
+        label_maps([_grid(textures.MAX_LABELS + 1)], ["many.png"])
+    big = Image.new("RGB", (512, 512), RED)  # three regions with round edges, drawn 8x and scaled down smoothly
+    ImageDraw.Draw(big).ellipse((40, 40, 300, 300), fill=GREEN)
+    ImageDraw.Draw(big).ellipse((200, 220, 480, 500), fill=BLUE)
+    with pytest.raises(ad.UserError, match=r"'smooth.png' has \d+ colours, \d+ of them only along region edges"):
+        label_maps([big.resize((64, 64), Image.BOX)], ["smooth.png"])
+
+
+def test_edge_only_colours_are_lines_not_regions():
+    code = np.zeros((9, 9), np.int64)
+    code[:, 4] = 1      # a one-pixel line: no pixel with four equal neighbours
+    code[0:3, 6:9] = 2  # a 3x3 square in the corner: its middle pixel is interior
+    code[8, 0:4] = 3    # a line along the border
+    assert textures.edge_only_colours(code) == {1, 3}
 
 
 def test_init_draws_pixels_only_from_the_matching_region():
@@ -207,8 +242,21 @@ def test_anti_aliased_edges_are_named_when_their_colours_do_not_match(tmp_path):
     target = np.asarray(_map((64, 64), [((0, 0, 1, 0.5), GREEN), ((0, 0.5, 1, 1), RED)])).copy()
     target[31] = (np.asarray(RED) + np.asarray(GREEN)) // 2  # one row of edge blend: 1.6% of the map
     Image.fromarray(target).save(tmp_path / "target.png")
-    with pytest.raises(ad.UserError, match=r"uses colour\(s\) #7f7f00 .* they cover only 1\.6% of it, as the edge "
-                                           r"blends of a map drawn or resized with smoothing do"):
+    with pytest.raises(ad.UserError, match=r"uses colour\(s\) #7f7f00 .* they cover only 1\.6% of it, in lines "
+                                           r"along region edges, as the blends of a map drawn or resized with "
+                                           r"smoothing do"):
+        check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
+
+
+def test_a_small_region_missing_from_the_reference_is_named_as_a_region(tmp_path):
+    """A deliberate region is no edge blend, however small: the hint says to paint it in a reference map."""
+    from attndistill.tasks.textures import check_label_maps
+
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
+    _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), GREEN)]).save(tmp_path / "ref.png")
+    _map((100, 100), [((0, 0, 1, 1), RED), ((0.4, 0.4, 0.55, 0.55), BLUE)]).save(tmp_path / "target.png")
+    with pytest.raises(ad.UserError, match=r"uses colour\(s\) #0000ff .* they are regions \(2\.2% of the map\): "
+                                           r"paint a region of each in a reference label map"):
         check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
 
 

@@ -54,8 +54,11 @@ from .setup import (
 )
 from .vae_tuning import tuned_vae
 
-#: More distinct colours than this in a label map means it is not a flat-colour map (e.g. a JPEG).
-MAX_LABELS = 32
+#: A label map with more colours than this, most of them only along region edges, is a smoothed map (drawn
+#: with anti-aliasing, resized with interpolation, saved as JPEG), not a flat-colour one.
+SMOOTHED_COLOURS = 32
+#: Most labels (flat regions of distinct colours) a label map may have: a segmentation's classes fit, a photo does not.
+MAX_LABELS = 256
 
 
 # -- texture expansion (MultiDiffusion) -------------------------------------------------------------
@@ -217,13 +220,30 @@ def label_maps(images: Sequence[Image.Image], names: Sequence[str]) -> tuple[lis
     for img, name in zip(images, names, strict=True):
         rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
         code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one int per colour
-        if len(np.unique(code)) > MAX_LABELS:
-            raise UserError(f"label map '{name}' has {len(np.unique(code))} colours; a label map needs a few "
-                            "flat colours (draw it with no anti-aliasing and save it as PNG, not JPEG)")
+        count = len(np.unique(code))
+        if count > SMOOTHED_COLOURS:
+            edges = len(edge_only_colours(code))
+            if 2 * edges > count:
+                raise UserError(f"label map '{name}' has {count} colours, {edges} of them only along region edges; a "
+                                "label map needs flat colours, one per region (draw it with no anti-aliasing and save "
+                                "it as PNG, not JPEG)")
+            if count > MAX_LABELS:
+                raise UserError(f"label map '{name}' has {count} colours, more than the {MAX_LABELS} labels a map may "
+                                f"have; merge regions until {MAX_LABELS} colours or fewer are left")
         codes.append(code)
     palette = np.unique(np.concatenate([c.ravel() for c in codes]))
     maps = [np.searchsorted(palette, c) for c in codes]
     return maps, [f"#{int(c):06x}" for c in palette]
+
+
+def edge_only_colours(code: np.ndarray) -> set[int]:
+    """The values of an (H, W) map that no pixel of theirs holds with all four neighbours equal (past the
+    border counts as equal): one- or two-pixel lines along region edges, the blends that anti-aliasing,
+    interpolation and JPEG leave. Any flat region of 3x3 pixels or more has such an interior pixel."""
+    pad = np.pad(code, 1, mode="edge")
+    inner = ((pad[:-2, 1:-1] == code) & (pad[2:, 1:-1] == code) & (pad[1:-1, :-2] == code)
+             & (pad[1:-1, 2:] == code))
+    return set(np.unique(code).tolist()) - set(np.unique(code[inner]).tolist())
 
 
 def _resize_ids(ids: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -278,11 +298,6 @@ def _is_jpeg(source: ImageInput) -> bool:
         return False
 
 
-#: Target-map colours missing from the reference that cover less than this share of the map are taken for
-#: anti-aliased region edges in the error's hint.
-EDGE_SHARE = 0.05
-
-
 def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: ImageInput | Sequence[ImageInput],
                      target_labels: ImageInput, size: Size = None
                      ) -> tuple[list[Image.Image], Image.Image, list[np.ndarray], list[str], list[str]]:
@@ -322,9 +337,13 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
         hint = (f"; {', '.join(repr(n) for n in jpeg)} {'is' if len(jpeg) == 1 else 'are'} JPEG, whose compression "
                 "adds colours: save label maps as PNG") if jpeg else ""
         share = float(np.isin(maps[-1], missing).mean())
-        if not jpeg and share < EDGE_SHARE:  # a few pixels: the blends that smoothing leaves between regions
-            hint = (f"; they cover only {share:.1%} of it, as the edge blends of a map drawn or resized with "
-                    "smoothing do: paint without anti-aliasing and resize label maps with nearest-neighbour")
+        if not jpeg and set(missing) <= edge_only_colours(maps[-1]):  # the blends smoothing leaves between regions
+            hint = (f"; they cover only {share:.1%} of it, in lines along region edges, as the blends of a map "
+                    "drawn or resized with smoothing do: paint without anti-aliasing and resize label maps with "
+                    "nearest-neighbour")
+        elif not jpeg:  # regions drawn on purpose
+            hint = (f"; they are regions ({share:.1%} of the map): paint a region of each in a reference label map "
+                    "over the texture it should take, or recolour them in the target map")
         raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
                         f"that no reference label map has; every target colour needs a region in the reference{hint}")
     return ref_images, target_image, maps, colours, names
