@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from attndistill.core.engine import Distiller
-from attndistill.core.losses import ad_loss, concat_references, content_loss, ideal_attention, label_mask
+from attndistill.core.losses import (
+    ad_loss,
+    concat_references,
+    content_loss,
+    ideal_attention,
+    label_mask,
+    resize_labels,
+)
 
 
 def _plain_ideal(q, k, v, scale=1.0, mask=None):
@@ -86,6 +93,19 @@ def test_masked_ideal_never_attends_across_labels():
 def test_label_mask_refuses_labels_missing_from_reference():
     with pytest.raises(ValueError, match=r"\[3\]"):
         label_mask(torch.tensor([0, 3]), torch.tensor([0, 1]))
+
+
+def test_a_token_takes_the_label_at_its_centre():
+    """A map of 8 pixels across, boundary after pixel 4, on a grid of 2 tokens of 4 pixels: the second token's
+    pixels 5-7 are label 1, so it is label 1 (a corner sample would say 0 and move the boundary by half a token);
+    integer upscales copy each label to its whole block, and a map's own size is the identity."""
+    row = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    labels = torch.stack([row, row.flip(0)])  # (2, 8): a second map, mirrored
+    assert resize_labels(labels[:, None].expand(2, 8, 8), (1, 2))[:, 0].tolist() == [[0, 1], [1, 0]]
+    assert resize_labels(torch.tensor([[0, 1], [2, 3]]), (4, 4)).tolist() == [
+        [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    ids = torch.randint(0, 5, (3, 7, 9))
+    assert torch.equal(resize_labels(ids, (7, 9)), ids)
 
 
 def test_ad_loss_is_zero_when_target_equals_reference(tiny_sd15):

@@ -129,8 +129,8 @@ def test_masked_attention_never_crosses_labels_on_a_non_square_canvas(tiny_sd15,
         t_grid, r_side = (lh, 2 * lh), int(n_r ** 0.5)
         grids.add(t_grid)
         # labels at this layer's grids, computed here independently of the engine
-        t_lab = F.interpolate(target_ids[None].float(), size=t_grid, mode="nearest").long().reshape(-1)
-        r_lab = F.interpolate(ref_ids[None].float(), size=(r_side, r_side), mode="nearest").long().reshape(-1)
+        t_lab = F.interpolate(target_ids[None].float(), size=t_grid, mode="nearest-exact").long().reshape(-1)
+        r_lab = F.interpolate(ref_ids[None].float(), size=(r_side, r_side), mode="nearest-exact").long().reshape(-1)
         onehot = F.one_hot(r_lab, 2).float()[None, None].expand(1, q.shape[1], -1, -1)  # (1, heads, N_r, 2)
         # the ideal output with one-hot values is the attention mass on each label
         mass = ideal_attention(q, k, onehot, mask=mask)  # (1, heads, N_t, 2)

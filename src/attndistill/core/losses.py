@@ -71,9 +71,11 @@ def content_loss(queries: Sequence[torch.Tensor], content_queries: Sequence[torc
 
 
 def resize_labels(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """Integer label maps (..., H, W) -> (..., h, w), nearest neighbour: labels never blend."""
+    """Integer label maps (..., H, W) -> (..., h, w), nearest neighbour: labels never blend. Each output cell takes
+    the label at its centre (``nearest-exact``, as Pillow samples); ``nearest`` would take its top-left pixel and
+    move every region boundary by half a cell (8 pixels on the 32x32 token grid of SD 1.5's layers 10-12)."""
     x = labels.reshape(-1, 1, *labels.shape[-2:]).float()
-    return F.interpolate(x, size=hw, mode="nearest").round().long().reshape(*labels.shape[:-2], *hw)
+    return F.interpolate(x, size=hw, mode="nearest-exact").round().long().reshape(*labels.shape[:-2], *hw)
 
 
 def label_mask(target_labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
