@@ -61,6 +61,23 @@ def test_round_trip_encode_decode_shapes(tiny_sd15):
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
 
 
+def test_a_preview_shows_each_image_of_a_small_batch_side_by_side(tiny_sd15):
+    """A run of several images previews all of them (up to PREVIEW_IMAGES), each as it would be alone."""
+    import numpy as np
+
+    from attndistill.model.models import PREVIEW_IMAGES
+
+    z = torch.randn(PREVIEW_IMAGES + 2, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    alone = [np.asarray(tiny_sd15.preview(z[k:k + 1], side=12), dtype=np.int16) for k in range(PREVIEW_IMAGES)]
+    assert alone[0].shape == (64, 96, 3)  # 16x24 latents scaled to 8x12, decoded
+    row = np.asarray(tiny_sd15.preview(z, side=12), dtype=np.int16)
+    assert row.shape == (64, 96 * PREVIEW_IMAGES, 3)
+    for k, image in enumerate(alone):
+        assert np.abs(row[:, 96 * k:96 * (k + 1)] - image).max() <= 1
+    assert np.abs(alone[0] - alone[1]).max() > 10  # the tiles are not one image repeated
+    assert tiny_sd15.preview(z[:1], side=12).size == (96, 64)
+
+
 def test_text_encoder_offload_keeps_the_conditioning(tiny_sdxl):
     before = tiny_sdxl.encode_prompt(["a b c"], None)[0].encoder_hidden_states
     tiny_sdxl.set_perf(PerfOptions(offload_text_encoders=True))

@@ -70,7 +70,8 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="Output PNG path")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output file")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")]
 Preview = Annotated[Path | None, typer.Option(
-    help="Write a small look at the running job to this PNG every --preview-every steps (for long runs)",
+    help="Write a small look at the running job to this PNG every --preview-every steps (for long runs; several "
+         "images: the first four side by side)",
     show_default=False)]
 PreviewEvery = Annotated[int, typer.Option(min=1, help="Steps between two --preview images")]
 

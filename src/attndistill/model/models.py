@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
+from PIL import Image
 
 from ..errors import NonFiniteError, UserError, is_out_of_memory
 from ..images import to_pil
@@ -25,7 +26,6 @@ from .perf import PerfOptions, apply_perf
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from diffusers.configuration_utils import FrozenDict
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +35,9 @@ T = TypeVar("T")
 EAGER = "eager"
 
 Kind = Literal["sd15", "sdxl"]
+
+#: Images of a batch a preview shows, side by side (each decoded costs the preview's time again).
+PREVIEW_IMAGES = 4
 
 
 def free_memory() -> None:
@@ -259,16 +262,22 @@ class DiffusionModel:
                                  "use --dtype fp32 (or an fp16-safe VAE), or check the input images")
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    def preview(self, latents: torch.Tensor, *, side: int = 32) -> Image.Image:
-        """The batch's first latent decoded at most ``side`` latents across: a cheap look at a running job (the
-        web UI's live preview, ``--preview``)."""
-        z = latents[:1].detach().float()  # (1, 4, h, w)
+    def preview(self, latents: torch.Tensor, *, side: int = 32, most: int = PREVIEW_IMAGES) -> Image.Image:
+        """The batch's first ``most`` latents decoded at most ``side`` latents across each, side by side: a cheap
+        look at a running job (the web UI's live preview, ``--preview``) that shows every image of a small batch."""
+        z = latents[:most].detach().float()  # (n, 4, h, w)
         h, w = z.shape[-2:]
         if max(h, w) > side:
             scale = side / max(h, w)
             z = torch.nn.functional.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))),
                                                 mode="area")
-        return to_pil(self.decode(z))[0]
+        images = to_pil(self.decode(z))
+        if len(images) == 1:
+            return images[0]
+        row = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+        for k, image in enumerate(images):
+            row.paste(image, (k * image.width, 0))
+        return row
 
     # -- text conditioning ------------------------------------------------------------------------
 
