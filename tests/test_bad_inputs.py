@@ -310,6 +310,39 @@ def test_model_problems(corpus, tmp_path, tiny_sd15_dir, monkeypatch):
         assert_rejected(result, 2, expected, out_dir=out)
 
 
+def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp_path, tiny_sd15_dir, monkeypatch):
+    """A relative path that does not exist is said to not exist (not "not cached", not a Hub validation error); a
+    local folder missing a file is a broken folder, not a model the Hub should have; a single file that will not
+    load offers --config only while none was given."""
+    import torch
+    from safetensors.torch import save_file
+
+    import attndistill as ad
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ad.UserError, match="model 'no/such/folder' does not exist"):
+        ad.load_model("no/such/folder")
+    with pytest.raises(ad.UserError, match="checkpoint 'models/sd.safetensors' does not exist"):
+        ad.load_model("models/sd.safetensors")
+    shutil.copytree(tiny_sd15_dir, "copy")
+    (tmp_path / "copy" / "unet" / "config.json").unlink()
+    with pytest.raises(ad.UserError, match="model 'copy' could not be loaded: .*config.json") as caught:
+        ad.load_model("copy")
+    assert "Hugging Face cache" not in str(caught.value)
+    save_file({"x": torch.zeros(1)}, tmp_path / "junk.safetensors")  # no Stable Diffusion in it
+    with pytest.raises(ad.UserError, match="could not be loaded") as caught:
+        ad.load_model("junk.safetensors", config=tiny_sd15_dir)
+    assert "--config" not in str(caught.value)
+    from diffusers import StableDiffusionPipeline
+
+    def unreachable(cls, *args, **kwargs):  # what loading its configs from the Hub meets offline
+        raise OSError("cannot reach the Hub")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(unreachable))
+    with pytest.raises(ad.UserError, match="; offline, pass --config /path/to/a/diffusers/folder"):
+        ad.load_model("junk.safetensors")
+
+
 def test_real_process_offline_hub_id(corpus, tmp_path):
     """In a real process (fresh cache, offline): exit code 2 and one error line, no traceback."""
     env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

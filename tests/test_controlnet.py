@@ -198,6 +198,8 @@ def test_a_controlnet_not_cached_offline_is_one_line_and_no_warning(tiny_sd15, t
         warnings.simplefilter("always")
         load_controlnet("nobody/not-cached-controlnet", model=tiny_sd15)
     assert [str(w.message) for w in caught] == []
+    with pytest.raises(UserError, match="or pass --controlnet /path/to/a/local/diffusers/folder"):
+        load_controlnet("nobody/not-cached-controlnet", model=tiny_sd15)
 
 
 def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd15_dir, tiny_cn15_dir, edge_map,
@@ -228,3 +230,37 @@ def test_results_record_where_the_model_and_controlnet_were_loaded_from(tiny_sd1
         assert "info --job cannot rerun it" in caplog.text
     with pytest.raises(ad.UserError, match=r"made with a controlnet passed in memory \(<ControlNetModel made in "):
         job_from_parameters(json.loads(img.info["parameters"]))
+
+
+def test_a_pickled_controlnet_needs_allow_pickle(tiny_sd15, tiny_cn15_dir, tmp_path):
+    """Pickle files can run code when loaded: a ControlNet saved as .bin is refused unless asked for, as a model is."""
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_pretrained(tiny_cn15_dir).save_pretrained(tmp_path / "cn", safe_serialization=False)
+    assert not list((tmp_path / "cn").glob("*.safetensors"))
+    with pytest.raises(ad.UserError, match="safetensors"):
+        load_controlnet(tmp_path / "cn", model=tiny_sd15)
+    assert type(load_controlnet(tmp_path / "cn", model=tiny_sd15, allow_pickle=True)).__name__ == "ControlNetModel"
+
+
+def test_canny_edges_are_found_at_the_output_size(tiny_sd15, tiny_cn15_dir, data_dir):
+    """Edges detected after the resize are thin black-and-white lines; detected before, resampling would grey them
+    (and a photo given without Canny is no edge map at all)."""
+    from attndistill.model.controlnet import prepare_control
+
+    control = prepare_control(tiny_cn15_dir, data_dir / "horse.jpg", model=tiny_sd15, size=(64, 48),
+                              preprocess="canny")
+    assert control.image.shape == (1, 3, 48, 64)
+    assert set(control.image.unique().tolist()) == {0.0, 1.0}
+    assert control.image.mean() < 0.5  # edges on black, not the photo
+
+
+def test_scale_zero_turns_the_controlnet_off_and_a_net_passed_in_is_checked(tiny_sd15, tiny_cn15_dir, tiny_cnxl_dir,
+                                                                           edge_map):
+    from diffusers import ControlNetModel
+
+    from attndistill.model.controlnet import prepare_control
+
+    assert prepare_control(tiny_cn15_dir, edge_map, model=tiny_sd15, size=(64, 64), scale=0).scale == 0.0
+    with pytest.raises(ad.UserError, match="does not fit the sd15 model"):
+        prepare_control(ControlNetModel.from_pretrained(tiny_cnxl_dir), edge_map, model=tiny_sd15, size=(64, 64))

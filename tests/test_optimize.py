@@ -138,3 +138,32 @@ def test_each_steps_loss_is_its_last_iterations(tiny_sd15):
                      lr=0.05, progress=False, callback=seen.append)
     assert len(seen) == 3 and all(len(info.losses) == 3 and info.loss == info.losses[-1] for info in seen)
     assert any(info.losses[0] != info.losses[-1] for info in seen)
+
+
+def test_the_bar_shows_the_loss_every_ten_steps_and_at_the_last():
+    """Reading the loss syncs a GPU, so the bar shows it every 10 steps, counted from 1 as the bar counts, and at
+    the end; a loop that moves the bar itself (advance=0, MultiDiffusion's view batches) is not moved twice."""
+    from attndistill.core.progress import StepLoop
+
+    shown = []
+    with StepLoop(torch.device("cpu"), 12, desc="t", progress=True, callback=None) as loop:
+        loop.bar.set_postfix = lambda **kw: shown.append(kw.get("loss"))
+        for i in range(12):
+            loop.done(i, 1000 - i, torch.zeros(1), [torch.tensor(float(i))])
+        assert loop.bar.n == 12
+    assert shown == ["9.0000", "11.0000"]
+    with StepLoop(torch.device("cpu"), 2, desc="t", progress=True, callback=None, bar_total=6, advance=0) as loop:
+        for i in range(2):
+            for _ in range(3):
+                loop.tick()
+            loop.done(i, 500, torch.zeros(1), [torch.tensor(1.0)])
+        assert loop.bar.n == 6
+
+
+def test_each_callback_gets_the_latents_of_its_own_step(tiny_sd15):
+    """The run goes on in one buffer (a static one under CUDA graphs): a callback keeping latents (history, the
+    web UI's preview) must get a copy, or every step it kept would show the last."""
+    seen = []
+    optimize_latents(Distiller(tiny_sd15), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), steps=3, iters=1,
+                     lr=0.05, progress=False, callback=lambda info: seen.append(info.latents))
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[-1]) and not torch.equal(seen[1], seen[2])

@@ -87,8 +87,30 @@ def test_models_behave_as_before_after_the_context(tiny_sd15):
     tiny_sd15.graphs["stale"] = object()  # a CUDA graph replays the padding it was captured with: dropped
     with seamless(tiny_sd15, "xy"):
         assert not tiny_sd15.graphs
+        tiny_sd15.graphs["circular"] = object()  # and one captured inside would replay it outside
+    assert not tiny_sd15.graphs
     assert torch.equal(_unet(tiny_sd15, z), before_unet)
     assert torch.equal(_decode(tiny_sd15, z), before_vae)
+
+
+def test_decoder_part_leaves_the_encoder_as_it_is(tiny_sd15):
+    """Textures encode their references inside seamless(parts=("unet", "decoder")): those stay uncircular."""
+    encoder = [m for m in tiny_sd15.vae.encoder.modules() if isinstance(m, nn.Conv2d)]
+    decoder = [m for m in tiny_sd15.vae.decoder.modules() if isinstance(m, nn.Conv2d)]
+    x = torch.rand(1, 3, 64, 64)
+    before = tiny_sd15.encode(x)
+    with seamless(tiny_sd15, "xy", parts=("decoder",)):
+        assert not any(m._forward_pre_hooks for m in encoder)
+        assert all(m._forward_pre_hooks for m in decoder if m.kernel_size[0] > 1)
+        assert torch.equal(tiny_sd15.encode(x), before)
+
+
+@pytest.mark.parametrize(("given", "axes"), [(None, None), ("", None), ("none", None), ("x", "x"), ("Y", "y"),
+                                             ("xy", "xy"), ("yx", "xy"), ("xyx", "xy")])
+def test_axes_are_read_in_any_order_and_none_means_no_tiling(given, axes):
+    from attndistill.model.tiling import check_axes
+
+    assert check_axes(given) == axes
 
 
 def test_bad_axes_is_a_user_error(tiny_sd15):
