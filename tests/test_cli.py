@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import diffusers
@@ -288,3 +289,27 @@ def test_a_preview_is_written_every_few_steps_and_at_the_last(tmp_path, monkeypa
     callback(SimpleNamespace(step=0, total=75, stage="tuning the VAE decoder", latents=None))  # nothing to show
     assert written == [2, 4, 5]
     assert preview_callback(None, 2, model) is None
+
+
+def test_info_warns_when_an_input_changed_since_the_result_was_made(tmp_path, data_dir, tiny_sd15_dir):
+    """Results record inputs by path: an image saved again under its name would make a rerun give other pixels
+    without a word, so results keep the files' digests and info compares them with the files as they are now."""
+    import shutil
+
+    from attndistill.fingerprints import KEY, file_digest
+
+    texture = tmp_path / "texture.jpg"
+    shutil.copy(data_dir / "wood-rings.jpg", texture)
+    out = tmp_path / "out.png"
+    made = run("texture", texture, "-o", out, "--model", tiny_sd15_dir, "--steps", 1, "--size", 64, "--quiet")
+    assert made.exit_code == 0, made.output
+    params = read_parameters(out)
+    assert params[KEY] == {"reference": [file_digest(texture)]}  # the model's folder is not read
+    assert "warning" not in run("info", out, "--job").stderr
+    Image.open(data_dir / "horse.jpg").save(texture)  # another image under the same name
+    shown = run("info", out, "--job")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["reference"] == [str(texture)]
+    assert shown.stderr == (f"warning: reference '{texture}' has changed since '{out}' was made; a rerun will not "
+                            "give the same pixels\n")
+    texture.unlink()
+    assert f"reference '{texture}' is gone since" in run("info", out).stderr

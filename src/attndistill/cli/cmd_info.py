@@ -28,6 +28,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
     folder, its attndistill.json."""
     from ..batch.jobs import job_from_parameters
     from ..errors import UserError
+    from ..fingerprints import changed_inputs
     from ..images import load_image, read_parameters
 
     def body() -> None:
@@ -45,6 +46,9 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
         if params == PREVIEW_MARK:
             raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
+        for change in changed_inputs(params):  # a rerun reads the files as they are now
+            typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same pixels",
+                       err=True)
         if job:
             try:
                 line = job_from_parameters(params, source=f"image '{image}'")

@@ -16,6 +16,7 @@ from PIL import Image
 from ..checks import MAX_SEED, flag, number, whole
 from ..core.engine import Distiller
 from ..errors import UserError
+from ..fingerprints import KEY, fingerprints
 from ..images import (
     ImageInput,
     check_size,
@@ -203,8 +204,10 @@ def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers: Seq
     settings = {k: v for k, v in asdict(preset).items() if k not in ("task", *_UNUSED[preset.mode])}
     switches = pixel_switches(model.perf) if hasattr(model, "perf") else {}
     extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
-    return {"task": task, "version": __version__, **model_parameters(model), "layers": list(layers),
-            "size": list(size), "seed": seed, **settings, **extra, **inputs, "made_with": made_with(model)}
+    params = {"task": task, "version": __version__, **model_parameters(model), "layers": list(layers),
+              "size": list(size), "seed": seed, **settings, **extra, **inputs}
+    digests = fingerprints(params)  # so that info can tell when an input file changed under its name
+    return params | ({KEY: digests} if digests else {}) | {"made_with": made_with(model)}
 
 
 def model_parameters(model: DiffusionModel) -> dict[str, str]:

@@ -1,0 +1,85 @@
+"""Fingerprints of a result's input files: a result records its inputs by path, and a file saved again under the
+same name (a content image edited, a VAE tuned again with ``finetune-vae --overwrite``) would make a rerun give
+other pixels without a word. ``info`` compares them with the files as they are now."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+#: Where a result's parameters keep the fingerprints: {parameter: digest, or a list of them}.
+KEY = "input_sha256"
+#: Parameters not fingerprinted: a model's, a single file's configs' and a ControlNet's gigabytes of weights
+#: would take seconds to read after every run; their sources are recorded (and Hub ids are versioned there).
+UNHASHED = frozenset({"model", "config", "controlnet"})
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def folder_digest(path: Path) -> str:
+    """One digest over a folder's files (a VAE folder: its config and weights), by relative name and contents."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{file_digest(file)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _digest(value: object) -> str | None:
+    """A recorded path's digest; None for what is no local file or folder (a Hub id, '<image>', a number)."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return file_digest(path)
+        if path.is_dir():
+            return folder_digest(path)
+    except OSError:
+        return None
+    return None
+
+
+def fingerprints(params: Mapping[str, object]) -> dict[str, str | list[str | None]]:
+    """Digests of the local files and folders a result's parameters name (absolute paths, as results record them)."""
+    found: dict[str, str | list[str | None]] = {}
+    for key, value in params.items():
+        if key in UNHASHED or key == KEY:
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            digests = [_digest(v) for v in value]
+            if any(digests):
+                found[key] = digests
+        elif (digest := _digest(value)) is not None:
+            found[key] = digest
+    return found
+
+
+def changed_inputs(params: Mapping[str, object]) -> list[str]:
+    """The recorded inputs whose files now differ from what the result was made from, or are gone: one phrase each,
+    naming the file."""
+    recorded = params.get(KEY)
+    if not isinstance(recorded, Mapping):
+        return []
+    changed = []
+    for key, then in recorded.items():
+        paths = params.get(key)
+        pairs = zip(paths, then, strict=False) if isinstance(paths, list) and isinstance(then, list) \
+            else [(paths, then)]
+        for path, digest in pairs:
+            if digest is None or not isinstance(path, str):
+                continue
+            if not os.path.exists(path):
+                changed.append(f"{key} '{path}' is gone")
+            elif _digest(path) != digest:
+                changed.append(f"{key} '{path}' has changed")
+    return changed
