@@ -314,3 +314,19 @@ def test_masked_synthesis_follows_its_seed_and_tiles(tiny_sd15, maps, monkeypatc
     assert torch.equal(first, again) and not torch.equal(first, other)  # the init's label sampling is seeded
     assert plain == 0 and tiled == 1  # circular padding during the run only when asked
     assert torch.equal(first, tiled_init)
+
+
+def test_a_label_map_with_transparent_pixels_is_refused(tmp_path):
+    """Put on white as other images are, a see-through region read as a white region the map never drew."""
+    from attndistill.images import load_image
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")  # RGBA, every pixel opaque: fine
+    assert load_image(tmp_path / "opaque.png", what="target label map", labels=True).getpixel((0, 0)) == RED
+    rgba[:20, :, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "holes.png")
+    with pytest.raises(ad.UserError, match=rf"target label map '{tmp_path / 'holes.png'}' has transparent pixels "
+                                           r"\(31\.2% of it\); a label map needs an opaque colour in every pixel"):
+        load_image(tmp_path / "holes.png", what="target label map", labels=True)
+    assert load_image(tmp_path / "holes.png", what="content image").getpixel((0, 0)) == (255, 255, 255)

@@ -169,6 +169,11 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
+        if labels:  # on white, a see-through region would read as a white region the map never drew
+            seen = np.asarray(rgba.getchannel("A")) < 255
+            if seen.any():
+                raise UserError(f"{label} has transparent pixels ({seen.mean():.1%} of it); a label map needs an "
+                                "opaque colour in every pixel: fill them, or save the map without transparency")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
