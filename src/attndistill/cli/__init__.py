@@ -173,6 +173,16 @@ def _register() -> None:
 _register()
 
 
+def _command_path(argv: list[str]) -> str:
+    """The command a usage error belongs to where click gives no context (an option missing its value is found
+    before the command's context exists): the first argument that names a command."""
+    import typer.main
+
+    commands = typer.main.get_command(app).commands
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return f"attndistill {name}" if name in commands else "attndistill"
+
+
 def main() -> None:
     """Console-script entry point. A usage error (a missing argument, a bad option value) is one line that
     names the fix, as every other error is, instead of click's usage text and boxed message."""
@@ -185,7 +195,7 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError" or not isinstance(exc, usage_error):
             exc.show()  # bare ``attndistill``: the help is the answer
         else:
-            where = exc.ctx.command_path if exc.ctx is not None else "attndistill"
+            where = exc.ctx.command_path if exc.ctx is not None else _command_path(sys.argv[1:])
             typer.echo(f"error: {exc.format_message().rstrip('.')} (see '{where} -h')", err=True)
         sys.exit(exc.exit_code)
     except typer.Abort:  # Ctrl-C before a command's own handler is in place
