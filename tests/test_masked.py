@@ -49,8 +49,9 @@ def test_colours_become_shared_labels():
 
 
 def test_a_photo_is_not_a_label_map(data_dir):
-    with pytest.raises(ad.UserError, match=r"'horse.jpg' has \d+ colours, \d+ of them only along region edges; a "
-                                           "label map needs flat colours"):
+    with pytest.raises(ad.UserError, match=r"'horse.jpg' has \d+ colours, \d+ of them with no flat area \(lines "
+                                           r"and specks, as smoothing and JPEG leave\); a label map needs flat "
+                                           r"colours"):
         label_maps([Image.open(data_dir / "horse.jpg")], ["horse.jpg"])
 
 
@@ -76,7 +77,7 @@ def test_a_flat_map_may_have_many_labels_but_not_a_photo_s_count():
     big = Image.new("RGB", (512, 512), RED)  # three regions with round edges, drawn 8x and scaled down smoothly
     ImageDraw.Draw(big).ellipse((40, 40, 300, 300), fill=GREEN)
     ImageDraw.Draw(big).ellipse((200, 220, 480, 500), fill=BLUE)
-    with pytest.raises(ad.UserError, match=r"'smooth.png' has \d+ colours, \d+ of them only along region edges"):
+    with pytest.raises(ad.UserError, match=r"'smooth.png' has \d+ colours, \d+ of them with no flat area"):
         label_maps([big.resize((64, 64), Image.BOX)], ["smooth.png"])
 
 
@@ -243,8 +244,8 @@ def test_anti_aliased_edges_are_named_when_their_colours_do_not_match(tmp_path):
     target[31] = (np.asarray(RED) + np.asarray(GREEN)) // 2  # one row of edge blend: 1.6% of the map
     Image.fromarray(target).save(tmp_path / "target.png")
     with pytest.raises(ad.UserError, match=r"uses colour\(s\) #7f7f00 .* they cover only 1\.6% of it, in lines "
-                                           r"along region edges, as the blends of a map drawn or resized with "
-                                           r"smoothing do"):
+                                           r"and specks with no flat area, as the blends of a map drawn or resized "
+                                           r"with smoothing do"):
         check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
 
 

@@ -224,9 +224,9 @@ def label_maps(images: Sequence[Image.Image], names: Sequence[str]) -> tuple[lis
         if count > SMOOTHED_COLOURS:
             edges = len(edge_only_colours(code))
             if 2 * edges > count:
-                raise UserError(f"label map '{name}' has {count} colours, {edges} of them only along region edges; a "
-                                "label map needs flat colours, one per region (draw it with no anti-aliasing and save "
-                                "it as PNG, not JPEG)")
+                raise UserError(f"label map '{name}' has {count} colours, {edges} of them with no flat area (lines "
+                                "and specks, as smoothing and JPEG leave); a label map needs flat colours, one per "
+                                "region (draw it with no anti-aliasing and save it as PNG, not JPEG)")
             if count > MAX_LABELS:
                 raise UserError(f"label map '{name}' has {count} colours, more than the {MAX_LABELS} labels a map may "
                                 f"have; merge regions until {MAX_LABELS} colours or fewer are left")
@@ -338,9 +338,9 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
                 "adds colours: save label maps as PNG") if jpeg else ""
         share = float(np.isin(maps[-1], missing).mean())
         if not jpeg and set(missing) <= edge_only_colours(maps[-1]):  # the blends smoothing leaves between regions
-            hint = (f"; they cover only {share:.1%} of it, in lines along region edges, as the blends of a map "
-                    "drawn or resized with smoothing do: paint without anti-aliasing and resize label maps with "
-                    "nearest-neighbour")
+            hint = (f"; they cover only {share:.1%} of it, in lines and specks with no flat area, as the "
+                    "blends of a map drawn or resized with smoothing do: paint without anti-aliasing and resize "
+                    "label maps with nearest-neighbour")
         elif not jpeg:  # regions drawn on purpose
             hint = (f"; they are regions ({share:.1%} of the map): paint a region of each in a reference label map "
                     "over the texture it should take, or recolour them in the target map")
