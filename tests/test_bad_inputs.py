@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import struct
@@ -329,7 +330,7 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
     with pytest.raises(ad.UserError, match="model 'copy' could not be loaded: .*config.json") as caught:
         ad.load_model("copy")
     assert "Hugging Face cache" not in str(caught.value)
-    save_file({"x": torch.zeros(1)}, tmp_path / "junk.safetensors")  # no Stable Diffusion in it
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, tmp_path / "junk.safetensors")  # a UNet's name only
     with pytest.raises(ad.UserError, match="could not be loaded") as caught:
         ad.load_model("junk.safetensors", config=tiny_sd15_dir)
     assert "--config" not in str(caught.value)
@@ -341,6 +342,27 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(unreachable))
     with pytest.raises(ad.UserError, match="; offline, pass --config /path/to/a/diffusers/folder"):
         ad.load_model("junk.safetensors")
+
+
+@pytest.mark.parametrize(("part", "holds"), [
+    ("unet/diffusion_pytorch_model.safetensors", "the weights of one diffusers component (a UNet or ControlNet)"),
+    ("vae/diffusion_pytorch_model.safetensors", "a VAE's weights"),
+    ("text_encoder/model.safetensors", "a text encoder's weights"), (None, "LoRA weights")])
+def test_a_single_file_that_is_no_whole_checkpoint_is_named(tmp_path, tiny_sd15_dir, part, holds):
+    """diffusers would look such a file's configs up on the Hub and fail offline with a connection error."""
+    import torch
+    from safetensors.torch import save_file
+
+    import attndistill as ad
+
+    file = tmp_path / "weights.safetensors"
+    if part is None:
+        save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(1)}, file)
+    else:
+        shutil.copy(tiny_sd15_dir / part, file)
+    with pytest.raises(ad.UserError, match=re.escape(f"checkpoint '{file}' holds {holds}, not a whole Stable "
+                                                     "Diffusion checkpoint (UNet, VAE and text encoder in one file)")):
+        ad.load_model(file)
 
 
 def test_real_process_offline_hub_id(corpus, tmp_path):

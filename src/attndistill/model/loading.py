@@ -210,9 +210,26 @@ def kind_from_checkpoint(path: Path) -> Kind:
             keys = list(f.keys())
     except Exception:
         raise UserError(f"checkpoint '{path}' is not a readable .safetensors file; re-download it") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):  # diffusers would look for it on the Hub
+        raise UserError(f"checkpoint '{path}' holds {_weights_kind(keys)}, not a whole Stable Diffusion checkpoint "
+                        "(UNet, VAE and text encoder in one file); pass such a file or a diffusers model folder")
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     return "sd15"
+
+
+def _weights_kind(keys: list[str]) -> str:
+    """What a single weights file without a Stable Diffusion UNet holds, as far as its tensor names tell."""
+    if any("lora" in k.lower() for k in keys):
+        return "LoRA weights"
+    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
+        return ("a VAE's weights" if any(k.startswith("encoder.") for k in keys) else
+                "the weights of one diffusers component (a UNet or ControlNet)")
+    if any("text_model." in k or k.startswith(("embeddings.", "encoder.layers.")) for k in keys):
+        return "a text encoder's weights"
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "a VAE's weights"
+    return f"{len(keys)} tensors with no Stable Diffusion UNet among them" if keys else "no tensors"
 
 
 def local_or_hub(source: str | os.PathLike) -> str:
