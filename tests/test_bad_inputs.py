@@ -482,6 +482,25 @@ def test_ctrl_c_leaves_no_partial_output(corpus, tmp_path, tiny_sd15_dir):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_ctrl_c_ends_a_long_native_operation_at_once(tmp_path):
+    """Python runs a signal's handler only once a native operation returns: a UNet call on a huge image on the CPU
+    kept Ctrl-C and SIGTERM waiting for minutes. A second signal ends the process at once."""
+    script = tmp_path / "long.py"
+    script.write_text("import torch\nfrom attndistill.cli.common import run_command\n\n\ndef body():\n"
+                      "    a = torch.ones(6000, 6000)\n    print('started', flush=True)\n    a @ a  # seconds, native\n"
+                      "    print('finished', flush=True)\n\n\nrun_command(body)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "finished" not in out
+    assert err == "interrupted at once (a second signal): no partial output was left\n"
+
+
 # -- valid but unusual images: accepted and converted correctly ------------------------------------------
 
 def _rgb(path: Path) -> np.ndarray:

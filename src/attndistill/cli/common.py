@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -259,11 +260,43 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def second_signal_exits() -> Iterator[None]:
+    """A second Ctrl-C (or SIGTERM) ends the process at once. Python runs a signal's handler between bytecodes, so
+    one during a long native operation (a UNet call on a huge image on the CPU) waited for it to end, minutes
+    on end. The C-level handler writes each signal to a wakeup fd right away; a thread reading it exits on the
+    second, as the first one's handler has not got to run (outputs are written atomically: nothing is half-left)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        seen = 0
+        with reader:
+            while data := reader.recv(64):
+                for signum in data:
+                    if signum in (signal.SIGINT, signal.SIGTERM):
+                        seen += 1
+                        if seen == 2:
+                            os.write(2, b"interrupted at once (a second signal): no partial output was left\n")
+                            os._exit(130 if signum == signal.SIGINT else 143)
+
+    threading.Thread(target=watch, name="second-signal", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        writer.close()  # the watcher's recv returns b"": it closes its end and ends
+
+
 def run_command(fn: Callable[[], None]) -> None:
     """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback."""
     quiet_libraries()
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), second_signal_exits():
             fn()
     except UserError as exc:
         if debug_enabled():
