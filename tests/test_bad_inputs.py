@@ -574,6 +574,20 @@ def test_damaged_exif_is_one_warning_naming_the_file(tmp_path, caplog):
         f"content image '{tmp_path / 'cut.jpg'}': Truncated File Read (Pillow, while reading it)"]
 
 
+def test_an_animation_or_a_multi_page_image_says_its_first_frame_is_used(tmp_path, caplog):
+    from attndistill.images import load_image
+
+    frames = [Image.new("RGB", (64, 48), c) for c in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "pages.tiff", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "one.gif")
+    with caplog.at_level("WARNING", logger="attndistill"):
+        for name in ("anim.gif", "pages.tiff", "one.gif"):
+            assert load_image(tmp_path / name, what="style image").getpixel((0, 0)) == (255, 0, 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"style image '{tmp_path / name}' has 3 frames; its first is used" for name in ("anim.gif", "pages.tiff")]
+
+
 def test_alpha_is_composited_on_white(tmp_path, data_dir):
     rgb = np.asarray(_photo(data_dir), dtype=np.float64)
     alpha = np.tile(np.linspace(0, 255, 64), (48, 1)).round()
@@ -729,6 +743,11 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
         check_vae_folder("/proc/vae")
     with pytest.raises(UserError, match=r"output folder '.*nowhere' does not exist; create it first"):
         check_vae_folder(tmp_path / "nowhere" / "vae")
+    with pytest.raises(UserError, match=r"output '.*vae\.PNG' is named like an image, but the tuned VAE is a folder"):
+        check_vae_folder(tmp_path / "vae.PNG")
+    assert not (tmp_path / "vae.PNG").exists()
+    (tmp_path / "v1.5").mkdir()  # a dot in a folder's name is no image suffix
+    assert check_vae_folder(tmp_path / "v1.5") == tmp_path / "v1.5"
     link = tmp_path / "link"
     link.symlink_to(vae)  # refused before the fine-tune runs: rmtree would refuse it only after
     with pytest.raises(UserError, match="is a symbolic link"):

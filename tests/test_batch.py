@@ -218,6 +218,9 @@ def test_shards_of_three_cover_every_job_once(eight_jobs, tmp_path, tiny_sd15_di
     assert sorted(r["job"] for r in merged) == sorted(j.id for j in jobs)
     assert [r["line"] for r in merged] == sorted(r["line"] for r in merged)
     assert invoke("batch", "--merge", out).output == result.output  # idempotent
+    other = invoke("batch", tmp_path / "jobs.jsonl", "--merge", out)  # the jobs would not run: said, not ignored
+    assert other.exit_code == 2 and "--merge DIR only merges the shards' results of DIR and runs no job; drop " \
+        "the jobs file, or run the jobs without --merge" in other.output
 
 
 def test_a_jobs_id_is_of_the_files_its_paths_lead_to_and_of_the_commands_dtype(tmp_path):
@@ -377,7 +380,8 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     text = result.output
     for expected in ("line 2: style image", "missing.jpg' does not exist", "line 3: task 'paint' is not known",
                      "line 4: steps must be at least 1", "line 5: layers", "do not exist in this model",
-                     "line 6: texture has no option 'colour'", "line 7: the same job as line 1",
+                     "line 6: texture has no option 'colour'", "; and for every task: task, id, output, overwrite, "
+                     "model, vae, config, allow_pickle, device, dtype, grid, perf", "line 7: the same job as line 1",
                      "line 8: not valid JSON", "line 10: id 'mine' is line 9's too; give each job its own id",
                      "line 11: output '.png' must have a name before .png", "line 12: output is empty",
                      "2 ready", "10 invalid"):
@@ -500,7 +504,7 @@ def test_an_edited_line_that_still_cannot_run_shows_its_new_error(tmp_path, data
     jobs_file = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg",
                                                                 steps="2")])
     out = tmp_path / "out"
-    assert "(got '2')" in invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir).output
+    assert '(got "2")' in invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir).output
     jobs_file.write_text(json.dumps(job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=2.5)) + "\n")
     result = invoke("batch", jobs_file, "--out", out, "--model", tiny_sd15_dir, "-q")
     assert result.exit_code == 1 and "2.5" in result.output and "failed before" not in result.output
@@ -1033,7 +1037,7 @@ def test_dry_run_refuses_ids_outputs_and_flags_that_would_go_wrong(tmp_path, dat
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
     for expected in ("line 1: id 'a/b' may only use letters", "line 2: id 'a/../../x' may only use letters",
-                     "line 3: 'overwrite' must be true or false (got 'false')",
+                     'line 3: \'overwrite\' must be true or false (got "false")',
                      "line 5: writes the same output as line 4", "taken.png' already exists; delete it",
                      "1 ready", "5 invalid"):
         assert expected in result.output, expected

@@ -74,6 +74,8 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
         with _pillow_warnings(f"{what} '{path}'", bombs=not flat), Image.open(path) as img:
             _check_size(img.size, f"{what} '{path}'", limit)
             img.load()
+            if getattr(img, "n_frames", 1) > 1:  # an animated GIF/WebP/PNG, a multi-page TIFF
+                log.warning("%s '%s' has %d frames; its first is used", what, path, img.n_frames)
             return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels, limit=limit)
     except UserError:
         raise

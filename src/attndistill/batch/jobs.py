@@ -252,24 +252,29 @@ def job_from_parameters(params: Mapping[str, Any], *, source: str = "the image")
     return job
 
 
+def _as_json(value: Any) -> str:
+    """A value as the jobs file spells it (true, "2", null), not as Python does (True, '2', None)."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def _check_types(raw: Mapping[str, Any], line: int) -> None:
     for key, value in raw.items():
         if any("\0" in v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)):
             raise _fail(line, f"'{key}' holds a NUL character (\\u0000), which no path or option may hold")
         if key in _INTS and (not isinstance(value, int) or isinstance(value, bool)):
-            raise _fail(line, f"'{key}' must be a whole number (got {value!r})")
+            raise _fail(line, f"'{key}' must be a whole number (got {_as_json(value)})")
         if key in _FLOATS and (not isinstance(value, int | float) or isinstance(value, bool)):
-            raise _fail(line, f"'{key}' must be a number (got {value!r})")
+            raise _fail(line, f"'{key}' must be a number (got {_as_json(value)})")
         if key in _FLOATS and not math.isfinite(value):
-            raise _fail(line, f"'{key}' must be a finite number (got {value!r})")
+            raise _fail(line, f"'{key}' must be a finite number (got {_as_json(value)})")
         if key in _BOOLS and not isinstance(value, bool):
-            raise _fail(line, f"'{key}' must be true or false (got {value!r})")
+            raise _fail(line, f"'{key}' must be true or false (got {_as_json(value)})")
         if key in _STRINGS and not isinstance(value, str):
-            raise _fail(line, f"'{key}' must be a string (got {value!r})")
+            raise _fail(line, f"'{key}' must be a string (got {_as_json(value)})")
         if key == "layers" and value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             raise _fail(line, f"'layers' must be a range like \"10-15\" or a list of layer numbers like [10, 11, 12] "
-                              f"(got {value!r})")
+                              f"(got {_as_json(value)})")
 
 
 def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
@@ -280,7 +285,7 @@ def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
         return ()
     known = [f.name for f in fields(PerfOptions)]
     if not isinstance(value, dict) or any(k not in known for k in value):
-        raise _fail(line, f"'perf' must be an object of speed switches ({', '.join(known)}), got {value!r}")
+        raise _fail(line, f"'perf' must be an object of speed switches ({', '.join(known)}), got {_as_json(value)}")
     try:
         PerfOptions(**value)
     except UserError as exc:
@@ -310,7 +315,7 @@ def _parse_size(value: Any, line: int):
     if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
         value = f"{value[0]}x{value[1]}"
     if not isinstance(value, str | int) or isinstance(value, bool):
-        raise _fail(line, f"'size' must be a number, \"WIDTHxHEIGHT\" or [width, height] (got {value!r})")
+        raise _fail(line, f"'size' must be a number, \"WIDTHxHEIGHT\" or [width, height] (got {_as_json(value)})")
     try:
         return parse_size(str(value), multiple=1)  # the task rounds it for the model, as from the CLI
     except UserError as exc:
@@ -345,7 +350,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         known = [n for n in params if n not in _NOT_OPTIONS]
         unknown = sorted(k for k in raw if k not in known and k not in RUNNER_KEYS)
         if unknown:
-            raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+            raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; known: {', '.join(known)}; "
+                              f"and for every task: {', '.join(k for k in RUNNER_KEYS if k not in known)}")
     missing = [name for name in spec.inputs if raw.get(name) in (None, "", [])]
     missing += [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
                 and p.default is inspect.Parameter.empty and name not in _NOT_OPTIONS and raw.get(name) is None]

@@ -55,6 +55,11 @@ def batch(
     def body() -> None:
         nonlocal code
         if merge is not None:
+            extra = "the jobs file" if jobs is not None else "--out" if out is not None else "--dry-run" \
+                if dry_run else None
+            if extra:
+                raise UserError(f"--merge DIR only merges the shards' results of DIR and runs no job; drop {extra}, "
+                                "or run the jobs without --merge")
             merged = merge_results(merge)
             typer.echo(f"merged: {merged}")
             code = 1 if merged.failed or merged.missing else 0

@@ -125,7 +125,9 @@ def finetune_vae(
                                              show_default=False, callback=finite)] = None,
     reference_fit: ReferenceFit = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
-    device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
+    device: Device = "auto", dtype: Dtype = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing VAE folder (never a folder of other files)")]
+    = False, quiet: Quiet = False,
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from ..images import free_name

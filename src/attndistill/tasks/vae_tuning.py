@@ -193,6 +193,10 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
         yield model
 
 
+#: Names a VAE folder is not given: an image's (``-o vae.png`` meant a file, not a folder of that name).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".safetensors")
+
+
 def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
                      reads: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Validate a VAE output folder before any work starts. ``reads``: the model, VAE and config folders the
@@ -206,6 +210,9 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
         raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
+    if not folder.exists() and folder.suffix.lower() in IMAGE_SUFFIXES:  # meant as an image: said, not made a folder
+        raise UserError(f"output '{folder}' is named like an image, but the tuned VAE is a folder (config and "
+                        "weights); give a folder name such as 'my-vae'")
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
         raise UserError(f"output folder '{folder}' is the current folder or holds it; give the VAE folder a name")
     if folder.exists() and any(folder.iterdir()):
