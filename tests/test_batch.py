@@ -371,7 +371,7 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     for seed in (1, 2):  # two jobs, one id
         with jobs.open("a") as f:
             f.write(json.dumps({**job_line("texture", "wood-rings.jpg", None, seed=seed), "id": "mine"}) + "\n")
-    for output in (".png", ""):
+    for output in (".png", "", ".locks/x.png"):
         with jobs.open("a") as f:
             f.write(json.dumps(job_line("texture", "wood-rings.jpg", None, output=output)) + "\n")
     out = tmp_path / "out"
@@ -384,7 +384,7 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
                      "model, vae, config, allow_pickle, device, dtype, grid, perf", "line 7: the same job as line 1",
                      "line 8: not valid JSON", "line 10: id 'mine' is line 9's too; give each job its own id",
                      "line 11: output '.png' must have a name before .png", "line 12: output is empty",
-                     "2 ready", "10 invalid"):
+                     "line 13: output '.locks/x.png' is in the runner's lock folder .locks/", "2 ready", "11 invalid"):
         assert expected in text, expected
     assert "Traceback" not in text
     assert not out.exists()  # nothing written, no model loaded
@@ -1042,6 +1042,9 @@ def test_dry_run_refuses_ids_outputs_and_flags_that_would_go_wrong(tmp_path, dat
                      "1 ready", "5 invalid"):
         assert expected in result.output, expected
     assert sorted(p.name for p in out.iterdir()) == ["taken.png"]
+    a_file = invoke("batch", jobs, "--out", out / "taken.png", "-m", tiny_sd15_dir, "--dry-run")
+    assert a_file.exit_code == 2 and a_file.output.count("error") == 1, a_file.output
+    assert f"output folder '{out / 'taken.png'}' is a file; choose another --out" in a_file.output
 
 
 def test_a_group_takes_as_many_jobs_as_asked_and_only_jobs_of_one_model(tmp_path, data_dir, tiny_sd15_dir):

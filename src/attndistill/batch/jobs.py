@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import UserError, first_line
 from ..images import check_png_name, numbered_outputs
+from .state import LOCKS
 
 # -- tasks -----------------------------------------------------------------------------------------
 
@@ -405,6 +406,8 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     if output is not None and (Path(output).is_absolute() or ".." in Path(output).parts or output.startswith("~")):
         raise _fail(line, f"output '{output}' is outside the output folder; give a path relative to --out without "
                           f"'..', e.g. \"output\": \"{Path(output).name or 'image.png'}\"")
+    if output is not None and Path(output).parts[:1] == (LOCKS,):
+        raise _fail(line, f"output '{output}' is in the runner's lock folder {LOCKS}/; give it another folder")
     if output is not None:
         try:
             check_png_name(output)

@@ -498,6 +498,8 @@ def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, default
     out_dir = Path(out_dir)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
+    if out_dir.exists() and not out_dir.is_dir():  # once, not once per job (a run says it as the mkdir fails)
+        raise UserError(f"output folder '{out_dir}' is a file; choose another --out")
     validator = Validator(out_dir)
     bad = done = 0
     for job in jobs:
