@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from attndistill.fingerprints import KEY, changed_inputs, fingerprints
 
 
@@ -20,8 +22,26 @@ def test_files_and_folders_are_fingerprinted_and_their_changes_named(tmp_path):
     assert found["style"][0] == found["content"] != found["style"][1] and found["style"][2] is None
     recorded = {**params, KEY: found}
     assert changed_inputs(recorded) == [] and changed_inputs(params) == []
-    (vae / "sub" / "weights.safetensors").write_bytes(b"w" * 2_999_999 + b"x")  # same size, other weights
+    weights = vae / "sub" / "weights.safetensors"
+    then = weights.stat().st_mtime_ns
+    weights.write_bytes(b"w" * 2_999_999 + b"x")  # same size, other weights
+    os.utime(weights, ns=(then + 10**9, then + 10**9))  # saved a second later, as a tuning run saves it
     b.unlink()
     assert changed_inputs(recorded) == [f"style '{b}' is gone", f"vae '{vae}' has changed"]
     (vae / "sub" / "weights.safetensors").rename(vae / "sub" / "other.safetensors")  # a renamed file counts too
     assert f"vae '{vae}' has changed" in changed_inputs(recorded)
+
+
+def test_a_file_is_read_once_while_its_size_and_time_stay(tmp_path, monkeypatch):
+    """A batch of results sharing a VAE folder reads its hundreds of MB once, not once per result."""
+    import attndistill.fingerprints as fp
+
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"a" * 1000)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    first = fp.file_digest(file)
+    assert fp.file_digest(file) == first and opened == [file]
+    os.utime(file, ns=(file.stat().st_mtime_ns + 10**9,) * 2)  # saved again
+    assert fp.file_digest(file) == first and opened == [file, file]

@@ -15,15 +15,22 @@ KEY = "input_sha256"
 #: would take seconds to read after every run; their sources are recorded (and Hub ids are versioned there).
 UNHASHED = frozenset({"model", "config", "controlnet"})
 _CHUNK = 1 << 20
+#: Digests by (path, size, modification time): a batch of results that share a VAE folder (hundreds of MB) reads
+#: it once, not once per result; a file saved again gets a new time, and so a new digest.
+_SEEN: dict[tuple[str, int, int], str] = {}
 
 
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SEEN:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(_CHUNK):
+                digest.update(block)
+        _SEEN[key] = digest.hexdigest()[:16]
+    return _SEEN[key]
 
 
 def folder_digest(path: Path) -> str:
