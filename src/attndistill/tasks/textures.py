@@ -54,8 +54,8 @@ from .setup import (
 )
 from .vae_tuning import tuned_vae
 
-#: A label map with more colours than this, most of them only along region edges, is a smoothed map (drawn
-#: with anti-aliasing, resized with interpolation, saved as JPEG), not a flat-colour one.
+#: A label map with more colours than this, most of them with no flat area (lines and specks), is a smoothed map
+#: (drawn with anti-aliasing, resized with interpolation, saved as JPEG), not a flat-colour one.
 SMOOTHED_COLOURS = 32
 #: Most labels (flat regions of distinct colours) a label map may have: a segmentation's classes fit, a photo does not.
 MAX_LABELS = 256
@@ -238,8 +238,9 @@ def label_maps(images: Sequence[Image.Image], names: Sequence[str]) -> tuple[lis
 
 def edge_only_colours(code: np.ndarray) -> set[int]:
     """The values of an (H, W) map that no pixel of theirs holds with all four neighbours equal (past the
-    border counts as equal): one- or two-pixel lines along region edges, the blends that anti-aliasing,
-    interpolation and JPEG leave. Any flat region of 3x3 pixels or more has such an interior pixel."""
+    border counts as equal): lines one or two pixels wide and specks, as the blends that anti-aliasing,
+    interpolation and JPEG leave along region edges. Any flat region of 3x3 pixels or more has such an interior
+    pixel."""
     pad = np.pad(code, 1, mode="edge")
     inner = ((pad[:-2, 1:-1] == code) & (pad[2:, 1:-1] == code) & (pad[1:-1, :-2] == code)
              & (pad[1:-1, 2:] == code))
