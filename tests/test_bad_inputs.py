@@ -746,6 +746,8 @@ def test_finetune_vae_overwrite_replaces_a_vae_folder_only(tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"output '.*vae\.PNG' is named like an image, but the tuned VAE is a folder"):
         check_vae_folder(tmp_path / "vae.PNG")
     assert not (tmp_path / "vae.PNG").exists()
+    with pytest.raises(UserError, match=r"output '.*vae\.safetensors' is named like a weights file, but the tuned"):
+        check_vae_folder(tmp_path / "vae.safetensors")
     (tmp_path / "v1.5").mkdir()  # a dot in a folder's name is no image suffix
     assert check_vae_folder(tmp_path / "v1.5") == tmp_path / "v1.5"
     link = tmp_path / "link"

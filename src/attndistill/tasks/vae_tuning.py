@@ -33,7 +33,7 @@ from ..images import (
     params_json,
     partial_prefix,
 )
-from ..model.loading import as_model, check_vae_source
+from ..model.loading import CHECKPOINT_SUFFIXES, as_model, check_vae_source
 from ..model.models import DiffusionModel
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 from ..version import __version__
@@ -193,8 +193,14 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
         yield model
 
 
-#: Names a VAE folder is not given: an image's (``-o vae.png`` meant a file, not a folder of that name).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".safetensors")
+def _file_kind(path: Path) -> str | None:
+    """"an image" or "a weights file" where ``path``'s suffix is one (Pillow's formats, checkpoints), else None."""
+    from PIL import Image
+
+    suffix = path.suffix.lower()
+    if suffix in Image.registered_extensions():
+        return "an image"
+    return "a weights file" if suffix in CHECKPOINT_SUFFIXES else None
 
 
 def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
@@ -210,8 +216,8 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
         raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
-    if not folder.exists() and folder.suffix.lower() in IMAGE_SUFFIXES:  # meant as an image: said, not made a folder
-        raise UserError(f"output '{folder}' is named like an image, but the tuned VAE is a folder (config and "
+    if not folder.exists() and (like := _file_kind(folder)):  # -o vae.png meant a file: said, not made a folder
+        raise UserError(f"output '{folder}' is named like {like}, but the tuned VAE is a folder (config and "
                         "weights); give a folder name such as 'my-vae'")
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
         raise UserError(f"output folder '{folder}' is the current folder or holds it; give the VAE folder a name")
