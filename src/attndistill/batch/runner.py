@@ -467,6 +467,7 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     out_dir = Path(out_dir)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
+    _check_out_dir(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -492,14 +493,19 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     return summary
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """--out is a folder or may become one: a file there is said once, by a run and a dry run alike."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder '{out_dir}' is a file; choose another --out")
+
+
 def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, defaults: ModelSpec | None = None,
             shard: str | None = None, log: Log = _stderr, env: Mapping[str, str] | None = None) -> int:
     """Validate every job of the file (all shards) without loading any weights; returns the number invalid."""
     out_dir = Path(out_dir)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
-    if out_dir.exists() and not out_dir.is_dir():  # once, not once per job (a run says it as the mkdir fails)
-        raise UserError(f"output folder '{out_dir}' is a file; choose another --out")
+    _check_out_dir(out_dir)  # once, not once per job
     validator = Validator(out_dir)
     bad = done = 0
     for job in jobs:
