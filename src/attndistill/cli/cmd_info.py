@@ -24,8 +24,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
              "--job", help="Print the run as one line for 'attndistill batch' instead (to rerun or vary it; for a "
                            "VAE folder, the finetune-vae command that made it)")] = False,
          ) -> None:
-    """Print the parameters embedded in IMAGE (task, inputs, model, steps, seed, version...) as JSON; for a VAE
-    folder, its attndistill.json."""
+    """Print the parameters embedded in IMAGE (task, inputs, model, seed...) as JSON, or a VAE folder's record."""
     from ..batch.jobs import job_from_parameters
     from ..errors import UserError
     from ..fingerprints import changed_inputs

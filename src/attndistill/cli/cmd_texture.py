@@ -51,9 +51,11 @@ FINETUNE_EXAMPLE = ("Example: attndistill finetune-vae wood.jpg -o wood-vae && "
                     "attndistill texture wood.jpg --vae wood-vae -o wood.png")
 
 Tile = Annotated[str | None, typer.Option(
-    help="Seamless tiling along x, y or xy, so the result tiles without a seam "
-         "(circular padding; expand wraps its views)",
+    help="Seamless tiling along x, y or xy, so the result tiles without a seam (circular padding)",
     show_default=False)]
+ExpandTile = Annotated[str | None, typer.Option(
+    "--tile", help="Seamless tiling along x, y or xy: views wrap around the canvas's edges, so the result "
+                   "tiles without a seam", show_default=False)]
 RefLabels = Annotated[list[Path] | None, typer.Option(
     "--ref-labels", help="Colour label map of the reference (one per reference; each colour a region)",
     show_default=False)]
@@ -78,7 +80,7 @@ def expand(
         help=f"View side in latents \\[default: {VIEW}, {VIEW * 8} px on SD 1.5]", show_default=False)] = None,
     decode_tile: Annotated[int | None, typer.Option(help=f"Decoder tile side in latents \\[default: {DECODE_TILE}]",
                                                     show_default=False)] = None,
-    tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
+    tile: ExpandTile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, seed: Seed = 0,
