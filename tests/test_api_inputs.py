@@ -392,3 +392,24 @@ def test_true_is_no_number_and_out_of_memory_is_found_in_any_case():
     assert is_out_of_memory(RuntimeError("HIP error: Out Of Memory"))
     assert is_out_of_memory(torch.cuda.OutOfMemoryError())
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_unet_with_fewer_than_six_self_attention_layers_uses_all_and_says_so(caplog):
+    """The default is the last six; a model with fewer uses all it has, with a word, and its errors name a range
+    that exists."""
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from attndistill.core.engine import parse_layers
+    from attndistill.testing import TINY_UNET
+
+    unet = UNet2DConditionModel(**{**TINY_UNET, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D",
+                                                                     "DownBlock2D"),
+                                   "up_block_types": ("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D")})
+    model = SimpleNamespace(unet=unet)
+    with caplog.at_level("WARNING", logger="attndistill.core.engine"):
+        assert parse_layers(None, model) == parse_layers("", model) == (0, 1, 2, 3)
+    assert caplog.text.count("has only 4 self-attention layers; all of them are used") == 1  # once a model
+    with pytest.raises(UserError, match=r"layers 10-15 do not exist .* layers 0-3 \(default: the last six, 0-3\)"):
+        parse_layers("10-15", model)

@@ -261,6 +261,68 @@ def test_models_of_other_pipelines_are_named_and_refused(model, pipeline):
         pipeline_kind(str(model))
 
 
+def test_an_sdxl_folder_without_its_first_text_encoder_is_named_for_what_it_lacks(model):
+    """A refiner saved under the base pipeline's class name is no "refiner (StableDiffusionXLPipeline)"."""
+    from attndistill.model.loading import pipeline_kind
+
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLPipeline", text_encoder=[None, None],
+                 text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
+    (model / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"has no first text encoder \(text_encoder\), as an SDXL refiner has none"):
+        pipeline_kind(str(model))
+
+
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "EulerDiscreteScheduler"])
+def test_sampling_never_clips_the_predicted_latent_whatever_scheduler_the_model_ships(model, scheduler):
+    """Most SD checkpoints ship a PNDM or Euler config, often without ``clip_sample``: DDIM's own default (True)
+    would clip every predicted clean latent to ±1. The rest of the model's config still holds."""
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("clip_sample", "thresholding")}
+    config.update(_class_name=scheduler, prediction_type="v_prediction", timestep_spacing="trailing")
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    ddim = load_model(str(model), device="cpu", dtype="fp32").ddim_scheduler(4).config
+    assert (ddim.clip_sample, ddim.thresholding) == (False, False)
+    assert (ddim.prediction_type, ddim.timestep_spacing) == ("v_prediction", "trailing")
+
+
+@pytest.mark.parametrize("channels", [9, 8])
+def test_an_inpainting_or_editing_unet_in_a_plain_pipeline_folder_is_named_and_refused(model, channels):
+    """Community inpainting (9 input channels) and InstructPix2Pix-like (8) UNets often sit in folders indexed
+    as a plain StableDiffusionPipeline: the first UNet call would fail with a shape error."""
+    from diffusers import UNet2DConditionModel
+
+    from attndistill.testing import TINY_UNET
+
+    shutil.rmtree(model / "unet")
+    UNet2DConditionModel(**{**TINY_UNET, "in_channels": channels}).save_pretrained(model / "unet")
+    with pytest.raises(UserError, match=f"UNet takes {channels} input channels where its VAE's latents have 4"):
+        load_model(str(model), device="cpu", dtype="fp32")
+
+
+def test_a_vae_of_another_latent_width_is_refused(tiny_sd15_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from attndistill.testing import TINY_VAE
+
+    AutoencoderKL(**{**TINY_VAE, "latent_channels": 16}).save_pretrained(tmp_path / "vae16")
+    with pytest.raises(UserError, match="VAE '.*vae16' makes latents of 16 channels where the UNet takes 4"):
+        load_model(str(tiny_sd15_dir), vae=tmp_path / "vae16", device="cpu", dtype="fp32")
+
+
+def test_a_folder_of_fp16_variant_weights_only_loads_on_the_cpu(tiny_sd15_dir, tmp_path):
+    """Some folders hold only ``*.fp16.safetensors``: they are safetensors, and load (as fp32 on the CPU)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd15_dir, dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16", safe_serialization=True)
+    assert not list((tmp_path / "fp16" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    model = load_model(str(tmp_path / "fp16"), device="cpu", dtype="fp32")
+    assert model.unet.dtype == torch.float32
+    own = load_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+    assert torch.equal(model.unet.conv_in.weight, own.unet.conv_in.weight.half().float())
+
+
 def test_a_tokenizer_folder_without_merges_is_named(model):
     from attndistill.model.loading import pipeline_kind
 

@@ -64,6 +64,27 @@ def test_iters0_equals_stable_diffusion_xl_pipeline(tiny_sdxl, data_dir):
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_v_prediction_model_from_a_pndm_config_samples_as_diffusers_does(tiny_sd15_dir, tmp_path, data_dir):
+    """SD 2.x models predict v and ship PNDM or Euler configs without ``clip_sample``: sampling follows their
+    prediction type, and never clips the predicted latent (DDIM's default where the config is silent)."""
+    import shutil
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "v-model")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "clip_sample"}
+    config_file.write_text(json.dumps({**config, "_class_name": "PNDMScheduler", "prediction_type": "v_prediction"}))
+    model = ad.load_model(str(folder), device="cpu", dtype="fp32")
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=model, steps=3, iters=0, adain=False,
+                          size=64, seed=3)
+    scheduler = DDIMScheduler.from_config(model.scheduler_config, clip_sample=False)
+    pipe = StableDiffusionPipeline(**{**model.pipe.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, height=64, width=64, num_inference_steps=3, guidance_scale=ad.PRESETS["t2i"].guidance,
+               latents=_start_noise(model, 1, 64, 3), output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert scheduler.config.prediction_type == "v_prediction"
+
+
 def test_layout_iters0_equals_img2img_pipeline(tiny_sd15, data_dir):
     layout = load_image(data_dir / "golden-gate.jpg").resize((64, 64))
     seen = []

@@ -60,7 +60,14 @@ class Reference:
 def parse_layers(spec: str | Sequence[int] | None, model: DiffusionModel) -> tuple[int, ...]:
     """``"10-15"``, ``"10,11,12"``, a sequence, or None (the last six) -> validated layer positions."""
     count = len(discover_self_attention_layers(model.unet))
+    if count == 0:
+        raise UserError("this model's UNet has no self-attention layers, whose features Attention Distillation "
+                        "transfers; use a Stable Diffusion model such as SD 1.5 or SDXL")
     if spec is None or isinstance(spec, str) and spec == "":
+        if count < 6 and not getattr(model.unet, "_attndistill_told_layers", False):
+            model.unet._attndistill_told_layers = True  # once a model, not once a job of a batch
+            log.warning("this model's UNet has only %d self-attention layers; all of them are used instead of the "
+                        "last six", count)
         return default_layers(model.unet)
     if not isinstance(spec, str | bytes) and callable(getattr(spec, "tolist", None)):
         spec = spec.tolist()  # a NumPy array or a tensor of layer numbers
@@ -102,7 +109,7 @@ def check_layer_text(spec: object) -> None:
 
 def _no_such_layers(what: object, count: int) -> UserError:
     return UserError(f"layers {what} do not exist in this model; it has self-attention layers 0-{count - 1} "
-                     f"(default: the last six, {count - 6}-{count - 1})")
+                     f"(default: the last six, {max(0, count - 6)}-{count - 1})")
 
 
 class Distiller:

@@ -187,12 +187,29 @@ def _check_tokenizers(pipe, source: str) -> None:
         tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
 
+def _check_latent_channels(pipe, source: str, vae: str | os.PathLike | None) -> None:
+    """The UNet denoises exactly the VAE's latents. Inpainting (9 input channels) and image-editing (8) UNets
+    often sit in folders indexed as a plain text-to-image pipeline; a VAE of another family makes latents of
+    another width. Either would fail in the first UNet call with a shape error that names neither."""
+    unet, latent = pipe.unet.config, pipe.vae.config.latent_channels
+    if vae is not None and latent != unet.out_channels:
+        raise UserError(f"VAE '{vae}' makes latents of {latent} channels where the UNet takes {unet.out_channels}; "
+                        "pass a VAE made for this model, such as one saved by 'attndistill finetune-vae'")
+    if unet.in_channels != latent or unet.out_channels != latent:
+        raise UserError(f"model '{source}': its UNet takes {unet.in_channels} input channels where its VAE's latents "
+                        f"have {latent}, as an inpainting or image-editing model's does; attndistill runs "
+                        f"text-to-image models such as {SD15_ID} or {SDXL_ID}")
+
+
 def _kind_from_index(index: dict, model: str) -> Kind:
     name = index.get("_class_name")
     name = name if isinstance(name, str) else ""
     if "XL" in name:
-        if "Refiner" in name or "text_encoder" not in index or index.get("text_encoder") in (None, [None, None]):
+        if "Refiner" in name:
             raise UserError(f"model '{model}' is an SDXL refiner ({name}); use an SDXL base model such as {SDXL_ID}")
+        if "text_encoder" not in index or index.get("text_encoder") in (None, [None, None]):
+            raise UserError(f"model '{model}' has no first text encoder (text_encoder), as an SDXL refiner has none; "
+                            f"use an SDXL base model such as {SDXL_ID}")
         return "sdxl"
     if name.startswith("StableDiffusion") and "unet" in index and "vae" in index:
         if any(k in name for k in ("Upscale", "Depth2Img", "InstructPix2Pix", "Inpaint", "unCLIP", "3")):
@@ -245,7 +262,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
 
     ``vae`` swaps in another ``AutoencoderKL`` folder; ``config`` is a local diffusers folder whose
     configs describe a single-file checkpoint (offline use). Weights are safetensors only unless
-    ``allow_pickle``. On a GPU the ``fp16`` weight variant is preferred when the repo has one.
+    ``allow_pickle``. On a GPU the ``fp16`` weight variant is preferred when the repo has one; a folder that
+    holds only one variant's weights loads those.
     Example: ``m = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda")``.
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -289,6 +307,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
             log.warning("VAE '%s' scales its latents by %g, the model's own VAE by %g: it was made for another "
                         "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
                         pipe.vae.config.scaling_factor, own)
+    _check_latent_channels(pipe, source, vae)
     pipe.to(device)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
@@ -396,8 +415,12 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
 
     path = Path(source)
     local_only = local_files_only(source)
-    if variant and path.is_dir() and not any(path.rglob(f"*.{variant}.*")):
-        variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
+    if path.is_dir():
+        only = _only_variant(path)
+        if only:
+            variant = only  # its only weights: without asking for them diffusers finds none
+        elif variant and not any(path.rglob(f"*.{variant}.*")):
+            variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):
         try:
             with _quiet_diffusers():
@@ -425,6 +448,17 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
     raise AssertionError("unreachable")
+
+
+def _only_variant(folder: Path) -> str | None:
+    """The variant (``fp16`` ...) of every weights file in a folder where all of them have one and the same, as
+    in a folder saved with ``variant="fp16"`` only; None where any has the default name."""
+    variants = set()
+    for file in folder.rglob("*"):
+        if file.suffix in (".safetensors", ".bin") and file.is_file():
+            parts = file.name.split(".")  # name.fp16.safetensors, name.fp16-00001-of-00002.safetensors
+            variants.add(parts[1].split("-")[0] if len(parts) == 3 else None)
+    return variants.pop() if len(variants) == 1 else None
 
 
 class ModelSlot:

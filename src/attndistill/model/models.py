@@ -193,10 +193,15 @@ class DiffusionModel:
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
     def ddim_scheduler(self, steps: int) -> DDIMScheduler:
-        """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
+        """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps.
+
+        Never clipping or thresholding the predicted clean latent: those are for pixel-space models, and
+        DDIM's defaults turn clipping on wherever the model's config does not say ``clip_sample`` (the PNDM and
+        Euler configs many checkpoints ship), which squeezes latents of about ±4 into ±1 at every step.
+        """
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler = DDIMScheduler.from_config(self.scheduler_config, clip_sample=False, thresholding=False)
         limit = scheduler.config.num_train_timesteps
         if steps < 1:
             raise UserError(f"steps must be at least 1 (got {steps})")
