@@ -87,6 +87,22 @@ def test_iters0_equals_controlnet_pipeline(tiny_sd15, tiny_cn15_dir, edge_map, d
     assert (plain - ours).abs().max() > 1e-3
 
 
+def test_a_shuffle_type_controlnet_steers_only_the_conditional_half_as_diffusers_does(tiny_sd15, tiny_cn15_dir,
+                                                                                      edge_map, data_dir):
+    """Nets that pool their condition (``global_pool_conditions``, content shuffle) run in diffusers' guess
+    mode: under CFG the unconditional half gets no residuals."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_pretrained(tiny_cn15_dir, global_pool_conditions=True)
+    assert net.config.global_pool_conditions
+    ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
+                          adain=False, controlnet=net, control_image=edge_map)
+    pipe = _pipeline(StableDiffusionControlNetPipeline, tiny_sd15, net)
+    ref = pipe(PROMPT, image=edge_map, height=64, width=64, num_inference_steps=3,
+               guidance_scale=ad.PRESETS["t2i"].guidance, latents=_noise(tiny_sd15, 4), output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_iters0_equals_sdxl_controlnet_pipeline(tiny_sdxl, tiny_cnxl_dir, edge_map, data_dir):
     ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sdxl, steps=3, iters=0, size=64, seed=6,
                           adain=False, controlnet=tiny_cnxl_dir, control_image=edge_map)

@@ -75,13 +75,7 @@ def _denoise(model: DiffusionModel, scheduler, z: torch.Tensor, t: torch.Tensor,
     """The noise prediction of one DDIM step: CFG, and ControlNet residuals on the same batched input."""
     x = scheduler.scale_model_input(z, t)
     t = model.timestep(t)  # the UNet's copy on the device; the scheduler keeps the CPU one (no sync)
-    kwargs = {}
-    if control is not None:
-        b = x.shape[0]
-        if uncond is not None:  # CFG: one call on [uncond, cond], residuals for both halves
-            kwargs = control.residuals(torch.cat([x, x]), t, Conditioning.cat([uncond.expand(b), cond.expand(b)]))
-        else:
-            kwargs = control.residuals(x, t, cond.expand(b))
+    kwargs = {} if control is None else control.guided_residuals(x, t, cond, uncond)
     return cfg_noise(model, x, t, cond, uncond, guidance, **kwargs)
 
 

@@ -56,6 +56,28 @@ class Control:
     image: torch.Tensor  # (1 or B, 3, H, W) in [0, 1]
     scale: float = 1.0
 
+    @property
+    def conditional_only(self) -> bool:
+        """A net that pools its condition to one vector (content shuffle) steers only the conditional half of a
+        CFG call, as diffusers' pipelines run it (guess mode): the unconditional half gets no residuals."""
+        return bool(getattr(self.net.config, "global_pool_conditions", False))
+
+    def guided_residuals(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
+                         uncond: Conditioning | None) -> dict:
+        """UNet kwargs with the residuals for a denoising call on ``latents`` (B, 4, h, w). With ``uncond`` the
+        call is CFG-batched as [uncond, cond], and so are the residuals, as in diffusers' ControlNet pipelines."""
+        b = latents.shape[0]
+        if uncond is None:
+            return self.residuals(latents, t, cond.expand(b))
+        if not self.conditional_only:
+            return self.residuals(torch.cat([latents, latents]), t, Conditioning.cat([uncond.expand(b),
+                                                                                      cond.expand(b)]))
+        kwargs = self.residuals(latents, t, cond.expand(b))
+        return {"down_block_additional_residuals": [torch.cat([torch.zeros_like(r), r])
+                                                    for r in kwargs["down_block_additional_residuals"]],
+                "mid_block_additional_residual": torch.cat([torch.zeros_like(kwargs["mid_block_additional_residual"]),
+                                                            kwargs["mid_block_additional_residual"]])}
+
     def residuals(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -> dict:
         """UNet kwargs with the ControlNet residuals for one call on ``latents`` (B, 4, h, w).
 
