@@ -280,3 +280,17 @@ def test_scale_zero_turns_the_controlnet_off_and_a_net_passed_in_is_checked(tiny
     assert prepare_control(tiny_cn15_dir, edge_map, model=tiny_sd15, size=(64, 64), scale=0).scale == 0.0
     with pytest.raises(ad.UserError, match="does not fit the sd15 model"):
         prepare_control(ControlNetModel.from_pretrained(tiny_cnxl_dir), edge_map, model=tiny_sd15, size=(64, 64))
+
+
+def test_a_map_drawn_over_transparency_reads_as_drawn_over_black(tiny_sd15, tiny_cn15_dir, edge_map, data_dir,
+                                                                  tmp_path):
+    """Pose and line-art editors export their lines over transparency; on white (as photos are flattened) the
+    lines would vanish into a blank map."""
+    lines = np.asarray(edge_map.convert("L"))
+    rgba = np.dstack([np.full(lines.shape + (3,), 255, np.uint8), lines])  # white, opaque only on the lines
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "lines.png")
+    runs = [_final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
+                           adain=False, controlnet=tiny_cn15_dir, control_image=image)
+            for image in (tmp_path / "lines.png", edge_map, Image.new("RGB", (64, 64), "white"))]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+    assert (runs[0] - runs[2]).abs().max() > 1e-5  # a blank map is another condition (to the tiny net, a weak one)

@@ -37,16 +37,21 @@ METADATA_KEY = "attndistill"
 
 ImageInput = str | os.PathLike | Image.Image
 
+#: What transparent pixels become: white under a photo or painting; black under a ControlNet's map (pose and
+#: line-art editors export their lines over transparency, and black is a map's "nothing here").
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 FOLDER_MODE = 0o777 & ~_UMASK
 
 
-def load_image(source: ImageInput, *, what: str = "image", labels: bool = False, flat: bool = False) -> Image.Image:
+def load_image(source: ImageInput, *, what: str = "image", labels: bool = False, flat: bool = False,
+               background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Open ``source`` as an RGB image, or raise a :class:`UserError` naming it.
 
-    Alpha is composited on white, EXIF orientation applied, 16-bit and float
+    Alpha is composited on ``background`` (white), EXIF orientation applied, 16-bit and float
     images scaled to 8 bits. ``what`` names the role in messages ("style image").
     ``labels``: a label map, whose integer pixels (16- or 32-bit, as segmentation
     tools write them) are ids to keep apart, not brightness: each id becomes a
@@ -56,7 +61,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
     """
     limit = 2 * MAX_PIXELS if flat else MAX_PIXELS
     if isinstance(source, Image.Image):
-        return _to_rgb(source, what, labels=labels, limit=limit)
+        return _to_rgb(source, what, labels=labels, limit=limit, background=background)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
     if os.fspath(source) in ("", b""):
@@ -76,7 +81,8 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
             img.load()
             if getattr(img, "n_frames", 1) > 1:  # an animated GIF/WebP/PNG, a multi-page TIFF
                 log.warning("%s '%s' has %d frames; its first is used", what, path, img.n_frames)
-            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels, limit=limit)
+            return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels, limit=limit,
+                           background=background)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -142,8 +148,9 @@ def _check_size(size: tuple[int, int], label: str, limit: int = MAX_PIXELS) -> N
         raise UserError(f"{label} is only {w}x{h} pixels; use an image of at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = MAX_PIXELS) -> Image.Image:
-    """Plain 8-bit sRGB whatever the mode and colour profile; alpha goes on white; with ``labels``, integer
+def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = MAX_PIXELS,
+            background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Plain 8-bit sRGB whatever the mode and colour profile; alpha goes on ``background``; with ``labels``, integer
     ids as colours and colours as they are stored (a label's colour is a name, not a colour to convert)."""
     _check_size(img.size, label, limit)
     if labels and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -176,8 +183,7 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
             if seen.any():
                 raise UserError(f"{label} has transparent pixels ({seen.mean():.1%} of it); a label map needs an "
                                 "opaque colour in every pixel: fill them, or save the map without transparency")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")
 
 

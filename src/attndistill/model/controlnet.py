@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..checks import number
 from ..errors import UserError
-from ..images import ImageInput, load_image
+from ..images import BLACK, ImageInput, load_image
 from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
 
@@ -201,7 +201,7 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
         # a net loaded by the caller (from_pretrained: float32, on the CPU) runs beside the model's UNet,
         # whose activations its residuals join: same device and dtype, as a net loaded here gets
         net = controlnet.to(model.device, model.dtype)
-    condition = load_image(image, what="control image")
+    condition = load_image(image, what="control image", background=BLACK)
     if preprocess == "canny":  # edges of the image at the output size: thin lines, not resampled ones
         condition = canny(condition.resize(size, Image.Resampling.LANCZOS))
     return Control(net, control_tensor(condition, size, model), scale)

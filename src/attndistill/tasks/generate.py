@@ -23,7 +23,7 @@ from ..core.engine import parse_layers
 from ..core.progress import Callback
 from ..core.sampling import prompt_conditioning, sample, sdedit_start
 from ..errors import UserError
-from ..images import ImageInput, load_image, to_tensor
+from ..images import BLACK, ImageInput, load_image, to_tensor
 from ..model.controlnet import Control, check_control, prepare_control
 from ..model.loading import as_model, local_or_hub
 from ..model.models import DiffusionModel
@@ -193,7 +193,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
         steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
         attention_scale=attention_scale, reference_fit=reference_fit)
     content_img = load_image(content, what="content image") if content is not None else None
-    control_img = load_image(control_image, what="control image") if control_image is not None else None
+    control_img = None if control_image is None else load_image(control_image, what="control image",
+                                                                 background=BLACK)
     styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
