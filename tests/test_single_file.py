@@ -76,3 +76,39 @@ def test_config_with_a_folder_model_is_refused(tiny_sd15_dir, data_dir, tmp_path
     assert result.exit_code == 2 and "drop --config" in result.output and not (tmp_path / "out.png").exists()
     with pytest.raises(ad.UserError, match="with configs of its own; drop --config"):
         ad.load_model(tiny_sd15_dir, config=tiny_sd15_dir)
+
+
+def test_a_pickled_sdxl_checkpoint_loads_as_sdxl(tiny_sdxl_dir, tiny_sdxl, tmp_path, monkeypatch):
+    """A .ckpt is read for its tensor names as a .safetensors file is (it was taken for SD 1.5 and failed deep
+    in the UNet); Lightning's {"state_dict": ...} wrapping included."""
+    from safetensors.torch import load_file
+
+    state = load_file(write_ldm_checkpoint(tiny_sdxl_dir, tmp_path / "xl.safetensors"))
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "xl.ckpt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ad.load_model(tmp_path / "xl.ckpt", config=tiny_sdxl_dir, allow_pickle=True, device="cpu", dtype="fp32")
+    assert model.kind == "sdxl" and model.pipe.text_encoder_2 is not None
+    assert torch.equal(model.unet.conv_in.weight, tiny_sdxl.unet.conv_in.weight)
+
+
+def test_a_checkpoint_and_a_config_of_other_families_are_named(checkpoint, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
+    xl = write_ldm_checkpoint(tiny_sdxl_dir, tmp_path / "xl.safetensors")
+    with pytest.raises(ad.UserError, match=r"is an SDXL checkpoint but --config '.*' describes an SD 1.x/2.x model"):
+        ad.load_model(xl, config=tiny_sd15_dir, device="cpu")
+    with pytest.raises(ad.UserError, match=r"is an SD 1.x/2.x checkpoint but --config '.*' describes an SDXL model"):
+        ad.load_model(checkpoint, config=tiny_sdxl_dir, device="cpu")
+
+
+def test_a_checkpoint_pruned_of_its_vae_takes_one_from_vae(checkpoint, tiny_sd15_dir, tiny_sd15, tmp_path,
+                                                           monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v for k, v in load_file(checkpoint).items() if not k.startswith("first_stage_model.")}
+    save_file(state, tmp_path / "pruned.safetensors")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ad.UserError, match="has no VAE of its own .*; pass --vae"):
+        ad.load_model(tmp_path / "pruned.safetensors", config=tiny_sd15_dir, device="cpu")
+    model = ad.load_model(tmp_path / "pruned.safetensors", config=tiny_sd15_dir, vae=tiny_sd15_dir / "vae",
+                          device="cpu", dtype="fp32")
+    assert model.vae_source == str(tiny_sd15_dir / "vae")
+    assert torch.equal(model.vae.decoder.conv_out.weight, tiny_sd15.vae.decoder.conv_out.weight)

@@ -303,7 +303,7 @@ def _kind(model: ModelSpec) -> str:
     source = model.source or _default_model()
     try:
         if Path(source).is_file():
-            return kind_from_checkpoint(Path(source)) if source.lower().endswith(".safetensors") else "sd15"
+            return kind_from_checkpoint(Path(source))
         return pipeline_kind(source)
     except Exception:
         return "sd15"

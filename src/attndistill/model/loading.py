@@ -220,19 +220,64 @@ def _kind_from_index(index: dict, model: str) -> Kind:
                     f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
 
 
-def kind_from_checkpoint(path: Path) -> Kind:
-    from safetensors import safe_open
+def checkpoint_keys(path: Path) -> list[str] | None:
+    """Tensor names of a single-file checkpoint, its weights unread (a pickle's are memory-mapped); None for a
+    pickle this cannot read (an old format, or objects beyond tensors), which the load itself then judges."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception:
+            raise UserError(f"checkpoint '{path}' is not a readable .safetensors file; re-download it") from None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:
-        raise UserError(f"checkpoint '{path}' is not a readable .safetensors file; re-download it") from None
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # as Lightning saved them
+        state = state["state_dict"]
+    return [k for k in state if isinstance(k, str)] if isinstance(state, dict) else None
+
+
+def kind_from_checkpoint(path: Path, keys: list[str] | None = None) -> Kind:
+    """sd15 or sdxl from a single file's tensor names (``keys``: read already); sd15 where a pickle's cannot be
+    read."""
+    keys = checkpoint_keys(path) if keys is None else keys
+    if keys is None:
+        return "sd15"
     if not any(k.startswith("model.diffusion_model.") for k in keys):  # diffusers would look for it on the Hub
         raise UserError(f"checkpoint '{path}' holds {_weights_kind(keys)}, not a whole Stable Diffusion checkpoint "
                         "(UNet, VAE and text encoder in one file); pass such a file or a diffusers model folder")
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     return "sd15"
+
+
+def _single_file_kind(path: Path, keys: list[str] | None, config: str | os.PathLike | None) -> Kind:
+    """The family of a single file by its tensor names, which ``--config`` must describe too (else diffusers
+    fails on the first tensor of another shape); by ``--config`` alone where the names cannot be read."""
+    kind = None if keys is None else kind_from_checkpoint(path, keys)
+    if config is None:
+        return kind or "sd15"
+    described = pipeline_kind(str(config))
+    if kind is not None and described != kind:
+        raise UserError(f"checkpoint '{path}' is an {_FAMILY[kind]} checkpoint but --config '{config}' describes an "
+                        f"{_FAMILY[described]} model; pass a diffusers folder of the checkpoint's family")
+    return described
+
+
+def _vae_given(path: Path, keys: list[str] | None, vae: str | os.PathLike | None, load_vae) -> dict:
+    """A pruned checkpoint has no VAE of its own (no "baked" VAE): ``--vae`` must give one, passed in before
+    diffusers looks for it in the file."""
+    if keys is None or any(k.startswith("first_stage_model.") for k in keys):
+        return {}
+    if vae is None:
+        raise UserError(f"checkpoint '{path}' has no VAE of its own (a checkpoint pruned of its VAE); pass --vae "
+                        "with an AutoencoderKL folder made for it, such as the base model's vae/ folder")
+    return {"vae": load_vae()}
+
+
+_FAMILY = {"sd15": "SD 1.x/2.x", "sdxl": "SDXL"}
 
 
 def _weights_kind(keys: list[str]) -> str:
@@ -276,16 +321,24 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     path = Path(source)
     check_config_use(source, config)
     common = dict(dtype=dtype)
+    def load_vae():
+        check_vae_source(vae)
+        return from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
+                               use_safetensors=safetensors_only(allow_pickle), dtype=dtype)
+
+    given = {}  # components passed in rather than read from the model
     if is_checkpoint_path(path):
         check_checkpoint(path, allow_pickle)
-        kind = kind_from_checkpoint(path) if path.suffix.lower() == ".safetensors" else "sd15"
+        keys = checkpoint_keys(path)
+        kind = _single_file_kind(path, keys, config)
+        given = _vae_given(path, keys, vae, load_vae)
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
         if config is not None:
             extra["config"] = str(config)
             extra["local_files_only"] = True
         try:
-            pipe = cls.from_single_file(str(path), **common, **extra)
+            pipe = cls.from_single_file(str(path), **common, **extra, **given)
         except Exception as exc:  # diffusers raises many kinds here
             msg = first_line(exc) or type(exc).__name__
             hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
@@ -298,11 +351,9 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
         pipe = from_pretrained(cls, source, default_variant(variant, device, dtype),
                                use_safetensors=safetensors_only(allow_pickle), **common, **extra)
     _check_tokenizers(pipe, source)
-    if vae is not None:
-        check_vae_source(vae)
+    if vae is not None and "vae" not in given:
         own = pipe.vae.config.scaling_factor
-        pipe.vae = from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
-                                   use_safetensors=safetensors_only(allow_pickle), dtype=dtype)
+        pipe.vae = load_vae()
         if not math.isclose(pipe.vae.config.scaling_factor, own, rel_tol=1e-3):
             log.warning("VAE '%s' scales its latents by %g, the model's own VAE by %g: it was made for another "
                         "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
