@@ -294,3 +294,17 @@ def test_a_map_drawn_over_transparency_reads_as_drawn_over_black(tiny_sd15, tiny
             for image in (tmp_path / "lines.png", edge_map, Image.new("RGB", (64, 64), "white"))]
     torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
     assert (runs[0] - runs[2]).abs().max() > 1e-5  # a blank map is another condition (to the tiny net, a weak one)
+
+
+def test_a_controlnet_whose_weights_lack_tensors_is_named(tiny_sd15, tiny_cn15_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from attndistill.errors import UserError
+
+    folder = shutil.copytree(tiny_cn15_dir, tmp_path / "cn")
+    weights = next(folder.glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("controlnet_mid_block.")}, weights)
+    with pytest.raises(UserError, match=r"ControlNet '.*cn': the weights in it lack 2 tensors of its config"):
+        load_controlnet(folder, model=tiny_sd15)

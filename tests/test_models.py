@@ -323,6 +323,18 @@ def test_a_folder_of_fp16_variant_weights_only_loads_on_the_cpu(tiny_sd15_dir, t
     assert torch.equal(model.unet.conv_in.weight, own.unet.conv_in.weight.half().float())
 
 
+def test_a_component_whose_weights_lack_tensors_of_its_config_is_named(model):
+    """diffusers leaves such tensors on the meta device: the move to a device failed with "Cannot copy out of
+    meta tensor"."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("conv_out.")}, weights)
+    with pytest.raises(UserError, match=r"the weights in unet/ lack 2 tensors of its config \(conv_out\.(weight|bias), "
+                                        r"conv_out\.(weight|bias)\); download it again \(or copy unet/"):
+        load_model(str(model), device="cpu", dtype="fp32")
+
+
 def test_a_tokenizer_folder_without_merges_is_named(model):
     from attndistill.model.loading import pipeline_kind
 

@@ -475,7 +475,9 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
     for attempt in ((variant, None) if variant else (None,)):
         try:
             with _quiet_diffusers():
-                return cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
+                loaded = cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
+            _check_complete(loaded, what, source)
+            return loaded
         except LocalEntryNotFoundError:
             raise _not_available(source, what, option) from None
         except (OSError, ValueError) as exc:
@@ -499,6 +501,20 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
     raise AssertionError("unreachable")
+
+
+def _check_complete(loaded, what: str, source: str) -> None:
+    """Every tensor a config asks for came from the weights. diffusers leaves missing ones on the meta device
+    without a word, and the first move to a device fails with "Cannot copy out of meta tensor"."""
+    parts = {"": loaded} if isinstance(loaded, torch.nn.Module) else {
+        f"{name}/": module for name, module in getattr(loaded, "components", {}).items()
+        if isinstance(module, torch.nn.Module)}
+    for folder, module in parts.items():
+        missing = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+        if missing:
+            raise UserError(f"{what} '{source}': the weights in {folder or 'it'} lack {len(missing)} tensors of its "
+                            f"config ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}); download it "
+                            "again" + (f" (or copy {folder} from a complete copy)" if folder else ""))
 
 
 def _only_variant(folder: Path) -> str | None:
