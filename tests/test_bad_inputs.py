@@ -181,6 +181,7 @@ EARLY_CASES = [
     (["t2i", "-s", "{img}", "-p", "x", "--num", "0"], "number of images must be a whole number"),  # texture's
     (["t2i", "-s", "{img}", "-p", "x", "--controlnet", "cn"], "--controlnet needs a --control-image"),
     (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "preprocessing 'canny' prepares a control"),
+    (["t2i", "-s", "{img}", "-p", "x", "--control-scale", "0.5"], "control scale 0.5 scales a ControlNet's residuals"),
     (["expand", "{img}", "--size", "512", "--layers", "1-"], "layers '1-' is not understood"),
     (["finetune-vae", "{img}", "--steps", "0"], "VAE tuning steps must be at least 1"),
     (["texture", "{img}", "{img}", "--ref-labels", "{img}", "--target-labels", "{img}"],
@@ -347,7 +348,8 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
 @pytest.mark.parametrize(("part", "holds"), [
     ("unet/diffusion_pytorch_model.safetensors", "the weights of one diffusers component (a UNet or ControlNet)"),
     ("vae/diffusion_pytorch_model.safetensors", "a VAE's weights"),
-    ("text_encoder/model.safetensors", "a text encoder's weights"), (None, "LoRA weights")])
+    ("text_encoder/model.safetensors", "a text encoder's weights"), (None, "LoRA weights"),
+    ("ema", "only the EMA copy of a UNet (model_ema.*), which diffusers does not load")])
 def test_a_single_file_that_is_no_whole_checkpoint_is_named(tmp_path, tiny_sd15_dir, part, holds):
     """diffusers would look such a file's configs up on the Hub and fail offline with a connection error."""
     import torch
@@ -358,6 +360,9 @@ def test_a_single_file_that_is_no_whole_checkpoint_is_named(tmp_path, tiny_sd15_
     file = tmp_path / "weights.safetensors"
     if part is None:
         save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(1)}, file)
+    elif part == "ema":  # a training checkpoint's averaged UNet, beside its text encoder
+        save_file({"model_ema.diffusion_modelinput_blocks00weight": torch.zeros(1),
+                   "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.zeros(1)}, file)
     else:
         shutil.copy(tiny_sd15_dir / part, file)
     with pytest.raises(ad.UserError, match=re.escape(f"checkpoint '{file}' holds {holds}, not a whole Stable "

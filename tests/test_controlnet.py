@@ -156,6 +156,13 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
         load_controlnet(tmp_path, model=tiny_sdxl)
     with pytest.raises(ad.UserError, match="does not exist"):
         load_controlnet(tmp_path / "missing", model=tiny_sdxl)
+    # a relative file path of one slash has the shape of a Hub id (owner/name), but a weights file's suffix
+    with pytest.raises(ad.UserError, match="'models/control_canny.safetensors' does not exist; check the path"):
+        load_controlnet("models/control_canny.safetensors", model=tiny_sdxl)
+    (tmp_path / "control_canny.safetensors").write_bytes(b"x")
+    with pytest.raises(ad.UserError, match="is a single weights file; attndistill loads ControlNets as diffusers "
+                                           "folders"):
+        load_controlnet(tmp_path / "control_canny.safetensors", model=tiny_sdxl)
 
 
 @pytest.mark.parametrize("part", ["unet", "vae"])

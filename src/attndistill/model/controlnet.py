@@ -21,7 +21,7 @@ from PIL import Image
 from ..checks import number
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
-from .loading import default_variant, from_pretrained, looks_like_hub_id, safetensors_only
+from .loading import CHECKPOINT_SUFFIXES, default_variant, from_pretrained, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
 
 if TYPE_CHECKING:
@@ -122,6 +122,12 @@ def check_controlnet_source(source: str) -> None:
     """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
     hint = "pass a folder saved with save_pretrained or a Hub id such as lllyasviel/control_v11p_sd15_canny"
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:  # a file, never a Hub id (owner/name.safetensors)
+        if not path.exists():
+            raise UserError(f"ControlNet '{source}' does not exist; check the path")
+        raise UserError(f"ControlNet '{source}' is a single weights file; attndistill loads ControlNets as diffusers "
+                        "folders (config.json beside the weights): pass the diffusers version of this ControlNet, "
+                        "such as lllyasviel/control_v11p_sd15_canny")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); {hint}")
@@ -132,7 +138,8 @@ def check_controlnet_source(source: str) -> None:
         # another component (a model's unet/, a VAE) loaded as a ControlNet fails deep in diffusers, or with a
         # misleading error about its weights or widths
         if kind not in (None, "ControlNetModel"):
-            raise UserError(f"ControlNet '{source}' holds a {kind}, not a ControlNetModel; {hint}")
+            raise UserError(f"ControlNet '{source}' holds a {kind}, not a ControlNetModel, the kind of ControlNet "
+                            "attndistill runs; use one such as lllyasviel/control_v11p_sd15_canny")
     elif not looks_like_hub_id(source):
         raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
                         "such as lllyasviel/control_v11p_sd15_canny")

@@ -284,6 +284,8 @@ def _weights_kind(keys: list[str]) -> str:
     """What a single weights file without a Stable Diffusion UNet holds, as far as its tensor names tell."""
     if any("lora" in k.lower() for k in keys):
         return "LoRA weights"
+    if any(k.startswith("model_ema.") for k in keys):  # a training checkpoint's averaged copy, keys flattened
+        return "only the EMA copy of a UNet (model_ema.*), which diffusers does not load"
     if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):  # a VAE's are under encoder.
         return "the weights of one diffusers component (a UNet or ControlNet)"
     if any("text_model." in k or k.startswith(("embeddings.", "encoder.layers.")) for k in keys):

@@ -139,10 +139,13 @@ def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None,
     if (controlnet is None) != (control_image is None):
         raise UserError("ControlNet needs both --controlnet and --control-image" if controlnet is None
                         else "--controlnet needs a --control-image (a photo with --control canny, or a ready map)")
-    check_control(control, control_scale)
+    scale = check_control(control, control_scale)
     if control != "none" and controlnet is None:  # else the preprocessing would be dropped without a word
         raise UserError(f"preprocessing '{control}' prepares a control image for a ControlNet; add --controlnet "
                         "and --control-image, or set --control none")
+    if scale != 1.0 and controlnet is None:  # as the preprocessing: never dropped without a word
+        raise UserError(f"control scale {scale:g} scales a ControlNet's residuals; add --controlnet and "
+                        "--control-image, or drop --control-scale")
     if content_weight is not None:
         number("content weight", content_weight)
     if content is None and content_weight:

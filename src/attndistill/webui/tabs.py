@@ -192,7 +192,9 @@ def t2i_tab(ui: WebUI) -> None:
     def call(s: dict, model: DiffusionModel, callback: Callback):
         from ..tasks.generate import text_to_image
 
-        extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None else {}
+        # the slider has a value also with no ControlNet chosen, which a run without one refuses
+        extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None and \
+            options(s)["controlnet"] else {}
         return text_to_image(s["prompt"], required(s["style"], "style image"),
                              negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
                              model=model, control_image=s["control_image"], size=size_value(s["size"]),
