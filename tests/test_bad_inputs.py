@@ -331,7 +331,8 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
     with pytest.raises(ad.UserError, match="model 'copy' could not be loaded: .*config.json") as caught:
         ad.load_model("copy")
     assert "Hugging Face cache" not in str(caught.value)
-    save_file({"model.diffusion_model.x": torch.zeros(1)}, tmp_path / "junk.safetensors")  # a UNet's name only
+    save_file({"model.diffusion_model.x": torch.zeros(1), "first_stage_model.x": torch.zeros(1)},
+              tmp_path / "junk.safetensors")  # a UNet's and a VAE's names only
     with pytest.raises(ad.UserError, match="could not be loaded") as caught:
         ad.load_model("junk.safetensors", config=tiny_sd15_dir)
     assert "--config" not in str(caught.value)
