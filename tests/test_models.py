@@ -352,3 +352,14 @@ def test_offline_mode_is_read_as_the_hub_reads_it(monkeypatch, value):
     assert loading._offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert not loading._offline()
+
+
+@pytest.mark.parametrize(("prompt", "found"), [
+    ("a house, (best quality:1.2), sunset", "(best quality:1.2)"),
+    ("a cat <lora:ink_style:0.8>", "<lora:ink_style:0.8>"),
+    ("a fox (red) at 3:30", None), ("a map (scale 1:50)", None), ("((masterpiece:1.4))", "(masterpiece:1.4)")])
+def test_prompt_syntax_of_other_tools_is_warned_about(tiny_sd15, caplog, prompt, found):
+    """A1111 and ComfyUI prompts carry weights and tags that CLIP would read as words."""
+    with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
+        tiny_sd15.encode_prompt([prompt])
+    assert (f"prompt has '{found}', syntax of other tools" in caplog.text) if found else "syntax" not in caplog.text

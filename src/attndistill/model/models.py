@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -312,6 +313,7 @@ class DiffusionModel:
         ``size`` (height, width) in pixels feeds SDXL's ``add_time_ids``.
         """
         warn_truncated(self.pipe.tokenizer, prompts + (negative or []))
+        warn_prompt_syntax(prompts + (negative or []))
         cfg = negative is not None
         with torch.no_grad(), self._encoders_on_device():
             if self.kind == "sdxl":
@@ -351,6 +353,21 @@ class DiffusionModel:
             added = {k: v.to(self.dtype) for k, v in cond.added_cond_kwargs.items()}
         return self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.encoder_hidden_states.to(self.dtype),
                          added_cond_kwargs=added, return_dict=False, **unet_kwargs)[0]
+
+
+#: Prompt syntax of other tools (A1111, ComfyUI) that CLIP would read as words: "(best quality:1.2)" weights,
+#: "<lora:name:0.8>" and "<hypernet:...>" tags.
+FOREIGN_SYNTAX = re.compile(r"\([^()]*[^\d\s:()]\s*:\s*[+-]?\d*\.?\d+\s*\)|<(?:lora|lyco|hypernet):[^<>]*>",
+                            re.IGNORECASE)  # "(scale 1:50)" is a ratio, no weight
+
+
+def warn_prompt_syntax(prompts: list[str]) -> None:
+    """Warn of weights and tags other tools read in a prompt: here the prompt goes to CLIP as plain text."""
+    for prompt in prompts:
+        found = FOREIGN_SYNTAX.search(prompt)
+        if found:
+            log.warning("prompt has '%s', syntax of other tools that attndistill does not read: CLIP sees its "
+                        "brackets, colon and number as words; write the words plainly", found.group(0))
 
 
 def warn_truncated(tokenizer, prompts: list[str]) -> None:
