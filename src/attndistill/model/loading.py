@@ -323,6 +323,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     path = Path(source)
     check_config_use(source, config)
     common = dict(dtype=dtype)
+
     def load_vae():
         check_vae_source(vae)
         return from_pretrained(AutoencoderKL, str(vae), None, what="VAE", option="--vae",
@@ -478,8 +479,6 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
         try:
             with _quiet_diffusers():
                 loaded = cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
-            _check_complete(loaded, what, source)
-            return loaded
         except LocalEntryNotFoundError:
             raise _not_available(source, what, option) from None
         except (OSError, ValueError) as exc:
@@ -502,6 +501,9 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
+        else:
+            _check_complete(loaded, what, source)
+            return loaded
     raise AssertionError("unreachable")
 
 
