@@ -286,6 +286,15 @@ def test_sampling_never_clips_the_predicted_latent_whatever_scheduler_the_model_
     assert (ddim.prediction_type, ddim.timestep_spacing) == ("v_prediction", "trailing")
 
 
+def test_a_model_with_an_edm_noise_schedule_is_refused(model):
+    """Playground v2.5 is an SDXL UNet trained on EDM sigmas: DDIM from its config would take default betas."""
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EDMDPMSolverMultistepScheduler", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5,
+        "num_train_timesteps": 1000, "prediction_type": "epsilon"}))
+    with pytest.raises(UserError, match="is trained with an EDM noise schedule \\(its scheduler config gives sigmas"):
+        load_model(str(model), device="cpu", dtype="fp32")
+
+
 @pytest.mark.parametrize("channels", [9, 8])
 def test_an_inpainting_or_editing_unet_in_a_plain_pipeline_folder_is_named_and_refused(model, channels):
     """Community inpainting (9 input channels) and InstructPix2Pix-like (8) UNets often sit in folders indexed

@@ -201,6 +201,16 @@ def _check_latent_channels(pipe, source: str, vae: str | os.PathLike | None) -> 
                         f"text-to-image models such as {SD15_ID} or {SDXL_ID}")
 
 
+def _check_noise_schedule(pipe, source: str) -> None:
+    """Sampling is DDIM on the model's own beta schedule. A model trained with an EDM schedule (Playground v2.5:
+    sigmas, no betas) would be sampled on DDIM's default betas, a schedule it never saw: noise, not an error."""
+    scheduler = pipe.scheduler
+    if "EDM" in type(scheduler).__name__ or "sigma_data" in scheduler.config:
+        raise UserError(f"model '{source}' is trained with an EDM noise schedule (its scheduler config gives sigmas, "
+                        "not betas), which DDIM sampling cannot follow; attndistill runs models with a beta schedule, "
+                        "as SD 1.x/2.x and SDXL base")
+
+
 def _kind_from_index(index: dict, model: str) -> Kind:
     name = index.get("_class_name")
     name = name if isinstance(name, str) else ""
@@ -362,6 +372,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                         "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
                         pipe.vae.config.scaling_factor, own)
     _check_latent_channels(pipe, source, vae)
+    _check_noise_schedule(pipe, source)
     pipe.to(device)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
