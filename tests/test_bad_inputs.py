@@ -178,6 +178,7 @@ EARLY_CASES = [
     (["texture", "{img}", "--ref-labels", "{img}", "--target-labels", "{img}", "--iters", "0"],
      "iters must be at least 1"),
     (["t2i", "-s", "{img}", "-p", "x", "--guidance", "0.5"], "guidance must be >= 1"),
+    (["t2i", "-s", "{img}", "-p", "x", "--guidance-rescale", "1.5"], "guidance rescale must be between 0 (off) and 1"),
     (["t2i", "-s", "{img}", "-p", "x", "--num", "0"], "number of images must be a whole number"),  # texture's
     (["t2i", "-s", "{img}", "-p", "x", "--controlnet", "cn"], "--controlnet needs a --control-image"),
     (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "preprocessing 'canny' prepares a control"),

@@ -85,6 +85,27 @@ def test_a_v_prediction_model_from_a_pndm_config_samples_as_diffusers_does(tiny_
     assert scheduler.config.prediction_type == "v_prediction"
 
 
+def test_guidance_rescale_on_a_zero_snr_v_model_samples_as_diffusers_does(tiny_sd15_dir, tmp_path, data_dir):
+    """Zero-terminal-SNR v-prediction models want the guided prediction rescaled (diffusers' guidance_rescale)."""
+    import shutil
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "zsnr")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction",
+                                       "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    model = ad.load_model(str(folder), device="cpu", dtype="fp32")
+    pipe = _diffusers(StableDiffusionPipeline, model)
+    runs = {}
+    for rescale in (0.0, 0.7):
+        ours = _final_latents(style=data_dir / "watercolor-cat.jpg", model=model, steps=3, iters=0, adain=False,
+                              size=64, seed=3, guidance_rescale=rescale)
+        ref = pipe(PROMPT, height=64, width=64, num_inference_steps=3, guidance_scale=ad.PRESETS["t2i"].guidance,
+                   guidance_rescale=rescale, latents=_start_noise(model, 1, 64, 3), output_type="latent").images
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        runs[rescale] = ours
+    assert (runs[0.0] - runs[0.7]).abs().max() > 1e-3
+
+
 def test_layout_iters0_equals_img2img_pipeline(tiny_sd15, data_dir):
     layout = load_image(data_dir / "golden-gate.jpg").resize((64, 64))
     seen = []

@@ -122,8 +122,10 @@ def test_t2i_tab_tunes_the_decoder_and_its_command_says_so(ui, data_dir, monkeyp
     params, command, _ = result_parameters(run_tab(ui, "t2i", {
         "t2i-prompt": "a barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
         "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-tune-vae": True,
-        "t2i-control-scale": 0.5}))  # a scale moved with no ControlNet chosen: not the run's business
+        "t2i-control-scale": 0.5,  # a scale moved with no ControlNet chosen: not the run's business
+        "t2i-guidance-rescale": "0.7"}))
     assert params["tune_vae"] is True and "--tune-vae" in shlex.split(command)
+    assert params["guidance_rescale"] == 0.7 and "--guidance-rescale 0.7" in command
     assert "control_scale" not in params and "--control-scale" not in command
 
 

@@ -31,6 +31,7 @@ class Preset:
     lr: float  # Adam learning rate on the latent
     content_weight: float  # lambda of the content loss
     guidance: float = 1.0  # classifier-free guidance scale (sampling only)
+    guidance_rescale: float = 0.0  # CFG rescale of zero-terminal-SNR models, 0 (off) to 1 (sampling only)
     adain: bool = False  # AdaIN of the latent to the noised reference (sampling only)
     attention_scale: float = 1.0  # `a` in the ideal attention
     init: Literal["content", "random", "labels"] = "random"

@@ -17,8 +17,8 @@ from ..errors import UserError
 from ..presets import Preset
 from .jobs import Job, ModelSpec, _fail, _unexpected, carries_job
 
-_PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "adain", "attention_scale", "stride",
-                  "reference_fit")
+_PRESET_FIELDS = ("steps", "iters", "lr", "content_weight", "guidance", "guidance_rescale", "adain",
+                  "attention_scale", "stride", "reference_fit")
 #: Per task, the input whose aspect sets the output size when ``size`` is one number (first one given).
 _LIKE = {"style": ("content",), "appearance": ("structure",), "texture-masked": ("target_labels",),
          "texture-layout": ("layout",), "t2i": ("control_image", "content")}

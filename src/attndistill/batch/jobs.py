@@ -76,7 +76,8 @@ ALIASES = {"style_images": "style", "appearance_images": "appearance", "referenc
 RUNNER_KEYS = ("task", "id", "output", "overwrite", "model", "vae", "config", "allow_pickle", "device", "dtype",
                "grid", "perf")
 _INTS = {"steps", "iters", "seed", "num", "num_images", "stride", "view_batch", "view", "decode_tile"}
-_FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "strength", "control_scale", "start_t"}
+_FLOATS = {"lr", "content_weight", "attention_scale", "guidance", "guidance_rescale", "strength", "control_scale",
+           "start_t"}
 _BOOLS = {"adain", "overwrite", "allow_pickle", "fused", "tune_vae", "grid"}
 _STRINGS = {"id", "output", "model", "vae", "config", "device", "dtype", "prompt", "negative_prompt", "control",
             "controlnet", "tile", "mode", "reference_fit"}

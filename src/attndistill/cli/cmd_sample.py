@@ -48,6 +48,9 @@ Guidance = Annotated[float | None, typer.Option(
     help="Classifier-free guidance scale; 1 turns it off "
     f"\\[default: {PRESETS['t2i'].guidance:g} SD 1.5, {PRESETS['t2i-sdxl'].guidance:g} SDXL]", show_default=False,
     callback=finite)]
+GuidanceRescale = Annotated[float | None, typer.Option(
+    help="Rescale of the guided prediction, 0 (off) to 1, as diffusers' guidance_rescale: for zero-terminal-SNR "
+         "models (v-prediction fine-tunes), where 0.7 is usual \\[default: 0]", show_default=False, callback=finite)]
 Adain = Annotated[bool | None, typer.Option(
     "--adain/--no-adain", help="AdaIN of the latent to the noised style latent \\[default: on]", show_default=False)]
 StartT = Annotated[int | None, typer.Option(
@@ -74,7 +77,8 @@ def t2i(
     )] = None,
     control: Annotated[str, typer.Option(help="Preprocess the control image: canny or none")] = "none",
     control_scale: Annotated[float, typer.Option(help="Strength of the ControlNet residuals", callback=finite)] = 1.0,
-    guidance: Guidance = None, adain: Adain = None, start_t: StartT = None, reference_fit: ReferenceFit = None,
+    guidance: Guidance = None, guidance_rescale: GuidanceRescale = None, adain: Adain = None, start_t: StartT = None,
+    reference_fit: ReferenceFit = None,
     content: Annotated[Path | None, typer.Option(help="Content image for the content loss (needs --content-weight)"
                                                  )] = None,
     content_weight: ContentWeight = None,
@@ -89,7 +93,8 @@ def t2i(
     from ..tasks.generate import text_to_image
 
     def body() -> None:
-        check_command_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain,
+        check_command_options("t2i", size=size, steps=steps, iters=iters, lr=lr, guidance=guidance,
+                              guidance_rescale=guidance_rescale, adain=adain,
                               attention_scale=attention_scale, layers=layers, controlnet=controlnet,
                               control_image=control_image, control=control, control_scale=control_scale,
                               content=content, content_weight=content_weight, reference_fit=reference_fit,
@@ -99,13 +104,15 @@ def t2i(
                           output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,
                           prompt=prompt, style=style, content=content, control_image=control_image,
                           controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
-                          adain=adain, start_t=start_t, content_weight=content_weight, num_images=num_images,
+                          guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
+                          content_weight=content_weight, num_images=num_images,
                           steps=steps, iters=iters, lr=lr, attention_scale=attention_scale, layers=layers,
                           reference_fit=reference_fit)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         images = text_to_image(
             prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,
-            iters=iters, lr=lr, guidance=guidance, adain=adain, start_t=start_t, content=content,
+            iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
+            content=content,
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
             size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,

@@ -56,11 +56,13 @@ def noised(scheduler, latents: torch.Tensor, t: int, generator: torch.Generator 
 
 
 def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
-              uncond: Conditioning | None, guidance: float, **unet_kwargs) -> torch.Tensor:
+              uncond: Conditioning | None, guidance: float, rescale: float = 0.0, **unet_kwargs) -> torch.Tensor:
     """Noise prediction with classifier-free guidance (one batched UNet call when ``uncond`` is given).
 
     ``cond``/``uncond`` have batch 1 or the latents' batch. Extra ``unet_kwargs`` (e.g. ControlNet
-    residuals, already batched as [uncond, cond]) go to the denoising call only.
+    residuals, already batched as [uncond, cond]) go to the denoising call only. ``rescale`` in [0, 1]
+    brings the guided prediction's spread back towards the conditional one's, as diffusers'
+    ``guidance_rescale`` does: zero-terminal-SNR models over-expose without it.
     """
     b = latents.shape[0]
     with torch.no_grad():
@@ -68,7 +70,12 @@ def cfg_noise(model: DiffusionModel, latents: torch.Tensor, t: torch.Tensor | in
             return _predict(model, latents, t, cond.expand(b), unet_kwargs).float()
         both = Conditioning.cat([uncond.expand(b), cond.expand(b)])
         eps_uncond, eps_cond = _predict(model, torch.cat([latents, latents]), t, both, unet_kwargs).float().chunk(2)
-        return eps_uncond + guidance * (eps_cond - eps_uncond)
+        guided = eps_uncond + guidance * (eps_cond - eps_uncond)
+        if rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=rescale)
+        return guided
 
 
 def _predict(model: DiffusionModel, x: torch.Tensor, t, cond: Conditioning, unet_kwargs: dict) -> torch.Tensor:

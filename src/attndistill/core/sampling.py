@@ -71,16 +71,18 @@ def sdedit_start(model: DiffusionModel, init: torch.Tensor, noise: torch.Tensor,
 
 
 def _denoise(model: DiffusionModel, scheduler, z: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-             uncond: Conditioning | None, guidance: float, control: Control | None) -> torch.Tensor:
+             uncond: Conditioning | None, guidance: float, control: Control | None,
+             rescale: float = 0.0) -> torch.Tensor:
     """The noise prediction of one DDIM step: CFG, and ControlNet residuals on the same batched input."""
     x = scheduler.scale_model_input(z, t)
     t = model.timestep(t)  # the UNet's copy on the device; the scheduler keeps the CPU one (no sync)
     kwargs = {} if control is None else control.guided_residuals(x, t, cond, uncond)
-    return cfg_noise(model, x, t, cond, uncond, guidance, **kwargs)
+    return cfg_noise(model, x, t, cond, uncond, guidance, rescale, **kwargs)
 
 
 def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tensor, *, cond: Conditioning,
-           uncond: Conditioning | None = None, guidance: float = 1.0, steps: int, iters: int, lr: float,
+           uncond: Conditioning | None = None, guidance: float = 1.0, guidance_rescale: float = 0.0, steps: int,
+           iters: int, lr: float,
            adain: bool = False, start_t: int | None = None, content_latents: torch.Tensor | None = None,
            control: Control | None = None, start_step: int = 0, generator: torch.Generator | None = None,
            callback: Callback | None = None, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
@@ -89,6 +91,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     latents: start latents (noise scaled by the scheduler's ``init_noise_sigma``, or SDEdit latents
     noised to ``start_step``); ref_latents: (R, 4, hr, wr) clean reference latents; cond/uncond: the
     denoising call's conditioning (batch 1 or B; ``uncond`` None or ``guidance`` <= 1: no CFG);
+    guidance_rescale: diffusers' CFG rescale (:func:`~attndistill.core.guidance.cfg_noise`);
     content_latents: (1 or B, 4, h, w) for the content loss (weighted by the distiller's lambda);
     start_t: AD only at steps whose timestep is below it (default every step); generator: the CPU
     generator of the reference noise. The distiller's feature calls use its null conditioning and
@@ -110,7 +113,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
             t_int = int(t)
             # 1. one DDIM step with the user's prompt, CFG and ControlNet; AD records nothing here
             with distiller.store.paused():
-                eps = _denoise(model, scheduler, z, t, cond, uncond, guidance, control)
+                eps = _denoise(model, scheduler, z, t, cond, uncond, guidance, control, guidance_rescale)
             z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
             # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
             losses: list[torch.Tensor] = []

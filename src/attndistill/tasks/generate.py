@@ -116,6 +116,7 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
     distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused)
     with seamless(model, tile, parts=("unet",)):  # tiling: a circular UNet (the encoder's inputs are not periodic)
         z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,
+                   guidance_rescale=preset.guidance_rescale,
                    steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
                    content_latents=z_content, control=control, start_step=start_step, generator=generator,
                    callback=callback, progress=progress, desc=job.task)
@@ -159,6 +160,7 @@ def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None,
 def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, negative_prompt: str | None = None,
                   num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
                   iters: int | None = None, lr: float | None = None, guidance: float | None = None,
+                  guidance_rescale: float | None = None,
                   adain: bool | None = None, start_t: int | None = None, content: ImageInput | None = None,
                   content_weight: float | None = None, controlnet: str | os.PathLike | ControlNetModel | None = None,
                   control_image: ImageInput | None = None, control: str = "none", control_scale: float = 1.0,
@@ -176,7 +178,9 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     and dtype in place) with ``control_image`` conditions the layout; ``control="canny"`` turns a photo
     into its edge map first. ``content`` with a positive ``content_weight`` adds the content loss.
     ``iters=0`` guides by AdaIN alone; with ``adain=False`` too it is a plain DDIM generation.
-    ``tune_vae`` decodes with a decoder fine-tuned on the style images (VAE*, ALGORITHM.md §5). Example::
+    ``guidance_rescale`` (0 to 1, default 0: off) is diffusers' CFG rescale, for zero-terminal-SNR models
+    (0.7 is usual there). ``tune_vae`` decodes with a decoder fine-tuned on the style images (VAE*,
+    ALGORITHM.md §5). Example::
 
         images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """
@@ -193,8 +197,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                                     fused=fused, progress=progress, tune_vae=tune_vae)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
-        steps=steps, iters=iters, lr=lr, guidance=guidance, adain=adain, content_weight=content_weight,
-        attention_scale=attention_scale, reference_fit=reference_fit)
+        steps=steps, iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain,
+        content_weight=content_weight, attention_scale=attention_scale, reference_fit=reference_fit)
     content_img = load_image(content, what="content image") if content is not None else None
     control_img = None if control_image is None else load_image(control_image, what="control image",
                                                                  background=BLACK)
@@ -246,8 +250,8 @@ def _cached_hub_id(name: str) -> bool:
 
 def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
                      model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
-                     lr: float | None = None, guidance: float | None = None, adain: bool | None = None,
-                     start_t: int | None = None, attention_scale: float | None = None,
+                     lr: float | None = None, guidance: float | None = None, guidance_rescale: float | None = None,
+                     adain: bool | None = None, start_t: int | None = None, attention_scale: float | None = None,
                      layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
                      vae: str | None = None, device: str | None = None, dtype: str | None = None,
                      fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
@@ -259,8 +263,8 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     "x", "y" or "xy" makes the textures periodic; ``tune_vae`` decodes with VAE* (ALGORITHM.md §5).
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
-                                                   adain=adain, attention_scale=attention_scale,
-                                                   reference_fit=reference_fit)
+                                                   guidance_rescale=guidance_rescale, adain=adain,
+                                                   attention_scale=attention_scale, reference_fit=reference_fit)
     seed, num, tile = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
                                 progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
@@ -275,12 +279,13 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
                    strength: float = LAYOUT_STRENGTH, num: int = 1, model: DiffusionModel | str | None = None,
                    steps: int | None = None,
                    iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
-                   guidance: float | None = None, adain: bool | None = None, start_t: int | None = None,
-                   attention_scale: float | None = None, layers: str | Sequence[int] | None = None,
-                   size: Size = None, seed: int = 0, vae: str | None = None, device: str | None = None,
-                   dtype: str | None = None, fused: bool | None = None, progress: bool = True,
-                   callback: Callback | None = None, tile: str | None = None,
-                   tune_vae: bool = False, reference_fit: str | None = None) -> list[Image.Image]:
+                   guidance: float | None = None, guidance_rescale: float | None = None, adain: bool | None = None,
+                   start_t: int | None = None, attention_scale: float | None = None,
+                   layers: str | Sequence[int] | None = None, size: Size = None, seed: int = 0,
+                   vae: str | None = None, device: str | None = None, dtype: str | None = None,
+                   fused: bool | None = None, progress: bool = True, callback: Callback | None = None,
+                   tile: str | None = None, tune_vae: bool = False,
+                   reference_fit: str | None = None) -> list[Image.Image]:
     """Texture of ``reference`` laid out like the colour ``layout`` image (SDEdit, ALGORITHM.md §4).
 
     The layout is encoded, noised to the step that ``strength`` in (0, 1] starts from (1: pure noise),
@@ -289,7 +294,8 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     ``tune_vae`` as in :func:`texture_sampling`.
     """
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
-                                                   adain=adain, content_weight=content_weight,
+                                                   guidance_rescale=guidance_rescale, adain=adain,
+                                                   content_weight=content_weight,
                                                    attention_scale=attention_scale, reference_fit=reference_fit)
     seed, num, tile = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
                                 progress=progress, tile=tile, tune_vae=tune_vae)

@@ -88,7 +88,7 @@ def check_settings(preset: Preset) -> Preset:
     """Out-of-range numbers get a one-line error before any work starts; returns the preset with plain
     Python numbers (NumPy ones are welcome, but the PNG's JSON refuses them)."""
     numbers_ = {name: number(name.replace("_", " "), getattr(preset, name))
-                for name in ("lr", "content_weight", "attention_scale", "guidance")}
+                for name in ("lr", "content_weight", "attention_scale", "guidance", "guidance_rescale")}
     wholes = {name: whole(name, getattr(preset, name)) for name in ("steps", "iters", "stride")}
     preset = replace(preset, **numbers_, **wholes, adain=flag("adain", preset.adain))
     check_reference_fit(preset.reference_fit)
@@ -104,6 +104,9 @@ def check_settings(preset: Preset) -> Preset:
         raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
     if preset.mode != "optimize" and preset.guidance < 1:
         raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
+    if not 0 <= preset.guidance_rescale <= 1:
+        raise UserError(f"guidance rescale must be between 0 (off) and 1 (got {preset.guidance_rescale}); 0.7 is "
+                        "the usual value for zero-terminal-SNR models")
     return preset
 
 
@@ -195,7 +198,8 @@ def finish(model: DiffusionModel, z: torch.Tensor, params: dict) -> list[Image.I
 
 
 #: Preset fields a mode has no use for: a result does not record settings that could not have changed it.
-_UNUSED = {"optimize": ("guidance", "adain", "stride"), "sample": ("stride",), "multidiffusion": ()}
+_UNUSED = {"optimize": ("guidance", "guidance_rescale", "adain", "stride"), "sample": ("stride",),
+           "multidiffusion": ("guidance_rescale",)}
 
 
 def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers: Sequence[int], size: tuple[int, int],

@@ -156,6 +156,8 @@ def t2i_tab(ui: WebUI) -> None:
             adain = gr.Radio(list(ADAIN_CHOICES), value="preset", label="AdaIN", elem_id=f"{tab}-adain")
             start_t = start_t_box(tab)
         with gr.Row():
+            guidance_rescale = blank_number("Guidance rescale (0.7 for zero-terminal-SNR models)", tab,
+                                            "guidance-rescale", "blank: 0 (off)")
             layers = gr.Textbox("", label="Layers", placeholder="default: the model's last six",
                                 elem_id=f"{tab}-layers")
             reference_fit = reference_fit_radio(tab)
@@ -177,13 +179,15 @@ def t2i_tab(ui: WebUI) -> None:
                    [prompt, style])
     ui.validate_on_upload(style, control_image)
     fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
-                  size=size, seed=seed, iters=iters, lr=lr, adain=adain, start_t=start_t, layers=layers,
+                  guidance_rescale=guidance_rescale, size=size, seed=seed, iters=iters, lr=lr, adain=adain,
+                  start_t=start_t, layers=layers,
                   reference_fit=reference_fit, tune_vae=tune_vae, controlnet=controlnet,
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
         return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
                     lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
+                    guidance_rescale=number_value(s["guidance_rescale"], "guidance rescale"),
                     adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
                     layers=text_value(s["layers"]), reference_fit=reference_fit_value(s["reference_fit"]),
                     tune_vae=bool(s["tune_vae"]), controlnet=text_value(s["controlnet"]),
@@ -205,7 +209,8 @@ def t2i_tab(ui: WebUI) -> None:
         return cli_command([tab], dict(
             style=file_name(s["style"]), prompt=s["prompt"], output=output, negative_prompt=s["negative"] or None,
             num_images=s["num"] if s["num"] != 1 else None, **ui.common_cli(model, seed_value(s["seed"])),
-            steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"], adain=o["adain"],
+            steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"],
+            guidance_rescale=o["guidance_rescale"], adain=o["adain"],
             start_t=o["start_t"], layers=o["layers"], reference_fit=fit_cli(o["reference_fit"]),
             tune_vae=True if o["tune_vae"] else None, size=text_value(s["size"]),
             controlnet=o["controlnet"],
