@@ -298,8 +298,10 @@ def test_a_map_drawn_over_transparency_reads_as_drawn_over_black(tiny_sd15, tiny
     Image.fromarray(rgba, "RGBA").save(tmp_path / "lines.png")
     runs = [_final_latents(style=data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=3, iters=0, size=64, seed=4,
                            adain=False, controlnet=tiny_cn15_dir, control_image=image)
-            for image in (tmp_path / "lines.png", edge_map, Image.new("RGB", (64, 64), "white"))]
+            for image in (tmp_path / "lines.png", edge_map, Image.new("RGB", (64, 64), "white"),
+                          Image.open(tmp_path / "lines.png"))]  # the API takes the RGBA image in memory too
     torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(runs[3], runs[1], atol=1e-6, rtol=0)
     assert (runs[0] - runs[2]).abs().max() > 1e-5  # a blank map is another condition (to the tiny net, a weak one)
 
 

@@ -330,6 +330,11 @@ def test_a_folder_of_fp16_variant_weights_only_loads_on_the_cpu(tiny_sd15_dir, t
     assert model.unet.dtype == torch.float32
     own = load_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
     assert torch.equal(model.unet.conv_in.weight, own.unet.conv_in.weight.half().float())
+    # beside the default files (a full Hub download), the CPU keeps taking the default, full-precision ones
+    both = shutil.copytree(tiny_sd15_dir, tmp_path / "both")
+    pipe.save_pretrained(both, variant="fp16", safe_serialization=True)
+    assert torch.equal(load_model(str(both), device="cpu", dtype="fp32").unet.conv_in.weight,
+                       own.unet.conv_in.weight)
 
 
 def test_a_component_whose_weights_lack_tensors_of_its_config_is_named(model):
@@ -366,9 +371,13 @@ def test_offline_mode_is_read_as_the_hub_reads_it(monkeypatch, value):
 @pytest.mark.parametrize(("prompt", "found"), [
     ("a house, (best quality:1.2), sunset", "(best quality:1.2)"),
     ("a cat <lora:ink_style:0.8>", "<lora:ink_style:0.8>"),
-    ("a fox (red) at 3:30", None), ("a map (scale 1:50)", None), ("((masterpiece:1.4))", "(masterpiece:1.4)")])
+    ("a fox (red) at 3:30", None), ("a map (scale 1:50)", None), ("((masterpiece:1.4))", "(masterpiece:1.4)"),
+    ("a fox (red:2)", "(red:2)"), ("a boat <LyCo:sails:1>", "<LyCo:sails:1>")])
 def test_prompt_syntax_of_other_tools_is_warned_about(tiny_sd15, caplog, prompt, found):
     """A1111 and ComfyUI prompts carry weights and tags that CLIP would read as words."""
-    with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
-        tiny_sd15.encode_prompt([prompt])
-    assert (f"prompt has '{found}', syntax of other tools" in caplog.text) if found else "syntax" not in caplog.text
+    for prompts in ({"prompts": [prompt]}, {"prompts": ["a cat"], "negative": [prompt]}):  # A1111 negatives too
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
+            tiny_sd15.encode_prompt(**prompts)
+        assert (f"prompt has '{found}', syntax of other tools" in caplog.text) if found else \
+            "syntax" not in caplog.text

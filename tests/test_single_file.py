@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ldm_checkpoint import open_clip_to_ldm, unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import attndistill as ad
@@ -81,7 +82,6 @@ def test_config_with_a_folder_model_is_refused(tiny_sd15_dir, data_dir, tmp_path
 def test_a_pickled_sdxl_checkpoint_loads_as_sdxl(tiny_sdxl_dir, tiny_sdxl, tmp_path, monkeypatch):
     """A .ckpt is read for its tensor names as a .safetensors file is (it was taken for SD 1.5 and failed deep
     in the UNet); Lightning's {"state_dict": ...} wrapping included."""
-    from safetensors.torch import load_file
 
     state = load_file(write_ldm_checkpoint(tiny_sdxl_dir, tmp_path / "xl.safetensors"))
     torch.save({"state_dict": state, "global_step": 1}, tmp_path / "xl.ckpt")
@@ -101,7 +101,7 @@ def test_a_checkpoint_and_a_config_of_other_families_are_named(checkpoint, tiny_
 
 def test_a_checkpoint_pruned_of_its_vae_takes_one_from_vae(checkpoint, tiny_sd15_dir, tiny_sd15, tmp_path,
                                                            monkeypatch):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     state = {k: v for k, v in load_file(checkpoint).items() if not k.startswith("first_stage_model.")}
     save_file(state, tmp_path / "pruned.safetensors")
@@ -112,3 +112,51 @@ def test_a_checkpoint_pruned_of_its_vae_takes_one_from_vae(checkpoint, tiny_sd15
                           device="cpu", dtype="fp32")
     assert model.vae_source == str(tiny_sd15_dir / "vae")
     assert torch.equal(model.vae.decoder.conv_out.weight, tiny_sd15.vae.decoder.conv_out.weight)
+
+
+class _Payload:
+    """Unpickling this with a loader that runs code would touch ``marker``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickles_tensor_names_are_read_without_running_its_code(tiny_sdxl_dir, tmp_path):
+    """Reading a .ckpt's names for its family must not run what the pickle holds; and a batch check reads none
+    where the job does not allow pickles."""
+    from attndistill.batch.check import _kind
+    from attndistill.batch.jobs import ModelSpec
+    from attndistill.model.loading import checkpoint_keys
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callback": _Payload(marker)},
+               tmp_path / "evil.ckpt")
+    assert checkpoint_keys(tmp_path / "evil.ckpt") is None and not marker.exists()  # unreadable: left to the load
+    xl = tmp_path / "xl.ckpt"
+    torch.save(load_file(write_ldm_checkpoint(tiny_sdxl_dir, tmp_path / "xl.safetensors")), xl)
+    assert _kind(ModelSpec(source=str(xl), allow_pickle=True)) == "sdxl"
+    assert _kind(ModelSpec(source=str(xl))) == "sd15"  # not opened: the load refuses it without allow_pickle
+
+
+def test_an_sdxl_single_file_loads_as_sdxl_without_a_config(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """Online, diffusers fetches the configs of the family the file's names say: an SDXL file must reach SDXL's
+    pipeline also without --config."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    used = []
+
+    def record(cls, *args, **kwargs):
+        used.append(cls.__name__)
+        raise OSError("cannot reach the Hub")
+
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(record))
+    xl = write_ldm_checkpoint(tiny_sdxl_dir, tmp_path / "xl.safetensors")
+    torch.save(load_file(xl), tmp_path / "xl.ckpt")
+    for path, pickle in ((xl, False), (tmp_path / "xl.ckpt", True)):
+        with pytest.raises(ad.UserError, match="could not be loaded"):
+            ad.load_model(path, allow_pickle=pickle, device="cpu")
+    assert used == ["StableDiffusionXLPipeline"] * 2

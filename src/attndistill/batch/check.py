@@ -297,12 +297,15 @@ def _geometry(model: ModelSpec, unet: dict | None):
 
 
 def _kind(model: ModelSpec) -> str:
-    """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read); sd15 when unknown."""
+    """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read; a pickle's only where the
+    job allows pickles); sd15 when unknown."""
     from ..model.loading import kind_from_checkpoint, pipeline_kind
 
     source = model.source or _default_model()
     try:
         if Path(source).is_file():
+            if not (source.lower().endswith(".safetensors") or model.allow_pickle):
+                return "sd15"  # the load refuses it anyway
             return kind_from_checkpoint(Path(source))
         return pipeline_kind(source)
     except Exception:

@@ -231,8 +231,10 @@ def _kind_from_index(index: dict, model: str) -> Kind:
 
 
 def checkpoint_keys(path: Path) -> list[str] | None:
-    """Tensor names of a single-file checkpoint, its weights unread (a pickle's are memory-mapped); None for a
-    pickle this cannot read (an old format, or objects beyond tensors), which the load itself then judges."""
+    """Tensor names of a single-file checkpoint, its weights unread (a pickle's are memory-mapped, and unpickled
+    with torch's weights-only loader, which runs no code); None for a pickle this cannot read (an old format, or
+    objects beyond tensors), which the load itself then judges. Call it on a pickle only where pickles are
+    allowed."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
         try:
