@@ -413,3 +413,15 @@ def test_a_unet_with_fewer_than_six_self_attention_layers_uses_all_and_says_so(c
     assert caplog.text.count("has only 4 self-attention layers; all of them are used") == 1  # once a model
     with pytest.raises(UserError, match=r"layers 10-15 do not exist .* layers 0-3 \(default: the last six, 0-3\)"):
         parse_layers("10-15", model)
+    caplog.clear()
+    six = SimpleNamespace(unet=UNet2DConditionModel(**{**TINY_UNET, "down_block_types": (
+        "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"), "up_block_types": (
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")}))  # 1 down, 1 mid, 4 up: six, nothing to say
+    with caplog.at_level("WARNING", logger="attndistill.core.engine"):
+        assert parse_layers(None, six) == tuple(range(6))
+    assert "self-attention layers" not in caplog.text
+    plain = SimpleNamespace(unet=UNet2DConditionModel(**{**TINY_UNET, "down_block_types": ("DownBlock2D",) * 3,
+                                                         "up_block_types": ("UpBlock2D",) * 3,
+                                                         "mid_block_type": None}))
+    with pytest.raises(UserError, match="this model's UNet has no self-attention layers"):
+        parse_layers(None, plain)

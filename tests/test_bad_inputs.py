@@ -183,6 +183,7 @@ EARLY_CASES = [
     (["t2i", "-s", "{img}", "-p", "x", "--controlnet", "cn"], "--controlnet needs a --control-image"),
     (["t2i", "-s", "{img}", "-p", "x", "--control", "canny"], "preprocessing 'canny' prepares a control"),
     (["t2i", "-s", "{img}", "-p", "x", "--control-scale", "0.5"], "control scale 0.5 scales a ControlNet's residuals"),
+    (["t2i", "-s", "{img}", "-p", "x", "--control-scale", "0"], "control scale 0 scales a ControlNet's residuals"),
     (["expand", "{img}", "--size", "512", "--layers", "1-"], "layers '1-' is not understood"),
     (["finetune-vae", "{img}", "--steps", "0"], "VAE tuning steps must be at least 1"),
     (["texture", "{img}", "{img}", "--ref-labels", "{img}", "--target-labels", "{img}"],
