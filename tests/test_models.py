@@ -155,6 +155,24 @@ def test_a_relative_model_name_means_the_folder_it_names_now(tiny_sd15_dir, tiny
     assert as_model("m", device="cpu").kind == "sdxl"
 
 
+def test_a_home_folder_spelled_with_a_tilde_is_found(tiny_sd15_dir, tmp_path, monkeypatch, data_dir):
+    """A shell expands ``~`` for the CLI; the web UI's boxes, the API and batch files get it as typed."""
+    from attndistill.batch.jobs import ModelSpec, parse_job
+    from attndistill.model.loading import ModelSlot
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sd").symlink_to(tiny_sd15_dir)
+    shutil.copy(data_dir / "horse.jpg", tmp_path / "horse.jpg")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = load_model("~/models/sd", vae="~/models/sd/vae", device="cpu", dtype="fp32")
+    assert model.source == str(tmp_path / "models" / "sd") and model.vae_source == str(tmp_path / "models/sd/vae")
+    assert ModelSlot(device="cpu", dtype="fp32").get(" ~/models/sd ").source == model.source  # the UI's box
+    job = parse_job({"task": "texture", "reference": "~/horse.jpg", "model": "~/models/sd"}, line=1,
+                    base=tmp_path / "elsewhere", out_dir=tmp_path / "out", defaults=ModelSpec())
+    assert job.model.source == str((tmp_path / "models" / "sd").resolve())
+    assert job.args["reference"] == str(tmp_path / "horse.jpg")
+
+
 def test_models_named_in_api_calls_are_reused_and_the_old_one_freed_before_the_next_loads(tiny_sd15_dir,
                                                                                           tiny_sdxl_dir, monkeypatch):
     """Two SDXL models may not fit on one GPU: the API keeps one model by name, as the web UI does."""

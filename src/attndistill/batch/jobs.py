@@ -299,14 +299,14 @@ def _resolve_local(value: str | None, base: Path) -> str | None:
     """A model/VAE/config path relative to the jobs file; Hub ids (``owner/name``, no such folder there) stay as
     they are. A missing local path stays relative to the jobs file too: kept as written, it was looked for in
     the current folder, so one line ran or failed depending on where the command was started."""
-    from ..model.loading import looks_like_hub_id
+    from ..model.loading import home, looks_like_hub_id
 
     if value is None:
         return None
-    candidate = base / value
+    candidate = base / home(value)  # an absolute path (from "~" too) stays itself
     if candidate.exists():
         return str(candidate.resolve())
-    if looks_like_hub_id(value) or value.startswith("~"):  # "~": expanded where it is loaded
+    if looks_like_hub_id(value):
         return value
     return str(candidate)  # its error names where it was looked for
 
@@ -330,6 +330,8 @@ def _slug(text: str) -> str:
 
 def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: ModelSpec) -> Job:
     """One decoded JSON line -> :class:`Job`; a :class:`UserError` naming the line and the fix otherwise."""
+    from ..model.loading import home
+
     if not isinstance(raw, dict):
         raise _fail(line, "each line must be a JSON object such as {\"task\": \"style\", ...}")
     raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
@@ -381,7 +383,7 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         items = value if isinstance(value, list) else [value]
         if not items or not all(isinstance(v, str) and v for v in items):
             raise _fail(line, f"'{name}' must be a path or a list of paths relative to the jobs file")
-        resolved = [str(base / v) for v in items]
+        resolved = [str(base / home(v)) for v in items]
         args[name] = resolved if isinstance(value, list) else resolved[0]
     if "size" in args:
         args["size"] = _parse_size(args["size"], line)

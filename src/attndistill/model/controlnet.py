@@ -21,7 +21,14 @@ from PIL import Image
 from ..checks import number
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
-from .loading import CHECKPOINT_SUFFIXES, default_variant, from_pretrained, looks_like_hub_id, safetensors_only
+from .loading import (
+    CHECKPOINT_SUFFIXES,
+    default_variant,
+    from_pretrained,
+    home,
+    looks_like_hub_id,
+    safetensors_only,
+)
 from .models import Conditioning, DiffusionModel
 
 if TYPE_CHECKING:
@@ -109,7 +116,7 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     """
     from diffusers import ControlNetModel
 
-    source = str(source)
+    source = home(source)
     check_controlnet_source(source)
     net = from_pretrained(ControlNetModel, source, default_variant(variant, model.device, model.dtype),
                           what="ControlNet", option="--controlnet", use_safetensors=safetensors_only(allow_pickle),

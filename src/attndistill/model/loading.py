@@ -310,7 +310,15 @@ def _weights_kind(keys: list[str]) -> str:
 def local_or_hub(source: str | os.PathLike) -> str:
     """A model, VAE or ControlNet as a result records it: a local path made absolute (while the folder it is
     relative to is still the current one), a Hub id as it is."""
-    return os.path.abspath(source) if os.path.exists(source) else str(source)
+    source = home(source)
+    return os.path.abspath(source) if os.path.exists(source) else source
+
+
+def home(source: str | os.PathLike) -> str:
+    """``~/models/sd`` with the home folder spelled out, as a shell does for the CLI (the web UI's boxes, the
+    API and batch files get the ``~`` as typed); anything else as it is (a Hub id never starts with ``~``)."""
+    source = os.fspath(source)
+    return os.path.expanduser(source) if source.startswith("~") else source
 
 
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
@@ -331,7 +339,9 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     dlogging.set_verbosity_error()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    source = str(model)
+    source = home(model)
+    vae = None if vae is None else home(vae)
+    config = None if config is None else home(config)
     path = Path(source)
     check_config_use(source, config)
     common = dict(dtype=dtype)
@@ -561,7 +571,8 @@ class ModelSlot:
         loading it (and freeing the previous one) when it changed."""
         device = self.device if device is None else device
         dtype = self.dtype if dtype is None else dtype
-        key = ((model or "").strip() or DEFAULT_MODEL, (vae or "").strip() or None, device, dtype)
+        vae = (vae or "").strip()
+        key = (home((model or "").strip() or DEFAULT_MODEL), home(vae) if vae else None, device, dtype)
         key += (files_stamp(key[0]), files_stamp(key[1]))
         with self._lock:
             if self.key != key or self.model is None:
