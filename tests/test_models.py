@@ -390,12 +390,15 @@ def test_offline_mode_is_read_as_the_hub_reads_it(monkeypatch, value):
     ("a house, (best quality:1.2), sunset", "(best quality:1.2)"),
     ("a cat <lora:ink_style:0.8>", "<lora:ink_style:0.8>"),
     ("a fox (red) at 3:30", None), ("a map (scale 1:50)", None), ("((masterpiece:1.4))", "(masterpiece:1.4)"),
-    ("a fox (red:2)", "(red:2)"), ("a boat <LyCo:sails:1>", "<LyCo:sails:1>")])
+    ("a fox (red:2)", "(red:2)"), ("a boat <LyCo:sails:1>", "<LyCo:sails:1>"),
+    ("(best quality:1.2), a barn <lora:foo:0.8>", "(best quality:1.2)', '<lora:foo:0.8>")])
 def test_prompt_syntax_of_other_tools_is_warned_about(tiny_sd15, caplog, prompt, found):
-    """A1111 and ComfyUI prompts carry weights and tags that CLIP would read as words."""
-    for prompts in ({"prompts": [prompt]}, {"prompts": ["a cat"], "negative": [prompt]}):  # A1111 negatives too
+    """A1111 and ComfyUI prompts carry weights and tags that CLIP would read as words; each is named, and which
+    prompt has it."""
+    for what, prompts in (("prompt", {"prompts": [prompt, prompt]}),
+                          ("negative prompt", {"prompts": ["a cat"], "negative": [prompt]})):  # A1111 negatives
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
             tiny_sd15.encode_prompt(**prompts)
-        assert (f"prompt has '{found}', syntax of other tools" in caplog.text) if found else \
-            "syntax" not in caplog.text
+        said = f" {what} has '{found}', syntax of other tools"
+        assert (caplog.text.count(said) == 1) if found else "syntax" not in caplog.text

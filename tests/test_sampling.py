@@ -302,3 +302,10 @@ def test_a_start_t_that_leaves_no_step_for_ad_is_refused(tiny_sd15, data_dir):
     assert texture_sampling(ref, model=tiny_sd15, steps=2, start_t=2, size=64, progress=False)  # AD at t=1
     assert texture_sampling(ref, model=tiny_sd15, steps=2, start_t=1, iters=0, adain=False, size=64,
                             progress=False)  # plain DDIM: start-t has nothing to gate
+
+
+def test_a_guidance_rescale_without_guidance_is_said_to_be_unused(tiny_sd15, data_dir, caplog):
+    with caplog.at_level("WARNING", logger="attndistill.core.sampling"):
+        ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1, iters=0, size=64,
+                         guidance=1, guidance_rescale=0.7, progress=False)
+    assert "guidance rescale 0.7 is not used: guidance 1 turns classifier-free guidance off" in caplog.text

@@ -102,6 +102,9 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     timesteps = scheduler.timesteps[start_step:]
     if guidance <= 1.0:
         uncond = None
+        if guidance_rescale > 0:
+            log.warning("guidance rescale %g is not used: guidance %g turns classifier-free guidance off (raise "
+                        "--guidance above 1 to use it)", guidance_rescale, guidance)
     z = latents.detach().to(model.device, torch.float32)
     ref_latents = ref_latents.to(model.device)
     distiller.condition_on(z.shape[-2:])  # SDXL's null conditioning of the output size

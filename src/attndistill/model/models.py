@@ -313,7 +313,8 @@ class DiffusionModel:
         ``size`` (height, width) in pixels feeds SDXL's ``add_time_ids``.
         """
         warn_truncated(self.pipe.tokenizer, prompts + (negative or []))
-        warn_prompt_syntax(prompts + (negative or []))
+        warn_prompt_syntax(prompts)
+        warn_prompt_syntax(negative or [], what="negative prompt")
         cfg = negative is not None
         with torch.no_grad(), self._encoders_on_device():
             if self.kind == "sdxl":
@@ -361,13 +362,14 @@ FOREIGN_SYNTAX = re.compile(r"\([^()]*[^\d\s:()]\s*:\s*[+-]?\d*\.?\d+\s*\)|<(?:l
                             re.IGNORECASE)  # "(scale 1:50)" is a ratio, no weight
 
 
-def warn_prompt_syntax(prompts: list[str]) -> None:
+def warn_prompt_syntax(prompts: list[str], what: str = "prompt") -> None:
     """Warn of weights and tags other tools read in a prompt: here the prompt goes to CLIP as plain text."""
-    for prompt in prompts:
-        found = FOREIGN_SYNTAX.search(prompt)
+    for prompt in dict.fromkeys(prompts):  # a batch repeats its prompt: one warning
+        found = [m.group(0) for m in FOREIGN_SYNTAX.finditer(prompt)]
         if found:
-            log.warning("prompt has '%s', syntax of other tools that attndistill does not read: CLIP sees its "
-                        "brackets, colon and number as words; write the words plainly", found.group(0))
+            shown = "', '".join(found[:3]) + ("', ..." if len(found) > 3 else "'")
+            log.warning("%s has '%s, syntax of other tools that attndistill does not read: CLIP sees the brackets, "
+                        "colons and numbers as words; write the words plainly", what, shown)
 
 
 def warn_truncated(tokenizer, prompts: list[str]) -> None:
