@@ -163,6 +163,8 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
     with pytest.raises(ad.UserError, match="is a single weights file; attndistill loads ControlNets as diffusers "
                                            "folders"):
         load_controlnet(tmp_path / "control_canny.safetensors", model=tiny_sdxl)
+    with pytest.raises(ad.UserError, match="is a file; pass the folder that holds the ControlNet's config.json"):
+        load_controlnet(tiny_cn15_dir / "config.json", model=tiny_sdxl)
 
 
 @pytest.mark.parametrize("part", ["unet", "vae"])
@@ -171,6 +173,8 @@ def test_another_component_as_controlnet_is_named(tiny_sd15, tiny_sd15_dir, part
     that cannot be copied); a VAE failed with a misleading error about its widths."""
     with pytest.raises(ad.UserError, match="holds a .*, not a ControlNetModel"):
         load_controlnet(tiny_sd15_dir / part, model=tiny_sd15)
+    with pytest.raises(ad.UserError, match="is a whole Stable Diffusion model .*; pass it as the model"):
+        load_controlnet(tiny_sd15_dir, model=tiny_sd15)
 
 
 @pytest.mark.parametrize("change,expected", [

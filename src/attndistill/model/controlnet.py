@@ -135,7 +135,13 @@ def check_controlnet_source(source: str) -> None:
         raise UserError(f"ControlNet '{source}' is a single weights file; attndistill loads ControlNets as diffusers "
                         "folders (config.json beside the weights): pass the diffusers version of this ControlNet, "
                         "such as lllyasviel/control_v11p_sd15_canny")
+    if path.is_file():  # its config.json, say
+        raise UserError(f"ControlNet '{source}' is a file; pass the folder that holds the ControlNet's config.json "
+                        f"and weights ('{path.parent}'?)")
     if path.exists():
+        if (path / "model_index.json").is_file():
+            raise UserError(f"ControlNet '{source}' is a whole Stable Diffusion model (model_index.json); pass it as "
+                            "the model, and a ControlNet folder or Hub id as the ControlNet")
         if not (path / "config.json").is_file():
             raise UserError(f"ControlNet '{source}' is not a diffusers ControlNet folder (no config.json); {hint}")
         try:
