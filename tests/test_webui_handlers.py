@@ -159,7 +159,7 @@ def test_cancel_acts_on_its_own_tab_and_withdraws_a_waiting_run(ui, data_dir, mo
     ui.runs.queued(key)
     running = start(ui.runs.queued(key))
     assert next(running)[1] is None  # the last run's live preview goes at once
-    assert next(running)[0] in ("starting…", "loading the model…")  # so does its status line
+    assert next(running)[0] in ("starting…", f"loading `{ui.model}`…")  # so does its status line
     assert next(running)[0].startswith("step 1/")
     # Cancel in another tab leaves a running job alone; its own tab's Cancel stops it after a step
     ui.cancel("texture", page)
@@ -202,7 +202,12 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     error = UserError(f"style image '{GRADIO_UPLOADS}/3f2a9c/corrupt.png' is not an image")
     assert page_message(error) == "style image 'corrupt.png' is not an image"
     error = UserError("--controlnet needs a --control-image; lower --lr or use --dtype fp32 (a-b--c stays)")
-    assert page_message(error) == "controlnet needs a control image; lower lr or use dtype fp32 (a-b--c stays)"
+    assert page_message(error) == "the ControlNet box needs a Control image; lower lr or use dtype fp32 " \
+        "(a-b--c stays)"
+    error = UserError("checkpoint 'x.safetensors' could not be loaded: offline; pass --config /path/to/a/folder")
+    assert page_message(error) == "checkpoint 'x.safetensors' could not be loaded: offline; start the UI with " \
+        "'attndistill ui --config' /path/to/a/folder"
+    assert page_message(UserError("start-t must be in 1..1000 (got 0)")) == "Start timestep must be in 1..1000 (got 0)"
     error = UserError("size 8000x8000 is too large for one canvas; use 'attndistill expand' for huge textures")
     assert page_message(error) == "size 8000x8000 is too large for one canvas; use the Expansion tab for huge textures"
     assert page_message(UserError("iters must be at least 1 (got 0)")) == \
@@ -219,7 +224,7 @@ def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
                                   "vae-more": [str(data_dir / "horse.jpg")], "vae-reference-fit": "keep",
                                   "vae-use": False, "vae-box": ""}, session="vae-page")
     lines = [u[0].split(" · ")[0] for u in updates[:-1]]  # then the result
-    assert lines[0] in ("starting…", "loading the model…") and lines[1:] == ["step 1/2", "step 2/2"]
+    assert lines[0] in ("starting…", f"loading `{ui.model}`…") and lines[1:] == ["step 1/2", "step 2/2"]
     status, folder, archive, command, _ = updates[-1]
     assert status.startswith("done") and (Path(folder) / "config.json").exists() and Path(archive).exists()
     words = shlex.split(command)
@@ -476,3 +481,46 @@ def test_the_terminal_command_says_every_switch_turned_off():
 
     assert cli_command(["t2i"], {"adain": False, "fused": False, "grid": True, "steps": None, "style": ["a b", "c"]}) \
         == "attndistill t2i --no-adain --no-fused --grid --style 'a b' --style c"
+
+
+def test_every_run_refreshes_what_the_model_accordion_says_is_loaded(ui):
+    """A run may load another model, or free the loaded one when the new one is refused: the Model accordion
+    must not keep naming the old one."""
+    refreshers = [f for f in ui.demo.fns.values() if f.fn == ui.slot.describe]
+    assert len(refreshers) == 1 + len({f.api_name for f in ui.demo.fns.values()} & {
+        "style", "appearance", "t2i", "texture", "expand", "vae"})  # the page load, then every tab's Run
+    assert all(ui.model_status in f.outputs for f in refreshers)
+
+
+def test_the_ui_loads_single_files_with_its_launch_config_and_its_commands_say_so(tiny_sd15_dir, tmp_path,
+                                                                                    monkeypatch):
+    """``attndistill ui --config DIR --allow-pickle``: single files entered in the Model box load offline (a
+    folder still loads as itself), and the command a result shows carries both."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ldm_checkpoint import write_ldm_checkpoint
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "sd.ckpt"
+    torch.save(load_file(write_ldm_checkpoint(tiny_sd15_dir, tmp_path / "sd.safetensors")), checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    web = WebUI(model=str(checkpoint), device="cpu", dtype="fp32", outputs=tmp_path / "out",
+                config=str(tiny_sd15_dir), allow_pickle=True)
+    model = web.slot.get(str(checkpoint))
+    assert model.config_source == str(tiny_sd15_dir) and "sd15" in web.slot.describe()
+    options = web.common_cli(model, seed=0)
+    assert options["config"] == str(tiny_sd15_dir) and options["allow_pickle"] is True
+    assert web.slot.get(str(tiny_sd15_dir)).config_source is None  # a folder has configs of its own
+
+
+def test_a_v_prediction_model_is_described_as_one(tiny_sd15_dir, tmp_path):
+    from attndistill.model.loading import ModelSlot
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "v")
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    slot = ModelSlot(device="cpu", dtype="fp32")
+    slot.get(str(folder))
+    assert "(sd15, v-prediction, cpu, float32)" in slot.describe()
+    assert slot.holds(str(folder)) and not slot.holds(str(tiny_sd15_dir))

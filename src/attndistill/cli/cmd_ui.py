@@ -10,7 +10,7 @@ import typer
 
 from ..errors import UserError
 from . import app, common
-from .common import Device, Dtype, Model, Vae, run_command
+from .common import AllowPickle, ConfigDir, Device, Dtype, Model, Vae, run_command
 
 UI_EXAMPLE = "Example: attndistill ui --model stable-diffusion-v1-5/stable-diffusion-v1-5 --port 7860"
 
@@ -18,6 +18,7 @@ UI_EXAMPLE = "Example: attndistill ui --model stable-diffusion-v1-5/stable-diffu
 @app.command("ui", epilog=UI_EXAMPLE)
 def ui(
     model: Model = None, vae: Vae = None, device: Device = "auto", dtype: Dtype = "auto",
+    config: ConfigDir = None, allow_pickle: AllowPickle = False,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the UI to your network")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on")] = 7860,
     share: Annotated[bool, typer.Option(help="Also publish a temporary public gradio.live link")] = False,
@@ -28,7 +29,8 @@ def ui(
 ) -> None:
     """Serve every task in the browser: live previews, cancel, results with their parameters, one job at a time.
 
-    With --model the model is loaded before the server starts; otherwise the first run loads it.
+    With --model the model is loaded before the server starts; otherwise the first run loads it. --config and
+    --allow-pickle apply to every single-file checkpoint entered in the page's Model box.
     """
 
     def body() -> None:
@@ -42,7 +44,8 @@ def ui(
         except ImportError as exc:
             raise UserError(f"the web UI needs Gradio ({exc}); pip install 'attndistill[ui]'") from None
         webui = WebUI(model=model, vae=None if vae is None else str(vae), device=device, dtype=dtype,
-                      outputs=outputs, perf=common.PERF)
+                      outputs=outputs, perf=common.PERF, config=None if config is None else str(config),
+                      allow_pickle=allow_pickle)
         if model is not None:
             typer.echo(f"loading {model} ...", err=True)
             webui.slot.get(model, None if vae is None else str(vae))

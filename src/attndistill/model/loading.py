@@ -559,25 +559,38 @@ class ModelSlot:
     """The one model a process keeps loaded (API calls by name, the web UI): reused while the same one is asked
     for, and released before another one loads, since two SDXL models may not fit on one GPU."""
 
-    def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None) -> None:
+    def __init__(self, *, device: str | None = None, dtype: str | None = None, perf=None,
+                 config: str | None = None, allow_pickle: bool = False) -> None:
         self.device, self.dtype, self.perf = device, dtype, perf  # perf: PerfOptions (the CLI's speed flags)
+        # how single-file checkpoints load (the web UI's --config and --allow-pickle): the configs describe
+        # single files only, so a folder or Hub id loads without them
+        self.config, self.allow_pickle = config, allow_pickle
         self.key: tuple | None = None  # (model, vae, device, dtype, what their local files hold now)
         self.model: DiffusionModel | None = None
         self._lock = threading.Lock()
+
+    def _key(self, model: str | None, vae: str | None, device: str | None, dtype: str | None) -> tuple:
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else dtype
+        vae = (vae or "").strip()
+        key = (home((model or "").strip() or DEFAULT_MODEL), home(vae) if vae else None, device, dtype)
+        return key + (files_stamp(key[0]), files_stamp(key[1]))
+
+    def holds(self, model: str | None, vae: str | None = None) -> bool:
+        """Whether :meth:`get` would hand out the loaded model as it is (no load)."""
+        return self.model is not None and self.key == self._key(model, vae, None, None)
 
     def get(self, model: str | None, vae: str | None = None, *, device: str | None = None,
             dtype: str | None = None) -> DiffusionModel:
         """The model for (``model``, ``vae``, ``device``, ``dtype``; the last two default to the slot's),
         loading it (and freeing the previous one) when it changed."""
-        device = self.device if device is None else device
-        dtype = self.dtype if dtype is None else dtype
-        vae = (vae or "").strip()
-        key = (home((model or "").strip() or DEFAULT_MODEL), home(vae) if vae else None, device, dtype)
-        key += (files_stamp(key[0]), files_stamp(key[1]))
+        key = self._key(model, vae, device, dtype)
         with self._lock:
             if self.key != key or self.model is None:
                 self._release()
-                self.model = load_model(key[0], vae=key[1], device=device, dtype=dtype, perf=self.perf)
+                single = is_checkpoint_path(Path(key[0]))
+                self.model = load_model(key[0], vae=key[1], device=key[2], dtype=key[3], perf=self.perf,
+                                        config=self.config if single else None, allow_pickle=self.allow_pickle)
                 self.key = key
             return self.model
 
@@ -590,7 +603,9 @@ class ModelSlot:
         if m is None:
             return "no model loaded yet: the first run loads it"
         vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
-        return f"loaded `{m.source}`{vae} ({m.kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
+        predicts = m.scheduler_config.get("prediction_type", "epsilon")
+        kind = m.kind + (f", {predicts.replace('_', '-')}" if predicts != "epsilon" else "")  # SD 2.x: v-prediction
+        return f"loaded `{m.source}`{vae} ({kind}, {m.device}, {str(m.dtype).removeprefix('torch.')})"
 
 
 def files_stamp(source: str | None) -> tuple:

@@ -88,8 +88,9 @@ class WebUI:
     """The Gradio app: one :class:`ModelSlot`, one job at a time, results saved under ``outputs``."""
 
     def __init__(self, *, model: str | None = None, vae: str | None = None, device: str | None = None,
-                 dtype: str | None = None, outputs: str | Path | None = None, perf=None) -> None:
-        self.slot = ModelSlot(device=device, dtype=dtype, perf=perf)
+                 dtype: str | None = None, outputs: str | Path | None = None, perf=None, config: str | None = None,
+                 allow_pickle: bool = False) -> None:
+        self.slot = ModelSlot(device=device, dtype=dtype, perf=perf, config=config, allow_pickle=allow_pickle)
         self.model, self.vae = model or DEFAULT_MODEL, vae
         # results outlive the server (a temp folder would not outlive a reboot), where it was started
         self.outputs = (Path(outputs) if outputs else Path.cwd() / DEFAULT_OUTPUTS).absolute()
@@ -132,7 +133,8 @@ class WebUI:
 
     def common_cli(self, model: DiffusionModel, seed: int) -> dict:
         options = {"model": model.source if model.source != DEFAULT_MODEL else None,
-                   "vae": self.slot.key[1] if self.slot.key else None, "seed": seed}
+                   "vae": self.slot.key[1] if self.slot.key else None, "config": model.config_source,
+                   "allow_pickle": True if model.allow_pickle else None, "seed": seed}
         for key, value in (("device", self.slot.device), ("dtype", self.slot.dtype)):
             options[key] = None if value in (None, "auto") else value
         return options | pixel_switches(model.perf)  # the server's speed flags that change pixels
@@ -197,7 +199,8 @@ class WebUI:
         if not self.runs.attach(_key(request, tab), job):
             yield line("cancelled before it started; nothing was run", None)
             return None, None
-        starting = "loading the model" if self.slot.model is None else "starting"
+        starting = "starting" if self.slot.holds(model, vae) else \
+            f"loading `{text_value(model) or DEFAULT_MODEL}`"  # its load is the first wait, seconds to minutes
         yield line(f"{starting}…", None)  # not the last run's "failed" or "done" while this one starts
         progress(0, desc=starting)
         try:
@@ -247,7 +250,7 @@ class WebUI:
                     self.vae_box = gr.Textbox(self.vae or "", label="VAE folder (optional)", elem_id="vae-box",
                                               info="e.g. a decoder fine-tuned in the VAE tab", scale=2)
                     load_btn = gr.Button("Load", scale=0)
-                model_status = gr.Markdown(elem_id="model-status")
+                model_status = self.model_status = gr.Markdown(elem_id="model-status")
             load_btn.click(self.load, [self.model_box, self.vae_box], model_status,
                            concurrency_limit=1, concurrency_id=DEVICE_QUEUE)
             demo.load(self.slot.describe, None, model_status, queue=False)
@@ -339,7 +342,9 @@ class WebUI:
         # the click first takes a ticket (no queue), so Cancel can withdraw the run before it starts
         run.click(queued, None, ticket, queue=False, show_progress="hidden", api_visibility="private").then(
             start, {*inputs, ticket}, outputs, concurrency_limit=1, concurrency_id=DEVICE_QUEUE,
-            show_progress_on=[status], api_name=tab)
+            show_progress_on=[status], api_name=tab).then(  # a run loads or frees models: say which is loaded now
+            self.slot.describe, None, self.model_status, queue=False, show_progress="hidden",
+            api_visibility="private")
 
     @staticmethod
     def validate_on_upload(*images: gr.Image) -> None:

@@ -161,8 +161,12 @@ def page_message(exc: BaseException) -> str:
 TABS = {"style": "Style transfer", "appearance": "Appearance transfer", "t2i": "Text to image",
         "texture": "Texture", "expand": "Expansion", "finetune-vae": "VAE fine-tuning"}
 #: The API's names of settings a message may start with -> the boxes' labels.
-LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images",
+LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images", "start-t": "Start timestep",
           "VAE tuning lr": "Learning rate", "VAE tuning steps": "Steps"}  # the VAE tab's boxes
+#: CLI options a message may name -> the boxes that set them here.
+BOXES = {"controlnet": "ControlNet box", "control-image": "Control image", "model": "Model box", "vae": "VAE box"}
+#: Options the page has no box for, set when the UI starts (``attndistill ui``): a message names them as such.
+LAUNCH_OPTIONS = ("config", "allow-pickle")
 
 
 def page_text(message: str) -> str:
@@ -174,8 +178,12 @@ def page_text(message: str) -> str:
     message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
     message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
     message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
-    message = re.sub(r"^(iters|lr|num|VAE tuning lr|VAE tuning steps) ", lambda m: f"{LABELS[m[1]]} ", message)
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "), message)
+    message = re.sub(rf"^({'|'.join(map(re.escape, LABELS))}) ", lambda m: f"{LABELS[m[1]]} ", message)
+    message = re.sub(rf"\bpass --({'|'.join(LAUNCH_OPTIONS)})\b", r"start the UI with 'attndistill ui --\1'", message)
+    message = re.sub(rf"(?<![\w-])(\b(?:a|an|the) )?--({'|'.join(BOXES)})\b(?!-)",
+                     lambda m: f"{m[1] or 'the '}{BOXES[m[2]]}", message)
+    return re.sub(r"(?<![\w-])(?<!attndistill ui )--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "),
+                  message)
 
 
 # -- components --------------------------------------------------------------------------------------
