@@ -202,7 +202,8 @@ def t2i_tab(ui: WebUI) -> None:
         return text_to_image(s["prompt"], required(s["style"], "style image"),
                              negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
                              model=model, control_image=s["control_image"], size=size_value(s["size"]),
-                             seed=seed_value(s["seed"]), progress=False, callback=callback, **options(s), **extra)
+                             seed=seed_value(s["seed"]), progress=False, callback=callback,
+                             allow_pickle=ui.slot.allow_pickle, **options(s), **extra)  # the UI's launch option
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         o = options(s)
