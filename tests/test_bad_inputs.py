@@ -347,6 +347,20 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
     with pytest.raises(ad.UserError, match="; offline, pass --config /path/to/a/diffusers/folder"):
         ad.load_model("junk.safetensors")
 
+    def no_network(cls, *args, **kwargs):  # as diffusers words it: httpx's error text inside its own
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as exc:
+            raise OSError("Got: ConnectError: [Errno -2] Name or service not known") from exc
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(no_network))
+    with pytest.raises(ad.UserError) as caught:
+        ad.load_model("junk.safetensors")
+    assert str(caught.value) == (
+        "checkpoint 'junk.safetensors' needs the configs of its architecture, which diffusers fetches from the "
+        "Hugging Face Hub, and the Hub cannot be reached; pass --config /path/to/a/diffusers/folder of the same "
+        "architecture")
+
 
 @pytest.mark.parametrize(("part", "holds"), [
     ("unet/diffusion_pytorch_model.safetensors", "the weights of one diffusers component (a UNet or ControlNet)"),

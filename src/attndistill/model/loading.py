@@ -366,6 +366,10 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
             pipe = cls.from_single_file(str(path), **common, **extra, **given)
         except Exception as exc:  # diffusers raises many kinds here
             msg = first_line(exc) or type(exc).__name__
+            if config is None and _unreachable(exc):  # diffusers fetches the architecture's configs from the Hub
+                raise UserError(f"checkpoint '{path}' needs the configs of its architecture, which diffusers fetches "
+                                "from the Hugging Face Hub, and the Hub cannot be reached; pass --config "
+                                "/path/to/a/diffusers/folder of the same architecture") from None
             hint = "" if config else "; offline, pass --config /path/to/a/diffusers/folder of the same architecture"
             raise UserError(f"checkpoint '{path}' could not be loaded: {msg}{hint}") from None
     else:
@@ -401,6 +405,20 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     if perf is not None:
         model.set_perf(perf)
     return model
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a load failed for want of the Hub (offline, no network): its error or one it grew from says so."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{type(seen).__name__}: {seen}".lower()
+        if isinstance(seen, LocalEntryNotFoundError | ConnectionError | socket.gaierror) or any(
+                w in text for w in ("connecterror", "connection", "name or service not known", "offline")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_config_use(source: str, config: str | os.PathLike | None) -> None:
