@@ -129,7 +129,7 @@ def test_a_pickles_tensor_names_are_read_without_running_its_code(tiny_sdxl_dir,
     where the job does not allow pickles."""
     from attndistill.batch.check import _kind
     from attndistill.batch.jobs import ModelSpec
-    from attndistill.model.loading import checkpoint_keys
+    from attndistill.model.single_file import checkpoint_keys
 
     marker = tmp_path / "ran"
     torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callback": _Payload(marker)},

@@ -299,7 +299,8 @@ def _geometry(model: ModelSpec, unet: dict | None):
 def _kind(model: ModelSpec) -> str:
     """sd15 or sdxl, from model_index.json or a checkpoint's keys (no weights read; a pickle's only where the
     job allows pickles); sd15 when unknown."""
-    from ..model.loading import kind_from_checkpoint, pipeline_kind
+    from ..model.loading import pipeline_kind
+    from ..model.single_file import kind_from_checkpoint
 
     source = model.source or _default_model()
     try:
@@ -314,15 +315,9 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from ..model.loading import (
-        DEFAULT_MODEL,
-        check_checkpoint,
-        check_config_use,
-        check_vae_source,
-        is_checkpoint_path,
-        pipeline_kind,
-    )
+    from ..model.loading import DEFAULT_MODEL, check_config_use, check_vae_source, pipeline_kind
     from ..model.models import resolve_device, resolve_dtype
+    from ..model.single_file import check_checkpoint, is_checkpoint_path
 
     resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL

@@ -106,7 +106,7 @@ def finetune_command(made: dict, folder: Path) -> str:
     """The ``finetune-vae`` command that made ``folder``, writing beside it (``FOLDER-rerun``), never over it."""
     from ..batch.jobs import DTYPE_OPTIONS
     from ..errors import UserError
-    from ..model.loading import CHECKPOINT_SUFFIXES
+    from ..model.single_file import CHECKPOINT_SUFFIXES
     from ..presets import REFERENCE_FITS
     from ..tasks.vae_tuning import check_tuning
 

@@ -21,15 +21,9 @@ from PIL import Image
 from ..checks import number
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
-from .loading import (
-    CHECKPOINT_SUFFIXES,
-    default_variant,
-    from_pretrained,
-    home,
-    looks_like_hub_id,
-    safetensors_only,
-)
+from .loading import default_variant, from_pretrained, home, looks_like_hub_id, safetensors_only
 from .models import Conditioning, DiffusionModel
+from .single_file import CHECKPOINT_SUFFIXES
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel

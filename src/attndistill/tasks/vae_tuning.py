@@ -33,8 +33,9 @@ from ..images import (
     params_json,
     partial_prefix,
 )
-from ..model.loading import CHECKPOINT_SUFFIXES, as_model, check_vae_source
+from ..model.loading import as_model, check_vae_source
 from ..model.models import DiffusionModel
+from ..model.single_file import CHECKPOINT_SUFFIXES
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 from ..version import __version__
 from .setup import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
