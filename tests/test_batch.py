@@ -1080,3 +1080,20 @@ def test_a_reused_model_takes_each_jobs_own_speed_switches(tmp_path, data_dir, t
                                                                            "plain-again.png")}
     assert perf["tiled-vae.png"].get("vae_tiling") is True
     assert not perf["plain.png"].get("vae_tiling") and not perf["plain-again.png"].get("vae_tiling")
+
+
+def test_a_job_that_fails_as_it_runs_is_named_by_its_line_in_the_jobs_files_words(tmp_path, data_dir, tiny_sd15_dir,
+                                                                                    monkeypatch):
+    """What a run refuses (a message written for the CLI) reads as the jobs file's keys, with its line."""
+    from attndistill.tasks import transfer
+
+    def refuse(*args, **kwargs):
+        raise UserError("checkpoint 'x.safetensors' has no VAE of its own; pass --vae with an AutoencoderKL folder")
+
+    monkeypatch.setattr(transfer, "texture_synthesis", refuse)
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None)])
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir)
+    said = "line 1: checkpoint 'x.safetensors' has no VAE of its own; pass 'vae' with an AutoencoderKL folder"
+    assert result.exit_code == 1 and said in result.output
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[-1])
+    assert record["status"] == "failed" and record["error"] == said

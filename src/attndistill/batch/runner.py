@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
 from ..images import numbered_outputs, partial_prefix
 from .check import Validator
-from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, read_jobs, run_order
+from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, job_words, read_jobs, run_order
 from .state import (
     JobLock,
     Shard,
@@ -270,8 +270,8 @@ class Runner:
                 path, why = _save_result(image, path, job)
                 written.append(path)
                 displaced = displaced or why
-        except UserError as exc:
-            return self._failed(job, tag, str(exc), start, written=written)
+        except UserError as exc:  # in the jobs file's words: its line, its keys ('vae', not --vae)
+            return self._failed(job, tag, f"line {job.line}: {job_words(str(exc))}", start, written=written)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
             failure = (_describe(exc), traceback.format_exc(), is_out_of_memory(exc))
         if failure is not None:
