@@ -1097,3 +1097,38 @@ def test_a_job_that_fails_as_it_runs_is_named_by_its_line_in_the_jobs_files_word
     assert result.exit_code == 1 and said in result.output
     record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[-1])
     assert record["status"] == "failed" and record["error"] == said
+
+
+def test_a_dry_run_refuses_models_that_their_configs_and_tensor_names_show_unusable(tmp_path, data_dir, tiny_sd15_dir,
+                                                                                   tiny_sdxl_dir):
+    """All from configs and a checkpoint's header, no weights: an inpainting UNet, a checkpoint pruned of its VAE
+    with no 'vae', a 'config' that is no folder or of another family."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from ldm_checkpoint import write_ldm_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from attndistill.testing import TINY_UNET
+
+    inpaint = shutil.copytree(tiny_sd15_dir, tmp_path / "inpaint")
+    shutil.rmtree(inpaint / "unet")
+    UNet2DConditionModel(**{**TINY_UNET, "in_channels": 9}).save_pretrained(inpaint / "unet")
+    whole = write_ldm_checkpoint(tiny_sd15_dir, tmp_path / "sd.safetensors")
+    save_file({k: v for k, v in load_file(whole).items() if not k.startswith("first_stage_model.")},
+              tmp_path / "pruned.safetensors")
+    texture = job_line("texture", "wood-rings.jpg", None)
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        {**texture, "model": str(inpaint)},
+        {**texture, "model": str(tmp_path / "pruned.safetensors"), "config": str(tiny_sd15_dir)},
+        {**texture, "model": str(whole), "config": str(tmp_path / "no-such-folder")},
+        {**texture, "model": str(whole), "config": str(tiny_sdxl_dir)},
+        {**texture, "model": str(tmp_path / "pruned.safetensors"), "config": str(tiny_sd15_dir),
+         "vae": str(tiny_sd15_dir / "vae"), "output": "ok.png"}])
+    dry = invoke("batch", jobs, "--out", tmp_path / "out", "--dry-run")
+    assert dry.exit_code == 2 and "1 ready" in dry.output and "4 invalid" in dry.output, dry.output
+    for said in ("line 1: model '", "its UNet takes 9 input channels where its VAE's latents have 4",
+                 "line 2: checkpoint '", "has no VAE of its own (a checkpoint pruned of its VAE); pass 'vae'",
+                 "line 3: 'config' '", "is no folder; pass the diffusers folder",
+                 "line 4: checkpoint '", "is an SD 1.x/2.x checkpoint but 'config' '"):
+        assert said in dry.output, said

@@ -315,19 +315,42 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from ..model.loading import DEFAULT_MODEL, check_config_use, check_vae_source, pipeline_kind
+    from ..model.loading import (
+        DEFAULT_MODEL,
+        check_config_use,
+        check_latent_channels,
+        check_vae_source,
+        pipeline_kind,
+        single_file_kind,
+    )
     from ..model.models import resolve_device, resolve_dtype
-    from ..model.single_file import check_checkpoint, is_checkpoint_path
+    from ..model.single_file import check_checkpoint, checkpoint_keys, is_checkpoint_path, vae_given
 
     resolve_dtype(model.dtype, resolve_device(model.device))  # both raise UserError on what they cannot use
     source = model.source or DEFAULT_MODEL
     check_config_use(source, model.config)
-    if is_checkpoint_path(Path(source)):
-        check_checkpoint(Path(source), model.allow_pickle, option='"allow_pickle": true')
-    else:
-        pipeline_kind(source)
     if model.vae is not None:
         check_vae_source(model.vae)
+    if is_checkpoint_path(Path(source)):
+        path = Path(source)
+        check_checkpoint(path, model.allow_pickle, option='"allow_pickle": true')
+        keys = checkpoint_keys(path)  # its tensor names only: a pickle's unpickled without running code
+        single_file_kind(path, keys, model.config)  # a config of the checkpoint's family
+        vae_given(path, keys, model.vae, lambda: None)  # a checkpoint pruned of its VAE has one given
+    else:
+        pipeline_kind(source)
+        _check_channels(model, source, check_latent_channels)
+
+
+def _check_channels(model: ModelSpec, source: str, check) -> None:
+    """An inpainting or editing UNet, or a VAE of another latent width, by their configs (no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = _config(UNet2DConditionModel, source, subfolder="unet")
+    vae = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, source, subfolder="vae")
+    if unet and vae and all(isinstance(c.get(k), int) for c, k in (
+            (unet, "in_channels"), (unet, "out_channels"), (vae, "latent_channels"))):
+        check(unet["in_channels"], unet["out_channels"], vae["latent_channels"], source, model.vae)
 
 
 def _default_model() -> str:

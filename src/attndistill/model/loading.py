@@ -196,16 +196,16 @@ def _check_tokenizers(pipe, source: str) -> None:
         tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
 
-def _check_latent_channels(pipe, source: str, vae: str | os.PathLike | None) -> None:
+def check_latent_channels(unet_in: int, unet_out: int, latent: int, source: str,
+                          vae: str | os.PathLike | None) -> None:
     """The UNet denoises exactly the VAE's latents. Inpainting (9 input channels) and image-editing (8) UNets
     often sit in folders indexed as a plain text-to-image pipeline; a VAE of another family makes latents of
     another width. Either would fail in the first UNet call with a shape error that names neither."""
-    unet, latent = pipe.unet.config, pipe.vae.config.latent_channels
-    if vae is not None and latent != unet.out_channels:
-        raise UserError(f"VAE '{vae}' makes latents of {latent} channels where the UNet takes {unet.out_channels}; "
+    if vae is not None and latent != unet_out:
+        raise UserError(f"VAE '{vae}' makes latents of {latent} channels where the UNet takes {unet_out}; "
                         "pass a VAE made for this model, such as one saved by 'attndistill finetune-vae'")
-    if unet.in_channels != latent or unet.out_channels != latent:
-        raise UserError(f"model '{source}': its UNet takes {unet.in_channels} input channels where its VAE's latents "
+    if unet_in != latent or unet_out != latent:
+        raise UserError(f"model '{source}': its UNet takes {unet_in} input channels where its VAE's latents "
                         f"have {latent}, as an inpainting or image-editing model's does; attndistill runs "
                         f"text-to-image models such as {SD15_ID} or {SDXL_ID}")
 
@@ -239,12 +239,15 @@ def _kind_from_index(index: dict, model: str) -> Kind:
                     f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
 
 
-def _single_file_kind(path: Path, keys: list[str] | None, config: str | os.PathLike | None) -> Kind:
+def single_file_kind(path: Path, keys: list[str] | None, config: str | os.PathLike | None) -> Kind:
     """The family of a single file by its tensor names, which ``--config`` must describe too (else diffusers
     fails on the first tensor of another shape); by ``--config`` alone where the names cannot be read."""
     kind = None if keys is None else kind_from_checkpoint(path, keys)
     if config is None:
         return kind or "sd15"
+    if not Path(config).is_dir():
+        raise UserError(f"--config '{config}' is no folder; pass the diffusers folder of a model of the checkpoint's "
+                        "architecture (its model_index.json and component configs)")
     described = pipeline_kind(str(config))
     if kind is not None and described != kind:
         raise UserError(f"checkpoint '{path}' is an {FAMILY[kind]} checkpoint but --config '{config}' describes an "
@@ -300,7 +303,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     if is_checkpoint_path(path):
         check_checkpoint(path, allow_pickle)
         keys = checkpoint_keys(path)
-        kind = _single_file_kind(path, keys, config)
+        kind = single_file_kind(path, keys, config)
         given = vae_given(path, keys, vae, load_vae)
         cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
         extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
@@ -332,7 +335,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
             log.warning("VAE '%s' scales its latents by %g, the model's own VAE by %g: it was made for another "
                         "model (SDXL's VAE is 0.13025, SD 1.5's 0.18215), so results will be off", vae,
                         pipe.vae.config.scaling_factor, own)
-    _check_latent_channels(pipe, source, vae)
+    check_latent_channels(pipe.unet.config.in_channels, pipe.unet.config.out_channels,
+                          pipe.vae.config.latent_channels, source, vae)
     _check_noise_schedule(pipe, source)
     pipe.to(device)
     if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
