@@ -1132,3 +1132,14 @@ def test_a_dry_run_refuses_models_that_their_configs_and_tensor_names_show_unusa
                  "line 3: 'config' '", "is no folder; pass the diffusers folder",
                  "line 4: checkpoint '", "is an SD 1.x/2.x checkpoint but 'config' '"):
         assert said in dry.output, said
+
+
+def test_a_misspelt_key_gets_the_key_it_was_meant_as(tmp_path):
+    from attndistill.batch.jobs import ModelSpec, parse_job
+
+    job = {"task": "texture", "reference": "wood.jpg", "stpes": 2, "guidence_rescale": 0.5, "colour": "red"}
+    with pytest.raises(UserError) as caught:
+        parse_job(job, line=3, base=tmp_path, out_dir=tmp_path / "out", defaults=ModelSpec())
+    text = str(caught.value)
+    assert text.startswith("line 3: texture has no option 'colour', 'guidence_rescale', 'stpes'; did you mean ")
+    assert "did you mean 'steps' for 'stpes'?" in text and "'colour'?" not in text

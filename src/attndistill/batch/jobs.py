@@ -10,6 +10,7 @@ Input paths are relative to the jobs file, ``output`` to the output folder (defa
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -354,7 +355,10 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
         known = [n for n in params if n not in _NOT_OPTIONS]
         unknown = sorted(k for k in raw if k not in known and k not in RUNNER_KEYS)
         if unknown:
-            raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; known: {', '.join(known)}; "
+            close = {k: difflib.get_close_matches(k, [*known, *RUNNER_KEYS], n=1) for k in unknown}
+            meant = "; ".join(f"did you mean '{c[0]}' for '{k}'?" for k, c in close.items() if c)
+            raise _fail(line, f"{task} has no option {', '.join(map(repr, unknown))}; {meant + ' ' if meant else ''}"
+                              f"known: {', '.join(known)}; "
                               f"and for every task: {', '.join(k for k in RUNNER_KEYS if k not in known)}")
     missing = [name for name in spec.inputs if raw.get(name) in (None, "", [])]
     missing += [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
