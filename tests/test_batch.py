@@ -1143,3 +1143,13 @@ def test_a_misspelt_key_gets_the_key_it_was_meant_as(tmp_path):
     text = str(caught.value)
     assert text.startswith("line 3: texture has no option 'colour', 'guidence_rescale', 'stpes'; did you mean ")
     assert "did you mean 'steps' for 'stpes'?" in text and "'colour'?" not in text
+
+
+def test_a_jobs_warnings_name_its_line_in_the_jobs_files_words(tmp_path, data_dir, tiny_sd15_dir, caplog):
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("texture", "wood-rings.jpg", None, mode="sample", guidance_rescale=0.5, id="rescaled")])
+    with caplog.at_level("WARNING"):
+        result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir)
+    assert result.exit_code == 0, result.output
+    assert "line 1 (rescaled): guidance rescale 0.5 is not used: guidance 1 turns classifier-free guidance off " \
+           "(raise 'guidance' above 1 to use it)" in caplog.text

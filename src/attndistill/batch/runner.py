@@ -14,6 +14,7 @@ import contextlib
 import glob
 import inspect
 import json
+import logging
 import os
 import socket
 import sys
@@ -248,6 +249,10 @@ class Runner:
 
     def _run(self, job: Job, tag: str, *, retry: bool = True) -> str:
         """Run one job; one that runs out of memory beside earlier jobs' CUDA graphs runs again without them."""
+        with _naming(job):
+            return self._run_named(job, tag, retry=retry)
+
+    def _run_named(self, job: Job, tag: str, *, retry: bool) -> str:
         start = time.perf_counter()
         earlier_graphs, failure, written, displaced = False, None, [], None
         try:
@@ -429,6 +434,26 @@ def _parameters(image, job: Job, batched: int = 1) -> dict:
         default = inspect.signature(TASKS[job.task].resolve()).parameters["seed"].default
         params["seed"] = job.args.get("seed", default)
     return {**params, "job": job.id, **({"batched": batched} if batched > 1 else {})}
+
+
+@contextlib.contextmanager
+def _naming(job: Job):
+    """The warnings a job's run logs name its line, in the jobs file's words: a batch prints the warnings of
+    many jobs one after another, and the CLI's words (--guidance) are no key of a jobs line."""
+    def name(record: logging.LogRecord) -> bool:
+        if record.name.startswith("attndistill") and record.levelno >= logging.WARNING and \
+                not getattr(record, "job_named", False):
+            record.msg, record.job_named = f"line {job.line} ({job.id}): {job_words(str(record.msg))}", True
+        return True
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(name)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(name)
 
 
 def _describe(exc: BaseException) -> str:
