@@ -580,9 +580,10 @@ def read_parameters(path: str | os.PathLike) -> dict:
     return params
 
 
-def image_grid(images: Sequence[Image.Image]) -> Image.Image:
-    """Images of one size side by side in a near-square grid; carries the first image's parameters."""
-    cols = math.ceil(math.sqrt(len(images)))
+def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images of one size side by side in a grid of ``cols`` columns (default near-square); carries the first
+    image's parameters."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
     grid = Image.new("RGB", (cols * w, rows * h), "white")

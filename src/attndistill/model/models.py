@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import NonFiniteError, UserError, is_out_of_memory
-from ..images import to_pil
+from ..images import image_grid, to_pil
 from .perf import PerfOptions, apply_perf
 
 if TYPE_CHECKING:
@@ -278,12 +278,7 @@ class DiffusionModel:
             z = torch.nn.functional.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))),
                                                 mode="area")
         images = to_pil(self.decode(z))
-        if len(images) == 1:
-            return images[0]
-        row = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-        for k, image in enumerate(images):
-            row.paste(image, (k * image.width, 0))
-        return row
+        return images[0] if len(images) == 1 else image_grid(images, cols=len(images))  # one row
 
     # -- text conditioning ------------------------------------------------------------------------
 
