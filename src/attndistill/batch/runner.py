@@ -286,7 +286,7 @@ class Runner:
                 if retry and earlier_graphs:
                     self.log(f"{tag} {job.id}: out of memory beside the CUDA graphs of earlier jobs; "
                              "dropped them, running it once more")
-                    return self._run(job, tag, retry=False)
+                    return self._run_named(job, tag, retry=False)  # inside this run's naming already
             return self._failed(job, tag, failure[0], start, trace=failure[1], written=written)
         if displaced is not None:
             return self._failed(job, tag, displaced, start, written=written)
