@@ -315,14 +315,7 @@ def _kind(model: ModelSpec) -> str:
 
 def check_model(model: ModelSpec) -> None:
     """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
-    from ..model.loading import (
-        DEFAULT_MODEL,
-        check_config_use,
-        check_latent_channels,
-        check_vae_source,
-        pipeline_kind,
-        single_file_kind,
-    )
+    from ..model.loading import DEFAULT_MODEL, check_config_use, check_vae_source, pipeline_kind, single_file_kind
     from ..model.models import resolve_device, resolve_dtype
     from ..model.single_file import check_checkpoint, checkpoint_keys, is_checkpoint_path, vae_given
 
@@ -339,18 +332,20 @@ def check_model(model: ModelSpec) -> None:
         vae_given(path, keys, model.vae, lambda: None)  # a checkpoint pruned of its VAE has one given
     else:
         pipeline_kind(source)
-        _check_channels(model, source, check_latent_channels)
+        _check_channels(model, source)
 
 
-def _check_channels(model: ModelSpec, source: str, check) -> None:
+def _check_channels(model: ModelSpec, source: str) -> None:
     """An inpainting or editing UNet, or a VAE of another latent width, by their configs (no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ..model.loading import check_latent_channels
 
     unet = _config(UNet2DConditionModel, source, subfolder="unet")
     vae = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, source, subfolder="vae")
     if unet and vae and all(isinstance(c.get(k), int) for c, k in (
             (unet, "in_channels"), (unet, "out_channels"), (vae, "latent_channels"))):
-        check(unet["in_channels"], unet["out_channels"], vae["latent_channels"], source, model.vae)
+        check_latent_channels(unet["in_channels"], unet["out_channels"], vae["latent_channels"], source, model.vae)
 
 
 def _default_model() -> str:
