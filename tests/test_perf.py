@@ -820,6 +820,26 @@ def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eag
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
+def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model, aot_eager):
+    """With ``compiled_loss``, views of 3 in batches of 2 run as 2 and 2 (a copy dropped), not 2 and 1: one
+    program for the run instead of one per batch shape (minutes each on a GPU), and the same canvas."""
+    from torch._dynamo.utils import counters
+
+    from attndistill.core.multidiffusion import multidiffusion
+
+    z_ref, canvas = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 14)
+    results, programs = [], []
+    for compiled in (False, True):
+        model.set_perf(replace(PerfOptions(), compiled_loss=compiled))
+        graphs = counters["stats"]["unique_graphs"]
+        results.append(multidiffusion(Distiller(model), canvas, z_ref, scheduler=model.ddim_scheduler(2),
+                                      cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+                                      generator=torch.Generator().manual_seed(7), progress=False))
+        programs.append(counters["stats"]["unique_graphs"] - graphs)
+    assert programs == [0, 1]
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, aot_eager, monkeypatch, static):
     """``compiled_calls``: the no-grad feature calls as programs give the uncompiled latent. Look-ahead calls

@@ -108,7 +108,8 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     last batch is filled up with copies of its last view, whose results are dropped (default: with
     CUDA graphs, where each batch shape is a graph of its own that holds its working memory: case e's
     batches of 6, 6 and 5 held graphs for 6 views and for 5, whose pools for 5 are 3.9 GiB by a CPU count,
-    benchmarks/graph_memory.py).
+    benchmarks/graph_memory.py; and with ``compiled_loss`` or ``compiled_calls``, where each shape is a
+    program of its own, minutes to compile).
     """
     model = distiller.model
     z = init.detach().to(model.device, torch.float32)
@@ -117,7 +118,9 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     distiller.condition_on((view, view))  # SDXL's null conditioning of the size the UNet sees: one view
     batches = list(_batches(starts, max(1, view_batch)))
     real = [len(batch) for batch in batches]  # views of each batch before any copies fill it up
-    if distiller.cuda_graphs if pad is None else pad:
+    if pad is None:
+        pad = distiller.cuda_graphs or model.perf.compiled_loss or model.perf.compiled_calls
+    if pad:
         batches = [batch + batch[-1:] * (len(batches[0]) - len(batch)) for batch in batches]
     timesteps = scheduler.timesteps
     # not automatic here: one reference row beside ~35 view rows a step; on an H200 (run 5) computing it
