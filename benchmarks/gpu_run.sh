@@ -19,9 +19,12 @@
 #   bash benchmarks/gpu_run.sh run14    # run 14 (<= 580 s): each AD iteration's loss as one compiled program
 #                                       # (compiled_loss: forward, ideal attentions, L1 terms and their backward) against
 #                                       # the default in full runs of b (with the plain path), c, a and e (20 steps)
-#   bash benchmarks/gpu_run.sh run15    # prepared after run 14 (<= 550 s): c with compiled_loss against compiled_loss +
-#                                       # compiled_calls, with the plain path; e with compiled_loss and the plain path.
-#                                       # Each program takes about two minutes to compile on an empty cache
+#   bash benchmarks/gpu_run.sh run15    # run 15 (<= 585 s): the programs of c and e compiled first, in two processes side
+#                                       # by side (they fill PyTorch's disk cache; their lines are no figures); then, one
+#                                       # process at a time from that cache: c with compiled_loss against compiled_loss +
+#                                       # compiled_calls with the plain path; case g as a user meets it (gcli); e over 20
+#                                       # steps with compiled_loss against both switches, with the plain path, in the
+#                                       # seconds left
 #   bash benchmarks/gpu_run.sh gcli     # case g as a user meets it (<= 240 s): 8 `attndistill style` processes, one after
 #                                       # another, against one `attndistill batch --group 8` (batch_vs_commands.py)
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
@@ -132,9 +135,19 @@ case "${1:-}" in
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
   run15)  # after run 14: c is 4.5% from its target; e's batch-6 program did not compile within its line there
-    run 300 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5 \
+    start=$SECONDS
+    warm() { timeout 230 python3 benchmarks/bench.py --cases "$1" --steps 2 --fast compiled_loss=1,compiled_calls=1 \
+      >>"$OUT/warm.jsonl" 2>>"$OUT/warm-stderr.txt"; echo "warm $1: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"; }
+    warm c & warm e & wait
+    run 110 --cases c --fast compiled_loss=1 --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 5 \
       --breakdown 20  # the compiled iteration timed on its own (run 14 had it by subtraction)
-    run 250 --cases e --fast compiled_loss=1 --compare --plain-steps 3 ;;
+    echo "c measured: $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"
+    timeout 240 python3 benchmarks/batch_vs_commands.py --jobs 8 --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
+      | tee -a "$OUT/gcli.jsonl"
+    left=$((575 - (SECONDS - start)))
+    echo "gcli done: $((SECONDS - start)) s; e gets $left s" | tee -a "$OUT/gpu.txt"
+    [ "$left" -gt 45 ] && run "$left" --cases e --steps 20 --fast compiled_loss=1 \
+      --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 3 ;;
   gcli)  # case g as a user meets it (<= 240 s): 8 `attndistill style` processes against one `attndistill batch --group 8`
     timeout 240 python3 benchmarks/batch_vs_commands.py --jobs 8 --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
       | tee -a "$OUT/gcli.jsonl" ;;
