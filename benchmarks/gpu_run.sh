@@ -25,8 +25,12 @@
 #                                       # compiled_calls with the plain path; case g as a user meets it (gcli); e over 20
 #                                       # steps with compiled_loss against both switches, with the plain path, in the
 #                                       # seconds left
-#   bash benchmarks/gpu_run.sh gcli     # case g as a user meets it (<= 240 s): 8 `attndistill style` processes, one after
+#   bash benchmarks/gpu_run.sh gcli     # case g as a user meets it (<= 300 s; run 15 needed about 245 s): 8 `attndistill style` processes, one after
 #                                       # another, against one `attndistill batch --group 8` (batch_vs_commands.py)
+#   bash benchmarks/gpu_run.sh run16    # prepared after run 15 (<= 560 s): e's compiled programs alone on the machine
+#                                       # (330 s; they did not compile within 230 s beside c's in run 15), then e's default
+#                                       # against compiled_loss + compiled_calls in full runs from the disk cache, with the
+#                                       # plain path
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
@@ -134,6 +138,12 @@ case "${1:-}" in
     run 290 --cases b --variant compiled_loss=1 --compare --plain-steps 5
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
+  run16)  # after run 15: case e with the compiled switches has never run on a GPU
+    start=$SECONDS
+    timeout 330 python3 benchmarks/bench.py --cases e --steps 2 --fast compiled_loss=1,compiled_calls=1 \
+      2>>"$OUT/warm-stderr.txt" | tee -a "$OUT/warm.jsonl"
+    echo "warm e: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"
+    run 225 --cases e --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 3 ;;
   run15)  # after run 14: c is 4.5% from its target; e's batch-6 program did not compile within its line there
     start=$SECONDS
     warm() { timeout 230 python3 benchmarks/bench.py --cases "$1" --steps 2 --fast compiled_loss=1,compiled_calls=1 \
@@ -148,8 +158,8 @@ case "${1:-}" in
     echo "gcli done: $((SECONDS - start)) s; e gets $left s" | tee -a "$OUT/gpu.txt"
     [ "$left" -gt 45 ] && run "$left" --cases e --steps 20 --fast compiled_loss=1 \
       --variant compiled_loss=1,compiled_calls=1 --compare --plain-steps 3 ;;
-  gcli)  # case g as a user meets it (<= 240 s): 8 `attndistill style` processes against one `attndistill batch --group 8`
-    timeout 240 python3 benchmarks/batch_vs_commands.py --jobs 8 --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
+  gcli)  # case g as a user meets it (<= 300 s): 8 `attndistill style` processes against one `attndistill batch --group 8`
+    timeout 300 python3 benchmarks/batch_vs_commands.py --jobs 8 --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
       | tee -a "$OUT/gcli.jsonl" ;;
   run14b)  # right after run14 on its machine (its disk cache holds a's and c's programs): with look-ahead of 32 rows too; e
     run 130 --cases c,a --fast compiled_loss=1 --variant compiled_loss=1,lookahead_batch=32 --compare --plain-steps 5

@@ -79,7 +79,8 @@ def _root(
     compiled_calls: Annotated[bool, typer.Option(
         "--compiled-calls",
         help="The UNet calls without gradients (reference, content and look-ahead features; the denoising call) as "
-             "compiled programs, a program per call shape (not measured on a GPU yet)")] = False,
+             "compiled programs, a program per call shape: on an H200 with --compiled-loss 9% faster texture synthesis "
+             "than with --compiled-loss alone")] = False,
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last",
         help="UNet in NHWC memory layout: no layout transposition around each convolution "

@@ -61,7 +61,8 @@ class PerfOptions:
     compiled_loss: bool = False
     # the UNet calls without gradients as compiled programs of static shapes, a program per call shape: the
     # feature calls (reference, content, look-ahead), whose tail after the last recorded layer is dead code
-    # there too, and the samplers' denoising call (not with a ControlNet). Not measured on a GPU yet
+    # there too, and the samplers' denoising call (not with a ControlNet). On an H200 (run 15) with compiled_loss:
+    # texture synthesis 9% faster than with compiled_loss alone
     compiled_calls: bool = False
     # UNet weights in NHWC layout, which tensor-core convolutions prefer (None: on for CUDA; on an H200 it
     # spares cuDNN a layout transposition around every convolution)
