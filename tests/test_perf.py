@@ -11,6 +11,7 @@ first step. Later steps can still cross a kink by chance, which is why these che
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -818,6 +819,21 @@ def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eag
         assert static_program.cache_info().currsize == (3 if compiled else 0)
     for compiled, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, aot_eager, caplog):
+    """The first call of a whole-UNet program with new shapes compiles for minutes on a GPU while the progress
+    bar stands still: it says so (INFO, which the CLI shows), once per shape, not at every step."""
+    z_ref = torch.randn(1, 4, 8, 8)
+    model.set_perf(replace(PerfOptions(), compiled_loss=True))
+    with caplog.at_level(logging.INFO, logger="attndistill"):
+        for side in (8, 8, 16):
+            z = torch.randn(1, 4, side, side)
+            optimize_latents(Distiller(model), z, z_ref, steps=3, iters=1, lr=0.05, progress=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiling")]
+    assert [line.split(":")[0] for line in said] == [
+        "compiling the AD loss and its backward (--compiled-loss) for latents of 1×4×8×8",
+        "compiling the AD loss and its backward (--compiled-loss) for latents of 1×4×16×16"]
 
 
 def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model, aot_eager):

@@ -91,6 +91,8 @@ def quiet_libraries() -> None:
     except Exception:  # pragma: no cover - logging is cosmetic
         pass
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    # this package's INFO lines too: what the user waits for (a program compiling for minutes) and nothing chatty
+    logging.getLogger("attndistill").setLevel(logging.INFO)
     # diffusers passes this deprecated argument to huggingface_hub on every config lookup: noise before any error
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
 

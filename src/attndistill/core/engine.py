@@ -318,7 +318,7 @@ class Distiller:
             chunks = feed_forward_chunks(self._blocks, rows) if rows < b else contextlib.nullcontext()
             with chunks, contextlib.suppress(StopForward):  # the rest of the UNet is not needed
                 if self.model.perf.compiled_calls and not torch.is_grad_enabled() and torch.is_tensor(t):
-                    static_program(Distiller._record)(self, latents, t)
+                    static_program(Distiller._record, "the feature call (--compiled-calls)")(self, latents, t)
                 else:
                     self.model.predict(latents, t, self.null)
             return self.store.take()
@@ -408,7 +408,7 @@ class Distiller:
             if self.reference is None:
                 self.compute_reference()
             if self._compiles_loss():
-                return static_program(Distiller._target_loss)(self, z)
+                return static_program(Distiller._target_loss, "the AD loss and its backward (--compiled-loss)")(self, z)
             target = self.features(z, t)
         return self._loss(target, z, z_ref.shape[-2:])
 

@@ -115,7 +115,7 @@ def denoiser(model: DiffusionModel) -> Callable[..., torch.Tensor]:
     it: one program per batch and conditioning shape, shared by every run of the process."""
     if not model.perf.compiled_calls:
         return model.predict
-    program = static_program(DiffusionModel.predict)
+    program = static_program(DiffusionModel.predict, "the denoising call (--compiled-calls)")
 
     def predict(x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
         # a timestep given as a number would be compiled in: a program per step

@@ -8,9 +8,12 @@ own (PyTorch specialises them), and so does each distinct parameter shape of a m
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Distinct programs one compiled function may have (SD 1.5 has ~10 ResNet block shapes, SDXL more).
 RECOMPILE_LIMIT = 64
@@ -51,11 +54,27 @@ def compiled(fn: Callable, *, dynamic: bool = True) -> Callable:
 
 
 @functools.cache
-def static_program(fn: Callable) -> Callable:
+def static_program(fn: Callable, what: str) -> Callable:
     """``fn`` compiled with static shapes (:func:`compiled`), once per process: a program per shape and
     setting, shared by every caller. Made at first use, so that the backend is the one set then (tests trace
-    with ``aot_eager``)."""
-    return compiled(fn, dynamic=False)
+    with ``aot_eager``).
+
+    what: the program in words. Its first call with new tensor shapes says (log level INFO) that ``what`` is
+    compiling: a whole UNet call takes minutes to compile the first time, during which a run's progress bar
+    stands still.
+    """
+    program = compiled(fn, dynamic=False)
+    seen: set[tuple] = set()
+
+    def call(*args, **kwargs):
+        shapes = tuple(tuple(a.shape) for a in args if torch.is_tensor(a))
+        if shapes not in seen:
+            seen.add(shapes)
+            log.info("compiling %s for latents of %s: minutes the first time, seconds once PyTorch's cache on disk "
+                     "holds it", what, "×".join(map(str, shapes[0])) if shapes else "no tensor")
+        return program(*args, **kwargs)
+
+    return call
 
 
 def _settings(config) -> dict[str, object]:
