@@ -174,16 +174,17 @@ class _GroupNormNHWC(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         grouped = _grouped(x, groups)
         count = grouped.shape[1] * grouped.shape[3]
-        # float32 statistics read from x as it is (no float copy of x); E[x^2] - E[x]^2 in float32 loses
-        # precision only where a group's mean is thousands of times its spread
-        mean = grouped.mean(dim=(1, 3), keepdim=True, dtype=torch.float32)
-        mean_square = torch.linalg.vector_norm(grouped, dim=(1, 3), keepdim=True, dtype=torch.float32)
+        # float32 statistics (float64 for a float64 x) read from x as it is (no float copy of x); E[x^2] - E[x]^2
+        # in float32 loses precision only where a group's mean is thousands of times its spread
+        stats = torch.promote_types(x.dtype, torch.float32)
+        mean = grouped.mean(dim=(1, 3), keepdim=True, dtype=stats)
+        mean_square = torch.linalg.vector_norm(grouped, dim=(1, 3), keepdim=True, dtype=stats)
         mean_square = mean_square.square_().div_(count)
         rstd = (mean_square - mean.square()).clamp_(min=0).add_(eps).rsqrt_()
-        scale = rstd if weight is None else rstd * weight.float().view(1, 1, groups, -1)
+        scale = rstd if weight is None else rstd * weight.to(stats).view(1, 1, groups, -1)
         shift = -mean * scale
         if bias is not None:
-            shift = shift + bias.float().view(1, 1, groups, -1)
+            shift = shift + bias.to(stats).view(1, 1, groups, -1)
         out = torch.empty_like(x, memory_format=torch.channels_last)
         torch.addcmul(shift, grouped, scale, out=_grouped(out, groups))  # computed in float32, stored as x's dtype
         ctx.save_for_backward(x, weight, mean, rstd)
