@@ -31,6 +31,8 @@
 #                                       # (330 s; they did not compile within 230 s beside c's in run 15), then e's default
 #                                       # against compiled_loss + compiled_calls in full runs from the disk cache, with the
 #                                       # plain path
+#   bash benchmarks/gpu_run.sh startup  # where one `attndistill style` command of 50 steps spends its ~21 s (<= 150 s;
+#                                       # command_profile.py: imports, load, capture, steps, decode under the profiler)
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
 #   bash benchmarks/gpu_run.sh run9     # after run 8 (<= 150 s): case h (SDXL expansion, 512-px views beside a 1024²
 #                                       # reference) with CUDA graphs against eager over 10 steps
@@ -132,6 +134,9 @@ case "${1:-}" in
     run 115 --cases d --fast offload_text_encoders=1 --variant-steps 50 --variant channels_last_norms=1 \
       --variant gradient_checkpointing=1
     run 120 --cases f --steps 1 ;;
+  startup)  # run 15: a command took 21.5 s for 50 steps that take ~1.3 s warmed up; where does the rest go?
+    timeout 150 python3 benchmarks/command_profile.py --steps 50 --work /tmp/gcli 2>>"$OUT/stderr.txt" \
+      | tee -a "$OUT/startup.jsonl" ;;
   smoke)  # do the GPU-only code paths of every command run? (exit status and output, no pixels)
     timeout 300 python3 benchmarks/gpu_smoke.py 2>>"$OUT/stderr.txt" | tee -a "$OUT/smoke.jsonl" ;;
   run14)  # the nineteenth session: compiled_loss; c reuses b's program (same shapes, no content term) from the disk cache
