@@ -390,6 +390,22 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     assert not out.exists()  # nothing written, no model loaded
 
 
+def test_a_dry_run_counts_jobs_that_failed_before_apart_from_the_ready_ones(tmp_path, data_dir, tiny_sd15_dir):
+    """A run skips a job recorded as failed unless --retry-failed; the dry run says so instead of "ready"."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "missing.jpg"),
+                                                  job_line("style", "horse.jpg", "wood-rings.jpg")])
+    out = tmp_path / "out"
+    run = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "-q")
+    assert run.exit_code == 1 and "1 done" in run.output and "1 failed" in run.output, run.output
+    shutil.copy(data_dir / "watercolor-cat.jpg", tmp_path / "in" / "missing.jpg")  # the input is there now
+    dry = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "failed before (" in dry.output and "a run skips it unless --retry-failed" in dry.output
+    assert "0 ready, 1 already done, 1 failed before (skipped without --retry-failed), 0 invalid" in dry.output
+    retry = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run", "--retry-failed")
+    assert retry.exit_code == 0 and "1 ready, 1 already done, 0 invalid" in retry.output, retry.output
+
+
 def test_a_job_never_writes_over_its_own_input(tmp_path, data_dir, tiny_sd15_dir):
     out = tmp_path / "out"
     out.mkdir()

@@ -525,25 +525,35 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, defaults: ModelSpec | None = None,
-            shard: str | None = None, log: Log = _stderr, env: Mapping[str, str] | None = None) -> int:
-    """Validate every job of the file (all shards) without loading any weights; returns the number invalid."""
+            shard: str | None = None, log: Log = _stderr, env: Mapping[str, str] | None = None,
+            retry_failed: bool = False) -> int:
+    """Validate every job of the file (all shards) without loading any weights; returns the number invalid.
+
+    Jobs recorded as failed are counted apart, as a run without ``retry_failed`` skips them: "ready" is what a
+    run would start."""
     out_dir = Path(out_dir)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
     _check_out_dir(out_dir)  # once, not once per job
+    previous = latest(read_records(out_dir)) if out_dir.is_dir() else {}
     validator = Validator(out_dir)
-    bad = done = 0
+    bad = done = failed = 0
     for job in jobs:
         if is_done(job):
             done += 1
+            continue
+        if previous.get(job.id, {}).get("status") == "failed" and not retry_failed and not job.error:
+            failed += 1  # as Runner.run: a line that cannot be read is checked again
+            log(f"{job.id}: failed before ({previous[job.id].get('error')}); a run skips it unless --retry-failed")
             continue
         try:
             validator.check(job)
         except UserError as exc:
             bad += 1
             log(f"invalid {job.id}: {exc}")
-    log(f"dry run: {len(jobs)} jobs, {len(jobs) - bad - done} ready, {done} already done, {bad} invalid; "
-        f"shard {part} would take {len(select(jobs, part))}")
+    skipped = f", {failed} failed before (skipped without --retry-failed)" if failed else ""
+    log(f"dry run: {len(jobs)} jobs, {len(jobs) - bad - done - failed} ready, {done} already done{skipped}, "
+        f"{bad} invalid; shard {part} would take {len(select(jobs, part))}")
     return bad
 
 
