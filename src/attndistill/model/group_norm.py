@@ -186,7 +186,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(stats).view(1, 1, groups, -1)
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        torch.addcmul(shift, grouped, scale, out=_grouped(out, groups))  # computed in the statistics' dtype, stored as x's
+        torch.addcmul(shift, grouped, scale, out=_grouped(out, groups))  # in the statistics' dtype, stored as x's
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.groups = groups
         return out
