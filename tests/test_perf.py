@@ -101,13 +101,13 @@ def test_fused_texture_synthesis_gives_the_same_image(model, data_dir):
     assert np.abs(images["fast"] - images["plain"]).max() <= 1e-4
 
 
-def test_batched_targets_equal_one_by_one(model):
+def test_batched_targets_equal_one_by_one(model64):
     """Several targets of one reference optimised in one batch == each optimised alone."""
-    model.set_perf(PerfOptions.plain())
+    model64.set_perf(PerfOptions.plain())
     z_ref, contents = torch.randn(1, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    batched = _run(model, PerfOptions.plain(), contents, z_ref, contents, steps=10)
+    batched = _run(model64, PerfOptions.plain(), contents, z_ref, contents, steps=10)
     for i in range(3):
-        single = _run(model, PerfOptions.plain(), contents[i:i + 1], z_ref, contents[i:i + 1], steps=10)
+        single = _run(model64, PerfOptions.plain(), contents[i:i + 1], z_ref, contents[i:i + 1], steps=10)
         torch.testing.assert_close(batched[i:i + 1], single, atol=1e-4, rtol=0)
 
 
@@ -431,12 +431,12 @@ def test_lookahead_overlap_issues_the_next_call_early_and_keeps_the_result(model
     assert calls[1] == [4, 4] + target * 2 + [2] + target * 2 + target  # each call one chunk early
 
 
-def test_lookahead_with_a_reference_of_another_size(model):
+def test_lookahead_with_a_reference_of_another_size(model64):
     z_ref, z_c = torch.randn(1, 4, 12, 8), torch.randn(1, 4, 8, 8)
     results = []
     for batch in (1, 4):
-        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
-        results.append(optimize_latents(Distiller(model, content_weight=0.25), z_c, z_ref, content_latents=z_c,
+        model64.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        results.append(optimize_latents(Distiller(model64, content_weight=0.25), z_c, z_ref, content_latents=z_c,
                                         steps=4, iters=1, lr=0.05, progress=False))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
 
@@ -537,15 +537,15 @@ def test_lookahead_runs_the_feed_forward_layers_in_chunks_with_the_same_features
 
 @pytest.mark.parametrize("switch", ["gradient_checkpointing", "attention_slicing"])
 @pytest.mark.parametrize("early_exit", [False, True])
-def test_memory_switches_keep_the_optimised_latent_and_image(model, switch, early_exit):
+def test_memory_switches_keep_the_optimised_latent_and_image(model64, switch, early_exit):
     """Recomputing activations in the backward pass, or attention in slices, changes no result, also
     where the forward stops after the last captured layer (inside a checkpointed block)."""
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    plain = _run(model, PerfOptions.plain(), z_c, z_ref, z_c, steps=10, iters=2)
-    lean = _run(model, replace(PerfOptions.plain(), early_exit=early_exit, **{switch: True}), z_c, z_ref, z_c,
+    plain = _run(model64, PerfOptions.plain(), z_c, z_ref, z_c, steps=10, iters=2)
+    lean = _run(model64, replace(PerfOptions.plain(), early_exit=early_exit, **{switch: True}), z_c, z_ref, z_c,
                 steps=10, iters=2)
     torch.testing.assert_close(lean, plain, atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.decode(lean), model.decode(plain), atol=1e-4, rtol=0)
+    torch.testing.assert_close(model64.decode(lean), model64.decode(plain), atol=1e-4, rtol=0)
 
 
 def test_channels_last_norms_keep_the_optimised_latent_and_image(model64):
@@ -576,21 +576,21 @@ def test_channels_last_norms_keep_the_optimised_latent_and_image(model64):
     assert count(ChannelsLastGroupNorm) == 0
 
 
-def test_compiled_norms_keep_the_optimised_latent_and_image(model, aot_eager):
+def test_compiled_norms_keep_the_optimised_latent_and_image(model64, aot_eager):
     """``compiled_norms``: GroupNorms (+ SiLU) as compiled programs give the same latent and image."""
     from attndistill.model.group_norm import CompiledGroupNorm
 
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     nhwc = replace(PerfOptions.plain(), channels_last=True)
-    before = _run(model, nhwc, z_c, z_ref, z_c, steps=10)
-    norms = sum(type(m) is torch.nn.GroupNorm for m in model.unet.modules())
-    after = _run(model, replace(nhwc, compiled_norms=True), z_c, z_ref, z_c, steps=10)
-    assert sum(type(m) is CompiledGroupNorm for m in model.unet.modules()) == norms > 0
+    before = _run(model64, nhwc, z_c, z_ref, z_c, steps=10)
+    norms = sum(type(m) is torch.nn.GroupNorm for m in model64.unet.modules())
+    after = _run(model64, replace(nhwc, compiled_norms=True), z_c, z_ref, z_c, steps=10)
+    assert sum(type(m) is CompiledGroupNorm for m in model64.unet.modules()) == norms > 0
     torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.decode(after), model.decode(before), atol=1e-4, rtol=0)
-    model.set_perf(replace(nhwc, compiled_norms=True, compile=True))  # compile fuses its own norms
-    assert sum(type(m) is torch.nn.GroupNorm for m in model.unet.modules()) == norms
-    model.set_perf(PerfOptions())
+    torch.testing.assert_close(model64.decode(after), model64.decode(before), atol=1e-4, rtol=0)
+    model64.set_perf(replace(nhwc, compiled_norms=True, compile=True))  # compile fuses its own norms
+    assert sum(type(m) is torch.nn.GroupNorm for m in model64.unet.modules()) == norms
+    model64.set_perf(PerfOptions())
 
 
 def test_layer_discovery_compiles_nothing(model, aot_eager):
@@ -845,7 +845,7 @@ def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, aot_eage
         "compiling the AD loss and its backward (--compiled-loss) for latents of 1×4×16×16"]
 
 
-def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model, aot_eager):
+def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model64, aot_eager):
     """With ``compiled_loss``, views of 3 in batches of 2 run as 2 and 2 (a copy dropped), not 2 and 1: one
     program for the run instead of one per batch shape (minutes each on a GPU), and the same canvas."""
     from torch._dynamo.utils import counters
@@ -855,10 +855,10 @@ def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(m
     z_ref, canvas = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 14)
     results, programs = [], []
     for compiled in (False, True):
-        model.set_perf(replace(PerfOptions(), compiled_loss=compiled))
+        model64.set_perf(replace(PerfOptions(), compiled_loss=compiled))
         graphs = counters["stats"]["unique_graphs"]
-        results.append(multidiffusion(Distiller(model), canvas, z_ref, scheduler=model.ddim_scheduler(2),
-                                      cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+        results.append(multidiffusion(Distiller(model64), canvas, z_ref, scheduler=model64.ddim_scheduler(2),
+                                      cond=model64.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
                                       generator=torch.Generator().manual_seed(7), progress=False))
         programs.append(counters["stats"]["unique_graphs"] - graphs)
     assert programs == [0, 1]
