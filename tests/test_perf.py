@@ -293,15 +293,15 @@ def test_compile_switch_keeps_the_optimised_latent_and_image(model, dynamo_eager
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_lookahead_computes_several_timesteps_per_call_with_the_same_result(model, monkeypatch, static):
+def test_lookahead_computes_several_timesteps_per_call_with_the_same_result(model64, monkeypatch, static):
     """``lookahead_batch``: reference and content features of upcoming timesteps in one call, same latent."""
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
     results, calls = [], []
     counter = _CountFeatureCalls(monkeypatch)
     for batch in (1, 6, 5):
-        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        model64.set_perf(replace(PerfOptions(), lookahead_batch=batch))
         counter.batches = []
-        results.append(optimize_latents(Distiller(model, content_weight=0.25, static=static), z_c, z_ref,
+        results.append(optimize_latents(Distiller(model64, content_weight=0.25, static=static), z_c, z_ref,
                                         content_latents=z_c, steps=5, iters=2, lr=0.05, progress=False))
         calls.append(counter.batches)
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
@@ -462,16 +462,16 @@ def test_lookahead_in_sampling_draws_the_same_noise_and_gives_the_same_result(mo
     assert calls[1] == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]  # 2 steps of (reference + content) per call
 
 
-def test_lookahead_in_multidiffusion_gives_the_same_canvas(model):
+def test_lookahead_in_multidiffusion_gives_the_same_canvas(model64):
     from attndistill.core.multidiffusion import multidiffusion
 
     init = torch.randn(1, 4, 8, 14, generator=torch.Generator().manual_seed(1))
     z_ref = torch.randn(1, 4, 8, 8)
     results = []
     for batch in (1, 2):
-        model.set_perf(replace(PerfOptions(), lookahead_batch=batch))
-        results.append(multidiffusion(Distiller(model), init, z_ref, scheduler=model.ddim_scheduler(3),
-                                      cond=model.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
+        model64.set_perf(replace(PerfOptions(), lookahead_batch=batch))
+        results.append(multidiffusion(Distiller(model64), init, z_ref, scheduler=model64.ddim_scheduler(3),
+                                      cond=model64.null_condition(), iters=2, lr=0.05, view=8, stride=3, view_batch=2,
                                       adain=True, generator=torch.Generator().manual_seed(7), progress=False))
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
 
@@ -887,14 +887,16 @@ def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, aot
 
 
 @pytest.mark.parametrize("refs", [1, 2])
-def test_reference_and_content_in_one_call_give_the_same_loss_gradient_and_latent(model, refs):
+def test_reference_and_content_in_one_call_give_the_same_loss_gradient_and_latent(model, model64, refs):
     """The no-grad call that computes reference keys/values and content queries together (on CUDA by default)
-    equals two calls of their own: one loss and gradient eagerly, and a run over static buffers."""
+    equals two calls of their own: one loss and gradient eagerly (float32), and a run over static buffers (the
+    UNet in float64: see ``model64``)."""
     z_ref, z_c, z0 = torch.randn(refs, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
     model.set_perf(PerfOptions(fused=False))
+    model64.set_perf(PerfOptions(fused=False))
     results, latents = [], []
     for together in (False, True):
-        eager, static = Distiller(model, content_weight=0.25), Distiller(model, content_weight=0.25, static=True)
+        eager, static = Distiller(model, content_weight=0.25), Distiller(model64, content_weight=0.25, static=True)
         eager.batch_references = static.batch_references = together
         results.append(_loss_and_gradient(eager, z_ref, z_c, z0))
         latents.append(optimize_latents(static, z0, z_ref, content_latents=z_c, steps=5, iters=2, lr=0.05,
