@@ -524,3 +524,23 @@ def test_a_v_prediction_model_is_described_as_one(tiny_sd15_dir, tmp_path):
     slot.get(str(folder))
     assert "(sd15, v-prediction, cpu, float32)" in slot.describe()
     assert slot.holds(str(folder)) and not slot.holds(str(tiny_sd15_dir))
+
+
+def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir, tmp_path, data_dir, aot_eager):
+    """Started with --compiled-loss, a first run compiles for minutes before its first step: the status line
+    says so instead of standing at "starting…", and the run's own steps and result follow as usual."""
+    from attndistill.model.perf import PerfOptions
+
+    ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path,
+               perf=PerfOptions(compiled_loss=True))
+    ui.demo = ui.build()
+    updates = run_tab(ui, "style", {"style-target": str(data_dir / "horse.jpg"), "style-size": "64",
+                                    "style-reference": str(data_dir / "watercolor-cat.jpg"), "style-steps": 2,
+                                    "style-preview-every": 0})
+    statuses = [u[0] for u in updates if isinstance(u[0], str)]
+    waits = [s for s in statuses if s.startswith("compiling")]
+    assert len(waits) == 1 and "the AD loss and its backward (compiled loss) for latents of 1×4×8×8" in waits[0]
+    steps = [i for i, s in enumerate(statuses) if s.startswith("step ")]
+    assert steps and statuses.index(waits[0]) < steps[0], statuses  # before the first step, not after
+    assert [statuses[i].split(" · ")[0] for i in steps] == ["step 1/2", "step 2/2"], statuses
+    result_parameters(updates)  # done, with its result

@@ -46,7 +46,7 @@ from .fields import (
     upload_check,
     whole,
 )
-from .jobs import Callback, Cancelled, Job, RunBoard, Update, cli_command, error_message
+from .jobs import COMPILING_LOG, Callback, Cancelled, Job, RunBoard, Update, cli_command, error_message
 from .tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class WebUI:
                  allow_pickle: bool = False) -> None:
         self.slot = ModelSlot(device=device, dtype=dtype, perf=perf, config=config, allow_pickle=allow_pickle)
         self.model, self.vae = model or DEFAULT_MODEL, vae
+        logging.getLogger(COMPILING_LOG).setLevel(logging.INFO)  # its lines become the page's status while it waits
         # results outlive the server (a temp folder would not outlive a reboot), where it was started
         self.outputs = (Path(outputs) if outputs else Path.cwd() / DEFAULT_OUTPUTS).absolute()
         self._make_outputs()
@@ -206,6 +207,10 @@ class WebUI:
         try:
             job.start()
             for u in job.updates():
+                if not u.total:  # no step yet: what the run waits for (a program compiling)
+                    progress(0, desc=page_text(u.stage))
+                    yield line(page_text(u.stage) + "…", None)
+                    continue
                 # NaN: no AD iterations (AdaIN alone, or plain sampling)
                 loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"
                 progress((u.step, u.total), desc=loss or None)

@@ -52,6 +52,25 @@ class _Notes(logging.Handler):
             self.messages.append(message)
 
 
+#: The logger of :func:`attndistill.model.compiling.static_program`'s "compiling ..." lines (level INFO).
+COMPILING_LOG = "attndistill.model.compiling"
+
+
+class _Waits(logging.Handler):
+    """What the library says a run waits for (a program compiling for minutes) from one thread, put in the
+    job's updates as a report without a step: the page says why no step comes."""
+
+    def __init__(self, updates: "queue.Queue[Update | None]") -> None:
+        super().__init__(logging.INFO)
+        self.thread: int | None = None
+        self.updates = updates
+        self.position = (0, 0)  # (step, total) of the run's last report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and record.levelno == logging.INFO and record.name == COMPILING_LOG:
+            self.updates.put(Update(*self.position, float("nan"), None, record.getMessage()))
+
+
 class Job:
     """One API call in a worker thread.
 
@@ -68,6 +87,7 @@ class Job:
         self.last: Update | None = None
         self._notes = _Notes()
         self._updates: queue.Queue[Update | None] = queue.Queue()
+        self._waits = _Waits(self._updates)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="attndistill-job", daemon=True)
         self.started = time.monotonic()
@@ -105,6 +125,7 @@ class Job:
             except Exception as exc:  # a preview is a nicety: never let it end the run
                 log.warning("live preview disabled: %s", exc)
                 self.preview = None
+        self._waits.position = (step, info.total)
         self._updates.put(Update(step, info.total, info.loss, image, info.stage))
 
     @property
@@ -114,20 +135,24 @@ class Job:
 
     def _work(self) -> None:
         library = logging.getLogger("attndistill")
-        self._notes.thread = threading.get_ident()
+        self._notes.thread = self._waits.thread = threading.get_ident()
         library.addHandler(self._notes)
+        library.addHandler(self._waits)
         try:
             self.result = self.fn(self._callback)
         except BaseException as exc:  # handed to the page by the caller of updates()
             self.error = exc
         finally:
             library.removeHandler(self._notes)
+            library.removeHandler(self._waits)
             self._updates.put(None)
 
     def updates(self) -> Iterator[Update]:
-        """Progress reports until the run ends (then ``result`` or ``error`` is set)."""
+        """Progress reports until the run ends (then ``result`` or ``error`` is set). A report with a ``stage``
+        and no step (``total`` 0) says what the run waits for before its first step."""
         while (item := self._updates.get()) is not None:
-            self.last = item
+            if item.total:  # the last step reached, for the page's "done" and "cancelled" lines
+                self.last = item
             yield item
         self._thread.join()
 
