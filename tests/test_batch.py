@@ -1169,3 +1169,16 @@ def test_a_jobs_warnings_name_its_line_in_the_jobs_files_words(tmp_path, data_di
     assert result.exit_code == 0, result.output
     assert "line 1 (rescaled): guidance rescale 0.5 is not used: guidance 1 turns classifier-free guidance off " \
            "(raise 'guidance' above 1 to use it)" in caplog.text
+
+
+def test_the_warnings_of_jobs_optimised_in_one_batch_name_all_their_lines(tmp_path, data_dir, tiny_sd15_dir, caplog):
+    """A batch of style jobs runs as one optimisation: what it warns of names every line of the batch."""
+    folder = tmp_path / "in"
+    jobs = write_jobs(folder, data_dir, [job_line("style", c, "style.gif") for c in ("horse.jpg", "golden-gate.jpg")])
+    frames = [Image.open(data_dir / "watercolor-cat.jpg").convert("RGB"), Image.open(data_dir / "horse.jpg")]
+    frames[0].save(folder / "style.gif", save_all=True, append_images=frames[1:])  # a style of two frames
+    with caplog.at_level("WARNING"):
+        result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--group", 2)
+    assert result.exit_code == 0, result.output
+    assert "lines 1, 2 (one batch): style image '" in caplog.text and "has 2 frames; its first is used" in caplog.text
+    assert "line 1 (style-horse-" in caplog.text and "\n" + "style image" not in caplog.text  # checked: named too

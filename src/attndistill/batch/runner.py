@@ -138,7 +138,8 @@ class Runner:
                 self.log(f"{job.id}: failed before ({previous[job.id].get('error')}); rerun with --retry-failed")
                 continue
             try:
-                validator.check(job)
+                with _naming(job):  # what the checks warn of (an animated image) names the line too
+                    validator.check(job)
             except UserError as exc:
                 summary.failed += 1
                 self._record(job, "failed", error=str(exc))
@@ -192,9 +193,10 @@ class Runner:
                 model = self._load(runnable[0].model)
                 args = {k: v for k, v in runnable[0].args.items() if k not in ("content", "style", "mask")}
                 masks = [j.args.get("mask") for j in runnable]
-                images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
-                                              model=model, progress=self.progress,
-                                              masks=masks if any(m is not None for m in masks) else None, **args)
+                with _naming(*runnable):
+                    images = style_transfer_batch([j.args["content"] for j in runnable], runnable[0].args["style"],
+                                                  model=model, progress=self.progress,
+                                                  masks=masks if any(m is not None for m in masks) else None, **args)
                 saved = {job.id: _save_result(image, job.outputs[0], job, batched=len(runnable))
                          for job, image in zip(runnable, images, strict=True)}
             except Exception as exc:  # handled below: inside except, its traceback keeps the batch's memory
@@ -437,13 +439,19 @@ def _parameters(image, job: Job, batched: int = 1) -> dict:
 
 
 @contextlib.contextmanager
-def _naming(job: Job):
+def _naming(*jobs: Job):
     """The warnings a job's run logs name its line, in the jobs file's words: a batch prints the warnings of
-    many jobs one after another, and the CLI's words (--guidance) are no key of a jobs line."""
+    many jobs one after another, and the CLI's words (--guidance) are no key of a jobs line. Jobs optimised
+    together in one batch share their warnings: each names all of their lines."""
+    if len(jobs) == 1:
+        who = f"line {jobs[0].line} ({jobs[0].id})"
+    else:
+        who = f"lines {', '.join(str(j.line) for j in jobs)} (one batch)"
+
     def name(record: logging.LogRecord) -> bool:
         if record.name.startswith("attndistill") and record.levelno >= logging.WARNING and \
                 not getattr(record, "job_named", False):
-            record.msg, record.job_named = f"line {job.line} ({job.id}): {job_words(str(record.msg))}", True
+            record.msg, record.job_named = f"{who}: {job_words(str(record.msg))}", True
         return True
 
     handlers = list(logging.getLogger().handlers)
@@ -547,7 +555,8 @@ def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, default
             log(f"{job.id}: failed before ({previous[job.id].get('error')}); a run skips it unless --retry-failed")
             continue
         try:
-            validator.check(job)
+            with _naming(job):  # what the checks warn of (an animated image) names the line too
+                validator.check(job)
         except UserError as exc:
             bad += 1
             log(f"invalid {job.id}: {exc}")
