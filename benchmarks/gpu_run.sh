@@ -31,6 +31,9 @@
 #                                       # (330 s; they did not compile within 230 s beside c's in run 15), then e's default
 #                                       # against compiled_loss + compiled_calls in full runs from the disk cache, with the
 #                                       # plain path
+#   bash benchmarks/gpu_run.sh run17    # prepared after run 15 (<= 590 s): a with compiled_loss + compiled_calls and the
+#                                       # plain path; then g with both switches, batched and one by one (the one-by-one
+#                                       # runs reuse a's programs from the disk cache; the batch compiles its own)
 #   bash benchmarks/gpu_run.sh startup  # where one `attndistill style` command of 50 steps spends its ~21 s (<= 150 s;
 #                                       # command_profile.py: imports, load, capture, steps, decode under the profiler)
 #   bash benchmarks/gpu_run.sh smoke    # every CLI command once on the GPU with the tiny models (gpu_smoke.py, <= 300 s)
@@ -143,6 +146,9 @@ case "${1:-}" in
     run 290 --cases b --variant compiled_loss=1 --compare --plain-steps 5
     run 190 --cases c,a --variant compiled_loss=1
     run 100 --cases e --steps 20 --variant compiled_loss=1 ;;
+  run17)  # after run 15: case a with both compiled switches; case g compiled both ways, so its ratio compares like with like
+    run 300 --cases a --fast compiled_loss=1,compiled_calls=1 --compare --plain-steps 5
+    run 290 --cases g --fast compiled_loss=1,compiled_calls=1 ;;
   run16)  # after run 15: case e with the compiled switches has never run on a GPU
     start=$SECONDS
     timeout 330 python3 benchmarks/bench.py --cases e --steps 2 --fast compiled_loss=1,compiled_calls=1 \
