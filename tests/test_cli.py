@@ -314,3 +314,14 @@ def test_info_warns_when_an_input_changed_since_the_result_was_made(tmp_path, da
                             "give the same pixels\n")
     texture.unlink()
     assert f"reference '{texture}' is gone since" in run("info", out).stderr
+
+
+def test_commands_show_this_packages_info_lines_and_not_other_libraries():
+    """A compiled program says "compiling …" at INFO (minutes of a still progress bar): commands show it."""
+    import logging
+
+    from attndistill.cli.common import quiet_libraries
+
+    quiet_libraries()
+    assert logging.getLogger("attndistill.model.compiling").isEnabledFor(logging.INFO)
+    assert not logging.getLogger("diffusers.models").isEnabledFor(logging.INFO)
