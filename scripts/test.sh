@@ -12,6 +12,6 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 ruff check src tests benchmarks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only fight over 2 cores
-# two workers: each test is small and single-threaded, so both cores work (3.4 to 4.1 minutes on
+# two workers: each test is small and single-threaded, so both cores work (3.3 to 4.1 minutes on
 # a 2-core machine, README) (the tests use their own temporary folders and free ports)
 python -m pytest -q -n 2 "$@"
