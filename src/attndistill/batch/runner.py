@@ -131,11 +131,9 @@ class Runner:
                     self._record(job, "done", seconds=None, recovered=True)
                 JobLock(self.out_dir, job.id).remove_if_stale()  # or killed after recording, before unlocking
                 continue
-            # a line that cannot be read (its id is its line number) is checked again: edited, it kept showing
-            # the error it had before
-            if previous.get(job.id, {}).get("status") == "failed" and not self.retry_failed and not job.error:
+            if (error := _failed_before(job, previous, self.retry_failed)) is not None:
                 summary.not_retried += 1
-                self.log(f"{job.id}: failed before ({previous[job.id].get('error')}); rerun with --retry-failed")
+                self.log(f"{job.id}: failed before ({error}); rerun with --retry-failed")
                 continue
             try:
                 with _naming(job):  # what the checks warn of (an animated image) names the line too
@@ -526,6 +524,15 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     return summary
 
 
+def _failed_before(job: Job, previous: dict[str, dict], retry_failed: bool) -> str | None:
+    """The error of a job recorded as failed, which a run skips (None: it runs, or is checked again). A line that
+    cannot be read (its id is its line number) is checked again: edited, it kept showing the error it had before."""
+    record = previous.get(job.id, {})
+    if record.get("status") != "failed" or retry_failed or job.error:
+        return None
+    return str(record.get("error"))
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """--out is a folder or may become one: a file there is said once, by a run and a dry run alike."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -550,9 +557,9 @@ def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, default
         if is_done(job):
             done += 1
             continue
-        if previous.get(job.id, {}).get("status") == "failed" and not retry_failed and not job.error:
-            failed += 1  # as Runner.run: a line that cannot be read is checked again
-            log(f"{job.id}: failed before ({previous[job.id].get('error')}); a run skips it unless --retry-failed")
+        if (error := _failed_before(job, previous, retry_failed)) is not None:
+            failed += 1
+            log(f"{job.id}: failed before ({error}); a run skips it unless --retry-failed")
             continue
         try:
             with _naming(job):  # what the checks warn of (an animated image) names the line too

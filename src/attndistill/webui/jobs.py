@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..core.progress import Callback, StepInfo
 from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..model.compiling import log as compiling_log
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class _Notes(logging.Handler):
 
 
 #: The logger of :func:`attndistill.model.compiling.static_program`'s "compiling ..." lines (level INFO).
-COMPILING_LOG = "attndistill.model.compiling"
+COMPILING_LOG = compiling_log.name
 
 
 class _Waits(logging.Handler):
