@@ -544,3 +544,37 @@ def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir
     assert steps and statuses.index(waits[0]) < steps[0], statuses  # before the first step, not after
     assert [statuses[i].split(" · ")[0] for i in steps] == ["step 1/2", "step 2/2"], statuses
     result_parameters(updates)  # done, with its result
+
+
+@pytest.mark.parametrize("tab, values, message", [
+    ("style", {"style-layers": "90-95"}, r"layers .*90"),  # the model's configs say how many it has
+    ("texture", {"texture-mode": "masked", "texture-ref-labels": "black.png", "texture-target-labels": "red.png"},
+     r"label map 'red.png' uses colour\(s\) #ff0000 that no reference"),
+    ("expand", {"expand-size": "100000x512"}, r"size 100000x512 is over"),
+])
+def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tiny_sd15_dir, tmp_path, data_dir,
+                                                                             monkeypatch, tab, values, message):
+    """What a batch dry run would refuse, the page refuses before loading a model (seconds to minutes the first
+    time), and before copying the uploads beside the results, which a refused run never names."""
+    from attndistill.webui import fields as webui_fields
+
+    uploads = tmp_path / "gradio"
+    monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", uploads)
+    upload = {}
+    for name in ("horse.jpg", "watercolor-cat.jpg", "wood-rings.jpg", "black.png", "red.png"):
+        (uploads / name).mkdir(parents=True)
+        upload[name] = str(uploads / name / name)
+        if name.endswith(".jpg"):
+            Path(upload[name]).write_bytes((data_dir / name).read_bytes())
+        else:
+            Image.new("RGB", Image.open(data_dir / "wood-rings.jpg").size, name[:-4]).save(upload[name])
+    ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path / "out")
+    ui.demo = ui.build()
+    monkeypatch.setattr(ui.slot, "get", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    given = {"style-target": upload["horse.jpg"], "style-reference": upload["watercolor-cat.jpg"],
+             "texture-reference": upload["wood-rings.jpg"], "expand-reference": upload["wood-rings.jpg"],
+             f"{tab}-steps": 1, f"{tab}-preview-every": 0}
+    given.update({k: upload.get(v, v) if isinstance(v, str) else v for k, v in values.items()})
+    with pytest.raises(gr.Error, match=message):
+        run_tab(ui, tab, given)
+    assert not (ui.outputs / "inputs").exists()

@@ -26,9 +26,10 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from ..batch.jobs import ModelSpec
 from ..errors import UserError, is_out_of_memory
 from ..images import save_png
-from ..model.loading import DEFAULT_MODEL, ModelSlot
+from ..model.loading import DEFAULT_MODEL, ModelSlot, home
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
 from ..presets import Preset
@@ -46,7 +47,7 @@ from .fields import (
     upload_check,
     whole,
 )
-from .jobs import COMPILING_LOG, Callback, Cancelled, Job, RunBoard, Update, cli_command, error_message
+from .jobs import COMPILING_LOG, Callback, Cancelled, Job, RunBoard, TaskCall, Update, cli_command, error_message
 from .tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
 
 log = logging.getLogger(__name__)
@@ -297,8 +298,15 @@ class WebUI:
                     "preview_size": int_box("Preview size (latents, decoded by the VAE)", 32, tab, "preview-size",
                                          minimum=4, maximum=128)}
 
-    def wire(self, tab: str, panel: Panel, fields: dict, call, command) -> None:
-        """Run button -> :meth:`execute` with the tab's fields as a dict of values by name."""
+    def model_spec(self, settings: dict) -> ModelSpec:
+        """The model a run of the page's ``settings`` loads, as the checks before a load name it."""
+        model, vae = text_value(settings["model"]), text_value(settings["vae"])
+        return ModelSpec(source=home(model) if model else None, vae=home(vae) if vae else None,
+                         config=self.slot.config, allow_pickle=self.slot.allow_pickle)
+
+    def wire(self, tab: str, panel: Panel, fields: dict, arguments: Callable[[dict], TaskCall], command) -> None:
+        """Run button -> :meth:`execute` with the tab's fields as a dict of values by name; ``arguments`` makes
+        them the run's :class:`TaskCall`, checked before the model loads."""
         components = dict(fields, model=self.model_box, vae=self.vae_box)
         names = {c: n for n, c in components.items()}
 
@@ -310,12 +318,15 @@ class WebUI:
                 painted = {k: painted_mask(v, self.outputs) for k, v in settings.items()
                            if isinstance(components[k], gr.ImageMask)}
                 settings.update(painted)
+                arguments(settings).check(self.model_spec(settings))  # before the uploads are copied, the model loads
                 kept = {k: keep_uploads(v, self.outputs) if isinstance(components[k], gr.Image | gr.File) else v
                         for k, v in settings.items()}  # the uploads a result names
+                call = arguments(kept)
             except UserError as exc:
-                yield FAILED.format(exc), None, None, None, ""  # no earlier run's "done" and results beside it
-                raise gr.Error(str(exc)) from None
-            yield from self.execute(request, progress, task=tab, settings=settings, call=partial(call, kept),
+                message = page_message(exc)
+                yield FAILED.format(message), None, None, None, ""  # no earlier run's "done" and results beside it
+                raise gr.Error(message) from None
+            yield from self.execute(request, progress, task=tab, settings=settings, call=call.run,
                                     command=partial(command, settings))  # the command names uploads as the page does
 
         self.bind(tab, panel.run, panel.cancel, run, set(components.values()), panel.outputs, panel.status)

@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -20,8 +22,45 @@ from ..core.progress import Callback, StepInfo
 from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
 from ..model.compiling import log as compiling_log
 
+if TYPE_CHECKING:
+    from ..batch.jobs import ModelSpec
+
 log = logging.getLogger(__name__)
 
+
+
+#: How a pre-load check names the inputs whose argument names read otherwise: as the page labels them.
+PAGE_LABELS = {"reference": "texture image", "ref_labels": "reference label map", "target_labels": "target label map"}
+
+
+@dataclass(frozen=True)
+class TaskCall:
+    """A tab's run as the batch task that does it and the public API's arguments: the page checks it as a
+    batch dry run would before its model loads, then runs the same arguments."""
+
+    task: str  # a key of attndistill.batch.jobs.TASKS
+    args: dict
+
+    def check(self, model: "ModelSpec") -> None:
+        """Raise the :class:`UserError` the run would, for what needs no weights: unreadable images, options
+        out of range, a size, mask, label map, layers or ControlNet that do not fit ``model``'s configs. A
+        mistake then fails in a second, not after a model load. The run checks everything again."""
+        from ..batch.check import Validator
+        from ..batch.jobs import Job
+
+        job = Job(line=0, id="page", task=self.task, args={k: v for k, v in self.args.items() if v is not None},
+                  model=model)
+        try:
+            Validator(Path.cwd(), labels=PAGE_LABELS).check_inputs(job, model=False)  # the load checks the model
+        except UserError:
+            raise
+        except Exception:  # a check that did not foresee this input: the run's own checks decide
+            log.warning("the check before the model loads failed; the run checks its inputs itself", exc_info=True)
+
+    def run(self, model, callback: Callback):
+        from ..batch.jobs import TASKS
+
+        return TASKS[self.task].resolve()(**self.args, model=model, progress=False, callback=callback)
 
 
 class Cancelled(Exception):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from ..batch.jobs import TASKS
 from ..errors import UserError
 from ..model.models import DiffusionModel
 from ..presets import PRESETS
@@ -44,15 +45,17 @@ from .fields import (
     tile_value,
     whole,
 )
-from .jobs import Callback, cli_command
+from .jobs import TaskCall, cli_command
 
 if TYPE_CHECKING:
     from .app import WebUI
 
 #: ``expand --size`` rounds to whole latents (the CLI's rounding), not to the UNet's multiple.
 EXPAND_SIZE_MULTIPLE = 8
-TEXTURE_MODES = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-sample",
-                 "masked": "texture-masked"}  # UI mode -> preset
+#: UI mode -> the batch task (and the CLI's) that runs it.
+TEXTURE_TASKS = {"optimise": "texture", "sample": "texture-sample", "layout": "texture-layout",
+                 "masked": "texture-masked"}
+TEXTURE_MODES = {mode: TASKS[task].preset for mode, task in TEXTURE_TASKS.items()}  # UI mode -> preset
 CONTENT_MODES = ("layout", "masked")  # modes with a content image: the layout, the label map's init
 SAMPLING_MODES = ("sample", "layout")  # modes that sample: AdaIN and a start timestep
 
@@ -106,18 +109,16 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
     fields = dict(target=target, reference=reference, more=more, mask=mask, steps=steps, size=size, seed=seed,
                   **options)
 
-    def call(s: dict, model: DiffusionModel, callback: Callback):
-        from ..tasks import transfer as tasks
-
-        fn = tasks.style_transfer if tab == "style" else tasks.appearance_transfer
-        target = required(s["target"], first.lower())
-        refs = [required(s["reference"], second.lower()), *file_paths(s["more"])]
-        return fn(target, refs, model=model, steps=whole(s["steps"]),
-                  iters=whole(s["iters"], "iterations"), lr=s["lr"], content_weight=s["content_weight"],
-                  attention_scale=s["attention_scale"], layers=text_value(s["layers"]),
-                  size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
-                  tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]),
-                  mask=s["mask"], progress=False, callback=callback)
+    def arguments(s: dict) -> TaskCall:
+        target, references = ("content", "style") if tab == "style" else ("structure", "appearance")
+        return TaskCall(tab, {
+            target: required(s["target"], first.lower()),
+            references: [required(s["reference"], second.lower()), *file_paths(s["more"])],
+            "steps": whole(s["steps"]), "iters": whole(s["iters"], "iterations"), "lr": s["lr"],
+            "content_weight": s["content_weight"], "attention_scale": s["attention_scale"],
+            "layers": text_value(s["layers"]), "size": size_value(s["size"]), "seed": seed_value(s["seed"]),
+            "tile": tile_value(s["tile"]), "tune_vae": bool(s["tune_vae"]),
+            "reference_fit": reference_fit_value(s["reference_fit"]), "mask": s["mask"]})
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         words = [tab, file_name(s["target"]), file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
@@ -128,7 +129,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
             tune_vae=True if s["tune_vae"] else None, reference_fit=fit_cli(s["reference_fit"]),
             mask=s["mask"]))  # the painted mask where it is kept (WebUI.wire)
 
-    ui.wire(tab, panel, fields, call, command)
+    ui.wire(tab, panel, fields, arguments, command)
 
 
 def t2i_tab(ui: WebUI) -> None:
@@ -193,17 +194,16 @@ def t2i_tab(ui: WebUI) -> None:
                     tune_vae=bool(s["tune_vae"]), controlnet=text_value(s["controlnet"]),
                     control=s["control"])
 
-    def call(s: dict, model: DiffusionModel, callback: Callback):
-        from ..tasks.generate import text_to_image
-
+    def arguments(s: dict) -> TaskCall:
         # the slider has a value also with no ControlNet chosen, which a run without one refuses
         extra = {"control_scale": s["control_scale"]} if s["control_scale"] is not None and \
             options(s)["controlnet"] else {}
-        return text_to_image(s["prompt"], required(s["style"], "style image"),
-                             negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
-                             model=model, control_image=s["control_image"], size=size_value(s["size"]),
-                             seed=seed_value(s["seed"]), progress=False, callback=callback,
-                             allow_pickle=ui.slot.allow_pickle, **options(s), **extra)  # the UI's launch option
+        return TaskCall(tab, dict(prompt=s["prompt"], style=required(s["style"], "style image"),
+                                  negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
+                                  control_image=s["control_image"], size=size_value(s["size"]),
+                                  seed=seed_value(s["seed"]),
+                                  allow_pickle=ui.slot.allow_pickle,  # the UI's launch option
+                                  **options(s), **extra))
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         o = options(s)
@@ -218,7 +218,7 @@ def t2i_tab(ui: WebUI) -> None:
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))
 
-    ui.wire(tab, panel, fields, call, command)
+    ui.wire(tab, panel, fields, arguments, command)
 
 
 def texture_tab(ui: WebUI) -> None:
@@ -273,37 +273,26 @@ def texture_tab(ui: WebUI) -> None:
     fields = dict(reference=reference, mode=mode, num=num, steps=steps, seed=seed, size=size, layout=layout,
                   strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
 
-    def call(s: dict, model: DiffusionModel, callback: Callback):
+    def arguments(s: dict) -> TaskCall:
         if s["mode"] not in TEXTURE_MODES:
             raise UserError(f"texture mode '{s['mode']}' is not one of {', '.join(TEXTURE_MODES)}")
-        refs = [required(s["reference"], "texture image"), *file_paths(s["more"])]
-        common = dict(num=_count(s["num"]), model=model, steps=whole(s["steps"]),
-                      iters=whole(s["iters"], "iterations"), lr=s["lr"], attention_scale=s["attention_scale"],
-                      layers=text_value(s["layers"]), size=size_value(s["size"]), seed=seed_value(s["seed"]),
-                      progress=False, callback=callback)
-        looks = dict(tile=tile_value(s["tile"]), tune_vae=bool(s["tune_vae"]),
-                     reference_fit=reference_fit_value(s["reference_fit"]))
+        args = dict(reference=[required(s["reference"], "texture image"), *file_paths(s["more"])],
+                    num=_count(s["num"]), steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"),
+                    lr=s["lr"], attention_scale=s["attention_scale"], layers=text_value(s["layers"]),
+                    size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
+                    tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]))
         if s["mode"] in CONTENT_MODES and s["content_weight"] is not None:
-            common["content_weight"] = s["content_weight"]
+            args["content_weight"] = s["content_weight"]
         if s["mode"] in SAMPLING_MODES:
-            common.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int))
-        if s["mode"] == "optimise":
-            from ..tasks.transfer import texture_synthesis
-
-            return texture_synthesis(refs, **common, **looks)
-        if s["mode"] == "sample":
-            from ..tasks.generate import texture_sampling
-
-            return texture_sampling(refs, **common, **looks)
+            args.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int))
         if s["mode"] == "layout":
-            from ..tasks.generate import layout_texture
-
-            extra = {"strength": s["strength"]} if s["strength"] is not None else {}
-            return layout_texture(refs, required(s["layout"], "layout image"), **common, **looks, **extra)
-        from ..tasks.textures import masked_texture_synthesis
-
-        return masked_texture_synthesis(refs, required(s["ref_labels"], "reference label map"),
-                                        required(s["target_labels"], "target label map"), **common, **looks)
+            args["layout"] = required(s["layout"], "layout image")
+            if s["strength"] is not None:
+                args["strength"] = s["strength"]
+        if s["mode"] == "masked":
+            args.update(ref_labels=required(s["ref_labels"], "reference label map"),
+                        target_labels=required(s["target_labels"], "target label map"))
+        return TaskCall(TEXTURE_TASKS[s["mode"]], args)
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         m = s["mode"]
@@ -323,7 +312,7 @@ def texture_tab(ui: WebUI) -> None:
             tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None,
             reference_fit=fit_cli(s["reference_fit"])))
 
-    ui.wire(tab, panel, fields, call, command)
+    ui.wire(tab, panel, fields, arguments, command)
 
 
 def expand_tab(ui: WebUI) -> None:
@@ -353,19 +342,17 @@ def expand_tab(ui: WebUI) -> None:
     fields = dict(reference=reference, size=size, steps=steps, seed=seed, tile=tile, iters=iters, lr=lr,
                   stride=stride, view_batch=view_batch, reference_fit=reference_fit, **preview)
 
-    def call(s: dict, model: DiffusionModel, callback: Callback):
-        from ..tasks.textures import expand_texture
-
+    def arguments(s: dict) -> TaskCall:
         size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
         if size is None:
             raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
         extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] is not None else {}
-        return expand_texture(required(s["reference"], "texture image"),
-                              size=size if isinstance(size, tuple) else (size, size), model=model,
-                              steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"), lr=s["lr"],
-                              stride=whole(s["stride"], "stride"), tile=tile_value(s["tile"]),
-                              seed=seed_value(s["seed"]), reference_fit=reference_fit_value(s["reference_fit"]),
-                              progress=False, callback=callback, **extra)
+        return TaskCall(tab, dict(reference=required(s["reference"], "texture image"),
+                                  size=size if isinstance(size, tuple) else (size, size), steps=whole(s["steps"]),
+                                  iters=whole(s["iters"], "iterations"), lr=s["lr"],
+                                  stride=whole(s["stride"], "stride"),
+                                  tile=tile_value(s["tile"]), seed=seed_value(s["seed"]),
+                                  reference_fit=reference_fit_value(s["reference_fit"]), **extra))
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         return cli_command([tab, file_name(s["reference"])], dict(
@@ -373,7 +360,7 @@ def expand_tab(ui: WebUI) -> None:
             steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
             tile=tile_value(s["tile"]), reference_fit=fit_cli(s["reference_fit"])))
 
-    ui.wire(tab, panel, fields, call, command)
+    ui.wire(tab, panel, fields, arguments, command)
 
 
 def vae_tab(ui: WebUI) -> None:
