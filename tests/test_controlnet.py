@@ -321,3 +321,25 @@ def test_a_controlnet_whose_weights_lack_tensors_is_named(tiny_sd15, tiny_cn15_d
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith("controlnet_mid_block.")}, weights)
     with pytest.raises(UserError, match=r"ControlNet '.*cn': the weights in it lack 2 tensors of its config"):
         load_controlnet(folder, model=tiny_sd15)
+
+
+def test_a_controlnet_whose_weights_hold_more_than_its_config_says_so(tiny_sd15, tiny_cn15_dir, tmp_path, caplog):
+    """A variant its config does not describe (a union ControlNet's extra heads) loads without those tensors and
+    steers wrongly: diffusers only warns, and its warnings are hidden, so the load says it in one line."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        load_controlnet(tiny_cn15_dir, model=tiny_sd15)
+    assert not caplog.records
+    folder = shutil.copytree(tiny_cn15_dir, tmp_path / "cn")
+    weights = next(folder.glob("*.safetensors"))
+    extra = {f"task_embedding.{i}": torch.zeros(4) for i in range(3)}
+    save_file({**load_file(weights), **extra}, weights)
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        load_controlnet(folder, model=tiny_sd15)
+    [record] = caplog.records
+    assert re.fullmatch(r"ControlNet '.*cn' holds 3 ControlNetModel weights its config has no place for "
+                        r"\(task_embedding\.\d, task_embedding\.\d, \.\.\.\), left out; .*", record.getMessage())

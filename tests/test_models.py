@@ -367,6 +367,22 @@ def test_a_component_whose_weights_lack_tensors_of_its_config_is_named(model):
         load_model(str(model), device="cpu", dtype="fp32")
 
 
+def test_a_component_whose_weights_hold_tensors_its_config_has_no_place_for_is_said(model, caplog):
+    """diffusers drops them with a warning that the load hides: a fine-tune of another variant would run wrongly
+    without a word."""
+    from safetensors.torch import load_file, save_file
+
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        load_model(str(model), device="cpu", dtype="fp32")
+    assert not caplog.records
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(weights), "extra.weight": torch.zeros(2)}, weights)
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        load_model(str(model), device="cpu", dtype="fp32")
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"model '{model}' holds 1 UNet2DConditionModel weights its config has no place for (extra.weight), left out"]
+
+
 def test_a_tokenizer_folder_without_merges_is_named(model):
     from attndistill.model.loading import pipeline_kind
 

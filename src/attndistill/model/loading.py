@@ -411,21 +411,59 @@ def check_vae_source(vae: str | os.PathLike) -> None:
                         f"{hint}")
 
 
+class _UnusedWeights(logging.Handler):
+    """diffusers' warning that a checkpoint holds tensors its model has no place for, kept to be said in our words:
+    (model class, tensor names) for each."""
+
+    PATTERN = re.compile(r"were not used when initializing (\w+):\s*\['(.*)'\]", re.S)
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.found: list[tuple[str, list[str]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.PATTERN.search(record.getMessage())
+        if match:
+            self.found.append((match[1], match[2].split(", ")))
+
+
 @contextmanager
-def _quiet_diffusers() -> Iterator[None]:
-    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error.
-    Its ControlNet loader also passes huggingface_hub an argument that warns of its deprecation (not ours
-    to fix)."""
+def _quiet_diffusers() -> Iterator[list[tuple[str, list[str]]]]:
+    """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error. Its
+    warnings are not printed either, but the one about weights a model has no place for is kept (yielded), since
+    :func:`from_pretrained` says it. Its ControlNet loader also passes huggingface_hub an argument that warns of its
+    deprecation (not ours to fix)."""
     from diffusers.utils import logging as dlogging
 
-    before = dlogging.get_verbosity()
-    dlogging.set_verbosity(dlogging.CRITICAL)
+    root = logging.getLogger("diffusers")
+    before, printing = dlogging.get_verbosity(), list(root.handlers)
+
+    def silent(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+    unused = _UnusedWeights()
+    dlogging.set_verbosity(dlogging.WARNING)
+    for handler in printing:
+        handler.addFilter(silent)
+    root.addHandler(unused)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-            yield
+            yield unused.found
     finally:
+        root.removeHandler(unused)
+        for handler in printing:
+            handler.removeFilter(silent)
         dlogging.set_verbosity(before)
+
+
+def _say_unused(found: list[tuple[str, list[str]]], what: str, source: str) -> None:
+    """A checkpoint with tensors its config has no place for was loaded without them: a variant its config does
+    not describe (a union ControlNet under a plain config, say) runs, but not as it was trained."""
+    for model_class, keys in found:
+        log.warning(f"{what} '{source}' holds {len(keys)} {model_class} weights its config has no place for "
+                    f"({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''}), left out; if it is a variant its "
+                    "config.json does not describe, its results will be off: use a config that matches its weights")
 
 
 def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model", option: str = "--model",
@@ -444,7 +482,7 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):
         try:
-            with _quiet_diffusers():
+            with _quiet_diffusers() as unused:
                 loaded = cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
         except LocalEntryNotFoundError:
             raise _not_available(source, what, option) from None
@@ -470,6 +508,7 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
         else:
             _check_complete(loaded, what, source)
+            _say_unused(unused, what, source)
             return loaded
     raise AssertionError("unreachable")
 
