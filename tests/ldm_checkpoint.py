@@ -65,6 +65,25 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch
     return out
 
 
+def controlnet_to_ldm(state: dict[str, torch.Tensor], config: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """ControlNetModel weights -> the original layout of ControlNet 1.x files: its encoder named as the UNet's
+    (input and middle blocks), the condition encoder ``input_hint_block.*`` (convolutions at even indices, SiLUs
+    between), ``zero_convs.N.0`` and ``middle_block_out.0``; ``prefix`` "control_model." as in files holding more."""
+    shared = {k: v for k, v in state.items() if not k.startswith(("controlnet_", "time_proj"))}
+    out = {k.removeprefix("model.diffusion_model."): v for k, v in unet_to_ldm(shared, config).items()}
+    blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    for key, value in state.items():
+        p = key.split(".")
+        if p[0] == "controlnet_cond_embedding":
+            index = 0 if p[1] == "conv_in" else 2 * blocks + 2 if p[1] == "conv_out" else 2 * int(p[2]) + 2
+            out[f"input_hint_block.{index}.{p[-1]}"] = value
+        elif p[0] == "controlnet_down_blocks":
+            out[f"zero_convs.{p[1]}.0.{p[-1]}"] = value
+        elif p[0] == "controlnet_mid_block":
+            out[f"middle_block_out.0.{p[-1]}"] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
 def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     """AutoencoderKL weights -> ``first_stage_model.*`` keys (decoder blocks numbered bottom-up)."""
     top, blocks = _top_level("vae"), len(config["up_block_types"])

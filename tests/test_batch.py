@@ -658,6 +658,9 @@ def test_dry_run_checks_controlnets_and_strength(tmp_path, data_dir, tiny_sd15_d
 
     build_tiny_controlnet(tmp_path / "cn15", sdxl=False)
     build_tiny_controlnet(tmp_path / "cnxl", sdxl=True)
+    for name in ("cn15", "cnxl"):  # single weights files, as many ControlNets are shared
+        (tmp_path / f"{name}.safetensors").write_bytes((tmp_path / name / "diffusion_pytorch_model.safetensors")
+                                                       .read_bytes())
 
     def t2i(controlnet):
         return {"task": "t2i", "prompt": "a b", "style": "watercolor-cat.jpg", "controlnet": controlnet,
@@ -668,11 +671,14 @@ def test_dry_run_checks_controlnets_and_strength(tmp_path, data_dir, tiny_sd15_d
         t2i("../../no-such-cn"),
         t2i("../../cnxl"),
         {"task": "texture", "reference": "wood-rings.jpg", "layout": "horse.jpg", "strength": 0.01, "steps": 5},
+        t2i("../../cn15.safetensors"),
+        t2i("../../cnxl.safetensors"),
     ])
     result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2
     for expected in ("line 2: ControlNet", "no-such-cn' does not exist", "line 3: ControlNet",
-                     "does not fit the sd15 model", "line 4: strength 0.01 leaves no step", "1 ready", "3 invalid"):
+                     "does not fit the sd15 model", "line 4: strength 0.01 leaves no step", "2 ready", "4 invalid",
+                     "line 6: ControlNet", "cnxl.safetensors' (for SDXL) does not fit the sd15 model"):
         assert expected in result.output, expected
     job = read_jobs(jobs, out_dir=tmp_path / "out")[0]
     assert job.args["controlnet"] == str((tmp_path / "cn15").resolve())

@@ -75,6 +75,28 @@ def test_t2i_with_controlnet_canny(kind, models, cn_dirs, data_dir, tmp_path):
     assert params["controlnet"] == str(cn_dirs[kind]) and params["negative_prompt"] == "blurry"
 
 
+def test_t2i_with_a_single_file_controlnet_in_the_original_layout(models, cn_dirs, data_dir, tmp_path):
+    """ControlNet 1.1's own files (one pickle, original tensor names) run with --allow-pickle, and the result
+    names the file."""
+    import json
+
+    import torch
+    from ldm_checkpoint import controlnet_to_ldm
+    from safetensors.torch import load_file
+
+    folder = cn_dirs["sd15"]
+    net = tmp_path / "control_v11p_sd15_canny.pth"
+    torch.save(controlnet_to_ldm(load_file(folder / "diffusion_pytorch_model.safetensors"),
+                                 json.loads((folder / "config.json").read_text())), net)
+    out = tmp_path / "cn.png"
+    args = ["t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a horse", "-o", out, "--controlnet", net,
+            "--control-image", data_dir / "horse.jpg", "--control", "canny", "-m", models["sd15"], *FAST]
+    refused = run(*args)
+    assert refused.exit_code == 2 and "is a pickle file that can run code when loaded" in refused.output
+    _ok(run(*args, "--allow-pickle"))
+    assert read_parameters(out)["controlnet"] == str(net)
+
+
 def test_t2i_grid_and_overwrite_rules(models, data_dir, tmp_path):
     out = tmp_path / "grid.png"
     args = ["t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a cat", "-o", out, "--num-images", 3, "--grid",

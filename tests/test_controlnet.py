@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,8 +162,7 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
     with pytest.raises(ad.UserError, match="'models/control_canny.safetensors' does not exist; check the path"):
         load_controlnet("models/control_canny.safetensors", model=tiny_sdxl)
     (tmp_path / "control_canny.safetensors").write_bytes(b"x")
-    with pytest.raises(ad.UserError, match="is a single weights file; attndistill loads ControlNets as diffusers "
-                                           "folders"):
+    with pytest.raises(ad.UserError, match="'.*control_canny.safetensors' could not be read .*; download it again"):
         load_controlnet(tmp_path / "control_canny.safetensors", model=tiny_sdxl)
     with pytest.raises(ad.UserError, match="is a file; pass the folder that holds the ControlNet's config.json"):
         load_controlnet(tiny_cn15_dir / "config.json", model=tiny_sdxl)
@@ -343,3 +344,97 @@ def test_a_controlnet_whose_weights_hold_more_than_its_config_says_so(tiny_sd15,
     [record] = caplog.records
     assert re.fullmatch(r"ControlNet '.*cn' holds 3 ControlNetModel weights its config has no place for "
                         r"\(task_embedding\.\d, task_embedding\.\d, \.\.\.\), left out; .*", record.getMessage())
+
+
+def _weights(folder: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "diffusion_pytorch_model.safetensors"), json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original", "original, prefixed"])
+def test_a_single_file_controlnet_loads_as_its_folder_does(tiny_sd15, tiny_cn15_dir, tmp_path, layout):
+    """One weights file, as ControlNet 1.1's files (original layout) or a diffusers file saved alone: its config
+    comes from the model's UNet and the file's condition encoder, so no Hub is asked; every tensor as in the
+    folder, and the same config but what only a config can say."""
+    from ldm_checkpoint import controlnet_to_ldm
+    from safetensors.torch import save_file
+
+    state, config = _weights(tiny_cn15_dir)
+    if layout != "diffusers":
+        state = controlnet_to_ldm(state, config, prefix="control_model." if "prefixed" in layout else "")
+    save_file(state, tmp_path / "control.safetensors")
+    net = load_controlnet(tmp_path / "control.safetensors", model=tiny_sd15)
+    folder = load_controlnet(tiny_cn15_dir, model=tiny_sd15)
+    assert net.state_dict().keys() == folder.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), folder.state_dict().values()))
+    assert {k: v for k, v in net.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in folder.config.items() if not k.startswith("_")}
+
+
+def test_a_single_file_sdxl_controlnet_steers_as_its_folder_does(tiny_sdxl, tiny_cnxl_dir, edge_map, data_dir,
+                                                                 tmp_path):
+    import shutil
+
+    shutil.copy(tiny_cnxl_dir / "diffusion_pytorch_model.safetensors", tmp_path / "canny-sdxl.safetensors")
+    run = dict(model=tiny_sdxl, style=data_dir / "watercolor-cat.jpg", steps=2, iters=1, size=64,
+               control_image=edge_map)
+    assert torch.equal(_final_latents(controlnet=str(tmp_path / "canny-sdxl.safetensors"), **run),
+                       _final_latents(controlnet=str(tiny_cnxl_dir), **run))
+
+
+def test_a_single_file_controlnet_that_does_not_fit_is_named(tiny_sd15, tiny_sdxl, tiny_cn15_dir, tiny_cnxl_dir,
+                                                             tiny_sd15_dir, tmp_path):
+    import shutil
+
+    from ldm_checkpoint import controlnet_to_ldm
+    from safetensors.torch import save_file
+
+    shutil.copy(tiny_cnxl_dir / "diffusion_pytorch_model.safetensors", tmp_path / "xl.safetensors")
+    with pytest.raises(ad.UserError, match=r"'.*xl.safetensors' \(for SDXL\) does not fit the sd15 model .*; use an "
+                                           "SD 1.5 ControlNet"):
+        load_controlnet(tmp_path / "xl.safetensors", model=tiny_sd15)
+    save_file(controlnet_to_ldm(*_weights(tiny_cnxl_dir)), tmp_path / "xl-original.safetensors")
+    with pytest.raises(ad.UserError, match="is an SDXL ControlNet in the original layout, which diffusers does not "
+                                           "convert; pass its diffusers folder"):
+        load_controlnet(tmp_path / "xl-original.safetensors", model=tiny_sdxl)
+    state, _ = _weights(tiny_cn15_dir)
+    save_file({k: v for k, v in state.items() if not k.startswith("mid_block.attentions.")},
+              tmp_path / "mid.safetensors")
+    with pytest.raises(ad.UserError, match=r"is not built like the UNet of model .*: \d+ of its tensors are missing "
+                                           r"and 0 have no place \(mid_block\.attentions.*; pass its diffusers folder"):
+        load_controlnet(tmp_path / "mid.safetensors", model=tiny_sd15)
+    save_file({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    with pytest.raises(ad.UserError, match=r"0 of its tensors are missing and 1 have no place \(extra\.weight\)"):
+        load_controlnet(tmp_path / "extra.safetensors", model=tiny_sd15)
+    wide = {k: torch.zeros(v.shape[0] * 2, *v.shape[1:]) if k == "time_embedding.linear_1.weight" else v
+            for k, v in state.items()}
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ad.UserError, match=r"'.*wide.safetensors' does not fit the UNet of model .*; pass its "
+                                           "diffusers folder"):
+        load_controlnet(tmp_path / "wide.safetensors", model=tiny_sd15)
+    shutil.copy(tiny_sd15_dir / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet.safetensors")
+    with pytest.raises(ad.UserError, match="holds the weights of one diffusers component .*, not a ControlNet"):
+        load_controlnet(tmp_path / "unet.safetensors", model=tiny_sd15)
+
+
+def test_a_pickled_single_file_controlnet_needs_allow_pickle(tiny_sd15, tiny_cn15_dir, tmp_path):
+    from ldm_checkpoint import controlnet_to_ldm
+
+    torch.save(controlnet_to_ldm(*_weights(tiny_cn15_dir)), tmp_path / "control_v11p_sd15_canny.pth")
+    with pytest.raises(ad.UserError, match="is a pickle file that can run code when loaded; .* pass --allow-pickle"):
+        load_controlnet(tmp_path / "control_v11p_sd15_canny.pth", model=tiny_sd15)
+    net = load_controlnet(tmp_path / "control_v11p_sd15_canny.pth", model=tiny_sd15, allow_pickle=True)
+    assert torch.equal(net.controlnet_mid_block.weight, _weights(tiny_cn15_dir)[0]["controlnet_mid_block.weight"])
+
+
+def test_a_single_file_controlnet_in_the_original_layout_lacking_a_tensor_is_named(tiny_sd15, tiny_cn15_dir,
+                                                                                   tmp_path):
+    from ldm_checkpoint import controlnet_to_ldm
+    from safetensors.torch import save_file
+
+    state = controlnet_to_ldm(*_weights(tiny_cn15_dir))
+    save_file({k: v for k, v in state.items() if not k.startswith("zero_convs.1.")}, tmp_path / "cut.safetensors")
+    with pytest.raises(ad.UserError, match=r"2 of its tensors are missing and 0 have no place "
+                                           r"\(controlnet_down_blocks\.1\.(bias|weight), "):
+        load_controlnet(tmp_path / "cut.safetensors", model=tiny_sd15)

@@ -229,6 +229,11 @@ class Validator:
         from ..model.controlnet import check_configs_fit, check_controlnet_source
 
         check_controlnet_source(source)
+        if Path(source).is_file():  # one weights file: what its tensor names say (model/controlnet_file.py)
+            from ..model.controlnet_file import check_controlnet_file
+
+            check_controlnet_file(Path(source), model.allow_pickle, _kind(model), model.source or _default_model())
+            return
         net, unet = _config(ControlNetModel, source), self._unet(model)
         if net is not None and unet is not None:  # configs to be had (local or cached): do they fit?
             check_configs_fit(net, unet, source, model.source or _default_model(), self._shell(model).vae_scale_factor)

@@ -71,7 +71,8 @@ def t2i(
                                             help="Images to generate; written as OUT-0.png, OUT-1.png...")] = 1,
     grid: Annotated[bool, typer.Option("--grid", help="Write the images as one grid to OUT.png")] = False,
     controlnet: Annotated[str | None, typer.Option(
-        help="ControlNet Hub id or folder, e.g. lllyasviel/control_v11p_sd15_canny")] = None,
+        help="ControlNet Hub id, folder or single weights file (a .safetensors, or a .pth with --allow-pickle), "
+             "e.g. lllyasviel/control_v11p_sd15_canny")] = None,
     control_image: Annotated[Path | None, typer.Option(
         help="Condition image for the ControlNet: a photo with --control canny, or a ready depth/edge/pose map"
     )] = None,

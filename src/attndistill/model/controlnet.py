@@ -102,7 +102,8 @@ class Control:
 
 def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False,
                     variant: str | None = None) -> ControlNetModel:
-    """A ``ControlNetModel`` from a Hub id or a diffusers folder, on the model's device and dtype.
+    """A ``ControlNetModel`` from a Hub id, a diffusers folder or one weights file (its config then comes from the
+    model's UNet: :mod:`attndistill.model.controlnet_file`), on the model's device and dtype.
 
     Same conventions as :func:`attndistill.model.loading.load_model`: safetensors only unless ``allow_pickle``,
     the ``fp16`` variant preferred on GPUs, offline when ``HF_HUB_OFFLINE`` is set. Example:
@@ -112,10 +113,15 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 
     source = home(source)
     check_controlnet_source(source)
-    net = from_pretrained(ControlNetModel, source, default_variant(variant, model.device, model.dtype),
-                          what="ControlNet", option="--controlnet", use_safetensors=safetensors_only(allow_pickle),
-                          dtype=model.dtype)
-    check_compatible(net, model, source)
+    if Path(source).is_file():
+        from .controlnet_file import load_controlnet_file
+
+        net = load_controlnet_file(Path(source), model, allow_pickle)
+    else:
+        net = from_pretrained(ControlNetModel, source, default_variant(variant, model.device, model.dtype),
+                              what="ControlNet", option="--controlnet",
+                              use_safetensors=safetensors_only(allow_pickle), dtype=model.dtype)
+        check_compatible(net, model, source)
     return net.to(model.device).requires_grad_(False).eval()
 
 
@@ -124,11 +130,9 @@ def check_controlnet_source(source: str) -> None:
     path = Path(source)
     hint = "pass a folder saved with save_pretrained or a Hub id such as lllyasviel/control_v11p_sd15_canny"
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:  # a file, never a Hub id (owner/name.safetensors)
-        if not path.exists():
+        if not path.is_file():
             raise UserError(f"ControlNet '{source}' does not exist; check the path")
-        raise UserError(f"ControlNet '{source}' is a single weights file; attndistill loads ControlNets as diffusers "
-                        "folders (config.json beside the weights): pass the diffusers version of this ControlNet, "
-                        "such as lllyasviel/control_v11p_sd15_canny")
+        return  # one weights file (model/controlnet_file.py)
     if path.is_file():  # its config.json, say
         raise UserError(f"ControlNet '{source}' is a file; pass the folder that holds the ControlNet's config.json "
                         f"and weights ('{path.parent}'?)")

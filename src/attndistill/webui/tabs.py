@@ -165,8 +165,8 @@ def t2i_tab(ui: WebUI) -> None:
             tune_vae = gr.Checkbox(False, label="Fine-tune the VAE decoder on the style images for this run",
                                    elem_id=f"{tab}-tune-vae")
         with gr.Row():
-            controlnet = gr.Textbox("", label="ControlNet (Hub id or folder)", elem_id=f"{tab}-controlnet",
-                                    placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
+            controlnet = gr.Textbox("", label="ControlNet (Hub id, folder or weights file)",
+                                    elem_id=f"{tab}-controlnet", placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
             control_image = image_input("Control image", f"{tab}-control-image")
             with gr.Column():
                 control = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
