@@ -438,3 +438,22 @@ def test_a_single_file_controlnet_in_the_original_layout_lacking_a_tensor_is_nam
     with pytest.raises(ad.UserError, match=r"2 of its tensors are missing and 0 have no place "
                                            r"\(controlnet_down_blocks\.1\.(bias|weight), "):
         load_controlnet(tmp_path / "cut.safetensors", model=tiny_sd15)
+
+
+def test_canny_asked_of_an_edge_map_says_it_doubles_the_lines(tiny_sd15, tiny_cn15_dir, edge_map, data_dir,
+                                                              tmp_path, caplog):
+    """An edge map given with --control canny gets each line traced on both sides: a run does it, but says so;
+    a photo, and a drawing on white, are what Canny is for."""
+    import logging
+
+    from attndistill.model.controlnet import looks_like_line_art, prepare_control
+
+    edge_map.save(tmp_path / "edges.png")
+    photo, drawing = load_image(data_dir / "horse.jpg"), Image.fromarray(255 - np.asarray(edge_map))
+    assert looks_like_line_art(edge_map) and not looks_like_line_art(photo) and not looks_like_line_art(drawing)
+    for image, warned in ((tmp_path / "edges.png", True), (data_dir / "horse.jpg", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="attndistill"):
+            prepare_control(tiny_cn15_dir, image, model=tiny_sd15, size=(64, 64), preprocess="canny")
+        assert ("edges.png' looks like an edge map already" in caplog.text) == warned
+        assert "--control none" in caplog.text or not warned

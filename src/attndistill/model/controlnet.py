@@ -9,6 +9,7 @@ null conditioning only).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,18 @@ from .single_file import CHECKPOINT_SUFFIXES
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
 
+log = logging.getLogger(__name__)
+
 #: Canny hysteresis thresholds (the values of diffusers' and ControlNet's own examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
+
+
+def looks_like_line_art(image: Image.Image) -> bool:
+    """An edge map rather than a photo: nearly every pixel black or white, and most of them black (a white
+    background's line drawing is a photo to Canny, whose edges it finds once)."""
+    gray = np.asarray(image.convert("L"))
+    dark, light = (gray < 32).mean(), (gray > 223).mean()
+    return dark + light > 0.97 and dark > 0.6 and light > 0.001
 
 
 def canny(image: Image.Image, *, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
@@ -221,5 +232,9 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
         net = controlnet.to(model.device, model.dtype)
     condition = load_image(image, what="control image", background=BLACK)
     if preprocess == "canny":  # edges of the image at the output size: thin lines, not resampled ones
+        if looks_like_line_art(condition):
+            what = f"control image '{image}'" if isinstance(image, str | os.PathLike) else "the control image"
+            log.warning(f"{what} looks like an edge map already (light lines on black); --control canny traces both "
+                        "sides of each line, doubling it: pass --control none for a ready-made map")
         condition = canny(condition.resize(size, Image.Resampling.LANCZOS))
     return Control(net, control_tensor(condition, size, model), scale)
