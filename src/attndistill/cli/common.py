@@ -32,7 +32,7 @@ Model = Annotated[str | None, typer.Option(
 Vae = Annotated[Path | None, typer.Option(help="AutoencoderKL folder to use instead of the model's VAE")]
 ConfigDir = Annotated[Path | None, typer.Option(
     "--config", help="Local diffusers folder describing a single-file checkpoint (offline use)")]
-AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.bin) weights you trust")]
+AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.pth/.bin) weights you trust")]
 Steps = Annotated[int | None, typer.Option(help="Timesteps visited \\[default: task preset]", show_default=False)]
 Iters = Annotated[int | None, typer.Option(help="Adam iterations per timestep \\[default: preset]",
                                            show_default=False)]
