@@ -221,6 +221,35 @@ def test_preview_writes_a_small_look_at_the_running_job(tmp_path, data_dir, tiny
         assert bad.exit_code == 2 and f"--preview '{tmp_path / 'peek.jpg'}' must end in .png" in bad.output
 
 
+@pytest.mark.parametrize("command, iters", [
+    (["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg"], 1),
+    (["t2i", "--style", "{data}/watercolor-cat.jpg", "--prompt", "a barn", "--iters", "2"], 2),
+    (["expand", "{data}/wood-rings.jpg", "--size", "96x64", "--view", "4", "--stride", "4", "--iters", "2"], 2),
+])
+def test_loss_log_has_a_line_per_step_with_its_timestep_and_losses(tmp_path, data_dir, tiny_sd15_dir, command,
+                                                                  iters):
+    import json
+
+    log = tmp_path / "losses.jsonl"
+    args = [a.replace("{data}", str(data_dir)) for a in command]
+    size = [] if command[0] == "expand" else ["--size", 64]
+    result = run(*args, *size, "-o", tmp_path / "out.png", "--model", tiny_sd15_dir, "--steps", 3, "--quiet",
+                 "--loss-log", log)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and f"wrote {log} (3 steps)" in result.output
+    timesteps = [r["timestep"] for r in rows]
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
+    assert all(r["loss"] is not None and r["loss"] >= 0 for r in rows)
+    assert all(len(r.get("losses", [r["loss"]])) == iters for r in rows)
+    again = run(*args, *size, "-o", tmp_path / "out2.png", "--model", tiny_sd15_dir, "--steps", 3, "--quiet",
+                "--loss-log", log)
+    assert again.exit_code == 2 and f"--loss-log '{log}' already exists; pass --overwrite" in again.output
+    assert not (tmp_path / "out2.png").exists()
+    same = run(*args, *size, "-o", tmp_path / "out3.png", "--model", tiny_sd15_dir, "--loss-log", tmp_path / "out3.png")
+    assert same.exit_code == 2 and "is an output or preview file" in same.output
+
+
 def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):
     """Outputs are checked before the work; a file another process writes meanwhile is never replaced, and the
     finished result is not thrown away either: it goes beside it, with a warning that names both."""
@@ -279,17 +308,17 @@ def test_a_preview_is_written_every_few_steps_and_at_the_last(tmp_path, monkeypa
     from types import SimpleNamespace
 
     import attndistill.images as images
-    from attndistill.cli.common import preview_callback
+    from attndistill.cli.common import step_callback
 
     written = []
     monkeypatch.setattr(images, "save_png", lambda image, path, **kw: written.append(image))
     model = SimpleNamespace(preview=lambda latents, side: latents)
-    callback = preview_callback(tmp_path / "preview.png", 2, model)
+    callback = step_callback(tmp_path / "preview.png", 2, model)
     for step in range(5):
         callback(SimpleNamespace(step=step, total=5, stage="", latents=step + 1))
     callback(SimpleNamespace(step=0, total=75, stage="tuning the VAE decoder", latents=None))  # nothing to show
     assert written == [2, 4, 5]
-    assert preview_callback(None, 2, model) is None
+    assert step_callback(None, 2, model) is None
 
 
 def test_info_warns_when_an_input_changed_since_the_result_was_made(tmp_path, data_dir, tiny_sd15_dir):

@@ -22,6 +22,7 @@ from .common import (
     Dtype,
     Iters,
     Layers,
+    LossLog,
     Lr,
     Model,
     Output,
@@ -32,6 +33,7 @@ from .common import (
     ReferenceFit,
     Seed,
     Size,
+    StepLosses,
     Steps,
     TuneVae,
     Vae,
@@ -40,8 +42,8 @@ from .common import (
     finite,
     load,
     parse_size_option,
-    preview_callback,
     run_command,
+    step_callback,
     write_images,
 )
 
@@ -78,7 +80,7 @@ def style(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10,
+    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
     from ..tasks.transfer import style_transfer
@@ -96,7 +98,7 @@ def appearance(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10,
+    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
     from ..tasks.transfer import appearance_transfer
@@ -118,13 +120,14 @@ def _transfer(task: str, run, inputs: dict, given: dict) -> None:
 
     def body() -> None:
         check_command_options(task, size=size, **options)
-        check_before_load(task, **loading, size=size, output=output, overwrite=overwrite, preview=preview, **inputs,
-                          mask=given["mask"], **options)
+        check_before_load(task, **loading, size=size, output=output, overwrite=overwrite, preview=preview,
+                          loss_log=given["loss_log"], **inputs, mask=given["mask"], **options)
         m = load(given["model"], **{k: v for k, v in loading.items() if k != "model"})
+        losses = StepLosses.of(given["loss_log"])
         img = run(*inputs.values(), model=m, **options, size=parse_size_option(size), seed=given["seed"],
                   tune_vae=given["tune_vae"], mask=given["mask"], progress=not given["quiet"],
-                  callback=preview_callback(preview, given["preview_every"], m))
-        write_images([img], output, overwrite=overwrite)
+                  callback=step_callback(preview, given["preview_every"], m, losses))
+        write_images([img], output, overwrite=overwrite, losses=losses)
 
     run_command(body)
 
@@ -151,7 +154,7 @@ def texture(
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     adain: TextureAdain = None, start_t: StartT = None, reference_fit: ReferenceFit = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10,
+    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
     from ..batch.jobs import TASKS, texture_task
@@ -179,15 +182,17 @@ def texture(
         check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num, overwrite=overwrite, preview=preview,
-                          reference=references, ref_labels=ref_labels, target_labels=target_labels, layout=layout,
-                          strength=strength, num=num, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-                          layers=layers, tile=tile, reference_fit=reference_fit, **extra)
+                          loss_log=loss_log, reference=references, ref_labels=ref_labels,
+                          target_labels=target_labels, layout=layout, strength=strength, num=num, steps=steps,
+                          iters=iters, lr=lr, attention_scale=attention_scale, layers=layers, tile=tile,
+                          reference_fit=reference_fit, **extra)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        losses = StepLosses.of(loss_log)
         imgs = TASKS[job_task].resolve()(
             references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
             layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit, tile=tile,
-            tune_vae=tune_vae, progress=not quiet, callback=preview_callback(preview, preview_every, m), **inputs,
-            **extra)
-        write_images([image_grid(imgs)] if grid else imgs, output, overwrite=overwrite)
+            tune_vae=tune_vae, progress=not quiet, callback=step_callback(preview, preview_every, m, losses),
+            **inputs, **extra)
+        write_images([image_grid(imgs)] if grid else imgs, output, overwrite=overwrite, losses=losses)
 
     run_command(body)

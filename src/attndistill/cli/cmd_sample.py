@@ -18,6 +18,7 @@ from .common import (
     Dtype,
     Iters,
     Layers,
+    LossLog,
     Lr,
     Model,
     Output,
@@ -28,6 +29,7 @@ from .common import (
     ReferenceFit,
     Seed,
     Size,
+    StepLosses,
     Steps,
     TuneVae,
     Vae,
@@ -36,8 +38,8 @@ from .common import (
     finite,
     load,
     parse_size_option,
-    preview_callback,
     run_command,
+    step_callback,
     write_images,
 )
 
@@ -87,7 +89,7 @@ def t2i(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, size: Size = None, seed: Seed = 0, tune_vae: TuneVae = False,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10,
+    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
     """Style-specific text-to-image; see :data:`T2I_HELP`."""
     from ..images import image_grid
@@ -103,13 +105,14 @@ def t2i(
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,
-                          prompt=prompt, style=style, content=content, control_image=control_image,
+                          loss_log=loss_log, prompt=prompt, style=style, content=content, control_image=control_image,
                           controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
                           guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
                           content_weight=content_weight, num_images=num_images,
                           steps=steps, iters=iters, lr=lr, attention_scale=attention_scale, layers=layers,
                           reference_fit=reference_fit)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        losses = StepLosses.of(loss_log)
         images = text_to_image(
             prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,
             iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
@@ -117,7 +120,7 @@ def t2i(
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
             size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,
-            tune_vae=tune_vae, progress=not quiet, callback=preview_callback(preview, preview_every, m))
-        write_images([image_grid(images)] if grid else images, output, overwrite=overwrite)
+            tune_vae=tune_vae, progress=not quiet, callback=step_callback(preview, preview_every, m, losses))
+        write_images([image_grid(images)] if grid else images, output, overwrite=overwrite, losses=losses)
 
     run_command(body)

@@ -22,6 +22,7 @@ from .common import (
     Dtype,
     Iters,
     Layers,
+    LossLog,
     Lr,
     Model,
     Output,
@@ -31,6 +32,7 @@ from .common import (
     Quiet,
     ReferenceFit,
     Seed,
+    StepLosses,
     Steps,
     TuneVae,
     Vae,
@@ -41,8 +43,8 @@ from .common import (
     finite,
     load,
     parse_size_option,
-    preview_callback,
     run_command,
+    step_callback,
     write_images,
 )
 
@@ -85,7 +87,7 @@ def expand(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, seed: Seed = 0,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10,
+    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
     """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
     from ..presets import get_preset
@@ -101,16 +103,17 @@ def expand(
         check_command_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
-                          output=output, overwrite=overwrite, preview=preview,
+                          output=output, overwrite=overwrite, preview=preview, loss_log=loss_log,
                           reference=references, stride=stride, steps=steps, iters=iters, lr=lr,
                           attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit,
                           **optional)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
+        losses = StepLosses.of(loss_log)
         img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
                              attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
                              tune_vae=tune_vae, reference_fit=reference_fit, seed=seed, progress=not quiet,
-                             callback=preview_callback(preview, preview_every, m), **optional)
-        write_images([img], output, overwrite=overwrite)
+                             callback=step_callback(preview, preview_every, m, losses), **optional)
+        write_images([img], output, overwrite=overwrite, losses=losses)
 
     run_command(body)
 

@@ -75,6 +75,10 @@ Preview = Annotated[Path | None, typer.Option(
          "images: the first four side by side)",
     show_default=False)]
 PreviewEvery = Annotated[int, typer.Option(min=1, help="Steps between two --preview images")]
+LossLog = Annotated[Path | None, typer.Option(
+    help="Also write each step's loss to this JSON Lines file (step, timestep, loss; the loss of each Adam "
+         "iteration where a step has several), once the run is done: for plots and comparisons",
+    show_default=False)]
 
 
 def quiet_libraries() -> None:
@@ -135,10 +139,12 @@ def check_command_options(task: str, *, size: str | None = None, num: int = 1, w
 
 def check_before_load(task: str, *, model: str | None, vae: Path | None, config: Path | None, allow_pickle: bool,
                       device: str, dtype: str, output: Path, count: int = 1, overwrite: bool,
-                      preview: Path | None = None, size: str | None = None, **args) -> None:
+                      preview: Path | None = None, loss_log: Path | None = None, size: str | None = None,
+                      **args) -> None:
     """What a batch dry run checks of a job, checked before this command's model loads: every input image
     (read once, named as the command names it), the options, what needs the model; then the ``count``
-    outputs named after ``output`` (none of them an input, even with ``overwrite``) and the preview file.
+    outputs named after ``output`` (none of them an input, even with ``overwrite``), the preview file and the loss
+    log.
 
     The model's configs (no weights) decide whether ``--size``, a mask's white, references cut under
     reference fit keep, ``--layers`` and a ControlNet fit it, so such a mistake fails in a second rather than
@@ -161,7 +167,7 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     outputs = tuple(numbered_outputs(output, count))
     validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=outputs),
                            model=False)
-    check_outputs(output, count, overwrite=overwrite, preview=preview)
+    check_outputs(output, count, overwrite=overwrite, preview=preview, loss_log=loss_log)
 
 
 #: How the commands name the inputs whose job keys read otherwise ("reference" is a texture command's texture).
@@ -175,8 +181,8 @@ def parse_size_option(size: str | None, multiple: int = 1):
     return None if size is None else parse_size(size, multiple=multiple)
 
 
-def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
-    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically."""
+def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | None = None) -> list[Path]:
+    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically; then ``losses``."""
     from ..images import numbered_outputs, save_result
 
     written = []
@@ -186,7 +192,40 @@ def write_images(images, output: Path, *, overwrite: bool) -> list[Path]:
             echo_err(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
         typer.echo(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
         written.append(path)
+    if losses is not None:
+        losses.write(overwrite=overwrite)
     return written
+
+
+class StepLosses:
+    """``--loss-log``: each step's loss as the run reports it, written as JSON Lines once the run is done (whole or
+    not at all, as every output). A step without AD iterations (plain sampling, past ``--start-t``) has loss null."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.rows = path, []
+
+    @classmethod
+    def of(cls, path: Path | None) -> StepLosses | None:
+        return None if path is None else cls(path)
+
+    def __call__(self, info) -> None:
+        def plain(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        row = {"step": info.step + 1, "timestep": info.timestep, "loss": plain(info.loss)}
+        if info.losses and len(info.losses) > 1:
+            row["losses"] = [plain(v) for v in info.losses]
+        self.rows.append({**row, "stage": info.stage} if info.stage else row)
+
+    def write(self, *, overwrite: bool) -> Path:
+        import json
+
+        from ..images import atomic_write
+
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        atomic_write(self.path, lambda f: f.write(text.encode()), overwrite=overwrite)
+        typer.echo(f"wrote {self.path} ({len(self.rows)} steps)")
+        return self.path
 
 
 #: What a preview file carries: a later run may replace a preview, never any other file.
@@ -202,17 +241,20 @@ def is_preview(path: Path) -> bool:
         return False
 
 
-def preview_callback(path: Path | None, every: int, model):
-    """A progress callback writing a low-resolution decode of the current latents to ``path`` (or None).
+def step_callback(path: Path | None, every: int, model, losses: StepLosses | None = None):
+    """A progress callback writing a low-resolution decode of the current latents to ``path`` (or None) and
+    keeping ``losses``; None where there is neither.
 
-    The file is replaced atomically, so an image viewer never shows half of it.
+    The preview is replaced atomically, so an image viewer never shows half of it.
     """
-    if path is None:
+    if path is None and losses is None:
         return None
     from ..images import save_png
 
     def callback(info) -> None:
-        if info.stage:  # the decoder's tuning (--tune-vae): no latents to show
+        if losses is not None:
+            losses(info)
+        if info.stage or path is None:  # the decoder's tuning (--tune-vae): no latents to show
             return
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
             save_png(model.preview(info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
@@ -220,12 +262,23 @@ def preview_callback(path: Path | None, every: int, model):
     return callback
 
 
-def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None) -> None:
-    """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file."""
+def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None,
+                  loss_log: Path | None = None) -> None:
+    """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file and the
+    ``--loss-log``."""
     from ..errors import UserError
-    from ..images import check_output, numbered_outputs
+    from ..images import check_folder_of, check_output, numbered_outputs
 
     outputs = numbered_outputs(output, count)
+    if loss_log is not None:
+        if loss_log.resolve() in {p.resolve() for p in [*outputs, *([preview] if preview else [])]}:
+            raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
+        if loss_log.is_dir():
+            raise UserError(f"--loss-log '{loss_log}' is a directory; give a file name such as "
+                            f"'{loss_log / 'losses.jsonl'}'")
+        if loss_log.exists() and not overwrite:
+            raise UserError(f"--loss-log '{loss_log}' already exists; pass --overwrite or choose another name")
+        check_folder_of(loss_log, what="--loss-log", option="--loss-log")
     if preview is not None:
         if preview.resolve() in {p.resolve() for p in outputs}:
             raise UserError(f"--preview '{preview}' is an output file; give the preview another name")
