@@ -372,6 +372,30 @@ def test_a_single_file_controlnet_loads_as_its_folder_does(tiny_sd15, tiny_cn15_
         {k: v for k, v in folder.config.items() if not k.startswith("_")}
 
 
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_a_single_file_in_the_original_layout_loads_as_its_folder_does_sd15_and_sdxl(
+        tiny_sd15, tiny_sdxl, tiny_cn15_dir, tiny_cnxl_dir, tmp_path, sdxl):
+    """diffusers' conversion of the original layout leaves SDXL's added embedding (label_emb) out; it is mapped
+    by diffusers' own table. An SD 2.1 ControlNet's .ckpt nests its tensors under "state_dict" twice."""
+    from ldm_checkpoint import controlnet_to_ldm
+
+    folder, model = (tiny_cnxl_dir, tiny_sdxl) if sdxl else (tiny_cn15_dir, tiny_sd15)
+    torch.save({"state_dict": {"state_dict": controlnet_to_ldm(*_weights(folder))}}, tmp_path / "control.ckpt")
+    net = load_controlnet(tmp_path / "control.ckpt", model=model, allow_pickle=True)
+    expected = load_controlnet(folder, model=model).state_dict()
+    assert net.state_dict().keys() == expected.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_single_file_named_shuffle_pools_its_condition_as_webui_and_comfyui_read_it(tiny_sd15, tiny_cn15_dir,
+                                                                                      tmp_path):
+    import shutil
+
+    for name, pooled in (("control_v11e_sd15_shuffle.safetensors", True), ("control_canny.safetensors", False)):
+        shutil.copy(tiny_cn15_dir / "diffusion_pytorch_model.safetensors", tmp_path / name)
+        assert load_controlnet(tmp_path / name, model=tiny_sd15).config.global_pool_conditions is pooled
+
+
 def test_a_single_file_sdxl_controlnet_steers_as_its_folder_does(tiny_sdxl, tiny_cnxl_dir, edge_map, data_dir,
                                                                  tmp_path):
     import shutil
@@ -394,11 +418,13 @@ def test_a_single_file_controlnet_that_does_not_fit_is_named(tiny_sd15, tiny_sdx
     with pytest.raises(ad.UserError, match=r"'.*xl.safetensors' \(for SDXL\) does not fit the sd15 model .*; use an "
                                            "SD 1.5 ControlNet"):
         load_controlnet(tmp_path / "xl.safetensors", model=tiny_sd15)
-    save_file(controlnet_to_ldm(*_weights(tiny_cnxl_dir)), tmp_path / "xl-original.safetensors")
-    with pytest.raises(ad.UserError, match="is an SDXL ControlNet in the original layout, which diffusers does not "
-                                           "convert; pass its diffusers folder"):
-        load_controlnet(tmp_path / "xl-original.safetensors", model=tiny_sdxl)
     state, _ = _weights(tiny_cn15_dir)
+    original = controlnet_to_ldm(*_weights(tiny_cn15_dir), prefix="control_model.")
+    for marker, what in (("difference", r"a \"difference\" ControlNet .*; use the full ControlNet file"),
+                         ("lora_controlnet", "a Control-LoRA, which attndistill does not load")):
+        save_file({**original, marker: torch.zeros(0)}, tmp_path / f"{marker}.safetensors")
+        with pytest.raises(ad.UserError, match=f"'.*{marker}.safetensors' is {what}"):
+            load_controlnet(tmp_path / f"{marker}.safetensors", model=tiny_sd15)
     save_file({k: v for k, v in state.items() if not k.startswith("mid_block.attentions.")},
               tmp_path / "mid.safetensors")
     with pytest.raises(ad.UserError, match=r"is not built like the UNet of model .*: \d+ of its tensors are missing "

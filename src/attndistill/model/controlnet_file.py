@@ -1,11 +1,12 @@
 """Single-file ControlNets: one ``.safetensors`` file (or, with ``allow_pickle``, a ``.pth``), as lllyasviel's
-ControlNet 1.1 files and many shared SDXL ControlNets come, in the original layout or diffusers' own.
+ControlNet 1.x files and many shared SDXL ControlNets come, in the original layout or diffusers' own.
 
 A file carries no config, and diffusers would fetch one from the Hub by guessing the file's kind. A ControlNet is
 a copy of its UNet's encoder, so the model's UNet config describes it, all but its condition encoder, whose widths
 the weights' shapes give. diffusers converts the weights. A variant the UNet config does not describe (an SDXL
-"-mid" or "-small" ControlNet, whose weights then do not fit) is refused by name; a shuffle-type ControlNet, whose
-pooling no weight shows, needs its diffusers folder to be run as one.
+"-mid" or "-small" ControlNet, a union ControlNet, whose weights then do not fit) is refused by name, as are files
+that are no whole ControlNet (a "difference" file, a Control-LoRA). Whether a ControlNet pools its condition
+(shuffle) no weight shows: as in webui's and ComfyUI's loaders, a file named "shuffle" does.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import UserError, first_line
 from .loading import quiet_diffusers
-from .single_file import FAMILY, check_checkpoint, checkpoint_keys, weights_kind
+from .single_file import FAMILY, check_checkpoint, checkpoint_keys, unwrap_state, weights_kind
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -37,8 +38,16 @@ SDXL_ONLY = ("add_embedding.linear_1.weight", "label_emb.0.0.weight")
 FOLDER_HINT = "pass its diffusers folder (config.json beside the weights) instead"
 
 
+#: Tensor names that mark a file as no whole ControlNet, and what it is then.
+NOT_WHOLE = {
+    "difference": "a \"difference\" ControlNet (weights stored as differences from SD 1.5's UNet), which "
+                  "attndistill does not add back; use the full ControlNet file",
+    "lora_controlnet": "a Control-LoRA, which attndistill does not load; use a full ControlNet",
+}
+
+
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The ControlNet's tensors in ``path``, under the names of its own layout (an original file's prefix cut)."""
+    """Every named tensor in ``path`` (Lightning's ``state_dict`` wrappers opened)."""
     check_checkpoint(path, allow_pickle)
     try:
         if path.suffix.lower() == ".safetensors":
@@ -49,10 +58,15 @@ def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"ControlNet '{path}' could not be read ({first_line(exc)}); download it again") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # as Lightning saved them
-        state = state["state_dict"]
+    state = unwrap_state(state)
     if not isinstance(state, dict):
         raise UserError(f"ControlNet '{path}' holds no named tensors; pass a ControlNet's weights file")
+    return state
+
+
+def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ControlNet's tensors under the names of its own layout: in a file that holds more (ControlNet 1.0's hold
+    the whole model), those under its prefix, the prefix cut."""
     return {k.removeprefix(LDM_PREFIX): state[k] for k in own_names(state)}
 
 
@@ -63,8 +77,11 @@ def own_names(names) -> list[str]:
 
 
 def check_names(path: Path, names, kind: str, model_source: str) -> None:
-    """What a file's tensor names tell before its weights are read: a ControlNet, of the model's family
-    (``kind``), in a layout diffusers converts."""
+    """What a file's tensor names tell before its weights are read: a whole ControlNet, of the model's family
+    (``kind``)."""
+    marked = next((what for marker, what in NOT_WHOLE.items() if marker in names), None)
+    if marked:
+        raise UserError(f"ControlNet '{path}' is {marked}")
     names = {k.removeprefix(LDM_PREFIX) for k in own_names(names)}
     if not names & set(HINT_IN):
         raise UserError(f"ControlNet '{path}' holds {weights_kind(sorted(names))}, not a ControlNet (no condition "
@@ -73,9 +90,6 @@ def check_names(path: Path, names, kind: str, model_source: str) -> None:
     if sdxl_net != sdxl_model:
         raise UserError(f"ControlNet '{path}' (for {FAMILY['sdxl' if sdxl_net else 'sd15']}) does not fit the "
                         f"{kind} model '{model_source}'; use {'an SDXL' if sdxl_model else 'an SD 1.5'} ControlNet")
-    if SDXL_ONLY[1] in names:  # diffusers converts the original layout of SD 1.x/2.x ControlNets only
-        raise UserError(f"ControlNet '{path}' is an SDXL ControlNet in the original layout, which diffusers does not "
-                        f"convert; {FOLDER_HINT}")
 
 
 def check_controlnet_file(path: Path, allow_pickle: bool, kind: str, model_source: str) -> None:
@@ -105,15 +119,16 @@ def condition_widths(state: dict[str, torch.Tensor]) -> tuple[list[int], int]:
     return widths, first.shape[1]
 
 
-def controlnet_config(unet_config, state: dict[str, torch.Tensor]) -> dict:
-    """A ControlNet config for weights ``state``: ``unet_config``'s encoder, the weights' condition encoder."""
+def controlnet_config(unet_config, state: dict[str, torch.Tensor], name: str) -> dict:
+    """A ControlNet config for weights ``state`` in a file called ``name``: ``unet_config``'s encoder, the weights'
+    condition encoder, pooled conditions for a file named shuffle."""
     from diffusers import ControlNetModel
 
     accepted = inspect.signature(ControlNetModel.__init__).parameters
     config = {k: v for k, v in dict(unet_config).items() if k in accepted}
     widths, channels = condition_widths(state)
     config.update(conditioning_embedding_out_channels=widths, conditioning_channels=channels,
-                  _class_name=ControlNetModel.__name__)
+                  global_pool_conditions="shuffle" in name.lower(), _class_name=ControlNetModel.__name__)
     return config
 
 
@@ -123,7 +138,8 @@ def load_controlnet_file(path: Path, model: DiffusionModel, allow_pickle: bool =
 
     state = read_weights(path, allow_pickle)
     check_names(path, state, model.kind, model.source)
-    config = controlnet_config(model.unet.config, state)
+    state = own_weights(state)
+    config = controlnet_config(model.unet.config, state, path.name)
     state = _diffusers_names(state, config)
     with torch.device("meta"):
         expected = ControlNetModel.from_config(config).state_dict().keys()
@@ -146,10 +162,14 @@ def load_controlnet_file(path: Path, model: DiffusionModel, allow_pickle: bool =
 
 
 def _diffusers_names(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """The weights under diffusers' names (diffusers' own conversion of the original layout; a diffusers file's
-    names stay)."""
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    """The weights under diffusers' names (diffusers' own conversion of the original layout, which leaves SDXL's
+    added embedding out, so it is mapped here by diffusers' own table; a diffusers file's names stay)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
 
     if HINT_IN[0] in state:
         return state
-    return {k: v for k, v in convert_controlnet_checkpoint(state, config).items() if v is not None}  # None: absent
+    converted = convert_controlnet_checkpoint(state, config)
+    if config.get("addition_embed_type"):
+        table = DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]
+        converted.update({ours: state[theirs] for ours, theirs in table.items() if theirs in state})
+    return {k: v for k, v in converted.items() if v is not None}  # None: absent from the file

@@ -50,9 +50,16 @@ def checkpoint_keys(path: Path) -> list[str] | None:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception:
         return None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # as Lightning saved them
-        state = state["state_dict"]
+    state = unwrap_state(state)
     return [k for k in state if isinstance(k, str)] if isinstance(state, dict) else None
+
+
+def unwrap_state(state):
+    """A checkpoint's tensors where Lightning nested them under ``state_dict``, once or more (SD 2.1
+    ControlNets: twice)."""
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
 
 
 def kind_from_checkpoint(path: Path, keys: list[str] | None = None) -> Kind:
