@@ -97,6 +97,16 @@ def test_t2i_with_a_single_file_controlnet_in_the_original_layout(models, cn_dir
     assert read_parameters(out)["controlnet"] == str(net)
 
 
+def test_t2i_tile_makes_a_pattern_and_a_bad_axis_fails_before_the_model_loads(models, data_dir, tmp_path):
+    out = tmp_path / "pattern.png"
+    _ok(run("t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a floral pattern", "-o", out, "--tile", "xy",
+            "-m", models["sd15"], *FAST))
+    assert read_parameters(out)["tile"] == "xy"
+    bad = run("t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a", "-o", tmp_path / "b.png", "--tile", "z",
+              "-m", tmp_path / "no-model")
+    assert bad.exit_code == 2 and "tile 'z' is not understood; use x, y or xy" in bad.output
+
+
 def test_t2i_grid_and_overwrite_rules(models, data_dir, tmp_path):
     out = tmp_path / "grid.png"
     args = ["t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a cat", "-o", out, "--num-images", 3, "--grid",

@@ -145,3 +145,30 @@ def test_texture_task_runs_seamless_and_records_it(tiny_sd15, data_dir):
     assert _conv_state(tiny_sd15) == before
     assert img.size == (96, 64)
     assert json.loads(img.info["parameters"])["tile"] == "xy"
+
+
+def test_text_to_image_makes_a_pattern_with_its_controlnet_circular_too(tiny_sd15, data_dir, tmp_path):
+    """t2i's tile: the UNet and a ControlNet (whose residuals join the UNet's) circular during sampling, the decoder
+    while decoding; every module as before after the run; the result records it."""
+    from attndistill.model.controlnet import load_controlnet
+    from attndistill.testing import build_tiny_controlnet
+
+    net = load_controlnet(build_tiny_controlnet(tmp_path / "cn"), model=tiny_sd15)
+    seen = []
+
+    def spy(info):
+        seen.append((len(tiny_sd15.unet.conv_in._forward_pre_hooks), len(net.conv_in._forward_pre_hooks),
+                     len(tiny_sd15.vae.decoder.conv_in._forward_pre_hooks)))
+
+    before = _conv_state(tiny_sd15) + [(m.padding, len(m._forward_pre_hooks)) for m in net.modules()
+                                       if isinstance(m, nn.Conv2d)]
+    img = ad.text_to_image("a pattern", data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=2, iters=1, size=64,
+                           tile="x", controlnet=net, control_image=data_dir / "horse.jpg", control="canny",
+                           progress=False, callback=spy)[0]
+    assert seen == [(1, 1, 0), (1, 1, 0)]
+    assert before == _conv_state(tiny_sd15) + [(m.padding, len(m._forward_pre_hooks)) for m in net.modules()
+                                               if isinstance(m, nn.Conv2d)]
+    assert json.loads(img.info["parameters"])["tile"] == "x"
+    plain = ad.text_to_image("a pattern", data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=2, iters=1,
+                             size=64, progress=False)[0]
+    assert "tile" not in json.loads(plain.info["parameters"]) or json.loads(plain.info["parameters"])["tile"] is None

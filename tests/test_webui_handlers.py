@@ -272,9 +272,11 @@ def test_the_terminal_command_carries_the_servers_pixel_changing_flags(tiny_sd15
 def test_text_to_image_and_appearance_tabs_run_and_say_how_to_rerun(ui, data_dir):
     params, command, _ = result_parameters(run_tab(ui, "t2i", {
         "t2i-prompt": "a red barn", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
-        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None}))  # None: API callers
+        "t2i-iters": "1", "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None,  # None: API callers
+        "t2i-tile": "x"}))
     assert params["task"] == "t2i" and params["prompt"] == "a red barn" and params["steps"] == 1
-    assert shlex.split(command)[:2] == ["attndistill", "t2i"]
+    assert shlex.split(command)[:2] == ["attndistill", "t2i"] and params["tile"] == "x"
+    assert shlex.split(command)[shlex.split(command).index("--tile") + 1] == "x"
     params, command, _ = result_parameters(run_tab(ui, "appearance", {
         "appearance-target": str(data_dir / "golden-gate.jpg"),
         "appearance-reference": str(data_dir / "wood-rings.jpg"), "appearance-steps": 1, "appearance-size": "64",

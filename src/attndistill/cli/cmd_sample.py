@@ -9,6 +9,7 @@ import typer
 
 from ..presets import PRESETS
 from . import app
+from .cmd_texture import Tile
 from .common import (
     AllowPickle,
     AttentionScale,
@@ -87,7 +88,7 @@ def t2i(
     content_weight: ContentWeight = None,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
-    layers: Layers = None, size: Size = None, seed: Seed = 0, tune_vae: TuneVae = False,
+    layers: Layers = None, size: Size = None, seed: Seed = 0, tune_vae: TuneVae = False, tile: Tile = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
     preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
 ) -> None:
@@ -101,7 +102,7 @@ def t2i(
                               attention_scale=attention_scale, layers=layers, controlnet=controlnet,
                               control_image=control_image, control=control, control_scale=control_scale,
                               content=content, content_weight=content_weight, reference_fit=reference_fit,
-                              num=num_images, what="number of images")
+                              tile=tile, num=num_images, what="number of images")
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,
@@ -110,7 +111,7 @@ def t2i(
                           guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
                           content_weight=content_weight, num_images=num_images,
                           steps=steps, iters=iters, lr=lr, attention_scale=attention_scale, layers=layers,
-                          reference_fit=reference_fit)
+                          reference_fit=reference_fit, tile=tile)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         losses = StepLosses.of(loss_log)
         images = text_to_image(
@@ -120,7 +121,7 @@ def t2i(
             content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
             control_scale=control_scale, attention_scale=attention_scale, layers=layers,
             size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,
-            tune_vae=tune_vae, progress=not quiet, callback=step_callback(preview, preview_every, m, losses))
+            tune_vae=tune_vae, tile=tile, progress=not quiet, callback=step_callback(preview, preview_every, m, losses))
         write_images([image_grid(images)] if grid else images, output, overwrite=overwrite, losses=losses)
 
     run_command(body)

@@ -66,7 +66,7 @@ class _Job:
     strength: float = 1.0
     start_t: int | None = None
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
-    tile: str | None = None  # seamless axes of the UNet and decoder (textures)
+    tile: str | None = None  # seamless axes of the UNet, a ControlNet and the decoder
     tune_vae: bool = False  # decode with a decoder fitted to the references (VAE*)
 
 
@@ -114,7 +114,8 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
         if job.content is not None:
             z_content = model.encode(to_tensor(job.content, (w, h)))
     distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused)
-    with seamless(model, tile, parts=("unet",)):  # tiling: a circular UNet (the encoder's inputs are not periodic)
+    # tiling: a circular UNet, and ControlNet, whose residuals join it (the encoder's inputs are not periodic)
+    with seamless(model, tile, parts=("unet",)), seamless([control.net] if control else [], tile):
         z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,
                    guidance_rescale=preset.guidance_rescale,
                    steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,
@@ -169,7 +170,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                   vae: str | None = None, device: str | None = None, dtype: str | None = None,
                   allow_pickle: bool = False, fused: bool | None = None, progress: bool = True,
                   callback: Callback | None = None, reference_fit: str | None = None,
-                  tune_vae: bool = False) -> list[Image.Image]:
+                  tune_vae: bool = False, tile: str | None = None) -> list[Image.Image]:
     """Generate ``num_images`` images of ``prompt`` in the style of ``style`` (one image or several).
 
     AD-guided DDIM sampling (Algorithm 2). Defaults come from the "t2i" preset for SD 1.5 (50 steps,
@@ -180,7 +181,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     ``iters=0`` guides by AdaIN alone; with ``adain=False`` too it is a plain DDIM generation.
     ``guidance_rescale`` (0 to 1, default 0: off) is diffusers' CFG rescale, for zero-terminal-SNR models
     (0.7 is usual there). ``tune_vae`` decodes with a decoder fine-tuned on the style images (VAE*,
-    ALGORITHM.md §5). Example::
+    ALGORITHM.md §5). ``tile`` ("x", "y" or "xy") makes the result tile without a seam: a pattern (circular
+    convolutions in the UNet, the decoder and a ControlNet, whose condition then wraps around too). Example::
 
         images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """
@@ -193,8 +195,8 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
         raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,
                       control_scale=control_scale, content=content, content_weight=content_weight)
-    seed, num_images, _ = check_run(seed=seed, callback=callback, num=num_images, what="number of images",
-                                    fused=fused, progress=progress, tune_vae=tune_vae)
+    seed, num_images, tile = check_run(seed=seed, callback=callback, num=num_images, what="number of images",
+                                       fused=fused, progress=progress, tile=tile, tune_vae=tune_vae)
     model = as_model(model, vae=vae, device=device, dtype=dtype)
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain,
@@ -208,9 +210,9 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                like_name=(f"control image '{describe_input(control_image)}'" if control_img is not None else
                           f"content image '{describe_input(content)}'" if content_img is not None else None),
                control=(controlnet, control_img, control, control_scale) if controlnet is not None else None,
-               tune_vae=tune_vae)
+               tile=tile, tune_vae=tune_vae)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [describe_input(s) for s in styles],
-              "num_images": num_images, "tune_vae": tune_vae}
+              "num_images": num_images, "tile": tile, "tune_vae": tune_vae}
     if content is not None:
         inputs["content"] = describe_input(content)
     if controlnet is not None:

@@ -164,6 +164,7 @@ def t2i_tab(ui: WebUI) -> None:
             reference_fit = reference_fit_radio(tab)
             tune_vae = gr.Checkbox(False, label="Fine-tune the VAE decoder on the style images for this run",
                                    elem_id=f"{tab}-tune-vae")
+            tile = gr.Dropdown(TILE_CHOICES, value="none", label="Seamless tiling (a pattern)", elem_id=f"{tab}-tile")
         with gr.Row():
             controlnet = gr.Textbox("", label="ControlNet (Hub id, folder or weights file)",
                                     elem_id=f"{tab}-controlnet", placeholder="e.g. lllyasviel/control_v11p_sd15_canny")
@@ -182,7 +183,7 @@ def t2i_tab(ui: WebUI) -> None:
     fields = dict(prompt=prompt, negative=negative, style=style, num=num, steps=steps, guidance=guidance,
                   guidance_rescale=guidance_rescale, size=size, seed=seed, iters=iters, lr=lr, adain=adain,
                   start_t=start_t, layers=layers,
-                  reference_fit=reference_fit, tune_vae=tune_vae, controlnet=controlnet,
+                  reference_fit=reference_fit, tune_vae=tune_vae, tile=tile, controlnet=controlnet,
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
@@ -201,7 +202,7 @@ def t2i_tab(ui: WebUI) -> None:
         return TaskCall(tab, dict(prompt=s["prompt"], style=required(s["style"], "style image"),
                                   negative_prompt=s["negative"] or None, num_images=_count(s["num"]),
                                   control_image=s["control_image"], size=size_value(s["size"]),
-                                  seed=seed_value(s["seed"]),
+                                  seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                                   allow_pickle=ui.slot.allow_pickle,  # the UI's launch option
                                   **options(s), **extra))
 
@@ -213,7 +214,7 @@ def t2i_tab(ui: WebUI) -> None:
             steps=o["steps"], iters=o["iters"], lr=o["lr"], guidance=o["guidance"],
             guidance_rescale=o["guidance_rescale"], adain=o["adain"],
             start_t=o["start_t"], layers=o["layers"], reference_fit=fit_cli(o["reference_fit"]),
-            tune_vae=True if o["tune_vae"] else None, size=text_value(s["size"]),
+            tune_vae=True if o["tune_vae"] else None, size=text_value(s["size"]), tile=tile_value(s["tile"]),
             controlnet=o["controlnet"],
             control_image=file_name(s["control_image"]), control=o["control"] if o["control"] != "none" else None,
             control_scale=s["control_scale"] if o["controlnet"] else None))
