@@ -363,7 +363,7 @@ def test_paths_are_not_taken_for_hub_ids_nor_local_folders_for_uncached_ones(tmp
 
 
 @pytest.mark.parametrize(("part", "holds"), [
-    ("unet/diffusion_pytorch_model.safetensors", "the weights of one diffusers component (a UNet or ControlNet)"),
+    ("unet/diffusion_pytorch_model.safetensors", "a diffusers UNet's weights"),
     ("vae/diffusion_pytorch_model.safetensors", "a VAE's weights"),
     ("text_encoder/model.safetensors", "a text encoder's weights"), (None, "LoRA weights"),
     ("ema", "only the EMA copy of a UNet (model_ema.*), which diffusers does not load")])

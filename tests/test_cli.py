@@ -248,6 +248,23 @@ def test_loss_log_has_a_line_per_step_with_its_timestep_and_losses(tmp_path, dat
     assert not (tmp_path / "out2.png").exists()
     same = run(*args, *size, "-o", tmp_path / "out3.png", "--model", tiny_sd15_dir, "--loss-log", tmp_path / "out3.png")
     assert same.exit_code == 2 and "is an output or preview file" in same.output
+    if command[0] != "style":
+        return
+    # an earlier loss log is replaced with --overwrite; an input never is, nor is a model's file (a fuzzing
+    # helper found both replaced by JSON lines), and "-" or "" name no file
+    replaced = run(*args, *size, "-o", tmp_path / "out4.png", "--model", tiny_sd15_dir, "--steps", 2, "--quiet",
+                   "--loss-log", log, "--overwrite")
+    assert replaced.exit_code == 0 and len(log.read_text().splitlines()) == 2
+    content = data_dir / "horse.jpg"
+    for victim in (content, tiny_sd15_dir / "model_index.json"):
+        before = victim.read_bytes()
+        refused = run(*args, *size, "-o", tmp_path / "out5.png", "--model", tiny_sd15_dir, "--loss-log", victim,
+                      "--overwrite")
+        assert refused.exit_code == 2 and "exists and is not the loss log of an earlier run" in refused.output
+        assert victim.read_bytes() == before and not (tmp_path / "out5.png").exists()
+    for nothing in ("-", ""):
+        refused = run(*args, *size, "-o", tmp_path / "out6.png", "--model", tiny_sd15_dir, "--loss-log", nothing)
+        assert refused.exit_code == 2 and "names no file" in refused.output
 
 
 def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):

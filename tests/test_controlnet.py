@@ -162,10 +162,15 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
     with pytest.raises(ad.UserError, match="'models/control_canny.safetensors' does not exist; check the path"):
         load_controlnet("models/control_canny.safetensors", model=tiny_sdxl)
     (tmp_path / "control_canny.safetensors").write_bytes(b"x")
-    with pytest.raises(ad.UserError, match="'.*control_canny.safetensors' could not be read .*; download it again"):
+    with pytest.raises(ad.UserError, match=r"'.*control_canny.safetensors' is not a readable \.safetensors file "
+                                           r"\(cut short, or another format under this suffix\); download it again"):
         load_controlnet(tmp_path / "control_canny.safetensors", model=tiny_sdxl)
     with pytest.raises(ad.UserError, match="is a file; pass the folder that holds the ControlNet's config.json"):
         load_controlnet(tiny_cn15_dir / "config.json", model=tiny_sdxl)
+    (tmp_path / "folder.safetensors").mkdir()  # a folder, whatever its name: not "does not exist"
+    with pytest.raises(ad.UserError, match="'.*folder.safetensors' is not a diffusers ControlNet folder "
+                                           r"\(no config.json\)"):
+        load_controlnet(tmp_path / "folder.safetensors", model=tiny_sdxl)
 
 
 @pytest.mark.parametrize("part", ["unet", "vae"])
@@ -436,11 +441,12 @@ def test_a_single_file_controlnet_that_does_not_fit_is_named(tiny_sd15, tiny_sdx
     wide = {k: torch.zeros(v.shape[0] * 2, *v.shape[1:]) if k == "time_embedding.linear_1.weight" else v
             for k, v in state.items()}
     save_file(wide, tmp_path / "wide.safetensors")
-    with pytest.raises(ad.UserError, match=r"'.*wide.safetensors' does not fit the UNet of model .*; pass its "
-                                           "diffusers folder"):
+    with pytest.raises(ad.UserError, match=r"'.*wide.safetensors' does not fit the UNet of model .*: its "
+                                           r"time_embedding\.linear_1\.weight is of shape \(256, 32\) where this "
+                                           r"model's architecture has \(128, 32\); use a ControlNet made for this"):
         load_controlnet(tmp_path / "wide.safetensors", model=tiny_sd15)
     shutil.copy(tiny_sd15_dir / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet.safetensors")
-    with pytest.raises(ad.UserError, match="holds the weights of one diffusers component .*, not a ControlNet"):
+    with pytest.raises(ad.UserError, match="holds a diffusers UNet's weights, not a ControlNet"):
         load_controlnet(tmp_path / "unet.safetensors", model=tiny_sd15)
 
 
@@ -483,3 +489,34 @@ def test_canny_asked_of_an_edge_map_says_it_doubles_the_lines(tiny_sd15, tiny_cn
             prepare_control(tiny_cn15_dir, image, model=tiny_sd15, size=(64, 64), preprocess="canny")
         assert ("edges.png' looks like an edge map already" in caplog.text) == warned
         assert "--control none" in caplog.text or not warned
+
+
+def test_a_damaged_single_file_controlnet_is_named_not_a_traceback_nor_a_diverging_run(tiny_sd15, tiny_cn15_dir,
+                                                                                       tmp_path):
+    """What a fuzzing helper found: entries that are no tensors, integer weights, a flat condition encoder and NaN
+    weights each failed deep in the load (AttributeError, IndexError), loaded, or diverged with advice about the
+    learning rate; a text file named .pth said only "(101)"."""
+    from safetensors.torch import save_file
+
+    state, _ = _weights(tiny_cn15_dir)
+    first = "controlnet_cond_embedding.conv_in.weight"
+    cases = {
+        "ints.pth": ({**state, first: 5}, "holds 1 entries that are not tensors"),
+        "int32.safetensors": ({k: v.to(torch.int32) for k, v in state.items()},
+                              "integer or boolean tensors where weights are floating-point"),
+        "flat.safetensors": ({**state, first: torch.zeros(16)}, rf"condition encoder whose convolution {first} is "
+                                                                r"of shape \(16,\)"),
+        "nan.safetensors": ({**state, first: torch.full_like(state[first], float("nan"))},
+                            "holds 1 weights that are NaN or infinite"),
+    }
+    for name, (weights, message) in cases.items():
+        if name.endswith(".pth"):
+            torch.save(weights, tmp_path / name)
+        else:
+            save_file(weights, tmp_path / name)
+        with pytest.raises(ad.UserError, match=message):
+            load_controlnet(tmp_path / name, model=tiny_sd15, allow_pickle=True)
+    (tmp_path / "text.pth").write_text("ControlNet, honest")
+    with pytest.raises(ad.UserError, match=r"'.*text.pth' is not a readable PyTorch pickle \(.pth, .ckpt, .bin\) "
+                                           "file"):
+        load_controlnet(tmp_path / "text.pth", model=tiny_sd15, allow_pickle=True)

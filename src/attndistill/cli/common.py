@@ -224,7 +224,9 @@ class StepLosses:
 
         text = "".join(json.dumps(row) + "\n" for row in self.rows)
         atomic_write(self.path, lambda f: f.write(text.encode()), overwrite=overwrite)
-        typer.echo(f"wrote {self.path} ({len(self.rows)} steps)")
+        staged = sum(1 for row in self.rows if "stage" in row)  # --tune-vae: the decoder's tuning, numbered apart
+        typer.echo(f"wrote {self.path} ({len(self.rows) - staged} steps"
+                   + (f", and {staged} of the decoder's tuning)" if staged else ")"))
         return self.path
 
 
@@ -271,11 +273,16 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
 
     outputs = numbered_outputs(output, count)
     if loss_log is not None:
+        if str(loss_log).strip() in ("", ".", "-"):  # an empty option is the current folder to pathlib
+            raise UserError(f"--loss-log '{loss_log}' names no file; give a file name such as losses.jsonl")
         if loss_log.resolve() in {p.resolve() for p in [*outputs, *([preview] if preview else [])]}:
             raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
         if loss_log.is_dir():
             raise UserError(f"--loss-log '{loss_log}' is a directory; give a file name such as "
                             f"'{loss_log / 'losses.jsonl'}'")
+        if loss_log.exists() and not is_loss_log(loss_log):  # an input, a model's file: never, even with overwrite
+            raise UserError(f"--loss-log '{loss_log}' exists and is not the loss log of an earlier run; give the loss "
+                            "log another name or delete that file")
         if loss_log.exists() and not overwrite:
             raise UserError(f"--loss-log '{loss_log}' already exists; pass --overwrite or choose another name")
         check_folder_of(loss_log, what="--loss-log", option="--loss-log")
@@ -288,6 +295,20 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
         check_output(preview, overwrite=True, what="--preview", option="--preview", why="previews are PNG files")
     for path in outputs:
         check_output(path, overwrite=overwrite)
+
+
+def is_loss_log(path: Path) -> bool:
+    """A file ``--loss-log`` wrote (JSON objects with a step, a line each), or an empty one: what a later run may
+    replace. Read up to 64 MiB, as no loss log of up to 100,000 steps comes near."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64 << 20).decode()
+        rows = [json.loads(line) for line in text.splitlines()]
+    except (OSError, ValueError):  # unreadable, not text, not JSON lines
+        return False
+    return all(isinstance(r, dict) and "step" in r and "loss" in r for r in rows)
 
 
 def debug_enabled() -> bool:

@@ -140,7 +140,7 @@ def check_controlnet_source(source: str) -> None:
     """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
     hint = "pass a folder saved with save_pretrained or a Hub id such as lllyasviel/control_v11p_sd15_canny"
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:  # a file, never a Hub id (owner/name.safetensors)
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES and not path.is_dir():  # a file, never a Hub id (a/b.safetensors)
         if not path.is_file():
             raise UserError(f"ControlNet '{source}' does not exist; check the path")
         return  # one weights file (model/controlnet_file.py)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError
 from .loading import quiet_diffusers
 from .single_file import FAMILY, check_checkpoint, checkpoint_keys, unwrap_state, weights_kind
 
@@ -49,25 +49,39 @@ NOT_WHOLE = {
 def read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """Every named tensor in ``path`` (Lightning's ``state_dict`` wrappers opened)."""
     check_checkpoint(path, allow_pickle)
+    safetensors = path.suffix.lower() == ".safetensors"
     try:
-        if path.suffix.lower() == ".safetensors":
+        if safetensors:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:  # torch's weights-only unpickler: tensors and plain containers, no code
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"ControlNet '{path}' could not be read ({first_line(exc)}); download it again") from None
+    except Exception:  # cut short, or another format under this suffix: the reader's own words say neither
+        kind = ".safetensors" if safetensors else "PyTorch pickle (.pth, .ckpt, .bin)"
+        raise UserError(f"ControlNet '{path}' is not a readable {kind} file (cut short, or another format under "
+                        "this suffix); download it again") from None
     state = unwrap_state(state)
     if not isinstance(state, dict):
         raise UserError(f"ControlNet '{path}' holds no named tensors; pass a ControlNet's weights file")
     return state
 
 
-def own_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def own_weights(path: Path, state: dict) -> dict[str, torch.Tensor]:
     """The ControlNet's tensors under the names of its own layout: in a file that holds more (ControlNet 1.0's hold
-    the whole model), those under its prefix, the prefix cut."""
-    return {k.removeprefix(LDM_PREFIX): state[k] for k in own_names(state)}
+    the whole model), those under its prefix, the prefix cut. Each must be a finite floating-point tensor: a
+    NaN in a ControlNet would surface as a diverging run whose advice never names the file."""
+    own = {k.removeprefix(LDM_PREFIX): state[k] for k in own_names(state)}
+    for problem, bad in (
+            ("entries that are not tensors", [k for k, v in own.items() if not torch.is_tensor(v)]),
+            ("integer or boolean tensors where weights are floating-point",
+             [k for k, v in own.items() if torch.is_tensor(v) and not v.is_floating_point()]),
+            ("weights that are NaN or infinite",
+             [k for k, v in own.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()])):
+        if bad:
+            raise UserError(f"ControlNet '{path}' holds {len(bad)} {problem} ({', '.join(bad[:2])}"
+                            f"{', ...' if len(bad) > 2 else ''}): it is damaged or no ControlNet; download it again")
+    return own
 
 
 def own_names(names) -> list[str]:
@@ -101,34 +115,39 @@ def check_controlnet_file(path: Path, allow_pickle: bool, kind: str, model_sourc
         check_names(path, names, kind, model_source)
 
 
-def condition_widths(state: dict[str, torch.Tensor]) -> tuple[list[int], int]:
+def condition_widths(path: Path, state: dict[str, torch.Tensor]) -> tuple[list[int], int]:
     """(the condition encoder's widths, the condition's channels) from the weights' shapes: the first convolution,
     then the second of each pair, which widens (diffusers' ``blocks.1, 3, 5``; originally ``input_hint_block.4, 8,
     12``)."""
     if HINT_IN[0] in state:
-        first, name = state[HINT_IN[0]], "controlnet_cond_embedding.blocks.{}.weight"
+        first, name = HINT_IN[0], "controlnet_cond_embedding.blocks.{}.weight"
         widening = [name.format(2 * i + 1) for i in range(len(state))]
     else:
-        first, name = state[HINT_IN[1]], "input_hint_block.{}.weight"
+        first, name = HINT_IN[1], "input_hint_block.{}.weight"
         widening = [name.format(4 * i + 4) for i in range(len(state))]
-    widths = [first.shape[0]]
+    convs = [first]
     for key in widening:
         if key not in state:
             break
-        widths.append(state[key].shape[0])
-    return widths, first.shape[1]
+        convs.append(key)
+    flat = next((k for k in convs if state[k].dim() != 4), None)
+    if flat is not None:
+        raise UserError(f"ControlNet '{path}' has a condition encoder whose convolution {flat} is of shape "
+                        f"{tuple(state[flat].shape)}, not (out, in, height, width): it is damaged or no ControlNet; "
+                        "download it again")
+    return [state[k].shape[0] for k in convs], state[first].shape[1]
 
 
-def controlnet_config(unet_config, state: dict[str, torch.Tensor], name: str) -> dict:
-    """A ControlNet config for weights ``state`` in a file called ``name``: ``unet_config``'s encoder, the weights'
-    condition encoder, pooled conditions for a file named shuffle."""
+def controlnet_config(unet_config, state: dict[str, torch.Tensor], path: Path) -> dict:
+    """A ControlNet config for weights ``state`` in file ``path``: ``unet_config``'s encoder, the weights' condition
+    encoder, pooled conditions for a file named shuffle."""
     from diffusers import ControlNetModel
 
     accepted = inspect.signature(ControlNetModel.__init__).parameters
     config = {k: v for k, v in dict(unet_config).items() if k in accepted}
-    widths, channels = condition_widths(state)
+    widths, channels = condition_widths(path, state)
     config.update(conditioning_embedding_out_channels=widths, conditioning_channels=channels,
-                  global_pool_conditions="shuffle" in name.lower(), _class_name=ControlNetModel.__name__)
+                  global_pool_conditions="shuffle" in path.name.lower(), _class_name=ControlNetModel.__name__)
     return config
 
 
@@ -138,27 +157,27 @@ def load_controlnet_file(path: Path, model: DiffusionModel, allow_pickle: bool =
 
     state = read_weights(path, allow_pickle)
     check_names(path, state, model.kind, model.source)
-    state = own_weights(state)
-    config = controlnet_config(model.unet.config, state, path.name)
+    state = own_weights(path, state)
+    config = controlnet_config(model.unet.config, state, path)
     state = _diffusers_names(state, config)
     with torch.device("meta"):
-        expected = ControlNetModel.from_config(config).state_dict().keys()
-    missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        expected = {k: tuple(v.shape) for k, v in ControlNetModel.from_config(config).state_dict().items()}
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or extra:
         names = (missing or extra)[:2]
         raise UserError(f"ControlNet '{path}' is not built like the UNet of model '{model.source}': "
                         f"{len(missing)} of its tensors are missing and {len(extra)} have no place "
                         f"({', '.join(names)}{', ...' if len(missing or extra) > 2 else ''}); {FOLDER_HINT}")
+    other = next((k for k in expected if tuple(state[k].shape) != expected[k]), None)
+    if other is not None:  # widths of another base model (an SD 2.x ControlNet for SD 1.5), or a damaged tensor
+        raise UserError(f"ControlNet '{path}' does not fit the UNet of model '{model.source}': its {other} is of shape "
+                        f"{tuple(state[other].shape)} where this model's architecture has {expected[other]}; use a "
+                        "ControlNet made for this model")
     with tempfile.TemporaryDirectory(prefix="attndistill-controlnet-") as folder:
         (Path(folder) / "config.json").write_text(json.dumps(config))
-        try:
-            with quiet_diffusers():
-                net = ControlNetModel.from_single_file(state, config=folder, torch_dtype=model.dtype,
-                                                       local_files_only=True)
-        except Exception as exc:  # a tensor of another shape: another architecture than the model's
-            raise UserError(f"ControlNet '{path}' does not fit the UNet of model '{model.source}' "
-                            f"({first_line(exc)}); {FOLDER_HINT}") from None
-    return net
+        with quiet_diffusers():
+            return ControlNetModel.from_single_file(state, config=folder, torch_dtype=model.dtype,
+                                                    local_files_only=True)
 
 
 def _diffusers_names(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

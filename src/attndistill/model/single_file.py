@@ -96,7 +96,9 @@ def weights_kind(keys: list[str]) -> str:
         return "LoRA weights"
     if any(k.startswith("model_ema.") for k in keys):  # a training checkpoint's averaged copy, keys flattened
         return "only the EMA copy of a UNet (model_ema.*), which diffusers does not load"
-    if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):  # a VAE's are under encoder.
+    if any(k.startswith("up_blocks.") for k in keys):  # a VAE's are under decoder.
+        return "a diffusers UNet's weights"
+    if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):  # a VAE's are under encoder.
         return "the weights of one diffusers component (a UNet or ControlNet)"
     if any("text_model." in k or k.startswith(("embeddings.", "encoder.layers.")) for k in keys):
         return "a text encoder's weights"
