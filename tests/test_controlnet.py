@@ -165,7 +165,8 @@ def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
     with pytest.raises(ad.UserError, match=r"'.*control_canny.safetensors' is not a readable \.safetensors file "
                                            r"\(cut short, or another format under this suffix\); download it again"):
         load_controlnet(tmp_path / "control_canny.safetensors", model=tiny_sdxl)
-    with pytest.raises(ad.UserError, match="is a file; pass the folder that holds the ControlNet's config.json"):
+    with pytest.raises(ad.UserError, match="is a file but no weights file .*; pass one, or the folder that holds the "
+                                           "ControlNet's config.json"):
         load_controlnet(tiny_cn15_dir / "config.json", model=tiny_sdxl)
     (tmp_path / "folder.safetensors").mkdir()  # a folder, whatever its name: not "does not exist"
     with pytest.raises(ad.UserError, match="'.*folder.safetensors' is not a diffusers ControlNet folder "

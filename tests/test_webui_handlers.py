@@ -381,6 +381,9 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
     assert box.preprocess(500) == 500  # the served page reaches that check: Gradio's own would name no box
     with pytest.raises(gr.Error, match="texture mode 'bogus' is not one of"):
         run_tab(ui, "texture", {**texture, "texture-mode": "bogus"})
+    with pytest.raises(gr.Error, match="the painted mask must be the mask painter's value"):  # was AttributeError
+        run_tab(ui, "style", {"style-target": str(data_dir / "horse.jpg"), "style-mask": "junk",
+                              "style-reference": str(data_dir / "watercolor-cat.jpg"), "style-preview-every": 0})
     with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):
         run_tab(ui, "t2i", {"t2i-prompt": "a", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
                             "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-adain": "maybe"})
@@ -553,6 +556,11 @@ def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir
     ("texture", {"texture-mode": "masked", "texture-ref-labels": "black.png", "texture-target-labels": "red.png"},
      r"label map 'red.png' uses colour\(s\) #ff0000 that no reference"),
     ("expand", {"expand-size": "100000x512"}, r"size 100000x512 is over"),
+    # what a fuzzing helper found accepted before the load, or kept for a refused run:
+    ("style", {"style-layers": "90-95", "style-mask": "painted"}, r"layers .*90"),  # the painted mask: not kept
+    ("t2i", {"t2i-prompt": "   "}, r"prompt is empty"),
+    ("t2i", {"t2i-steps": "5000"}, r"steps must be at most 1000, the model's training timesteps"),
+    ("vae", {"vae-reference": "notes.png"}, r"reference image 'notes.png'"),
 ])
 def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tiny_sd15_dir, tmp_path, data_dir,
                                                                              monkeypatch, tab, values, message):
@@ -563,11 +571,13 @@ def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tin
     uploads = tmp_path / "gradio"
     monkeypatch.setattr(webui_fields, "GRADIO_UPLOADS", uploads)
     upload = {}
-    for name in ("horse.jpg", "watercolor-cat.jpg", "wood-rings.jpg", "black.png", "red.png"):
+    for name in ("horse.jpg", "watercolor-cat.jpg", "wood-rings.jpg", "black.png", "red.png", "notes.png"):
         (uploads / name).mkdir(parents=True)
         upload[name] = str(uploads / name / name)
         if name.endswith(".jpg"):
             Path(upload[name]).write_bytes((data_dir / name).read_bytes())
+        elif name == "notes.png":
+            Path(upload[name]).write_text("not an image")
         else:
             Image.new("RGB", Image.open(data_dir / "wood-rings.jpg").size, name[:-4]).save(upload[name])
     ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path / "out")
@@ -575,8 +585,16 @@ def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tin
     monkeypatch.setattr(ui.slot, "get", lambda *a, **k: pytest.fail("the model loaded before the check"))
     given = {"style-target": upload["horse.jpg"], "style-reference": upload["watercolor-cat.jpg"],
              "texture-reference": upload["wood-rings.jpg"], "expand-reference": upload["wood-rings.jpg"],
-             f"{tab}-steps": 1, f"{tab}-preview-every": 0}
+             "t2i-style": upload["watercolor-cat.jpg"], "t2i-prompt": "a deer", "t2i-controlnet": None,
+             f"{tab}-steps": "1" if tab == "t2i" else 1, f"{tab}-preview-every": 0}
     given.update({k: upload.get(v, v) if isinstance(v, str) else v for k, v in values.items()})
+    if given.get("style-mask") == "painted":  # strokes over the left half
+        from attndistill.webui.fields import content_to_paint_on
+
+        painted = content_to_paint_on(upload["horse.jpg"])
+        layer = Image.new("RGBA", painted["background"].size, (0, 0, 0, 0))
+        layer.paste((255, 255, 255, 255), (0, 0, layer.width // 2, layer.height))
+        given["style-mask"] = {**painted, "layers": [layer]}
     with pytest.raises(gr.Error, match=message):
         run_tab(ui, tab, given)
     assert not (ui.outputs / "inputs").exists()

@@ -120,6 +120,10 @@ class Validator:
                 raise UserError(f"output '{path}' is an input of this run, which its result must not replace; "
                                 "choose another output name")
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
+        if job.task == "t2i":
+            from ..tasks.generate import check_prompt
+
+            check_prompt(job.args.get("prompt"))
         mask = self._check_mask(job) if job.args.get("mask") is not None else None
         if job.task == "texture-masked":  # maps that fit their textures, every target colour in a reference map
             from ..tasks.textures import check_label_maps
@@ -133,6 +137,9 @@ class Validator:
             self._controlnet(job.args["controlnet"], job.model)
         if job.args.get("layers") is not None:
             self._check_layers(job.args["layers"], job.model)
+        from ..model.models import check_steps
+
+        check_steps(preset.steps, self._shell(job.model).scheduler_config.num_train_timesteps)  # its configs' count
 
     def _check_mask(self, job: Job):
         """What the task checks of a mask before its model loads: its aspect, its white, the tiling (against the

@@ -139,14 +139,16 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 def check_controlnet_source(source: str) -> None:
     """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
-    hint = "pass a folder saved with save_pretrained or a Hub id such as lllyasviel/control_v11p_sd15_canny"
+    hint = ("pass a folder saved with save_pretrained, a ControlNet weights file or a Hub id such as "
+            "lllyasviel/control_v11p_sd15_canny")
     if path.suffix.lower() in CHECKPOINT_SUFFIXES and not path.is_dir():  # a file, never a Hub id (a/b.safetensors)
         if not path.is_file():
             raise UserError(f"ControlNet '{source}' does not exist; check the path")
         return  # one weights file (model/controlnet_file.py)
     if path.is_file():  # its config.json, say
-        raise UserError(f"ControlNet '{source}' is a file; pass the folder that holds the ControlNet's config.json "
-                        f"and weights ('{path.parent}'?)")
+        raise UserError(f"ControlNet '{source}' is a file but no weights file ({', '.join(CHECKPOINT_SUFFIXES)}); "
+                        f"pass one, or the folder that holds the ControlNet's config.json and weights "
+                        f"('{path.parent}'?)")
     if path.exists():
         if (path / "model_index.json").is_file():
             raise UserError(f"ControlNet '{source}' is a whole Stable Diffusion model (model_index.json); pass it as "
@@ -163,8 +165,8 @@ def check_controlnet_source(source: str) -> None:
             raise UserError(f"ControlNet '{source}' holds a {kind}, not a ControlNetModel, the kind of ControlNet "
                             "attndistill runs; use one such as lllyasviel/control_v11p_sd15_canny")
     elif not looks_like_hub_id(source):
-        raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder or a Hub id "
-                        "such as lllyasviel/control_v11p_sd15_canny")
+        raise UserError(f"ControlNet '{source}' does not exist; pass a diffusers ControlNet folder, a weights file "
+                        "or a Hub id such as lllyasviel/control_v11p_sd15_canny")
 
 
 def check_compatible(net, model: DiffusionModel, source: str = "ControlNet") -> None:

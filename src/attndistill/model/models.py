@@ -80,6 +80,14 @@ class Conditioning:
         return Conditioning(hidden, added)
 
 
+def check_steps(steps: int, limit: int) -> None:
+    """DDIM visits at most as many timesteps as the model was trained with (``limit``, from its scheduler config)."""
+    if steps < 1:
+        raise UserError(f"steps must be at least 1 (got {steps})")
+    if steps > limit:
+        raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
@@ -203,11 +211,7 @@ class DiffusionModel:
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(self.scheduler_config, clip_sample=False, thresholding=False)
-        limit = scheduler.config.num_train_timesteps
-        if steps < 1:
-            raise UserError(f"steps must be at least 1 (got {steps})")
-        if steps > limit:
-            raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
+        check_steps(steps, scheduler.config.num_train_timesteps)
         # timesteps stay on the CPU: a loop reads each one (int(t), the scheduler's own step logic), and reading
         # a device tensor is a GPU sync; UNet calls take :meth:`timestep`
         scheduler.set_timesteps(steps)

@@ -130,6 +130,15 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
         return finish(model, z, params)
 
 
+def check_prompt(prompt: object) -> None:
+    """A prompt is one string with words in it (checked before any model work, also by batch runs and the page)."""
+    if not isinstance(prompt, str):
+        raise UserError("prompt must be one string")
+    if not prompt.strip():  # as the web UI and jobs files have it: a result that batch runs can rerun
+        raise UserError("prompt is empty; describe the image to generate (texture --mode sample generates from "
+                        "the style image alone)")
+
+
 def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None, control_image: ImageInput | None,
                       control: str, control_scale: float, content: ImageInput | None,
                       content_weight: float | None) -> None:
@@ -186,11 +195,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
 
         images = text_to_image("a deer", "watercolor-cat.jpg", model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     """
-    if not isinstance(prompt, str):
-        raise UserError("prompt must be one string")
-    if not prompt.strip():  # as the web UI and jobs files have it: a result that batch runs can rerun
-        raise UserError("prompt is empty; describe the image to generate (texture --mode sample generates from "
-                        "the style image alone)")
+    check_prompt(prompt)
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise UserError("negative prompt must be one string")
     check_t2i_options(controlnet=controlnet, control_image=control_image, control=control,

@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -314,11 +315,12 @@ class WebUI:
             try:  # whole-number boxes: 1.5 steps is an error, not 2 steps
                 settings = {names[c]: whole(v, c.whole, c.bounds) if getattr(c, "whole", None) else v
                             for c, v in values.items()}
+                masks = [k for k in settings if isinstance(components[k], gr.ImageMask)]
+                with tempfile.TemporaryDirectory(prefix="attndistill-check-") as scratch:  # a refused run keeps none
+                    trial = dict(settings, **{k: painted_mask(settings[k], Path(scratch)) for k in masks})
+                    arguments(trial).check(self.model_spec(settings))  # before the uploads are copied, the model loads
                 # painted masks become files once, which the run and the command both name where they are kept
-                painted = {k: painted_mask(v, self.outputs) for k, v in settings.items()
-                           if isinstance(components[k], gr.ImageMask)}
-                settings.update(painted)
-                arguments(settings).check(self.model_spec(settings))  # before the uploads are copied, the model loads
+                settings.update({k: painted_mask(settings[k], self.outputs) for k in masks})
                 kept = {k: keep_uploads(v, self.outputs) if isinstance(components[k], gr.Image | gr.File) else v
                         for k, v in settings.items()}  # the uploads a result names
                 call = arguments(kept)

@@ -228,6 +228,8 @@ def painted_mask(value: dict | None, folder: Path) -> str | None:
 
     A result names its mask like any input, so ``attndistill info OUT.png --job`` reruns it.
     """
+    if value is not None and not isinstance(value, dict):  # an API caller's value: the painter sends a dict
+        raise UserError("the painted mask must be the mask painter's value (background and layers); paint it again")
     alphas = []
     for layer in (value or {}).get("layers") or []:  # files from the page; images as content_to_paint_on made them
         try:

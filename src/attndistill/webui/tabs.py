@@ -17,7 +17,7 @@ import gradio as gr
 from ..batch.jobs import TASKS
 from ..errors import UserError
 from ..model.models import DiffusionModel
-from ..presets import PRESETS
+from ..presets import PRESETS, VAE_TUNING_LR
 from .fields import (
     FAILED,
     TILE_CHOICES,
@@ -364,6 +364,19 @@ def expand_tab(ui: WebUI) -> None:
     ui.wire(tab, panel, fields, arguments, command)
 
 
+def check_vae_tab(references: list[str], steps: int, lr: float | None, reference_fit: str | None) -> None:
+    """What the tuning refuses that needs no model, refused before the model loads (as the other tabs' checks)."""
+    from ..images import load_image
+    from ..tasks.setup import check_reference_fit
+    from ..tasks.vae_tuning import check_tuning
+
+    for path in references:
+        load_image(path, what="reference image")
+    check_tuning(steps, VAE_TUNING_LR if lr is None else lr)
+    if reference_fit is not None:
+        check_reference_fit(reference_fit)
+
+
 def vae_tab(ui: WebUI) -> None:
     """VAE*: fine-tune the decoder on a reference, save it, use it for the next runs."""
     tab = "vae"
@@ -397,11 +410,14 @@ def vae_tab(ui: WebUI) -> None:
         skip = gr.skip()
         try:
             n = whole(n, "Steps", steps.bounds)
+            given = [required(ref, "reference image"), *file_paths(values[more])]
+            check_vae_tab(given, n, rate, reference_fit_value(values[fit]))  # before the model loads and any copy
             # the copies kept beside the results: the folder's attndistill.json names them for reruns
-            references = keep_uploads([required(ref, "reference image"), *file_paths(values[more])], ui.outputs)
+            references = keep_uploads(given, ui.outputs)
         except UserError as exc:
-            yield FAILED.format(exc), None, None, "", skip  # not the last tuning's "done" beside this error
-            raise gr.Error(str(exc)) from None
+            message = page_message(exc)  # an upload by its own name, not Gradio's cache
+            yield FAILED.format(message), None, None, "", skip  # not the last tuning's "done" beside this error
+            raise gr.Error(message) from None
         extra = {k: v for k, v in (("steps", n), ("lr", rate), ("reference_fit", reference_fit_value(values[fit])))
                  if v is not None}
         job, model = yield from ui.follow(
