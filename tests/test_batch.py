@@ -714,6 +714,9 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
         f.write(json.dumps({**texture, "perf": {"channels_last": "yes"}}) + "\n")
         f.write(json.dumps({**texture, "output": "a\0b.png"}) + "\n")  # mkstemp's ValueError, after the run
         f.write(json.dumps({"task": "style", "content": ["horse.jpg"], "style": "watercolor-cat.jpg"}) + "\n")
+        f.write(json.dumps({**sample, "start_t": 1}) + "\n")  # below every timestep: from the scheduler's config
+        f.write(json.dumps({**t2i, "prompt": "  "}) + "\n")
+        f.write(json.dumps({**texture, "steps": 5000}) + "\n")
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
@@ -728,8 +731,9 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "line 16: 'guidance' must be a finite number", "line 17: 'lr' must be a finite number",
                      "line 18: 'perf' must be an object of speed switches", "line 19: 'perf': channels_last must be "
                      "True or False", "line 20: 'output' holds a NUL character",
-                     "line 21: 'content' takes one image: a path relative to the jobs file, not a list", "2 ready",
-                     "19 invalid"):
+                     "line 21: 'content' takes one image: a path relative to the jobs file, not a list",
+                     "line 22: start-t 1 leaves no step for AD", "line 23: prompt is empty",
+                     "line 24: steps must be at most 1000, the model's training timesteps", "2 ready", "22 invalid"):
         assert expected in text, expected
     assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
     assert "unexpected" not in text and "Traceback" not in text

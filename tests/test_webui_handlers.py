@@ -560,6 +560,7 @@ def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir
     ("style", {"style-layers": "90-95", "style-mask": "painted"}, r"layers .*90"),  # the painted mask: not kept
     ("t2i", {"t2i-prompt": "   "}, r"prompt is empty"),
     ("t2i", {"t2i-steps": "5000"}, r"steps must be at most 1000, the model's training timesteps"),
+    ("t2i", {"t2i-start-t": "1"}, r"Start timestep 1 leaves no step for AD|start t 1 leaves no step for AD"),
     ("vae", {"vae-reference": "notes.png"}, r"reference image 'notes.png'"),
 ])
 def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tiny_sd15_dir, tmp_path, data_dir,

@@ -303,9 +303,15 @@ def _geometry(model: ModelSpec, unet: dict | None):
         sample = unet["sample_size"]
         native = int(sample[0] if isinstance(sample, list | tuple) else sample) * factor
     timesteps = int((scheduler or {}).get("num_train_timesteps") or 1000)
-    return SimpleNamespace(vae_scale_factor=factor, latent_multiple=multiple, native_size=native,
-                           scheduler_config=SimpleNamespace(num_train_timesteps=timesteps),
-                           from_configs=bool(vae and unet and unet.get("down_block_types") and unet.get("sample_size")))
+    shell = SimpleNamespace(vae_scale_factor=factor, latent_multiple=multiple, native_size=native,
+                            scheduler_config=SimpleNamespace(num_train_timesteps=timesteps),
+                            from_configs=bool(vae and unet and unet.get("down_block_types")
+                                              and unet.get("sample_size")))
+    if scheduler:  # its timesteps as the run will take them: a start_t below all of them is known now
+        from ..model.models import ddim_scheduler
+
+        shell.ddim_scheduler = lambda steps: ddim_scheduler(scheduler, steps)
+    return shell
 
 
 def _kind(model: ModelSpec) -> str:

@@ -88,6 +88,24 @@ def check_steps(steps: int, limit: int) -> None:
         raise UserError(f"steps must be at most {limit}, the model's training timesteps (got {steps})")
 
 
+def ddim_scheduler(config, steps: int) -> DDIMScheduler:
+    """A DDIM scheduler from a model's scheduler ``config`` (a loaded model's, or the configs a check reads), set
+    to ``steps`` steps.
+
+    Never clipping or thresholding the predicted clean latent: those are for pixel-space models, and
+    DDIM's defaults turn clipping on wherever the model's config does not say ``clip_sample`` (the PNDM and
+    Euler configs many checkpoints ship), which squeezes latents of about ±4 into ±1 at every step.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
+    check_steps(steps, scheduler.config.num_train_timesteps)
+    # timesteps stay on the CPU: a loop reads each one (int(t), the scheduler's own step logic), and reading
+    # a device tensor is a GPU sync; UNet calls take :meth:`timestep`
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
@@ -202,20 +220,8 @@ class DiffusionModel:
         return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
     def ddim_scheduler(self, steps: int) -> DDIMScheduler:
-        """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps.
-
-        Never clipping or thresholding the predicted clean latent: those are for pixel-space models, and
-        DDIM's defaults turn clipping on wherever the model's config does not say ``clip_sample`` (the PNDM and
-        Euler configs many checkpoints ship), which squeezes latents of about ±4 into ±1 at every step.
-        """
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self.scheduler_config, clip_sample=False, thresholding=False)
-        check_steps(steps, scheduler.config.num_train_timesteps)
-        # timesteps stay on the CPU: a loop reads each one (int(t), the scheduler's own step logic), and reading
-        # a device tensor is a GPU sync; UNet calls take :meth:`timestep`
-        scheduler.set_timesteps(steps)
-        return scheduler
+        """A DDIM scheduler configured like the model's own (REAL-MODELS.md), set to ``steps`` steps."""
+        return ddim_scheduler(self.scheduler_config, steps)
 
     def timestep(self, t: torch.Tensor | int) -> torch.Tensor:
         """Timestep ``t`` (an int or a CPU tensor) as a 0-dim long tensor on the model's device, for UNet calls.
