@@ -562,6 +562,8 @@ def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir
     ("t2i", {"t2i-steps": "5000"}, r"steps must be at most 1000, the model's training timesteps"),
     ("t2i", {"t2i-start-t": "1"}, r"Start timestep 1 leaves no step for AD|start t 1 leaves no step for AD"),
     ("vae", {"vae-reference": "notes.png"}, r"reference image 'notes.png'"),
+    ("style", {"model-box": "{tmp}/no-model"}, r"no-model"),  # the Model and VAE boxes, by their configs
+    ("style", {"vae-box": "{tmp}/gradio"}, r"VAE .*gradio"),
 ])
 def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tiny_sd15_dir, tmp_path, data_dir,
                                                                              monkeypatch, tab, values, message):
@@ -588,7 +590,8 @@ def test_a_mistake_fails_before_the_model_loads_and_its_uploads_are_not_kept(tin
              "texture-reference": upload["wood-rings.jpg"], "expand-reference": upload["wood-rings.jpg"],
              "t2i-style": upload["watercolor-cat.jpg"], "t2i-prompt": "a deer", "t2i-controlnet": None,
              f"{tab}-steps": "1" if tab == "t2i" else 1, f"{tab}-preview-every": 0}
-    given.update({k: upload.get(v, v) if isinstance(v, str) else v for k, v in values.items()})
+    given.update({k: upload.get(v, v.replace("{tmp}", str(tmp_path))) if isinstance(v, str) else v
+                  for k, v in values.items()})
     if given.get("style-mask") == "painted":  # strokes over the left half
         from attndistill.webui.fields import content_to_paint_on
 

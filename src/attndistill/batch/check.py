@@ -331,8 +331,9 @@ def _kind(model: ModelSpec) -> str:
         return "sd15"
 
 
-def check_model(model: ModelSpec) -> None:
-    """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights."""
+def check_model(model: ModelSpec, *, pickle_option: str = '"allow_pickle": true') -> None:
+    """Is ``model`` loadable? Reads configs only (model_index.json, the VAE's config), never weights.
+    ``pickle_option``: how a message names the permission for pickle files (a jobs file's key by default)."""
     from ..model.loading import DEFAULT_MODEL, check_config_use, check_vae_source, pipeline_kind, single_file_kind
     from ..model.models import resolve_device, resolve_dtype
     from ..model.single_file import check_checkpoint, checkpoint_keys, is_checkpoint_path, vae_given
@@ -344,7 +345,7 @@ def check_model(model: ModelSpec) -> None:
         check_vae_source(model.vae)
     if is_checkpoint_path(Path(source)):
         path = Path(source)
-        check_checkpoint(path, model.allow_pickle, option='"allow_pickle": true')
+        check_checkpoint(path, model.allow_pickle, option=pickle_option)
         keys = checkpoint_keys(path)  # its tensor names only: a pickle's unpickled without running code
         single_file_kind(path, keys, model.config)  # a config of the checkpoint's family
         vae_given(path, keys, model.vae, lambda: None)  # a checkpoint pruned of its VAE has one given

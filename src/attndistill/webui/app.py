@@ -318,7 +318,8 @@ class WebUI:
                 masks = [k for k in settings if isinstance(components[k], gr.ImageMask)]
                 with tempfile.TemporaryDirectory(prefix="attndistill-check-") as scratch:  # a refused run keeps none
                     trial = dict(settings, **{k: painted_mask(settings[k], Path(scratch)) for k in masks})
-                    arguments(trial).check(self.model_spec(settings))  # before the uploads are copied, the model loads
+                    arguments(trial).check(self.model_spec(settings),  # before the uploads are copied, the model loads
+                                           loaded=self.slot.holds(settings["model"], settings["vae"]))
                 # painted masks become files once, which the run and the command both name where they are kept
                 settings.update({k: painted_mask(settings[k], self.outputs) for k in masks})
                 kept = {k: keep_uploads(v, self.outputs) if isinstance(components[k], gr.Image | gr.File) else v

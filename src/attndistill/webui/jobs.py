@@ -41,17 +41,20 @@ class TaskCall:
     task: str  # a key of attndistill.batch.jobs.TASKS
     args: dict
 
-    def check(self, model: "ModelSpec") -> None:
+    def check(self, model: "ModelSpec", *, loaded: bool = False) -> None:
         """Raise the :class:`UserError` the run would, for what needs no weights: unreadable images, options
-        out of range, a size, mask, label map, layers or ControlNet that do not fit ``model``'s configs. A
-        mistake then fails in a second, not after a model load. The run checks everything again."""
-        from ..batch.check import Validator
+        out of range, a size, mask, label map, layers or ControlNet that do not fit ``model``'s configs, and
+        unless it is ``loaded``, a model that would not load. A mistake then fails in a second, not after a
+        model load. The run checks everything again."""
+        from ..batch.check import Validator, check_model
         from ..batch.jobs import Job
 
         job = Job(line=0, id="page", task=self.task, args={k: v for k, v in self.args.items() if v is not None},
                   model=model)
         try:
-            Validator(Path.cwd(), labels=PAGE_LABELS).check_inputs(job, model=False)  # the load checks the model
+            if not loaded:  # the Model and VAE boxes, by their configs (the UI's launch option for pickles)
+                check_model(model, pickle_option="--allow-pickle")
+            Validator(Path.cwd(), labels=PAGE_LABELS).check_inputs(job, model=False)
         except UserError:
             raise
         except Exception:  # a check that did not foresee this input: the run's own checks decide
