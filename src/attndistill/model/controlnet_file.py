@@ -3,24 +3,22 @@ ControlNet 1.x files and many shared SDXL ControlNets come, in the original layo
 
 A file carries no config, and diffusers would fetch one from the Hub by guessing the file's kind. A ControlNet is
 a copy of its UNet's encoder, so the model's UNet config describes it, all but its condition encoder, whose widths
-the weights' shapes give. diffusers converts the weights. A variant the UNet config does not describe (an SDXL
-"-mid" or "-small" ControlNet, a union ControlNet, whose weights then do not fit) is refused by name, as are files
-that are no whole ControlNet (a "difference" file, a Control-LoRA). Whether a ControlNet pools its condition
+the weights' shapes give. diffusers' conversion renames the original layout's tensors, which are then assigned
+to that architecture, built without memory. A variant the UNet config does not describe (an SDXL "-mid" or
+"-small" ControlNet, a union ControlNet, whose weights then do not fit) is refused by name, as are files that are
+no whole ControlNet (a "difference" file, a Control-LoRA). Whether a ControlNet pools its condition
 (shuffle) no weight shows: as in webui's and ComfyUI's loaders, a file named "shuffle" does.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
-from .loading import quiet_diffusers
 from .single_file import FAMILY, check_checkpoint, checkpoint_keys, unwrap_state, weights_kind
 
 if TYPE_CHECKING:
@@ -160,8 +158,9 @@ def load_controlnet_file(path: Path, model: DiffusionModel, allow_pickle: bool =
     state = own_weights(path, state)
     config = controlnet_config(model.unet.config, state, path)
     state = _diffusers_names(state, config)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in ControlNetModel.from_config(config).state_dict().items()}
+    with torch.device("meta"):  # the architecture without memory; the file's tensors are assigned to it below
+        net = ControlNetModel.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or extra:
         names = (missing or extra)[:2]
@@ -173,11 +172,8 @@ def load_controlnet_file(path: Path, model: DiffusionModel, allow_pickle: bool =
         raise UserError(f"ControlNet '{path}' does not fit the UNet of model '{model.source}': its {other} is of shape "
                         f"{tuple(state[other].shape)} where this model's architecture has {expected[other]}; use a "
                         "ControlNet made for this model")
-    with tempfile.TemporaryDirectory(prefix="attndistill-controlnet-") as folder:
-        (Path(folder) / "config.json").write_text(json.dumps(config))
-        with quiet_diffusers():
-            return ControlNetModel.from_single_file(state, config=folder, torch_dtype=model.dtype,
-                                                    local_files_only=True)
+    net.load_state_dict(state, strict=True, assign=True)  # names and shapes checked above
+    return net.to(model.dtype)
 
 
 def _diffusers_names(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

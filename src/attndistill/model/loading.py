@@ -428,7 +428,7 @@ class _UnusedWeights(logging.Handler):
 
 
 @contextmanager
-def quiet_diffusers() -> Iterator[list[tuple[str, list[str]]]]:
+def _quiet_diffusers() -> Iterator[list[tuple[str, list[str]]]]:
     """diffusers logs a failed fetch as an error before raising it; the raise becomes our one-line error. Its
     warnings are not printed either, but the one about weights a model has no place for is kept (yielded), since
     :func:`from_pretrained` says it. Its ControlNet loader also passes huggingface_hub an argument that warns of its
@@ -482,7 +482,7 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
     for attempt in ((variant, None) if variant else (None,)):
         try:
-            with quiet_diffusers() as unused:
+            with _quiet_diffusers() as unused:
                 loaded = cls.from_pretrained(source, variant=attempt, local_files_only=local_only, **kwargs)
         except LocalEntryNotFoundError:
             raise _not_available(source, what, option) from None
