@@ -375,9 +375,15 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, what: str 
 
     ``what``, ``option`` and ``why`` (it must be a PNG) name it in errors (``--preview`` is an output too).
     """
-    path = check_png_name(path, what=what, why=why)
+    return check_output_file(check_png_name(path, what=what, why=why), overwrite=overwrite, what=what, option=option)
+
+
+def check_output_file(path: Path, *, overwrite: bool, what: str, option: str, example: str = "out.png") -> Path:
+    """An output file of any kind (a PNG, ``--loss-log``'s JSON lines) can be written where ``path`` says: no
+    directory or broken link there, no existing file unless ``overwrite``, a writable folder. ``example``: a file
+    name the message for a directory suggests."""
     try:
-        return _check_output_path(path, overwrite=overwrite, what=what, option=option)
+        return _check_output_path(path, overwrite=overwrite, what=what, option=option, example=example)
     except OSError as exc:  # e.g. a name longer than the file system allows
         raise UserError(f"{what} '{path}' cannot be written: {exc.strerror or exc}; choose a shorter or other "
                         f"{option} path") from None
@@ -397,11 +403,11 @@ def check_png_name(name: str | os.PathLike, *, what: str = "output",
     return path
 
 
-def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str) -> Path:
+def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str, example: str) -> Path:
     if path.is_symlink() and not path.exists():
         raise UserError(f"{what} '{path}' is a broken symbolic link; remove it or choose another name")
     if path.is_dir():
-        raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / 'out.png'}'")
+        raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / example}'")
     if path.exists() and not overwrite:
         raise UserError(f"{what} '{path}' already exists; pass --overwrite or choose another name")
     check_folder_of(path, what=what, option=option)

@@ -269,7 +269,7 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
     """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file and the
     ``--loss-log``."""
     from ..errors import UserError
-    from ..images import check_folder_of, check_output, numbered_outputs
+    from ..images import check_output, check_output_file, numbered_outputs
 
     outputs = numbered_outputs(output, count)
     if loss_log is not None:
@@ -277,15 +277,12 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
             raise UserError(f"--loss-log '{loss_log}' names no file; give a file name such as losses.jsonl")
         if loss_log.resolve() in {p.resolve() for p in [*outputs, *([preview] if preview else [])]}:
             raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
-        if loss_log.is_dir():
-            raise UserError(f"--loss-log '{loss_log}' is a directory; give a file name such as "
-                            f"'{loss_log / 'losses.jsonl'}'")
-        if loss_log.exists() and not is_loss_log(loss_log):  # an input, a model's file: never, even with overwrite
+        # an input, a model's file: never replaced, even with overwrite
+        if loss_log.exists() and not loss_log.is_dir() and not is_loss_log(loss_log):
             raise UserError(f"--loss-log '{loss_log}' exists and is not the loss log of an earlier run; give the loss "
                             "log another name or delete that file")
-        if loss_log.exists() and not overwrite:
-            raise UserError(f"--loss-log '{loss_log}' already exists; pass --overwrite or choose another name")
-        check_folder_of(loss_log, what="--loss-log", option="--loss-log")
+        check_output_file(loss_log, overwrite=overwrite, what="--loss-log", option="--loss-log",
+                          example="losses.jsonl")
     if preview is not None:
         if preview.resolve() in {p.resolve() for p in outputs}:
             raise UserError(f"--preview '{preview}' is an output file; give the preview another name")
