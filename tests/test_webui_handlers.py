@@ -519,6 +519,17 @@ def test_the_ui_loads_single_files_with_its_launch_config_and_its_commands_say_s
     assert web.slot.get(str(tiny_sd15_dir)).config_source is None  # a folder has configs of its own
 
 
+def test_a_ui_started_with_a_config_still_runs_folders_entered_in_the_model_box(tiny_sd15_dir, tmp_path, data_dir):
+    """``--config`` is for single files: the check before a load must not refuse a folder (it did: "drop
+    --config", on every run of a folder not loaded yet) that the load itself takes without it."""
+    web = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path, config=str(tiny_sd15_dir))
+    web.demo = web.build()
+    params, _, _ = result_parameters(run_tab(web, "style", {
+        "style-target": str(data_dir / "horse.jpg"), "style-reference": str(data_dir / "watercolor-cat.jpg"),
+        "style-size": "64", "style-steps": 1, "style-preview-every": 0}))
+    assert params["steps"] == 1 and "config" not in params["model"]
+
+
 def test_a_v_prediction_model_is_described_as_one(tiny_sd15_dir, tmp_path):
     from attndistill.model.loading import ModelSlot
 

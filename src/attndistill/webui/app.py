@@ -33,6 +33,7 @@ from ..images import save_png
 from ..model.loading import DEFAULT_MODEL, ModelSlot, home
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
+from ..model.single_file import is_checkpoint_path
 from ..presets import Preset
 from .fields import (
     FAILED,
@@ -302,8 +303,10 @@ class WebUI:
     def model_spec(self, settings: dict) -> ModelSpec:
         """The model a run of the page's ``settings`` loads, as the checks before a load name it."""
         model, vae = text_value(settings["model"]), text_value(settings["vae"])
-        return ModelSpec(source=home(model) if model else None, vae=home(vae) if vae else None,
-                         config=self.slot.config, allow_pickle=self.slot.allow_pickle)
+        source = home(model) if model else None
+        single = source is not None and is_checkpoint_path(Path(source))  # the launch config is for files only
+        return ModelSpec(source=source, vae=home(vae) if vae else None,
+                         config=self.slot.config if single else None, allow_pickle=self.slot.allow_pickle)
 
     def wire(self, tab: str, panel: Panel, fields: dict, arguments: Callable[[dict], TaskCall], command) -> None:
         """Run button -> :meth:`execute` with the tab's fields as a dict of values by name; ``arguments`` makes
