@@ -128,8 +128,21 @@ def test_the_nan_guard_says_which_went_bad_and_where(loss, latent, what):
     guard.update(1, 666, torch.full((1,), latent), [torch.tensor(loss)])
     guard.update(2, 333, torch.full((1,), float("nan")), [torch.tensor(float("nan"))])  # a later bad step: not it
     guard.check(1)  # not a checking step
-    with pytest.raises(NonFiniteError, match=rf"the {what} became NaN/Inf at step 2 of 3 \(timestep 666\)"):
+    with pytest.raises(NonFiniteError, match=rf"the {what} became NaN/Inf at step 2 of 3 \(timestep 666\)") as error:
         guard.check(2, final=True)
+    assert "--dtype fp32" not in str(error.value)  # the run was fp32 already: no advice in a circle
+
+
+def test_the_nan_advice_names_fp32_only_for_half_precision_runs():
+    from attndistill.core.progress import _FiniteGuard
+    from attndistill.errors import NonFiniteError
+
+    for dtype, advised in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+        guard = _FiniteGuard(torch.device("cpu"), total=1, dtype=dtype)
+        guard.update(0, 999, torch.zeros(1), [torch.tensor(float("nan"))])
+        with pytest.raises(NonFiniteError) as error:
+            guard.check(0, final=True)
+        assert ("use --dtype fp32" in str(error.value)) == advised, (dtype, str(error.value))
 
 
 def test_each_steps_loss_is_its_last_iterations(tiny_sd15):

@@ -31,6 +31,14 @@ class NonFiniteError(UserError):
     exit_code = 3
 
 
+def precision_advice(dtype) -> str:
+    """", use --dtype fp32" for a run in half precision, whose range fp32 widens; nothing for an fp32 run, which
+    that advice would only send round in a circle."""
+    import torch
+
+    return "" if dtype == torch.float32 else ", use --dtype fp32"
+
+
 #: Switches that lower the peak memory of a run, for the out-of-memory advice below.
 MEMORY_SWITCHES = ("--gradient-checkpointing", "--vae-tiling", "--attention-slicing", "--offload-text-encoders",
                    "--lookahead-batch 1", "--no-cuda-graphs")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory
+from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory, precision_advice
 from ..model.compiling import static_program
 from ..model.models import Conditioning, DiffusionModel
 from .features import (
@@ -213,8 +213,8 @@ class Distiller:
         except RuntimeError as exc:  # Adam's step beyond float range: the same failure as a NaN
             if "overflow" not in str(exc):
                 raise
-            raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr or use --dtype fp32"
-                                 ) from None
+            raise NonFiniteError(f"the latent overflowed at timestep {int(t)}; lower --lr"
+                                 f"{precision_advice(self.model.dtype)}") from None
 
     def condition_on(self, latent_hw: Sequence[int]) -> None:
         """Take the null conditioning of the output size (latents of ``latent_hw``), unless a ``condition_size``

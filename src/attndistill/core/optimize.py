@@ -35,7 +35,8 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     used_content = distiller.used_content(content_latents)
     ahead = lookahead(distiller, range(len(timesteps)), lambda i: (int(timesteps[i]), ref_latents, used_content),
                       ref_latents, used_content)
-    with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback) as loop, \
+    with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback,
+                  dtype=model.dtype) as loop, \
             distiller:
         for i, t in enumerate(timesteps):
             # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).

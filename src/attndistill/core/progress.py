@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, precision_advice
 
 
 @dataclass
@@ -60,8 +60,9 @@ class _FiniteGuard:
     exact step (counted from 1, as the progress bar counts) and timestep where it happened.
     """
 
-    def __init__(self, device: torch.device, total: int, every: int = 10) -> None:
-        self.every, self.total = every, total
+    def __init__(self, device: torch.device, total: int, every: int = 10, *,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.every, self.total, self.dtype = every, total, dtype
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.what = torch.full((), 0, device=device, dtype=torch.long)
         self.timesteps: list[int] = []
@@ -84,7 +85,7 @@ class _FiniteGuard:
             raise NonFiniteError(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
                                  f"(timestep {self.timesteps[bad]}); "
                                  "lower --lr (or a raised --content-weight, --attention-scale, --guidance or "
-                                 "--control-scale), use --dtype fp32, or check the input images")
+                                 f"--control-scale){precision_advice(self.dtype)}, or check the input images")
 
 
 class StepLoop:
@@ -95,11 +96,12 @@ class StepLoop:
     """
 
     def __init__(self, device: torch.device, total: int, *, desc: str, progress: bool,
-                 callback: Callback | None, bar_total: int | None = None, advance: int = 1) -> None:
+                 callback: Callback | None, bar_total: int | None = None, advance: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.total, self.callback, self.advance = total, callback, advance
         self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
                         dynamic_ncols=True)
-        self.guard = _FiniteGuard(device, total)
+        self.guard = _FiniteGuard(device, total, dtype=dtype)  # the model's: what the advice on NaN says
 
     def __enter__(self) -> StepLoop:
         return self

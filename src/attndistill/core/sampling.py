@@ -110,7 +110,8 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     distiller.condition_on(z.shape[-2:])  # SDXL's null conditioning of the output size
     ahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler, generator=generator,
                                 content_latents=content_latents, start_t=start_t) if iters > 0 else None
-    with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback) as loop, \
+    with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback,
+                  dtype=model.dtype) as loop, \
             distiller:
         for i, t in enumerate(timesteps):
             t_int = int(t)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch
 from PIL import Image
 
-from ..errors import NonFiniteError, UserError, is_out_of_memory
+from ..errors import NonFiniteError, UserError, is_out_of_memory, precision_advice
 from ..images import image_grid, to_pil
 from .perf import PerfOptions, apply_perf
 
@@ -274,8 +274,10 @@ class DiffusionModel:
         with torch.no_grad():
             x = self.beside_graphs(lambda: self.vae.decode(z).sample)
         if not torch.isfinite(x).all():  # clamp would turn NaN into a black image
-            raise NonFiniteError("the decoded image is NaN/Inf (the latent ran out of range); lower --lr, "
-                                 "use --dtype fp32 (or an fp16-safe VAE), or check the input images")
+            advice = precision_advice(z.dtype)
+            advice += " (or an fp16-safe VAE)" if advice else ""
+            raise NonFiniteError(f"the decoded image is NaN/Inf (the latent ran out of range); lower --lr{advice}, "
+                                 "or check the input images")
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def preview(self, latents: torch.Tensor, *, side: int = 32, most: int = PREVIEW_IMAGES) -> Image.Image:
