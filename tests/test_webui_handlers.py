@@ -19,7 +19,7 @@ from PIL import Image
 from attndistill.core.progress import StepInfo
 from attndistill.errors import UserError
 from attndistill.webui.app import WebUI
-from attndistill.webui.fields import page_message
+from attndistill.webui.wording import page_message
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -202,11 +202,11 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     error = UserError(f"style image '{GRADIO_UPLOADS}/3f2a9c/corrupt.png' is not an image")
     assert page_message(error) == "style image 'corrupt.png' is not an image"
     error = UserError("--controlnet needs a --control-image; lower --lr or use --dtype fp32 (a-b--c stays)")
-    assert page_message(error) == "the ControlNet box needs a Control image; lower lr or use dtype fp32 " \
-        "(a-b--c stays)"
+    assert page_message(error) == "the ControlNet box needs a Control image; lower Learning rate or use --dtype " \
+        "fp32 (a-b--c stays) (an option of attndistill ui, set when the UI starts)"
     error = UserError("checkpoint 'x.safetensors' could not be loaded: offline; pass --config /path/to/a/folder")
     assert page_message(error) == "checkpoint 'x.safetensors' could not be loaded: offline; start the UI with " \
-        "'attndistill ui --config' /path/to/a/folder"
+        "attndistill ui --config /path/to/a/folder"
     assert page_message(UserError("start-t must be in 1..1000 (got 0)")) == "Start timestep must be in 1..1000 (got 0)"
     error = UserError("size 8000x8000 is too large for one canvas; use 'attndistill expand' for huge textures")
     assert page_message(error) == "size 8000x8000 is too large for one canvas; use the Expansion tab for huge textures"
@@ -217,6 +217,46 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     error = UserError("style image '/home/me/My Projects/attndistill-outputs/inputs/0123456789ab-cat.png' is not an "
                       "image")  # the results folder is where the UI started: its path may hold spaces
     assert page_message(error) == "style image 'cat.png' is not an image"
+
+
+@pytest.mark.parametrize("message, page", [
+    # settings anywhere in a message, by their boxes' labels (a fuzzing helper found "raise start t" on the page)
+    ("the last of 1 steps has timestep 1; raise --start-t above 1", "the last of 1 steps has timestep 1; raise "
+     "Start timestep above 1"),
+    ("stride 100 is larger than the view; use a --stride of at most 64", "stride 100 is larger than the view; use "
+     "a View stride of at most 64"),
+    ("size 100000x512 is over 16384 px, or tile a smaller texture with --tile xy", "size 100000x512 is over 16384 "
+     "px, or tile a smaller texture with Seamless tiling xy"),
+    ("prompt is empty ('attndistill texture --mode sample' generates from the style image alone)",
+     "prompt is empty (the Texture tab in mode sample generates from the style image alone)"),
+    # inputs: where to enter them
+    ("model 'a/b' is not cached; check the id, or pass --model /path/to/a/local/diffusers/folder",
+     "model 'a/b' is not cached; check the id, or enter /path/to/a/local/diffusers/folder in the Model box"),
+    ("checkpoint 'x' has no VAE of its own; pass --vae with an AutoencoderKL folder made for it",
+     "checkpoint 'x' has no VAE of its own; fill the VAE box with an AutoencoderKL folder made for it"),
+    # options no box sets stay what to start the UI with, every one of them
+    ("the GPU ran out of memory; e.g. attndistill ui --gradient-checkpointing --vae-tiling --lookahead-batch 1 "
+     "--no-cuda-graphs (or --cpu-offload, or --device cpu)", "the GPU ran out of memory; e.g. attndistill ui "
+     "--gradient-checkpointing --vae-tiling --lookahead-batch 1 --no-cuda-graphs (or --cpu-offload, or --device "
+     "cpu)"),
+    ("compiling failed; run without --compile, --compiled-loss and --compiled-norms", "compiling failed; run "
+     "without --compile, --compiled-loss and --compiled-norms (options of attndistill ui, set when the UI starts)"),
+    ("could not be kept in 'out/inputs'; start the UI with another --outputs folder", "could not be kept in "
+     "'out/inputs'; start the UI with another --outputs folder"),
+    ("not a tab: 'attndistill ui --share' or 'attndistill batch'", "not a tab: 'attndistill ui --share' or "
+     "'attndistill batch'"),
+    # what the page has neither a box nor a launch option for: plain words
+    ("'o.png' exists; pass --overwrite", "'o.png' exists; pass overwrite"),
+])
+def test_options_in_a_message_become_boxes_or_what_to_start_the_ui_with(message, page):
+    assert page_message(UserError(message)) == page
+
+
+def test_the_out_of_memory_advice_on_the_page_keeps_every_switch_it_names():
+    from attndistill.errors import MEMORY_SWITCHES
+
+    text = page_message(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert all(switch in text for switch in (*MEMORY_SWITCHES, "--cpu-offload", "--device cpu")), text
 
 
 def test_vae_tuning_shows_its_steps_and_saves_a_folder(ui, data_dir):
@@ -348,7 +388,7 @@ def test_plain_sampling_shows_steps_without_a_loss_and_the_runs_warnings(ui, dat
     assert any(line.startswith("step 2/2") for line in lines) and lines[-1].startswith("done")
     assert not any("nan" in line or "loss" in line for line in lines), lines
     assert lines[-1].endswith("\n\nnote: the negative prompt is not used: guidance 1 turns classifier-free "
-                              "guidance off (raise guidance above 1 to use it)")
+                              "guidance off (raise Guidance above 1 to use it)")
 
 
 def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, data_dir, monkeypatch):
@@ -387,6 +427,20 @@ def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
     with pytest.raises(gr.Error, match="AdaIN 'maybe' is not one of preset, on, off"):
         run_tab(ui, "t2i", {"t2i-prompt": "a", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-steps": "1",
                             "t2i-size": "64", "t2i-preview-every": 0, "t2i-controlnet": None, "t2i-adain": "maybe"})
+
+
+def test_masked_texture_mode_leaves_out_the_hidden_more_textures_box(ui, data_dir, tmp_path):
+    """Masked mode has one Reference label map box, for one texture: files left in "More texture images" (a box
+    that mode hides) made every run fail with a message about the command line."""
+    labels = Image.new("RGB", (64, 64), (0, 0, 0))
+    labels.paste((255, 0, 0), (0, 0, 32, 64))
+    labels.save(tmp_path / "labels.png")
+    params, command, _ = result_parameters(run_tab(ui, "texture", {
+        "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "masked", "texture-steps": 1,
+        "texture-size": "64", "texture-preview-every": 0, "texture-more": [str(data_dir / "horse.jpg")],
+        "texture-ref-labels": str(tmp_path / "labels.png"), "texture-target-labels": str(tmp_path / "labels.png")}))
+    assert [Path(r).name for r in params["reference"]] == ["wood-rings.jpg"], params["reference"]
+    assert "horse.jpg" not in command and "--ref-labels" in command
 
 
 def test_strokes_painted_over_the_content_restyle_that_part_and_the_command_says_so(ui, data_dir, tmp_path):
@@ -555,7 +609,7 @@ def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir
                                     "style-preview-every": 0})
     statuses = [u[0] for u in updates if isinstance(u[0], str)]
     waits = [s for s in statuses if s.startswith("compiling")]
-    assert len(waits) == 1 and "the AD loss and its backward (compiled loss) for latents of 1×4×8×8" in waits[0]
+    assert len(waits) == 1 and "the AD loss and its backward (--compiled-loss) for latents of 1×4×8×8" in waits[0]
     steps = [i for i, s in enumerate(statuses) if s.startswith("step ")]
     assert steps and statuses.index(waits[0]) < steps[0], statuses  # before the first step, not after
     assert [statuses[i].split(" · ")[0] for i in steps] == ["step 1/2", "step 2/2"], statuses

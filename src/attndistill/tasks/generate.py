@@ -135,8 +135,8 @@ def check_prompt(prompt: object) -> None:
     if not isinstance(prompt, str):
         raise UserError("prompt must be one string")
     if not prompt.strip():  # as the web UI and jobs files have it: a result that batch runs can rerun
-        raise UserError("prompt is empty; describe the image to generate (texture --mode sample generates from "
-                        "the style image alone)")
+        raise UserError("prompt is empty; describe the image to generate ('attndistill texture --mode sample' "
+                        "generates from the style image alone)")
 
 
 def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None, control_image: ImageInput | None,

@@ -41,8 +41,6 @@ from .fields import (
     float_box,
     int_box,
     keep_uploads,
-    page_message,
-    page_text,
     painted_mask,
     reference_fit_radio,
     text_value,
@@ -51,6 +49,7 @@ from .fields import (
 )
 from .jobs import COMPILING_LOG, Callback, Cancelled, Job, RunBoard, TaskCall, Update, cli_command, error_message
 from .tabs import expand_tab, t2i_tab, texture_tab, transfer_tab, vae_tab
+from .wording import page_message, page_text
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +210,8 @@ class WebUI:
             job.start()
             for u in job.updates():
                 if not u.total:  # no step yet: what the run waits for (a program compiling)
-                    progress(0, desc=page_text(u.stage))
-                    yield line(page_text(u.stage) + "…", None)
+                    progress(0, desc=page_text(u.stage, advice=False))  # what runs: a switch it was started with
+                    yield line(page_text(u.stage, advice=False) + "…", None)
                     continue
                 # NaN: no AD iterations (AdaIN alone, or plain sampling)
                 loss = "" if math.isnan(u.loss) else f"loss {u.loss:.4f}"

@@ -11,7 +11,6 @@ import inspect
 import io
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,6 @@ from ..checks import MAX_SEED
 from ..errors import UserError
 from ..images import atomic_write, load_image, parse_size
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS
-from .jobs import error_message
 
 TILE_CHOICES = ["none", "x", "y", "xy"]
 #: A run's status line when it failed, before or after it started.
@@ -90,7 +88,7 @@ def keep_input(data: bytes, name: str, folder: Path, *, what: str) -> str:
     except (OSError, UserError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else exc
         raise UserError(f"{what} '{name}' could not be kept beside the results in '{kept.parent}' "
-                        f"({reason}); free space there or start the UI with another --outputs") from None
+                        f"({reason}); check that folder, or start the UI with another --outputs folder") from None
     return str(kept)
 
 
@@ -150,40 +148,6 @@ def seed_value(text: str | None) -> int:
     """The seed box -> int, exactly (a blank box is seed 0); the range is the tasks' own check."""
     value = number_value(text, "seed", int)
     return 0 if value is None else value
-
-
-def page_message(exc: BaseException) -> str:
-    """:func:`error_message` in the page's words: fields, not CLI flags; uploads by their own names."""
-    return page_text(error_message(exc))
-
-
-#: Commands a message may point to -> the tab that does the same.
-TABS = {"style": "Style transfer", "appearance": "Appearance transfer", "t2i": "Text to image",
-        "texture": "Texture", "expand": "Expansion", "finetune-vae": "VAE fine-tuning"}
-#: The API's names of settings a message may start with -> the boxes' labels.
-LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Images", "start-t": "Start timestep",
-          "VAE tuning lr": "Learning rate", "VAE tuning steps": "Steps"}  # the VAE tab's boxes
-#: CLI options a message may name -> the boxes that set them here.
-BOXES = {"controlnet": "ControlNet box", "control-image": "Control image", "model": "Model box", "vae": "VAE box"}
-#: Options the page has no box for, set when the UI starts (``attndistill ui``): a message names them as such.
-LAUNCH_OPTIONS = ("config", "allow-pickle")
-
-
-def page_text(message: str) -> str:
-    """A library message in the page's words (see :func:`page_message`): boxes and tabs by their labels,
-    uploads by their own names (not Gradio's cache, not the copies :func:`keep_uploads` made)."""
-    message = re.sub(re.escape(str(GRADIO_UPLOADS)) + r"/[^/'\"]+/", "", message)
-    # a kept upload by its own name: quoted, its folder may hold spaces (the outputs folder is where the UI started)
-    message = re.sub(r"(['\"])[^'\"]*/inputs/[0-9a-f]{12}-", r"\1", message)
-    message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
-    message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
-    message = re.sub(r"'attndistill ([a-z0-9-]+)'", lambda m: f"the {TABS.get(m[1], m[1])} tab", message)
-    message = re.sub(rf"^({'|'.join(map(re.escape, LABELS))}) ", lambda m: f"{LABELS[m[1]]} ", message)
-    message = re.sub(rf"\bpass --({'|'.join(LAUNCH_OPTIONS)})\b", r"start the UI with 'attndistill ui --\1'", message)
-    message = re.sub(rf"(?<![\w-])(\b(?:a|an|the) )?--({'|'.join(BOXES)})\b(?!-)",
-                     lambda m: f"{m[1] or 'the '}{BOXES[m[2]]}", message)
-    return re.sub(r"(?<![\w-])(?<!attndistill ui )--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", " "),
-                  message)
 
 
 # -- components --------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from .fields import (
     keep_uploads,
     mask_painter,
     number_value,
-    page_message,
     reference_fit_radio,
     reference_fit_value,
     required,
@@ -46,6 +45,7 @@ from .fields import (
     whole,
 )
 from .jobs import TaskCall, cli_command
+from .wording import page_message
 
 if TYPE_CHECKING:
     from .app import WebUI
@@ -246,7 +246,7 @@ def texture_tab(ui: WebUI) -> None:
         target_labels = image_input("Target label map", f"{tab}-target-labels")
     with gr.Accordion("Advanced", open=False):
         more = gr.File(label="More texture images", file_count="multiple", file_types=["image"],
-                       elem_id=f"{tab}-more")
+                       elem_id=f"{tab}-more")  # not in masked mode: its one Reference label map is one texture's
         options = ui.optimise_options(tab, first, content_weight=False)
         with gr.Row(visible=False) as content_row:  # layout and masked modes: the layout / label init is a content
             options["content_weight"] = float_box("Content weight", first.content_weight, tab, "content-weight")
@@ -260,10 +260,10 @@ def texture_tab(ui: WebUI) -> None:
     def on_mode(m: str):
         p = PRESETS[TEXTURE_MODES[m]]
         return (gr.update(visible=m == "layout"), gr.update(visible=m == "masked"),
-                gr.update(visible=m in CONTENT_MODES), gr.update(visible=m in SAMPLING_MODES), p.steps, p.iters,
-                p.lr, p.content_weight)
+                gr.update(visible=m in CONTENT_MODES), gr.update(visible=m in SAMPLING_MODES),
+                gr.update(visible=m != "masked"), p.steps, p.iters, p.lr, p.content_weight)
 
-    mode.change(on_mode, mode, [layout_row, labels_row, content_row, sampling_row, steps, options["iters"],
+    mode.change(on_mode, mode, [layout_row, labels_row, content_row, sampling_row, more, steps, options["iters"],
                                 options["lr"], options["content_weight"]], queue=False)
     ui.examples([["wood-rings.jpg", "optimise", None, None, None],
                     ["woven-rattan.jpg", "sample", None, None, None],
@@ -274,10 +274,14 @@ def texture_tab(ui: WebUI) -> None:
     fields = dict(reference=reference, mode=mode, num=num, steps=steps, seed=seed, size=size, layout=layout,
                   strength=strength, ref_labels=ref_labels, target_labels=target_labels, more=more, **options)
 
+    def more_textures(s: dict) -> list[str]:
+        """The hidden box's files are not used: masked mode pairs its one label map with the one texture."""
+        return [] if s["mode"] == "masked" else file_paths(s["more"])
+
     def arguments(s: dict) -> TaskCall:
         if s["mode"] not in TEXTURE_MODES:
             raise UserError(f"texture mode '{s['mode']}' is not one of {', '.join(TEXTURE_MODES)}")
-        args = dict(reference=[required(s["reference"], "texture image"), *file_paths(s["more"])],
+        args = dict(reference=[required(s["reference"], "texture image"), *more_textures(s)],
                     num=_count(s["num"]), steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"),
                     lr=s["lr"], attention_scale=s["attention_scale"], layers=text_value(s["layers"]),
                     size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
@@ -297,7 +301,7 @@ def texture_tab(ui: WebUI) -> None:
 
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         m = s["mode"]
-        words = [tab, file_name(s["reference"]), *map(file_name, file_paths(s["more"]))]
+        words = [tab, file_name(s["reference"]), *map(file_name, more_textures(s))]
         return cli_command(words, dict(
             output=output, mode="sample" if m == "sample" else None,
             layout=file_name(s["layout"]) if m == "layout" else None,
