@@ -151,6 +151,7 @@ OPTION_CASES = [
     (["--size", "0"], "size '0' is not understood"),
     (["--size", "big"], "size 'big' is not understood"),
     (["--size", "100000"], "too large for one canvas"),
+    (["--size", "1x99999"], "x100000 is over 16384 px on a side"),  # a strip within the area: hours
     (["--layers", "99"], "layers [99] do not exist in this model; it has self-attention layers 0-"),
     (["--layers", "3-x"], "layers '3-x' is not understood"),
     (["--layers", "6-3"], "layers '6-3' is an empty range; write the lower layer first (3-6)"),

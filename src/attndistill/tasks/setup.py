@@ -149,9 +149,17 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
     return _checked_area(w, h)
 
 
+#: Longest canvas side any task takes: a 4096² canvas took 74 s per step on an H200 (expand,
+#: benchmarks/RESULTS.md), so 16384² would take about 20 minutes per step.
+MAX_CANVAS_SIDE = 16384
+
+
 def _checked_area(w: int, h: int) -> tuple[int, int]:
     if w * h > 4096 * 4096:
         raise UserError(f"size {w}x{h} is too large for one canvas; use 'attndistill expand' for huge textures")
+    if max(w, h) > MAX_CANVAS_SIDE:  # within the area, a strip of hours: 1x99999 ran 4 minutes on a tiny model
+        raise UserError(f"size {w}x{h} is over {MAX_CANVAS_SIDE} px on a side; give at most {MAX_CANVAS_SIDE} px "
+                        "a side")
     return w, h
 
 

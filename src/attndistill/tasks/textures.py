@@ -41,6 +41,7 @@ from ..model.models import DiffusionModel
 from ..model.tiling import check_axes, seamless
 from ..presets import DECODE_OVERLAP, DECODE_TILE, VIEW, VIEW_BATCH, Preset, get_preset
 from .setup import (
+    MAX_CANVAS_SIDE,
     Size,
     as_list,
     check_run,
@@ -62,11 +63,6 @@ MAX_LABELS = 256
 
 
 # -- texture expansion (MultiDiffusion) -------------------------------------------------------------
-
-#: Longest canvas side ``expand`` takes: a 4096² canvas took 74 s per step on an H200
-#: (benchmarks/RESULTS.md), so 16384² would take about 20 minutes per step.
-MAX_CANVAS_SIDE = 16384
-
 
 def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = VIEW, view_batch: int = VIEW_BATCH,
                     decode_tile: int = DECODE_TILE) -> Preset:
