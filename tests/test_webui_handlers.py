@@ -408,6 +408,16 @@ def test_a_run_out_of_memory_says_what_helps_and_frees_the_models_graphs(ui, dat
     assert len(released) == 1
 
 
+def test_text_number_boxes_name_their_own_label_when_refused(ui, data_dir):
+    t2i = {"t2i-prompt": "a", "t2i-style": str(data_dir / "watercolor-cat.jpg"), "t2i-size": "64",
+           "t2i-preview-every": 0, "t2i-controlnet": None}
+    for box, label in (("iters", "Adam iterations per step"), ("start-t", "Start timestep"), ("steps", "Steps")):
+        with pytest.raises(gr.Error, match=rf"{label} '1.5' is not a whole number"):
+            run_tab(ui, "t2i", {**t2i, f"t2i-{box}": "1.5"})
+    with pytest.raises(gr.Error, match=r"Learning rate 'fast' is not a number"):
+        run_tab(ui, "t2i", {**t2i, "t2i-lr": "fast"})
+
+
 def test_values_the_page_never_sends_are_refused_not_replaced(ui, data_dir):
     """API callers can send what the page's widgets cannot: 0 images was one image, an unknown mode ran
     masked synthesis, an unknown AdaIN choice was a KeyError."""

@@ -114,7 +114,7 @@ def transfer_tab(ui: WebUI, tab: str, first: str, second: str, examples: list[li
         return TaskCall(tab, {
             target: required(s["target"], first.lower()),
             references: [required(s["reference"], second.lower()), *file_paths(s["more"])],
-            "steps": whole(s["steps"]), "iters": whole(s["iters"], "iterations"), "lr": s["lr"],
+            "steps": whole(s["steps"]), "iters": whole(s["iters"], "Adam iterations per step"), "lr": s["lr"],
             "content_weight": s["content_weight"], "attention_scale": s["attention_scale"],
             "layers": text_value(s["layers"]), "size": size_value(s["size"]), "seed": seed_value(s["seed"]),
             "tile": tile_value(s["tile"]), "tune_vae": bool(s["tune_vae"]),
@@ -187,10 +187,11 @@ def t2i_tab(ui: WebUI) -> None:
                   control_image=control_image, control=control, control_scale=control_scale, **preview)
 
     def options(s: dict) -> dict:
-        return dict(steps=number_value(s["steps"], "steps", int), iters=number_value(s["iters"], "iterations", int),
-                    lr=number_value(s["lr"], "learning rate"), guidance=number_value(s["guidance"], "guidance"),
-                    guidance_rescale=number_value(s["guidance_rescale"], "guidance rescale"),
-                    adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int),
+        return dict(steps=number_value(s["steps"], "Steps", int),
+                    iters=number_value(s["iters"], "Adam iterations per step", int),
+                    lr=number_value(s["lr"], "Learning rate"), guidance=number_value(s["guidance"], "Guidance"),
+                    guidance_rescale=number_value(s["guidance_rescale"], "Guidance rescale"),
+                    adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "Start timestep", int),
                     layers=text_value(s["layers"]), reference_fit=reference_fit_value(s["reference_fit"]),
                     tune_vae=bool(s["tune_vae"]), controlnet=text_value(s["controlnet"]),
                     control=s["control"])
@@ -282,14 +283,14 @@ def texture_tab(ui: WebUI) -> None:
         if s["mode"] not in TEXTURE_MODES:
             raise UserError(f"texture mode '{s['mode']}' is not one of {', '.join(TEXTURE_MODES)}")
         args = dict(reference=[required(s["reference"], "texture image"), *more_textures(s)],
-                    num=_count(s["num"]), steps=whole(s["steps"]), iters=whole(s["iters"], "iterations"),
+                    num=_count(s["num"]), steps=whole(s["steps"]), iters=whole(s["iters"], "Adam iterations per step"),
                     lr=s["lr"], attention_scale=s["attention_scale"], layers=text_value(s["layers"]),
                     size=size_value(s["size"]), seed=seed_value(s["seed"]), tile=tile_value(s["tile"]),
                     tune_vae=bool(s["tune_vae"]), reference_fit=reference_fit_value(s["reference_fit"]))
         if s["mode"] in CONTENT_MODES and s["content_weight"] is not None:
             args["content_weight"] = s["content_weight"]
         if s["mode"] in SAMPLING_MODES:
-            args.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "start timestep", int))
+            args.update(adain=adain_value(s["adain"]), start_t=number_value(s["start_t"], "Start timestep", int))
         if s["mode"] == "layout":
             args["layout"] = required(s["layout"], "layout image")
             if s["strength"] is not None:
@@ -312,7 +313,7 @@ def texture_tab(ui: WebUI) -> None:
             steps=s["steps"], iters=s["iters"], lr=s["lr"], attention_scale=s["attention_scale"],
             content_weight=s["content_weight"] if m in CONTENT_MODES else None,
             adain=adain_value(s["adain"]) if m in SAMPLING_MODES else None,
-            start_t=number_value(s["start_t"], "start timestep", int) if m in SAMPLING_MODES else None,
+            start_t=number_value(s["start_t"], "Start timestep", int) if m in SAMPLING_MODES else None,
             layers=text_value(s["layers"]), size=text_value(s["size"]),
             tile=tile_value(s["tile"]), tune_vae=True if s["tune_vae"] else None,
             reference_fit=fit_cli(s["reference_fit"])))
@@ -354,7 +355,7 @@ def expand_tab(ui: WebUI) -> None:
         extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] is not None else {}
         return TaskCall(tab, dict(reference=required(s["reference"], "texture image"),
                                   size=size if isinstance(size, tuple) else (size, size), steps=whole(s["steps"]),
-                                  iters=whole(s["iters"], "iterations"), lr=s["lr"],
+                                  iters=whole(s["iters"], "Adam iterations per step"), lr=s["lr"],
                                   stride=whole(s["stride"], "stride"),
                                   tile=tile_value(s["tile"]), seed=seed_value(s["seed"]),
                                   reference_fit=reference_fit_value(s["reference_fit"]), **extra))
