@@ -242,6 +242,11 @@ def test_loss_log_has_a_line_per_step_with_its_timestep_and_losses(tmp_path, dat
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
     assert all(r["loss"] is not None and r["loss"] >= 0 for r in rows)
     assert all(len(r.get("losses", [r["loss"]])) == iters for r in rows)
+    if command[0] == "style":  # a content loss: its terms, which add up to the loss at the preset's weight 0.25
+        assert all(r["ad"] > 0 and r["content"] > 0 for r in rows[1:])
+        assert all(r["loss"] == pytest.approx(r["ad"] + 0.25 * r["content"], rel=1e-5) for r in rows), rows
+    else:  # no content term: the loss is the AD loss
+        assert not any({"ad", "content"} & set(r) for r in rows), rows
     again = run(*args, *size, "-o", tmp_path / "out2.png", "--model", tiny_sd15_dir, "--steps", 3, "--quiet",
                 "--loss-log", log)
     assert again.exit_code == 2 and f"--loss-log '{log}' already exists; pass --overwrite" in again.output

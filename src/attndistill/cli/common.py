@@ -199,7 +199,8 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
 
 class StepLosses:
     """``--loss-log``: each step's loss as the run reports it, written as JSON Lines once the run is done (whole or
-    not at all, as every output). A step without AD iterations (plain sampling, past ``--start-t``) has loss null."""
+    not at all, as every output). A step without AD iterations (plain sampling, past ``--start-t``) has loss null.
+    With a content loss, "ad" and "content" are its last iteration's terms: loss = ad + content weight * content."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.rows = path, []
@@ -213,6 +214,8 @@ class StepLosses:
             return value if math.isfinite(value) else None
 
         row = {"step": info.step + 1, "timestep": info.timestep, "loss": plain(info.loss)}
+        if info.parts:  # loss = ad + content weight * content: which term moves, which one rules
+            row.update({name: plain(value) for name, value in info.parts.items()})
         if info.losses and len(info.losses) > 1:
             row["losses"] = [plain(v) for v in info.losses]
         self.rows.append({**row, "stage": info.stage} if info.stage else row)

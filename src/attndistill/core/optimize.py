@@ -44,5 +44,5 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
             z, losses = distiller.adam_steps(z, model.timestep(t), ref_latents, content_latents,
                                              iters=iters, lr=lr, fresh=False,
                                              features=ahead.at(i).features if ahead else None)
-            loop.done(i, int(t), z, losses)
+            loop.done(i, int(t), z, losses, distiller.last_parts)
     return z.detach()

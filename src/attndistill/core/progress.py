@@ -26,6 +26,9 @@ class StepInfo:
     loss: float  # loss after the last inner iteration's forward (before its Adam step)
     latents: torch.Tensor  # current latents (B, 4, h, w), detached
     losses: list[float] | None = None  # every inner iteration's loss at this step
+    #: the terms of ``loss`` where a content loss takes part: {"ad": L_AD, "content": L_content}, loss being
+    #: L_AD + lambda * L_content (ALGORITHM.md); None without a content term
+    parts: dict[str, float] | None = None
     #: "" for the run's own steps; a task's decoder tuning (tune_vae) reports "tuning the VAE decoder", its
     #: latents empty: a callback may raise to stop the run there too
     stage: str = ""
@@ -35,7 +38,7 @@ Callback = Callable[[StepInfo], None]
 
 
 def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: list[torch.Tensor],
-                     every: int = 10, advance: int = 1) -> None:
+                     every: int = 10, advance: int = 1, parts: dict[str, torch.Tensor] | None = None) -> None:
     """Advance the bar; read the loss (a GPU sync) only every few steps or when a callback wants it.
 
     ``advance=0`` for loops that move the bar themselves (MultiDiffusion: once per view batch).
@@ -47,6 +50,8 @@ def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: lis
     info.loss, info.losses = (values[-1] if values else math.nan), values
     if callback is not None:  # its own copy: the run goes on in the same (static) buffer
         info.latents = info.latents.detach().clone()
+        if values and parts and "content" in parts:  # this step's own terms: a step without iterations has none
+            info.parts = {k: float(v) for k, v in parts.items()}
     bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep)  # 0 iters: no loss
     if callback is not None:
         callback(info)
@@ -113,9 +118,11 @@ class StepLoop:
         """One unit of the bar within a step."""
         self.bar.update()
 
-    def done(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor]) -> None:
-        """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations."""
+    def done(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor],
+             parts: dict[str, torch.Tensor] | None = None) -> None:
+        """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations;
+        ``parts``: the loss terms of its last iteration (``Distiller.last_parts``), read for a callback only."""
         self.guard.update(step, timestep, latents, losses)
         self.guard.check(step, final=step == self.total - 1)
         _report_progress(self.bar, self.callback, StepInfo(step, self.total, timestep, math.nan, latents), losses,
-                        advance=self.advance)
+                        advance=self.advance, parts=parts)

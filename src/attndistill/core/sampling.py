@@ -126,5 +126,5 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
                                           scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
                                           content_latents=content_latents, generator=generator,
                                           ahead=ahead.at(i) if ahead else None)
-            loop.done(i, t_int, z, losses)
+            loop.done(i, t_int, z, losses, distiller.last_parts)
     return z
