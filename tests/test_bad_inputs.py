@@ -5,6 +5,7 @@ and converted correctly. The corpus is generated here."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -891,3 +892,54 @@ def test_an_output_written_atomically_never_half_and_never_over_another(tmp_path
     assert out.read_bytes() == b"theirs" and list(tmp_path.iterdir()) == [out]
     assert atomic_write(out, lambda f: f.write(b"ours"), overwrite=True) == out
     assert out.read_bytes() == b"ours" and list(tmp_path.iterdir()) == [out]
+
+
+# -- pipes, devices and loops of links (a fuzzing helper found each one hanging or a RuntimeError) -------------
+
+@pytest.fixture
+def specials(tmp_path) -> dict[str, Path]:
+    fifo, loop = tmp_path / "fifo.png", tmp_path / "loop.png"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    return {"fifo": fifo, "loop": loop}
+
+
+def test_a_pipe_as_an_input_is_refused_not_waited_on(corpus, tmp_path, tiny_sd15_dir, specials):
+    result = invoke("style", specials["fifo"], corpus / "good.png", "-o", tmp_path / "o.png", "-m", tiny_sd15_dir,
+                    "--size", "64", "--steps", "1", "-q")
+    assert_rejected(result, 2, "content image", "is not a regular file (a pipe or a device)")
+    assert_rejected(invoke("info", specials["fifo"]), 2, "is not a regular file")
+
+
+@pytest.mark.parametrize("option", ["--loss-log", "--preview"])
+@pytest.mark.parametrize("kind, message", [("fifo", "is not a regular file (a pipe or a device)"),
+                                           ("loop", "is a broken symbolic link (or a loop of them)")])
+def test_a_pipe_or_a_loop_of_links_as_a_side_output_is_refused(corpus, tmp_path, tiny_sd15_dir, specials, option,
+                                                               kind, message):
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", "-m", tiny_sd15_dir,
+                    "--size", "64", "--steps", "1", "-q", option, specials[kind], "--overwrite")
+    assert_rejected(result, 2, f"{option} '{specials[kind]}' {message}")
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_loop_of_links_as_a_vae_folder_or_batch_folder_is_refused(corpus, tmp_path, tiny_sd15_dir, specials):
+    result = invoke("finetune-vae", corpus / "good.png", "-m", tiny_sd15_dir, "--steps", "1", "-o", specials["loop"])
+    assert_rejected(result, 2, "is a symbolic link")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"task": "style", "content": str(corpus / "good.png"),
+                                "style": str(corpus / "good.png"), "size": 64, "steps": 1}) + "\n")
+    for out, message in ((specials["loop"], "is a broken symbolic link (or a loop of them)"),
+                         (jobs / "sub", f"cannot be made: '{jobs}' is a file")):
+        result = invoke("batch", jobs, "--out", out, "--dry-run", "-m", tiny_sd15_dir)
+        assert_rejected(result, 2, message)
+
+
+def test_a_batch_folder_this_user_cannot_write_is_refused_by_a_dry_run_too(corpus, tmp_path, tiny_sd15_dir,
+                                                                          monkeypatch):
+    """A dry run said "1 ready" for --out in a read-only folder, and the run failed at once."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"task": "style", "content": str(corpus / "good.png"),
+                                "style": str(corpus / "good.png"), "size": 64, "steps": 1}) + "\n")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a user without rights there
+    result = invoke("batch", jobs, "--out", tmp_path / "o", "--dry-run", "-m", tiny_sd15_dir)
+    assert_rejected(result, 2, f"output folder '{tmp_path}' cannot be written by this user")

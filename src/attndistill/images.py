@@ -75,6 +75,9 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
         raise UserError(f"{what} '{path}' does not exist; check the path")
     if path.is_dir():
         raise UserError(f"{what} '{path}' is a directory; pass an image file inside it")
+    if not path.is_file():  # reading a pipe or a FIFO waits for its writer, maybe for ever
+        raise UserError(f"{what} '{path}' is not a regular file (a pipe or a device); save the image to a file "
+                        "and pass that")
     try:
         with _pillow_warnings(f"{what} '{path}'", bombs=not flat), Image.open(path) as img:
             _check_size(img.size, f"{what} '{path}'", limit)
@@ -403,11 +406,24 @@ def check_png_name(name: str | os.PathLike, *, what: str = "output",
     return path
 
 
+def check_output_kind(path: Path, *, what: str, example: str = "out.png") -> None:
+    """What no output may be written over, with ``--overwrite`` or without: a broken link (or a loop of links),
+    a directory, a pipe or a device (a FIFO's reader would wait for ever, no file replaces /dev/stdout whole)."""
+    try:
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{what} '{path}' is a broken symbolic link (or a loop of them); remove it or choose "
+                            "another name")
+        if path.is_dir():
+            raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / example}'")
+        if path.exists() and not path.is_file():
+            raise UserError(f"{what} '{path}' is not a regular file (a pipe or a device); give a file name")
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UserError(f"{what} '{path}' cannot be written: {exc.strerror or exc}; choose a shorter or other "
+                        "name") from None
+
+
 def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str, example: str) -> Path:
-    if path.is_symlink() and not path.exists():
-        raise UserError(f"{what} '{path}' is a broken symbolic link; remove it or choose another name")
-    if path.is_dir():
-        raise UserError(f"{what} '{path}' is a directory; give a file name such as '{path / example}'")
+    check_output_kind(path, what=what, example=example)
     if path.exists() and not overwrite:
         raise UserError(f"{what} '{path}' already exists; pass --overwrite or choose another name")
     check_folder_of(path, what=what, option=option)

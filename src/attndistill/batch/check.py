@@ -260,7 +260,7 @@ def _is_one_of(path: Path, files: set[Path]) -> bool:
     a hard link. A name the file system refuses is none of them (the output checks say what is wrong)."""
     try:
         return path.resolve() in files or (path.exists() and any(os.path.samefile(path, f) for f in files))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python 3.11's resolve)
         return False
 
 

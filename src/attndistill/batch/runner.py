@@ -534,9 +534,18 @@ def _failed_before(job: Job, previous: dict[str, dict], retry_failed: bool) -> s
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """--out is a folder or may become one: a file there is said once, by a run and a dry run alike."""
+    """--out is a folder or may become one: a file there (or a link to nowhere), or a folder this user cannot
+    write, is said once, by a run and a dry run alike."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise UserError(f"output folder '{out_dir}' is a broken symbolic link (or a loop of them); choose another "
+                        "--out")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output folder '{out_dir}' is a file; choose another --out")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output folder '{out_dir}' cannot be made: '{existing}' is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder '{existing}' cannot be written by this user; choose another --out")
 
 
 def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, defaults: ModelSpec | None = None,

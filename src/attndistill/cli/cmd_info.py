@@ -40,7 +40,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
         except (OSError, ValueError):  # a damaged PNG: load_image below says how
             params = {}
         if not params:
-            if not _is_image(image):
+            if not image.is_file() or not _is_image(image):  # a FIFO's open would wait for a writer
                 load_image(image, what="image")  # missing, corrupt, not an image: the usual one-line errors
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
         if params == PREVIEW_MARK:

@@ -272,12 +272,13 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
     """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file and the
     ``--loss-log``."""
     from ..errors import UserError
-    from ..images import check_output, check_output_file, numbered_outputs
+    from ..images import check_output, check_output_file, check_output_kind, numbered_outputs
 
     outputs = numbered_outputs(output, count)
     if loss_log is not None:
         if str(loss_log).strip() in ("", ".", "-"):  # an empty option is the current folder to pathlib
             raise UserError(f"--loss-log '{loss_log}' names no file; give a file name such as losses.jsonl")
+        check_output_kind(loss_log, what="--loss-log", example="losses.jsonl")  # a link loop fails resolve()
         if loss_log.resolve() in {p.resolve() for p in [*outputs, *([preview] if preview else [])]}:
             raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
         # an input, a model's file: never replaced, even with overwrite
@@ -287,6 +288,7 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
         check_output_file(loss_log, overwrite=overwrite, what="--loss-log", option="--loss-log",
                           example="losses.jsonl")
     if preview is not None:
+        check_output_kind(preview, what="--preview")
         if preview.resolve() in {p.resolve() for p in outputs}:
             raise UserError(f"--preview '{preview}' is an output file; give the preview another name")
         if preview.exists() and not is_preview(preview):
@@ -303,6 +305,8 @@ def is_loss_log(path: Path) -> bool:
     import json
 
     try:
+        if not path.is_file():  # a pipe's read would wait for its writer
+            return False
         with open(path, "rb") as f:
             text = f.read(64 << 20).decode()
         rows = [json.loads(line) for line in text.splitlines()]

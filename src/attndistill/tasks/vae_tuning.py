@@ -209,12 +209,12 @@ def check_vae_folder(folder: str | os.PathLike, *, overwrite: bool = False,
     """Validate a VAE output folder before any work starts. ``reads``: the model, VAE and config folders the
     run loads: --overwrite must never replace them (a model's own vae/ looks like any saved VAE)."""
     folder = Path(folder)
+    if folder.is_symlink():  # replacing it would replace the link, or (rmtree) refuse after the work is done
+        raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     for source in reads:
         if source is not None and Path(source).is_dir() and _within(folder, Path(source)):
             raise UserError(f"output folder '{folder}' is in '{source}', which this run loads; give the tuned VAE a "
                             "folder of its own")
-    if folder.is_symlink():  # replacing it would replace the link, or (rmtree) refuse after the work is done
-        raise UserError(f"output '{folder}' is a symbolic link; give the folder's real path or another name")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output '{folder}' is a file; give a folder name for the VAE")
     if not folder.exists() and (like := _file_kind(folder)):  # -o vae.png meant a file: said, not made a folder
