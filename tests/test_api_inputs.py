@@ -231,6 +231,9 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
         (lambda: finetune_vae(ref, model=tiny_sd15, steps=1.5), "VAE tuning steps must be a whole number"),
         (lambda: finetune_vae(ref, model=tiny_sd15, lr=float("inf")), "VAE tuning lr must be a finite number"),
         (lambda: finetune_vae(ref, model=tiny_sd15, steps=2, lr=1e30), "VAE tuning diverged"),
+        # one step of a huge lr leaves finite weights that decode to NaN: it was saved as a VAE
+        (lambda: finetune_vae(ref, model=tiny_sd15, steps=1, lr=1e30), "VAE tuning diverged in its last step"),
+        (lambda: finetune_vae(ref, model=tiny_sd15, steps=10**20), "VAE tuning steps must be at most 10000"),
         (lambda: ad.style_transfer_batch(np.zeros((2, 64, 64, 3), np.uint8), style, **common),
          "takes a list of content images .* not a ndarray"),
         (lambda: masked_texture_synthesis([], [], ref, **common), "no texture image given"),

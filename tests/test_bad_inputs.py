@@ -145,6 +145,7 @@ def test_an_output_never_replaces_an_input_even_with_overwrite(data_dir, tmp_pat
 OPTION_CASES = [
     (["--steps", "0"], "steps must be at least 1 (got 0)"),
     (["--steps", "5000"], "steps must be at most 1000"),
+    (["--iters", "99999999999999999999"], "iters must be at most 1000"),  # ran for ever
     (["--lr", "0"], "lr must be positive"),
     (["--lr", "-0.5"], "lr must be positive"),
     (["--content-weight", "-1"], "content weight must be >= 0"),

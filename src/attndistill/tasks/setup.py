@@ -84,6 +84,10 @@ def check_callback(callback: object) -> None:
         raise UserError(f"callback must be a function taking a StepInfo (got a {type(callback).__name__})")
 
 
+#: Most Adam iterations per step (as many as the most steps).
+MAX_ITERS = 1000
+
+
 def check_settings(preset: Preset) -> Preset:
     """Out-of-range numbers get a one-line error before any work starts; returns the preset with plain
     Python numbers (NumPy ones are welcome, but the PNG's JSON refuses them)."""
@@ -96,6 +100,8 @@ def check_settings(preset: Preset) -> Preset:
         raise UserError(f"steps must be at least 1 (got {preset.steps})")
     if preset.iters < 0 or (preset.mode == "optimize" and preset.iters < 1):
         raise UserError(f"iters must be at least {1 if preset.mode == 'optimize' else 0} (got {preset.iters})")
+    if preset.iters > MAX_ITERS:  # 1-3 in the paper; a run of more is a slip that would not end
+        raise UserError(f"iters must be at most {MAX_ITERS} (got {preset.iters})")
     if not preset.lr > 0:
         raise UserError(f"lr must be positive (got {preset.lr})")
     if preset.content_weight < 0:

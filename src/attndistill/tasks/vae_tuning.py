@@ -52,10 +52,26 @@ def reconstruction_l1(vae: AutoencoderKL, x: torch.Tensor) -> float:
         return float((vae.decode(vae.encode(x).latent_dist.mean).sample.float() - x.float()).abs().mean())
 
 
+def _decodes(vae: AutoencoderKL, z: torch.Tensor) -> bool:
+    """Finite weights that decode ``z`` to a finite image: a last step of a huge lr left finite weights of 1e30
+    that decode to NaN, saved as a VAE that failed only in the run that used it."""
+    if not all(bool(p.isfinite().all()) for p in vae.decoder.parameters()):
+        return False
+    with torch.no_grad():
+        return bool(torch.isfinite(vae.decode(z).sample).all())
+
+
+#: Most decoder tuning steps: 75 is the paper's; 10,000 is hours of a GPU, more is a slip of the keyboard.
+MAX_TUNING_STEPS = 10_000
+
+
 def check_tuning(steps: object, lr: object) -> None:
     """VAE* settings, checked before any model loads."""
     if whole("VAE tuning steps", steps) < 1:
         raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
+    if whole("VAE tuning steps", steps) > MAX_TUNING_STEPS:
+        raise UserError(f"VAE tuning steps must be at most {MAX_TUNING_STEPS} (got {steps}); "
+                        f"the paper tunes {VAE_TUNING_STEPS}")
     if not number("VAE tuning lr", lr) > 0:
         raise UserError(f"VAE tuning lr must be positive (got {lr})")
 
@@ -92,7 +108,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
             optimizer.step()
             if callback is not None:
                 callback(step, loss)
-    if not all(bool(p.isfinite().all()) for p in tuned.decoder.parameters()):  # the last step's update
+    if not _decodes(tuned, z[:1]):  # the last step's update: weights out of range, or a decoder that overflows
         raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {VAE_TUNING_LR})")
     if device.type == "cuda":
         tuned.disable_gradient_checkpointing()
