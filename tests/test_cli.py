@@ -305,7 +305,10 @@ def test_usage_errors_are_one_line(argv, line, monkeypatch, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [(["--max-upload-mb", "nan"], "--max-upload-mb must be a positive"),
                                                (["--max-upload-mb", "inf"], "--max-upload-mb must be a positive"),
-                                               (["--port", "0"], "port 0 is not a TCP port")])
+                                               (["--port", "0"], "port 0 is not a TCP port"),
+                                               # without --model these started the server, refused at a first run
+                                               (["--dtype", "fp8"], "dtype 'fp8' is not supported"),
+                                               (["--device", "tpu"], "device 'tpu' is not supported")])
 def test_ui_options_are_checked_before_anything_loads(args, message):
     result = CliRunner().invoke(app, ["ui", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

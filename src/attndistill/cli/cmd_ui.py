@@ -38,6 +38,9 @@ def ui(
             raise UserError(f"port {port} is not a TCP port; use 1-65535")
         if not 0 < max_upload_mb < 2**40:  # NaN and inf too, which gradio's byte count cannot take
             raise UserError(f"--max-upload-mb must be a positive number of megabytes (got {max_upload_mb})")
+        from ..model.models import resolve_device, resolve_dtype
+
+        resolve_dtype(dtype, resolve_device(device))  # said now, not at the first run of the page
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
             from ..webui.app import WebUI
