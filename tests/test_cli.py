@@ -272,6 +272,31 @@ def test_loss_log_has_a_line_per_step_with_its_timestep_and_losses(tmp_path, dat
         assert refused.exit_code == 2 and "names no file" in refused.output
 
 
+def test_several_images_are_written_all_or_none(tmp_path, monkeypatch):
+    """A full disk at the second image left the first, and a rerun then refused it as an existing output."""
+    import attndistill.images as images
+    from attndistill.cli.common import StepLosses, write_images
+    from attndistill.errors import UserError
+
+    real, calls = images.save_result, []
+
+    def second_fails(img, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise UserError(f"output '{path}' could not be written (No space left on device); free space")
+        return real(img, path, **kwargs)
+
+    monkeypatch.setattr(images, "save_result", second_fails)
+    with pytest.raises(UserError, match="No space left"):
+        write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=False)
+    assert len(calls) == 2 and not list(tmp_path.iterdir())
+    monkeypatch.setattr(images, "save_result", real)
+    losses = StepLosses(tmp_path / "gone" / "losses.jsonl")  # its folder went: the images stay, and it says so
+    with pytest.raises(UserError, match=r"--loss-log .* \(the images were written: .*t-0.png, .*t-1.png\)"):
+        write_images([Image.new("RGB", (8, 8))] * 2, tmp_path / "t.png", overwrite=False, losses=losses)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-0.png", "t-1.png"]
+
+
 def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):
     """Outputs are checked before the work; a file another process writes meanwhile is never replaced, and the
     finished result is not thrown away either: it goes beside it, with a warning that names both."""

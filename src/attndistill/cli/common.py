@@ -182,18 +182,31 @@ def parse_size_option(size: str | None, multiple: int = 1):
 
 
 def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | None = None) -> list[Path]:
-    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically; then ``losses``."""
+    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically, all or none (a
+    full disk at the second left the first, which a rerun then refused to replace); then ``losses``."""
+    from ..errors import UserError
     from ..images import numbered_outputs, save_result
 
-    written = []
-    for img, planned in zip(images, numbered_outputs(output, len(images)), strict=True):
-        path, taken = save_result(img, planned, overwrite=overwrite)
-        if taken is not None:  # it appeared during the run (checked before): the work is kept anyway
-            echo_err(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
-        typer.echo(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
-        written.append(path)
+    written, said = [], []
+    try:
+        for img, planned in zip(images, numbered_outputs(output, len(images)), strict=True):
+            path, taken = save_result(img, planned, overwrite=overwrite)
+            written.append(path)
+            if taken is not None:  # it appeared during the run (checked before): the work is kept anyway
+                said.append(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
+            said.append(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
+    except (UserError, OSError):
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    for line in said:
+        (echo_err if line.startswith("warning:") else typer.echo)(line)
     if losses is not None:
-        losses.write(overwrite=overwrite)
+        try:
+            losses.write(overwrite=overwrite)
+        except UserError as exc:  # the images are whole and kept: the error says so, not only "output"
+            raise UserError(f"{str(exc).replace('output ', '--loss-log ', 1)} (the images were written: "
+                            f"{', '.join(map(str, written))})") from None
     return written
 
 
