@@ -790,7 +790,8 @@ def test_line_errors_name_the_jobs_keys_not_the_commands_options():
 
     assert job_words("--ref-labels/--target-labels need --mode optimize; or pass --no-cuda-graphs (a-b--c)") == \
         "'ref_labels'/'target_labels' need 'mode' optimize; or pass 'cuda_graphs': false (a-b--c)"
-    for kept in ("paths are relative to --out", "image '/data/--size.png' and '--x.png'", "lr --5"):
+    for kept in ("paths are relative to --out", "image '/data/--size.png' and '--x.png'", "lr --5",
+                 "prompt is empty ('attndistill texture --mode sample' generates from the style alone)"):
         assert job_words(kept) == kept  # the batch command's own options, paths, numbers
 
 

@@ -183,8 +183,14 @@ def _fail(line: int, message: str) -> UserError:
 def job_words(message: str) -> str:
     """``--start-t`` -> ``'start_t'``, ``--no-cuda-graphs`` -> ``'cuda_graphs': false``: the keys a job line has.
 
-    Only options that are job keys; the batch command's own (``--out``) and anything in a path stay as they are.
+    Only options that are job keys; the batch command's own (``--out``), anything in a path and a command quoted
+    whole (``'attndistill texture --mode sample'``) stay as they are.
     """
+    parts = re.split(r"('attndistill [^']*')", message)  # odd parts: the quoted commands
+    return "".join(part if i % 2 else _job_keys_of(part) for i, part in enumerate(parts))
+
+
+def _job_keys_of(message: str) -> str:
     keys = _job_keys()
 
     def key(match: re.Match, negated: bool) -> str:
