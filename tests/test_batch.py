@@ -717,6 +717,9 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
         f.write(json.dumps({**sample, "start_t": 1}) + "\n")  # below every timestep: from the scheduler's config
         f.write(json.dumps({**t2i, "prompt": "  "}) + "\n")
         f.write(json.dumps({**texture, "steps": 5000}) + "\n")
+        # one setting twice: json, and the key's spellings, kept the last silently
+        f.write('{"task": "texture", "reference": "wood-rings.jpg", "steps": 2, "steps": 3}\n')
+        f.write(json.dumps({**texture, "content_weight": 0.3, "content-weight": 0.5}) + "\n")
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
@@ -733,7 +736,10 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "True or False", "line 20: 'output' holds a NUL character",
                      "line 21: 'content' takes one image: a path relative to the jobs file, not a list",
                      "line 22: start-t 1 leaves no step for AD", "line 23: prompt is empty",
-                     "line 24: steps must be at most 1000, the model's training timesteps", "2 ready", "22 invalid"):
+                     "line 24: steps must be at most 1000, the model's training timesteps",
+                     "line 25: 'steps' is given twice; keep one",
+                     "line 26: 'content_weight' and 'content-weight' name the same setting; keep one",
+                     "2 ready", "24 invalid"):
         assert expected in text, expected
     assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
     assert "unexpected" not in text and "Traceback" not in text

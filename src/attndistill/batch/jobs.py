@@ -335,12 +335,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:32] or "job"
 
 
+class _TwiceGiven(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are each given once: json keeps the last of two silently."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _TwiceGiven(key)
+        seen[key] = value
+    return seen
+
+
 def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: ModelSpec) -> Job:
     """One decoded JSON line -> :class:`Job`; a :class:`UserError` naming the line and the fix otherwise."""
     from ..model.loading import home
 
     if not isinstance(raw, dict):
         raise _fail(line, "each line must be a JSON object such as {\"task\": \"style\", ...}")
+    named: dict[str, str] = {}
+    for k in raw:  # one setting under two spellings: which one ran would be the JSON's order's choice
+        same = named.setdefault(ALIASES.get(k.replace("-", "_"), k.replace("-", "_")), k)
+        if same != k:
+            raise _fail(line, f"'{same}' and '{k}' name the same setting; keep one")
     raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
     identity = {k: v for k, v in raw.items() if k != "id"}  # what the job id is a hash of
     task = raw.pop("task", None)
@@ -472,9 +493,11 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
             continue
         named = False  # the line gives its own id (not the hash of its settings)
         try:
-            raw = json.loads(text_line)
+            raw = json.loads(text_line, object_pairs_hook=_once_each)
             named = isinstance(raw, dict) and "id" in raw
             job = parse_job(raw, line=number, base=base, out_dir=out_dir, defaults=defaults or ModelSpec())
+        except _TwiceGiven as exc:
+            job = Job(line=number, id=f"line-{number}", error=f"line {number}: '{exc.key}' is given twice; keep one")
         except json.JSONDecodeError as exc:
             job = Job(line=number, id=f"line-{number}", error=f"line {number}: not valid JSON ({exc.msg})")
         except UserError as exc:
