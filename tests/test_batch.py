@@ -720,6 +720,8 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
         # one setting twice: json, and the key's spellings, kept the last silently
         f.write('{"task": "texture", "reference": "wood-rings.jpg", "steps": 2, "steps": 3}\n')
         f.write(json.dumps({**texture, "content_weight": 0.3, "content-weight": 0.5}) + "\n")
+        f.write(json.dumps({**texture, "seed": 1, "output": "sub.png"}) + "\n")  # fine
+        f.write(json.dumps({**texture, "seed": 2, "output": "sub.png/x.png"}) + "\n")  # failed in the run only
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert result.exit_code == 2, result.output
@@ -739,7 +741,8 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "line 24: steps must be at most 1000, the model's training timesteps",
                      "line 25: 'steps' is given twice; keep one",
                      "line 26: 'content_weight' and 'content-weight' name the same setting; keep one",
-                     "2 ready", "24 invalid"):
+                     "line 28: its output and line 27's are a file and a folder of the same name",
+                     "3 ready", "25 invalid"):
         assert expected in text, expected
     assert "line 8: output '" + str(tmp_path / "abs.png") + "' is outside the output folder" in text
     assert "unexpected" not in text and "Traceback" not in text

@@ -486,6 +486,7 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
     jobs: list[Job] = []
     ids: dict[str, int] = {}
     outputs: dict[Path, int] = {}
+    folders: dict[Path, int] = {}  # the folders the outputs are in, up to the root
     # lines end at "\n" alone (a "\r" before it is JSON whitespace): splitlines() also broke at U+2028, U+0085
     # and others, which JSON strings may hold, and numbered every later line wrongly
     for number, text_line in enumerate(text.split("\n"), 1):
@@ -512,9 +513,16 @@ def read_jobs(path: str | os.PathLike, *, out_dir: str | os.PathLike,
             clash = [outputs[p] for p in job.outputs if p in outputs]
             if clash and not job.error:
                 job.error = f"line {number}: writes the same output as line {clash[0]}; set another 'output'"
+            # an output that another's would need as a folder, or the other way round: one of the two fails
+            under = [outputs[q] for p in job.outputs for q in p.parents if q in outputs]
+            over = [folders[p] for p in job.outputs if p in folders]
+            if (under or over) and not job.error:
+                job.error = (f"line {number}: its output and line {(under or over)[0]}'s are a file and a folder of "
+                             "the same name; set another 'output'")
         if not job.error:
             ids[job.id] = number
             outputs.update((p, number) for p in job.outputs)
+            folders.update((q, number) for p in job.outputs for q in p.parents)
         else:
             job.id = f"line-{number}" if job.id in ids else job.id
         jobs.append(job)
