@@ -944,3 +944,14 @@ def test_a_batch_folder_this_user_cannot_write_is_refused_by_a_dry_run_too(corpu
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)  # as a user without rights there
     result = invoke("batch", jobs, "--out", tmp_path / "o", "--dry-run", "-m", tiny_sd15_dir)
     assert_rejected(result, 2, f"output folder '{tmp_path}' cannot be written by this user")
+
+
+def test_a_results_file_that_is_a_folder_is_refused_by_name(corpus, tmp_path, tiny_sd15_dir):
+    """It was an unexpected IsADirectoryError, after the jobs were read."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"task": "style", "content": str(corpus / "good.png"),
+                                "style": str(corpus / "good.png"), "size": 64, "steps": 1}) + "\n")
+    (tmp_path / "out" / "results.jsonl").mkdir(parents=True)
+    for dry in ([], ["--dry-run"]):
+        result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, *dry)
+        assert_rejected(result, 2, f"'{tmp_path / 'out' / 'results.jsonl'}' is not a file")

@@ -546,6 +546,10 @@ def _check_out_dir(out_dir: Path) -> None:
         raise UserError(f"output folder '{out_dir}' cannot be made: '{existing}' is a file; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"output folder '{existing}' cannot be written by this user; choose another --out")
+    for records in sorted(out_dir.glob("results*.jsonl")) if out_dir.is_dir() else ():
+        if not records.is_file():  # where the runs record what they did: read, appended to, merged
+            raise UserError(f"'{records}' is not a file, but a batch records its results under that name; remove "
+                            "it or choose another --out")
 
 
 def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, defaults: ModelSpec | None = None,
