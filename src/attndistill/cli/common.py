@@ -27,8 +27,16 @@ PERF = None
 
 # -- shared options (Annotated aliases so each command declares them in one line) --------------------
 
+def named(value: str | None) -> str | None:
+    """Option callback: an empty model name is no model (it fell back to the default, which the error then named)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty; give a Hub id, a folder or a weights file, or leave it out for SD 1.5")
+    return value
+
+
 Model = Annotated[str | None, typer.Option(
-    "--model", "-m", help="Hub id, diffusers folder or .safetensors file \\[default: SD 1.5]", show_default=False)]
+    "--model", "-m", help="Hub id, diffusers folder or .safetensors file \\[default: SD 1.5]", show_default=False,
+    callback=named)]
 Vae = Annotated[Path | None, typer.Option(help="AutoencoderKL folder to use instead of the model's VAE")]
 ConfigDir = Annotated[Path | None, typer.Option(
     "--config", help="Local diffusers folder describing a single-file checkpoint (offline use)")]
