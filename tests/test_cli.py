@@ -316,6 +316,9 @@ def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_
     (["style", "c.png", "s.png", "--lr", "nan"], "error: Invalid value for '--lr': nan is not a finite number (see "
                                                  "'attndistill style -h')"),
     (["style", "c.png"], "error: Missing argument 'STYLE' (see 'attndistill style -h')"),
+    (["style", "c.png", "s.png", "-m", " "], "error: Invalid value for '--model' / '-m': is empty; give a Hub id, a "
+                                             "folder or a weights file, or leave it out for SD 1.5 (see 'attndistill "
+                                             "style -h')"),  # it loaded (or, offline, named) the default
     (["--bogus"], "error: No such option: --bogus (see 'attndistill -h')"),
     (["style", "--steps"], "error: Option '--steps' requires an argument (see 'attndistill style -h')")])
 def test_usage_errors_are_one_line(argv, line, monkeypatch, capsys):
