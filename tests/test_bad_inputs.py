@@ -955,3 +955,18 @@ def test_a_results_file_that_is_a_folder_is_refused_by_name(corpus, tmp_path, ti
     for dry in ([], ["--dry-run"]):
         result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, *dry)
         assert_rejected(result, 2, f"'{tmp_path / 'out' / 'results.jsonl'}' is not a file")
+
+
+def test_messages_say_what_they_found_in_words_that_fit(tmp_path, tiny_sd15_dir):
+    """One pixel at alpha 254 was "(0.0% of it)"; a model_index.json without a class was "a unknown pipeline"."""
+    from attndistill.model.loading import load_model
+
+    labels = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    labels.putpixel((3, 3), (255, 0, 0, 254))
+    labels.save(tmp_path / "labels.png")
+    with pytest.raises(UserError, match=r"has transparent pixels \(1 of its pixels\)"):
+        load_image(tmp_path / "labels.png", what="label map", labels=True)
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "model")
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="names no pipeline in its model_index.json"):
+        load_model(str(folder), device="cpu", dtype="fp32")

@@ -184,7 +184,8 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
         if labels:  # on white, a see-through region would read as a white region the map never drew
             seen = np.asarray(rgba.getchannel("A")) < 255
             if seen.any():
-                raise UserError(f"{label} has transparent pixels ({seen.mean():.1%} of it); a label map needs an "
+                share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
+                raise UserError(f"{label} has transparent pixels ({share}); a label map needs an "
                                 "opaque colour in every pixel: fill them, or save the map without transparency")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")

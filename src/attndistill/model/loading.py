@@ -235,8 +235,9 @@ def _kind_from_index(index: dict, model: str) -> Kind:
             raise UserError(f"model '{model}' is a {name}; attndistill runs plain SD 1.x/2.x and SDXL "
                             "text-to-image models")
         return "sd15"
-    raise UserError(f"model '{model}' is a {name or 'unknown pipeline'}; attndistill runs Stable Diffusion "
-                    f"1.x/2.x and SDXL models (e.g. {SD15_ID})")
+    what = f"is a {name}" if name else "names no pipeline in its model_index.json"
+    raise UserError(f"model '{model}' {what}; attndistill runs Stable Diffusion 1.x/2.x and SDXL models (e.g. "
+                    f"{SD15_ID})")
 
 
 def single_file_kind(path: Path, keys: list[str] | None, config: str | os.PathLike | None) -> Kind:
