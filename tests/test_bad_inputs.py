@@ -970,3 +970,18 @@ def test_messages_say_what_they_found_in_words_that_fit(tmp_path, tiny_sd15_dir)
     (folder / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match="names no pipeline in its model_index.json"):
         load_model(str(folder), device="cpu", dtype="fp32")
+
+
+@pytest.mark.parametrize("part, key, value, message", [
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 0, "could not be built from its configs (IndexError"),
+    ("unet/config.json", "sample_size", -5, "has unet/ config sample_size -5, not a positive whole number"),
+])
+def test_a_hand_edited_config_is_a_user_error(tmp_path, tiny_sd15_dir, part, key, value, message):
+    """Each was an unexpected error (IndexError in the load, ValueError in the first resize)."""
+    from attndistill.model.loading import load_model
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "model")
+    config = folder / part
+    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_model(str(folder), device="cpu", dtype="fp32")

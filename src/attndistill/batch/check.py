@@ -380,9 +380,10 @@ def _config(cls, source: str, subfolder: str | None = None) -> dict | None:
     if Path(source).is_file():
         return None  # a single-file checkpoint: its config comes with the load
     try:
-        return cls.load_config(source, subfolder=subfolder, local_files_only=local_files_only(source))
+        config = cls.load_config(source, subfolder=subfolder, local_files_only=local_files_only(source))
     except Exception:
         return None
+    return config if isinstance(config, dict) else None  # a damaged config.json (a list): the load says which
 
 
 def _meta_model(config: dict | None):

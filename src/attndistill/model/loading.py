@@ -218,6 +218,16 @@ def _check_noise_schedule(pipe, source: str) -> None:
         raise UserError(f"model '{source}' is trained with an EDM noise schedule (its scheduler config gives sigmas, "
                         "not betas), which DDIM sampling cannot follow; attndistill runs models with a beta schedule, "
                         "as SD 1.x/2.x and SDXL base")
+    _check_positive(scheduler.config.get("num_train_timesteps"), source, "scheduler", "num_train_timesteps")
+    _check_positive(pipe.unet.config.sample_size, source, "unet", "sample_size")
+
+
+def _check_positive(value, source: str, part: str, key: str) -> None:
+    """A config number every run divides or sizes by (a hand-edited 0 or -5 failed deep in a run)."""
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UserError(f"model '{source}' has {part}/ config {key} {value!r}, not a positive whole number; "
+                        "download the model again")
 
 
 def _kind_from_index(index: dict, model: str) -> Kind:
@@ -507,6 +517,12 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
+        except (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+            if not path.is_dir():
+                raise
+            # diffusers building a part from a hand-edited config (num_train_timesteps 0, a list for an object)
+            raise UserError(f"{what} '{source}' could not be built from its configs ({type(exc).__name__}: "
+                            f"{first_line(exc)}); a config.json may be damaged: download it again") from None
         else:
             _check_complete(loaded, what, source)
             _say_unused(unused, what, source)
