@@ -290,6 +290,13 @@ def test_several_images_are_written_all_or_none(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left"):
         write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=False)
     assert len(calls) == 2 and not list(tmp_path.iterdir())
+    earlier = tmp_path / "t-0.png"  # with --overwrite, a new result that replaced an earlier one stays
+    Image.new("RGB", (4, 4)).save(earlier)
+    calls.clear()
+    with pytest.raises(UserError, match="No space left"):
+        write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=True)
+    assert Image.open(earlier).size == (8, 8) and sorted(p.name for p in tmp_path.iterdir()) == ["t-0.png"]
+    earlier.unlink()
     monkeypatch.setattr(images, "save_result", real)
     losses = StepLosses(tmp_path / "gone" / "losses.jsonl")  # its folder went: the images stay, and it says so
     with pytest.raises(UserError, match=r"--loss-log .* \(the images were written: .*t-0.png, .*t-1.png\)"):

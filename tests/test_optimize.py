@@ -137,7 +137,8 @@ def test_the_nan_advice_names_fp32_only_for_half_precision_runs():
     from attndistill.core.progress import _FiniteGuard
     from attndistill.errors import NonFiniteError
 
-    for dtype, advised in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False)):
+    for dtype, advised in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False),
+                           (torch.float64, False)):
         guard = _FiniteGuard(torch.device("cpu"), total=1, dtype=dtype)
         guard.update(0, 999, torch.zeros(1), [torch.tensor(float("nan"))])
         with pytest.raises(NonFiniteError) as error:

@@ -247,6 +247,14 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
      "'attndistill batch'"),
     # what the page has neither a box nor a launch option for: plain words
     ("'o.png' exists; pass --overwrite", "'o.png' exists; pass overwrite"),
+    ("--ref-labels/--target-labels need --mode optimize", "the Reference label map/the Target label map need Mode "
+     "optimize"),
+    # quoted names are left as they are, options or not (a reviewing helper found paths rewritten)
+    ("image '/data/--steps/a.png' and '--lr-test.png' do not exist", "image '/data/--steps/a.png' and "
+     "'--lr-test.png' do not exist"),
+    ("image '/home/u/--port/a.png' does not exist", "image '/home/u/--port/a.png' does not exist"),
+    ("the model's layers and line 27's output; raise --steps", "the model's layers and line 27's output; raise "
+     "Steps"),
 ])
 def test_options_in_a_message_become_boxes_or_what_to_start_the_ui_with(message, page):
     assert page_message(UserError(message)) == page

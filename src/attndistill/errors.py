@@ -32,11 +32,11 @@ class NonFiniteError(UserError):
 
 
 def precision_advice(dtype) -> str:
-    """", use --dtype fp32" for a run in half precision, whose range fp32 widens; nothing for an fp32 run, which
-    that advice would only send round in a circle."""
+    """", use --dtype fp32" for a run in half precision, whose range fp32 widens; nothing for an fp32 (or fp64)
+    run, which that advice would only send round in a circle."""
     import torch
 
-    return "" if dtype == torch.float32 else ", use --dtype fp32"
+    return ", use --dtype fp32" if dtype in (torch.float16, torch.bfloat16) else ""
 
 
 #: Switches that lower the peak memory of a run, for the out-of-memory advice below.

@@ -190,21 +190,25 @@ def parse_size_option(size: str | None, multiple: int = 1):
 
 
 def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | None = None) -> list[Path]:
-    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically, all or none (a
-    full disk at the second left the first, which a rerun then refused to replace); then ``losses``."""
+    """Save one image to ``output`` or several to ``OUT-0.png``, ``OUT-1.png``... atomically; a failure removes
+    the new files this call wrote (a full disk at the second left the first, which a rerun then refused to
+    replace), never one that replaced an earlier result with ``overwrite``; then ``losses``."""
     from ..errors import UserError
     from ..images import numbered_outputs, save_result
 
-    written, said = [], []
+    written, new, said = [], [], []
     try:
         for img, planned in zip(images, numbered_outputs(output, len(images)), strict=True):
+            existed = planned.exists()
             path, taken = save_result(img, planned, overwrite=overwrite)
             written.append(path)
+            if not existed or path != planned:
+                new.append(path)
             if taken is not None:  # it appeared during the run (checked before): the work is kept anyway
                 said.append(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
             said.append(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
     except (UserError, OSError):
-        for path in written:
+        for path in new:
             path.unlink(missing_ok=True)
         raise
     for line in said:

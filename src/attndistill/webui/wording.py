@@ -67,28 +67,35 @@ def page_text(message: str, *, advice: bool = True) -> str:
     message = re.sub(rf"'attndistill ({'|'.join(TABS)})(?: --mode ([a-z]+))?'",
                      lambda m: f"the {TABS[m[1]]} tab" + (f" in mode {m[2]}" if m[2] else ""), message)
     message = re.sub(rf"^({'|'.join(map(re.escape, LABELS))}) ", lambda m: f"{LABELS[m[1]]} ", message)
-    message = _launch_options(message, advice)
+    # a quoted name ('/data/--steps/a.png', a file '--x.png', 'attndistill ui --share') is left as it is
+    parts = re.split(r"((?<!\w)'[^'\n]*'(?!\w))", message)
+    words = [part if i % 2 else _options_in_words(part) for i, part in enumerate(parts)]
+    said = "".join(words)
+    if not advice or "attndistill ui" in said or "start the UI with" in said:
+        return said
+    found = [m[1] for part in parts[::2] for m in re.finditer(rf"{_OPTION}({_launch_names()})\b(?!-)", part)]
+    if not found:
+        return said
+    return f"{said} ({'an option' if len(found) == 1 else 'options'} of attndistill ui, set when the UI starts)"
+
+
+#: Where an option begins: not inside a word (paths and file names are quoted, and left as they are).
+_OPTION = r"(?<![\w-])--"
+
+
+def _launch_names() -> str:
+    return "|".join(sorted(map(re.escape, launch_options()), key=len, reverse=True))
+
+
+def _options_in_words(message: str) -> str:
+    """Options in the page's words, outside quotes: boxes by their labels, inputs by where to enter them; options
+    no box sets keep their dashes (what to start ``attndistill ui`` with), the rest in plain words."""
+    message = re.sub(rf"\bpass (--(?:{_launch_names()}))\b(?!-)", r"start the UI with attndistill ui \1", message)
     boxes = "|".join(BOXES)
     message = re.sub(rf"\bpass --({boxes}) ([/~.][^\s,;)]*)", lambda m: f"enter {m[2]} in the {BOXES[m[1]]}", message)
     message = re.sub(rf"\bpass --({boxes}) with\b", lambda m: f"fill the {BOXES[m[1]]} with", message)
     message = re.sub(rf"(?<![\w-])(\b(?:a|an|the) )?--({boxes})\b(?!-)",
                      lambda m: f"{m[1] or 'the '}{BOXES[m[2]]}", message)
-    message = re.sub(rf"(?<![\w-])--({'|'.join(SETTINGS)})\b(?!-)", lambda m: SETTINGS[m[1]], message)
-    # what is left (--out, --overwrite, ...) in plain words; options of attndistill ui stay what to type
-    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)",
+    message = re.sub(rf"{_OPTION}({'|'.join(SETTINGS)})\b(?!-)", lambda m: SETTINGS[m[1]], message)
+    return re.sub(rf"{_OPTION}([a-z][a-z0-9-]*)",
                   lambda m: m[0] if m[1] in launch_options() else m[1].replace("-", " "), message)
-
-
-def _launch_options(message: str, advice: bool) -> str:
-    """Options no box sets keep their dashes: they are what to start ``attndistill ui`` with. A message that
-    does not say so already ends saying it (a pickle or config advice says "start the UI with" them)."""
-    options = launch_options()
-    names = "|".join(sorted(map(re.escape, options), key=len, reverse=True))
-    message = re.sub(rf"\bpass (--(?:{names}))\b(?!-)", r"start the UI with attndistill ui \1", message)
-    if not advice or "attndistill ui" in message or "start the UI with" in message:
-        return message
-    found = [m[1] for m in re.finditer(rf"(?<![\w-])--({names})\b(?!-)", message)]
-    if not found:
-        return message
-    what = "an option" if len(found) == 1 else "options"
-    return f"{message} ({what} of attndistill ui, set when the UI starts)"
