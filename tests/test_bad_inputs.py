@@ -985,3 +985,13 @@ def test_a_hand_edited_config_is_a_user_error(tmp_path, tiny_sd15_dir, part, key
     config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
     with pytest.raises(UserError, match=re.escape(message)):
         load_model(str(folder), device="cpu", dtype="fp32")
+
+
+def test_the_expansion_side_limit_is_on_the_canvas_as_it_is_rounded():
+    """16385 px becomes a 16384 px canvas (whole latents), which the limit allows; 16388 becomes 16392."""
+    from attndistill.presets import get_preset
+    from attndistill.tasks.textures import check_expansion
+
+    check_expansion(get_preset("expand"), (16385, 512))
+    with pytest.raises(UserError, match="size 16388x512 is over 16384 px on a side"):
+        check_expansion(get_preset("expand"), (16388, 512))

@@ -84,7 +84,7 @@ def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = 
     if size is None:
         raise UserError("expand needs a size: the canvas's (width, height) in pixels, or one number for a square")
     w, h = (size, size) if isinstance(size, int) else size
-    if max(w, h) > MAX_CANVAS_SIDE:
+    if max(round_to_multiple(w, 8), round_to_multiple(h, 8)) > MAX_CANVAS_SIDE:  # as the canvas rounds it (latents)
         raise UserError(f"size {w}x{h} is over {MAX_CANVAS_SIDE} px on a side; expand to at most "
                         f"{MAX_CANVAS_SIDE}x{MAX_CANVAS_SIDE} and upscale, or tile a smaller texture with --tile xy")
     return preset
