@@ -252,7 +252,10 @@ def test_error_lines_speak_of_fields_and_uploads_by_their_own_name():
     # quoted names are left as they are, options or not (a reviewing helper found paths rewritten)
     ("image '/data/--steps/a.png' and '--lr-test.png' do not exist", "image '/data/--steps/a.png' and "
      "'--lr-test.png' do not exist"),
-    ("image '/home/u/--port/a.png' does not exist", "image '/home/u/--port/a.png' does not exist"),
+    ("image '/home/u/--port/a.png' is empty", "image '/home/u/--port/a.png' is empty"),
+    ("content image 'horse.jpg' does not exist; check the path", "content image 'horse.jpg' is no longer on the "
+     "server; upload it again"),  # an upload box has no path to check; a typed path has
+    ("ControlNet '/x/cn' does not exist; check the path", "ControlNet '/x/cn' does not exist; check the path"),
     ("the model's layers and line 27's output; raise --steps", "the model's layers and line 27's output; raise "
      "Steps"),
 ])

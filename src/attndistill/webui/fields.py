@@ -225,7 +225,9 @@ def upload_check(what: str) -> Callable[[dict | None], object]:
         try:
             load_image(path, what=what)
         except UserError as exc:
-            gr.Warning(str(exc).replace(str(path), name), title="Upload refused")
+            from .wording import page_text  # (it reads this module's upload folder)
+
+            gr.Warning(page_text(str(exc).replace(str(path), name)), title="Upload refused")
             return None
         return gr.skip()
 

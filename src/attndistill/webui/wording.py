@@ -64,6 +64,9 @@ def page_text(message: str, *, advice: bool = True) -> str:
     message = re.sub(r"(['\"])[^'\"]*/inputs/[0-9a-f]{12}-", r"\1", message)
     message = re.sub(r"[^'\"\s]*/inputs/[0-9a-f]{12}-", "", message)
     message = re.sub(r"--control (none|canny)\b", r"Preprocessor \1", message)
+    # every image on the page is an upload (a ControlNet or a checkpoint is a typed path): gone from the cache
+    message = re.sub(r"\b(image|map) ('[^']*') does not exist; check the path",
+                     r"\1 \2 is no longer on the server; upload it again", message)
     message = re.sub(rf"'attndistill ({'|'.join(TABS)})(?: --mode ([a-z]+))?'",
                      lambda m: f"the {TABS[m[1]]} tab" + (f" in mode {m[2]}" if m[2] else ""), message)
     message = re.sub(rf"^({'|'.join(map(re.escape, LABELS))}) ", lambda m: f"{LABELS[m[1]]} ", message)
