@@ -357,12 +357,12 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
 
     if not isinstance(raw, dict):
         raise _fail(line, "each line must be a JSON object such as {\"task\": \"style\", ...}")
-    named: dict[str, str] = {}
+    spelled: dict[str, str] = {}  # each setting's name -> the key the line gives it under
     for k in raw:  # one setting under two spellings: which one ran would be the JSON's order's choice
-        same = named.setdefault(ALIASES.get(k.replace("-", "_"), k.replace("-", "_")), k)
+        same = spelled.setdefault(ALIASES.get(k.replace("-", "_"), k.replace("-", "_")), k)
         if same != k:
             raise _fail(line, f"'{same}' and '{k}' name the same setting; keep one")
-    raw = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    raw = {name: raw[k] for name, k in spelled.items()}
     identity = {k: v for k, v in raw.items() if k != "id"}  # what the job id is a hash of
     task = raw.pop("task", None)
     if not isinstance(task, str):

@@ -205,14 +205,15 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
             if not existed or path != planned:
                 new.append(path)
             if taken is not None:  # it appeared during the run (checked before): the work is kept anyway
-                said.append(f"warning: '{taken}' appeared while this ran and is left as it is; this result is {path}")
-            said.append(f"wrote {path} ({img.width}x{img.height})")  # the size a --size was rounded to
+                said.append((echo_err, f"warning: '{taken}' appeared while this ran and is left as it is; this "
+                                       f"result is {path}"))
+            said.append((typer.echo, f"wrote {path} ({img.width}x{img.height})"))  # the size --size was rounded to
     except (UserError, OSError):
         for path in new:
             path.unlink(missing_ok=True)
         raise
-    for line in said:
-        (echo_err if line.startswith("warning:") else typer.echo)(line)
+    for say, line in said:  # once all are written: no "wrote" for a file then removed
+        say(line)
     if losses is not None:
         try:
             losses.write(overwrite=overwrite)

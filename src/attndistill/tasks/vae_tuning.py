@@ -67,9 +67,10 @@ MAX_TUNING_STEPS = 10_000
 
 def check_tuning(steps: object, lr: object) -> None:
     """VAE* settings, checked before any model loads."""
-    if whole("VAE tuning steps", steps) < 1:
+    steps = whole("VAE tuning steps", steps)
+    if steps < 1:
         raise UserError(f"VAE tuning steps must be at least 1 (got {steps})")
-    if whole("VAE tuning steps", steps) > MAX_TUNING_STEPS:
+    if steps > MAX_TUNING_STEPS:
         raise UserError(f"VAE tuning steps must be at most {MAX_TUNING_STEPS} (got {steps}); "
                         f"the paper tunes {VAE_TUNING_STEPS}")
     if not number("VAE tuning lr", lr) > 0:

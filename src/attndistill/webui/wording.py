@@ -86,7 +86,9 @@ def page_text(message: str, *, advice: bool = True) -> str:
 _OPTION = r"(?<![\w-])--"
 
 
+@functools.cache
 def _launch_names() -> str:
+    """:func:`launch_options` as a regex alternation, longest first (``--compile`` not inside ``--compiled-loss``)."""
     return "|".join(sorted(map(re.escape, launch_options()), key=len, reverse=True))
 
 
