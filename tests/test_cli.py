@@ -221,6 +221,22 @@ def test_preview_writes_a_small_look_at_the_running_job(tmp_path, data_dir, tiny
         assert bad.exit_code == 2 and f"--preview '{tmp_path / 'peek.jpg'}' must end in .png" in bad.output
 
 
+@pytest.mark.parametrize("command", [
+    ["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg"],
+    ["appearance", "{data}/horse.jpg", "{data}/watercolor-cat.jpg"],
+    ["texture", "{data}/wood-rings.jpg"],
+    ["t2i", "--style", "{data}/watercolor-cat.jpg", "--prompt", "a barn"],
+    ["expand", "{data}/wood-rings.jpg", "--size", "1024x512"],
+])
+def test_preview_every_without_preview_is_refused_before_the_model_loads(tmp_path, data_dir, command):
+    """It wrote nothing and said nothing: a user who asked for a look every 5 steps waited for none."""
+    args = [a.replace("{data}", str(data_dir)) for a in command]
+    result = run(*args, "-o", tmp_path / "out.png", "--model", tmp_path / "no-model", "--preview-every", 5)
+    assert result.exit_code == 2, result.output
+    assert "--preview-every 5 writes nothing without --preview; add --preview peek.png" in result.output
+    assert not (tmp_path / "out.png").exists()
+
+
 @pytest.mark.parametrize("command, iters", [
     (["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg"], 1),
     (["t2i", "--style", "{data}/watercolor-cat.jpg", "--prompt", "a barn", "--iters", "2"], 2),

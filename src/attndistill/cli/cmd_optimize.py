@@ -80,7 +80,7 @@ def style(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
+    preview: Preview = None, preview_every: PreviewEvery = None, loss_log: LossLog = None,
 ) -> None:
     """The style command; its help is STYLE_HELP, built from the preset."""
     from ..tasks.transfer import style_transfer
@@ -98,7 +98,7 @@ def appearance(
     attention_scale: AttentionScale = None, layers: Layers = None, size: Size = None, seed: TransferSeed = 0,
     tile: Tile = None, tune_vae: TuneVae = False, reference_fit: ReferenceFit = None, mask: Mask = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
+    preview: Preview = None, preview_every: PreviewEvery = None, loss_log: LossLog = None,
 ) -> None:
     """The appearance command; its help is APPEARANCE_HELP, built from the preset."""
     from ..tasks.transfer import appearance_transfer
@@ -121,7 +121,8 @@ def _transfer(task: str, run, inputs: dict, given: dict) -> None:
     def body() -> None:
         check_command_options(task, size=size, **options)
         check_before_load(task, **loading, size=size, output=output, overwrite=overwrite, preview=preview,
-                          loss_log=given["loss_log"], **inputs, mask=given["mask"], **options)
+                          preview_every=given["preview_every"], loss_log=given["loss_log"], **inputs,
+                          mask=given["mask"], **options)
         m = load(given["model"], **{k: v for k, v in loading.items() if k != "model"})
         losses = StepLosses.of(given["loss_log"])
         img = run(*inputs.values(), model=m, **options, size=parse_size_option(size), seed=given["seed"],
@@ -154,7 +155,7 @@ def texture(
     tile: Tile = None, tune_vae: TuneVae = False, ref_labels: RefLabels = None, target_labels: TargetLabels = None,
     adain: TextureAdain = None, start_t: StartT = None, reference_fit: ReferenceFit = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
+    preview: Preview = None, preview_every: PreviewEvery = None, loss_log: LossLog = None,
 ) -> None:
     """The texture command; its help is TEXTURE_HELP, built from the preset."""
     from ..batch.jobs import TASKS, texture_task
@@ -182,7 +183,7 @@ def texture(
         check_before_load(job_task, model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num, overwrite=overwrite, preview=preview,
-                          loss_log=loss_log, reference=references, ref_labels=ref_labels,
+                          preview_every=preview_every, loss_log=loss_log, reference=references, ref_labels=ref_labels,
                           target_labels=target_labels, layout=layout, strength=strength, num=num, steps=steps,
                           iters=iters, lr=lr, attention_scale=attention_scale, layers=layers, tile=tile,
                           reference_fit=reference_fit, **extra)

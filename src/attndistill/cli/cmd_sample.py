@@ -90,7 +90,7 @@ def t2i(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, size: Size = None, seed: Seed = 0, tune_vae: TuneVae = False, tile: Tile = None,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
+    preview: Preview = None, preview_every: PreviewEvery = None, loss_log: LossLog = None,
 ) -> None:
     """Style-specific text-to-image; see :data:`T2I_HELP`."""
     from ..images import image_grid
@@ -106,7 +106,8 @@ def t2i(
         check_before_load("t2i", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
                           output=output, count=1 if grid else num_images, overwrite=overwrite, preview=preview,
-                          loss_log=loss_log, prompt=prompt, style=style, content=content, control_image=control_image,
+                          preview_every=preview_every, loss_log=loss_log, prompt=prompt, style=style, content=content,
+                          control_image=control_image,
                           controlnet=controlnet, control=control, control_scale=control_scale, guidance=guidance,
                           guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
                           content_weight=content_weight, num_images=num_images,

@@ -87,7 +87,7 @@ def expand(
     steps: Steps = None, iters: Iters = None, lr: Lr = None, attention_scale: AttentionScale = None,
     layers: Layers = None, seed: Seed = 0,
     device: Device = "auto", dtype: Dtype = "auto", overwrite: Overwrite = False, quiet: Quiet = False,
-    preview: Preview = None, preview_every: PreviewEvery = 10, loss_log: LossLog = None,
+    preview: Preview = None, preview_every: PreviewEvery = None, loss_log: LossLog = None,
 ) -> None:
     """Grow REFERENCE into a texture of any --size with AD-guided MultiDiffusion (the expand preset)."""
     from ..presets import get_preset
@@ -103,7 +103,8 @@ def expand(
         check_command_options("expand", layers=layers, tile=tile, reference_fit=reference_fit)
         check_before_load("expand", model=model, vae=vae, config=config, allow_pickle=allow_pickle,
                           device=device, dtype=dtype, size=size,
-                          output=output, overwrite=overwrite, preview=preview, loss_log=loss_log,
+                          output=output, overwrite=overwrite, preview=preview, preview_every=preview_every,
+                          loss_log=loss_log,
                           reference=references, stride=stride, steps=steps, iters=iters, lr=lr,
                           attention_scale=attention_scale, layers=layers, tile=tile, reference_fit=reference_fit,
                           **optional)

@@ -82,7 +82,11 @@ Preview = Annotated[Path | None, typer.Option(
     help="Write a small look at the running job to this PNG every --preview-every steps (for long runs; several "
          "images: the first four side by side)",
     show_default=False)]
-PreviewEvery = Annotated[int, typer.Option(min=1, help="Steps between two --preview images")]
+#: Steps between two ``--preview`` images where ``--preview-every`` is not given.
+PREVIEW_EVERY = 10
+PreviewEvery = Annotated[int | None, typer.Option(
+    min=1, help=f"Steps between two --preview images (with --preview) \\[default: {PREVIEW_EVERY}]",
+    show_default=False)]
 LossLog = Annotated[Path | None, typer.Option(
     help="Also write each step's loss to this JSON Lines file (step, timestep, loss; the loss of each Adam "
          "iteration where a step has several), once the run is done: for plots and comparisons",
@@ -147,8 +151,8 @@ def check_command_options(task: str, *, size: str | None = None, num: int = 1, w
 
 def check_before_load(task: str, *, model: str | None, vae: Path | None, config: Path | None, allow_pickle: bool,
                       device: str, dtype: str, output: Path, count: int = 1, overwrite: bool,
-                      preview: Path | None = None, loss_log: Path | None = None, size: str | None = None,
-                      **args) -> None:
+                      preview: Path | None = None, preview_every: int | None = None, loss_log: Path | None = None,
+                      size: str | None = None, **args) -> None:
     """What a batch dry run checks of a job, checked before this command's model loads: every input image
     (read once, named as the command names it), the options, what needs the model; then the ``count``
     outputs named after ``output`` (none of them an input, even with ``overwrite``), the preview file and the loss
@@ -175,7 +179,7 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     outputs = tuple(numbered_outputs(output, count))
     validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=outputs),
                            model=False)
-    check_outputs(output, count, overwrite=overwrite, preview=preview, loss_log=loss_log)
+    check_outputs(output, count, overwrite=overwrite, preview=preview, preview_every=preview_every, loss_log=loss_log)
 
 
 #: How the commands name the inputs whose job keys read otherwise ("reference" is a texture command's texture).
@@ -272,7 +276,7 @@ def is_preview(path: Path) -> bool:
         return False
 
 
-def step_callback(path: Path | None, every: int, model, losses: StepLosses | None = None):
+def step_callback(path: Path | None, every: int | None, model, losses: StepLosses | None = None):
     """A progress callback writing a low-resolution decode of the current latents to ``path`` (or None) and
     keeping ``losses``; None where there is neither.
 
@@ -281,6 +285,8 @@ def step_callback(path: Path | None, every: int, model, losses: StepLosses | Non
     if path is None and losses is None:
         return None
     from ..images import save_png
+
+    every = every or PREVIEW_EVERY
 
     def callback(info) -> None:
         if losses is not None:
@@ -294,11 +300,15 @@ def step_callback(path: Path | None, every: int, model, losses: StepLosses | Non
 
 
 def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None,
-                  loss_log: Path | None = None) -> None:
+                  preview_every: int | None = None, loss_log: Path | None = None) -> None:
     """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file and the
-    ``--loss-log``."""
+    ``--loss-log``. ``--preview-every`` without ``--preview`` is refused too: it would write nothing."""
     from ..errors import UserError
     from ..images import check_output, check_output_file, check_output_kind, numbered_outputs
+
+    if preview_every is not None and preview is None:
+        raise UserError(f"--preview-every {preview_every} writes nothing without --preview; add --preview "
+                        "peek.png (the PNG replaced every N steps) or leave --preview-every out")
 
     outputs = numbered_outputs(output, count)
     if loss_log is not None:
