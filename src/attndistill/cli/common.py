@@ -93,6 +93,22 @@ LossLog = Annotated[Path | None, typer.Option(
     show_default=False)]
 
 
+class SaidOnce(logging.Filter):
+    """Drops a line said before word for word: a command reads each input twice (the check before the model
+    loads, then the run), and a warning about it (an animation's first frame) was printed twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.said:
+            return False
+        self.said.add(key)
+        return True
+
+
 def quiet_libraries() -> None:
     """Silence the loading bars and import chatter of diffusers/transformers; keep warnings that matter."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -107,6 +123,9 @@ def quiet_libraries() -> None:
     except Exception:  # pragma: no cover - logging is cosmetic
         pass
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, SaidOnce) for f in handler.filters):
+            handler.addFilter(SaidOnce())
     # this package's INFO lines too: what the user waits for (a program compiling for minutes) and nothing chatty
     logging.getLogger("attndistill").setLevel(logging.INFO)
     # diffusers passes this deprecated argument to huggingface_hub on every config lookup: noise before any error
