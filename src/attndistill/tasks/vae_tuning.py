@@ -61,6 +61,14 @@ def _decodes(vae: AutoencoderKL, z: torch.Tensor) -> bool:
         return bool(torch.isfinite(vae.decode(z).sample).all())
 
 
+class TuningDiverged(NonFiniteError):
+    """The decoder's tuning became NaN/Inf after an update: its lr is too high for these weights."""
+
+    def __init__(self, where: str, lr: float) -> None:
+        self.where, self.lr = where, lr
+        super().__init__(f"VAE tuning diverged {where}; lower its lr (now {lr}, default {VAE_TUNING_LR})")
+
+
 #: Most decoder tuning steps: 75 is the paper's; 10,000 is hours of a GPU, more is a slip of the keyboard.
 MAX_TUNING_STEPS = 10_000
 
@@ -101,16 +109,18 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
             for i in range(len(x)):  # one image at a time: one decoder backward's memory, the mean's gradient
                 part = (tuned.decode(z[i:i + 1]).sample - x[i:i + 1]).abs().mean() / len(x)
                 if not torch.isfinite(part):
-                    loss_here = float(part.detach()) * len(x)
-                    raise NonFiniteError(f"VAE tuning diverged at step {step + 1} (loss {loss_here}); "
-                                         f"lower its lr (now {lr}, default {VAE_TUNING_LR})")
+                    if step == 0:  # before any update: no lr is to blame (tuning runs in fp32)
+                        raise NonFiniteError("the VAE decodes the reference to NaN/Inf before any tuning: its "
+                                             "decoder's weights are broken; load the model again or pass a working "
+                                             "VAE with --vae")
+                    raise TuningDiverged(f"at step {step + 1} (loss {float(part.detach()) * len(x)})", lr)
                 part.backward()
                 loss += float(part.detach())
             optimizer.step()
             if callback is not None:
                 callback(step, loss)
     if not _decodes(tuned, z[:1]):  # the last step's update: weights out of range, or a decoder that overflows
-        raise NonFiniteError(f"VAE tuning diverged in its last step; lower its lr (now {lr}, default {VAE_TUNING_LR})")
+        raise TuningDiverged("in its last step", lr)
     if device.type == "cuda":
         tuned.disable_gradient_checkpointing()
     return tuned.requires_grad_(False).eval()
@@ -205,8 +215,14 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
               progress: bool = False, callback: Callback | None = None) -> Iterator[DiffusionModel]:
     """For one run: fine-tune a copy of the decoder on every reference and decode with it (None: no-op).
     ``callback``: the run's, which sees the tuning's steps as stage :data:`TUNING_STAGE`."""
-    vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
-                                                       progress=progress, callback=callback, warn_crops=False)
+    try:
+        vae = None if references is None else finetune_vae(references, model=model, reference_fit=reference_fit,
+                                                           lr=VAE_TUNING_LR, progress=progress, callback=callback,
+                                                           warn_crops=False)
+    except TuningDiverged as exc:  # --tune-vae has no lr of its own to lower: the VAE command has
+        raise NonFiniteError(f"VAE tuning (--tune-vae) diverged {exc.where} at lr {exc.lr}; make the decoder "
+                             "with 'attndistill finetune-vae' and a lower --lr, then pass --vae with the folder it "
+                             "writes instead of --tune-vae") from None
     with using_vae(model, vae):
         yield model
 

@@ -25,7 +25,8 @@ SETTINGS = {"start-t": "Start timestep", "lr": "Learning rate", "iters": "Adam i
             "guidance": "Guidance", "control-scale": "Control scale", "stride": "View stride",
             "view-batch": "Views per batch", "size": "Size", "tile": "Seamless tiling", "num": "Images",
             "num-images": "Images", "layers": "Layers", "seed": "Seed", "adain": "AdaIN",
-            "reference-fit": "Reference fit", "mode": "Mode", "prompt": "Prompt"}
+            "reference-fit": "Reference fit", "mode": "Mode", "prompt": "Prompt",
+            "tune-vae": "Fine-tune the VAE decoder"}
 #: CLI options of inputs a message may name -> the boxes that take them here.
 BOXES = {"controlnet": "ControlNet box", "control-image": "Control image", "model": "Model box", "vae": "VAE box",
          "layout": "Layout image", "ref-labels": "Reference label map", "target-labels": "Target label map"}
