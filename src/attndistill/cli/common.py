@@ -122,10 +122,13 @@ def quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except Exception:  # pragma: no cover - logging is cosmetic
         pass
-    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, SaidOnce) for f in handler.filters):
-            handler.addFilter(SaidOnce())
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig, which leaves a root that has handlers (an embedding app's) alone
+        terminal = logging.StreamHandler()
+        terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        terminal.addFilter(SaidOnce())
+        root.addHandler(terminal)
+        root.setLevel(logging.WARNING)
     # this package's INFO lines too: what the user waits for (a program compiling for minutes) and nothing chatty
     logging.getLogger("attndistill").setLevel(logging.INFO)
     # diffusers passes this deprecated argument to huggingface_hub on every config lookup: noise before any error
