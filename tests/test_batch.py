@@ -1202,3 +1202,54 @@ def test_the_warnings_of_jobs_optimised_in_one_batch_name_all_their_lines(tmp_pa
     assert result.exit_code == 0, result.output
     assert "lines 1, 2 (one batch): style image '" in caplog.text and "has 2 frames; its first is used" in caplog.text
     assert "line 1 (style-horse-" in caplog.text and "\n" + "style image" not in caplog.text  # checked: named too
+
+
+def test_loss_logs_write_each_jobs_own_losses_as_a_command_would(tmp_path, data_dir, tiny_sd15_dir):
+    """--loss-logs: a research sweep's loss curves, one file a job, with what --loss-log writes for one command."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [
+        job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=3, id="a"),
+        job_line("style", "golden-gate.jpg", "watercolor-cat.jpg", steps=2, iters=2, id="b"),
+        {"task": "t2i", "prompt": "a barn", "style": "watercolor-cat.jpg", "size": 64, "steps": 2, "iters": 1,
+         "id": "c"}])
+    out = tmp_path / "out"
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "-q")
+    assert result.exit_code == 0, result.output
+    rows = {job: [json.loads(line) for line in (out / "losses" / f"{job}.jsonl").read_text().splitlines()]
+            for job in "abc"}
+    assert [r["step"] for r in rows["a"]] == [1, 2, 3] and [r["step"] for r in rows["c"]] == [1, 2]
+    assert all(set(r) >= {"timestep", "loss", "ad", "content"} for r in rows["a"])  # style: both terms
+    assert [len(r["losses"]) for r in rows["b"]] == [2, 2]  # two Adam iterations a step
+    assert all(isinstance(r["loss"], float) for r in rows["a"] + rows["b"] + rows["c"])
+    assert {r["job"]: r.get("loss_log") for r in read_records(out)} == {j: f"losses/{j}.jsonl" for j in "abc"}
+    # a command's loss log of the same run has the same rows
+    command = tmp_path / "command.jsonl"
+    alone = invoke("style", jobs.parent / "horse.jpg", jobs.parent / "watercolor-cat.jpg", "--size", 64, "--steps",
+                   3, "-m", tiny_sd15_dir, "-o", tmp_path / "a.png", "--loss-log", command, "-q")
+    assert alone.exit_code == 0, alone.output
+    assert [json.loads(line) for line in command.read_text().splitlines()] == rows["a"]
+    # done jobs are skipped again, and a job done without a log says so
+    (out / "losses" / "c.jsonl").unlink()
+    again = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
+    assert again.exit_code == 0 and "3 already done" in again.output
+    assert "1 of the jobs done before have no loss log" in again.output
+
+
+def test_loss_logs_refuse_a_group_and_a_file_in_the_folders_place(tmp_path, data_dir, tiny_sd15_dir):
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg", id="a")])
+    out = tmp_path / "out"
+    grouped = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "--group", 4)
+    assert grouped.exit_code == 2 and "--loss-logs logs each job's own loss, and --group 4 optimises style jobs " \
+                                      "as one loss; drop --group" in grouped.output
+    out.mkdir()
+    (out / "losses").write_text("mine")
+    blocked = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
+    assert blocked.exit_code == 2 and f"'{out / 'losses'}' is a file, and --loss-logs writes a folder of that " \
+                                      "name" in blocked.output
+    assert (out / "losses").read_text() == "mine" and not list(out.glob("*.png"))
+    (out / "losses").unlink()
+    (out / "losses").mkdir()
+    (out / "losses" / "a.jsonl").write_text("my notes\n")  # not a loss log: kept, and the job fails
+    taken = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
+    assert taken.exit_code == 1 and f"'{out / 'losses' / 'a.jsonl'}' exists and is not a loss log; move that " \
+                                    "file away and rerun with --retry-failed" in taken.output
+    assert (out / "losses" / "a.jsonl").read_text() == "my notes\n" and not list(out.glob("*.png"))

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
 from ..images import numbered_outputs, partial_prefix
+from ..loss_log import LossLog, is_loss_log
 from .check import Validator
 from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, job_words, read_jobs, run_order
 from .state import (
@@ -55,6 +56,14 @@ Log = Callable[[str], None]
 
 def is_done(job: Job) -> bool:
     return bool(job.outputs) and all(carries_job(p, job.id) for p in job.outputs)
+
+
+#: The folder of ``--loss-logs`` in the output folder: a job's log is ``losses/<job id>.jsonl``.
+LOSSES = "losses"
+
+
+def loss_log_path(out_dir: Path, job: Job) -> Path:
+    return out_dir / LOSSES / f"{job.id}.jsonl"
 
 
 def _remove_leftovers(job: Job) -> None:
@@ -103,8 +112,11 @@ class Runner:
 
     def __init__(self, out_dir: Path, *, shard: Shard, retry_failed: bool = False, progress: bool = False,
                  debug: bool = False, log: Log = _stderr, errors: Log | None = None, perf=None,
-                 group_size: int = 1) -> None:
+                 group_size: int = 1, loss_logs: bool = False) -> None:
+        if loss_logs and group_size > 1:  # a batch is one loss: no job's own
+            raise ValueError("loss logs need jobs run one by one (group_size 1)")
         self.out_dir = out_dir
+        self.loss_logs = loss_logs
         self.perf = perf
         self.group_size = group_size
         self.shard = shard
@@ -124,9 +136,11 @@ class Runner:
         previous = latest(read_records(self.out_dir))
         validator = Validator(self.out_dir)
         todo: list[Job] = []
+        unlogged = 0  # done before, without a loss log
         for job in jobs:
             if is_done(job):
                 summary.skipped += 1
+                unlogged += self.loss_logs and not loss_log_path(self.out_dir, job).exists()
                 if previous.get(job.id, {}).get("status") != "done":  # finished, but killed before recording
                     self._record(job, "done", seconds=None, recovered=True)
                 JobLock(self.out_dir, job.id).remove_if_stale()  # or killed after recording, before unlocking
@@ -159,6 +173,9 @@ class Runner:
                     summary.busy += 1
                 else:
                     summary.skipped += 1
+        if unlogged:
+            self.log(f"{unlogged} of the jobs done before have no loss log (--loss-logs logs the jobs it runs); "
+                     f"delete their images to run them again with one")
         self._model = None
         return summary
 
@@ -254,7 +271,8 @@ class Runner:
 
     def _run_named(self, job: Job, tag: str, *, retry: bool) -> str:
         start = time.perf_counter()
-        earlier_graphs, failure, written, displaced = False, None, [], None
+        earlier_graphs, failure, written, displaced, logged = False, None, [], None, {}
+        losses = LossLog() if self.loss_logs else None
         try:
             model = self._load(job.model)
             earlier_graphs = bool(model.graphs)
@@ -264,7 +282,11 @@ class Runner:
             fn = spec.resolve()
             if "allow_pickle" in inspect.signature(fn).parameters:  # a ControlNet's files, beside the model's
                 args["allow_pickle"] = job.model.allow_pickle
+            if losses is not None:
+                args["callback"] = losses
             result = fn(*inputs, model=model, progress=self.progress, **args)
+            if losses is not None:  # before the images: a job whose images exist is done, and has its log
+                logged["loss_log"] = _relative(self._write_losses(job, losses), self.out_dir)
             images = list(result) if isinstance(result, list | tuple) else [result]
             if job.grid:
                 from ..images import image_grid
@@ -291,9 +313,22 @@ class Runner:
         if displaced is not None:
             return self._failed(job, tag, displaced, start, written=written)
         seconds = time.perf_counter() - start
-        self._record(job, "done", seconds=seconds, outputs=paths)
+        self._record(job, "done", seconds=seconds, outputs=paths, **logged)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")
         return "done"
+
+    def _write_losses(self, job: Job, losses: LossLog) -> Path:
+        """The job's loss log, replacing one an earlier try of it wrote (killed before its images were saved)."""
+        path = loss_log_path(self.out_dir, job)
+        try:
+            path.parent.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"loss log folder '{path.parent}' cannot be made ({exc.strerror}); run without "
+                            "--loss-logs or use another --out") from None
+        if path.exists() and not is_loss_log(path):
+            raise UserError(f"'{path}' exists and is not a loss log; move that file away and rerun with "
+                            "--retry-failed")
+        return losses.write(path, overwrite=True)
 
     def _failed(self, job: Job, tag: str, error: str, start: float, trace: str | None = None,
                 written: list[Path] | None = None) -> str:
@@ -490,12 +525,19 @@ def _free_memory(model=None) -> None:
 def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | None = None,
               retry_failed: bool = False, defaults: ModelSpec | None = None, progress: bool = False,
               debug: bool = False, log: Log = _stderr, errors: Log | None = None,
-              env: Mapping[str, str] | None = None, perf=None, group_size: int | None = None) -> Summary:
+              env: Mapping[str, str] | None = None, perf=None, group_size: int | None = None,
+              loss_logs: bool = False) -> Summary:
     """Run this process's share of a jobs file; see the module docstring. Example::
 
         summary = run_batch("jobs.jsonl", "results/", shard="0/4")
+
+    ``loss_logs``: each job's step losses to ``losses/<job id>.jsonl`` in ``out_dir`` (as ``--loss-log``
+    writes them for one command); style jobs then run one by one, since a batch of them is optimised as one loss.
     """
     out_dir = Path(out_dir)
+    if loss_logs and group_size is not None and group_size > 1:
+        raise UserError(f"--loss-logs logs each job's own loss, and --group {group_size} optimises style jobs as "
+                        "one loss; drop --group (with --loss-logs jobs run one by one)")
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
     _check_out_dir(out_dir)
@@ -511,12 +553,15 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     atomic_write(out_dir / "batch.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
     mine = select(jobs, part)
     log(f"shard {part}: {len(mine)} of {len(jobs)} jobs -> {out_dir / part.results_name}")
+    if loss_logs and (out_dir / LOSSES).exists() and not (out_dir / LOSSES).is_dir():
+        raise UserError(f"'{out_dir / LOSSES}' is a file, and --loss-logs writes a folder of that name; move the "
+                        "file away or run without --loss-logs")
     if group_size is None:  # a batch is nearly free on a GPU; on a CPU it costs its full size
         import torch
 
-        group_size = 8 if torch.cuda.is_available() else 1
+        group_size = 1 if loss_logs else 8 if torch.cuda.is_available() else 1
     summary = Runner(out_dir, shard=part, retry_failed=retry_failed, progress=progress, debug=debug, perf=perf,
-                     group_size=group_size, log=log, errors=errors).run(mine)
+                     group_size=group_size, loss_logs=loss_logs, log=log, errors=errors).run(mine)
     if part.count > 1:  # the caller prints the summary (once: under torchrun it was printed twice)
         summary.shard = str(part)
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:

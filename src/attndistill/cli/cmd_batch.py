@@ -34,6 +34,9 @@ def batch(
         help="Style jobs sharing a style image, settings and result size run up to this many at a time in one "
              "batch (the same results up to rounding, more images per minute) \\[default: 8 on GPUs, 1 on CPUs]",
         show_default=False, min=1)] = None,
+    loss_logs: Annotated[bool, typer.Option(
+        help="Also write each job's step losses to losses/JOB_ID.jsonl in --out, as --loss-log does for one "
+             "command (style jobs then run one by one: a batch of them is optimised as one loss)")] = False,
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto", quiet: Quiet = False,
 ) -> None:
@@ -56,7 +59,7 @@ def batch(
         nonlocal code
         if merge is not None:
             extra = "the jobs file" if jobs is not None else "--out" if out is not None else "--dry-run" \
-                if dry_run else None
+                if dry_run else "--loss-logs" if loss_logs else None
             if extra:
                 raise UserError(f"--merge DIR only merges the shards' results of DIR and runs no job; drop {extra}, "
                                 "or run the jobs without --merge")
@@ -75,7 +78,8 @@ def batch(
             code = 2 if bad else 0
             return
         summary = run_batch(jobs, out, shard=shard, retry_failed=retry_failed, defaults=defaults, perf=common.PERF,
-                            group_size=group, debug=debug_enabled(), log=log, progress=not quiet,  # each job's bar
+                            group_size=group, loss_logs=loss_logs, debug=debug_enabled(), log=log,
+                            progress=not quiet,  # each job's bar
                             errors=lambda text: typer.echo(text, err=True))  # -q hides progress, not failures
         typer.echo(str(summary))
         code = summary.exit_code

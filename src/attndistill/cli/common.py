@@ -20,6 +20,8 @@ import typer
 
 from ..checks import MAX_SEED
 from ..errors import OOM_ADVICE, UserError, is_out_of_memory
+from ..loss_log import LossLog as RunLosses
+from ..loss_log import is_loss_log
 from ..presets import VAE_TUNING_STEPS
 
 #: Speed/memory switches given on the command line (set by the root command; None in library use).
@@ -249,37 +251,21 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
     return written
 
 
-class StepLosses:
-    """``--loss-log``: each step's loss as the run reports it, written as JSON Lines once the run is done (whole or
-    not at all, as every output). A step without AD iterations (plain sampling, past ``--start-t``) has loss null.
-    With a content loss, "ad" and "content" are its last iteration's terms: loss = ad + content weight * content."""
+class StepLosses(RunLosses):
+    """``--loss-log``: a :class:`~attndistill.loss_log.LossLog` bound to its file, written once the run is
+    done, and said."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.rows = path, []
+        super().__init__()
+        self.path = path
 
     @classmethod
     def of(cls, path: Path | None) -> StepLosses | None:
         return None if path is None else cls(path)
 
-    def __call__(self, info) -> None:
-        def plain(value: float) -> float | None:
-            return value if math.isfinite(value) else None
-
-        row = {"step": info.step + 1, "timestep": info.timestep, "loss": plain(info.loss)}
-        if info.parts:  # loss = ad + content weight * content: which term moves, which one rules
-            row.update({name: plain(value) for name, value in info.parts.items()})
-        if info.losses and len(info.losses) > 1:
-            row["losses"] = [plain(v) for v in info.losses]
-        self.rows.append({**row, "stage": info.stage} if info.stage else row)
-
-    def write(self, *, overwrite: bool) -> Path:
-        import json
-
-        from ..images import atomic_write
-
-        text = "".join(json.dumps(row) + "\n" for row in self.rows)
-        atomic_write(self.path, lambda f: f.write(text.encode()), overwrite=overwrite)
-        staged = sum(1 for row in self.rows if "stage" in row)  # --tune-vae: the decoder's tuning, numbered apart
+    def write(self, *, overwrite: bool) -> Path:  # type: ignore[override]
+        super().write(self.path, overwrite=overwrite)
+        staged = self.tuning_rows  # --tune-vae: the decoder's tuning, numbered apart
         typer.echo(f"wrote {self.path} ({len(self.rows) - staged} steps"
                    + (f", and {staged} of the decoder's tuning)" if staged else ")"))
         return self.path
@@ -355,22 +341,6 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
         check_output(preview, overwrite=True, what="--preview", option="--preview", why="previews are PNG files")
     for path in outputs:
         check_output(path, overwrite=overwrite)
-
-
-def is_loss_log(path: Path) -> bool:
-    """A file ``--loss-log`` wrote (JSON objects with a step, a line each), or an empty one: what a later run may
-    replace. Read up to 64 MiB, as no loss log of up to 100,000 steps comes near."""
-    import json
-
-    try:
-        if not path.is_file():  # a pipe's read would wait for its writer
-            return False
-        with open(path, "rb") as f:
-            text = f.read(64 << 20).decode()
-        rows = [json.loads(line) for line in text.splitlines()]
-    except (OSError, ValueError):  # unreadable, not text, not JSON lines
-        return False
-    return all(isinstance(r, dict) and "step" in r and "loss" in r for r in rows)
 
 
 def debug_enabled() -> bool:
