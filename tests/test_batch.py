@@ -1237,14 +1237,16 @@ def test_loss_logs_write_each_jobs_own_losses_as_a_command_would(tmp_path, data_
 def test_loss_logs_refuse_a_group_and_a_file_in_the_folders_place(tmp_path, data_dir, tiny_sd15_dir):
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg", id="a")])
     out = tmp_path / "out"
-    grouped = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "--group", 4)
-    assert grouped.exit_code == 2 and "--loss-logs logs each job's own loss, and --group 4 optimises style jobs " \
-                                      "as one loss; drop --group" in grouped.output
+    for dry in ([], ["--dry-run"]):  # a dry run says what the run would
+        grouped = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "--group", 4, *dry)
+        assert grouped.exit_code == 2 and "--loss-logs logs each job's own loss, and --group 4 optimises style " \
+                                          "jobs as one loss; drop --group" in grouped.output
     out.mkdir()
     (out / "losses").write_text("mine")
-    blocked = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
-    assert blocked.exit_code == 2 and f"'{out / 'losses'}' is a file, and --loss-logs writes a folder of that " \
-                                      "name" in blocked.output
+    for dry in ([], ["--dry-run"]):
+        blocked = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", *dry)
+        assert blocked.exit_code == 2 and f"'{out / 'losses'}' is a file, and --loss-logs writes a folder of " \
+                                          "that name" in blocked.output
     assert (out / "losses").read_text() == "mine" and not list(out.glob("*.png"))
     (out / "losses").unlink()
     (out / "losses").mkdir()

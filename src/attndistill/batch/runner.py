@@ -535,9 +535,7 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     writes them for one command); style jobs then run one by one, since a batch of them is optimised as one loss.
     """
     out_dir = Path(out_dir)
-    if loss_logs and group_size is not None and group_size > 1:
-        raise UserError(f"--loss-logs logs each job's own loss, and --group {group_size} optimises style jobs as "
-                        "one loss; drop --group (with --loss-logs jobs run one by one)")
+    _check_loss_logs(out_dir, loss_logs, group_size)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
     _check_out_dir(out_dir)
@@ -553,9 +551,6 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     atomic_write(out_dir / "batch.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
     mine = select(jobs, part)
     log(f"shard {part}: {len(mine)} of {len(jobs)} jobs -> {out_dir / part.results_name}")
-    if loss_logs and (out_dir / LOSSES).exists() and not (out_dir / LOSSES).is_dir():
-        raise UserError(f"'{out_dir / LOSSES}' is a file, and --loss-logs writes a folder of that name; move the "
-                        "file away or run without --loss-logs")
     if group_size is None:  # a batch is nearly free on a GPU; on a CPU it costs its full size
         import torch
 
@@ -567,6 +562,18 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     if part.count > 1 and wait_for_all_ranks(env) and launcher_rank(env) == 0:
         log(f"merged: {merge_results(out_dir)}")
     return summary
+
+
+def _check_loss_logs(out_dir: Path, loss_logs: bool, group_size: int | None) -> None:
+    """``--loss-logs`` beside what it cannot go with, before any job is read."""
+    if not loss_logs:
+        return
+    if group_size is not None and group_size > 1:
+        raise UserError(f"--loss-logs logs each job's own loss, and --group {group_size} optimises style jobs as "
+                        "one loss; drop --group (with --loss-logs jobs run one by one)")
+    if (out_dir / LOSSES).exists() and not (out_dir / LOSSES).is_dir():
+        raise UserError(f"'{out_dir / LOSSES}' is a file, and --loss-logs writes a folder of that name; move the "
+                        "file away or run without --loss-logs")
 
 
 def _failed_before(job: Job, previous: dict[str, dict], retry_failed: bool) -> str | None:
@@ -599,12 +606,13 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, defaults: ModelSpec | None = None,
             shard: str | None = None, log: Log = _stderr, env: Mapping[str, str] | None = None,
-            retry_failed: bool = False) -> int:
+            retry_failed: bool = False, loss_logs: bool = False, group_size: int | None = None) -> int:
     """Validate every job of the file (all shards) without loading any weights; returns the number invalid.
 
     Jobs recorded as failed are counted apart, as a run without ``retry_failed`` skips them: "ready" is what a
-    run would start."""
+    run would start. ``loss_logs`` and ``group_size`` as the run would take them."""
     out_dir = Path(out_dir)
+    _check_loss_logs(out_dir, loss_logs, group_size)
     jobs = read_jobs(jobs_file, out_dir=out_dir, defaults=defaults)
     part = resolve_shard(shard, env)
     _check_out_dir(out_dir)  # once, not once per job

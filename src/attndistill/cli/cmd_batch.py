@@ -74,7 +74,8 @@ def batch(
         defaults = ModelSpec(source=_absolute(model), vae=_absolute(vae), config=_absolute(config),
                              allow_pickle=allow_pickle, device=device, dtype=dtype, perf=switches)
         if dry_run:
-            bad = check_all(jobs, out, defaults=defaults, shard=shard, log=typer.echo, retry_failed=retry_failed)
+            bad = check_all(jobs, out, defaults=defaults, shard=shard, log=typer.echo, retry_failed=retry_failed,
+                            loss_logs=loss_logs, group_size=group)
             code = 2 if bad else 0
             return
         summary = run_batch(jobs, out, shard=shard, retry_failed=retry_failed, defaults=defaults, perf=common.PERF,
