@@ -238,6 +238,11 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
          "takes a list of content images .* not a ndarray"),
         (lambda: masked_texture_synthesis([], [], ref, **common), "no texture image given"),
         (lambda: ad.Distiller(tiny_sd15, layers="99"), r"layers \[99\] do not exist"),
+        # as the tasks check them: a negative or NaN weight dropped the content term silently, "2" a TypeError
+        (lambda: ad.Distiller(tiny_sd15, content_weight=-5), r"content weight must be >= 0 \(got -5.0\)"),
+        (lambda: ad.Distiller(tiny_sd15, content_weight=float("nan")), "content weight must be a finite number"),
+        (lambda: ad.Distiller(tiny_sd15, attention_scale=0), r"attention scale must be positive \(got 0.0\)"),
+        (lambda: ad.Distiller(tiny_sd15, attention_scale="2"), "attention scale must be a finite number"),
         (lambda: ad.load_image("/tmp/" + "a" * 300 + ".png"), "cannot be opened"),
         (lambda: ad.load_image(""), "is an empty path"),
         (lambda: ad.read_parameters(Image.new("RGB", (8, 8))), "not a Image; pass the path of a PNG"),

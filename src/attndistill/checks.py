@@ -28,6 +28,22 @@ def number(name: str, value: object) -> float:
     return float(value)
 
 
+def positive(name: str, value: object) -> float:
+    """A finite number above 0 (an lr, an attention scale), as a float."""
+    value = number(name, value)
+    if not value > 0:
+        raise UserError(f"{name} must be positive (got {value})")
+    return value
+
+
+def non_negative(name: str, value: object) -> float:
+    """A finite number of at least 0 (a weight: 0 turns its term off), as a float."""
+    value = number(name, value)
+    if value < 0:
+        raise UserError(f"{name} must be >= 0 (got {value})")
+    return value
+
+
 def flag(name: str, value: object) -> bool:
     """True or False only: ``adain="no"`` must not turn AdaIN on."""
     if not isinstance(value, bool):

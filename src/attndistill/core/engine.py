@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import non_negative, positive
 from ..errors import NonFiniteError, UnmatchedLabels, UserError, is_out_of_memory, precision_advice
 from ..model.compiling import static_program
 from ..model.models import Conditioning, DiffusionModel
@@ -136,8 +137,9 @@ class Distiller:
             raise UserError(f"Distiller needs a model loaded with attndistill.load_model, not a {type(model).__name__}")
         self.model = model
         self.layers = parse_layers(layers, model)  # the numbering is discovered once per UNet, so this is cheap
-        self.attention_scale = attention_scale
-        self.content_weight = content_weight
+        # as the tasks check them: a negative or NaN weight dropped the content term silently
+        self.attention_scale = positive("attention scale", attention_scale)
+        self.content_weight = non_negative("content weight", content_weight)
         self.ref_labels = ref_labels
         self.target_labels = target_labels
         # float32 on the device: a buffer the captured iteration reads (the latent's gradient is float32)

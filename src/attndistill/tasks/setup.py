@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checks import MAX_SEED, flag, number, whole
+from ..checks import MAX_SEED, flag, non_negative, number, positive, whole
 from ..core.engine import Distiller
 from ..errors import UserError
 from ..fingerprints import KEY, fingerprints
@@ -102,12 +102,9 @@ def check_settings(preset: Preset) -> Preset:
         raise UserError(f"iters must be at least {1 if preset.mode == 'optimize' else 0} (got {preset.iters})")
     if preset.iters > MAX_ITERS:  # 1-3 in the paper; a run of more is a slip that would not end
         raise UserError(f"iters must be at most {MAX_ITERS} (got {preset.iters})")
-    if not preset.lr > 0:
-        raise UserError(f"lr must be positive (got {preset.lr})")
-    if preset.content_weight < 0:
-        raise UserError(f"content weight must be >= 0 (got {preset.content_weight})")
-    if not preset.attention_scale > 0:
-        raise UserError(f"attention scale must be positive (got {preset.attention_scale})")
+    positive("lr", preset.lr)
+    non_negative("content weight", preset.content_weight)
+    positive("attention scale", preset.attention_scale)
     if preset.mode != "optimize" and preset.guidance < 1:
         raise UserError(f"guidance must be >= 1 (got {preset.guidance}); 1 turns classifier-free guidance off")
     if not 0 <= preset.guidance_rescale <= 1:
