@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..errors import OOM_ADVICE, NonFiniteError, UserError, first_line, is_out_of_memory
 from ..images import numbered_outputs, partial_prefix
 from ..loss_log import LossLog, is_loss_log
 from .check import Validator
@@ -298,7 +298,11 @@ class Runner:
                 written.append(path)
                 displaced = displaced or why
         except UserError as exc:  # in the jobs file's words: its line, its keys ('vae', not --vae)
-            return self._failed(job, tag, f"line {job.line}: {job_words(str(exc))}", start, written=written)
+            if isinstance(exc, NonFiniteError) and losses is not None and losses.rows and not logged:
+                with contextlib.suppress(UserError):  # the steps before it diverged: the curve a sweep wants most
+                    logged["loss_log"] = _relative(self._write_losses(job, losses), self.out_dir)
+            return self._failed(job, tag, f"line {job.line}: {job_words(str(exc))}", start, written=written,
+                                **logged)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory
             failure = (_describe(exc), traceback.format_exc(), is_out_of_memory(exc))
         if failure is not None:
@@ -331,8 +335,8 @@ class Runner:
         return losses.write(path, overwrite=True)
 
     def _failed(self, job: Job, tag: str, error: str, start: float, trace: str | None = None,
-                written: list[Path] | None = None) -> str:
-        extra = {}
+                written: list[Path] | None = None, **extra: Any) -> str:
+        """Record and say a failure; ``extra``: more of its record (the loss log of a run that diverged)."""
         if trace is not None:
             log = self.out_dir / "logs" / f"{job.id}.txt"
             with contextlib.suppress(OSError):

@@ -41,6 +41,7 @@ from .common import (
     check_command_options,
     finite,
     load,
+    losses_kept_if_diverged,
     parse_size_option,
     run_command,
     step_callback,
@@ -125,9 +126,10 @@ def _transfer(task: str, run, inputs: dict, given: dict) -> None:
                           mask=given["mask"], **options)
         m = load(given["model"], **{k: v for k, v in loading.items() if k != "model"})
         losses = StepLosses.of(given["loss_log"])
-        img = run(*inputs.values(), model=m, **options, size=parse_size_option(size), seed=given["seed"],
-                  tune_vae=given["tune_vae"], mask=given["mask"], progress=not given["quiet"],
-                  callback=step_callback(preview, given["preview_every"], m, losses))
+        with losses_kept_if_diverged(losses, overwrite=overwrite):
+            img = run(*inputs.values(), model=m, **options, size=parse_size_option(size), seed=given["seed"],
+                      tune_vae=given["tune_vae"], mask=given["mask"], progress=not given["quiet"],
+                      callback=step_callback(preview, given["preview_every"], m, losses))
         write_images([img], output, overwrite=overwrite, losses=losses)
 
     run_command(body)
@@ -189,11 +191,12 @@ def texture(
                           reference_fit=reference_fit, **extra)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         losses = StepLosses.of(loss_log)
-        imgs = TASKS[job_task].resolve()(
-            references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
-            layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit, tile=tile,
-            tune_vae=tune_vae, progress=not quiet, callback=step_callback(preview, preview_every, m, losses),
-            **inputs, **extra)
+        with losses_kept_if_diverged(losses, overwrite=overwrite):
+            imgs = TASKS[job_task].resolve()(
+                references, num=num, model=m, steps=steps, iters=iters, lr=lr, attention_scale=attention_scale,
+                layers=layers, size=parse_size_option(size), seed=seed, reference_fit=reference_fit, tile=tile,
+                tune_vae=tune_vae, progress=not quiet, callback=step_callback(preview, preview_every, m, losses),
+                **inputs, **extra)
         write_images([image_grid(imgs)] if grid else imgs, output, overwrite=overwrite, losses=losses)
 
     run_command(body)

@@ -38,6 +38,7 @@ from .common import (
     check_command_options,
     finite,
     load,
+    losses_kept_if_diverged,
     parse_size_option,
     run_command,
     step_callback,
@@ -115,14 +116,15 @@ def t2i(
                           reference_fit=reference_fit, tile=tile)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         losses = StepLosses.of(loss_log)
-        images = text_to_image(
-            prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,
-            iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain, start_t=start_t,
-            content=content,
-            content_weight=content_weight, controlnet=controlnet, control_image=control_image, control=control,
-            control_scale=control_scale, attention_scale=attention_scale, layers=layers,
-            size=parse_size_option(size), seed=seed, allow_pickle=allow_pickle, reference_fit=reference_fit,
-            tune_vae=tune_vae, tile=tile, progress=not quiet, callback=step_callback(preview, preview_every, m, losses))
+        with losses_kept_if_diverged(losses, overwrite=overwrite):
+            images = text_to_image(
+                prompt, style, negative_prompt=negative_prompt, num_images=num_images, model=m, steps=steps,
+                iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain,
+                start_t=start_t, content=content, content_weight=content_weight, controlnet=controlnet,
+                control_image=control_image, control=control, control_scale=control_scale,
+                attention_scale=attention_scale, layers=layers, size=parse_size_option(size), seed=seed,
+                allow_pickle=allow_pickle, reference_fit=reference_fit, tune_vae=tune_vae, tile=tile,
+                progress=not quiet, callback=step_callback(preview, preview_every, m, losses))
         write_images([image_grid(images)] if grid else images, output, overwrite=overwrite, losses=losses)
 
     run_command(body)

@@ -42,6 +42,7 @@ from .common import (
     echo_err,
     finite,
     load,
+    losses_kept_if_diverged,
     parse_size_option,
     run_command,
     step_callback,
@@ -110,10 +111,11 @@ def expand(
                           **optional)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
         losses = StepLosses.of(loss_log)
-        img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
-                             attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
-                             tune_vae=tune_vae, reference_fit=reference_fit, seed=seed, progress=not quiet,
-                             callback=step_callback(preview, preview_every, m, losses), **optional)
+        with losses_kept_if_diverged(losses, overwrite=overwrite):
+            img = expand_texture(references, size=canvas, model=m, steps=steps, iters=iters, lr=lr,
+                                 attention_scale=attention_scale, layers=layers, stride=stride, tile=tile,
+                                 tune_vae=tune_vae, reference_fit=reference_fit, seed=seed, progress=not quiet,
+                                 callback=step_callback(preview, preview_every, m, losses), **optional)
         write_images([img], output, overwrite=overwrite, losses=losses)
 
     run_command(body)

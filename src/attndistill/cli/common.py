@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -269,6 +270,20 @@ class StepLosses(RunLosses):
         typer.echo(f"wrote {self.path} ({len(self.rows) - staged} steps"
                    + (f", and {staged} of the decoder's tuning)" if staged else ")"))
         return self.path
+
+
+@contextmanager
+def losses_kept_if_diverged(losses: StepLosses | None, *, overwrite: bool) -> Iterator[None]:
+    """A run that diverges still writes the losses of its steps before that: the curve an lr sweep wants most."""
+    from ..errors import NonFiniteError
+
+    try:
+        yield
+    except NonFiniteError:
+        if losses is not None and losses.rows:
+            with contextlib.suppress(UserError):  # the divergence is the error to tell
+                losses.write(overwrite=overwrite)
+        raise
 
 
 #: What a preview file carries: a later run may replace a preview, never any other file.
