@@ -108,6 +108,25 @@ def test_view_batch_sizes_do_not_change_the_canvas(tiny_sd15):
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
 
 
+def test_a_steps_losses_are_the_canvas_mean_whatever_the_view_batches(tiny_sd15):
+    """A loss log of expand compared the last view batch's loss, and one iteration's loss a batch: a memory
+    setting (--view-batch) changed the curve. Now each iteration's loss is the mean over all views."""
+    scheduler, init = _setup(tiny_sd15, (8, 20), steps=2)
+    z_ref = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    for batch in (1, 2, 5):  # 5 views: 1+1+1+1+1, 2+2+1, one batch
+        infos = []
+        multidiffusion(Distiller(tiny_sd15), init, z_ref, scheduler=scheduler, cond=tiny_sd15.null_condition(),
+                       iters=3, lr=0.05, view=8, stride=3, view_batch=batch,
+                       generator=torch.Generator().manual_seed(7), progress=False, callback=infos.append)
+        seen[batch] = [(info.loss, info.losses) for info in infos]
+    for loss, losses in seen[1] + seen[2]:
+        assert len(losses) == 3 and loss == losses[-1]  # each Adam iteration's, over the canvas
+    for batch in (1, 2):
+        for (loss, losses), (whole, whole_losses) in zip(seen[batch], seen[5], strict=True):
+            np.testing.assert_allclose(losses, whole_losses, rtol=1e-4)
+
+
 def test_padded_view_batches_give_the_same_canvas_in_one_batch_shape(tiny_sd15, monkeypatch):
     """With CUDA graphs a smaller last batch is filled up with copies of its last view (one graph, one memory
     pool, for every batch); the copies' results are dropped, so the canvas is the unpadded one."""
