@@ -123,7 +123,7 @@ def test_a_steps_losses_are_the_canvas_mean_whatever_the_view_batches(tiny_sd15)
     for loss, losses in seen[1] + seen[2]:
         assert len(losses) == 3 and loss == losses[-1]  # each Adam iteration's, over the canvas
     for batch in (1, 2):
-        for (loss, losses), (whole, whole_losses) in zip(seen[batch], seen[5], strict=True):
+        for (_, losses), (_, whole_losses) in zip(seen[batch], seen[5], strict=True):
             np.testing.assert_allclose(losses, whole_losses, rtol=1e-4)
 
 
