@@ -117,6 +117,26 @@ def test_a_diverging_run_names_its_step_as_the_progress_bar_counts(tiny_sd15, da
         ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=3, lr=1e30, size=64, progress=False)
 
 
+@pytest.mark.parametrize(("task", "raised"), [
+    ("texture", "--attention-scale"),
+    ("style", "--content-weight or --attention-scale"),
+    ("t2i", "--attention-scale or --guidance"),
+    ("expand", "--attention-scale")])
+def test_a_diverging_runs_advice_names_only_its_own_settings(tiny_sd15, data_dir, task, raised):
+    """A style run was told to lower --guidance or --control-scale, which it does not have."""
+    import attndistill as ad
+    from attndistill.errors import NonFiniteError
+
+    ref, common = data_dir / "wood-rings.jpg", dict(model=tiny_sd15, steps=3, lr=1e30, progress=False)
+    run = {"texture": lambda: ad.texture_synthesis(ref, size=64, **common),
+           "style": lambda: ad.style_transfer(data_dir / "horse.jpg", ref, size=64, **common),
+           "t2i": lambda: ad.text_to_image("a barn", ref, size=64, iters=1, **common),
+           "expand": lambda: ad.expand_texture(ref, size=(48, 32), view=4, stride=2, **common)}[task]
+    with pytest.raises(NonFiniteError) as error:
+        run()
+    assert f"; lower --lr (or a raised {raised}), or check the input images" in str(error.value)
+
+
 @pytest.mark.parametrize(("loss", "latent", "what"), [(float("nan"), 0.0, "loss"), (1.0, float("inf"), "latent")])
 def test_the_nan_guard_says_which_went_bad_and_where(loss, latent, what):
     """The advice differs: a bad loss with finite latents points at the loss; bad latents at the update."""

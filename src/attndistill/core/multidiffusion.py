@@ -130,7 +130,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
     # the bar counts view batches; --preview-every counts steps
     with StepLoop(model.device, len(timesteps), desc=f"expanding ({len(batches)} view batches a step)",
                   progress=progress, callback=callback, bar_total=len(timesteps) * len(batches), advance=0,
-                  dtype=model.dtype) as loop, \
+                  dtype=model.dtype, raised=["attention-scale"] + ["guidance"] * (uncond is not None)) as loop, \
             distiller:
         for i, t in enumerate(timesteps):
             t_int = int(t)

@@ -35,8 +35,9 @@ def optimize_latents(distiller: Distiller, init: torch.Tensor, ref_latents: torc
     used_content = distiller.used_content(content_latents)
     ahead = lookahead(distiller, range(len(timesteps)), lambda i: (int(timesteps[i]), ref_latents, used_content),
                       ref_latents, used_content)
+    raised = ["content-weight"] if used_content is not None else []
     with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback,
-                  dtype=model.dtype) as loop, \
+                  dtype=model.dtype, raised=[*raised, "attention-scale"]) as loop, \
             distiller:
         for i, t in enumerate(timesteps):
             # reference (and content) features at (z_r, t), no noise; then `iters` Adam steps on (z, t).

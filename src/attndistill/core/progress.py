@@ -7,7 +7,7 @@ differ in what a step does, not in how it is watched: each runs inside a :class:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +66,8 @@ class _FiniteGuard:
     """
 
     def __init__(self, device: torch.device, total: int, every: int = 10, *,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.every, self.total, self.dtype = every, total, dtype
+                 dtype: torch.dtype = torch.float32, raised: Sequence[str] = ()) -> None:
+        self.every, self.total, self.dtype, self.raised = every, total, dtype, tuple(raised)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.what = torch.full((), 0, device=device, dtype=torch.long)
         self.timesteps: list[int] = []
@@ -87,10 +87,12 @@ class _FiniteGuard:
         bad = int(self.first_bad)
         if bad >= 0:
             what = "loss" if int(self.what) == 1 else "latent"
+            options = [f"--{name}" for name in self.raised]
+            also = f" (or a raised {' or '.join(filter(None, [', '.join(options[:-1]), options[-1]]))})" \
+                if options else ""
             raise NonFiniteError(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
-                                 f"(timestep {self.timesteps[bad]}); "
-                                 "lower --lr (or a raised --content-weight, --attention-scale, --guidance or "
-                                 f"--control-scale){precision_advice(self.dtype)}, or check the input images")
+                                 f"(timestep {self.timesteps[bad]}); lower --lr{also}"
+                                 f"{precision_advice(self.dtype)}, or check the input images")
 
 
 class StepLoop:
@@ -98,15 +100,18 @@ class StepLoop:
 
     ``bar_total``/``advance``: a loop that moves the bar itself (MultiDiffusion: once per view batch,
     through :meth:`tick`) gives its own total and ``advance=0``. The bar is closed on leaving the block.
+    ``raised``: the run's settings besides its lr that a diverging run may have too high, by their option names
+    (``"content-weight"``): what the advice on NaN names, and only those.
     """
 
     def __init__(self, device: torch.device, total: int, *, desc: str, progress: bool,
                  callback: Callback | None, bar_total: int | None = None, advance: int = 1,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, raised: Sequence[str] = ()) -> None:
         self.total, self.callback, self.advance = total, callback, advance
         self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
                         dynamic_ncols=True)
-        self.guard = _FiniteGuard(device, total, dtype=dtype)  # the model's: what the advice on NaN says
+        # the model's dtype and the run's settings that may be too high (CLI names): what the advice on NaN says
+        self.guard = _FiniteGuard(device, total, dtype=dtype, raised=raised)
 
     def __enter__(self) -> StepLoop:
         return self
