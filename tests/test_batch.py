@@ -730,14 +730,14 @@ def test_dry_run_catches_what_would_fail_within_a_second(tmp_path, data_dir, tin
                      "line 2: 'layers' must be a range like \"10-15\" or a list", "line 3: tile 'q' is not understood",
                      "line 4: size 100000x100000 is too large for one canvas", "line 5: seed 99999999999999999999 is "
                      "out of range", "line 6: unknown 'mode' 'bogus'", "line 7: output '../escape.png' is "
-                     "outside the output folder", "line 8: output '", "line 9: start-t must be in 1..1000",
+                     "outside the output folder", "line 8: output '", "line 9: 'start_t' must be in 1..1000",
                      "line 10: control 'bogus' is not known", "line 11: size 256x256 is smaller than one view",
                      "line 12: expand needs 'size'", "line 13: strength must be in (0, 1]",
                      "line 16: 'guidance' must be a finite number", "line 17: 'lr' must be a finite number",
                      "line 18: 'perf' must be an object of speed switches", "line 19: 'perf': channels_last must be "
                      "True or False", "line 20: 'output' holds a NUL character",
                      "line 21: 'content' takes one image: a path relative to the jobs file, not a list",
-                     "line 22: start-t 1 leaves no step for AD", "line 23: prompt is empty",
+                     "line 22: 'start_t' 1 leaves no step for AD", "raise 'start_t' above", "line 23: prompt is empty",
                      "line 24: steps must be at most 1000, the model's training timesteps",
                      "line 25: 'steps' is given twice; keep one",
                      "line 26: 'content_weight' and 'content-weight' name the same setting; keep one",

@@ -199,7 +199,9 @@ def _job_keys_of(message: str) -> str:
 
     flag = r"(?<![\w.'-])--{}([a-z][a-z0-9-]*)(?![\w.-])"
     message = re.sub(flag.format("no-"), lambda m: key(m, True), message)
-    return re.sub(flag.format(""), lambda m: key(m, False), message)
+    message = re.sub(flag.format(""), lambda m: key(m, False), message)
+    # a message that starts with a setting's name ("start-t must be in 1..1000"): its key, as the advice says it
+    return re.sub(r"^([a-z][a-z0-9]*(?:-[a-z0-9]+)+)(?= )", lambda m: key(m, False), message)
 
 
 @lru_cache(maxsize=1)
