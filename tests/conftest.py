@@ -109,3 +109,29 @@ def aot_eager(monkeypatch):
     for programs in made:
         programs.cache_clear()
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def bare_root_logger():
+    """A context in which the root logger has no handlers, as the console script starts with (pytest's are put
+    back after, the command's own removed): what a command prints to the terminal lands in CliRunner's output.
+    A context, not the fixture itself: pytest adds its handlers again when the test's call begins."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def bare():
+        root = logging.getLogger()
+        pytest_handlers, level = root.handlers[:], root.level
+        for handler in pytest_handlers:
+            root.removeHandler(handler)
+        try:
+            yield root
+        finally:
+            for handler in root.handlers[:]:  # the command's own, on the runner's closed stream
+                root.removeHandler(handler)
+            for handler in pytest_handlers:
+                root.addHandler(handler)
+            root.setLevel(level)
+
+    return bare

@@ -1267,3 +1267,17 @@ def test_a_job_that_diverges_still_logs_the_losses_before_it(tmp_path, data_dir,
     assert record["status"] == "failed" and record["loss_log"] == "losses/blows-up.jsonl"
     rows = [json.loads(line) for line in (out / "losses" / "blows-up.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] is None and not list(out.glob("*.png"))
+
+
+def test_each_job_says_its_own_warnings_once_on_the_terminal(tmp_path, data_dir, tiny_sd15_dir, bare_root_logger):
+    """Each input is read by the check and by the run: said once a job, and a second job's warning about the same
+    file is its own line, naming its own line."""
+    folder = tmp_path / "in"
+    jobs = write_jobs(folder, data_dir, [job_line("style", c, "style.gif") for c in ("horse.jpg", "golden-gate.jpg")])
+    frames = [Image.open(data_dir / "watercolor-cat.jpg").convert("RGB"), Image.open(data_dir / "horse.jpg")]
+    frames[0].save(folder / "style.gif", save_all=True, append_images=frames[1:])
+    with bare_root_logger():
+        result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "-q")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "has 2 frames; its first is used" in line]
+    assert [line.split(" (")[0] for line in said] == ["WARNING: line 1", "WARNING: line 2"], said

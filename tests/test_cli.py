@@ -432,27 +432,15 @@ def test_commands_show_this_packages_info_lines_and_not_other_libraries():
     assert not logging.getLogger("diffusers.models").isEnabledFor(logging.INFO)
 
 
-def test_a_warning_about_an_input_is_printed_once(tmp_path, data_dir, tiny_sd15_dir):
+def test_a_warning_about_an_input_is_printed_once(tmp_path, data_dir, tiny_sd15_dir, bare_root_logger):
     """The check before the model loads and the run both read the content image: its warning came twice."""
-    import logging
-
     from PIL import Image
 
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    root = logging.getLogger()
-    pytest_handlers, level = root.handlers[:], root.level
-    for handler in pytest_handlers:  # a root without handlers, as the console script starts with
-        root.removeHandler(handler)
-    try:
+    with bare_root_logger():
         result = run("style", tmp_path / "anim.gif", data_dir / "watercolor-cat.jpg", "-o", tmp_path / "out.png",
                      "--model", tiny_sd15_dir, "--steps", 1, "--size", 64, "--device", "cpu", "--quiet")
-    finally:
-        for handler in root.handlers[:]:  # the command's own, on the runner's closed stream
-            root.removeHandler(handler)
-        for handler in pytest_handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
     assert result.exit_code == 0, result.output
     assert result.output.count(f"content image '{tmp_path / 'anim.gif'}' has 2 frames; its first is used") == 1
 

@@ -96,20 +96,22 @@ LossLog = Annotated[Path | None, typer.Option(
     show_default=False)]
 
 
-class SaidOnce(logging.Filter):
-    """Drops a line said before word for word: a command reads each input twice (the check before the model
-    loads, then the run), and a warning about it (an animation's first frame) was printed twice."""
+class Terminal(logging.StreamHandler):
+    """The console script's log lines on stderr, each said once: a command reads each input twice (the check
+    before the model loads, then the run), and a warning about it (an animation's first frame) was printed twice.
+    A line is compared as printed, after every filter (the batch's names its job line): two jobs' warnings
+    about one file are two lines."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.said: set[tuple[int, str]] = set()
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.said: set[str] = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.levelno, record.getMessage())
-        if key in self.said:
-            return False
-        self.said.add(key)
-        return True
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        if line not in self.said:
+            self.said.add(line)
+            super().emit(record)
 
 
 def quiet_libraries() -> None:
@@ -127,10 +129,7 @@ def quiet_libraries() -> None:
         pass
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig, which leaves a root that has handlers (an embedding app's) alone
-        terminal = logging.StreamHandler()
-        terminal.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        terminal.addFilter(SaidOnce())
-        root.addHandler(terminal)
+        root.addHandler(Terminal())
         root.setLevel(logging.WARNING)
     # this package's INFO lines too: what the user waits for (a program compiling for minutes) and nothing chatty
     logging.getLogger("attndistill").setLevel(logging.INFO)
