@@ -193,6 +193,7 @@ def test_a_runs_callback_sees_its_decoder_tuning_and_may_stop_it_there(tiny_sd15
 def test_tune_vae_that_diverges_names_the_command_whose_lr_can_be_lowered(tiny_sd15, data_dir, monkeypatch):
     """--tune-vae tunes at the default lr and has no option to lower it: "lower its lr" was advice no command
     line or page could follow; the VAE command can, and its folder goes to --vae."""
+    from attndistill.batch.jobs import job_words
     from attndistill.webui.wording import page_message
 
     real = vae_tuning.tune_decoder
@@ -203,10 +204,13 @@ def test_tune_vae_that_diverges_names_the_command_whose_lr_can_be_lowered(tiny_s
                           size=64, progress=False, tune_vae=True)
     assert str(error.value).startswith("VAE tuning (--tune-vae) diverged at step 2 (loss ")
     assert str(error.value).endswith("at lr 1e+30; make the decoder with 'attndistill finetune-vae' and a lower "
-                                     "--lr, then pass --vae with the folder it writes instead of --tune-vae")
-    assert page_message(error.value).endswith("make the decoder with the VAE fine-tuning tab and a lower Learning "
+                                     "learning rate, then pass --vae with the folder it writes instead of --tune-vae")
+    assert page_message(error.value).endswith("make the decoder with the VAE fine-tuning tab and a lower learning "
                                               "rate, then fill the VAE box with the folder it writes instead of "
                                               "Fine-tune the VAE decoder")
+    # a jobs file's 'lr' is the AD's: the advice must not name it
+    assert job_words(str(error.value)).endswith("a lower learning rate, then pass 'vae' with the folder it writes "
+                                                "instead of 'tune_vae'")
 
 
 def test_a_decoder_that_decodes_nan_before_tuning_is_not_blamed_on_the_lr(tiny_sd15_dir, data_dir):

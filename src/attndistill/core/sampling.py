@@ -110,7 +110,7 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
     distiller.condition_on(z.shape[-2:])  # SDXL's null conditioning of the output size
     ahead = reference_lookahead(distiller, timesteps, ref_latents, scheduler=scheduler, generator=generator,
                                 content_latents=content_latents, start_t=start_t) if iters > 0 else None
-    raised = ["content-weight"] * (content_latents is not None and distiller.content_weight > 0) + \
+    raised = ["content-weight"] * (distiller.used_content(content_latents) is not None) + \
         ["attention-scale"] + ["guidance"] * (uncond is not None) + ["control-scale"] * (control is not None)
     with StepLoop(model.device, len(timesteps), desc=desc, progress=progress, callback=callback,
                   dtype=model.dtype, raised=raised) as loop, \

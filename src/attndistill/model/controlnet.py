@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checks import number
+from ..checks import non_negative
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
 from .loading import default_variant, from_pretrained, home, looks_like_hub_id, safetensors_only
@@ -211,10 +211,7 @@ def check_control(preprocess: str, scale: object) -> float:
     """The control image's preprocessing and the residuals' scale, checked before any work; the scale as a float."""
     if preprocess not in ("none", "canny"):
         raise UserError(f"control '{preprocess}' is not known; use 'canny' or 'none' (a ready-made map)")
-    scale = number("control scale", scale)
-    if not scale >= 0:
-        raise UserError(f"control scale must be >= 0 (got {scale})")
-    return scale
+    return non_negative("control scale", scale)
 
 
 def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: ImageInput, *, model: DiffusionModel,

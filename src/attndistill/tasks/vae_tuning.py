@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..checks import number, whole
+from ..checks import positive, whole
 from ..core.progress import Callback, StepInfo
 from ..errors import NonFiniteError, UserError
 from ..images import (
@@ -81,8 +81,7 @@ def check_tuning(steps: object, lr: object) -> None:
     if steps > MAX_TUNING_STEPS:
         raise UserError(f"VAE tuning steps must be at most {MAX_TUNING_STEPS} (got {steps}); "
                         f"the paper tunes {VAE_TUNING_STEPS}")
-    if not number("VAE tuning lr", lr) > 0:
-        raise UserError(f"VAE tuning lr must be positive (got {lr})")
+    positive("VAE tuning lr", lr)
 
 
 def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE_TUNING_STEPS,
@@ -221,8 +220,8 @@ def tuned_vae(model: DiffusionModel, references: Sequence[ImageInput] | None, *,
                                                            warn_crops=False)
     except TuningDiverged as exc:  # --tune-vae has no lr of its own to lower: the VAE command has
         raise NonFiniteError(f"VAE tuning (--tune-vae) diverged {exc.where} at lr {exc.lr}; make the decoder "
-                             "with 'attndistill finetune-vae' and a lower --lr, then pass --vae with the folder it "
-                             "writes instead of --tune-vae") from None
+                             "with 'attndistill finetune-vae' and a lower learning rate, then pass --vae with the "
+                             "folder it writes instead of --tune-vae") from None
     with using_vae(model, vae):
         yield model
 
