@@ -1258,11 +1258,11 @@ def test_loss_logs_refuse_a_group_and_a_file_in_the_folders_place(tmp_path, data
 
 
 def test_a_job_that_diverges_still_logs_the_losses_before_it(tmp_path, data_dir, tiny_sd15_dir):
-    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=3,
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg", steps=12,
                                                            lr=1e30, id="blows-up")])
     out = tmp_path / "out"
     result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "-q")
-    assert result.exit_code == 1 and "became NaN/Inf at step 2 of 3" in result.output, result.output
+    assert result.exit_code == 1 and "became NaN/Inf at step 2 of 12" in result.output, result.output
     [record] = read_records(out)
     assert record["status"] == "failed" and record["loss_log"] == "losses/blows-up.jsonl"
     rows = [json.loads(line) for line in (out / "losses" / "blows-up.jsonl").read_text().splitlines()]

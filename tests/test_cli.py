@@ -446,14 +446,15 @@ def test_a_warning_about_an_input_is_printed_once(tmp_path, data_dir, tiny_sd15_
 
 
 def test_a_run_that_diverges_still_writes_the_losses_before_it(tmp_path, data_dir, tiny_sd15_dir):
-    """The curve a learning-rate sweep wants most is the one that blows up: it was never written."""
+    """The curve a learning-rate sweep wants most is the one that blows up: it was never written. It ends at the
+    step that diverged, though the NaN watch saw it only at step 10 (it reads its flag every 10 steps)."""
     import json
 
     log = tmp_path / "losses.jsonl"
     result = run("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "-o", tmp_path / "out.png",
-                 "--model", tiny_sd15_dir, "--steps", 3, "--size", 64, "--lr", 1e30, "--loss-log", log, "-q")
-    assert result.exit_code == 3 and "became NaN/Inf at step 2 of 3" in result.output, result.output
+                 "--model", tiny_sd15_dir, "--steps", 12, "--size", 64, "--lr", 1e30, "--loss-log", log, "-q")
+    assert result.exit_code == 3 and "became NaN/Inf at step 2 of 12" in result.output, result.output
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and isinstance(rows[0]["loss"], float)
-    assert rows[1]["loss"] is None  # JSON has no NaN
+    assert rows[1]["loss"] is None and rows[1]["timestep"] < rows[0]["timestep"]  # JSON has no NaN
     assert f"wrote {log} (2 steps)" in result.output and not (tmp_path / "out.png").exists()

@@ -31,6 +31,15 @@ class NonFiniteError(UserError):
     exit_code = 3
 
 
+class StepDiverged(NonFiniteError):
+    """A run's step went NaN/Inf: ``step`` (counted from 1, as the bar counts) and its ``timestep`` say which, so
+    a loss log can end there (the watch reads its flag every few steps: later steps may have run)."""
+
+    def __init__(self, message: str, *, step: int, timestep: int) -> None:
+        super().__init__(message)
+        self.step, self.timestep = step, timestep
+
+
 def precision_advice(dtype) -> str:
     """", use --dtype fp32" for a run in half precision, whose range fp32 widens; nothing for an fp32 (or fp64)
     run, which that advice would only send round in a circle."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteError, precision_advice
+from ..errors import StepDiverged, precision_advice
 
 
 @dataclass
@@ -90,9 +90,10 @@ class _FiniteGuard:
             options = [f"--{name}" for name in self.raised]
             also = f" (or a raised {' or '.join(filter(None, [', '.join(options[:-1]), options[-1]]))})" \
                 if options else ""
-            raise NonFiniteError(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
-                                 f"(timestep {self.timesteps[bad]}); lower --lr{also}"
-                                 f"{precision_advice(self.dtype)}, or check the input images")
+            raise StepDiverged(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
+                               f"(timestep {self.timesteps[bad]}); lower --lr{also}"
+                               f"{precision_advice(self.dtype)}, or check the input images",
+                               step=bad + 1, timestep=self.timesteps[bad])
 
 
 class StepLoop:
