@@ -1227,11 +1227,15 @@ def test_loss_logs_write_each_jobs_own_losses_as_a_command_would(tmp_path, data_
                    3, "-m", tiny_sd15_dir, "-o", tmp_path / "a.png", "--loss-log", command, "-q")
     assert alone.exit_code == 0, alone.output
     assert [json.loads(line) for line in command.read_text().splitlines()] == rows["a"]
-    # done jobs are skipped again, and a job done without a log says so
+    # done jobs are skipped again, and a job done without a log says so; records lost (a kill before them) are
+    # recovered, naming the logs there are
     (out / "losses" / "c.jsonl").unlink()
+    (out / "results.jsonl").unlink()
     again = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
     assert again.exit_code == 0 and "3 already done" in again.output
     assert "1 of the jobs done before have no loss log" in again.output
+    assert {r["job"]: (r["recovered"], r.get("loss_log")) for r in read_records(out)} == {
+        "a": (True, "losses/a.jsonl"), "b": (True, "losses/b.jsonl"), "c": (True, None)}
 
 
 def test_loss_logs_refuse_a_group_and_a_file_in_the_folders_place(tmp_path, data_dir, tiny_sd15_dir):
@@ -1250,11 +1254,14 @@ def test_loss_logs_refuse_a_group_and_a_file_in_the_folders_place(tmp_path, data
     assert (out / "losses").read_text() == "mine" and not list(out.glob("*.png"))
     (out / "losses").unlink()
     (out / "losses").mkdir()
-    (out / "losses" / "a.jsonl").write_text("my notes\n")  # not a loss log: kept, and the job fails
-    taken = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs")
-    assert taken.exit_code == 1 and f"'{out / 'losses' / 'a.jsonl'}' exists and is not a loss log; move that " \
-                                    "file away and rerun with --retry-failed" in taken.output
+    (out / "losses" / "a.jsonl").write_text("my notes\n")  # not a loss log: kept, and the job refused before work
+    for dry in (["--dry-run"], []):
+        taken = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", *dry)
+        assert taken.exit_code == (2 if dry else 1), taken.output
+        assert f"invalid a: '{out / 'losses' / 'a.jsonl'}' exists and is not a loss log; move that file away or " \
+               "run without --loss-logs" in taken.output
     assert (out / "losses" / "a.jsonl").read_text() == "my notes\n" and not list(out.glob("*.png"))
+    assert "style:" not in taken.output  # no step ran
 
 
 def test_a_job_that_diverges_still_logs_the_losses_before_it(tmp_path, data_dir, tiny_sd15_dir):
@@ -1281,3 +1288,17 @@ def test_each_job_says_its_own_warnings_once_on_the_terminal(tmp_path, data_dir,
     assert result.exit_code == 0, result.output
     said = [line for line in result.output.splitlines() if "has 2 frames; its first is used" in line]
     assert [line.split(" (")[0] for line in said] == ["WARNING: line 1", "WARNING: line 2"], said
+
+
+def test_a_job_that_fails_after_its_run_names_its_loss_log(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """Its log was written before the images: a failure while saving them leaves it, and the record says where."""
+    from attndistill.batch import runner
+
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, id="tex")])
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "_save_result", lambda image, path, job, batched=1: (path, "its name was taken"))
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--loss-logs", "-q")
+    assert result.exit_code == 1 and "its name was taken" in result.output, result.output
+    [record] = read_records(out)
+    assert record["status"] == "failed" and record["loss_log"] == "losses/tex.jsonl"
+    assert (out / "losses" / "tex.jsonl").read_text()

@@ -66,6 +66,13 @@ def loss_log_path(out_dir: Path, job: Job) -> Path:
     return out_dir / LOSSES / f"{job.id}.jsonl"
 
 
+def _check_loss_log(out_dir: Path, job: Job) -> None:
+    """Before a job's work: its loss log's place holds nothing, or an earlier try's log (which it replaces)."""
+    path = loss_log_path(out_dir, job)
+    if path.exists() and not is_loss_log(path):
+        raise UserError(f"'{path}' exists and is not a loss log; move that file away or run without --loss-logs")
+
+
 def _remove_leftovers(job: Job) -> None:
     """With the job's lock held: temp files of a killed write, and images of an unfinished multi-image job."""
     for path in job.outputs:
@@ -140,9 +147,11 @@ class Runner:
         for job in jobs:
             if is_done(job):
                 summary.skipped += 1
-                unlogged += self.loss_logs and not loss_log_path(self.out_dir, job).exists()
+                log_file = loss_log_path(self.out_dir, job)
+                unlogged += self.loss_logs and not log_file.exists()
                 if previous.get(job.id, {}).get("status") != "done":  # finished, but killed before recording
-                    self._record(job, "done", seconds=None, recovered=True)
+                    self._record(job, "done", seconds=None, recovered=True,
+                                 **({"loss_log": _relative(log_file, self.out_dir)} if log_file.exists() else {}))
                 JobLock(self.out_dir, job.id).remove_if_stale()  # or killed after recording, before unlocking
                 continue
             if (error := _failed_before(job, previous, self.retry_failed)) is not None:
@@ -152,6 +161,8 @@ class Runner:
             try:
                 with _naming(job):  # what the checks warn of (an animated image) names the line too
                     validator.check(job)
+                if self.loss_logs:
+                    _check_loss_log(self.out_dir, job)
             except UserError as exc:
                 summary.failed += 1
                 self._record(job, "failed", error=str(exc))
@@ -315,9 +326,9 @@ class Runner:
                     self.log(f"{tag} {job.id}: out of memory beside the CUDA graphs of earlier jobs; "
                              "dropped them, running it once more")
                     return self._run_named(job, tag, retry=False)  # inside this run's naming already
-            return self._failed(job, tag, failure[0], start, trace=failure[1], written=written)
+            return self._failed(job, tag, failure[0], start, trace=failure[1], written=written, **logged)
         if displaced is not None:
-            return self._failed(job, tag, displaced, start, written=written)
+            return self._failed(job, tag, displaced, start, written=written, **logged)
         seconds = time.perf_counter() - start
         self._record(job, "done", seconds=seconds, outputs=paths, **logged)
         self.log(f"{tag} {job.id}: done in {seconds:.1f} s -> {', '.join(map(str, paths))}")
@@ -331,9 +342,7 @@ class Runner:
         except OSError as exc:
             raise UserError(f"loss log folder '{path.parent}' cannot be made ({exc.strerror}); run without "
                             "--loss-logs or use another --out") from None
-        if path.exists() and not is_loss_log(path):
-            raise UserError(f"'{path}' exists and is not a loss log; move that file away and rerun with "
-                            "--retry-failed")
+        _check_loss_log(self.out_dir, job)  # again: a file may have come while the job ran
         return losses.write(path, overwrite=True)
 
     def _failed(self, job: Job, tag: str, error: str, start: float, trace: str | None = None,
@@ -636,6 +645,8 @@ def dry_run(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, default
         try:
             with _naming(job):  # what the checks warn of (an animated image) names the line too
                 validator.check(job)
+            if loss_logs:
+                _check_loss_log(out_dir, job)
         except UserError as exc:
             bad += 1
             log(f"invalid {job.id}: {exc}")
