@@ -458,3 +458,26 @@ def test_a_run_that_diverges_still_writes_the_losses_before_it(tmp_path, data_di
     assert [r["step"] for r in rows] == [1, 2] and isinstance(rows[0]["loss"], float)
     assert rows[1]["loss"] is None and rows[1]["timestep"] < rows[0]["timestep"]  # JSON has no NaN
     assert f"wrote {log} (2 steps)" in result.output and not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_the_terminal_says_a_warning_once_but_every_info_line_and_a_servers_every_line(once):
+    """INFO lines (a program compiling, once per shape) are always said; a UI server's jobs each have their say."""
+    import io
+    import logging
+
+    from attndistill.cli.common import Terminal
+
+    terminal, stream = Terminal(once=once), io.StringIO()
+    terminal.setStream(stream)
+    logger = logging.getLogger("attndistill.test-terminal")
+    logger.addHandler(terminal)
+    logger.propagate, logger.level = False, logging.INFO
+    try:
+        for _ in range(2):
+            logger.warning("style image 'a.gif' has 2 frames; its first is used")
+            logger.info("compiling the AD loss")
+    finally:
+        logger.removeHandler(terminal)
+    assert stream.getvalue().count("WARNING: style image") == (1 if once else 2)
+    assert stream.getvalue().count("INFO: compiling the AD loss") == 2

@@ -58,4 +58,4 @@ def ui(
             raise UserError(f"cannot serve on {host}:{port}: the port is taken or the address is not this "
                             "machine's; pass another --port or --host") from None
 
-    run_command(body)
+    run_command(body, say_once=False)

@@ -97,24 +97,26 @@ LossLog = Annotated[Path | None, typer.Option(
 
 
 class Terminal(logging.StreamHandler):
-    """The console script's log lines on stderr, each said once: a command reads each input twice (the check
-    before the model loads, then the run), and a warning about it (an animation's first frame) was printed twice.
-    A line is compared as printed, after every filter (the batch's names its job line): two jobs' warnings
-    about one file are two lines."""
+    """The console script's log lines on stderr, each warning said once (``once``): a command reads each input
+    twice (the check before the model loads, then the run), and a warning about it (an animation's first frame)
+    was printed twice. A line is compared as printed, after every filter (the batch's names its job line): two
+    jobs' warnings about one file are two lines. INFO lines (a program compiling) are always said."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, once: bool = True) -> None:
         super().__init__()
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        self.said: set[str] = set()
+        self.once, self.said = once, set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = self.format(record)
-        if line not in self.said:
+        if self.once and record.levelno >= logging.WARNING:
+            line = self.format(record)
+            if line in self.said:
+                return
             self.said.add(line)
-            super().emit(record)
+        super().emit(record)
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(*, say_once: bool = True) -> None:
     """Silence the loading bars and import chatter of diffusers/transformers; keep warnings that matter."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -129,7 +131,7 @@ def quiet_libraries() -> None:
         pass
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig, which leaves a root that has handlers (an embedding app's) alone
-        root.addHandler(Terminal())
+        root.addHandler(Terminal(once=say_once))
         root.setLevel(logging.WARNING)
     # this package's INFO lines too: what the user waits for (a program compiling for minutes) and nothing chatty
     logging.getLogger("attndistill").setLevel(logging.INFO)
@@ -416,9 +418,10 @@ def second_signal_exits() -> Iterator[None]:
         writer.close()  # the watcher's recv returns b"": it closes its end and ends
 
 
-def run_command(fn: Callable[[], None]) -> None:
-    """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback."""
-    quiet_libraries()
+def run_command(fn: Callable[[], None], *, say_once: bool = True) -> None:
+    """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback. ``say_once``: a
+    warning repeated word for word is printed once (not for a server, whose every job's warnings count)."""
+    quiet_libraries(say_once=say_once)
     try:
         with sigterm_as_interrupt(), second_signal_exits():
             fn()
