@@ -256,6 +256,10 @@ def test_loss_log_has_a_line_per_step_with_its_timestep_and_losses(tmp_path, dat
     assert [r["step"] for r in rows] == [1, 2, 3] and f"wrote {log} (3 steps)" in result.output
     timesteps = [r["timestep"] for r in rows]
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == 3
+    if command[0] == "style":  # optimisation: the loss is of the step's own timestep
+        assert not any("ad_timestep" in r for r in rows)
+    else:  # AD-guided sampling: of t', the next step's (ALGORITHM.md §4), 0 after the last
+        assert [r["ad_timestep"] for r in rows] == [*timesteps[1:], 0]
     assert all(r["loss"] is not None and r["loss"] >= 0 for r in rows)
     assert all(len(r.get("losses", [r["loss"]])) == iters for r in rows)
     if command[0] == "style":  # a content loss: its terms, which add up to the loss at the preset's weight 0.25

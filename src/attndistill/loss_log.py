@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 
 class LossLog:
-    """The rows of one run: step (1-based), timestep, loss; "ad" and "content" where a content loss takes part
+    """The rows of one run: step (1-based), timestep, loss; "ad_timestep" where the loss is of another timestep
+    (AD-guided sampling's t', the next step's); "ad" and "content" where a content loss takes part
     (loss = ad + content weight * content, the last iteration's terms); "losses", every Adam iteration's loss,
     where a step has several. A step without AD iterations (plain sampling, past ``start_t``) has loss null;
     the decoder's tuning (``tune_vae``) is numbered apart, its rows marked with their "stage"."""
@@ -27,6 +28,8 @@ class LossLog:
 
     def __call__(self, info: StepInfo) -> None:
         row = {"step": info.step + 1, "timestep": info.timestep, "loss": _plain(info.loss)}
+        if info.ad_timestep is not None:  # AD-guided sampling: the loss is of t', the next step's timestep
+            row["ad_timestep"] = info.ad_timestep
         if info.parts:  # which term moves, which one rules
             row.update({name: _plain(value) for name, value in info.parts.items()})
         if info.losses and len(info.losses) > 1:

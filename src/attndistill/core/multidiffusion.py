@@ -163,7 +163,7 @@ def multidiffusion(distiller: Distiller, init: torch.Tensor, ref_latents: torch.
                     count[..., rows, cols] += 1
                 loop.tick()
             z = value / count
-            loop.done(i, t_int, z, canvas_losses(per_batch))
+            loop.done(i, t_int, z, canvas_losses(per_batch), ad_timestep=t_prime)
     return z
 
 

@@ -32,6 +32,9 @@ class StepInfo:
     #: "" for the run's own steps; a task's decoder tuning (tune_vae) reports "tuning the VAE decoder", its
     #: latents empty: a callback may raise to stop the run there too
     stage: str = ""
+    #: AD-guided sampling (ALGORITHM.md §4): the timestep t' its AD iterations ran at, the next step's; None where
+    #: they ran at ``timestep`` (optimisation) or no AD ran
+    ad_timestep: int | None = None
 
 
 Callback = Callable[[StepInfo], None]
@@ -125,10 +128,11 @@ class StepLoop:
         self.bar.update()
 
     def done(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor],
-             parts: dict[str, torch.Tensor] | None = None) -> None:
+             parts: dict[str, torch.Tensor] | None = None, ad_timestep: int | None = None) -> None:
         """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations;
-        ``parts``: the loss terms of its last iteration (``Distiller.last_parts``), read for a callback only."""
+        ``parts``: the loss terms of its last iteration (``Distiller.last_parts``), read for a callback only;
+        ``ad_timestep``: where those iterations ran at another timestep (sampling's t')."""
         self.guard.update(step, timestep, latents, losses)
         self.guard.check(step, final=step == self.total - 1)
-        _report_progress(self.bar, self.callback, StepInfo(step, self.total, timestep, math.nan, latents), losses,
-                        advance=self.advance, parts=parts)
+        info = StepInfo(step, self.total, timestep, math.nan, latents, ad_timestep=ad_timestep if losses else None)
+        _report_progress(self.bar, self.callback, info, losses, advance=self.advance, parts=parts)

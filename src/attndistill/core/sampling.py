@@ -123,10 +123,10 @@ def sample(distiller: Distiller, latents: torch.Tensor, ref_latents: torch.Tenso
             z = scheduler.step(eps, t, z, eta=0.0, return_dict=False)[0].float()
             # 2. AD at t' = t - T/steps on the new latent: AdaIN, noised reference, fresh Adam
             losses: list[torch.Tensor] = []
+            t_prime = previous_timestep(t_int, scheduler)
             if (iters > 0 or adain) and (start_t is None or t_int < start_t):
-                z, losses = guide_latents(distiller, z, previous_timestep(t_int, scheduler), ref_latents,
-                                          scheduler=scheduler, iters=iters, lr=lr, adain_on=adain,
-                                          content_latents=content_latents, generator=generator,
-                                          ahead=ahead.at(i) if ahead else None)
-            loop.done(i, t_int, z, losses, distiller.last_parts)
+                z, losses = guide_latents(distiller, z, t_prime, ref_latents, scheduler=scheduler, iters=iters,
+                                          lr=lr, adain_on=adain, content_latents=content_latents,
+                                          generator=generator, ahead=ahead.at(i) if ahead else None)
+            loop.done(i, t_int, z, losses, distiller.last_parts, ad_timestep=t_prime)
     return z
