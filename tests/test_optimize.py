@@ -201,3 +201,22 @@ def test_each_callback_gets_the_latents_of_its_own_step(tiny_sd15):
     optimize_latents(Distiller(tiny_sd15), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), steps=3, iters=1,
                      lr=0.05, progress=False, callback=lambda info: seen.append(info.latents))
     assert len(seen) == 3 and not torch.equal(seen[0], seen[-1]) and not torch.equal(seen[1], seen[2])
+
+
+@pytest.mark.parametrize("task", ["texture", "t2i"])
+def test_a_task_neither_needs_nor_moves_torchs_global_random_state(tiny_sd15, data_dir, task):
+    """Its noise comes from generators of its seed: the caller's torch.rand draws after it are their own (a task
+    reseeded the global generator with its seed), and the caller's state does not change its pixels."""
+    import attndistill as ad
+
+    ref = data_dir / "wood-rings.jpg"
+    run = {"texture": lambda: ad.texture_synthesis(ref, model=tiny_sd15, steps=2, size=64, seed=5, progress=False),
+           "t2i": lambda: ad.text_to_image("a barn", ref, model=tiny_sd15, steps=2, iters=1, size=64, seed=5,
+                                           progress=False)}[task]
+    results = []
+    for caller_seed in (123, 999):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        results.append(np.asarray(run()[0]))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(results[0], results[1])

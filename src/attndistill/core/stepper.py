@@ -21,6 +21,12 @@ from collections.abc import Callable, Hashable
 import torch
 
 
+def warmup_values(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Gaussian values for a static buffer's warm-up calls, overwritten before any real one: drawn from a generator
+    of their own, so a run neither needs nor moves torch's global random state."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 class StaticCall:
     """``fn()`` over static buffers: captured as a CUDA graph and replayed, or (``capture=False``) called.
 
@@ -127,8 +133,8 @@ class StaticReference:
                  capture: bool, fed: tuple | None = None) -> None:
         device = distiller.model.device
         self.t = torch.full((), 500, device=device, dtype=torch.long)
-        self.ref = torch.randn(ref_shape, device=device)
-        self.content = torch.randn(content_shape, device=device) if content_shape else None
+        self.ref = warmup_values(ref_shape, device)
+        self.content = warmup_values(content_shape, device) if content_shape else None
         self.key: Hashable | None = None
         self.owner = distiller
         self.fed = fed is not None
@@ -198,7 +204,7 @@ class StaticStepper:
         self.reference = reference
         self.adam = LatentAdam(distiller, shape, lr, capturable=capture)
         with torch.no_grad():
-            self.adam.z.copy_(torch.randn(shape, device=self.adam.z.device))
+            self.adam.z.copy_(warmup_values(shape, self.adam.z.device))
         reference.activate(distiller)
         self.iteration = StaticCall(self.adam.step, capture=capture, grad=True, warmup=warmup)
         self.adam.reset()

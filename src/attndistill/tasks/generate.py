@@ -37,8 +37,8 @@ from .setup import (
     describe_input,
     encode_references,
     finish,
+    run_distiller,
     run_parameters,
-    seeded_distiller,
     target_size,
 )
 from .vae_tuning import tuned_vae
@@ -113,7 +113,7 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
         latents = noise * scheduler.init_noise_sigma
         if job.content is not None:
             z_content = model.encode(to_tensor(job.content, (w, h)))
-    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused)
+    distiller = run_distiller(model, preset, layer_ids, condition_size=(h, w), fused=fused)
     # tiling: a circular UNet, and ControlNet, whose residuals join it (the encoder's inputs are not periodic)
     with seamless(model, tile, parts=("unet",)), seamless([control.net] if control else [], tile):
         z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,

@@ -184,12 +184,12 @@ def check_reference_fit(fit: object) -> str:
     return fit
 
 
-def seeded_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], seed: int, *,
+def run_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], *,
                      condition_size: tuple[int, int], fused: bool | None, **masks: torch.Tensor | None) -> Distiller:
-    """The run's Distiller, weighted as the preset says, with torch's global RNG seeded first (what draws
-    without a generator repeats with the seed). ``condition_size`` (h, w) px: the null conditioning's
-    size (SDXL's add_time_ids, ALGORITHM.md §1); ``masks``: ``update_mask`` or the label maps."""
-    torch.manual_seed(seed)
+    """The run's Distiller, weighted as the preset says. ``condition_size`` (h, w) px: the null conditioning's
+    size (SDXL's add_time_ids, ALGORITHM.md §1); ``masks``: ``update_mask`` or the label maps. Nothing in a run
+    draws from torch's global random state (its noise comes from generators of the seed), which it leaves as
+    the caller had it."""
     return Distiller(model, layers=layers, attention_scale=preset.attention_scale,
                      content_weight=preset.content_weight, fused=fused, condition_size=condition_size, **masks)
 

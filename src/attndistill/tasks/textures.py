@@ -49,8 +49,8 @@ from .setup import (
     describe_input,
     encode_references,
     finish,
+    run_distiller,
     run_parameters,
-    seeded_distiller,
     target_size,
 )
 from .vae_tuning import tuned_vae
@@ -146,7 +146,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     # of the same seed would give the first reference noise the canvas's own first values
     generator = torch.Generator("cpu").manual_seed(seed)
     init = torch.randn((1, 4, *hw), generator=generator) * scheduler.init_noise_sigma
-    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(view_px, view_px), fused=fused)
+    distiller = run_distiller(model, preset, layer_ids, condition_size=(view_px, view_px), fused=fused)
     with seamless(model, unet_axes or None, parts=("unet",)):
         z = multidiffusion(distiller, init, z_ref, scheduler=scheduler, cond=cond, guidance=preset.guidance,
                            iters=preset.iters, lr=preset.lr, adain=preset.adain, view=view,
@@ -395,7 +395,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                                     generator=torch.Generator("cpu").manual_seed(seed))
     z_ref = model.encode(ref_pixels)
     z_init = model.encode(init_pixels)  # the initialisation is also the content image
-    distiller = seeded_distiller(model, preset, layer_ids, seed, condition_size=(h, w), fused=fused,
+    distiller = run_distiller(model, preset, layer_ids, condition_size=(h, w), fused=fused,
                                  ref_labels=ref_ids, target_labels=target_ids[None])
     with (tuned_vae(model, ref_images if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
                     callback=callback),
