@@ -220,3 +220,20 @@ def test_a_task_neither_needs_nor_moves_torchs_global_random_state(tiny_sd15, da
         results.append(np.asarray(run()[0]))
         assert torch.equal(torch.get_rng_state(), before)
     assert np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("task", ["style", "t2i", "finetune-vae"])
+def test_tasks_run_inside_inference_mode_as_outside_it(tiny_sd15, data_dir, task):
+    """A server wraps its handlers in torch.inference_mode(): every task ended in an autograd traceback there."""
+    import attndistill as ad
+
+    ref = data_dir / "wood-rings.jpg"
+    run = {"style": lambda: np.asarray(ad.style_transfer(data_dir / "horse.jpg", ref, model=tiny_sd15, steps=2,
+                                                         size=64, progress=False)),
+           "t2i": lambda: np.asarray(ad.text_to_image("a barn", ref, model=tiny_sd15, steps=2, iters=1, size=64,
+                                                      progress=False)[0]),
+           "finetune-vae": lambda: ad.finetune_vae(ref, model=tiny_sd15, steps=2).decoder.conv_out.weight.detach()}
+    outside = run[task]()
+    with torch.inference_mode():
+        inside = run[task]()
+    assert np.array_equal(np.asarray(inside), np.asarray(outside))

@@ -40,6 +40,7 @@ from .setup import (
     run_distiller,
     run_parameters,
     target_size,
+    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -167,6 +168,7 @@ def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None,
                         f"e.g. --content-weight {get_preset('style').content_weight}")
 
 
+@with_gradients
 def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, negative_prompt: str | None = None,
                   num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
                   iters: int | None = None, lr: float | None = None, guidance: float | None = None,
@@ -255,6 +257,7 @@ def _cached_hub_id(name: str) -> bool:
         return False
 
 
+@with_gradients
 def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
                      model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                      lr: float | None = None, guidance: float | None = None, guidance_rescale: float | None = None,
@@ -282,6 +285,7 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
                 callback=callback)
 
 
+@with_gradients
 def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *,
                    strength: float = LAYOUT_STRENGTH, num: int = 1, model: DiffusionModel | str | None = None,
                    steps: int | None = None,

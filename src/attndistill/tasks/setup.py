@@ -3,11 +3,13 @@ parameters a result records (so any image can be rerun exactly)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ from ..model.perf import pixel_switches
 from ..model.tiling import check_axes
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
 from ..version import __version__
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,17 @@ def check_reference_fit(fit: object) -> str:
         raise UserError(f"reference fit must be one of {', '.join(REFERENCE_FITS)} (got {fit!r}): 'squash' "
                         "stretches each reference to the model's square, 'keep' keeps the first one's aspect")
     return fit
+
+
+def with_gradients(task: Callable[P, R]) -> Callable[P, R]:
+    """A task that runs outside ``torch.inference_mode``: AD differentiates the latents, which inference mode
+    forbids even where a run turns grad mode back on (a server may wrap every call in it); ``no_grad`` is fine."""
+    @functools.wraps(task)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.inference_mode(False):
+            return task(*args, **kwargs)
+
+    return run
 
 
 def run_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], *,

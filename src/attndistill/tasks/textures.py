@@ -52,6 +52,7 @@ from .setup import (
     run_distiller,
     run_parameters,
     target_size,
+    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -105,6 +106,7 @@ def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -
     return w, h
 
 
+@with_gradients
 def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | tuple[int, int],
                    model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                    lr: float | None = None, attention_scale: float | None = None,
@@ -346,6 +348,7 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
     return ref_images, target_image, maps, colours, names
 
 
+@with_gradients
 def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                              ref_labels: ImageInput | Sequence[ImageInput], target_labels: ImageInput, *,
                              num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,

@@ -43,6 +43,7 @@ from .setup import (
     run_parameters,
     seeded_noise,
     target_size,
+    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -115,6 +116,7 @@ def _update_region(mask_images: list[Image.Image | None], masks: list, size: tup
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
+@with_gradients
 def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
                    model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                    lr: float | None = None, content_weight: float | None = None,
@@ -145,6 +147,7 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
         tune_vae=tune_vae, mask=mask)[0]
 
 
+@with_gradients
 def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence[ImageInput], *,
                         model: DiffusionModel | str | None = None, steps: int | None = None,
                         iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
@@ -169,6 +172,7 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
         tune_vae=tune_vae, mask=mask)[0]
 
 
+@with_gradients
 def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
                       model: DiffusionModel | str | None = None, steps: int | None = None,
                       iters: int | None = None, lr: float | None = None, attention_scale: float | None = None,
@@ -192,6 +196,7 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
         tune_vae=tune_vae)
 
 
+@with_gradients
 def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Sequence[ImageInput], *,
                          model: DiffusionModel | str | None = None, steps: int | None = None,
                          iters: int | None = None, lr: float | None = None, content_weight: float | None = None,

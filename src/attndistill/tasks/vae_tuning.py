@@ -38,7 +38,15 @@ from ..model.models import DiffusionModel
 from ..model.single_file import CHECKPOINT_SUFFIXES
 from ..presets import DEFAULT_REFERENCE_FIT, VAE_TUNING_LR, VAE_TUNING_STEPS
 from ..version import __version__
-from .setup import as_list, check_callback, check_reference_fit, describe_input, made_with, model_parameters
+from .setup import (
+    as_list,
+    check_callback,
+    check_reference_fit,
+    describe_input,
+    made_with,
+    model_parameters,
+    with_gradients,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -129,6 +137,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
 TUNING_STAGE = "tuning the VAE decoder"
 
 
+@with_gradients
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
                  steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR, reference_fit: str | None = None,
                  vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False,
