@@ -110,3 +110,53 @@ def test_feed_forward_chunks_come_back_as_the_caller_set_them(tiny_sd15):
         hook.remove()
     assert inside == [(1, 64), (1, 64)]  # one row at a time inside
     assert seen == [(2, 32), (2, 32)]  # the user's chunks afterwards
+
+
+def test_a_denoising_call_of_ones_own_runs_whole_inside_paused(tiny_sd15):
+    """A custom Algorithm 2 loop calls the UNet inside the block: without paused() it stops after the last
+    recorded layer (early exit), which now says so; inside paused() it gives the UNet's own output."""
+    from attndistill import Distiller, UserError
+
+    z, t = torch.randn(1, 4, 8, 8), torch.tensor(500)
+    with torch.no_grad():
+        plain = _unet_out(tiny_sd15, z, t)
+        with Distiller(tiny_sd15) as distiller:
+            with pytest.raises(UserError, match=r"make a call of your own \(a denoising step\) inside 'with "
+                                                r"distiller.paused\(\):'"):
+                _unet_out(tiny_sd15, z, t)
+            with distiller.paused():
+                paused = _unet_out(tiny_sd15, z, t)
+    assert torch.equal(paused, plain)
+    with pytest.raises(UserError, match="call it inside one"):
+        Distiller(tiny_sd15).paused()
+
+
+def test_a_loop_of_ones_own_is_checked_and_conditioned_on_its_latents_size(tiny_sdxl):
+    """SDXL's null conditioning carries the output size (ALGORITHM.md §1): the README's loop took the native
+    size's; and a timestep or latents a UNet cannot take ended deep inside it."""
+    from attndistill import Distiller, UserError
+
+    gen = torch.Generator().manual_seed(0)
+    z_ref, z = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 12, generator=gen)
+    losses = []
+    for explicit in (False, True):
+        with Distiller(tiny_sdxl, layers="0-1") as distiller:
+            if explicit:
+                distiller.condition_on(z.shape[-2:])  # what every task does
+            distiller.begin_timestep(500, z_ref)
+            losses.append(float(distiller.loss(z)))
+    assert losses[0] == losses[1]
+    with Distiller(tiny_sdxl, layers="0-1", content_weight=0.5) as distiller:
+        for t, message in (("500", "the timestep must be a number in 0..999, not a str"),
+                           (1000, "timestep 1000 is outside the model's training range 0..999"),
+                           (-3, "timestep -3 is outside"), (torch.tensor([1, 2]), "must be one number")):
+            with pytest.raises(UserError, match=message):
+                distiller.begin_timestep(t, z_ref)
+        with pytest.raises(UserError, match=r"reference latents must have the shape \(B, 4, h, w\).* not "
+                                            r"\(1, 3, 8, 8\)"):
+            distiller.begin_timestep(500, torch.zeros(1, 3, 8, 8))
+        with pytest.raises(UserError, match="content latents must be a torch tensor .* not a ndarray"):
+            distiller.begin_timestep(500, z_ref, z.numpy())
+        distiller.begin_timestep(500, z_ref, torch.zeros(1, 4, 8, 8))
+        with pytest.raises(UserError, match="content latents of 8x8 do not match target latents of 8x12"):
+            distiller.loss(z)

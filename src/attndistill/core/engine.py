@@ -113,6 +113,33 @@ def _no_such_layers(what: object, count: int) -> UserError:
                      f"(default: the last six, {max(0, count - 6)}-{count - 1})")
 
 
+def check_timestep(t: object, model: DiffusionModel) -> None:
+    """A timestep a caller gives: one number in the model's training range (a device tensor's value is not read:
+    that would wait for the GPU at every step)."""
+    total = model.scheduler_config.num_train_timesteps
+    if torch.is_tensor(t):
+        if t.numel() != 1:
+            raise UserError(f"the timestep must be one number, not a tensor of shape {tuple(t.shape)}")
+        if t.device.type != "cpu":
+            return
+        t = t.item()
+    if not isinstance(t, numbers.Real) or isinstance(t, bool):
+        raise UserError(f"the timestep must be a number in 0..{total - 1}, not a {type(t).__name__}")
+    if not 0 <= t < total:
+        raise UserError(f"timestep {t} is outside the model's training range 0..{total - 1}")
+
+
+def check_latents(what: str, z: object, model: DiffusionModel) -> None:
+    """Latents a caller gives: a (B, C, h, w) tensor with the UNet's channels (:meth:`DiffusionModel.encode`'s)."""
+    channels = model.unet.config.in_channels
+    if not torch.is_tensor(z):
+        raise UserError(f"{what} must be a torch tensor (B, {channels}, h, w), such as model.encode() gives, not a "
+                        f"{type(z).__name__}")
+    if z.ndim != 4 or z.shape[1] != channels:
+        raise UserError(f"{what} must have the shape (B, {channels}, h, w), such as model.encode() gives, not "
+                        f"{tuple(z.shape)}")
+
+
 class Distiller:
     """Features and losses of Attention Distillation on one model (ALGORITHM.md §1-2).
 
@@ -123,8 +150,12 @@ class Distiller:
     ``update_mask``: (1 or B, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
     only where it is 1 (a restyled region; the loss still sees the whole image). ``condition_size``:
     (h, w) pixels of the null conditioning (SDXL's ``add_time_ids`` carry a size); None: the size of the
-    latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks (the model's native size
-    for a direct :meth:`loss` call before any run).
+    latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks; a loop of one's own gets that
+    of the first latents it gives :meth:`loss`.
+
+    Inside ``with distiller:`` every UNet call records the chosen layers and, with ``early_exit`` (the
+    default), stops after the last of them: a call of one's own that needs the UNet's output (a denoising
+    step of Algorithm 2) goes inside ``with distiller.paused():``.
     """
 
     def __init__(self, model: DiffusionModel, *, layers: str | Sequence[int] | None = None,
@@ -158,6 +189,7 @@ class Distiller:
         self._steppers: dict[tuple, Stepper] = {}
         self.condition_size = condition_size
         self._condition_given = condition_size is not None
+        self._conditioned = self._condition_given  # on the output size, by a run or by the first loss()
         self.null: Conditioning = model.null_condition(condition_size)
         self.store = None
         self._ctx = None
@@ -181,6 +213,13 @@ class Distiller:
         self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
         self.store = self._ctx.__enter__()
         return self
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """For a UNet call of one's own inside ``with distiller:`` (a denoising step): it records nothing and runs
+        to the end, its output what it is without the distiller."""
+        if self.store is None:
+            raise UserError("Distiller.paused() pauses the recording of a 'with distiller:' block; call it inside one")
+        return self.store.paused()
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
@@ -223,6 +262,7 @@ class Distiller:
         was given. Each algorithm calls it before its first feature call. Only SDXL's null depends on the size
         (its ``add_time_ids``); without this a direct caller at 768x512 got features conditioned on 1024x1024.
         """
+        self._conditioned = True
         if self._condition_given or getattr(self.model, "kind", None) != "sdxl":
             return
         f = self.model.vae_scale_factor
@@ -348,6 +388,10 @@ class Distiller:
         share their timestep's reference). ``features``: their (reference, content queries),
         computed ahead elsewhere (:mod:`attndistill.core.lookahead`).
         """
+        check_timestep(t, self.model)
+        check_latents("reference latents", ref_latents, self.model)
+        if content_latents is not None:
+            check_latents("content latents", content_latents, self.model)
         self._pending = (t, ref_latents, self.used_content(content_latents))
         if features is not None:
             self.reference, self.content_queries = features
@@ -392,6 +436,12 @@ class Distiller:
         if self._pending is None:
             raise RuntimeError("call begin_timestep() before loss()")
         t, z_ref, z_c = self._pending
+        check_latents("target latents", z, self.model)
+        if z_c is not None and z_c.shape[-2:] != z.shape[-2:]:
+            raise UserError(f"content latents of {z_c.shape[-2]}x{z_c.shape[-1]} do not match target latents of "
+                            f"{z.shape[-2]}x{z.shape[-1]}; the content loss compares them cell by cell")
+        if not self._conditioned and self.reference is None:  # a loop of one's own: the output size's null
+            self.condition_on(z.shape[-2:])
         if self.reference is None and self.fused:
             # one batched call; a reference of another size than the target gets its own (no-grad) call
             same_size = z_ref.shape[-2:] == z.shape[-2:]

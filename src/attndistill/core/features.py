@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
@@ -28,8 +30,13 @@ class LayerFeatures:
     o: torch.Tensor  # softmax(Q K^T / sqrt(d)) V, before to_out
 
 
-class StopForward(Exception):
-    """Raised after the last chosen layer when the rest of the UNet is not needed."""
+class StopForward(UserError):
+    """Raised after the last chosen layer when the rest of the UNet is not needed; caught by the Distiller's own
+    calls. One that reaches a caller came from a UNet call of the caller's own inside ``with distiller:``."""
+
+    def __init__(self) -> None:
+        super().__init__("a UNet call inside 'with Distiller(...)' records features and stops after the last "
+                         "recorded layer; make a call of your own (a denoising step) inside 'with distiller.paused():'")
 
 
 @dataclass
