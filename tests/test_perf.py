@@ -199,6 +199,24 @@ def test_style_transfer_batch_returns_one_image_per_content(model, data_dir):
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
+def test_style_transfer_batch_says_which_contents_it_stretches_to_the_firsts_aspect(model, data_dir, tmp_path,
+                                                                                    caplog):
+    """A single run says when its content is stretched; a batch stretched its later contents silently."""
+    from PIL import Image
+
+    wide = Image.open(data_dir / "horse.jpg").convert("RGB").resize((128, 64))
+    wide.save(tmp_path / "wide.png")
+    with caplog.at_level("WARNING", logger="attndistill"):
+        images = ad.style_transfer_batch([data_dir / "horse.jpg", data_dir / "golden-gate.jpg", tmp_path / "wide.png",
+                                          wide], data_dir / "watercolor-cat.jpg", model=model, steps=1, size=64,
+                                         progress=False)
+    assert [img.size for img in images] == [(64, 64)] * 4
+    said = [r.getMessage() for r in caplog.records if "another aspect than the batch's first" in r.getMessage()]
+    assert said == [f"content image {name} is 128x64, another aspect than the batch's first (768x754): it is "
+                    "stretched 2.0 times to 64x64; optimise it in a batch of its own aspect to keep it"
+                    for name in (f"'{tmp_path / 'wide.png'}'", "number 4")]  # golden-gate: about the same aspect
+
+
 def test_style_transfer_batch_tiles_and_tunes_the_decoder_as_single_runs_do(tiny_sd15, data_dir, monkeypatch):
     """tile and tune_vae in a batch: one decoder tuned for all of it, results as one-by-one runs give them."""
     import json

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..images import (
     ImageInput,
     add_parameters,
+    drawn_over,
     load_image,
     to_tensor,
 )
@@ -60,10 +61,11 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
                    layers: str | Sequence[int] | None, preset: Preset, inputs: dict, fused: bool | None,
                    progress: bool, callback: Callback | None, vae: str | None, device: str | None, dtype: str | None,
                    tile: str | None = None, tune_vae: bool = False,
-                   mask: ImageInput | None | list[ImageInput | None] = None) -> list[Image.Image]:
+                   mask: ImageInput | None | list[ImageInput | None] = None,
+                   target_names: list[str] | None = None) -> list[Image.Image]:
     """The optimisation tasks' common run. ``target``: the content (or a list of contents, one target each,
-    optimised in one batch); ``mask``: one over the content, or with a list of contents a list with one
-    mask (or None) for each."""
+    optimised in one batch, named by ``target_names``); ``mask``: one over the content, or with a list of
+    contents a list with one mask (or None) for each."""
     seed, num, tile = check_run(seed=seed, callback=callback, num=num, fused=fused, progress=progress, tile=tile,
                                 tune_vae=tune_vae)
     preset = check_settings(preset)
@@ -77,6 +79,13 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     name = inputs.get("content") or inputs.get("structure")  # a batch's first content has no name here
     w, h = target_size(model, size, like=targets[0] if targets else target,
                        like_name=f"{what} '{name}'" if name else f"the first {what}")
+    for i, other in enumerate(targets[1:] if targets else [], start=1):
+        if not drawn_over(targets[0].size, other.size):  # a batch takes its first content's size
+            named = f"'{target_names[i]}'" if target_names and target_names[i] != "<image>" else f"number {i + 1}"
+            change = (other.size[0] / other.size[1]) / (w / h)
+            log.warning("%s %s is %dx%d, another aspect than the batch's first (%dx%d): it is stretched %.1f times "
+                        "to %dx%d; optimise it in a batch of its own aspect to keep it", what, named, *other.size,
+                        *targets[0].size, max(change, 1 / change), w, h)
     # the latent cells a mask lets change, known before any encoding work (batch dry-runs check it too)
     region = _update_region(mask_images, masks, (w, h), model.vae_scale_factor)
     z_ref = encode_references(model, references, ref_what, preset.reference_fit)
@@ -239,7 +248,8 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
         "style", target=images, references=styles, ref_what="style image", model=model, size=size,
         num=len(images), seed=seed, layers=layers, preset=preset,
         inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
-        vae=vae, device=device, dtype=dtype, tile=tile, tune_vae=tune_vae, mask=masks)
+        vae=vae, device=device, dtype=dtype, tile=tile, tune_vae=tune_vae, mask=masks,
+        target_names=[describe_input(c) for c in contents])
     for img, content, mask in zip(results, contents, masks or [None] * len(contents), strict=True):
         add_parameters(img, content=describe_input(content), **_mask_input(mask))
     return results
