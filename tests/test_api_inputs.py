@@ -18,6 +18,12 @@ from attndistill.tasks.generate import text_to_image
 from attndistill.tasks.transfer import style_transfer_batch
 
 
+def _closed(data_dir):
+    image = Image.open(data_dir / "horse.jpg")
+    image.close()
+    return image
+
+
 def _style(model, data_dir, **options):
     options = {"model": model, "steps": 2, "size": 64, "progress": False, **options}
     content = options.pop("content", data_dir / "horse.jpg")
@@ -238,6 +244,13 @@ def test_options_of_the_wrong_type_are_one_user_error(tiny_sd15, data_dir):
          "takes a list of content images .* not a ndarray"),
         (lambda: masked_texture_synthesis([], [], ref, **common), "no texture image given"),
         (lambda: ad.Distiller(tiny_sd15, layers="99"), r"layers \[99\] do not exist"),
+        # a power user's slips ended in tracebacks (an API audit): a closed image, swapped arguments, a task's name
+        (lambda: ad.style_transfer(_closed(data_dir), style, **common), r"content image \(a PIL image\) cannot be "
+                                                                         r"read \(Operation on closed image\)"),
+        (lambda: ad.save_vae("wood-vae", "folder"), "save_vae takes the VAE that finetune_vae returned, then the "
+                                                     "folder: not a str first"),
+        (lambda: ad.with_texture_options("texture", ref, model=tiny_sd15), "with_texture_options takes a task "
+                                                                            "function such as ad.texture_sampling"),
         # as the tasks check them: a negative or NaN weight dropped the content term silently, "2" a TypeError
         (lambda: ad.Distiller(tiny_sd15, content_weight=-5), r"content weight must be >= 0 \(got -5.0\)"),
         (lambda: ad.Distiller(tiny_sd15, content_weight=float("nan")), "content weight must be a finite number"),
@@ -433,3 +446,15 @@ def test_a_unet_with_fewer_than_six_self_attention_layers_uses_all_and_says_so(c
                                                          "mid_block_type": None}))
     with pytest.raises(UserError, match="this model's UNet has no self-attention layers"):
         parse_layers(None, plain)
+
+
+def test_numpy_booleans_are_taken_as_numpy_numbers_are(tiny_sd15, data_dir):
+    """NumPy ints and floats were welcome everywhere and NumPy's bools refused: a sweep over np.array([True,
+    False]) met "adain must be True or False (got np.True_)"."""
+    from attndistill.tasks.generate import texture_sampling
+
+    run = dict(model=tiny_sd15, steps=2, iters=1, size=64, progress=False)
+    plain = texture_sampling(data_dir / "wood-rings.jpg", adain=False, tune_vae=False, **run)[0]
+    numpy = texture_sampling(data_dir / "wood-rings.jpg", adain=np.bool_(False), tune_vae=np.bool_(False), **run)[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(numpy))
+    assert json.loads(numpy.info["parameters"])["adain"] is False

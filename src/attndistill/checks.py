@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from .errors import UserError
 
 #: The largest seed: torch's CPU generator (every run's noise is drawn there) keeps only a seed's low 32 bits,
@@ -45,7 +47,7 @@ def non_negative(name: str, value: object) -> float:
 
 
 def flag(name: str, value: object) -> bool:
-    """True or False only: ``adain="no"`` must not turn AdaIN on."""
-    if not isinstance(value, bool):
+    """True or False only (NumPy's too, as numbers are taken from NumPy): ``adain="no"`` must not turn AdaIN on."""
+    if not isinstance(value, bool | np.bool_):
         raise UserError(f"{name} must be True or False (got {value!r})")
-    return value
+    return bool(value)

@@ -61,6 +61,12 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
     """
     limit = 2 * MAX_PIXELS if flat else MAX_PIXELS
     if isinstance(source, Image.Image):
+        _check_size(source.size, what, limit)  # before its pixels are read
+        try:
+            source.load()  # a closed image, a lazily opened one whose file went: said here, not deep in a run
+        except (ValueError, OSError, AttributeError) as exc:
+            raise UserError(f"{what} (a PIL image) cannot be read ({exc}); pass it before closing it, or its "
+                            "file's path") from None
         return _to_rgb(source, what, labels=labels, limit=limit, background=background)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")

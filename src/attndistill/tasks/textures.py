@@ -181,6 +181,9 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
     is the right one (expansion, for one, wraps its views rather than the UNet's convolutions).
     Returns what ``task`` returns (a list of images, or one).
     """
+    if not callable(task):  # with_texture_options("texture", ...): the task is a function
+        raise UserError(f"with_texture_options takes a task function such as ad.texture_sampling, not a "
+                        f"{type(task).__name__}")
     tile = check_axes(tile)
     flag("tune_vae", tune_vae)
     if {"tile", "tune_vae"} <= _parameter_names(task):

@@ -301,6 +301,9 @@ def _is_vae_folder(folder: Path) -> bool:
 
 def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save ``vae`` as a diffusers ``AutoencoderKL`` folder (safetensors); the folder appears complete or not at all."""
+    if not callable(getattr(vae, "save_pretrained", None)):  # save_vae("wood-vae", vae): the arguments swapped
+        raise UserError(f"save_vae takes the VAE that finetune_vae returned, then the folder: not a "
+                        f"{type(vae).__name__} first")
     folder = check_vae_folder(folder, overwrite=overwrite)
     parent = folder.parent if str(folder.parent) else Path(".")
     try:
