@@ -85,6 +85,7 @@ def test_a_layout_is_the_start_and_the_content_of_its_content_loss(tiny_sd15, da
     torch.testing.assert_close(seen["content"], tiny_sd15.encode(to_tensor(load_image(data_dir / "horse.jpg"),
                                                                             out.size)))
     assert seen["weight"] == 0.1 and seen["start_step"] == 1  # strength 0.8 of 5 steps skips the first
+    assert json.loads(out.info["parameters"])["init"] == "layout"  # it said "random"
 
 
 @pytest.mark.parametrize(("tile", "unet_axes", "view_wrap", "decode_wrap"), [

@@ -34,7 +34,7 @@ class Preset:
     guidance_rescale: float = 0.0  # CFG rescale of zero-terminal-SNR models, 0 (off) to 1 (sampling only)
     adain: bool = False  # AdaIN of the latent to the noised reference (sampling only)
     attention_scale: float = 1.0  # `a` in the ideal attention
-    init: Literal["content", "random", "labels"] = "random"
+    init: Literal["content", "random", "labels", "layout"] = "random"  # what a run starts from (recorded)
     stride: int = 8  # MultiDiffusion view stride in latents
     reference_fit: str = DEFAULT_REFERENCE_FIT  # one of REFERENCE_FITS
 

@@ -307,7 +307,8 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
     preset = get_preset("texture-sample").override(steps=steps, iters=iters, lr=lr, guidance=guidance,
                                                    guidance_rescale=guidance_rescale, adain=adain,
                                                    content_weight=content_weight,
-                                                   attention_scale=attention_scale, reference_fit=reference_fit)
+                                                   attention_scale=attention_scale, reference_fit=reference_fit,
+                                                   init="layout")  # the noised layout (SDEdit), not noise
     seed, num, tile = check_run(seed=seed, callback=callback, num=num, what="number of images", fused=fused,
                                 progress=progress, tile=tile, tune_vae=tune_vae)
     refs = as_list(reference)
