@@ -147,8 +147,8 @@ def test_a_loop_of_ones_own_is_checked_and_conditioned_on_its_latents_size(tiny_
             losses.append(float(distiller.loss(z)))
     assert losses[0] == losses[1]
     with Distiller(tiny_sdxl, layers="0-1", content_weight=0.5) as distiller:
-        for t, message in (("500", "the timestep must be a number in 0..999, not a str"),
-                           (1000, "timestep 1000 is outside the model's training range 0..999"),
+        for t, message in (("500", "the timestep must be a number in 0..1000, not a str"),
+                           (1001, r"timestep 1001 is outside the model's range 0..1000"),
                            (-3, "timestep -3 is outside"), (torch.tensor([1, 2]), "must be one number")):
             with pytest.raises(UserError, match=message):
                 distiller.begin_timestep(t, z_ref)

@@ -114,8 +114,8 @@ def _no_such_layers(what: object, count: int) -> UserError:
 
 
 def check_timestep(t: object, model: DiffusionModel) -> None:
-    """A timestep a caller gives: one number in the model's training range (a device tensor's value is not read:
-    that would wait for the GPU at every step)."""
+    """A timestep a caller gives: one number from 0 to the model's training timesteps (a device tensor's value is
+    not read: that would wait for the GPU at every step)."""
     total = model.scheduler_config.num_train_timesteps
     if torch.is_tensor(t):
         if t.numel() != 1:
@@ -124,9 +124,9 @@ def check_timestep(t: object, model: DiffusionModel) -> None:
             return
         t = t.item()
     if not isinstance(t, numbers.Real) or isinstance(t, bool):
-        raise UserError(f"the timestep must be a number in 0..{total - 1}, not a {type(t).__name__}")
-    if not 0 <= t < total:
-        raise UserError(f"timestep {t} is outside the model's training range 0..{total - 1}")
+        raise UserError(f"the timestep must be a number in 0..{total}, not a {type(t).__name__}")
+    if not 0 <= t <= total:  # DDIM's steps_offset makes 1000 of 1000 steps' first timestep
+        raise UserError(f"timestep {t} is outside the model's range 0..{total}")
 
 
 def check_latents(what: str, z: object, model: DiffusionModel) -> None:
