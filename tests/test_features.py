@@ -146,6 +146,15 @@ def test_a_loop_of_ones_own_is_checked_and_conditioned_on_its_latents_size(tiny_
             distiller.begin_timestep(500, z_ref)
             losses.append(float(distiller.loss(z)))
     assert losses[0] == losses[1]
+    for static in (False, True):  # Adam steps of one's own too, on the CUDA-graph code path as well (uncaptured)
+        runs = []
+        for explicit in (False, True):
+            with Distiller(tiny_sdxl, layers="0-1", static=static) as distiller:
+                if explicit:
+                    distiller.condition_on(z.shape[-2:])
+                runs.append(distiller.adam_steps(z, tiny_sdxl.timestep(500), z_ref, None, iters=2, lr=0.05,
+                                                 fresh=True)[0])
+        torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     with Distiller(tiny_sdxl, layers="0-1", content_weight=0.5) as distiller:
         for t, message in (("500", "the timestep must be a number in 0..1000, not a str"),
                            (1001, r"timestep 1001 is outside the model's range 0..1000"),

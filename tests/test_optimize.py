@@ -237,3 +237,19 @@ def test_tasks_run_inside_inference_mode_as_outside_it(tiny_sd15, data_dir, task
     with torch.inference_mode():
         inside = run[task]()
     assert np.array_equal(np.asarray(inside), np.asarray(outside))
+
+
+def test_a_model_loaded_inside_inference_mode_still_runs_tasks(tiny_sd15_dir, data_dir):
+    """A server that loads its model lazily inside its handler's inference_mode made weights that can take no
+    part in a backward: load_model makes them outside it; weights made there another way are named."""
+    import attndistill as ad
+    from attndistill.core.engine import Distiller
+
+    with torch.inference_mode():
+        model = ad.load_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+        out = ad.texture_synthesis(data_dir / "wood-rings.jpg", model=model, steps=2, size=64, progress=False)[0]
+    assert out.size == (64, 64)
+    with torch.inference_mode():
+        model.unet.conv_in.weight = torch.nn.Parameter(model.unet.conv_in.weight.clone(), requires_grad=False)
+    with pytest.raises(ad.UserError, match="weights were made inside torch.inference_mode"):
+        Distiller(model)

@@ -215,6 +215,12 @@ def test_style_transfer_batch_says_which_contents_it_stretches_to_the_firsts_asp
     assert said == [f"content image {name} is 128x64, another aspect than the batch's first (768x754): it is "
                     "stretched 2.0 times to 64x64; optimise it in a batch of its own aspect to keep it"
                     for name in (f"'{tmp_path / 'wide.png'}'", "number 4")]  # golden-gate: about the same aspect
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attndistill"):  # a size of the wide one's aspect: the square is
+        ad.style_transfer_batch([data_dir / "horse.jpg", wide], data_dir / "watercolor-cat.jpg", model=model, steps=1,
+                                size=(128, 64), progress=False)  # stretched (said), the wide one is not
+    assert not [r for r in caplog.records if "another aspect than the batch's first" in r.getMessage()]
+    assert [r for r in caplog.records if "the size asked for is 128x64, another aspect" in r.getMessage()]
 
 
 def test_style_transfer_batch_tiles_and_tunes_the_decoder_as_single_runs_do(tiny_sd15, data_dir, monkeypatch):

@@ -166,6 +166,9 @@ class Distiller:
                  update_mask: torch.Tensor | None = None) -> None:
         if not hasattr(model, "unet") or not hasattr(model, "perf"):
             raise UserError(f"Distiller needs a model loaded with attndistill.load_model, not a {type(model).__name__}")
+        if next(model.unet.parameters()).is_inference():
+            raise UserError("the model's weights were made inside torch.inference_mode(), which forbids the gradients "
+                            "AD needs; make them outside it (attndistill.load_model does so itself)")
         self.model = model
         self.layers = parse_layers(layers, model)  # the numbering is discovered once per UNet, so this is cheap
         # as the tasks check them: a negative or NaN weight dropped the content term silently
@@ -240,6 +243,8 @@ class Distiller:
         content features computed ahead (:mod:`attndistill.core.lookahead`) instead of here.
         """
         content_latents = self.used_content(content_latents)
+        if not self._conditioned:  # a loop of one's own: the output size's null, before any stepper is made for it
+            self.condition_on(z.shape[-2:])
         key = (tuple(z.shape), tuple(ref_latents.shape),
                None if content_latents is None else tuple(content_latents.shape), lr)
         stepper = self._steppers.get(key)

@@ -280,6 +280,7 @@ def home(source: str | os.PathLike) -> str:
     return os.path.expanduser(source) if source.startswith("~") else source
 
 
+@torch.inference_mode(False)  # weights made inside a caller's inference_mode could take no part in AD's backward
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLike | None = None,
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                config: str | os.PathLike | None = None, allow_pickle: bool = False,

@@ -79,13 +79,16 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     name = inputs.get("content") or inputs.get("structure")  # a batch's first content has no name here
     w, h = target_size(model, size, like=targets[0] if targets else target,
                        like_name=f"{what} '{name}'" if name else f"the first {what}")
-    for i, other in enumerate(targets[1:] if targets else [], start=1):
-        if not drawn_over(targets[0].size, other.size):  # a batch takes its first content's size
+    def stretch(image: Image.Image) -> float:  # how far (w, h) stretches an image's aspect, either way
+        change = (image.size[0] / image.size[1]) / (w / h)
+        return max(change, 1 / change)
+
+    for i, other in enumerate(targets[1:] if targets else [], start=1):  # a batch takes its first content's size
+        if stretch(other) > 1.02 * stretch(targets[0]) and not drawn_over(targets[0].size, other.size):
             named = f"'{target_names[i]}'" if target_names and target_names[i] != "<image>" else f"number {i + 1}"
-            change = (other.size[0] / other.size[1]) / (w / h)
             log.warning("%s %s is %dx%d, another aspect than the batch's first (%dx%d): it is stretched %.1f times "
                         "to %dx%d; optimise it in a batch of its own aspect to keep it", what, named, *other.size,
-                        *targets[0].size, max(change, 1 / change), w, h)
+                        *targets[0].size, stretch(other), w, h)
     # the latent cells a mask lets change, known before any encoding work (batch dry-runs check it too)
     region = _update_region(mask_images, masks, (w, h), model.vae_scale_factor)
     z_ref = encode_references(model, references, ref_what, preset.reference_fit)
