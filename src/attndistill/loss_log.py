@@ -36,14 +36,16 @@ class LossLog:
             row["losses"] = [_plain(v) for v in info.losses]
         self.rows.append({**row, "stage": info.stage} if info.stage else row)
 
-    def end_at_divergence(self, exc: BaseException) -> None:
+    def end_at_divergence(self, exc: BaseException) -> bool:
         """The rows of a run that ``exc`` stopped: where it names the step that diverged, the steps before it and
-        that step with loss null. The NaN watch reads its flag every few steps, so steps after it may have run."""
+        that step with loss null (the NaN watch reads its flag every few steps, so steps after it may have run).
+        Returns whether there is a row to write."""
         from .errors import StepDiverged
 
         if isinstance(exc, StepDiverged):
             self.rows = [row for row in self.rows if "stage" in row or row["step"] < exc.step]
             self.rows.append({"step": exc.step, "timestep": exc.timestep, "loss": None})
+        return bool(self.rows)
 
     @property
     def tuning_rows(self) -> int:

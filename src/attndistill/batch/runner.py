@@ -309,11 +309,10 @@ class Runner:
                 written.append(path)
                 displaced = displaced or why
         except UserError as exc:  # in the jobs file's words: its line, its keys ('vae', not --vae)
-            if isinstance(exc, NonFiniteError) and losses is not None and not logged:
-                losses.end_at_divergence(exc)
+            if isinstance(exc, NonFiniteError) and losses is not None and not logged and \
+                    losses.end_at_divergence(exc):
                 with contextlib.suppress(UserError):  # the steps before it diverged: the curve a sweep wants most
-                    if losses.rows:
-                        logged["loss_log"] = _relative(self._write_losses(job, losses), self.out_dir)
+                    logged["loss_log"] = _relative(self._write_losses(job, losses), self.out_dir)
             return self._failed(job, tag, f"line {job.line}: {job_words(str(exc))}", start, written=written,
                                 **logged)
         except Exception as exc:  # handled below: inside except, its traceback keeps the job's memory

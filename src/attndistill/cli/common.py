@@ -281,9 +281,7 @@ def losses_kept_if_diverged(losses: StepLosses | None, *, overwrite: bool) -> It
     try:
         yield
     except NonFiniteError as exc:
-        if losses is not None:
-            losses.end_at_divergence(exc)
-        if losses is not None and losses.rows:
+        if losses is not None and losses.end_at_divergence(exc):
             with contextlib.suppress(UserError):  # the divergence is the error to tell
                 losses.write(overwrite=overwrite)
         raise

@@ -3,13 +3,11 @@ parameters a result records (so any image can be rerun exactly)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -36,9 +34,6 @@ from ..model.perf import pixel_switches
 from ..model.tiling import check_axes
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
 from ..version import __version__
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +184,14 @@ def check_reference_fit(fit: object) -> str:
     return fit
 
 
-def with_gradients(task: Callable[P, R]) -> Callable[P, R]:
-    """A task that runs outside ``torch.inference_mode``: AD differentiates the latents, which inference mode
-    forbids even where a run turns grad mode back on (a server may wrap every call in it); ``no_grad`` is fine."""
-    @functools.wraps(task)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        with torch.inference_mode(False):
-            return task(*args, **kwargs)
-
-    return run
+#: A task's decorator: it runs outside ``torch.inference_mode``. AD differentiates the latents, which inference
+#: mode forbids even where a run turns grad mode back on (a server may wrap every call in it); ``no_grad`` is fine.
+#: torch's own decorator, as ``load_model`` takes it: it keeps the task's signature (batch and web UI read it).
+with_gradients = torch.inference_mode(False)
 
 
 def run_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], *,
-                     condition_size: tuple[int, int], fused: bool | None, **masks: torch.Tensor | None) -> Distiller:
+                  condition_size: tuple[int, int], fused: bool | None, **masks: torch.Tensor | None) -> Distiller:
     """The run's Distiller, weighted as the preset says. ``condition_size`` (h, w) px: the null conditioning's
     size (SDXL's add_time_ids, ALGORITHM.md §1); ``masks``: ``update_mask`` or the label maps. Nothing in a run
     draws from torch's global random state (its noise comes from generators of the seed), which it leaves as

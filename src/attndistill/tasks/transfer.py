@@ -98,8 +98,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
         init = z_content if targets else z_content.expand(num, -1, -1, -1)
     else:
         init = seeded_noise((num, 4, h // model.vae_scale_factor, w // model.vae_scale_factor), seed)
-    distiller = run_distiller(model, preset, layer_ids, condition_size=(h, w), fused=fused,
-                                 update_mask=region)
+    distiller = run_distiller(model, preset, layer_ids, condition_size=(h, w), fused=fused, update_mask=region)
     # seamless: circular convolutions for the run; tune_vae: a decoder fitted to the references
     with (tuned_vae(model, references if tune_vae else None, reference_fit=preset.reference_fit, progress=progress,
                     callback=callback),
