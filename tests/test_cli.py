@@ -449,19 +449,26 @@ def test_a_warning_about_an_input_is_printed_once(tmp_path, data_dir, tiny_sd15_
     assert result.output.count(f"content image '{tmp_path / 'anim.gif'}' has 2 frames; its first is used") == 1
 
 
-def test_a_run_that_diverges_still_writes_the_losses_before_it(tmp_path, data_dir, tiny_sd15_dir):
+@pytest.mark.parametrize("command", [["style", "{data}/horse.jpg", "{data}/watercolor-cat.jpg"],
+                                     ["t2i", "--style", "{data}/watercolor-cat.jpg", "--prompt", "a barn"]])
+def test_a_run_that_diverges_still_writes_the_losses_before_it(tmp_path, data_dir, tiny_sd15_dir, command):
     """The curve a learning-rate sweep wants most is the one that blows up: it was never written. It ends at the
-    step that diverged, though the NaN watch saw it only at step 10 (it reads its flag every 10 steps)."""
+    step that diverged, though the NaN watch saw it only at step 10 (it reads its flag every 10 steps). Its last
+    row says, as the others do, the timestep AD-guided sampling's iterations ran at (t', the next step's)."""
     import json
 
     log = tmp_path / "losses.jsonl"
-    result = run("style", data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", "-o", tmp_path / "out.png",
-                 "--model", tiny_sd15_dir, "--steps", 12, "--size", 64, "--lr", 1e30, "--loss-log", log, "-q")
-    assert result.exit_code == 3 and "became NaN/Inf at step 2 of 12" in result.output, result.output
+    args = [a.replace("{data}", str(data_dir)) for a in command]
+    result = run(*args, "-o", tmp_path / "out.png", "--model", tiny_sd15_dir, "--steps", 12, "--size", 64, "--lr",
+                 1e30, "--loss-log", log, "-q")
+    assert result.exit_code == 3 and "became NaN/Inf at step" in result.output, result.output
     rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and isinstance(rows[0]["loss"], float)
-    assert rows[1]["loss"] is None and rows[1]["timestep"] < rows[0]["timestep"]  # JSON has no NaN
-    assert f"wrote {log} (2 steps)" in result.output and not (tmp_path / "out.png").exists()
+    bad = len(rows)
+    assert f"at step {bad} of 12" in result.output and f"wrote {log} ({bad} steps)" in result.output
+    assert [r["step"] for r in rows] == list(range(1, bad + 1)) and rows[-1]["loss"] is None  # JSON has no NaN
+    assert all(isinstance(r["loss"], float) for r in rows[:-1]) and bad == (2 if command[0] == "style" else 1)
+    assert all(("ad_timestep" in r) == (command[0] == "t2i") for r in rows), rows
+    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("once", [True, False])

@@ -125,6 +125,21 @@ def test_a_vae_folder_taken_while_tuning_keeps_both(run, data_dir, tmp_path, mon
     AutoencoderKL.from_pretrained(tmp_path / "wood-vae.new")
 
 
+def test_finetune_vae_writes_its_loss_log_beside_the_folder(run, data_dir, tmp_path):
+    """``--loss-log``: each tuning step's L1, as ``--tune-vae`` logs them (marked with their stage), and the curve
+    falls; a log inside the VAE's folder is refused before any work (that folder holds a VAE's files only)."""
+    folder, log = tmp_path / "wood-vae", tmp_path / "tuning.jsonl"
+    inside = run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3, "--loss-log",
+                 folder / "losses.jsonl")
+    assert inside.exit_code == 2 and "lies in the VAE's folder" in inside.output and not folder.exists()
+    result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3, "--lr", 1e-3,
+                     "--loss-log", log))
+    assert f"wrote {log} (3 steps of the decoder's tuning)" in result.output
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in rows] == [(i, "tuning the VAE decoder") for i in (1, 2, 3)]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
 def test_finetune_vae_then_use_it(run, data_dir, tmp_path, tiny_sd15_dir):
     folder = tmp_path / "wood-vae"
     result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))

@@ -33,11 +33,12 @@ class NonFiniteError(UserError):
 
 class StepDiverged(NonFiniteError):
     """A run's step went NaN/Inf: ``step`` (counted from 1, as the bar counts) and its ``timestep`` say which, so
-    a loss log can end there (the watch reads its flag every few steps: later steps may have run)."""
+    a loss log can end there (the watch reads its flag every few steps: later steps may have run);
+    ``ad_timestep``: the timestep its AD iterations ran at, where that is another (sampling's t')."""
 
-    def __init__(self, message: str, *, step: int, timestep: int) -> None:
+    def __init__(self, message: str, *, step: int, timestep: int, ad_timestep: int | None = None) -> None:
         super().__init__(message)
-        self.step, self.timestep = step, timestep
+        self.step, self.timestep, self.ad_timestep = step, timestep, ad_timestep
 
 
 def precision_advice(dtype) -> str:

@@ -44,7 +44,8 @@ class LossLog:
 
         if isinstance(exc, StepDiverged):
             self.rows = [row for row in self.rows if "stage" in row or row["step"] < exc.step]
-            self.rows.append({"step": exc.step, "timestep": exc.timestep, "loss": None})
+            row = {"step": exc.step, "timestep": exc.timestep, "loss": None}
+            self.rows.append(row if exc.ad_timestep is None else {**row, "ad_timestep": exc.ad_timestep})
         return bool(self.rows)
 
     @property

@@ -39,6 +39,7 @@ from .common import (
     check_before_load,
     check_command_options,
     check_images,
+    check_loss_log,
     echo_err,
     finite,
     load,
@@ -135,7 +136,7 @@ def finetune_vae(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing VAE folder (never a folder of other files)")]
-    = False, quiet: Quiet = False,
+    = False, quiet: Quiet = False, loss_log: LossLog = None,
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from ..images import free_name
@@ -148,13 +149,20 @@ def finetune_vae(
         vae_tuning.check_tuning(**settings)
         fit = None if reference_fit is None else check_reference_fit(reference_fit)
         check_images(reference_image=reference)
+        if loss_log is not None:
+            check_loss_log(loss_log, [], overwrite=overwrite, folder=output)
         m = load(model, vae=vae, device=device, dtype=dtype, config=config, allow_pickle=allow_pickle)
-        tuned = vae_tuning.finetune_vae(reference, model=m, reference_fit=fit, progress=not quiet, **settings)
+        losses = StepLosses.of(loss_log)
+        with losses_kept_if_diverged(losses, overwrite=overwrite):
+            tuned = vae_tuning.finetune_vae(reference, model=m, reference_fit=fit, progress=not quiet,
+                                            callback=losses, **settings)
         target = output
         if not overwrite and output.is_dir() and any(output.iterdir()):  # taken while it ran (checked before)
             target = free_name(output, suffix="")
             echo_err(f"warning: '{output}' appeared while this ran and is left as it is; the tuned VAE is {target}")
         vae_tuning.save_vae(tuned, target, overwrite=overwrite)
         typer.echo(f"wrote {target}")
+        if losses is not None:
+            losses.write(overwrite=overwrite)
 
     run_command(body)

@@ -268,8 +268,10 @@ class StepLosses(RunLosses):
     def write(self, *, overwrite: bool) -> Path:  # type: ignore[override]
         super().write(self.path, overwrite=overwrite)
         staged = self.tuning_rows  # --tune-vae: the decoder's tuning, numbered apart
-        typer.echo(f"wrote {self.path} ({len(self.rows) - staged} steps"
-                   + (f", and {staged} of the decoder's tuning)" if staged else ")"))
+        own = len(self.rows) - staged  # none in finetune-vae's log
+        counted = (f"{own} steps, and {staged} of the decoder's tuning" if own and staged else
+                   f"{own} steps" if own else f"{staged} steps of the decoder's tuning")
+        typer.echo(f"wrote {self.path} ({counted})")
         return self.path
 
 
@@ -323,12 +325,33 @@ def step_callback(path: Path | None, every: int | None, model, losses: StepLosse
     return callback
 
 
+def check_loss_log(loss_log: Path, outputs: list[Path], *, overwrite: bool, folder: Path | None = None) -> None:
+    """Refuse a ``--loss-log`` that names no file, one of the run's ``outputs``, a place inside its output
+    ``folder`` (``finetune-vae``'s, which holds a VAE's files only), or a file that no earlier run's loss log is
+    (an input, a model's file: never replaced, even with ``overwrite``)."""
+    from ..errors import UserError
+    from ..images import check_output_file, check_output_kind
+
+    if str(loss_log).strip() in ("", ".", "-"):  # an empty option is the current folder to pathlib
+        raise UserError(f"--loss-log '{loss_log}' names no file; give a file name such as losses.jsonl")
+    check_output_kind(loss_log, what="--loss-log", example="losses.jsonl")  # a link loop fails resolve()
+    if loss_log.resolve() in {p.resolve() for p in outputs}:
+        raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
+    if folder is not None and loss_log.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"--loss-log '{loss_log}' lies in the VAE's folder '{folder}', which holds the VAE's files "
+                        "only; write the loss log beside it")
+    if loss_log.exists() and not loss_log.is_dir() and not is_loss_log(loss_log):
+        raise UserError(f"--loss-log '{loss_log}' exists and is not the loss log of an earlier run; give the loss "
+                        "log another name or delete that file")
+    check_output_file(loss_log, overwrite=overwrite, what="--loss-log", option="--loss-log", example="losses.jsonl")
+
+
 def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | None = None,
                   preview_every: int | None = None, loss_log: Path | None = None) -> None:
     """Refuse before any work if an output exists (or cannot be written); so for the ``--preview`` file and the
     ``--loss-log``. ``--preview-every`` without ``--preview`` is refused too: it would write nothing."""
     from ..errors import UserError
-    from ..images import check_output, check_output_file, check_output_kind, numbered_outputs
+    from ..images import check_output, check_output_kind, numbered_outputs
 
     if preview_every is not None and preview is None:
         raise UserError(f"--preview-every {preview_every} writes nothing without --preview; add --preview "
@@ -336,17 +359,7 @@ def check_outputs(output: Path, count: int, *, overwrite: bool, preview: Path | 
 
     outputs = numbered_outputs(output, count)
     if loss_log is not None:
-        if str(loss_log).strip() in ("", ".", "-"):  # an empty option is the current folder to pathlib
-            raise UserError(f"--loss-log '{loss_log}' names no file; give a file name such as losses.jsonl")
-        check_output_kind(loss_log, what="--loss-log", example="losses.jsonl")  # a link loop fails resolve()
-        if loss_log.resolve() in {p.resolve() for p in [*outputs, *([preview] if preview else [])]}:
-            raise UserError(f"--loss-log '{loss_log}' is an output or preview file; give the loss log another name")
-        # an input, a model's file: never replaced, even with overwrite
-        if loss_log.exists() and not loss_log.is_dir() and not is_loss_log(loss_log):
-            raise UserError(f"--loss-log '{loss_log}' exists and is not the loss log of an earlier run; give the loss "
-                            "log another name or delete that file")
-        check_output_file(loss_log, overwrite=overwrite, what="--loss-log", option="--loss-log",
-                          example="losses.jsonl")
+        check_loss_log(loss_log, [*outputs, *([preview] if preview else [])], overwrite=overwrite)
     if preview is not None:
         check_output_kind(preview, what="--preview")
         if preview.resolve() in {p.resolve() for p in outputs}:

@@ -73,10 +73,11 @@ class _FiniteGuard:
         self.every, self.total, self.dtype, self.raised = every, total, dtype, tuple(raised)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
         self.what = torch.full((), 0, device=device, dtype=torch.long)
-        self.timesteps: list[int] = []
+        self.timesteps: list[tuple[int, int | None]] = []  # each step's timestep and AD timestep
 
-    def update(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor]) -> None:
-        self.timesteps.append(timestep)
+    def update(self, step: int, timestep: int, latents: torch.Tensor, losses: list[torch.Tensor],
+               ad_timestep: int | None = None) -> None:
+        self.timesteps.append((timestep, ad_timestep))
         loss_ok = torch.isfinite(torch.stack(losses)).all() if losses else torch.ones((), dtype=torch.bool,
                                                                                           device=latents.device)
         ok = loss_ok & torch.isfinite(latents).all()
@@ -93,10 +94,11 @@ class _FiniteGuard:
             options = [f"--{name}" for name in self.raised]
             also = f" (or a raised {' or '.join(filter(None, [', '.join(options[:-1]), options[-1]]))})" \
                 if options else ""
+            timestep, ad_timestep = self.timesteps[bad]
             raise StepDiverged(f"the {what} became NaN/Inf at step {bad + 1} of {self.total} "
-                               f"(timestep {self.timesteps[bad]}); lower --lr{also}"
+                               f"(timestep {timestep}); lower --lr{also}"
                                f"{precision_advice(self.dtype)}, or check the input images",
-                               step=bad + 1, timestep=self.timesteps[bad])
+                               step=bad + 1, timestep=timestep, ad_timestep=ad_timestep)
 
 
 class StepLoop:
@@ -132,7 +134,8 @@ class StepLoop:
         """After step ``step`` (0-based) at ``timestep``: latents and the losses of its inner iterations;
         ``parts``: the loss terms of its last iteration (``Distiller.last_parts``), read for a callback only;
         ``ad_timestep``: where those iterations ran at another timestep (sampling's t')."""
-        self.guard.update(step, timestep, latents, losses)
+        ad_timestep = ad_timestep if losses else None  # a step without AD iterations ran none at t'
+        self.guard.update(step, timestep, latents, losses, ad_timestep)
         self.guard.check(step, final=step == self.total - 1)
-        info = StepInfo(step, self.total, timestep, math.nan, latents, ad_timestep=ad_timestep if losses else None)
+        info = StepInfo(step, self.total, timestep, math.nan, latents, ad_timestep=ad_timestep)
         _report_progress(self.bar, self.callback, info, losses, advance=self.advance, parts=parts)
