@@ -163,6 +163,6 @@ def finetune_vae(
         vae_tuning.save_vae(tuned, target, overwrite=overwrite)
         typer.echo(f"wrote {target}")
         if losses is not None:
-            losses.write(overwrite=overwrite)
+            losses.save(overwrite=overwrite)
 
     run_command(body)

@@ -246,7 +246,7 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
         say(line)
     if losses is not None:
         try:
-            losses.write(overwrite=overwrite)
+            losses.save(overwrite=overwrite)
         except UserError as exc:  # the images are whole and kept: the error says so, not only "output"
             raise UserError(f"{str(exc).replace('output ', '--loss-log ', 1)} (the images were written: "
                             f"{', '.join(map(str, written))})") from None
@@ -265,8 +265,8 @@ class StepLosses(RunLosses):
     def of(cls, path: Path | None) -> StepLosses | None:
         return None if path is None else cls(path)
 
-    def write(self, *, overwrite: bool) -> Path:  # type: ignore[override]
-        super().write(self.path, overwrite=overwrite)
+    def save(self, *, overwrite: bool) -> Path:
+        self.write(self.path, overwrite=overwrite)
         staged = self.tuning_rows  # --tune-vae: the decoder's tuning, numbered apart
         own = len(self.rows) - staged  # none in finetune-vae's log
         counted = (f"{own} steps, and {staged} of the decoder's tuning" if own and staged else
@@ -285,7 +285,7 @@ def losses_kept_if_diverged(losses: StepLosses | None, *, overwrite: bool) -> It
     except NonFiniteError as exc:
         if losses is not None and losses.end_at_divergence(exc):
             with contextlib.suppress(UserError):  # the divergence is the error to tell
-                losses.write(overwrite=overwrite)
+                losses.save(overwrite=overwrite)
         raise
 
 
