@@ -143,6 +143,22 @@ def test_attention_slicing_can_be_turned_off_again(tiny_sd15):
     assert processors() == fresh
 
 
+def test_cuda_switches_asked_for_on_the_cpu_are_said_to_change_nothing_once(tiny_sd15, caplog, monkeypatch):
+    """--cpu-offload on a CPU (or a Mac) ran without a word, as if it saved memory."""
+    from attndistill.model import perf
+
+    monkeypatch.setattr(perf, "_said_unused", set())
+    try:
+        with caplog.at_level(logging.WARNING, logger="attndistill"):
+            for _ in range(2):  # every run sets its model's switches: said once
+                tiny_sd15.set_perf(PerfOptions(cpu_offload=True, cuda_graphs=True))
+            tiny_sd15.set_perf(PerfOptions(cuda_graphs=False, offload_text_encoders=False))  # nothing asked for
+    finally:
+        tiny_sd15.set_perf(PerfOptions())
+    assert [r.getMessage() for r in caplog.records] == [
+        "--cuda-graphs and --cpu-offload act on CUDA GPUs only: on cpu they change nothing"]
+
+
 def test_callbacks_keep_the_latents_they_are_given(tiny_sd15, data_dir):
     """Each step's latents are the callback's own copy, not the buffer the run goes on in."""
     seen = []
@@ -181,6 +197,25 @@ def test_a_target_map_whose_aspect_the_size_cannot_keep_is_said(tiny_sd15, data_
         ad.masked_texture_synthesis(data_dir / "wood-rings.jpg", halves((64, 64)), halves((2000, 40)),
                                     model=tiny_sd15, steps=1, size=64, progress=False)
     assert "target label map" in caplog.text and "stretched" in caplog.text
+
+
+@pytest.mark.parametrize("size,said", [
+    ((100, 70), "size 100x70 is rounded to 96x64: sides are whole multiples of 32 px"),
+    (70, "size 70 is rounded to 64x64: sides are whole multiples of 32 px"), (64, None), ((96, 64), None)])
+def test_a_size_that_rounding_changes_is_said_by_the_run_not_by_a_check(tiny_sd15, data_dir, caplog, size, said):
+    """Only a run's last line showed that the image has another size than the one asked for."""
+    from attndistill.tasks.setup import target_size
+    from attndistill.tasks.textures import canvas_size
+
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        target_size(tiny_sd15, size, warn=False)  # a batch check's call, before the run's
+        canvas_size(tiny_sd15, size, 4, warn=False)
+        assert caplog.text == ""
+        ad.texture_synthesis(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=1, size=size, progress=False)
+        canvas_size(tiny_sd15, (130, 68), 4)  # expansion: whole latents of 8 px
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [*([f"{said} for this model"] if said else []),
+                     "size 130x68 is rounded to 128x72: sides are whole multiples of 8 px for this model"]
 
 
 def test_texture_options_keep_references_given_by_a_generator(tiny_sd15, data_dir):

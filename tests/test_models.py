@@ -227,11 +227,12 @@ def test_fp16_weights_are_asked_for_where_half_precision_runs_on_a_gpu():
 
 
 def test_a_long_prompt_is_warned_about_with_the_words_clip_drops(tiny_sd15, caplog):
-    from attndistill.model.models import warn_truncated
-
+    """Named as the prompt or the negative prompt (a long negative prompt was called "prompt"), once per prompt."""
+    long = " ".join(["a"] * 75 + ["b"] * 5)
     with caplog.at_level(logging.WARNING, logger="attndistill.model.models"):
-        warn_truncated(tiny_sd15.pipe.tokenizer, [" ".join(["a"] * 75 + ["b"] * 5)])
-    assert "prompt has 82 tokens; CLIP keeps the first 77, so its end is ignored: 'b b b b b'" in caplog.text
+        tiny_sd15.encode_prompt(["a barn", "a barn"], negative=[long, long])
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("attndistill")]
+    assert said == ["negative prompt has 82 tokens; CLIP keeps the first 77, so its end is ignored: 'b b b b b'"]
 
 
 def test_steps_read_timesteps_on_the_cpu_and_unet_calls_get_them_made_on_the_device(tiny_sd15):

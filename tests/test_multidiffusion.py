@@ -205,6 +205,11 @@ def test_expand_texture_any_size_reproducible(tiny_sd15, data_dir):
 def test_expand_texture_rejects_a_canvas_smaller_than_a_view(tiny_sd15, data_dir):
     with pytest.raises(ad.UserError, match="smaller than one view"):
         expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(512, 256), progress=False)
+    for view, near in ((5, "4 or 8"), (3, "4")):  # the UNet's latent multiple is 4 latents here
+        with pytest.raises(ad.UserError, match=f"^--view {view} must be a multiple of 4 latents for this UNet; use "
+                                               f"{near}$"):
+            expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(96, 64), view=view, stride=2,
+                           progress=False)
 
 
 def test_the_reference_noise_does_not_repeat_the_start_canvas(tiny_sd15, data_dir, monkeypatch):

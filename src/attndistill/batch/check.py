@@ -173,14 +173,14 @@ class Validator:
 
             check_expansion(preset, args["size"], **{k: args[k] for k in ("view", "view_batch", "decode_tile")
                                                      if k in args})
-            canvas_size(shell, args["size"], args.get("view", VIEW))
+            canvas_size(shell, args["size"], args.get("view", VIEW), warn=False)
         elif args.get("size") is not None or job.task == "style" or mask is not None:
             from ..tasks.setup import target_size
 
             like = next((args[n] for n in _LIKE.get(job.task, ()) if args.get(n)), None)
             like = like[0] if isinstance(like, list) else like
             size = self._sizes.get(like) if like is not None else None
-            planned = target_size(shell, args.get("size"), like=_Sized(size) if size else None)
+            planned = target_size(shell, args.get("size"), like=_Sized(size) if size else None, warn=False)
             if shell.from_configs and size:  # the batch runner groups style jobs by the size they will have
                 job.planned_size = planned
             if mask is not None and shell.from_configs:  # white enough to cover a latent cell of the result

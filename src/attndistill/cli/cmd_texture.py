@@ -96,7 +96,7 @@ def expand(
     from ..tasks.textures import check_expansion, expand_texture
 
     def body() -> None:
-        canvas = parse_size_option(size, multiple=8)
+        canvas = parse_size_option(size)  # the task rounds it to whole latents, and says so
         optional = {k: v for k, v in dict(view=view, view_batch=view_batch, decode_tile=decode_tile).items()
                     if v is not None}
         check_expansion(get_preset("expand").override(steps=steps, iters=iters, lr=lr,

@@ -319,7 +319,8 @@ class DiffusionModel:
 
         ``size`` (height, width) in pixels feeds SDXL's ``add_time_ids``.
         """
-        warn_truncated(self.pipe.tokenizer, prompts + (negative or []))
+        warn_truncated(self.pipe.tokenizer, prompts)
+        warn_truncated(self.pipe.tokenizer, negative or [], what="negative prompt")
         warn_prompt_syntax(prompts)
         warn_prompt_syntax(negative or [], what="negative prompt")
         cfg = negative is not None
@@ -379,12 +380,12 @@ def warn_prompt_syntax(prompts: list[str], what: str = "prompt") -> None:
                         "colons and numbers as words; write the words plainly", what, shown)
 
 
-def warn_truncated(tokenizer, prompts: list[str]) -> None:
-    """Warn when CLIP will cut a prompt at its 77-token limit."""
+def warn_truncated(tokenizer, prompts: list[str], what: str = "prompt") -> None:
+    """Warn when CLIP will cut a prompt at its 77-token limit (once per prompt of a batch)."""
     limit = tokenizer.model_max_length
-    for prompt in prompts:
+    for prompt in dict.fromkeys(prompts):
         ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # our warning, not its own
         if len(ids) > limit:  # CLIP keeps its start token, the first limit - 2 words' tokens and its end token
             dropped = tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
-            log.warning("prompt has %d tokens; CLIP keeps the first %d, so its end is ignored: '%s'", len(ids), limit,
+            log.warning("%s has %d tokens; CLIP keeps the first %d, so its end is ignored: '%s'", what, len(ids), limit,
                         dropped if len(dropped) <= 60 else dropped[:57] + "...")

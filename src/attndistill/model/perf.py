@@ -8,6 +8,7 @@ path is the default where it is safe (CUDA), the plain path elsewhere.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,6 +38,12 @@ LOOKAHEAD_LATENT_PIXELS = 16 * 64 * 64
 #: MiB whole and 646 MiB in 512-pixel tiles (CPU count, bf16, benchmarks/run_memory.py).
 VAE_TILE_PIXELS = 512
 
+
+#: Switches that act on CUDA devices only: asked for on another, they are said to change nothing there.
+CUDA_ONLY = ("cuda_graphs", "lookahead_overlap", "cudnn_benchmark", "cpu_offload", "offload_text_encoders")
+
+log = logging.getLogger(__name__)
+_said_unused: set[tuple[str, ...]] = set()
 
 #: Switches whose None means "decided for the device" (see each one's comment).
 AUTOMATIC = ("fused", "cuda_graphs", "channels_last", "cudnn_benchmark", "gradient_checkpointing",
@@ -141,6 +148,12 @@ def pixel_switches(perf: PerfOptions) -> dict[str, object]:
 def apply_perf(model, perf: PerfOptions) -> None:
     """Switch the model's components to ``perf`` (idempotent; switches can be turned off again)."""
     unet, vae = model.unet, model.vae
+    unused = tuple(name for name in CUDA_ONLY if getattr(perf, name)) if model.device.type != "cuda" else ()
+    if unused and (model.device.type, *unused) not in _said_unused:  # once: every run sets its model's switches
+        _said_unused.add((model.device.type, *unused))
+        log.warning("%s act%s on CUDA GPUs only: on %s %s nothing", " and ".join(
+            "--" + name.replace("_", "-") for name in unused), "" if len(unused) > 1 else "s", model.device.type,
+            "they change" if len(unused) > 1 else "it changes")
     if perf.gradient_checkpointing is None:
         perf = replace(perf, gradient_checkpointing=(model.kind == "sdxl" and small_card(model.device))
                        or model.short_of_memory)

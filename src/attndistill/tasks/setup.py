@@ -119,12 +119,12 @@ ASPECT_KEPT = 1.5
 
 
 def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = None,
-                like_name: str | None = None) -> tuple[int, int]:
+                like_name: str | None = None, *, warn: bool = True) -> tuple[int, int]:
     """(width, height) in pixels: explicit, or the long side of ``like`` (aspect kept), rounded for the UNet.
 
-    With ``like_name`` (the run's own call, not a check's), a (width, height) of another aspect than
-    ``like`` is said in a warning naming it: the image is stretched to it. So is an aspect too extreme to
-    keep once each side is a whole number of the UNet's multiples.
+    With ``warn`` (the run's own call, not a check's), a size that rounding changes is said. With ``like_name``
+    too, a (width, height) of another aspect than ``like`` is said in a warning naming it: the image is
+    stretched to it. So is an aspect too extreme to keep once each side is a whole number of the UNet's multiples.
     """
     multiple = model.latent_multiple
     size = check_size(size)
@@ -136,7 +136,9 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
             w, h = fit_size(like.size, size, multiple)
     else:
         w, h = (round_to_multiple(s, multiple) for s in size)
-    if like is None or not like_name:
+    if warn:
+        warn_rounded(size, (w, h), multiple)
+    if like is None or not like_name or not warn:
         return _checked_area(w, h)
     # a (width, height) that giving only the long side makes is no choice of the user's: a rerun of a recorded
     # size says what the run itself said, no more
@@ -155,6 +157,15 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
 #: Longest canvas side any task takes: a 4096² canvas took 74 s per step on an H200 (expand,
 #: benchmarks/RESULTS.md), so 16384² would take about 20 minutes per step.
 MAX_CANVAS_SIDE = 16384
+
+
+def warn_rounded(asked: int | tuple[int, int], made: tuple[int, int], multiple: int) -> None:
+    """Say a size that the model's multiples change (``asked``: a long side or a (width, height)): the result's
+    size is not the one asked for, which only the last line of a run showed."""
+    if (max(made) if isinstance(asked, int) else made) != (asked if isinstance(asked, int) else tuple(asked)):
+        shown = str(asked) if isinstance(asked, int) else "{}x{}".format(*asked)
+        log.warning("size %s is rounded to %dx%d: sides are whole multiples of %d px for this model", shown, *made,
+                    multiple)
 
 
 def _checked_area(w: int, h: int) -> tuple[int, int]:

@@ -52,6 +52,7 @@ from .setup import (
     run_distiller,
     run_parameters,
     target_size,
+    warn_rounded,
     with_gradients,
 )
 from .vae_tuning import tuned_vae
@@ -91,15 +92,21 @@ def check_expansion(preset: Preset, size: int | tuple[int, int], *, view: int = 
     return preset
 
 
-def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int) -> tuple[int, int]:
-    """(width, height) in pixels, rounded to whole latents, at least one view on each side."""
+def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int, *, warn: bool = True
+                ) -> tuple[int, int]:
+    """(width, height) in pixels, rounded to whole latents, at least one view on each side; ``warn`` (the run's
+    own call, not a check's): a size that rounding changes is said."""
     f = model.vae_scale_factor
     size = check_size(size)
     w, h = (size, size) if isinstance(size, int) else size
     w, h = round_to_multiple(w, f), round_to_multiple(h, f)
+    if warn:
+        warn_rounded(size, (w, h), f)
     unit = model.latent_multiple // f
     if view < unit or view % unit:
-        raise UserError(f"view {view} must be a multiple of {unit} latents for this UNet")
+        near = sorted({max(unit, view // unit * unit), (view // unit + 1) * unit})
+        raise UserError(f"--view {view} must be a multiple of {unit} latents for this UNet; use "
+                        f"{' or '.join(map(str, near))}")
     if min(w, h) < view * f:
         raise UserError(f"size {w}x{h} is smaller than one view ({view * f} px); use a larger --size, or "
                         "'attndistill texture' for small textures")
