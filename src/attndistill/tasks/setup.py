@@ -138,6 +138,10 @@ def target_size(model: DiffusionModel, size: Size, like: Image.Image | None = No
         w, h = (round_to_multiple(s, multiple) for s in size)
     if warn:
         warn_rounded(size, (w, h), multiple)
+        native = model.native_size
+        if 2 * w * h < native * native:  # SDXL at SD 1.5's 512² is the usual slip
+            log.warning("size %dx%d is under half the area this model was trained at (%dx%d): Stable Diffusion's "
+                        "images degrade well below it; a larger --size does better", w, h, native, native)
     if like is None or not like_name or not warn:
         return _checked_area(w, h)
     # a (width, height) that giving only the long side makes is no choice of the user's: a rerun of a recorded
