@@ -45,7 +45,8 @@ def ui(
         try:
             from ..webui.app import WebUI
         except ImportError as exc:
-            raise UserError(f"the web UI needs Gradio ({exc}); pip install 'attndistill[ui]'") from None
+            raise UserError(f"the web UI needs Gradio ({exc}); pip install 'attndistill[ui]', or "
+                            "pip install -e '.[ui]' in a source tree") from None
         webui = WebUI(model=model, vae=None if vae is None else str(vae), device=device, dtype=dtype,
                       outputs=outputs, perf=common.PERF, config=None if config is None else str(config),
                       allow_pickle=allow_pickle)

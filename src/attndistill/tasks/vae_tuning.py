@@ -176,7 +176,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
 
     def report(step: int, loss: float) -> None:
         if bar is not None:
-            bar.set_postfix(l1=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")  # the L1 of the decode, as every bar says loss
             bar.update()
         if callback is not None:
             callback(StepInfo(step, steps, 0, loss, torch.empty(0), [loss], stage=TUNING_STAGE))
