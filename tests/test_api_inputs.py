@@ -339,11 +339,24 @@ def test_a_layer_range_is_checked_before_it_is_expanded(tiny_sd15):
         parse_layers(np.array([1.5]), tiny_sd15)
 
 
-def test_a_generator_of_contents_keeps_each_content_in_the_parameters(tiny_sd15, data_dir):
+def test_a_generator_of_contents_keeps_each_content_in_the_parameters(tiny_sd15, data_dir, tmp_path):
+    """Each result names its own content and mask, with their digests (info could not tell when a batch's content
+    changed), and how many results shared the optimisation (rerun alone, one matches to rounding only)."""
+    from attndistill.fingerprints import KEY, file_digest
+
     contents = [data_dir / "horse.jpg", data_dir / "wood-rings.jpg"]
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
     outs = ad.style_transfer_batch((c for c in contents), data_dir / "watercolor-cat.jpg", model=tiny_sd15,
-                                   steps=1, size=64, progress=False)
-    assert [json.loads(o.info["parameters"])["content"] for o in outs] == [str(c) for c in contents]
+                                   steps=1, size=64, progress=False, masks=[None, mask])
+    params = [json.loads(o.info["parameters"]) for o in outs]
+    assert [p["content"] for p in params] == [str(c) for c in contents] and [p["batched"] for p in params] == [2, 2]
+    assert [p[KEY] for p in params] == [
+        {"style": [file_digest(data_dir / "watercolor-cat.jpg")], "content": file_digest(c), **extra}
+        for c, extra in zip(contents, [{}, {"mask": file_digest(mask)}], strict=True)]
+    alone = ad.style_transfer_batch([contents[0]], data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1,
+                                    size=64, progress=False)
+    assert "batched" not in json.loads(alone[0].info["parameters"])
 
 
 def test_save_png_refuses_what_png_cannot_hold(tmp_path):

@@ -140,6 +140,35 @@ def test_finetune_vae_writes_its_loss_log_beside_the_folder(run, data_dir, tmp_p
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_a_tuned_vae_is_the_same_with_vae_tiling_and_its_record_follows_its_references(run, data_dir, tmp_path):
+    """The tuned weights do not depend on --vae-tiling, which their record does not name (they differed by 6e-4);
+    the record keeps its references' digests, so info tells when one changed, and finds one moved beside it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from attndistill.fingerprints import KEY, file_digest
+
+    project = tmp_path / "project"
+    project.mkdir()
+    reference = project / "wood.jpg"
+    shutil.copy(data_dir / "wood-rings.jpg", reference)
+    weights = []
+    for switches, name in (([], "plain"), (["--vae-tiling"], "tiled")):
+        _ok(run(*switches, "finetune-vae", reference, "-o", project / name, "--steps", 1))
+        weights.append(load_file(project / name / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    made = json.loads((project / "plain" / "attndistill.json").read_text())
+    assert made[KEY] == {"reference": [file_digest(reference)]} and made["made_with"]["threads"] >= 1
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    shown = run("info", moved / "plain", "--job", model=False)
+    assert shown.exit_code == 0 and shlex.split(shown.stdout)[2] == str(moved / "wood.jpg")
+    assert f"note: reference '{reference}' is gone; the same file is at '{moved / 'wood.jpg'}'" in shown.stderr
+    Image.open(data_dir / "horse.jpg").save(moved / "wood.jpg")  # another image under its name: no stand-in
+    assert f"warning: reference '{reference}' is gone since" in run("info", moved / "plain", model=False).stderr
+
+
 def test_finetune_vae_then_use_it(run, data_dir, tmp_path, tiny_sd15_dir):
     folder = tmp_path / "wood-vae"
     result = _ok(run("finetune-vae", data_dir / "wood-rings.jpg", "-o", folder, "--steps", 3))

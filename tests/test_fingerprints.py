@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from attndistill.fingerprints import KEY, changed_inputs, fingerprints
+from attndistill.fingerprints import KEY, changed_inputs, fingerprints, relocated
 
 
 def test_files_and_folders_are_fingerprinted_and_their_changes_named(tmp_path):
@@ -45,3 +45,25 @@ def test_a_file_is_read_once_while_its_size_and_time_stay(tmp_path, monkeypatch)
     assert fp.file_digest(file) == first and opened == [file]
     os.utime(file, ns=(file.stat().st_mtime_ns + 10**9,) * 2)  # saved again
     assert fp.file_digest(file) == first and opened == [file, file]
+
+
+def test_inputs_gone_from_their_paths_are_found_beside_the_result_by_name_and_digest(tmp_path):
+    """A results folder moved or shared with its inputs (the web UI keeps copies in inputs/) reruns from its
+    records: a file of the same name and digest beside the result, or in its inputs/ folder, stands in."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (new / "inputs").mkdir(parents=True)
+    for name, folder in (("c.png", new), ("s.png", new / "inputs"), ("other.png", new)):
+        (folder / name).write_bytes(name.encode())
+    recorded = {"content": str(old / "c.png"), "style": [str(old / "s.png"), str(old / "other.png")],
+                "mask": str(old / "m.png"), "seed": 1}
+    recorded[KEY] = {"content": fingerprints({"content": str(new / "c.png")})["content"],
+                     "style": [fingerprints({"s": str(new / "inputs" / "s.png")})["s"], "0" * 16],
+                     "mask": "1" * 16}
+    found, said = relocated(recorded, new)
+    assert found["content"] == str(new / "c.png") and found["style"] == [str(new / "inputs" / "s.png"),
+                                                                          str(old / "other.png")]
+    assert found["mask"] == str(old / "m.png") and found["seed"] == 1  # no file of its digest: left, and said gone
+    assert said == [f"content '{old / 'c.png'}' is gone; the same file is at '{new / 'c.png'}'",
+                    f"style '{old / 's.png'}' is gone; the same file is at '{new / 'inputs' / 's.png'}'"]
+    assert changed_inputs(found) == [f"style '{old / 'other.png'}' is gone", f"mask '{old / 'm.png'}' is gone"]
+    assert relocated({"content": "a.png"}, new) == ({"content": "a.png"}, [])  # no digests: nothing to match

@@ -90,3 +90,31 @@ def changed_inputs(params: Mapping[str, object]) -> list[str]:
             elif _digest(path) != digest:
                 changed.append(f"{key} '{path}' has changed")
     return changed
+
+
+def relocated(params: Mapping[str, object], beside: Path) -> tuple[dict, list[str]]:
+    """``params`` with each recorded input that is gone from its path replaced by a file of the same name and digest
+    beside the result (``beside``: its folder) or in its ``inputs/`` folder, where the web UI keeps its copies; and
+    one phrase for each found. A results folder moved or shared with its inputs reruns from its records."""
+    found = dict(params)
+    recorded = params.get(KEY)
+    if not isinstance(recorded, Mapping):
+        return found, []
+    said = []
+    for key, then in recorded.items():
+        value = params.get(key)
+        paths, digests = (value, then) if isinstance(value, list) and isinstance(then, list) else ([value], [then])
+        if len(paths) != len(digests):  # an edited record: left as it is
+            continue
+        now = []
+        for path, digest in zip(paths, digests, strict=True):
+            if isinstance(path, str) and digest and os.path.isabs(path) and not os.path.exists(path):
+                name = Path(path).name
+                for candidate in (beside / name, beside / "inputs" / name):
+                    if _digest(str(candidate.resolve())) == digest:
+                        said.append(f"{key} '{path}' is gone; the same file is at '{candidate}'")
+                        path = str(candidate.resolve())
+                        break
+            now.append(path)
+        found[key] = now if isinstance(value, list) else now[0]
+    return found, said

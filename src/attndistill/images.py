@@ -459,13 +459,24 @@ def is_writable(folder: Path) -> bool:
 
 def add_parameters(image: Image.Image, **changes: object) -> None:
     """Set ``changes`` in the parameters ``image`` carries (its ``info["parameters"]`` JSON), None removing
-    a key: what a step after the task (a batch's own inputs, a grid, tiling around a task) adds to them."""
+    a key: what a step after the task (a batch's own inputs, a grid, tiling around a task) adds to them. Input
+    files set here get their fingerprints as the task's own inputs have them, so that ``info`` tells when they
+    change (a batch's contents and masks had none)."""
+    from .fingerprints import KEY, fingerprints
+
     params = json.loads(image.info.get("parameters") or "{}")
+    digests = dict(params.get(KEY) or {})
     for key, value in changes.items():
+        digests.pop(key, None)
         if value is None:
             params.pop(key, None)
         else:
             params[key] = value
+    digests.update(fingerprints({k: v for k, v in changes.items() if v is not None}))
+    if digests:
+        params[KEY] = digests
+    else:
+        params.pop(KEY, None)
     image.info["parameters"] = params_json(params)
 
 

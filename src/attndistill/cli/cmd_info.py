@@ -32,7 +32,10 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
 
     def body() -> None:
         if image.is_dir():
-            made = vae_parameters(image)
+            made = moved(vae_parameters(image), image.parent)
+            for change in changed_inputs(made):  # a rerun reads the references as they are now
+                typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same weights",
+                           err=True)
             typer.echo(finetune_command(made, image) if job else json.dumps(made, indent=2, sort_keys=True))
             return
         try:
@@ -45,6 +48,8 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
             raise UserError(f"image '{image}' carries no attndistill parameters (was it written by attndistill?)")
         if params == PREVIEW_MARK:
             raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
+        shown = params
+        params = moved(params, image.parent)  # inputs that moved with the result: the rerun reads them there
         for change in changed_inputs(params):  # a rerun reads the files as they are now
             typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same pixels",
                        err=True)
@@ -56,9 +61,19 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
                                 "turned into a job (was the text chunk edited?)") from None
             typer.echo(json.dumps(line))
         else:
-            typer.echo(json.dumps(params, indent=2, sort_keys=True))
+            typer.echo(json.dumps(shown, indent=2, sort_keys=True))
 
     run_command(body)
+
+
+def moved(params: dict, beside: Path) -> dict:
+    """``params`` with inputs gone from their recorded paths found beside the result, each said on stderr."""
+    from ..fingerprints import relocated
+
+    found, said = relocated(params, beside)
+    for line in said:
+        typer.echo(f"note: {line}, which a rerun reads", err=True)
+    return found
 
 
 def _is_image(path: Path) -> bool:

@@ -257,9 +257,11 @@ def model_parameters(model: DiffusionModel) -> dict[str, str]:
 
 
 def made_with(model: DiffusionModel) -> dict[str, str]:
-    """Where a result was made: bf16 GPU kernels differ between cards and library versions (not an option)."""
+    """Where a result was made: bf16 GPU kernels differ between cards and library versions, and CPU sums between
+    thread counts (1/255 seen between 1 and 2 threads); none of them is an option."""
     import diffusers
 
     device = torch.device(getattr(model, "device", "cpu"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    threads = {"threads": torch.get_num_threads()} if device.type == "cpu" else {}
+    return {"device": card, **threads, "torch": torch.__version__, "diffusers": diffusers.__version__}

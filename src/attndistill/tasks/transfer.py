@@ -252,6 +252,7 @@ def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Seq
         inputs={"style": [describe_input(s) for s in styles]}, fused=None, progress=progress, callback=callback,
         vae=vae, device=device, dtype=dtype, tile=tile, tune_vae=tune_vae, mask=masks,
         target_names=[describe_input(c) for c in contents])
+    batched = {"batched": len(contents)} if len(contents) > 1 else {}  # rerun alone: the same to rounding only
     for img, content, mask in zip(results, contents, masks or [None] * len(contents), strict=True):
-        add_parameters(img, content=describe_input(content), **_mask_input(mask))
+        add_parameters(img, content=describe_input(content), **_mask_input(mask), **batched)
     return results

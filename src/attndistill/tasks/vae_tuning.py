@@ -23,6 +23,7 @@ import torch
 from ..checks import positive, whole
 from ..core.progress import Callback, StepInfo
 from ..errors import NonFiniteError, UserError
+from ..fingerprints import KEY, fingerprints
 from ..images import (
     FILE_MODE,
     FOLDER_MODE,
@@ -101,6 +102,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
     """
     check_tuning(steps, lr)
     tuned = copy.deepcopy(vae).to(torch.float32).eval().requires_grad_(False)
+    tuned.disable_tiling()  # the tuned weights must not depend on --vae-tiling, which no record of them names
     device = next(tuned.parameters()).device
     x = images01.to(device, torch.float32) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad():
@@ -193,10 +195,10 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         if bar is not None:
             bar.close()
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
-    tuned.attndistill_parameters = {
-        "task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
-        "reference_fit": reference_fit, **model_parameters(model), "steps": steps, "lr": lr,
-        "made_with": made_with(model)}
+    made = {"task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
+            "reference_fit": reference_fit, **model_parameters(model), "steps": steps, "lr": lr}
+    digests = fingerprints(made)  # so that info can tell when a reference changed under its name
+    tuned.attndistill_parameters = made | ({KEY: digests} if digests else {}) | {"made_with": made_with(model)}
     return tuned
 
 
