@@ -507,9 +507,12 @@ def test_ctrl_c_leaves_no_partial_output(corpus, tmp_path, tiny_sd15_dir):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_second_ctrl_c_ends_a_long_native_operation_at_once(tmp_path):
+@pytest.mark.parametrize("reader_gone", [False, True])
+def test_a_second_ctrl_c_ends_a_long_native_operation_at_once(tmp_path, reader_gone):
     """Python runs a signal's handler only once a native operation returns: a UNet call on a huge image on the CPU
-    kept Ctrl-C and SIGTERM waiting for minutes. A second signal ends the process at once."""
+    kept Ctrl-C and SIGTERM waiting for minutes. A second signal ends the process at once, also where stderr's
+    reader is gone (``attndistill … 2>&1 | tee log``, whose tee the first Ctrl-C ends): the failed write of its
+    message killed the watcher, and only SIGKILL ended the run (found by a helper's audit)."""
     script = tmp_path / "long.py"
     script.write_text("import torch\nfrom attndistill.cli.common import run_command\n\n\ndef body():\n"
                       "    a = torch.ones(6000, 6000)\n    print('started', flush=True)\n    a @ a  # seconds, native\n"
@@ -517,10 +520,15 @@ def test_a_second_ctrl_c_ends_a_long_native_operation_at_once(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "started"
+    if reader_gone:
+        proc.stderr.close()
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
+    if reader_gone:
+        assert proc.wait(timeout=120) == 130 and "finished" not in proc.stdout.read()
+        return
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "finished" not in out
     assert err == "interrupted at once (a second signal): no partial output was left\n"

@@ -418,8 +418,7 @@ def second_signal_exits() -> Iterator[None]:
                     if signum in (signal.SIGINT, signal.SIGTERM):
                         seen += 1
                         if seen == 2:
-                            os.write(2, b"interrupted at once (a second signal): no partial output was left\n")
-                            os._exit(130 if signum == signal.SIGINT else 143)
+                            exit_at_once(signum)
 
     threading.Thread(target=watch, name="second-signal", daemon=True).start()
     try:
@@ -427,6 +426,18 @@ def second_signal_exits() -> Iterator[None]:
     finally:
         signal.set_wakeup_fd(previous)
         writer.close()  # the watcher's recv returns b"": it closes its end and ends
+
+
+def exit_at_once(signum: int) -> None:
+    """End the process now, saying why where stderr takes it: with its reader gone (``cmd 2>&1 | tee log``, whose
+    ``tee`` the first Ctrl-C ended) the write failed and killed the watcher before its exit, and a full pipe
+    would block it."""
+    import select
+
+    with contextlib.suppress(OSError, ValueError):
+        if select.select([], [2], [], 0)[1]:
+            os.write(2, b"interrupted at once (a second signal): no partial output was left\n")
+    os._exit(130 if signum == signal.SIGINT else 143)
 
 
 def run_command(fn: Callable[[], None], *, say_once: bool = True) -> None:
