@@ -257,6 +257,7 @@ def test_output_problems(corpus, tmp_path, tiny_sd15_dir):
     before = {p.name for p in tmp_path.iterdir()}
     cases = [(tmp_path / "exists.png", "already exists; pass --overwrite"),
              (tmp_path / "nowhere" / "out.png", "does not exist; create it first"),
+             (existing / "out.png", f"output folder '{existing}' is a file, not a folder; choose another -o path"),
              (tmp_path / "out.jpg", "must end in .png"), ("", "output '.' is the current folder; give a file name"),
              (tmp_path / ".png", "must have a name before .png"),
              (tmp_path / "adir.png", "is a directory"),
@@ -621,12 +622,21 @@ def test_an_animation_or_a_multi_page_image_says_its_first_frame_is_used(tmp_pat
         f"style image '{tmp_path / name}' has 3 frames; its first is used" for name in ("anim.gif", "pages.tiff")]
 
 
-def test_alpha_is_composited_on_white(tmp_path, data_dir):
+def test_alpha_is_composited_on_white_and_said(tmp_path, data_dir, caplog):
+    """Transparent pixels become white, which a texture run then learns: said, naming the image (a control
+    image's black is its "nothing here", as documented, and goes unsaid)."""
+    from attndistill.images import BLACK
+
     rgb = np.asarray(_photo(data_dir), dtype=np.float64)
     alpha = np.tile(np.linspace(0, 255, 64), (48, 1)).round()
     Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8), "RGBA").save(tmp_path / "a.png")
     expected = rgb * alpha[..., None] / 255 + 255 * (1 - alpha[..., None] / 255)
-    assert np.abs(_rgb(tmp_path / "a.png") - expected).max() <= 1
+    with caplog.at_level("WARNING", logger="attndistill"):
+        assert np.abs(_rgb(tmp_path / "a.png") - expected).max() <= 1
+        load_image(tmp_path / "a.png", what="control image", background=BLACK)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image '{tmp_path / 'a.png'}' is 98% transparent; those pixels are taken on white, which the run then sees "
+        "as part of the image: crop or fill them where they should not count"]
     gray = np.full((48, 64), 100.0)
     Image.fromarray(np.dstack([gray, alpha]).astype(np.uint8), "LA").save(tmp_path / "la.png")
     expected = gray * alpha / 255 + 255 * (1 - alpha / 255)

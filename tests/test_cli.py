@@ -34,7 +34,8 @@ def test_style_writes_a_png_with_its_parameters(tmp_path, data_dir, tiny_sd15_di
     assert params["model"] == str(tiny_sd15_dir) and params["content_weight"] == 0.25
     assert params["content"].endswith("horse.jpg") and params["style"][0].endswith("watercolor-cat.jpg")
     assert not {"guidance", "adain", "stride"} & set(params)  # settings optimisation has no use for
-    assert params["made_with"] == {"device": "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__}
+    assert params["made_with"] == {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                   "diffusers": diffusers.__version__}
 
 
 def test_appearance_and_layers_option(tmp_path, data_dir, tiny_sd15_dir):

@@ -261,6 +261,18 @@ def test_a_small_region_missing_from_the_reference_is_named_as_a_region(tmp_path
         check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
 
 
+def test_a_greyscale_target_map_against_colour_reference_maps_is_named_so(tmp_path):
+    """A red/blue target map saved in greyscale (mode L) read as two grey regions the references lack."""
+    from attndistill.tasks.textures import check_label_maps
+
+    Image.new("RGB", (64, 64), (90, 60, 30)).save(tmp_path / "texture.png")
+    _map((64, 64), [((0, 0, 0.5, 1), RED), ((0.5, 0, 1, 1), BLUE)]).save(tmp_path / "ref.png")
+    _map((64, 64), [((0, 0, 1, 0.5), BLUE), ((0, 0.5, 1, 1), RED)]).convert("L").save(tmp_path / "target.png")
+    with pytest.raises(ad.UserError, match=r"the target map is greyscale and the reference label maps are in colour: "
+                                           r"save the maps in the same colours$"):
+        check_label_maps(tmp_path / "texture.png", tmp_path / "ref.png", tmp_path / "target.png")
+
+
 def test_label_map_must_match_the_reference(tiny_sd15, maps, tmp_path):
     ref, _, target_labels = maps
     _map((64, 200), [((0, 0, 1, 1), RED)]).save(tmp_path / "tall.png")

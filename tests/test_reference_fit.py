@@ -21,6 +21,21 @@ def test_squash_stretches_every_reference_to_the_native_square():
     assert size == (512, 512) and boxes == [(0, 0, 900, 300), (0, 0, 300, 600)]
 
 
+def test_squash_says_which_references_it_stretches_or_enlarges_far_once_per_run(caplog):
+    """A 12000x300 strip squashed 40 times, or a 16 px swatch blown up to 512, ran without a word."""
+    sizes, names = [(900, 300), (1000, 400), (3000, 300), (100, 100), (128, 128)], list("abcde")
+    with caplog.at_level(logging.WARNING, logger="attndistill"):
+        reference_boxes(sizes, "squash", 512, 64, names)  # a check's call: says nothing
+        assert not caplog.records
+        reference_boxes(sizes, "squash", 512, 64, names, warn=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reference '{name}' is {size}, squashed {times} times to the model's 512x512 square (reference fit "
+        "squash); reference fit keep keeps its aspect"
+        for name, size, times in (("a", "900x300", "3.0"), ("b", "1000x400", "2.5"), ("c", "3000x300", "10.0"))] + [
+        "reference 'd' is only 100x100, enlarged 5.1 times to the model's 512x512: the run sees the resize's blur; "
+        "give a larger image"]  # 128x128 is 4 times: not said
+
+
 def test_keep_takes_the_first_aspect_at_the_native_area_and_crops_the_others_to_it():
     (w, h), boxes = reference_boxes([(900, 300), (300, 600), (1200, 400)], "keep", 512, 64)
     assert w % 64 == 0 and h % 64 == 0

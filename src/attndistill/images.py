@@ -193,6 +193,10 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
                 share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
                 raise UserError(f"{label} has transparent pixels ({share}); a label map needs an "
                                 "opaque colour in every pixel: fill them, or save the map without transparency")
+        seen = np.asarray(rgba.getchannel("A")) < 255
+        if background == WHITE and seen.mean() >= 0.01:  # a control image's black is its "nothing here"
+            log.warning("%s is %.0f%% transparent; those pixels are taken on white, which the run then sees as "
+                        "part of the image: crop or fill them where they should not count", label, 100 * seen.mean())
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")
 
@@ -250,6 +254,12 @@ Box = tuple[int, int, int, int]
 KEPT_WARNING = 0.5
 
 
+#: Squash warns of a reference whose aspect it changes more than this (the paper's own references are squares),
+#: and of one it enlarges more than this in area (16x16 to 512x512 is 1024).
+SQUASH_WARNING = 2.0
+ENLARGED_WARNING = 16
+
+
 def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, multiple: int,
                     names: Sequence[str] | None = None, *, warn: bool = False) -> tuple[tuple[int, int], list[Box]]:
     """The (width, height) every reference is resized to, and the part of each image that is used.
@@ -262,6 +272,17 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
     run encodes its references.
     """
     if fit == "squash":
+        for (w, h), name in zip(sizes, names or [], strict=False):
+            if not warn:
+                break
+            if max(w / h, h / w) > SQUASH_WARNING:
+                log.warning("reference '%s' is %dx%d, squashed %.1f times to the model's %dx%d square (reference "
+                            "fit squash); reference fit keep keeps its aspect", name, w, h, max(w / h, h / w), native,
+                            native)
+            elif native * native > ENLARGED_WARNING * w * h:
+                log.warning("reference '%s' is only %dx%d, enlarged %.1f times to the model's %dx%d: the run sees the "
+                            "resize's blur; give a larger image", name, w, h, (native * native / (w * h)) ** 0.5,
+                            native, native)
         return (native, native), [(0, 0, w, h) for w, h in sizes]
     width, height = kept_size(sizes[0], native, multiple)
     boxes = []
@@ -440,6 +461,8 @@ def _check_output_path(path: Path, *, overwrite: bool, what: str, option: str, e
 def check_folder_of(path: Path, *, what: str, option: str) -> None:
     """The folder ``path`` is to be written into exists and takes files, before any work."""
     folder = path.parent if str(path.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} folder '{folder}' is a file, not a folder; choose another {option} path")
     if not folder.is_dir():
         raise UserError(f"{what} folder '{folder}' does not exist; create it first")
     if not is_writable(folder):

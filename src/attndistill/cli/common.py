@@ -209,7 +209,8 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
 
 
 #: How the commands name the inputs whose job keys read otherwise ("reference" is a texture command's texture).
-_INPUT_LABELS = {"reference": "texture image", "ref_labels": "reference labels", "target_labels": "target labels"}
+_INPUT_LABELS = {"reference": "texture image", "ref_labels": "reference label map",
+                 "target_labels": "target label map"}
 
 
 def parse_size_option(size: str | None, multiple: int = 1):

@@ -108,7 +108,9 @@ def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int, *
         raise UserError(f"--view {view} must be a multiple of {unit} latents for this UNet; use "
                         f"{' or '.join(map(str, near))}")
     if min(w, h) < view * f:
-        raise UserError(f"size {w}x{h} is smaller than one view ({view * f} px); use a larger --size, or "
+        fits = min(w, h) // f // unit * unit  # the largest view the short side takes
+        smaller = f", a --view of at most {fits} latents ({fits * f} px)" if fits >= unit else ""
+        raise UserError(f"size {w}x{h} is smaller than one view ({view * f} px); use a larger --size{smaller}, or "
                         "'attndistill texture' for small textures")
     return w, h
 
@@ -339,8 +341,9 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
         raise UserError(f"the label maps ({', '.join(repr(n) for n in names)}) have one colour only, {colours[0]}; "
                         "masked synthesis needs two regions or more (for one region, run texture synthesis "
                         "without label maps)")
-    missing = sorted(set(np.unique(maps[-1]).tolist()) - set(np.unique(np.concatenate(
-        [m.ravel() for m in maps[:-1]])).tolist()))
+    in_target = set(np.unique(maps[-1]).tolist())
+    in_references = set(np.unique(np.concatenate([m.ravel() for m in maps[:-1]])).tolist())
+    missing = sorted(in_target - in_references)
     if missing:
         jpeg = [n for n, source in zip(names, [*ref_label_inputs, target_labels], strict=True) if _is_jpeg(source)]
         hint = (f"; {', '.join(repr(n) for n in jpeg)} {'is' if len(jpeg) == 1 else 'are'} JPEG, whose compression "
@@ -350,12 +353,21 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
             hint = (f"; they cover only {share:.1%} of it, in lines and specks with no flat area, as the "
                     "blends of a map drawn or resized with smoothing do: paint without anti-aliasing and resize "
                     "label maps with nearest-neighbour")
+        elif not jpeg and all(map(_grey, (colours[i] for i in in_target))) and not all(
+                map(_grey, (colours[i] for i in in_references))):  # one map saved in greyscale, say
+            hint = ("; the target map is greyscale and the reference label maps are in colour: save the maps in the "
+                    "same colours")
         elif not jpeg:  # regions drawn on purpose
             hint = (f"; they are regions ({share:.1%} of the map): paint a region of each in a reference label map "
                     "over the texture it should take, or recolour them in the target map")
         raise UserError(f"target label map '{names[-1]}' uses colour(s) {', '.join(colours[i] for i in missing)} "
                         f"that no reference label map has; every target colour needs a region in the reference{hint}")
     return ref_images, target_image, maps, colours, names
+
+
+def _grey(colour: str) -> bool:
+    """A label colour ("#rrggbb") whose channels are equal."""
+    return colour[1:3] == colour[3:5] == colour[5:7]
 
 
 @with_gradients
