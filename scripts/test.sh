@@ -13,6 +13,7 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 ruff check src tests benchmarks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only fight over 2 cores
-# two workers: each test is small and single-threaded, so both cores work (3.3 to 4.1 minutes on
+# two workers that take tests from each other when one runs out (a few compiled-program tests take 10-25 s
+# each): each test is small and single-threaded, so both cores work (3.3 to 5.1 minutes on
 # a 2-core machine, README) (the tests use their own temporary folders and free ports)
-python -m pytest -q -n 2 "$@"
+python -m pytest -q -n 2 --dist worksteal "$@"

@@ -82,33 +82,34 @@ def _grad_mode_left_on(request):
     yield
 
 
-@pytest.fixture
-def dynamo_eager(monkeypatch):
-    """Compiled blocks traced by Dynamo (guards, recompiles, graph breaks) and run as traced: the wiring of a
-    switch, without AOT autograd's tracing (``aot_eager``) of every block shape."""
-    from attndistill.model import compiling
+def _compiled_with(monkeypatch, backend: str):
+    """Programs made in the test with ``backend``, none of another test's (their caches and Dynamo's cleared)."""
+    from attndistill.model import compiling, group_norm
 
-    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    made = (group_norm._program, compiling.static_program)  # with the backend of their day
+    monkeypatch.setattr(compiling, "BACKEND", backend)
+    for programs in made:
+        programs.cache_clear()
     torch._dynamo.reset()
     yield
+    for programs in made:
+        programs.cache_clear()
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def dynamo_eager(monkeypatch):
+    """Compiled blocks and programs traced by Dynamo (guards, recompiles, graph breaks) and run as traced: the
+    wiring of a switch (its messages, its options), without AOT autograd's tracing (``aot_eager``) of each shape,
+    which took about half of this suite's slowest tests."""
+    yield from _compiled_with(monkeypatch, "eager")
 
 
 @pytest.fixture
 def aot_eager(monkeypatch):
     """Compiled programs traced as with inductor (guards, autograd, dynamic shapes) but run as PyTorch
-    operations: the wiring under test, without minutes of C++ code generation on a cold cache."""
-    from attndistill.model import compiling, group_norm
-
-    made = (group_norm._program, compiling.static_program)  # with the backend of their day
-    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    for programs in made:
-        programs.cache_clear()
-    torch._dynamo.reset()
-    yield
-    for programs in made:
-        programs.cache_clear()
-    torch._dynamo.reset()
+    operations: the gradients under test, without minutes of C++ code generation on a cold cache."""
+    yield from _compiled_with(monkeypatch, "aot_eager")
 
 
 @pytest.fixture

@@ -854,7 +854,7 @@ def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eag
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
-def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, aot_eager, caplog):
+def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, dynamo_eager, caplog):
     """The first call of a whole-UNet program with new shapes compiles for minutes on a GPU while the progress
     bar stands still: it says so (INFO, which the CLI shows), once per shape, not at every step."""
     z_ref = torch.randn(1, 4, 8, 8)
