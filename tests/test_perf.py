@@ -824,10 +824,11 @@ def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
     assert counters["stats"]["unique_graphs"] > graphs  # the loss did run as a program
     torch.testing.assert_close(program, plain, atol=1e-4, rtol=0)
     torch.testing.assert_close(model.decode(program), model.decode(plain), atol=1e-4, rtol=0)
-    model.set_perf(replace(PerfOptions(), compiled_loss=True))
+    made = counters["stats"]["unique_graphs"]
     static = optimize_latents(Distiller(model, content_weight=0.25, static=True), z_c, z_ref, content_latents=z_c,
                               steps=6, iters=1, lr=0.05, progress=False)
     torch.testing.assert_close(static, plain, atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == made  # the same program over static buffers: no second compile
 
 
 def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eager):
@@ -869,7 +870,7 @@ def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, dynamo_e
         "compiling the AD loss and its backward (--compiled-loss) for latents of 1×4×16×16"]
 
 
-def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model64, aot_eager):
+def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(model64, dynamo_eager):
     """With ``compiled_loss``, views of 3 in batches of 2 run as 2 and 2 (a copy dropped), not 2 and 1: one
     program for the run instead of one per batch shape (minutes each on a GPU), and the same canvas."""
     from torch._dynamo.utils import counters
@@ -890,7 +891,7 @@ def test_compiled_loss_fills_multidiffusions_last_view_batch_up_to_one_program(m
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, aot_eager, monkeypatch, static):
+def test_compiled_calls_keep_the_result_in_one_program_per_call_shape(model, dynamo_eager, monkeypatch, static):
     """``compiled_calls``: the no-grad feature calls as programs give the uncompiled latent. Look-ahead calls
     are filled up to one shape (the last one too), so a run makes one program for them: 5 steps in calls of 2."""
     from torch._dynamo.utils import counters
