@@ -165,6 +165,8 @@ def test_a_tuned_vae_is_the_same_with_vae_tiling_and_its_record_follows_its_refe
     shown = run("info", moved / "plain", "--job", model=False)
     assert shown.exit_code == 0 and shlex.split(shown.stdout)[2] == str(moved / "wood.jpg")
     assert f"note: reference '{reference}' is gone; the same file is at '{moved / 'wood.jpg'}'" in shown.stderr
+    record = run("info", moved / "plain", model=False)  # the record as written; the note says where the file is
+    assert json.loads(record.stdout)["reference"] == [str(reference)] and "note: reference" in record.stderr
     Image.open(data_dir / "horse.jpg").save(moved / "wood.jpg")  # another image under its name: no stand-in
     assert f"warning: reference '{reference}' is gone since" in run("info", moved / "plain", model=False).stderr
 

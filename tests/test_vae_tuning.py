@@ -94,6 +94,20 @@ def test_tune_vae_option_decodes_with_a_tuned_copy_for_that_run_only(tiny_sd15, 
     assert json.loads(tuned.info["parameters"])["tune_vae"] is True
 
 
+def test_a_tuned_copy_decodes_in_tiles_where_the_run_asked_for_them(tiny_sd15, data_dir):
+    """The decoder is tuned on whole decodes (its weights must not depend on --vae-tiling), but a run's own decodes
+    with the tuned copy keep the run's tiling: --tune-vae dropped it, and with it the memory it saves."""
+    from attndistill.model.perf import PerfOptions
+
+    images = to_tensor(load_image(data_dir / "wood-rings.jpg"), (64, 64))
+    try:
+        for tiling in (False, True):
+            tiny_sd15.set_perf(PerfOptions(vae_tiling=tiling))
+            assert tune_decoder(tiny_sd15.vae, images, steps=1).use_tiling is tiling
+    finally:
+        tiny_sd15.set_perf(PerfOptions())
+
+
 @pytest.mark.parametrize("how", ["wrapper", "own options"])
 def test_sampling_tasks_get_tiling_and_tuned_vae(tiny_sd15, data_dir, monkeypatch, how):
     from attndistill.tasks.generate import texture_sampling

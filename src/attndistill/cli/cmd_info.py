@@ -32,11 +32,12 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
 
     def body() -> None:
         if image.is_dir():
-            made = moved(vae_parameters(image), image.parent)
+            recorded = vae_parameters(image)
+            made = moved(recorded, image.parent)  # references that moved with the folder: the rerun reads them there
             for change in changed_inputs(made):  # a rerun reads the references as they are now
                 typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same weights",
                            err=True)
-            typer.echo(finetune_command(made, image) if job else json.dumps(made, indent=2, sort_keys=True))
+            typer.echo(finetune_command(made, image) if job else json.dumps(recorded, indent=2, sort_keys=True))
             return
         try:
             params = read_parameters(image) if image.is_file() else {}

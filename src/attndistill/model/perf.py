@@ -148,7 +148,9 @@ def pixel_switches(perf: PerfOptions) -> dict[str, object]:
 def apply_perf(model, perf: PerfOptions) -> None:
     """Switch the model's components to ``perf`` (idempotent; switches can be turned off again)."""
     unet, vae = model.unet, model.vae
-    unused = tuple(name for name in CUDA_ONLY if getattr(perf, name)) if model.device.type != "cuda" else ()
+    # the text encoders do wait in CPU memory beside another accelerator (MPS): only on the CPU is that nothing
+    unused = tuple(name for name in CUDA_ONLY if getattr(perf, name) and (
+        model.device.type == "cpu" or name != "offload_text_encoders")) if model.device.type != "cuda" else ()
     if unused and (model.device.type, *unused) not in _said_unused:  # once: every run sets its model's switches
         _said_unused.add((model.device.type, *unused))
         log.warning("%s act%s on CUDA GPUs only: on %s %s nothing", " and ".join(

@@ -102,7 +102,8 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
     """
     check_tuning(steps, lr)
     tuned = copy.deepcopy(vae).to(torch.float32).eval().requires_grad_(False)
-    tuned.disable_tiling()  # the tuned weights must not depend on --vae-tiling, which no record of them names
+    tiled = tuned.use_tiling  # the run's --vae-tiling, for the decodes that use the tuned VAE (tune_vae)
+    tuned.disable_tiling()  # the tuned weights must not depend on it: no record of them names it
     device = next(tuned.parameters()).device
     x = images01.to(device, torch.float32) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad():
@@ -132,6 +133,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
         raise TuningDiverged("in its last step", lr)
     if device.type == "cuda":
         tuned.disable_gradient_checkpointing()
+    tuned.use_tiling = tiled
     return tuned.requires_grad_(False).eval()
 
 
