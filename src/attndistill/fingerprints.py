@@ -111,9 +111,9 @@ def relocated(params: Mapping[str, object], beside: Path) -> tuple[dict, list[st
             if isinstance(path, str) and digest and os.path.isabs(path) and not os.path.exists(path):
                 name = Path(path).name
                 for candidate in (beside / name, beside / "inputs" / name):
-                    if _digest(str(candidate.resolve())) == digest:
+                    if _digest(absolute := str(candidate.resolve())) == digest:
                         said.append(f"{key} '{path}' is gone; the same file is at '{candidate}'")
-                        path = str(candidate.resolve())
+                        path = absolute
                         break
             now.append(path)
         found[key] = now if isinstance(value, list) else now[0]

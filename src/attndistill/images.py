@@ -187,13 +187,11 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        if labels:  # on white, a see-through region would read as a white region the map never drew
-            seen = np.asarray(rgba.getchannel("A")) < 255
-            if seen.any():
-                share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
-                raise UserError(f"{label} has transparent pixels ({share}); a label map needs an "
-                                "opaque colour in every pixel: fill them, or save the map without transparency")
         seen = np.asarray(rgba.getchannel("A")) < 255
+        if labels and seen.any():  # on white, a see-through region would read as a white region the map never drew
+            share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
+            raise UserError(f"{label} has transparent pixels ({share}); a label map needs an "
+                            "opaque colour in every pixel: fill them, or save the map without transparency")
         if background == WHITE and seen.mean() >= 0.01:  # a control image's black is its "nothing here"
             log.warning("%s is %.0f%% transparent; those pixels are taken on white, which the run then sees as "
                         "part of the image: crop or fill them where they should not count", label, 100 * seen.mean())
@@ -272,13 +270,10 @@ def reference_boxes(sizes: Sequence[tuple[int, int]], fit: str, native: int, mul
     run encodes its references.
     """
     if fit == "squash":
-        for (w, h), name in zip(sizes, names or [], strict=False):
-            if not warn:
-                break
-            if max(w / h, h / w) > SQUASH_WARNING:
+        for (w, h), name in zip(sizes, names or [], strict=False) if warn else ():
+            if (squashed := max(w / h, h / w)) > SQUASH_WARNING:
                 log.warning("reference '%s' is %dx%d, squashed %.1f times to the model's %dx%d square (reference "
-                            "fit squash); reference fit keep keeps its aspect", name, w, h, max(w / h, h / w), native,
-                            native)
+                            "fit squash); reference fit keep keeps its aspect", name, w, h, squashed, native, native)
             elif native * native > ENLARGED_WARNING * w * h:
                 log.warning("reference '%s' is only %dx%d, enlarged %.1f times to the model's %dx%d: the run sees the "
                             "resize's blur; give a larger image", name, w, h, (native * native / (w * h)) ** 0.5,

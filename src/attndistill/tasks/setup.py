@@ -166,8 +166,11 @@ MAX_CANVAS_SIDE = 16384
 def warn_rounded(asked: int | tuple[int, int], made: tuple[int, int], multiple: int) -> None:
     """Say a size that the model's multiples change (``asked``: a long side or a (width, height)): the result's
     size is not the one asked for, which only the last line of a run showed."""
-    if (max(made) if isinstance(asked, int) else made) != (asked if isinstance(asked, int) else tuple(asked)):
-        shown = str(asked) if isinstance(asked, int) else "{}x{}".format(*asked)
+    if isinstance(asked, int):
+        changed, shown = max(made) != asked, str(asked)
+    else:
+        changed, shown = tuple(made) != tuple(asked), "{}x{}".format(*asked)
+    if changed:
         log.warning("size %s is rounded to %dx%d: sides are whole multiples of %d px for this model", shown, *made,
                     multiple)
 
@@ -242,7 +245,13 @@ def run_parameters(task: str, model: DiffusionModel, preset: Preset, layers: Seq
     extra = ({"fused": fused} if fused is not None else {}) | ({"perf": switches} if switches else {})
     params = {"task": task, "version": __version__, **model_parameters(model), "layers": list(layers),
               "size": list(size), "seed": seed, **settings, **extra, **inputs}
-    digests = fingerprints(params)  # so that info can tell when an input file changed under its name
+    return with_provenance(params, model)
+
+
+def with_provenance(params: dict, model: DiffusionModel) -> dict:
+    """A record (a result's, a tuned VAE's) with its input files' digests, so that info can tell when one changed
+    under its name, and where it was made."""
+    digests = fingerprints(params)
     return params | ({KEY: digests} if digests else {}) | {"made_with": made_with(model)}
 
 

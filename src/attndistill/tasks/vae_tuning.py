@@ -23,7 +23,6 @@ import torch
 from ..checks import positive, whole
 from ..core.progress import Callback, StepInfo
 from ..errors import NonFiniteError, UserError
-from ..fingerprints import KEY, fingerprints
 from ..images import (
     FILE_MODE,
     FOLDER_MODE,
@@ -44,9 +43,9 @@ from .setup import (
     check_callback,
     check_reference_fit,
     describe_input,
-    made_with,
     model_parameters,
     with_gradients,
+    with_provenance,
 )
 
 if TYPE_CHECKING:
@@ -197,10 +196,9 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         if bar is not None:
             bar.close()
     # how it was made, as a result's PNG says it: save_vae writes it beside the weights (PARAMETERS_FILE)
-    made = {"task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
-            "reference_fit": reference_fit, **model_parameters(model), "steps": steps, "lr": lr}
-    digests = fingerprints(made)  # so that info can tell when a reference changed under its name
-    tuned.attndistill_parameters = made | ({KEY: digests} if digests else {}) | {"made_with": made_with(model)}
+    tuned.attndistill_parameters = with_provenance({
+        "task": "finetune-vae", "version": __version__, "reference": [describe_input(r) for r in references],
+        "reference_fit": reference_fit, **model_parameters(model), "steps": steps, "lr": lr}, model)
     return tuned
 
 
