@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,8 +54,7 @@ from attndistill.core.lookahead import ReferenceLookahead  # noqa: E402
 from attndistill.core.stepper import LatentAdam, StaticReference, StaticStepper  # noqa: E402
 from attndistill.model.models import DiffusionModel  # noqa: E402
 from attndistill.model.perf import PerfOptions  # noqa: E402
-from attndistill.tasks import generate, textures  # noqa: E402
-from attndistill.tasks import transfer as tasks  # noqa: E402
+from attndistill.tasks import setup  # noqa: E402
 from attndistill.testing import full_size_model  # noqa: E402
 
 #: Phases replayed from CUDA graphs on a GPU: their allocations are not in ``max_memory_allocated`` there.
@@ -63,7 +63,21 @@ GRAPHED = ("denoise", "ad_iteration")
 
 # -- tagging ----------------------------------------------------------------------------------------
 
-def tag_phases() -> dict[str, list]:
+Replace = Callable[[object, str, object], None]
+
+
+def replacer(stack: contextlib.ExitStack) -> Replace:
+    """``replace(owner, attr, value)``: set an attribute of the library until ``stack`` closes (the tests run
+    this script in their own process, which later tests share)."""
+
+    def replace(owner, attr: str, value) -> None:
+        stack.callback(setattr, owner, attr, getattr(owner, attr))
+        setattr(owner, attr, value)
+
+    return replace
+
+
+def tag_phases(replace: Replace) -> dict[str, list]:
     """Wrap the run's phases in profiler ranges ``phase:NAME``; returns a log of what each UNet call got."""
     calls: dict[str, list] = defaultdict(list)
 
@@ -75,7 +89,7 @@ def tag_phases() -> dict[str, list]:
             with record_function(f"phase:{name}"):
                 return original(*args, **kwargs)
 
-        setattr(owner, attr, tagged)
+        replace(owner, attr, tagged)
 
     wrap(DiffusionModel, "encode", "vae_encode")
     wrap(DiffusionModel, "decode", "vae_decode")
@@ -93,7 +107,7 @@ def tag_phases() -> dict[str, list]:
                                        "grad": torch.is_grad_enabled()})
         return features(self, latents, t, **kwargs)
 
-    Distiller.features = logged
+    replace(Distiller, "features", logged)
     new_stepper = Distiller._new_stepper
 
     def stepper(self, *args, **kwargs):
@@ -101,11 +115,11 @@ def tag_phases() -> dict[str, list]:
         calls["steppers"].append(type(made).__name__)
         return made
 
-    Distiller._new_stepper = stepper
+    replace(Distiller, "_new_stepper", stepper)
     return calls
 
 
-def force_gpu_path() -> None:
+def force_gpu_path(replace: Replace) -> None:
     """What a GPU does that the CPU does not by itself: the static programs (``Distiller(static=True)``:
     the CUDA-graph path without capture) and look-ahead calls filled up to their rows (``pad``)."""
 
@@ -114,14 +128,13 @@ def force_gpu_path() -> None:
             kwargs.setdefault("static", True)
             super().__init__(*args, **kwargs)
 
-    for module in (generate, tasks, textures):  # the task modules, each of which makes its Distiller
-        module.Distiller = StaticDistiller
+    replace(setup, "Distiller", StaticDistiller)  # where every task makes its Distiller (run_distiller)
     init = ReferenceLookahead.__init__
 
     def padded(self, *args, pad=None, **kwargs):
         init(self, *args, pad=True if pad is None else pad, **kwargs)
 
-    ReferenceLookahead.__init__ = padded
+    replace(ReferenceLookahead, "__init__", padded)
 
 
 @contextlib.contextmanager
@@ -330,9 +343,10 @@ def weights_mb(model: DiffusionModel) -> dict[str, float]:
 
 
 def measure_run(model: DiffusionModel, args, emit) -> None:
-    calls = tag_phases()
-    force_gpu_path()
-    trace, seconds, _ = profiled(lambda: run_case(args.case, model, args.steps, 1.0), modules_of=model)
+    with contextlib.ExitStack() as stack:
+        calls = tag_phases(replacer(stack))
+        force_gpu_path(replacer(stack))
+        trace, seconds, _ = profiled(lambda: run_case(args.case, model, args.steps, 1.0), modules_of=model)
     emit(what="run", case=args.case, steps=args.steps, seconds=round(seconds, 1), weights_mb=weights_mb(model),
          steppers=calls["steppers"],
          feature_calls=[dict(c, n=n) for c, n in _count(calls["feature_calls"])],

@@ -127,16 +127,24 @@ def test_graph_memory_counts_each_captured_programs_working_memory(tiny_sd15, ti
     assert six > 3 * one
 
 
-def test_run_memory_splits_a_whole_run_by_phase():
-    """``benchmarks/run_memory.py`` (a subprocess: it wraps library calls to tag them) profiles case d on the
-    tiny SDXL model and finds the run's peak inside one of the phases it tags."""
-    import subprocess
-    import sys
+def test_run_memory_splits_a_whole_run_by_phase(capsys):
+    """``benchmarks/run_memory.py`` profiles case d on the tiny SDXL model and finds the run's peak inside one
+    of the phases it tags. The run takes the GPU's static programs, as the script forces, and the library it
+    wrapped to do so is itself again afterwards."""
+    from attndistill.core.engine import Distiller
+    from attndistill.model.models import DiffusionModel
+    from attndistill.tasks import setup
 
+    library = (Distiller.features, Distiller._new_stepper, DiffusionModel.decode, setup.Distiller)
     path = Path(__file__).parent.parent / "benchmarks" / "run_memory.py"
-    out = subprocess.run([sys.executable, str(path), "--tiny", "--steps", "1", "--only", "run"], capture_output=True,
-                         text=True, timeout=240, check=True).stdout
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    spec = importlib.util.spec_from_file_location("run_memory", path)
+    run_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_memory)
+    run_memory.main(["--tiny", "--steps", "1", "--only", "run"])
+    assert (Distiller.features, Distiller._new_stepper, DiffusionModel.decode, setup.Distiller) == library
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    steppers = next(line["steppers"] for line in lines if line["what"] == "run")
+    assert steppers and set(steppers) == {"StaticStepper"}
     phases = {line["phase"] for line in lines if line["what"] == "phase"}
     assert {"vae_encode", "text_encode", "lookahead_call", "ad_iteration", "denoise", "vae_decode"} <= phases
     peak = next(line for line in lines if line["what"] == "peak" and line["count"] == "all")

@@ -107,7 +107,7 @@ def test_speed_flags_work_after_the_command(tmp_path, data_dir, tiny_sd15_dir, f
     from attndistill.cli import common
 
     if any(flag.startswith("--compiled") for flag in flags):
-        request.getfixturevalue("dynamo_eager")
+        request.getfixturevalue("untraced")
 
     out = tmp_path / "out.png"
     result = run("texture", data_dir / "wood-rings.jpg", "-o", out, "--model", tiny_sd15_dir, "--steps", 2,

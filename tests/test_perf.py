@@ -813,8 +813,10 @@ def test_compiled_loss_gives_the_same_loss_and_gradient_in_one_program(model, ao
     assert torch.isfinite(masked[0]) and counters["stats"]["unique_graphs"] - graphs == 1
 
 
-def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
-    """``compiled_loss`` in Algorithm 1, eager and over static buffers (the CUDA-graph path, uncaptured)."""
+def test_compiled_loss_keeps_the_optimised_latent_and_image(model, dynamo_eager):
+    """``compiled_loss`` in Algorithm 1, eager and over static buffers (the CUDA-graph path, uncaptured). Traced
+    by Dynamo and run as traced: the program's gradient through AOT autograd (inductor's) is the one-program
+    test's, which takes one trace where whole runs take several."""
     from torch._dynamo.utils import counters
 
     z_ref, z_c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8)
@@ -831,10 +833,11 @@ def test_compiled_loss_keeps_the_optimised_latent_and_image(model, aot_eager):
     assert counters["stats"]["unique_graphs"] == made  # the same program over static buffers: no second compile
 
 
-def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eager):
+def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, dynamo_eager):
     """``compiled_loss`` and ``compiled_calls`` (feature and denoising calls) in Algorithm 2 (static buffers, a
     fresh Adam each step) and in MultiDiffusion's views give the uncompiled latents (views of one at a time,
-    which reuse the sampler's programs: each new shape costs a trace)."""
+    which reuse the sampler's programs: each new shape costs a trace). Run as Dynamo traced them, as in
+    ``test_compiled_loss_keeps_the_optimised_latent_and_image``."""
     from attndistill.core.multidiffusion import multidiffusion
     from attndistill.core.sampling import sample
     from attndistill.model.compiling import static_program
@@ -855,7 +858,7 @@ def test_compiled_loss_and_calls_keep_sampling_and_multidiffusion(model, aot_eag
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
-def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, dynamo_eager, caplog):
+def test_a_compiled_program_says_when_it_compiles_once_per_shape(model, untraced, caplog):
     """The first call of a whole-UNet program with new shapes compiles for minutes on a GPU while the progress
     bar stands still: it says so (INFO, which the CLI shows), once per shape, not at every step."""
     z_ref = torch.randn(1, 4, 8, 8)

@@ -617,8 +617,7 @@ def test_a_v_prediction_model_is_described_as_one(tiny_sd15_dir, tmp_path):
     assert slot.holds(str(folder)) and not slot.holds(str(tiny_sd15_dir))
 
 
-def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir, tmp_path, data_dir,
-                                                                   dynamo_eager):
+def test_the_status_says_when_a_run_waits_for_a_program_to_compile(tiny_sd15_dir, tmp_path, data_dir, untraced):
     """Started with --compiled-loss, a first run compiles for minutes before its first step: the status line
     says so instead of standing at "starting…", and the run's own steps and result follow as usual."""
     from attndistill.model.perf import PerfOptions
