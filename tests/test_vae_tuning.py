@@ -235,3 +235,27 @@ def test_a_decoder_that_decodes_nan_before_tuning_is_not_blamed_on_the_lr(tiny_s
                                            "decoder's weights are broken; load the model again or pass a working "
                                            "VAE with --vae"):
         finetune_vae(data_dir / "wood-rings.jpg", model=model, steps=2)
+
+
+def test_a_tuning_that_starts_over_logs_each_step_once(tiny_sd15, data_dir, monkeypatch):
+    """Out of memory beside cached CUDA graphs, the tuning starts over without them: its loss log holds the
+    second attempt's steps, once each, not the first one's too (they were logged twice)."""
+    from attndistill.loss_log import LossLog
+
+    tune, failed = vae_tuning.tune_decoder, []
+
+    def short_of_memory_once(vae, images, *, callback, **kwargs):
+        def report(step, loss):
+            callback(step, loss)
+            if step == 1 and not failed:
+                failed.append(step)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return tune(vae, images, callback=report, **kwargs)
+
+    monkeypatch.setattr(vae_tuning, "tune_decoder", short_of_memory_once)
+    monkeypatch.setitem(tiny_sd15.graphs, ("stepper", "cached"), object())  # a graph the retry drops
+    log = LossLog()
+    finetune_vae(data_dir / "wood-rings.jpg", model=tiny_sd15, steps=3, callback=log)
+    assert failed and ("stepper", "cached") not in tiny_sd15.graphs
+    assert [row["step"] for row in log.rows] == [1, 2, 3]

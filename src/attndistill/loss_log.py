@@ -34,6 +34,11 @@ class LossLog:
             row.update({name: _plain(value) for name, value in info.parts.items()})
         if info.losses and len(info.losses) > 1:
             row["losses"] = [_plain(v) for v in info.losses]
+        last = self.rows[-1] if self.rows else None
+        if last is not None and last.get("stage") == info.stage and last["step"] >= row["step"]:
+            # the work started over (the decoder's tuning, out of memory beside cached graphs): its new rows
+            # replace the first attempt's
+            self.rows = [r for r in self.rows if r.get("stage") != info.stage or r["step"] < row["step"]]
         self.rows.append({**row, "stage": info.stage} if info.stage else row)
 
     def end_at_divergence(self, exc: BaseException) -> bool:
