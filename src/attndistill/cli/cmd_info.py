@@ -29,12 +29,13 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
     from ..errors import UserError
     from ..fingerprints import changed_inputs
     from ..images import load_image, read_parameters
+    from ..model.hub import changed_commits
 
     def body() -> None:
         if image.is_dir():
             recorded = vae_parameters(image)
             made = moved(recorded, image.parent)  # references that moved with the folder: the rerun reads them there
-            for change in changed_inputs(made):  # a rerun reads the references as they are now
+            for change in changed_inputs(made) + changed_commits(made):  # a rerun reads them as they are now
                 typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same weights",
                            err=True)
             typer.echo(finetune_command(made, image) if job else json.dumps(recorded, indent=2, sort_keys=True))
@@ -51,7 +52,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
             raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
         shown = params
         params = moved(params, image.parent)  # inputs that moved with the result: the rerun reads them there
-        for change in changed_inputs(params):  # a rerun reads the files as they are now
+        for change in changed_inputs(params) + changed_commits(params):  # a rerun reads them as they are now
             typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same pixels",
                        err=True)
         if job:

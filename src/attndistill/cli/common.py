@@ -40,7 +40,8 @@ def named(value: str | None) -> str | None:
 Model = Annotated[str | None, typer.Option(
     "--model", "-m", help="Hub id, diffusers folder or .safetensors file \\[default: SD 1.5]", show_default=False,
     callback=named)]
-Vae = Annotated[Path | None, typer.Option(help="AutoencoderKL folder to use instead of the model's VAE")]
+Vae = Annotated[Path | None, typer.Option(
+    help="AutoencoderKL folder or Hub id (e.g. madebyollin/sdxl-vae-fp16-fix) to use instead of the model's VAE")]
 ConfigDir = Annotated[Path | None, typer.Option(
     "--config", help="Local diffusers folder describing a single-file checkpoint (offline use)")]
 AllowPickle = Annotated[bool, typer.Option(help="Allow loading pickle (.ckpt/.pth/.bin) weights you trust")]

@@ -122,19 +122,32 @@ def _read_model_index(model: str) -> dict:
     if not looks_like_hub_id(model):
         raise UserError(f"model '{model}' does not exist; pass a diffusers folder, a .safetensors file "
                         "or a Hub id such as " + SD15_ID)
+    index = hub_file(model, "model_index.json")
+    return _parse_model_index(index, model)
+
+
+def hub_file(repo: str, filename: str, *, what: str = "model", option: str = "--model") -> Path:
+    """``filename`` of the Hub repository ``repo``: from the cache, or downloaded where the Hub can be reached;
+    a one-line error naming ``what`` (and ``option``) where it cannot be had."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     try:
-        index = Path(hf_hub_download(model, "model_index.json", local_files_only=local_files_only(model)))
+        return Path(hf_hub_download(repo, filename, local_files_only=local_files_only(repo)))
     except LocalEntryNotFoundError:
-        raise _not_available(model) from None
+        raise _not_available(repo, what, option) from None
     except RepositoryNotFoundError:
-        raise UserError(f"model '{model}' does not exist on the Hugging Face Hub; check the id") from None
+        raise UserError(f"{what} '{repo}' does not exist on the Hugging Face Hub; check the id") from None
+    except EntryNotFoundError:
+        raise UserError(f"{what} '{repo}' has no {filename} at the top of its Hub repository; check the id") from None
     except (HfHubHTTPError, OSError) as exc:
         if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
-            raise _not_available(model) from None
-        raise UserError(f"model '{model}' could not be fetched: {first_line(exc)}") from None
-    return _parse_model_index(index, model)
+            raise _not_available(repo, what, option) from None
+        raise UserError(f"{what} '{repo}' could not be fetched: {first_line(exc)}") from None
 
 
 def _parse_model_index(index: Path, model: str) -> dict:
@@ -296,6 +309,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as dlogging
 
+    from .hub import hub_commits
+
     dlogging.set_verbosity_error()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -363,6 +378,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                            vae_source=None if vae is None else local_or_hub(vae),
                            config_source=None if config is None else local_or_hub(config),
                            allow_pickle=bool(allow_pickle))
+    model.hub_commits = hub_commits({"model": model.source, "vae": model.vae_source})  # as loaded, before any update
     if perf is not None:
         model.set_perf(perf)
     return model
@@ -409,9 +425,15 @@ def safetensors_only(allow_pickle: bool) -> bool | None:
 
 
 def check_vae_source(vae: str | os.PathLike) -> None:
-    """``--vae`` must be a folder holding an ``AutoencoderKL`` config (read before any weights)."""
-    hint = "pass a folder saved by 'attndistill finetune-vae' or a model's 'vae' subfolder"
-    config = Path(vae) / "config.json"
+    """``--vae`` must be a folder, or a Hub repository, holding an ``AutoencoderKL`` config (read before any
+    weights)."""
+    hint = ("pass a folder saved by 'attndistill finetune-vae', a model's 'vae' subfolder or the Hub id of a VAE "
+            "(such as madebyollin/sdxl-vae-fp16-fix)")
+    name = os.fspath(vae)
+    if not os.path.exists(name) and looks_like_hub_id(name):
+        config = hub_file(name, "config.json", what="VAE", option="--vae")
+    else:
+        config = Path(vae) / "config.json"
     if not config.is_file():
         raise UserError(f"VAE '{vae}' is not a diffusers AutoencoderKL folder (no config.json); {hint}")
     try:

@@ -150,6 +150,7 @@ class DiffusionModel:
     vae_source: str | None = None  # another VAE folder swapped in (results record it, reruns need it)
     config_source: str | None = None  # the configs a single-file checkpoint was loaded with
     allow_pickle: bool = False  # loaded with pickle files allowed: results record it, so reruns may load them too
+    hub_commits: dict = field(default_factory=dict)  # {"model"/"vae": commit} of the Hub snapshots loaded
     _null: dict = field(default_factory=dict, repr=False)
     graphs: dict = field(default_factory=dict, repr=False)  # captured CUDA graphs, reused across calls
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs

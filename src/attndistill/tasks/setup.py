@@ -28,6 +28,7 @@ from ..images import (
     round_to_multiple,
     to_pil,
 )
+from ..model.hub import hub_commits
 from ..model.loading import local_or_hub
 from ..model.models import DiffusionModel
 from ..model.perf import pixel_switches
@@ -252,7 +253,11 @@ def with_provenance(params: dict, model: DiffusionModel) -> dict:
     """A record (a result's, a tuned VAE's) with its input files' digests, so that info can tell when one changed
     under its name, and where it was made."""
     digests = fingerprints(params)
-    return params | ({KEY: digests} if digests else {}) | {"made_with": made_with(model)}
+    made = made_with(model)
+    commits = {**model.hub_commits, **hub_commits({"controlnet": params.get("controlnet")})}
+    if commits:  # the Hub snapshots loaded: a repository may change under its name
+        made["hub_commits"] = commits
+    return params | ({KEY: digests} if digests else {}) | {"made_with": made}
 
 
 def model_parameters(model: DiffusionModel) -> dict[str, str]:

@@ -254,8 +254,9 @@ class WebUI:
                 with gr.Row():
                     self.model_box = gr.Textbox(self.model, label="Model", elem_id="model-box",
                                                 info="Hub id, diffusers folder or .safetensors file", scale=3)
-                    self.vae_box = gr.Textbox(self.vae or "", label="VAE folder (optional)", elem_id="vae-box",
-                                              info="e.g. a decoder fine-tuned in the VAE tab", scale=2)
+                    self.vae_box = gr.Textbox(self.vae or "", label="VAE (optional)", elem_id="vae-box",
+                                              info="a folder (e.g. a decoder fine-tuned in the VAE tab) or a Hub id",
+                                              scale=2)
                     load_btn = gr.Button("Load", scale=0)
                 model_status = self.model_status = gr.Markdown(elem_id="model-status")
             load_btn.click(self.load, [self.model_box, self.vae_box], model_status,
