@@ -81,3 +81,15 @@ def test_a_hub_vae_the_cache_lacks_offline_is_one_line_naming_the_option(hub, tm
         "(HF_HUB_OFFLINE is set); check the id and download it once online, or pass --vae "
         "/path/to/a/local/diffusers/folder"]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_hub_controlnet_is_recorded_with_its_snapshot(hub, tmp_path, data_dir, tiny_sd15_dir):
+    from attndistill.testing import build_tiny_controlnet
+
+    hub.publish("tiny-org/tiny-controlnet", build_tiny_controlnet(tmp_path / "cn"), "d" * 40)
+    out = tmp_path / "cn.png"
+    result = run("t2i", "-s", data_dir / "watercolor-cat.jpg", "-p", "a horse", "-o", out, "--controlnet",
+                 "tiny-org/tiny-controlnet", "--control-image", data_dir / "horse.jpg", "-m", tiny_sd15_dir,
+                 "--steps", 2, "--size", 64, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert read_parameters(out)["made_with"]["hub_commits"] == {"controlnet": "d" * 40}
