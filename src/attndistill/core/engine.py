@@ -212,9 +212,14 @@ class Distiller:
     # -- capture lifetime ---------------------------------------------------------------------------
 
     def __enter__(self) -> Distiller:
-        self._blocks = [m for m in self.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
-        self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
-        self.store = self._ctx.__enter__()
+        self.model.lock.acquire()  # another thread's block or run on this model waits (as its processors would clash)
+        try:
+            self._blocks = [m for m in self.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+            self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
+            self.store = self._ctx.__enter__()
+        except BaseException:
+            self.model.lock.release()
+            raise
         return self
 
     def paused(self) -> contextlib.AbstractContextManager[None]:
@@ -225,10 +230,13 @@ class Distiller:
         return self.store.paused()
 
     def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-        self.store = None
-        self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
-        self._references.clear()
+        try:
+            self._ctx.__exit__(*exc)
+        finally:
+            self.store = None
+            self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
+            self._references.clear()
+            self.model.lock.release()
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,

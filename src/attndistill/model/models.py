@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -156,6 +157,9 @@ class DiffusionModel:
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
     short_of_memory: bool = False  # a capture ran out of memory: automatic gradient checkpointing stays on
     encoding_vae: Any = field(default=None, repr=False)  # the model's own VAE while a tuned one decodes (using_vae)
+    #: held by a run (tasks.setup.held) and by a Distiller's block: each puts its own attention processors,
+    #: padding or VAE on the model, which another thread's run at the same time would take for the model's own
+    lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def release_graphs(self) -> None:
         """Drop the captured CUDA graphs and hand their memory back to the device.

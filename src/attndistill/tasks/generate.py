@@ -37,10 +37,11 @@ from .setup import (
     describe_input,
     encode_references,
     finish,
+    held,
+    public_task,
     run_distiller,
     run_parameters,
     target_size,
-    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -168,7 +169,7 @@ def check_t2i_options(*, controlnet: str | os.PathLike | ControlNetModel | None,
                         f"e.g. --content-weight {get_preset('style').content_weight}")
 
 
-@with_gradients
+@public_task
 def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, negative_prompt: str | None = None,
                   num_images: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
                   iters: int | None = None, lr: float | None = None, guidance: float | None = None,
@@ -204,7 +205,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
                       control_scale=control_scale, content=content, content_weight=content_weight)
     seed, num_images, tile = check_run(seed=seed, callback=callback, num=num_images, what="number of images",
                                        fused=fused, progress=progress, tile=tile, tune_vae=tune_vae)
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    model = held(as_model(model, vae=vae, device=device, dtype=dtype))
     preset = get_preset("t2i-sdxl" if model.kind == "sdxl" else "t2i").override(
         steps=steps, iters=iters, lr=lr, guidance=guidance, guidance_rescale=guidance_rescale, adain=adain,
         content_weight=content_weight, attention_scale=attention_scale, reference_fit=reference_fit)
@@ -257,7 +258,7 @@ def _cached_hub_id(name: str) -> bool:
         return False
 
 
-@with_gradients
+@public_task
 def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
                      model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                      lr: float | None = None, guidance: float | None = None, guidance_rescale: float | None = None,
@@ -280,12 +281,12 @@ def texture_sampling(reference: ImageInput | Sequence[ImageInput], *, num: int =
     refs = as_list(reference)
     job = _Job("texture-sample", refs, "texture image", num=num, start_t=start_t, tile=tile, tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "num": num, "tile": tile, "tune_vae": tune_vae}
-    return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
+    return _run(job, model=held(as_model(model, vae=vae, device=device, dtype=dtype)), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)
 
 
-@with_gradients
+@public_task
 def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageInput, *,
                    strength: float = LAYOUT_STRENGTH, num: int = 1, model: DiffusionModel | str | None = None,
                    steps: int | None = None,
@@ -318,7 +319,7 @@ def layout_texture(reference: ImageInput | Sequence[ImageInput], layout: ImageIn
                tune_vae=tune_vae)
     inputs = {"reference": [describe_input(r) for r in refs], "layout": describe_input(layout), "strength": strength,
               "num": num, "tile": tile, "tune_vae": tune_vae}
-    return _run(job, model=as_model(model, vae=vae, device=device, dtype=dtype), preset=preset, layers=layers,
+    return _run(job, model=held(as_model(model, vae=vae, device=device, dtype=dtype)), preset=preset, layers=layers,
                 size=size, seed=seed, inputs=inputs, allow_pickle=False, fused=fused, progress=progress,
                 callback=callback)
 

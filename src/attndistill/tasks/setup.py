@@ -3,11 +3,15 @@ parameters a result records (so any image can be rerun exactly)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, replace
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +39,9 @@ from ..model.perf import pixel_switches
 from ..model.tiling import check_axes
 from ..presets import DEFAULT_REFERENCE_FIT, REFERENCE_FITS, Preset
 from ..version import __version__
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +214,38 @@ def check_reference_fit(fit: object) -> str:
 #: mode forbids even where a run turns grad mode back on (a server may wrap every call in it); ``no_grad`` is fine.
 #: torch's own decorator, as ``load_model`` takes it: it keeps the task's signature (batch and web UI read it).
 with_gradients = torch.inference_mode(False)
+
+#: The running task's exit stack (:func:`public_task`), where :func:`held` leaves the model's lock until it returns.
+_RUN: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("attndistill_run", default=None)
+
+
+def public_task(fn: Callable[P, R]) -> Callable[P, R]:
+    """A public task's decorator: it runs outside ``torch.inference_mode`` (:data:`with_gradients`), and the model
+    it takes through :func:`held` is its own until it returns."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with contextlib.ExitStack() as stack:
+            token = _RUN.set(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _RUN.reset(token)
+
+    return with_gradients(run)
+
+
+def held(model: DiffusionModel) -> DiffusionModel:
+    """``model``, the running task's alone until it returns. A run puts its own attention processors, convolution
+    padding (``tile``) and VAE (``tune_vae``) on the model, which another thread's run at the same time would take
+    for the model's own: two such runs both failed, and the model kept their processors. That run waits."""
+    stack = _RUN.get()
+    if stack is not None:
+        if not model.lock.acquire(blocking=False):
+            log.info("waiting for another thread's run on the same model to finish")
+            model.lock.acquire()
+        stack.callback(model.lock.release)
+    return model
 
 
 def run_distiller(model: DiffusionModel, preset: Preset, layers: Sequence[int], *,

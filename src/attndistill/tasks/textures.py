@@ -49,11 +49,12 @@ from .setup import (
     describe_input,
     encode_references,
     finish,
+    held,
+    public_task,
     run_distiller,
     run_parameters,
     target_size,
     warn_rounded,
-    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -115,7 +116,7 @@ def canvas_size(model: DiffusionModel, size: int | tuple[int, int], view: int, *
     return w, h
 
 
-@with_gradients
+@public_task
 def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | tuple[int, int],
                    model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                    lr: float | None = None, attention_scale: float | None = None,
@@ -140,7 +141,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
                               tune_vae=tune_vae)
     axes = axes or ""
     refs = as_list(reference)
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    model = held(as_model(model, vae=vae, device=device, dtype=dtype))
     layer_ids = parse_layers(layers, model)
     w, h = canvas_size(model, size, view)
     f = model.vae_scale_factor
@@ -177,6 +178,7 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
 
 # -- options for any texture task --------------------------------------------------------------------
 
+@public_task
 def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
                          reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str,
                          tile: str | None = None, tune_vae: bool = False, progress: bool = True,
@@ -199,7 +201,7 @@ def with_texture_options(task: Callable[..., list[Image.Image] | Image.Image],
         return task(reference, model=model, tile=tile, tune_vae=tune_vae, progress=progress, **kwargs)
     refs = as_list(reference)
     # a path or Hub id, like every task takes, loaded here with the task's own vae/device/dtype options
-    model = as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs})
+    model = held(as_model(model, **{k: kwargs.pop(k) for k in ("vae", "device", "dtype") if k in kwargs}))
     fit = kwargs.get("reference_fit")  # no reference: the task itself says one is needed
     with (tuned_vae(model, refs if tune_vae and refs else None, reference_fit=fit, progress=progress,
                     callback=kwargs.get("callback")),
@@ -370,7 +372,7 @@ def _grey(colour: str) -> bool:
     return colour[1:3] == colour[3:5] == colour[5:7]
 
 
-@with_gradients
+@public_task
 def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
                              ref_labels: ImageInput | Sequence[ImageInput], target_labels: ImageInput, *,
                              num: int = 1, model: DiffusionModel | str | None = None, steps: int | None = None,
@@ -398,7 +400,7 @@ def masked_texture_synthesis(reference: ImageInput | Sequence[ImageInput],
     refs = as_list(reference)
     ref_images, target_image, maps, colours, names = check_label_maps(refs, ref_labels, target_labels, size)
 
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    model = held(as_model(model, vae=vae, device=device, dtype=dtype))
     layer_ids = parse_layers(layers, model)
     # named, so that a map whose aspect the size cannot keep is said, as a layout's is
     w, h = target_size(model, size, like=target_image, like_name=f"target label map '{names[-1]}'")

@@ -40,11 +40,12 @@ from .setup import (
     describe_input,
     encode_references,
     finish,
+    held,
+    public_task,
     run_distiller,
     run_parameters,
     seeded_noise,
     target_size,
-    with_gradients,
 )
 from .vae_tuning import tuned_vae
 
@@ -74,7 +75,7 @@ def _optimise_task(task: str, *, target: Image.Image | list[Image.Image] | None,
     masks = mask if targets is not None and isinstance(mask, list) else [mask] * len(targets or [target])
     what = "structure image" if task == "appearance" else "content image"
     mask_images = [load_mask(m, t, tile=tile, what=what) for m, t in zip(masks, targets or [target], strict=True)]
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    model = held(as_model(model, vae=vae, device=device, dtype=dtype))
     layer_ids = parse_layers(layers, model)
     name = inputs.get("content") or inputs.get("structure")  # a batch's first content has no name here
     w, h = target_size(model, size, like=targets[0] if targets else target,
@@ -127,7 +128,7 @@ def _update_region(mask_images: list[Image.Image | None], masks: list, size: tup
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-@with_gradients
+@public_task
 def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput], *,
                    model: DiffusionModel | str | None = None, steps: int | None = None, iters: int | None = None,
                    lr: float | None = None, content_weight: float | None = None,
@@ -158,7 +159,7 @@ def style_transfer(content: ImageInput, style: ImageInput | Sequence[ImageInput]
         tune_vae=tune_vae, mask=mask)[0]
 
 
-@with_gradients
+@public_task
 def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence[ImageInput], *,
                         model: DiffusionModel | str | None = None, steps: int | None = None,
                         iters: int | None = None, lr: float | None = None, content_weight: float | None = None,
@@ -183,7 +184,7 @@ def appearance_transfer(structure: ImageInput, appearance: ImageInput | Sequence
         tune_vae=tune_vae, mask=mask)[0]
 
 
-@with_gradients
+@public_task
 def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int = 1,
                       model: DiffusionModel | str | None = None, steps: int | None = None,
                       iters: int | None = None, lr: float | None = None, attention_scale: float | None = None,
@@ -207,7 +208,7 @@ def texture_synthesis(reference: ImageInput | Sequence[ImageInput], *, num: int 
         tune_vae=tune_vae)
 
 
-@with_gradients
+@public_task
 def style_transfer_batch(contents: Sequence[ImageInput], style: ImageInput | Sequence[ImageInput], *,
                          model: DiffusionModel | str | None = None, steps: int | None = None,
                          iters: int | None = None, lr: float | None = None, content_weight: float | None = None,

@@ -43,8 +43,9 @@ from .setup import (
     check_callback,
     check_reference_fit,
     describe_input,
+    held,
     model_parameters,
-    with_gradients,
+    public_task,
     with_provenance,
 )
 
@@ -140,7 +141,7 @@ def tune_decoder(vae: AutoencoderKL, images01: torch.Tensor, *, steps: int = VAE
 TUNING_STAGE = "tuning the VAE decoder"
 
 
-@with_gradients
+@public_task
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
                  steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR, reference_fit: str | None = None,
                  vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False,
@@ -162,7 +163,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
         tuned = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", vae="wood-vae")
     """
     check_callback(callback)
-    model = as_model(model, vae=vae, device=device, dtype=dtype)
+    model = held(as_model(model, vae=vae, device=device, dtype=dtype))
 
     references = as_list(reference)
     if not references:
