@@ -89,8 +89,9 @@ def test_the_cli_takes_a_mask_and_info_job_reruns_it(tiny_sd15_dir, data_dir, tm
     assert tiled.exit_code == 2 and "does not tile" in tiled.output  # before the model loads
 
 
-def test_transparent_keeps_as_black_does_and_a_mask_with_no_white_is_refused(tmp_path):
-    """White strokes on a transparent layer (a paint program's export) mean what they show."""
+def test_transparent_keeps_as_black_does_and_a_mask_with_no_white_is_refused(tmp_path, caplog):
+    """White strokes on a transparent layer (a paint program's export) mean what they show, without the warning
+    other inputs get that their transparent pixels are taken on white (the opposite of what a mask does)."""
     content = Image.new("RGB", (80, 40))
     strokes = Image.new("RGBA", (80, 40), (255, 255, 255, 0))  # white, but transparent
     strokes.paste((255, 255, 255, 255), (0, 0, 40, 40))
@@ -99,6 +100,7 @@ def test_transparent_keeps_as_black_does_and_a_mask_with_no_white_is_refused(tmp
     strokes.save(tmp_path / "strokes.png")
     assert np.array_equal(np.asarray(load_mask(tmp_path / "strokes.png", content)), np.asarray(grey))
     assert np.array_equal(np.asarray(load_mask(strokes, content)), np.asarray(grey))
+    assert "transparent" not in caplog.text
     Image.new("RGBA", (80, 40), (255, 255, 255, 0)).save(tmp_path / "clear.png")
     with pytest.raises(UserError, match=r"mask '.*clear.png' has no white; paint the part to restyle white"):
         load_mask(tmp_path / "clear.png", content)

@@ -57,7 +57,8 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
     tools write them) are ids to keep apart, not brightness: each id becomes a
     colour of its own (id 0x0102 -> #000102) instead of being scaled to 8 bits.
     ``flat``: a mask, accepted up to twice the pixel limit (Pillow's own hard limit): painted at the full
-    size of a photo over the limit, which a JPEG decodes smaller, it must still be usable.
+    size of a photo over the limit, which a JPEG decodes smaller, it must still be usable; its transparency is
+    not warned about (its reader takes it as black).
     """
     limit = 2 * MAX_PIXELS if flat else MAX_PIXELS
     if isinstance(source, Image.Image):
@@ -67,7 +68,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
         except (ValueError, OSError, AttributeError) as exc:
             raise UserError(f"{what} (a PIL image) cannot be read ({exc}); pass it before closing it, or its "
                             "file's path") from None
-        return _to_rgb(source, what, labels=labels, limit=limit, background=background)
+        return _to_rgb(source, what, labels=labels, limit=limit, background=background, mask=flat)
     if not isinstance(source, str | os.PathLike):
         raise UserError(f"{what} must be a file path or a PIL image, not a {type(source).__name__}")
     if os.fspath(source) in ("", b""):
@@ -91,7 +92,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
             if getattr(img, "n_frames", 1) > 1:  # an animated GIF/WebP/PNG, a multi-page TIFF
                 log.warning("%s '%s' has %d frames; its first is used", what, path, img.n_frames)
             return _to_rgb(ImageOps.exif_transpose(img), f"{what} '{path}'", labels=labels, limit=limit,
-                           background=background)
+                           background=background, mask=flat)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -158,9 +159,10 @@ def _check_size(size: tuple[int, int], label: str, limit: int = MAX_PIXELS) -> N
 
 
 def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = MAX_PIXELS,
-            background: tuple[int, int, int] = WHITE) -> Image.Image:
+            background: tuple[int, int, int] = WHITE, mask: bool = False) -> Image.Image:
     """Plain 8-bit sRGB whatever the mode and colour profile; alpha goes on ``background``; with ``labels``, integer
-    ids as colours and colours as they are stored (a label's colour is a name, not a colour to convert)."""
+    ids as colours and colours as they are stored (a label's colour is a name, not a colour to convert). A ``mask``
+    is not warned about its transparency, which its reader takes as black (keep)."""
     _check_size(img.size, label, limit)
     if labels and img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _ids_as_colours(np.asarray(img), label)
@@ -192,7 +194,7 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
             share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
             raise UserError(f"{label} has transparent pixels ({share}); a label map needs an "
                             "opaque colour in every pixel: fill them, or save the map without transparency")
-        if background == WHITE and seen.mean() >= 0.01:  # a control image's black is its "nothing here"
+        if background == WHITE and not mask and seen.mean() >= 0.01:  # a control image's black: "nothing here"
             log.warning("%s is %.0f%% transparent; those pixels are taken on white, which the run then sees as "
                         "part of the image: crop or fill them where they should not count", label, 100 * seen.mean())
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
