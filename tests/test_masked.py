@@ -311,6 +311,20 @@ def test_a_region_too_thin_for_a_token_grid_names_its_colour_and_the_files(tiny_
     assert "[" not in str(err.value) and width > 0
 
 
+def test_a_region_too_thin_for_several_layers_is_named_at_the_coarsest_grid_at_once(tiny_sd15, maps, tmp_path):
+    """The advice (how wide to make the region) comes from the coarsest grid that loses it, not the first layer
+    called: made that wide, a region passes every layer, instead of failing again at the next coarser one."""
+    ref, _, target_labels = maps
+    _map(Image.open(ref).size, [((0, 0, 1, 1), RED), ((0.27, 0, 0.28, 1), BLUE)]).save(tmp_path / "stripe.png")
+    said = {}
+    for layers in ([2], [1, 2]):  # the tiny UNet's middle layer (its coarsest grid), then a finer one called first
+        with pytest.raises(ad.UserError, match="token grid") as err:
+            masked_texture_synthesis(ref, tmp_path / "stripe.png", target_labels, model=tiny_sd15, steps=1,
+                                     size=(128, 64), layers=layers, progress=False)
+        said[len(layers)] = str(err.value)
+    assert said[2] == said[1]
+
+
 def test_masked_synthesis_follows_its_seed_and_tiles(tiny_sd15, maps, monkeypatch):
     seen = []
 

@@ -521,7 +521,7 @@ class Distiller:
 
     def _layer_masks(self, target: list[LayerFeatures], target_hw, ref_hw) -> list[torch.Tensor]:
         """Label masks per layer, at each layer's own token grid (non-square grids included); cached."""
-        masks = []
+        masks, unmatched = [], []
         for f in target:
             n_t = f.q.shape[2]
             key = (n_t, tuple(target_hw), tuple(ref_hw))
@@ -532,8 +532,12 @@ class Distiller:
                 try:
                     self._masks[key] = label_mask(t_lab, r_lab)
                 except UnmatchedLabels as exc:
-                    raise UnmatchedLabels(exc.labels, r_grid) from None
+                    unmatched.append((exc.labels, r_grid))
+                    continue
             masks.append(self._masks[key])
+        if unmatched:  # named at the coarsest grid that loses one: regions made that large pass every layer at once
+            labels = sorted({label for found, _ in unmatched for label in found})
+            raise UnmatchedLabels(labels, min((grid for _, grid in unmatched), key=lambda g: g[0] * g[1]))
         return masks
 
 
