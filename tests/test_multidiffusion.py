@@ -202,6 +202,18 @@ def test_expand_texture_any_size_reproducible(tiny_sd15, data_dir):
     assert params["decode_tile"] == 8  # the decoder's tiles shape the pixels: a rerun needs them
 
 
+def test_views_that_do_not_overlap_are_said(tiny_sd15, data_dir, caplog):
+    """``--view 8`` keeps the default stride of 8: views side by side, each denoised alone (hard seams with real
+    weights). Said where the canvas has more than one view; a stride below the view is not."""
+    kw = dict(model=tiny_sd15, steps=1, view=8, view_batch=4, decode_tile=8, progress=False)
+    said = []
+    for size, stride in (((160, 64), 8), ((160, 64), 4), ((64, 64), 8)):  # the last: one view, nothing to join
+        caplog.clear()
+        expand_texture(data_dir / "wood-rings.jpg", size=size, stride=stride, **kw)
+        said.append("stride 8 is the view's width (8 latents): the views do not overlap" in caplog.text)
+    assert said == [True, False, False]
+
+
 def test_expand_texture_rejects_a_canvas_smaller_than_a_view(tiny_sd15, data_dir):
     with pytest.raises(ad.UserError, match=r"smaller than one view \(512 px\); use a larger --size, a --view of at "
                                            r"most 32 latents \(256 px\), or"):

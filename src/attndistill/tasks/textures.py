@@ -11,6 +11,7 @@ parameters in ``info["parameters"]``::
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -57,6 +58,8 @@ from .setup import (
     warn_rounded,
 )
 from .vae_tuning import tuned_vae
+
+log = logging.getLogger(__name__)
 
 #: A label map with more colours than this, most of them with no flat area (lines and specks), is a smoothed map
 #: (drawn with anti-aliasing, resized with interpolation, saved as JPEG), not a flat-colour one.
@@ -146,6 +149,10 @@ def expand_texture(reference: ImageInput | Sequence[ImageInput], *, size: int | 
     w, h = canvas_size(model, size, view)
     f = model.vae_scale_factor
     hw = (h // f, w // f)
+    if preset.stride == view and max(hw) > view:
+        log.warning("stride %d is the view's width (%d latents): the views do not overlap, so each is denoised alone "
+                    "and the canvas shows their edges; use a stride below the view (MultiDiffusion's default is %d "
+                    "for a view of %d)", view, view, get_preset("expand").stride, VIEW)
     # periodic axes: wrapped views where the canvas is wider than a view, circular convs where it is one view
     wrap = ("y" in axes and hw[0] > view, "x" in axes and hw[1] > view)
     unet_axes = ("y" if "y" in axes and hw[0] == view else "") + ("x" if "x" in axes and hw[1] == view else "")
