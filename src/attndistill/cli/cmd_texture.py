@@ -55,7 +55,8 @@ FINETUNE_EXAMPLE = ("Example: attndistill finetune-vae wood.jpg -o wood-vae && "
                     "attndistill texture wood.jpg --vae wood-vae -o wood.png")
 
 Tile = Annotated[str | None, typer.Option(
-    help="Seamless tiling along x, y or xy, so the result tiles without a seam (circular padding)",
+    help="Seamless tiling along x, y or xy, so the result tiles without a seam (circular padding; style and "
+         "appearance keep their content: as seamless as it is)",
     show_default=False)]
 ExpandTile = Annotated[str | None, typer.Option(
     "--tile", help="Seamless tiling along x, y or xy: views wrap around the canvas's edges, so the result "
