@@ -242,3 +242,31 @@ def test_a_distiller_without_condition_size_takes_the_output_size(tiny_sdxl):
                       generator=torch.Generator().manual_seed(7), progress=False)
 
     assert torch.equal(draw(), draw(condition_size=pixels(tiny_sdxl)))
+
+
+def test_a_loop_of_ones_own_is_conditioned_on_its_latents_whatever_it_calls_first(tiny_sdxl):
+    """Direct use of the Distiller: reference features asked for before the first loss, or plain features, are
+    conditioned on the size of the latents they are asked for (they took the model's native size, and the loss
+    then kept it: 1.03 against 1.06), and each ``with`` block conditions anew on its own latents."""
+    z_r, z_c, z = latents(21), latents(22), latents(23).requires_grad_(True)
+
+    def loss(reference_first: bool, distiller=None):
+        distiller = distiller or Distiller(tiny_sdxl, content_weight=0.25)
+        with distiller:
+            distiller.begin_timestep(500, z_r, z_c)
+            if reference_first:
+                distiller.compute_reference()
+            return distiller.loss(z).item()
+
+    assert loss(True) == loss(False)
+    reused = Distiller(tiny_sdxl, content_weight=0.25)
+    with reused:
+        reused.features(latents(24, (LATENT[0] * 2, LATENT[1])), 500)  # another size in an earlier block
+    assert loss(True, reused) == loss(False)
+    with Distiller(tiny_sdxl) as plain, torch.no_grad():
+        first = plain.features(z_r, 500)
+    with Distiller(tiny_sdxl) as after, torch.no_grad():
+        after.begin_timestep(500, z_r, z_c)
+        after.loss(z)
+        again = after.features(z_r, 500)
+    assert all(torch.equal(a.q, b.q) for a, b in zip(first, again, strict=True))

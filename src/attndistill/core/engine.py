@@ -150,8 +150,8 @@ class Distiller:
     ``update_mask``: (1 or B, 1, h, w) of 0 and 1 at the latent's size; the optimisation changes the latent
     only where it is 1 (a restyled region; the loss still sees the whole image). ``condition_size``:
     (h, w) pixels of the null conditioning (SDXL's ``add_time_ids`` carry a size); None: the size of the
-    latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks; a loop of one's own gets that
-    of the first latents it gives :meth:`loss`.
+    latents each run optimises (:meth:`condition_on`), as ALGORITHM.md §1 asks; a loop of one's own gets, in each
+    ``with`` block, that of the first latents it gives :meth:`loss` or :meth:`features` (or of the reference).
 
     Inside ``with distiller:`` every UNet call records the chosen layers and, with ``early_exit`` (the
     default), stops after the last of them: a call of one's own that needs the UNet's output (a denoising
@@ -236,6 +236,7 @@ class Distiller:
             self.store = None
             self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
             self._references.clear()
+            self._conditioned = self._condition_given  # the next block's latents choose its own null
             self.model.lock.release()
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
@@ -364,6 +365,8 @@ class Distiller:
         """
         if self.store is None:
             raise RuntimeError("use the Distiller as a context manager: with Distiller(model) as ad: ...")
+        if not self._conditioned:  # a loop of one's own that asks for features (or a reference) first
+            self.condition_on(latents.shape[-2:])
         self.store.clear()
         try:
             self.store.keep = keep
