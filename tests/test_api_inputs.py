@@ -34,6 +34,7 @@ def _style(model, data_dir, **options):
 @pytest.mark.parametrize("options,expected", [
     ({"dtype": "bf16"}, "dtype differs from the loaded model"),
     ({"vae": "/no/such/vae"}, "vae differs from the loaded model"),
+    ({"vae": torch.nn.Module()}, r"vae must be a folder or a Hub id, not a Module; save a tuned VAE with save_vae"),
     ({"size": -64}, "size must be a positive"), ({"size": 0}, "size must be a positive"),
     ({"size": True}, "size must be a positive"), ({"size": (64,)}, "size must be a positive"),
     ({"steps": 2.5}, "steps must be a whole number"), ({"lr": "0.1"}, "lr must be a finite number"),

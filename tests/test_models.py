@@ -419,3 +419,23 @@ def test_prompt_syntax_of_other_tools_is_warned_about(tiny_sd15, caplog, prompt,
             tiny_sd15.encode_prompt(**prompts)
         said = f" {what} has '{found}', syntax of other tools"
         assert (caplog.text.count(said) == 1) if found else "syntax" not in caplog.text
+
+
+def test_null_conditionings_are_one_for_sd15_and_bounded_for_sdxl(tiny_sd15, tiny_sdxl):
+    """SD 1.5's empty prompt does not depend on the size (each entry cost a text-encoder call); SDXL's does, and a
+    long-lived process meeting many sizes keeps the latest few."""
+    from attndistill.model.models import MAX_CACHED_NULLS
+
+    tiny_sd15._null.clear()
+    nulls = {id(tiny_sd15.null_condition((64 * i, 64))) for i in range(1, 4)} | {id(tiny_sd15.null_condition())}
+    assert len(nulls) == 1 and len(tiny_sd15._null) == 1
+    for i in range(MAX_CACHED_NULLS + 3):
+        tiny_sdxl.null_condition((64, 64 + 8 * i))
+    assert len(tiny_sdxl._null) == MAX_CACHED_NULLS and (64, 64 + 8 * (MAX_CACHED_NULLS + 2)) in tiny_sdxl._null
+
+
+def test_a_step_info_prints_without_its_latents():
+    from attndistill.core.progress import StepInfo
+
+    info = StepInfo(0, 10, 981, 0.5, torch.zeros(1, 4, 64, 64))
+    assert "latents" not in repr(info) and "loss=0.5" in repr(info)

@@ -253,3 +253,28 @@ def test_a_model_loaded_inside_inference_mode_still_runs_tasks(tiny_sd15_dir, da
         model.unet.conv_in.weight = torch.nn.Parameter(model.unet.conv_in.weight.clone(), requires_grad=False)
     with pytest.raises(ad.UserError, match="weights were made inside torch.inference_mode"):
         Distiller(model)
+
+
+def test_direct_use_of_a_distiller_says_what_it_cannot_do_in_one_line(tiny_sd15):
+    """A loop of one's own: the loss of target latents that require grad inside torch.inference_mode (their
+    backward then failed far away, "element 0 of tensors does not require grad"), and content latents of a
+    batch that fits neither one for all targets nor one for each (a raw size mismatch)."""
+    z_ref, z = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8).requires_grad_(True)
+    with Distiller(tiny_sd15, content_weight=0.25) as distiller:
+        distiller.begin_timestep(500, z_ref, torch.randn(3, 4, 8, 8))
+        with pytest.raises(ad.UserError, match="^3 content latents for 2 target latents; give one content"):
+            distiller.loss(z)
+        distiller.begin_timestep(500, z_ref, torch.randn(1, 4, 8, 8))
+        with torch.inference_mode(), pytest.raises(ad.UserError, match="torch.inference_mode forbids"):
+            distiller.loss(z)
+        with torch.inference_mode(), pytest.raises(ad.UserError, match="torch.inference_mode forbids"):
+            distiller.adam_steps(z.detach(), torch.tensor(500), z_ref, None, iters=1, lr=0.05, fresh=True)
+        assert torch.isfinite(distiller.loss(z))  # outside it, as ever
+
+
+def test_the_presets_cannot_be_changed_by_accident():
+    """One source of defaults for the whole process: a notebook's ``ad.PRESETS["style"] = ...`` would have changed
+    every later run, CLI and web UI alike, without a word."""
+    with pytest.raises(TypeError):
+        ad.PRESETS["style"] = ad.PRESETS["texture"]
+    assert ad.get_preset("style").override(steps=5).steps == 5 and ad.PRESETS["style"].steps == 200

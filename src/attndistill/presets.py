@@ -6,7 +6,9 @@ hard-codes a step count, a learning rate or a loss weight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Literal
 
 from .errors import UserError
@@ -43,7 +45,8 @@ class Preset:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-PRESETS: dict[str, Preset] = {
+#: Read-only: one process's tasks, CLI, web UI and batch runner all read their defaults here.
+PRESETS: Mapping[str, Preset] = MappingProxyType({
     p.task: p
     for p in (
         Preset("style", "optimize", steps=200, iters=1, lr=0.05, content_weight=0.25, init="content"),
@@ -55,7 +58,7 @@ PRESETS: dict[str, Preset] = {
         Preset("t2i-sdxl", "sample", steps=50, iters=2, lr=0.015, content_weight=0.0, guidance=7.0, adain=True),
         Preset("expand", "multidiffusion", steps=50, iters=2, lr=0.05, content_weight=0.0, guidance=1.0),
     )
-}
+})
 
 
 #: MultiDiffusion (ALGORITHM.md §4): view side in latents (64: 512 px on SD 1.5), views per batched

@@ -140,6 +140,11 @@ def check_latents(what: str, z: object, model: DiffusionModel) -> None:
                         f"{tuple(z.shape)}")
 
 
+#: Why a Distiller's optimisation cannot run where the caller turned autograd's inference mode on.
+INFERENCE_MODE = ("the AD loss is differentiated with respect to the latents, which torch.inference_mode forbids; "
+                  "call it outside inference mode (inside one: with torch.inference_mode(False): ...)")
+
+
 class Distiller:
     """Features and losses of Attention Distillation on one model (ALGORITHM.md §1-2).
 
@@ -251,6 +256,8 @@ class Distiller:
         ``reference_key``: see :meth:`begin_timestep`. ``features``: this timestep's reference and
         content features computed ahead (:mod:`attndistill.core.lookahead`) instead of here.
         """
+        if torch.is_inference_mode_enabled():
+            raise UserError(INFERENCE_MODE)
         content_latents = self.used_content(content_latents)
         if not self._conditioned:  # a loop of one's own: the output size's null, before any stepper is made for it
             self.condition_on(z.shape[-2:])
@@ -453,9 +460,14 @@ class Distiller:
             raise RuntimeError("call begin_timestep() before loss()")
         t, z_ref, z_c = self._pending
         check_latents("target latents", z, self.model)
+        if z.requires_grad and torch.is_inference_mode_enabled():
+            raise UserError(INFERENCE_MODE)
         if z_c is not None and z_c.shape[-2:] != z.shape[-2:]:
             raise UserError(f"content latents of {z_c.shape[-2]}x{z_c.shape[-1]} do not match target latents of "
                             f"{z.shape[-2]}x{z.shape[-1]}; the content loss compares them cell by cell")
+        if z_c is not None and z_c.shape[0] not in (1, z.shape[0]):
+            raise UserError(f"{z_c.shape[0]} content latents for {z.shape[0]} target latents; give one content for "
+                            "all targets or one for each")
         if not self._conditioned and self.reference is None:  # a loop of one's own: the output size's null
             self.condition_on(z.shape[-2:])
         if self.reference is None and self.fused:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ class StepInfo:
     total: int
     timestep: int
     loss: float  # loss after the last inner iteration's forward (before its Adam step)
-    latents: torch.Tensor  # current latents (B, 4, h, w), detached
+    latents: torch.Tensor = field(repr=False)  # current latents (B, 4, h, w), detached (a print shows the rest)
     losses: list[float] | None = None  # every inner iteration's loss at this step
     #: the terms of ``loss`` where a content loss takes part: {"ad": L_AD, "content": L_content}, loss being
     #: L_AD + lambda * L_content (ALGORITHM.md); None without a content term

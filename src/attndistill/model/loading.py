@@ -662,6 +662,10 @@ def as_model(model: DiffusionModel | str | os.PathLike | None, *, vae: str | os.
     ``vae``, ``device`` and ``dtype`` load a model; with a loaded one they must agree with it, never be
     silently ignored.
     """
+    if vae is not None and not isinstance(vae, str | os.PathLike):
+        raise UserError(f"vae must be a folder or a Hub id, not a {type(vae).__name__}; save a tuned VAE with "
+                        "save_vae(vae, folder) and load the model with it (load_model(..., vae=folder)), or pass "
+                        "tune_vae=True to tune one for the run")
     if isinstance(model, DiffusionModel):
         wanted = resolve_device(device) if device is not None else model.device
         asked = {"device": (wanted.type, wanted.index or 0) != (model.device.type, model.device.index or 0),

@@ -137,6 +137,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return table[dtype]
 
 
+#: Null conditionings kept per model (one per output size on SDXL).
+MAX_CACHED_NULLS = 16
+
+
 @dataclass
 class DiffusionModel:
     """A loaded SD 1.5 or SDXL model: components plus the few calls AD needs."""
@@ -351,8 +355,10 @@ class DiffusionModel:
 
         For SDXL this is the empty prompt through both encoders, not zeros (ALGORITHM.md, REAL-MODELS.md).
         """
-        key = tuple(size) if size else None
+        key = tuple(size) if size and self.kind == "sdxl" else None  # only SDXL's carries a size (add_time_ids)
         if key not in self._null:
+            if len(self._null) >= MAX_CACHED_NULLS:  # a long-lived process meets many sizes: the oldest goes
+                del self._null[next(iter(self._null))]
             self._null[key] = self.encode_prompt([""], None, size=size)[0]
         return self._null[key]
 

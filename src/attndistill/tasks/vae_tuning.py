@@ -144,7 +144,7 @@ TUNING_STAGE = "tuning the VAE decoder"
 @public_task
 def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: DiffusionModel | str | None = None,
                  steps: int = VAE_TUNING_STEPS, lr: float = VAE_TUNING_LR, reference_fit: str | None = None,
-                 vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = False,
+                 vae: str | None = None, device: str | None = None, dtype: str | None = None, progress: bool = True,
                  callback: Callback | None = None, warn_crops: bool = True) -> AutoencoderKL:
     """VAE* (ALGORITHM.md §5): a copy of the model's ``AutoencoderKL`` (fp32) with its decoder fine-tuned on
     ``reference`` (one image or several, each as the tasks encode it: about the model's native area,

@@ -428,7 +428,7 @@ def vae_tab(ui: WebUI) -> None:
         job, model = yield from ui.follow(
             request, tab, model_id, vae_id,
             # the tab's whole run is the tuning: its steps are the run's own, not a stage of it
-            lambda model, callback: finetune_vae(references, model=model,
+            lambda model, callback: finetune_vae(references, model=model, progress=False,
                                                  callback=lambda info: callback(replace(info, stage="")), **extra),
             progress, line=lambda text, _: (text, skip, skip, skip, skip))
         if job is None or job.cancelled:
