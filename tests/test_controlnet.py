@@ -521,3 +521,34 @@ def test_a_damaged_single_file_controlnet_is_named_not_a_traceback_nor_a_divergi
     with pytest.raises(ad.UserError, match=r"'.*text.pth' is not a readable PyTorch pickle \(.pth, .ckpt, .bin\) "
                                            "file"):
         load_controlnet(tmp_path / "text.pth", model=tiny_sd15, allow_pickle=True)
+
+
+def test_runs_naming_one_controlnet_load_it_once_until_it_changes(tiny_sd15, tiny_cn15_dir, data_dir, tmp_path,
+                                                                   monkeypatch):
+    """A notebook's or a batch's runs with the same ControlNet reuse the one loaded (each loaded it again), with the
+    same pixels; changed files under its name, or running out of memory (release_graphs), load it again."""
+    import shutil
+
+    from attndistill.model import controlnet as controlnet_module
+
+    folder = tmp_path / "cn"
+    shutil.copytree(tiny_cn15_dir, folder)
+    loads = []
+    load = controlnet_module.load_controlnet
+    monkeypatch.setattr(controlnet_module, "load_controlnet", lambda *a, **k: loads.append(1) or load(*a, **k))
+    tiny_sd15.kept_controlnet = None
+
+    def run():
+        return np.asarray(ad.text_to_image("a horse", data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=2,
+                                           iters=1, size=64, controlnet=folder, control_image=data_dir / "horse.jpg",
+                                           control="canny", progress=False)[0])
+
+    first = run()
+    assert np.array_equal(run(), first) and len(loads) == 1
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # saved again under the same name
+    run()
+    tiny_sd15.release_graphs()
+    run()
+    assert len(loads) == 3 and tiny_sd15.kept_controlnet is not None
+    tiny_sd15.kept_controlnet = None

@@ -22,7 +22,15 @@ from PIL import Image
 from ..checks import non_negative
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
-from .loading import default_variant, from_pretrained, home, looks_like_hub_id, safetensors_only
+from .loading import (
+    default_variant,
+    files_stamp,
+    from_pretrained,
+    home,
+    local_or_hub,
+    looks_like_hub_id,
+    safetensors_only,
+)
 from .models import Conditioning, DiffusionModel
 from .single_file import CHECKPOINT_SUFFIXES
 
@@ -136,6 +144,18 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     return net.to(model.device).requires_grad_(False).eval()
 
 
+def kept_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False
+                    ) -> ControlNetModel:
+    """:func:`load_controlnet`, loaded once for the runs on ``model`` that name the same ControlNet (a notebook's,
+    a batch's, the web UI's: each loaded SD 1.5's 1.4 GB again). One is kept per model: another one, changed
+    files under the same name, or running out of memory (``release_graphs``) let it go."""
+    key = (local_or_hub(source), bool(allow_pickle), files_stamp(home(source)))
+    if model.kept_controlnet is None or model.kept_controlnet[0] != key:
+        model.kept_controlnet = None  # the old one goes before the new one loads
+        model.kept_controlnet = (key, load_controlnet(source, model=model, allow_pickle=allow_pickle))
+    return model.kept_controlnet[1]
+
+
 def check_controlnet_source(source: str) -> None:
     """A local ControlNet folder must hold a config; anything else must look like a Hub id (no weights read)."""
     path = Path(source)
@@ -223,7 +243,7 @@ def prepare_control(controlnet: str | os.PathLike | ControlNetModel, image: Imag
     """
     scale = check_control(preprocess, scale)
     if isinstance(controlnet, str | os.PathLike):
-        net = load_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
+        net = kept_controlnet(controlnet, model=model, allow_pickle=allow_pickle)
     else:
         check_compatible(controlnet, model)
         # a net loaded by the caller (from_pretrained: float32, on the CPU) runs beside the model's UNet,

@@ -164,14 +164,18 @@ class DiffusionModel:
     #: held by a run (tasks.setup.held) and by a Distiller's block: each puts its own attention processors,
     #: padding or VAE on the model, which another thread's run at the same time would take for the model's own
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+    #: (key, ControlNetModel): the last ControlNet runs named, kept for the next ones (controlnet.kept_controlnet)
+    kept_controlnet: Any = field(default=None, repr=False, compare=False)
 
     def release_graphs(self) -> None:
-        """Drop the captured CUDA graphs and hand their memory back to the device.
+        """Drop the captured CUDA graphs, and the ControlNet kept between runs, and hand their memory back.
 
         Each graph keeps its intermediate tensors in a memory pool of its own, which no other work can
-        use; after an out-of-memory error the next job should not have to fit beside them.
+        use; after an out-of-memory error the next job should not have to fit beside them (a ControlNet
+        loads again when a run names it).
         """
         self.graphs.clear()
+        self.kept_controlnet = None
         free_memory()
 
     def set_perf(self, perf: PerfOptions | None = None, **changes) -> DiffusionModel:
