@@ -215,11 +215,11 @@ def test_views_that_do_not_overlap_are_said(tiny_sd15, data_dir, caplog):
 
 
 def test_expand_texture_rejects_a_canvas_smaller_than_a_view(tiny_sd15, data_dir):
-    with pytest.raises(ad.UserError, match=r"smaller than one view \(512 px\); use a larger --size, a --view of at "
+    with pytest.raises(ad.UserError, match=r"smaller than one view \(512 px\); use a larger size=, a view= of at "
                                            r"most 32 latents \(256 px\), or"):
         expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(512, 256), progress=False)
     for view, near in ((5, "4 or 8"), (3, "4")):  # the UNet's latent multiple is 4 latents here
-        with pytest.raises(ad.UserError, match=f"^--view {view} must be a multiple of 4 latents for this UNet; use "
+        with pytest.raises(ad.UserError, match=f"^view={view} must be a multiple of 4 latents for this UNet; use "
                                                f"{near}$"):
             expand_texture(data_dir / "wood-rings.jpg", model=tiny_sd15, size=(96, 64), view=view, stride=2,
                            progress=False)

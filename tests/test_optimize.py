@@ -118,12 +118,13 @@ def test_a_diverging_run_names_its_step_as_the_progress_bar_counts(tiny_sd15, da
 
 
 @pytest.mark.parametrize(("task", "raised"), [
-    ("texture", "--attention-scale"),
-    ("style", "--content-weight or --attention-scale"),
-    ("t2i", "--attention-scale or --guidance"),
-    ("expand", "--attention-scale")])
+    ("texture", "attention_scale="),
+    ("style", "content_weight= or attention_scale="),
+    ("t2i", "attention_scale= or guidance="),
+    ("expand", "attention_scale=")])
 def test_a_diverging_runs_advice_names_only_its_own_settings(tiny_sd15, data_dir, task, raised):
-    """A style run was told to lower --guidance or --control-scale, which it does not have."""
+    """A style run was told to lower --guidance or --control-scale, which it does not have; a Python caller is
+    told the keyword arguments (the CLI's words: tests/test_cli.py)."""
     import attndistill as ad
     from attndistill.errors import NonFiniteError
 
@@ -134,7 +135,7 @@ def test_a_diverging_runs_advice_names_only_its_own_settings(tiny_sd15, data_dir
            "expand": lambda: ad.expand_texture(ref, size=(48, 32), view=4, stride=2, **common)}[task]
     with pytest.raises(NonFiniteError) as error:
         run()
-    assert f"; lower --lr (or a raised {raised}), or check the input images" in str(error.value)
+    assert f"; lower lr= (or a raised {raised}), or check the input images" in str(error.value)
 
 
 @pytest.mark.parametrize(("loss", "latent", "what"), [(float("nan"), 0.0, "loss"), (1.0, float("inf"), "latent")])

@@ -233,7 +233,7 @@ def test_texture_sampling_uses_its_preset(tiny_sd15, data_dir):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(guidance=0.5), "guidance"), (dict(num_images=0), "at least 1"), (dict(start_t=2000), "start-t"),
-    (dict(content="horse.jpg"), "content-weight"), (dict(control_image="horse.jpg"), "--controlnet"),
+    (dict(content="horse.jpg"), "content_weight="), (dict(control_image="horse.jpg"), "needs both controlnet="),
 ])
 def test_bad_settings_are_user_errors(tiny_sd15, data_dir, kwargs, message):
     kwargs = {k: data_dir / v if isinstance(v, str) else v for k, v in kwargs.items()}

@@ -208,23 +208,35 @@ def test_tune_vae_that_diverges_names_the_command_whose_lr_can_be_lowered(tiny_s
     """--tune-vae tunes at the default lr and has no option to lower it: "lower its lr" was advice no command
     line or page could follow; the VAE command can, and its folder goes to --vae."""
     from attndistill.batch.jobs import job_words
+    from attndistill.errors import CLI_WORDS
     from attndistill.webui.wording import page_message
 
     real = vae_tuning.tune_decoder
     monkeypatch.setattr(vae_tuning, "tune_decoder", lambda vae, images, **kw: real(vae, images, **{**kw, "steps": 3}))
     monkeypatch.setattr(vae_tuning, "VAE_TUNING_LR", 1e30)  # what only a broken decoder would need to diverge
-    with pytest.raises(ad.UserError) as error:
-        ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1,
-                          size=64, progress=False, tune_vae=True)
-    assert str(error.value).startswith("VAE tuning (--tune-vae) diverged at step 2 (loss ")
-    assert str(error.value).endswith("at lr 1e+30; make the decoder with 'attndistill finetune-vae' and a lower "
-                                     "learning rate, then pass --vae with the folder it writes instead of --tune-vae")
-    assert page_message(error.value).endswith("make the decoder with the VAE fine-tuning tab and a lower learning "
-                                              "rate, then fill the VAE box with the folder it writes instead of "
-                                              "Fine-tune the VAE decoder")
+
+    def diverged(cli_words: bool) -> ad.UserError:
+        words = CLI_WORDS.set(cli_words)  # as the command line and the web UI run it, or a Python caller
+        try:
+            with pytest.raises(ad.UserError) as error:
+                ad.style_transfer(data_dir / "horse.jpg", data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1,
+                                  size=64, progress=False, tune_vae=True)
+        finally:
+            CLI_WORDS.reset(words)
+        return error.value
+
+    said, api = diverged(True), str(diverged(False))
+    assert str(said).startswith("VAE tuning (--tune-vae) diverged at step 2 (loss ")
+    assert str(said).endswith("at lr 1e+30; make the decoder with 'attndistill finetune-vae' and a lower "
+                              "learning rate, then pass --vae with the folder it writes instead of --tune-vae")
+    assert api.startswith("VAE tuning (tune_vae=) diverged") and api.endswith("then pass vae= with the folder it "
+                                                                             "writes instead of tune_vae=")
+    assert page_message(said).endswith("make the decoder with the VAE fine-tuning tab and a lower learning "
+                                       "rate, then fill the VAE box with the folder it writes instead of "
+                                       "Fine-tune the VAE decoder")
     # a jobs file's 'lr' is the AD's: the advice must not name it
-    assert job_words(str(error.value)).endswith("a lower learning rate, then pass 'vae' with the folder it writes "
-                                                "instead of 'tune_vae'")
+    assert job_words(str(said)).endswith("a lower learning rate, then pass 'vae' with the folder it writes "
+                                         "instead of 'tune_vae'")
 
 
 def test_a_decoder_that_decodes_nan_before_tuning_is_not_blamed_on_the_lr(tiny_sd15_dir, data_dir):
@@ -233,7 +245,7 @@ def test_a_decoder_that_decodes_nan_before_tuning_is_not_blamed_on_the_lr(tiny_s
         model.vae.decoder.conv_out.weight.fill_(float("nan"))
     with pytest.raises(ad.UserError, match="the VAE decodes the reference to NaN/Inf before any tuning: its "
                                            "decoder's weights are broken; load the model again or pass a working "
-                                           "VAE with --vae"):
+                                           "VAE with vae="):
         finetune_vae(data_dir / "wood-rings.jpg", model=model, steps=2)
 
 

@@ -7,6 +7,29 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextvars
+import re
+from collections.abc import Collection
+
+#: Whether a message's reader types command-line options (the CLI, the web UI beside its commands) rather than
+#: keyword arguments (the Python API): set by those front ends for the work they run.
+CLI_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar("attndistill_cli_words", default=False)
+
+_OPTION = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:[ =]([-+]?[\d.]+(?:x\d+)?)(?![\w.]))?")
+
+
+def in_api_words(message: str, parameters: Collection[str]) -> str:
+    """``message`` with each command-line option that is one of ``parameters`` spelt as the keyword argument
+    (``--lr`` -> ``lr=``, ``--view 6`` -> ``view=6``): what a Python caller passes; other options stay as they are.
+    """
+    def spell(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        if name not in parameters:
+            return match.group(0)
+        return f"{name}={match.group(2) or ''}"
+
+    return _OPTION.sub(spell, message)
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line."""

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from ..checks import MAX_SEED
-from ..errors import OOM_ADVICE, UserError, is_out_of_memory
+from ..errors import CLI_WORDS, OOM_ADVICE, UserError, is_out_of_memory
 from ..loss_log import LossLog as RunLosses
 from ..loss_log import is_loss_log
 from ..presets import VAE_TUNING_STEPS
@@ -446,6 +446,7 @@ def run_command(fn: Callable[[], None], *, say_once: bool = True) -> None:
     """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback. ``say_once``: a
     warning repeated word for word is printed once (not for a server, whose every job's warnings count)."""
     quiet_libraries(say_once=say_once)
+    words = CLI_WORDS.set(True)  # its messages name options as typed here (--lr, not lr=)
     try:
         with sigterm_as_interrupt(), second_signal_exits():
             fn()
@@ -466,6 +467,8 @@ def run_command(fn: Callable[[], None], *, say_once: bool = True) -> None:
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         raise typer.Exit(1) from None
+    finally:
+        CLI_WORDS.reset(words)
 
 
 def echo_err(text: str) -> None:

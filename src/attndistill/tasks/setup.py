@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import numbers
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 
 from ..checks import MAX_SEED, flag, non_negative, number, positive, whole
 from ..core.engine import Distiller
-from ..errors import UserError
+from ..errors import CLI_WORDS, UserError, in_api_words
 from ..fingerprints import KEY, fingerprints
 from ..images import (
     ImageInput,
@@ -220,8 +221,11 @@ _RUN: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextV
 
 
 def public_task(fn: Callable[P, R]) -> Callable[P, R]:
-    """A public task's decorator: it runs outside ``torch.inference_mode`` (:data:`with_gradients`), and the model
-    it takes through :func:`held` is its own until it returns."""
+    """A public task's decorator: it runs outside ``torch.inference_mode`` (:data:`with_gradients`), the model it
+    takes through :func:`held` is its own until it returns, and its errors name its keyword arguments where they
+    name a command-line option (``--lr`` -> ``lr=``) unless a front end speaking in options runs it."""
+
+    parameters = frozenset(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -229,6 +233,10 @@ def public_task(fn: Callable[P, R]) -> Callable[P, R]:
             token = _RUN.set(stack)
             try:
                 return fn(*args, **kwargs)
+            except UserError as exc:  # said in the words of its reader: a Python caller passes keyword arguments
+                if not CLI_WORDS.get() and exc.args and isinstance(exc.args[0], str):
+                    exc.args = (in_api_words(exc.args[0], parameters), *exc.args[1:])
+                raise
             finally:
                 _RUN.reset(token)
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..core.progress import Callback, StepInfo
-from ..errors import UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..errors import CLI_WORDS, UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
 from ..model.compiling import log as compiling_log
 
 if TYPE_CHECKING:
@@ -177,6 +177,7 @@ class Job:
         return list(self._notes.messages)
 
     def _work(self) -> None:
+        CLI_WORDS.set(True)  # this thread's own context: the page names options as its commands do
         library = logging.getLogger("attndistill")
         self._notes.thread = self._waits.thread = threading.get_ident()
         library.addHandler(self._notes)
