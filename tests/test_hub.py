@@ -93,3 +93,15 @@ def test_a_hub_controlnet_is_recorded_with_its_snapshot(hub, tmp_path, data_dir,
                  "--steps", 2, "--size", 64, "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     assert read_parameters(out)["made_with"]["hub_commits"] == {"controlnet": "d" * 40}
+
+
+def test_a_missing_folder_that_is_no_hub_id_is_named_as_a_folder(tmp_path, data_dir, tiny_sd15_dir):
+    """A path huggingface_hub refuses as a repository id (a space, '..') raised its raw HFValidationError."""
+    from attndistill.model.hub import cached_commit, changed_commits
+
+    for vae in ("my vaes/wood", "vaes/../wood"):
+        result = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "out.png", "--vae", vae,
+                     "--model", tiny_sd15_dir, "--steps", 1, "--size", 64, "--device", "cpu", "--quiet")
+        assert result.exit_code == 2 and f"VAE '{vae}' is not a diffusers AutoencoderKL folder" in result.output
+    assert cached_commit("my nets/canny", "controlnet") is None
+    assert changed_commits({"model": "a b/c", "made_with": {"hub_commits": {"model": "a" * 40}}}) == []

@@ -217,14 +217,9 @@ class Distiller:
     # -- capture lifetime ---------------------------------------------------------------------------
 
     def __enter__(self) -> Distiller:
-        self.model.lock.acquire()  # another thread's block or run on this model waits (as its processors would clash)
-        try:
-            self._blocks = [m for m in self.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
-            self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
-            self.store = self._ctx.__enter__()
-        except BaseException:
-            self.model.lock.release()
-            raise
+        self._blocks = [m for m in self.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+        self._ctx = capture(self.model.unet, self.layers, early_exit=self.early_exit)
+        self.store = self._ctx.__enter__()
         return self
 
     def paused(self) -> contextlib.AbstractContextManager[None]:
@@ -242,7 +237,6 @@ class Distiller:
             self._steppers.clear()  # this run's steppers; captured graphs stay cached on the model
             self._references.clear()
             self._conditioned = self._condition_given  # the next block's latents choose its own null
-            self.model.lock.release()
 
     def adam_steps(self, z: torch.Tensor, t: torch.Tensor, ref_latents: torch.Tensor,
                    content_latents: torch.Tensor | None, *, iters: int, lr: float,

@@ -19,7 +19,10 @@ def cached_commit(source: object, role: str = "model") -> str | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(source, INDEX_FILES[role])
+    try:
+        found = try_to_load_from_cache(source, INDEX_FILES[role])
+    except ValueError:  # an id huggingface_hub refuses (HFValidationError): not one it caches
+        return None
     if not isinstance(found, str):  # not cached (None), or cached as missing
         return None
     snapshot = Path(found).parent

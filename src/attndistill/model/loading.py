@@ -133,11 +133,14 @@ def hub_file(repo: str, filename: str, *, what: str = "model", option: str = "--
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
     try:
         return Path(hf_hub_download(repo, filename, local_files_only=local_files_only(repo)))
+    except HFValidationError:
+        raise UserError(f"{what} '{repo}' is neither a folder here nor a Hub id; check the path") from None
     except LocalEntryNotFoundError:
         raise _not_available(repo, what, option) from None
     except RepositoryNotFoundError:
@@ -406,9 +409,15 @@ def check_config_use(source: str, config: str | os.PathLike | None) -> None:
                         "folder or Hub id with configs of its own; drop --config")
 
 
+#: A Hub repository id as huggingface_hub takes one: ``owner/name`` of letters, digits, ``_``, ``-`` and ``.``, neither
+#: part starting or ending with ``-`` or ``.`` (a path with a space or ``..`` is no id: it raised a raw error).
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"(?!.*(?:--|\.\.)){_HUB_PART}/{_HUB_PART}")
+
+
 def looks_like_hub_id(name: str) -> bool:
     """``owner/name`` that is no local path: what may be asked of the Hub (or its cache) when no folder exists."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return _HUB_ID.fullmatch(name) is not None
 
 
 def default_variant(variant: str | None, device: torch.device, dtype: torch.dtype) -> str | None:

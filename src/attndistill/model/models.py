@@ -161,8 +161,8 @@ class DiffusionModel:
     stats: dict = field(default_factory=dict, repr=False)  # e.g. seconds spent capturing graphs
     short_of_memory: bool = False  # a capture ran out of memory: automatic gradient checkpointing stays on
     encoding_vae: Any = field(default=None, repr=False)  # the model's own VAE while a tuned one decodes (using_vae)
-    #: held by a run (tasks.setup.held) and by a Distiller's block: each puts its own attention processors,
-    #: padding or VAE on the model, which another thread's run at the same time would take for the model's own
+    #: held by a task's run (tasks.setup.held): it puts its own attention processors, padding or VAE on the
+    #: model, which another thread's run at the same time would take for the model's own
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
     #: (key, ControlNetModel): the last ControlNet runs named, kept for the next ones (controlnet.kept_controlnet)
     kept_controlnet: Any = field(default=None, repr=False, compare=False)

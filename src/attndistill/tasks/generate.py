@@ -25,6 +25,7 @@ from ..core.sampling import prompt_conditioning, sample, sdedit_start
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image, to_tensor
 from ..model.controlnet import Control, check_control, prepare_control
+from ..model.hub import cached_commit
 from ..model.loading import as_model, local_or_hub
 from ..model.models import DiffusionModel
 from ..model.tiling import seamless
@@ -239,23 +240,12 @@ def _controlnet_name(controlnet) -> str:
     if isinstance(controlnet, str | os.PathLike):
         return local_or_hub(controlnet)
     name = str(getattr(controlnet.config, "_name_or_path", "") or "")
-    if os.path.exists(name) or _cached_hub_id(name):
+    if os.path.exists(name) or cached_commit(name, "controlnet") is not None:  # a Hub net leaves its config cached
         return local_or_hub(name)
     log.warning("the ControlNet passed as an object was not loaded from a folder or Hub id that can be found "
                 "from here (%s): the result records it, but info --job cannot rerun it; pass the ControlNet as a "
                 "path or Hub id instead", repr(name) if name else "made in memory")
     return name or f"<{type(controlnet).__name__} made in memory>"
-
-
-def _cached_hub_id(name: str) -> bool:
-    """A Hub repository whose config is in the local cache: what a net loaded from the Hub leaves behind (a
-    relative path such as ``nets/canny`` reads like a Hub id, but is not in the cache)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # not a valid repo id (./x, ../x, a/b/c): not one
-        return False
 
 
 @public_task

@@ -249,10 +249,11 @@ def held(model: DiffusionModel) -> DiffusionModel:
     for the model's own: two such runs both failed, and the model kept their processors. That run waits."""
     stack = _RUN.get()
     if stack is not None:
-        if not model.lock.acquire(blocking=False):
+        if model.lock.acquire(blocking=False):  # only to know whether to say it waits
+            model.lock.release()
+        else:
             log.info("waiting for another thread's run on the same model to finish")
-            model.lock.acquire()
-        stack.callback(model.lock.release)
+        stack.enter_context(model.lock)  # released where it was taken, in this thread, when the task returns
     return model
 
 
