@@ -552,3 +552,27 @@ def test_runs_naming_one_controlnet_load_it_once_until_it_changes(tiny_sd15, tin
     run()
     assert len(loads) == 3 and tiny_sd15.kept_controlnet is not None
     tiny_sd15.kept_controlnet = None
+
+
+def test_a_kept_controlnet_waits_in_cpu_memory_between_runs_on_a_gpu():
+    """On a GPU the kept net's gigabytes would stay beside every later run, also those without a ControlNet, which
+    the out-of-memory remedies (they know CUDA graphs only) could not free: it goes to CPU memory after its run."""
+    from types import SimpleNamespace
+
+    from attndistill.model.controlnet import Control, parked
+
+    class Net:
+        def __init__(self):
+            self.moves = []
+
+        def to(self, device):
+            self.moves.append(device)
+            return self
+
+    kept, other = Net(), Net()
+    for device, net, moves in (("cuda", kept, ["cpu"]), ("cpu", kept, []), ("cuda", other, [])):
+        net.moves.clear()
+        model = SimpleNamespace(device=torch.device(device), kept_controlnet=(("key",), kept))
+        with parked(Control(net, torch.zeros(1), 1.0), model):
+            assert net.moves == []
+        assert net.moves == moves, (device, moves)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,7 @@ from PIL import Image
 from ..checks import non_negative
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image
+from .hub import cached_commit
 from .loading import (
     default_variant,
     files_stamp,
@@ -147,13 +150,27 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 def kept_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False
                     ) -> ControlNetModel:
     """:func:`load_controlnet`, loaded once for the runs on ``model`` that name the same ControlNet (a notebook's,
-    a batch's, the web UI's: each loaded SD 1.5's 1.4 GB again). One is kept per model: another one, changed
-    files under the same name, or running out of memory (``release_graphs``) let it go."""
-    key = (local_or_hub(source), bool(allow_pickle), files_stamp(home(source)))
+    a batch's, the web UI's: each loaded SD 1.5's 1.4 GB again), on the model's device. One is kept per model:
+    another one, changed files under the same name (or another Hub snapshot), or running out of memory
+    (``release_graphs``) let it go. Between runs it waits in CPU memory (:func:`parked`)."""
+    name = local_or_hub(source)
+    key = (name, bool(allow_pickle), files_stamp(home(source)), cached_commit(name, "controlnet"))
     if model.kept_controlnet is None or model.kept_controlnet[0] != key:
         model.kept_controlnet = None  # the old one goes before the new one loads
         model.kept_controlnet = (key, load_controlnet(source, model=model, allow_pickle=allow_pickle))
-    return model.kept_controlnet[1]
+    return model.kept_controlnet[1].to(model.device)
+
+
+@contextmanager
+def parked(control: Control | None, model: DiffusionModel) -> Iterator[None]:
+    """The ``with`` block of a run with ``control``; after it, the ControlNet kept on the model goes to CPU memory,
+    so that the runs without one, and the out-of-memory remedies that know only CUDA graphs, have the device's."""
+    try:
+        yield
+    finally:
+        kept = model.kept_controlnet
+        if control is not None and kept is not None and control.net is kept[1] and model.device.type != "cpu":
+            control.net.to("cpu")
 
 
 def check_controlnet_source(source: str) -> None:
