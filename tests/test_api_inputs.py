@@ -523,3 +523,26 @@ def test_numpy_booleans_are_taken_as_numpy_numbers_are(tiny_sd15, data_dir):
     numpy = texture_sampling(data_dir / "wood-rings.jpg", adain=np.bool_(False), tune_vae=np.bool_(False), **run)[0]
     assert np.array_equal(np.asarray(plain), np.asarray(numpy))
     assert json.loads(numpy.info["parameters"])["adain"] is False
+
+
+@pytest.mark.parametrize("said, api", [
+    ("lower --lr or raise --start-t", "lower lr= or raise start_t="),
+    ("--view 6 must be a multiple", "view=6 must be a multiple"),
+    ("lower --lr 1e-3.", "lower lr=1e-3."),
+    ('use --device cpu (device="cpu" from Python)', 'use device=\'cpu\' (device="cpu" from Python)'),
+    ("--tile xy needs", "tile='xy' needs"),
+    ("pass --overwrite or --vae-tiling", "pass --overwrite or --vae-tiling"),  # no keyword argument of the task
+    ("image '/tmp/run--seed/wood.png' does not exist", "image '/tmp/run--seed/wood.png' does not exist"),
+    ("a run--seed path, x--lr", "a run--seed path, x--lr"),
+    ("or pass --model /path/to/a/folder", "or pass model='/path/to/a/folder'"),
+])
+def test_messages_name_the_keyword_arguments_a_python_caller_passes(said, api):
+    from attndistill.errors import in_api_words
+
+    assert in_api_words(said, {"lr", "start_t", "view", "device", "tile", "seed", "model"}) == api
+
+
+def test_a_file_name_in_a_message_keeps_its_dashes(tmp_path, tiny_sd15):
+    (tmp_path / "run--seed").mkdir()
+    with pytest.raises(UserError, match=r"'.*run--seed/wood\.png' does not exist"):
+        ad.texture_synthesis(tmp_path / "run--seed" / "wood.png", model=tiny_sd15, progress=False)

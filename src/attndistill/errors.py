@@ -15,20 +15,31 @@ from collections.abc import Collection
 #: keyword arguments (the Python API): set by those front ends for the work they run.
 CLI_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar("attndistill_cli_words", default=False)
 
-_OPTION = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?:[ =]([-+]?[\d.]+(?:x\d+)?)(?![\w.]))?")
+#: An option as messages write one (not inside a word or a path), with the value that follows it where one does:
+#: a number or size, a path, or one of the words options take.
+_OPTION = re.compile(r"(?<![\w./-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)"
+                     r"(?:[ =]([-+]?\d[\d.]*(?:e[-+]?\d+)?(?:x\d+)?|[a-z0-9]+|/[\w./-]+)(?![\w-]|\.\w))?")
+#: The words an option takes as its value (``--device cpu``), written as a string argument (``device='cpu'``).
+_VALUE_WORDS = frozenset({"auto", "cpu", "cuda", "mps", "fp32", "fp16", "bf16", "x", "y", "xy", "none", "canny",
+                          "squash", "keep", "sample", "optimize"})
 
 
 def in_api_words(message: str, parameters: Collection[str]) -> str:
     """``message`` with each command-line option that is one of ``parameters`` spelt as the keyword argument
-    (``--lr`` -> ``lr=``, ``--view 6`` -> ``view=6``): what a Python caller passes; other options stay as they are.
-    """
+    (``--lr`` -> ``lr=``, ``--view 6`` -> ``view=6``, ``--device cpu`` -> ``device='cpu'``): what a Python caller
+    passes. Other options, and whatever is quoted (file names), stay as they are."""
     def spell(match: re.Match) -> str:
-        name = match.group(1).replace("-", "_")
+        name, value = match.group(1).replace("-", "_"), match.group(2)
         if name not in parameters:
             return match.group(0)
-        return f"{name}={match.group(2) or ''}"
+        if value is None:
+            return f"{name}="
+        if value[0].isdigit() or value[0] in "+-":
+            return f"{name}={value}"
+        return f"{name}={value!r}" if value in _VALUE_WORDS or value[0] == "/" else f"{name}= {value}"
 
-    return _OPTION.sub(spell, message)
+    parts = re.split(r"('[^']*')", message)  # quoted spans (paths, names) at the odd places
+    return "".join(part if i % 2 else _OPTION.sub(spell, part) for i, part in enumerate(parts))
 
 
 class UserError(Exception):
