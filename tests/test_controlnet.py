@@ -554,12 +554,14 @@ def test_runs_naming_one_controlnet_load_it_once_until_it_changes(tiny_sd15, tin
     tiny_sd15.kept_controlnet = None
 
 
-def test_a_kept_controlnet_waits_in_cpu_memory_between_runs_on_a_gpu():
+def test_a_kept_controlnet_waits_in_cpu_memory_after_each_task_on_a_gpu():
     """On a GPU the kept net's gigabytes would stay beside every later run, also those without a ControlNet, which
-    the out-of-memory remedies (they know CUDA graphs only) could not free: it goes to CPU memory after its run."""
+    the out-of-memory remedies (they know CUDA graphs only) could not free: it goes to CPU memory when the task
+    that held the model returns, also when it fails (after the net went to the device, before its steps)."""
+    import threading
     from types import SimpleNamespace
 
-    from attndistill.model.controlnet import Control, parked
+    from attndistill.tasks.setup import held, public_task
 
     class Net:
         def __init__(self):
@@ -569,10 +571,19 @@ def test_a_kept_controlnet_waits_in_cpu_memory_between_runs_on_a_gpu():
             self.moves.append(device)
             return self
 
-    kept, other = Net(), Net()
-    for device, net, moves in (("cuda", kept, ["cpu"]), ("cpu", kept, []), ("cuda", other, [])):
-        net.moves.clear()
-        model = SimpleNamespace(device=torch.device(device), kept_controlnet=(("key",), kept))
-        with parked(Control(net, torch.zeros(1), 1.0), model):
-            assert net.moves == []
-        assert net.moves == moves, (device, moves)
+    @public_task
+    def task(model, fail: bool):
+        held(model)
+        model.kept_controlnet[1].to("cuda")  # as prepare_control does
+        if fail:
+            raise ad.UserError("no style image given")
+
+    for device, fail, moves in (("cuda", False, ["cuda", "cpu"]), ("cuda", True, ["cuda", "cpu"]),
+                                ("cpu", False, ["cuda"])):
+        net = Net()
+        model = SimpleNamespace(device=torch.device(device), kept_controlnet=(("key",), net), lock=threading.RLock())
+        try:
+            task(model, fail)
+        except ad.UserError:
+            assert fail
+        assert net.moves == moves, (device, fail)

@@ -105,3 +105,27 @@ def test_a_missing_folder_that_is_no_hub_id_is_named_as_a_folder(tmp_path, data_
         assert result.exit_code == 2 and f"VAE '{vae}' is not a diffusers AutoencoderKL folder" in result.output
     assert cached_commit("my nets/canny", "controlnet") is None
     assert changed_commits({"model": "a b/c", "made_with": {"hub_commits": {"model": "a" * 40}}}) == []
+
+
+def test_a_controlnet_its_first_run_downloads_is_kept_for_the_next(hub, tmp_path, tiny_sd15, monkeypatch):
+    """The kept net's key holds the snapshot the load left in the cache, not the empty cache before the download
+    (the next run found them different and loaded 1.4 GB again)."""
+    from attndistill.model import controlnet as controlnet_module
+    from attndistill.testing import build_tiny_controlnet
+
+    files, loads = build_tiny_controlnet(tmp_path / "cn"), []
+    load = controlnet_module.load_controlnet
+
+    def download_then_load(source, **kwargs):
+        loads.append(source)
+        hub.publish("tiny-org/tiny-controlnet", files, "e" * 40)  # what a download leaves in the cache
+        return load(source, **kwargs)
+
+    monkeypatch.setattr(controlnet_module, "load_controlnet", download_then_load)
+    tiny_sd15.kept_controlnet = None
+    try:
+        for _ in range(2):
+            controlnet_module.kept_controlnet("tiny-org/tiny-controlnet", model=tiny_sd15)
+        assert len(loads) == 1
+    finally:
+        tiny_sd15.kept_controlnet = None

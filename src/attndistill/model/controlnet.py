@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,25 +150,24 @@ def kept_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
     """:func:`load_controlnet`, loaded once for the runs on ``model`` that name the same ControlNet (a notebook's,
     a batch's, the web UI's: each loaded SD 1.5's 1.4 GB again), on the model's device. One is kept per model:
     another one, changed files under the same name (or another Hub snapshot), or running out of memory
-    (``release_graphs``) let it go. Between runs it waits in CPU memory (:func:`parked`)."""
-    name = local_or_hub(source)
-    key = (name, bool(allow_pickle), files_stamp(home(source)), cached_commit(name, "controlnet"))
-    if model.kept_controlnet is None or model.kept_controlnet[0] != key:
+    (``release_graphs``) let it go. Between runs it waits in CPU memory (:func:`park_kept_controlnet`)."""
+    def key() -> tuple:
+        name = local_or_hub(source)
+        return name, bool(allow_pickle), files_stamp(home(source)), cached_commit(name, "controlnet")
+
+    if model.kept_controlnet is None or model.kept_controlnet[0] != key():
         model.kept_controlnet = None  # the old one goes before the new one loads
-        model.kept_controlnet = (key, load_controlnet(source, model=model, allow_pickle=allow_pickle))
+        net = load_controlnet(source, model=model, allow_pickle=allow_pickle)
+        model.kept_controlnet = (key(), net)  # as the load left the cache (a first download makes the snapshot)
     return model.kept_controlnet[1].to(model.device)
 
 
-@contextmanager
-def parked(control: Control | None, model: DiffusionModel) -> Iterator[None]:
-    """The ``with`` block of a run with ``control``; after it, the ControlNet kept on the model goes to CPU memory,
-    so that the runs without one, and the out-of-memory remedies that know only CUDA graphs, have the device's."""
-    try:
-        yield
-    finally:
-        kept = model.kept_controlnet
-        if control is not None and kept is not None and control.net is kept[1] and model.device.type != "cpu":
-            control.net.to("cpu")
+def park_kept_controlnet(model: DiffusionModel) -> None:
+    """After a task's run on a GPU, the ControlNet kept on the model goes to CPU memory: the runs without one, and
+    the out-of-memory remedies that know only CUDA graphs, then have the device's memory (tasks.setup.held)."""
+    kept = model.kept_controlnet
+    if kept is not None and model.device.type != "cpu":
+        kept[1].to("cpu")
 
 
 def check_controlnet_source(source: str) -> None:

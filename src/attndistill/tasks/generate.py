@@ -24,7 +24,7 @@ from ..core.progress import Callback
 from ..core.sampling import prompt_conditioning, sample, sdedit_start
 from ..errors import UserError
 from ..images import BLACK, ImageInput, load_image, to_tensor
-from ..model.controlnet import Control, check_control, parked, prepare_control
+from ..model.controlnet import Control, check_control, prepare_control
 from ..model.hub import cached_commit
 from ..model.loading import as_model, local_or_hub
 from ..model.models import DiffusionModel
@@ -118,8 +118,7 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
             z_content = model.encode(to_tensor(job.content, (w, h)))
     distiller = run_distiller(model, preset, layer_ids, condition_size=(h, w), fused=fused)
     # tiling: a circular UNet, and ControlNet, whose residuals join it (the encoder's inputs are not periodic)
-    nets = [control.net] if control else []
-    with parked(control, model), seamless(model, tile, parts=("unet",)), seamless(nets, tile):
+    with seamless(model, tile, parts=("unet",)), seamless([control.net] if control else [], tile):
         z = sample(distiller, latents, z_ref, cond=cond, uncond=uncond, guidance=preset.guidance,
                    guidance_rescale=preset.guidance_rescale,
                    steps=preset.steps, iters=preset.iters, lr=preset.lr, adain=preset.adain, start_t=job.start_t,

@@ -33,6 +33,7 @@ from ..images import (
     round_to_multiple,
     to_pil,
 )
+from ..model.controlnet import park_kept_controlnet
 from ..model.hub import hub_commits
 from ..model.loading import local_or_hub
 from ..model.models import DiffusionModel
@@ -254,6 +255,7 @@ def held(model: DiffusionModel) -> DiffusionModel:
         else:
             log.info("waiting for another thread's run on the same model to finish")
         stack.enter_context(model.lock)  # released where it was taken, in this thread, when the task returns
+        stack.callback(park_kept_controlnet, model)  # a ControlNet kept for later runs leaves the GPU's memory
     return model
 
 

@@ -332,8 +332,8 @@ def check_label_maps(reference: ImageInput | Sequence[ImageInput], ref_labels: I
         raise UserError("no texture image given; pass one (or several) with their label maps")
     if len(refs) != len(ref_label_inputs):
         raise UserError(f"{len(refs)} texture image(s) but {len(ref_label_inputs)} reference label map(s); give "
-                        "one reference label map per texture image (on the command line: --ref-labels A.png "
-                        "--ref-labels B.png)")
+                        "one reference label map per texture image (on the command line: '--ref-labels A.png "
+                        "--ref-labels B.png')")
     ref_images = [load_image(r, what="texture image") for r in refs]
     ref_label_images = [load_image(r, what="reference label map", labels=True) for r in ref_label_inputs]
     target_image = load_image(target_labels, what="target label map", labels=True)
