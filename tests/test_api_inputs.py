@@ -535,11 +535,13 @@ def test_numpy_booleans_are_taken_as_numpy_numbers_are(tiny_sd15, data_dir):
     ("image '/tmp/run--seed/wood.png' does not exist", "image '/tmp/run--seed/wood.png' does not exist"),
     ("a run--seed path, x--lr", "a run--seed path, x--lr"),
     ("or pass --model /path/to/a/folder", "or pass model='/path/to/a/folder'"),
+    ("instead of --tune-vae", "instead of tune_vae=True"),
 ])
 def test_messages_name_the_keyword_arguments_a_python_caller_passes(said, api):
     from attndistill.errors import in_api_words
 
-    assert in_api_words(said, {"lr", "start_t", "view", "device", "tile", "seed", "model"}) == api
+    assert in_api_words(said, {"lr", "start_t", "view", "device", "tile", "seed", "model", "tune_vae"},
+                        {"tune_vae"}) == api
 
 
 def test_a_file_name_in_a_message_keeps_its_dashes(tmp_path, tiny_sd15):

@@ -229,8 +229,8 @@ def test_tune_vae_that_diverges_names_the_command_whose_lr_can_be_lowered(tiny_s
     assert str(said).startswith("VAE tuning (--tune-vae) diverged at step 2 (loss ")
     assert str(said).endswith("at lr 1e+30; make the decoder with 'attndistill finetune-vae' and a lower "
                               "learning rate, then pass --vae with the folder it writes instead of --tune-vae")
-    assert api.startswith("VAE tuning (tune_vae=) diverged") and api.endswith("then pass vae= with the folder it "
-                                                                             "writes instead of tune_vae=")
+    assert api.startswith("VAE tuning (tune_vae=True) diverged") and api.endswith(
+        "then pass vae= with the folder it writes instead of tune_vae=True")
     assert page_message(said).endswith("make the decoder with the VAE fine-tuning tab and a lower learning "
                                        "rate, then fill the VAE box with the folder it writes instead of "
                                        "Fine-tune the VAE decoder")

@@ -24,16 +24,17 @@ _VALUE_WORDS = frozenset({"auto", "cpu", "cuda", "mps", "fp32", "fp16", "bf16", 
                           "squash", "keep", "sample", "optimize"})
 
 
-def in_api_words(message: str, parameters: Collection[str]) -> str:
+def in_api_words(message: str, parameters: Collection[str], flags: Collection[str] = ()) -> str:
     """``message`` with each command-line option that is one of ``parameters`` spelt as the keyword argument
-    (``--lr`` -> ``lr=``, ``--view 6`` -> ``view=6``, ``--device cpu`` -> ``device='cpu'``): what a Python caller
-    passes. Other options, and whatever is quoted (file names), stay as they are."""
+    (``--lr`` -> ``lr=``, ``--view 6`` -> ``view=6``, ``--device cpu`` -> ``device='cpu'``; one of ``flags``:
+    ``--tune-vae`` -> ``tune_vae=True``): what a Python caller passes. Other options, and whatever is quoted (file
+    names), stay as they are."""
     def spell(match: re.Match) -> str:
         name, value = match.group(1).replace("-", "_"), match.group(2)
         if name not in parameters:
             return match.group(0)
         if value is None:
-            return f"{name}="
+            return f"{name}=True" if name in flags else f"{name}="
         if value[0].isdigit() or value[0] in "+-":
             return f"{name}={value}"
         return f"{name}={value!r}" if value in _VALUE_WORDS or value[0] == "/" else f"{name}= {value}"

@@ -226,7 +226,8 @@ def public_task(fn: Callable[P, R]) -> Callable[P, R]:
     takes through :func:`held` is its own until it returns, and its errors name its keyword arguments where they
     name a command-line option (``--lr`` -> ``lr=``) unless a front end speaking in options runs it."""
 
-    parameters = frozenset(inspect.signature(fn).parameters)
+    parameters = inspect.signature(fn).parameters
+    flags = frozenset(name for name, p in parameters.items() if isinstance(p.default, bool))
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -236,7 +237,7 @@ def public_task(fn: Callable[P, R]) -> Callable[P, R]:
                 return fn(*args, **kwargs)
             except UserError as exc:  # said in the words of its reader: a Python caller passes keyword arguments
                 if not CLI_WORDS.get() and exc.args and isinstance(exc.args[0], str):
-                    exc.args = (in_api_words(exc.args[0], parameters), *exc.args[1:])
+                    exc.args = (in_api_words(exc.args[0], parameters, flags), *exc.args[1:])
                 raise
             finally:
                 _RUN.reset(token)
