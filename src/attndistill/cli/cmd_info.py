@@ -27,17 +27,12 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
     """Print the parameters embedded in IMAGE (task, inputs, model, seed...) as JSON, or a VAE folder's record."""
     from ..batch.jobs import job_from_parameters
     from ..errors import UserError
-    from ..fingerprints import changed_inputs
     from ..images import load_image, read_parameters
-    from ..model.hub import changed_commits
 
     def body() -> None:
         if image.is_dir():
             recorded = vae_parameters(image)
-            made = moved(recorded, image.parent)  # references that moved with the folder: the rerun reads them there
-            for change in changed_inputs(made) + changed_commits(made):  # a rerun reads them as they are now
-                typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same weights",
-                           err=True)
+            made = for_rerun(recorded, image, "weights")
             typer.echo(finetune_command(made, image) if job else json.dumps(recorded, indent=2, sort_keys=True))
             return
         try:
@@ -51,10 +46,7 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
         if params == PREVIEW_MARK:
             raise UserError(f"image '{image}' is a --preview of a run, not its result; run info on the result")
         shown = params
-        params = moved(params, image.parent)  # inputs that moved with the result: the rerun reads them there
-        for change in changed_inputs(params) + changed_commits(params):  # a rerun reads them as they are now
-            typer.echo(f"warning: {change} since '{image}' was made; a rerun will not give the same pixels",
-                       err=True)
+        params = for_rerun(params, image, "pixels")
         if job:
             try:
                 line = job_from_parameters(params, source=f"image '{image}'")
@@ -68,13 +60,18 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
     run_command(body)
 
 
-def moved(params: dict, beside: Path) -> dict:
-    """``params`` with inputs gone from their recorded paths found beside the result, each said on stderr."""
-    from ..fingerprints import relocated
+def for_rerun(params: dict, made: Path, what: str) -> dict:
+    """``params`` as a rerun reads them: inputs gone from their recorded paths found beside ``made`` (the result or
+    VAE folder), each said on stderr, and a warning for each input file or Hub snapshot that changed since (a rerun
+    will not give the same ``what``)."""
+    from ..fingerprints import changed_inputs, relocated
+    from ..model.hub import changed_commits
 
-    found, said = relocated(params, beside)
+    found, said = relocated(params, made.parent)
     for line in said:
         typer.echo(f"note: {line}, which a rerun reads", err=True)
+    for change in changed_inputs(found) + changed_commits(found):  # a rerun reads them as they are now
+        typer.echo(f"warning: {change} since '{made}' was made; a rerun will not give the same {what}", err=True)
     return found
 
 

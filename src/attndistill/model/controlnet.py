@@ -148,7 +148,7 @@ def load_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_p
 def kept_controlnet(source: str | os.PathLike, *, model: DiffusionModel, allow_pickle: bool = False
                     ) -> ControlNetModel:
     """:func:`load_controlnet`, loaded once for the runs on ``model`` that name the same ControlNet (a notebook's,
-    a batch's, the web UI's: each loaded SD 1.5's 1.4 GB again), on the model's device. One is kept per model:
+    a batch's, the web UI's: each loaded its weights again), on the model's device. One is kept per model:
     another one, changed files under the same name (or another Hub snapshot), or running out of memory
     (``release_graphs``) let it go. Between runs it waits in CPU memory (:func:`park_kept_controlnet`)."""
     def key() -> tuple:
