@@ -161,6 +161,30 @@ def test_sigterm_releases_the_lock_and_leaves_no_partial_output(tmp_path, data_d
     assert not list((out / ".locks").iterdir()) and not list(out.glob(".*.partial"))
 
 
+def test_an_interrupt_between_a_jobs_images_leaves_none_of_them(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """SIGTERM after the first of a job's three images left it, beside a log line saying no partial output was
+    left (the next run removed it)."""
+    import attndistill.batch.runner as runner
+    from attndistill.cli.common import Terminated
+
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=3, steps=1)])
+    out, real, saved = tmp_path / "out", runner._save_result, []
+
+    def interrupted_at_second(image, path, job, **kwargs):
+        if saved:
+            raise Terminated()
+        saved.append(real(image, path, job, **kwargs)[0])
+        return saved[-1], None
+
+    monkeypatch.setattr(runner, "_save_result", interrupted_at_second)
+    result = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert result.exit_code == 143 and "interrupted; no partial output left" in result.output, result.output
+    assert len(saved) == 1 and not list(out.glob("*.png"))
+    monkeypatch.setattr(runner, "_save_result", real)
+    assert invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir).exit_code == 0
+    assert len(list(out.glob("texture-*.png"))) == 3
+
+
 def test_finished_but_unrecorded_jobs_are_recovered_not_rerun(tmp_path, data_dir, tiny_sd15_dir):
     """A kill between writing the images and recording the job: the images carry the job id."""
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=2),

@@ -325,6 +325,26 @@ def test_several_images_are_written_all_or_none(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-0.png", "t-1.png"]
 
 
+def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, raised as Terminated) after the first image left it, and said no partial output was
+    left; the rerun then refused it as an existing output."""
+    import attndistill.images as images
+    from attndistill.cli.common import Terminated, write_images
+
+    real, calls = images.save_result, []
+
+    def interrupted_at_second(img, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise Terminated()
+        return real(img, path, **kwargs)
+
+    monkeypatch.setattr(images, "save_result", interrupted_at_second)
+    with pytest.raises(Terminated):
+        write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=False)
+    assert len(calls) == 2 and not list(tmp_path.iterdir())
+
+
 def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):
     """Outputs are checked before the work; a file another process writes meanwhile is never replaced, and the
     finished result is not thrown away either: it goes beside it, with a warning that names both."""

@@ -247,6 +247,9 @@ class Runner:
                 self.log(f"{tag} {len(runnable)} style jobs run in one batch, {seconds:.1f} s each"
                          + (f"; {len(runnable) - done} of them failed" if done < len(runnable) else ""))
         except (KeyboardInterrupt, SystemExit):
+            for job in runnable:  # a job's image saved before the signal stays: it is whole, and done
+                if not is_done(job):
+                    _remove_leftovers(job)
             self.log(f"{tag}: interrupted; no partial output left, these jobs run again next time")
             raise
         finally:
@@ -270,6 +273,8 @@ class Runner:
             _remove_leftovers(job)
             return self._run(job, tag)
         except (KeyboardInterrupt, SystemExit):
+            if not is_done(job):  # the images a multi-image job saved before the signal: all of them or none
+                _remove_leftovers(job)
             self.log(f"{tag} {job.id}: interrupted; no partial output left, it runs again next time")
             raise
         finally:

@@ -240,7 +240,7 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
                 said.append((echo_err, f"warning: '{taken}' appeared while this ran and is left as it is; this "
                                        f"result is {path}"))
             said.append((typer.echo, f"wrote {path} ({img.width}x{img.height})"))  # the size --size was rounded to
-    except (UserError, OSError):
+    except (UserError, OSError, KeyboardInterrupt):  # Ctrl-C or SIGTERM between two images: none of the set
         for path in new:
             path.unlink(missing_ok=True)
         raise
