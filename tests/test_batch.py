@@ -185,6 +185,19 @@ def test_an_interrupt_between_a_jobs_images_leaves_none_of_them(tmp_path, data_d
     assert len(list(out.glob("texture-*.png"))) == 3
 
 
+def test_a_console_reader_that_leaves_fails_no_job(tmp_path, data_dir, tiny_sd15_dir):
+    """``attndistill batch ... 2>&1 | head``: the first progress line written after the reader left raised
+    BrokenPipeError, which failed that job for good (--retry-failed to run it again) and stopped the batch."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None),
+                                                  job_line("style", "horse.jpg", "wood-rings.jpg")])
+    out = tmp_path / "out"
+    proc = subprocess.Popen([CLI, "batch", str(jobs), "--out", str(out), "-m", str(tiny_sd15_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV)
+    proc.stdout.close()  # the reader is gone before the first line
+    assert proc.wait(timeout=300) == 0
+    assert sorted(done_records(out).values()) == [1, 1] and len(list(out.glob("*.png"))) == 2
+
+
 def test_finished_but_unrecorded_jobs_are_recovered_not_rerun(tmp_path, data_dir, tiny_sd15_dir):
     """A kill between writing the images and recording the job: the images carry the job id."""
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", "wood-rings.jpg", None, num=2),

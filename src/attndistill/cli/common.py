@@ -24,6 +24,7 @@ from ..errors import CLI_WORDS, OOM_ADVICE, UserError, is_out_of_memory
 from ..loss_log import LossLog as RunLosses
 from ..loss_log import is_loss_log
 from ..presets import VAE_TUNING_STEPS
+from .console import readers_may_leave
 
 #: Speed/memory switches given on the command line (set by the root command; None in library use).
 PERF = None
@@ -444,7 +445,13 @@ def exit_at_once(signum: int) -> None:
 
 def run_command(fn: Callable[[], None], *, say_once: bool = True) -> None:
     """Run a command body: user errors -> one line on stderr and a non-zero exit, no traceback. ``say_once``: a
-    warning repeated word for word is printed once (not for a server, whose every job's warnings count)."""
+    warning repeated word for word is printed once (not for a server, whose every job's warnings count). The
+    work goes on when the console's reader goes away (``| head``): its reports then go nowhere."""
+    with readers_may_leave():
+        _run_reported(fn, say_once=say_once)
+
+
+def _run_reported(fn: Callable[[], None], *, say_once: bool) -> None:
     quiet_libraries(say_once=say_once)
     words = CLI_WORDS.set(True)  # its messages name options as typed here (--lr, not lr=)
     try:
