@@ -379,18 +379,54 @@ def test_nan_guard_on_the_decoded_image(tiny_sd15, data_dir, tmp_path):
                        size=64, progress=False)
 
 
-def test_failed_jobs_rerun_only_with_retry_failed(tmp_path, data_dir, tiny_sd15_dir):
-    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "later.jpg")])
+def failing_once(monkeypatch, module: str = "transfer", name: str = "style_transfer") -> None:
+    """The task fails (as a job that runs out of memory would) until the test puts it back."""
+    import functools
+    import importlib
+
+    tasks = importlib.import_module(f"attndistill.tasks.{module}")
+
+    @functools.wraps(getattr(tasks, name))
+    def fails(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(tasks, name, fails)
+
+
+def test_failed_jobs_rerun_only_with_retry_failed(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "wood-rings.jpg")])
     out = tmp_path / "out"
-    first = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
-    assert first.exit_code == 1 and "later.jpg' does not exist" in first.output
-    shutil.copy(data_dir / "wood-rings.jpg", tmp_path / "in" / "later.jpg")
+    with monkeypatch.context() as patch:
+        failing_once(patch)
+        first = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert first.exit_code == 1 and "the device went away" in first.output
     second = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
     assert second.exit_code == 1 and "rerun with --retry-failed" in second.output
     assert not list(out.glob("*.png"))
     third = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--retry-failed")
     assert third.exit_code == 0, third.output
     assert [r["status"] for r in read_records(out)] == ["failed", "done"]
+
+
+def test_a_job_whose_input_changed_is_another_job(tmp_path, data_dir, tiny_sd15_dir):
+    """An input replaced in place (a missing one supplied, a content image edited) was the same job: one that had
+    failed needed --retry-failed, and one that was done was skipped, its result made from the old image."""
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "later.jpg")])
+    out = tmp_path / "out"
+    first = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert first.exit_code == 1 and "later.jpg' does not exist" in first.output
+    shutil.copy(data_dir / "wood-rings.jpg", tmp_path / "in" / "later.jpg")
+    second = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert second.exit_code == 0 and "1 jobs: 1 done" in second.output, second.output
+    shutil.copy(data_dir / "watercolor-cat.jpg", tmp_path / "in" / "later.jpg")  # edited after its result
+    third = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir)
+    assert third.exit_code == 0 and "1 jobs: 1 done" in third.output, third.output
+    made = sorted(out.glob("*.png"))
+    assert len(made) == 2 and len({str(read_parameters(p)["input_sha256"]["style"]) for p in made}) == 2
+    moved = tmp_path / "moved"  # the project folder moved elsewhere: its jobs are done
+    shutil.move(tmp_path / "in", moved)
+    again = invoke("batch", moved / jobs.name, "--out", out, "-m", tiny_sd15_dir)
+    assert again.exit_code == 0 and "1 jobs: 0 done, 1 already done" in again.output, again.output
 
 
 def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir, tiny_sd15_dir):
@@ -427,14 +463,16 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     assert not out.exists()  # nothing written, no model loaded
 
 
-def test_a_dry_run_counts_jobs_that_failed_before_apart_from_the_ready_ones(tmp_path, data_dir, tiny_sd15_dir):
+def test_a_dry_run_counts_jobs_that_failed_before_apart_from_the_ready_ones(tmp_path, data_dir, tiny_sd15_dir,
+                                                                           monkeypatch):
     """A run skips a job recorded as failed unless --retry-failed; the dry run says so instead of "ready"."""
-    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "missing.jpg"),
-                                                  job_line("style", "horse.jpg", "wood-rings.jpg")])
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "watercolor-cat.jpg"),
+                                                  job_line("texture", "wood-rings.jpg", None)])
     out = tmp_path / "out"
-    run = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "-q")
+    with monkeypatch.context() as patch:
+        failing_once(patch)
+        run = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "-q")
     assert run.exit_code == 1 and "1 done" in run.output and "1 failed" in run.output, run.output
-    shutil.copy(data_dir / "watercolor-cat.jpg", tmp_path / "in" / "missing.jpg")  # the input is there now
     dry = invoke("batch", jobs, "--out", out, "-m", tiny_sd15_dir, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "failed before (" in dry.output and "a run skips it unless --retry-failed" in dry.output

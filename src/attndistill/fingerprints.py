@@ -41,7 +41,7 @@ def folder_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _digest(value: object) -> str | None:
+def path_digest(value: object) -> str | None:
     """A recorded path's digest; None for what is no local file or folder (a Hub id, '<image>', a number)."""
     if not isinstance(value, str) or not os.path.isabs(value):
         return None
@@ -63,10 +63,10 @@ def fingerprints(params: Mapping[str, object]) -> dict[str, str | list[str | Non
         if key in UNHASHED or key == KEY:
             continue
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            digests = [_digest(v) for v in value]
+            digests = [path_digest(v) for v in value]
             if any(digests):
                 found[key] = digests
-        elif (digest := _digest(value)) is not None:
+        elif (digest := path_digest(value)) is not None:
             found[key] = digest
     return found
 
@@ -87,7 +87,7 @@ def changed_inputs(params: Mapping[str, object]) -> list[str]:
                 continue
             if not os.path.exists(path):
                 changed.append(f"{key} '{path}' is gone")
-            elif _digest(path) != digest:
+            elif path_digest(path) != digest:
                 changed.append(f"{key} '{path}' has changed")
     return changed
 
@@ -111,7 +111,7 @@ def relocated(params: Mapping[str, object], beside: Path) -> tuple[dict, list[st
             if isinstance(path, str) and digest and os.path.isabs(path) and not os.path.exists(path):
                 name = Path(path).name
                 for candidate in (beside / name, beside / "inputs" / name):
-                    if _digest(absolute := str(candidate.resolve())) == digest:
+                    if path_digest(absolute := str(candidate.resolve())) == digest:
                         said.append(f"{key} '{path}' is gone; the same file is at '{candidate}'")
                         path = absolute
                         break

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, first_line
+from ..fingerprints import path_digest
 from ..images import check_png_name, numbered_outputs
 from .state import LOCKS
 
@@ -304,6 +305,13 @@ def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(value.items()))
 
 
+def _contents(value: str | list[str]) -> str | list[str]:
+    """A path's file digest (or the path itself where no file is: the checks before the run say so), or a list's."""
+    if isinstance(value, list):
+        return [_contents(v) for v in value]
+    return path_digest(value) or value
+
+
 def _resolve_local(value: str | None, base: Path) -> str | None:
     """A model/VAE/config path relative to the jobs file; Hub ids (``owner/name``, no such folder there) stay as
     they are. A missing local path stays relative to the jobs file too: kept as written, it was looked for in
@@ -425,9 +433,12 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
 
     if job_id is None:
         identity.update(model=model.source, vae=model.vae, config=model.config)  # another model: another job
-        # the files the paths lead to, not the paths as written: 'c.jpg' beside another jobs file is another
-        # image, and was taken for this job's, finished
-        identity.update({name: args[name] for name in (*spec.paths, "controlnet") if name in args})
+        # the images' contents, not their paths: 'c.jpg' beside another jobs file is another image, and was taken
+        # for this job's, finished; an image edited since its result was made was taken for the same; and a
+        # project folder moved elsewhere ran all its finished jobs again
+        identity.update({name: _contents(args[name]) for name in spec.paths if name in args})
+        if "controlnet" in args:  # a Hub id, a folder or a file of gigabytes: by its place, not hashed
+            identity["controlnet"] = args["controlnet"]
         if model.dtype != "auto":  # the command's --dtype too, as a job's own "dtype" was
             identity["dtype"] = model.dtype
         if model.perf:  # switches that change pixels (the job's own and the runner's flags): other results
