@@ -84,6 +84,20 @@ def test_expand_keeps_the_size_its_command_says(ui, data_dir):
     assert words[words.index("--size") + 1] == "600x520" and words[words.index("--reference-fit") + 1] == "keep"
 
 
+def test_expand_makes_a_banner_under_one_default_view(ui, data_dir):
+    """A canvas whose short side is under the default view (64 latents, 512 px) was refused with advice to set a
+    view that no box set."""
+    inputs = {"expand-reference": str(data_dir / "wood-rings.jpg"), "expand-size": "320x128", "expand-steps": 1,
+              "expand-iters": 0, "expand-preview-every": 0}
+    with pytest.raises(gr.Error, match=r"a View side of at most 16 latents \(128 px\)"):
+        run_tab(ui, "expand", inputs)
+    params, command, image = result_parameters(run_tab(ui, "expand", {**inputs, "expand-view": 16,
+                                                                      "expand-stride": 8}))
+    assert image.size == (320, 128) and params["view"] == 16
+    words = shlex.split(command)
+    assert words[words.index("--view") + 1] == "16"
+
+
 def test_texture_sampling_honours_tiling(ui, data_dir):
     params, command, _ = result_parameters(run_tab(ui, "texture", {
         "texture-reference": str(data_dir / "wood-rings.jpg"), "texture-mode": "sample", "texture-steps": 1,

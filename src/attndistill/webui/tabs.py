@@ -337,6 +337,8 @@ def expand_tab(ui: WebUI) -> None:
         with gr.Row():
             iters = int_box("Adam iterations per step", preset.iters, tab, "iters", minimum=0)
             lr = float_box("Learning rate", preset.lr, tab, "lr")
+            view = int_box("View side (latents)", api_default("textures", "expand_texture", "view"), tab, "view",
+                           minimum=1)
             stride = int_box("View stride (latents)", preset.stride, tab, "stride", minimum=1)
             view_batch = int_box("Views per batch", api_default("textures", "expand_texture", "view_batch"),
                               tab, "view-batch", minimum=1)
@@ -346,13 +348,15 @@ def expand_tab(ui: WebUI) -> None:
     ui.examples([["woven-rattan.jpg"], ["wood-rings.jpg"]], [reference])
     ui.validate_on_upload(reference)
     fields = dict(reference=reference, size=size, steps=steps, seed=seed, tile=tile, iters=iters, lr=lr,
-                  stride=stride, view_batch=view_batch, reference_fit=reference_fit, **preview)
+                  view=view, stride=stride, view_batch=view_batch, reference_fit=reference_fit, **preview)
 
     def arguments(s: dict) -> TaskCall:
         size = size_value(s["size"], multiple=EXPAND_SIZE_MULTIPLE)
         if size is None:
             raise UserError("size is missing; enter the canvas as WIDTHxHEIGHT, e.g. 1536x512")
         extra = {"view_batch": whole(s["view_batch"], "views per batch")} if s["view_batch"] is not None else {}
+        if s["view"] is not None:  # a canvas whose short side is under one view of the default (a banner)
+            extra["view"] = whole(s["view"], "view side")
         return TaskCall(tab, dict(reference=required(s["reference"], "texture image"),
                                   size=size if isinstance(size, tuple) else (size, size), steps=whole(s["steps"]),
                                   iters=whole(s["iters"], "Adam iterations per step"), lr=s["lr"],
@@ -363,7 +367,8 @@ def expand_tab(ui: WebUI) -> None:
     def command(s: dict, model: DiffusionModel, output: str) -> str:
         return cli_command([tab, file_name(s["reference"])], dict(
             output=output, size=(s["size"] or "").strip(), **ui.common_cli(model, seed_value(s["seed"])),
-            steps=s["steps"], iters=s["iters"], lr=s["lr"], stride=s["stride"], view_batch=s["view_batch"],
+            steps=s["steps"], iters=s["iters"], lr=s["lr"], view=s["view"], stride=s["stride"],
+            view_batch=s["view_batch"],
             tile=tile_value(s["tile"]), reference_fit=fit_cli(s["reference_fit"])))
 
     ui.wire(tab, panel, fields, arguments, command)

@@ -22,7 +22,7 @@ LABELS = {"iters": "Adam iterations per step", "lr": "Learning rate", "num": "Im
 #: CLI options of settings, wherever a message names them -> the labels of the boxes that set them here.
 SETTINGS = {"start-t": "Start timestep", "lr": "Learning rate", "iters": "Adam iterations per step", "steps": "Steps",
             "strength": "Strength", "content-weight": "Content weight", "attention-scale": "Attention scale",
-            "guidance": "Guidance", "control-scale": "Control scale", "stride": "View stride",
+            "guidance": "Guidance", "control-scale": "Control scale", "stride": "View stride", "view": "View side",
             "view-batch": "Views per batch", "size": "Size", "tile": "Seamless tiling", "num": "Images",
             "num-images": "Images", "layers": "Layers", "seed": "Seed", "adain": "AdaIN",
             "reference-fit": "Reference fit", "mode": "Mode", "prompt": "Prompt",
