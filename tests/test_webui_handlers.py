@@ -502,12 +502,24 @@ def test_strokes_painted_over_the_content_restyle_that_part_and_the_command_says
 
 
 def test_a_failed_load_says_what_is_loaded_now(tiny_sd15_dir, tmp_path):
-    """A failed Load has freed the previous model: the status must not still say it is loaded."""
+    """A Load refused by the model's configs (a mistyped path, an empty VAE folder) keeps the loaded model, as a
+    run's check does: it unloaded it first, and the next run loaded it again (minutes for SDXL). A load that
+    fails on the weights has freed the previous model: the status must not still say it is loaded."""
+    import shutil
+
     ui = WebUI(model=str(tiny_sd15_dir), device="cpu", dtype="fp32", outputs=tmp_path)
     assert ui.load(str(tiny_sd15_dir), "").startswith(f"loaded `{tiny_sd15_dir}`")
+    loaded = ui.slot.model
     (tmp_path / "not-a-vae").mkdir()
-    status = ui.load(str(tiny_sd15_dir), str(tmp_path / "not-a-vae"))
-    assert status.startswith("failed: ") and status.endswith("no model loaded yet: the first run loads it")
+    for model, vae in ((str(tiny_sd15_dir) + "y", ""), (str(tiny_sd15_dir), str(tmp_path / "not-a-vae"))):
+        status = ui.load(model, vae)
+        assert status.startswith("failed: ") and status.endswith(f"loaded `{tiny_sd15_dir}` (sd15, cpu, float32)")
+        assert ui.slot.model is loaded
+    broken = shutil.copytree(tiny_sd15_dir, tmp_path / "broken")
+    for weights in (broken / "unet").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    status = ui.load(str(broken), "")
+    assert status.startswith("failed: ") and status.endswith("no model loaded: the next run loads it")
 
 
 def test_every_default_the_page_reads_from_the_api_exists():

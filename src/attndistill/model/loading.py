@@ -633,7 +633,7 @@ class ModelSlot:
     def describe(self) -> str:
         m = self.model
         if m is None:
-            return "no model loaded yet: the first run loads it"
+            return "no model loaded: the next run loads it"
         vae = f" with VAE `{self.key[1]}`" if self.key and self.key[1] else ""
         predicts = m.scheduler_config.get("prediction_type", "epsilon")
         kind = m.kind + (f", {predicts.replace('_', '-')}" if predicts != "epsilon" else "")  # SD 2.x: v-prediction

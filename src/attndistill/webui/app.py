@@ -233,8 +233,13 @@ class WebUI:
 
     def load(self, model: str, vae: str) -> str:
         """The Load button: the status says what is loaded now, also after a failed load (which has freed the
-        previous model before it failed)."""
+        previous model before it failed). A model that would not load (a mistyped path, a Hub id not cached
+        offline) is refused by its configs first, as a run's is, so the loaded one stays."""
+        from ..batch.check import check_model
+
         try:
+            if not self.slot.holds(model, vae):
+                check_model(self.model_spec({"model": model, "vae": vae}), pickle_option="--allow-pickle")
             self.slot.get(model, vae)
         except Exception as exc:
             message = page_message(exc)
