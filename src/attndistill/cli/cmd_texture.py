@@ -137,7 +137,10 @@ def finetune_vae(
     model: Model = None, vae: Vae = None, config: ConfigDir = None, allow_pickle: AllowPickle = False,
     device: Device = "auto", dtype: Dtype = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing VAE folder (never a folder of other files)")]
-    = False, quiet: Quiet = False, loss_log: LossLog = None,
+    = False, quiet: Quiet = False,
+    loss_log: Annotated[Path | None, typer.Option(
+        help="Also write each tuning step's L1 loss to this JSON Lines file (step, timestep 0, loss, stage), "
+             "once the tuning is done", show_default=False)] = None,
 ) -> None:
     """Fine-tune the VAE decoder on REFERENCE (VAE*) and save it as a folder for --vae."""
     from ..images import free_name
