@@ -444,7 +444,8 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
     for seed in (1, 2):  # two jobs, one id
         with jobs.open("a") as f:
             f.write(json.dumps({**job_line("texture", "wood-rings.jpg", None, seed=seed), "id": "mine"}) + "\n")
-    for output in (".png", "", ".locks/x.png"):
+    for output in (".png", "", ".locks/x.png", "results.jsonl/x.png", "batch.json/x.png", "logs/x.png",
+                   "results.shard-0-of-2.jsonl/x.png"):
         with jobs.open("a") as f:
             f.write(json.dumps(job_line("texture", "wood-rings.jpg", None, output=output)) + "\n")
     out = tmp_path / "out"
@@ -457,7 +458,10 @@ def test_dry_run_reports_every_bad_line_before_any_model_work(tmp_path, data_dir
                      "model, vae, config, allow_pickle, device, dtype, grid, perf", "line 7: the same job as line 1",
                      "line 8: not valid JSON", "line 10: id 'mine' is line 9's too; give each job its own id",
                      "line 11: output '.png' must have a name before .png", "line 12: output is empty",
-                     "line 13: output '.locks/x.png' is in the runner's lock folder .locks/", "2 ready", "11 invalid"):
+                     "line 13: output '.locks/x.png' is under '.locks', which the runner keeps",
+                     "line 14: output 'results.jsonl/x.png' is under 'results.jsonl'", "line 15: output 'batch.json",
+                     "line 16: output 'logs/x.png'", "line 17: output 'results.shard-0-of-2.jsonl/x.png'", "2 ready",
+                     "15 invalid"):
         assert expected in text, expected
     assert "Traceback" not in text
     assert not out.exists()  # nothing written, no model loaded

@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import UserError, first_line
 from ..fingerprints import path_digest
 from ..images import check_png_name, numbered_outputs
-from .state import LOCKS
+from .state import runner_owns
 
 # -- tasks -----------------------------------------------------------------------------------------
 
@@ -453,8 +453,9 @@ def parse_job(raw: Any, *, line: int, base: Path, out_dir: Path, defaults: Model
     if output is not None and (Path(output).is_absolute() or ".." in Path(output).parts or output.startswith("~")):
         raise _fail(line, f"output '{output}' is outside the output folder; give a path relative to --out without "
                           f"'..', e.g. \"output\": \"{Path(output).name or 'image.png'}\"")
-    if output is not None and Path(output).parts[:1] == (LOCKS,):
-        raise _fail(line, f"output '{output}' is in the runner's lock folder {LOCKS}/; give it another folder")
+    if output is not None and Path(output).parts and runner_owns(Path(output).parts[0]):
+        raise _fail(line, f"output '{output}' is under '{Path(output).parts[0]}', which the runner keeps in --out for "
+                          "its records, logs and locks; give it another folder")
     if output is not None:
         try:
             check_png_name(output)

@@ -31,6 +31,9 @@ from ..loss_log import LossLog, is_loss_log
 from .check import Validator
 from .jobs import TASKS, Job, ModelSpec, TaskSpec, carries_job, job_words, read_jobs, run_order
 from .state import (
+    LOGS,
+    LOSSES,
+    MANIFEST,
     JobLock,
     Shard,
     append_record,
@@ -56,10 +59,6 @@ Log = Callable[[str], None]
 
 def is_done(job: Job) -> bool:
     return bool(job.outputs) and all(carries_job(p, job.id) for p in job.outputs)
-
-
-#: The folder of ``--loss-logs`` in the output folder: a job's log is ``losses/<job id>.jsonl``.
-LOSSES = "losses"
 
 
 def loss_log_path(out_dir: Path, job: Job) -> Path:
@@ -353,7 +352,7 @@ class Runner:
                 written: list[Path] | None = None, **extra: Any) -> str:
         """Record and say a failure; ``extra``: more of its record (the loss log of a run that diverged)."""
         if trace is not None:
-            log = self.out_dir / "logs" / f"{job.id}.txt"
+            log = self.out_dir / LOGS / f"{job.id}.txt"
             with contextlib.suppress(OSError):
                 log.parent.mkdir(exist_ok=True)
                 log.write_text(trace)
@@ -567,7 +566,7 @@ def run_batch(jobs_file: str | os.PathLike, out_dir: str | os.PathLike, *, shard
     if not is_writable(out_dir):
         raise UserError(f"output folder '{out_dir}' is not writable; choose another --out")
     manifest = {"jobs_file": str(Path(jobs_file).resolve()), "jobs": [j.id for j in jobs]}
-    atomic_write(out_dir / "batch.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
+    atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()), overwrite=True)
     mine = select(jobs, part)
     log(f"shard {part}: {len(mine)} of {len(jobs)} jobs -> {out_dir / part.results_name}")
     if group_size is None:  # a batch is nearly free on a GPU; on a CPU it costs its full size

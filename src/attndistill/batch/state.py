@@ -24,6 +24,16 @@ from ..errors import UserError
 
 RESULTS = "results.jsonl"
 LOCKS = ".locks"
+LOGS = "logs"  # a failed job's traceback: logs/<job id>.txt
+LOSSES = "losses"  # --loss-logs: losses/<job id>.jsonl
+MANIFEST = "batch.json"
+
+
+def runner_owns(name: str) -> bool:
+    """Whether ``name``, at the top of the output folder, is the runner's own: its records, manifest, logs,
+    loss logs or locks. A job's output under it broke the run after the job's work, and every run after it."""
+    return name in (LOCKS, LOGS, LOSSES, MANIFEST) or re.fullmatch(r"results(\.shard-\d+-of-\d+)?\.jsonl", name) \
+        is not None
 #: A lock or break-lock file this old with unreadable contents is left over from a killed process.
 STALE_AFTER_S = 60.0
 
@@ -309,7 +319,7 @@ def merge_results(out_dir: str | os.PathLike) -> MergeSummary:
         raise UserError(f"results folder '{out_dir}' has no results*.jsonl records; run a batch into it first")
     expected: list[str] = []
     with contextlib.suppress(OSError, ValueError):
-        expected = list(json.loads((out_dir / "batch.json").read_text())["jobs"])
+        expected = list(json.loads((out_dir / MANIFEST).read_text())["jobs"])
     ordered = sorted(records.values(), key=lambda r: (r.get("line") or 0, r["job"]))
     text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in ordered)
     path = atomic_write(out_dir / RESULTS, lambda f: f.write(text.encode()), overwrite=True)
