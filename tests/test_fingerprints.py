@@ -67,3 +67,23 @@ def test_inputs_gone_from_their_paths_are_found_beside_the_result_by_name_and_di
                     f"style '{old / 's.png'}' is gone; the same file is at '{new / 'inputs' / 's.png'}'"]
     assert changed_inputs(found) == [f"style '{old / 'other.png'}' is gone", f"mask '{old / 'm.png'}' is gone"]
     assert relocated({"content": "a.png"}, new) == ({"content": "a.png"}, [])  # no digests: nothing to match
+
+
+def test_inputs_of_a_project_moved_whole_are_found_where_it_put_them(tmp_path):
+    """Inputs in proj/img/ and results in proj/out/: the moved project's inputs are beside no result, and were
+    said to be gone."""
+    old, new = tmp_path / "proj", tmp_path / "elsewhere" / "proj2"
+    (new / "img" / "styles").mkdir(parents=True)
+    (new / "out" / "run1").mkdir(parents=True)
+    (new / "img" / "c.png").write_bytes(b"content")
+    (new / "img" / "styles" / "s.png").write_bytes(b"style")
+    (new / "img" / "other.png").write_bytes(b"not the style")
+    recorded = {"content": str(old / "img" / "c.png"), "style": [str(old / "img" / "styles" / "s.png")],
+                "mask": str(old / "img" / "other.png")}
+    recorded[KEY] = {"content": fingerprints({"c": str(new / "img" / "c.png")})["c"],
+                     "style": [fingerprints({"s": str(new / "img" / "styles" / "s.png")})["s"]],
+                     "mask": fingerprints({"c": str(new / "img" / "c.png")})["c"]}  # another file's digest
+    found, said = relocated(recorded, new / "out" / "run1")
+    assert found["content"] == str(new / "img" / "c.png")
+    assert found["style"] == [str(new / "img" / "styles" / "s.png")]
+    assert found["mask"] == str(old / "img" / "other.png") and len(said) == 2

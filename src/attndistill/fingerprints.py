@@ -92,10 +92,22 @@ def changed_inputs(params: Mapping[str, object]) -> list[str]:
     return changed
 
 
+def _places(path: str, beside: Path) -> list[Path]:
+    """Where a gone input may be now, nearest first: by name beside the result and in its ``inputs/`` folder, then
+    by its last two or three path parts in the result's folder and the three above it (a project moved whole:
+    ``proj/img/c.jpg`` for a result in ``proj/out/``)."""
+    parts = Path(path).parts
+    tails = [Path(*parts[-n:]) for n in (1, 2, 3) if n < len(parts)]
+    places = [beside / tails[0], beside / "inputs" / tails[0]]
+    places += [folder / tail for folder in (beside, *list(beside.parents)[:3]) for tail in tails]
+    return list(dict.fromkeys(places))
+
+
 def relocated(params: Mapping[str, object], beside: Path) -> tuple[dict, list[str]]:
-    """``params`` with each recorded input that is gone from its path replaced by a file of the same name and digest
-    beside the result (``beside``: its folder) or in its ``inputs/`` folder, where the web UI keeps its copies; and
-    one phrase for each found. A results folder moved or shared with its inputs reruns from its records."""
+    """``params`` with each recorded input that is gone from its path replaced by a file of the same digest found
+    near the result (``beside``: its folder; see :func:`_places`): beside it, in its ``inputs/`` folder, where the
+    web UI keeps its copies, or where a project moved whole put it; and one phrase for each found. A results
+    folder moved or shared with its inputs reruns from its records."""
     found = dict(params)
     recorded = params.get(KEY)
     if not isinstance(recorded, Mapping):
@@ -109,8 +121,7 @@ def relocated(params: Mapping[str, object], beside: Path) -> tuple[dict, list[st
         now = []
         for path, digest in zip(paths, digests, strict=True):
             if isinstance(path, str) and digest and os.path.isabs(path) and not os.path.exists(path):
-                name = Path(path).name
-                for candidate in (beside / name, beside / "inputs" / name):
+                for candidate in _places(path, beside):
                     if path_digest(absolute := str(candidate.resolve())) == digest:
                         said.append(f"{key} '{path}' is gone; the same file is at '{candidate}'")
                         path = absolute

@@ -61,13 +61,13 @@ def info(image: Annotated[Path, typer.Argument(help="A PNG written by attndistil
 
 
 def for_rerun(params: dict, made: Path, what: str) -> dict:
-    """``params`` as a rerun reads them: inputs gone from their recorded paths found beside ``made`` (the result or
+    """``params`` as a rerun reads them: inputs gone from their recorded paths found near ``made`` (the result or
     VAE folder), each said on stderr, and a warning for each input file or Hub snapshot that changed since (a rerun
     will not give the same ``what``)."""
     from ..fingerprints import changed_inputs, relocated
     from ..model.hub import changed_commits
 
-    found, said = relocated(params, made.parent)
+    found, said = relocated(params, made.resolve().parent)  # its folders above, too
     for line in said:
         typer.echo(f"note: {line}, which a rerun reads", err=True)
     for change in changed_inputs(found) + changed_commits(found):  # a rerun reads them as they are now
