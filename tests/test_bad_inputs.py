@@ -140,6 +140,21 @@ def test_an_output_never_replaces_an_input_even_with_overwrite(data_dir, tmp_pat
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_an_earlier_preview_taken_as_an_input_is_not_replaced_by_this_runs_preview(data_dir, tmp_path,
+                                                                                     tiny_sd15_dir):
+    """An earlier run's --preview (replaced every N steps, without --overwrite) used as this run's style was
+    replaced during the run, and the result recorded the new file's digest: no warning, a rerun of another image."""
+    from attndistill.cli.common import PREVIEW_MARK
+    from attndistill.images import save_png
+
+    preview = save_png(_photo(data_dir), tmp_path / "peek.png", parameters=PREVIEW_MARK)
+    before = preview.read_bytes()
+    result = invoke("style", data_dir / "horse.jpg", preview, "-o", tmp_path / "out.png", "--preview", preview,
+                    "--preview-every", "1", "-m", tiny_sd15_dir, "--steps", "2", "--size", "64", "-q")
+    assert_rejected(result, 2, f"--preview '{preview}' is an input of this run")
+    assert preview.read_bytes() == before and not (tmp_path / "out.png").exists()
+
+
 # -- out-of-range numbers and options --------------------------------------------------------------------
 
 OPTION_CASES = [

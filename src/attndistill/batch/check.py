@@ -104,10 +104,11 @@ class Validator:
                 raise UserError(f"output '{path}' cannot be made: '{blocking}' is a file, not a folder; set another "
                                 "'output'")
 
-    def check_inputs(self, job: Job, *, model: bool = True) -> None:
+    def check_inputs(self, job: Job, *, model: bool = True, side_files: dict[str, Path | None] | None = None) -> None:
         """Everything :meth:`check` checks but the outputs, raising the bare :class:`UserError`: what a
         command checks before its model loads (``model=False``: the command's load checks the model itself,
-        in the command's words)."""
+        in the command's words). ``side_files``: a command's other files by option (``--preview``), which
+        must not be an input either."""
         spec = job.spec
         inputs = set()
         for name in spec.paths:
@@ -119,6 +120,10 @@ class Validator:
             if _is_one_of(path, inputs):
                 raise UserError(f"output '{path}' is an input of this run, which its result must not replace; "
                                 "choose another output name")
+        for option, path in (side_files or {}).items():  # an earlier run's preview, taken as this run's style
+            if path is not None and _is_one_of(path, inputs):
+                raise UserError(f"{option} '{path}' is an input of this run, which the run must not replace; give "
+                                f"the {option.removeprefix('--')} file another name")
         preset = check_options(spec.preset, job.args, t2i=job.task == "t2i")
         if job.task == "t2i":
             from ..tasks.generate import check_prompt

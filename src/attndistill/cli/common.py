@@ -206,7 +206,7 @@ def check_before_load(task: str, *, model: str | None, vae: Path | None, config:
     validator = Validator(Path.cwd(), labels=_INPUT_LABELS)
     outputs = tuple(numbered_outputs(output, count))
     validator.check_inputs(Job(line=0, id="command", task=task, args=values, model=spec, outputs=outputs),
-                           model=False)
+                           model=False, side_files={"--preview": preview, "--loss-log": loss_log})
     check_outputs(output, count, overwrite=overwrite, preview=preview, preview_every=preview_every, loss_log=loss_log)
 
 
