@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from attndistill.fingerprints import KEY, changed_inputs, fingerprints, relocated
@@ -87,3 +88,27 @@ def test_inputs_of_a_project_moved_whole_are_found_where_it_put_them(tmp_path):
     assert found["content"] == str(new / "img" / "c.png")
     assert found["style"] == [str(new / "img" / "styles" / "s.png")]
     assert found["mask"] == str(old / "img" / "other.png") and len(said) == 2
+
+
+def test_a_result_records_its_inputs_as_the_run_read_them(tmp_path, data_dir, tiny_sd15):
+    """Digests were taken when the run ended: a style image edited while it ran was recorded as the one used, so
+    info warned of nothing and a rerun read another image."""
+    import shutil
+
+    from PIL import Image
+
+    import attndistill as ad
+    from attndistill.fingerprints import file_digest
+
+    style = shutil.copy(data_dir / "wood-rings.jpg", tmp_path / "style.jpg")
+    used = file_digest(style)
+
+    def edit_the_style(info) -> None:
+        if info.step == 0:
+            Image.open(data_dir / "watercolor-cat.jpg").save(style)
+
+    image = ad.style_transfer(data_dir / "horse.jpg", style, model=tiny_sd15, steps=2, size=64,
+                              callback=edit_the_style)
+    params = json.loads(image.info["parameters"])
+    assert params[KEY]["style"] == [used] != [file_digest(style)]
+    assert changed_inputs(params) == [f"style '{style}' has changed"]

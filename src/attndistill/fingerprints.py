@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 
 #: Where a result's parameters keep the fingerprints: {parameter: digest, or a list of them}.
@@ -18,6 +20,29 @@ _CHUNK = 1 << 20
 #: Digests by (path, size, modification time): a batch of results that share a VAE folder (hundreds of MB) reads
 #: it once, not once per result; a file saved again gets a new time, and so a new digest.
 _SEEN: dict[tuple[str, int, int], str] = {}
+#: The running task's inputs' digests as they were read (absolute path -> digest): the result records these, not
+#: the files as they are when it ends. A content image edited while the run went on was recorded as if used.
+_READ: ContextVar[dict[str, str] | None] = ContextVar("attndistill_inputs_read", default=None)
+
+
+@contextmanager
+def inputs_as_read() -> Iterator[None]:
+    """For a task's run: its results' fingerprints are those of the files it read (:func:`note_read`)."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
+def note_read(path: Path) -> None:
+    """Called as an input file is read: its digest now is the one its result records (the first read's)."""
+    read = _READ.get()
+    if read is not None:
+        key = os.path.abspath(path)
+        if key not in read:
+            with suppress(OSError):
+                read[key] = file_digest(path)
 
 
 def file_digest(path: Path) -> str:
@@ -45,6 +70,9 @@ def path_digest(value: object) -> str | None:
     """A recorded path's digest; None for what is no local file or folder (a Hub id, '<image>', a number)."""
     if not isinstance(value, str) or not os.path.isabs(value):
         return None
+    read = _READ.get()
+    if read is not None and os.path.abspath(value) in read:
+        return read[os.path.abspath(value)]
     path = Path(value)
     try:
         if path.is_file():

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from .errors import UserError
+from .fingerprints import note_read
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
     if not path.is_file():  # reading a pipe or a FIFO waits for its writer, maybe for ever
         raise UserError(f"{what} '{path}' is not a regular file (a pipe or a device); save the image to a file "
                         "and pass that")
+    note_read(path)  # the digest its result records: the file as read now, not as it is when the run ends
     try:
         with _pillow_warnings(f"{what} '{path}'", bombs=not flat), Image.open(path) as img:
             _check_size(img.size, f"{what} '{path}'", limit)

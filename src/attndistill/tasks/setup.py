@@ -21,7 +21,7 @@ from PIL import Image
 from ..checks import MAX_SEED, flag, non_negative, number, positive, whole
 from ..core.engine import Distiller
 from ..errors import CLI_WORDS, UserError, in_api_words
-from ..fingerprints import KEY, fingerprints
+from ..fingerprints import KEY, fingerprints, inputs_as_read
 from ..images import (
     ImageInput,
     check_size,
@@ -232,6 +232,7 @@ def public_task(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(inputs_as_read())  # its result's fingerprints: its inputs as it read them
             token = _RUN.set(stack)
             try:
                 return fn(*args, **kwargs)
