@@ -79,6 +79,9 @@ BAD_IMAGES: list[tuple[str, Callable[[Path, Path], None], str]] = [
     ("empty.png", lambda p, d: p.write_bytes(b""), "is empty"),
     ("folder.png", lambda p, d: p.mkdir(), "is a directory"),
     ("missing.png", lambda p, d: None, "does not exist"),
+    # two a fuzzing helper found: Pillow raised TypeError and RuntimeError, which left the command "unexpected"
+    ("no-dimensions.tif", lambda p, d: p.write_bytes((d / "corrupt" / p.name).read_bytes()), "is truncated or corrupt"),
+    ("cut-item.avif", lambda p, d: p.write_bytes((d / "corrupt" / p.name).read_bytes()), "is truncated or corrupt"),
 ]
 
 

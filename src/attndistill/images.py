@@ -105,7 +105,7 @@ def load_image(source: ImageInput, *, what: str = "image", labels: bool = False,
             f"{what} '{path}' declares too many pixels (decompression-bomb guard, limit {limit:,}); "
             "downscale it first"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, RuntimeError) as exc:  # TIFF, AVIF: Type-, RuntimeError
         reason = "is truncated or corrupt"
         if "cannot identify image file" in str(exc):
             reason = "is not an image Pillow can read"
