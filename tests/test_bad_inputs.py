@@ -735,6 +735,29 @@ def test_out_of_memory_in_the_batch_runner_and_the_web_ui():
     assert "attndistill ui --gradient-checkpointing" in ui and "--num" not in ui and "--view-batch" not in ui
 
 
+@pytest.mark.parametrize("exc", [
+    MemoryError("Unable to allocate 488. MiB for an array with shape (8000, 8000) and data type float64"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")])
+def test_the_machine_running_out_of_memory_is_said_so(exc, corpus, tmp_path, tiny_sd15_dir, monkeypatch):
+    """A CPU run (or a huge image's conversion) out of RAM was an "unexpected" error, exit 1, with no advice."""
+    from attndistill.batch.runner import _describe
+    from attndistill.model.models import DiffusionModel
+    from attndistill.webui.jobs import error_message
+
+    def fails(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(DiffusionModel, "predict", fails)
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", "-m", tiny_sd15_dir,
+                    "--steps", "2", "--size", "64", "-q")
+    assert_rejected(result, 4, "the machine ran out of memory (RAM)", "--gradient-checkpointing")
+    assert "GPU" not in result.output and not (tmp_path / "o.png").exists()
+    assert _describe(exc).startswith("the machine ran out of memory (RAM)")
+    ui = error_message(exc)
+    assert "(Images, Views per batch)" in ui and "attndistill ui --gradient-checkpointing" in ui
+
+
 @pytest.mark.parametrize("preview,expected", [("{tmp}/missing/peek.png", "does not exist; create it first"),
                                               ("{tmp}/peek.jpg", "must end in .png"),
                                               ("{tmp}/o.png", "is an output file")])

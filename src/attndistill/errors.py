@@ -90,6 +90,10 @@ MEMORY_SWITCHES = ("--gradient-checkpointing", "--vae-tiling", "--attention-slic
 #: What helps when the GPU runs out of memory (the same advice in the CLI and the batch runner).
 OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at once (--num, a smaller --view-batch "
               f"or batch --group), {', '.join(MEMORY_SWITCHES)} or --cpu-offload, or --device cpu")
+#: What helps when the machine's own memory runs out (a CPU run, a huge image converted): no GPU switch helps.
+HOST_OOM_ADVICE = ("the machine ran out of memory (RAM); try a smaller size, fewer images at once (--num, a smaller "
+                   "--view-batch or batch --group), --gradient-checkpointing, smaller input images, or a machine "
+                   "with more memory")
 #: The web UI's version: the page has fields for size and image count; the switches are the server's.
 UI_OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer Images or fewer Views per batch, or start "
                  f"the UI again with memory switches, e.g. attndistill ui {' '.join(MEMORY_SWITCHES)} "
@@ -100,6 +104,18 @@ def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (empty for none): error lines stay one line."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def out_of_memory_advice(exc: BaseException, *, page: bool = False) -> str | None:
+    """What helps with ``exc`` where it is running out of memory, on the device or the machine (``page``: in the
+    web UI's words); None for any other error."""
+    if is_out_of_memory(exc):
+        return UI_OOM_ADVICE if page else OOM_ADVICE
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # NumPy, PyTorch's CPU allocator
+        advice = HOST_OOM_ADVICE
+        return advice.replace("(--num, a smaller --view-batch or batch --group)", "(Images, Views per batch)") \
+            .replace("--gradient-checkpointing", "attndistill ui --gradient-checkpointing") if page else advice
+    return None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import OOM_ADVICE, NonFiniteError, UserError, first_line, is_out_of_memory
+from ..errors import NonFiniteError, UserError, first_line, is_out_of_memory, out_of_memory_advice
 from ..images import numbered_outputs, partial_prefix
 from ..loss_log import LossLog, is_loss_log
 from .check import Validator
@@ -516,8 +516,8 @@ def _naming(*jobs: Job):
 
 
 def _describe(exc: BaseException) -> str:
-    if is_out_of_memory(exc):
-        return OOM_ADVICE
+    if (advice := out_of_memory_advice(exc)) is not None:
+        return advice
     return f"unexpected {type(exc).__name__}: {first_line(exc)}"
 
 

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from ..checks import MAX_SEED
-from ..errors import CLI_WORDS, OOM_ADVICE, UserError, is_out_of_memory
+from ..errors import CLI_WORDS, UserError, out_of_memory_advice
 from ..loss_log import LossLog as RunLosses
 from ..loss_log import is_loss_log
 from ..presets import VAE_TUNING_STEPS
@@ -466,8 +466,8 @@ def _run_reported(fn: Callable[[], None], *, say_once: bool) -> None:
         typer.echo("interrupted: no partial output was left", err=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     except Exception as exc:
-        if is_out_of_memory(exc):
-            typer.echo(f"error: {OOM_ADVICE}", err=True)
+        if (advice := out_of_memory_advice(exc)) is not None:
+            typer.echo(f"error: {advice}", err=True)
             raise typer.Exit(4) from None
         if debug_enabled():
             raise

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..core.progress import Callback, StepInfo
-from ..errors import CLI_WORDS, UI_OOM_ADVICE, UserError, first_line, is_out_of_memory
+from ..errors import CLI_WORDS, UserError, first_line, out_of_memory_advice
 from ..model.compiling import log as compiling_log
 
 if TYPE_CHECKING:
@@ -309,8 +309,8 @@ def error_message(exc: BaseException) -> str:
     if isinstance(exc, UserError):
         return str(exc)
     text = first_line(exc)
-    if is_out_of_memory(exc):
-        return UI_OOM_ADVICE
+    if (advice := out_of_memory_advice(exc, page=True)) is not None:
+        return advice
     if isinstance(exc, ImportError):
         return f"this task is not available in this installation ({text})"
     log.error("unexpected error in a web UI job", exc_info=exc)
