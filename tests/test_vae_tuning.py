@@ -73,6 +73,28 @@ def test_saved_folder_loads_with_from_pretrained_and_with_vae_option(tiny_sd15, 
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o666 & ~umask}
 
 
+def test_an_interrupt_while_a_vae_is_replaced_keeps_the_old_one(tuned, tmp_path, monkeypatch):
+    """overwrite removed the old folder, then moved the new one in: an interrupt between the two lost both."""
+    vae = tuned[0]
+    folder = save_vae(vae, tmp_path / "wood-vae")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = os.replace
+
+    def interrupted_once_the_old_is_aside(src, dst):
+        if str(dst) == str(folder) and str(src).endswith(".partial"):  # the new one's move, not the old one's back
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(vae_tuning.os, "replace", interrupted_once_the_old_is_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_vae(vae, folder, overwrite=True)
+    monkeypatch.setattr(vae_tuning.os, "replace", real)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wood-vae"]
+    save_vae(vae, folder, overwrite=True)  # and a replacement that ends leaves nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wood-vae"]
+
+
 def test_finetune_vae_api_defaults_follow_the_spec(tiny_sd15, data_dir, monkeypatch):
     seen = {}
     monkeypatch.setattr(vae_tuning, "tune_decoder",

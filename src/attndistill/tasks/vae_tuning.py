@@ -9,6 +9,7 @@ tuned VAE is a plain diffusers ``AutoencoderKL``, savable as a folder that
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -313,6 +314,7 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
         tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(folder.name), suffix=".partial", dir=parent))
     except OSError as exc:
         raise UserError(f"output folder '{folder}' cannot be written ({exc.strerror}); choose another path") from None
+    old = None  # the folder replaced: moved aside until the new one is in place, so an interrupt loses neither
     try:
         vae.save_pretrained(tmp, safe_serialization=True)
         parameters = getattr(vae, "attndistill_parameters", None)
@@ -322,10 +324,14 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
             path.chmod(FILE_MODE)
         tmp.chmod(FOLDER_MODE)
         if folder.exists():
-            shutil.rmtree(folder)
+            old = Path(tempfile.mkdtemp(prefix=partial_prefix(folder.name), suffix=".old", dir=parent))
+            os.replace(folder, old)  # onto the empty folder mkdtemp made
         os.replace(tmp, folder)
-    except BaseException as exc:  # Ctrl-C included: no half-written folder
+    except BaseException as exc:  # Ctrl-C included: no half-written folder, and the old one back in its place
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, folder)
         from safetensors import SafetensorError
 
         reason = exc.strerror if isinstance(exc, OSError) else None
@@ -335,4 +341,6 @@ def save_vae(vae: AutoencoderKL, folder: str | os.PathLike, *, overwrite: bool =
             raise UserError(f"output folder '{folder}' could not be written ({reason}); free space or "
                             "choose another path") from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return folder
