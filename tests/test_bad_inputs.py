@@ -1034,6 +1034,14 @@ def test_messages_say_what_they_found_in_words_that_fit(tmp_path, tiny_sd15_dir)
 @pytest.mark.parametrize("part, key, value, message", [
     ("scheduler/scheduler_config.json", "num_train_timesteps", 0, "could not be built from its configs (IndexError"),
     ("unet/config.json", "sample_size", -5, "has unet/ config sample_size -5, not a positive whole number"),
+    # three more a helper found, which were unexpected errors or diffusers' advice to pass ignore_mismatched_sizes
+    ("scheduler/scheduler_config.json", "beta_schedule", "bogus", "could not be built from its configs "
+                                                                  "(NotImplementedError: bogus is not implemented"),
+    ("text_encoder/config.json", "hidden_size", 64, "a config.json does not fit its weights; one of them may be "
+                                                    "damaged or from another model"),
+    ("vae/config.json", "latent_channels", 8, "a config.json does not fit its weights (decoder.conv_in.weight: the "
+                                              "config makes torch.Size([16, 8, 3, 3]), the weights hold "
+                                              "torch.Size([16, 4, 3, 3]))"),
 ])
 def test_a_hand_edited_config_is_a_user_error(tmp_path, tiny_sd15_dir, part, key, value, message):
     """Each was an unexpected error (IndexError in the load, ValueError in the first resize)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, is_out_of_memory
 from .models import DiffusionModel, Kind, free_memory, resolve_device, resolve_dtype
 from .perf import PerfOptions
 from .single_file import (
@@ -545,13 +545,18 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             if "safetensors" in text and kwargs.get("use_safetensors"):
                 raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None
+            if "ignore_mismatched_sizes" in text and path.is_dir():  # diffusers' advice is for its callers, not ours
+                raise _config_misfit(what, source, text) from None
             lowered = text.lower()
             if not path.is_dir() and any(w in lowered for w in ("connect", "offline", "cache", "config.json")):
                 raise _not_available(source, what, option) from None
             raise UserError(f"{what} '{source}' could not be loaded: {first_line(exc)}") from None
-        except (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
-            if not path.is_dir():
+        except (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, NotImplementedError,
+                RuntimeError) as exc:  # RuntimeError: transformers' mismatched sizes; NotImplemented: a scheduler's
+            if not path.is_dir() or is_out_of_memory(exc):
                 raise
+            if "ignore_mismatched_sizes" in str(exc):  # transformers: the sizes are in its log, not the message
+                raise _config_misfit(what, source, str(exc)) from None
             # diffusers building a part from a hand-edited config (num_train_timesteps 0, a list for an object)
             raise UserError(f"{what} '{source}' could not be built from its configs ({type(exc).__name__}: "
                             f"{first_line(exc)}); a config.json may be damaged: download it again") from None
@@ -560,6 +565,15 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             _say_unused(unused, what, source)
             return loaded
     raise AssertionError("unreachable")
+
+
+def _config_misfit(what: str, source: str, text: str) -> UserError:
+    """A component's config.json that makes tensors of other shapes than its weights hold, said with the first."""
+    size = r"(torch\.Size\(\[[^\]]*\]\))"
+    shapes = re.search(rf"(\S+) expected shape {size},? but got {size}", text)
+    where = f" ({shapes[1]}: the config makes {shapes[2]}, the weights hold {shapes[3]})" if shapes else ""
+    return UserError(f"{what} '{source}': a config.json does not fit its weights{where}; one of them may be damaged "
+                     "or from another model: download it again")
 
 
 def _check_complete(loaded, what: str, source: str) -> None:
