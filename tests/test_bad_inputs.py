@@ -1054,6 +1054,16 @@ def test_a_hand_edited_config_is_a_user_error(tmp_path, tiny_sd15_dir, part, key
         load_model(str(folder), device="cpu", dtype="fp32")
 
 
+def test_a_damaged_tokenizer_file_is_said_to_be_damaged(tmp_path, tiny_sd15_dir):
+    from attndistill.model.loading import load_model
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "model")
+    tokenizer = folder / "tokenizer" / "tokenizer.json"
+    tokenizer.write_text("{\n oops" + tokenizer.read_text()[1:])  # was an unnamed "could not be loaded: Expecting..."
+    with pytest.raises(UserError, match=r"has a damaged JSON file \(Expecting property name .*, line 2\); download"):
+        load_model(str(folder), device="cpu", dtype="fp32")
+
+
 def test_the_expansion_side_limit_is_on_the_canvas_as_it_is_rounded():
     """16385 px becomes a 16384 px canvas (whole latents), which the limit allows; 16388 becomes 16392."""
     from attndistill.presets import get_preset

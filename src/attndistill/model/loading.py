@@ -545,6 +545,9 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             if "safetensors" in text and kwargs.get("use_safetensors"):
                 raise UserError(f"{what} '{source}' has no .safetensors weights; convert it, or pass "
                                 "--allow-pickle if you trust its pickle files") from None
+            if isinstance(exc, json.JSONDecodeError):  # a tokenizer's or config's JSON, cut or hand-edited
+                raise UserError(f"{what} '{source}' has a damaged JSON file ({exc.msg}, line {exc.lineno}); download "
+                                "it again") from None
             if "ignore_mismatched_sizes" in text and path.is_dir():  # diffusers' advice is for its callers, not ours
                 raise _config_misfit(what, source, text) from None
             lowered = text.lower()
