@@ -114,6 +114,12 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "deep.png", pnginfo=deep)
     with pytest.raises(UserError, match="not a JSON object of parameters"):
         ad.read_parameters(tmp_path / "deep.png")
+    whole = (tmp_path / "deep.png").read_bytes()  # cut inside its text chunk: OSError from Pillow, raw
+    (tmp_path / "cut.png").write_bytes(whole[:whole.index(b"tEXt") + 6])
+    with pytest.raises(UserError, match=r"'.*cut.png' is a damaged PNG \(.*\); its parameters cannot be read"):
+        ad.read_parameters(tmp_path / "cut.png")
+    image = ad.load_image(Image.new("RGBA", (16, 16), (200, 100, 50, 128)).convert("La"))  # premultiplied grey
+    assert image.mode == "RGB" and image.size == (16, 16)  # was Pillow's "conversion from La to RGBA not supported"
     for bad in ({"fused": "no"}, {"lookahead_batch": 0}):
         with pytest.raises(UserError):
             PerfOptions(**bad)

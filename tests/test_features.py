@@ -166,6 +166,11 @@ def test_a_loop_of_ones_own_is_checked_and_conditioned_on_its_latents_size(tiny_
             distiller.begin_timestep(500, torch.zeros(1, 3, 8, 8))
         with pytest.raises(UserError, match="content latents must be a torch tensor .* not a ndarray"):
             distiller.begin_timestep(500, z_ref, z.numpy())
+        # what a helper found raising raw errors deep inside (a reshape of 0 elements, max() of an empty list)
+        with pytest.raises(UserError, match=r"reference latents must have the shape .* not \(0, 4, 8, 8\)"):
+            distiller.begin_timestep(500, torch.zeros(0, 4, 8, 8))
+        with pytest.raises(UserError, match="reference latents must be floating point, .* not torch.int64"):
+            distiller.begin_timestep(500, torch.zeros(1, 4, 8, 8, dtype=torch.long))
         distiller.begin_timestep(500, z_ref, torch.zeros(1, 4, 8, 8))
         with pytest.raises(UserError, match="content latents of 8x8 do not match target latents of 8x12"):
             distiller.loss(z)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .fingerprints import note_read
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def _to_rgb(img: Image.Image, label: str, *, labels: bool = False, limit: int = 
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
         seen = np.asarray(rgba.getchannel("A")) < 255
         if labels and seen.any():  # on white, a see-through region would read as a white region the map never drew
             share = f"{seen.mean():.1%} of it" if seen.mean() >= 0.001 else f"{int(seen.sum())} of its pixels"
@@ -633,6 +633,8 @@ def read_parameters(path: str | os.PathLike) -> dict:
             text = img.text.get(METADATA_KEY)
     except SyntaxError:  # not a PNG
         return {}
+    except (OSError, ValueError, EOFError) as exc:  # a PNG cut short or damaged before its text chunks end
+        raise UserError(f"'{path}' is a damaged PNG ({first_line(exc)}); its parameters cannot be read") from None
     if not text:
         return {}
     params = _json_object(text)

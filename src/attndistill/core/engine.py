@@ -135,9 +135,11 @@ def check_latents(what: str, z: object, model: DiffusionModel) -> None:
     if not torch.is_tensor(z):
         raise UserError(f"{what} must be a torch tensor (B, {channels}, h, w), such as model.encode() gives, not a "
                         f"{type(z).__name__}")
-    if z.ndim != 4 or z.shape[1] != channels:
+    if z.ndim != 4 or z.shape[1] != channels or 0 in z.shape:
         raise UserError(f"{what} must have the shape (B, {channels}, h, w), such as model.encode() gives, not "
                         f"{tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise UserError(f"{what} must be floating point, such as model.encode() gives, not {z.dtype}")
 
 
 #: Why a Distiller's optimisation cannot run where the caller turned autograd's inference mode on.
