@@ -118,6 +118,13 @@ def test_other_bad_arguments(tiny_sd15, data_dir, tmp_path):
     (tmp_path / "cut.png").write_bytes(whole[:whole.index(b"tEXt") + 6])
     with pytest.raises(UserError, match=r"'.*cut.png' is a damaged PNG \(.*\); its parameters cannot be read"):
         ad.read_parameters(tmp_path / "cut.png")
+    for bad, said in ((np.zeros((1, 3, 16, 16), np.float32), "not a ndarray"),  # each a raw error inside before
+                      (torch.zeros(1, 1, 16, 16), "not (1, 1, 16, 16)"), (torch.zeros(3, 16, 16), "not (3, 16, 16)"),
+                      (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), "not torch.uint8; divide 8-bit values by 255"),
+                      (torch.full((1, 3, 16, 16), 255.0), "range from 255 to 255; divide 8-bit values by 255")):
+        with pytest.raises(UserError, match="^encode takes ") as caught:
+            tiny_sd15.encode(bad)
+        assert said in str(caught.value)
     image = ad.load_image(Image.new("RGBA", (16, 16), (200, 100, 50, 128)).convert("La"))  # premultiplied grey
     assert image.mode == "RGB" and image.size == (16, 16)  # was Pillow's "conversion from La to RGBA not supported"
     for bad in ({"fused": "no"}, {"lookahead_batch": 0}):

@@ -107,6 +107,22 @@ def ddim_scheduler(config, steps: int) -> DDIMScheduler:
     return scheduler
 
 
+def _check_images(images: object) -> None:
+    """What :meth:`DiffusionModel.encode` takes, said in one line where a caller gives something else: a conv's
+    channel error, a NumPy array's missing ``.to``, or 0-255 values encoded as if they were 0-1 without a word."""
+    shape = "(B, 3, H, W) in [0, 1], such as attndistill.images.to_tensor(load_image(path)) gives"
+    if not torch.is_tensor(images):
+        raise UserError(f"encode takes a torch tensor {shape}, not a {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
+        raise UserError(f"encode takes images of the shape {shape}, not {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise UserError(f"encode takes float images {shape}, not {images.dtype}; divide 8-bit values by 255")
+    low, high = float(images.min()), float(images.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise UserError(f"encode takes images {shape}; these range from {low:g} to {high:g}"
+                        + ("; divide 8-bit values by 255" if high > 2 else ""))
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" -> CUDA when available, else CPU."""
     if device is None or str(device) == "auto":
@@ -255,6 +271,7 @@ class DiffusionModel:
         Always with the model's own encoder: a tuned VAE (VAE*) only decodes, so a task encodes the same
         latents whether it swaps one in before or after its encoding.
         """
+        _check_images(images)
         vae = self.vae if self.encoding_vae is None else self.encoding_vae
         x = images.to(self.device, self._vae_dtype(vae)) * 2 - 1
         with torch.no_grad():
