@@ -143,6 +143,12 @@ def test_an_output_never_replaces_an_input_even_with_overwrite(data_dir, tmp_pat
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_path_with_a_line_break_is_said_on_one_line(corpus, tmp_path, tiny_sd15_dir):
+    result = invoke("style", tmp_path / "missing\nx.png", corpus / "good.png", "-o", tmp_path / "o.png",
+                    "-m", tiny_sd15_dir, "--steps", "1", "-q")
+    assert_rejected(result, 2, "missing\\nx.png' does not exist")
+
+
 def test_an_earlier_preview_taken_as_an_input_is_not_replaced_by_this_runs_preview(data_dir, tmp_path,
                                                                                      tiny_sd15_dir):
     """An earlier run's --preview (replaced every N steps, without --overwrite) used as this run's style was

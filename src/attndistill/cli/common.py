@@ -460,7 +460,8 @@ def _run_reported(fn: Callable[[], None], *, say_once: bool) -> None:
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
-        typer.echo(f"error: {exc}", err=True)
+        # a path with a line break in it ('a\nb.png') is said as typed, on the one line an error is
+        typer.echo("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         typer.echo("interrupted: no partial output was left", err=True)
