@@ -14,6 +14,6 @@ fi
 ruff check src tests benchmarks
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads only fight over 2 cores
 # two workers that take tests from each other when one runs out (a few compiled-program tests take 10-25 s
-# each): each test is small and single-threaded, so both cores work (3.3 to 5.0 minutes on
-# a 2-core machine, README) (the tests use their own temporary folders and free ports)
+# each): each test is small and single-threaded, so both cores work (about 3 to 4 minutes on a
+# 2-core machine: the README has the latest CI figures) (the tests use their own temporary folders and free ports)
 python -m pytest -q -n 2 --dist worksteal "$@"

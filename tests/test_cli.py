@@ -325,6 +325,16 @@ def test_several_images_are_written_all_or_none(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-0.png", "t-1.png"]
 
 
+def test_a_progress_bar_written_to_a_log_is_a_line_now_and_then(tmp_path, data_dir, tiny_sd15_dir):
+    """stderr to a file or a pipe (a Slurm job's log): the bar drew a line every 10 steps and at each update tqdm
+    chose; now it draws one at the start, at the end and every 30 s between, each with the loss."""
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "t.png", "--model", tiny_sd15_dir,
+                 "--steps", 30, "--size", 64)
+    assert result.exit_code == 0, result.output
+    drawn = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("texture:")]
+    assert len(drawn) <= 3 and "30/30" in drawn[-1] and "loss=" in drawn[-1], drawn
+
+
 def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, raised as Terminated) after the first image left it, and said no partial output was
     left; the rerun then refused it as an existing output."""

@@ -7,6 +7,7 @@ differ in what a step does, not in how it is watched: each runs inside a :class:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -55,7 +56,8 @@ def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: lis
         info.latents = info.latents.detach().clone()
         if values and parts and "content" in parts:  # this step's own terms: a step without iterations has none
             info.parts = {k: float(v) for k, v in parts.items()}
-    bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep)  # 0 iters: no loss
+    bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep,  # 0 iters: no loss
+                    refresh=bar.mininterval < LOG_BAR_INTERVAL_S)  # in a log, with the next line only
     if callback is not None:
         callback(info)
 
@@ -101,6 +103,22 @@ class _FiniteGuard:
                                step=bad + 1, timestep=timestep, ad_timestep=ad_timestep)
 
 
+#: Seconds between two updates of a bar written to a file or pipe (a job's log): each one is a line there, and
+#: one a step filled a 200-step run's log with 200 lines; a terminal redraws its line as often as tqdm likes.
+LOG_BAR_INTERVAL_S = 30.0
+
+
+def progress_bar(total: int, desc: str, *, disable: bool = False) -> tqdm:
+    """A tqdm bar on stderr: redrawn in place on a terminal or in a notebook (tqdm.auto's widget), a line every
+    :data:`LOG_BAR_INTERVAL_S` in a log."""
+    try:
+        terminal = sys.stderr.isatty() or tqdm.__module__.endswith("notebook")
+    except (AttributeError, ValueError):  # a closed or stand-in stream
+        terminal = False
+    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True,
+                mininterval=0.1 if terminal else LOG_BAR_INTERVAL_S)
+
+
 class StepLoop:
     """A run's steps, watched: ``done`` after each step checks for NaN/Inf, moves the bar, calls back.
 
@@ -114,8 +132,7 @@ class StepLoop:
                  callback: Callback | None, bar_total: int | None = None, advance: int = 1,
                  dtype: torch.dtype = torch.float32, raised: Sequence[str] = ()) -> None:
         self.total, self.callback, self.advance = total, callback, advance
-        self.bar = tqdm(total=total if bar_total is None else bar_total, desc=desc, disable=not progress,
-                        dynamic_ncols=True)
+        self.bar = progress_bar(total if bar_total is None else bar_total, desc, disable=not progress)
         # the model's dtype and the run's settings that may be too high (CLI names): what the advice on NaN says
         self.guard = _FiniteGuard(device, total, dtype=dtype, raised=raised)
 

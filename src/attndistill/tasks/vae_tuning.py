@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..checks import positive, whole
-from ..core.progress import Callback, StepInfo
+from ..core.progress import Callback, StepInfo, progress_bar
 from ..errors import NonFiniteError, UserError
 from ..images import (
     FILE_MODE,
@@ -175,9 +175,7 @@ def finetune_vae(reference: ImageInput | Sequence[ImageInput], *, model: Diffusi
                             warn=warn_crops)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="tuning VAE decoder", dynamic_ncols=True)
+        bar = progress_bar(steps, "tuning VAE decoder")
 
     def report(step: int, loss: float) -> None:
         if bar is not None:
