@@ -335,6 +335,27 @@ def test_a_progress_bar_written_to_a_log_is_a_line_now_and_then(tmp_path, data_d
     assert len(drawn) <= 3 and "30/30" in drawn[-1] and "loss=" in drawn[-1], drawn
 
 
+def test_a_preview_that_cannot_be_written_does_not_end_the_run(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """A full disk under --preview ended the run (exit 2, no result) with a message about an "output"."""
+    import attndistill.images as images
+    from attndistill.errors import UserError
+
+    real, preview = images.save_png, tmp_path / "peek.png"
+
+    def disk_full_for_previews(image, path, **kwargs):
+        if str(path) == str(preview):
+            raise UserError(f"output '{path}' could not be written (No space left on device); free space")
+        return real(image, path, **kwargs)
+
+    monkeypatch.setattr(images, "save_png", disk_full_for_previews)
+    result = run("texture", data_dir / "wood-rings.jpg", "-o", tmp_path / "t.png", "--model", tiny_sd15_dir,
+                 "--steps", 4, "--size", 64, "--preview", preview, "--preview-every", 1)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(f"warning: --preview '{preview}' could not be written (No space left on device); "
+                               "free space; the run goes on without previews") == 1
+    assert (tmp_path / "t.png").exists()
+
+
 def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatch):
     """Ctrl-C (or SIGTERM, raised as Terminated) after the first image left it, and said no partial output was
     left; the rerun then refused it as an existing output."""

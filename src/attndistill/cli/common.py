@@ -316,14 +316,19 @@ def step_callback(path: Path | None, every: int | None, model, losses: StepLosse
     from ..images import save_png
 
     every = every or PREVIEW_EVERY
+    failed = []  # a preview that could not be written (a full disk): said once, and the run goes on
 
     def callback(info) -> None:
         if losses is not None:
             losses(info)
-        if info.stage or path is None:  # the decoder's tuning (--tune-vae): no latents to show
+        if info.stage or path is None or failed:  # the decoder's tuning (--tune-vae): no latents to show
             return
         if (info.step + 1) % every == 0 or info.step + 1 == info.total:
-            save_png(model.preview(info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
+            try:
+                save_png(model.preview(info.latents, side=64), path, overwrite=True, parameters=PREVIEW_MARK)
+            except UserError as exc:
+                failed.append(exc)
+                echo_err(f"warning: {str(exc).replace('output ', '--preview ', 1)}; the run goes on without previews")
 
     return callback
 
