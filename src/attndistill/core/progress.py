@@ -56,8 +56,10 @@ def _report_progress(bar, callback: Callback | None, info: StepInfo, losses: lis
         info.latents = info.latents.detach().clone()
         if values and parts and "content" in parts:  # this step's own terms: a step without iterations has none
             info.parts = {k: float(v) for k, v in parts.items()}
+    # in a log, said with the bar's next line only; a disabled bar has no mininterval
+    in_log = getattr(bar, "mininterval", 0) >= LOG_BAR_INTERVAL_S
     bar.set_postfix(**({"loss": f"{info.loss:.4f}"} if values else {}), t=info.timestep,  # 0 iters: no loss
-                    refresh=bar.mininterval < LOG_BAR_INTERVAL_S)  # in a log, with the next line only
+                    refresh=not in_log)
     if callback is not None:
         callback(info)
 
