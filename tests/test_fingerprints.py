@@ -112,3 +112,22 @@ def test_a_result_records_its_inputs_as_the_run_read_them(tmp_path, data_dir, ti
     params = json.loads(image.info["parameters"])
     assert params[KEY]["style"] == [used] != [file_digest(style)]
     assert changed_inputs(params) == [f"style '{style}' has changed"]
+
+
+def test_a_vae_folder_is_recorded_as_it_was_loaded(tmp_path, data_dir, tiny_sd15_dir):
+    """One loaded model serves many runs (the web UI, a batch): a VAE folder saved again meanwhile was recorded
+    as the one the run decoded with."""
+    import shutil
+
+    import attndistill as ad
+    from attndistill.fingerprints import folder_digest
+
+    vae = shutil.copytree(tiny_sd15_dir / "vae", tmp_path / "my-vae")
+    loaded = folder_digest(vae)
+    model = ad.load_model(str(tiny_sd15_dir), vae=str(vae), device="cpu", dtype="fp32")
+    config = vae / "config.json"
+    config.write_text(config.read_text() + "\n")  # saved again under its name
+    image = ad.texture_synthesis(data_dir / "wood-rings.jpg", model=model, steps=1, size=64)[0]
+    params = json.loads(image.info["parameters"])
+    assert params[KEY]["vae"] == loaded != folder_digest(vae)
+    assert changed_inputs(params) == [f"vae '{vae}' has changed"]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError, first_line, is_out_of_memory
+from ..fingerprints import path_digest
 from .models import DiffusionModel, Kind, free_memory, resolve_device, resolve_dtype
 from .perf import PerfOptions
 from .single_file import (
@@ -382,6 +383,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, *, vae: str | os.PathLi
                            config_source=None if config is None else local_or_hub(config),
                            allow_pickle=bool(allow_pickle))
     model.hub_commits = hub_commits({"model": model.source, "vae": model.vae_source})  # as loaded, before any update
+    model.vae_digest = path_digest(model.vae_source)  # None for a Hub id (its commit is recorded)
     if perf is not None:
         model.set_perf(perf)
     return model

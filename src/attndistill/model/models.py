@@ -169,6 +169,8 @@ class DiffusionModel:
     perf: PerfOptions = field(default_factory=PerfOptions)  # as applied: automatic switches decided
     asked: PerfOptions = field(default_factory=PerfOptions)  # as asked for: None where automatic
     vae_source: str | None = None  # another VAE folder swapped in (results record it, reruns need it)
+    #: that folder's digest as it was loaded: what results record, though it may be tuned again while loaded
+    vae_digest: str | None = None
     config_source: str | None = None  # the configs a single-file checkpoint was loaded with
     allow_pickle: bool = False  # loaded with pickle files allowed: results record it, so reruns may load them too
     hub_commits: dict = field(default_factory=dict)  # {"model"/"vae": commit} of the Hub snapshots loaded

@@ -305,6 +305,8 @@ def with_provenance(params: dict, model: DiffusionModel) -> dict:
     """A record (a result's, a tuned VAE's) with its input files' digests, so that info can tell when one changed
     under its name, and where it was made."""
     digests = fingerprints(params)
+    if "vae" in digests and params.get("vae") == model.vae_source and getattr(model, "vae_digest", None):
+        digests["vae"] = model.vae_digest  # the folder as loaded, not as it is now (tuned again since)
     made = made_with(model)
     commits = {**model.hub_commits, **hub_commits({"controlnet": params.get("controlnet")})}
     if commits:  # the Hub snapshots loaded: a repository may change under its name
