@@ -393,6 +393,20 @@ def failing_once(monkeypatch, module: str = "transfer", name: str = "style_trans
     monkeypatch.setattr(tasks, name, fails)
 
 
+def test_a_folder_given_as_an_image_is_not_read_for_the_job_id(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
+    """Ids hash their images' contents: a folder given as one ('reference': '/usr/lib') was read whole (25 s) before
+    the checks refused it as a directory."""
+    import attndistill.fingerprints as fingerprints
+
+    def never(path):
+        raise AssertionError(f"read the folder {path}")
+
+    monkeypatch.setattr(fingerprints, "folder_digest", never)
+    jobs = write_jobs(tmp_path / "in", data_dir, [job_line("texture", str(data_dir), None)])
+    result = invoke("batch", jobs, "--out", tmp_path / "out", "-m", tiny_sd15_dir, "--dry-run")
+    assert result.exit_code == 2 and "is a directory" in result.output, result.output
+
+
 def test_failed_jobs_rerun_only_with_retry_failed(tmp_path, data_dir, tiny_sd15_dir, monkeypatch):
     jobs = write_jobs(tmp_path / "in", data_dir, [job_line("style", "horse.jpg", "wood-rings.jpg")])
     out = tmp_path / "out"

@@ -306,10 +306,11 @@ def _parse_perf(value: Any, line: int) -> tuple[tuple[str, Any], ...]:
 
 
 def _contents(value: str | list[str]) -> str | list[str]:
-    """A path's file digest (or the path itself where no file is: the checks before the run say so), or a list's."""
+    """A path's file digest, or a list's; the path itself where it leads to no regular file (a missing one, a
+    folder: the checks before the run refuse them, and a folder given as an image was read whole first)."""
     if isinstance(value, list):
         return [_contents(v) for v in value]
-    return path_digest(value) or value
+    return (path_digest(value) if os.path.isfile(value) else None) or value
 
 
 def _resolve_local(value: str | None, base: Path) -> str | None:
