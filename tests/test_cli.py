@@ -356,7 +356,7 @@ def test_a_preview_that_cannot_be_written_does_not_end_the_run(tmp_path, data_di
     assert (tmp_path / "t.png").exists()
 
 
-def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatch):
+def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM, raised as Terminated) after the first image left it, and said no partial output was
     left; the rerun then refused it as an existing output."""
     import attndistill.images as images
@@ -374,6 +374,13 @@ def test_an_interrupt_between_images_leaves_none_of_the_set(tmp_path, monkeypatc
     with pytest.raises(Terminated):
         write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=False)
     assert len(calls) == 2 and not list(tmp_path.iterdir())
+    for i in range(3):  # with --overwrite, a result that replaced an earlier one stays, and is said
+        Image.new("RGB", (4, 4)).save(tmp_path / f"t-{i}.png")
+    calls.clear()
+    with pytest.raises(Terminated):
+        write_images([Image.new("RGB", (8, 8))] * 3, tmp_path / "t.png", overwrite=True)
+    assert [Image.open(tmp_path / f"t-{i}.png").size for i in range(3)] == [(8, 8), (4, 4), (4, 4)]
+    assert f"note: {tmp_path / 't-0.png'} already replaced the earlier result of that name" in capsys.readouterr().err
 
 
 def test_an_output_that_appears_during_the_run_is_kept_and_so_is_the_result(tmp_path, capsys):

@@ -244,6 +244,10 @@ def write_images(images, output: Path, *, overwrite: bool, losses: StepLosses | 
     except (UserError, OSError, KeyboardInterrupt):  # Ctrl-C or SIGTERM between two images: none of the set
         for path in new:
             path.unlink(missing_ok=True)
+        replaced = [str(p) for p in written if p not in new]  # --overwrite: the earlier results they replaced are gone
+        if replaced:
+            echo_err(f"note: {', '.join(replaced)} already replaced the earlier result{'s' * (len(replaced) > 1)} "
+                     "of that name; the rest of the set was not written")
         raise
     for say, line in said:  # once all are written: no "wrote" for a file then removed
         say(line)
