@@ -111,7 +111,8 @@ def out_of_memory_advice(exc: BaseException, *, page: bool = False) -> str | Non
     web UI's words); None for any other error."""
     if is_out_of_memory(exc):
         return UI_OOM_ADVICE if page else OOM_ADVICE
-    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):  # NumPy, PyTorch's CPU allocator
+    text = str(exc)  # PyTorch's CPU allocator: "can't allocate memory" (Linux), "not enough memory" (Windows)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "not enough memory: you tried" in text:
         advice = HOST_OOM_ADVICE
         return advice.replace("(--num, a smaller --view-batch or batch --group)", "(Images, Views per batch)") \
             .replace("--gradient-checkpointing", "attndistill ui --gradient-checkpointing") if page else advice
