@@ -6,6 +6,7 @@ Now the reports go nowhere from then on, and the results are still written."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import sys
@@ -27,7 +28,9 @@ class ReaderMayLeave(io.TextIOBase):
             return default
         try:
             return action()
-        except BrokenPipeError:
+        except OSError as exc:  # EPIPE: a pipe's reader gone; EIO: the terminal hung up
+            if exc.errno not in (errno.EPIPE, errno.EIO):
+                raise
             self.gone = True
             with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
                 null = os.open(os.devnull, os.O_WRONLY)
@@ -40,6 +43,9 @@ class ReaderMayLeave(io.TextIOBase):
 
     def flush(self) -> None:
         self._guarded(self.stream.flush, None)
+
+    def writable(self) -> bool:
+        return True
 
     def fileno(self) -> int:
         return self.stream.fileno()
