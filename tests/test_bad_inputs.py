@@ -790,6 +790,9 @@ def test_preview_never_replaces_an_input_an_output_or_any_other_file(corpus, tmp
     before = (corpus / "good.png").read_bytes()
     result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", *model,
                     "--preview", corpus / "good.png", "--overwrite")
+    assert_rejected(result, 2, "--preview '", "good.png' is an input of this run")
+    result = invoke("style", corpus / "good.png", corpus / "good.png", "-o", tmp_path / "o.png", *model,
+                    "--preview", corpus / "one-pixel.png", "--overwrite")  # another file: no earlier preview
     assert_rejected(result, 2, "is not a preview")
     assert (corpus / "good.png").read_bytes() == before
     save_png(Image.new("RGB", (16, 16)), tmp_path / "peek.png", parameters=PREVIEW_MARK)
