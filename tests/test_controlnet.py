@@ -151,6 +151,23 @@ def test_controlnet_size_follows_the_control_image(tiny_sd15, tiny_cn15_dir, dat
     assert img.size == (128, 64)
 
 
+def test_a_content_image_of_another_aspect_than_the_control_image_is_said_to_be_stretched(tiny_sd15, tiny_cn15_dir,
+                                                                                           data_dir, caplog):
+    """The control image sets the size; a square content image beside a 2:1 one was stretched without a word (as
+    it is said where it sets the size itself)."""
+    control = Image.new("RGB", (200, 100), "white")
+    for content, said in ((Image.new("RGB", (100, 100), "gray"), True), (Image.new("RGB", (400, 200), "gray"), False)):
+        caplog.clear()
+        ad.text_to_image(PROMPT, data_dir / "watercolor-cat.jpg", model=tiny_sd15, steps=1, iters=0, size=128,
+                         controlnet=tiny_cn15_dir, control_image=control, content=content, content_weight=0.2,
+                         progress=False)
+        stretched = [r.getMessage() for r in caplog.records if "another aspect than the control image" in
+                     r.getMessage()]
+        assert stretched == (["content image '<image>' is 100x100, another aspect than the control image '<image>' "
+                              "(200x100) that sets the size: it is stretched to 128x64; crop it to that aspect"]
+                             if said else []), stretched
+
+
 def test_wrong_controlnet_for_the_model(tiny_sdxl, tiny_cn15_dir, tmp_path):
     with pytest.raises(ad.UserError, match="does not fit the sdxl model"):
         load_controlnet(tiny_cn15_dir, model=tiny_sdxl)

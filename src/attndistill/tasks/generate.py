@@ -65,12 +65,23 @@ class _Job:
     like: Image.Image | None = None  # the image whose aspect sets the output size (control, content, layout)
     like_name: str | None = None  # how messages name it
     content: Image.Image | None = None
+    content_name: str | None = None  # how messages name the content image
     layout: Image.Image | None = None
     strength: float = 1.0
     start_t: int | None = None
     control: tuple | None = None  # (controlnet, image, preprocess, scale)
     tile: str | None = None  # seamless axes of the UNet, a ControlNet and the decoder
     tune_vae: bool = False  # decode with a decoder fitted to the references (VAE*)
+
+
+def warn_other_aspect(image: Image.Image, name: str, like: Image.Image, like_name: str | None,
+                      size: tuple[int, int]) -> None:
+    """Say that ``image`` (a content image beside a control image, which sets the size) is stretched to ``size``,
+    where its aspect is not ``like``'s: the result's layout then does not follow it where one expects."""
+    change = (image.width / image.height) / (like.width / like.height)
+    if max(change, 1 / change) > 1.02:  # more than rounding to whole pixels
+        log.warning("%s is %dx%d, another aspect than the %s (%dx%d) that sets the size: it is stretched to "
+                    "%dx%d; crop it to that aspect", name, *image.size, like_name or "image", *like.size, *size)
 
 
 def check_sampling(preset: Preset, start_t: int | None, model: DiffusionModel) -> Preset:
@@ -95,6 +106,8 @@ def _run(job: _Job, *, model: DiffusionModel, preset: Preset, layers: str | Sequ
     tile = job.tile  # its axes as check_run returned them
     layer_ids = parse_layers(layers, model)
     w, h = target_size(model, size, like=job.like, like_name=job.like_name)
+    if job.content is not None and job.like is not None and job.like is not job.content:
+        warn_other_aspect(job.content, job.content_name or "content image", job.like, job.like_name, (w, h))
     control: Control | None = None
     if job.control is not None:
         net, image, preprocess, scale = job.control
@@ -216,6 +229,7 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     styles = as_list(style)
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
+               content_name=f"content image '{describe_input(content)}'" if content_img is not None else None,
                like_name=(f"control image '{describe_input(control_image)}'" if control_img is not None else
                           f"content image '{describe_input(content)}'" if content_img is not None else None),
                control=(controlnet, control_img, control, control_scale) if controlnet is not None else None,
