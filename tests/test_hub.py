@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from attndistill.cli import app
@@ -129,3 +130,19 @@ def test_a_controlnet_its_first_run_downloads_is_kept_for_the_next(hub, tmp_path
         assert len(loads) == 1
     finally:
         tiny_sd15.kept_controlnet = None
+
+
+def test_a_hub_snapshot_holding_only_fp16_weights_loads_in_fp32(hub, tmp_path, tiny_sd15_dir):
+    """A GPU run in half precision downloads the fp16 files only; a CPU or fp32 run of the same id then said the
+    repository had "no .safetensors weights", where the same files in a folder loaded."""
+    import attndistill as ad
+
+    half = shutil.copytree(tiny_sd15_dir, tmp_path / "half")
+    for weights in half.rglob("*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    hub.publish("testorg/fp16-only", half, "d" * 40)
+    model = ad.load_model("testorg/fp16-only", device="cpu", dtype="fp32")
+    plain = ad.load_model(str(tiny_sd15_dir), device="cpu", dtype="fp32")
+    assert model.dtype == torch.float32
+    for (name, a), (_, b) in zip(model.unet.state_dict().items(), plain.unet.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
