@@ -34,6 +34,8 @@ def runner_owns(name: str) -> bool:
     loss logs or locks. A job's output under it broke the run after the job's work, and every run after it."""
     return name in (LOCKS, LOGS, LOSSES, MANIFEST) or re.fullmatch(r"results(\.shard-\d+-of-\d+)?\.jsonl", name) \
         is not None
+
+
 #: A lock or break-lock file this old with unreadable contents is left over from a killed process.
 STALE_AFTER_S = 60.0
 
