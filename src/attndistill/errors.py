@@ -94,7 +94,10 @@ OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer images at on
 HOST_OOM_ADVICE = ("the machine ran out of memory (RAM); try a smaller size, fewer images at once (--num, a smaller "
                    "--view-batch or batch --group), --gradient-checkpointing, smaller input images, or a machine "
                    "with more memory")
-#: The web UI's version: the page has fields for size and image count; the switches are the server's.
+#: The web UI's versions: the page has fields for size and image count; the switches are the server's.
+UI_HOST_OOM_ADVICE = ("the machine ran out of memory (RAM); try a smaller size, fewer images at once (Images, Views "
+                      "per batch), attndistill ui --gradient-checkpointing, smaller input images, or a machine with "
+                      "more memory")
 UI_OOM_ADVICE = ("the GPU ran out of memory; try a smaller size, fewer Images or fewer Views per batch, or start "
                  f"the UI again with memory switches, e.g. attndistill ui {' '.join(MEMORY_SWITCHES)} "
                  "(or --cpu-offload, or --device cpu)")
@@ -113,9 +116,7 @@ def out_of_memory_advice(exc: BaseException, *, page: bool = False) -> str | Non
         return UI_OOM_ADVICE if page else OOM_ADVICE
     text = str(exc)  # PyTorch's CPU allocator: "can't allocate memory" (Linux), "not enough memory" (Windows)
     if isinstance(exc, MemoryError) or "can't allocate memory" in text or "not enough memory: you tried" in text:
-        advice = HOST_OOM_ADVICE
-        return advice.replace("(--num, a smaller --view-batch or batch --group)", "(Images, Views per batch)") \
-            .replace("--gradient-checkpointing", "attndistill ui --gradient-checkpointing") if page else advice
+        return UI_HOST_OOM_ADVICE if page else HOST_OOM_ADVICE
     return None
 
 

@@ -12,21 +12,25 @@ from .loading import looks_like_hub_id
 INDEX_FILES = {"model": "model_index.json", "vae": "config.json", "controlnet": "config.json"}
 
 
-def cached_commit(source: object, role: str = "model") -> str | None:
-    """The commit of the snapshot of ``source`` (a Hub id) that the local Hugging Face cache loads now (its
-    ``main``); None for local folders and files, and for a repository the cache does not hold."""
+def cached_snapshot(source: object, index: str) -> Path | None:
+    """The folder of the snapshot of ``source`` (a Hub id) that the local Hugging Face cache loads now (its
+    ``main``), found by its ``index`` file; None for local folders and files, and for a repository the cache does
+    not hold."""
     if not isinstance(source, str) or not looks_like_hub_id(source) or Path(source).exists():
         return None
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(source, INDEX_FILES[role])
+        found = try_to_load_from_cache(source, index)
     except ValueError:  # an id huggingface_hub refuses (HFValidationError): not one it caches
         return None
-    if not isinstance(found, str):  # not cached (None), or cached as missing
-        return None
-    snapshot = Path(found).parent
-    return snapshot.name if snapshot.parent.name == "snapshots" else None
+    return Path(found).parent if isinstance(found, str) else None  # None: not cached, or cached as missing
+
+
+def cached_commit(source: object, role: str = "model") -> str | None:
+    """The commit of the snapshot of ``source`` (a Hub id) that the cache loads now (:func:`cached_snapshot`)."""
+    snapshot = cached_snapshot(source, INDEX_FILES[role])
+    return snapshot.name if snapshot is not None and snapshot.parent.name == "snapshots" else None
 
 
 def hub_commits(sources: Mapping[str, object]) -> dict[str, str]:

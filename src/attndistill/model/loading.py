@@ -525,10 +525,14 @@ def from_pretrained(cls, source: str, variant: str | None, *, what: str = "model
             variant = only  # its only weights: without asking for them diffusers finds none
         elif variant and not any(path.rglob(f"*.{variant}.*")):
             variant = None  # a local folder without that variant: don't ask for it (diffusers logs an error)
-    elif variant is None and (snapshot := _cached_snapshot(source)) is not None:
+    elif variant is None:
+        from .hub import cached_snapshot
+
         # a Hub cache that a GPU run in half precision filled with the fp16 files only: a CPU or fp32 run of the
         # same id found "no .safetensors weights" there, where the same files in a folder loaded
-        variant = _only_variant(snapshot)
+        snapshot = cached_snapshot(source, "model_index.json") or cached_snapshot(source, "config.json")
+        if snapshot is not None:
+            variant = _only_variant(snapshot)
     for attempt in ((variant, None) if variant else (None,)):
         try:
             with _quiet_diffusers() as unused:
@@ -597,22 +601,6 @@ def _check_complete(loaded, what: str, source: str) -> None:
             raise UserError(f"{what} '{source}': the weights in {folder or 'it'} lack {len(missing)} tensors of its "
                             f"config ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''}); download it "
                             "again" + (f" (or copy {folder} from a complete copy)" if folder else ""))
-
-
-def _cached_snapshot(source: str) -> Path | None:
-    """The folder of the cached snapshot a Hub id loads now (a pipeline's or a single model's); None if none."""
-    if not looks_like_hub_id(source):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    for index in ("model_index.json", "config.json"):
-        try:
-            found = try_to_load_from_cache(source, index)
-        except Exception:  # noqa: BLE001 - a name the cache cannot take: the load says what is wrong
-            return None
-        if isinstance(found, str):
-            return Path(found).parent
-    return None
 
 
 def _only_variant(folder: Path) -> str | None:

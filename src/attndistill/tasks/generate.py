@@ -227,11 +227,12 @@ def text_to_image(prompt: str, style: ImageInput | Sequence[ImageInput], *, nega
     control_img = None if control_image is None else load_image(control_image, what="control image",
                                                                  background=BLACK)
     styles = as_list(style)
+    content_name = f"content image '{describe_input(content)}'" if content_img is not None else None
     job = _Job("t2i", styles, "style image", prompt=prompt, negative_prompt=negative_prompt, num=num_images,
                like=control_img if control_img is not None else content_img, content=content_img, start_t=start_t,
-               content_name=f"content image '{describe_input(content)}'" if content_img is not None else None,
+               content_name=content_name,
                like_name=(f"control image '{describe_input(control_image)}'" if control_img is not None else
-                          f"content image '{describe_input(content)}'" if content_img is not None else None),
+                          content_name),
                control=(controlnet, control_img, control, control_scale) if controlnet is not None else None,
                tile=tile, tune_vae=tune_vae)
     inputs = {"prompt": prompt, "negative_prompt": negative_prompt, "style": [describe_input(s) for s in styles],
